@@ -1,0 +1,1 @@
+"""Triton source emission for sparse layers (installed as `sparsec.codegen`)."""

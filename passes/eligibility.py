@@ -1,0 +1,69 @@
+"""Analysis: can a candidate layer be made sparse at all? Records a `blocker` sentence when not.
+
+Checks that do not depend on the pattern: weight dtype, non-finite weights, weights shared with
+another use (tied weights, direct reads), and call sites that disagree on how the weight is used.
+Whether the shape fits a given pattern is checked where the pattern is chosen (selection pass).
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from sparsec.context import CompileContext
+from sparsec.meta import get_meta, layer_nodes, update_meta
+from sparsec.plan import dtype_name
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _weight_uses(gm: fx.GraphModule) -> dict[str, list[str]]:
+    """Every use of every parameter path: call_module sites read '<module>.weight' implicitly."""
+    uses: dict[str, list[str]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            for user in node.users:
+                uses.setdefault(node.target, []).append(user.name)
+        elif node.op == "call_module":
+            for pname, _ in gm.get_submodule(node.target).named_parameters(recurse=False):
+                uses.setdefault(f"{node.target}.{pname}", []).append(node.name)
+    return uses
+
+
+def _aliases(gm: fx.GraphModule) -> dict[str, list[str]]:
+    """Parameter path -> other paths holding the very same Parameter (tied weights)."""
+    by_id: dict[int, list[str]] = {}
+    for path, p in gm.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(path)
+    return {path: [o for o in paths if o != path] for paths in by_id.values() for path in paths}
+
+
+def blocker_for(gm: fx.GraphModule, nodes: list[fx.Node], uses: dict[str, list[str]], aliases: dict[str, list[str]]) -> str | None:
+    layer = get_meta(nodes[0]).layer
+    weight = gm.get_parameter(layer.weight_path)
+    if weight.dtype not in SUPPORTED_DTYPES:
+        names = ", ".join(dtype_name(d) for d in SUPPORTED_DTYPES)
+        return f"weight dtype {dtype_name(weight.dtype)} is not supported (supported: {names})"
+    bad = int((~torch.isfinite(weight.detach())).sum())
+    if bad:
+        return (f"weight holds {bad} NaN/Inf value{'s' if bad > 1 else ''}: magnitudes are undefined, so sparsec "
+                f"refuses to prune this layer (fix the weights and compile again)")
+    if aliases.get(layer.weight_path):
+        return f"weight is tied to {', '.join(aliases[layer.weight_path])}: pruning it here would change that layer too"
+    sites = {n.name for n in nodes}
+    others = [u for u in uses.get(layer.weight_path, []) if u not in sites]
+    if others:
+        return f"weight is also read by {', '.join(sorted(set(others)))}: pruning it would change that use too"
+    kinds = {(get_meta(n).layer.op, get_meta(n).layer.conv, get_meta(n).layer.bias_path) for n in nodes}
+    if len(kinds) > 1:
+        return "the weight is used by call sites of different kinds (op, bias or conv settings differ)"
+    return None
+
+
+def check_eligibility(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
+    uses, aliases = _weight_uses(gm), _aliases(gm)
+    for name, nodes in layer_nodes(gm).items():
+        blocker = blocker_for(gm, nodes, uses, aliases)
+        for node in nodes:
+            update_meta(node, blocker=blocker)
+        ctx.counters["eligible" if blocker is None else "blocked"] += 1
+    return gm

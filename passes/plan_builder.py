@@ -1,0 +1,43 @@
+"""Analysis: gather the per-node decisions into the user-facing `Plan` (ctx.plan).
+
+Every Linear / Conv2d of the model appears, including those the traced graph does not run as a
+candidate (inside a module called as a whole, weight used by an unsupported op), with the reason.
+"""
+from __future__ import annotations
+
+import math
+
+import torch.fx as fx
+
+from sparsec.context import CompileContext
+from sparsec.meta import get_meta, layer_nodes
+from sparsec.passes.selection import first_match
+from sparsec.plan import LayerPlan, Plan, dtype_name
+
+
+def _flops(nodes: list[fx.Node], reduction: int) -> int | None:
+    """2 * MACs summed over call sites: every output element is a K-long dot product."""
+    shapes = [get_meta(n).shape for n in nodes]
+    if any(s is None for s in shapes):
+        return None
+    return sum(2 * math.prod(s) * reduction for s in shapes)
+
+
+def build_plan(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
+    layers = []
+    for name, nodes in layer_nodes(gm).items():
+        meta = get_meta(nodes[0])
+        d, layer = meta.decision, meta.layer
+        layers.append(LayerPlan(name=name, op=layer.op, weight_shape=layer.weight_shape, sparsity=d.sparsity,
+                                quant=d.quant, grad_sparsity=d.grad_sparsity, reason=d.reason,
+                                dtype=dtype_name(layer.dtype), flops=_flops(nodes, layer.reduction)))
+    for name, info in ctx.unreached.items():
+        excluded_by = first_match(ctx.options.exclude, name)
+        reason = f"kept dense: excluded by exclude={excluded_by!r}" if excluded_by else f"kept dense: {info.why}"
+        layers.append(LayerPlan(name=name, op=info.op, weight_shape=info.weight_shape, sparsity=None, quant=None,
+                                grad_sparsity=None, reason=reason, dtype=dtype_name(info.dtype)))
+    order = {name: i for i, (name, _) in enumerate(ctx.model.named_modules())}
+    layers.sort(key=lambda lp: order.get(lp.name, len(order)))
+    pattern = ctx.options.plan.pattern if ctx.options.plan is not None else str(ctx.options.pattern)
+    ctx.plan = Plan(layers=layers, pattern=pattern, notes=list(ctx.notes))
+    return gm

@@ -1,0 +1,185 @@
+"""Analysis: choose each layer's sparsity, with the reason, from the default policy or a given plan.
+
+Default policy (design.md, "Default layer selection"), in order of precedence:
+  1. pattern "dense"                     -> nothing pruned (analysis only)
+  2. exclude= matches the layer          -> dense
+  3. eligibility blocker / shape misfit  -> dense (include= cannot override these)
+  4. include= matches the layer          -> sparse, even if 5-7 would keep it dense
+  5. first layer: no other candidate upstream of it (it reads the model input)   -> dense
+  6. last layer: no other candidate downstream of it (it produces the output)    -> dense
+     (5 and 6 keep accuracy, as SDGP, ASP and SRigL's baselines do)
+  7. fewer than `min_weights` weights    -> dense
+  8. otherwise                           -> sparse
+
+A name in include= / exclude= matches a layer when it (as a regular expression, full match)
+matches the layer's name or the path of a module containing it: exclude=["encoder.0"] keeps the
+whole block dense. An entry matching nothing raises, listing close names.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+
+import networkx as nx
+import torch.fx as fx
+
+from sparsec.context import CompileContext
+from sparsec.errors import InvalidInputError
+from sparsec.meta import Decision, LayerInfo, get_meta, layer_nodes, update_meta
+from sparsec.patterns import NM, Dense, FanIn, Pattern, parse_pattern
+
+
+def _compile_regex(text: str) -> re.Pattern:
+    try:
+        return re.compile(text)
+    except re.error:
+        return re.compile(re.escape(text))
+
+
+def _scopes(name: str) -> list[str]:
+    """The name and every module path containing it: 'a.b.c' -> ['a.b.c', 'a.b', 'a']."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+
+
+def first_match(patterns: tuple[str, ...], name: str) -> str | None:
+    for text in patterns:
+        regex = _compile_regex(text)
+        if any(regex.fullmatch(scope) for scope in _scopes(name)):
+            return text
+    return None
+
+
+def check_names_match(arg: str, patterns: tuple[str, ...], names: list[str]) -> None:
+    """Every include=/exclude= entry must match some layer; otherwise say which names are close."""
+    for text in patterns:
+        if not any(first_match((text,), name) for name in names):
+            known = sorted({scope for name in names for scope in _scopes(name)})
+            close = difflib.get_close_matches(text, known, n=5, cutoff=0.4)
+            raise InvalidInputError(
+                f"{arg}={text!r} matches no candidate layer"
+                + (f"; close names: {', '.join(close)}" if close else "")
+                + f"; candidate layers: {', '.join(names) if names else '(none)'}")
+
+
+def shape_misfit(layer: LayerInfo, pattern: Pattern) -> str | None:
+    """Why the layer's shape cannot take the pattern (None when it can)."""
+    if isinstance(pattern, NM) and not pattern.fits(layer.reduction):
+        return (f"reduction size {_reduction_text(layer)} is not a multiple of M={pattern.m} "
+                f"({pattern} groups run along the reduction dimension; sparsec never pads)")
+    return None
+
+
+def _reduction_text(layer: LayerInfo) -> str:
+    if layer.op == "conv2d":
+        _, cin_g, kh, kw = layer.weight_shape
+        return f"K = in/groups*kh*kw = {cin_g}*{kh}*{kw} = {layer.reduction}"
+    return f"K = {'in_features' if layer.op == 'linear' else 'rows of the weight'} = {layer.reduction}"
+
+
+def describe_sparse(layer: LayerInfo, pattern: Pattern) -> str:
+    if isinstance(pattern, NM):
+        return f"{pattern} along the reduction dimension ({_reduction_text(layer)}): keeps {100 * pattern.density:.0f}% of weights"
+    k = pattern.k(layer.out_features * layer.reduction, layer.out_features)
+    return f"{pattern}: every output row keeps k={k} of {layer.reduction} weights (constant fan-in)"
+
+
+def _position(gm: fx.GraphModule) -> tuple[set[str], set[str]]:
+    """(first, last) layer names: no other candidate upstream / downstream in the dataflow graph."""
+    graph = nx.DiGraph()
+    for node in gm.graph.nodes:
+        graph.add_node(node)
+        for inp in node.all_input_nodes:
+            graph.add_edge(inp, node)
+    by_name = layer_nodes(gm)
+    owner = {node: name for name, nodes in by_name.items() for node in nodes}
+    first, last = set(), set()
+    for name, nodes in by_name.items():
+        up = {owner[a] for n in nodes for a in nx.ancestors(graph, n) if a in owner} - {name}
+        down = {owner[d] for n in nodes for d in nx.descendants(graph, n) if d in owner} - {name}
+        if not up:
+            first.add(name)
+        if not down:
+            last.add(name)
+    return first, last
+
+
+def default_decision(layer: LayerInfo, blocker: str | None, pattern: Pattern, ctx: CompileContext,
+                     first: set[str], last: set[str]) -> Decision:
+    opts = ctx.options
+
+    def dense(reason: str) -> Decision:
+        return Decision(sparsity=None, quant=None, grad_sparsity=None, reason=reason)
+
+    if isinstance(pattern, Dense):
+        return dense("pattern 'dense': analysis only, nothing pruned")
+    if excluded_by := first_match(opts.exclude, layer.name):
+        return dense(f"kept dense: excluded by exclude={excluded_by!r}")
+    if blocker:
+        return dense(f"kept dense: {blocker}")
+    if misfit := shape_misfit(layer, pattern):
+        return dense(f"kept dense: {misfit}")
+    sparse_text = describe_sparse(layer, pattern)
+    policy = None
+    if layer.name in first:
+        policy = "first layer (no candidate layer before it)"
+    elif layer.name in last:
+        policy = "last layer (no candidate layer after it)"
+    elif layer.out_features * layer.reduction < opts.min_weights:
+        policy = f"too small to matter ({layer.out_features * layer.reduction} weights < min_weights={opts.min_weights})"
+    if included_by := first_match(opts.include, layer.name):
+        suffix = f"; forced by include={included_by!r}" + (f" over the default policy: {policy}" if policy else "")
+        return Decision(sparsity=str(pattern), quant=None, grad_sparsity=None, reason=sparse_text + suffix)
+    if policy:
+        return dense(f"kept dense: {policy}; include=['{layer.name}'] overrides")
+    return Decision(sparsity=str(pattern), quant=None, grad_sparsity=None, reason=sparse_text)
+
+
+def _plan_decision(layer: LayerInfo, blocker: str | None, ctx: CompileContext, default: Decision) -> Decision:
+    entry = next((lp for lp in ctx.options.plan if lp.name == layer.name), None)
+    if entry is None:
+        return Decision(None, None, None, "kept dense: not listed in the given plan")
+    if entry.sparsity is not None:
+        pattern = parse_pattern(entry.sparsity)
+        problem = blocker or shape_misfit(layer, pattern)
+        if problem:
+            raise InvalidInputError(f"the given plan asks for {entry.sparsity} on layer {layer.name!r}, which cannot take it: {problem}")
+    if entry.quant is not None and entry.sparsity is None:
+        raise InvalidInputError(f"the given plan asks for quant={entry.quant!r} on dense layer {layer.name!r}; "
+                                "sparsec quantizes sparse layers only")
+    if entry.sparsity == default.sparsity:
+        reason = default.reason
+    elif entry.sparsity is None:
+        reason = f"kept dense: set by the given plan (default policy: {default.reason})"
+    else:
+        reason = f"{describe_sparse(layer, parse_pattern(entry.sparsity))}; set by the given plan (default policy: {default.reason})"
+    return Decision(sparsity=entry.sparsity, quant=entry.quant, grad_sparsity=entry.grad_sparsity, reason=reason)
+
+
+def choose_sparsity(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
+    opts = ctx.options
+    by_name = layer_nodes(gm)
+    all_names = list(by_name) + list(ctx.unreached)
+    check_names_match("include", opts.include, all_names)
+    check_names_match("exclude", opts.exclude, all_names)
+    if opts.plan is not None:
+        unknown = [lp.name for lp in opts.plan if lp.name not in by_name and lp.name not in ctx.unreached]
+        for name in unknown:
+            close = difflib.get_close_matches(name, all_names, n=5, cutoff=0.4)
+            raise InvalidInputError(f"the given plan names layer {name!r}, which this model does not have"
+                                    + (f"; close names: {', '.join(close)}" if close else ""))
+        for lp in opts.plan:
+            if lp.name in ctx.unreached and lp.sparsity:
+                raise InvalidInputError(f"the given plan asks for {lp.sparsity} on layer {lp.name!r}, which cannot take it: "
+                                        f"{ctx.unreached[lp.name].why}")
+    first, last = _position(gm)
+    pattern = parse_pattern(opts.plan.pattern) if opts.plan is not None else opts.pattern
+    for name, nodes in by_name.items():
+        meta = get_meta(nodes[0])
+        decision = default_decision(meta.layer, meta.blocker, pattern, ctx, first, last)
+        if opts.plan is not None:
+            decision = _plan_decision(meta.layer, meta.blocker, ctx, decision)
+        for node in nodes:
+            update_meta(node, decision=decision)
+        ctx.counters["chose_sparse" if decision.sparsity else "chose_dense"] += 1
+    return gm

@@ -1,0 +1,76 @@
+"""Rewrite: replace every layer the plan made sparse by a runtime module holding its packed weight.
+
+Reads decisions from `node.meta["sparsec"]`; never decides. A `call_module` layer is swapped in
+place (same module path, so the graph line stays `self.fc1(x)`); a functional one
+(`F.linear(x, self.w)`, `aten.linear` from torch.export, `x @ self.w`) becomes a `call_module` of
+a new module registered at the layer's name with dots replaced (`sparse_blk_proj`). The dense
+weight (and bias) attributes the old nodes read are deleted: no dense copy stays behind.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from sparsec.context import CompileContext
+from sparsec.meta import LayerInfo, get_meta, layer_nodes
+from sparsec.patterns import parse_pattern
+from sparsec.reference import weight_to_rows
+from sparsec.runtime import PackedWeight, SparseConv2d, SparseLayer, SparseLinear
+
+
+def _set_submodule(gm: fx.GraphModule, path: str, module: torch.nn.Module) -> None:
+    parent, _, attr = path.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, attr, module)
+
+
+def _delete_attr(gm: fx.GraphModule, path: str) -> None:
+    parent, _, attr = path.rpartition(".")
+    owner = gm.get_submodule(parent) if parent else gm
+    if hasattr(owner, attr):
+        delattr(owner, attr)
+
+
+def build_runtime_module(gm: fx.GraphModule, ctx: CompileContext, layer: LayerInfo, decision) -> SparseLayer:
+    pattern = parse_pattern(decision.sparsity)
+    weight = gm.get_parameter(layer.weight_path).detach()
+    rows = weight_to_rows(weight, layer.op)
+    packed = PackedWeight.pack(rows, ctx.mask_for(layer.name, rows, pattern), pattern, decision.quant)
+    bias = gm.get_parameter(layer.bias_path) if layer.bias_path else None
+    if layer.op == "conv2d":
+        return SparseConv2d(packed, bias, layer.weight_shape, layer.name, decision.sparsity, decision.reason, layer.conv)
+    return SparseLinear(packed, bias, layer.op, layer.weight_shape, layer.name, decision.sparsity, decision.reason)
+
+
+def _data_input(node: fx.Node) -> fx.Node:
+    return node.args[0] if node.args else next(iter(node.kwargs.values()))
+
+
+def sparsify_layers(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
+    for name, nodes in layer_nodes(gm).items():
+        meta = get_meta(nodes[0])
+        decision, layer = meta.decision, meta.layer
+        if decision is None or decision.sparsity is None:
+            continue
+        module = build_runtime_module(gm, ctx, layer, decision)
+        module_sites = [n for n in nodes if n.op == "call_module"]
+        path = module_sites[0].target if module_sites else "sparse_" + name.replace(".", "_")
+        _set_submodule(gm, path, module)
+        stale_reads = set()
+        for node in nodes:
+            if node.op == "call_module":
+                continue
+            stale_reads.update(a for a in node.all_input_nodes if a.op == "get_attr")
+            with gm.graph.inserting_before(node):
+                replacement = gm.graph.call_module(path, (_data_input(node),))
+            replacement.meta.update(node.meta)
+            node.replace_all_uses_with(replacement)
+            gm.graph.erase_node(node)
+        for read in stale_reads:
+            if not read.users:
+                gm.graph.erase_node(read)
+                _delete_attr(gm, read.target)
+        ctx.masks.pop(name, None)  # the packed module holds the mask now
+        ctx.counters[f"sparsified_{layer.op}"] += 1
+        if decision.quant:
+            ctx.counters[f"quantized_{decision.quant}"] += 1
+    return gm

@@ -1,0 +1,81 @@
+"""`sparsec.compile` and `sparsec.explain`: the front door."""
+from __future__ import annotations
+
+import copy
+from typing import Any, Sequence
+
+import torch.nn as nn
+
+from sparsec.compiled import CompiledModel
+from sparsec.context import DEFAULT_MIN_WEIGHTS, DEFAULT_QUANT_BUDGET, CompileContext, CompileOptions
+from sparsec.errors import InvalidTypeError
+from sparsec.frontend import capture, normalize_example_inputs
+from sparsec.meta import get_meta
+from sparsec.pipeline import run_pipeline
+from sparsec.plan import Plan
+
+
+def _run(model: nn.Module, example_inputs: Any, options: CompileOptions):
+    if not isinstance(model, nn.Module):
+        raise InvalidTypeError(f"sparsec compiles torch.nn.Module instances, got {type(model).__name__}")
+    inputs = normalize_example_inputs(example_inputs)
+    try:
+        private = copy.deepcopy(model)  # the user's model is never modified
+    except Exception as e:  # noqa: BLE001
+        raise InvalidTypeError(f"sparsec works on a copy of the model, and copy.deepcopy(model) failed: "
+                               f"{type(e).__name__}: {e}") from e
+    gm, method, notes = capture(private, inputs, options.leaf_modules, options.exclude)
+    ctx = CompileContext(options=options, model=private, example_inputs=inputs, trace_method=method, notes=notes)
+    gm, history = run_pipeline(gm, ctx)
+    return gm, ctx, history
+
+
+def compile(model: nn.Module, pattern: str = "2:4", example_inputs: Any = None, *, quantize: str | None = None,
+            include: Sequence[str] | None = None, exclude: Sequence[str] | None = None, plan: Plan | None = None,
+            min_weights: int = DEFAULT_MIN_WEIGHTS, quant_budget: float = DEFAULT_QUANT_BUDGET,
+            leaf_modules: Sequence[Any] | None = None) -> CompiledModel:
+    """Trace `model`, decide per layer, rewrite chosen layers to packed sparse modules.
+
+    pattern: "N:M" (e.g. "2:4"), "fanin:S" (e.g. "fanin:0.9") or "dense" (plan only).
+    example_inputs: tuple of positional arguments for model(*example_inputs); needed for shapes,
+        FLOP estimates and the torch.export fallback.
+    quantize: None, "int8" (per-output-channel symmetric int8 for sparse layers) or "auto"
+        (int8 only where the relative weight error stays within quant_budget).
+    include / exclude: module names or regexes (full match, also matching a containing module's
+        path) forcing layers sparse / keeping them dense.
+    plan: an (edited) Plan to apply exactly instead of the default policy.
+    min_weights: layers with fewer weights stay dense unless included.
+    leaf_modules: module classes or names symbolic_trace must not trace into.
+    """
+    options = CompileOptions.from_user(pattern, quantize, include, exclude, plan, min_weights, quant_budget, leaf_modules)
+    gm, ctx, history = _run(model, example_inputs, options)
+    dense = {}
+    for lp in ctx.plan:
+        if lp.sparsity is None:
+            path = _dense_weight_path(gm, ctx, lp.name)
+            if path is not None:
+                dense[lp.name] = (path, lp.op)
+    return CompiledModel(gm, ctx.plan, history, ctx.counters, dense, ctx.trace_method)
+
+
+def _dense_weight_path(gm, ctx: CompileContext, name: str) -> str | None:
+    for node in gm.graph.nodes:
+        layer = get_meta(node).layer
+        if layer is not None and layer.name == name:
+            return layer.weight_path
+    try:  # a layer inside a module that is called as a whole keeps its own path
+        gm.get_parameter(f"{name}.weight")
+        return f"{name}.weight"
+    except AttributeError:
+        return None
+
+
+def explain(model: nn.Module, pattern: str = "2:4", example_inputs: Any = None, *, quantize: str | None = None,
+            include: Sequence[str] | None = None, exclude: Sequence[str] | None = None, plan: Plan | None = None,
+            min_weights: int = DEFAULT_MIN_WEIGHTS, quant_budget: float = DEFAULT_QUANT_BUDGET,
+            leaf_modules: Sequence[Any] | None = None) -> Plan:
+    """The plan `compile` would apply, without rewriting anything; the model is untouched."""
+    options = CompileOptions.from_user(pattern, quantize, include, exclude, plan, min_weights, quant_budget,
+                                       leaf_modules, rewrite=False)
+    _, ctx, _ = _run(model, example_inputs, options)
+    return ctx.plan

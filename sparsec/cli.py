@@ -1,0 +1,97 @@
+"""The `sparsec` command (also `python -m sparsec`).
+
+    sparsec inspect FILE.py[:FUNC] --pattern 2:4 [--json] [--quantize int8|auto] [--include NAME ...] [--exclude NAME ...]
+
+FUNC (default: build_model) is a function in FILE.py taking no arguments and returning either a
+model or (model, example_inputs). `inspect` prints the plan and the transformed graph; with --json
+it prints only the plan as JSON (pipe it to a file, edit it, pass it back with --plan).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+
+import torch
+import torch.nn as nn
+
+DEFAULT_FUNC = "build_model"
+
+
+class CliError(Exception):
+    pass
+
+
+def load_target(spec: str) -> tuple[nn.Module, tuple | None]:
+    """Import FILE.py and call FUNC; return (model, example_inputs or None)."""
+    path, _, func = spec.partition(":")
+    func = func or DEFAULT_FUNC
+    if not os.path.isfile(path):
+        raise CliError(f"no such file: {path}")
+    module_spec = importlib.util.spec_from_file_location(f"sparsec_cli_target_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))  # let the file import its neighbours
+    try:
+        module_spec.loader.exec_module(module)
+    finally:
+        sys.path.pop(0)
+    builder = getattr(module, func, None)
+    if not callable(builder):
+        callables = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
+                           and getattr(v, "__module__", None) == module.__name__)
+        raise CliError(f"{path} has no function {func!r}; write FILE.py:FUNC with one of: {', '.join(callables) or '(none)'}")
+    result = builder()
+    if isinstance(result, nn.Module):
+        return result, None
+    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module):
+        model, inputs = result
+        return model, (inputs,) if isinstance(inputs, torch.Tensor) else inputs
+    raise CliError(f"{path}:{func}() must return a model or (model, example_inputs), got {type(result).__name__}")
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import sparsec
+
+    model, inputs = load_target(args.target)
+    plan = sparsec.Plan.from_json(open(args.plan).read()) if args.plan else None
+    cm = sparsec.compile(model, pattern=args.pattern, example_inputs=inputs, quantize=args.quantize,
+                         include=args.include, exclude=args.exclude, plan=plan)
+    if args.json:
+        print(cm.plan.to_json())
+        return 0
+    print(cm.plan)
+    print()
+    print(f"# transformed graph (traced with {cm.trace_method})")
+    print(cm.graph_module.code.strip())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparsec", description="graph-level compiler for sparse PyTorch models")
+    sub = parser.add_subparsers(dest="command", required=True)
+    inspect = sub.add_parser("inspect", help="print the plan and the transformed graph of a model")
+    inspect.add_argument("target", help=f"FILE.py[:FUNC]; FUNC (default {DEFAULT_FUNC}) returns a model or (model, example_inputs)")
+    inspect.add_argument("--pattern", default="2:4", help='"N:M" (e.g. 2:4), "fanin:S" (e.g. fanin:0.9) or "dense"')
+    inspect.add_argument("--quantize", choices=["int8", "auto"], default=None)
+    inspect.add_argument("--include", nargs="*", default=None, metavar="NAME", help="module names / regexes forced sparse")
+    inspect.add_argument("--exclude", nargs="*", default=None, metavar="NAME", help="module names / regexes kept dense")
+    inspect.add_argument("--plan", default=None, metavar="PLAN.json", help="apply this (edited) plan exactly")
+    inspect.add_argument("--json", action="store_true", help="print only the plan, as JSON")
+    inspect.set_defaults(run=_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sparsec.errors import SparsecError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (CliError, SparsecError) as e:
+        print(f"sparsec: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

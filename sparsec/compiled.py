@@ -1,0 +1,71 @@
+"""CompiledModel: the nn.Module `sparsec.compile` returns.
+
+It holds the transformed GraphModule, the Plan, generated kernel sources and the pass history,
+and answers inspection questions per layer (`effective_weight`, `mask`).
+"""
+from __future__ import annotations
+
+import collections
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from sparsec.pipeline import PassRecord
+from sparsec.plan import Plan
+from sparsec.reference import rows_to_weight, weight_to_rows
+from sparsec.runtime import SparseLayer
+
+
+class CompiledModel(nn.Module):
+    def __init__(self, graph_module: fx.GraphModule, plan: Plan, history: list[PassRecord],
+                 counters: collections.Counter, dense_weights: dict[str, tuple[str, str]], trace_method: str):
+        super().__init__()
+        self.graph_module = graph_module
+        self.plan = plan
+        self.history = history
+        self.counters = collections.Counter(counters)
+        self.kernels: dict[str, str] = {}
+        self.trace_method = trace_method
+        self._dense_weights = dense_weights  # layer name -> (attribute path in graph_module, op)
+
+    def forward(self, *args, **kwargs):
+        return self.graph_module(*args, **kwargs)
+
+    # ---- inspection
+
+    def sparse_module(self, name: str) -> SparseLayer | None:
+        for module in self.graph_module.modules():
+            if isinstance(module, SparseLayer) and module.layer_name == name:
+                return module
+        return None
+
+    def _dense_weight(self, name: str) -> tuple[torch.Tensor, str]:
+        if name not in self._dense_weights:
+            self.plan[name]  # raises KeyError listing the layers when the name is unknown
+            raise KeyError(f"layer {name!r} is in the plan but not in the compiled graph (it is never called)")
+        path, op = self._dense_weights[name]
+        return self.graph_module.get_parameter(path), op
+
+    @torch.no_grad()
+    def effective_weight(self, name: str) -> torch.Tensor:
+        """The dense weight layer `name` really computes with (decompressed, dequantized, masked),
+        in the original weight's shape."""
+        module = self.sparse_module(name)
+        if module is not None:
+            return module.effective_weight()
+        weight, _ = self._dense_weight(name)
+        return weight.detach().clone()
+
+    @torch.no_grad()
+    def mask(self, name: str) -> torch.Tensor:
+        """Layer `name`'s sparsity mask (bool, original weight shape); all True for dense layers."""
+        module = self.sparse_module(name)
+        if module is not None:
+            return module.mask()
+        weight, op = self._dense_weight(name)
+        return rows_to_weight(torch.ones_like(weight_to_rows(weight, op), dtype=torch.bool), op, weight.shape)
+
+    def __repr__(self) -> str:
+        return (f"CompiledModel(traced with {self.trace_method}, {len(self.plan.sparse_layers)} of {len(self.plan)} "
+                f"layers sparse)\n{self.graph_module!r}")

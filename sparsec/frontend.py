@@ -1,0 +1,196 @@
+"""Capture a model as a torch.fx graph: symbolic_trace first, torch.export(strict=False) second.
+
+symbolic_trace keeps `nn.Linear` / `nn.Conv2d` as `call_module` nodes named by module path, which
+is the nicest graph to rewrite. It fails on data-dependent Python, iteration or item assignment on
+proxies and much third-party code; torch.export runs the model on the example inputs instead and
+records the module path of every op in `nn_module_stack`. When both fail, the error names each
+call, the line of the user's code it failed on, and what to do about it.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import re
+import traceback
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from sparsec.errors import ExampleInputError, InvalidTypeError, TraceError
+from sparsec.graph_module import SparsecGraphModule
+from sparsec.plan import dtype_name
+from sparsec.state import preserved_buffers
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_SPARSEC_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def normalize_example_inputs(example_inputs: object) -> tuple | None:
+    """Accept a tuple of positional arguments (or a single tensor); reject anything ambiguous."""
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, tuple):
+        return example_inputs
+    raise InvalidTypeError(
+        f"example_inputs must be a tuple of the model's positional arguments, e.g. (x,), "
+        f"got {type(example_inputs).__name__}; wrap a single tensor as (x,)")
+
+
+def describe_inputs(example_inputs: tuple | None) -> str:
+    if example_inputs is None:
+        return "no example inputs"
+
+    def one(a: Any) -> str:
+        if isinstance(a, torch.Tensor):
+            return f"Tensor{list(a.shape)} {dtype_name(a.dtype)}"
+        return type(a).__name__
+
+    return "(" + ", ".join(one(a) for a in example_inputs) + ")"
+
+
+def user_frame(exc: BaseException) -> str | None:
+    """The innermost frame of the traceback that is the user's code, as 'file:line in func: code'."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for frame in reversed(frames):
+        path = os.path.abspath(frame.filename)
+        if not (path.startswith(_TORCH_DIR) or path.startswith(_SPARSEC_DIR) or "<" in frame.filename):
+            return f"{frame.filename}:{frame.lineno} in {frame.name}: {(frame.line or '').strip()}"
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().split("\n")[0]
+    return f"{type(exc).__name__}: {text[:400]}"
+
+
+class _Tracer(fx.Tracer):
+    """fx tracer that also treats user-named modules (types, names, excluded names) as leaves."""
+
+    # Defaults matter: a pickled GraphModule re-creates its tracer class with no arguments on load.
+    def __init__(self, leaf_types: tuple[type, ...] = (), leaf_names: tuple[str, ...] = (), leaf_regexes: tuple[str, ...] = ()):
+        super().__init__()
+        self.leaf_types, self.leaf_names, self.leaf_regexes = leaf_types, leaf_names, leaf_regexes
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, self.leaf_types) or module_qualified_name in self.leaf_names:
+            return True
+        if module_qualified_name and any(re.fullmatch(p, module_qualified_name) for p in self.leaf_regexes):
+            return True
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            return True
+        # fx treats every torch.nn module as a leaf. Built-ins that contain layers of their own
+        # (MultiheadAttention, TransformerEncoderLayer, ...) are traced into instead, so their
+        # Linear layers become candidates; where their Python is untraceable, torch.export takes over.
+        if super().is_leaf_module(m, module_qualified_name):
+            return not any(isinstance(c, (nn.Linear, nn.Conv2d)) for c in m.modules() if c is not m)
+        return False
+
+
+def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple = (),
+            exclude: tuple[str, ...] = ()) -> tuple[SparsecGraphModule, str, list[str]]:
+    """Trace `model` (sparsec's own copy). Returns (graph module, method, notes)."""
+    if example_inputs is not None:
+        _check_arity(model, example_inputs)
+    leaf_types = tuple(t for t in leaf_modules if isinstance(t, type))
+    leaf_names = tuple(t for t in leaf_modules if isinstance(t, str))
+    bad = [t for t in leaf_modules if not isinstance(t, (type, str))]
+    if bad:
+        raise InvalidTypeError(f"leaf_modules= takes module classes or module names, got {bad!r}")
+    # An excluded module is not traced into either: that is the remedy for untraceable submodules.
+    tracer = _Tracer(leaf_types, leaf_names, _regexes(exclude))
+    try:
+        graph = tracer.trace(model)
+        gm = SparsecGraphModule(tracer.root, graph, type(model).__name__)
+        gm.train(model.training)
+        return gm, "symbolic_trace", []
+    except Exception as fx_error:  # noqa: BLE001 - any tracing failure means: try torch.export
+        symbolic_failure = fx_error
+
+    where = user_frame(symbolic_failure)
+    fx_summary = f"torch.fx.symbolic_trace failed: {_first_line(symbolic_failure)}" + (f"\n    at {where}" if where else "")
+    if example_inputs is None:
+        raise TraceError(
+            f"{fx_summary}\nsparsec falls back to torch.export, which needs example inputs: pass "
+            f"example_inputs=(x,), or mark the offending module as a leaf (leaf_modules=[...]) or exclude it "
+            f"(exclude=['name'])") from symbolic_failure
+
+    # Tell wrong example inputs apart from untraceable code: run the model eagerly first.
+    try:
+        with torch.no_grad(), preserved_buffers(model):
+            model(*example_inputs)
+    except Exception as eager_error:  # noqa: BLE001
+        raise ExampleInputError(_example_input_message(eager_error, example_inputs)) from eager_error
+
+    try:
+        with preserved_buffers(model):
+            exported = torch.export.export(model, example_inputs, strict=False)
+        module = exported.module()
+    except Exception as export_error:  # noqa: BLE001
+        where_export = user_frame(export_error)
+        raise TraceError(
+            f"sparsec could not capture {type(model).__name__}.\n  1. {fx_summary}\n"
+            f"  2. torch.export.export(strict=False) failed: {_first_line(export_error)}"
+            + (f"\n    at {where_export}" if where_export else "")
+            + "\nWhat to do: mark the offending submodule as a leaf (leaf_modules=[ModuleClass] or ['module.name']) "
+              "or exclude it (exclude=['module.name']) so it is not traced into; make the control flow there "
+              "independent of tensor values; or check the example inputs.") from export_error
+    # torch.export's tracer class needs constructor arguments, which a pickled GraphModule cannot
+    # supply when it is loaded again; the graph no longer needs it.
+    module.graph._tracer_cls = None
+    gm = SparsecGraphModule(module, module.graph, type(model).__name__)
+    _replace_export_guards(gm)
+    note = (f"traced with torch.export (symbolic_trace failed: {_first_line(symbolic_failure)}"
+            + (f" at {where}" if where else "") + "); the graph is specialised to the example inputs' shapes "
+            "and to the model's train/eval mode at compile time")
+    return gm, "torch.export", [note]
+
+
+def _replace_export_guards(gm: fx.GraphModule) -> None:
+    """Swap torch.export's (unpicklable) input guard for sparsec's InputGuard at the same node."""
+    from sparsec.runtime.guard import InputGuard
+
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target == "_guards_fn":
+            shapes = [tuple(a.meta["val"].shape) if isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)
+                      else None for a in node.args]
+            setattr(gm, "_guards_fn", InputGuard(shapes))
+    gm.recompile()
+
+
+def _check_arity(model: nn.Module, example_inputs: tuple) -> None:
+    """A traced graph silently ignores surplus arguments; the model itself would not."""
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return  # builtins without a Python signature: let the run itself complain
+    try:
+        signature.bind(*example_inputs)
+    except TypeError as e:
+        raise ExampleInputError(
+            f"the example inputs do not fit the model: {type(model).__name__}.forward{signature} cannot take "
+            f"{describe_inputs(example_inputs)}: {e}\nexample_inputs must be a tuple of the positional arguments "
+            "the model's forward accepts") from e
+
+
+def _regexes(names: tuple[str, ...]) -> tuple[str, ...]:
+    out = []
+    for name in names:
+        try:
+            re.compile(name)
+            out.append(name)
+        except re.error:
+            out.append(re.escape(name))
+    return tuple(out)
+
+
+def _example_input_message(error: BaseException, example_inputs: tuple) -> str:
+    where = user_frame(error)
+    return (f"the example inputs do not fit the model: calling model(*example_inputs) with "
+            f"{describe_inputs(example_inputs)} raised {_first_line(error)}"
+            + (f"\n  at {where}" if where else "")
+            + "\nexample_inputs must be a tuple of the positional arguments the model's forward accepts, "
+              "with the shapes and dtypes it expects")

@@ -1,0 +1,77 @@
+"""The one metadata record sparsec writes on fx nodes: `node.meta["sparsec"]`.
+
+Analysis passes fill it in stages (shapes, then layer facts, then eligibility, then decisions);
+rewrite passes only read it. It is frozen so a pass replaces it (`update_meta`) instead of editing
+a record another pass already looked at.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+META_KEY = "sparsec"
+
+
+@dataclass(frozen=True)
+class ConvParams:
+    stride: tuple[int, ...]
+    padding: tuple[int, ...] | str
+    dilation: tuple[int, ...]
+    groups: int
+    padding_mode: str = "zeros"
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """Facts about a candidate layer, read off the graph and its weight (never decisions)."""
+    name: str                   # user-facing name (module path, see passes/candidates.py)
+    op: str                     # "linear" | "conv2d" | "matmul"
+    site: str                   # "module" (call_module) or "function" (F.linear / aten op on a parameter)
+    weight_path: str            # attribute path of the weight in the graph module
+    bias_path: str | None       # attribute path of the bias, if any
+    weight_shape: tuple[int, ...]
+    dtype: torch.dtype
+    out_features: int           # rows of the [out, K] view
+    reduction: int              # K: the reduction dimension the pattern groups run along
+    conv: ConvParams | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the analysis chose for a layer, and why."""
+    sparsity: str | None        # pattern string applied, None = dense
+    quant: str | None           # None | "int8"
+    grad_sparsity: str | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class SparsecMeta:
+    shape: tuple[int, ...] | None = None     # output shape at the example inputs
+    dtype: torch.dtype | None = None
+    layer: LayerInfo | None = None
+    blocker: str | None = None               # why the layer cannot take the pattern (None: it can)
+    decision: Decision | None = None
+
+
+def get_meta(node: fx.Node) -> SparsecMeta:
+    return node.meta.get(META_KEY) or SparsecMeta()
+
+
+def update_meta(node: fx.Node, **changes) -> SparsecMeta:
+    meta = dataclasses.replace(get_meta(node), **changes)
+    node.meta[META_KEY] = meta
+    return meta
+
+
+def layer_nodes(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
+    """Candidate layers by name, each with its call sites in graph order."""
+    out: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        layer = get_meta(node).layer
+        if layer is not None:
+            out.setdefault(layer.name, []).append(node)
+    return out

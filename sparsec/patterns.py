@@ -1,0 +1,81 @@
+"""Sparsity pattern strings: parsing, validation and the numbers derived from them.
+
+Accepted forms (design.md, "Patterns"):
+  "N:M"      1 <= N <= M: N kept of every M consecutive weights along the reduction dimension
+  "fanin:S"  0 < S < 1: constant fan-in, every output row keeps k = max(1, floor(numel*(1-S)) // out)
+  "dense"    analysis and plan only
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from sparsec.errors import InvalidInputError, InvalidTypeError
+
+ACCEPTED_FORMS = '"N:M" with 1 <= N <= M (e.g. "2:4", "1:4", "4:8"), "fanin:S" with 0 < S < 1 (e.g. "fanin:0.9"), or "dense"'
+
+_NM = re.compile(r"(\d+):(\d+)")
+_FANIN = re.compile(r"fanin:(\S+)")
+
+
+@dataclass(frozen=True)
+class NM:
+    n: int
+    m: int
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}"
+
+    @property
+    def density(self) -> float:
+        return self.n / self.m
+
+    def fits(self, reduction: int) -> bool:
+        return reduction % self.m == 0
+
+
+@dataclass(frozen=True)
+class FanIn:
+    sparsity: float
+
+    def __str__(self) -> str:
+        return f"fanin:{self.sparsity:g}"
+
+    def k(self, numel: int, out_features: int) -> int:
+        """Weights kept per output row (SRigL's constant fan-in)."""
+        return max(1, math.floor(numel * (1.0 - self.sparsity)) // out_features)
+
+
+@dataclass(frozen=True)
+class Dense:
+    def __str__(self) -> str:
+        return "dense"
+
+
+Pattern = NM | FanIn | Dense
+
+
+def parse_pattern(text: object) -> Pattern:
+    """Parse a pattern string; raise a clear error naming the accepted forms otherwise."""
+    if isinstance(text, (NM, FanIn, Dense)):
+        return text
+    if not isinstance(text, str):
+        raise InvalidTypeError(f"pattern must be a string, got {type(text).__name__} {text!r}; accepted: {ACCEPTED_FORMS}")
+    s = text.strip()
+    if s == "dense":
+        return Dense()
+    if match := _NM.fullmatch(s):
+        n, m = int(match.group(1)), int(match.group(2))
+        if 1 <= n <= m:
+            return NM(n, m)
+        raise InvalidInputError(f"invalid pattern {text!r}: N:M needs 1 <= N <= M; accepted: {ACCEPTED_FORMS}")
+    if match := _FANIN.fullmatch(s):
+        try:
+            sparsity = float(match.group(1))
+        except ValueError:
+            sparsity = math.nan
+        if 0.0 < sparsity < 1.0:
+            return FanIn(sparsity)
+        raise InvalidInputError(f"invalid pattern {text!r}: fanin:S needs 0 < S < 1; accepted: {ACCEPTED_FORMS}")
+    raise InvalidInputError(f"invalid pattern {text!r}; accepted: {ACCEPTED_FORMS}")

@@ -1,0 +1,233 @@
+"""Plan / LayerPlan: what sparsec decided for every candidate layer, and why.
+
+A Plan is plain data: it prints as a table, round-trips through JSON, and can be edited and handed
+back to `sparsec.compile(..., plan=...)`, which applies it exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from sparsec.errors import CorruptFileError, InvalidInputError
+from sparsec.patterns import NM, FanIn, parse_pattern
+
+PLAN_FORMAT = "sparsec.plan"
+PLAN_VERSION = 1
+QUANT_CHOICES = (None, "int8")
+
+_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+
+
+def dtype_name(dtype) -> str:
+    """'float32' for torch.float32: how plans and messages spell dtypes."""
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass
+class LayerPlan:
+    name: str                          # module path, as in model.named_modules()
+    op: str                            # "linear" | "conv2d" | "matmul"
+    weight_shape: tuple[int, ...]
+    sparsity: str | None               # pattern applied ("2:4", "fanin:0.9"), None = dense
+    quant: str | None                  # None | "int8"
+    grad_sparsity: str | None          # pattern applied to the data gradient in backward
+    reason: str                        # why chosen, or why not
+    dtype: str | None = None           # weight dtype ("float32", ...), for byte counts
+    flops: int | None = None           # dense FLOPs of the layer at the example inputs
+
+    def __post_init__(self) -> None:
+        self.weight_shape = tuple(int(d) for d in self.weight_shape)
+
+    # ---- derived numbers (never stored, so an edited plan cannot disagree with itself)
+
+    @property
+    def out_features(self) -> int:
+        return self.weight_shape[1] if self.op == "matmul" else self.weight_shape[0]
+
+    @property
+    def reduction(self) -> int:
+        return self.weight_shape[0] if self.op == "matmul" else math.prod(self.weight_shape[1:])
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.weight_shape)
+
+    @property
+    def kept(self) -> int:
+        """Weights the layer computes with after pruning."""
+        pattern = parse_pattern(self.sparsity) if self.sparsity else None
+        if isinstance(pattern, NM):
+            return self.numel * pattern.n // pattern.m
+        if isinstance(pattern, FanIn):
+            return self.out_features * min(self.reduction, pattern.k(self.numel, self.out_features))
+        return self.numel
+
+    def dense_bytes(self) -> int:
+        return self.numel * _ITEMSIZE.get(self.dtype or "float32", 4)
+
+    def stored_bytes(self) -> int:
+        """Bytes of the stored weight: values + metadata/indices + int8 scales."""
+        value_bytes = 1 if self.quant == "int8" else _ITEMSIZE.get(self.dtype or "float32", 4)
+        pattern = parse_pattern(self.sparsity) if self.sparsity else None
+        total = self.kept * value_bytes
+        if isinstance(pattern, NM):
+            if (pattern.n, pattern.m) == (2, 4):  # int16 nibble words, 4 groups each
+                total += self.out_features * math.ceil(self.reduction / 16) * 2
+            else:  # int16 in-group position per kept value
+                total += self.kept * 2
+        elif isinstance(pattern, FanIn):
+            total += self.kept * 4  # int32 column indices
+        if self.quant == "int8":
+            total += self.out_features * 4  # fp32 per-output-channel scales
+        return total
+
+
+@dataclass
+class Plan:
+    layers: list[LayerPlan]
+    pattern: str = "2:4"
+    notes: list[str] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[LayerPlan]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, key: int | str) -> LayerPlan:
+        if isinstance(key, str):
+            for layer in self.layers:
+                if layer.name == key:
+                    return layer
+            raise KeyError(f"no layer named {key!r} in the plan; layers: {self.names}")
+        return self.layers[key]
+
+    @property
+    def names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+    @property
+    def sparse_layers(self) -> list[LayerPlan]:
+        return [layer for layer in self.layers if layer.sparsity]
+
+    def totals(self) -> dict[str, float]:
+        flops = [(lp.flops, lp.kept / lp.numel) for lp in self.layers if lp.flops is not None]
+        dense_flops = sum(f for f, _ in flops)
+        sparse_flops = sum(f * density for f, density in flops)
+        return {
+            "layers": len(self.layers),
+            "sparse_layers": len(self.sparse_layers),
+            "weights": sum(lp.numel for lp in self.layers),
+            "weights_kept": sum(lp.kept for lp in self.layers),
+            "bytes_before": sum(lp.dense_bytes() for lp in self.layers),
+            "bytes_after": sum(lp.stored_bytes() for lp in self.layers),
+            "flops_dense": dense_flops,
+            "flops_saved": dense_flops - sparse_flops,
+        }
+
+    # ---- printing
+
+    def __str__(self) -> str:
+        show_grad = any(lp.grad_sparsity for lp in self.layers)
+        header = ["layer", "op", "weight shape", "sparsity", "quant"] + (["grad"] if show_grad else []) + ["reason"]
+        rows = [
+            [lp.name, lp.op, "x".join(map(str, lp.weight_shape)), lp.sparsity or "-", lp.quant or "-"]
+            + ([lp.grad_sparsity or "-"] if show_grad else []) + [lp.reason]
+            for lp in self.layers
+        ]
+        widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header) - 1)]
+
+        def line(cells: list[str]) -> str:
+            return "  ".join(str(c).ljust(w) for c, w in zip(cells[:-1], widths)) + "  " + str(cells[-1])
+
+        out = [f"sparsec plan (pattern {self.pattern})", line(header), line(["-" * w for w in widths] + ["-" * 6])]
+        out += [line(r) for r in rows]
+        out.append(self.summary())
+        out += [f"note: {n}" for n in self.notes]
+        return "\n".join(out)
+
+    def __repr__(self) -> str:
+        return f"Plan(pattern={self.pattern!r}, layers={len(self.layers)}, sparse={len(self.sparse_layers)})"
+
+    def summary(self) -> str:
+        t = self.totals()
+        if not self.layers:
+            return "totals: no candidate layer (Linear / Conv2d / F.linear / matmul with a parameter) in this model"
+        text = (f"totals: {t['sparse_layers']} of {t['layers']} layers sparse; "
+                f"weights kept {t['weights_kept']:,} of {t['weights']:,} ({100 * t['weights_kept'] / max(t['weights'], 1):.1f}%); "
+                f"weight bytes {_fmt_bytes(t['bytes_before'])} -> {_fmt_bytes(t['bytes_after'])} "
+                f"({t['bytes_after'] / max(t['bytes_before'], 1):.2f}x)")
+        if t["flops_dense"]:
+            text += (f"; est. FLOPs saved {_fmt_count(t['flops_saved'])} of {_fmt_count(t['flops_dense'])} "
+                     f"({100 * t['flops_saved'] / t['flops_dense']:.1f}%) at the example inputs")
+        if not t["sparse_layers"]:
+            text += "; no layer was made sparse (see reasons)"
+        return text
+
+    # ---- JSON
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps({"format": PLAN_FORMAT, "version": PLAN_VERSION, "pattern": self.pattern,
+                           "notes": list(self.notes), "layers": [dataclasses.asdict(lp) for lp in self.layers]},
+                          indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Plan:
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CorruptFileError(f"plan is not valid JSON: {e}") from e
+        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+            raise CorruptFileError(f"not a sparsec plan: expected an object with \"format\": \"{PLAN_FORMAT}\"")
+        if data.get("version") != PLAN_VERSION:
+            raise CorruptFileError(f"unsupported plan version {data.get('version')!r}; this sparsec reads version {PLAN_VERSION}")
+        fields = {f.name for f in dataclasses.fields(LayerPlan)}
+        required = {f.name for f in dataclasses.fields(LayerPlan) if f.default is dataclasses.MISSING}
+        layers = []
+        for i, entry in enumerate(data.get("layers", [])):
+            if not isinstance(entry, dict) or not required <= entry.keys():
+                missing = sorted(required - set(entry)) if isinstance(entry, dict) else sorted(required)
+                raise CorruptFileError(f"plan layer #{i} is missing fields {missing}")
+            unknown = set(entry) - fields
+            if unknown:
+                raise CorruptFileError(f"plan layer #{i} ({entry.get('name')!r}) has unknown fields {sorted(unknown)}")
+            layers.append(LayerPlan(**entry))
+        plan = cls(layers=layers, pattern=str(data.get("pattern", "2:4")), notes=list(data.get("notes", [])))
+        plan.validate()
+        return plan
+
+    def validate(self) -> None:
+        """Check every entry names a valid pattern / quantization; raise naming the bad layer."""
+        seen = set()
+        for lp in self.layers:
+            if lp.name in seen:
+                raise InvalidInputError(f"plan lists layer {lp.name!r} twice")
+            seen.add(lp.name)
+            for what, value in (("sparsity", lp.sparsity), ("grad_sparsity", lp.grad_sparsity)):
+                if value is not None:
+                    try:
+                        parse_pattern(value)
+                    except ValueError as e:
+                        raise InvalidInputError(f"plan layer {lp.name!r}: bad {what}: {e}") from e
+                    if value == "dense":
+                        raise InvalidInputError(f"plan layer {lp.name!r}: {what} 'dense' is spelled None in a plan")
+            if lp.quant not in QUANT_CHOICES:
+                raise InvalidInputError(f"plan layer {lp.name!r}: quant {lp.quant!r} not in {QUANT_CHOICES}")
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def _fmt_count(n: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}FLOP"
+    return f"{n:.0f} FLOP"

@@ -1,0 +1,221 @@
+"""Plain-torch reference math: masks, compressed formats, int8 quantization.
+
+This is both the oracle the tests trust and the CPU runtime, so it is written to be read by eye.
+Every function works on a weight viewed as rows `[out, K]` with K the reduction dimension
+(`weight_to_rows`): Linear `[out, in]` as is, Conv2d `[out, in/groups*kh*kw]` flattened in memory
+order, and a matmul right operand `[K, N]` transposed.
+
+Ties in magnitude are broken by the lower index (a stable descending sort keeps index order among
+equal keys). Masks are explicit boolean tensors, never inferred from `weight != 0`.
+"""
+from __future__ import annotations
+
+import torch
+
+from sparsec.errors import InvalidInputError
+
+# --------------------------------------------------------------------------- layouts
+
+
+def weight_to_rows(weight: torch.Tensor, op: str) -> torch.Tensor:
+    """View a layer's weight as `[out, K]` with K the reduction dimension."""
+    if op == "matmul":  # y = x @ W, W is [K, N]: the reduction runs down W's columns
+        return weight.t()
+    return weight.reshape(weight.shape[0], -1)
+
+
+def rows_to_weight(rows: torch.Tensor, op: str, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """Inverse of `weight_to_rows`."""
+    if op == "matmul":
+        return rows.t().contiguous()
+    return rows.reshape(shape)
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def _top_along_last(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Boolean mask of the `keep` largest entries along the last dim; ties go to the lower index."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :keep]
+    return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, order, True)
+
+
+def nm_mask(rows: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the n largest-magnitude weights in every group of m consecutive ones along the last dim."""
+    if rows.shape[-1] % m:
+        raise InvalidInputError(f"last dimension {rows.shape[-1]} is not a multiple of M={m}")
+    groups = rows.detach().abs().reshape(*rows.shape[:-1], -1, m)
+    return _top_along_last(groups, n).reshape(rows.shape)
+
+
+def fanin_mask(rows: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest-magnitude weights of every row (constant fan-in)."""
+    if not 1 <= k <= rows.shape[-1]:
+        raise InvalidInputError(f"fan-in k={k} must be in [1, {rows.shape[-1]}]")
+    return _top_along_last(rows.detach().abs(), k)
+
+
+# --------------------------------------------------------------------------- N:M compressed format
+
+
+def _kept_positions(mask_groups: torch.Tensor, n: int) -> torch.Tensor:
+    """Ascending in-group positions of the True entries of a mask with exactly n per group."""
+    return torch.sort(mask_groups.to(torch.uint8), dim=-1, descending=True, stable=True).indices[..., :n]
+
+
+def pack_nibbles(positions: torch.Tensor) -> torch.Tensor:
+    """2:4 metadata: positions `[..., G, 2]` (i0 < i1) -> int16 `[..., ceil(G/4)]`.
+
+    Group g is the nibble `i0 | i1 << 2` at bits `4 * (g % 4)` of element `g // 4` (the `mma.sp`
+    encoding before CUTLASS reordering). Unused trailing nibbles are 0.
+    """
+    nibbles = (positions[..., 0] | (positions[..., 1] << 2)).to(torch.int32)
+    groups = nibbles.shape[-1]
+    pad = (-groups) % 4
+    nibbles = torch.nn.functional.pad(nibbles, (0, pad)).reshape(*nibbles.shape[:-1], -1, 4)
+    shifts = torch.tensor([0, 4, 8, 12], dtype=torch.int32, device=positions.device)
+    words = (nibbles << shifts).sum(-1)  # in [0, 65535]
+    words = torch.where(words >= 32768, words - 65536, words)  # reinterpret as signed int16
+    return words.to(torch.int16)
+
+
+def unpack_nibbles(meta: torch.Tensor, groups: int) -> torch.Tensor:
+    """Inverse of `pack_nibbles`: int16 `[..., W]` -> int64 positions `[..., groups, 2]`."""
+    words = meta.to(torch.int32) & 0xFFFF
+    shifts = torch.tensor([0, 4, 8, 12], dtype=torch.int32, device=meta.device)
+    nibbles = ((words.unsqueeze(-1) >> shifts) & 0xF).reshape(*meta.shape[:-1], -1)[..., :groups]
+    return torch.stack([nibbles & 0x3, (nibbles >> 2) & 0x3], dim=-1).long()
+
+
+def nm_compress_masked(rows: torch.Tensor, mask: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compress `rows` keeping exactly the masked positions (exactly n of every m).
+
+    Returns `values[..., K*n/m]` (kept values in index order) and `meta`: the nibble int16
+    `[..., ceil(K/16)]` for 2:4, otherwise int16 in-group positions `[..., K*n/m]`.
+    """
+    k = rows.shape[-1]
+    if k % m:
+        raise InvalidInputError(f"last dimension {k} is not a multiple of M={m}")
+    mask_groups = mask.reshape(*mask.shape[:-1], -1, m)
+    counts = mask_groups.sum(-1)
+    if not bool((counts == n).all()):
+        raise InvalidInputError(f"mask must keep exactly {n} of every {m}; found groups keeping {sorted(set(counts.unique().tolist()))}")
+    positions = _kept_positions(mask_groups, n)
+    values = rows.reshape(*rows.shape[:-1], -1, m).gather(-1, positions).reshape(*rows.shape[:-1], k * n // m)
+    if (n, m) == (2, 4):
+        return values, pack_nibbles(positions)
+    return values, positions.to(torch.int16).reshape(*rows.shape[:-1], k * n // m)
+
+
+def nm_positions(meta: torch.Tensor, n: int, m: int, groups: int) -> torch.Tensor:
+    """Decode metadata into int64 positions `[..., groups, n]`."""
+    if (n, m) == (2, 4):
+        return unpack_nibbles(meta, groups)
+    return meta.long().reshape(*meta.shape[:-1], groups, n)
+
+
+def nm_decompress(values: torch.Tensor, meta: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
+    """Dense tensor `[..., K]` from N:M values + metadata (zeros everywhere else)."""
+    if values.shape[-1] % n:
+        raise InvalidInputError(f"values' last dimension {values.shape[-1]} is not a multiple of N={n}")
+    groups = values.shape[-1] // n
+    positions = nm_positions(meta, n, m, groups)
+    dense = torch.zeros(*values.shape[:-1], groups, m, dtype=values.dtype, device=values.device)
+    dense.scatter_(-1, positions, values.reshape(*values.shape[:-1], groups, n))
+    return dense.reshape(*values.shape[:-1], groups * m)
+
+
+def nm_mask_from_meta(meta: torch.Tensor, n: int, m: int, k: int) -> torch.Tensor:
+    """The boolean mask `[..., K]` a compressed N:M tensor stands for."""
+    groups = k // m
+    positions = nm_positions(meta, n, m, groups)
+    mask = torch.zeros(*meta.shape[:-1], groups, m, dtype=torch.bool, device=meta.device)
+    return mask.scatter_(-1, positions, True).reshape(*meta.shape[:-1], k)
+
+
+def nm_compress(weight: torch.Tensor, n: int = 2, m: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compress an already-N:M tensor along its last dimension.
+
+    Groups holding fewer than n nonzeros are filled with their lowest-index zero positions.
+    A group with more than n nonzeros is an error (prune first, e.g. with `nm_mask`).
+    """
+    if n < 1 or m < n:
+        raise InvalidInputError(f"need 1 <= n <= m, got n={n}, m={m}")
+    if weight.shape[-1] % m:
+        raise InvalidInputError(f"last dimension {weight.shape[-1]} is not a multiple of M={m}")
+    nonzero = (weight != 0).reshape(*weight.shape[:-1], -1, m)
+    worst = int(nonzero.sum(-1).max()) if nonzero.numel() else 0
+    if worst > n:
+        raise InvalidInputError(f"tensor is not {n}:{m} sparse: a group of {m} holds {worst} nonzeros; prune it first")
+    mask = _top_along_last(nonzero.to(torch.uint8), n).reshape(weight.shape)
+    return nm_compress_masked(weight, mask, n, m)
+
+
+# --------------------------------------------------------------------------- constant fan-in (condensed)
+
+
+def fanin_compress(rows: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Condensed constant fan-in: `values[out, k]` and ascending int32 `indices[out, k]`."""
+    counts = mask.sum(-1)
+    k = int(counts[0]) if counts.numel() else 0
+    if not bool((counts == k).all()):
+        raise InvalidInputError(f"mask is not constant fan-in: rows keep {sorted(set(counts.unique().tolist()))} weights")
+    indices = _kept_positions(mask, k)
+    return rows.gather(-1, indices), indices.to(torch.int32)
+
+
+def fanin_decompress(values: torch.Tensor, indices: torch.Tensor, k_total: int) -> torch.Tensor:
+    """Dense rows `[out, K]` from condensed values and indices."""
+    dense = torch.zeros(values.shape[0], k_total, dtype=values.dtype, device=values.device)
+    return dense.scatter_(-1, indices.long(), values)
+
+
+def fanin_mask_from_indices(indices: torch.Tensor, k_total: int) -> torch.Tensor:
+    mask = torch.zeros(indices.shape[0], k_total, dtype=torch.bool, device=indices.device)
+    return mask.scatter_(-1, indices.long(), True)
+
+
+# --------------------------------------------------------------------------- int8 quantization
+
+
+def quantize_int8(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (per output channel) symmetric int8: scale = max|row| / 127, q in [-127, 127].
+
+    Zeros stay exactly zero. An all-zero row gets scale 1 so nothing divides by zero.
+    """
+    absmax = rows.detach().abs().amax(dim=-1).float()
+    scales = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
+    q = torch.round(rows.detach().float() / scales.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.float() * scales.unsqueeze(-1)).to(dtype)
+
+
+def fake_quant_int8(rows: torch.Tensor) -> torch.Tensor:
+    """What an int8 layer really computes with, in the rows' dtype."""
+    q, scales = quantize_int8(rows)
+    return dequantize_int8(q, scales, rows.dtype)
+
+
+def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    """||approx - exact||_F / ||exact||_F (0 when exact is all zero and approx equals it)."""
+    exact64, approx64 = exact.detach().double(), approx.detach().double()
+    norm = float(exact64.norm())
+    diff = float((approx64 - exact64).norm())
+    return diff / norm if norm > 0 else diff
+
+
+# --------------------------------------------------------------------------- patterns
+
+
+def pattern_mask(rows: torch.Tensor, pattern) -> torch.Tensor:
+    """The mask a pattern (`sparsec.patterns.NM` / `FanIn`) gives a weight viewed as `[out, K]`."""
+    from sparsec.patterns import NM, FanIn  # local: patterns imports nothing from here, keep it that way
+
+    if isinstance(pattern, NM):
+        return nm_mask(rows, pattern.n, pattern.m)
+    if isinstance(pattern, FanIn):
+        return fanin_mask(rows, pattern.k(rows.numel(), rows.shape[0]))
+    raise InvalidInputError(f"no mask for pattern {pattern}")

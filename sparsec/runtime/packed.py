@@ -1,0 +1,112 @@
+"""Compressed weight storage: N:M (values + metadata) and condensed constant fan-in
+(values + int32 indices), each optionally int8 with per-output-channel scales.
+
+A packed weight is rows `[out, K]` (K = reduction dimension, see sparsec/reference.py). It keeps
+no dense copy: `rows()` rebuilds the dense weight the layer computes with, `mask()` the boolean
+mask it stands for. The mask is stored state (metadata / indices), never `weight != 0`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from sparsec import reference as ref
+from sparsec.patterns import NM, FanIn, Pattern
+
+
+class PackedWeight(nn.Module):
+    """Base: values (float, or int8 + fp32 scales) plus the metadata locating them."""
+
+    def __init__(self, values: torch.Tensor, scales: torch.Tensor | None, out_features: int, reduction: int,
+                 dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("values", values)
+        self.register_buffer("scales", scales)
+        self.out_features, self.reduction = out_features, reduction
+        # An empty buffer in the weight's dtype: it follows .half() / .to(dtype) like a weight would,
+        # so int8 layers know which float dtype to dequantize to. Not saved in state_dict.
+        self.register_buffer("dtype_probe", torch.empty(0, dtype=dtype), persistent=False)
+
+    @property
+    def quant(self) -> str | None:
+        return "int8" if self.scales is not None else None
+
+    def kept_values(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Kept values in a float dtype (dequantized for int8)."""
+        dtype = dtype or self.dtype_probe.dtype
+        if self.scales is None:
+            return self.values.to(dtype)
+        return ref.dequantize_int8(self.values, self.scales, dtype)
+
+    @staticmethod
+    def _quantize(values: torch.Tensor, quant: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if quant is None:
+            return values, None
+        if quant == "int8":
+            return ref.quantize_int8(values)
+        raise ValueError(f"unknown quantization {quant!r}; supported: None, 'int8'")
+
+    def rows(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def mask(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def pack(rows: torch.Tensor, mask: torch.Tensor, pattern: Pattern, quant: str | None) -> PackedWeight:
+        if isinstance(pattern, NM):
+            return NMPacked.pack(rows, mask, pattern, quant)
+        if isinstance(pattern, FanIn):
+            return FanInPacked.pack(rows, mask, pattern, quant)
+        raise ValueError(f"cannot pack pattern {pattern}")
+
+
+class NMPacked(PackedWeight):
+    """values `[out, K*N/M]` + meta (2:4: int16 nibbles `[out, ceil(K/16)]`; else int16 positions)."""
+
+    def __init__(self, values, meta, scales, n: int, m: int, reduction: int, dtype: torch.dtype):
+        super().__init__(values, scales, values.shape[0], reduction, dtype)
+        self.register_buffer("meta", meta)
+        self.n, self.m = n, m
+
+    @classmethod
+    def pack(cls, rows, mask, pattern: NM, quant) -> NMPacked:
+        values, meta = ref.nm_compress_masked(rows.detach(), mask, pattern.n, pattern.m)
+        q, scales = cls._quantize(values, quant)
+        return cls(q.contiguous(), meta.contiguous(), scales, pattern.n, pattern.m, rows.shape[1], rows.dtype)
+
+    def rows(self, dtype=None) -> torch.Tensor:
+        return ref.nm_decompress(self.kept_values(dtype), self.meta, self.n, self.m)
+
+    def mask(self) -> torch.Tensor:
+        return ref.nm_mask_from_meta(self.meta, self.n, self.m, self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"{self.n}:{self.m}, out={self.out_features}, K={self.reduction}, values={self.values.dtype}" + (", int8 scales" if self.quant else "")
+
+
+class FanInPacked(PackedWeight):
+    """Condensed constant fan-in: values `[out, k]` + ascending int32 column indices `[out, k]`."""
+
+    def __init__(self, values, indices, scales, reduction: int, dtype: torch.dtype):
+        super().__init__(values, scales, values.shape[0], reduction, dtype)
+        self.register_buffer("indices", indices)
+
+    @classmethod
+    def pack(cls, rows, mask, pattern: FanIn, quant) -> FanInPacked:
+        values, indices = ref.fanin_compress(rows.detach(), mask)
+        q, scales = cls._quantize(values, quant)
+        return cls(q.contiguous(), indices.contiguous(), scales, rows.shape[1], rows.dtype)
+
+    @property
+    def k(self) -> int:
+        return self.indices.shape[1]
+
+    def rows(self, dtype=None) -> torch.Tensor:
+        return ref.fanin_decompress(self.kept_values(dtype), self.indices, self.reduction)
+
+    def mask(self) -> torch.Tensor:
+        return ref.fanin_mask_from_indices(self.indices, self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"fan-in k={self.k}, out={self.out_features}, K={self.reduction}, values={self.values.dtype}" + (", int8 scales" if self.quant else "")

@@ -1,0 +1,115 @@
+"""Independent plain-torch oracle for tests: written differently from sparsec/reference.py.
+
+Masks are computed with numpy's lexsort on the explicit key (-|w|, index), and for small groups by
+pairwise ranking (an element is kept when fewer than `keep` elements of its group beat it: larger
+magnitude, or equal magnitude at a lower index), not by torch's stable sort, so a bug in the
+reference's sort-based code cannot hide behind the same bug here.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", os.path.join(EXAMPLES, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def rank_mask(groups: torch.Tensor, keep: int) -> torch.Tensor:
+    """groups [..., G]: keep each element beaten by fewer than `keep` others in its group."""
+    a = groups.abs().double()
+    g = a.shape[-1]
+    idx = torch.arange(g)
+    bigger = a.unsqueeze(-2) > a.unsqueeze(-1)                       # [..., i, j]: |x_j| > |x_i|
+    tie_lower = (a.unsqueeze(-2) == a.unsqueeze(-1)) & (idx.view(1, g) < idx.view(g, 1))  # j < i, equal
+    beaten_by = (bigger | tie_lower).sum(-1)
+    return beaten_by < keep
+
+
+def lexsort_mask(groups: torch.Tensor, keep: int) -> torch.Tensor:
+    """groups [..., G]: keep the first `keep` in order of (-|x|, index)."""
+    a = groups.detach().abs().double().numpy()
+    index = np.broadcast_to(np.arange(a.shape[-1]), a.shape)
+    order = np.lexsort((index, -a), axis=-1)  # last key is the primary one
+    mask = np.zeros(a.shape, dtype=bool)
+    np.put_along_axis(mask, order[..., :keep], True, axis=-1)
+    return torch.from_numpy(mask)
+
+
+def oracle_nm_mask(rows: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    groups = rows.reshape(rows.shape[0], -1, m)
+    mask = rank_mask(groups, n) if m <= 16 else lexsort_mask(groups, n)
+    return mask.reshape(rows.shape)
+
+
+def oracle_fanin_mask(rows: torch.Tensor, k: int) -> torch.Tensor:
+    return lexsort_mask(rows, k)
+
+
+def oracle_int8(rows: torch.Tensor) -> torch.Tensor:
+    """Per-row symmetric int8 fake quantization, row by row."""
+    out = torch.empty_like(rows)
+    for i, row in enumerate(rows):
+        s = row.abs().max().float() / 127
+        s = s if s > 0 else torch.tensor(1.0)
+        out[i] = (torch.clamp(torch.round(row.float() / s), -127, 127) * s).to(rows.dtype)
+    return out
+
+
+def to_rows(w: torch.Tensor, op: str) -> torch.Tensor:
+    return w.t() if op == "matmul" else w.reshape(w.shape[0], -1)
+
+
+def from_rows(r: torch.Tensor, op: str, shape) -> torch.Tensor:
+    return r.t() if op == "matmul" else r.reshape(shape)
+
+
+def fanin_k(numel: int, out: int, sparsity: float) -> int:
+    return max(1, math.floor(numel * (1 - sparsity)) // out)
+
+
+def pruned_weight(w: torch.Tensor, op: str, sparsity: str, quant: str | None) -> torch.Tensor:
+    rows = to_rows(w.detach(), op)
+    if sparsity.startswith("fanin:"):
+        mask = oracle_fanin_mask(rows, fanin_k(rows.numel(), rows.shape[0], float(sparsity[6:])))
+    else:
+        n, m = map(int, sparsity.split(":"))
+        mask = oracle_nm_mask(rows, n, m)
+    rows = rows * mask
+    if quant == "int8":
+        rows = oracle_int8(rows)
+    return from_rows(rows, op, w.shape)
+
+
+def pruned_model(model: nn.Module, plan, weight_of=None) -> nn.Module:
+    """A copy of `model` whose planned layers carry the pruned (and fake-quantized) weights.
+
+    weight_of(copy, name) -> Parameter locates a layer's weight; default: module `name`.weight,
+    or the parameter at `name` for functional layers named by their parameter path.
+    """
+    ref = copy.deepcopy(model)
+    params = dict(ref.named_parameters())
+    for lp in plan:
+        if not lp.sparsity:
+            continue
+        w = weight_of(ref, lp.name) if weight_of else params.get(f"{lp.name}.weight", params.get(lp.name))
+        with torch.no_grad():
+            w.copy_(pruned_weight(w, lp.op, lp.sparsity, lp.quant))
+    return ref
+
+
+def output_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| relative to the output scale (max |b|)."""
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))

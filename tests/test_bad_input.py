@@ -1,0 +1,161 @@
+"""Bad input gets a clear error or a reasoned dense layer, never a crash or wrong math."""
+import pytest
+import torch
+import torch.nn as nn
+
+import sparsec
+from oracle import load_example, output_error, pruned_model
+from sparsec.errors import ExampleInputError, InvalidInputError, InvalidTypeError
+
+
+def _mlp(d_in=32, hidden=64, out=8):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, out)).eval()
+
+
+@pytest.mark.parametrize("pattern", ["3:2", "0:4", "2:4:8", "fanin:1.5", "", "banana"])
+def test_invalid_pattern_strings(pattern):
+    with pytest.raises(ValueError, match="accepted"):
+        sparsec.compile(_mlp(), pattern=pattern, example_inputs=(torch.randn(2, 32),))
+
+
+@pytest.mark.parametrize("pattern", [2, None, 0.5, ("2", "4")])
+def test_non_string_patterns(pattern):
+    with pytest.raises(TypeError, match="pattern must be a string"):
+        sparsec.compile(_mlp(), pattern=pattern, example_inputs=(torch.randn(2, 32),))
+
+
+def test_shapes_not_divisible_by_m_stay_dense_with_reason():
+    model = nn.Sequential(nn.Linear(30, 60), nn.ReLU(), nn.Linear(60, 30), nn.ReLU(), nn.Linear(30, 62), nn.ReLU(),
+                          nn.Linear(62, 4)).eval()
+    x = torch.randn(3, 30)
+    cm = sparsec.compile(model, pattern="4:8", example_inputs=(x,), min_weights=0, include=[".*"])
+    assert cm.plan["2"].sparsity is None and "K = in_features = 60 is not a multiple of M=8" in cm.plan["2"].reason
+    assert cm.plan["4"].sparsity is None and "30" in cm.plan["4"].reason
+    # 2:4 fits K = 60 (and 30 does not)
+    cm = sparsec.compile(model, pattern="2:4", example_inputs=(x,), min_weights=0, include=[".*"])
+    assert cm.plan["2"].sparsity == "2:4" and cm.plan["4"].sparsity is None
+    assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("bad, match", [
+    ((torch.randn(2, 31),), "mat1 and mat2 shapes cannot be multiplied"),
+    ((torch.randn(2, 32, dtype=torch.float64),), "dtype"),
+    ((torch.randn(2, 32), torch.randn(2, 32)), "example inputs do not fit"),
+    (("not a tensor",), "example inputs do not fit"),
+])
+def test_example_inputs_that_do_not_fit(bad, match):
+    with pytest.raises(ExampleInputError, match=match) as err:
+        sparsec.compile(_mlp(), example_inputs=bad)
+    assert isinstance(err.value, ValueError)
+    assert "example_inputs must be a tuple" in str(err.value)
+
+
+@pytest.mark.parametrize("bad", [[torch.randn(2, 32)], {"x": torch.randn(2, 32)}, "x", 3])
+def test_example_inputs_of_the_wrong_type(bad):
+    with pytest.raises(TypeError, match=r"example_inputs must be a tuple .* e\.g\. \(x,\)"):
+        sparsec.compile(_mlp(), example_inputs=bad)
+
+
+def test_a_single_tensor_is_accepted_as_example_inputs():
+    cm = sparsec.compile(_mlp(), example_inputs=torch.randn(2, 32), min_weights=0)
+    assert cm.plan["2"].sparsity == "2:4"
+
+
+def test_wrong_inputs_through_the_export_path_are_named_as_such():
+    class Untraceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x):
+            y = self.fc(x).clone()
+            y[:, 0] = 1.0
+            return y
+
+    with pytest.raises(ExampleInputError, match="example inputs do not fit"):
+        sparsec.compile(Untraceable(), example_inputs=(torch.randn(2, 7),))
+
+
+def test_non_float_weights_stay_dense_with_reason():
+    class IntModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randint(-3, 4, (64, 64)), requires_grad=False)
+            self.lin = nn.Linear(64, 64)
+            self.head = nn.Linear(64, 4)
+
+        def forward(self, idx):
+            h = idx @ self.w
+            return self.head(self.lin(self.lin(h.float())))
+
+    model = IntModel().eval()
+    x = torch.randint(0, 3, (2, 64))
+    cm = sparsec.compile(model, example_inputs=(x,), min_weights=0)
+    assert cm.plan["w"].sparsity is None and "dtype int64 is not supported" in cm.plan["w"].reason
+    assert "float16, bfloat16, float32, float64" in cm.plan["w"].reason
+    assert cm.plan["lin"].sparsity == "2:4"
+    assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+def test_non_finite_weights_refuse_that_layer_and_keep_the_model_usable(bad_value):
+    model = _mlp()
+    with torch.no_grad():
+        model[2].weight[3, 5] = bad_value
+    x = torch.randn(4, 32)
+    cm = sparsec.compile(model, example_inputs=(x,), min_weights=0)
+    assert cm.plan["2"].sparsity is None and "NaN/Inf" in cm.plan["2"].reason
+    assert cm.plan["4"].sparsity == "2:4"
+    torch.testing.assert_close(cm(x), pruned_model(model, cm.plan)(x), equal_nan=True, rtol=1e-5, atol=1e-6)
+
+
+def test_model_without_eligible_layers_is_unchanged():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 5, 3), nn.Flatten(),
+                          nn.Linear(5 * 4 * 4, 3)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    cm = sparsec.compile(model, example_inputs=(x,))
+    assert not cm.plan.sparse_layers
+    assert "no layer was made sparse" in str(cm.plan)
+    assert torch.equal(cm(x), model(x))
+
+
+def test_model_without_any_candidate():
+    model = nn.Sequential(nn.ReLU(), nn.Tanh())
+    x = torch.randn(3, 5)
+    cm = sparsec.compile(model, example_inputs=(x,))
+    assert len(cm.plan) == 0 and "no candidate layer" in str(cm.plan)
+    assert torch.equal(cm(x), model(x))
+
+
+def test_include_naming_a_missing_layer():
+    model, inputs = load_example("mlp").build_model()
+    with pytest.raises(InvalidInputError, match="include='fc' matches no candidate layer; close names: ") as err:
+        sparsec.compile(model, example_inputs=inputs, include=["fc"])
+    close = str(err.value).split("close names: ")[1].split(";")[0].split(", ")
+    assert set(close) == {"fc1", "fc2", "fc3"}
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(quantize="int4"), ValueError, "quantize='int4' is not supported"),
+    (dict(include="fc2"), None, None),  # a single string is one name
+    (dict(include=[3]), TypeError, "module names or regular expressions"),
+    (dict(plan="2:4"), TypeError, "plan must be a sparsec.Plan"),
+    (dict(min_weights=-1), ValueError, "min_weights"),
+    (dict(quant_budget=0), ValueError, "quant_budget"),
+    (dict(leaf_modules=[3]), TypeError, "leaf_modules"),
+])
+def test_bad_options(kwargs, error, match):
+    model, inputs = load_example("mlp").build_model()
+    if error is None:
+        sparsec.compile(model, example_inputs=inputs, **kwargs)
+        return
+    with pytest.raises(error, match=match):
+        sparsec.compile(model, example_inputs=inputs, **kwargs)
+
+
+def test_not_a_module():
+    with pytest.raises(InvalidTypeError, match="nn.Module"):
+        sparsec.compile(lambda x: x, example_inputs=(torch.randn(2),))

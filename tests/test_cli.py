@@ -1,0 +1,59 @@
+"""`sparsec inspect` on example files."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import sparsec
+from sparsec.cli import main
+from oracle import EXAMPLES
+
+MLP = os.path.join(EXAMPLES, "mlp.py")
+
+
+def test_inspect_prints_plan_and_graph(capsys):
+    assert main(["inspect", MLP, "--pattern", "2:4", "--quantize", "int8"]) == 0
+    out = capsys.readouterr().out
+    assert "sparsec plan (pattern 2:4)" in out and "fc2" in out and "int8" in out
+    assert "# transformed graph (traced with symbolic_trace)" in out
+    assert "def forward" in out and "# sparsec: fc2 (linear) -> 2:4, int8" in out
+
+
+def test_inspect_json_round_trips_and_plan_flag_applies_it(capsys, tmp_path):
+    assert main(["inspect", f"{MLP}:build_model", "--pattern", "fanin:0.9", "--json"]) == 0
+    plan = sparsec.Plan.from_json(capsys.readouterr().out)
+    assert plan["fc2"].sparsity == "fanin:0.9"
+    data = json.loads(plan.to_json())
+    data["layers"][1]["sparsity"] = "1:4"
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(data))
+    assert main(["inspect", MLP, "--plan", str(path), "--json"]) == 0
+    assert sparsec.Plan.from_json(capsys.readouterr().out)["fc2"].sparsity == "1:4"
+
+
+def test_function_returning_only_a_model(tmp_path, capsys):
+    target = tmp_path / "m.py"
+    target.write_text("import torch.nn as nn\ndef make():\n    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), "
+                      "nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))\n")
+    assert main(["inspect", f"{target}:make", "--include", "2"]) == 0
+    assert "forced by include='2'" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["inspect", "/no/such/file.py"], "no such file"),
+    (["inspect", f"{MLP}:nope"], "has no function 'nope'; write FILE.py:FUNC with one of: MLP, build_model"),
+    (["inspect", MLP, "--pattern", "3:2"], "invalid pattern '3:2'"),
+    (["inspect", MLP, "--include", "fcx"], "matches no candidate layer"),
+])
+def test_errors_exit_2_with_a_message(args, message, capsys):
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_python_dash_m():
+    result = subprocess.run([sys.executable, "-m", "sparsec", "inspect", MLP, "--json"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert sparsec.Plan.from_json(result.stdout).names == ["fc1", "fc2", "fc3", "head"]

@@ -1,0 +1,284 @@
+"""sparsec.compile end to end on CPU: numerics against the independent oracle, graph structure,
+inspection, selection policy, plans, quantization."""
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import sparsec
+from oracle import load_example, output_error, pruned_model, pruned_weight
+from sparsec.runtime import SparseLayer
+
+EXAMPLES = ["mlp", "cnn", "transformer"]
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+@pytest.mark.parametrize("pattern", ["2:4", "1:4", "4:8", "fanin:0.9"])
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_examples_match_the_pruned_model(example, pattern, quantize):
+    model, inputs = load_example(example).build_model()
+    before = _state(model)
+    cm = sparsec.compile(model, pattern=pattern, example_inputs=inputs, quantize=quantize)
+    sparse = cm.plan.sparse_layers
+    assert sparse, "each example has layers the default policy makes sparse"
+    assert all(lp.quant == quantize for lp in sparse)
+    expected = pruned_model(model, cm.plan)(*inputs)
+    # fp32, sparsity alone: <= 1e-5 relative to output scale; int8 is the same math on dequantized weights
+    assert output_error(cm(*inputs), expected) <= 1e-5
+    # the result really is different from the dense model (pruning happened)
+    assert output_error(cm(*inputs), model(*inputs)) > 1e-4
+    # the user's model is untouched
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # structure: every sparse layer is a runtime module, counted, with no dense weight left behind
+    runtime = {m.layer_name: m for m in cm.graph_module.modules() if isinstance(m, SparseLayer)}
+    assert set(runtime) == {lp.name for lp in sparse}
+    assert sum(v for k, v in cm.counters.items() if k.startswith("sparsified_")) == len(sparse)
+    params = dict(cm.graph_module.named_parameters())
+    for lp in sparse:
+        assert f"{lp.name}.weight" not in params
+        assert not any(t.is_floating_point() and t.numel() >= lp.numel for t in runtime[lp.name].state_dict().values())
+
+
+@pytest.mark.parametrize("pattern, n, m", [("2:4", 2, 4), ("1:4", 1, 4), ("4:8", 4, 8)])
+def test_masks_and_effective_weights(pattern, n, m):
+    model, inputs = load_example("cnn").build_model()
+    cm = sparsec.compile(model, pattern=pattern, example_inputs=inputs, quantize="int8")
+    for lp in cm.plan:
+        w = model.get_submodule(lp.name).weight
+        mask = cm.mask(lp.name)
+        assert mask.dtype == torch.bool and mask.shape == w.shape
+        eff = cm.effective_weight(lp.name)
+        assert eff.shape == w.shape
+        if lp.sparsity is None:
+            assert mask.all() and torch.equal(eff, w)
+            continue
+        groups = mask.reshape(w.shape[0], -1, m)  # along in/groups*kh*kw, memory order
+        assert (groups.sum(-1) == n).all()
+        assert torch.equal(eff, pruned_weight(w, lp.op, lp.sparsity, lp.quant))
+        assert (eff[~mask] == 0).all()
+
+
+def test_fanin_layers_store_condensed_rows():
+    model, inputs = load_example("mlp").build_model()
+    cm = sparsec.compile(model, pattern="fanin:0.9", example_inputs=inputs)
+    module = cm.sparse_module("fc2")
+    k = int(512 * 512 * 0.1) // 512
+    assert module.packed.values.shape == (512, k) and module.packed.indices.dtype == torch.int32
+    assert (cm.mask("fc2").sum(1) == k).all()
+
+
+def test_graph_is_annotated_and_history_kept():
+    model, inputs = load_example("mlp").build_model()
+    cm = sparsec.compile(model, pattern="2:4", example_inputs=inputs)
+    code = cm.graph_module.code
+    assert "# sparsec: fc2 (linear) -> 2:4:" in code
+    assert "# sparsec: fc1 (linear) -> dense: first layer" in code
+    names = [r.name for r in cm.history]
+    assert names == ["propagate_shapes", "find_candidates", "check_eligibility", "choose_sparsity",
+                     "choose_quantization", "build_plan", "sparsify_layers"]
+    assert all(r.seconds >= 0 and "def forward" in r.code for r in cm.history)
+    assert "after sparsify_layers (rewrite pass" in str(cm.history[-1])
+    assert isinstance(cm.graph_module, torch.fx.GraphModule)
+    assert cm.kernels == {}
+
+
+def test_explain_returns_the_plan_without_touching_the_model():
+    model, inputs = load_example("transformer").build_model()
+    before = _state(model)
+    plan = sparsec.explain(model, pattern="2:4", example_inputs=inputs)
+    cm = sparsec.compile(model, pattern="2:4", example_inputs=inputs)
+    assert plan == cm.plan
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(type(m) is not SparseLayer for m in model.modules())
+
+
+def test_default_policy_first_last_and_size():
+    model, inputs = load_example("transformer").build_model()
+    plan = sparsec.explain(model, example_inputs=inputs)
+    # first block's q/k/v read the model input with no candidate before them; the last fc2 feeds the output
+    for name in ["blocks.0.attn.q", "blocks.0.attn.k", "blocks.0.attn.v"]:
+        assert plan[name].sparsity is None and "first layer" in plan[name].reason
+    assert plan["blocks.1.fc2"].sparsity is None and "last layer" in plan["blocks.1.fc2"].reason
+    assert plan["blocks.0.fc1"].sparsity == "2:4"
+    small = sparsec.explain(model, example_inputs=inputs, min_weights=10**6)
+    assert not small.sparse_layers and "too small" in small["blocks.0.fc1"].reason
+
+
+def test_include_and_exclude():
+    model, inputs = load_example("cnn").build_model()
+    plan = sparsec.explain(model, example_inputs=inputs, include=["head", "stem.0"], exclude=[r"stage2\..*"])
+    assert plan["head"].sparsity == "2:4" and "forced by include='head'" in plan["head"].reason
+    assert "last layer" in plan["head"].reason
+    # include cannot force a shape that does not fit: K = 27
+    assert plan["stem.0"].sparsity is None and "not a multiple of M=4" in plan["stem.0"].reason
+    assert plan["stage2.0.0"].sparsity is None and "excluded by exclude" in plan["stage2.0.0"].reason
+    # a module path excludes everything inside it
+    plan = sparsec.explain(model, example_inputs=inputs, exclude=["stage1"])
+    assert plan["stage1.0.0"].sparsity is None and plan["stage1.1.0"].sparsity is None
+    assert plan["stage2.0.0"].sparsity == "2:4"
+
+
+def test_include_unknown_name_lists_close_names():
+    model, inputs = load_example("mlp").build_model()
+    with pytest.raises(ValueError, match=r"include='fc_2' matches no candidate layer; close names: .*fc2"):
+        sparsec.compile(model, example_inputs=inputs, include=["fc_2"])
+    with pytest.raises(ValueError, match="exclude='nothing'"):
+        sparsec.compile(model, example_inputs=inputs, exclude=["nothing"])
+
+
+def test_edited_plan_is_applied_exactly():
+    model, inputs = load_example("cnn").build_model()
+    plan = sparsec.explain(model, example_inputs=inputs)
+    data = json.loads(plan.to_json())
+    for entry in data["layers"]:
+        if entry["name"] == "head":
+            entry["sparsity"], entry["quant"] = "fanin:0.5", "int8"
+        if entry["name"] == "stage1.0.0":
+            entry["sparsity"] = "1:4"
+        if entry["name"] == "stage2.1.0":
+            entry["sparsity"] = None
+    edited = sparsec.Plan.from_json(json.dumps(data))
+    cm = sparsec.compile(model, example_inputs=inputs, plan=edited)
+    for lp in edited:
+        got = cm.plan[lp.name]
+        assert (got.sparsity, got.quant) == (lp.sparsity, lp.quant)
+    assert "set by the given plan" in cm.plan["head"].reason
+    assert output_error(cm(*inputs), pruned_model(model, edited)(*inputs)) <= 1e-5
+    # applying a compiled model's own plan reproduces it
+    again = sparsec.compile(model, example_inputs=inputs, plan=sparsec.Plan.from_json(cm.plan.to_json()))
+    assert again.plan == cm.plan
+    assert torch.equal(again(*inputs), cm(*inputs))
+
+
+def test_plan_that_cannot_be_applied_is_an_error():
+    model, inputs = load_example("cnn").build_model()
+    plan = sparsec.explain(model, example_inputs=inputs)
+    bad = copy.deepcopy(plan)
+    bad["stem.0"].sparsity = "2:4"  # K = 27
+    with pytest.raises(ValueError, match="stem.0.*not a multiple of M=4"):
+        sparsec.compile(model, example_inputs=inputs, plan=bad)
+    bad = copy.deepcopy(plan)
+    bad.layers[0].name = "stemm.0"
+    with pytest.raises(ValueError, match="'stemm.0', which this model does not have; close names: stem.0"):
+        sparsec.compile(model, example_inputs=inputs, plan=bad)
+    bad = copy.deepcopy(plan)
+    bad["head"].quant = "int8"
+    with pytest.raises(ValueError, match="quantizes sparse layers only"):
+        sparsec.compile(model, example_inputs=inputs, plan=bad)
+    with pytest.raises(ValueError, match="not both"):
+        sparsec.compile(model, example_inputs=inputs, plan=plan, include=["head"])
+
+
+def test_quantize_auto_refuses_layers_with_outliers():
+    model, inputs = load_example("mlp").build_model()
+    with torch.no_grad():
+        model.fc3.weight[:, 0] = 50.0  # one huge weight per row: int8 steps swamp the rest
+    cm = sparsec.compile(model, example_inputs=inputs, quantize="auto")
+    assert cm.plan["fc2"].quant == "int8" and "within budget 2%" in cm.plan["fc2"].reason
+    # the outlier dominates the norm (small Frobenius error) but most other weights flush to zero
+    assert cm.plan["fc3"].quant is None and "stays float32" in cm.plan["fc3"].reason
+    flushed = float(cm.plan["fc3"].reason.split("% of kept weights flushed")[0].split(", ")[-1])
+    assert flushed > 50
+    assert output_error(cm(*inputs), pruned_model(model, cm.plan)(*inputs)) <= 1e-5
+    strict = sparsec.explain(model, example_inputs=inputs, quantize="auto", quant_budget=1e-4)
+    assert not any(lp.quant for lp in strict)
+
+
+class Functional(nn.Module):
+    """Layers in functional form: F.linear on parameters, x @ W, a module called twice, tied weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(32, 64)
+        self.w = nn.Parameter(torch.randn(64, 64) / 8)
+        self.b = nn.Parameter(torch.randn(64))
+        self.proj = nn.Parameter(torch.randn(64, 128) / 8)   # used as x @ proj: K = 64 rows
+        self.shared = nn.Linear(128, 128)
+        self.tied_a = nn.Linear(128, 128)
+        self.tied_b = nn.Linear(128, 128)
+        self.tied_b.weight = self.tied_a.weight
+        self.out = nn.Linear(128, 8)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        h = torch.relu(F.linear(h, self.w, self.b))
+        h = h @ self.proj
+        h = self.shared(torch.relu(self.shared(h)))
+        h = self.tied_b(self.tied_a(h))
+        return self.out(h)
+
+
+def test_functional_layers_shared_and_tied_weights():
+    torch.manual_seed(0)
+    model, x = Functional(), torch.randn(3, 32)
+    cm = sparsec.compile(model, example_inputs=(x,))
+    plan = cm.plan
+    assert plan["w"].op == "linear" and plan["w"].sparsity == "2:4"
+    assert plan["proj"].op == "matmul" and plan["proj"].weight_shape == (64, 128) and plan["proj"].sparsity == "2:4"
+    assert plan["shared"].sparsity == "2:4"  # one layer, two call sites
+    for name in ["tied_a", "tied_b"]:
+        assert plan[name].sparsity is None and "tied" in plan[name].reason
+    # matmul weight [K, N]: groups run down the columns (along K)
+    mask = cm.mask("proj")
+    assert mask.shape == (64, 128) and (mask.t().reshape(128, -1, 4).sum(-1) == 2).all()
+
+    def weight_of(ref, name):
+        return getattr(ref, name) if name in ("w", "proj") else ref.get_submodule(name).weight
+
+    assert output_error(cm(x), pruned_model(model, plan, weight_of)(x)) <= 1e-5
+    assert sum(1 for n in cm.graph_module.graph.nodes if n.op == "call_module" and n.target == "shared") == 2
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_other_float_dtypes(dtype, tol):
+    model, inputs = load_example("mlp").build_model()
+    model, inputs = model.to(dtype), tuple(t.to(dtype) for t in inputs)
+    cm = sparsec.compile(model, example_inputs=inputs, quantize="int8")
+    assert cm.sparse_module("fc2").packed.values.dtype == torch.int8
+    out = cm(*inputs)
+    assert out.dtype == dtype
+    assert output_error(out.double(), pruned_model(model, cm.plan)(*inputs).double()) <= tol
+
+
+@pytest.mark.parametrize("conv_kwargs", [
+    dict(kernel_size=3, padding=1),
+    dict(kernel_size=3, stride=2, padding=2, dilation=2),
+    dict(kernel_size=1, groups=4),
+    dict(kernel_size=3, padding=1, padding_mode="reflect"),
+    dict(kernel_size=3, padding=1, padding_mode="circular", bias=False),
+    dict(kernel_size=(3, 1), padding="same", padding_mode="replicate"),
+    dict(kernel_size=2, padding="valid", stride=(2, 1)),
+])
+def test_conv2d_variants(conv_kwargs):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 32, **conv_kwargs)
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.ReLU(), conv, nn.ReLU(), nn.Conv2d(32, 4, 1))
+    x = torch.randn(2, 3, 9, 10)
+    cm = sparsec.compile(model, example_inputs=(x,), min_weights=0)
+    assert cm.plan["2"].sparsity == "2:4", cm.plan["2"].reason
+    assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+
+
+def test_batch_one_and_other_batch_sizes_after_compile():
+    model, (x,) = load_example("mlp").build_model()
+    cm = sparsec.compile(model, example_inputs=(x,))
+    ref = pruned_model(model, cm.plan)
+    for batch in (1, 3, 64):
+        xb = torch.randn(batch, 256)
+        assert output_error(cm(xb), ref(xb)) <= 1e-5
+
+
+def test_training_mode_model_keeps_batchnorm_statistics():
+    model, inputs = load_example("cnn").build_model()
+    model.train()
+    before = _state(model)
+    cm = sparsec.compile(model, example_inputs=inputs)
+    after = {k: v for k, v in cm.graph_module.state_dict().items() if "running" in k}
+    assert after and all(torch.equal(v, before[k]) for k, v in after.items())

@@ -1,0 +1,152 @@
+"""Tracing: symbolic_trace, the torch.export fallback, leaf modules, and errors naming user code."""
+import pytest
+import torch
+import torch.nn as nn
+
+import sparsec
+from oracle import output_error, pruned_model
+from sparsec.errors import TraceError
+
+
+class Block(nn.Module):
+    def __init__(self, dim=64):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+    def forward(self, x):
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+class ShapeUnpacking(nn.Module):
+    """symbolic_trace cannot iterate a Proxy (B, T, C = x.shape) nor assign items on one."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(32, 64)
+        self.blocks = nn.Sequential(Block(), Block())
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        b, t, c = x.shape
+        h = self.blocks(self.inp(x))
+        h = h.reshape(b * t, -1).clone()
+        h[:, 0] = 0.0
+        return self.head(h)
+
+
+class DataDependent(nn.Module):
+    """Control flow on tensor values: neither tracer can capture it."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = Block()
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = x * 2
+        return self.block(x)
+
+
+class Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(64, 64)
+        self.weird = DataDependent()
+        self.mid = nn.Linear(64, 64)
+        self.out = nn.Linear(64, 8)
+
+    def forward(self, x):
+        return self.out(self.mid(self.weird(self.inp(x))))
+
+
+def test_export_fallback_names_layers_by_module_path():
+    torch.manual_seed(0)
+    model, x = ShapeUnpacking().eval(), torch.randn(2, 5, 32)
+    cm = sparsec.compile(model, example_inputs=(x,))
+    assert cm.trace_method == "torch.export"
+    assert any("symbolic_trace failed" in n and "item assignment" in n or "iter" in n for n in cm.plan.notes)
+    names = {lp.name for lp in cm.plan}
+    assert names == {"inp", "blocks.0.fc1", "blocks.0.fc2", "blocks.1.fc1", "blocks.1.fc2", "head"}
+    assert cm.plan["blocks.0.fc1"].sparsity == "2:4" and cm.plan["head"].sparsity is None
+    assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+    assert "sparse_blocks_0_fc1" in cm.graph_module.code and "# sparsec: blocks.0.fc1" in cm.graph_module.code
+
+
+def test_both_tracers_failing_names_the_calls_and_the_user_line():
+    with pytest.raises(TraceError) as err:
+        sparsec.compile(DataDependent(), example_inputs=(torch.randn(2, 64),))
+    text = str(err.value)
+    assert "torch.fx.symbolic_trace failed" in text and "torch.export.export(strict=False) failed" in text
+    assert "test_frontend.py" in text and "if x.sum() > 0:" in text
+    assert "leaf_modules" in text and "exclude" in text
+
+
+def test_untraceable_without_example_inputs_asks_for_them():
+    with pytest.raises(TraceError, match="needs example inputs: pass example_inputs"):
+        sparsec.compile(ShapeUnpacking())
+
+
+@pytest.mark.parametrize("remedy", [dict(leaf_modules=[DataDependent]), dict(leaf_modules=["weird"]),
+                                    dict(exclude=["weird"])])
+def test_leaf_or_excluded_module_makes_the_rest_compilable(remedy):
+    torch.manual_seed(0)
+    model, x = Outer().eval(), torch.randn(3, 64)
+    cm = sparsec.compile(model, example_inputs=(x,), min_weights=0, **remedy)
+    assert cm.trace_method == "symbolic_trace"
+    assert cm.plan["mid"].sparsity == "2:4"
+    inner = cm.plan["weird.block.fc1"]
+    assert inner.sparsity is None
+    assert ("excluded by exclude='weird'" if "exclude" in remedy else "called as a whole") in inner.reason
+    assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+    assert torch.equal(cm.effective_weight("weird.block.fc1"), model.weird.block.fc1.weight)
+
+
+def test_builtin_transformer_layers_are_traced_into():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.TransformerEncoderLayer(64, 4, 128, batch_first=True), nn.Linear(64, 8))
+    model.eval()
+    x = torch.randn(2, 7, 64)
+    cm = sparsec.compile(model, example_inputs=(x,), min_weights=0)
+    # nn.MultiheadAttention's Python is not symbolically traceable: torch.export sees its ops
+    assert cm.trace_method == "torch.export"
+    for name in ["1.self_attn.in_proj_weight", "1.self_attn.out_proj", "1.linear1", "1.linear2"]:
+        assert cm.plan[name].sparsity == "2:4", cm.plan[name].reason
+
+    def weight_of(ref, name):
+        return ref.get_parameter(name) if name.endswith("in_proj_weight") else ref.get_submodule(name).weight
+
+    assert output_error(cm(x), pruned_model(model, cm.plan, weight_of)(x)) <= 1e-5
+
+
+def test_leaf_builtin_reports_its_layers():
+    model = nn.Sequential(nn.Linear(64, 64), nn.TransformerEncoderLayer(64, 4, 128, batch_first=True), nn.Linear(64, 8))
+    cm = sparsec.compile(model.eval(), example_inputs=(torch.randn(2, 7, 64),), leaf_modules=[nn.TransformerEncoderLayer])
+    assert cm.trace_method == "symbolic_trace"
+    out_proj = cm.plan["1.self_attn.out_proj"]
+    assert out_proj.sparsity is None and "not traced into" in out_proj.reason
+
+
+def test_export_graph_rewrites_functional_conv():
+    class Conv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 16, 3), nn.Conv2d(16, 16, 3, padding=1, groups=2), nn.Conv2d(16, 4, 1)
+
+        def forward(self, x):
+            y = self.c(torch.relu(self.b(torch.relu(self.a(x))))).clone()
+            y[:, 0] = 0.0  # item assignment on a Proxy: symbolic_trace fails
+            return y
+
+    torch.manual_seed(0)
+    model, x = Conv().eval(), torch.randn(2, 3, 10, 10)
+    cm = sparsec.compile(model, example_inputs=(x,), min_weights=0)
+    assert cm.trace_method == "torch.export"
+    assert cm.plan["b"].sparsity == "2:4" and cm.plan["b"].op == "conv2d"
+    assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+
+
+def test_export_traced_model_refuses_other_shapes_clearly():
+    model = ShapeUnpacking().eval()
+    cm = sparsec.compile(model, example_inputs=(torch.randn(2, 5, 32),))
+    with pytest.raises(ValueError, match=r"specialises the graph to the example inputs' shapes \[\(2, 5, 32\)\]"):
+        cm(torch.randn(3, 5, 32))
