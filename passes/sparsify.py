@@ -16,6 +16,9 @@ from sparsec.meta import LayerInfo, get_meta, layer_nodes
 from sparsec.patterns import parse_pattern
 from sparsec.reference import weight_to_rows
 from sparsec.runtime import PackedWeight, SparseConv2d, SparseLayer, SparseLinear
+from sparsec.runtime.cusparselt_linear import CusparseltLinear
+from sparsec.runtime.packed import DensePacked
+from sparsec.runtime.triton_linear import TritonSparseLinear
 
 
 def _set_submodule(gm: fx.GraphModule, path: str, module: torch.nn.Module) -> None:
@@ -30,15 +33,25 @@ def _delete_attr(gm: fx.GraphModule, path: str) -> None:
         delattr(owner, attr)
 
 
+# decision.backend -> the module class running a linear / matmul layer (conv2d always runs SparseConv2d)
+LINEAR_MODULES = {None: SparseLinear, "torch": SparseLinear, "dense": SparseLinear,
+                  "triton": TritonSparseLinear, "cusparselt": CusparseltLinear}
+
+
 def build_runtime_module(gm: fx.GraphModule, ctx: CompileContext, layer: LayerInfo, decision) -> SparseLayer:
     pattern = parse_pattern(decision.sparsity)
     weight = gm.get_parameter(layer.weight_path).detach()
     rows = weight_to_rows(weight, layer.op)
-    packed = PackedWeight.pack(rows, ctx.mask_for(layer.name, rows, pattern), pattern, decision.quant)
+    mask = ctx.mask_for(layer.name, rows, pattern)
+    if decision.backend == "dense":  # measured faster than any sparse kernel at the compiled shape
+        packed = DensePacked.pack(rows, mask, pattern, decision.quant)
+    else:
+        packed = PackedWeight.pack(rows, mask, pattern, decision.quant)
     bias = gm.get_parameter(layer.bias_path) if layer.bias_path else None
     if layer.op == "conv2d":
         return SparseConv2d(packed, bias, layer.weight_shape, layer.name, decision.sparsity, decision.reason, layer.conv)
-    return SparseLinear(packed, bias, layer.op, layer.weight_shape, layer.name, decision.sparsity, decision.reason)
+    cls = LINEAR_MODULES[decision.backend]
+    return cls(packed, bias, layer.op, layer.weight_shape, layer.name, decision.sparsity, decision.reason)
 
 
 def _data_input(node: fx.Node) -> fx.Node:

@@ -33,7 +33,7 @@ def _run(model: nn.Module, example_inputs: Any, options: CompileOptions):
 def compile(model: nn.Module, pattern: str = "2:4", example_inputs: Any = None, *, quantize: str | None = None,
             include: Sequence[str] | None = None, exclude: Sequence[str] | None = None, plan: Plan | None = None,
             min_weights: int = DEFAULT_MIN_WEIGHTS, quant_budget: float = DEFAULT_QUANT_BUDGET,
-            leaf_modules: Sequence[Any] | None = None) -> CompiledModel:
+            leaf_modules: Sequence[Any] | None = None, backend: str = "auto") -> CompiledModel:
     """Trace `model`, decide per layer, rewrite chosen layers to packed sparse modules.
 
     pattern: "N:M" (e.g. "2:4"), "fanin:S" (e.g. "fanin:0.9") or "dense" (plan only).
@@ -46,8 +46,15 @@ def compile(model: nn.Module, pattern: str = "2:4", example_inputs: Any = None, 
     plan: an (edited) Plan to apply exactly instead of the default policy.
     min_weights: layers with fewer weights stay dense unless included.
     leaf_modules: module classes or names symbolic_trace must not trace into.
+    backend: "auto" (CPU: torch; CUDA: per layer, the fastest of Triton / cuSPARSELt / dense, measured),
+        "triton" (generated fused 2:4 kernels; CUDA, or CPU under TRITON_INTERPRET=1) or "torch".
     """
-    options = CompileOptions.from_user(pattern, quantize, include, exclude, plan, min_weights, quant_budget, leaf_modules)
+    options = CompileOptions.from_user(pattern, quantize, include, exclude, plan, min_weights, quant_budget, leaf_modules,
+                                       backend)
+    return compile_with_options(model, example_inputs, options)
+
+
+def compile_with_options(model: nn.Module, example_inputs: Any, options: CompileOptions) -> CompiledModel:
     gm, ctx, history = _run(model, example_inputs, options)
     dense = {}
     for lp in ctx.plan:
@@ -55,7 +62,9 @@ def compile(model: nn.Module, pattern: str = "2:4", example_inputs: Any = None, 
             path = _dense_weight_path(gm, ctx, lp.name)
             if path is not None:
                 dense[lp.name] = (path, lp.op)
-    return CompiledModel(gm, ctx.plan, history, ctx.counters, dense, ctx.trace_method)
+    cm = CompiledModel(gm, ctx.plan, history, ctx.counters, dense, ctx.trace_method)
+    cm.kernels, cm.kernel_manifest = dict(ctx.kernels), dict(ctx.kernel_manifest)
+    return cm
 
 
 def _dense_weight_path(gm, ctx: CompileContext, name: str) -> str | None:
@@ -73,9 +82,9 @@ def _dense_weight_path(gm, ctx: CompileContext, name: str) -> str | None:
 def explain(model: nn.Module, pattern: str = "2:4", example_inputs: Any = None, *, quantize: str | None = None,
             include: Sequence[str] | None = None, exclude: Sequence[str] | None = None, plan: Plan | None = None,
             min_weights: int = DEFAULT_MIN_WEIGHTS, quant_budget: float = DEFAULT_QUANT_BUDGET,
-            leaf_modules: Sequence[Any] | None = None) -> Plan:
+            leaf_modules: Sequence[Any] | None = None, backend: str = "auto") -> Plan:
     """The plan `compile` would apply, without rewriting anything; the model is untouched."""
     options = CompileOptions.from_user(pattern, quantize, include, exclude, plan, min_weights, quant_budget,
-                                       leaf_modules, rewrite=False)
+                                       leaf_modules, backend, rewrite=False)
     _, ctx, _ = _run(model, example_inputs, options)
     return ctx.plan

@@ -1,10 +1,13 @@
 """The `sparsec` command (also `python -m sparsec`).
 
     sparsec inspect FILE.py[:FUNC] --pattern 2:4 [--json] [--quantize int8|auto] [--include NAME ...] [--exclude NAME ...]
+    sparsec dump-kernels FILE.py[:FUNC] --pattern 2:4 -o DIR [--quantize int8]
 
 FUNC (default: build_model) is a function in FILE.py taking no arguments and returning either a
 model or (model, example_inputs). `inspect` prints the plan and the transformed graph; with --json
 it prints only the plan as JSON (pipe it to a file, edit it, pass it back with --plan).
+`dump-kernels` generates the Triton kernels the model's 2:4 layers get (no GPU needed: kernels are
+written, not run) and writes each as an importable DIR/<kernel>.py plus DIR/manifest.json.
 """
 from __future__ import annotations
 
@@ -67,18 +70,50 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dump_kernels(args: argparse.Namespace) -> int:
+    import json
+
+    from sparsec.api import compile_with_options
+    from sparsec.context import CompileOptions
+
+    model, inputs = load_target(args.target)
+    options = CompileOptions.from_user(args.pattern, args.quantize, args.include, args.exclude, backend="triton",
+                                       emit_only=True)
+    cm = compile_with_options(model, inputs, options)
+    os.makedirs(args.output, exist_ok=True)
+    for name, source in sorted(cm.kernels.items()):
+        with open(os.path.join(args.output, f"{name}.py"), "w", encoding="utf-8") as f:
+            f.write(source)
+    manifest = {"pattern": args.pattern, "kernels": cm.kernel_manifest,
+                "layers_without_kernel": {lp.name: lp.reason for lp in cm.plan if lp.sparsity and lp.backend != "triton"}}
+    with open(os.path.join(args.output, "manifest.json"), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+    print(f"wrote {len(cm.kernels)} kernel{'s' if len(cm.kernels) != 1 else ''} and manifest.json to {args.output}")
+    for name, entry in sorted(cm.kernel_manifest.items()):
+        print(f"  {name}.py: {', '.join(layer['name'] for layer in entry['layers'])} [{', '.join(entry['fused_ops']) or 'no epilogue'}]")
+    return 0
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", help=f"FILE.py[:FUNC]; FUNC (default {DEFAULT_FUNC}) returns a model or (model, example_inputs)")
+    parser.add_argument("--pattern", default="2:4", help='"N:M" (e.g. 2:4), "fanin:S" (e.g. fanin:0.9) or "dense"')
+    parser.add_argument("--quantize", choices=["int8", "auto"], default=None)
+    parser.add_argument("--include", nargs="*", default=None, metavar="NAME", help="module names / regexes forced sparse")
+    parser.add_argument("--exclude", nargs="*", default=None, metavar="NAME", help="module names / regexes kept dense")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsec", description="graph-level compiler for sparse PyTorch models")
     sub = parser.add_subparsers(dest="command", required=True)
     inspect = sub.add_parser("inspect", help="print the plan and the transformed graph of a model")
-    inspect.add_argument("target", help=f"FILE.py[:FUNC]; FUNC (default {DEFAULT_FUNC}) returns a model or (model, example_inputs)")
-    inspect.add_argument("--pattern", default="2:4", help='"N:M" (e.g. 2:4), "fanin:S" (e.g. fanin:0.9) or "dense"')
-    inspect.add_argument("--quantize", choices=["int8", "auto"], default=None)
-    inspect.add_argument("--include", nargs="*", default=None, metavar="NAME", help="module names / regexes forced sparse")
-    inspect.add_argument("--exclude", nargs="*", default=None, metavar="NAME", help="module names / regexes kept dense")
+    _add_model_options(inspect)
     inspect.add_argument("--plan", default=None, metavar="PLAN.json", help="apply this (edited) plan exactly")
     inspect.add_argument("--json", action="store_true", help="print only the plan, as JSON")
     inspect.set_defaults(run=_inspect)
+    dump = sub.add_parser("dump-kernels", help="write the generated Triton kernels and a manifest to a folder")
+    _add_model_options(dump)
+    dump.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for <kernel>.py files and manifest.json")
+    dump.set_defaults(run=_dump_kernels)
     return parser
 
 

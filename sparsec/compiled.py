@@ -25,7 +25,8 @@ class CompiledModel(nn.Module):
         self.plan = plan
         self.history = history
         self.counters = collections.Counter(counters)
-        self.kernels: dict[str, str] = {}
+        self.kernels: dict[str, str] = {}              # kernel name -> Triton source
+        self.kernel_manifest: dict[str, dict] = {}     # kernel name -> layers, shapes, dtypes, fused ops, launch config
         self.trace_method = trace_method
         self._dense_weights = dense_weights  # layer name -> (attribute path in graph_module, op)
 

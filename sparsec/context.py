@@ -26,6 +26,7 @@ DEFAULT_MIN_WEIGHTS = 1024
 DEFAULT_QUANT_BUDGET = 0.02
 
 QUANTIZE_CHOICES = (None, "int8", "auto")
+BACKEND_OPTIONS = ("auto", "triton", "torch")
 
 
 @dataclass(frozen=True)
@@ -38,14 +39,18 @@ class CompileOptions:
     min_weights: int = DEFAULT_MIN_WEIGHTS
     quant_budget: float = DEFAULT_QUANT_BUDGET
     leaf_modules: tuple[Any, ...] = ()       # module types or names symbolic_trace must not enter
+    backend: str = "auto"                    # "auto" | "triton" | "torch" (passes/backend.py)
     rewrite: bool = True                     # False: analysis only (explain)
+    emit_only: bool = False                  # generate kernels without a device to run them (kernel dumps)
 
     @classmethod
     def from_user(cls, pattern: object, quantize: object = None, include: object = None, exclude: object = None,
                   plan: object = None, min_weights: object = DEFAULT_MIN_WEIGHTS,
                   quant_budget: object = DEFAULT_QUANT_BUDGET, leaf_modules: object = None,
-                  rewrite: bool = True) -> CompileOptions:
+                  backend: object = "auto", rewrite: bool = True, emit_only: bool = False) -> CompileOptions:
         """Validate user arguments up front, so errors name the argument, not a pass."""
+        if backend not in BACKEND_OPTIONS:
+            raise InvalidInputError(f"backend={backend!r} is not supported; accepted: {BACKEND_OPTIONS}")
         if quantize not in QUANTIZE_CHOICES:
             raise InvalidInputError(f"quantize={quantize!r} is not supported; accepted: {QUANTIZE_CHOICES}")
         if plan is not None and not isinstance(plan, Plan):
@@ -62,7 +67,7 @@ class CompileOptions:
         return cls(pattern=parse_pattern(pattern if plan is None or pattern is not None else plan.pattern),
                    quantize=quantize, include=_names("include", include), exclude=_names("exclude", exclude),
                    plan=plan, min_weights=min_weights, quant_budget=float(quant_budget),
-                   leaf_modules=tuple(leaf_modules or ()), rewrite=rewrite)
+                   leaf_modules=tuple(leaf_modules or ()), backend=backend, rewrite=rewrite, emit_only=emit_only)
 
 
 def _names(arg: str, value: object) -> tuple[str, ...]:
@@ -85,6 +90,8 @@ class CompileContext:
     notes: list[str] = field(default_factory=list)
     counters: collections.Counter = field(default_factory=collections.Counter)
     masks: dict[str, torch.Tensor] = field(default_factory=dict)   # layer name -> [out, K] mask, computed once
+    kernels: dict[str, str] = field(default_factory=dict)          # generated kernel name -> source
+    kernel_manifest: dict[str, dict] = field(default_factory=dict) # kernel name -> layers, shapes, config
     unreached: dict[str, UnreachedLayer] = field(default_factory=dict)  # Linear/Conv2d the graph does not run
 
     def mask_for(self, name: str, rows: torch.Tensor, pattern: Pattern) -> torch.Tensor:

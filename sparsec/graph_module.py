@@ -19,6 +19,8 @@ def annotation(node: fx.Node) -> str | None:
     if d is None:
         return f"# sparsec: {meta.layer.name} ({meta.layer.op})"
     parts = [d.sparsity or "dense"] + ([d.quant] if d.quant else []) + ([f"grad {d.grad_sparsity}"] if d.grad_sparsity else [])
+    parts += [f"fused {'+'.join(meta.fused)}"] if meta.fused else []
+    parts += [f"kernel {meta.kernel}"] if meta.kernel else []
     reason = d.reason.removeprefix("kept dense: ")
     return f"# sparsec: {meta.layer.name} ({meta.layer.op}) -> {', '.join(parts)}: {reason}"
 

@@ -46,6 +46,7 @@ class Decision:
     quant: str | None           # None | "int8"
     grad_sparsity: str | None
     reason: str
+    backend: str | None = None  # sparse layers: "torch" | "triton" | "cusparselt" | "dense"
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,8 @@ class SparsecMeta:
     layer: LayerInfo | None = None
     blocker: str | None = None               # why the layer cannot take the pattern (None: it can)
     decision: Decision | None = None
+    fused: tuple[str, ...] = ()              # ops a rewrite folded into this node's kernel epilogue
+    kernel: str | None = None                # generated kernel this node runs
 
 
 def get_meta(node: fx.Node) -> SparsecMeta:

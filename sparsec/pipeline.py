@@ -17,8 +17,11 @@ import torch.fx as fx
 
 from sparsec.context import CompileContext
 from sparsec.errors import PassError, SparsecError
+from sparsec.passes.backend import choose_backend
 from sparsec.passes.candidates import find_candidates
 from sparsec.passes.eligibility import check_eligibility
+from sparsec.passes.emit_kernels import emit_kernels
+from sparsec.passes.fusion import fuse_epilogues
 from sparsec.passes.plan_builder import build_plan
 from sparsec.passes.quantization import choose_quantization
 from sparsec.passes.selection import choose_sparsity
@@ -34,11 +37,14 @@ ANALYSIS_PASSES: list[Pass] = [
     check_eligibility,     # dtype, NaN/Inf, shared weights
     choose_sparsity,       # pattern per layer: policy, include/exclude, or the given plan
     choose_quantization,   # int8 or not, with the measured error
+    choose_backend,        # torch / triton / cuSPARSELt / dense per sparse layer (measured on CUDA)
     build_plan,            # collect decisions into ctx.plan
 ]
 
 REWRITE_PASSES: list[Pass] = [
     sparsify_layers,       # chosen layers -> packed runtime modules
+    fuse_epilogues,        # bias / activation / scale / cast after a Triton layer -> its epilogue
+    emit_kernels,          # one Triton kernel per distinct fused chain, through the kernel cache
 ]
 
 

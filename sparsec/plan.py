@@ -17,6 +17,7 @@ from sparsec.patterns import NM, FanIn, parse_pattern
 PLAN_FORMAT = "sparsec.plan"
 PLAN_VERSION = 1
 QUANT_CHOICES = (None, "int8")
+BACKEND_CHOICES = (None, "torch", "triton", "cusparselt", "dense")
 
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 
@@ -37,6 +38,7 @@ class LayerPlan:
     reason: str                        # why chosen, or why not
     dtype: str | None = None           # weight dtype ("float32", ...), for byte counts
     flops: int | None = None           # dense FLOPs of the layer at the example inputs
+    backend: str | None = None         # what runs a sparse layer: "torch" | "triton" | "cusparselt" | "dense"
 
     def __post_init__(self) -> None:
         self.weight_shape = tuple(int(d) for d in self.weight_shape)
@@ -216,6 +218,8 @@ class Plan:
                         raise InvalidInputError(f"plan layer {lp.name!r}: {what} 'dense' is spelled None in a plan")
             if lp.quant not in QUANT_CHOICES:
                 raise InvalidInputError(f"plan layer {lp.name!r}: quant {lp.quant!r} not in {QUANT_CHOICES}")
+            if lp.backend not in BACKEND_CHOICES:
+                raise InvalidInputError(f"plan layer {lp.name!r}: backend {lp.backend!r} not in {BACKEND_CHOICES}")
 
 
 def _fmt_bytes(n: float) -> str:

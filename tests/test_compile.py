@@ -82,9 +82,10 @@ def test_graph_is_annotated_and_history_kept():
     assert "# sparsec: fc1 (linear) -> dense: first layer" in code
     names = [r.name for r in cm.history]
     assert names == ["propagate_shapes", "find_candidates", "check_eligibility", "choose_sparsity",
-                     "choose_quantization", "build_plan", "sparsify_layers"]
+                     "choose_quantization", "choose_backend", "build_plan", "sparsify_layers", "fuse_epilogues",
+                     "emit_kernels"]
     assert all(r.seconds >= 0 and "def forward" in r.code for r in cm.history)
-    assert "after sparsify_layers (rewrite pass" in str(cm.history[-1])
+    assert "after sparsify_layers (rewrite pass" in str(cm.history[names.index("sparsify_layers")])
     assert isinstance(cm.graph_module, torch.fx.GraphModule)
     assert cm.kernels == {}
 

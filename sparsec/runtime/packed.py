@@ -110,3 +110,33 @@ class FanInPacked(PackedWeight):
 
     def extra_repr(self) -> str:
         return f"fan-in k={self.k}, out={self.out_features}, K={self.reduction}, values={self.values.dtype}" + (", int8 scales" if self.quant else "")
+
+
+class DensePacked(PackedWeight):
+    """The pruned (and dequantized) weight kept dense, with its mask: what backend "dense" runs when
+    measurement shows a sparse kernel would be slower than a dense GEMM at the compiled shape."""
+
+    def __init__(self, rows: torch.Tensor, mask: torch.Tensor, quant: str | None):
+        super().__init__(rows, None, rows.shape[0], rows.shape[1], rows.dtype)
+        self.register_buffer("stored_mask", mask)
+        self.dense_of_quant = quant  # int8 already applied to the stored values (fake-quantized)
+
+    @classmethod
+    def pack(cls, rows, mask, pattern, quant) -> DensePacked:
+        pruned = rows.detach() * mask
+        if quant == "int8":
+            pruned = ref.fake_quant_int8(pruned)
+        return cls(pruned.contiguous(), mask.contiguous(), quant)
+
+    @property
+    def quant(self) -> str | None:
+        return self.dense_of_quant
+
+    def rows(self, dtype=None) -> torch.Tensor:
+        return self.values if dtype is None or dtype == self.values.dtype else self.values.to(dtype)
+
+    def mask(self) -> torch.Tensor:
+        return self.stored_mask
+
+    def extra_repr(self) -> str:
+        return f"dense pruned weight, out={self.out_features}, K={self.reduction}"

@@ -1,0 +1,116 @@
+"""Content-hashed kernel cache: generated Triton sources as importable files.
+
+Triton's `@jit` reads a kernel's source with `inspect`, so a generated kernel has to live in a file
+before it can run; the cache is that file store. An entry's key hashes the source together with the
+sparsec / torch / triton versions and the device arch, so a change to any of them is a new entry.
+
+Each file starts with `# sparsec-cache sha256=<hash of the rest>`; a file whose body does not match
+(truncated, edited, half-copied) is rebuilt, never trusted. Writes go to a temp file in the same
+folder and are renamed into place atomically, so two processes compiling at once never see a
+half-written file. Location: $SPARSEC_CACHE_DIR, default ~/.cache/sparsec.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import importlib.util
+import os
+import sys
+import tempfile
+import threading
+from types import ModuleType
+
+import torch
+
+HEADER_PREFIX = "# sparsec-cache sha256="
+
+
+def default_root() -> str:
+    return os.environ.get("SPARSEC_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "sparsec")
+
+
+def device_arch() -> str:
+    """What the kernels will be built for: 'sm_90' on an H100, 'interpreter' under TRITON_INTERPRET=1, else 'cpu'."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "interpreter"
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        return f"sm_{major}{minor}"
+    return "cpu"
+
+
+def versions() -> str:
+    from sparsec import __version__
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    return f"sparsec={__version__} torch={torch.__version__} triton={triton_version}"
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class KernelCache:
+    """Files under `<root>/kernels/`, named `<kernel name>-<key prefix>.py`."""
+
+    _modules: dict[str, ModuleType] = {}      # process-wide: key -> imported module
+    _lock = threading.Lock()
+
+    def __init__(self, root: str | None = None):
+        self.root = root or default_root()
+        self.counters: collections.Counter = collections.Counter()
+
+    def key(self, source: str) -> str:
+        return _sha256(f"{versions()}\n{device_arch()}\n{source}")
+
+    def path(self, name: str, source: str) -> str:
+        return os.path.join(self.root, "kernels", f"{name}-{self.key(source)[:20]}.py")
+
+    def _valid(self, path: str, source: str) -> bool:
+        try:
+            with open(path, encoding="utf-8") as f:
+                first, _, body = f.read().partition("\n")
+        except (OSError, UnicodeDecodeError):
+            return False
+        return first == HEADER_PREFIX + _sha256(body) and body == source
+
+    def store(self, name: str, source: str) -> str:
+        """Make sure a valid file for `source` exists; return its path. Counts hit / written / corrupt."""
+        path = self.path(name, source)
+        if self._valid(path, source):
+            self.counters["hit"] += 1
+            return path
+        if os.path.exists(path):
+            self.counters["corrupt"] += 1  # present but wrong: rebuilt below
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".py")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(HEADER_PREFIX + _sha256(source) + "\n" + source)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        self.counters["written"] += 1
+        return path
+
+    def load(self, name: str, source: str) -> ModuleType:
+        """Import the kernel module for `source` (stored first if needed); one import per process."""
+        key = self.key(source)
+        with self._lock:
+            if key in self._modules:
+                return self._modules[key]
+            path = self.store(name, source)
+            module_name = f"sparsec_kernel_{name}_{key[:20]}"
+            spec = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = module  # triton resolves globals through the module
+            spec.loader.exec_module(module)
+            self._modules[key] = module
+            return module

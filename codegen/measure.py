@@ -1,0 +1,80 @@
+"""backend="auto" on CUDA: time each way to run a sparse layer at its compiled shape, keep the fastest.
+
+Candidates: the generated Triton kernel, torch's semi-structured GEMM (cuSPARSELt / CUTLASS), and a
+dense cuBLAS GEMM on the pruned weight. Medians of CUDA-event timings after warm-up.
+"""
+from __future__ import annotations
+
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from sparsec.patterns import parse_pattern
+from sparsec.reference import fake_quant_int8, weight_to_rows
+
+WARMUP, REPEATS = 5, 25
+DEFAULT_ROWS = 16  # when no example inputs give the real M
+
+
+def time_cuda(fn) -> float:
+    """Median seconds of fn() on the current CUDA stream."""
+    for _ in range(WARMUP):
+        fn()
+    times = []
+    for _ in range(REPEATS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return statistics.median(times)
+
+
+def candidates(gm, ctx, layer, decision, m: int, triton_problem: str | None) -> dict:
+    """name -> zero-argument callable computing the layer at M = m rows."""
+    from sparsec.codegen.builder import LayerUse, emit_matmul
+    from sparsec.codegen.spec import MatmulSpec
+    from sparsec.codegen.sparse24 import sparse24_matmul
+    from sparsec.runtime.cusparselt_linear import semi_structured_available
+    from sparsec.runtime.packed import NMPacked
+
+    weight = gm.get_parameter(layer.weight_path).detach()
+    bias = gm.get_parameter(layer.bias_path).detach() if layer.bias_path else None
+    rows = weight_to_rows(weight, layer.op)
+    mask = ctx.mask_for(layer.name, rows, parse_pattern(decision.sparsity))
+    dense = rows * mask
+    if decision.quant == "int8":
+        dense = fake_quant_int8(dense)
+    dense = dense.contiguous()
+    x = torch.randn(m, layer.reduction, device=weight.device, dtype=weight.dtype)
+    out = {"dense": lambda: F.linear(x, dense, bias)}
+    if triton_problem is None:
+        packed = NMPacked.pack(rows, mask, parse_pattern(decision.sparsity), decision.quant)
+        act = str(weight.dtype).removeprefix("torch.")
+        spec = MatmulSpec(act, "int8" if decision.quant == "int8" else act, bias is not None, None, False, act)
+        name, source = emit_matmul(spec, [LayerUse(layer.name, m, layer.out_features, layer.reduction)])
+        out["triton"] = lambda: sparse24_matmul(x, packed.values, packed.meta, packed.scales, bias, None, spec, name, source)
+    if semi_structured_available() and weight.dtype in (torch.float16, torch.bfloat16):
+        try:
+            semi = torch.sparse.to_sparse_semi_structured(dense)
+            F.linear(x, semi, bias)  # shapes the library refuses fail here, not while timing
+            out["cusparselt"] = lambda: F.linear(x, semi, bias)
+        except (RuntimeError, ValueError):
+            pass
+    return out
+
+
+def pick_fastest(gm, ctx, layer, decision, m: int | None, triton_problem: str | None) -> tuple[str, str]:
+    rows = m or DEFAULT_ROWS
+    times = {}
+    for name, fn in candidates(gm, ctx, layer, decision, rows, triton_problem).items():
+        try:
+            times[name] = time_cuda(fn)
+        except Exception:  # noqa: BLE001 - a candidate that cannot run simply is not chosen
+            continue
+    best = min(times, key=times.get)
+    shown = ", ".join(f"{k} {1e6 * v:.1f} us" for k, v in sorted(times.items(), key=lambda kv: kv[1]))
+    where = f"M={rows}" + ("" if m else " (no example inputs)")
+    return best, f"backend auto at {where}: {shown} -> {best} ({times['dense'] / times[best]:.2f}x dense)"

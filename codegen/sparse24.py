@@ -1,0 +1,98 @@
+"""Launchers for the generated 2:4 kernels: check inputs, allocate outputs, pick the grid, launch.
+
+Kernels run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (the test path).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sparsec.codegen.builder import emit_prune
+from sparsec.codegen.cache import KernelCache
+from sparsec.codegen.configs import interpreting, matmul_config, prune_config
+from sparsec.codegen.spec import MatmulSpec, PruneSpec
+from sparsec.errors import InvalidInputError
+
+
+def can_run_on(device: torch.device) -> bool:
+    return device.type == "cuda" or (device.type == "cpu" and interpreting())
+
+
+def require_runnable(device: torch.device) -> None:
+    if not can_run_on(device):
+        raise RuntimeError(
+            f"Triton kernels need a CUDA device, or TRITON_INTERPRET=1 to run on the CPU interpreter (slow; "
+            f"meant for tests); got a tensor on {device}. Compile with backend='torch' for plain-torch CPU execution")
+
+
+def _kernel(name: str, source: str, cache: KernelCache | None):
+    return getattr((cache or KernelCache()).load(name, source), name)
+
+
+def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, scales: torch.Tensor | None,
+                    bias: torch.Tensor | None, out_scale: torch.Tensor | None, spec: MatmulSpec, name: str, source: str,
+                    cache: KernelCache | None = None, config: dict | None = None) -> torch.Tensor:
+    """y[..., N] = epilogue(x[..., K] @ W^T) with W given as 2:4 values + metadata."""
+    require_runnable(x.device)
+    k = x.shape[-1]
+    n = values.shape[0]
+    if values.shape != (n, k // 2) or k % 4 or meta.shape != (n, math.ceil(k / 16)):
+        raise InvalidInputError(f"2:4 operands do not fit x[..., {k}]: values {tuple(values.shape)} (want [{n}, {k // 2}]), "
+                                f"meta {tuple(meta.shape)} (want [{n}, {math.ceil(k / 16)}])")
+    if str(x.dtype).removeprefix("torch.") != spec.act_dtype:
+        raise InvalidInputError(f"kernel {name} was generated for {spec.act_dtype} inputs, got {x.dtype}")
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    out_dtype = getattr(torch, spec.out_dtype)
+    y = torch.empty(m, n, dtype=out_dtype, device=x.device)
+    if m == 0:
+        return y.reshape(*x.shape[:-1], n)
+    cfg = dict(config or matmul_config(m, n, k, spec.act_dtype))
+    values, meta = values.contiguous(), meta.contiguous()
+    grid = (triton_cdiv(m, cfg["BLOCK_M"]) * triton_cdiv(n, cfg["BLOCK_N"]),)
+    unused = values  # pointer arguments the generated epilogue never reads
+    _kernel(name, source, cache)[grid](
+        x2, x2.stride(0), x2.stride(1),
+        values, values.stride(0), meta, meta.stride(0),
+        scales if scales is not None else unused, bias if bias is not None else unused,
+        out_scale if out_scale is not None else unused,
+        y, y.stride(0), y.stride(1),
+        m, n, k,
+        **cfg)
+    return y.reshape(*x.shape[:-1], n)
+
+
+_PRUNE = None
+
+
+def prune_kernel_source() -> tuple[str, str]:
+    global _PRUNE
+    if _PRUNE is None:
+        _PRUNE = emit_prune(PruneSpec())
+    return _PRUNE
+
+
+def prune24(x: torch.Tensor, cache: KernelCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Magnitude 2:4 along the last dim: (values [..., K/2], int16 meta [..., ceil(K/16)]), bit-exact with
+    `sparsec.reference.nm_compress_masked(x, nm_mask(x, 2, 4), 2, 4)` for finite inputs."""
+    require_runnable(x.device)
+    k = x.shape[-1]
+    if k % 4:
+        raise InvalidInputError(f"last dimension {k} is not a multiple of 4")
+    x2 = x.reshape(-1, k)
+    r = x2.shape[0]
+    values = torch.empty(r, k // 2, dtype=x.dtype, device=x.device)
+    meta = torch.empty(r, math.ceil(k / 16), dtype=torch.int16, device=x.device)
+    if r:
+        cfg = prune_config(r, k)
+        grid = (triton_cdiv(r, cfg["BLOCK_R"]), triton_cdiv(meta.shape[1], cfg["BLOCK_W"]))
+        name, source = prune_kernel_source()
+        _kernel(name, source, cache)[grid](x2, x2.stride(0), x2.stride(1), values, values.stride(0), meta, meta.stride(0),
+                                           r, k, **cfg)
+    return values.reshape(*x.shape[:-1], k // 2), meta.reshape(*x.shape[:-1], meta.shape[1])
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+

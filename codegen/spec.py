@@ -1,0 +1,61 @@
+"""What a generated kernel computes: small frozen records the builder turns into source."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh", "silu")
+ACT_DTYPES = ("float16", "bfloat16", "float32")
+_SHORT = {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "int8": "i8"}
+
+
+@dataclass(frozen=True)
+class MatmulSpec:
+    """y = epilogue(x @ W^T) with W 2:4-compressed along K.
+
+    act_dtype: dtype of x (and of the dot's inputs); weight_dtype: act_dtype, or "int8" with fp32
+    per-output-channel scales; then + bias, activation, * out_scale (a per-channel vector that
+    followed the layer in the graph), cast to out_dtype.
+    """
+    act_dtype: str
+    weight_dtype: str
+    bias: bool
+    activation: str | None
+    out_scale: bool
+    out_dtype: str
+
+    def __post_init__(self):
+        if self.act_dtype not in ACT_DTYPES:
+            raise ValueError(f"act_dtype {self.act_dtype!r} not in {ACT_DTYPES}")
+        if self.weight_dtype not in (self.act_dtype, "int8"):
+            raise ValueError(f"weight_dtype {self.weight_dtype!r} must be {self.act_dtype!r} or 'int8'")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation {self.activation!r} not in {ACTIVATIONS}")
+
+    def epilogue_ops(self) -> list[str]:
+        ops = ["dequant"] if self.weight_dtype == "int8" else []
+        ops += ["bias"] if self.bias else []
+        ops += [self.activation] if self.activation else []
+        ops += ["scale"] if self.out_scale else []
+        if self.out_dtype != self.act_dtype:
+            ops.append(f"cast:{self.out_dtype}")
+        return ops
+
+    def short_name(self) -> str:
+        parts = ["sparse24_mm", _SHORT[self.act_dtype]] + (["w8"] if self.weight_dtype == "int8" else [])
+        parts += [op.replace("cast:", "to_").replace("float", "f") for op in self.epilogue_ops() if op != "dequant"]
+        return "_".join(parts)
+
+    def describe(self) -> str:
+        return (f"x {self.act_dtype}, W 2:4 {self.weight_dtype}, epilogue [{', '.join(self.epilogue_ops()) or 'none'}], "
+                f"out {self.out_dtype}")
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """Dense [R, K] -> 2:4 values [R, K/2] + int16 nibble metadata; Triton specialises on the dtype."""
+
+    def short_name(self) -> str:
+        return "prune24"
+
+    def describe(self) -> str:
+        return "magnitude 2:4 along the last dimension, ties to the lower index"

@@ -1,0 +1,97 @@
+"""Analysis: choose what runs each sparse layer, and record why.
+
+backend="torch"   plain-torch runtime everywhere (CPU default).
+backend="triton"  the generated fused 2:4 kernel for every layer it covers (2:4, linear / matmul,
+                  float16 / bfloat16 / float32 weights); other sparse layers stay on torch, with the
+                  reason. Needs CUDA, or TRITON_INTERPRET=1 for the CPU interpreter.
+backend="auto"    on CPU: torch. On CUDA: per layer, time the Triton kernel, cuSPARSELt (when this
+                  torch has it) and a dense GEMM on the pruned weight at the compiled shape, and take
+                  the fastest, so a compiled layer is never slower than dense where it was compiled.
+With a given plan, its `backend` entries are applied as they are.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.fx as fx
+
+from sparsec.context import CompileContext
+from sparsec.errors import InvalidInputError
+from sparsec.meta import LayerInfo, get_meta, layer_nodes, update_meta
+from sparsec.plan import dtype_name
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TRITON_NOTE = "runs a fused Triton kernel"
+
+
+def triton_blocker(layer: LayerInfo, sparsity: str, device: torch.device) -> str | None:
+    """Why the generated kernel cannot run this layer (None: it can)."""
+    from sparsec.codegen.configs import interpreting
+
+    if sparsity != "2:4":
+        return f"the Triton kernel covers 2:4 only (this layer is {sparsity})"
+    if layer.op not in ("linear", "matmul"):
+        return f"the Triton kernel covers linear layers only (this layer is {layer.op})"
+    if layer.dtype not in TRITON_DTYPES:
+        return f"the Triton kernel covers float16 / bfloat16 / float32 weights (this layer is {dtype_name(layer.dtype)})"
+    if device.type == "cpu" and interpreting() and layer.dtype == torch.bfloat16:
+        return "bfloat16 tl.dot is wrong in the Triton CPU interpreter"
+    return None
+
+
+def _device(gm: fx.GraphModule, layer: LayerInfo) -> torch.device:
+    return gm.get_parameter(layer.weight_path).device
+
+
+def _input_rows(node: fx.Node, layer: LayerInfo) -> int | None:
+    data = node.args[0] if node.args else None
+    shape = get_meta(data).shape if isinstance(data, fx.Node) else None
+    if shape is None:
+        return None
+    numel = 1
+    for d in shape:
+        numel *= d
+    return numel // layer.reduction
+
+
+def choose_backend(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
+    from sparsec.codegen.sparse24 import can_run_on
+
+    wanted = ctx.options.backend
+    for name, nodes in layer_nodes(gm).items():
+        meta = get_meta(nodes[0])
+        decision, layer = meta.decision, meta.layer
+        if decision is None or decision.sparsity is None:
+            continue
+        device = _device(gm, layer)
+        if ctx.options.plan is not None and decision.backend is not None:
+            backend = decision.backend  # the given plan decides; no measuring
+            if backend == "triton":
+                if problem := triton_blocker(layer, decision.sparsity, device) or (
+                        None if can_run_on(device) else f"the layer is on {device} and TRITON_INTERPRET is not 1"):
+                    raise InvalidInputError(f"the given plan asks for backend 'triton' on layer {name!r}: {problem}")
+            if backend == "cusparselt" and (decision.sparsity != "2:4" or device.type != "cuda"):
+                raise InvalidInputError(f"the given plan asks for backend 'cusparselt' on layer {name!r}: it needs a "
+                                        f"2:4 layer on CUDA (this one is {decision.sparsity} on {device})")
+            note = {"torch": None, "triton": TRITON_NOTE}.get(backend, f"backend {backend}, set by the given plan")
+        elif wanted == "torch" or (wanted == "auto" and device.type != "cuda"):
+            backend, note = "torch", None
+        elif wanted == "triton":
+            if not can_run_on(device) and not ctx.options.emit_only:
+                raise InvalidInputError(
+                    f"backend='triton' needs the model on a CUDA device, or TRITON_INTERPRET=1 to run kernels in the CPU "
+                    f"interpreter (slow; for tests); layer {name!r} is on {device}. Use backend='torch' (or 'auto') on CPU")
+            problem = triton_blocker(layer, decision.sparsity, device)
+            backend, note = ("torch", f"runs on the torch runtime: {problem}") if problem else ("triton", TRITON_NOTE)
+        else:  # auto on CUDA: measure
+            from sparsec.codegen.measure import pick_fastest
+
+            backend, note = pick_fastest(gm, ctx, layer, decision, _input_rows(nodes[0], layer),
+                                         triton_blocker(layer, decision.sparsity, device))
+        reason = f"{decision.reason}; {note}" if note else decision.reason
+        decision = dataclasses.replace(decision, backend=backend, reason=reason)
+        for node in nodes:
+            update_meta(node, decision=decision)
+        ctx.counters[f"backend_{backend}"] += 1
+    return gm

@@ -1,0 +1,59 @@
+"""Codegen: emit one Triton kernel per distinct fused chain and attach it to the layers that run it.
+
+Layers whose chains are the same (same dtypes, epilogue) share a kernel; its header lists them all.
+Every source goes through the kernel cache: a second compile of the same model finds valid files
+and writes nothing (`kernel_cache_hit`), a corrupt entry is rebuilt (`kernel_cache_corrupt`).
+"""
+from __future__ import annotations
+
+import torch.fx as fx
+
+from sparsec.context import CompileContext
+from sparsec.meta import get_meta, update_meta
+from sparsec.runtime.triton_linear import TritonSparseLinear
+
+
+def _rows(node: fx.Node, k: int) -> int | None:
+    data = node.args[0] if node.args else None
+    shape = get_meta(data).shape if isinstance(data, fx.Node) else None
+    if shape is None:
+        return None
+    numel = 1
+    for d in shape:
+        numel *= d
+    return numel // k
+
+
+def emit_kernels(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
+    from sparsec.codegen.builder import LayerUse, emit_matmul
+    from sparsec.codegen.cache import KernelCache
+    from sparsec.codegen.configs import matmul_config
+
+    groups: dict = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(module := gm.get_submodule(node.target), TritonSparseLinear):
+            use = LayerUse(module.layer_name, _rows(node, module.packed.reduction), module.packed.out_features,
+                           module.packed.reduction)
+            groups.setdefault(module.spec(), []).append((node, module, use))
+    cache = KernelCache()
+    for spec, members in sorted(groups.items(), key=lambda item: repr(item[0])):
+        uses = sorted({use for _, _, use in members}, key=lambda u: u.name)
+        name, source = emit_matmul(spec, uses)
+        cache.store(name, source)
+        for node, module, _ in members:
+            module.kernel_name, module.kernel_source = name, source
+            update_meta(node, kernel=name)
+        ctx.kernels[name] = source
+        ctx.kernel_manifest[name] = {
+            "file": f"{name}.py",
+            "pattern": "2:4",
+            "dtype": spec.act_dtype,
+            "weight_dtype": spec.weight_dtype,
+            "out_dtype": spec.out_dtype,
+            "fused_ops": spec.epilogue_ops(),
+            "layers": [{"name": u.name, "M": u.m, "N": u.n, "K": u.k,
+                        "launch_config": matmul_config(u.m or 1, u.n, u.k, spec.act_dtype)} for u in uses],
+        }
+    for outcome, count in cache.counters.items():
+        ctx.counters[f"kernel_cache_{outcome}"] += count
+    return gm

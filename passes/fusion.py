@@ -1,0 +1,139 @@
+"""Rewrite: fold the elementwise ops that follow a Triton sparse layer into its kernel's epilogue.
+
+Chain, in this order, each step optional:
+    sparse matmul -> + bias -> relu | gelu | gelu_tanh | silu -> * per-channel scale -> cast
+(the int8 dequant scale is part of the layer already). A step is absorbed only when the value
+before it has no other user, and only for a layer called from one place (the epilogue belongs to
+the module, which every call site shares). Each absorbed op increments `fused_<op>`.
+
+Rule table: each entry is (pattern check, what it contributes); one comment per rule.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sparsec.context import CompileContext
+from sparsec.meta import get_meta, update_meta
+from sparsec.runtime.triton_linear import TritonSparseLinear
+
+aten = torch.ops.aten
+
+_RELU = {torch.relu, F.relu, aten.relu.default, aten.relu_.default}
+_GELU = {F.gelu, aten.gelu.default}
+_SILU = {F.silu, aten.silu.default, aten.silu_.default}
+_ADD = {operator.add, torch.add, aten.add.Tensor}
+_MUL = {operator.mul, torch.mul, aten.mul.Tensor}
+_CAST_METHODS = {"half": torch.float16, "float": torch.float32, "bfloat16": torch.bfloat16}
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _activation(gm: fx.GraphModule, node: fx.Node, x: fx.Node) -> str | None:
+    """Which activation `node` applies to `x`, if it is one the kernel can fuse."""
+    if node.op == "call_function" and node.args[:1] == (x,):
+        if node.target in _RELU:
+            return "relu"       # relu / relu_ / F.relu(inplace=...)
+        if node.target in _SILU:
+            return "silu"       # x * sigmoid(x)
+        if node.target in _GELU:  # gelu(approximate='none' | 'tanh')
+            return "gelu_tanh" if node.kwargs.get("approximate", "none") == "tanh" else "gelu"
+    if node.op == "call_method" and node.target in ("relu", "relu_") and node.args[:1] == (x,):
+        return "relu"           # x.relu()
+    if node.op == "call_module" and node.args[:1] == (x,):
+        module = gm.get_submodule(node.target)
+        if type(module) is nn.ReLU:
+            return "relu"       # nn.ReLU()
+        if type(module) is nn.SiLU:
+            return "silu"       # nn.SiLU()
+        if type(module) is nn.GELU:
+            return "gelu_tanh" if module.approximate == "tanh" else "gelu"
+    return None
+
+
+def _vector_operand(gm: fx.GraphModule, node: fx.Node, x: fx.Node, targets: set, n: int) -> fx.Node | None:
+    """The get_attr operand of `x (+|*) vector` where the vector has n (or 1) elements."""
+    if node.op != "call_function" or node.target not in targets or len(node.args) != 2 or node.kwargs:
+        return None
+    other = node.args[1] if node.args[0] is x else node.args[0] if node.args[1] is x else None
+    if not isinstance(other, fx.Node) or other.op != "get_attr":
+        return None
+    value = _attr(gm, other.target)
+    if not isinstance(value, torch.Tensor) or value.numel() not in (1, n) or value.dim() > 1:
+        return None
+    return other
+
+
+def _cast(node: fx.Node, x: fx.Node) -> torch.dtype | None:
+    if node.args[:1] != (x,):
+        return None
+    if node.op == "call_method" and node.target in _CAST_METHODS and len(node.args) == 1:
+        return _CAST_METHODS[node.target]   # x.half() / x.float() / x.bfloat16()
+    if node.op == "call_method" and node.target == "to":  # x.to(dtype)
+        dtype = node.kwargs.get("dtype", node.args[1] if len(node.args) > 1 else None)
+        return dtype if dtype in _KERNEL_DTYPES and len(node.args) <= 2 else None
+    if node.op == "call_function" and node.target == aten._to_copy.default and set(node.kwargs) == {"dtype"}:
+        return node.kwargs["dtype"] if node.kwargs["dtype"] in _KERNEL_DTYPES else None  # export's .to(dtype)
+    return None
+
+
+def _attr(gm: fx.GraphModule, path: str):
+    obj = gm
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _fuse_chain(gm: fx.GraphModule, ctx: CompileContext, layer_node: fx.Node, module: TritonSparseLinear) -> None:
+    cur, absorbed, ops = layer_node, [], []
+    stage = 0  # 0: bias next, 1: activation, 2: scale, 3: cast, 4: done
+    n = module.packed.out_features
+    while stage < 4 and len(cur.users) == 1:
+        user = next(iter(cur.users))
+        if stage <= 0 and module.bias is None and (b := _vector_operand(gm, user, cur, _ADD, n)) is not None:
+            module.bias = nn.Parameter(_attr(gm, b.target).detach().clone().reshape(-1).expand(n).clone())
+            ops.append("bias")
+            stage = 1
+        elif stage <= 1 and (act := _activation(gm, user, cur)):
+            module.activation = act
+            ops.append(act)
+            stage = 2
+        elif stage <= 2 and (s := _vector_operand(gm, user, cur, _MUL, n)) is not None:
+            module.out_scale = _attr(gm, s.target).detach().clone().reshape(-1).expand(n).clone()
+            ops.append("scale")
+            stage = 3
+        elif (dtype := _cast(user, cur)) is not None:
+            module.out_dtype = dtype
+            ops.append(f"cast:{str(dtype).removeprefix('torch.')}")
+            stage = 4
+        else:
+            break
+        absorbed.append(user)
+        cur = user
+    if not absorbed:
+        return
+    last = absorbed[-1]
+    last.replace_all_uses_with(layer_node)
+    update_meta(layer_node, shape=get_meta(last).shape, dtype=get_meta(last).dtype, fused=tuple(ops))
+    for node in reversed(absorbed):
+        reads = [a for a in node.all_input_nodes if a.op == "get_attr"]
+        gm.graph.erase_node(node)
+        for read in reads:
+            if not read.users:
+                gm.graph.erase_node(read)
+    for op in ops:
+        ctx.counters[f"fused_{op.split(':')[0]}"] += 1
+
+
+def fuse_epilogues(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
+    sites: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), TritonSparseLinear):
+            sites.setdefault(node.target, []).append(node)
+    for target, nodes in sites.items():
+        if len(nodes) == 1:
+            _fuse_chain(gm, ctx, nodes[0], gm.get_submodule(target))
+    return gm

@@ -1,0 +1,61 @@
+"""TritonSparseLinear: a 2:4 linear layer that runs a generated, fused Triton kernel.
+
+The fusion pass may fold what followed the layer in the graph into its epilogue: a bias add, an
+activation (relu / gelu / gelu_tanh / silu), a per-channel scale and a dtype cast. The codegen
+pass then attaches the kernel (name + source). The same math in plain torch (`reference`) serves
+autograd: when gradients are needed, the layer runs the reference so backward works.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sparsec.runtime.layers import SparseLinear
+
+_ACTIVATION_FNS = {
+    None: lambda t: t,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "silu": F.silu,
+}
+
+
+class TritonSparseLinear(SparseLinear):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.activation: str | None = None
+        self.register_buffer("out_scale", None)
+        self.out_dtype: torch.dtype | None = None
+        self.kernel_name: str | None = None
+        self.kernel_source: str | None = None
+
+    def spec(self):
+        from sparsec.codegen.spec import MatmulSpec
+
+        act = str(self.packed.dtype_probe.dtype).removeprefix("torch.")
+        return MatmulSpec(act_dtype=act, weight_dtype="int8" if self.packed.quant == "int8" else act,
+                          bias=self.bias is not None, activation=self.activation, out_scale=self.out_scale is not None,
+                          out_dtype=str(self.out_dtype or self.packed.dtype_probe.dtype).removeprefix("torch."))
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        y = _ACTIVATION_FNS[self.activation](F.linear(x, self.packed.rows(), self.bias))
+        if self.out_scale is not None:
+            y = y * self.out_scale
+        return y.to(self.out_dtype) if self.out_dtype is not None else y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        if needs_grad:
+            return self.reference(x)
+        if self.kernel_source is None:
+            raise RuntimeError(f"layer {self.layer_name!r} has no generated kernel; the codegen pass did not run")
+        from sparsec.codegen.sparse24 import sparse24_matmul
+
+        packed = self.packed
+        return sparse24_matmul(x, packed.values, packed.meta, packed.scales, self.bias, self.out_scale, self.spec(),
+                               self.kernel_name, self.kernel_source)
+
+    def extra_repr(self) -> str:
+        fused = [op for op in self.spec().epilogue_ops() if op != "dequant"]
+        return super().extra_repr() + f", triton kernel {self.kernel_name}" + (f", fused {'+'.join(fused)}" if fused else "")

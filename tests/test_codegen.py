@@ -1,0 +1,348 @@
+"""Generated Triton kernels: numerics under the interpreter (or on a GPU), bit-exact prune+compress,
+sm_80 / sm_90 builds without a GPU, determinism, the kernel cache, fusion in compiled models."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sparsec
+from oracle import load_example, oracle_int8, oracle_nm_mask, output_error, pruned_model
+from sparsec import reference as ref
+from sparsec.codegen.aot import compile_for, matmul_signature, prune_signature
+from sparsec.codegen.builder import LayerUse, emit_matmul
+from sparsec.codegen.cache import HEADER_PREFIX, KernelCache
+from sparsec.codegen.configs import matmul_config
+from sparsec.codegen.measure import pick_fastest
+from sparsec.codegen.sparse24 import prune24, prune_kernel_source, sparse24_matmul
+from sparsec.codegen.spec import MatmulSpec
+from sparsec.runtime.triton_linear import TritonSparseLinear
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ACTS = {None: lambda t: t, "relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+        "silu": F.silu}
+
+
+def _operands(m, n, k, dtype, int8, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    mask = oracle_nm_mask(w, 2, 4)  # independent of the code under test
+    pruned = w * mask
+    if int8:
+        pruned = oracle_int8(pruned)
+    values, meta = ref.nm_compress_masked(pruned, mask, 2, 4)
+    scales = None
+    if int8:
+        values, scales = ref.quantize_int8(values)
+    x = torch.randn(m, k, generator=g)
+    return x, values, meta, scales, pruned
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("m, n, k", [(1, 64, 64), (37, 48, 80), (16, 32, 16), (5, 600, 32), (70, 24, 48)])
+@pytest.mark.parametrize("bias, activation, int8", [(False, None, False), (True, "relu", False), (True, "gelu", True),
+                                                    (False, "silu", True), (True, "gelu_tanh", False)])
+def test_sparse24_matmul_matches_torch(dtype, tol, m, n, k, bias, activation, int8):
+    x, values, meta, scales, pruned = _operands(m, n, k, dtype, int8, seed=m * 1000 + n + k)
+    b = torch.randn(n) if bias else None
+    x, pruned = x.to(dtype), pruned.to(dtype)
+    values = values if int8 else values.to(dtype)
+    b = b.to(dtype) if b is not None else None
+    act = str(dtype).removeprefix("torch.")
+    spec = MatmulSpec(act, "int8" if int8 else act, bias, activation, False, act)
+    name, source = emit_matmul(spec, [LayerUse("t", m, n, k)])
+    dev = lambda t: t.to(DEVICE) if t is not None else None  # noqa: E731
+    y = sparse24_matmul(dev(x), dev(values), dev(meta), dev(scales), dev(b), None, spec, name, source)
+    expected = ACTS[activation](x.double() @ pruned.double().t() + (b.double() if b is not None else 0))
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert output_error(y.cpu().double(), expected) <= tol
+
+
+def test_matmul_out_scale_cast_and_3d_input():
+    x, values, meta, _, pruned = _operands(6, 32, 64, torch.float32, False, seed=1)
+    scale = torch.rand(32) + 0.5
+    spec = MatmulSpec("float32", "float32", False, "relu", True, "float16")
+    name, source = emit_matmul(spec, [])
+    x3 = x.reshape(2, 3, 64).to(DEVICE)
+    y = sparse24_matmul(x3, values.to(DEVICE), meta.to(DEVICE), None, None, scale.to(DEVICE), spec, name, source)
+    expected = (F.relu(x.double() @ pruned.double().t()) * scale.double()).reshape(2, 3, 32)
+    assert y.dtype == torch.float16 and y.shape == (2, 3, 32)
+    assert output_error(y.cpu().double(), expected) <= 2e-3
+
+
+def test_matmul_rejects_mismatched_operands():
+    x, values, meta, _, _ = _operands(4, 32, 64, torch.float32, False, seed=2)
+    spec = MatmulSpec("float32", "float32", False, None, False, "float32")
+    name, source = emit_matmul(spec, [])
+    with pytest.raises(ValueError, match="do not fit"):
+        sparse24_matmul(x[:, :60].to(DEVICE), values.to(DEVICE), meta.to(DEVICE), None, None, None, spec, name, source)
+    with pytest.raises(ValueError, match="generated for float32 inputs"):
+        sparse24_matmul(x.half().to(DEVICE), values.to(DEVICE), meta.to(DEVICE), None, None, None, spec, name, source)
+
+
+@settings(max_examples=15)
+@given(st.integers(1, 40), st.integers(1, 12), st.integers(0, 10**6), st.sampled_from([torch.float32, torch.float16]),
+       st.booleans())
+def test_prune24_is_bit_exact(rows, groups, seed, dtype, ties):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 4 * groups, generator=g)
+    if ties:
+        x = torch.randint(-2, 3, x.shape, generator=g).float()
+    x = x.to(dtype)
+    values, meta = prune24(x.to(DEVICE))
+    mask = oracle_nm_mask(x, 2, 4)
+    expected_values, expected_meta = ref.nm_compress_masked(x, mask, 2, 4)
+    assert torch.equal(values.cpu(), expected_values)
+    assert torch.equal(meta.cpu(), expected_meta)
+
+
+def test_prune24_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="not a multiple of 4"):
+        prune24(torch.zeros(2, 6, device=DEVICE))
+
+
+SPECS = [MatmulSpec("float16", "float16", True, "relu", False, "float16"),
+         MatmulSpec("float16", "int8", True, "gelu", True, "float32"),
+         MatmulSpec("bfloat16", "bfloat16", False, "silu", False, "bfloat16"),
+         MatmulSpec("float32", "float32", True, "gelu_tanh", False, "float32"),
+         MatmulSpec("float32", "int8", False, None, False, "float16")]
+
+
+@pytest.mark.parametrize("capability", [80, 90])
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.short_name())
+def test_kernels_build_for_sm80_and_sm90(spec, capability, monkeypatch):
+    """triton.compile to cubin with an explicit target: catches what the interpreter never checks,
+    including shared memory over the arch's limit, at the decode and the large-M configurations."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # GPU launch configs, and a real JITFunction
+    name, source = emit_matmul(spec, [])
+    for m in (1, 4096):
+        cfg = matmul_config(m, 4096, 4096, spec.act_dtype)
+        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        compiled = compile_for(capability, name, source, matmul_signature(spec), cfg, warps, stages)
+        assert compiled.asm.get("cubin")
+
+
+@pytest.mark.parametrize("capability", [80, 90])
+def test_prune_kernel_builds_for_sm80_and_sm90(capability, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    name, source = prune_kernel_source()
+    assert compile_for(capability, name, source, prune_signature("float16"), {"BLOCK_R": 32, "BLOCK_W": 16}).asm.get("cubin")
+
+
+def test_emitted_source_is_deterministic_and_self_describing():
+    spec = MatmulSpec("float16", "int8", True, "gelu", False, "float16")
+    uses = [LayerUse("b.fc", 8, 64, 128), LayerUse("a.fc", 8, 64, 128)]
+    first = emit_matmul(spec, uses)
+    assert first == emit_matmul(spec, list(reversed(uses)))
+    name, source = first
+    assert source.index("a.fc") < source.index("b.fc")
+    for text in ["pattern 2:4", "epilogue [dequant, bias, gelu]", "triton=", "torch=", "M=8, N=64, K=128",
+                 f"def {name}("]:
+        assert text in source
+    assert "0x" not in source.split("import triton")[0]  # no addresses in the header
+
+
+# ------------------------------------------------------------------------------------------------ cache
+
+
+def test_cache_hit_corrupt_and_rebuild(tmp_path):
+    cache = KernelCache(str(tmp_path))
+    name, source = emit_matmul(SPECS[0], [])
+    path = cache.store(name, source)
+    assert cache.counters == {"written": 1}
+    assert open(path).read().startswith(HEADER_PREFIX)
+    cache.store(name, source)
+    assert cache.counters["hit"] == 1
+    with open(path, "w") as f:  # truncated entry
+        f.write(open(path).read()[:100] if False else HEADER_PREFIX + "0" * 64 + "\nimport triton\n")
+    cache.store(name, source)
+    assert cache.counters["corrupt"] == 1 and cache.counters["written"] == 2
+    assert cache._valid(path, source)
+
+
+def test_cache_key_changes_with_source_and_versions(tmp_path, monkeypatch):
+    cache = KernelCache(str(tmp_path))
+    a, b = emit_matmul(SPECS[0], []), emit_matmul(SPECS[1], [])
+    assert cache.key(a[1]) != cache.key(b[1])
+    key = cache.key(a[1])
+    monkeypatch.setattr("sparsec.codegen.cache.versions", lambda: "sparsec=0 torch=0 triton=0")
+    assert cache.key(a[1]) != key
+
+
+def test_two_processes_filling_the_cache_at_once(tmp_path):
+    """Both write the same entries concurrently; every file ends up valid, no temp files remain."""
+    script = textwrap.dedent(f"""
+        import sys
+        from sparsec.codegen.builder import emit_matmul
+        from sparsec.codegen.cache import KernelCache
+        from sparsec.codegen.spec import MatmulSpec
+        cache = KernelCache({str(tmp_path)!r})
+        for i in range(30):
+            for act in ("relu", "gelu", "silu", None):
+                name, source = emit_matmul(MatmulSpec("float16", "float16", True, act, False, "float16"), [])
+                path = cache.store(name, source)
+                assert cache._valid(path, source), path
+        print("ok")
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0 and "ok" in out, err
+    files = os.listdir(tmp_path / "kernels")
+    assert len(files) == 4 and not [f for f in files if f.startswith(".tmp")]
+
+
+# ------------------------------------------------------------------------------------------------ compiled models
+
+
+class Chains(nn.Module):
+    """Every fusable chain shape: + bias vector, activations (module, function, method), scale, cast."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(32, 64)
+        self.a = nn.Linear(64, 64)
+        self.b = nn.Linear(64, 64, bias=False)
+        self.b_bias = nn.Parameter(torch.randn(64) * 0.1)
+        self.c = nn.Linear(64, 64)
+        self.c_scale = nn.Parameter(torch.rand(64) + 0.5)
+        self.d = nn.Linear(64, 64)
+        self.act = nn.GELU(approximate="tanh")
+        self.out = nn.Linear(64, 8)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        h = self.act(self.a(h))                          # module activation
+        h = F.silu(self.b(h) + self.b_bias)              # bias add, then silu
+        h = (self.c(h).relu() * self.c_scale)            # method relu, per-channel scale
+        shared = self.d(h)                               # two users: nothing fused
+        h = F.gelu(shared) + shared
+        return self.out(h)
+
+
+def test_fusion_in_a_compiled_model():
+    torch.manual_seed(0)
+    model, x = Chains().eval(), torch.randn(5, 32)
+    cm = sparsec.compile(model, example_inputs=(x,), backend="triton")
+    modules = {m.layer_name: m for m in cm.graph_module.modules() if isinstance(m, TritonSparseLinear)}
+    assert set(modules) == {"a", "b", "c", "d"}
+    assert modules["a"].activation == "gelu_tanh"
+    assert modules["b"].activation == "silu" and modules["b"].bias is not None
+    assert modules["c"].activation == "relu" and modules["c"].out_scale is not None
+    assert modules["d"].activation is None
+    assert cm.counters["fused_gelu_tanh"] == 1 and cm.counters["fused_bias"] == 1 and cm.counters["fused_scale"] == 1
+    assert cm.counters["fused_relu"] == 1 and cm.counters["fused_silu"] == 1
+    targets = [n.target for n in cm.graph_module.graph.nodes if n.op == "call_function"]
+    assert F.silu not in targets and torch.relu in targets  # inp's relu stays: inp is the dense first layer
+    assert len(cm.kernels) == 4 and all(f"def {name}(" in src for name, src in cm.kernels.items())
+    assert "fused relu+scale" in cm.graph_module.code.replace("scale, kernel", "scale")
+    assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+    # the kernels really run: the result differs from the torch reference only by rounding
+    with torch.no_grad():
+        assert output_error(cm(x), model(x)) > 1e-4
+
+
+@pytest.mark.parametrize("example, quantize", [("mlp", None), ("mlp", "int8"), ("transformer", "int8")])
+def test_examples_on_the_triton_backend(example, quantize):
+    model, inputs = load_example(example).build_model()
+    if example == "transformer":
+        inputs = (inputs[0][:, :4],)
+    cm = sparsec.compile(model, example_inputs=inputs, backend="triton", quantize=quantize)
+    assert cm.kernels and all(lp.backend == "triton" for lp in cm.plan.sparse_layers)
+    with torch.no_grad():
+        assert output_error(cm(*inputs), pruned_model(model, cm.plan)(*inputs)) <= 1e-5
+
+
+def test_half_precision_model_on_the_triton_backend():
+    model, (x,) = load_example("mlp").build_model()
+    model, x = model.half(), x.half()
+    cm = sparsec.compile(model, example_inputs=(x,), backend="triton")
+    with torch.no_grad():
+        assert output_error(cm(x).double(), pruned_model(model, cm.plan)(x).double()) <= 5e-3
+
+
+def test_non_kernel_layers_stay_on_torch_with_reason():
+    model, inputs = load_example("cnn").build_model()
+    cm = sparsec.compile(model, example_inputs=inputs, backend="triton", include=["head"], pattern="2:4")
+    assert cm.plan["stage1.0.0"].backend == "torch" and "covers linear layers only" in cm.plan["stage1.0.0"].reason
+    assert cm.plan["head"].backend == "triton"
+    fanin = sparsec.explain(load_example("mlp").build_model()[0], pattern="fanin:0.9", backend="triton",
+                            example_inputs=load_example("mlp").build_model()[1])
+    assert fanin["fc2"].backend == "torch" and "covers 2:4 only" in fanin["fc2"].reason
+
+
+def test_second_compile_emits_nothing_new():
+    model, inputs = load_example("mlp").build_model()
+    first = sparsec.compile(model, example_inputs=inputs, backend="triton")
+    second = sparsec.compile(model, example_inputs=inputs, backend="triton")
+    assert first.kernels == second.kernels
+    assert second.counters["kernel_cache_hit"] == len(second.kernels) and not second.counters["kernel_cache_written"]
+
+
+def test_triton_backend_without_a_device_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    model, inputs = load_example("mlp").build_model()
+    if torch.cuda.is_available():
+        pytest.skip("the model is on the CPU but this machine has CUDA; covered by the CPU CI")
+    with pytest.raises(ValueError, match="backend='triton' needs the model on a CUDA device, or TRITON_INTERPRET=1"):
+        sparsec.compile(model, example_inputs=inputs, backend="triton")
+    assert sparsec.compile(model, example_inputs=inputs).plan["fc2"].backend == "torch"  # auto on CPU
+
+
+def test_gradients_flow_through_triton_layers():
+    model, (x,) = load_example("mlp").build_model()
+    cm = sparsec.compile(model, example_inputs=(x,), backend="triton")
+    x = x.clone().requires_grad_(True)
+    cm(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_plan_with_backend_round_trips():
+    model, inputs = load_example("mlp").build_model()
+    cm = sparsec.compile(model, example_inputs=inputs, backend="triton")
+    plan = sparsec.Plan.from_json(cm.plan.to_json())
+    again = sparsec.compile(model, example_inputs=inputs, plan=plan)
+    assert again.plan == cm.plan and again.kernels == cm.kernels
+
+
+def test_auto_picks_the_fastest_measured(monkeypatch):
+    timings = {"dense": 20e-6, "triton": 12e-6, "cusparselt": 15e-6}
+    monkeypatch.setattr("sparsec.codegen.measure.candidates", lambda *a: {k: k for k in timings})
+    monkeypatch.setattr("sparsec.codegen.measure.time_cuda", lambda fn: timings[fn])
+    best, note = pick_fastest(None, None, None, None, 16, None)
+    assert best == "triton"
+    assert note == "backend auto at M=16: triton 12.0 us, cusparselt 15.0 us, dense 20.0 us -> triton (1.67x dense)"
+    timings["dense"] = 5e-6
+    assert pick_fastest(None, None, None, None, None, None)[0] == "dense"
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def test_dump_kernels_writes_importable_files_and_manifest(tmp_path, monkeypatch):
+    from sparsec.cli import main
+    from oracle import EXAMPLES
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # no device needed to dump
+    out = tmp_path / "kernels"
+    assert main(["dump-kernels", os.path.join(EXAMPLES, "transformer.py"), "--pattern", "2:4", "--quantize", "int8",
+                 "-o", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["kernels"]) == {p.stem for p in out.glob("*.py")}
+    gelu = [k for k, v in manifest["kernels"].items() if "gelu" in v["fused_ops"]]
+    assert len(gelu) == 1 and {layer["name"] for layer in manifest["kernels"][gelu[0]]["layers"]} == {"blocks.0.fc1", "blocks.1.fc1"}
+    for entry in manifest["kernels"].values():
+        for layer in entry["layers"]:
+            assert {"M", "N", "K", "launch_config"} <= set(layer)
+    for path in out.glob("*.py"):
+        result = subprocess.run([sys.executable, "-c", f"import runpy; runpy.run_path({str(path)!r})"],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
