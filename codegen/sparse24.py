@@ -26,8 +26,16 @@ def require_runnable(device: torch.device) -> None:
             f"meant for tests); got a tensor on {device}. Compile with backend='torch' for plain-torch CPU execution")
 
 
+_LOADED: dict[tuple[str, str], object] = {}  # (name, arch) -> jit function: skips hashing the source per call
+
+
 def _kernel(name: str, source: str, cache: KernelCache | None):
-    return getattr((cache or KernelCache()).load(name, source), name)
+    from sparsec.codegen.cache import device_arch
+
+    key = (name, device_arch())
+    if cache is not None or key not in _LOADED:
+        _LOADED[key] = getattr((cache or KernelCache()).load(name, source), name)
+    return _LOADED[key]
 
 
 def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, scales: torch.Tensor | None,
@@ -48,7 +56,7 @@ def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, s
     y = torch.empty(m, n, dtype=out_dtype, device=x.device)
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
-    cfg = dict(config or matmul_config(m, n, k, spec.act_dtype))
+    cfg = config or _config(m, n, k, spec.act_dtype)
     values, meta = values.contiguous(), meta.contiguous()
     grid = (triton_cdiv(m, cfg["BLOCK_M"]) * triton_cdiv(n, cfg["BLOCK_N"]),)
     unused = values  # pointer arguments the generated epilogue never reads
@@ -61,6 +69,16 @@ def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, s
         m, n, k,
         **cfg)
     return y.reshape(*x.shape[:-1], n)
+
+
+_CONFIGS: dict[tuple, dict] = {}
+
+
+def _config(m: int, n: int, k: int, act_dtype: str) -> dict:
+    key = (m, n, k, act_dtype, interpreting())
+    if key not in _CONFIGS:
+        _CONFIGS[key] = matmul_config(m, n, k, act_dtype)
+    return _CONFIGS[key]
 
 
 _PRUNE = None

@@ -29,6 +29,11 @@ class TritonSparseLinear(SparseLinear):
         self.out_dtype: torch.dtype | None = None
         self.kernel_name: str | None = None
         self.kernel_source: str | None = None
+        self._spec = None
+
+    def _apply(self, fn, recurse=True):
+        self._spec = None  # .half() / .to(dtype) change the spec
+        return super()._apply(fn, recurse)
 
     def spec(self):
         from sparsec.codegen.spec import MatmulSpec
@@ -53,7 +58,9 @@ class TritonSparseLinear(SparseLinear):
         from sparsec.codegen.sparse24 import sparse24_matmul
 
         packed = self.packed
-        return sparse24_matmul(x, packed.values, packed.meta, packed.scales, self.bias, self.out_scale, self.spec(),
+        if self._spec is None:  # resolved once: building the spec per call is measurable at batch 1
+            self._spec = self.spec()
+        return sparse24_matmul(x, packed.values, packed.meta, packed.scales, self.bias, self.out_scale, self._spec,
                                self.kernel_name, self.kernel_source)
 
     def extra_repr(self) -> str:

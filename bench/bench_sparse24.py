@@ -1,0 +1,170 @@
+"""2:4 sparse matmul on a GPU: sparsec's Triton kernel vs dense cuBLAS vs cuSPARSELt, and what
+backend="auto" picks. One call checks and times everything and writes
+bench/results/<device>-<date>.json plus a printed table. On a machine without CUDA it says so
+and exits 0.
+
+Grid: M in {1, 16, 128, 2048, 8192} x (N, K) in {(4096, 4096), (14336, 4096), (4096, 14336)} x
+{fp16 weights, int8 weights (fp16 activations)}. Every kernel result is checked against torch
+first. Times are medians of CUDA-event timings of the kernel replayed in a CUDA graph (launch
+overhead excluded, the same for every contender) and, separately, of eager calls through the
+compiled module (what a user sees). GB/s and TFLOP/s are against ceilings measured in the same
+run (device copy bandwidth, dense fp16 GEMM at 8192^3).
+
+Targets (issue 4): memory-bound (M <= 16) fp16 2:4 >= 1.5x dense (limit ~1.78x); int8-weight
+2:4 >= 2.8x dense fp16 (limit ~3.5x); backend="auto" >= 0.97x dense everywhere.
+
+    python bench/bench_sparse24.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+MS = [1, 16, 128, 2048, 8192]
+SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
+
+
+def median_time(fn, repeats: int = 50, graph: bool = True) -> float:
+    """Median seconds per call; in a CUDA graph when possible (kernel time without launch overhead)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    run = fn
+    if graph:
+        try:
+            g = torch.cuda.CUDAGraph()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                fn()
+                with torch.cuda.graph(g, stream=stream):
+                    fn()
+            torch.cuda.current_stream().wait_stream(stream)
+            run = g.replay
+        except Exception:  # noqa: BLE001 - some callables cannot be captured; time them eagerly
+            run = fn
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return statistics.median(times)
+
+
+def ceilings() -> dict:
+    x = torch.empty(256 * 1024 * 1024, dtype=torch.float32, device="cuda")  # 1 GiB
+    y = torch.empty_like(x)
+    t = median_time(lambda: y.copy_(x), repeats=20, graph=False)
+    a = torch.randn(8192, 8192, dtype=torch.float16, device="cuda")
+    tg = median_time(lambda: torch.mm(a, a), repeats=20, graph=False)
+    del x, y
+    return {"copy_GBps": 2 * 4 * 256 * 1024 * 1024 / t / 1e9, "fp16_gemm_TFLOPs": 2 * 8192 ** 3 / tg / 1e12}
+
+
+def run_case(m: int, n: int, k: int, int8: bool, ceil: dict) -> dict:
+    import sparsec
+    from sparsec import reference as ref
+    from sparsec.runtime.triton_linear import TritonSparseLinear
+
+    torch.manual_seed(m + n + k)
+    layer = nn.Linear(k, n, bias=False).half().cuda()
+    x = torch.randn(m, k, dtype=torch.float16, device="cuda")
+    model = nn.Sequential(layer)
+    compile_kwargs = dict(include=[".*"], min_weights=0, quantize="int8" if int8 else None)
+    cm = sparsec.compile(model, pattern="2:4", example_inputs=(x,), backend="triton", **compile_kwargs)
+    triton_layer = next(mod for mod in cm.modules() if isinstance(mod, TritonSparseLinear))
+    w_eff = cm.effective_weight("0")  # pruned (and dequantized) fp16 weight
+    with torch.no_grad():
+        got = cm(x)
+        expected = (x.double() @ w_eff.double().t())
+        err = float((got.double() - expected).abs().max() / expected.abs().max())
+    row = {"M": m, "N": n, "K": k, "weights": "int8" if int8 else "fp16", "max_rel_err": err, "ok": err < 1e-2}
+
+    dense_w = layer.weight.detach()
+    with torch.no_grad():
+        row["dense_s"] = median_time(lambda: F.linear(x, dense_w))
+        row["sparsec_s"] = median_time(lambda: triton_layer(x))
+        row["sparsec_eager_s"] = median_time(lambda: triton_layer(x), graph=False)
+        row["dense_eager_s"] = median_time(lambda: F.linear(x, dense_w), graph=False)
+        try:
+            semi = torch.sparse.to_sparse_semi_structured(w_eff)
+            F.linear(x, semi)
+            row["cusparselt_s"] = median_time(lambda: F.linear(x, semi), graph=False)
+        except Exception as e:  # noqa: BLE001 - not available on this torch / shape
+            row["cusparselt_s"] = None
+            row["cusparselt_note"] = f"{type(e).__name__}: {str(e)[:120]}"
+        auto = sparsec.compile(model, pattern="2:4", example_inputs=(x,), backend="auto", **compile_kwargs)
+        row["auto_backend"] = auto.plan["0"].backend
+        row["auto_reason"] = auto.plan["0"].reason
+        row["auto_eager_s"] = median_time(lambda: auto(x), graph=False)
+
+    weight_bytes = n * k // 2 * (1 if int8 else 2) + n * ((k + 15) // 16) * 2 + (n * 4 if int8 else 0)
+    moved = weight_bytes + m * k * 2 + m * n * 2
+    row["sparsec_GBps"] = moved / row["sparsec_s"] / 1e9
+    row["sparsec_TFLOPs_dense_equiv"] = 2 * m * n * k / row["sparsec_s"] / 1e12
+    row["bandwidth_of_ceiling"] = row["sparsec_GBps"] / ceil["copy_GBps"]
+    row["flops_of_ceiling"] = row["sparsec_TFLOPs_dense_equiv"] / ceil["fp16_gemm_TFLOPs"]
+    row["vs_dense"] = row["dense_s"] / row["sparsec_s"]
+    row["vs_cusparselt"] = row["cusparselt_s"] / row["sparsec_s"] if row["cusparselt_s"] else None
+    row["auto_vs_dense_eager"] = row["dense_eager_s"] / row["auto_eager_s"]
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="M in {1, 2048}, first shape only")
+    parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_sparse24: no CUDA device on this machine; the GPU benchmark is skipped (nothing written).")
+        return 0
+    import triton
+
+    device = torch.cuda.get_device_name()
+    ceil = ceilings()
+    print(f"{device}: copy {ceil['copy_GBps']:.0f} GB/s, dense fp16 GEMM {ceil['fp16_gemm_TFLOPs']:.0f} TFLOP/s "
+          f"(torch {torch.__version__}, triton {triton.__version__})")
+    rows = []
+    ms, shapes = ([1, 2048], SHAPES[:1]) if args.quick else (MS, SHAPES)
+    header = (f"{'M':>5} {'N':>6} {'K':>6} {'w':>4} | {'sparsec us':>10} {'dense us':>9} {'x dense':>7} {'cslt us':>8} "
+              f"{'x cslt':>6} | {'GB/s':>6} {'%bw':>4} {'TF/s':>6} {'%fl':>4} | {'auto':>10} {'auto x dense':>12} | ok")
+    print(header)
+    for int8 in (False, True):
+        for n, k in shapes:
+            for m in ms:
+                r = run_case(m, n, k, int8, ceil)
+                rows.append(r)
+                cs = f"{1e6 * r['cusparselt_s']:8.1f}" if r["cusparselt_s"] else f"{'-':>8}"
+                vc = f"{r['vs_cusparselt']:6.2f}" if r["vs_cusparselt"] else f"{'-':>6}"
+                print(f"{m:5d} {n:6d} {k:6d} {r['weights']:>4} | {1e6 * r['sparsec_s']:10.1f} {1e6 * r['dense_s']:9.1f} "
+                      f"{r['vs_dense']:7.2f} {cs} {vc} | {r['sparsec_GBps']:6.0f} {100 * r['bandwidth_of_ceiling']:3.0f}% "
+                      f"{r['sparsec_TFLOPs_dense_equiv']:6.1f} {100 * r['flops_of_ceiling']:3.0f}% | "
+                      f"{r['auto_backend']:>10} {r['auto_vs_dense_eager']:12.2f} | {'yes' if r['ok'] else 'NO ' + str(r['max_rel_err'])}",
+                      flush=True)
+    date = datetime.date.today().isoformat()
+    result = {"benchmark": "2:4 sparse matmul", "device": device, "date": date, "torch": torch.__version__,
+              "triton": triton.__version__, "ceilings": ceil, "rows": rows}
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"{device.replace(' ', '_')}-{date}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {path}")
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
