@@ -59,6 +59,8 @@ def choose_backend(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     from sparsec.codegen.sparse24 import can_run_on
 
     wanted = ctx.options.backend
+    if ctx.options.train:
+        return gm  # training runs the torch runtime (sparsec/runtime/training.py)
     for name, nodes in layer_nodes(gm).items():
         meta = get_meta(nodes[0])
         decision, layer = meta.decision, meta.layer

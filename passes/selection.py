@@ -112,7 +112,7 @@ def default_decision(layer: LayerInfo, blocker: str | None, pattern: Pattern, ct
         return Decision(sparsity=None, quant=None, grad_sparsity=None, reason=reason)
 
     if isinstance(pattern, Dense):
-        return dense("pattern 'dense': analysis only, nothing pruned")
+        return dense("pattern 'dense': weights not pruned")
     if excluded_by := first_match(opts.exclude, layer.name):
         return dense(f"kept dense: excluded by exclude={excluded_by!r}")
     if blocker:

@@ -58,30 +58,38 @@ def _data_input(node: fx.Node) -> fx.Node:
     return node.args[0] if node.args else next(iter(node.kwargs.values()))
 
 
+def replace_layer(gm: fx.GraphModule, name: str, nodes: list[fx.Node], module: torch.nn.Module) -> None:
+    """Make every call site of layer `name` call `module`, and drop the attributes only they read.
+
+    A module layer keeps its path (the module is swapped); functional sites become call_module of
+    `sparse_<name>` with the data input as the only argument.
+    """
+    module_sites = [n for n in nodes if n.op == "call_module"]
+    path = module_sites[0].target if module_sites else "sparse_" + name.replace(".", "_")
+    _set_submodule(gm, path, module)
+    stale_reads = set()
+    for node in nodes:
+        if node.op == "call_module":
+            continue
+        stale_reads.update(a for a in node.all_input_nodes if a.op == "get_attr")
+        with gm.graph.inserting_before(node):
+            replacement = gm.graph.call_module(path, (_data_input(node),))
+        replacement.meta.update(node.meta)
+        node.replace_all_uses_with(replacement)
+        gm.graph.erase_node(node)
+    for read in stale_reads:
+        if not read.users:
+            gm.graph.erase_node(read)
+            _delete_attr(gm, read.target)
+
+
 def sparsify_layers(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     for name, nodes in layer_nodes(gm).items():
         meta = get_meta(nodes[0])
         decision, layer = meta.decision, meta.layer
         if decision is None or decision.sparsity is None:
             continue
-        module = build_runtime_module(gm, ctx, layer, decision)
-        module_sites = [n for n in nodes if n.op == "call_module"]
-        path = module_sites[0].target if module_sites else "sparse_" + name.replace(".", "_")
-        _set_submodule(gm, path, module)
-        stale_reads = set()
-        for node in nodes:
-            if node.op == "call_module":
-                continue
-            stale_reads.update(a for a in node.all_input_nodes if a.op == "get_attr")
-            with gm.graph.inserting_before(node):
-                replacement = gm.graph.call_module(path, (_data_input(node),))
-            replacement.meta.update(node.meta)
-            node.replace_all_uses_with(replacement)
-            gm.graph.erase_node(node)
-        for read in stale_reads:
-            if not read.users:
-                gm.graph.erase_node(read)
-                _delete_attr(gm, read.target)
+        replace_layer(gm, name, nodes, build_runtime_module(gm, ctx, layer, decision))
         ctx.masks.pop(name, None)  # the packed module holds the mask now
         ctx.counters[f"sparsified_{layer.op}"] += 1
         if decision.quant:

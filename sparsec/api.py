@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any, Sequence
 
 import torch.nn as nn
@@ -33,7 +34,9 @@ def _run(model: nn.Module, example_inputs: Any, options: CompileOptions):
 def compile(model: nn.Module, pattern: str = "2:4", example_inputs: Any = None, *, quantize: str | None = None,
             include: Sequence[str] | None = None, exclude: Sequence[str] | None = None, plan: Plan | None = None,
             min_weights: int = DEFAULT_MIN_WEIGHTS, quant_budget: float = DEFAULT_QUANT_BUDGET,
-            leaf_modules: Sequence[Any] | None = None, backend: str = "auto") -> CompiledModel:
+            leaf_modules: Sequence[Any] | None = None, backend: str = "auto", train: bool = False,
+            grad_pattern: str | None = None, grad_mode: str = "magnitude", weight_update: str = "fixed",
+            ste_decay: float = 2e-4) -> CompiledModel:
     """Trace `model`, decide per layer, rewrite chosen layers to packed sparse modules.
 
     pattern: "N:M" (e.g. "2:4"), "fanin:S" (e.g. "fanin:0.9") or "dense" (plan only).
@@ -48,9 +51,14 @@ def compile(model: nn.Module, pattern: str = "2:4", example_inputs: Any = None, 
     leaf_modules: module classes or names symbolic_trace must not trace into.
     backend: "auto" (CPU: torch; CUDA: per layer, the fastest of Triton / cuSPARSELt / dense, measured),
         "triton" (generated fused 2:4 kernels; CUDA, or CPU under TRITON_INTERPRET=1) or "torch".
+    train: rewrite for training: dense weights with first-class masks (weight_update "fixed": masks never
+        change; "ste": SR-STE re-pruning every step with decay ste_decay on pruned weights) and, with
+        grad_pattern (e.g. "2:4"), SDGP: data gradients pruned N:M in backward (grad_mode "magnitude" or
+        "rescale"). pattern="dense" with grad_pattern trains dense weights with SDGP only.
     """
     options = CompileOptions.from_user(pattern, quantize, include, exclude, plan, min_weights, quant_budget, leaf_modules,
-                                       backend)
+                                       backend, train=train, grad_pattern=grad_pattern, grad_mode=grad_mode,
+                                       weight_update=weight_update, ste_decay=ste_decay)
     return compile_with_options(model, example_inputs, options)
 
 
@@ -79,12 +87,14 @@ def _dense_weight_path(gm, ctx: CompileContext, name: str) -> str | None:
         return None
 
 
-def explain(model: nn.Module, pattern: str = "2:4", example_inputs: Any = None, *, quantize: str | None = None,
-            include: Sequence[str] | None = None, exclude: Sequence[str] | None = None, plan: Plan | None = None,
-            min_weights: int = DEFAULT_MIN_WEIGHTS, quant_budget: float = DEFAULT_QUANT_BUDGET,
-            leaf_modules: Sequence[Any] | None = None, backend: str = "auto") -> Plan:
-    """The plan `compile` would apply, without rewriting anything; the model is untouched."""
-    options = CompileOptions.from_user(pattern, quantize, include, exclude, plan, min_weights, quant_budget,
-                                       leaf_modules, backend, rewrite=False)
-    _, ctx, _ = _run(model, example_inputs, options)
+def explain(model: nn.Module, pattern: str = "2:4", example_inputs: Any = None, **options) -> Plan:
+    """The plan `compile` would apply, without rewriting anything; the model is untouched.
+    Takes the same options as `compile`."""
+    unknown = set(options) - _COMPILE_OPTIONS
+    if unknown:
+        raise InvalidTypeError(f"explain() got unknown options {sorted(unknown)}; it takes compile's: {sorted(_COMPILE_OPTIONS)}")
+    _, ctx, _ = _run(model, example_inputs, CompileOptions.from_user(pattern, rewrite=False, **options))
     return ctx.plan
+
+
+_COMPILE_OPTIONS = set(inspect.signature(compile).parameters) - {"model", "pattern", "example_inputs"}

@@ -14,7 +14,7 @@ import torch.nn as nn
 from sparsec.pipeline import PassRecord
 from sparsec.plan import Plan
 from sparsec.reference import rows_to_weight, weight_to_rows
-from sparsec.runtime import SparseLayer
+from sparsec.runtime.layers import RuntimeLayer
 
 
 class CompiledModel(nn.Module):
@@ -35,9 +35,10 @@ class CompiledModel(nn.Module):
 
     # ---- inspection
 
-    def sparse_module(self, name: str) -> SparseLayer | None:
+    def sparse_module(self, name: str) -> RuntimeLayer | None:
+        """The module sparsec put in place of layer `name` (packed, Triton or trainable), if any."""
         for module in self.graph_module.modules():
-            if isinstance(module, SparseLayer) and module.layer_name == name:
+            if isinstance(module, RuntimeLayer) and module.layer_name == name:
                 return module
         return None
 

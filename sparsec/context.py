@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from sparsec.errors import InvalidInputError, InvalidTypeError
-from sparsec.patterns import Pattern, parse_pattern
+from sparsec.patterns import NM, Pattern, parse_pattern
 from sparsec.plan import Plan
 from sparsec.reference import pattern_mask
 
@@ -26,6 +26,8 @@ DEFAULT_MIN_WEIGHTS = 1024
 DEFAULT_QUANT_BUDGET = 0.02
 
 QUANTIZE_CHOICES = (None, "int8", "auto")
+GRAD_MODES = ("magnitude", "rescale")
+WEIGHT_UPDATES = ("fixed", "ste")
 BACKEND_OPTIONS = ("auto", "triton", "torch")
 
 
@@ -42,13 +44,39 @@ class CompileOptions:
     backend: str = "auto"                    # "auto" | "triton" | "torch" (passes/backend.py)
     rewrite: bool = True                     # False: analysis only (explain)
     emit_only: bool = False                  # generate kernels without a device to run them (kernel dumps)
+    train: bool = False                      # rewrite to trainable layers (masks, SDGP) instead of packed ones
+    grad_pattern: NM | None = None           # SDGP: N:M pattern for data gradients (train only)
+    grad_mode: str = "magnitude"             # "magnitude" | "rescale"
+    weight_update: str = "fixed"             # "fixed" masks | "ste" (SR-STE re-pruning every step)
+    ste_decay: float = 2e-4                  # SR-STE's lambda_W
 
     @classmethod
     def from_user(cls, pattern: object, quantize: object = None, include: object = None, exclude: object = None,
                   plan: object = None, min_weights: object = DEFAULT_MIN_WEIGHTS,
                   quant_budget: object = DEFAULT_QUANT_BUDGET, leaf_modules: object = None,
-                  backend: object = "auto", rewrite: bool = True, emit_only: bool = False) -> CompileOptions:
+                  backend: object = "auto", rewrite: bool = True, emit_only: bool = False, train: object = False,
+                  grad_pattern: object = None, grad_mode: object = "magnitude", weight_update: object = "fixed",
+                  ste_decay: object = 2e-4) -> CompileOptions:
         """Validate user arguments up front, so errors name the argument, not a pass."""
+        if not isinstance(train, bool):
+            raise InvalidTypeError(f"train must be True or False, got {train!r}")
+        grad = parse_pattern(grad_pattern) if grad_pattern is not None else None
+        if grad is not None and not isinstance(grad, NM):
+            raise InvalidInputError(f"grad_pattern={grad_pattern!r}: data gradients are pruned N:M (e.g. '2:4'), or pass None")
+        if grad is not None and not train:
+            raise InvalidInputError("grad_pattern prunes gradients in backward, which needs train=True")
+        if grad_mode not in GRAD_MODES:
+            raise InvalidInputError(f"grad_mode={grad_mode!r} is not supported; accepted: {GRAD_MODES}")
+        if weight_update not in WEIGHT_UPDATES:
+            raise InvalidInputError(f"weight_update={weight_update!r} is not supported; accepted: {WEIGHT_UPDATES}")
+        if not isinstance(ste_decay, (int, float)) or ste_decay < 0:
+            raise InvalidInputError(f"ste_decay must be a non-negative number, got {ste_decay!r}")
+        if train and quantize is not None:
+            raise InvalidInputError("quantize is for inference: train with train=True, then compile the trained model "
+                                    "again with quantize=")
+        if train and backend == "triton":
+            raise InvalidInputError("train=True runs the torch training runtime (Triton prunes gradients on CUDA by "
+                                    "itself); use backend='auto' or 'torch'")
         if backend not in BACKEND_OPTIONS:
             raise InvalidInputError(f"backend={backend!r} is not supported; accepted: {BACKEND_OPTIONS}")
         if quantize not in QUANTIZE_CHOICES:
@@ -67,7 +95,9 @@ class CompileOptions:
         return cls(pattern=parse_pattern(pattern if plan is None or pattern is not None else plan.pattern),
                    quantize=quantize, include=_names("include", include), exclude=_names("exclude", exclude),
                    plan=plan, min_weights=min_weights, quant_budget=float(quant_budget),
-                   leaf_modules=tuple(leaf_modules or ()), backend=backend, rewrite=rewrite, emit_only=emit_only)
+                   leaf_modules=tuple(leaf_modules or ()), backend=backend, rewrite=rewrite, emit_only=emit_only,
+                   train=train, grad_pattern=grad, grad_mode=grad_mode, weight_update=weight_update,
+                   ste_decay=float(ste_decay))
 
 
 def _names(arg: str, value: object) -> tuple[str, ...]:

@@ -22,11 +22,13 @@ from sparsec.passes.candidates import find_candidates
 from sparsec.passes.eligibility import check_eligibility
 from sparsec.passes.emit_kernels import emit_kernels
 from sparsec.passes.fusion import fuse_epilogues
+from sparsec.passes.grad_selection import choose_grad_sparsity
 from sparsec.passes.plan_builder import build_plan
 from sparsec.passes.quantization import choose_quantization
 from sparsec.passes.selection import choose_sparsity
 from sparsec.passes.shape_prop import propagate_shapes
 from sparsec.passes.sparsify import sparsify_layers
+from sparsec.passes.trainable import make_trainable
 from sparsec.patterns import Dense
 
 Pass = Callable[[fx.GraphModule, CompileContext], fx.GraphModule]
@@ -36,6 +38,7 @@ ANALYSIS_PASSES: list[Pass] = [
     find_candidates,       # which nodes are Linear / Conv2d / matmul layers on a parameter
     check_eligibility,     # dtype, NaN/Inf, shared weights
     choose_sparsity,       # pattern per layer: policy, include/exclude, or the given plan
+    choose_grad_sparsity,  # train=True: SDGP gradient pattern per layer
     choose_quantization,   # int8 or not, with the measured error
     choose_backend,        # torch / triton / cuSPARSELt / dense per sparse layer (measured on CUDA)
     build_plan,            # collect decisions into ctx.plan
@@ -45,6 +48,10 @@ REWRITE_PASSES: list[Pass] = [
     sparsify_layers,       # chosen layers -> packed runtime modules
     fuse_epilogues,        # bias / activation / scale / cast after a Triton layer -> its epilogue
     emit_kernels,          # one Triton kernel per distinct fused chain, through the kernel cache
+]
+
+TRAINING_REWRITE_PASSES: list[Pass] = [
+    make_trainable,        # train=True: masked / STE weights and SDGP backward, as TrainableLayer modules
 ]
 
 
@@ -72,8 +79,12 @@ def _structure(gm: fx.GraphModule) -> str:
 
 
 def run_pipeline(gm: fx.GraphModule, ctx: CompileContext) -> tuple[fx.GraphModule, list[PassRecord]]:
-    rewrite = ctx.options.rewrite and not isinstance(ctx.options.pattern, Dense)
-    passes = [(p, "analysis") for p in ANALYSIS_PASSES] + ([(p, "rewrite") for p in REWRITE_PASSES] if rewrite else [])
+    opts = ctx.options
+    if opts.train:
+        rewrites = TRAINING_REWRITE_PASSES if opts.rewrite else []
+    else:
+        rewrites = REWRITE_PASSES if opts.rewrite and not isinstance(opts.pattern, Dense) else []
+    passes = [(p, "analysis") for p in ANALYSIS_PASSES] + [(p, "rewrite") for p in rewrites]
     history: list[PassRecord] = []
     debug = debug_level()
     for fn, kind in passes:

@@ -81,7 +81,7 @@ def test_graph_is_annotated_and_history_kept():
     assert "# sparsec: fc2 (linear) -> 2:4:" in code
     assert "# sparsec: fc1 (linear) -> dense: first layer" in code
     names = [r.name for r in cm.history]
-    assert names == ["propagate_shapes", "find_candidates", "check_eligibility", "choose_sparsity",
+    assert names == ["propagate_shapes", "find_candidates", "check_eligibility", "choose_sparsity", "choose_grad_sparsity",
                      "choose_quantization", "choose_backend", "build_plan", "sparsify_layers", "fuse_epilogues",
                      "emit_kernels"]
     assert all(r.seconds >= 0 and "def forward" in r.code for r in cm.history)

@@ -15,7 +15,44 @@ from sparsec.reference import rows_to_weight
 from sparsec.runtime.packed import PackedWeight
 
 
-class SparseLayer(nn.Module):
+class RuntimeLayer(nn.Module):
+    """A layer sparsec put into the graph: it knows its plan name and answers inspection questions."""
+
+    layer_name: str
+
+    def effective_weight(self) -> torch.Tensor:
+        """The dense weight the layer computes with, in the original weight's shape."""
+        raise NotImplementedError
+
+    def mask(self) -> torch.Tensor:
+        """The layer's sparsity mask (bool, original weight shape)."""
+        raise NotImplementedError
+
+
+def explicit_padding(conv: ConvParams, weight_shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+    """F.pad amounts (left, right, top, bottom) for a non-"zeros" padding_mode, as nn.Conv2d computes them."""
+    kh, kw = weight_shape[2:]
+    if conv.padding == "same":
+        pads = []
+        for d, k in ((conv.dilation[1], kw), (conv.dilation[0], kh)):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return tuple(pads)
+    if conv.padding == "valid":
+        return (0, 0, 0, 0)
+    return (conv.padding[1], conv.padding[1], conv.padding[0], conv.padding[0])
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv: ConvParams,
+           explicit_pad: tuple[int, int, int, int] | None, fn=F.conv2d) -> torch.Tensor:
+    """F.conv2d with nn.Conv2d's handling of padding modes; `fn` may be a drop-in (e.g. SDGP's)."""
+    if conv.padding_mode != "zeros":
+        x = F.pad(x, explicit_pad, mode=conv.padding_mode)
+        return fn(x, weight, bias, conv.stride, 0, conv.dilation, conv.groups)
+    return fn(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+class SparseLayer(RuntimeLayer):
     """Common part: the packed weight, the bias, and what the plan said about this layer."""
 
     def __init__(self, packed: PackedWeight, bias: torch.Tensor | None, op: str, weight_shape: tuple[int, ...],
@@ -53,25 +90,9 @@ class SparseLinear(SparseLayer):
 class SparseConv2d(SparseLayer):
     def __init__(self, packed, bias, weight_shape, layer_name, pattern, reason, conv: ConvParams):
         super().__init__(packed, bias, "conv2d", weight_shape, layer_name, pattern, reason)
-        self.stride, self.dilation, self.groups = conv.stride, conv.dilation, conv.groups
-        self.padding, self.padding_mode = conv.padding, conv.padding_mode
-        if conv.padding_mode != "zeros":
-            # Same as nn.Conv2d: pad explicitly with the requested mode, then convolve unpadded.
-            kh, kw = self.weight_shape[2:]
-            if conv.padding == "same":
-                pads = []
-                for d, k in ((conv.dilation[1], kw), (conv.dilation[0], kh)):
-                    total = d * (k - 1)
-                    pads += [total // 2, total - total // 2]
-            elif conv.padding == "valid":
-                pads = [0, 0, 0, 0]
-            else:
-                pads = [conv.padding[1], conv.padding[1], conv.padding[0], conv.padding[0]]
-            self.explicit_pad = tuple(pads)
+        self.conv = conv
+        self.explicit_pad = explicit_padding(conv, self.weight_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = rows_to_weight(self.packed.rows(), "conv2d", self.weight_shape)
-        if self.padding_mode != "zeros":
-            x = F.pad(x, self.explicit_pad, mode=self.padding_mode)
-            return F.conv2d(x, weight, self.bias, self.stride, 0, self.dilation, self.groups)
-        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return conv2d(x, weight, self.bias, self.conv, self.explicit_pad)

@@ -1,0 +1,79 @@
+"""Analysis: choose each layer's data-gradient pattern (SDGP), with the reason, when training.
+
+A layer gets `grad_pattern` unless:
+  * nothing upstream of its input is trainable: its data gradient dX is never used (the first
+    layer reading the model input), so there is nothing to prune;
+  * its output-feature count (conv: output channels) is not a multiple of M: dY cannot be grouped
+    along it, the gradient stays dense;
+  * it cannot be trained as a sparsec layer at all (eligibility blocker).
+Weight sparsity and gradient sparsity are independent: a dense-weight layer can still use SDGP.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import networkx as nx
+import torch.fx as fx
+
+from sparsec.context import CompileContext
+from sparsec.errors import InvalidInputError
+from sparsec.meta import get_meta, layer_nodes, update_meta
+from sparsec.patterns import parse_pattern
+
+
+def _trainable_sources(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes that read parameters: get_attr of a Parameter, or a call to a module owning parameters."""
+    out = set()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            try:
+                gm.get_parameter(node.target)
+                out.add(node)
+            except AttributeError:
+                pass
+        elif node.op == "call_module" and any(True for _ in gm.get_submodule(node.target).parameters()):
+            out.add(node)
+    return out
+
+
+def choose_grad_sparsity(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
+    opts = ctx.options
+    if not opts.train:
+        return gm
+    graph = nx.DiGraph()
+    for node in gm.graph.nodes:
+        graph.add_node(node)
+        for inp in node.all_input_nodes:
+            graph.add_edge(inp, node)
+    sources = _trainable_sources(gm)
+    for name, nodes in layer_nodes(gm).items():
+        meta = get_meta(nodes[0])
+        decision, layer = meta.decision, meta.layer
+        if opts.plan is not None:
+            grad = decision.grad_sparsity
+            if grad is not None and layer.out_features % parse_pattern(grad).m:
+                raise InvalidInputError(f"the given plan asks for gradient pattern {grad} on layer {name!r}, whose "
+                                 f"{layer.out_features} output features are not a multiple of M={parse_pattern(grad).m}")
+            continue
+        g = opts.grad_pattern
+        if g is None or g.n == g.m:
+            continue
+        data = [n.args[0] for n in nodes if n.args and isinstance(n.args[0], fx.Node)]
+        upstream = set().union(*(nx.ancestors(graph, d) | {d} for d in data)) if data else set()
+        if meta.blocker:
+            note, grad = None, None
+        elif not upstream & sources:
+            note, grad = "gradient dense: no trainable parameter upstream, so its data gradient is never used", None
+        elif layer.out_features % g.m:
+            what = "output channels" if layer.op == "conv2d" else "output features"
+            note, grad = f"gradient dense: {layer.out_features} {what} are not a multiple of M={g.m}", None
+        else:
+            along = "output channels at each position" if layer.op == "conv2d" else "output features"
+            note, grad = f"SDGP: dX from dY pruned {g} along {along} ({opts.grad_mode}); dW, db dense", str(g)
+        if note is None:
+            continue
+        decision = dataclasses.replace(decision, grad_sparsity=grad, reason=f"{decision.reason}; {note}")
+        for node in nodes:
+            update_meta(node, decision=decision)
+        ctx.counters["grad_pruned" if grad else "grad_dense"] += 1
+    return gm

@@ -1,0 +1,107 @@
+"""TrainableLayer: what `compile(..., train=True)` puts in place of a Linear / Conv2d / matmul layer.
+
+The weight stays a dense Parameter (in the original shape) and the mask is separate, first-class
+state. Forward computes with `weight * mask`:
+
+* weight_update="fixed": the mask never changes. Pruned weights are zeroed once, get zero gradient
+  (d(w*mask)/dw = mask), so any optimizer (SGD, AdamW with weight decay) leaves them exactly 0.
+* weight_update="ste": SR-STE (Zhou et al., ICLR 2021). The mask is recomputed from the dense
+  weight on every forward; the gradient passes straight through to all weights, and pruned ones
+  also get `ste_decay * w` (the "sparse-refined" term, lambda_W = 2e-4 in the paper), which pulls
+  weights that keep flipping in and out of the mask towards 0.
+
+With a gradient pattern (SDGP), the data gradient dX is computed from dY pruned N:M along the
+output features (channels for conv); dW and db use the unpruned dY (sparsec/runtime/sdgp.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sparsec.meta import ConvParams
+from sparsec.patterns import NM, Pattern
+from sparsec.reference import pattern_mask, rows_to_weight, weight_to_rows
+from sparsec.runtime.layers import RuntimeLayer, conv2d, explicit_padding
+from sparsec.runtime.sdgp import sdgp_conv2d, sdgp_linear
+
+DEFAULT_STE_DECAY = 2e-4  # SR-STE's lambda_W
+
+
+class _SparseRefinedSTE(torch.autograd.Function):
+    """forward: w * mask; backward: g + decay * (~mask) * w (straight through, plus SR-STE's term)."""
+
+    @staticmethod
+    def forward(ctx, weight, mask, decay):
+        ctx.save_for_backward(weight, mask)
+        ctx.decay = decay
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, mask = ctx.saved_tensors
+        return grad + ctx.decay * weight * (~mask), None, None
+
+
+class TrainableLayer(RuntimeLayer):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, op: str, layer_name: str, reason: str,
+                 pattern: Pattern | None = None, mask: torch.Tensor | None = None, grad_pattern: NM | None = None,
+                 grad_mode: str = "magnitude", weight_update: str = "fixed", ste_decay: float = DEFAULT_STE_DECAY,
+                 conv: ConvParams | None = None):
+        super().__init__()
+        if (pattern is None) != (mask is None):
+            raise ValueError("a weight pattern needs its mask and a mask needs its pattern")
+        self.op, self.layer_name, self.reason = op, layer_name, reason
+        self.pattern, self.grad_pattern, self.grad_mode = pattern, grad_pattern, grad_mode
+        self.weight_update, self.ste_decay = weight_update, ste_decay
+        self.conv = conv
+        self.explicit_pad = explicit_padding(conv, tuple(weight.shape)) if conv is not None else None
+        masked = weight.detach() * mask if mask is not None else weight.detach()
+        self.weight = nn.Parameter(masked.clone())
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        self.register_buffer("weight_mask", mask.clone() if mask is not None else None)
+
+    # ---- the weight the layer computes with
+
+    def _current(self) -> torch.Tensor:
+        if self.weight_mask is None:
+            return self.weight
+        if self.weight_update == "ste":
+            with torch.no_grad():  # SR-STE: re-prune from the dense weight every step
+                rows = weight_to_rows(self.weight.detach(), self.op)
+                self.weight_mask.copy_(rows_to_weight(pattern_mask(rows, self.pattern), self.op, self.weight.shape))
+            return _SparseRefinedSTE.apply(self.weight, self.weight_mask, self.ste_decay)
+        return self.weight * self.weight_mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self._current()
+        g = self.grad_pattern
+        if self.op == "conv2d":
+            if g is None:
+                return conv2d(x, w, self.bias, self.conv, self.explicit_pad)
+            sdgp = lambda x_, w_, b_, s, p, d, groups: sdgp_conv2d(x_, w_, b_, s, p, d, groups, g.n, g.m, self.grad_mode)  # noqa: E731
+            return conv2d(x, w, self.bias, self.conv, self.explicit_pad, fn=sdgp)
+        rows = w.t() if self.op == "matmul" else w
+        if g is None:
+            return F.linear(x, rows, self.bias)
+        return sdgp_linear(x, rows, self.bias, g.n, g.m, self.grad_mode)
+
+    # ---- inspection
+
+    @torch.no_grad()
+    def effective_weight(self) -> torch.Tensor:
+        w = self.weight.detach()
+        return (w * self.weight_mask if self.weight_mask is not None else w).clone()
+
+    @torch.no_grad()
+    def mask(self) -> torch.Tensor:
+        if self.weight_mask is None:
+            return torch.ones_like(self.weight, dtype=torch.bool)
+        return self.weight_mask.clone()
+
+    def extra_repr(self) -> str:
+        parts = [f"{self.layer_name!r}: {self.op} {tuple(self.weight.shape)}",
+                 f"weights {self.pattern} ({self.weight_update})" if self.pattern else "dense weights"]
+        if self.grad_pattern:
+            parts.append(f"SDGP {self.grad_pattern} ({self.grad_mode})")
+        return ", ".join(parts)

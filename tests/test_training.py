@@ -1,0 +1,202 @@
+"""compile(train=True): SDGP backward, masked / SR-STE weight updates, plans, autocast.
+
+Gradients are checked directly against plain torch: with loss = sum(y * G) the layer's dY is
+exactly G, so X.grad must be prune(G) @ W (an independent pruning below), W.grad = G^T X (masked),
+b.grad = sum(G)."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import sparsec
+from oracle import load_example, lexsort_mask, output_error
+
+torch.manual_seed(0)
+
+
+def prune_rows(g: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """N:M along the last dim, independent of sparsec (numpy lexsort on (-|g|, index))."""
+    mask = lexsort_mask(g.reshape(*g.shape[:-1], -1, m), n).reshape(g.shape)
+    return g * mask
+
+
+def prune_channels(g: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """[N, C, H, W]: N:M along C at each (n, h, w)."""
+    return prune_rows(g.permute(0, 2, 3, 1), n, m).permute(0, 3, 1, 2)
+
+
+def single_layer_plan(model, x, sparsity, grad):
+    plan = sparsec.explain(model, pattern="dense", example_inputs=(x,))
+    plan["0"].sparsity, plan["0"].grad_sparsity = sparsity, grad
+    return plan
+
+
+@pytest.mark.parametrize("sparsity", [None, "2:4"])
+@pytest.mark.parametrize("shape", [(6, 32), (2, 3, 32)])
+def test_linear_sdgp_gradients(sparsity, shape):
+    model = nn.Sequential(nn.Linear(32, 16))
+    x = torch.randn(*shape)
+    cm = sparsec.compile(model, example_inputs=(x,), train=True, plan=single_layer_plan(model, x, sparsity, "2:4"))
+    layer = cm.sparse_module("0")
+    xg = x.clone().requires_grad_(True)
+    y = cm(xg)
+    G = torch.randn_like(y)
+    (y * G).sum().backward()
+    w = cm.effective_weight("0")
+    assert torch.allclose(y, F.linear(x, w, model[0].bias), atol=1e-6)
+    assert torch.allclose(xg.grad, prune_rows(G, 2, 4) @ w, atol=1e-6)
+    assert not torch.allclose(xg.grad, G @ w, atol=1e-3), "the data gradient really is pruned"
+    dense_wgrad = G.reshape(-1, 16).t() @ x.reshape(-1, 32)
+    expected_wgrad = dense_wgrad * cm.mask("0") if sparsity else dense_wgrad
+    assert torch.allclose(layer.weight.grad, expected_wgrad, atol=1e-5)
+    assert torch.allclose(layer.bias.grad, G.reshape(-1, 16).sum(0), atol=1e-5)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_conv_sdgp_groups_along_channels(memory_format):
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, stride=2))
+    x = torch.randn(2, 8, 9, 9).to(memory_format=memory_format)
+    cm = sparsec.compile(model, example_inputs=(x,), train=True, plan=single_layer_plan(model, x, "2:4", "2:4"))
+    xg = x.clone().requires_grad_(True)
+    y = cm(xg)
+    G = torch.randn_like(y).to(memory_format=memory_format)
+    (y * G).sum().backward()
+    w = cm.effective_weight("0")
+    expected = torch.nn.grad.conv2d_input(x.shape, w, prune_channels(G, 2, 4), stride=2, padding=1)
+    assert torch.allclose(xg.grad, expected, atol=1e-5)
+    layer = cm.sparse_module("0")
+    dense_wgrad = torch.nn.grad.conv2d_weight(x, w.shape, G, stride=2, padding=1)
+    assert torch.allclose(layer.weight.grad, dense_wgrad * cm.mask("0"), atol=1e-4)
+
+
+def test_rescale_mode_keeps_each_rows_l1_norm():
+    model = nn.Sequential(nn.Linear(32, 16))
+    x = torch.randn(5, 32)
+    plan = single_layer_plan(model, x, None, "2:4")
+    cm = sparsec.compile(model, example_inputs=(x,), train=True, plan=plan, grad_mode="rescale")
+    xg = x.clone().requires_grad_(True)
+    y = cm(xg)
+    G = torch.randn_like(y)
+    (y * G).sum().backward()
+    pruned = prune_rows(G, 2, 4)
+    rescaled = pruned * (G.abs().sum(-1, keepdim=True) / pruned.abs().sum(-1, keepdim=True))
+    assert torch.allclose(rescaled.abs().sum(-1), G.abs().sum(-1), rtol=1e-4)
+    assert torch.allclose(xg.grad, rescaled @ model[0].weight, atol=1e-5)
+
+
+def test_n_equal_m_is_a_no_op():
+    model, (x,) = load_example("mlp").build_model()
+    ref = copy.deepcopy(model)
+    cm = sparsec.compile(model, pattern="dense", example_inputs=(x,), train=True, grad_pattern="4:4")
+    assert not any(lp.grad_sparsity for lp in cm.plan)
+    xg, xr = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    cm(xg).square().sum().backward()
+    ref(xr).square().sum().backward()
+    assert torch.equal(xg.grad, xr.grad)
+
+
+def test_plan_gradient_column_and_reasons():
+    model, inputs = load_example("cnn").build_model()
+    plan = sparsec.explain(model, example_inputs=inputs, train=True, grad_pattern="2:4")
+    assert plan["stem.0"].grad_sparsity is None and "data gradient is never used" in plan["stem.0"].reason
+    assert plan["head"].grad_sparsity is None and "10 output features are not a multiple of M=4" in plan["head"].reason
+    assert plan["stage1.0.0"].grad_sparsity == "2:4" and "SDGP" in plan["stage1.0.0"].reason
+    assert "grad" in str(plan).splitlines()[1]
+    assert sparsec.Plan.from_json(plan.to_json()) == plan
+
+
+@pytest.mark.parametrize("make_optimizer", [
+    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2),
+    lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+])
+@pytest.mark.parametrize("pattern", ["2:4", "fanin:0.75"])
+def test_fixed_masks_survive_optimizer_steps(make_optimizer, pattern):
+    model, (x,) = load_example("mlp").build_model()
+    cm = sparsec.compile(model, pattern=pattern, example_inputs=(x,), train=True, grad_pattern="2:4")
+    masks = {lp.name: cm.mask(lp.name) for lp in cm.plan.sparse_layers}
+    opt = make_optimizer(cm.parameters())
+    target = torch.randint(0, 10, (8,))
+    for _ in range(6):
+        loss = F.cross_entropy(cm(x), target)
+        opt.zero_grad()
+        loss.backward()
+        for name in masks:
+            assert (cm.sparse_module(name).weight.grad[~masks[name]] == 0).all(), "pruned weights get no gradient"
+        opt.step()
+    for name, mask in masks.items():
+        w = cm.sparse_module(name).weight
+        assert torch.equal(cm.mask(name), mask)
+        assert (w[~mask] == 0).all() and (w[mask] != 0).all()
+
+
+def test_ste_mask_follows_the_weights_and_decays_pruned_ones():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    x = torch.randn(4, 8)
+    plan = sparsec.explain(model, example_inputs=(x,), include=["0"], min_weights=0)
+    cm = sparsec.compile(model, example_inputs=(x,), train=True, plan=plan, weight_update="ste", ste_decay=0.5)
+    layer = cm.sparse_module("0")
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(8, 8))  # a dense shadow weight: the mask is re-derived from it
+    y = cm(x)
+    G = torch.randn_like(y)
+    (y * G).sum().backward()
+    mask = cm.mask("0")
+    assert torch.equal(mask, lexsort_mask(layer.weight.detach().reshape(8, 2, 4), 2).reshape(8, 8))
+    # straight-through: every weight gets dL/d(W*mask); pruned ones also SR-STE's 0.5 * w
+    expected = _ste_grad(x, layer, cm, G, mask) + 0.5 * layer.weight.detach() * (~mask)
+    assert torch.allclose(layer.weight.grad, expected, atol=1e-5)
+    assert (layer.weight.grad[~mask] != 0).any(), "pruned weights do receive gradient under STE"
+    # weights crossing each other flip the mask on the next step
+    with torch.no_grad():
+        flipped = torch.where(mask, torch.full_like(layer.weight, 0.01), torch.full_like(layer.weight, 5.0))
+        layer.weight.copy_(flipped)
+    cm(x)
+    assert torch.equal(cm.mask("0"), ~mask)
+
+
+def _ste_grad(x, layer, cm, G, mask):
+    """dL/d(W*mask) evaluated at the masked weight: what STE hands to every entry of W."""
+    wm = (layer.weight.detach() * mask).requires_grad_(True)
+    head = cm.graph_module.get_submodule("2")
+    y = F.linear(F.relu(F.linear(x, wm, layer.bias.detach())), head.weight.detach(), head.bias.detach())
+    (y * G).sum().backward()
+    return wm.grad
+
+
+def test_training_under_autocast_bf16():
+    model, inputs = load_example("cnn").build_model()
+    cm = sparsec.compile(model.train(), pattern="2:4", example_inputs=inputs, train=True, grad_pattern="2:4")
+    opt = torch.optim.SGD(cm.parameters(), lr=0.01)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = cm(*inputs)
+    loss = F.cross_entropy(out.float(), torch.tensor([1, 2]))
+    loss.backward()
+    opt.step()
+    layer = cm.sparse_module("stage1.0.0")
+    assert out.dtype == torch.bfloat16 and layer.weight.grad.dtype == torch.float32
+    assert torch.isfinite(layer.weight.grad).all() and (layer.weight[~cm.mask("stage1.0.0")] == 0).all()
+
+
+def test_trained_model_computes_like_the_masked_original():
+    model, inputs = load_example("transformer").build_model()
+    cm = sparsec.compile(model, pattern="2:4", example_inputs=inputs, train=True, grad_pattern="2:4")
+    inference = sparsec.compile(model, pattern="2:4", example_inputs=inputs)
+    with torch.no_grad():
+        assert output_error(cm(*inputs), inference(*inputs)) <= 1e-5
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(grad_pattern="2:4"), "needs train=True"),
+    (dict(train=True, grad_pattern="fanin:0.5"), "pruned N:M"),
+    (dict(train=True, grad_mode="random"), "grad_mode='random'"),
+    (dict(train=True, weight_update="sgd"), "weight_update='sgd'"),
+    (dict(train=True, quantize="int8"), "quantize is for inference"),
+    (dict(train=True, backend="triton"), "torch training runtime"),
+    (dict(train="yes"), "train must be True or False"),
+])
+def test_bad_training_options(kwargs, match):
+    model, inputs = load_example("mlp").build_model()
+    with pytest.raises((ValueError, TypeError), match=match):
+        sparsec.compile(model, example_inputs=inputs, **kwargs)
