@@ -347,10 +347,3 @@ def test_dump_kernels_writes_importable_files_and_manifest(tmp_path, monkeypatch
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
 
-
-def test_gpu_benchmark_skips_cleanly_without_cuda():
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present: the benchmark is run by hand there")
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "bench_sparse24.py")
-    result = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and "skipped" in result.stdout

@@ -189,7 +189,7 @@ class SDGPLinear(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         with _no_autocast(ctx.device_type):
             if need_x:
-                grad_x = prune_grad(dy, n, m, -1, mode).matmul(weight)
+                grad_x = _linear_dgrad(dy, weight, n, m, mode)
             if need_w or need_b:
                 dy_rows = dy.reshape(-1, dy.shape[-1])  # leading dims flattened: [tokens, out]
             if need_w:
@@ -197,6 +197,42 @@ class SDGPLinear(torch.autograd.Function):
             if need_b:
                 grad_b = dy_rows.sum(0)
         return (*_grads_to_input_dtypes(ctx, (grad_x, grad_w, grad_b)), None, None, None)
+
+
+def _kernel_path(dy: torch.Tensor) -> bool:
+    """2:4 gradients on CUDA are pruned by sparsec's Triton prune+compress kernel."""
+    if not dy.is_cuda:
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _sparse_mm(pruned: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """pruned [tokens, out] (2:4 along out) @ weight [out, in]: on 2:4 sparse tensor cores when torch
+    has semi-structured sparsity for this dtype and shape, else a dense GEMM."""
+    if pruned.dtype in (torch.float16, torch.bfloat16) and hasattr(torch.sparse, "to_sparse_semi_structured"):
+        try:
+            return torch.mm(torch.sparse.to_sparse_semi_structured(pruned), weight)
+        except (RuntimeError, ValueError, NotImplementedError):
+            pass  # shape or build not supported: the dense product is the same math
+    return pruned.mm(weight)
+
+
+def _linear_dgrad(dy: torch.Tensor, weight: torch.Tensor, n: int, m: int, mode: str) -> torch.Tensor:
+    if (n, m) != (2, 4) or not _kernel_path(dy):
+        return prune_grad(dy, n, m, -1, mode).matmul(weight)
+    from sparsec.codegen.sparse24 import prune24
+    from sparsec.reference import nm_decompress
+
+    rows = dy.reshape(-1, dy.shape[-1])
+    values, meta = prune24(rows)
+    pruned = nm_decompress(values, meta, 2, 4)
+    if mode == "rescale":
+        pruned = _rescale_l1(rows, pruned, 1)
+    return _sparse_mm(pruned, weight).reshape(*dy.shape[:-1], weight.shape[1])
 
 
 def sdgp_linear(x, weight, bias=None, n: int = 2, m: int = 4, mode: str = "magnitude"):
