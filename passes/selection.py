@@ -84,7 +84,7 @@ def describe_sparse(layer: LayerInfo, pattern: Pattern) -> str:
     return f"{pattern}: every output row keeps k={k} of {layer.reduction} weights (constant fan-in)"
 
 
-def _position(gm: fx.GraphModule) -> tuple[set[str], set[str]]:
+def layer_positions(gm: fx.GraphModule) -> tuple[set[str], set[str]]:
     """(first, last) layer names: no other candidate upstream / downstream in the dataflow graph."""
     graph = nx.DiGraph()
     for node in gm.graph.nodes:
@@ -173,7 +173,7 @@ def choose_sparsity(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             if lp.name in ctx.unreached and lp.sparsity:
                 raise InvalidInputError(f"the given plan asks for {lp.sparsity} on layer {lp.name!r}, which cannot take it: "
                                         f"{ctx.unreached[lp.name].why}")
-    first, last = _position(gm)
+    first, last = layer_positions(gm)
     pattern = parse_pattern(opts.plan.pattern) if opts.plan is not None else opts.pattern
     for name, nodes in by_name.items():
         meta = get_meta(nodes[0])

@@ -13,11 +13,12 @@ from sparsec.interop import to_cutlass
 from sparsec.plan import LayerPlan, Plan
 from sparsec.reference import nm_compress, nm_decompress
 from sparsec.serialization import load, save
+from sparsec.srigl import SRigL
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "compile", "explain", "save", "load", "CompiledModel", "Plan", "LayerPlan",
+    "compile", "explain", "save", "load", "CompiledModel", "Plan", "LayerPlan", "SRigL",
     "nm_compress", "nm_decompress", "to_cutlass",
     "SparsecError", "InvalidInputError", "InvalidTypeError", "ExampleInputError", "TraceError", "PassError",
     "CorruptFileError",

@@ -60,6 +60,9 @@ class TrainableLayer(RuntimeLayer):
         self.weight = nn.Parameter(masked.clone())
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
         self.register_buffer("weight_mask", mask.clone() if mask is not None else None)
+        # Set by a scheduler that needs dL/d(weight * mask) at every position, masked ones included
+        # (SRigL regrows by dense-gradient magnitude); autograd alone only yields the masked gradient.
+        self.dense_grad_sink = None
 
     # ---- the weight the layer computes with
 
@@ -71,7 +74,10 @@ class TrainableLayer(RuntimeLayer):
                 rows = weight_to_rows(self.weight.detach(), self.op)
                 self.weight_mask.copy_(rows_to_weight(pattern_mask(rows, self.pattern), self.op, self.weight.shape))
             return _SparseRefinedSTE.apply(self.weight, self.weight_mask, self.ste_decay)
-        return self.weight * self.weight_mask
+        effective = self.weight * self.weight_mask
+        if self.dense_grad_sink is not None and effective.requires_grad:
+            effective.register_hook(self.dense_grad_sink)
+        return effective
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self._current()
@@ -98,6 +104,11 @@ class TrainableLayer(RuntimeLayer):
         if self.weight_mask is None:
             return torch.ones_like(self.weight, dtype=torch.bool)
         return self.weight_mask.clone()
+
+    def __getstate__(self):
+        state = super().__getstate__().copy()
+        state["dense_grad_sink"] = None  # a scheduler's callback is not part of the model
+        return state
 
     def extra_repr(self) -> str:
         parts = [f"{self.layer_name!r}: {self.op} {tuple(self.weight.shape)}",

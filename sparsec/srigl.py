@@ -1,0 +1,213 @@
+"""SRigL: dynamic sparse training with constant fan-in (Lasby et al., ICLR 2024).
+
+    cm = sparsec.compile(model, pattern="fanin:0.9", example_inputs=(x,), train=True)
+    opt = torch.optim.SGD(cm.parameters(), lr=0.1, momentum=0.9)
+    srigl = sparsec.SRigL(cm, opt, total_steps=len(loader) * epochs)
+    for x, y in loader:
+        loss_fn(cm(x), y).backward(); opt.step(); opt.zero_grad(); srigl.step()
+
+Every `delta_t` steps before `t_end * total_steps`, each constant fan-in layer (`update_layer`):
+  1. scores: |W| to keep, |dense gradient| to grow (averaged over `grad_accumulation` steps and,
+     under torch.distributed, over ranks, so every rank decides the same masks);
+  2. neuron ablation (not for the last layer): a weight is salient if it is in the layer's top
+     n_keep by |W| or top n_prune by |grad|; rows with fewer than max(1, int(gamma_sal * k0))
+     salient weights are ablated (all weights off). The ablated set is recomputed each update, so
+     a neuron can come back (the paper's code; sparsimony instead makes ablation permanent);
+  3. new fan-in k = floor(floor(numel * (1 - S)) / n_active): the ablated rows' budget goes to the rest;
+  4. prune: keep the layer-wise top n_keep = n_active_weights * (1 - drop) by |W|, at most k per row
+     (capped by magnitude, not arbitrarily as the original code did);
+  5. regrow every active row back to exactly k by the largest |dense gradient| among its positions
+     not kept (a weight dropped in this update may come back);
+  6. regrown weights start at exactly 0 and every optimizer-state entry of a weight that did not
+     survive (dropped, regrown, ablated) is zeroed, so masked weights stay exactly 0.
+drop = alpha / 2 * (1 + cos(pi * t / T_end)). Ties in any ranking go to the lower index.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from sparsec.errors import InvalidInputError, InvalidTypeError
+from sparsec.patterns import FanIn
+from sparsec.reference import rows_to_weight, weight_to_rows
+from sparsec.runtime.training import TrainableLayer
+
+
+def _top_flat(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Mask of the `count` largest entries of the whole tensor; ties to the lower (flat) index."""
+    flat = scores.reshape(-1)
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    if count > 0:
+        mask[torch.sort(flat, descending=True, stable=True).indices[:count]] = True
+    return mask.reshape(scores.shape)
+
+
+def _top_per_row(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Mask of the counts[r] largest entries of each row r; ties to the lower index."""
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
+    return rank < counts.unsqueeze(1)
+
+
+@dataclass
+class LayerUpdate:
+    """What one update did to one layer."""
+    mask: torch.Tensor          # new mask [out, fan_in]
+    kept: torch.Tensor          # weights that survived the update unchanged
+    regrown: torch.Tensor       # weights (re)grown this update: start at 0
+    ablated: torch.Tensor       # [out] rows switched off
+    k: int                      # fan-in of every active row
+    pruned: int                 # weights of the old mask not kept
+
+
+def update_layer(weight: torch.Tensor, mask: torch.Tensor, dense_grad: torch.Tensor, sparsity: float,
+                 drop_fraction: float, gamma_sal: float, ablation: bool) -> LayerUpdate:
+    """One SRigL update of a layer viewed as rows [out, fan_in] (see the module doc for the steps)."""
+    out, fan_in = weight.shape
+    budget = math.floor(out * fan_in * (1.0 - sparsity))
+    k0 = max(1, budget // out)
+    magnitude = torch.where(mask, weight.abs(), torch.full_like(weight, -1.0))  # inactive below any active
+    grad = dense_grad.abs()
+    n_active_weights = int(mask.sum())
+    n_prune = int(n_active_weights * drop_fraction)
+    n_keep = n_active_weights - n_prune
+
+    ablated = torch.zeros(out, dtype=torch.bool, device=weight.device)
+    if ablation:
+        salient = _top_flat(magnitude, n_keep) | _top_flat(grad, n_prune)
+        counts = salient.sum(1)
+        threshold = int(gamma_sal) if gamma_sal >= 1 else max(1, int(gamma_sal * k0))
+        # Enough neurons must stay for k <= fan_in: lower the threshold to the count of the
+        # min_neurons-th best neuron when it would ablate more than that.
+        min_neurons = max(1, -(-budget // fan_in))
+        nth_best = int(torch.sort(counts, descending=True).values[min(min_neurons, out) - 1])
+        ablated = counts < min(threshold, nth_best)
+
+    n_active = out - int(ablated.sum())
+    k = min(fan_in, max(1, budget // n_active))
+    active_rows = ~ablated
+    kept = _top_flat(torch.where(active_rows.unsqueeze(1), magnitude, torch.full_like(magnitude, -2.0)), n_keep)
+    kept &= mask & active_rows.unsqueeze(1)
+    kept &= _top_per_row(torch.where(kept, weight.abs(), torch.full_like(weight, -1.0)),
+                         torch.full((out,), k, device=weight.device))
+    need = (k - kept.sum(1)).clamp_min(0) * active_rows
+    regrown = _top_per_row(torch.where(kept, torch.full_like(grad, -1.0), grad), need) & ~kept
+    return LayerUpdate(mask=kept | regrown, kept=kept, regrown=regrown, ablated=ablated, k=k,
+                       pruned=int((mask & ~kept).sum()))
+
+
+@dataclass
+class UpdateRecord:
+    step: int
+    drop_fraction: float
+    layers: dict[str, dict] = field(default_factory=dict)  # name -> k, active neurons, pruned, regrown
+
+
+class SRigL:
+    def __init__(self, cm, optimizer: torch.optim.Optimizer, total_steps: int, delta_t: int = 100, alpha: float = 0.3,
+                 t_end: float = 0.75, gamma_sal: float = 0.3, ablation: bool = True, grad_accumulation: int = 1):
+        from sparsec.passes.selection import layer_positions
+
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise InvalidTypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        for name, value in (("total_steps", total_steps), ("delta_t", delta_t), ("grad_accumulation", grad_accumulation)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidInputError(f"{name} must be a positive int, got {value!r}")
+        if grad_accumulation > delta_t:
+            raise InvalidInputError(f"grad_accumulation={grad_accumulation} cannot exceed delta_t={delta_t}")
+        if not 0 < t_end <= 1 or not 0 <= alpha <= 1 or gamma_sal <= 0:
+            raise InvalidInputError(f"need 0 < t_end <= 1, 0 <= alpha <= 1, gamma_sal > 0; got t_end={t_end}, "
+                                    f"alpha={alpha}, gamma_sal={gamma_sal}")
+        self.layers = {m.layer_name: m for m in cm.graph_module.modules()
+                       if isinstance(m, TrainableLayer) and isinstance(m.pattern, FanIn)}
+        if not self.layers:
+            raise InvalidInputError("SRigL needs constant fan-in layers: compile with pattern='fanin:S' and train=True")
+        bad = [n for n, m in self.layers.items() if m.weight_update != "fixed"]
+        if bad:
+            raise InvalidInputError(f"SRigL owns the masks; layers {bad} were compiled with weight_update='ste'")
+        params = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [n for n, m in self.layers.items() if id(m.weight) not in params]
+        if missing:
+            raise InvalidInputError(f"the optimizer does not hold the weights of {missing}; build it from cm.parameters()")
+        _, last = layer_positions(cm.graph_module)
+        self.never_ablate = set(last)
+        self.optimizer, self.total_steps, self.delta_t = optimizer, total_steps, delta_t
+        self.alpha, self.gamma_sal, self.ablation, self.grad_accumulation = alpha, gamma_sal, ablation, grad_accumulation
+        self.t_end = int(t_end * total_steps)
+        self.steps = 0
+        self.history: list[UpdateRecord] = []
+        self._dense_grads: dict[str, torch.Tensor] = {}
+        self._arm(1)
+
+    # ---- schedule
+
+    def drop_fraction(self, step: int) -> float:
+        return self.alpha / 2 * (1 + math.cos(math.pi * step / self.t_end))
+
+    def is_update_step(self, step: int) -> bool:
+        return step % self.delta_t == 0 and step < self.t_end
+
+    def _arm(self, step: int) -> None:
+        """Capture dense gradients in the backward of `step` when it is among the last
+        `grad_accumulation` steps before an update."""
+        next_update = -(-step // self.delta_t) * self.delta_t
+        capture = next_update < self.t_end and next_update - step < self.grad_accumulation
+        for name, layer in self.layers.items():
+            layer.dense_grad_sink = (lambda g, name=name: self._accumulate(name, g)) if capture else None
+
+    def _accumulate(self, name: str, grad: torch.Tensor) -> None:
+        g = grad.detach().float() / self.grad_accumulation
+        self._dense_grads[name] = self._dense_grads[name] + g if name in self._dense_grads else g
+
+    def step(self) -> UpdateRecord | None:
+        """Call after optimizer.step(); returns the update record when this step updated masks."""
+        self.steps += 1
+        record = self._update() if self.is_update_step(self.steps) else None
+        self._arm(self.steps + 1)
+        return record
+
+    # ---- the update
+
+    @torch.no_grad()
+    def _update(self) -> UpdateRecord:
+        drop = self.drop_fraction(self.steps)
+        record = UpdateRecord(step=self.steps, drop_fraction=drop)
+        for name, layer in self.layers.items():
+            rows = weight_to_rows(layer.weight.detach(), layer.op).float()
+            mask = weight_to_rows(layer.weight_mask, layer.op)
+            grad = self._dense_grads.pop(name, None)
+            grad = weight_to_rows(grad, layer.op) if grad is not None else torch.zeros_like(rows)
+            rows, grad = _mean_over_ranks(rows), _mean_over_ranks(grad)
+            result = update_layer(rows, mask, grad, layer.pattern.sparsity, drop, self.gamma_sal,
+                                  self.ablation and name not in self.never_ablate)
+            shape = layer.weight.shape
+            new_mask = rows_to_weight(result.mask, layer.op, shape)
+            survived = rows_to_weight(result.kept, layer.op, shape)
+            layer.weight_mask.copy_(new_mask)
+            layer.weight.mul_(survived)  # regrown start at 0, dropped and ablated become 0
+            for value in self.optimizer.state.get(layer.weight, {}).values():
+                if isinstance(value, torch.Tensor) and value.shape == shape:
+                    value.mul_(survived)  # momentum / Adam moments only for weights that survived
+            record.layers[name] = {"k": result.k, "active_neurons": int((~result.ablated).sum()),
+                                   "pruned": result.pruned, "regrown": int(result.regrown.sum())}
+        self.history.append(record)
+        return record
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = int(state["steps"])
+        self._arm(self.steps + 1)
+
+
+def _mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """Average across torch.distributed ranks so every rank takes the same decisions."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= dist.get_world_size()
+    return t

@@ -1,0 +1,203 @@
+"""SRigL against plain-torch checks of its invariants: constant fan-in after every update, budget,
+prune/regrow criteria, zeroed regrown weights and optimizer state, the schedule, ablation, DDP."""
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import sparsec
+from sparsec.srigl import SRigL, update_layer
+
+
+@given(st.integers(2, 12), st.integers(4, 24), st.sampled_from([0.5, 0.8, 0.9]), st.floats(0.0, 0.3),
+       st.booleans(), st.integers(0, 10**6))
+def test_update_invariants(out, fan_in, sparsity, drop, ablation, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, fan_in, generator=g)
+    budget = math.floor(out * fan_in * (1 - sparsity))
+    k0 = max(1, budget // out)
+    mask = torch.zeros(out, fan_in, dtype=torch.bool)
+    for r in range(out):
+        mask[r, torch.randperm(fan_in, generator=g)[:k0]] = True
+    w = w * mask
+    grad = torch.randn(out, fan_in, generator=g)
+    u = update_layer(w, mask, grad, sparsity, drop, 0.3, ablation)
+    active = ~u.ablated
+    rows = u.mask.sum(1)
+    assert (rows[active] == u.k).all() and (rows[u.ablated] == 0).all(), "exactly k per active row, ablated rows empty"
+    assert int(u.mask.sum()) == u.k * int(active.sum())
+    assert u.k <= fan_in and int(active.sum()) >= 1
+    if not u.ablated.any() and u.k == k0:
+        assert u.pruned == int(u.regrown.sum()), "drops = regrows when the budget is unchanged"
+    # kept weights dominate dropped ones, except where a row was already full (the per-row cap)
+    dropped = mask & ~u.kept
+    if u.kept.any():
+        floor = w.abs()[u.kept].min()
+        capped = u.kept.sum(1) >= u.k
+        for r, c in dropped.nonzero().tolist():
+            assert w[r, c].abs() <= floor or capped[r] or u.ablated[r]
+    # regrown positions are each row's top |grad| among positions not kept
+    for r in range(out):
+        grown, rest = u.regrown[r], ~u.kept[r] & ~u.regrown[r]
+        if grown.any() and rest.any():
+            assert grad[r].abs()[grown].min() >= grad[r].abs()[rest].max()
+
+
+def test_ablation_threshold_on_a_hand_built_layer():
+    # 4 rows x 8, k0 = 4 (sparsity 0.5); gamma 0.5 -> threshold max(1, int(0.5 * 4)) = 2 salient weights
+    w = torch.zeros(4, 8)
+    w[0, :4] = torch.tensor([9.0, 8, 7, 6])
+    w[1, :4] = torch.tensor([5.0, 4, 0.01, 0.01])
+    w[2, :4] = torch.tensor([3.0, 0.02, 0.02, 0.02])
+    w[3, :4] = 0.001  # row 3 holds the 4 smallest magnitudes
+    mask = w != 0
+    grad = torch.zeros(4, 8)
+    # drop 0.25 of 16 -> n_prune 4, n_keep 12; no gradient: salient = top 12 by |w|
+    u = update_layer(w, mask, grad, sparsity=0.5, drop_fraction=0.25, gamma_sal=0.5, ablation=True)
+    counts = torch.tensor([4, 4, 4, 0])  # the top-12 magnitudes: rows 0-2 fully, row 3 not at all
+    assert u.ablated.tolist() == (counts < 2).tolist()
+    assert u.k == 16 // 3 and (u.mask.sum(1)[:3] == 5).all() and not u.mask[3].any()
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def _batches(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(32, 16, generator=g), torch.randint(0, 10, (32,), generator=g)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("make_opt", [lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-4),
+                                      lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.05)])
+def test_training_with_updates_keeps_every_invariant(make_opt):
+    model = _mlp()
+    x0 = torch.randn(4, 16)
+    cm = sparsec.compile(model, pattern="fanin:0.75", example_inputs=(x0,), train=True, include=[".*"], min_weights=0)
+    opt = make_opt(cm.parameters())
+    srigl = SRigL(cm, opt, total_steps=40, delta_t=5, gamma_sal=0.3)
+    k0 = {name: int(cm.mask(name).sum(1)[0]) for name in srigl.layers}
+    for step, (x, y) in enumerate(_batches(40), start=1):
+        before = {name: cm.mask(name) for name in srigl.layers}
+        F.cross_entropy(cm(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        record = srigl.step()
+        assert (record is not None) == (step % 5 == 0 and step < 30)
+        for name, layer in srigl.layers.items():
+            mask = cm.mask(name)
+            rows = mask.sum(1)
+            active = rows > 0
+            assert (rows[active] == rows[active][0]).all(), "constant fan-in over active rows"
+            assert (layer.weight[~mask] == 0).all(), "masked weights are exactly 0"
+            if record is not None:
+                grown = mask & ~before[name]
+                assert (layer.weight[grown] == 0).all(), "regrown weights start at 0"
+                for value in opt.state[layer.weight].values():
+                    if isinstance(value, torch.Tensor) and value.shape == mask.shape:
+                        assert (value[grown] == 0).all() and (value[~mask] == 0).all()
+                info = record.layers[name]
+                assert info["k"] * info["active_neurons"] == int(mask.sum())
+                assert int(mask.sum()) <= max(k0[name] * 64, math.floor(mask.numel() * 0.25))
+    assert [r.step for r in srigl.history] == [5, 10, 15, 20, 25]
+    assert srigl.history[0].layers["2"]["pruned"] > 0
+    assert srigl.history[-1].layers["4"]["active_neurons"] == 10, "the last layer is never ablated"
+
+
+def test_drop_fraction_schedule_and_gradient_window():
+    cm = sparsec.compile(_mlp(), pattern="fanin:0.75", example_inputs=(torch.randn(2, 16),), train=True,
+                         include=[".*"], min_weights=0)
+    opt = torch.optim.SGD(cm.parameters(), lr=0.01)
+    srigl = SRigL(cm, opt, total_steps=100, delta_t=10, alpha=0.3, grad_accumulation=3)
+    assert srigl.drop_fraction(0) == pytest.approx(0.3)
+    assert srigl.drop_fraction(srigl.t_end // 2) == pytest.approx(0.15, abs=1e-2)
+    assert srigl.drop_fraction(srigl.t_end) == pytest.approx(0.0, abs=1e-12)
+    armed = []
+    for step, (x, y) in enumerate(_batches(30), start=1):
+        armed.append(srigl.layers["2"].dense_grad_sink is not None)
+        F.cross_entropy(cm(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        srigl.step()
+    # captured exactly in the 3 steps before each update (steps 8-10, 18-20, 28-30)
+    assert [s for s, a in enumerate(armed, start=1) if a] == [8, 9, 10, 18, 19, 20, 28, 29, 30]
+    assert [r.step for r in srigl.history] == [10, 20, 30]
+
+
+def test_no_update_after_t_end():
+    cm = sparsec.compile(_mlp(), pattern="fanin:0.75", example_inputs=(torch.randn(2, 16),), train=True,
+                         include=[".*"], min_weights=0)
+    opt = torch.optim.SGD(cm.parameters(), lr=0.01)
+    srigl = SRigL(cm, opt, total_steps=20, delta_t=2, t_end=0.5)
+    for x, y in _batches(20):
+        F.cross_entropy(cm(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        srigl.step()
+    assert [r.step for r in srigl.history] == [2, 4, 6, 8]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(total_steps=0), "total_steps"), (dict(total_steps=10, delta_t=2, grad_accumulation=3), "cannot exceed"),
+    (dict(total_steps=10, t_end=0), "t_end"),
+])
+def test_bad_arguments(kwargs, match):
+    cm = sparsec.compile(_mlp(), pattern="fanin:0.75", example_inputs=(torch.randn(2, 16),), train=True, min_weights=0)
+    with pytest.raises(ValueError, match=match):
+        SRigL(cm, torch.optim.SGD(cm.parameters(), lr=0.1), **kwargs)
+
+
+def test_needs_fanin_layers():
+    cm = sparsec.compile(_mlp(), pattern="2:4", example_inputs=(torch.randn(2, 16),), train=True, min_weights=0)
+    with pytest.raises(ValueError, match="fanin"):
+        SRigL(cm, torch.optim.SGD(cm.parameters(), lr=0.1), total_steps=10)
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)  # same initial model on every rank (DDP would broadcast it anyway)
+    cm = sparsec.compile(_mlp(), pattern="fanin:0.75", example_inputs=(torch.randn(2, 16),), train=True,
+                         include=[".*"], min_weights=0)
+    ddp = nn.parallel.DistributedDataParallel(cm)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+    srigl = SRigL(cm, opt, total_steps=12, delta_t=3)
+    after_updates = []
+    for x, y in _batches(12, seed=100 + rank):
+        x = x.clone()
+        x[:, rank * 8:(rank + 1) * 8] *= 20  # each rank's data stresses other features: other local gradients
+        F.cross_entropy(ddp(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        if srigl.step() is not None:
+            # read right after the update: DDP's next forward broadcasts rank 0's buffers (masks) anyway,
+            # but not the weights each rank zeroed with its own decision
+            after_updates.append({name: cm.mask(name) for name in srigl.layers})
+    torch.save({"masks": after_updates, "weights": {k: v.detach() for k, v in cm.state_dict().items()}},
+               os.path.join(out, f"masks{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_ddp_ranks_agree_on_masks(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    a, b = torch.load(tmp_path / "masks0.pt"), torch.load(tmp_path / "masks1.pt")
+    assert len(a["masks"]) == len(b["masks"]) == 2
+    for ma, mb in zip(a["masks"], b["masks"]):
+        assert all(torch.equal(ma[k], mb[k]) for k in ma)
+    assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
+    initial = sparsec.compile(_mlp(), pattern="fanin:0.75", example_inputs=(torch.randn(2, 16),), train=True,
+                              include=[".*"], min_weights=0)
+    assert any(not torch.equal(a["masks"][-1][k], initial.mask(k)) for k in a["masks"][-1]), "masks did change"
