@@ -111,4 +111,7 @@ def run_pipeline(gm: fx.GraphModule, ctx: CompileContext) -> tuple[fx.GraphModul
             print(history[-1], file=sys.stderr)
     if debug >= 1 and ctx.plan is not None:
         print(ctx.plan, file=sys.stderr)
+    if debug >= 4:
+        for name, source in sorted(ctx.kernels.items()):
+            print(f"# ---- kernel {name}\n{source}", file=sys.stderr)
     return gm, history

@@ -1,0 +1,101 @@
+"""Shared by the digits examples: scikit-learn's bundled 8x8 digits (no download), an MLP, a
+seeded training loop and test accuracy. Everything is deterministic for a given seed."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def load_digits_split(seed: int = 0, test_fraction: float = 0.25):
+    """Standardised features; returns (x_train, y_train, x_test, y_test) tensors."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32)
+    y = torch.tensor(data.target, dtype=torch.long)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    n_test = int(len(x) * test_fraction)
+    test, train = order[:n_test], order[n_test:]
+    mean, std = x[train].mean(0), x[train].std(0).clamp_min(1e-3)
+    x = (x - mean) / std
+    return x[train], y[train], x[test], y[test]
+
+
+class DigitsMLP(nn.Module):
+    def __init__(self, hidden: int = 256, depth: int = 3):
+        super().__init__()
+        widths = [64] + [hidden] * depth
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.head = nn.Linear(hidden, 10)
+
+    def forward(self, x):
+        for layer in self.hidden:
+            x = torch.relu(layer(x))
+        return self.head(x)
+
+
+def make_model(seed: int = 0, **kwargs) -> DigitsMLP:
+    torch.manual_seed(seed)
+    return DigitsMLP(**kwargs)
+
+
+def train(model: nn.Module, data, epochs: int = 40, lr: float = 0.05, seed: int = 0, batch: int = 64,
+          extra_loss=None, after_step=None, optimizer=None) -> float:
+    """SGD with momentum and a cosine schedule; returns wall-clock seconds.
+    extra_loss() is added to the loss (e.g. a group-lasso penalty); after_step() runs after every
+    optimizer step (e.g. a sparsity scheduler)."""
+    x_train, y_train, _, _ = data
+    opt = optimizer or torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    steps = epochs * -(-len(x_train) // batch)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    start = time.perf_counter()
+    for _ in range(epochs):
+        order = torch.randperm(len(x_train), generator=g)
+        for i in range(0, len(order), batch):
+            idx = order[i:i + batch]
+            loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
+            if extra_loss is not None:
+                loss = loss + extra_loss()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            if after_step is not None:
+                after_step()
+    return time.perf_counter() - start
+
+
+def steps_per_run(data, epochs: int, batch: int = 64) -> int:
+    return epochs * -(-len(data[0]) // batch)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data) -> float:
+    model.eval()
+    _, _, x_test, y_test = data
+    return 100.0 * float((model(x_test).argmax(1) == y_test).float().mean())
+
+
+def nonzero_weights(model: nn.Module) -> int:
+    """Weights (not biases) that are nonzero: what a sparse model really keeps."""
+    return int(sum((p != 0).sum() for name, p in model.named_parameters() if p.dim() > 1))
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
+    """columns: (key, header, format)."""
+    widths = [max(len(h), *(len(format(r[k], f)) for r in rows)) for k, h, f in columns]
+    print("  ".join(h.ljust(w) for (_, h, _), w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print("  ".join(format(r[k], f).ljust(w) for (k, _, f), w in zip(columns, widths)))
+
+
+def seeded(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)

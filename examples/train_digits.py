@@ -1,0 +1,103 @@
+"""Pruning-aware training on scikit-learn's bundled digits (no download), seeded:
+
+    dense | 2:4 weights | 2:4 weights + SDGP (2:4 data gradients) | fan-in 0.9 | group lasso + shrink
+
+Prints a table of test accuracy, weights kept and training time, and saves it to
+bench/results/digits-<date>.json. Targets (issue 5): 2:4 + SDGP within 1.5 points of dense;
+shrink keeps accuracy within 0.5 points while removing at least 30% of hidden units.
+
+    python examples/train_digits.py [--epochs 40] [--seed 0]
+"""
+import argparse
+import datetime
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from digits_common import accuracy, load_digits_split, make_model, nonzero_weights, print_table, train  # noqa: E402
+
+import sparsec  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LASSO_LAMBDA = 5e-3      # penalty on the sum of row norms: zeroes the neurons the task does not need
+LASSO_THRESHOLD = 1e-2   # row norms below this after training are set to exactly 0
+
+
+def compiled(model, data, **options):
+    """Every layer whose shape fits is made sparse (include=['.*'] overrides the first/last policy)."""
+    return sparsec.compile(model, example_inputs=(data[0][:2],), train=True, include=[".*"], **options)
+
+
+def run_config(name: str, data, epochs: int, seed: int, build) -> dict:
+    model = build()
+    seconds = train(model, data, epochs=epochs, seed=seed)
+    return {"config": name, "accuracy": accuracy(model, data), "weights": nonzero_weights(model),
+            "train_s": seconds, "model": model}
+
+
+def group_lasso_and_shrink(data, epochs: int, seed: int, dense_acc: float) -> list[dict]:
+    """FSSL: train with a row group-lasso penalty, zero the tiny rows, fine-tune, then shrink."""
+    from sparsec.group_lasso import GroupLasso
+    from sparsec.shrink import shrink
+
+    model = make_model(seed)
+    cm = sparsec.compile(model, pattern="dense", example_inputs=(data[0][:2],), train=True)
+    lasso = GroupLasso(cm, lam=LASSO_LAMBDA, groups="rows")
+    seconds = train(cm, data, epochs=epochs, seed=seed, extra_loss=lasso)
+    lasso.zero_small_(threshold=LASSO_THRESHOLD)  # SSL: groups this small are noise; make them exactly 0
+    frozen = lasso.freeze_zero_groups()          # fine-tune without the penalty, zero groups held at 0
+    seconds += train(cm, data, epochs=max(1, epochs // 4), seed=seed + 1, lr=0.01, after_step=frozen.reapply_)
+    frozen.remove()
+    before = {"config": "group lasso (before shrink)", "accuracy": accuracy(cm, data), "weights": nonzero_weights(cm),
+              "train_s": seconds}
+    small = shrink(cm, threshold=0.0)
+    report = small.shrink_report
+    after = {"config": "group lasso + shrink", "accuracy": accuracy(small, data), "weights": nonzero_weights(small),
+             "train_s": seconds, "hidden_before": report.hidden_before, "hidden_after": report.hidden_after}
+    print(report)
+    return [before, after]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    data = load_digits_split(seed=args.seed)
+    e, s = args.epochs, args.seed
+    configs = [
+        ("dense", lambda: make_model(s)),
+        ("2:4 weights", lambda: compiled(make_model(s), data, pattern="2:4")),
+        ("2:4 weights + SDGP 2:4", lambda: compiled(make_model(s), data, pattern="2:4", grad_pattern="2:4")),
+        ("dense weights + SDGP 2:4", lambda: compiled(make_model(s), data, pattern="dense", grad_pattern="2:4")),
+        ("fan-in 0.9", lambda: compiled(make_model(s), data, pattern="fanin:0.9")),
+    ]
+    rows = [run_config(name, data, e, s, build) for name, build in configs]
+    dense_acc = rows[0]["accuracy"]
+    rows += group_lasso_and_shrink(data, e, s, dense_acc)
+    for r in rows:
+        r["vs_dense"] = r["accuracy"] - dense_acc
+        r.pop("model", None)
+    print_table(rows, [("config", "config", ""), ("accuracy", "test acc %", ".2f"), ("vs_dense", "vs dense", "+.2f"),
+                       ("weights", "nonzero weights", ","), ("train_s", "train s", ".1f")])
+    sdgp = next(r for r in rows if r["config"] == "2:4 weights + SDGP 2:4")
+    shrunk = rows[-1]
+    removed = 1 - shrunk["hidden_after"] / shrunk["hidden_before"]
+    print(f"\n2:4 + SDGP vs dense: {sdgp['vs_dense']:+.2f} points (target within -1.5)")
+    print(f"shrink: {shrunk['vs_dense']:+.2f} points vs dense, {100 * removed:.0f}% of hidden units removed "
+          f"(target within -0.5 points, >= 30% removed)")
+    out = os.path.join(ROOT, "bench", "results")
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, f"digits-{datetime.date.today().isoformat()}.json")
+    with open(path, "w") as f:
+        json.dump({"example": "train_digits", "epochs": e, "seed": s, "torch": torch.__version__, "rows": rows}, f, indent=2)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

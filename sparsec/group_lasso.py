@@ -1,0 +1,249 @@
+"""GroupLasso: SSL's group-lasso penalty over a compiled model's layers (FSSL, methods.md (c)).
+
+    penalty = lam * sum over layers, over groups g of ||w_g||_2        (un-squared L2 norms)
+
+Groups are defined on the layer's `[out, in, ...]` view, whatever the storage orientation:
+
+* "rows" (alias "filters"): one group per output feature: Linear `W[o, :]`, Conv2d filter
+  `W[o, :, :, :]`, matmul `y = x @ W` with `W [K, N]`: column `W[:, n]` (output n reads it).
+* "cols" (alias "channels"): one group per input feature: Linear `W[:, i]`, Conv2d input channel
+  `W[:, c, :, :]`, matmul: row `W[k, :]`. For a grouped conv, input channel `c` of conv group `j`
+  is read only by that group's filters, so its group is `W[filters of j, c, :, :]`.
+* a list such as ["rows", "cols"]: overlapping groups, their gradients add.
+
+The gradient of ||w_g|| is w / ||w_g||, and exactly 0 for a group whose norm is 0 (Caffe SSL's
+`caffe_div_checkzero`): a plain `torch.linalg.norm` backward gives NaN there, hence `_GroupNorm`.
+
+The penalty reads the weight the layer computes with: a masked TrainableLayer ("fixed" masks)
+contributes `weight * mask`, so pruned entries get no gradient. With SR-STE ("ste") the mask is
+re-derived from the dense weight every step, so the penalty acts on the dense weight (a whole
+group can only be removed once every entry, masked or not, is zero).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+from torch.autograd.function import once_differentiable
+
+from sparsec.errors import InvalidInputError, InvalidTypeError
+from sparsec.meta import get_meta, layer_nodes
+from sparsec.runtime.training import TrainableLayer
+
+GROUPS = {"rows": "rows", "filters": "rows", "cols": "cols", "channels": "cols"}
+
+
+class _GroupNorm(torch.autograd.Function):
+    """||t||_2 over `dims`; backward t / ||t|| per group, 0 where the norm is 0 (no NaN)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+        ctx.save_for_backward(t)
+        ctx.dims = dims
+        return t.square().sum(dims).sqrt()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        (t,) = ctx.saved_tensors
+        norms = t.square().sum(ctx.dims, keepdim=True).sqrt()
+        for d in sorted(ctx.dims):
+            grad = grad.unsqueeze(d)
+        scale = torch.where(norms > 0, grad / torch.where(norms > 0, norms, torch.ones_like(norms)), 0.0)
+        return t * scale, None
+
+
+def group_view(weight: torch.Tensor, op: str, conv_groups: int = 1) -> torch.Tensor:
+    """`[g, out/g, in/g, k]` view: rows reduce dims (2, 3), cols dims (1, 3); k = conv kernel size (1 else)."""
+    w = weight.t() if op == "matmul" else weight  # matmul W [K, N] -> [N, K] = [out, in]
+    out, cin = w.shape[0], w.shape[1]
+    return w.reshape(conv_groups, out // conv_groups, cin, -1)
+
+
+def row_norms(weight: torch.Tensor, op: str, conv_groups: int = 1) -> torch.Tensor:
+    """One norm per output feature, in output order."""
+    v = group_view(weight, op, conv_groups)
+    return _GroupNorm.apply(v, (2, 3)).reshape(-1)
+
+
+def col_norms(weight: torch.Tensor, op: str, conv_groups: int = 1) -> torch.Tensor:
+    """One norm per input feature (conv: per real input channel, conv group by conv group)."""
+    v = group_view(weight, op, conv_groups)
+    return _GroupNorm.apply(v, (1, 3)).reshape(-1)
+
+
+def _expand(keep: torch.Tensor, kind: str, weight: torch.Tensor, op: str, conv_groups: int) -> torch.Tensor:
+    """Per-group bool `keep` (in `row_norms` / `col_norms` order) -> bool tensor of the weight's shape."""
+    g, og, cin, k = group_view(weight, op, conv_groups).shape
+    per_group = keep.reshape((g, og, 1, 1) if kind == "rows" else (g, 1, cin, 1))
+    full = per_group.expand(g, og, cin, k).reshape(g * og, cin * k)  # the [out, in, ...] view, flattened
+    return full.t().contiguous() if op == "matmul" else full.reshape(weight.shape)
+
+
+@dataclass
+class LayerWeight:
+    """A weight-bearing layer of a compiled model, as the penalty sees it."""
+    name: str
+    op: str                          # "linear" | "conv2d" | "matmul"
+    weight: nn.Parameter
+    mask: torch.Tensor | None        # multiply before use (fixed masks); None: use the weight as is
+    conv_groups: int = 1
+
+    def effective(self) -> torch.Tensor:
+        return self.weight * self.mask if self.mask is not None else self.weight
+
+
+def layer_weights(cm, layers: Iterable[str] | None = None) -> list[LayerWeight]:
+    """The plan's layers present in cm's graph, optionally restricted to names / full-match regexes."""
+    gm = cm.graph_module
+    nodes = layer_nodes(gm)
+    out = []
+    for lp in cm.plan:
+        module = cm.sparse_module(lp.name)
+        if module is not None and not isinstance(module, TrainableLayer):
+            raise InvalidInputError(
+                f"layer {lp.name!r} holds a packed inference weight ({type(module).__name__}), which cannot be "
+                f"trained; compile with train=True (or pattern='dense') to use GroupLasso")
+        if isinstance(module, TrainableLayer):
+            mask = module.weight_mask if module.weight_update == "fixed" else None
+            groups = module.conv.groups if module.conv is not None else 1
+            out.append(LayerWeight(lp.name, module.op, module.weight, mask, groups))
+        elif lp.name in cm._dense_weights:
+            path, op = cm._dense_weights[lp.name]
+            info = get_meta(nodes[lp.name][0]).layer if lp.name in nodes else None
+            groups = info.conv.groups if info is not None and info.conv is not None else 1
+            out.append(LayerWeight(lp.name, op, gm.get_parameter(path), None, groups))
+    if layers is not None:
+        patterns = [layers] if isinstance(layers, str) else list(layers)
+        chosen = [lw for lw in out if any(p == lw.name or re.fullmatch(p, lw.name) for p in patterns)]
+        unmatched = [p for p in patterns if not any(p == lw.name or re.fullmatch(p, lw.name) for lw in out)]
+        if unmatched:
+            raise InvalidInputError(f"layers={unmatched} match no layer; layers: {[lw.name for lw in out]}")
+        out = chosen
+    if not out:
+        raise InvalidInputError("GroupLasso found no weight-bearing layer (Linear / Conv2d / matmul) in the model")
+    return out
+
+
+def parse_groups(groups: str | Iterable[str]) -> tuple[str, ...]:
+    names = [groups] if isinstance(groups, str) else list(groups)
+    if not names:
+        raise InvalidInputError(f"groups is empty; accepted: {sorted(GROUPS)}")
+    out = []
+    for g in names:
+        if g not in GROUPS:
+            raise InvalidInputError(f"unknown group type {g!r}; accepted: {sorted(GROUPS)} or a list of them")
+        if GROUPS[g] not in out:  # "rows" and "filters" are the same groups: count them once
+            out.append(GROUPS[g])
+    return tuple(out)
+
+
+class FrozenGroups:
+    """Zero groups held at exactly 0 while fine-tuning (SSL's DISCONNECTED_GRPWISE).
+
+    Gradient hooks zero the gradient of every entry in a frozen group, so a fresh optimizer
+    (SGD with momentum / weight decay, Adam, AdamW) never moves them: their gradient, momentum
+    and decay terms are all 0. An optimizer that carried state from before freezing can still
+    move them through that state: call `reapply_()` after its `step()`.
+    """
+
+    def __init__(self, layers: list[LayerWeight], keep: dict[str, torch.Tensor]):
+        self.masks = keep  # layer name -> bool, weight shape: True = trainable, False = frozen at 0
+        self._params = {lw.name: lw.weight for lw in layers}
+        self._handles = [self._params[name].register_hook(lambda g, k=k: g * k) for name, k in keep.items()]
+
+    @torch.no_grad()
+    def reapply_(self) -> None:
+        for name, keep in self.masks.items():
+            self._params[name].mul_(keep)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+class GroupLasso:
+    """`GroupLasso(cm, lam, groups)()`: the penalty to add to the loss (a scalar tensor).
+
+    lam >= 0; groups "rows" | "cols" | "filters" | "channels" or a list of them; layers: names or
+    full-match regexes (default: every plan layer the graph runs). Holds references to cm's live
+    parameters, so each call reads their current values.
+    """
+
+    def __init__(self, cm, lam: float, groups: str | Iterable[str] = "rows", layers: Iterable[str] | None = None):
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)):
+            raise InvalidTypeError(f"lam must be a number, got {type(lam).__name__}")
+        if not math.isfinite(lam) or lam < 0:
+            raise InvalidInputError(f"lam must be a finite number >= 0, got {lam}")
+        self.lam = float(lam)
+        self.groups = parse_groups(groups)
+        self.layers = layer_weights(cm, layers)
+
+    def _norms(self, lw: LayerWeight, kind: str, weight: torch.Tensor | None = None) -> torch.Tensor:
+        w = lw.effective() if weight is None else weight
+        return (row_norms if kind == "rows" else col_norms)(w, lw.op, lw.conv_groups)
+
+    def __call__(self) -> torch.Tensor:
+        total = sum(self._norms(lw, kind).sum() for lw in self.layers for kind in self.groups)
+        return self.lam * total
+
+    penalty = __call__
+
+    # ---- SSL's thresholding, freezing and metrics
+
+    @torch.no_grad()
+    def zero_small_(self, threshold: float) -> int:
+        """Set every group (of the configured types) whose norm is <= threshold to exactly 0.
+        Returns how many groups were nonzero before and are zero now."""
+        if not threshold >= 0:
+            raise InvalidInputError(f"threshold must be >= 0, got {threshold}")
+        zeroed = 0
+        for lw in self.layers:
+            for kind in self.groups:
+                norms = self._norms(lw, kind, lw.effective().detach())
+                small = norms <= threshold
+                zeroed += int((small & (norms > 0)).sum())
+                lw.weight.mul_(_expand(~small, kind, lw.weight, lw.op, lw.conv_groups))
+        return zeroed
+
+    @torch.no_grad()
+    def freeze_zero_groups(self) -> FrozenGroups:
+        """Freeze every all-zero group (of the configured types) at 0 for a fine-tune phase."""
+        keep = {}
+        for lw in self.layers:
+            k = torch.ones_like(lw.weight, dtype=torch.bool)
+            for kind in self.groups:
+                k &= _expand(self._norms(lw, kind, lw.effective().detach()) > 0, kind, lw.weight, lw.op, lw.conv_groups)
+            keep[lw.name] = k
+        return FrozenGroups(self.layers, keep)
+
+    @torch.no_grad()
+    def sparsity(self) -> dict[str, dict[str, float]]:
+        """Percent zero per layer, as SSL's GetGroupSparsity counts them, plus a "total" entry:
+        element (weights), row (output features / filters), column (columns of the `[out, K]` GEMM
+        view: input features for Linear / matmul, (channel, kh, kw) shapes for conv) and channel
+        (input features / channels)."""
+        counts: dict[str, dict[str, tuple[int, int]]] = {}
+        for lw in self.layers:
+            w = lw.effective().detach()
+            v = w.t() if lw.op == "matmul" else w
+            gemm = v.reshape(v.shape[0], -1)
+            counts[lw.name] = {
+                "element": (int((w == 0).sum()), w.numel()),
+                "row": (int((row_norms(w, lw.op, lw.conv_groups) == 0).sum()), v.shape[0]),
+                "column": (int((gemm == 0).all(0).sum()), gemm.shape[1]),
+                "channel": (int((col_norms(w, lw.op, lw.conv_groups) == 0).sum()), v.shape[1] * lw.conv_groups),
+            }
+        totals = {key: (sum(c[key][0] for c in counts.values()), sum(c[key][1] for c in counts.values()))
+                  for key in ("element", "row", "column", "channel")}
+        out = {name: {k: 100.0 * z / n for k, (z, n) in c.items()} for name, c in counts.items()}
+        out["total"] = {k: 100.0 * z / n for k, (z, n) in totals.items()}
+        return out
+
+    def __repr__(self) -> str:
+        return f"GroupLasso(lam={self.lam:g}, groups={list(self.groups)}, layers={[lw.name for lw in self.layers]})"

@@ -1,0 +1,436 @@
+"""shrink: all-zero neurons / channels removed through the channel dependency graph, outputs unchanged.
+
+The oracle is the model itself (plain torch): the smaller model must compute its outputs (fp32, 1e-5
+relative to the output scale). Which channels go is predicted by hand from the zeroed weights."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sparsec
+from oracle import load_example, output_error
+from sparsec.runtime.training import TrainableLayer
+from sparsec.shrink import shrink
+
+
+def dense(model, *inputs):
+    return sparsec.compile(model, pattern="dense", example_inputs=inputs, train=True)
+
+
+def same_outputs(small, model, *inputs):
+    with torch.no_grad():
+        ref, out = model(*inputs), small(*inputs)
+    assert out.shape == ref.shape
+    assert output_error(out, ref) <= 1e-5, output_error(out, ref)
+
+
+def param(cm, path):
+    return cm.graph_module.get_parameter(path)
+
+
+# ---------------------------------------------------------------------------- MLP
+
+
+class MLP(nn.Module):
+    def __init__(self, d=16, h1=32, h2=32, out=4, last_bias=True):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(d, h1), nn.Linear(h1, h2), nn.Linear(h2, out, bias=last_bias)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def test_mlp_zero_rows_and_columns_with_negative_and_positive_bias():
+    torch.manual_seed(0)
+    model = MLP().eval()
+    with torch.no_grad():
+        model.fc1.weight[0:6] = 0
+        model.fc1.bias[0:3] = -0.5     # relu(-0.5) = 0: removed, nothing to fold
+        model.fc1.bias[3:5] = 0.7      # relu(0.7) = 0.7 everywhere: removed, folded into fc2's bias
+        model.fc1.bias[5] = 0.0        # relu(0) = 0
+        model.fc2.weight[:, [10, 11]] = 0  # nobody reads fc1 outputs 10, 11: removed with their rows
+        model.fc2.weight[0:2] = 0
+        model.fc2.bias[0:2] = 1.5      # constant 1.5 folded into fc3's bias
+    x = torch.randn(8, 16)
+    cm = dense(model, x)
+    small = shrink(cm)
+    same_outputs(small, model, x)
+    report = small.shrink_report
+    assert report["fc1"].removed == [0, 1, 2, 3, 4, 5, 10, 11]
+    assert report["fc2"].removed == [0, 1]
+    assert report["fc3"].removed == [] and report["fc3"].feeds_output
+    assert param(small, "fc1.weight").shape == (24, 16)
+    assert param(small, "fc2.weight").shape == (30, 24)
+    assert param(small, "fc3.weight").shape == (4, 30)
+    assert small.graph_module.fc2.in_features == 24 and small.graph_module.fc2.out_features == 30
+    # the folds really happened (the biases changed), and the plan says what shrink did
+    assert not torch.equal(param(small, "fc3.bias"), model.fc3.bias)
+    assert small.plan["fc1"].weight_shape == (24, 16)
+    assert "shrink: removed 8 of 32 output rows, 0 of 16 input columns" in small.plan["fc1"].reason
+    assert report.hidden_before == 64 and report.hidden_after == 54
+    assert small.history[-1].name == "shrink"
+
+
+def test_constant_channel_kept_when_the_consumer_has_no_bias():
+    torch.manual_seed(0)
+    model = MLP(h1=8, h2=8, last_bias=False).eval()
+    with torch.no_grad():
+        model.fc2.weight[0:2] = 0
+        model.fc2.bias[0] = -1.0   # relu -> 0: removable without a bias to fold into
+        model.fc2.bias[1] = 0.5    # relu -> 0.5: fc3 has no bias to absorb it
+    x = torch.randn(4, 16)
+    small = shrink(dense(model, x))
+    same_outputs(small, model, x)
+    space = small.shrink_report["fc2"]
+    assert space.removed == [0]
+    assert any("no bias" in why and 1 in idx for why, idx in space.kept.items())
+
+
+@settings(max_examples=12)
+@given(h1=st.integers(2, 12), h2=st.integers(2, 12), data=st.data())
+def test_mlp_width_is_the_number_of_units_with_a_nonzero_row_and_column(h1, h2, data):
+    # With ReLU and biases everywhere, a zero row makes a constant channel that folds into the next bias,
+    # and a zero column makes a channel nobody reads: each is removable, nothing else is.
+    model = MLP(d=5, h1=h1, h2=h2, out=3).eval()
+    torch.manual_seed(data.draw(st.integers(0, 100)))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+        for layer, n in ((model.fc1, h1), (model.fc2, h2)):
+            layer.weight[data.draw(st.lists(st.integers(0, n - 1), max_size=n))] = 0
+        model.fc2.weight[:, data.draw(st.lists(st.integers(0, h1 - 1), max_size=h1))] = 0
+        model.fc3.weight[:, data.draw(st.lists(st.integers(0, h2 - 1), max_size=h2))] = 0
+    x = torch.randn(6, 5)
+    small = shrink(dense(model, x))
+    same_outputs(small, model, x)
+
+    def alive(w_in, w_out):
+        n = int(((w_in.norm(dim=1) > 0) & (w_out.norm(dim=0) > 0)).sum())
+        return max(n, 1)  # every layer keeps at least one channel
+
+    assert param(small, "fc1.weight").shape[0] == alive(model.fc1.weight, model.fc2.weight)
+    assert param(small, "fc2.weight").shape[0] == alive(model.fc2.weight, model.fc3.weight)
+
+
+def test_threshold_treats_tiny_groups_as_zero():
+    torch.manual_seed(0)
+    model = MLP(h1=8, h2=8).eval()
+    with torch.no_grad():
+        model.fc1.weight[2] = 1e-9
+        model.fc1.bias[2] = -1.0
+    x = torch.randn(4, 16)
+    cm = dense(model, x)
+    assert shrink(cm).shrink_report["fc1"].removed == []
+    small = shrink(cm, threshold=1e-6)
+    assert small.shrink_report["fc1"].removed == [2]
+    same_outputs(small, model, x)
+
+
+@pytest.mark.parametrize("as_module", [False, True])
+def test_inplace_activation_changes_what_later_readers_of_its_input_see(as_module):
+    class Inplace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.fc3 = nn.Linear(4, 6), nn.Linear(6, 3), nn.Linear(6, 3)
+            self.act = nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            h = self.fc1(x)
+            a = self.act(h) if as_module else F.relu(h, inplace=True)
+            return self.fc2(a) + self.fc3(h)  # h was overwritten: fc3 reads relu(h) too
+
+    torch.manual_seed(0)
+    model = Inplace().eval()
+    with torch.no_grad():
+        model.fc1.weight[1] = 0
+        model.fc1.bias[1] = -0.5   # -0.5 before the relu, 0 after it, for both readers
+    x = torch.randn(3, 4)
+    small = shrink(dense(model, x))
+    same_outputs(small, model, x)
+    assert small.shrink_report["fc1"].removed == [1]
+    assert torch.equal(param(small, "fc3.bias"), model.fc3.bias)  # nothing to fold: the constant is 0
+
+
+# ---------------------------------------------------------------------------- CNN: conv -> BN -> ReLU -> conv
+
+
+class ConvNet(nn.Module):
+    def __init__(self, padding=1, padding_mode="zeros", c1_bias=False):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1, bias=c1_bias)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 6, 3, padding=padding, padding_mode=padding_mode)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.head = nn.Linear(6, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.c1(x)))
+        x = F.relu(self.bn2(self.c2(x)))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _bn_constant(bn, c, value):
+    """Make BatchNorm (eval) map an all-zero channel c to `value`."""
+    bn.running_mean[c], bn.running_var[c], bn.weight[c], bn.bias[c] = 0.3, 1.0, 1.0, value + 0.3 / (1 + bn.eps) ** 0.5
+
+
+def test_conv_bn_relu_conv_eval():
+    torch.manual_seed(0)
+    model = ConvNet().eval()
+    with torch.no_grad():
+        for bn in (model.bn1, model.bn2):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+        model.c1.weight[0:3] = 0           # c1 has no bias: these channels are 0, then BN makes a constant
+        _bn_constant(model.bn1, 0, -0.4)   # relu -> 0: removed
+        _bn_constant(model.bn1, 1, -0.1)   # relu -> 0: removed
+        _bn_constant(model.bn1, 2, 0.6)    # relu -> 0.6, but c2 zero-pads: kept
+        model.c2.weight[[4, 5]] = 0        # constant after bn2 + relu + pool: folded into head's bias
+    x = torch.randn(2, 3, 10, 10)
+    cm = dense(model, x)
+    small = shrink(cm)
+    same_outputs(small, model, x)
+    report = small.shrink_report
+    assert report["c1"].removed == [0, 1]
+    assert any("zero padding" in why and idx == [2] for why, idx in report["c1"].kept.items())
+    assert report["c2"].removed == [4, 5]
+    gm = small.graph_module
+    assert gm.c1.weight.shape == (6, 3, 3, 3) and gm.c2.weight.shape == (4, 6, 3, 3) and gm.head.weight.shape == (5, 4)
+    assert gm.bn1.num_features == 6 and gm.bn1.running_mean.shape == (6,) and gm.bn2.running_var.shape == (4,)
+    assert torch.equal(gm.bn1.running_mean, model.bn1.running_mean[2:])
+
+
+def test_conv_bn_train_mode_uses_batch_statistics():
+    torch.manual_seed(0)
+    model = ConvNet(c1_bias=True).train()
+    with torch.no_grad():
+        model.c1.weight[[1, 2, 4]] = 0
+        model.c1.bias[[1, 2]] = 0      # exactly 0 everywhere: batch norm outputs beta
+        model.bn1.bias[1] = -0.2       # relu(beta) = 0: removed
+        model.bn1.bias[2] = 0.3        # relu(beta) = 0.3, c2 zero-pads: kept
+        model.c1.bias[4] = 0.1         # constant 0.1: its batch mean may be off by an ulp, amplified by 1/sqrt(eps)
+        model.bn1.bias[4] = -0.2
+    x = torch.randn(4, 3, 8, 8)
+    cm = dense(model, x)
+    small = shrink(cm)
+    assert small.graph_module.bn1.training
+    space = small.shrink_report["c1"]
+    assert space.removed == [1]
+    assert any(2 in idx and "zero padding" in why for why, idx in space.kept.items())
+    assert any(4 in idx and "not a known constant" in why for why, idx in space.kept.items())
+    same_outputs(small, copy.deepcopy(model), x)
+
+
+@pytest.mark.parametrize("padding, mode, removable", [(0, "zeros", True), (1, "reflect", True), (1, "zeros", False)])
+def test_constant_folds_into_a_conv_only_without_zero_padding(padding, mode, removable):
+    torch.manual_seed(0)
+    model = ConvNet(padding, mode).eval()
+    with torch.no_grad():
+        model.c1.weight[3] = 0
+        _bn_constant(model.bn1, 3, 0.8)
+    x = torch.randn(2, 3, 9, 9)
+    small = shrink(dense(model, x))
+    same_outputs(small, model, x)
+    assert small.shrink_report["c1"].removed == ([3] if removable else [])
+
+
+def test_flatten_of_a_conv_maps_each_channel_to_a_block_of_linear_inputs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 5, 3), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 4 * 4, 3)).eval()
+    with torch.no_grad():
+        model[0].weight[1] = 0
+        model[0].bias[1] = -1.0   # relu -> 0
+        model[0].weight[3] = 0
+        model[0].bias[3] = 0.5    # relu -> 0.5 on all 16 positions: folded into the Linear's bias
+    x = torch.randn(3, 2, 6, 6)
+    small = shrink(dense(model, x))
+    same_outputs(small, model, x)
+    assert small.shrink_report["0"].removed == [1, 3]
+    assert param(small, "3.weight").shape == (3, 3 * 16)
+
+
+# ---------------------------------------------------------------------------- residual and concatenation
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc_in, self.fc_a, self.fc_b, self.head = nn.Linear(6, 12), nn.Linear(12, 12), nn.Linear(12, 12), nn.Linear(12, 4)
+
+    def forward(self, x):
+        h = self.fc_in(x)
+        r = h + self.fc_b(torch.relu(self.fc_a(h)))
+        return self.head(torch.relu(r))
+
+
+def test_residual_add_shares_one_channel_set():
+    torch.manual_seed(0)
+    model = Residual().eval()
+    with torch.no_grad():
+        model.head.weight[:, 3] = 0; model.fc_a.weight[:, 3] = 0        # no reader of channel 3 on any branch
+        model.head.weight[:, 5] = 0                                     # fc_a still reads h[5]: kept
+        model.fc_in.weight[7] = 0; model.fc_in.bias[7] = 0              # h[7] = 0 and fc_b's 7 = 0: r[7] = 0
+        model.fc_b.weight[7] = 0; model.fc_b.bias[7] = 0
+        model.fc_in.weight[9] = 0; model.fc_in.bias[9] = 0              # h[9] = 0 but r[9] = fc_b's output: kept
+    x = torch.randn(5, 6)
+    small = shrink(dense(model, x))
+    same_outputs(small, model, x)
+    space = small.shrink_report["fc_in"]
+    assert space.producers == ["fc_in", "fc_b"] and set(space.consumers) == {"fc_a", "head"}
+    assert space.removed == [3, 7] and space.before == 12 and space.after == 10
+    for path, shape in (("fc_in.weight", (10, 6)), ("fc_b.weight", (10, 12)), ("fc_a.weight", (12, 10)),
+                        ("head.weight", (4, 10))):
+        assert param(small, path).shape == shape
+
+
+def test_residual_from_the_model_input_is_pinned():
+    class InputResidual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.head = nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(x + self.fc(x))
+
+    model = InputResidual().eval()
+    with torch.no_grad():
+        model.head.weight[:, 2] = 0
+        model.fc.weight[2] = 0
+    x = torch.randn(3, 8)
+    small = shrink(dense(model, x))
+    same_outputs(small, model, x)
+    space = small.shrink_report["fc"]
+    assert space.removed == []
+    assert any("model input x" in why and "add" in why for why in space.kept)
+
+
+def test_concatenation_keeps_each_part_separately():
+    class Cat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fa, self.fb, self.head = nn.Linear(4, 6), nn.Linear(4, 5), nn.Linear(11, 3)
+
+        def forward(self, x):
+            return self.head(torch.cat([torch.relu(self.fa(x)), torch.relu(self.fb(x))], dim=-1))
+
+    torch.manual_seed(0)
+    model = Cat().eval()
+    with torch.no_grad():
+        model.fa.weight[2] = 0; model.fa.bias[2] = -1.0   # fa's channel 2 is 0
+        model.head.weight[:, 6 + 1] = 0                   # nobody reads fb's channel 1
+    x = torch.randn(5, 4)
+    small = shrink(dense(model, x))
+    same_outputs(small, model, x)
+    report = small.shrink_report
+    assert report["fa"].removed == [2] and report["fb"].removed == [1]
+    assert param(small, "head.weight").shape == (3, 9)
+
+
+# ---------------------------------------------------------------------------- transformer
+
+
+def test_transformer_only_the_mlp_hidden_shrinks():
+    encoder = load_example("transformer").Encoder(depth=2, dim=32, heads=2, mlp=64).eval()
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        encoder.blocks[0].fc2.weight[:, 0:10] = 0                         # nobody reads hidden 0-9
+        encoder.blocks[1].fc1.weight[5:10] = 0; encoder.blocks[1].fc1.bias[5:10] = 0   # gelu(0) = 0
+        encoder.blocks[0].attn.q.weight[0:4] = 0; encoder.blocks[0].attn.q.bias[0:4] = 0  # but q is reshaped
+    small = shrink(dense(encoder, x))
+    same_outputs(small, encoder, x)
+    report = small.shrink_report
+    assert report["blocks.0.fc1"].removed == list(range(10))
+    assert report["blocks.1.fc1"].removed == list(range(5, 10))
+    assert param(small, "blocks.0.fc1.weight").shape == (54, 32)
+    assert param(small, "blocks.1.fc2.weight").shape == (32, 59)
+    assert report["blocks.0.attn.q"].removed == []
+    assert any("view" in why for why in report["blocks.0.attn.q"].kept)          # reshaped into heads
+    assert any("add" in why for why in report["blocks.0.fc2"].kept)              # residual stream
+    text = str(report)
+    assert "blocks.0.attn.q" in text and "view" in text and "hidden units" in text
+    assert report.hidden_after == report.hidden_before - 15
+
+
+# ---------------------------------------------------------------------------- sparse training models
+
+
+def test_train_24_model_slices_masks_and_keeps_them_nm():
+    torch.manual_seed(0)
+    model = load_example("mlp").MLP(d_in=64, hidden=64, classes=10).eval()
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        model.fc1.weight[4:8] = 0; model.fc1.bias[4:8] = -1.0    # an aligned group of fc2's 2:4 inputs
+        model.fc1.weight[12] = 0; model.fc1.bias[12] = -1.0       # one column alone would break fc2's groups
+        model.fc2.weight[0:4] = 0; model.fc2.bias[0:4] = -1.0     # fc2's SDGP groups outputs by 4: a whole group
+        model.fc2.weight[9] = 0; model.fc2.bias[9] = -1.0         # one row alone would break them
+    cm = sparsec.compile(model, pattern="2:4", example_inputs=(x,), train=True, grad_pattern="2:4",
+                         min_weights=0)
+    assert cm.plan["fc2"].sparsity == "2:4" and cm.plan["fc2"].grad_sparsity == "2:4"
+    small = shrink(cm)
+    same_outputs(small, cm, x)
+    report = small.shrink_report
+    assert report["fc1"].removed == [4, 5, 6, 7]
+    assert any("2:4-sparse along its inputs" in why and 12 in idx for why, idx in report["fc1"].kept.items())
+    assert report["fc2"].removed == [0, 1, 2, 3]
+    assert any("SDGP" in why and 9 in idx for why, idx in report["fc2"].kept.items())
+    for name, shape in (("fc2", (60, 60)), ("fc3", (64, 60))):
+        layer = small.sparse_module(name)
+        assert isinstance(layer, TrainableLayer)
+        assert layer.weight.shape == shape and layer.weight_mask.shape == shape
+        assert (layer.weight_mask.reshape(shape[0], -1, 4).sum(-1) == 2).all()   # still exactly 2 of every 4
+    torch.testing.assert_close(small.effective_weight("fc3"), cm.effective_weight("fc3")[:, 4:])
+    small(x).sum().backward()  # SDGP still groups fc2's 60 output features by 4
+
+
+# ---------------------------------------------------------------------------- contract
+
+
+def test_original_is_unchanged_and_result_is_a_new_compiled_model():
+    model, (x,) = load_example("cnn").build_model()
+    with torch.no_grad():
+        model.stem[0].weight[0:4] = 0
+        model.stem[1].bias[0:4] = -5.0
+    cm = dense(model, x)
+    before = {k: v.clone() for k, v in cm.state_dict().items()}
+    types = [type(m) for m in cm.modules()]
+    plan = cm.plan.to_json()
+    small = shrink(cm)
+    assert isinstance(small, sparsec.CompiledModel) and small is not cm
+    assert small.shrink_report["stem.0"].removed == [0, 1, 2, 3]
+    assert cm.state_dict().keys() == before.keys()
+    assert all(torch.equal(before[k], v) for k, v in cm.state_dict().items())
+    assert [type(m) for m in cm.modules()] == types and cm.plan.to_json() == plan
+    assert not hasattr(cm, "shrink_report")
+    same_outputs(small, cm, x)
+    # the grouped conv's channels are pinned, with the reason
+    assert any("grouped conv" in why for why in small.shrink_report["stage2.0.0"].kept)
+
+
+def test_a_shrunk_model_compiles_for_inference():
+    torch.manual_seed(0)
+    model = MLP(d=32, h1=64, h2=64, out=8).eval()
+    with torch.no_grad():
+        model.fc2.weight[:, 0:8] = 0
+    x = torch.randn(4, 32)
+    small = shrink(dense(model, x))
+    assert param(small, "fc1.weight").shape == (56, 32)
+    packed = sparsec.compile(small, pattern="2:4", example_inputs=(x,), min_weights=0)
+    assert packed.plan["graph_module.fc1"].weight_shape == (56, 32)
+    assert packed(x).shape == (4, 8)
+
+
+def test_bad_input():
+    model, (x,) = load_example("mlp").build_model()
+    with pytest.raises(ValueError, match="train=True"):
+        shrink(sparsec.compile(model, pattern="2:4", example_inputs=(x,)))
+    cm = dense(model, x)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="threshold"):
+            shrink(cm, threshold=bad)
+    with pytest.raises(TypeError):
+        shrink(model)
