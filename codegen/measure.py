@@ -43,7 +43,7 @@ def candidates(gm, ctx, layer, decision, m: int, triton_problem: str | None) -> 
     weight = gm.get_parameter(layer.weight_path).detach()
     bias = gm.get_parameter(layer.bias_path).detach() if layer.bias_path else None
     rows = weight_to_rows(weight, layer.op)
-    mask = ctx.mask_for(layer.name, rows, parse_pattern(decision.sparsity))
+    mask = ctx.layer_mask(gm, layer, decision.sparsity)
     dense = rows * mask
     if decision.quant == "int8":
         dense = fake_quant_int8(dense)

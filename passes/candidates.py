@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from sparsec.context import CompileContext, UnreachedLayer
 from sparsec.meta import ConvParams, LayerInfo, update_meta
+from sparsec.runtime.training import TrainableLayer
 
 aten = torch.ops.aten
 
@@ -52,8 +53,22 @@ def _functional_name(weight_path: str) -> str:
     return weight_path.removesuffix(".weight") if weight_path.endswith(".weight") and weight_path != "weight" else weight_path
 
 
+def _trained_candidate(node: fx.Node, module: TrainableLayer) -> LayerInfo:
+    """A layer of a train=True model compiled again (for inference): named by its plan name, with
+    its learned mask, which is state to keep, not something to recompute from magnitudes."""
+    w = module.weight
+    rows = w.t() if module.op == "matmul" else w.reshape(w.shape[0], -1)
+    return LayerInfo(name=module.layer_name, op=module.op, site="module", weight_path=f"{node.target}.weight",
+                     bias_path=f"{node.target}.bias" if module.bias is not None else None,
+                     weight_shape=tuple(w.shape), dtype=w.dtype, out_features=rows.shape[0], reduction=rows.shape[1],
+                     conv=module.conv, trained_pattern=str(module.pattern) if module.pattern is not None else None,
+                     trained_mask_path=f"{node.target}.weight_mask" if module.weight_mask is not None else None)
+
+
 def _module_candidate(gm: fx.GraphModule, node: fx.Node) -> LayerInfo | None:
     module = gm.get_submodule(node.target)
+    if isinstance(module, TrainableLayer):
+        return _trained_candidate(node, module)
     # Subclasses with their own forward are traced into instead (or are leaves we cannot see into).
     if type(module).forward is nn.Linear.forward and isinstance(module, nn.Linear):
         w = module.weight

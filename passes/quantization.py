@@ -20,7 +20,6 @@ import torch.fx as fx
 
 from sparsec.context import CompileContext
 from sparsec.meta import get_meta, layer_nodes, update_meta
-from sparsec.patterns import parse_pattern
 from sparsec.plan import dtype_name
 from sparsec.reference import fake_quant_int8, relative_error, weight_to_rows
 
@@ -31,7 +30,7 @@ MAX_FLUSHED = 0.05
 def measure_int8(gm: fx.GraphModule, ctx: CompileContext, layer, sparsity: str) -> tuple[float, float]:
     """(relative weight error, fraction of kept nonzero weights flushed to 0) of int8 on the pruned weight."""
     rows = weight_to_rows(gm.get_parameter(layer.weight_path).detach(), layer.op)
-    pruned = rows * ctx.mask_for(layer.name, rows, parse_pattern(sparsity))
+    pruned = rows * ctx.layer_mask(gm, layer, sparsity)
     quantized = fake_quant_int8(pruned)
     nonzero = pruned != 0
     flushed = float((quantized[nonzero] == 0).sum()) / max(int(nonzero.sum()), 1)

@@ -111,10 +111,13 @@ def default_decision(layer: LayerInfo, blocker: str | None, pattern: Pattern, ct
     def dense(reason: str) -> Decision:
         return Decision(sparsity=None, quant=None, grad_sparsity=None, reason=reason)
 
-    if isinstance(pattern, Dense):
-        return dense("pattern 'dense': weights not pruned")
     if excluded_by := first_match(opts.exclude, layer.name):
         return dense(f"kept dense: excluded by exclude={excluded_by!r}")
+    if layer.trained_pattern is not None:
+        return Decision(sparsity=layer.trained_pattern, quant=None, grad_sparsity=None,
+                        reason=f"{layer.trained_pattern} learned in training: the trained mask is kept as it is")
+    if isinstance(pattern, Dense):
+        return dense("pattern 'dense': weights not pruned")
     if blocker:
         return dense(f"kept dense: {blocker}")
     if misfit := shape_misfit(layer, pattern):

@@ -42,7 +42,7 @@ def build_runtime_module(gm: fx.GraphModule, ctx: CompileContext, layer: LayerIn
     pattern = parse_pattern(decision.sparsity)
     weight = gm.get_parameter(layer.weight_path).detach()
     rows = weight_to_rows(weight, layer.op)
-    mask = ctx.mask_for(layer.name, rows, pattern)
+    mask = ctx.layer_mask(gm, layer, decision.sparsity)
     if decision.backend == "dense":  # measured faster than any sparse kernel at the compiled shape
         packed = DensePacked.pack(rows, mask, pattern, decision.quant)
     else:

@@ -8,7 +8,7 @@ from sparsec.context import CompileContext
 from sparsec.meta import get_meta, layer_nodes
 from sparsec.passes.sparsify import replace_layer
 from sparsec.patterns import parse_pattern
-from sparsec.reference import rows_to_weight, weight_to_rows
+from sparsec.reference import rows_to_weight
 from sparsec.runtime.training import TrainableLayer
 
 
@@ -24,8 +24,7 @@ def make_trainable(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         pattern = mask = None
         if decision.sparsity is not None:
             pattern = parse_pattern(decision.sparsity)
-            rows = weight_to_rows(weight.detach(), layer.op)
-            mask = rows_to_weight(ctx.mask_for(name, rows, pattern), layer.op, weight.shape)
+            mask = rows_to_weight(ctx.layer_mask(gm, layer, decision.sparsity), layer.op, weight.shape)
         module = TrainableLayer(weight, bias, layer.op, name, decision.reason, pattern=pattern, mask=mask,
                                 grad_pattern=parse_pattern(decision.grad_sparsity) if decision.grad_sparsity else None,
                                 grad_mode=opts.grad_mode, weight_update=opts.weight_update, ste_decay=opts.ste_decay,

@@ -19,6 +19,8 @@ from sparsec.plan import Plan
 def _run(model: nn.Module, example_inputs: Any, options: CompileOptions):
     if not isinstance(model, nn.Module):
         raise InvalidTypeError(f"sparsec compiles torch.nn.Module instances, got {type(model).__name__}")
+    if isinstance(model, CompiledModel):  # e.g. a train=True model compiled again for inference
+        model = model.graph_module
     inputs = normalize_example_inputs(example_inputs)
     try:
         private = copy.deepcopy(model)  # the user's model is never modified

@@ -14,7 +14,7 @@ import torch.nn as nn
 from sparsec.errors import InvalidInputError, InvalidTypeError
 from sparsec.patterns import NM, Pattern, parse_pattern
 from sparsec.plan import Plan
-from sparsec.reference import pattern_mask
+from sparsec.reference import pattern_mask, weight_to_rows
 
 # Layers with fewer weights than this stay dense by default: below it the savings are noise and
 # the per-call overhead of a compressed layer dominates. Override per layer with include=.
@@ -130,6 +130,14 @@ class CompileContext:
         if name not in self.masks:
             self.masks[name] = pattern_mask(rows, pattern)
         return self.masks[name]
+
+    def layer_mask(self, gm, layer, sparsity: str) -> torch.Tensor:
+        """[out, K] mask of `layer` under `sparsity`: a trained layer's learned mask when the pattern
+        is the one it was trained with (state, never recomputed), else by magnitude (`mask_for`)."""
+        if layer.trained_mask_path is not None and sparsity == layer.trained_pattern:
+            return weight_to_rows(gm.get_buffer(layer.trained_mask_path), layer.op)
+        rows = weight_to_rows(gm.get_parameter(layer.weight_path).detach(), layer.op)
+        return self.mask_for(layer.name, rows, parse_pattern(sparsity))
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import torch.nn as nn
 from sparsec.errors import ExampleInputError, InvalidTypeError, TraceError
 from sparsec.graph_module import SparsecGraphModule
 from sparsec.plan import dtype_name
+from sparsec.runtime.layers import RuntimeLayer
 from sparsec.state import preserved_buffers
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -80,7 +81,7 @@ class _Tracer(fx.Tracer):
             return True
         if module_qualified_name and any(re.fullmatch(p, module_qualified_name) for p in self.leaf_regexes):
             return True
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
+        if isinstance(m, (nn.Linear, nn.Conv2d, RuntimeLayer)):
             return True
         # fx treats every torch.nn module as a leaf. Built-ins that contain layers of their own
         # (MultiheadAttention, TransformerEncoderLayer, ...) are traced into instead, so their

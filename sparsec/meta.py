@@ -37,6 +37,8 @@ class LayerInfo:
     out_features: int           # rows of the [out, K] view
     reduction: int              # K: the reduction dimension the pattern groups run along
     conv: ConvParams | None = None
+    trained_pattern: str | None = None   # a train=True layer's pattern: its learned mask is kept as is
+    trained_mask_path: str | None = None # attribute path of that mask (original weight shape)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,6 @@ from sparsec.passes.selection import choose_sparsity
 from sparsec.passes.shape_prop import propagate_shapes
 from sparsec.passes.sparsify import sparsify_layers
 from sparsec.passes.trainable import make_trainable
-from sparsec.patterns import Dense
 
 Pass = Callable[[fx.GraphModule, CompileContext], fx.GraphModule]
 
@@ -83,7 +82,8 @@ def run_pipeline(gm: fx.GraphModule, ctx: CompileContext) -> tuple[fx.GraphModul
     if opts.train:
         rewrites = TRAINING_REWRITE_PASSES if opts.rewrite else []
     else:
-        rewrites = REWRITE_PASSES if opts.rewrite and not isinstance(opts.pattern, Dense) else []
+        # also for pattern "dense": trained layers compiled again keep their learned masks
+        rewrites = REWRITE_PASSES if opts.rewrite else []
     passes = [(p, "analysis") for p in ANALYSIS_PASSES] + [(p, "rewrite") for p in rewrites]
     history: list[PassRecord] = []
     debug = debug_level()

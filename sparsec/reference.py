@@ -164,15 +164,33 @@ def fanin_compress(rows: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor
     return rows.gather(-1, indices), indices.to(torch.int32)
 
 
+def fanin_compress_ragged(rows: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Condensed rows when rows keep different counts (after neuron ablation / shrinking a trained
+    fan-in layer): k = the largest count; row r holds its counts[r] kept columns ascending, then
+    padding with its lowest unkept columns and value 0, so indices stay unique per row and the
+    product is unchanged. Returns (values, int32 indices, int32 counts)."""
+    counts = mask.sum(-1)
+    k = max(1, int(counts.max())) if counts.numel() else 1
+    order = _kept_positions(mask, k)  # kept columns first (ascending), then unkept ones (ascending)
+    real = torch.arange(k, device=rows.device).unsqueeze(0) < counts.unsqueeze(1)
+    values = rows.gather(-1, order) * real
+    return values, order.to(torch.int32), counts.to(torch.int32)
+
+
 def fanin_decompress(values: torch.Tensor, indices: torch.Tensor, k_total: int) -> torch.Tensor:
     """Dense rows `[out, K]` from condensed values and indices."""
     dense = torch.zeros(values.shape[0], k_total, dtype=values.dtype, device=values.device)
     return dense.scatter_(-1, indices.long(), values)
 
 
-def fanin_mask_from_indices(indices: torch.Tensor, k_total: int) -> torch.Tensor:
+def fanin_mask_from_indices(indices: torch.Tensor, k_total: int, counts: torch.Tensor | None = None) -> torch.Tensor:
+    """The mask condensed indices stand for; with `counts`, only each row's first counts[r] entries
+    are real (the rest is padding)."""
     mask = torch.zeros(indices.shape[0], k_total, dtype=torch.bool, device=indices.device)
-    return mask.scatter_(-1, indices.long(), True)
+    real = torch.ones_like(indices, dtype=torch.bool)
+    if counts is not None:
+        real = torch.arange(indices.shape[1], device=indices.device).unsqueeze(0) < counts.unsqueeze(1)
+    return mask.scatter_(-1, indices.long(), real)
 
 
 # --------------------------------------------------------------------------- int8 quantization

@@ -200,3 +200,29 @@ def test_bad_training_options(kwargs, match):
     model, inputs = load_example("mlp").build_model()
     with pytest.raises((ValueError, TypeError), match=match):
         sparsec.compile(model, example_inputs=inputs, **kwargs)
+
+
+@pytest.mark.parametrize("pattern, update", [("2:4", "fixed"), ("2:4", "ste"), ("fanin:0.8", "fixed")])
+def test_a_trained_model_compiles_for_inference_with_its_learned_masks(pattern, update):
+    model, (x,) = load_example("mlp").build_model()
+    cm = sparsec.compile(model, pattern=pattern, example_inputs=(x,), train=True, weight_update=update)
+    opt = torch.optim.SGD(cm.parameters(), lr=0.5)
+    for _ in range(3):  # move the weights so magnitude masks would now differ from the trained ones
+        F.cross_entropy(cm(x), torch.arange(8)).backward()
+        opt.step()
+        opt.zero_grad()
+    cm(x)
+    trained = {lp.name: cm.mask(lp.name) for lp in cm.plan.sparse_layers}
+    if pattern.startswith("fanin"):  # an ablated neuron: rows end up with different counts
+        layer = cm.sparse_module("fc2")
+        with torch.no_grad():
+            layer.weight_mask[3] = False
+            layer.weight[3] = 0
+        trained["fc2"] = cm.mask("fc2")
+    deployed = sparsec.compile(cm, example_inputs=(x,))
+    assert {lp.name for lp in deployed.plan.sparse_layers} == set(trained)
+    for name, mask in trained.items():
+        assert torch.equal(deployed.mask(name), mask), name
+        assert "learned in training" in deployed.plan[name].reason
+    with torch.no_grad():
+        assert output_error(deployed(x), cm.eval()(x)) <= 1e-5

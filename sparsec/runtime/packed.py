@@ -86,17 +86,27 @@ class NMPacked(PackedWeight):
 
 
 class FanInPacked(PackedWeight):
-    """Condensed constant fan-in: values `[out, k]` + ascending int32 column indices `[out, k]`."""
+    """Condensed constant fan-in: values `[out, k]` + ascending int32 column indices `[out, k]`.
 
-    def __init__(self, values, indices, scales, reduction: int, dtype: torch.dtype):
+    A trained layer whose rows ended with different counts (ablated neurons, shrunk inputs) is
+    stored ragged: `row_counts[r]` real entries per row, the rest zero-valued padding.
+    """
+
+    def __init__(self, values, indices, scales, reduction: int, dtype: torch.dtype, row_counts=None):
         super().__init__(values, scales, values.shape[0], reduction, dtype)
         self.register_buffer("indices", indices)
+        self.register_buffer("row_counts", row_counts)
 
     @classmethod
     def pack(cls, rows, mask, pattern: FanIn, quant) -> FanInPacked:
-        values, indices = ref.fanin_compress(rows.detach(), mask)
+        counts = mask.sum(-1)
+        if bool((counts == counts[0]).all()):
+            values, indices = ref.fanin_compress(rows.detach(), mask)
+            row_counts = None
+        else:
+            values, indices, row_counts = ref.fanin_compress_ragged(rows.detach(), mask)
         q, scales = cls._quantize(values, quant)
-        return cls(q.contiguous(), indices.contiguous(), scales, rows.shape[1], rows.dtype)
+        return cls(q.contiguous(), indices.contiguous(), scales, rows.shape[1], rows.dtype, row_counts)
 
     @property
     def k(self) -> int:
@@ -106,7 +116,7 @@ class FanInPacked(PackedWeight):
         return ref.fanin_decompress(self.kept_values(dtype), self.indices, self.reduction)
 
     def mask(self) -> torch.Tensor:
-        return ref.fanin_mask_from_indices(self.indices, self.reduction)
+        return ref.fanin_mask_from_indices(self.indices, self.reduction, self.row_counts)
 
     def extra_repr(self) -> str:
         return f"fan-in k={self.k}, out={self.out_features}, K={self.reduction}, values={self.values.dtype}" + (", int8 scales" if self.quant else "")
