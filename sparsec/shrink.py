@@ -300,8 +300,8 @@ def _arg(node: fx.Node, index: int, name: str, default):
 
 
 class _Analysis:
-    def __init__(self, gm: fx.GraphModule, layers: dict[fx.Node, _Layer], threshold: float):
-        self.gm, self.layers, self.threshold = gm, layers, threshold
+    def __init__(self, gm: fx.GraphModule, layers: dict[fx.Node, _Layer], threshold: float, ragged_fanin: bool = False):
+        self.gm, self.layers, self.threshold, self.ragged_fanin = gm, layers, threshold, ragged_fanin
         self.graph = nx.Graph()                     # channel elements; an edge joins two that go together
         self.origin: list[tuple[str, int]] = []     # element -> (producing layer, output index)
         self.values: dict[fx.Node, _Value] = {}
@@ -606,7 +606,7 @@ class _Decision:
     def consumer_blocks(self, site: _Site, cols: list[int], col_zero: list[bool]):
         """(why class cannot leave this consumer, None if it can; the (column, constant) bias folds it needs)."""
         layer, t = site.layer, site.layer.trainable
-        if t is not None and isinstance(t.pattern, FanIn) and \
+        if t is not None and isinstance(t.pattern, FanIn) and not self.a.ragged_fanin and \
                 t.weight_mask.index_select(layer.in_dim, torch.tensor(cols)).any():
             return (f"{layer.name} has constant fan-in sparsity and keeps weights in this input column "
                     f"(removing it would leave some rows with fewer than k weights)"), []
@@ -778,8 +778,13 @@ def _report(a: _Analysis, d: _Decision, threshold: float) -> ShrinkReport:
 # --------------------------------------------------------------------------- entry point
 
 
-def shrink(cm: CompiledModel, threshold: float = 0.0) -> CompiledModel:
+def shrink(cm: CompiledModel, threshold: float = 0.0, *, ragged_fanin: bool = False) -> CompiledModel:
     """A new, smaller CompiledModel computing the same outputs: all-zero neurons / channels removed.
+
+    ragged_fanin: also remove input columns of constant fan-in layers where their mask keeps weights
+    (what those weights multiplied is 0, or a constant folded into the bias, so the result is
+    exact); the rows then keep different counts. For deployment after training (`condense`), not
+    for further SRigL training, which needs exactly k per row.
 
     `cm` is never modified. The result carries `shrink_report` (ShrinkReport: per channel space,
     producers, consumers, channels before / after, removed indices and why the rest was kept);
@@ -800,7 +805,7 @@ def shrink(cm: CompiledModel, threshold: float = 0.0) -> CompiledModel:
     gm = copy.deepcopy(cm.graph_module)
     layers = _find_layers(gm)
     before = {layer.name: tuple(layer.weight(gm).shape) for layer in layers.values()}
-    analysis = _Analysis(gm, layers, float(threshold))
+    analysis = _Analysis(gm, layers, float(threshold), ragged_fanin)
     decision = _Decision(analysis)
     _rewrite(gm, analysis, decision)
     report = _report(analysis, decision, float(threshold))

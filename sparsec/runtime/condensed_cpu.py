@@ -1,0 +1,234 @@
+"""Fast CPU forward of a condensed constant fan-in linear layer (C++ kernel, torch fallback).
+
+A constant fan-in weight W [out, K] keeps exactly k weights per row, stored condensed as
+`values [out, k]` (float32) and `indices [out, k]` (integer column positions in [0, K)). The layer is
+
+    y[..., o] = sum_j values[o, j] * x[..., indices[o, j]] + bias[o]
+
+API
+    prepare(values, indices) -> CondensedWeight
+        Once per layer (10-30 ms for 3072->768): checks the indices (integers >= 0; sorted here if
+        they are not ascending) and builds the kernels' layouts (csrc/condensed.cpp): "rows", a
+        row-major copy with uint16 indices, always; "seg", the AVX-512 small-batch layout, when
+        isa() is "avx512". Keeps `values` / `indices` themselves for the fallback. The layouts are
+        copies: after editing `values` in place, prepare() again.
+    condensed_linear(x, values, indices=None, bias=None) -> Tensor
+        x [..., K] (any leading dims, 1-D included) -> [..., out], float32 on the fast path, else
+        torch.promote_types(x.dtype, values.dtype) (so float64 x gives float64). `values` is either
+        a CondensedWeight (then `indices` is not needed) or the raw values tensor with `indices`,
+        which prepares on every call (slow: use prepare). bias [out] or None. Raises IndexError
+        when x has fewer than max(indices) + 1 features. On AVX-512, batches (rows of x) below
+        CondensedWeight.seg_batch_limit run the seg kernel, larger ones the rows kernel.
+    is_available() -> bool
+        Whether the C++ kernels built and loaded here (builds them on first call).
+    isa() -> str, set_isa(name) -> str
+        The kernel family in use ("avx512", "avx2", "scalar"; "torch" when unavailable); set_isa
+        lowers it for tests ("best" restores). Layers prepared under "avx512" keep using seg.
+A CondensedWeight belongs to the process (and CPU) that prepared it: prepare() again elsewhere.
+
+Fast path: float32 CPU x, a layout from prepare(), float32 CPU bias or None, and no autograd
+needed (grad disabled, or nothing requires grad). Anything else (float64, half, other devices,
+x / values / bias requiring grad) runs `reference`: scatter to dense and F.linear, differentiable
+and never wrong, only slower. The fast path sums kept weights only, so an inf / nan in x reaches
+only the rows that keep that column (as with a CSR matmul); the dense reference multiplies it by
+the zeros as well. `calls` counts which path each call took ("fast" / "fallback").
+
+Build: the first prepare() / is_available() / condensed_linear() compiles csrc/condensed.cpp
+with the system C++ compiler ($CXX, else c++) against the installed torch (~10 s on 2 cores; no
+ninja, no Python headers) into $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions)
+/sparsec/condensed_<hash>.so, the hash covering source, flags, compiler and torch version, so later
+processes only load it. The library holds AVX-512, AVX2 and scalar kernels and picks one at run
+time, so it is built without -march=native and stays valid on another CPU. Any failure (no
+compiler, compile error, unwritable cache) is logged once as a warning and leaves is_available()
+False. SPARSEC_NO_CPP=1 skips the build.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+LANES, SEGMENT = 16, 32  # rows per block, columns per table lookup: kLanes / kSegment in the C++
+# AVX-512: the seg kernel's time grows with batch x padding, the transposed rows kernel's stays flat up
+# to 16 rows; measured crossovers (3072->768; sparsity 0.8 / 0.9 / 0.95, padding 1.65 / 2.0 / 2.5):
+# batch ~16 / 12 / 9, i.e. batch * padding ~ 24.
+SEG_CROSSOVER = 24.0
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "condensed.cpp")
+# No -march: the kernels carry target attributes and are chosen at run time (see the C++ header).
+# -fopenmp: at::parallel_for is inline OpenMP; the library resolves libgomp to torch's own copy
+# (rpath below), so there is one thread pool. -w: a failed build still reports its errors.
+_FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-w"]
+
+calls: collections.Counter = collections.Counter()
+_state: dict = {}  # "op": the loaded operator namespace, or None after a failed build
+
+
+@dataclass(frozen=True, eq=False)
+class CondensedWeight:
+    """One layer prepared for condensed_linear: the kernels' layouts plus the original tensors."""
+
+    values: torch.Tensor      # [out, k] as given (used by the fallback)
+    indices: torch.Tensor     # [out, k] as given
+    out_features: int
+    min_features: int         # max(indices) + 1: x needs at least this many features
+    rows: tuple = ()          # (values [out, k] float32, indices [out, k] int16 / int32), sorted; () = fallback only
+    seg: tuple = ()           # AVX-512 small-batch layout, see _seg_layout; () when not built
+    seg_batch_limit: float = 0.0  # batches below this use seg: SEG_CROSSOVER / padding
+
+
+def prepare(values: torch.Tensor, indices: torch.Tensor) -> CondensedWeight:
+    if values.dim() != 2 or values.shape != indices.shape:
+        raise ValueError(f"values {tuple(values.shape)} and indices {tuple(indices.shape)} must both be [out, k]")
+    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+        raise ValueError(f"indices must be integers, got {indices.dtype}")
+    if indices.numel() and int(indices.min()) < 0:
+        raise ValueError("indices must be non-negative")
+    out = values.shape[0]
+    min_features = int(indices.max()) + 1 if indices.numel() else 0
+    rows = seg = ()
+    op = _load()
+    if op is not None and values.dtype == torch.float32 and values.device.type == "cpu" == indices.device.type:
+        # Sorted columns make each (row, segment)'s weights contiguous and xT reads ascending; the spec
+        # has them ascending already.
+        idx, order = indices.detach().long().sort(dim=-1, stable=True)
+        val = values.detach().gather(1, order).contiguous()
+        # uint16 indices (6 bytes per weight instead of 8) while K <= 65536; int16 holds the same bits.
+        rows = (val, idx.to(torch.int16 if min_features <= 65536 else torch.int32))
+        seg = _seg_layout(val, idx, min_features) if op.isa() == "avx512" else ()
+        padding = seg[0].numel() / max(1, values.numel()) if seg else 0.0  # steps * 16 / kept weights
+        limit = SEG_CROSSOVER / max(padding, 1.0) if seg else 0.0
+        return CondensedWeight(values, indices, out, min_features, rows, seg, limit)
+    return CondensedWeight(values, indices, out, min_features)
+
+
+def _seg_layout(values: torch.Tensor, indices: torch.Tensor, min_features: int) -> tuple:
+    """(vals [steps, 16], idx [steps, 16] uint8, counts [nblk, nseg] uint8, starts [nblk + 1])."""
+    out, k = values.shape
+    nblk, nseg = -(-out // LANES), -(-min_features // SEGMENT)
+    seg = indices // SEGMENT
+    per_row = torch.zeros(nblk * LANES, nseg, dtype=torch.int64)  # kept weights of row o in segment s
+    per_row[:out].scatter_add_(1, seg, torch.ones_like(seg))
+    counts = per_row.view(nblk, LANES, nseg).amax(1)  # steps of (block, segment): its fullest row
+    if counts.numel() and int(counts.max()) > 255:  # only with repeated indices; uint8 counts
+        return ()
+    ends = counts.flatten().cumsum(0)
+    first_step = (ends - counts.flatten()).view(nblk, nseg)
+    # Rank of each weight among its row's weights in the same segment (indices are sorted).
+    first_j = (per_row[:out].cumsum(1) - per_row[:out]).gather(1, seg)
+    rank = torch.arange(k).expand(out, k) - first_j
+    rows = torch.arange(out)
+    step = first_step[(rows // LANES)[:, None], seg] + rank
+    lane = (rows % LANES)[:, None].expand(out, k)
+    steps = int(ends[-1]) if ends.numel() else 0
+    vals = torch.zeros(steps, LANES, dtype=torch.float32)
+    vals[step, lane] = values
+    idx = torch.full((steps, LANES), 0x80, dtype=torch.uint8)  # bit 7: padding, looks up 0
+    idx[step, lane] = (indices % SEGMENT).to(torch.uint8)
+    starts = torch.cat([torch.zeros(1, dtype=torch.int64), counts.sum(1).cumsum(0)])
+    return vals, idx, counts.to(torch.uint8).contiguous(), starts
+
+
+def reference(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Plain torch: scatter to dense and F.linear (differentiable in x, values and bias)."""
+    dtype = torch.promote_types(x.dtype, values.dtype)
+    dense = torch.zeros(values.shape[0], x.shape[-1], dtype=dtype, device=values.device)
+    dense = dense.scatter_add(1, indices.long(), values.to(dtype))
+    return F.linear(x.to(dtype), dense, None if bias is None else bias.to(dtype))
+
+
+def _load():
+    """The registered operator namespace, building the library on first use; None if that fails."""
+    if "op" not in _state:
+        _state["op"] = None
+        if not os.environ.get("SPARSEC_NO_CPP"):
+            try:
+                _state["op"] = _build_and_load()
+            except Exception as exc:  # noqa: BLE001 - any failure only disables the fast path
+                log.warning("sparsec condensed CPU kernels unavailable, using the torch fallback: %s", exc)
+    return _state["op"]
+
+
+def _build_and_load():
+    from torch.utils import cpp_extension
+
+    cxx = os.environ.get("CXX") or "c++"
+    if shutil.which(cxx) is None:
+        raise RuntimeError(f"no C++ compiler {cxx!r} on PATH")
+    libdirs = cpp_extension.library_paths()
+    flags = _FLAGS + [f"-I{p}" for p in cpp_extension.include_paths()] + [
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+    link = [f"-L{p}" for p in libdirs] + [f"-Wl,-rpath,{p}" for p in libdirs] + ["-lc10", "-ltorch_cpu"]
+    with open(_SOURCE, "rb") as f:
+        source = f.read()
+    key = hashlib.sha256(b"\0".join([source, " ".join([cxx, *flags, *link]).encode(), torch.__version__.encode()]))
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions")
+    folder = os.path.join(root, "sparsec")
+    lib = os.path.join(folder, f"condensed_{key.hexdigest()[:16]}.so")
+    if not os.path.exists(lib):
+        os.makedirs(folder, exist_ok=True)
+        # Build under a private name, then rename: concurrent first uses (pytest -n, several workers)
+        # never load a half-written file.
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+        os.close(fd)
+        try:
+            proc = subprocess.run([cxx, *flags, _SOURCE, "-o", tmp, *link], capture_output=True, text=True, timeout=300)
+            if proc.returncode != 0:
+                raise RuntimeError(f"compiling {_SOURCE} failed:\n{proc.stderr[-4000:]}")
+            os.replace(tmp, lib)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    torch.ops.load_library(lib)
+    return torch.ops.sparsec_condensed
+
+
+def is_available() -> bool:
+    """Whether the C++ kernels are loaded (building them on the first call)."""
+    return _load() is not None
+
+
+def isa() -> str:
+    """The kernel family in use: "avx512", "avx2", "scalar", or "torch" without the library."""
+    op = _load()
+    return op.isa() if op is not None else "torch"
+
+
+def set_isa(name: str) -> str:
+    """For tests: use kernels no better than "avx512" / "avx2" / "scalar" ("best": the CPU's). The rows
+    kernels switch at once; only prepare() under "avx512" builds the seg layout."""
+    op = _load()
+    return op.set_isa(name) if op is not None else "torch"
+
+
+def condensed_linear(x: torch.Tensor, values, indices: torch.Tensor | None = None,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    if isinstance(values, CondensedWeight):
+        w = values
+    elif indices is None:
+        raise TypeError("condensed_linear needs indices unless values is a CondensedWeight from prepare()")
+    else:
+        w = prepare(values, indices)
+    if x.shape[-1] < w.min_features:
+        raise IndexError(f"x has {x.shape[-1]} features but the indices reach {w.min_features - 1}")
+    # Cheapest tests first (x.device.type alone costs 0.3 us; the whole wrapper is ~0.6 us).
+    needs_grad = (x.requires_grad or w.values.requires_grad or (bias is not None and bias.requires_grad)) \
+        and torch.is_grad_enabled()
+    if (w.rows and x.dtype is torch.float32 and x.is_cpu and not needs_grad
+            and (bias is None or (bias.dtype is torch.float32 and bias.is_cpu))):
+        calls["fast"] += 1
+        op = _load()
+        if x.numel() < w.seg_batch_limit * x.shape[-1]:
+            return op.linear_seg(x, *w.seg, bias, w.out_features)
+        return op.linear_rows(x, *w.rows, bias, w.out_features)
+    calls["fallback"] += 1
+    return reference(x, w.values, w.indices, bias)
