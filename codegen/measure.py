@@ -1,11 +1,14 @@
-"""backend="auto" on CUDA: time each way to run a sparse layer at its compiled shape, keep the fastest.
+"""backend="auto": time each way to run a sparse layer at its compiled shape, keep the fastest.
 
-Candidates: the generated Triton kernel, torch's semi-structured GEMM (cuSPARSELt / CUTLASS), and a
-dense cuBLAS GEMM on the pruned weight. Medians of CUDA-event timings after warm-up.
+CUDA: the generated Triton kernel, torch's semi-structured GEMM (cuSPARSELt / CUTLASS), and a
+dense cuBLAS GEMM on the pruned weight; medians of CUDA-event timings after warm-up.
+CPU, constant fan-in layers: the condensed kernel against a dense GEMM on the pruned weight;
+medians of wall-clock blocks.
 """
 from __future__ import annotations
 
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -66,12 +69,50 @@ def candidates(gm, ctx, layer, decision, m: int, triton_problem: str | None) -> 
     return out
 
 
-def pick_fastest(gm, ctx, layer, decision, m: int | None, triton_problem: str | None) -> tuple[str, str]:
+def time_cpu(fn, block_s: float = 0.02, blocks: int = 7) -> float:
+    """Median seconds per call over short blocks of repeated calls (one call is too short to time)."""
+    fn()
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < block_s / 4:
+        fn()
+        calls += 1
+    per_block = max(1, int(calls * 4))
+    times = []
+    for _ in range(blocks):
+        start = time.perf_counter()
+        for _ in range(per_block):
+            fn()
+        times.append((time.perf_counter() - start) / per_block)
+    return statistics.median(times)
+
+
+def cpu_fanin_candidates(gm, ctx, layer, decision, m: int) -> dict:
+    from sparsec.runtime import condensed_cpu
+    from sparsec.runtime.packed import FanInPacked
+
+    weight = gm.get_parameter(layer.weight_path).detach()
+    bias = gm.get_parameter(layer.bias_path).detach() if layer.bias_path else None
+    rows = weight_to_rows(weight, layer.op)
+    mask = ctx.layer_mask(gm, layer, decision.sparsity)
+    packed = FanInPacked.pack(rows, mask, parse_pattern(decision.sparsity), decision.quant)
+    dense = packed.rows().contiguous()
+    prepared = condensed_cpu.prepare(packed.kept_values(torch.float32), packed.indices)
+    x = torch.randn(m, layer.reduction)
+    return {"dense": lambda: F.linear(x, dense, bias),
+            "condensed": lambda: condensed_cpu.condensed_linear(x, prepared, bias=bias)}
+
+
+def pick_fastest(gm, ctx, layer, decision, m: int | None, triton_problem: str | None, device: str = "cuda"):
     rows = m or DEFAULT_ROWS
+    if device == "cpu":
+        options, timer = cpu_fanin_candidates(gm, ctx, layer, decision, rows), time_cpu
+    else:
+        options, timer = candidates(gm, ctx, layer, decision, rows, triton_problem), time_cuda
     times = {}
-    for name, fn in candidates(gm, ctx, layer, decision, rows, triton_problem).items():
+    for name, fn in options.items():
         try:
-            times[name] = time_cuda(fn)
+            with torch.no_grad():
+                times[name] = timer(fn)
         except Exception:  # noqa: BLE001 - a candidate that cannot run simply is not chosen
             continue
     best = min(times, key=times.get)

@@ -4,9 +4,11 @@ backend="torch"   plain-torch runtime everywhere (CPU default).
 backend="triton"  the generated fused 2:4 kernel for every layer it covers (2:4, linear / matmul,
                   float16 / bfloat16 / float32 weights); other sparse layers stay on torch, with the
                   reason. Needs CUDA, or TRITON_INTERPRET=1 for the CPU interpreter.
-backend="auto"    on CPU: torch. On CUDA: per layer, time the Triton kernel, cuSPARSELt (when this
-                  torch has it) and a dense GEMM on the pruned weight at the compiled shape, and take
-                  the fastest, so a compiled layer is never slower than dense where it was compiled.
+backend="auto"    on CPU: constant fan-in fp32 linear layers time the condensed kernel against a dense
+                  GEMM on the pruned weight and take the faster; everything else runs torch. On CUDA:
+                  per layer, time the Triton kernel, cuSPARSELt (when this torch has it) and a dense
+                  GEMM on the pruned weight at the compiled shape, and take the fastest, so a
+                  compiled layer is never slower than dense where it was compiled.
 With a given plan, its `backend` entries are applied as they are.
 """
 from __future__ import annotations
@@ -38,6 +40,14 @@ def triton_blocker(layer: LayerInfo, sparsity: str, device: torch.device) -> str
     if device.type == "cpu" and interpreting() and layer.dtype == torch.bfloat16:
         return "bfloat16 tl.dot is wrong in the Triton CPU interpreter"
     return None
+
+
+def _condensed_candidate(layer: LayerInfo, decision) -> bool:
+    """A constant fan-in fp32 linear layer, where this machine has the CPU condensed kernel."""
+    from sparsec.runtime import condensed_cpu
+
+    return (decision.sparsity.startswith("fanin:") and layer.op in ("linear", "matmul")
+            and layer.dtype == torch.float32 and condensed_cpu.is_available())
 
 
 def _device(gm: fx.GraphModule, layer: LayerInfo) -> torch.device:
@@ -76,7 +86,15 @@ def choose_backend(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             if backend == "cusparselt" and (decision.sparsity != "2:4" or device.type != "cuda"):
                 raise InvalidInputError(f"the given plan asks for backend 'cusparselt' on layer {name!r}: it needs a "
                                         f"2:4 layer on CUDA (this one is {decision.sparsity} on {device})")
+            if backend == "condensed" and not (decision.sparsity.startswith("fanin:") and layer.op != "conv2d"):
+                raise InvalidInputError(f"the given plan asks for backend 'condensed' on layer {name!r}: it runs "
+                                        f"constant fan-in linear layers only (this one is {decision.sparsity} "
+                                        f"{layer.op}); set its backend to null to let sparsec choose")
             note = {"torch": None, "triton": TRITON_NOTE}.get(backend, f"backend {backend}, set by the given plan")
+        elif wanted == "auto" and device.type == "cpu" and _condensed_candidate(layer, decision):
+            from sparsec.codegen.measure import pick_fastest
+
+            backend, note = pick_fastest(gm, ctx, layer, decision, _input_rows(nodes[0], layer), None, device="cpu")
         elif wanted == "torch" or (wanted == "auto" and device.type != "cuda"):
             backend, note = "torch", None
         elif wanted == "triton":

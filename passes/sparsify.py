@@ -16,6 +16,7 @@ from sparsec.meta import LayerInfo, get_meta, layer_nodes
 from sparsec.patterns import parse_pattern
 from sparsec.reference import weight_to_rows
 from sparsec.runtime import PackedWeight, SparseConv2d, SparseLayer, SparseLinear
+from sparsec.runtime.condensed_linear import CondensedLinear
 from sparsec.runtime.cusparselt_linear import CusparseltLinear
 from sparsec.runtime.packed import DensePacked
 from sparsec.runtime.triton_linear import TritonSparseLinear
@@ -35,7 +36,7 @@ def _delete_attr(gm: fx.GraphModule, path: str) -> None:
 
 # decision.backend -> the module class running a linear / matmul layer (conv2d always runs SparseConv2d)
 LINEAR_MODULES = {None: SparseLinear, "torch": SparseLinear, "dense": SparseLinear,
-                  "triton": TritonSparseLinear, "cusparselt": CusparseltLinear}
+                  "triton": TritonSparseLinear, "cusparselt": CusparseltLinear, "condensed": CondensedLinear}
 
 
 def build_runtime_module(gm: fx.GraphModule, ctx: CompileContext, layer: LayerInfo, decision) -> SparseLayer:

@@ -17,7 +17,7 @@ from sparsec.patterns import NM, FanIn, parse_pattern
 PLAN_FORMAT = "sparsec.plan"
 PLAN_VERSION = 1
 QUANT_CHOICES = (None, "int8")
-BACKEND_CHOICES = (None, "torch", "triton", "cusparselt", "dense")
+BACKEND_CHOICES = (None, "torch", "triton", "cusparselt", "dense", "condensed")
 
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 
@@ -38,7 +38,7 @@ class LayerPlan:
     reason: str                        # why chosen, or why not
     dtype: str | None = None           # weight dtype ("float32", ...), for byte counts
     flops: int | None = None           # dense FLOPs of the layer at the example inputs
-    backend: str | None = None         # what runs a sparse layer: "torch" | "triton" | "cusparselt" | "dense"
+    backend: str | None = None         # what runs a sparse layer: torch | triton | cusparselt | dense | condensed
 
     def __post_init__(self) -> None:
         self.weight_shape = tuple(int(d) for d in self.weight_shape)

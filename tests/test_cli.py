@@ -27,6 +27,7 @@ def test_inspect_json_round_trips_and_plan_flag_applies_it(capsys, tmp_path):
     assert plan["fc2"].sparsity == "fanin:0.9"
     data = json.loads(plan.to_json())
     data["layers"][1]["sparsity"] = "1:4"
+    data["layers"][1]["backend"] = None  # let sparsec choose what runs the edited layer
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(data))
     assert main(["inspect", MLP, "--plan", str(path), "--json"]) == 0

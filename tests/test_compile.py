@@ -43,6 +43,9 @@ def test_examples_match_the_pruned_model(example, pattern, quantize):
     params = dict(cm.graph_module.named_parameters())
     for lp in sparse:
         assert f"{lp.name}.weight" not in params
+        if lp.backend == "dense":  # measured faster as a dense GEMM at this shape: stored dense on purpose
+            assert "-> dense" in lp.reason
+            continue
         assert not any(t.is_floating_point() and t.numel() >= lp.numel for t in runtime[lp.name].state_dict().values())
 
 
@@ -154,7 +157,8 @@ def test_edited_plan_is_applied_exactly():
     assert output_error(cm(*inputs), pruned_model(model, edited)(*inputs)) <= 1e-5
     # applying a compiled model's own plan reproduces it
     again = sparsec.compile(model, example_inputs=inputs, plan=sparsec.Plan.from_json(cm.plan.to_json()))
-    assert again.plan == cm.plan
+    decisions = lambda p: [(lp.name, lp.sparsity, lp.quant, lp.grad_sparsity, lp.backend) for lp in p]  # noqa: E731
+    assert decisions(again.plan) == decisions(cm.plan)  # reasons may differ: measured timings are not replayed
     assert torch.equal(again(*inputs), cm(*inputs))
 
 

@@ -52,6 +52,37 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, con
     return fn(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
+class KernelForward(torch.autograd.Function):
+    """Forward through a layer's fast kernel, backward through its plain-torch `reference`
+    (recomputed): inference speed by default, and gradients still right when someone asks."""
+
+    @staticmethod
+    def forward(ctx, x, layer, *params):
+        ctx.layer = layer
+        ctx.save_for_backward(x, *params)
+        return layer.kernel_forward(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, *params = ctx.saved_tensors
+        wanted = [p for p, need in zip([x] + params, [ctx.needs_input_grad[0]] + list(ctx.needs_input_grad[2:])) if need]
+        with torch.enable_grad():
+            xd = x.detach().requires_grad_(ctx.needs_input_grad[0])
+            y = ctx.layer.reference(xd)
+            targets = [xd if p is x else p for p in wanted]
+            grads = iter(torch.autograd.grad(y, targets, dy, allow_unused=True))
+        return (next(grads) if ctx.needs_input_grad[0] else None, None,
+                *[next(grads) if need else None for need in ctx.needs_input_grad[2:]])
+
+
+def run_kernel(layer, x: torch.Tensor) -> torch.Tensor:
+    """layer.kernel_forward(x), differentiable through layer.reference when autograd needs it."""
+    params = [p for p in layer.parameters() if p.requires_grad]
+    if torch.is_grad_enabled() and (x.requires_grad or params):
+        return KernelForward.apply(x, layer, *params)
+    return layer.kernel_forward(x)
+
+
 class SparseLayer(RuntimeLayer):
     """Common part: the packed weight, the bias, and what the plan said about this layer."""
 

@@ -2,15 +2,15 @@
 
 The fusion pass may fold what followed the layer in the graph into its epilogue: a bias add, an
 activation (relu / gelu / gelu_tanh / silu), a per-channel scale and a dtype cast. The codegen
-pass then attaches the kernel (name + source). The same math in plain torch (`reference`) serves
-autograd: when gradients are needed, the layer runs the reference so backward works.
+pass then attaches the kernel (name + source). Forward always runs the kernel; the same math in
+plain torch (`reference`) is recomputed in backward when gradients are needed.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from sparsec.runtime.layers import SparseLinear
+from sparsec.runtime.layers import SparseLinear, run_kernel
 
 _ACTIVATION_FNS = {
     None: lambda t: t,
@@ -49,10 +49,7 @@ class TritonSparseLinear(SparseLinear):
             y = y * self.out_scale
         return y.to(self.out_dtype) if self.out_dtype is not None else y
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        if needs_grad:
-            return self.reference(x)
+    def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel_source is None:
             raise RuntimeError(f"layer {self.layer_name!r} has no generated kernel; the codegen pass did not run")
         from sparsec.codegen.sparse24 import sparse24_matmul
@@ -60,8 +57,12 @@ class TritonSparseLinear(SparseLinear):
         packed = self.packed
         if self._spec is None:  # resolved once: building the spec per call is measurable at batch 1
             self._spec = self.spec()
-        return sparse24_matmul(x, packed.values, packed.meta, packed.scales, self.bias, self.out_scale, self._spec,
+        bias = self.bias.detach() if self.bias is not None else None
+        return sparse24_matmul(x.detach(), packed.values, packed.meta, packed.scales, bias, self.out_scale, self._spec,
                                self.kernel_name, self.kernel_source)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run_kernel(self, x)
 
     def extra_repr(self) -> str:
         fused = [op for op in self.spec().epilogue_ops() if op != "dequant"]

@@ -1,0 +1,62 @@
+"""Constant fan-in layers on the CPU condensed kernel: chosen by measurement, exact, differentiable."""
+import copy
+
+import pytest
+import torch
+
+import sparsec
+from oracle import load_example, output_error, pruned_model
+from sparsec.runtime import condensed_cpu
+from sparsec.runtime.condensed_linear import CondensedLinear
+
+pytestmark = pytest.mark.skipif(not condensed_cpu.is_available(), reason="the C++ condensed kernel did not build here")
+
+
+def _condensed_plan(model, inputs):
+    plan = sparsec.explain(model, pattern="fanin:0.9", example_inputs=inputs, backend="torch")
+    for lp in plan.sparse_layers:
+        lp.backend = "condensed"
+    return plan
+
+
+def test_auto_measures_and_records_the_choice():
+    model, inputs = load_example("mlp").build_model()
+    cm = sparsec.compile(model, pattern="fanin:0.9", example_inputs=inputs)
+    for lp in cm.plan.sparse_layers:
+        assert lp.backend in ("condensed", "dense")
+        assert "backend auto at M=8: " in lp.reason and "us" in lp.reason
+
+
+def test_kernel_runs_in_grad_mode_and_gradients_match_the_reference():
+    model, (x,) = load_example("mlp").build_model()
+    cm = sparsec.compile(model, example_inputs=(x,), plan=_condensed_plan(model, (x,)))
+    assert all(isinstance(cm.sparse_module(lp.name), CondensedLinear) for lp in cm.plan.sparse_layers)
+    ref = pruned_model(model, cm.plan)
+    condensed_cpu.calls.clear()
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya, yb = cm(xa), ref(xb)
+    assert condensed_cpu.calls["fast"] == 2 and not condensed_cpu.calls["fallback"]
+    assert output_error(ya, yb) <= 1e-5
+    G = torch.randn_like(ya)
+    (ya * G).sum().backward()
+    (yb * G).sum().backward()
+    assert torch.allclose(xa.grad, xb.grad, atol=1e-5)
+    assert torch.allclose(cm.sparse_module("fc2").bias.grad, ref.fc2.bias.grad, atol=1e-5)
+
+
+def test_other_dtypes_fall_back_to_the_reference():
+    model, (x,) = load_example("mlp").build_model()
+    cm = sparsec.compile(model, example_inputs=(x,), plan=_condensed_plan(model, (x,)))
+    double = copy.deepcopy(cm).double()
+    with torch.no_grad():
+        assert output_error(double(x.double()), pruned_model(model.double(), cm.plan)(x.double())) <= 1e-12
+
+
+def test_save_load_rebuilds_the_kernel_layout(tmp_path):
+    model, (x,) = load_example("mlp").build_model()
+    cm = sparsec.compile(model, example_inputs=(x,), plan=_condensed_plan(model, (x,)))
+    with torch.no_grad():
+        expected = cm(x)
+    sparsec.save(cm, tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(sparsec.load(tmp_path / "m")(x), expected)
