@@ -5,6 +5,7 @@ import copy
 import inspect
 from typing import Any, Sequence
 
+import torch
 import torch.nn as nn
 
 from sparsec.compiled import CompiledModel
@@ -74,7 +75,23 @@ def compile_with_options(model: nn.Module, example_inputs: Any, options: Compile
                 dense[lp.name] = (path, lp.op)
     cm = CompiledModel(gm, ctx.plan, history, ctx.counters, dense, ctx.trace_method)
     cm.kernels, cm.kernel_manifest = dict(ctx.kernels), dict(ctx.kernel_manifest)
+    cm.example_input_spec = _input_spec(ctx.example_inputs)
     return cm
+
+
+def _input_spec(inputs: tuple | None) -> list | None:
+    """Shapes and dtypes of the example inputs (not the data), so a compiled model can make more."""
+    if inputs is None:
+        return None
+    spec = []
+    for value in inputs:
+        if isinstance(value, torch.Tensor):
+            spec.append(("tensor", tuple(value.shape), value.dtype, None))
+        elif isinstance(value, (int, float, bool, str, type(None))):
+            spec.append(("value", None, None, value))
+        else:
+            return None
+    return spec
 
 
 def _dense_weight_path(gm, ctx: CompileContext, name: str) -> str | None:

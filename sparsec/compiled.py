@@ -29,6 +29,7 @@ class CompiledModel(nn.Module):
         self.kernel_manifest: dict[str, dict] = {}     # kernel name -> layers, shapes, dtypes, fused ops, launch config
         self.trace_method = trace_method
         self._dense_weights = dense_weights  # layer name -> (attribute path in graph_module, op)
+        self.example_input_spec: list | None = None  # shapes / dtypes of the example inputs (see condense)
 
     def forward(self, *args, **kwargs):
         return self.graph_module(*args, **kwargs)
@@ -67,6 +68,37 @@ class CompiledModel(nn.Module):
             return module.mask()
         weight, op = self._dense_weight(name)
         return rows_to_weight(torch.ones_like(weight_to_rows(weight, op), dtype=torch.bool), op, weight.shape)
+
+    # ---- deployment after training
+
+    def example_inputs_like(self) -> tuple:
+        """Fresh inputs with the shapes and dtypes this model was compiled with (random floats, zeros)."""
+        if self.example_input_spec is None:
+            raise ValueError("this model was compiled without example inputs; pass example_inputs=(x,)")
+        out = []
+        for kind, shape, dtype, value in self.example_input_spec:
+            if kind == "tensor":
+                out.append(torch.randn(shape, dtype=dtype) if dtype.is_floating_point else torch.zeros(shape, dtype=dtype))
+            else:
+                out.append(value)
+        return tuple(out)
+
+    def condense(self, example_inputs=None, **options) -> CompiledModel:
+        """After (SRigL) constant fan-in training: a new inference model with ablated neurons removed
+        (their consumers adjusted: columns dropped, constant outputs folded into biases, see
+        `sparsec.shrink`) and every fan-in layer condensed to values[n_active, k] + int32
+        indices[n_active, k] from its learned mask; backend "auto" keeps a layer on the condensed
+        kernel or a dense GEMM by measurement at the example batch. Outputs equal this model's.
+        `options` go to `sparsec.compile` (e.g. backend="torch")."""
+        from sparsec.api import compile as compile_model
+        from sparsec.shrink import shrink
+
+        inputs = example_inputs if example_inputs is not None else self.example_inputs_like()
+        smaller = shrink(self, ragged_fanin=True)
+        options.setdefault("pattern", "dense")  # layers not trained sparse stay dense
+        condensed = compile_model(smaller, example_inputs=inputs, **options)
+        condensed.shrink_report = smaller.shrink_report
+        return condensed
 
     def __repr__(self) -> str:
         return (f"CompiledModel(traced with {self.trace_method}, {len(self.plan.sparse_layers)} of {len(self.plan)} "

@@ -201,3 +201,37 @@ def test_ddp_ranks_agree_on_masks(tmp_path):
     initial = sparsec.compile(_mlp(), pattern="fanin:0.75", example_inputs=(torch.randn(2, 16),), train=True,
                               include=[".*"], min_weights=0)
     assert any(not torch.equal(a["masks"][-1][k], initial.mask(k)) for k in a["masks"][-1]), "masks did change"
+
+
+def test_condense_after_srigl_training():
+    from oracle import output_error
+    from sparsec.runtime.packed import FanInPacked
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    x0 = torch.randn(8, 16)
+    cm = sparsec.compile(model, pattern="fanin:0.9", example_inputs=(x0,), train=True, include=[".*"], min_weights=0)
+    opt = torch.optim.SGD(cm.parameters(), lr=0.05, momentum=0.9)
+    srigl = SRigL(cm, opt, total_steps=60, delta_t=5, gamma_sal=0.95)  # a high bar: some neurons get ablated
+    for x, y in _batches(60):
+        F.cross_entropy(cm(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        srigl.step()
+    ablated = {name: int((~cm.mask(name).any(1)).sum()) for name in ["0", "2"]}
+    assert sum(ablated.values()) > 0, "the scenario needs ablated neurons"
+    cm.eval()
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        assert output_error(cm.condense()(x), cm(x)) <= 1e-5  # backend auto: condensed or dense, measured
+    small = cm.condense(backend="torch")  # always the condensed format, to inspect it
+    with torch.no_grad():
+        assert output_error(small(x), cm(x)) <= 1e-5
+    for name in ["0", "2", "4"]:
+        packed = small.sparse_module(name).packed
+        assert isinstance(packed, FanInPacked) and packed.indices.dtype == torch.int32
+    # ablated neurons are gone from the producer (their consumers adjusted); so are neurons no
+    # consumer row selects any more (all-zero input columns downstream)
+    for name, count in ablated.items():
+        assert small.sparse_module(name).packed.values.shape[0] <= 64 - count
+    assert small.shrink_report.hidden_after <= 128 - sum(ablated.values())
