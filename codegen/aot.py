@@ -25,6 +25,16 @@ def matmul_signature(spec: MatmulSpec) -> dict[str, str]:
             "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr"}
 
 
+def condensed_signature(spec: MatmulSpec) -> dict[str, str]:
+    act, weight = _PTR[spec.act_dtype], _PTR[spec.weight_dtype]
+    return {"x_ptr": act, "stride_xm": "i32", "stride_xk": "i32",
+            "values_ptr": weight, "stride_vn": "i32", "indices_ptr": "*i32", "stride_in": "i32",
+            "scales_ptr": "*fp32", "bias_ptr": act, "out_scale_ptr": act,
+            "y_ptr": _PTR[spec.out_dtype], "stride_ym": "i32", "stride_yn": "i32",
+            "M": "i32", "N": "i32", "FANIN": "i32",
+            "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_J": "constexpr"}
+
+
 def prune_signature(dtype: str) -> dict[str, str]:
     return {"x_ptr": _PTR[dtype], "stride_xr": "i32", "stride_xk": "i32", "values_ptr": _PTR[dtype], "stride_vr": "i32",
             "meta_ptr": "*i16", "stride_mr": "i32", "R": "i32", "K": "i32",
@@ -49,3 +59,58 @@ def compile_for(capability: int, name: str, source: str, signature: dict[str, st
         raise ValueError(f"{name} with {constexprs}, {num_stages} stages needs {compiled.metadata.shared} bytes of "
                          f"shared memory; sm_{capability} allows {limit}")
     return compiled
+
+
+# ---------------------------------------------------------------- a build check for the standard matrix
+
+def standard_specs() -> list[MatmulSpec]:
+    """One spec per dtype / weight / epilogue family the codegen emits."""
+    return [MatmulSpec("float16", "float16", True, "relu", False, "float16"),
+            MatmulSpec("float16", "int8", True, "gelu", True, "float32"),
+            MatmulSpec("bfloat16", "bfloat16", False, "silu", False, "bfloat16"),
+            MatmulSpec("float32", "float32", True, "gelu_tanh", False, "float32"),
+            MatmulSpec("float32", "int8", False, None, False, "float16"),
+            MatmulSpec("float16", "float16", True, "relu", False, "float16", format="fanin"),
+            MatmulSpec("float32", "int8", True, "gelu", True, "float32", format="fanin")]
+
+
+def check_standard_builds(capabilities=(80, 90)) -> dict[str, str]:
+    """Build every standard kernel at its decode and large-batch configs for each arch.
+    Returns {"<kernel>@sm_<cap>/M=<m>": "ok" | error text}. Must run where no kernel has been run in
+    the Triton interpreter (the interpreter leaves triton.language patched in its process)."""
+    from sparsec.codegen.builder import emit_matmul
+    from sparsec.codegen.configs import condensed_config, matmul_config
+    from sparsec.codegen.sparse24 import prune_kernel_source
+
+    results = {}
+    for spec in standard_specs():
+        name, source = emit_matmul(spec, [])
+        for m in (1, 4096):
+            if spec.format == "2:4":
+                cfg, signature = matmul_config(m, 4096, 4096, spec.act_dtype), matmul_signature(spec)
+            else:
+                cfg, signature = condensed_config(m, 768, 307), condensed_signature(spec)
+            warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages", 3)
+            for cap in capabilities:
+                key = f"{spec.short_name()}@sm_{cap}/M={m}"
+                try:
+                    ok = bool(compile_for(cap, name, source, signature, cfg, warps, stages).asm.get("cubin"))
+                    results[key] = "ok" if ok else "no cubin"
+                except Exception as e:  # noqa: BLE001 - reported, not raised: the caller checks every entry
+                    results[key] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
+    name, source = prune_kernel_source()
+    for cap in capabilities:
+        try:
+            compile_for(cap, name, source, prune_signature("float16"), {"BLOCK_R": 32, "BLOCK_W": 16})
+            results[f"prune24@sm_{cap}"] = "ok"
+        except Exception as e:  # noqa: BLE001
+            results[f"prune24@sm_{cap}"] = f"{type(e).__name__}: {e}"
+    return results
+
+
+if __name__ == "__main__":
+    import json
+    import os
+
+    os.environ["TRITON_INTERPRET"] = "0"
+    print(json.dumps(check_standard_builds(), indent=1, sort_keys=True))

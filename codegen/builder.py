@@ -120,10 +120,16 @@ def kernel_name(spec) -> str:
 
 
 def emit_matmul(spec: MatmulSpec, layers: list[LayerUse]) -> tuple[str, str]:
-    """(kernel name, complete source) of a fused 2:4 sparse matmul."""
+    """(kernel name, complete source) of a fused sparse matmul: 2:4 (decompress + tl.dot) or
+    condensed constant fan-in (gather + reduce)."""
     name = kernel_name(spec)
-    body = _template("sparse24_matmul.py.tmpl").substitute(name=name, dot=_dot(spec), epilogue=_epilogue(spec))
-    return name, header("sparsec 2:4 sparse matmul with fused epilogue, pattern 2:4", spec.describe(), layers) + "\n" + body
+    if spec.format == "2:4":
+        body = _template("sparse24_matmul.py.tmpl").substitute(name=name, dot=_dot(spec), epilogue=_epilogue(spec))
+        title = "sparsec 2:4 sparse matmul with fused epilogue, pattern 2:4"
+    else:
+        body = _template("condensed_matmul.py.tmpl").substitute(name=name, epilogue=_epilogue(spec))
+        title = "sparsec condensed constant fan-in matmul with fused epilogue, pattern fanin"
+    return name, header(title, spec.describe(), layers) + "\n" + body
 
 
 def emit_prune(spec: PruneSpec) -> tuple[str, str]:

@@ -43,3 +43,14 @@ def _pow2_clamp(value: int, low: int, high: int) -> int:
     while p < value and p < high:
         p *= 2
     return p
+
+
+def condensed_config(m: int, n: int, k: int) -> dict:
+    """Tiles for the condensed (gather + reduce) kernel: a [BLOCK_M, BLOCK_N, BLOCK_J] gather per step
+    holds 4096 fp32 values at most, which keeps it in registers at 4 warps."""
+    block_m = _pow2_clamp(m, 1, 8)
+    block_j = _pow2_clamp(k, 8, 32)
+    block_n = max(8, min(128, 4096 // (block_m * block_j)))
+    if interpreting():
+        block_n = _pow2_clamp(n, 8, 128)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_J=block_j, num_warps=4)

@@ -39,9 +39,9 @@ def candidates(gm, ctx, layer, decision, m: int, triton_problem: str | None) -> 
     """name -> zero-argument callable computing the layer at M = m rows."""
     from sparsec.codegen.builder import LayerUse, emit_matmul
     from sparsec.codegen.spec import MatmulSpec
-    from sparsec.codegen.sparse24 import sparse24_matmul
+    from sparsec.codegen.sparse24 import condensed_matmul, sparse24_matmul
     from sparsec.runtime.cusparselt_linear import semi_structured_available
-    from sparsec.runtime.packed import NMPacked
+    from sparsec.runtime.packed import FanInPacked, PackedWeight
 
     weight = gm.get_parameter(layer.weight_path).detach()
     bias = gm.get_parameter(layer.bias_path).detach() if layer.bias_path else None
@@ -54,12 +54,19 @@ def candidates(gm, ctx, layer, decision, m: int, triton_problem: str | None) -> 
     x = torch.randn(m, layer.reduction, device=weight.device, dtype=weight.dtype)
     out = {"dense": lambda: F.linear(x, dense, bias)}
     if triton_problem is None:
-        packed = NMPacked.pack(rows, mask, parse_pattern(decision.sparsity), decision.quant)
+        pattern = parse_pattern(decision.sparsity)
+        packed = PackedWeight.pack(rows, mask, pattern, decision.quant)
         act = str(weight.dtype).removeprefix("torch.")
-        spec = MatmulSpec(act, "int8" if decision.quant == "int8" else act, bias is not None, None, False, act)
+        fmt = "fanin" if isinstance(packed, FanInPacked) else "2:4"
+        spec = MatmulSpec(act, "int8" if decision.quant == "int8" else act, bias is not None, None, False, act, format=fmt)
         name, source = emit_matmul(spec, [LayerUse(layer.name, m, layer.out_features, layer.reduction)])
-        out["triton"] = lambda: sparse24_matmul(x, packed.values, packed.meta, packed.scales, bias, None, spec, name, source)
-    if semi_structured_available() and weight.dtype in (torch.float16, torch.bfloat16):
+        if fmt == "fanin":
+            out["triton"] = lambda: condensed_matmul(x, packed.values, packed.indices, packed.scales, bias, None, spec,
+                                                     name, source)
+        else:
+            out["triton"] = lambda: sparse24_matmul(x, packed.values, packed.meta, packed.scales, bias, None, spec,
+                                                    name, source)
+    if decision.sparsity == "2:4" and semi_structured_available() and weight.dtype in (torch.float16, torch.bfloat16):
         try:
             semi = torch.sparse.to_sparse_semi_structured(dense)
             F.linear(x, semi, bias)  # shapes the library refuses fail here, not while timing

@@ -10,7 +10,7 @@ import torch
 
 from sparsec.codegen.builder import emit_prune
 from sparsec.codegen.cache import KernelCache
-from sparsec.codegen.configs import interpreting, matmul_config, prune_config
+from sparsec.codegen.configs import condensed_config, interpreting, matmul_config, prune_config
 from sparsec.codegen.spec import MatmulSpec, PruneSpec
 from sparsec.errors import InvalidInputError
 
@@ -68,6 +68,36 @@ def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, s
         y, y.stride(0), y.stride(1),
         m, n, k,
         **cfg)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def condensed_matmul(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, scales: torch.Tensor | None,
+                     bias: torch.Tensor | None, out_scale: torch.Tensor | None, spec: MatmulSpec, name: str, source: str,
+                     cache: KernelCache | None = None) -> torch.Tensor:
+    """y[..., N] = epilogue(x[..., K] @ W^T) with W condensed: values [N, k] + int32 indices [N, k]."""
+    require_runnable(x.device)
+    n, k = values.shape
+    if indices.shape != (n, k) or indices.dtype != torch.int32:
+        raise InvalidInputError(f"condensed operands disagree: values {tuple(values.shape)}, indices "
+                                f"{tuple(indices.shape)} {indices.dtype} (want int32 of the same shape)")
+    if str(x.dtype).removeprefix("torch.") != spec.act_dtype:
+        raise InvalidInputError(f"kernel {name} was generated for {spec.act_dtype} inputs, got {x.dtype}")
+    x2 = x.reshape(-1, x.shape[-1])
+    m = x2.shape[0]
+    y = torch.empty(m, n, dtype=getattr(torch, spec.out_dtype), device=x.device)
+    if m == 0:
+        return y.reshape(*x.shape[:-1], n)
+    key = ("fanin", m, n, k, interpreting())
+    if key not in _CONFIGS:
+        _CONFIGS[key] = condensed_config(m, n, k)
+    cfg = _CONFIGS[key]
+    values, indices = values.contiguous(), indices.contiguous()
+    grid = (triton_cdiv(m, cfg["BLOCK_M"]), triton_cdiv(n, cfg["BLOCK_N"]))
+    unused = values
+    _kernel(name, source, cache)[grid](
+        x2, x2.stride(0), x2.stride(1), values, values.stride(0), indices, indices.stride(0),
+        scales if scales is not None else unused, bias if bias is not None else unused,
+        out_scale if out_scale is not None else unused, y, y.stride(0), y.stride(1), m, n, k, **cfg)
     return y.reshape(*x.shape[:-1], n)
 
 

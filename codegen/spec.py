@@ -8,9 +8,13 @@ ACT_DTYPES = ("float16", "bfloat16", "float32")
 _SHORT = {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "int8": "i8"}
 
 
+FORMATS = ("2:4", "fanin")
+
+
 @dataclass(frozen=True)
 class MatmulSpec:
-    """y = epilogue(x @ W^T) with W 2:4-compressed along K.
+    """y = epilogue(x @ W^T) with W 2:4-compressed along K (format "2:4") or condensed constant
+    fan-in (format "fanin": values + int32 indices per output row).
 
     act_dtype: dtype of x (and of the dot's inputs); weight_dtype: act_dtype, or "int8" with fp32
     per-output-channel scales; then + bias, activation, * out_scale (a per-channel vector that
@@ -22,6 +26,7 @@ class MatmulSpec:
     activation: str | None
     out_scale: bool
     out_dtype: str
+    format: str = "2:4"
 
     def __post_init__(self):
         if self.act_dtype not in ACT_DTYPES:
@@ -30,6 +35,8 @@ class MatmulSpec:
             raise ValueError(f"weight_dtype {self.weight_dtype!r} must be {self.act_dtype!r} or 'int8'")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation {self.activation!r} not in {ACTIVATIONS}")
+        if self.format not in FORMATS:
+            raise ValueError(f"format {self.format!r} not in {FORMATS}")
 
     def epilogue_ops(self) -> list[str]:
         ops = ["dequant"] if self.weight_dtype == "int8" else []
@@ -41,12 +48,14 @@ class MatmulSpec:
         return ops
 
     def short_name(self) -> str:
-        parts = ["sparse24_mm", _SHORT[self.act_dtype]] + (["w8"] if self.weight_dtype == "int8" else [])
+        prefix = "sparse24_mm" if self.format == "2:4" else "condensed_mm"
+        parts = [prefix, _SHORT[self.act_dtype]] + (["w8"] if self.weight_dtype == "int8" else [])
         parts += [op.replace("cast:", "to_").replace("float", "f") for op in self.epilogue_ops() if op != "dequant"]
         return "_".join(parts)
 
     def describe(self) -> str:
-        return (f"x {self.act_dtype}, W 2:4 {self.weight_dtype}, epilogue [{', '.join(self.epilogue_ops()) or 'none'}], "
+        weight = "2:4" if self.format == "2:4" else "condensed fan-in"
+        return (f"x {self.act_dtype}, W {weight} {self.weight_dtype}, epilogue [{', '.join(self.epilogue_ops()) or 'none'}], "
                 f"out {self.out_dtype}")
 
 

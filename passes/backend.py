@@ -1,9 +1,9 @@
 """Analysis: choose what runs each sparse layer, and record why.
 
 backend="torch"   plain-torch runtime everywhere (CPU default).
-backend="triton"  the generated fused 2:4 kernel for every layer it covers (2:4, linear / matmul,
-                  float16 / bfloat16 / float32 weights); other sparse layers stay on torch, with the
-                  reason. Needs CUDA, or TRITON_INTERPRET=1 for the CPU interpreter.
+backend="triton"  the generated fused kernels for every layer they cover (2:4 or constant fan-in,
+                  linear / matmul, float16 / bfloat16 / float32 weights); other sparse layers stay on
+                  torch, with the reason. Needs CUDA, or TRITON_INTERPRET=1 for the CPU interpreter.
 backend="auto"    on CPU: constant fan-in fp32 linear layers time the condensed kernel against a dense
                   GEMM on the pruned weight and take the faster; everything else runs torch. On CUDA:
                   per layer, time the Triton kernel, cuSPARSELt (when this torch has it) and a dense
@@ -31,10 +31,10 @@ def triton_blocker(layer: LayerInfo, sparsity: str, device: torch.device) -> str
     """Why the generated kernel cannot run this layer (None: it can)."""
     from sparsec.codegen.configs import interpreting
 
-    if sparsity != "2:4":
-        return f"the Triton kernel covers 2:4 only (this layer is {sparsity})"
+    if sparsity != "2:4" and not sparsity.startswith("fanin:"):
+        return f"the Triton kernels cover 2:4 and constant fan-in only (this layer is {sparsity})"
     if layer.op not in ("linear", "matmul"):
-        return f"the Triton kernel covers linear layers only (this layer is {layer.op})"
+        return f"the Triton kernels cover linear layers only (this layer is {layer.op})"
     if layer.dtype not in TRITON_DTYPES:
         return f"the Triton kernel covers float16 / bfloat16 / float32 weights (this layer is {dtype_name(layer.dtype)})"
     if device.type == "cpu" and interpreting() and layer.dtype == torch.bfloat16:

@@ -27,15 +27,16 @@ def _rows(node: fx.Node, k: int) -> int | None:
 def emit_kernels(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     from sparsec.codegen.builder import LayerUse, emit_matmul
     from sparsec.codegen.cache import KernelCache
-    from sparsec.codegen.configs import matmul_config
+    from sparsec.codegen.configs import condensed_config, matmul_config
 
     groups: dict = {}
     for node in gm.graph.nodes:
         if node.op == "call_module" and isinstance(module := gm.get_submodule(node.target), TritonSparseLinear):
-            use = LayerUse(module.layer_name, _rows(node, module.packed.reduction), module.packed.out_features,
-                           module.packed.reduction)
+            k = module.packed.reduction
+            use = LayerUse(module.layer_name, _rows(node, k), module.packed.out_features, k)
             groups.setdefault(module.spec(), []).append((node, module, use))
     cache = KernelCache()
+    fanin = {m.layer_name: m.packed.values.shape[1] for g in groups.values() for _, m, _ in g}
     for spec, members in sorted(groups.items(), key=lambda item: repr(item[0])):
         uses = sorted({use for _, _, use in members}, key=lambda u: u.name)
         name, source = emit_matmul(spec, uses)
@@ -46,13 +47,14 @@ def emit_kernels(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         ctx.kernels[name] = source
         ctx.kernel_manifest[name] = {
             "file": f"{name}.py",
-            "pattern": "2:4",
+            "pattern": spec.format,
             "dtype": spec.act_dtype,
             "weight_dtype": spec.weight_dtype,
             "out_dtype": spec.out_dtype,
             "fused_ops": spec.epilogue_ops(),
             "layers": [{"name": u.name, "M": u.m, "N": u.n, "K": u.k,
-                        "launch_config": matmul_config(u.m or 1, u.n, u.k, spec.act_dtype)} for u in uses],
+                        "launch_config": matmul_config(u.m or 1, u.n, u.k, spec.act_dtype) if spec.format == "2:4"
+                        else condensed_config(u.m or 1, u.n, fanin[u.name])} for u in uses],
         }
     for outcome, count in cache.counters.items():
         ctx.counters[f"kernel_cache_{outcome}"] += count

@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 import sparsec
 from oracle import load_example, oracle_int8, oracle_nm_mask, output_error, pruned_model
 from sparsec import reference as ref
-from sparsec.codegen.aot import compile_for, matmul_signature, prune_signature
 from sparsec.codegen.builder import LayerUse, emit_matmul
 from sparsec.codegen.cache import HEADER_PREFIX, KernelCache
 from sparsec.codegen.configs import matmul_config
@@ -65,6 +64,35 @@ def test_sparse24_matmul_matches_torch(dtype, tol, m, n, k, bias, activation, in
     assert output_error(y.cpu().double(), expected) <= tol
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("m, n, k, fanin", [(1, 64, 100, 10), (13, 70, 64, 33), (5, 8, 16, 16), (40, 300, 48, 1)])
+@pytest.mark.parametrize("bias, activation, int8", [(False, None, False), (True, "relu", True), (True, "gelu", False)])
+def test_condensed_matmul_matches_torch(dtype, tol, m, n, k, fanin, bias, activation, int8):
+    from oracle import oracle_fanin_mask
+    from sparsec.codegen.sparse24 import condensed_matmul
+
+    g = torch.Generator().manual_seed(m + n + k + fanin)
+    w = torch.randn(n, k, generator=g)
+    mask = oracle_fanin_mask(w, fanin)
+    mask[0] = False  # an ablated row: stored ragged, padded with zero values
+    pruned = w * mask
+    if int8:
+        pruned = oracle_int8(pruned)
+    values, indices, _ = ref.fanin_compress_ragged(pruned, mask)
+    scales = None
+    if int8:
+        values, scales = ref.quantize_int8(values)
+    x, b = torch.randn(m, k, generator=g).to(dtype), (torch.randn(n, generator=g).to(dtype) if bias else None)
+    values = values if int8 else values.to(dtype)
+    act = str(dtype).removeprefix("torch.")
+    spec = MatmulSpec(act, "int8" if int8 else act, bias, activation, False, act, format="fanin")
+    name, source = emit_matmul(spec, [])
+    dev = lambda t: t.to(DEVICE) if t is not None else None  # noqa: E731
+    y = condensed_matmul(dev(x), dev(values), dev(indices), dev(scales), dev(b), None, spec, name, source)
+    expected = ACTS[activation](x.double() @ pruned.double().t() + (b.double() if b is not None else 0))
+    assert output_error(y.cpu().double(), expected) <= tol
+
+
 def test_matmul_out_scale_cast_and_3d_input():
     x, values, meta, _, pruned = _operands(6, 32, 64, torch.float32, False, seed=1)
     scale = torch.rand(32) + 0.5
@@ -109,31 +137,28 @@ def test_prune24_rejects_bad_shapes():
 
 
 SPECS = [MatmulSpec("float16", "float16", True, "relu", False, "float16"),
-         MatmulSpec("float16", "int8", True, "gelu", True, "float32"),
-         MatmulSpec("bfloat16", "bfloat16", False, "silu", False, "bfloat16"),
-         MatmulSpec("float32", "float32", True, "gelu_tanh", False, "float32"),
-         MatmulSpec("float32", "int8", False, None, False, "float16")]
+         MatmulSpec("float16", "int8", True, "gelu", True, "float32")]
 
 
-@pytest.mark.parametrize("capability", [80, 90])
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.short_name())
-def test_kernels_build_for_sm80_and_sm90(spec, capability, monkeypatch):
-    """triton.compile to cubin with an explicit target: catches what the interpreter never checks,
-    including shared memory over the arch's limit, at the decode and the large-M configurations."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # GPU launch configs, and a real JITFunction
-    name, source = emit_matmul(spec, [])
-    for m in (1, 4096):
-        cfg = matmul_config(m, 4096, 4096, spec.act_dtype)
-        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-        compiled = compile_for(capability, name, source, matmul_signature(spec), cfg, warps, stages)
-        assert compiled.asm.get("cubin")
+@pytest.fixture(scope="module")
+def standard_builds():
+    """triton.compile to cubin with explicit sm_80 / sm_90 targets, in a fresh process: the
+    interpreter (used by the numeric tests here) leaves triton.language patched in its process."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    result = subprocess.run([sys.executable, "-m", "sparsec.codegen.aot"], capture_output=True, text=True, env=env,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
 
 
-@pytest.mark.parametrize("capability", [80, 90])
-def test_prune_kernel_builds_for_sm80_and_sm90(capability, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    name, source = prune_kernel_source()
-    assert compile_for(capability, name, source, prune_signature("float16"), {"BLOCK_R": 32, "BLOCK_W": 16}).asm.get("cubin")
+def test_every_kernel_builds_for_sm80_and_sm90(standard_builds):
+    """Catches what the interpreter never checks, including shared memory over an arch's limit,
+    at the decode and large-batch configurations of every dtype / weight / epilogue / format family."""
+    from sparsec.codegen.aot import standard_specs
+
+    assert len(standard_builds) == len(standard_specs()) * 2 * 2 + 2
+    failures = {k: v for k, v in standard_builds.items() if v != "ok"}
+    assert not failures, failures
 
 
 def test_emitted_source_is_deterministic_and_self_describing():
@@ -261,6 +286,15 @@ def test_examples_on_the_triton_backend(example, quantize):
         assert output_error(cm(*inputs), pruned_model(model, cm.plan)(*inputs)) <= 1e-5
 
 
+def test_fanin_model_on_the_triton_backend():
+    model, inputs = load_example("mlp").build_model()
+    cm = sparsec.compile(model, pattern="fanin:0.9", example_inputs=inputs, backend="triton")
+    assert all(lp.backend == "triton" for lp in cm.plan.sparse_layers)
+    assert all(entry["pattern"] == "fanin" and "relu" in entry["fused_ops"] for entry in cm.kernel_manifest.values())
+    with torch.no_grad():
+        assert output_error(cm(*inputs), pruned_model(model, cm.plan)(*inputs)) <= 1e-5
+
+
 def test_half_precision_model_on_the_triton_backend():
     model, (x,) = load_example("mlp").build_model()
     model, x = model.half(), x.half()
@@ -272,11 +306,11 @@ def test_half_precision_model_on_the_triton_backend():
 def test_non_kernel_layers_stay_on_torch_with_reason():
     model, inputs = load_example("cnn").build_model()
     cm = sparsec.compile(model, example_inputs=inputs, backend="triton", include=["head"], pattern="2:4")
-    assert cm.plan["stage1.0.0"].backend == "torch" and "covers linear layers only" in cm.plan["stage1.0.0"].reason
+    assert cm.plan["stage1.0.0"].backend == "torch" and "cover linear layers only" in cm.plan["stage1.0.0"].reason
     assert cm.plan["head"].backend == "triton"
-    fanin = sparsec.explain(load_example("mlp").build_model()[0], pattern="fanin:0.9", backend="triton",
-                            example_inputs=load_example("mlp").build_model()[1])
-    assert fanin["fc2"].backend == "torch" and "covers 2:4 only" in fanin["fc2"].reason
+    model, inputs = load_example("mlp").build_model()
+    other = sparsec.explain(model, pattern="1:4", backend="triton", example_inputs=inputs)
+    assert other["fc2"].backend == "torch" and "cover 2:4 and constant fan-in only" in other["fc2"].reason
 
 
 def test_second_compile_emits_nothing_new():

@@ -1,4 +1,5 @@
-"""TritonSparseLinear: a 2:4 linear layer that runs a generated, fused Triton kernel.
+"""TritonSparseLinear: a 2:4 or condensed constant fan-in linear layer that runs a generated,
+fused Triton kernel (2:4: decompress in registers + tl.dot; fan-in: gather + reduce).
 
 The fusion pass may fold what followed the layer in the graph into its epilogue: a bias add, an
 activation (relu / gelu / gelu_tanh / silu), a per-channel scale and a dtype cast. The codegen
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsec.runtime.layers import SparseLinear, run_kernel
+from sparsec.runtime.packed import FanInPacked
 
 _ACTIVATION_FNS = {
     None: lambda t: t,
@@ -41,7 +43,8 @@ class TritonSparseLinear(SparseLinear):
         act = str(self.packed.dtype_probe.dtype).removeprefix("torch.")
         return MatmulSpec(act_dtype=act, weight_dtype="int8" if self.packed.quant == "int8" else act,
                           bias=self.bias is not None, activation=self.activation, out_scale=self.out_scale is not None,
-                          out_dtype=str(self.out_dtype or self.packed.dtype_probe.dtype).removeprefix("torch."))
+                          out_dtype=str(self.out_dtype or self.packed.dtype_probe.dtype).removeprefix("torch."),
+                          format="fanin" if isinstance(self.packed, FanInPacked) else "2:4")
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         y = _ACTIVATION_FNS[self.activation](F.linear(x, self.packed.rows(), self.bias))
@@ -52,12 +55,15 @@ class TritonSparseLinear(SparseLinear):
     def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel_source is None:
             raise RuntimeError(f"layer {self.layer_name!r} has no generated kernel; the codegen pass did not run")
-        from sparsec.codegen.sparse24 import sparse24_matmul
+        from sparsec.codegen.sparse24 import condensed_matmul, sparse24_matmul
 
         packed = self.packed
         if self._spec is None:  # resolved once: building the spec per call is measurable at batch 1
             self._spec = self.spec()
         bias = self.bias.detach() if self.bias is not None else None
+        if self._spec.format == "fanin":
+            return condensed_matmul(x.detach(), packed.values, packed.indices, packed.scales, bias, self.out_scale,
+                                    self._spec, self.kernel_name, self.kernel_source)
         return sparse24_matmul(x.detach(), packed.values, packed.meta, packed.scales, bias, self.out_scale, self._spec,
                                self.kernel_name, self.kernel_source)
 
