@@ -2,7 +2,7 @@
 
     cm = sparsec.compile(model, pattern="fanin:0.9", example_inputs=(x,), train=True)
     opt = torch.optim.SGD(cm.parameters(), lr=0.1, momentum=0.9)
-    srigl = sparsec.SRigL(cm, opt, total_steps=len(loader) * epochs)
+    srigl = sparsec.SRigL(cm, opt, total_steps=len(loader) * epochs, sparse_init=True)  # from scratch
     for x, y in loader:
         loss_fn(cm(x), y).backward(); opt.step(); opt.zero_grad(); srigl.step()
 
@@ -108,7 +108,8 @@ class UpdateRecord:
 
 class SRigL:
     def __init__(self, cm, optimizer: torch.optim.Optimizer, total_steps: int, delta_t: int = 100, alpha: float = 0.3,
-                 t_end: float = 0.75, gamma_sal: float = 0.3, ablation: bool = True, grad_accumulation: int = 1):
+                 t_end: float = 0.75, gamma_sal: float = 0.3, ablation: bool = True, grad_accumulation: int = 1,
+                 sparse_init: bool = False):
         from sparsec.passes.selection import layer_positions
 
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -140,7 +141,21 @@ class SRigL:
         self.steps = 0
         self.history: list[UpdateRecord] = []
         self._dense_grads: dict[str, torch.Tensor] = {}
+        if sparse_init:
+            self._sparse_init()
         self._arm(1)
+
+    @torch.no_grad()
+    def _sparse_init(self) -> None:
+        """Training from scratch: redraw kept weights as He-normal for the *sparse* fan-in k
+        (variance 2 / k, as Evci et al.; the SRigL code passes 2 / fan_in as the std). A dense init
+        scaled for the full fan-in shrinks activations by sqrt(k / fan_in) per layer, which at 90%+
+        sparsity leaves deep nets with a vanishing signal."""
+        for layer in self.layers.values():
+            mask = weight_to_rows(layer.weight_mask, layer.op)
+            k = mask.sum(1).clamp_min(1).unsqueeze(1).float()
+            fresh = torch.randn(mask.shape, device=mask.device) * (2.0 / k).sqrt() * mask
+            layer.weight.copy_(rows_to_weight(fresh.to(layer.weight.dtype), layer.op, layer.weight.shape))
 
     # ---- schedule
 

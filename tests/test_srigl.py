@@ -235,3 +235,16 @@ def test_condense_after_srigl_training():
     for name, count in ablated.items():
         assert small.sparse_module(name).packed.values.shape[0] <= 64 - count
     assert small.shrink_report.hidden_after <= 128 - sum(ablated.values())
+
+
+def test_sparse_init_draws_kept_weights_for_the_sparse_fanin():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+    cm = sparsec.compile(model, pattern="fanin:0.9", example_inputs=(torch.randn(2, 512),), train=True, include=[".*"])
+    SRigL(cm, torch.optim.SGD(cm.parameters(), lr=0.1), total_steps=10, sparse_init=True)
+    layer = cm.sparse_module("2")
+    mask = cm.mask("2")
+    k = int(mask.sum(1)[0])
+    kept = layer.weight[mask]
+    assert (layer.weight[~mask] == 0).all()
+    assert kept.var().item() == pytest.approx(2 / k, rel=0.05)  # He-normal for fan-in k, not for 512

@@ -77,8 +77,10 @@ class KernelForward(torch.autograd.Function):
 
 def run_kernel(layer, x: torch.Tensor) -> torch.Tensor:
     """layer.kernel_forward(x), differentiable through layer.reference when autograd needs it."""
+    if not torch.is_grad_enabled():  # inference: no parameter scan on the per-call path
+        return layer.kernel_forward(x)
     params = [p for p in layer.parameters() if p.requires_grad]
-    if torch.is_grad_enabled() and (x.requires_grad or params):
+    if x.requires_grad or params:
         return KernelForward.apply(x, layer, *params)
     return layer.kernel_forward(x)
 
