@@ -71,13 +71,11 @@ def ceilings() -> dict:
     t = median_time(lambda: y.copy_(x), repeats=20, graph=False)
     a = torch.randn(8192, 8192, dtype=torch.float16, device="cuda")
     tg = median_time(lambda: torch.mm(a, a), repeats=20, graph=False)
-    del x, y
     return {"copy_GBps": 2 * 4 * 256 * 1024 * 1024 / t / 1e9, "fp16_gemm_TFLOPs": 2 * 8192 ** 3 / tg / 1e12}
 
 
 def run_case(m: int, n: int, k: int, int8: bool, ceil: dict) -> dict:
     import sparsec
-    from sparsec import reference as ref
     from sparsec.runtime.triton_linear import TritonSparseLinear
 
     torch.manual_seed(m + n + k)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import statistics
 import sys
 
 import torch
@@ -35,7 +34,7 @@ class Block(nn.Module):
         return self.fc2(torch.nn.functional.gelu(self.fc1(self.norm(x))))
 
 
-def time_step(model: nn.Module, x: torch.Tensor, repeats: int = 20) -> float:
+def time_step(model: nn.Module, x: torch.Tensor) -> float:
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
 
     def step():
@@ -44,18 +43,9 @@ def time_step(model: nn.Module, x: torch.Tensor, repeats: int = 20) -> float:
         loss.backward()
         opt.step()
 
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    return statistics.median(times)
+    from sparsec.codegen.measure import time_cuda
+
+    return time_cuda(step)
 
 
 def check_dgrad(model_sdgp, x: torch.Tensor) -> float:

@@ -8,7 +8,7 @@ import hashlib
 import inspect
 import os
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from sparsec.codegen.spec import MatmulSpec, PruneSpec
 

@@ -20,7 +20,7 @@ import torch.fx as fx
 
 from sparsec.context import CompileContext
 from sparsec.errors import InvalidInputError
-from sparsec.meta import LayerInfo, get_meta, layer_nodes, update_meta
+from sparsec.meta import LayerInfo, get_meta, input_rows, layer_nodes, update_meta
 from sparsec.plan import dtype_name
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -54,17 +54,6 @@ def _device(gm: fx.GraphModule, layer: LayerInfo) -> torch.device:
     return gm.get_parameter(layer.weight_path).device
 
 
-def _input_rows(node: fx.Node, layer: LayerInfo) -> int | None:
-    data = node.args[0] if node.args else None
-    shape = get_meta(data).shape if isinstance(data, fx.Node) else None
-    if shape is None:
-        return None
-    numel = 1
-    for d in shape:
-        numel *= d
-    return numel // layer.reduction
-
-
 def choose_backend(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     from sparsec.codegen.sparse24 import can_run_on
 
@@ -94,7 +83,7 @@ def choose_backend(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         elif wanted == "auto" and device.type == "cpu" and _condensed_candidate(layer, decision):
             from sparsec.codegen.measure import pick_fastest
 
-            backend, note = pick_fastest(gm, ctx, layer, decision, _input_rows(nodes[0], layer), None, device="cpu")
+            backend, note = pick_fastest(gm, ctx, layer, decision, input_rows(nodes[0], layer.reduction), None, device="cpu")
         elif wanted == "torch" or (wanted == "auto" and device.type != "cuda"):
             backend, note = "torch", None
         elif wanted == "triton":
@@ -107,7 +96,7 @@ def choose_backend(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         else:  # auto on CUDA: measure
             from sparsec.codegen.measure import pick_fastest
 
-            backend, note = pick_fastest(gm, ctx, layer, decision, _input_rows(nodes[0], layer),
+            backend, note = pick_fastest(gm, ctx, layer, decision, input_rows(nodes[0], layer.reduction),
                                          triton_blocker(layer, decision.sparsity, device))
         reason = f"{decision.reason}; {note}" if note else decision.reason
         decision = dataclasses.replace(decision, backend=backend, reason=reason)

@@ -9,19 +9,8 @@ from __future__ import annotations
 import torch.fx as fx
 
 from sparsec.context import CompileContext
-from sparsec.meta import get_meta, update_meta
+from sparsec.meta import input_rows, update_meta
 from sparsec.runtime.triton_linear import TritonSparseLinear
-
-
-def _rows(node: fx.Node, k: int) -> int | None:
-    data = node.args[0] if node.args else None
-    shape = get_meta(data).shape if isinstance(data, fx.Node) else None
-    if shape is None:
-        return None
-    numel = 1
-    for d in shape:
-        numel *= d
-    return numel // k
 
 
 def emit_kernels(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
@@ -33,7 +22,7 @@ def emit_kernels(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     for node in gm.graph.nodes:
         if node.op == "call_module" and isinstance(module := gm.get_submodule(node.target), TritonSparseLinear):
             k = module.packed.reduction
-            use = LayerUse(module.layer_name, _rows(node, k), module.packed.out_features, k)
+            use = LayerUse(module.layer_name, input_rows(node, k), module.packed.out_features, k)
             groups.setdefault(module.spec(), []).append((node, module, use))
     cache = KernelCache()
     fanin = {m.layer_name: m.packed.values.shape[1] for g in groups.values() for _, m, _ in g}

@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from sparsec.context import CompileContext
 from sparsec.errors import InvalidInputError
-from sparsec.meta import get_meta, layer_nodes, update_meta
+from sparsec.meta import dataflow_graph, get_meta, layer_nodes, update_meta
 from sparsec.patterns import parse_pattern
 
 
@@ -40,11 +40,7 @@ def choose_grad_sparsity(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphMod
     opts = ctx.options
     if not opts.train:
         return gm
-    graph = nx.DiGraph()
-    for node in gm.graph.nodes:
-        graph.add_node(node)
-        for inp in node.all_input_nodes:
-            graph.add_edge(inp, node)
+    graph = dataflow_graph(gm)
     sources = _trainable_sources(gm)
     for name, nodes in layer_nodes(gm).items():
         meta = get_meta(nodes[0])

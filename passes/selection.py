@@ -25,8 +25,8 @@ import torch.fx as fx
 
 from sparsec.context import CompileContext
 from sparsec.errors import InvalidInputError
-from sparsec.meta import Decision, LayerInfo, get_meta, layer_nodes, update_meta
-from sparsec.patterns import NM, Dense, FanIn, Pattern, parse_pattern
+from sparsec.meta import Decision, LayerInfo, dataflow_graph, get_meta, layer_nodes, update_meta
+from sparsec.patterns import NM, Dense, Pattern, parse_pattern
 
 
 def _compile_regex(text: str) -> re.Pattern:
@@ -86,11 +86,7 @@ def describe_sparse(layer: LayerInfo, pattern: Pattern) -> str:
 
 def layer_positions(gm: fx.GraphModule) -> tuple[set[str], set[str]]:
     """(first, last) layer names: no other candidate upstream / downstream in the dataflow graph."""
-    graph = nx.DiGraph()
-    for node in gm.graph.nodes:
-        graph.add_node(node)
-        for inp in node.all_input_nodes:
-            graph.add_edge(inp, node)
+    graph = dataflow_graph(gm)
     by_name = layer_nodes(gm)
     owner = {node: name for name, nodes in by_name.items() for node in nodes}
     first, last = set(), set()

@@ -72,6 +72,30 @@ def update_meta(node: fx.Node, **changes) -> SparsecMeta:
     return meta
 
 
+def input_rows(node: fx.Node, reduction: int) -> int | None:
+    """Rows of the [M, K] matrix a layer call multiplies: its data input's numel / K (None: unknown)."""
+    data = node.args[0] if node.args else None
+    shape = get_meta(data).shape if isinstance(data, fx.Node) else None
+    if shape is None:
+        return None
+    numel = 1
+    for d in shape:
+        numel *= d
+    return numel // reduction
+
+
+def dataflow_graph(gm: fx.GraphModule):
+    """The fx graph as a networkx DiGraph (an edge from every input node to its user)."""
+    import networkx as nx
+
+    graph = nx.DiGraph()
+    for node in gm.graph.nodes:
+        graph.add_node(node)
+        for inp in node.all_input_nodes:
+            graph.add_edge(inp, node)
+    return graph
+
+
 def layer_nodes(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
     """Candidate layers by name, each with its call sites in graph order."""
     out: dict[str, list[fx.Node]] = {}

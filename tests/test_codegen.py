@@ -18,9 +18,8 @@ from oracle import load_example, oracle_int8, oracle_nm_mask, output_error, prun
 from sparsec import reference as ref
 from sparsec.codegen.builder import LayerUse, emit_matmul
 from sparsec.codegen.cache import HEADER_PREFIX, KernelCache
-from sparsec.codegen.configs import matmul_config
 from sparsec.codegen.measure import pick_fastest
-from sparsec.codegen.sparse24 import prune24, prune_kernel_source, sparse24_matmul
+from sparsec.codegen.sparse24 import prune24, sparse24_matmul
 from sparsec.codegen.spec import MatmulSpec
 from sparsec.runtime.triton_linear import TritonSparseLinear
 

@@ -203,11 +203,9 @@ def _kernel_path(dy: torch.Tensor) -> bool:
     """2:4 gradients on CUDA are pruned by sparsec's Triton prune+compress kernel."""
     if not dy.is_cuda:
         return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
 
 
 def _sparse_mm(pruned: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
