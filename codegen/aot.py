@@ -80,7 +80,7 @@ def check_standard_builds(capabilities=(80, 90)) -> dict[str, str]:
     the Triton interpreter (the interpreter leaves triton.language patched in its process)."""
     from sparsec.codegen.builder import emit_matmul
     from sparsec.codegen.configs import condensed_config, matmul_config
-    from sparsec.codegen.sparse24 import prune_kernel_source
+    from sparsec.codegen.launch import prune_kernel_source
 
     results = {}
     for spec in standard_specs():

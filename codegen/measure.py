@@ -39,7 +39,7 @@ def candidates(gm, ctx, layer, decision, m: int, triton_problem: str | None) -> 
     """name -> zero-argument callable computing the layer at M = m rows."""
     from sparsec.codegen.builder import LayerUse, emit_matmul
     from sparsec.codegen.spec import MatmulSpec
-    from sparsec.codegen.sparse24 import condensed_matmul, sparse24_matmul
+    from sparsec.codegen.launch import condensed_matmul, sparse24_matmul
     from sparsec.runtime.cusparselt_linear import semi_structured_available
     from sparsec.runtime.packed import FanInPacked, PackedWeight
 

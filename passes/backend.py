@@ -55,7 +55,7 @@ def _device(gm: fx.GraphModule, layer: LayerInfo) -> torch.device:
 
 
 def choose_backend(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
-    from sparsec.codegen.sparse24 import can_run_on
+    from sparsec.codegen.launch import can_run_on
 
     wanted = ctx.options.backend
     if ctx.options.train:

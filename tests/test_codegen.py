@@ -19,7 +19,7 @@ from sparsec import reference as ref
 from sparsec.codegen.builder import LayerUse, emit_matmul
 from sparsec.codegen.cache import HEADER_PREFIX, KernelCache
 from sparsec.codegen.measure import pick_fastest
-from sparsec.codegen.sparse24 import prune24, sparse24_matmul
+from sparsec.codegen.launch import prune24, sparse24_matmul
 from sparsec.codegen.spec import MatmulSpec
 from sparsec.runtime.triton_linear import TritonSparseLinear
 
@@ -68,7 +68,7 @@ def test_sparse24_matmul_matches_torch(dtype, tol, m, n, k, bias, activation, in
 @pytest.mark.parametrize("bias, activation, int8", [(False, None, False), (True, "relu", True), (True, "gelu", False)])
 def test_condensed_matmul_matches_torch(dtype, tol, m, n, k, fanin, bias, activation, int8):
     from oracle import oracle_fanin_mask
-    from sparsec.codegen.sparse24 import condensed_matmul
+    from sparsec.codegen.launch import condensed_matmul
 
     g = torch.Generator().manual_seed(m + n + k + fanin)
     w = torch.randn(n, k, generator=g)

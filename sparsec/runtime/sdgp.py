@@ -222,7 +222,7 @@ def _sparse_mm(pruned: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def _linear_dgrad(dy: torch.Tensor, weight: torch.Tensor, n: int, m: int, mode: str) -> torch.Tensor:
     if (n, m) != (2, 4) or not _kernel_path(dy):
         return prune_grad(dy, n, m, -1, mode).matmul(weight)
-    from sparsec.codegen.sparse24 import prune24
+    from sparsec.codegen.launch import prune24
     from sparsec.reference import nm_decompress
 
     rows = dy.reshape(-1, dy.shape[-1])

@@ -55,7 +55,7 @@ class TritonSparseLinear(SparseLinear):
     def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel_source is None:
             raise RuntimeError(f"layer {self.layer_name!r} has no generated kernel; the codegen pass did not run")
-        from sparsec.codegen.sparse24 import condensed_matmul, sparse24_matmul
+        from sparsec.codegen.launch import condensed_matmul, sparse24_matmul
 
         packed = self.packed
         if self._spec is None:  # resolved once: building the spec per call is measurable at batch 1

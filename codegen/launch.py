@@ -1,4 +1,5 @@
-"""Launchers for the generated 2:4 kernels: check inputs, allocate outputs, pick the grid, launch.
+"""Launchers for the generated kernels (2:4 matmul, condensed fan-in matmul, 2:4 prune+compress):
+check inputs, allocate outputs, pick the grid, launch.
 
 Kernels run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (the test path).
 """
