@@ -122,6 +122,7 @@ class CompileContext:
     masks: dict[str, torch.Tensor] = field(default_factory=dict)   # layer name -> [out, K] mask, computed once
     kernels: dict[str, str] = field(default_factory=dict)          # generated kernel name -> source
     kernel_manifest: dict[str, dict] = field(default_factory=dict) # kernel name -> layers, shapes, config
+    measurements: dict[tuple, tuple] = field(default_factory=dict) # backend auto: shape key -> (backend, note, layer)
     unreached: dict[str, UnreachedLayer] = field(default_factory=dict)  # Linear/Conv2d the graph does not run
 
     def mask_for(self, name: str, rows: torch.Tensor, pattern: Pattern) -> torch.Tensor:

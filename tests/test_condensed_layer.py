@@ -60,3 +60,15 @@ def test_save_load_rebuilds_the_kernel_layout(tmp_path):
     sparsec.save(cm, tmp_path / "m")
     with torch.no_grad():
         assert torch.equal(sparsec.load(tmp_path / "m")(x), expected)
+
+
+def test_auto_measures_each_distinct_shape_once():
+    model, inputs = load_example("transformer").build_model()
+    cm = sparsec.compile(model, pattern="fanin:0.9", example_inputs=inputs)
+    measured = [lp for lp in cm.plan.sparse_layers if "measured on" not in lp.reason]
+    reused = [lp for lp in cm.plan.sparse_layers if "measured on" in lp.reason]
+    # 256x256 (q, k, v, out) and 1024x256 / 256x1024 MLP layers: 3 shapes, 8 sparse layers
+    assert len(measured) == 3 and len(reused) == len(cm.plan.sparse_layers) - 3
+    for lp in reused:
+        source = lp.reason.split("measured on ")[1].split(",")[0]
+        assert cm.plan[source].weight_shape == lp.weight_shape and cm.plan[source].backend == lp.backend
