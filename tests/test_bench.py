@@ -9,7 +9,7 @@ import torch
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 
 
-@pytest.mark.parametrize("script", ["bench_sparse24.py", "bench_training.py"])
+@pytest.mark.parametrize("script", ["bench_sparse24.py", "bench_training.py", "bench_condensed_gpu.py"])
 def test_gpu_benchmarks_skip_cleanly_without_cuda(script):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the benchmarks are run by hand there")
