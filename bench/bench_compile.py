@@ -27,7 +27,7 @@ import sparsec  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    parser.add_argument("--out", default=os.environ.get("SPARSEC_RESULTS_DIR", os.path.join(ROOT, "bench", "results")))
     args = parser.parse_args()
 
     torch.manual_seed(0)

@@ -135,7 +135,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    parser.add_argument("--out", default=os.environ.get("SPARSEC_RESULTS_DIR", os.path.join(ROOT, "bench", "results")))
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

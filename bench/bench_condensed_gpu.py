@@ -66,7 +66,7 @@ def main() -> int:
                 print(f"{act:>8} {sparsity:5.2f} {batch:5d} | {1e6 * t_sparse:10.1f} {1e6 * t_dense:9.1f} "
                       f"{row['vs_dense']:7.2f} {csr_text} | {err:.1e}", flush=True)
     date = datetime.date.today().isoformat()
-    out = os.path.join(ROOT, "bench", "results")
+    out = os.environ.get("SPARSEC_RESULTS_DIR", os.path.join(ROOT, "bench", "results"))
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, f"condensed-gpu-{device.replace(' ', '_')}-{date}.json")
     with open(path, "w") as f:

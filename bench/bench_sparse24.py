@@ -125,7 +125,7 @@ def run_case(m: int, n: int, k: int, int8: bool, ceil: dict) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="M in {1, 2048}, first shape only")
-    parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    parser.add_argument("--out", default=os.environ.get("SPARSEC_RESULTS_DIR", os.path.join(ROOT, "bench", "results")))
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_sparse24: no CUDA device on this machine; the GPU benchmark is skipped (nothing written).")

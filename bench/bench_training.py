@@ -92,7 +92,7 @@ def main() -> int:
             print(f"{d:5d} {h:6d} {row['dtype']:>9} | {1e3 * t_dense:9.2f} {1e3 * t_sdgp:8.2f} {row['sdgp_speedup']:5.2f} "
                   f"{1e3 * t_both:11.2f} {row['sparse_weights_sdgp_speedup']:5.2f} | {err:.1e}", flush=True)
     date = datetime.date.today().isoformat()
-    out = os.path.join(ROOT, "bench", "results")
+    out = os.environ.get("SPARSEC_RESULTS_DIR", os.path.join(ROOT, "bench", "results"))
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, f"training-{device.replace(' ', '_')}-{date}.json")
     with open(path, "w") as f:

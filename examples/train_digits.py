@@ -91,7 +91,7 @@ def main() -> None:
     print(f"\n2:4 + SDGP vs dense: {sdgp['vs_dense']:+.2f} points (target within -1.5)")
     print(f"shrink: {shrunk['vs_dense']:+.2f} points vs dense, {100 * removed:.0f}% of hidden units removed "
           f"(target within -0.5 points, >= 30% removed)")
-    out = os.path.join(ROOT, "bench", "results")
+    out = os.environ.get("SPARSEC_RESULTS_DIR", os.path.join(ROOT, "bench", "results"))
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, f"digits-{datetime.date.today().isoformat()}.json")
     with open(path, "w") as f:

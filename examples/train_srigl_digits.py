@@ -92,7 +92,7 @@ def main() -> None:
     print("latency: these layers are 64-256 wide, where a call's fixed cost (a few us per layer) outweighs the "
           "arithmetic; backend auto keeps such layers dense where that measured faster. For a layer big enough to "
           "matter (3072->768) see bench/bench_condensed.py.")
-    out = os.path.join(ROOT, "bench", "results")
+    out = os.environ.get("SPARSEC_RESULTS_DIR", os.path.join(ROOT, "bench", "results"))
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, f"srigl-digits-{datetime.date.today().isoformat()}.json")
     with open(path, "w") as f:
