@@ -8,8 +8,6 @@ it says so and exits 0. (SRigL's own GPU figure: 1.67x over dense at batch 256, 
 """
 from __future__ import annotations
 
-import datetime
-import json
 import os
 import sys
 
@@ -26,6 +24,7 @@ def main() -> int:
         print("bench_condensed_gpu: no CUDA device on this machine; the GPU benchmark is skipped (nothing written).")
         return 0
     from bench_sparse24 import median_time
+    from results_io import write_results
 
     from sparsec import reference as ref
     from sparsec.codegen.builder import emit_matmul
@@ -65,14 +64,7 @@ def main() -> int:
                 csr_text = f"{1e6 * t_csr:8.1f} {row['vs_csr']:6.2f}" if t_csr else f"{'-':>8} {'-':>6}"
                 print(f"{act:>8} {sparsity:5.2f} {batch:5d} | {1e6 * t_sparse:10.1f} {1e6 * t_dense:9.1f} "
                       f"{row['vs_dense']:7.2f} {csr_text} | {err:.1e}", flush=True)
-    date = datetime.date.today().isoformat()
-    out = os.environ.get("SPARSEC_RESULTS_DIR", os.path.join(ROOT, "bench", "results"))
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, f"condensed-gpu-{device.replace(' ', '_')}-{date}.json")
-    with open(path, "w") as f:
-        json.dump({"benchmark": "condensed fan-in 3072->768 on GPU", "device": device, "date": date,
-                   "torch": torch.__version__, "rows": rows}, f, indent=2)
-    print(f"wrote {path}")
+    write_results("condensed-gpu", device, {"benchmark": "condensed fan-in 3072->768 on GPU", "rows": rows})
     return 0 if ok else 1
 
 

@@ -18,8 +18,6 @@ Targets (issue 4): memory-bound (M <= 16) fp16 2:4 >= 1.5x dense (limit ~1.78x);
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import statistics
 import sys
@@ -30,6 +28,7 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 MS = [1, 16, 128, 2048, 8192]
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
@@ -153,14 +152,11 @@ def main() -> int:
                       f"{r['sparsec_TFLOPs_dense_equiv']:6.1f} {100 * r['flops_of_ceiling']:3.0f}% | "
                       f"{r['auto_backend']:>10} {r['auto_vs_dense_eager']:12.2f} | {'yes' if r['ok'] else 'NO ' + str(r['max_rel_err'])}",
                       flush=True)
-    date = datetime.date.today().isoformat()
-    result = {"benchmark": "2:4 sparse matmul", "device": device, "date": date, "torch": torch.__version__,
-              "triton": triton.__version__, "ceilings": ceil, "rows": rows}
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"{device.replace(' ', '_')}-{date}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {path}")
+    from results_io import write_results
+
+    os.environ["SPARSEC_RESULTS_DIR"] = args.out
+    write_results("sparse24", device, {"benchmark": "2:4 sparse matmul", "triton": triton.__version__,
+                                       "ceilings": ceil, "rows": rows})
     return 0 if all(r["ok"] for r in rows) else 1
 
 

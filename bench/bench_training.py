@@ -12,8 +12,6 @@ paper projects 15-25% with 2:4 hardware for the data-gradient GEMM).
 """
 from __future__ import annotations
 
-import datetime
-import json
 import os
 import sys
 
@@ -22,6 +20,9 @@ import torch.nn as nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+from results_io import write_results  # noqa: E402
 
 
 class Block(nn.Module):
@@ -91,14 +92,7 @@ def main() -> int:
             rows.append(row)
             print(f"{d:5d} {h:6d} {row['dtype']:>9} | {1e3 * t_dense:9.2f} {1e3 * t_sdgp:8.2f} {row['sdgp_speedup']:5.2f} "
                   f"{1e3 * t_both:11.2f} {row['sparse_weights_sdgp_speedup']:5.2f} | {err:.1e}", flush=True)
-    date = datetime.date.today().isoformat()
-    out = os.environ.get("SPARSEC_RESULTS_DIR", os.path.join(ROOT, "bench", "results"))
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, f"training-{device.replace(' ', '_')}-{date}.json")
-    with open(path, "w") as f:
-        json.dump({"benchmark": "MLP block training step", "device": device, "date": date, "torch": torch.__version__,
-                   "rows": rows}, f, indent=2)
-    print(f"wrote {path}")
+    write_results("training", device, {"benchmark": "MLP block training step", "rows": rows})
     return 0
 
 

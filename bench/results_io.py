@@ -1,0 +1,26 @@
+"""Where benchmark results go: bench/results/, or $SPARSEC_RESULTS_DIR (a device run's $OUT)."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def results_dir() -> str:
+    return os.environ.get("SPARSEC_RESULTS_DIR", os.path.join(ROOT, "bench", "results"))
+
+
+def write_results(prefix: str, device: str, payload: dict) -> str:
+    """Write `payload` (plus device, date, torch version) to <results>/<prefix>-<device>-<date>.json."""
+    date = datetime.date.today().isoformat()
+    out = results_dir()
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, f"{prefix}-{device.replace(' ', '_')}-{date}.json")
+    with open(path, "w") as f:
+        json.dump({"device": device, "date": date, "torch": torch.__version__, **payload}, f, indent=2)
+    print(f"wrote {path}")
+    return path
