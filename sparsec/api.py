@@ -52,8 +52,9 @@ def compile(model: nn.Module, pattern: str = "2:4", example_inputs: Any = None, 
     plan: an (edited) Plan to apply exactly instead of the default policy.
     min_weights: layers with fewer weights stay dense unless included.
     leaf_modules: module classes or names symbolic_trace must not trace into.
-    backend: "auto" (CPU: torch; CUDA: per layer, the fastest of Triton / cuSPARSELt / dense, measured),
-        "triton" (generated fused 2:4 kernels; CUDA, or CPU under TRITON_INTERPRET=1) or "torch".
+    backend: "auto" (CPU: fan-in layers on the condensed kernel or dense, whichever measured faster, the rest
+        torch; CUDA: per layer the fastest of Triton / cuSPARSELt / dense, measured at the compiled shape),
+        "triton" (generated fused 2:4 / fan-in kernels; CUDA, or CPU under TRITON_INTERPRET=1) or "torch".
     train: rewrite for training: dense weights with first-class masks (weight_update "fixed": masks never
         change; "ste": SR-STE re-pruning every step with decay ste_decay on pruned weights) and, with
         grad_pattern (e.g. "2:4"), SDGP: data gradients pruned N:M in backward (grad_mode "magnitude" or
@@ -70,7 +71,7 @@ def compile_with_options(model: nn.Module, example_inputs: Any, options: Compile
     dense = {}
     for lp in ctx.plan:
         if lp.sparsity is None:
-            path = _dense_weight_path(gm, ctx, lp.name)
+            path = _dense_weight_path(gm, lp.name)
             if path is not None:
                 dense[lp.name] = (path, lp.op)
     cm = CompiledModel(gm, ctx.plan, history, ctx.counters, dense, ctx.trace_method)
@@ -94,7 +95,7 @@ def _input_spec(inputs: tuple | None) -> list | None:
     return spec
 
 
-def _dense_weight_path(gm, ctx: CompileContext, name: str) -> str | None:
+def _dense_weight_path(gm, name: str) -> str | None:
     for node in gm.graph.nodes:
         layer = get_meta(node).layer
         if layer is not None and layer.name == name:
