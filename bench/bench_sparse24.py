@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 import torch
@@ -35,33 +34,10 @@ SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
 
 
 def median_time(fn, repeats: int = 50, graph: bool = True) -> float:
-    """Median seconds per call; in a CUDA graph when possible (kernel time without launch overhead)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    run = fn
-    if graph:
-        try:
-            g = torch.cuda.CUDAGraph()
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                fn()
-                with torch.cuda.graph(g, stream=stream):
-                    fn()
-            torch.cuda.current_stream().wait_stream(stream)
-            run = g.replay
-        except Exception:  # noqa: BLE001 - some callables cannot be captured; time them eagerly
-            run = fn
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    return statistics.median(times)
+    """Median seconds per call; in a CUDA graph where it captures (kernel time without launch overhead)."""
+    from sparsec.codegen.measure import time_cuda
+
+    return time_cuda(fn, repeats=repeats, graph=graph)
 
 
 def ceilings() -> dict:

@@ -20,15 +20,34 @@ WARMUP, REPEATS = 5, 25
 DEFAULT_ROWS = 16  # when no example inputs give the real M
 
 
-def time_cuda(fn) -> float:
-    """Median seconds of fn() on the current CUDA stream."""
+def _graph_replay(fn):
+    """fn captured in a CUDA graph (kernel time without launch gaps), or fn when it cannot be captured."""
+    try:
+        g = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+            with torch.cuda.graph(g, stream=stream):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        return g.replay
+    except Exception:  # noqa: BLE001 - some callables cannot be captured; time them eagerly
+        return fn
+
+
+def time_cuda(fn, repeats: int = REPEATS, graph: bool = False) -> float:
+    """Median seconds of fn() on the current CUDA stream, after warm-up; graph=True replays it
+    from a CUDA graph where it captures."""
     for _ in range(WARMUP):
         fn()
+    torch.cuda.synchronize()
+    run = _graph_replay(fn) if graph else fn
     times = []
-    for _ in range(REPEATS):
+    for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        run()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1000)

@@ -13,15 +13,10 @@ from sparsec.runtime.layers import SparseLinear, run_kernel
 
 
 class CondensedLinear(SparseLinear):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._prepared = None
-
     def prepared(self):
-        if self._prepared is None:
-            packed = self.packed  # int8 layers dequantize once: the kernel multiplies float32 values
-            self._prepared = condensed_cpu.prepare(packed.kept_values(torch.float32), packed.indices)
-        return self._prepared
+        # int8 layers dequantize once: the kernel multiplies float32 values
+        return self.derived("layout", lambda: condensed_cpu.prepare(self.packed.kept_values(torch.float32),
+                                                                    self.packed.indices))
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x)
@@ -34,12 +29,3 @@ class CondensedLinear(SparseLinear):
         if x.dtype != torch.float32 or x.device.type != "cpu" or self.packed.dtype_probe.dtype != torch.float32:
             return self.reference(x)  # the kernel is fp32 / CPU; anything else runs the reference
         return run_kernel(self, x)
-
-    def _apply(self, fn, recurse=True):
-        self._prepared = None
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self):
-        state = super().__getstate__().copy()
-        state["_prepared"] = None
-        return state

@@ -17,25 +17,10 @@ def semi_structured_available() -> bool:
 
 
 class CusparseltLinear(SparseLinear):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._semi_structured = None
-
     def semi_structured_weight(self):
-        if self._semi_structured is None:
-            self._semi_structured = torch.sparse.to_sparse_semi_structured(self.packed.rows())
-        return self._semi_structured
+        return self.derived("semi_structured", lambda: torch.sparse.to_sparse_semi_structured(self.packed.rows()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not x.is_cuda:
             raise RuntimeError(f"layer {self.layer_name!r} was compiled for cuSPARSELt, which needs CUDA tensors")
         return F.linear(x, self.semi_structured_weight(), self.bias)
-
-    def _apply(self, fn, recurse=True):
-        self._semi_structured = None  # device / dtype changes: rebuild from the packed weight
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self):
-        state = super().__getstate__().copy()
-        state["_semi_structured"] = None
-        return state

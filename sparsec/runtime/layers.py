@@ -95,6 +95,23 @@ class SparseLayer(RuntimeLayer):
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad) if bias is not None else None
         self.op, self.weight_shape = op, tuple(weight_shape)
         self.layer_name, self.pattern, self.reason = layer_name, pattern, reason
+        self._derived: dict = {}
+
+    def derived(self, key: str, build):
+        """A value computed from the packed weight once and reused per call (a kernel layout, a spec).
+        Dropped when .to() / .half() change the module, and never pickled: it is rebuilt on use."""
+        if key not in self._derived:
+            self._derived[key] = build()
+        return self._derived[key]
+
+    def _apply(self, fn, recurse=True):
+        self._derived = {}
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        state = super().__getstate__().copy()
+        state["_derived"] = {}
+        return state
 
     @property
     def weight(self) -> torch.Tensor:

@@ -31,11 +31,6 @@ class TritonSparseLinear(SparseLinear):
         self.out_dtype: torch.dtype | None = None
         self.kernel_name: str | None = None
         self.kernel_source: str | None = None
-        self._spec = None
-
-    def _apply(self, fn, recurse=True):
-        self._spec = None  # .half() / .to(dtype) change the spec
-        return super()._apply(fn, recurse)
 
     def spec(self):
         from sparsec.codegen.spec import MatmulSpec
@@ -58,13 +53,12 @@ class TritonSparseLinear(SparseLinear):
         from sparsec.codegen.launch import condensed_matmul, sparse24_matmul
 
         packed = self.packed
-        if self._spec is None:  # resolved once: building the spec per call is measurable at batch 1
-            self._spec = self.spec()
+        spec = self.derived("spec", self.spec)  # building it per call is measurable at batch 1
         bias = self.bias.detach() if self.bias is not None else None
-        if self._spec.format == "fanin":
+        if spec.format == "fanin":
             return condensed_matmul(x.detach(), packed.values, packed.indices, packed.scales, bias, self.out_scale,
-                                    self._spec, self.kernel_name, self.kernel_source)
-        return sparse24_matmul(x.detach(), packed.values, packed.meta, packed.scales, bias, self.out_scale, self._spec,
+                                    spec, self.kernel_name, self.kernel_source)
+        return sparse24_matmul(x.detach(), packed.values, packed.meta, packed.scales, bias, self.out_scale, spec,
                                self.kernel_name, self.kernel_source)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
