@@ -6,6 +6,8 @@ unsupported conversions). Used by the tests for sm_80 and sm_90.
 """
 from __future__ import annotations
 
+import os
+
 from sparsec.codegen.cache import KernelCache
 from sparsec.codegen.spec import MatmulSpec
 
@@ -21,8 +23,10 @@ def matmul_signature(spec: MatmulSpec) -> dict[str, str]:
             "values_ptr": weight, "stride_vn": "i32", "meta_ptr": "*i16", "stride_mn": "i32",
             "scales_ptr": "*fp32", "bias_ptr": act, "out_scale_ptr": act,
             "y_ptr": _PTR[spec.out_dtype], "stride_ym": "i32", "stride_yn": "i32",
+            "partial_ptr": "*fp32", "count_ptr": "*i32",
             "M": "i32", "N": "i32", "K": "i32",
-            "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr"}
+            "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr",
+            "SPLIT_K": "constexpr"}
 
 
 def condensed_signature(spec: MatmulSpec) -> dict[str, str]:
@@ -43,7 +47,8 @@ def prune_signature(dtype: str) -> dict[str, str]:
 
 def compile_for(capability: int, name: str, source: str, signature: dict[str, str], constexprs: dict[str, int],
                 num_warps: int = 4, num_stages: int = 3, cache: KernelCache | None = None):
-    """Build `name` from `source` for sm_<capability>; returns triton's CompiledKernel (asm has 'ptx', 'cubin')."""
+    """Build `name` from `source` for sm_<capability>; returns triton's CompiledKernel (asm has 'ptx', 'cubin').
+    Raises when the kernel needs more shared memory than the arch has, or spills registers."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -58,7 +63,38 @@ def compile_for(capability: int, name: str, source: str, signature: dict[str, st
     if limit is not None and compiled.metadata.shared > limit:
         raise ValueError(f"{name} with {constexprs}, {num_stages} stages needs {compiled.metadata.shared} bytes of "
                          f"shared memory; sm_{capability} allows {limit}")
+    usage = resource_usage(compiled.asm["cubin"])
+    if usage and usage.get("STACK", 0) > 0:
+        raise ValueError(f"{name} with {constexprs}, {num_warps} warps spills registers on sm_{capability}: "
+                         f"{usage['REG']} registers and a {usage['STACK']}-byte stack frame")
     return compiled
+
+
+def resource_usage(cubin: bytes) -> dict[str, int] | None:
+    """Registers, stack frame (register spills) and static shared memory of a cubin's kernel, read with
+    the cuobjdump that ships with Triton's NVIDIA backend; None where there is none."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    import triton.backends.nvidia as nvidia
+
+    tool = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
+    tool = tool if os.path.exists(tool) else shutil.which("cuobjdump")
+    if tool is None:
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    usage = {}
+    for line in text.splitlines():
+        if "REG:" in line:
+            for item in line.split():
+                key, _, value = item.partition(":")
+                if value.isdigit():
+                    usage[key] = int(value)
+    return usage or None
 
 
 # ---------------------------------------------------------------- a build check for the standard matrix
@@ -74,43 +110,63 @@ def standard_specs() -> list[MatmulSpec]:
             MatmulSpec("float32", "int8", True, "gelu", True, "float32", format="fanin")]
 
 
+# (M, N, K) the configs are checked at: decode, mid batch, large batch. H100's SM count sizes split-K.
+STANDARD_SHAPES = ((1, 4096, 4096), (64, 4096, 4096), (4096, 4096, 4096))
+STANDARD_SMS = 132
+
+
+def standard_builds() -> list[tuple[str, MatmulSpec | None, dict]]:
+    """(key, spec, config) of every build the check makes: each spec's default config at every
+    standard shape, and every config backend="auto" may time for the specs with the heaviest
+    epilogues (fp16 with bias + relu, int8 weights with bias + gelu + scale), deduplicated."""
+    from sparsec.codegen.configs import condensed_config, matmul_candidates, matmul_config
+
+    builds, seen = [], set()
+    for i, spec in enumerate(standard_specs()):
+        for m, n, k in STANDARD_SHAPES:
+            if spec.format == "fanin":
+                configs = [condensed_config(m, 768, 307)]
+            elif i < 2:
+                configs = matmul_candidates(m, n, k, spec.act_dtype, STANDARD_SMS)
+            else:
+                configs = [matmul_config(m, n, k, spec.act_dtype, STANDARD_SMS)]
+            for cfg in configs:
+                ident = (spec, tuple(sorted(cfg.items())))
+                if ident not in seen:
+                    seen.add(ident)
+                    text = ",".join(f"{key}={value}" for key, value in cfg.items())
+                    builds.append((f"{spec.short_name()}[{text}]", spec, cfg))
+    builds.append(("prune24", None, {"BLOCK_R": 32, "BLOCK_W": 16, "num_warps": 4}))
+    return builds
+
+
 def check_standard_builds(capabilities=(80, 90)) -> dict[str, str]:
-    """Build every standard kernel at its decode and large-batch configs for each arch.
-    Returns {"<kernel>@sm_<cap>/M=<m>": "ok" | error text}. Must run where no kernel has been run in
-    the Triton interpreter (the interpreter leaves triton.language patched in its process)."""
+    """Build every `standard_builds` entry for each arch. Returns {"<key>@sm_<cap>": "ok" | error text}.
+    Must run where no kernel has been run in the Triton interpreter (the interpreter leaves
+    triton.language patched in its process)."""
     from sparsec.codegen.builder import emit_matmul
-    from sparsec.codegen.configs import condensed_config, matmul_config
     from sparsec.codegen.launch import prune_kernel_source
 
     results = {}
-    for spec in standard_specs():
-        name, source = emit_matmul(spec, [])
-        for m in (1, 4096):
-            if spec.format == "2:4":
-                cfg, signature = matmul_config(m, 4096, 4096, spec.act_dtype), matmul_signature(spec)
-            else:
-                cfg, signature = condensed_config(m, 768, 307), condensed_signature(spec)
-            warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages", 3)
-            for cap in capabilities:
-                key = f"{spec.short_name()}@sm_{cap}/M={m}"
-                try:
-                    ok = bool(compile_for(cap, name, source, signature, cfg, warps, stages).asm.get("cubin"))
-                    results[key] = "ok" if ok else "no cubin"
-                except Exception as e:  # noqa: BLE001 - reported, not raised: the caller checks every entry
-                    results[key] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
-    name, source = prune_kernel_source()
-    for cap in capabilities:
-        try:
-            compile_for(cap, name, source, prune_signature("float16"), {"BLOCK_R": 32, "BLOCK_W": 16})
-            results[f"prune24@sm_{cap}"] = "ok"
-        except Exception as e:  # noqa: BLE001
-            results[f"prune24@sm_{cap}"] = f"{type(e).__name__}: {e}"
+    for key, spec, cfg in standard_builds():
+        cfg = dict(cfg)
+        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages", 3)
+        if spec is None:
+            (name, source), signature = prune_kernel_source(), prune_signature("float16")
+        else:
+            name, source = emit_matmul(spec, [])
+            signature = matmul_signature(spec) if spec.format == "2:4" else condensed_signature(spec)
+        for cap in capabilities:
+            try:
+                ok = bool(compile_for(cap, name, source, signature, cfg, warps, stages).asm.get("cubin"))
+                results[f"{key}@sm_{cap}"] = "ok" if ok else "no cubin"
+            except Exception as e:  # noqa: BLE001 - reported, not raised: the caller checks every entry
+                results[f"{key}@sm_{cap}"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
     return results
 
 
 if __name__ == "__main__":
     import json
-    import os
 
     os.environ["TRITON_INTERPRET"] = "0"
     print(json.dumps(check_standard_builds(), indent=1, sort_keys=True))

@@ -1,36 +1,115 @@
-"""Launch configurations: the one place that picks tile sizes, warps and stages.
+"""Launch configurations: the one place that picks tile sizes, split-K, warps and stages.
 
-Chosen by shape from a small table rather than autotuned at run time, so a compile is
-deterministic and the interpreter (about 1.5 ms per program per K step) stays fast; a GPU
-benchmark can override per shape. Every entry is recorded in the kernel manifest.
+Two sources, both deterministic for a given shape and device:
+* `matmul_config`: a small shape table, used when nothing was measured (backend="triton", or M
+  unknown). Every entry builds for sm_80 and sm_90 without spilling registers (checked by
+  tests/test_codegen.py through `sparsec.codegen.aot`): the in-register 2:4 decompression is
+  register hungry, and a spilled tile turns the memory-bound decode case into a local-memory one.
+* `matmul_candidates`: a few alternatives around it; backend="auto" on CUDA times them at the
+  compiled shape and records the fastest in the plan (`LayerPlan.launch`).
+
+Split-K: at small M a layer has few output tiles (N = 4096 at BLOCK_N = 32 is 128 tiles for 132
+SMs on an H100, and only some of them stream weights at a time), so K is split until the
+programs fill the device about twice over, keeping each split at least MIN_SPLIT_BLOCKS K blocks long
+and the fp32 partials the splits write and read back (8 bytes per output element and split) under
+a quarter of the 2:4 weight bytes (about one byte per weight), i.e. split <= K / (32 M).
 """
 from __future__ import annotations
 
 import os
+
+LAUNCH_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "num_warps", "num_stages")
+MAX_SPLIT_K = 16
+MIN_SPLIT_BLOCKS = 4
+WAVES = 2  # programs per SM that split-K aims for (three 4-warp decode programs fit an SM's registers)
 
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def matmul_config(m: int, n: int, k: int, act_dtype: str) -> dict:
-    """Tiles for y[M, N] = x[M, K] @ W^T; tl.dot needs every tile dimension >= 16."""
+def _tiles(m: int, n: int, act_dtype: str) -> dict:
+    if act_dtype == "float32":
+        # IEEE fp32 dots run on FMA units and hold [BLOCK_M, BLOCK_N, BLOCK_K] products in registers:
+        # only small tiles stay spill-free.
+        if m <= 16:
+            return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
+    if m <= 16:
+        # Decode / small batch: weight bytes dominate; small tiles leave room for three programs per SM.
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
+    if m <= 128:
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def split_k(m: int, n: int, k: int, cfg: dict, sms: int | None) -> int:
+    """How many ways to split K so that about WAVES programs run per SM (1 without an SM count)."""
+    if not sms:
+        return 1
+    tiles = -(-m // cfg["BLOCK_M"]) * -(-n // cfg["BLOCK_N"])
+    blocks_k = -(-k // cfg["BLOCK_K"])
+    split = 1
+    while (tiles * split < WAVES * sms and split * 2 <= MAX_SPLIT_K
+           and blocks_k // (split * 2) >= MIN_SPLIT_BLOCKS and split * 2 * 32 * m <= k):
+        split *= 2
+    return split
+
+
+def matmul_config(m: int, n: int, k: int, act_dtype: str, sms: int | None = None) -> dict:
+    """Tiles for y[M, N] = x[M, K] @ W^T (tl.dot needs every tile dimension >= 16); `sms` is the
+    device's multiprocessor count (None: do not split K)."""
     if interpreting():
         # Few, large programs: the interpreter's cost is per program and per K step.
         return dict(BLOCK_M=_pow2_clamp(m, 16, 64), BLOCK_N=_pow2_clamp(n, 16, 128), BLOCK_K=_pow2_clamp(k, 16, 128),
-                    GROUP_M=8, num_warps=4, num_stages=1)
-    if act_dtype == "float32":
-        # 4-byte values and the pipelined value/metadata tiles: at BLOCK_K=128, 4 stages need 248 KB of
-        # shared memory, over sm_80's 163 KB; these stay under 90 KB (checked in tests/test_codegen.py).
-        if m <= 16:
-            return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=3)
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
-    if m <= 16:
-        # Decode / small batch: weight bytes dominate; a short M tile and long K steps stream them.
-        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=1, num_warps=4, num_stages=4)
-    if m <= 128:
-        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+                    GROUP_M=8, SPLIT_K=1, num_warps=4, num_stages=1)
+    cfg = _tiles(m, n, act_dtype)
+    cfg["SPLIT_K"] = split_k(m, n, k, cfg, sms)
+    return {key: cfg[key] for key in LAUNCH_KEYS}
+
+
+def matmul_candidates(m: int, n: int, k: int, act_dtype: str, sms: int | None) -> list[dict]:
+    """The default config first, then alternatives worth timing at this shape: other spill-free
+    tiles (each with its own split), and other splits of the default tiles."""
+    base = matmul_config(m, n, k, act_dtype, sms)
+    if interpreting() or act_dtype == "float32":
+        tiles = []
+    elif m <= 16:
+        tiles = [dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=8, num_stages=4),
+                 dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=3)]
+    elif m <= 128:
+        tiles = [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)]
+    else:
+        tiles = [dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)]
+    variants = [base] + [dict(t, SPLIT_K=split_k(m, n, k, t, sms)) for t in tiles]
+    if base["SPLIT_K"] > 1:
+        variants += [dict(base, SPLIT_K=base["SPLIT_K"] // 2), dict(base, SPLIT_K=1)]
+    elif sms and m <= 64 and -(-k // base["BLOCK_K"]) // 2 >= MIN_SPLIT_BLOCKS:
+        variants.append(dict(base, SPLIT_K=2))
+    unique = []
+    for cfg in variants:
+        cfg = {key: cfg[key] for key in LAUNCH_KEYS}
+        if cfg not in unique:
+            unique.append(cfg)
+    return unique
+
+
+def validate_launch(launch: dict) -> str | None:
+    """Why a plan's launch entry (a config plus the rows "M" it applies at) cannot be used; None when it can."""
+    if not isinstance(launch, dict) or set(launch) != {"M", *LAUNCH_KEYS}:
+        return f"a launch config needs exactly the keys {['M', *LAUNCH_KEYS]}"
+    cfg = launch
+    for key, value in cfg.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            return f"launch {key} must be a positive integer, got {value!r}"
+    for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps"):
+        if cfg[key] & (cfg[key] - 1):
+            return f"launch {key} must be a power of two, got {cfg[key]}"
+    if min(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) < 16:
+        return "tl.dot needs BLOCK_M, BLOCK_N and BLOCK_K >= 16"
+    if cfg["SPLIT_K"] > MAX_SPLIT_K:
+        return f"launch SPLIT_K must be at most {MAX_SPLIT_K}, got {cfg['SPLIT_K']}"
+    return None
 
 
 def prune_config(r: int, k: int) -> dict:

@@ -57,16 +57,25 @@ def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, s
     y = torch.empty(m, n, dtype=out_dtype, device=x.device)
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
-    cfg = config or _config(m, n, k, spec.act_dtype)
+    cfg = dict(config or _config(m, n, k, spec.act_dtype, x.device))
+    cfg.setdefault("SPLIT_K", 1)
     values, meta = values.contiguous(), meta.contiguous()
-    grid = (triton_cdiv(m, cfg["BLOCK_M"]) * triton_cdiv(n, cfg["BLOCK_N"]),)
-    unused = values  # pointer arguments the generated epilogue never reads
-    _kernel(name, source, cache)[grid](
+    tiles = triton_cdiv(m, cfg["BLOCK_M"]) * triton_cdiv(n, cfg["BLOCK_N"])
+    unused = values  # pointer arguments the generated kernel never reads
+    partials, counts = unused, unused
+    if cfg["SPLIT_K"] > 1:
+        counts = split_counters(x.device, tiles)
+        if counts is None or cfg["SPLIT_K"] * m * n >= 2 ** 31:
+            cfg["SPLIT_K"], counts = 1, unused  # no room for this split: run unsplit (same result)
+        else:
+            partials = torch.empty(cfg["SPLIT_K"], m, n, dtype=torch.float32, device=x.device)
+    _kernel(name, source, cache)[(tiles, cfg["SPLIT_K"])](
         x2, x2.stride(0), x2.stride(1),
         values, values.stride(0), meta, meta.stride(0),
         scales if scales is not None else unused, bias if bias is not None else unused,
         out_scale if out_scale is not None else unused,
         y, y.stride(0), y.stride(1),
+        partials, counts,
         m, n, k,
         **cfg)
     return y.reshape(*x.shape[:-1], n)
@@ -105,11 +114,37 @@ def condensed_matmul(x: torch.Tensor, values: torch.Tensor, indices: torch.Tenso
 _CONFIGS: dict[tuple, dict] = {}
 
 
-def _config(m: int, n: int, k: int, act_dtype: str) -> dict:
-    key = (m, n, k, act_dtype, interpreting())
+def _config(m: int, n: int, k: int, act_dtype: str, device: torch.device) -> dict:
+    key = (m, n, k, act_dtype, interpreting(), str(device))
     if key not in _CONFIGS:
-        _CONFIGS[key] = matmul_config(m, n, k, act_dtype)
+        _CONFIGS[key] = matmul_config(m, n, k, act_dtype, sm_count(device))
     return _CONFIGS[key]
+
+
+def sm_count(device: torch.device) -> int | None:
+    """Multiprocessors of a CUDA device (None elsewhere): split-K is sized to fill them."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# Split-K arrival counters: one zeroed int32 buffer per (device, stream), reset by the kernel itself
+# after each use, so launches need no memset and are safe to capture in CUDA graphs. One buffer per
+# stream keeps concurrent launches on different streams apart; launches on one stream run in order.
+SPLIT_COUNTERS = 1 << 16
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def split_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
+    """The counters for launches on the current stream of `device`; None when a launch has more
+    output tiles than there are counters (the caller then does not split)."""
+    if tiles > SPLIT_COUNTERS:
+        return None
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    if key not in _COUNTERS:
+        _COUNTERS[key] = torch.zeros(SPLIT_COUNTERS, dtype=torch.int32, device=device)
+    return _COUNTERS[key]
 
 
 _PRUNE = None

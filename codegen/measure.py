@@ -7,6 +7,7 @@ medians of wall-clock blocks.
 """
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 
@@ -55,10 +56,13 @@ def time_cuda(fn, repeats: int = REPEATS, graph: bool = False) -> float:
 
 
 def candidates(gm, ctx, layer, decision, m: int, triton_problem: str | None) -> dict:
-    """name -> zero-argument callable computing the layer at M = m rows."""
+    """name -> zero-argument callable computing the layer at M = m rows. A 2:4 Triton kernel gives
+    one entry per launch config worth timing ("triton" with the shape table's config first, then
+    "triton#1", ...; `launch_of` maps each back to its config)."""
     from sparsec.codegen.builder import LayerUse, emit_matmul
+    from sparsec.codegen.configs import matmul_candidates
     from sparsec.codegen.spec import MatmulSpec
-    from sparsec.codegen.launch import condensed_matmul, sparse24_matmul
+    from sparsec.codegen.launch import condensed_matmul, sm_count, sparse24_matmul
     from sparsec.runtime.cusparselt_linear import semi_structured_available
     from sparsec.runtime.packed import FanInPacked, PackedWeight
 
@@ -83,8 +87,10 @@ def candidates(gm, ctx, layer, decision, m: int, triton_problem: str | None) -> 
             out["triton"] = lambda: condensed_matmul(x, packed.values, packed.indices, packed.scales, bias, None, spec,
                                                      name, source)
         else:
-            out["triton"] = lambda: sparse24_matmul(x, packed.values, packed.meta, packed.scales, bias, None, spec,
-                                                    name, source)
+            configs = matmul_candidates(m, layer.out_features, layer.reduction, act, sm_count(weight.device))
+            for i, cfg in enumerate(configs):
+                out[triton_key(i)] = functools.partial(sparse24_matmul, x, packed.values, packed.meta, packed.scales,
+                                                       bias, None, spec, name, source, config=cfg)
     if decision.sparsity == "2:4" and semi_structured_available() and weight.dtype in (torch.float16, torch.bfloat16):
         try:
             semi = torch.sparse.to_sparse_semi_structured(dense)
@@ -93,6 +99,15 @@ def candidates(gm, ctx, layer, decision, m: int, triton_problem: str | None) -> 
         except (RuntimeError, ValueError):
             pass
     return out
+
+
+def triton_key(i: int) -> str:
+    return "triton" if i == 0 else f"triton#{i}"
+
+
+def describe_launch(cfg: dict) -> str:
+    return (f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} tiles, split-K {cfg['SPLIT_K']}, "
+            f"{cfg['num_warps']} warps, {cfg['num_stages']} stages")
 
 
 def time_cpu(fn, block_s: float = 0.02, blocks: int = 7) -> float:
@@ -129,6 +144,8 @@ def cpu_fanin_candidates(gm, ctx, layer, decision, m: int) -> dict:
 
 
 def pick_fastest(gm, ctx, layer, decision, m: int | None, triton_problem: str | None, device: str = "cuda"):
+    """(backend, note, launch): the fastest way to run the layer at M rows, a note with the times, and
+    for a 2:4 Triton kernel the fastest launch config (with "M"), else None."""
     rows = m or DEFAULT_ROWS
     if device == "cpu":
         options, timer = cpu_fanin_candidates(gm, ctx, layer, decision, rows), time_cpu
@@ -141,7 +158,17 @@ def pick_fastest(gm, ctx, layer, decision, m: int | None, triton_problem: str | 
                 times[name] = timer(fn)
         except Exception:  # noqa: BLE001 - a candidate that cannot run simply is not chosen
             continue
+    launch, configs = None, {}
+    if isinstance(options.get("triton"), functools.partial):  # 2:4 kernel: keep its fastest launch config
+        configs = {name: times.pop(name) for name in list(times) if name.split("#")[0] == "triton"}
+        if configs:
+            fastest = min(configs, key=configs.get)
+            times["triton"] = configs[fastest]
+            launch = dict(options[fastest].keywords["config"], M=rows)
     best = min(times, key=times.get)
-    shown = ", ".join(f"{k} {1e6 * v:.1f} us" for k, v in sorted(times.items(), key=lambda kv: kv[1]))
+    shown = ", ".join(f"{k} {1e6 * v:.1f} us" + (f" ({describe_launch(launch)}, fastest of {len(configs)} configs)"
+                                                  if k == "triton" and launch else "")
+                      for k, v in sorted(times.items(), key=lambda kv: kv[1]))
     where = f"M={rows}" + ("" if m else " (no example inputs)")
-    return best, f"backend auto at {where}: {shown} -> {best} ({times['dense'] / times[best]:.2f}x dense)"
+    note = f"backend auto at {where}: {shown} -> {best} ({times['dense'] / times[best]:.2f}x dense)"
+    return best, note, launch if best == "triton" else None

@@ -60,11 +60,10 @@ def _measured(gm, ctx: CompileContext, layer: LayerInfo, decision, node: fx.Node
     key = (device, layer.op, layer.out_features, layer.reduction, layer.dtype, decision.sparsity, decision.quant,
            layer.bias_path is not None, m, triton_problem)
     if key not in ctx.measurements:
-        backend, note = pick_fastest(gm, ctx, layer, decision, m, triton_problem, device=device)
-        ctx.measurements[key] = (backend, note, layer.name)
-        return backend, note
-    backend, note, measured_on = ctx.measurements[key]
-    return backend, f"{note}; measured on {measured_on}, which has the same shape"
+        ctx.measurements[key] = (*pick_fastest(gm, ctx, layer, decision, m, triton_problem, device=device), layer.name)
+        return ctx.measurements[key][:3]
+    backend, note, launch, measured_on = ctx.measurements[key]
+    return backend, f"{note}; measured on {measured_on}, which has the same shape", launch
 
 
 def _device(gm: fx.GraphModule, layer: LayerInfo) -> torch.device:
@@ -97,10 +96,11 @@ def choose_backend(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
                                         f"constant fan-in linear layers only (this one is {decision.sparsity} "
                                         f"{layer.op}); set its backend to null to let sparsec choose")
             note = {"torch": None, "triton": TRITON_NOTE}.get(backend, f"backend {backend}, set by the given plan")
+            launch = decision.launch
         elif wanted == "auto" and device.type == "cpu" and _condensed_candidate(layer, decision):
-            backend, note = _measured(gm, ctx, layer, decision, nodes[0], None, "cpu")
+            backend, note, launch = _measured(gm, ctx, layer, decision, nodes[0], None, "cpu")
         elif wanted == "torch" or (wanted == "auto" and device.type != "cuda"):
-            backend, note = "torch", None
+            backend, note, launch = "torch", None, None
         elif wanted == "triton":
             if not can_run_on(device) and not ctx.options.emit_only:
                 raise InvalidInputError(
@@ -108,11 +108,12 @@ def choose_backend(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
                     f"interpreter (slow; for tests); layer {name!r} is on {device}. Use backend='torch' (or 'auto') on CPU")
             problem = triton_blocker(layer, decision.sparsity, device)
             backend, note = ("torch", f"runs on the torch runtime: {problem}") if problem else ("triton", TRITON_NOTE)
+            launch = None
         else:  # auto on CUDA: measure
-            backend, note = _measured(gm, ctx, layer, decision, nodes[0], triton_blocker(layer, decision.sparsity, device),
-                                      "cuda")
+            backend, note, launch = _measured(gm, ctx, layer, decision, nodes[0],
+                                              triton_blocker(layer, decision.sparsity, device), "cuda")
         reason = f"{decision.reason}; {note}" if note else decision.reason
-        decision = dataclasses.replace(decision, backend=backend, reason=reason)
+        decision = dataclasses.replace(decision, backend=backend, reason=reason, launch=launch)
         for node in nodes:
             update_meta(node, decision=decision)
         ctx.counters[f"backend_{backend}"] += 1

@@ -16,7 +16,6 @@ from sparsec.runtime.triton_linear import TritonSparseLinear
 def emit_kernels(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     from sparsec.codegen.builder import LayerUse, emit_matmul
     from sparsec.codegen.cache import KernelCache
-    from sparsec.codegen.configs import condensed_config, matmul_config
 
     groups: dict = {}
     for node in gm.graph.nodes:
@@ -24,8 +23,8 @@ def emit_kernels(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             k = module.packed.reduction
             use = LayerUse(module.layer_name, input_rows(node, k), module.packed.out_features, k)
             groups.setdefault(module.spec(), []).append((node, module, use))
+    modules = {m.layer_name: m for g in groups.values() for _, m, _ in g}
     cache = KernelCache()
-    fanin = {m.layer_name: m.packed.values.shape[1] for g in groups.values() for _, m, _ in g}
     for spec, members in sorted(groups.items(), key=lambda item: repr(item[0])):
         uses = sorted({use for _, _, use in members}, key=lambda u: u.name)
         name, source = emit_matmul(spec, uses)
@@ -42,9 +41,21 @@ def emit_kernels(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             "out_dtype": spec.out_dtype,
             "fused_ops": spec.epilogue_ops(),
             "layers": [{"name": u.name, "M": u.m, "N": u.n, "K": u.k,
-                        "launch_config": matmul_config(u.m or 1, u.n, u.k, spec.act_dtype) if spec.format == "2:4"
-                        else condensed_config(u.m or 1, u.n, fanin[u.name])} for u in uses],
+                        "launch_config": _launch_config(modules[u.name], u)} for u in uses],
         }
     for outcome, count in cache.counters.items():
         ctx.counters[f"kernel_cache_{outcome}"] += count
     return gm
+
+
+def _launch_config(module: TritonSparseLinear, use) -> dict:
+    """What the layer launches with at its compiled rows: the measured config, else the shape table's
+    for the layer's device."""
+    from sparsec.codegen.configs import condensed_config, matmul_config
+    from sparsec.codegen.launch import sm_count
+
+    rows = use.m or 1
+    if module.spec().format == "fanin":
+        return condensed_config(rows, use.n, module.packed.values.shape[1])
+    return module.launch_config(rows) or matmul_config(rows, use.n, use.k, module.spec().act_dtype,
+                                                       sm_count(module.packed.values.device))

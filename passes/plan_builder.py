@@ -30,7 +30,8 @@ def build_plan(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         d, layer = meta.decision, meta.layer
         layers.append(LayerPlan(name=name, op=layer.op, weight_shape=layer.weight_shape, sparsity=d.sparsity,
                                 quant=d.quant, grad_sparsity=d.grad_sparsity, reason=d.reason,
-                                dtype=dtype_name(layer.dtype), flops=_flops(nodes, layer.reduction), backend=d.backend))
+                                dtype=dtype_name(layer.dtype), flops=_flops(nodes, layer.reduction), backend=d.backend,
+                                launch=d.launch))
     for name, info in ctx.unreached.items():
         excluded_by = first_match(ctx.options.exclude, name)
         reason = f"kept dense: excluded by exclude={excluded_by!r}" if excluded_by else f"kept dense: {info.why}"

@@ -153,7 +153,8 @@ def _plan_decision(layer: LayerInfo, blocker: str | None, ctx: CompileContext, d
     else:
         reason = f"{describe_sparse(layer, parse_pattern(entry.sparsity))}; set by the given plan (default policy: {default.reason})"
     return Decision(sparsity=entry.sparsity, quant=entry.quant, grad_sparsity=entry.grad_sparsity, reason=reason,
-                    backend=entry.backend if entry.sparsity is not None else None)
+                    backend=entry.backend if entry.sparsity is not None else None,
+                    launch=entry.launch if entry.sparsity is not None else None)
 
 
 def choose_sparsity(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:

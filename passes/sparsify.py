@@ -51,8 +51,11 @@ def build_runtime_module(gm: fx.GraphModule, ctx: CompileContext, layer: LayerIn
     bias = gm.get_parameter(layer.bias_path) if layer.bias_path else None
     if layer.op == "conv2d":
         return SparseConv2d(packed, bias, layer.weight_shape, layer.name, decision.sparsity, decision.reason, layer.conv)
-    cls = LINEAR_MODULES[decision.backend]
-    return cls(packed, bias, layer.op, layer.weight_shape, layer.name, decision.sparsity, decision.reason)
+    module = LINEAR_MODULES[decision.backend](packed, bias, layer.op, layer.weight_shape, layer.name, decision.sparsity,
+                                              decision.reason)
+    if decision.launch is not None:
+        module.launch = dict(decision.launch)
+    return module
 
 
 def _data_input(node: fx.Node) -> fx.Node:

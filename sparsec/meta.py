@@ -48,7 +48,8 @@ class Decision:
     quant: str | None           # None | "int8"
     grad_sparsity: str | None
     reason: str
-    backend: str | None = None  # sparse layers: "torch" | "triton" | "cusparselt" | "dense"
+    backend: str | None = None  # sparse layers: "torch" | "triton" | "cusparselt" | "dense" | "condensed"
+    launch: dict | None = None  # backend "triton", 2:4: the measured launch config and the rows "M" it is for
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,8 @@ class LayerPlan:
     dtype: str | None = None           # weight dtype ("float32", ...), for byte counts
     flops: int | None = None           # dense FLOPs of the layer at the example inputs
     backend: str | None = None         # what runs a sparse layer: torch | triton | cusparselt | dense | condensed
+    launch: dict | None = None         # backend triton, 2:4: the launch config timed fastest at M rows (tiles,
+                                       # SPLIT_K, warps, stages, "M"); None = sparsec's shape table
 
     def __post_init__(self) -> None:
         self.weight_shape = tuple(int(d) for d in self.weight_shape)
@@ -220,6 +222,14 @@ class Plan:
                 raise InvalidInputError(f"plan layer {lp.name!r}: quant {lp.quant!r} not in {QUANT_CHOICES}")
             if lp.backend not in BACKEND_CHOICES:
                 raise InvalidInputError(f"plan layer {lp.name!r}: backend {lp.backend!r} not in {BACKEND_CHOICES}")
+            if lp.launch is not None:
+                from sparsec.codegen.configs import validate_launch
+
+                if lp.backend != "triton" or lp.sparsity != "2:4":
+                    raise InvalidInputError(f"plan layer {lp.name!r}: a launch config applies to 2:4 layers on backend "
+                                            f"'triton' only (this one is {lp.sparsity} on {lp.backend}); set it to null")
+                if problem := validate_launch(lp.launch):
+                    raise InvalidInputError(f"plan layer {lp.name!r}: bad launch config {lp.launch}: {problem}")
 
 
 def _fmt_bytes(n: float) -> str:

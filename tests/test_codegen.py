@@ -64,6 +64,68 @@ def test_sparse24_matmul_matches_torch(dtype, tol, m, n, k, bias, activation, in
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("m, n, k, split, block_k", [(1, 64, 256, 4, 32),   # even split
+                                                     (5, 48, 80, 3, 16),    # 5 K blocks in 3 splits: a short last one
+                                                     (3, 40, 160, 8, 16),   # 10 K blocks in 8 splits: empty splits
+                                                     (17, 32, 64, 2, 32)])  # two M tiles
+@pytest.mark.parametrize("bias, activation, int8", [(False, None, False), (True, "gelu", True)])
+def test_split_k_matches_torch_and_resets_its_counters(dtype, tol, m, n, k, split, block_k, bias, activation, int8):
+    from sparsec.codegen import launch
+
+    x, values, meta, scales, pruned = _operands(m, n, k, dtype, int8, seed=m + n + k + split)
+    b = torch.randn(n).to(dtype) if bias else None
+    x, pruned = x.to(dtype), pruned.to(dtype)
+    values = values if int8 else values.to(dtype)
+    act = str(dtype).removeprefix("torch.")
+    spec = MatmulSpec(act, "int8" if int8 else act, bias, activation, False, act)
+    name, source = emit_matmul(spec, [])
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=block_k, GROUP_M=1, SPLIT_K=split, num_warps=4, num_stages=1)
+    dev = lambda t: t.to(DEVICE) if t is not None else None  # noqa: E731
+    first, second = (sparse24_matmul(dev(x), dev(values), dev(meta), dev(scales), dev(b), None, spec, name, source,
+                                      config=cfg) for _ in range(2))
+    expected = ACTS[activation](x.double() @ pruned.double().t() + (b.double() if b is not None else 0))
+    assert output_error(first.cpu().double(), expected) <= tol
+    assert torch.equal(first, second)  # partials are summed in split order: no run-to-run difference
+    counters = launch.split_counters(torch.device(DEVICE), 1)
+    assert int(counters.abs().sum()) == 0  # the last split of every tile reset its counter
+
+
+def test_split_k_falls_back_when_tiles_outnumber_the_counters(monkeypatch):
+    from sparsec.codegen import launch
+
+    monkeypatch.setattr(launch, "SPLIT_COUNTERS", 2)
+    x, values, meta, _, pruned = _operands(4, 48, 64, torch.float32, False, seed=3)
+    spec = MatmulSpec("float32", "float32", False, None, False, "float32")
+    name, source = emit_matmul(spec, [])
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, SPLIT_K=2, num_warps=4, num_stages=1)  # 3 tiles
+    y = sparse24_matmul(x.to(DEVICE), values.to(DEVICE), meta.to(DEVICE), None, None, None, spec, name, source, config=cfg)
+    assert output_error(y.cpu().double(), x.double() @ pruned.double().t()) <= 1e-5
+
+
+def test_launch_candidates_split_k_only_where_tiles_are_few(monkeypatch):
+    from sparsec.codegen.configs import LAUNCH_KEYS, matmul_candidates, matmul_config, validate_launch
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the GPU tables, not the interpreter's
+
+    decode = matmul_config(1, 4096, 4096, "float16", sms=132)
+    tiles = 4096 // decode["BLOCK_N"]
+    assert decode["SPLIT_K"] > 1 and tiles * decode["SPLIT_K"] >= 132  # fills an H100
+    assert 4096 // decode["BLOCK_K"] // decode["SPLIT_K"] >= 4        # each split keeps several K blocks
+    assert matmul_config(1, 4096, 4096, "float16", sms=None)["SPLIT_K"] == 1
+    assert matmul_config(16, 14336, 4096, "float16", sms=132)["SPLIT_K"] == 1  # 448 tiles already fill it
+    assert matmul_config(4096, 4096, 4096, "float16", sms=132)["SPLIT_K"] == 1
+    assert matmul_config(128, 4096, 4096, "float16", sms=132)["SPLIT_K"] == 1  # partials would cost too much
+    for m in (1, 16, 64, 128, 4096):
+        configs = matmul_candidates(m, 4096, 4096, "float16", 132)
+        assert configs[0] == matmul_config(m, 4096, 4096, "float16", 132)
+        assert len(configs) == len({tuple(sorted(c.items())) for c in configs}) >= 2
+        for cfg in configs:
+            assert list(cfg) == list(LAUNCH_KEYS) and validate_launch(dict(cfg, M=m)) is None
+    assert "power of two" in validate_launch(dict(decode, M=1, BLOCK_N=48))
+    assert "exactly the keys" in validate_launch(dict(decode))
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
 @pytest.mark.parametrize("m, n, k, fanin", [(1, 64, 100, 10), (13, 70, 64, 33), (5, 8, 16, 16), (40, 300, 48, 1)])
 @pytest.mark.parametrize("bias, activation, int8", [(False, None, False), (True, "relu", True), (True, "gelu", False)])
 def test_condensed_matmul_matches_torch(dtype, tol, m, n, k, fanin, bias, activation, int8):
@@ -150,14 +212,45 @@ def standard_builds():
     return json.loads(result.stdout)
 
 
-def test_every_kernel_builds_for_sm80_and_sm90(standard_builds):
-    """Catches what the interpreter never checks, including shared memory over an arch's limit,
-    at the decode and large-batch configurations of every dtype / weight / epilogue / format family."""
-    from sparsec.codegen.aot import standard_specs
+def test_every_kernel_builds_for_sm80_and_sm90(standard_builds, monkeypatch):
+    """Catches what the interpreter never checks: shared memory over an arch's limit and register
+    spills, at the decode, mid and large-batch configurations of every dtype / weight / epilogue /
+    format family, and every config backend="auto" may time."""
+    from sparsec.codegen import aot
 
-    assert len(standard_builds) == len(standard_specs()) * 2 * 2 + 2
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the GPU configs, as the build process saw them
+    expected = {f"{key}@sm_{cap}" for key, _, _ in aot.standard_builds() for cap in (80, 90)}
+    assert set(standard_builds) == expected
+    assert any("SPLIT_K=4" in key for key in expected) and any("SPLIT_K=1" in key for key in expected)
     failures = {k: v for k, v in standard_builds.items() if v != "ok"}
     assert not failures, failures
+
+
+def test_the_build_check_sees_register_spills():
+    """The spill check is live: a tile known to spill (16 x 64 x 256 over 4 warps, decompressed in
+    registers) is refused, naming the stack frame; the same tile over 8 warps builds."""
+    script = textwrap.dedent("""
+        import os
+        os.environ["TRITON_INTERPRET"] = "0"
+        from sparsec.codegen.aot import compile_for, matmul_signature, resource_usage
+        from sparsec.codegen.builder import emit_matmul
+        from sparsec.codegen.spec import MatmulSpec
+        spec = MatmulSpec("float16", "float16", True, "gelu", False, "float16")
+        name, source = emit_matmul(spec, [])
+        tiles = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=1, SPLIT_K=1)
+        fine = compile_for(90, name, source, matmul_signature(spec), tiles, num_warps=8, num_stages=4)
+        print("usage", resource_usage(fine.asm["cubin"]))
+        try:
+            compile_for(90, name, source, matmul_signature(spec), tiles, num_warps=4, num_stages=4)
+        except ValueError as e:
+            print("refused", e)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, TRITON_INTERPRET="0"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    if "usage None" in result.stdout:
+        pytest.skip("no cuobjdump next to this Triton: register use cannot be read")
+    assert "refused" in result.stdout and "spills registers" in result.stdout and "stack frame" in result.stdout
 
 
 def test_emitted_source_is_deterministic_and_self_describing():
@@ -350,11 +443,55 @@ def test_auto_picks_the_fastest_measured(monkeypatch):
     timings = {"dense": 20e-6, "triton": 12e-6, "cusparselt": 15e-6}
     monkeypatch.setattr("sparsec.codegen.measure.candidates", lambda *a: {k: k for k in timings})
     monkeypatch.setattr("sparsec.codegen.measure.time_cuda", lambda fn: timings[fn])
-    best, note = pick_fastest(None, None, None, None, 16, None)
-    assert best == "triton"
+    best, note, launch = pick_fastest(None, None, None, None, 16, None)
+    assert (best, launch) == ("triton", None)  # a condensed (fan-in) kernel has no launch choices
     assert note == "backend auto at M=16: triton 12.0 us, cusparselt 15.0 us, dense 20.0 us -> triton (1.67x dense)"
     timings["dense"] = 5e-6
     assert pick_fastest(None, None, None, None, None, None)[0] == "dense"
+
+
+def test_auto_keeps_the_fastest_launch_config(monkeypatch):
+    import functools
+
+    configs = [dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, SPLIT_K=s, num_warps=4, num_stages=4) for s in (4, 2, 1)]
+    seconds = {4: 9e-6, 2: 7e-6, 1: 11e-6}
+    options = {"dense": "dense", "cusparselt": "cusparselt"}
+    options.update({("triton" if i == 0 else f"triton#{i}"): functools.partial(str, config=cfg) for i, cfg in enumerate(configs)})
+    timings = {"dense": 12e-6, "cusparselt": 8e-6}
+    monkeypatch.setattr("sparsec.codegen.measure.candidates", lambda *a: options)
+    monkeypatch.setattr("sparsec.codegen.measure.time_cuda",
+                        lambda fn: seconds[fn.keywords["config"]["SPLIT_K"]] if isinstance(fn, functools.partial) else timings[fn])
+    best, note, launch = pick_fastest(None, None, None, None, 1, None)
+    assert best == "triton" and launch == dict(configs[1], M=1)
+    assert note.startswith("backend auto at M=1: triton 7.0 us (16x32x128 tiles, split-K 2, 4 warps, 4 stages, "
+                           "fastest of 3 configs), cusparselt 8.0 us, dense 12.0 us -> triton (1.71x dense)")
+    timings["cusparselt"] = 6e-6  # a faster library: no launch config is kept
+    assert pick_fastest(None, None, None, None, 1, None)[::2] == ("cusparselt", None)
+
+
+def test_a_plan_launch_config_is_used_and_checked():
+    model = nn.Sequential(nn.Linear(64, 48), nn.ReLU())
+    x = torch.randn(3, 64)
+    cm = sparsec.compile(model, example_inputs=(x,), backend="triton", include=[".*"], min_weights=0)
+    assert cm.plan["0"].launch is None  # backend="triton" alone measures nothing
+    plan = sparsec.Plan.from_json(cm.plan.to_json())
+    launch = dict(M=3, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, SPLIT_K=3, num_warps=4, num_stages=1)
+    plan["0"].launch = launch
+    tuned = sparsec.compile(model, example_inputs=(x,), plan=plan)
+    assert tuned.plan["0"].launch == launch
+    layer = next(m for m in tuned.modules() if isinstance(m, TritonSparseLinear))
+    assert layer.launch_config(3) == {k: v for k, v in launch.items() if k != "M"} and layer.launch_config(4) is None
+    entry = next(iter(tuned.kernel_manifest.values()))["layers"][0]
+    assert entry["launch_config"]["SPLIT_K"] == 3
+    with torch.no_grad():
+        assert output_error(tuned(x).double(), F.relu(x.double() @ cm.effective_weight("0").double().t()
+                                                      + model[0].bias.double())) <= 1e-5
+    plan["0"].launch = dict(launch, BLOCK_N=24)
+    with pytest.raises(ValueError, match="BLOCK_N must be a power of two"):
+        sparsec.compile(model, example_inputs=(x,), plan=plan)
+    plan["0"].launch, plan["0"].backend = launch, "torch"
+    with pytest.raises(ValueError, match="launch config applies to 2:4 layers on backend 'triton' only"):
+        sparsec.compile(model, example_inputs=(x,), plan=plan)
 
 
 # ------------------------------------------------------------------------------------------------ CLI

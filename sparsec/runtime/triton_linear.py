@@ -31,6 +31,15 @@ class TritonSparseLinear(SparseLinear):
         self.out_dtype: torch.dtype | None = None
         self.kernel_name: str | None = None
         self.kernel_source: str | None = None
+        self.launch: dict | None = None  # measured launch config and the rows "M" it was measured at
+
+    def launch_config(self, rows: int) -> dict | None:
+        """The measured config at the rows it was measured for; None elsewhere (the shape table decides)."""
+        from sparsec.codegen.configs import LAUNCH_KEYS
+
+        if self.launch is None or self.launch["M"] != rows:
+            return None
+        return {key: self.launch[key] for key in LAUNCH_KEYS}
 
     def spec(self):
         from sparsec.codegen.spec import MatmulSpec
@@ -58,8 +67,9 @@ class TritonSparseLinear(SparseLinear):
         if spec.format == "fanin":
             return condensed_matmul(x.detach(), packed.values, packed.indices, packed.scales, bias, self.out_scale,
                                     spec, self.kernel_name, self.kernel_source)
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         return sparse24_matmul(x.detach(), packed.values, packed.meta, packed.scales, bias, self.out_scale, spec,
-                               self.kernel_name, self.kernel_source)
+                               self.kernel_name, self.kernel_source, config=self.launch_config(rows))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return run_kernel(self, x)
