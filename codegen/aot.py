@@ -19,14 +19,14 @@ _PTR = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32", "int8": "*i
 
 def matmul_signature(spec: MatmulSpec) -> dict[str, str]:
     act, weight = _PTR[spec.act_dtype], _PTR[spec.weight_dtype]
-    return {"x_ptr": act, "stride_xm": "i32", "stride_xk": "i32",
+    return {"x_ptr": act, "stride_xm": "i32",
             "values_ptr": weight, "stride_vn": "i32", "meta_ptr": "*i16", "stride_mn": "i32",
             "scales_ptr": "*fp32", "bias_ptr": act, "out_scale_ptr": act,
-            "y_ptr": _PTR[spec.out_dtype], "stride_ym": "i32", "stride_yn": "i32",
+            "y_ptr": _PTR[spec.out_dtype], "stride_ym": "i32",
             "partial_ptr": "*fp32", "count_ptr": "*i32",
             "M": "i32", "N": "i32", "K": "i32",
             "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr",
-            "SPLIT_K": "constexpr"}
+            "SPLIT_K": "constexpr", "EVEN_K": "constexpr"}
 
 
 def condensed_signature(spec: MatmulSpec) -> dict[str, str]:
@@ -46,9 +46,12 @@ def prune_signature(dtype: str) -> dict[str, str]:
 
 
 def compile_for(capability: int, name: str, source: str, signature: dict[str, str], constexprs: dict[str, int],
-                num_warps: int = 4, num_stages: int = 3, cache: KernelCache | None = None):
+                num_warps: int = 4, num_stages: int = 3, cache: KernelCache | None = None, aligned: bool = True):
     """Build `name` from `source` for sm_<capability>; returns triton's CompiledKernel (asm has 'ptx', 'cubin').
-    Raises when the kernel needs more shared memory than the arch has, or spills registers."""
+    Raises when the kernel needs more shared memory than the arch has, or spills registers.
+
+    aligned: build as Triton's JIT specializes a launch on real layer shapes: every pointer 16-byte
+    aligned and every integer but M (strides, N, K) a multiple of 16; that decides load widths."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -56,7 +59,11 @@ def compile_for(capability: int, name: str, source: str, signature: dict[str, st
     fn = getattr((cache or KernelCache()).load(name, source), name)
     fn = getattr(fn, "fn", fn)  # under TRITON_INTERPRET the jit wrapper is an InterpretedFunction
     jit = triton.jit(fn) if not isinstance(fn, triton.runtime.JITFunction) else fn
-    src = ASTSource(jit, signature, constexprs=constexprs)
+    attrs = {}
+    if aligned:
+        attrs = {(jit.arg_names.index(arg),): [["tt.divisibility", 16]] for arg, kind in signature.items()
+                 if kind.startswith("*") or (kind == "i32" and arg not in ("M", "R"))}
+    src = ASTSource(jit, signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
     limit = SHARED_MEMORY_LIMIT.get(capability)
@@ -119,17 +126,20 @@ def standard_builds() -> list[tuple[str, MatmulSpec | None, dict]]:
     """(key, spec, config) of every build the check makes: each spec's default config at every
     standard shape, and every config backend="auto" may time for the specs with the heaviest
     epilogues (fp16 with bias + relu, int8 weights with bias + gelu + scale), deduplicated."""
-    from sparsec.codegen.configs import condensed_config, matmul_candidates, matmul_config
+    from sparsec.codegen.configs import condensed_config, matmul_candidates
 
     builds, seen = [], set()
     for i, spec in enumerate(standard_specs()):
         for m, n, k in STANDARD_SHAPES:
             if spec.format == "fanin":
                 configs = [condensed_config(m, 768, 307)]
-            elif i < 2:
-                configs = matmul_candidates(m, n, k, spec.act_dtype, STANDARD_SMS)
             else:
-                configs = [matmul_config(m, n, k, spec.act_dtype, STANDARD_SMS)]
+                # EVEN_K (K a multiple of the K tile, true at the standard shapes) is what real layers
+                # build with; the masked build for ragged K is checked at the decode config
+                tuned = matmul_candidates(m, n, k, spec.act_dtype, STANDARD_SMS)
+                configs = [dict(cfg, EVEN_K=True) for cfg in (tuned if i < 2 else tuned[:1])]
+                if m == 1:
+                    configs.append(dict(tuned[0], EVEN_K=False))
             for cfg in configs:
                 ident = (spec, tuple(sorted(cfg.items())))
                 if ident not in seen:

@@ -52,6 +52,8 @@ def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, s
     if str(x.dtype).removeprefix("torch.") != spec.act_dtype:
         raise InvalidInputError(f"kernel {name} was generated for {spec.act_dtype} inputs, got {x.dtype}")
     x2 = x.reshape(-1, k)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()  # the kernel reads x contiguous along K
     m = x2.shape[0]
     out_dtype = getattr(torch, spec.out_dtype)
     y = torch.empty(m, n, dtype=out_dtype, device=x.device)
@@ -70,14 +72,14 @@ def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, s
         else:
             partials = torch.empty(cfg["SPLIT_K"], m, n, dtype=torch.float32, device=x.device)
     _kernel(name, source, cache)[(tiles, cfg["SPLIT_K"])](
-        x2, x2.stride(0), x2.stride(1),
+        x2, x2.stride(0),
         values, values.stride(0), meta, meta.stride(0),
         scales if scales is not None else unused, bias if bias is not None else unused,
         out_scale if out_scale is not None else unused,
-        y, y.stride(0), y.stride(1),
+        y, y.stride(0),
         partials, counts,
         m, n, k,
-        **cfg)
+        EVEN_K=k % cfg["BLOCK_K"] == 0, **cfg)
     return y.reshape(*x.shape[:-1], n)
 
 

@@ -227,7 +227,7 @@ def test_every_kernel_builds_for_sm80_and_sm90(standard_builds, monkeypatch):
 
 
 def test_the_build_check_sees_register_spills():
-    """The spill check is live: a tile known to spill (16 x 64 x 256 over 4 warps, decompressed in
+    """The spill check is live: a tile known to spill (128 x 128 x 64 over 4 warps, decompressed in
     registers) is refused, naming the stack frame; the same tile over 8 warps builds."""
     script = textwrap.dedent("""
         import os
@@ -237,11 +237,11 @@ def test_the_build_check_sees_register_spills():
         from sparsec.codegen.spec import MatmulSpec
         spec = MatmulSpec("float16", "float16", True, "gelu", False, "float16")
         name, source = emit_matmul(spec, [])
-        tiles = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=1, SPLIT_K=1)
-        fine = compile_for(90, name, source, matmul_signature(spec), tiles, num_warps=8, num_stages=4)
+        tiles = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SPLIT_K=1, EVEN_K=True)
+        fine = compile_for(90, name, source, matmul_signature(spec), tiles, num_warps=8, num_stages=3)
         print("usage", resource_usage(fine.asm["cubin"]))
         try:
-            compile_for(90, name, source, matmul_signature(spec), tiles, num_warps=4, num_stages=4)
+            compile_for(90, name, source, matmul_signature(spec), tiles, num_warps=4, num_stages=3)
         except ValueError as e:
             print("refused", e)
     """)
