@@ -5,7 +5,8 @@ and exits 0.
 
 Grid: M in {1, 16, 128, 2048, 8192} x (N, K) in {(4096, 4096), (14336, 4096), (4096, 14336)} x
 {fp16 weights, int8 weights (fp16 activations)}. Every kernel result is checked against torch
-first. Times are medians of CUDA-event timings of the kernel replayed in a CUDA graph (launch
+first. The kernel is timed at every launch config backend="auto" considers (the table shows the
+fastest, the JSON all of them: tuning data for codegen/configs.py). Times are medians of CUDA-event timings of the kernel replayed in a CUDA graph (launch
 overhead excluded, the same for every contender) and, separately, of eager calls through the
 compiled module (what a user sees). GB/s and TFLOP/s are against ceilings measured in the same
 run (device copy bandwidth, dense fp16 GEMM at 8192^3).
@@ -49,6 +50,29 @@ def ceilings() -> dict:
     return {"copy_GBps": 2 * 4 * 256 * 1024 * 1024 / t / 1e9, "fp16_gemm_TFLOPs": 2 * 8192 ** 3 / tg / 1e12}
 
 
+def _default_config(m: int, n: int, k: int) -> dict:
+    from sparsec.codegen.configs import matmul_config
+    from sparsec.codegen.launch import sm_count
+
+    return matmul_config(m, n, k, "float16", sm_count(torch.device("cuda")))
+
+
+def sweep_configs(layer, x) -> list[dict]:
+    """Time the layer's kernel at every launch config backend="auto" may pick at this shape."""
+    from sparsec.codegen.configs import matmul_candidates
+    from sparsec.codegen.launch import sm_count, sparse24_matmul
+
+    m, k = x.shape
+    n = layer.packed.out_features
+    spec, packed = layer.spec(), layer.packed
+    results = []
+    for cfg in matmul_candidates(m, n, k, "float16", sm_count(x.device)):
+        run = lambda cfg=cfg: sparse24_matmul(x, packed.values, packed.meta, packed.scales, None, None, spec,  # noqa: E731
+                                              layer.kernel_name, layer.kernel_source, config=cfg)
+        results.append({"config": cfg, "s": median_time(run)})
+    return results
+
+
 def run_case(m: int, n: int, k: int, int8: bool, ceil: dict) -> dict:
     import sparsec
     from sparsec.runtime.triton_linear import TritonSparseLinear
@@ -70,7 +94,11 @@ def run_case(m: int, n: int, k: int, int8: bool, ceil: dict) -> dict:
     dense_w = layer.weight.detach()
     with torch.no_grad():
         row["dense_s"] = median_time(lambda: F.linear(x, dense_w))
-        row["sparsec_s"] = median_time(lambda: triton_layer(x))
+        row["default_config"] = triton_layer.launch_config(m) or _default_config(m, n, k)
+        row["default_s"] = median_time(lambda: triton_layer(x))
+        row["configs"] = sweep_configs(triton_layer, x)  # tuning data for codegen/configs.py
+        best = min(row["configs"], key=lambda c: c["s"])
+        row["sparsec_s"], row["best_config"] = best["s"], best["config"]
         row["sparsec_eager_s"] = median_time(lambda: triton_layer(x), graph=False)
         row["dense_eager_s"] = median_time(lambda: F.linear(x, dense_w), graph=False)
         try:
@@ -82,6 +110,7 @@ def run_case(m: int, n: int, k: int, int8: bool, ceil: dict) -> dict:
             row["cusparselt_note"] = f"{type(e).__name__}: {str(e)[:120]}"
         auto = sparsec.compile(model, pattern="2:4", example_inputs=(x,), backend="auto", **compile_kwargs)
         row["auto_backend"] = auto.plan["0"].backend
+        row["auto_launch"] = auto.plan["0"].launch
         row["auto_reason"] = auto.plan["0"].reason
         row["auto_eager_s"] = median_time(lambda: auto(x), graph=False)
 
@@ -113,7 +142,7 @@ def main() -> int:
           f"(torch {torch.__version__}, triton {triton.__version__})")
     rows = []
     ms, shapes = ([1, 2048], SHAPES[:1]) if args.quick else (MS, SHAPES)
-    header = (f"{'M':>5} {'N':>6} {'K':>6} {'w':>4} | {'sparsec us':>10} {'dense us':>9} {'x dense':>7} {'cslt us':>8} "
+    header = (f"{'M':>5} {'N':>6} {'K':>6} {'w':>4} | {'sparsec us':>10} {'default':>8} {'dense us':>9} {'x dense':>7} {'cslt us':>8} "
               f"{'x cslt':>6} | {'GB/s':>6} {'%bw':>4} {'TF/s':>6} {'%fl':>4} | {'auto':>10} {'auto x dense':>12} | ok")
     print(header)
     for int8 in (False, True):
@@ -123,7 +152,8 @@ def main() -> int:
                 rows.append(r)
                 cs = f"{1e6 * r['cusparselt_s']:8.1f}" if r["cusparselt_s"] else f"{'-':>8}"
                 vc = f"{r['vs_cusparselt']:6.2f}" if r["vs_cusparselt"] else f"{'-':>6}"
-                print(f"{m:5d} {n:6d} {k:6d} {r['weights']:>4} | {1e6 * r['sparsec_s']:10.1f} {1e6 * r['dense_s']:9.1f} "
+                print(f"{m:5d} {n:6d} {k:6d} {r['weights']:>4} | {1e6 * r['sparsec_s']:10.1f} {1e6 * r['default_s']:8.1f} "
+                      f"{1e6 * r['dense_s']:9.1f} "
                       f"{r['vs_dense']:7.2f} {cs} {vc} | {r['sparsec_GBps']:6.0f} {100 * r['bandwidth_of_ceiling']:3.0f}% "
                       f"{r['sparsec_TFLOPs_dense_equiv']:6.1f} {100 * r['flops_of_ceiling']:3.0f}% | "
                       f"{r['auto_backend']:>10} {r['auto_vs_dense_eager']:12.2f} | {'yes' if r['ok'] else 'NO ' + str(r['max_rel_err'])}",

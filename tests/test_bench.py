@@ -16,3 +16,28 @@ def test_gpu_benchmarks_skip_cleanly_without_cuda(script):
     result = subprocess.run([sys.executable, os.path.join(BENCH, script)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "skipped" in result.stdout
+
+
+def test_sparse24_sweep_times_every_candidate_and_checks_nothing_silently(monkeypatch):
+    """The launch-config sweep of bench_sparse24 runs end to end (kernels in the interpreter, timer
+    replaced by a call counter), so the first GPU session does not find its bugs."""
+    import torch.nn as nn
+
+    import sparsec
+    from sparsec.runtime.triton_linear import TritonSparseLinear
+
+    sys.path.insert(0, BENCH)
+    import bench_sparse24
+
+    calls = []
+    monkeypatch.setattr(bench_sparse24, "median_time", lambda fn, **kw: calls.append(fn()) or 1e-6 * len(calls))
+    model = nn.Sequential(nn.Linear(64, 32, bias=False))
+    x = torch.randn(2, 64)
+    cm = sparsec.compile(model, example_inputs=(x,), backend="triton", include=[".*"], min_weights=0)
+    layer = next(m for m in cm.modules() if isinstance(m, TritonSparseLinear))
+    results = bench_sparse24.sweep_configs(layer, x)
+    assert len(results) == len(calls) >= 1
+    assert [r["s"] for r in results] == [1e-6 * (i + 1) for i in range(len(results))]
+    expected = x @ cm.effective_weight("0").t()
+    for out in calls:
+        assert torch.allclose(out, expected, atol=1e-4)
