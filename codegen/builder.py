@@ -52,7 +52,15 @@ def _dot_precision_kwarg() -> str:
     return ", allow_tf32=False"  # triton < 3.0
 
 
-_TL_DTYPE = {"float16": "tl.float16", "bfloat16": "tl.bfloat16", "float32": "tl.float32"}
+_TL_DTYPE = {"float16": "tl.float16", "bfloat16": "tl.bfloat16", "float32": "tl.float32", "int8": "tl.int8"}
+_BITS = {"int8": 8, "float16": 16, "bfloat16": 16, "float32": 32}
+
+
+def _pair_types(weight_dtype: str) -> dict[str, str]:
+    """Integer types for reading a 2:4 group's two kept values as one word and splitting it again."""
+    bits = _BITS[weight_dtype]
+    return {"pair_int": f"tl.int{2 * bits}", "elem_int": f"tl.int{bits}", "value_type": _TL_DTYPE[weight_dtype],
+            "bits": str(bits), "low_mask": hex((1 << bits) - 1)}
 
 
 def _dot(spec: MatmulSpec) -> str:
@@ -124,7 +132,8 @@ def emit_matmul(spec: MatmulSpec, layers: list[LayerUse]) -> tuple[str, str]:
     condensed constant fan-in (gather + reduce)."""
     name = kernel_name(spec)
     if spec.format == "2:4":
-        body = _template("sparse24_matmul.py.tmpl").substitute(name=name, dot=_dot(spec), epilogue=_epilogue(spec))
+        body = _template("sparse24_matmul.py.tmpl").substitute(name=name, dot=_dot(spec), epilogue=_epilogue(spec),
+                                                                **_pair_types(spec.weight_dtype))
         title = "sparsec 2:4 sparse matmul with fused epilogue, pattern 2:4"
     else:
         body = _template("condensed_matmul.py.tmpl").substitute(name=name, epilogue=_epilogue(spec))
