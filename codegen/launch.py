@@ -139,12 +139,15 @@ _COUNTERS: dict[tuple, torch.Tensor] = {}
 
 def split_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
     """The counters for launches on the current stream of `device`; None when a launch has more
-    output tiles than there are counters (the caller then does not split)."""
+    output tiles than there are counters, or when a CUDA graph is being captured on a stream that
+    has none yet (the caller then does not split)."""
     if tiles > SPLIT_COUNTERS:
         return None
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (str(device), stream)
     if key not in _COUNTERS:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None  # memory allocated while capturing belongs to the graph's pool: do not keep it
         _COUNTERS[key] = torch.zeros(SPLIT_COUNTERS, dtype=torch.int32, device=device)
     return _COUNTERS[key]
 
