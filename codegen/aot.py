@@ -111,6 +111,7 @@ def standard_specs() -> list[MatmulSpec]:
     return [MatmulSpec("float16", "float16", True, "relu", False, "float16"),
             MatmulSpec("float16", "int8", True, "gelu", True, "float32"),
             MatmulSpec("bfloat16", "bfloat16", False, "silu", False, "bfloat16"),
+            MatmulSpec("bfloat16", "int8", True, None, False, "bfloat16"),
             MatmulSpec("float32", "float32", True, "gelu_tanh", False, "float32"),
             MatmulSpec("float32", "int8", False, None, False, "float16"),
             MatmulSpec("float16", "float16", True, "relu", False, "float16", format="fanin"),

@@ -56,11 +56,35 @@ _TL_DTYPE = {"float16": "tl.float16", "bfloat16": "tl.bfloat16", "float32": "tl.
 _BITS = {"int8": 8, "float16": 16, "bfloat16": 16, "float32": 32}
 
 
-def _pair_types(weight_dtype: str) -> dict[str, str]:
-    """Integer types for reading a 2:4 group's two kept values as one word and splitting it again."""
-    bits = _BITS[weight_dtype]
-    return {"pair_int": f"tl.int{2 * bits}", "elem_int": f"tl.int{bits}", "value_type": _TL_DTYPE[weight_dtype],
-            "bits": str(bits), "low_mask": hex((1 << bits) - 1)}
+def _expand(spec: MatmulSpec) -> str:
+    """Lines expanding each group's word `pairs` ([BLOCK_N, BLOCK_K/4]: its two kept values, `first`
+    in the low half) and `nibbles` into the values at its four positions, p0..p3. The forms were
+    chosen by sm_90 SASS instructions per weight (bench/kernel_stats.py)."""
+    buf = IndentedBuffer(indent=2)
+    bits, value = _BITS[spec.weight_dtype], _TL_DTYPE[spec.weight_dtype]
+    mask = hex((1 << bits) - 1)
+    if bits <= 16:
+        # a whole group fits one integer (int32 for int8, int64 for 16-bit values): shift each kept
+        # value to its position, then take the positions apart
+        buf.line(f"wide = pairs.to(tl.int{4 * bits})")
+        buf.line(f"group = (((wide & {mask}) << ((nibbles & 3) * {bits}).to(tl.int{4 * bits}))")
+        buf.line(f"         | (((wide >> {bits}) & {mask}) << ((nibbles >> 2) * {bits}).to(tl.int{4 * bits})))")
+        words = ["group"] + [f"(group >> {bits * i})" for i in range(1, 4)]
+    else:
+        # 32-bit values: two positions per 64-bit word, w01 (positions 0, 1) and w23 (2, 3), each one
+        # select chain; i0 < i1 leaves at most three cases per word
+        buf.line("i0 = nibbles & 3")
+        buf.line("i1 = nibbles >> 2")
+        buf.line(f"low = pairs & {mask}  # `first` alone, in the low half")
+        buf.line(f"w01 = tl.where(i1 == 1, pairs, tl.where(i0 == 0, low, tl.where(i0 == 1, pairs << {bits}, 0)))")
+        buf.line(f"w23 = tl.where(i0 == 2, pairs, tl.where(i1 == 2, (pairs >> {bits}) & {mask}, "
+                 f"tl.where(i1 == 3, pairs - low, 0)))")
+        words = ["w01", f"(w01 >> {bits})", "w23", f"(w23 >> {bits})"]
+    # (int8 -> float stays one conversion per value: bit tricks avoiding the quarter-rate unit cost
+    # as many full-rate instructions)
+    for i, word in enumerate(words):
+        buf.line(f"p{i} = {word}.to(tl.int{bits}).to({value}, bitcast=True)")
+    return buf.getvalue()
 
 
 def _dot(spec: MatmulSpec) -> str:
@@ -133,7 +157,8 @@ def emit_matmul(spec: MatmulSpec, layers: list[LayerUse]) -> tuple[str, str]:
     name = kernel_name(spec)
     if spec.format == "2:4":
         body = _template("sparse24_matmul.py.tmpl").substitute(name=name, dot=_dot(spec), epilogue=_epilogue(spec),
-                                                                **_pair_types(spec.weight_dtype))
+                                                                expand=_expand(spec),
+                                                                pair_int=f"tl.int{2 * _BITS[spec.weight_dtype]}")
         title = "sparsec 2:4 sparse matmul with fused epilogue, pattern 2:4"
     else:
         body = _template("condensed_matmul.py.tmpl").substitute(name=name, epilogue=_epilogue(spec))
