@@ -287,3 +287,25 @@ def test_training_mode_model_keeps_batchnorm_statistics():
     cm = sparsec.compile(model, example_inputs=inputs)
     after = {k: v for k, v in cm.graph_module.state_dict().items() if "running" in k}
     assert after and all(torch.equal(v, before[k]) for k, v in after.items())
+
+
+def test_hooks_on_the_graph_module_still_run():
+    """CompiledModel calls its graph's forward directly (saving per-call Python) only when no hook
+    would be skipped: the graph module's own hooks and global module hooks still run."""
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU())
+    x = torch.randn(3, 16)
+    cm = sparsec.compile(model, example_inputs=(x,), include=[".*"], min_weights=0)
+    expected = cm(x)
+    seen = []
+    handle = cm.graph_module.register_forward_hook(lambda mod, args, out: seen.append("own"))
+    assert torch.equal(cm(x), expected) and seen == ["own"]
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda mod, args, out: seen.append("global") if mod is cm.graph_module else None)
+    try:
+        cm(x)
+    finally:
+        handle.remove()
+    assert seen == ["own", "global"]
+    cm(x)
+    assert seen == ["own", "global"]
