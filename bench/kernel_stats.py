@@ -96,6 +96,26 @@ def main() -> int:
                       f"{'sm_' + str(cap):>5} {usage.get('REG', '?'):>4} {usage.get('STACK', '?'):>5} "
                       f"{compiled.metadata.shared / 1024:7.1f} {per_weight or float('nan'):12.2f} "
                       f"{(expand_s or float('nan')) * 1e6 if cap == 90 else float('nan'):9.2f}", flush=True)
+    # condensed constant fan-in (values + int32 indices, gather + reduce): per kept weight and row of x
+    from sparsec.codegen.aot import condensed_signature
+    from sparsec.codegen.configs import condensed_config
+
+    spec = MatmulSpec("float16", "float16", True, "relu", False, "float16", format="fanin")
+    name, source = emit_matmul(spec, [])
+    for m, n, fanin in ((1, 768, 307), (8, 768, 307)):
+        cfg = condensed_config(m, n, fanin)
+        constexprs = {key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_J")}
+        compiled = compile_for(90, name, source, condensed_signature(spec), constexprs, cfg["num_warps"], 3)
+        usage = resource_usage(compiled.asm["cubin"]) or {}
+        loop = loop_instructions(compiled.asm["cubin"])
+        per_weight_row = loop * 32 * cfg["num_warps"] / (cfg["BLOCK_N"] * cfg["BLOCK_J"] * cfg["BLOCK_M"]) if loop else None
+        rows.append({"kernel": spec.short_name(), "M": m, "N": n, "fanin": fanin, "config": cfg, "arch": "sm_90",
+                     "registers": usage.get("REG"), "stack_bytes": usage.get("STACK"),
+                     "shared_bytes": compiled.metadata.shared, "loop_instructions": loop,
+                     "instructions_per_kept_weight_and_row": per_weight_row})
+        print(f"{spec.short_name():<28} {m:5d} {'fan-in ' + str(fanin):>14} {'':>5} {cfg['num_warps']:5d} | {'sm_90':>5} "
+              f"{usage.get('REG', '?'):>4} {usage.get('STACK', '?'):>5} {compiled.metadata.shared / 1024:7.1f} "
+              f"{per_weight_row or float('nan'):12.2f}   (per kept weight and row)")
     write_results("kernel-stats", "static-sm80-sm90",
                   {"benchmark": "static kernel cost (no GPU): registers, spills, shared memory, SASS per weight",
                    "triton": triton.__version__, "rows": rows})

@@ -31,10 +31,10 @@ def matmul_signature(spec: MatmulSpec) -> dict[str, str]:
 
 def condensed_signature(spec: MatmulSpec) -> dict[str, str]:
     act, weight = _PTR[spec.act_dtype], _PTR[spec.weight_dtype]
-    return {"x_ptr": act, "stride_xm": "i32", "stride_xk": "i32",
+    return {"x_ptr": act, "stride_xm": "i32",
             "values_ptr": weight, "stride_vn": "i32", "indices_ptr": "*i32", "stride_in": "i32",
             "scales_ptr": "*fp32", "bias_ptr": act, "out_scale_ptr": act,
-            "y_ptr": _PTR[spec.out_dtype], "stride_ym": "i32", "stride_yn": "i32",
+            "y_ptr": _PTR[spec.out_dtype], "stride_ym": "i32",
             "M": "i32", "N": "i32", "FANIN": "i32",
             "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_J": "constexpr"}
 

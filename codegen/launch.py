@@ -51,9 +51,7 @@ def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, s
                                 f"meta {tuple(meta.shape)} (want [{n}, {math.ceil(k / 16)}])")
     if str(x.dtype).removeprefix("torch.") != spec.act_dtype:
         raise InvalidInputError(f"kernel {name} was generated for {spec.act_dtype} inputs, got {x.dtype}")
-    x2 = x.reshape(-1, k)
-    if x2.stride(1) != 1:
-        x2 = x2.contiguous()  # the kernel reads x contiguous along K
+    x2 = _rows(x)
     m = x2.shape[0]
     out_dtype = getattr(torch, spec.out_dtype)
     y = torch.empty(m, n, dtype=out_dtype, device=x.device)
@@ -94,7 +92,7 @@ def condensed_matmul(x: torch.Tensor, values: torch.Tensor, indices: torch.Tenso
                                 f"{tuple(indices.shape)} {indices.dtype} (want int32 of the same shape)")
     if str(x.dtype).removeprefix("torch.") != spec.act_dtype:
         raise InvalidInputError(f"kernel {name} was generated for {spec.act_dtype} inputs, got {x.dtype}")
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = _rows(x)
     m = x2.shape[0]
     y = torch.empty(m, n, dtype=getattr(torch, spec.out_dtype), device=x.device)
     if m == 0:
@@ -107,10 +105,16 @@ def condensed_matmul(x: torch.Tensor, values: torch.Tensor, indices: torch.Tenso
     grid = (triton_cdiv(m, cfg["BLOCK_M"]), triton_cdiv(n, cfg["BLOCK_N"]))
     unused = values
     _kernel(name, source, cache)[grid](
-        x2, x2.stride(0), x2.stride(1), values, values.stride(0), indices, indices.stride(0),
+        x2, x2.stride(0), values, values.stride(0), indices, indices.stride(0),
         scales if scales is not None else unused, bias if bias is not None else unused,
-        out_scale if out_scale is not None else unused, y, y.stride(0), y.stride(1), m, n, k, **cfg)
+        out_scale if out_scale is not None else unused, y, y.stride(0), m, n, k, **cfg)
     return y.reshape(*x.shape[:-1], n)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [rows, K], contiguous along K as the kernels read it."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(1) == 1 else x2.contiguous()
 
 
 _CONFIGS: dict[tuple, dict] = {}
