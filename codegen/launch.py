@@ -60,6 +60,8 @@ def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, s
     cfg = dict(config or _config(m, n, k, spec.act_dtype, x.device))
     cfg.setdefault("SPLIT_K", 1)
     values, meta = values.contiguous(), meta.contiguous()
+    if values.data_ptr() % (2 * values.element_size()):
+        values = values.clone()  # the kernel reads each group's two values as one aligned word
     tiles = triton_cdiv(m, cfg["BLOCK_M"]) * triton_cdiv(n, cfg["BLOCK_N"])
     unused = values  # pointer arguments the generated kernel never reads
     partials, counts = unused, unused

@@ -517,3 +517,33 @@ def test_dump_kernels_writes_importable_files_and_manifest(tmp_path, monkeypatch
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
 
+
+
+def test_values_at_an_odd_offset_are_realigned(monkeypatch):
+    """The kernel reads a group's two kept values as one word: a values view starting mid-word
+    (odd element offset, a misaligned-address fault on a GPU) reaches the kernel copied to an
+    aligned start, and the result is right."""
+    from sparsec.codegen import launch
+
+    launched = []
+    real_kernel = launch._kernel
+
+    class Spy:  # records the values pointer each launch receives, then launches for real
+        def __init__(self, *a):
+            self.kernel = real_kernel(*a)
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: (launched.append(args[2].data_ptr()), self.kernel[grid](*args, **kw))
+
+    monkeypatch.setattr(launch, "_kernel", Spy)
+    x, values, meta, _, pruned = _operands(3, 16, 32, torch.float16, False, seed=5)
+    spec = MatmulSpec("float16", "float16", False, None, False, "float16")
+    name, source = emit_matmul(spec, [])
+    storage = torch.zeros(values.numel() + 1, dtype=torch.float16)
+    storage[1:] = values.half().flatten()
+    shifted = storage[1:].view(values.shape)  # contiguous, one element past an aligned start
+    assert shifted.data_ptr() % 4
+    y = sparse24_matmul(x.half().to(DEVICE), shifted.to(DEVICE) if DEVICE != "cpu" else shifted, meta.to(DEVICE),
+                        None, None, None, spec, name, source)
+    assert output_error(y.cpu().double(), x.half().double() @ pruned.half().double().t()) <= 2e-3
+    assert len(launched) == 1 and launched[0] % 4 == 0
