@@ -37,9 +37,10 @@ class TritonSparseLinear(SparseLinear):
         """The measured config at the rows it was measured for; None elsewhere (the shape table decides)."""
         from sparsec.codegen.configs import LAUNCH_KEYS
 
-        if self.launch is None or self.launch["M"] != rows:
+        launch = getattr(self, "launch", None)  # absent in layers saved before launch configs existed
+        if launch is None or launch["M"] != rows:
             return None
-        return {key: self.launch[key] for key in LAUNCH_KEYS}
+        return {key: launch[key] for key in LAUNCH_KEYS}
 
     def spec(self):
         from sparsec.codegen.spec import MatmulSpec
