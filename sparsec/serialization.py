@@ -47,4 +47,26 @@ def load(path: str | os.PathLike, map_location=None):
         raise CorruptFileError(f"{os.fspath(path)} does not hold a CompiledModel")
     if Plan.from_json(blob["plan"]).to_json() != model.plan.to_json():
         raise CorruptFileError(f"{os.fspath(path)}: the stored plan and the model's plan disagree")
+    _regenerate_kernels(model)
     return model
+
+
+def _regenerate_kernels(model) -> None:
+    """Re-emit every generated kernel from its spec: a file saved by another sparsec version holds
+    kernel sources whose arguments this version's launchers may no longer pass. Same spec, same
+    name; the source is this version's (and identical when the templates did not change)."""
+    from sparsec.codegen.builder import LayerUse, emit_matmul
+    from sparsec.runtime.triton_linear import TritonSparseLinear
+
+    kernels, manifest = {}, {}
+    for module in model.graph_module.modules():
+        if isinstance(module, TritonSparseLinear) and module.kernel_name is not None:
+            entry = model.kernel_manifest.get(module.kernel_name, {})
+            uses = [LayerUse(u["name"], u["M"], u["N"], u["K"]) for u in entry.get("layers", [])]
+            name, source = emit_matmul(module.spec(), uses)
+            module.kernel_name, module.kernel_source = name, source
+            kernels[name] = source
+            if entry:
+                manifest[name] = dict(entry, file=f"{name}.py")
+    if kernels:
+        model.kernels, model.kernel_manifest = kernels, manifest

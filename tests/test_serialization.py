@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn as nn
 
 import sparsec
 from oracle import load_example
@@ -47,3 +48,28 @@ def test_save_load_export_traced_model(tmp_path):
     assert cm.trace_method == "torch.export"
     sparsec.save(cm, tmp_path / "m")
     assert torch.equal(sparsec.load(tmp_path / "m")(x), cm(x))
+
+
+def test_load_regenerates_kernels_saved_by_another_version(tmp_path):
+    """A file whose Triton kernels came from another sparsec (here: an old source with a different
+    argument list) loads with this version's kernels, which its launchers can call."""
+    import os
+
+    from sparsec.runtime.triton_linear import TritonSparseLinear
+
+    model = nn.Sequential(nn.Linear(32, 16), nn.ReLU())
+    x = torch.randn(2, 32)
+    cm = sparsec.compile(model, example_inputs=(x,), backend="triton", include=[".*"], min_weights=0)
+    expected = cm(x)
+    layer = next(m for m in cm.modules() if isinstance(m, TritonSparseLinear))
+    current = layer.kernel_source
+    stale = current.replace("x_ptr, stride_xm,", "x_ptr, stride_xm, stride_xk,")
+    assert stale != current
+    layer.kernel_source = cm.kernels[layer.kernel_name] = stale
+    path = os.path.join(tmp_path, "old.sparsec")
+    sparsec.save(cm, path)
+    loaded = sparsec.load(path)
+    again = next(m for m in loaded.modules() if isinstance(m, TritonSparseLinear))
+    assert again.kernel_source == current and loaded.kernels == {again.kernel_name: current}
+    assert set(loaded.kernel_manifest) == {again.kernel_name}
+    assert torch.allclose(loaded(x), expected)
