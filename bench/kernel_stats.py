@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
-import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -30,15 +28,11 @@ SM90_THREAD_INSTR_PER_S = 132 * 128 * 1.75e9
 
 def loop_instructions(cubin: bytes) -> int | None:
     """Instructions inside the longest backward-branch loop of the kernel's SASS (the K loop)."""
-    import triton.backends.nvidia as nvidia
+    from sparsec.codegen.aot import cuobjdump
 
-    tool = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
-    if not os.path.exists(tool):
+    sass = cuobjdump(cubin, "-sass")
+    if sass is None:
         return None
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
     addresses = []
     loops = []
     for line in sass.splitlines():

@@ -77,9 +77,9 @@ def compile_for(capability: int, name: str, source: str, signature: dict[str, st
     return compiled
 
 
-def resource_usage(cubin: bytes) -> dict[str, int] | None:
-    """Registers, stack frame (register spills) and static shared memory of a cubin's kernel, read with
-    the cuobjdump that ships with Triton's NVIDIA backend; None where there is none."""
+def cuobjdump(cubin: bytes, *flags: str) -> str | None:
+    """cuobjdump's output for a cubin, with the cuobjdump that ships with Triton's NVIDIA backend (or
+    one on PATH); None where there is none."""
     import shutil
     import subprocess
     import tempfile
@@ -93,7 +93,15 @@ def resource_usage(cubin: bytes) -> dict[str, int] | None:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        return subprocess.run([tool, *flags, f.name], capture_output=True, text=True).stdout
+
+
+def resource_usage(cubin: bytes) -> dict[str, int] | None:
+    """Registers, stack frame (register spills) and static shared memory of a cubin's kernel, read with
+    the cuobjdump that ships with Triton's NVIDIA backend; None where there is none."""
+    text = cuobjdump(cubin, "--dump-resource-usage")
+    if text is None:
+        return None
     usage = {}
     for line in text.splitlines():
         if "REG:" in line:

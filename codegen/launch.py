@@ -49,12 +49,8 @@ def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, s
     if values.shape != (n, k // 2) or k % 4 or meta.shape != (n, math.ceil(k / 16)):
         raise InvalidInputError(f"2:4 operands do not fit x[..., {k}]: values {tuple(values.shape)} (want [{n}, {k // 2}]), "
                                 f"meta {tuple(meta.shape)} (want [{n}, {math.ceil(k / 16)}])")
-    if str(x.dtype).removeprefix("torch.") != spec.act_dtype:
-        raise InvalidInputError(f"kernel {name} was generated for {spec.act_dtype} inputs, got {x.dtype}")
-    x2 = _rows(x)
+    x2, y = _rows_and_output(x, n, spec, name)
     m = x2.shape[0]
-    out_dtype = getattr(torch, spec.out_dtype)
-    y = torch.empty(m, n, dtype=out_dtype, device=x.device)
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
     cfg = dict(config or _config(m, n, k, spec.act_dtype, x.device))
@@ -74,8 +70,7 @@ def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, s
     _kernel(name, source, cache)[(tiles, cfg["SPLIT_K"])](
         x2, x2.stride(0),
         values, values.stride(0), meta, meta.stride(0),
-        scales if scales is not None else unused, bias if bias is not None else unused,
-        out_scale if out_scale is not None else unused,
+        *_epilogue_operands(scales, bias, out_scale, unused),
         y, y.stride(0),
         partials, counts,
         m, n, k,
@@ -92,11 +87,8 @@ def condensed_matmul(x: torch.Tensor, values: torch.Tensor, indices: torch.Tenso
     if indices.shape != (n, k) or indices.dtype != torch.int32:
         raise InvalidInputError(f"condensed operands disagree: values {tuple(values.shape)}, indices "
                                 f"{tuple(indices.shape)} {indices.dtype} (want int32 of the same shape)")
-    if str(x.dtype).removeprefix("torch.") != spec.act_dtype:
-        raise InvalidInputError(f"kernel {name} was generated for {spec.act_dtype} inputs, got {x.dtype}")
-    x2 = _rows(x)
+    x2, y = _rows_and_output(x, n, spec, name)
     m = x2.shape[0]
-    y = torch.empty(m, n, dtype=getattr(torch, spec.out_dtype), device=x.device)
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
     key = ("fanin", m, n, k, interpreting())
@@ -108,15 +100,23 @@ def condensed_matmul(x: torch.Tensor, values: torch.Tensor, indices: torch.Tenso
     unused = values
     _kernel(name, source, cache)[grid](
         x2, x2.stride(0), values, values.stride(0), indices, indices.stride(0),
-        scales if scales is not None else unused, bias if bias is not None else unused,
-        out_scale if out_scale is not None else unused, y, y.stride(0), m, n, k, **cfg)
+        *_epilogue_operands(scales, bias, out_scale, unused), y, y.stride(0), m, n, k, **cfg)
     return y.reshape(*x.shape[:-1], n)
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """x as [rows, K], contiguous along K as the kernels read it."""
+def _rows_and_output(x: torch.Tensor, n: int, spec: MatmulSpec, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """x as [rows, K], contiguous along K as the kernels read it, and the empty output [rows, N];
+    x must have the dtype the kernel was generated for."""
+    if str(x.dtype).removeprefix("torch.") != spec.act_dtype:
+        raise InvalidInputError(f"kernel {name} was generated for {spec.act_dtype} inputs, got {x.dtype}")
     x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(1) == 1 else x2.contiguous()
+    x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
+    return x2, torch.empty(x2.shape[0], n, dtype=getattr(torch, spec.out_dtype), device=x.device)
+
+
+def _epilogue_operands(scales, bias, out_scale, unused: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The epilogue's pointer arguments; absent ones get a placeholder the generated code never reads."""
+    return tuple(t if t is not None else unused for t in (scales, bias, out_scale))
 
 
 _CONFIGS: dict[tuple, dict] = {}

@@ -54,8 +54,8 @@ def _launch_config(module: TritonSparseLinear, use) -> dict:
     from sparsec.codegen.configs import condensed_config, matmul_config
     from sparsec.codegen.launch import sm_count
 
-    rows = use.m or 1
-    if module.spec().format == "fanin":
+    rows, spec = use.m or 1, module.spec()
+    if spec.format == "fanin":
         return condensed_config(rows, use.n, module.packed.values.shape[1])
-    return module.launch_config(rows) or matmul_config(rows, use.n, use.k, module.spec().act_dtype,
+    return module.launch_config(rows) or matmul_config(rows, use.n, use.k, spec.act_dtype,
                                                        sm_count(module.packed.values.device))
