@@ -58,8 +58,13 @@ def _default_config(m: int, n: int, k: int) -> dict:
     return matmul_config(m, n, k, "float16", sm_count(torch.device("cuda")))
 
 
-def sweep_configs(layer, x) -> list[dict]:
-    """Time the layer's kernel at every launch config backend="auto" may pick at this shape."""
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got.double() - expected).abs().max() / expected.abs().max())
+
+
+def sweep_configs(layer, x, expected) -> list[dict]:
+    """Check, then time, the layer's kernel at every launch config backend="auto" may pick at this
+    shape; a config whose result is wrong is recorded with its error and not timed."""
     from sparsec.codegen.configs import matmul_candidates
     from sparsec.codegen.launch import sm_count, sparse24_matmul
 
@@ -67,10 +72,12 @@ def sweep_configs(layer, x) -> list[dict]:
     n = layer.packed.out_features
     spec, packed = layer.spec(), layer.packed
     results = []
-    for cfg in matmul_candidates(m, n, k, "float16", sm_count(x.device)):
+    for cfg in matmul_candidates(m, n, k, "float16", sm_count(x.device), spec.weight_dtype):
         run = lambda cfg=cfg: sparse24_matmul(x, packed.values, packed.meta, packed.scales, None, None, spec,  # noqa: E731
                                               layer.kernel_name, layer.kernel_source, config=cfg)
-        results.append({"config": cfg, "s": median_time(run)})
+        err = relative_error(run(), expected)
+        results.append({"config": cfg, "max_rel_err": err, "ok": err < 1e-2,
+                        "s": median_time(run) if err < 1e-2 else None})
     return results
 
 
@@ -89,7 +96,7 @@ def run_case(m: int, n: int, k: int, int8: bool, ceil: dict) -> dict:
     with torch.no_grad():
         got = cm(x)
         expected = (x.double() @ w_eff.double().t())
-        err = float((got.double() - expected).abs().max() / expected.abs().max())
+        err = relative_error(got, expected)
     row = {"M": m, "N": n, "K": k, "weights": "int8" if int8 else "fp16", "max_rel_err": err, "ok": err < 1e-2}
 
     dense_w = layer.weight.detach()
@@ -97,8 +104,13 @@ def run_case(m: int, n: int, k: int, int8: bool, ceil: dict) -> dict:
         row["dense_s"] = median_time(lambda: F.linear(x, dense_w))
         row["default_config"] = triton_layer.launch_config(m) or _default_config(m, n, k)
         row["default_s"] = median_time(lambda: triton_layer(x))
-        row["configs"] = sweep_configs(triton_layer, x)  # tuning data for codegen/configs.py
-        best = min(row["configs"], key=lambda c: c["s"])
+        row["configs"] = sweep_configs(triton_layer, x, expected)  # tuning data for codegen/configs.py
+        row["ok"] = row["ok"] and all(c["ok"] for c in row["configs"])
+        checked = [c for c in row["configs"] if c["ok"]] or [{"config": row["default_config"], "s": row["default_s"]}]
+        best = min(checked, key=lambda c: c["s"])
+        if int8:  # the two int8 -> fp16 conversions, each at its fastest config
+            row["best_s_by_int8_prmt"] = {prmt: min((c["s"] for c in checked if c["config"].get("INT8_PRMT") == prmt),
+                                                    default=None) for prmt in (0, 1)}
         row["sparsec_s"], row["best_config"] = best["s"], best["config"]
         row["sparsec_eager_s"] = median_time(lambda: triton_layer(x), graph=False)
         row["dense_eager_s"] = median_time(lambda: model(x), graph=False)  # the module auto replaces

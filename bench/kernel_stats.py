@@ -3,15 +3,19 @@ memory, and the machine instructions the main K loop issues per weight, read fro
 cubins Triton builds on this machine (cuobjdump from Triton's NVIDIA backend).
 
 Why instructions per weight: at decode sizes (M <= 16) the kernel must expand 2:4 tiles in registers
-as fast as HBM delivers them. An H100 issues about 132 SMs x 128 lanes x 1.75 GHz = 30 T thread
-instructions/s and streams about 3 TB/s, i.e. roughly 11 instructions per weight (1.125 bytes of
-2:4 fp16) before the expansion, not the memory, sets the time. This is a model, not a timing:
-bench_sparse24.py on a GPU measures.
+as fast as HBM delivers them (about 3 TB/s on an H100: 6.3 us for a 4096 x 4096 fp16 2:4 weight,
+3.5 us with int8 values). The model counts the K loop's SASS per weight by the unit that runs it
+(per SM and clock on sm_80 / sm_90, CUDA programming guide throughput table): any instruction
+issues at 128 threads/clk; integer ALU work (LOP3, SHF, PRMT, ISETP, SEL, IADD3, LEA, ...) and IMAD
+at 64; fp16x2 / fp32 arithmetic at 128; conversions (I2F, F2F, ...) at 16. The slowest unit sets the
+expansion time, assuming perfect overlap with memory: a lower bound, not a timing. bench_sparse24.py
+on a GPU measures.
 
     python bench/kernel_stats.py      # writes bench/results/kernel-stats-<date>.json
 """
 from __future__ import annotations
 
+import collections
 import os
 import re
 import sys
@@ -21,33 +25,53 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 os.environ["TRITON_INTERPRET"] = "0"
 
-SPECS = [("float16", "float16"), ("float16", "int8"), ("bfloat16", "bfloat16")]
+SPECS = [("float16", "float16", 0), ("float16", "int8", 0), ("float16", "int8", 1), ("bfloat16", "bfloat16", 0)]
 SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (128, 4096, 4096), (4096, 4096, 4096)]
-SM90_THREAD_INSTR_PER_S = 132 * 128 * 1.75e9
+H100_SMS, H100_CLOCK_HZ = 132, 1.755e9
+# threads per SM and clock of each unit (sm_80 / sm_90); an opcode not listed only costs issue
+UNIT_RATE = {"issue": 128, "alu": 64, "imad": 64, "fp": 128, "convert": 16}
+UNIT_OF = {**{op: "alu" for op in ("LOP3", "SHF", "PRMT", "ISETP", "SEL", "IADD3", "LEA", "VIADD", "MOV", "IMNMX",
+                                   "VIMNMX", "PLOP3", "FSEL", "SGXT", "BMSK", "LOP")},
+           "IMAD": "imad", **{op: "fp" for op in ("FFMA", "FADD", "FMUL", "HADD2", "HFMA2", "HMUL2")},
+           **{op: "convert" for op in ("I2F", "F2F", "F2I", "I2FP", "F2FP", "I2I")}}
 
 
-def loop_instructions(cubin: bytes) -> int | None:
-    """Instructions inside the longest backward-branch loop of the kernel's SASS (the K loop)."""
+def unit_loads(opcodes: dict[str, int], threads: int, weights: int) -> dict[str, float]:
+    """Per unit: SM clocks per weight spent on it, for a loop of `opcodes` run by `threads` threads per
+    iteration over `weights` weights. Uniform-datapath (U*) instructions run once per warp: issue only."""
+    per_weight = {unit: 0.0 for unit in UNIT_RATE}
+    for op, count in opcodes.items():
+        per_weight["issue"] += count * threads / weights
+        unit = UNIT_OF.get(op)
+        if unit and not op.startswith("U"):
+            per_weight[unit] += count * threads / weights
+    return {unit: per_weight[unit] / UNIT_RATE[unit] for unit in UNIT_RATE}
+
+
+def loop_opcodes(cubin: bytes) -> dict[str, int] | None:
+    """Opcode counts (without modifiers or predicates) inside the longest backward-branch loop of the
+    kernel's SASS (the K loop)."""
     from sparsec.codegen.aot import cuobjdump
 
     sass = cuobjdump(cubin, "-sass")
     if sass is None:
         return None
-    addresses = []
+    instructions = []
     loops = []
     for line in sass.splitlines():
         found = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
         if not found:
             continue
         address = int(found.group(1), 16)
-        addresses.append(address)
+        instructions.append((address, found.group(2)))
         target = re.search(r"BRA\s.*?0x([0-9a-f]+)", found.group(2))
         if target and int(target.group(1), 16) < address:
             loops.append((int(target.group(1), 16), address))
     if not loops:
         return None
     start, end = max(loops, key=lambda span: span[1] - span[0])
-    return sum(1 for a in addresses if start <= a <= end)
+    return dict(collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
+                                    for a, text in instructions if start <= a <= end))
 
 
 def main() -> int:
@@ -60,36 +84,43 @@ def main() -> int:
     from results_io import write_results
 
     rows = []
-    print(f"{'kernel':<28} {'M':>5} {'tiles':>14} {'split':>5} {'warps':>5} | {'arch':>5} {'regs':>4} {'stack':>5} "
-          f"{'smem KB':>7} {'instr/weight':>12} {'expand us':>9}")
-    for act, weight in SPECS:
+    print(f"{'kernel':<30} {'M':>5} {'tiles':>14} {'split':>5} {'warps':>5} | {'arch':>5} {'regs':>4} {'stack':>5} "
+          f"{'smem KB':>7} {'instr/w':>7} {'alu/w':>5} {'cvt/w':>5} {'bound':>7} {'expand us':>9}")
+    for act, weight, prmt in SPECS:
         spec = MatmulSpec(act, weight, True, "gelu", False, act)
         name, source = emit_matmul(spec, [])
+        label = spec.short_name() + ("+prmt" if prmt else "")
         for m, n, k in SHAPES:
-            cfg = matmul_config(m, n, k, act, sms=132)
-            constexprs = {key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K")}
+            cfg = dict(matmul_config(m, n, k, act, sms=H100_SMS), INT8_PRMT=prmt)
+            constexprs = {key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "INT8_PRMT")}
             constexprs["EVEN_K"] = k % cfg["BLOCK_K"] == 0
             for cap in (90, 80):
                 compiled = compile_for(cap, name, source, matmul_signature(spec), constexprs, cfg["num_warps"],
                                        cfg["num_stages"])
                 usage = resource_usage(compiled.asm["cubin"]) or {}
-                loop = loop_instructions(compiled.asm["cubin"])
-                threads = 32 * cfg["num_warps"]
-                per_weight = loop * threads / (cfg["BLOCK_N"] * cfg["BLOCK_K"]) if loop else None
-                # time to issue the expansion of every weight once (every M tile re-expands its weights)
+                opcodes = loop_opcodes(compiled.asm["cubin"]) or {}
+                threads, weights = 32 * cfg["num_warps"], cfg["BLOCK_N"] * cfg["BLOCK_K"]
+                per_weight = {unit: sum(c for op, c in opcodes.items() if UNIT_OF.get(op) == unit) * threads / weights
+                              for unit in ("alu", "convert")}
+                clocks = unit_loads(opcodes, threads, weights)
+                bound = max(clocks, key=clocks.get)
+                # every M tile re-expands its weights; the slowest unit across all SMs sets the time
                 tiles_m = -(-m // cfg["BLOCK_M"])
-                expand_s = per_weight * n * k * tiles_m / SM90_THREAD_INSTR_PER_S if per_weight else None
-                row = {"kernel": spec.short_name(), "M": m, "N": n, "K": k, "config": cfg, "arch": f"sm_{cap}",
+                expand_s = clocks[bound] * n * k * tiles_m / (H100_SMS * H100_CLOCK_HZ) if opcodes else None
+                row = {"kernel": label, "M": m, "N": n, "K": k, "config": cfg, "arch": f"sm_{cap}",
                        "registers": usage.get("REG"), "stack_bytes": usage.get("STACK"),
-                       "shared_bytes": compiled.metadata.shared, "loop_instructions": loop,
-                       "instructions_per_weight": per_weight,
-                       "expand_issue_us_h100_model": expand_s * 1e6 if expand_s and cap == 90 else None}
+                       "shared_bytes": compiled.metadata.shared, "loop_opcodes": opcodes,
+                       "instructions_per_weight": sum(opcodes.values()) * threads / weights if opcodes else None,
+                       "alu_per_weight": per_weight["alu"], "convert_per_weight": per_weight["convert"],
+                       "bound_unit": bound,
+                       "expand_us_h100_model": expand_s * 1e6 if expand_s and cap == 90 else None}
                 rows.append(row)
                 tiles = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}"
-                print(f"{spec.short_name():<28} {m:5d} {tiles:>14} {cfg['SPLIT_K']:5d} {cfg['num_warps']:5d} | "
+                print(f"{label:<30} {m:5d} {tiles:>14} {cfg['SPLIT_K']:5d} {cfg['num_warps']:5d} | "
                       f"{'sm_' + str(cap):>5} {usage.get('REG', '?'):>4} {usage.get('STACK', '?'):>5} "
-                      f"{compiled.metadata.shared / 1024:7.1f} {per_weight or float('nan'):12.2f} "
-                      f"{(expand_s or float('nan')) * 1e6 if cap == 90 else float('nan'):9.2f}", flush=True)
+                      f"{compiled.metadata.shared / 1024:7.1f} {row['instructions_per_weight'] or float('nan'):7.2f} "
+                      f"{per_weight['alu']:5.2f} {per_weight['convert']:5.2f} {bound:>7} "
+                      f"{row['expand_us_h100_model'] or float('nan'):9.2f}", flush=True)
     # condensed constant fan-in (values + int32 indices, gather + reduce): per kept weight and row of x
     from sparsec.codegen.aot import condensed_signature
     from sparsec.codegen.configs import condensed_config
@@ -101,7 +132,7 @@ def main() -> int:
         constexprs = {key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_J")}
         compiled = compile_for(90, name, source, condensed_signature(spec), constexprs, cfg["num_warps"], 3)
         usage = resource_usage(compiled.asm["cubin"]) or {}
-        loop = loop_instructions(compiled.asm["cubin"])
+        loop = sum((loop_opcodes(compiled.asm["cubin"]) or {}).values())
         per_weight_row = loop * 32 * cfg["num_warps"] / (cfg["BLOCK_N"] * cfg["BLOCK_J"] * cfg["BLOCK_M"]) if loop else None
         rows.append({"kernel": spec.short_name(), "M": m, "N": n, "fanin": fanin, "config": cfg, "arch": "sm_90",
                      "registers": usage.get("REG"), "stack_bytes": usage.get("STACK"),

@@ -26,7 +26,7 @@ def matmul_signature(spec: MatmulSpec) -> dict[str, str]:
             "partial_ptr": "*fp32", "count_ptr": "*i32",
             "M": "i32", "N": "i32", "K": "i32",
             "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr",
-            "SPLIT_K": "constexpr", "EVEN_K": "constexpr"}
+            "SPLIT_K": "constexpr", "EVEN_K": "constexpr", "INT8_PRMT": "constexpr"}
 
 
 def condensed_signature(spec: MatmulSpec) -> dict[str, str]:
@@ -145,7 +145,7 @@ def standard_builds() -> list[tuple[str, MatmulSpec | None, dict]]:
             else:
                 # EVEN_K (K a multiple of the K tile, true at the standard shapes) is what real layers
                 # build with; the masked build for ragged K is checked at the decode config
-                tuned = matmul_candidates(m, n, k, spec.act_dtype, STANDARD_SMS)
+                tuned = matmul_candidates(m, n, k, spec.act_dtype, STANDARD_SMS, spec.weight_dtype)
                 configs = [dict(cfg, EVEN_K=True) for cfg in (tuned if i < 2 else tuned[:1])]
                 if m == 1:
                     configs.append(dict(tuned[0], EVEN_K=False))

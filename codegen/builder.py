@@ -80,11 +80,33 @@ def _expand(spec: MatmulSpec) -> str:
         buf.line(f"w23 = tl.where(i0 == 2, pairs, tl.where(i1 == 2, (pairs >> {bits}) & {mask}, "
                  f"tl.where(i1 == 3, pairs - low, 0)))")
         words = ["w01", f"(w01 >> {bits})", "w23", f"(w23 >> {bits})"]
-    # (int8 -> float stays one conversion per value: bit tricks avoiding the quarter-rate unit cost
-    # as many full-rate instructions)
+    if spec.weight_dtype == "int8" and spec.act_dtype == "float16":
+        buf.line("if INT8_PRMT:")
+        buf.indent()
+        for text in _INT8_PRMT:
+            buf.line(text)
+        buf.dedent()
+        buf.line("else:")
+        buf.indent()
     for i, word in enumerate(words):
         buf.line(f"p{i} = {word}.to(tl.int{bits}).to({value}, bitcast=True)")
     return buf.getvalue()
+
+
+# int8 -> fp16 for the four bytes of `group` at once, in inline PTX: flip each byte's sign bit (v + 128,
+# as an unsigned byte u), put u under the fp16 pattern 0x64 (1024 + u, exact: fp16 spacing at 1024 is 1)
+# two bytes per 32-bit word with `prmt` (selector nibbles pick bytes of {0x64646464, t}: 0-3 of t,
+# 4-7 of the constant), then subtract 1152 from both halves (sub.f16x2; exact). 0x6480 is 1152.0.
+# Costs 5 full-rate instructions per 4 weights where cvt costs an eighth-rate one per weight.
+_INT8_PRMT = [
+    "# int8 -> fp16 by byte permute (configs.py, INT8_PRMT): 1024 + (v ^ 0x80) - 1152 == v, all exact",
+    "p0, p1, p2, p3 = tl.inline_asm_elementwise(",
+    '    "{ .reg .b32 t, lo, hi, c; xor.b32 t, $4, 0x80808080; "',
+    '    "prmt.b32 lo, t, 0x64646464, 0x5140; prmt.b32 hi, t, 0x64646464, 0x5342; "',
+    '    "mov.b32 c, 0x64806480; sub.f16x2 lo, lo, c; sub.f16x2 hi, hi, c; "',
+    '    "mov.b32 {$0, $1}, lo; mov.b32 {$2, $3}, hi; }",',
+    '    "=h,=h,=h,=h,r", [group], dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=1)',
+]
 
 
 def _dot(spec: MatmulSpec) -> str:

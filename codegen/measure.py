@@ -87,7 +87,8 @@ def candidates(gm, ctx, layer, decision, m: int, triton_problem: str | None) -> 
             out["triton"] = lambda: condensed_matmul(x, packed.values, packed.indices, packed.scales, bias, None, spec,
                                                      name, source)
         else:
-            configs = matmul_candidates(m, layer.out_features, layer.reduction, act, sm_count(weight.device))
+            configs = matmul_candidates(m, layer.out_features, layer.reduction, act, sm_count(weight.device),
+                                        spec.weight_dtype)
             for i, cfg in enumerate(configs):
                 out[triton_key(i)] = functools.partial(sparse24_matmul, x, packed.values, packed.meta, packed.scales,
                                                        bias, None, spec, name, source, config=cfg)
@@ -107,7 +108,7 @@ def triton_key(i: int) -> str:
 
 def describe_launch(cfg: dict) -> str:
     return (f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} tiles, split-K {cfg['SPLIT_K']}, "
-            f"{cfg['num_warps']} warps, {cfg['num_stages']} stages")
+            f"{cfg['num_warps']} warps, {cfg['num_stages']} stages" + (", int8 by prmt" if cfg.get("INT8_PRMT") else ""))
 
 
 def time_cpu(fn, block_s: float = 0.02, blocks: int = 7) -> float:
@@ -143,16 +144,48 @@ def cpu_fanin_candidates(gm, ctx, layer, decision, m: int) -> dict:
             "condensed": lambda: condensed_cpu.condensed_linear(x, prepared, bias=bias)}
 
 
+# How far a candidate may be from the dense result, relative to the dense result's largest magnitude:
+# the same pruned (and quantized) weights, summed in another order and, for 16-bit inputs, rounded
+# once to the output dtype (fp16 / bf16: 2^-11 / 2^-8 per value).
+AGREEMENT = {torch.float16: 1e-2, torch.bfloat16: 3e-2, torch.float32: 1e-4}
+
+
+def disagreeing(options: dict) -> dict[str, float]:
+    """name -> relative error of every candidate whose output is not the dense candidate's within
+    AGREEMENT. Every candidate is checked before it is timed, so a kernel that computes the wrong
+    thing (a miscompiled launch config, a conversion the interpreter could not check) is never
+    chosen. Candidates that fail to run are left to the timing loop."""
+    with torch.no_grad():
+        reference = options["dense"]().float()
+        scale = max(float(reference.abs().max()), 1e-30)
+        wrong = {}
+        for name, fn in options.items():
+            try:
+                out = fn()
+            except Exception:  # noqa: BLE001 - reported by the timing loop, which skips it
+                continue
+            if out.shape != reference.shape:
+                wrong[name] = float("inf")
+                continue
+            error = float((out.float() - reference).abs().max()) / scale
+            if not error <= AGREEMENT.get(out.dtype, 1e-2):  # (a NaN fails too)
+                wrong[name] = error
+    return wrong
+
+
 def pick_fastest(gm, ctx, layer, decision, m: int | None, triton_problem: str | None, device: str = "cuda"):
-    """(backend, note, launch): the fastest way to run the layer at M rows, a note with the times, and
-    for a 2:4 Triton kernel the fastest launch config (with "M"), else None."""
+    """(backend, note, launch): the fastest way to run the layer at M rows among the candidates that
+    agree with dense, a note with the times, and for a 2:4 Triton kernel the fastest launch config
+    (with "M"), else None."""
     rows = m or DEFAULT_ROWS
     if device == "cpu":
         options, timer = cpu_fanin_candidates(gm, ctx, layer, decision, rows), time_cpu
     else:
         options, timer = candidates(gm, ctx, layer, decision, rows, triton_problem), time_cuda
-    times = {}
+    times, wrong = {}, disagreeing(options)
     for name, fn in options.items():
+        if name in wrong:
+            continue
         try:
             with torch.no_grad():
                 times[name] = timer(fn)
@@ -171,4 +204,7 @@ def pick_fastest(gm, ctx, layer, decision, m: int | None, triton_problem: str | 
                       for k, v in sorted(times.items(), key=lambda kv: kv[1]))
     where = f"M={rows}" + ("" if m else " (no example inputs)")
     note = f"backend auto at {where}: {shown} -> {best} ({times['dense'] / times[best]:.2f}x dense)"
+    if wrong:
+        note += "; rejected for wrong results: " + ", ".join(f"{k} (error {v:.2g} of dense's largest output)"
+                                                           for k, v in sorted(wrong.items()))
     return best, note, launch if best == "triton" else None

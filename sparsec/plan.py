@@ -230,6 +230,9 @@ class Plan:
                                             f"'triton' only (this one is {lp.sparsity} on {lp.backend}); set it to null")
                 if problem := validate_launch(lp.launch):
                     raise InvalidInputError(f"plan layer {lp.name!r}: bad launch config {lp.launch}: {problem}")
+                if lp.launch["INT8_PRMT"] and lp.quant != "int8":
+                    raise InvalidInputError(f"plan layer {lp.name!r}: launch INT8_PRMT=1 converts int8 weights; this "
+                                            f"layer's quant is {lp.quant!r}. Set INT8_PRMT to 0 or quant to 'int8'")
 
 
 def _fmt_bytes(n: float) -> str:

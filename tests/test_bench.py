@@ -35,9 +35,13 @@ def test_sparse24_sweep_times_every_candidate_and_checks_nothing_silently(monkey
     x = torch.randn(2, 64)
     cm = sparsec.compile(model, example_inputs=(x,), backend="triton", include=[".*"], min_weights=0)
     layer = next(m for m in cm.modules() if isinstance(m, TritonSparseLinear))
-    results = bench_sparse24.sweep_configs(layer, x)
+    expected = x.double() @ cm.effective_weight("0").double().t()
+    results = bench_sparse24.sweep_configs(layer, x, expected)
     assert len(results) == len(calls) >= 1
     assert [r["s"] for r in results] == [1e-6 * (i + 1) for i in range(len(results))]
-    expected = x @ cm.effective_weight("0").t()
+    assert all(r["ok"] and r["max_rel_err"] < 1e-5 for r in results)
     for out in calls:
-        assert torch.allclose(out, expected, atol=1e-4)
+        assert torch.allclose(out, expected.float(), atol=1e-4)
+    # a config computing the wrong thing is recorded as such and not timed
+    wrong = bench_sparse24.sweep_configs(layer, x, 2 * expected)
+    assert len(calls) == len(results) and all(not r["ok"] and r["s"] is None for r in wrong)

@@ -442,6 +442,7 @@ def test_plan_with_backend_round_trips():
 def test_auto_picks_the_fastest_measured(monkeypatch):
     timings = {"dense": 20e-6, "triton": 12e-6, "cusparselt": 15e-6}
     monkeypatch.setattr("sparsec.codegen.measure.candidates", lambda *a: {k: k for k in timings})
+    monkeypatch.setattr("sparsec.codegen.measure.disagreeing", lambda options: {})  # stand-ins compute nothing
     monkeypatch.setattr("sparsec.codegen.measure.time_cuda", lambda fn: timings[fn])
     best, note, launch = pick_fastest(None, None, None, None, 16, None)
     assert (best, launch) == ("triton", None)  # a condensed (fan-in) kernel has no launch choices
@@ -459,6 +460,7 @@ def test_auto_keeps_the_fastest_launch_config(monkeypatch):
     options.update({("triton" if i == 0 else f"triton#{i}"): functools.partial(str, config=cfg) for i, cfg in enumerate(configs)})
     timings = {"dense": 12e-6, "cusparselt": 8e-6}
     monkeypatch.setattr("sparsec.codegen.measure.candidates", lambda *a: options)
+    monkeypatch.setattr("sparsec.codegen.measure.disagreeing", lambda options: {})
     monkeypatch.setattr("sparsec.codegen.measure.time_cuda",
                         lambda fn: seconds[fn.keywords["config"]["SPLIT_K"]] if isinstance(fn, functools.partial) else timings[fn])
     best, note, launch = pick_fastest(None, None, None, None, 1, None)
@@ -469,13 +471,30 @@ def test_auto_keeps_the_fastest_launch_config(monkeypatch):
     assert pick_fastest(None, None, None, None, 1, None)[::2] == ("cusparselt", None)
 
 
+def test_auto_never_picks_a_candidate_that_computes_the_wrong_thing(monkeypatch):
+    """Every candidate's output is compared with dense before timing: a wrong one (here the fastest,
+    and one returning NaN) is dropped and named in the reason; right ones within rounding are kept."""
+    x, w = torch.randn(4, 64), torch.randn(32, 64)
+    right = F.linear(x, w)
+    options = {"dense": lambda: F.linear(x, w), "triton": lambda: right.half(),  # rounded once: agrees
+               "triton#1": lambda: right * 1.1, "cusparselt": lambda: right * float("nan")}
+    timings = {"dense": 10e-6, "triton": 8e-6, "triton#1": 1e-6, "cusparselt": 2e-6}
+    names = {id(fn): name for name, fn in options.items()}
+    monkeypatch.setattr("sparsec.codegen.measure.candidates", lambda *a: options)
+    monkeypatch.setattr("sparsec.codegen.measure.time_cuda", lambda fn: timings[names[id(fn)]])
+    best, note, _ = pick_fastest(None, None, None, None, 4, None)
+    assert best == "triton"
+    assert note.endswith("rejected for wrong results: cusparselt (error nan of dense's largest output), "
+                         "triton#1 (error 0.1 of dense's largest output)")
+
+
 def test_a_plan_launch_config_is_used_and_checked():
     model = nn.Sequential(nn.Linear(64, 48), nn.ReLU())
     x = torch.randn(3, 64)
     cm = sparsec.compile(model, example_inputs=(x,), backend="triton", include=[".*"], min_weights=0)
     assert cm.plan["0"].launch is None  # backend="triton" alone measures nothing
     plan = sparsec.Plan.from_json(cm.plan.to_json())
-    launch = dict(M=3, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, SPLIT_K=3, num_warps=4, num_stages=1)
+    launch = dict(M=3, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, SPLIT_K=3, INT8_PRMT=0, num_warps=4, num_stages=1)
     plan["0"].launch = launch
     tuned = sparsec.compile(model, example_inputs=(x,), plan=plan)
     assert tuned.plan["0"].launch == launch
