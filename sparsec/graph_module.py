@@ -25,8 +25,13 @@ def annotation(node: fx.Node) -> str | None:
     return f"# sparsec: {meta.layer.name} ({meta.layer.op}) -> {', '.join(parts)}: {reason}"
 
 
-def annotate_code(code: str, graph: fx.Graph) -> str:
-    notes = {node.name: text for node in graph.nodes if (text := annotation(node))}
+def layer_notes(graph: fx.Graph) -> dict[str, str]:
+    """node name -> its annotation, for every candidate layer's node."""
+    return {node.name: text for node in graph.nodes if (text := annotation(node))}
+
+
+def annotate_code(code: str, notes: dict[str, str]) -> str:
+    notes = dict(notes)
     if not notes:
         return code
     out = []
@@ -42,5 +47,19 @@ def annotate_code(code: str, graph: fx.Graph) -> str:
 class SparsecGraphModule(fx.GraphModule):
     def recompile(self):
         python_code = super().recompile()
-        self._code = annotate_code(self._code, self.graph)
+        # A graph rebuilt by unpickling (fx re-traces the saved code) has no node meta: its notes are
+        # the ones it was saved with, kept in this attribute, which pickles with the module.
+        self.sparsec_notes = layer_notes(self.graph) or getattr(self, "sparsec_notes", {})
+        self._code = annotate_code(self._code, self.sparsec_notes)
         return python_code
+
+
+def restore(gm: fx.GraphModule) -> SparsecGraphModule:
+    """An unpickled graph module (fx rebuilds a plain GraphModule from the saved code) as a
+    SparsecGraphModule again, sharing its parameters and submodules, with its saved annotations."""
+    if isinstance(gm, SparsecGraphModule) or not hasattr(gm, "sparsec_notes"):
+        return gm
+    restored = SparsecGraphModule(gm, gm.graph, type(gm).__name__)
+    restored.sparsec_notes = gm.sparsec_notes
+    restored.recompile()
+    return restored

@@ -1,11 +1,18 @@
 """save / load a CompiledModel (plan, packed weights, graph) as one file.
 
-The file is a torch.save archive holding a small header and the pickled module. Loading unpickles
-Python objects, so only load files you trust. Anything unreadable, truncated or of another format
-raises CorruptFileError naming the file and the problem.
+Layout: a magic line, one JSON header line (format, version, plan, payload length and SHA-256),
+then the payload, a torch.save archive of the module. The checksum catches damage torch.load does
+not notice (it reads tensor bytes without checking the archive's CRCs: a flipped byte in a weight
+would load as a wrong weight). Loading unpickles Python objects, so only load files you trust.
+Anything unreadable, truncated, damaged or of another format raises CorruptFileError naming the
+file and the problem. Files from sparsec's first format (a bare torch.save archive, no checksum)
+still load.
 """
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import os
 
 import torch
@@ -13,7 +20,9 @@ import torch
 from sparsec.errors import CorruptFileError, InvalidTypeError
 
 MODEL_FORMAT = "sparsec.model"
-MODEL_VERSION = 1
+MODEL_VERSION = 2
+MAGIC = b"SPARSEC-MODEL\n"
+_ZIP_MAGIC = b"PK\x03\x04"  # version 1 files are torch.save zip archives
 
 
 def save(compiled, path: str | os.PathLike) -> None:
@@ -21,8 +30,14 @@ def save(compiled, path: str | os.PathLike) -> None:
 
     if not isinstance(compiled, CompiledModel):
         raise InvalidTypeError(f"sparsec.save takes a CompiledModel (from sparsec.compile), got {type(compiled).__name__}")
+    buffer = io.BytesIO()
+    torch.save(compiled, buffer)
+    payload = buffer.getvalue()
+    header = {"format": MODEL_FORMAT, "version": MODEL_VERSION, "plan": compiled.plan.to_json(),
+              "payload_bytes": len(payload), "payload_sha256": hashlib.sha256(payload).hexdigest()}
     tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
-    torch.save({"format": MODEL_FORMAT, "version": MODEL_VERSION, "plan": compiled.plan.to_json(), "model": compiled}, tmp)
+    with open(tmp, "wb") as f:
+        f.write(MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n" + payload)
     os.replace(tmp, path)  # never leave a half-written file under the real name
 
 
@@ -30,25 +45,60 @@ def load(path: str | os.PathLike, map_location=None):
     from sparsec.compiled import CompiledModel
     from sparsec.plan import Plan
 
-    try:
-        blob = torch.load(path, map_location=map_location, weights_only=False)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is not usable
-        raise CorruptFileError(f"{os.fspath(path)} is not a readable sparsec model file (truncated or corrupt?): "
-                               f"{type(e).__name__}: {e}") from e
-    if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
-        raise CorruptFileError(f"{os.fspath(path)} is not a sparsec model file (no '{MODEL_FORMAT}' header)")
-    if blob.get("version") != MODEL_VERSION:
-        raise CorruptFileError(f"{os.fspath(path)} has sparsec model format version {blob.get('version')!r}; "
-                               f"this sparsec reads version {MODEL_VERSION}")
-    model = blob.get("model")
+    name = os.fspath(path)
+    with open(name, "rb") as f:  # FileNotFoundError as is
+        data = f.read()
+    if data.startswith(_ZIP_MAGIC):
+        plan_json, model = _load_version_1(name, data, map_location)
+    elif data.startswith(MAGIC):
+        plan_json, model = _load_checked(name, data, map_location)
+    else:
+        raise CorruptFileError(f"{name} is not a sparsec model file (it does not start with the sparsec header)")
     if not isinstance(model, CompiledModel):
-        raise CorruptFileError(f"{os.fspath(path)} does not hold a CompiledModel")
-    if Plan.from_json(blob["plan"]).to_json() != model.plan.to_json():
-        raise CorruptFileError(f"{os.fspath(path)}: the stored plan and the model's plan disagree")
+        raise CorruptFileError(f"{name} does not hold a CompiledModel")
+    if Plan.from_json(plan_json).to_json() != model.plan.to_json():
+        raise CorruptFileError(f"{name}: the stored plan and the model's plan disagree")
+    from sparsec.graph_module import restore
+
+    model.graph_module = restore(model.graph_module)
     _regenerate_kernels(model)
     return model
+
+
+def _load_checked(name: str, data: bytes, map_location):
+    header_line, newline, payload = data[len(MAGIC):].partition(b"\n")
+    try:
+        header = json.loads(header_line) if newline else None
+    except ValueError:
+        header = None
+    if not isinstance(header, dict) or header.get("format") != MODEL_FORMAT:
+        raise CorruptFileError(f"{name}: the sparsec header is damaged or truncated")
+    if header.get("version") != MODEL_VERSION:
+        raise CorruptFileError(f"{name} has sparsec model format version {header.get('version')!r}; "
+                               f"this sparsec reads versions 1 and {MODEL_VERSION}")
+    if len(payload) != header.get("payload_bytes"):
+        raise CorruptFileError(f"{name} is truncated: {len(payload)} of {header.get('payload_bytes')} payload bytes")
+    if hashlib.sha256(payload).hexdigest() != header.get("payload_sha256"):
+        raise CorruptFileError(f"{name} is damaged: its payload does not match the checksum written when it was saved")
+    return header.get("plan"), _torch_load(name, io.BytesIO(payload), map_location)
+
+
+def _load_version_1(name: str, data: bytes, map_location):
+    blob = _torch_load(name, io.BytesIO(data), map_location)
+    if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
+        raise CorruptFileError(f"{name} is not a sparsec model file (no '{MODEL_FORMAT}' header)")
+    if blob.get("version") != 1:
+        raise CorruptFileError(f"{name} has sparsec model format version {blob.get('version')!r}; "
+                               f"this sparsec reads versions 1 and {MODEL_VERSION}")
+    return blob.get("plan"), blob.get("model")
+
+
+def _torch_load(name: str, source, map_location):
+    try:
+        return torch.load(source, map_location=map_location, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is not usable
+        raise CorruptFileError(f"{name} is not a readable sparsec model file (truncated or corrupt?): "
+                               f"{type(e).__name__}: {e}") from e
 
 
 def _regenerate_kernels(model) -> None:

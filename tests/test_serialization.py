@@ -17,6 +17,9 @@ def test_save_load_round_trip(tmp_path):
     assert torch.equal(loaded(*inputs), cm(*inputs))
     assert torch.equal(loaded.mask("stage1.0.0"), cm.mask("stage1.0.0"))
     assert torch.equal(loaded.effective_weight("stage2.0.0"), cm.effective_weight("stage2.0.0"))
+    # the printed graph keeps its per-layer annotations (fx rebuilds a loaded graph from code, without meta)
+    assert loaded.graph_module.code == cm.graph_module.code
+    assert "# sparsec: stage1.0.0 (conv2d) -> 2:4, int8" in loaded.graph_module.code
 
 
 def test_corrupt_files(tmp_path):
@@ -25,10 +28,20 @@ def test_corrupt_files(tmp_path):
     sparsec.save(sparsec.compile(model, example_inputs=inputs), path)
     data = path.read_bytes()
     (tmp_path / "truncated").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CorruptFileError, match="truncated or corrupt"):
+    with pytest.raises(CorruptFileError, match="truncated: .* of .* payload bytes"):
         sparsec.load(tmp_path / "truncated")
+    (tmp_path / "header-cut").write_bytes(data[:40])
+    with pytest.raises(CorruptFileError, match="header is damaged or truncated"):
+        sparsec.load(tmp_path / "header-cut")
+    # a few flipped bytes mid-payload (mostly weights): torch.load alone would read them as weights
+    damaged = bytearray(data)
+    at = len(data) // 2
+    damaged[at:at + 8] = bytes(b ^ 0x5A for b in damaged[at:at + 8])
+    (tmp_path / "damaged").write_bytes(bytes(damaged))
+    with pytest.raises(CorruptFileError, match="damaged: its payload does not match the checksum"):
+        sparsec.load(tmp_path / "damaged")
     (tmp_path / "garbage").write_bytes(b"\x00not a model at all")
-    with pytest.raises(CorruptFileError, match="not a readable sparsec model file"):
+    with pytest.raises(CorruptFileError, match="not a sparsec model file"):
         sparsec.load(tmp_path / "garbage")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other")
     with pytest.raises(CorruptFileError, match="not a sparsec model file"):
@@ -37,6 +50,17 @@ def test_corrupt_files(tmp_path):
         sparsec.load(tmp_path / "missing")
     with pytest.raises(TypeError, match="CompiledModel"):
         sparsec.save(model, tmp_path / "x")
+
+
+def test_files_of_the_first_format_still_load(tmp_path):
+    """Version 1 files were a bare torch.save archive of a header dict and the model (no checksum)."""
+    model, inputs = load_example("mlp").build_model()
+    cm = sparsec.compile(model, example_inputs=inputs)
+    torch.save({"format": "sparsec.model", "version": 1, "plan": cm.plan.to_json(), "model": cm}, tmp_path / "v1")
+    assert torch.equal(sparsec.load(tmp_path / "v1")(*inputs), cm(*inputs))
+    torch.save({"format": "sparsec.model", "version": 7, "plan": cm.plan.to_json(), "model": cm}, tmp_path / "v7")
+    with pytest.raises(CorruptFileError, match="version 7; this sparsec reads versions 1 and 2"):
+        sparsec.load(tmp_path / "v7")
 
 
 def test_save_load_export_traced_model(tmp_path):
