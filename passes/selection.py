@@ -138,6 +138,11 @@ def _plan_decision(layer: LayerInfo, blocker: str | None, ctx: CompileContext, d
     entry = next((lp for lp in ctx.options.plan if lp.name == layer.name), None)
     if entry is None:
         return Decision(None, None, None, "kept dense: not listed in the given plan")
+    if (entry.op, tuple(entry.weight_shape)) != (layer.op, tuple(layer.weight_shape)):
+        raise InvalidInputError(f"the given plan describes layer {layer.name!r} as {entry.op} with weight "
+                                f"{tuple(entry.weight_shape)}, but in this model it is {layer.op} with weight "
+                                f"{tuple(layer.weight_shape)}: the plan was made for another model. Make one for this "
+                                f"model with sparsec.explain(model, ...) and edit that")
     if entry.sparsity is not None:
         pattern = parse_pattern(entry.sparsity)
         problem = blocker or shape_misfit(layer, pattern)

@@ -88,6 +88,11 @@ class CompileOptions:
             if include or exclude:
                 raise InvalidInputError("pass either plan= or include=/exclude=, not both: a plan already says "
                                         "what every layer gets (edit its entries instead)")
+            pruned_grads = [lp.name for lp in plan if lp.grad_sparsity is not None]
+            if pruned_grads and not train:
+                raise InvalidInputError(f"the plan prunes data gradients (grad_sparsity) of {pruned_grads}, which "
+                                        f"happens in backward and needs train=True; pass train=True, or set their "
+                                        f"grad_sparsity to None to compile for inference")
         if isinstance(min_weights, bool) or not isinstance(min_weights, int) or min_weights < 0:
             raise InvalidInputError(f"min_weights must be a non-negative int, got {min_weights!r}")
         if not isinstance(quant_budget, (int, float)) or not quant_budget > 0:

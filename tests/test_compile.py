@@ -179,6 +179,12 @@ def test_plan_that_cannot_be_applied_is_an_error():
         sparsec.compile(model, example_inputs=inputs, plan=bad)
     with pytest.raises(ValueError, match="not both"):
         sparsec.compile(model, example_inputs=inputs, plan=plan, include=["head"])
+    for field, value in (("weight_shape", (7, 7)), ("op", "linear")):  # a plan made for another model
+        bad = copy.deepcopy(plan)
+        setattr(bad["stage1.0.0"], field, value)
+        with pytest.raises(ValueError, match=r"describes layer 'stage1.0.0' as .* but in this model it is conv2d "
+                                             r"with weight \(64, 32, 3, 3\): the plan was made for another model"):
+            sparsec.compile(model, example_inputs=inputs, plan=bad)
 
 
 def test_quantize_auto_refuses_layers_with_outliers():

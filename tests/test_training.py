@@ -105,6 +105,11 @@ def test_plan_gradient_column_and_reasons():
     assert plan["stage1.0.0"].grad_sparsity == "2:4" and "SDGP" in plan["stage1.0.0"].reason
     assert "grad" in str(plan).splitlines()[1]
     assert sparsec.Plan.from_json(plan.to_json()) == plan
+    # a plan with pruned data gradients is applied exactly, so only where there is a backward
+    with pytest.raises(ValueError, match=r"prunes data gradients \(grad_sparsity\) of \['stage1.0.0'.*needs train=True"):
+        sparsec.compile(model, example_inputs=inputs, plan=plan)
+    trained = sparsec.compile(model, example_inputs=inputs, plan=plan, train=True)
+    assert trained.plan["stage1.0.0"].grad_sparsity == "2:4"
 
 
 @pytest.mark.parametrize("make_optimizer", [
