@@ -19,6 +19,11 @@ class InvalidTypeError(SparsecError, TypeError):
     """An argument the user passed has the wrong type."""
 
 
+class InvalidPatternTypeError(InvalidInputError, InvalidTypeError):
+    """A pattern that is not a string: a ValueError like every unaccepted pattern (design.md), and a
+    TypeError since its type is what is wrong."""
+
+
 class ExampleInputError(SparsecError, ValueError):
     """The example inputs do not fit the model (wrong shape, dtype or type)."""
 

@@ -11,7 +11,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from sparsec.errors import InvalidInputError, InvalidTypeError
+from sparsec.errors import InvalidInputError, InvalidPatternTypeError
 
 ACCEPTED_FORMS = '"N:M" with 1 <= N <= M (e.g. "2:4", "1:4", "4:8"), "fanin:S" with 0 < S < 1 (e.g. "fanin:0.9"), or "dense"'
 
@@ -43,7 +43,9 @@ class FanIn:
         return f"fanin:{self.sparsity:g}"
 
     def k(self, numel: int, out_features: int) -> int:
-        """Weights kept per output row (SRigL's constant fan-in)."""
+        """Weights kept per output row (SRigL's constant fan-in), in floating point as SRigL's code
+        computes it: where numel * (1 - S) is a whole number only in exact arithmetic, the float
+        product can fall just below it (fanin:0.9 on 4 x 40: 15.999... -> floor 15, k = 3, not 4)."""
         return max(1, math.floor(numel * (1.0 - self.sparsity)) // out_features)
 
 
@@ -61,7 +63,7 @@ def parse_pattern(text: object) -> Pattern:
     if isinstance(text, (NM, FanIn, Dense)):
         return text
     if not isinstance(text, str):
-        raise InvalidTypeError(f"pattern must be a string, got {type(text).__name__} {text!r}; accepted: {ACCEPTED_FORMS}")
+        raise InvalidPatternTypeError(f"pattern must be a string, got {type(text).__name__} {text!r}; accepted: {ACCEPTED_FORMS}")
     s = text.strip()
     if s == "dense":
         return Dense()

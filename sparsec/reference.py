@@ -10,6 +10,8 @@ equal keys). Masks are explicit boolean tensors, never inferred from `weight != 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from sparsec.errors import InvalidInputError
@@ -108,10 +110,22 @@ def nm_compress_masked(rows: torch.Tensor, mask: torch.Tensor, n: int, m: int) -
 
 
 def nm_positions(meta: torch.Tensor, n: int, m: int, groups: int) -> torch.Tensor:
-    """Decode metadata into int64 positions `[..., groups, n]`."""
+    """Decode metadata into int64 positions `[..., groups, n]`; metadata of the wrong shape, or
+    holding positions that are not increasing inside [0, m) (e.g. nibble 0: i0 == i1), is an error:
+    decoding it would drop values silently."""
+    want = math.ceil(groups * m / 16) if (n, m) == (2, 4) else groups * n
+    if meta.shape[-1:] != (want,):
+        raise InvalidInputError(f"{n}:{m} metadata for {groups * n} values per row must have {want} entries per "
+                                f"row, got shape {tuple(meta.shape)}")
     if (n, m) == (2, 4):
-        return unpack_nibbles(meta, groups)
-    return meta.long().reshape(*meta.shape[:-1], groups, n)
+        positions = unpack_nibbles(meta, groups)
+    else:
+        positions = meta.long().reshape(*meta.shape[:-1], groups, n)
+    if positions.numel() and not (((positions >= 0) & (positions < m)).all()
+                                  and (positions[..., 1:] > positions[..., :-1]).all()):
+        raise InvalidInputError(f"corrupt {n}:{m} metadata: kept positions must be increasing within each group of "
+                                f"{m} (for 2:4, nibble i0 | i1 << 2 with i0 < i1)")
+    return positions
 
 
 def nm_decompress(values: torch.Tensor, meta: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:

@@ -24,7 +24,10 @@ def test_invalid_patterns_name_the_accepted_forms(text):
 
 @pytest.mark.parametrize("value", [None, 2, 0.5, ["2:4"], (2, 4)])
 def test_non_string_patterns(value):
+    """Wrong type, so a TypeError; and like every pattern outside the accepted forms, a ValueError."""
     with pytest.raises(InvalidTypeError, match="pattern must be a string"):
+        parse_pattern(value)
+    with pytest.raises(ValueError, match="accepted: "):
         parse_pattern(value)
 
 

@@ -83,6 +83,18 @@ def test_nm_compress_fills_sparse_groups_and_rejects_dense_ones():
         nm_compress(torch.zeros(1, 6), 2, 4)
 
 
+def test_nm_decompress_refuses_metadata_that_would_drop_values():
+    values = torch.randn(4, 8)  # K = 16: one int16 word of four nibbles per row
+    with pytest.raises(InvalidInputError, match=r"must have 1 entries per row, got shape \(4, 3\)"):
+        nm_decompress(values, torch.zeros(4, 3, dtype=torch.int16))
+    with pytest.raises(InvalidInputError, match="corrupt 2:4 metadata: kept positions must be increasing"):
+        nm_decompress(values, torch.zeros(4, 1, dtype=torch.int16))  # nibble 0: i0 == i1 == 0
+    with pytest.raises(InvalidInputError, match="corrupt 4:8 metadata"):
+        nm_decompress(torch.randn(2, 4), torch.tensor([[0, 3, 3, 5], [0, 1, 2, 3]], dtype=torch.int16), 4, 8)
+    with pytest.raises(InvalidInputError, match="corrupt 1:4 metadata"):
+        nm_decompress(torch.randn(1, 2), torch.tensor([[4, 0]], dtype=torch.int16), 1, 4)
+
+
 @given(st.integers(1, 6), st.integers(1, 30), st.integers(0, 10**6))
 def test_fanin_compress_round_trip(rows, cols, seed):
     w = _weights(seed, rows, cols, False)
