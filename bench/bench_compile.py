@@ -5,7 +5,6 @@ breakdown (medians over repeats) and writes bench/results/compile-<host>-<date>.
 
     python bench/bench_compile.py [--repeats 3]
 """
-import argparse
 import datetime
 import json
 import os
@@ -22,13 +21,13 @@ sys.path.insert(0, os.path.join(ROOT, "examples"))
 import transformer  # noqa: E402
 
 import sparsec  # noqa: E402
+from results_io import arg_parser, parse_args  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = arg_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=os.environ.get("SPARSEC_RESULTS_DIR", os.path.join(ROOT, "bench", "results")))
-    args = parser.parse_args()
+    args = parse_args(parser)
 
     torch.manual_seed(0)
     model = transformer.Encoder(depth=12, dim=768, heads=12, mlp=3072).eval()

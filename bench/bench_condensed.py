@@ -17,7 +17,6 @@ Target (the SRigL paper's figure, 4 threads): condensed >= 3.4x dense at batch 1
     python bench/bench_condensed.py [--rounds 9] [--threads N]
 writes bench/results/condensed-cpu<cores>-<date>.json (with --threads: ...-<date>-t<N>.json)
 """
-import argparse
 import datetime
 import json
 import os
@@ -35,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from sparsec.runtime import condensed_cpu as cc  # noqa: E402
+from results_io import arg_parser, parse_args  # noqa: E402
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
@@ -132,11 +132,10 @@ def check(layers: list, x: torch.Tensor) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = arg_parser(__doc__)
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--out", default=os.environ.get("SPARSEC_RESULTS_DIR", os.path.join(ROOT, "bench", "results")))
-    args = parser.parse_args()
+    args = parse_args(parser)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -20,11 +20,13 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 
 def main() -> int:
+    from results_io import arg_parser, parse_args, write_results
+
+    parse_args(arg_parser(__doc__))
     if not torch.cuda.is_available():
         print("bench_condensed_gpu: no CUDA device on this machine; the GPU benchmark is skipped (nothing written).")
         return 0
     from bench_sparse24 import median_time
-    from results_io import write_results
 
     from sparsec import reference as ref
     from sparsec.codegen.builder import emit_matmul

@@ -19,7 +19,6 @@ Targets (issue 4): memory-bound (M <= 16) fp16 2:4 >= 1.5x dense (limit ~1.78x);
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -30,6 +29,8 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+from results_io import arg_parser, parse_args, write_results  # noqa: E402
 
 MS = [1, 16, 128, 2048, 8192]
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
@@ -140,10 +141,9 @@ def run_case(m: int, n: int, k: int, int8: bool, ceil: dict) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
+    parser = arg_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="M in {1, 2048}, first shape only")
-    parser.add_argument("--out", default=os.environ.get("SPARSEC_RESULTS_DIR", os.path.join(ROOT, "bench", "results")))
-    args = parser.parse_args()
+    args = parse_args(parser)
     if not torch.cuda.is_available():
         print("bench_sparse24: no CUDA device on this machine; the GPU benchmark is skipped (nothing written).")
         return 0
@@ -171,9 +171,6 @@ def main() -> int:
                       f"{r['sparsec_TFLOPs_dense_equiv']:6.1f} {100 * r['flops_of_ceiling']:3.0f}% | "
                       f"{r['auto_backend']:>10} {r['auto_vs_dense_eager']:12.2f} | {'yes' if r['ok'] else 'NO ' + str(r['max_rel_err'])}",
                       flush=True)
-    from results_io import write_results
-
-    os.environ["SPARSEC_RESULTS_DIR"] = args.out
     write_results("sparse24", device, {"benchmark": "2:4 sparse matmul", "triton": triton.__version__,
                                        "ceilings": ceil, "rows": rows})
     return 0 if all(r["ok"] for r in rows) else 1

@@ -11,7 +11,7 @@ at 64; fp16x2 / fp32 arithmetic at 128; conversions (I2F, F2F, ...) at 16. The s
 expansion time, assuming perfect overlap with memory: a lower bound, not a timing. bench_sparse24.py
 on a GPU measures.
 
-    python bench/kernel_stats.py      # writes bench/results/kernel-stats-<date>.json
+    python bench/kernel_stats.py [--out DIR]   # writes <DIR or bench/results>/kernel-stats-static-sm80-sm90-<date>.json
 """
 from __future__ import annotations
 
@@ -77,11 +77,14 @@ def loop_opcodes(cubin: bytes) -> dict[str, int] | None:
 def main() -> int:
     import triton
 
+    from results_io import arg_parser, parse_args, write_results
+
+    parse_args(arg_parser(__doc__))
+
     from sparsec.codegen.aot import compile_for, matmul_signature, resource_usage
     from sparsec.codegen.builder import emit_matmul
     from sparsec.codegen.configs import matmul_config
     from sparsec.codegen.spec import MatmulSpec
-    from results_io import write_results
 
     rows = []
     print(f"{'kernel':<30} {'M':>5} {'tiles':>14} {'split':>5} {'warps':>5} | {'arch':>5} {'regs':>4} {'stack':>5} "

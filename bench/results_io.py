@@ -1,6 +1,7 @@
 """Where benchmark results go: bench/results/, or $SPARSEC_RESULTS_DIR (a device run's $OUT)."""
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -12,6 +13,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def results_dir() -> str:
     return os.environ.get("SPARSEC_RESULTS_DIR", os.path.join(ROOT, "bench", "results"))
+
+
+def arg_parser(doc: str | None) -> argparse.ArgumentParser:
+    """A bench script's command line: its docstring as --help, and --out (where results go)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=results_dir(), metavar="DIR",
+                        help="folder for the JSON results (default: $SPARSEC_RESULTS_DIR, else bench/results)")
+    return parser
+
+
+def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse, and send every write_results of this run to --out."""
+    args = parser.parse_args()
+    os.environ["SPARSEC_RESULTS_DIR"] = args.out
+    return args
 
 
 def write_results(prefix: str, device: str, payload: dict) -> str:

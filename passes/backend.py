@@ -25,6 +25,7 @@ from sparsec.plan import dtype_name
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_NOTE = "runs a fused Triton kernel"
+AUTO_OFF_CUDA_NOTE = "runs on the torch runtime (backend 'auto' off CUDA; the Triton kernels need a GPU)"
 
 
 def triton_blocker(layer: LayerInfo, sparsity: str, device: torch.device) -> str | None:
@@ -99,8 +100,10 @@ def choose_backend(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             launch = decision.launch
         elif wanted == "auto" and device.type == "cpu" and _condensed_candidate(layer, decision):
             backend, note, launch = _measured(gm, ctx, layer, decision, nodes[0], None, "cpu")
-        elif wanted == "torch" or (wanted == "auto" and device.type != "cuda"):
+        elif wanted == "torch":
             backend, note, launch = "torch", None, None
+        elif wanted == "auto" and device.type != "cuda":
+            backend, note, launch = "torch", AUTO_OFF_CUDA_NOTE, None
         elif wanted == "triton":
             if not can_run_on(device) and not ctx.options.emit_only:
                 raise InvalidInputError(

@@ -15,6 +15,7 @@ import argparse
 import importlib.util
 import os
 import sys
+import traceback
 
 import torch
 import torch.nn as nn
@@ -37,6 +38,8 @@ def load_target(spec: str) -> tuple[nn.Module, tuple | None]:
     sys.path.insert(0, os.path.dirname(os.path.abspath(path)))  # let the file import its neighbours
     try:
         module_spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - the user's file; say where it failed instead of a sparsec traceback
+        raise CliError(f"importing {path} failed: {_where(e, path)}") from e
     finally:
         sys.path.pop(0)
     builder = getattr(module, func, None)
@@ -44,7 +47,10 @@ def load_target(spec: str) -> tuple[nn.Module, tuple | None]:
         callables = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
                            and getattr(v, "__module__", None) == module.__name__)
         raise CliError(f"{path} has no function {func!r}; write FILE.py:FUNC with one of: {', '.join(callables) or '(none)'}")
-    result = builder()
+    try:
+        result = builder()
+    except Exception as e:  # noqa: BLE001 - as above
+        raise CliError(f"{path}:{func}() failed: {_where(e, path)}") from e
     if isinstance(result, nn.Module):
         return result, None
     if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module):
@@ -53,11 +59,30 @@ def load_target(spec: str) -> tuple[nn.Module, tuple | None]:
     raise CliError(f"{path}:{func}() must return a model or (model, example_inputs), got {type(result).__name__}")
 
 
+def _where(error: BaseException, path: str) -> str:
+    """The error and the innermost line of `path` it passed through (for a SyntaxError, its own line)."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if os.path.abspath(f.filename) == os.path.abspath(path)]
+    line = error.lineno if isinstance(error, SyntaxError) else (frames[-1].lineno if frames else None)
+    return f"{type(error).__name__}: {error}" + (f" (at {path} line {line})" if line else "")
+
+
+def _read_plan(path: str | None):
+    import sparsec
+
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return sparsec.Plan.from_json(f.read())
+    except OSError as e:
+        raise CliError(f"cannot read the plan file {path}: {e.strerror or e}") from e
+
+
 def _inspect(args: argparse.Namespace) -> int:
     import sparsec
 
     model, inputs = load_target(args.target)
-    plan = sparsec.Plan.from_json(open(args.plan).read()) if args.plan else None
+    plan = _read_plan(args.plan)
     cm = sparsec.compile(model, pattern=args.pattern, example_inputs=inputs, quantize=args.quantize,
                          include=args.include, exclude=args.exclude, plan=plan)
     if args.json:
@@ -80,14 +105,18 @@ def _dump_kernels(args: argparse.Namespace) -> int:
     options = CompileOptions.from_user(args.pattern, args.quantize, args.include, args.exclude, backend="triton",
                                        emit_only=True)
     cm = compile_with_options(model, inputs, options)
-    os.makedirs(args.output, exist_ok=True)
-    for name, source in sorted(cm.kernels.items()):
-        with open(os.path.join(args.output, f"{name}.py"), "w", encoding="utf-8") as f:
-            f.write(source)
     manifest = {"pattern": args.pattern, "kernels": cm.kernel_manifest,
                 "layers_without_kernel": {lp.name: lp.reason for lp in cm.plan if lp.sparsity and lp.backend != "triton"}}
-    with open(os.path.join(args.output, "manifest.json"), "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True)
+    files = {f"{name}.py": source for name, source in sorted(cm.kernels.items())}
+    files["manifest.json"] = json.dumps(manifest, indent=2, sort_keys=True)
+    try:
+        os.makedirs(args.output, exist_ok=True)
+        for name, text in files.items():
+            with open(os.path.join(args.output, name), "w", encoding="utf-8") as f:
+                f.write(text)
+    except OSError as e:
+        raise CliError(f"cannot write to the output folder {args.output}: {e.strerror or e}"
+                       + (f" ({e.filename})" if e.filename and e.filename != args.output else "")) from e
     print(f"wrote {len(cm.kernels)} kernel{'s' if len(cm.kernels) != 1 else ''} and manifest.json to {args.output}")
     for name, entry in sorted(cm.kernel_manifest.items()):
         print(f"  {name}.py: {', '.join(layer['name'] for layer in entry['layers'])} [{', '.join(entry['fused_ops']) or 'no epilogue'}]")

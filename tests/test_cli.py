@@ -53,6 +53,24 @@ def test_errors_exit_2_with_a_message(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_errors_in_the_users_file_or_output_folder_exit_2_naming_them(tmp_path, capsys):
+    broken = tmp_path / "broken.py"
+    broken.write_text("import torch.nn as nn\n\ndef boom():\n    raise RuntimeError('builder exploded')\n")
+    assert main(["inspect", f"{broken}:boom"]) == 2
+    assert f"{broken}:boom() failed: RuntimeError: builder exploded (at {broken} line 4)" in capsys.readouterr().err
+    bad_syntax = tmp_path / "syntax.py"
+    bad_syntax.write_text("def build_model(:\n    pass\n")
+    assert main(["inspect", str(bad_syntax)]) == 2
+    assert f"importing {bad_syntax} failed: SyntaxError" in capsys.readouterr().err
+    assert main(["inspect", MLP, "--plan", str(tmp_path / "missing.json")]) == 2
+    assert "cannot read the plan file" in capsys.readouterr().err
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    for output in (not_a_folder, not_a_folder / "sub"):
+        assert main(["dump-kernels", MLP, "-o", str(output)]) == 2
+        assert f"cannot write to the output folder {output}" in capsys.readouterr().err
+
+
 def test_python_dash_m():
     result = subprocess.run([sys.executable, "-m", "sparsec", "inspect", MLP, "--json"], capture_output=True, text=True,
                             timeout=300)

@@ -420,7 +420,10 @@ def test_triton_backend_without_a_device_is_a_clear_error(monkeypatch):
         pytest.skip("the model is on the CPU but this machine has CUDA; covered by the CPU CI")
     with pytest.raises(ValueError, match="backend='triton' needs the model on a CUDA device, or TRITON_INTERPRET=1"):
         sparsec.compile(model, example_inputs=inputs, backend="triton")
-    assert sparsec.compile(model, example_inputs=inputs).plan["fc2"].backend == "torch"  # auto on CPU
+    auto = sparsec.compile(model, example_inputs=inputs).plan["fc2"]  # auto on CPU: says what runs it
+    assert auto.backend == "torch" and auto.reason.endswith("runs on the torch runtime (backend 'auto' off CUDA; "
+                                                            "the Triton kernels need a GPU)")
+    assert "torch runtime" not in sparsec.compile(model, example_inputs=inputs, backend="torch").plan["fc2"].reason
 
 
 def test_gradients_flow_through_triton_layers():
