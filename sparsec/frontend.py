@@ -12,6 +12,7 @@ import inspect
 import os
 import re
 import traceback
+import warnings
 from typing import Any
 
 import torch
@@ -107,9 +108,14 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
         graph = tracer.trace(model)
         gm = SparsecGraphModule(tracer.root, graph, type(model).__name__)
         gm.train(model.training)
-        return gm, "symbolic_trace", []
+        traced = True
     except Exception as fx_error:  # noqa: BLE001 - any tracing failure means: try torch.export
-        symbolic_failure = fx_error
+        symbolic_failure, traced = fx_error, False
+    if traced:
+        notes = _lost_buffer_updates(model, gm, example_inputs)
+        for note in notes:
+            warnings.warn(f"sparsec: {note}", stacklevel=3)
+        return gm, "symbolic_trace", notes
 
     where = user_frame(symbolic_failure)
     fx_summary = f"torch.fx.symbolic_trace failed: {_first_line(symbolic_failure)}" + (f"\n    at {where}" if where else "")
@@ -148,6 +154,40 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
             + (f" at {where}" if where else "") + "); the graph is specialised to the example inputs' shapes "
             "and to the model's train/eval mode at compile time")
     return gm, "torch.export", [note]
+
+
+def _lost_buffer_updates(model: nn.Module, gm: fx.GraphModule, example_inputs: tuple | None) -> list[str]:
+    """A note when the model's forward updates buffers in Python code (`self.steps += 1`) that
+    symbolic_trace does not record (updates inside leaf modules, like BatchNorm's running stats, are
+    kept): the compiled model would never update them. Runs the model and the graph once each on
+    the example inputs, restoring every buffer after each."""
+    if example_inputs is None:
+        return []
+
+    def run(module: nn.Module) -> dict[str, torch.Tensor]:
+        with torch.no_grad(), preserved_buffers(module):
+            module(*example_inputs)
+            return {name: buf.detach().clone() for name, buf in module.named_buffers()}
+
+    before = {name: buf.detach().clone() for name, buf in model.named_buffers()}
+    cuda = sorted({t.device.index or 0 for t in [*model.parameters(), *model.buffers()] if t.device.type == "cuda"})
+    try:
+        with torch.random.fork_rng(devices=cuda):  # compiling must not move the user's random streams
+            eager, graph = run(model), run(gm)
+    except Exception:  # noqa: BLE001 - the compile's own run reports bad inputs with its context
+        return []
+    lost = [name for name, value in eager.items()
+            if not _same(value, before.get(name)) and not _same(value, graph.get(name))]
+    if not lost:
+        return []
+    return [f"the model's forward updates buffer{'s' if len(lost) > 1 else ''} {lost} in Python code that "
+            f"torch.fx does not record: the compiled model never updates {'them' if len(lost) > 1 else 'it'}. "
+            f"To keep the update, make the module that does it a leaf (leaf_modules=['its.name']) or move the "
+            f"update out of forward"]
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return a is not None and b is not None and a.shape == b.shape and bool(torch.equal(a, b))
 
 
 def _replace_export_guards(gm: fx.GraphModule) -> None:

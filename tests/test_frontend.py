@@ -1,4 +1,6 @@
 """Tracing: symbolic_trace, the torch.export fallback, leaf modules, and errors naming user code."""
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -150,3 +152,36 @@ def test_export_traced_model_refuses_other_shapes_clearly():
     cm = sparsec.compile(model, example_inputs=(torch.randn(2, 5, 32),))
     with pytest.raises(ValueError, match=r"specialises the graph to the example inputs' shapes \[\(2, 5, 32\)\]"):
         cm(torch.randn(3, 5, 32))
+
+
+class CountingStage(nn.Module):
+    """Counts its calls in a buffer, in Python code symbolic_trace cannot record."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 64)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return torch.relu(self.fc(x))
+
+
+def _counting_model():
+    return nn.Sequential(nn.Linear(64, 64), CountingStage(), nn.BatchNorm1d(64), nn.Linear(64, 4)).train()
+
+
+def test_a_buffer_update_the_graph_would_lose_is_reported_not_dropped_silently():
+    model, x = _counting_model(), torch.randn(8, 64)
+    with pytest.warns(UserWarning, match=r"updates buffer \['1.calls'\] in Python code that torch.fx does not record"):
+        cm = sparsec.compile(model, example_inputs=(x,))
+    assert any("1.calls" in note for note in cm.plan.notes) and "1.calls" in str(cm.plan)
+    assert float(model[1].calls) == 0 and float(model[2].num_batches_tracked) == 0  # the user's model untouched
+    # the remedy the note names: a leaf module keeps its update; BatchNorm's running stats never needed one
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kept = sparsec.compile(model, example_inputs=(x,), leaf_modules=["1"])
+    assert not kept.plan.notes
+    kept(x)
+    counters = dict(kept.named_buffers())
+    assert [float(v) for k, v in counters.items() if k.endswith("1.calls")] == [1.0]
