@@ -20,7 +20,7 @@ parts=("$@")
 for part in "${parts[@]}"; do
   case "$part" in
     tests)     timeout 240 $PY -m pytest -q -x tests/test_codegen.py tests/test_condensed_layer.py tests/test_training.py \
-                 tests/test_bench.py -p no:cacheprovider 2>&1 | tail -15 ;;
+                 tests/test_bench.py tests/test_int8_prmt.py -p no:cacheprovider 2>&1 | tail -15 ;;
     quick)     timeout 300 $PY bench/bench_sparse24.py --quick ;;
     sparse24)  timeout 560 $PY bench/bench_sparse24.py ;;
     training)  timeout 240 $PY bench/bench_training.py ;;
