@@ -73,7 +73,7 @@ def sweep_configs(layer, x, expected) -> list[dict]:
     n = layer.packed.out_features
     spec, packed = layer.spec(), layer.packed
     results = []
-    for cfg in matmul_candidates(m, n, k, "float16", sm_count(x.device), spec.weight_dtype):
+    for cfg in matmul_candidates(m, n, k, spec.act_dtype, sm_count(x.device), spec.weight_dtype):
         run = lambda cfg=cfg: sparse24_matmul(x, packed.values, packed.meta, packed.scales, None, None, spec,  # noqa: E731
                                               layer.kernel_name, layer.kernel_source, config=cfg)
         err = relative_error(run(), expected)

@@ -31,8 +31,9 @@ def test_sparse24_sweep_times_every_candidate_and_checks_nothing_silently(monkey
 
     calls = []
     monkeypatch.setattr(bench_sparse24, "median_time", lambda fn, **kw: calls.append(fn()) or 1e-6 * len(calls))
-    model = nn.Sequential(nn.Linear(64, 32, bias=False))
-    x = torch.randn(2, 64)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # (CPU runs the kernels in the interpreter)
+    model = nn.Sequential(nn.Linear(64, 32, bias=False)).to(device)
+    x = torch.randn(2, 64, device=device)
     cm = sparsec.compile(model, example_inputs=(x,), backend="triton", include=[".*"], min_weights=0)
     layer = next(m for m in cm.modules() if isinstance(m, TritonSparseLinear))
     expected = x.double() @ cm.effective_weight("0").double().t()

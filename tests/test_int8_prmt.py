@@ -127,16 +127,17 @@ def test_only_int8_fp16_kernels_carry_it_and_only_as_a_candidate(monkeypatch):
 
 def test_launch_and_plan_refuse_it_where_it_cannot_apply():
     assert "INT8_PRMT must be 0 or 1" in validate_launch(dict(matmul_config(1, 64, 64, "float16"), M=1, INT8_PRMT=2))
-    x = torch.randn(2, 64)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # (CPU runs under the interpreter)
+    x = torch.randn(2, 64, device=device)
     w = torch.randn(32, 64)
     values, meta = ref.nm_compress_masked(w * oracle_nm_mask(w, 2, 4), oracle_nm_mask(w, 2, 4), 2, 4)
     spec = MatmulSpec("float32", "float32", False, None, False, "float32")
     name, source = emit_matmul(spec, [])
     cfg = dict(matmul_config(2, 32, 64, "float32"), INT8_PRMT=1)
     with pytest.raises(InvalidInputError, match="INT8_PRMT=1 converts int8 weights"):
-        sparse24_matmul(x, values, meta, None, None, None, spec, name, source, config=cfg)
+        sparse24_matmul(x, values.to(device), meta.to(device), None, None, None, spec, name, source, config=cfg)
 
-    model = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32)).to(device)
     cm = sparsec.compile(model, example_inputs=(x,), backend="triton", include=[".*"], min_weights=0)
     plan = sparsec.Plan.from_json(cm.plan.to_json())
     plan["0"].launch = dict(cfg, M=2)
