@@ -6,7 +6,6 @@ breakdown (medians over repeats) and writes bench/results/compile-<host>-<date>.
     python bench/bench_compile.py [--repeats 3]
 """
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -21,7 +20,7 @@ sys.path.insert(0, os.path.join(ROOT, "examples"))
 import transformer  # noqa: E402
 
 import sparsec  # noqa: E402
-from results_io import arg_parser, parse_args  # noqa: E402
+from results_io import arg_parser, parse_args, write_results  # noqa: E402
 
 
 def main() -> None:
@@ -56,11 +55,8 @@ def main() -> None:
     result = {"benchmark": "compile time, 12-layer encoder 768/3072", "date": datetime.date.today().isoformat(),
               "host": platform.node(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "parameters": params, "input": list(x.shape), "results": rows}
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"compile-cpu{os.cpu_count()}-{result['date']}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"\nwrote {path}")
+    print()
+    write_results("compile", f"cpu{os.cpu_count()}", result)
 
 
 if __name__ == "__main__":

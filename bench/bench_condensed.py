@@ -15,10 +15,9 @@ batch 1 instead of 145 us (likely its 9.4 MB of weights evicted and OpenMP worke
 Target (the SRigL paper's figure, 4 threads): condensed >= 3.4x dense at batch 1.
 
     python bench/bench_condensed.py [--rounds 9] [--threads N]
-writes bench/results/condensed-cpu<cores>-<date>.json (with --threads: ...-<date>-t<N>.json)
+writes bench/results/condensed-cpu<cores>-<date>.json (with --threads: condensed-cpu<cores>-t<N>-<date>.json)
 """
 import datetime
-import json
 import os
 import platform
 import resource
@@ -34,7 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from sparsec.runtime import condensed_cpu as cc  # noqa: E402
-from results_io import arg_parser, parse_args  # noqa: E402
+from results_io import arg_parser, parse_args, write_results  # noqa: E402
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
@@ -195,12 +194,7 @@ def main() -> None:
               "torch": torch.__version__, "threads": torch.get_num_threads(), "kernels": cc.isa(),
               "layer": [K, OUT], "rounds": args.rounds,
               "other_processes_cpu_s": elsewhere, "wall_s": wall, "stack": STACK, "results": rows}
-    os.makedirs(args.out, exist_ok=True)
-    suffix = f"-t{args.threads}" if args.threads else ""
-    path = os.path.join(args.out, f"condensed-cpu{os.cpu_count()}-{result['date']}{suffix}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {path}")
+    write_results("condensed", f"cpu{os.cpu_count()}" + (f"-t{args.threads}" if args.threads else ""), result)
 
 
 if __name__ == "__main__":

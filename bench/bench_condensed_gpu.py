@@ -20,11 +20,10 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 
 def main() -> int:
-    from results_io import arg_parser, parse_args, write_results
+    from results_io import arg_parser, parse_args, skip_without_cuda, write_results
 
     parse_args(arg_parser(__doc__))
-    if not torch.cuda.is_available():
-        print("bench_condensed_gpu: no CUDA device on this machine; the GPU benchmark is skipped (nothing written).")
+    if skip_without_cuda("bench_condensed_gpu"):
         return 0
     from bench_sparse24 import median_time
 

@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-from results_io import arg_parser, parse_args, write_results  # noqa: E402
+from results_io import arg_parser, parse_args, skip_without_cuda, write_results  # noqa: E402
 
 MS = [1, 16, 128, 2048, 8192]
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
@@ -144,8 +144,7 @@ def main() -> int:
     parser = arg_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="M in {1, 2048}, first shape only")
     args = parse_args(parser)
-    if not torch.cuda.is_available():
-        print("bench_sparse24: no CUDA device on this machine; the GPU benchmark is skipped (nothing written).")
+    if skip_without_cuda("bench_sparse24"):
         return 0
     import triton
 

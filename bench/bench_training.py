@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-from results_io import arg_parser, parse_args, write_results  # noqa: E402
+from results_io import arg_parser, parse_args, skip_without_cuda, write_results  # noqa: E402
 
 
 class Block(nn.Module):
@@ -66,8 +66,7 @@ def check_dgrad(model_sdgp, x: torch.Tensor) -> float:
 
 def main() -> int:
     parse_args(arg_parser(__doc__))
-    if not torch.cuda.is_available():
-        print("bench_training: no CUDA device on this machine; the GPU benchmark is skipped (nothing written).")
+    if skip_without_cuda("bench_training"):
         return 0
     import sparsec
 

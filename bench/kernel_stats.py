@@ -36,16 +36,16 @@ UNIT_OF = {**{op: "alu" for op in ("LOP3", "SHF", "PRMT", "ISETP", "SEL", "IADD3
            **{op: "convert" for op in ("I2F", "F2F", "F2I", "I2FP", "F2FP", "I2I")}}
 
 
-def unit_loads(opcodes: dict[str, int], threads: int, weights: int) -> dict[str, float]:
-    """Per unit: SM clocks per weight spent on it, for a loop of `opcodes` run by `threads` threads per
-    iteration over `weights` weights. Uniform-datapath (U*) instructions run once per warp: issue only."""
+def unit_instructions(opcodes: dict[str, int], threads: int, weights: int) -> dict[str, float]:
+    """Per unit: thread instructions per weight it runs, for a loop of `opcodes` run by `threads`
+    threads per iteration over `weights` weights. Every instruction costs issue; uniform-datapath
+    (U*) instructions are not in UNIT_OF (they run once per warp)."""
     per_weight = {unit: 0.0 for unit in UNIT_RATE}
     for op, count in opcodes.items():
         per_weight["issue"] += count * threads / weights
-        unit = UNIT_OF.get(op)
-        if unit and not op.startswith("U"):
-            per_weight[unit] += count * threads / weights
-    return {unit: per_weight[unit] / UNIT_RATE[unit] for unit in UNIT_RATE}
+        if op in UNIT_OF:
+            per_weight[UNIT_OF[op]] += count * threads / weights
+    return per_weight
 
 
 def loop_opcodes(cubin: bytes) -> dict[str, int] | None:
@@ -102,10 +102,8 @@ def main() -> int:
                                        cfg["num_stages"])
                 usage = resource_usage(compiled.asm["cubin"]) or {}
                 opcodes = loop_opcodes(compiled.asm["cubin"]) or {}
-                threads, weights = 32 * cfg["num_warps"], cfg["BLOCK_N"] * cfg["BLOCK_K"]
-                per_weight = {unit: sum(c for op, c in opcodes.items() if UNIT_OF.get(op) == unit) * threads / weights
-                              for unit in ("alu", "convert")}
-                clocks = unit_loads(opcodes, threads, weights)
+                per_weight = unit_instructions(opcodes, 32 * cfg["num_warps"], cfg["BLOCK_N"] * cfg["BLOCK_K"])
+                clocks = {unit: per_weight[unit] / rate for unit, rate in UNIT_RATE.items()}  # SM clocks per weight
                 bound = max(clocks, key=clocks.get)
                 # every M tile re-expands its weights; the slowest unit across all SMs sets the time
                 tiles_m = -(-m // cfg["BLOCK_M"])
@@ -113,7 +111,7 @@ def main() -> int:
                 row = {"kernel": label, "M": m, "N": n, "K": k, "config": cfg, "arch": f"sm_{cap}",
                        "registers": usage.get("REG"), "stack_bytes": usage.get("STACK"),
                        "shared_bytes": compiled.metadata.shared, "loop_opcodes": opcodes,
-                       "instructions_per_weight": sum(opcodes.values()) * threads / weights if opcodes else None,
+                       "instructions_per_weight": per_weight["issue"] if opcodes else None,
                        "alu_per_weight": per_weight["alu"], "convert_per_weight": per_weight["convert"],
                        "bound_unit": bound,
                        "expand_us_h100_model": expand_s * 1e6 if expand_s and cap == 90 else None}

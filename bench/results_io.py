@@ -30,6 +30,14 @@ def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
     return args
 
 
+def skip_without_cuda(script: str) -> bool:
+    """True (after saying so) on a machine without CUDA, where a GPU benchmark writes nothing."""
+    if torch.cuda.is_available():
+        return False
+    print(f"{script}: no CUDA device on this machine; the GPU benchmark is skipped (nothing written).")
+    return True
+
+
 def write_results(prefix: str, device: str, payload: dict) -> str:
     """Write `payload` (plus device, date, torch version) to <results>/<prefix>-<device>-<date>.json."""
     date = datetime.date.today().isoformat()

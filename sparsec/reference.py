@@ -110,17 +110,21 @@ def nm_compress_masked(rows: torch.Tensor, mask: torch.Tensor, n: int, m: int) -
 
 
 def nm_positions(meta: torch.Tensor, n: int, m: int, groups: int) -> torch.Tensor:
-    """Decode metadata into int64 positions `[..., groups, n]`; metadata of the wrong shape, or
-    holding positions that are not increasing inside [0, m) (e.g. nibble 0: i0 == i1), is an error:
-    decoding it would drop values silently."""
+    """Decode metadata into int64 positions `[..., groups, n]` (no checks: see `checked_nm_positions`)."""
+    if (n, m) == (2, 4):
+        return unpack_nibbles(meta, groups)
+    return meta.long().reshape(*meta.shape[:-1], groups, n)
+
+
+def checked_nm_positions(meta: torch.Tensor, n: int, m: int, groups: int) -> torch.Tensor:
+    """`nm_positions` for metadata from outside: the wrong shape, or positions that are not
+    increasing inside [0, m) (e.g. nibble 0: i0 == i1), is an error, since decoding it would drop
+    values silently."""
     want = math.ceil(groups * m / 16) if (n, m) == (2, 4) else groups * n
     if meta.shape[-1:] != (want,):
         raise InvalidInputError(f"{n}:{m} metadata for {groups * n} values per row must have {want} entries per "
                                 f"row, got shape {tuple(meta.shape)}")
-    if (n, m) == (2, 4):
-        positions = unpack_nibbles(meta, groups)
-    else:
-        positions = meta.long().reshape(*meta.shape[:-1], groups, n)
+    positions = nm_positions(meta, n, m, groups)
     if positions.numel() and not (((positions >= 0) & (positions < m)).all()
                                   and (positions[..., 1:] > positions[..., :-1]).all()):
         raise InvalidInputError(f"corrupt {n}:{m} metadata: kept positions must be increasing within each group of "
@@ -129,11 +133,21 @@ def nm_positions(meta: torch.Tensor, n: int, m: int, groups: int) -> torch.Tenso
 
 
 def nm_decompress(values: torch.Tensor, meta: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
-    """Dense tensor `[..., K]` from N:M values + metadata (zeros everywhere else)."""
+    """Dense tensor `[..., K]` from N:M values + metadata (zeros everywhere else); the metadata is checked."""
+    return _scatter_groups(values, meta, n, m, checked_nm_positions)
+
+
+def nm_decompress_own(values: torch.Tensor, meta: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """`nm_decompress` of metadata sparsec wrote itself (packed layers, SDGP): unchecked, since the check
+    costs about a tenth of a decompress and packed layers decompress on every CPU forward."""
+    return _scatter_groups(values, meta, n, m, nm_positions)
+
+
+def _scatter_groups(values: torch.Tensor, meta: torch.Tensor, n: int, m: int, positions_of) -> torch.Tensor:
     if values.shape[-1] % n:
         raise InvalidInputError(f"values' last dimension {values.shape[-1]} is not a multiple of N={n}")
     groups = values.shape[-1] // n
-    positions = nm_positions(meta, n, m, groups)
+    positions = positions_of(meta, n, m, groups)
     dense = torch.zeros(*values.shape[:-1], groups, m, dtype=values.dtype, device=values.device)
     dense.scatter_(-1, positions, values.reshape(*values.shape[:-1], groups, n))
     return dense.reshape(*values.shape[:-1], groups * m)

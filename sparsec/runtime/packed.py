@@ -76,7 +76,7 @@ class NMPacked(PackedWeight):
         return cls(q.contiguous(), meta.contiguous(), scales, pattern.n, pattern.m, rows.shape[1], rows.dtype)
 
     def rows(self, dtype=None) -> torch.Tensor:
-        return ref.nm_decompress(self.kept_values(dtype), self.meta, self.n, self.m)
+        return ref.nm_decompress_own(self.kept_values(dtype), self.meta, self.n, self.m)
 
     def mask(self) -> torch.Tensor:
         return ref.nm_mask_from_meta(self.meta, self.n, self.m, self.reduction)

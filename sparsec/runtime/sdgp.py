@@ -223,11 +223,11 @@ def _linear_dgrad(dy: torch.Tensor, weight: torch.Tensor, n: int, m: int, mode: 
     if (n, m) != (2, 4) or not _kernel_path(dy):
         return prune_grad(dy, n, m, -1, mode).matmul(weight)
     from sparsec.codegen.launch import prune24
-    from sparsec.reference import nm_decompress
+    from sparsec.reference import nm_decompress_own
 
     rows = dy.reshape(-1, dy.shape[-1])
     values, meta = prune24(rows)
-    pruned = nm_decompress(values, meta, 2, 4)
+    pruned = nm_decompress_own(values, meta, 2, 4)
     if mode == "rescale":
         pruned = _rescale_l1(rows, pruned, 1)
     return _sparse_mm(pruned, weight).reshape(*dy.shape[:-1], weight.shape[1])
