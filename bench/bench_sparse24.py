@@ -109,9 +109,9 @@ def run_case(m: int, n: int, k: int, int8: bool, ceil: dict) -> dict:
         row["ok"] = row["ok"] and all(c["ok"] for c in row["configs"])
         checked = [c for c in row["configs"] if c["ok"]] or [{"config": row["default_config"], "s": row["default_s"]}]
         best = min(checked, key=lambda c: c["s"])
-        if int8:  # the two int8 -> fp16 conversions, each at its fastest config
-            row["best_s_by_int8_prmt"] = {prmt: min((c["s"] for c in checked if c["config"].get("INT8_PRMT") == prmt),
-                                                    default=None) for prmt in (0, 1)}
+        # the two expansions (Triton shifts, inline-PTX byte permutes), each at its fastest config
+        row["best_s_by_prmt_expand"] = {prmt: min((c["s"] for c in checked if c["config"].get("PRMT_EXPAND") == prmt),
+                                                  default=None) for prmt in (0, 1)}
         row["sparsec_s"], row["best_config"] = best["s"], best["config"]
         row["sparsec_eager_s"] = median_time(lambda: triton_layer(x), graph=False)
         row["dense_eager_s"] = median_time(lambda: model(x), graph=False)  # the module auto replaces

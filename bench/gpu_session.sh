@@ -21,7 +21,7 @@ for part in "${parts[@]}"; do
   case "$part" in
     # (no -x: some tests compile CPU models with backend="triton", which only the CPU interpreter
     # runs; on a GPU machine they fail at once with that message, and the rest must still run)
-    tests)     timeout 240 $PY -m pytest -q -rfE tests/test_int8_prmt.py tests/test_codegen.py tests/test_condensed_layer.py \
+    tests)     timeout 240 $PY -m pytest -q -rfE tests/test_prmt_expand.py tests/test_codegen.py tests/test_condensed_layer.py \
                  tests/test_training.py tests/test_bench.py -p no:cacheprovider 2>&1 | tail -40 ;;
     quick)     timeout 300 $PY bench/bench_sparse24.py --quick ;;
     sparse24)  timeout 560 $PY bench/bench_sparse24.py ;;

@@ -25,7 +25,8 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 os.environ["TRITON_INTERPRET"] = "0"
 
-SPECS = [("float16", "float16", 0), ("float16", "int8", 0), ("float16", "int8", 1), ("bfloat16", "bfloat16", 0)]
+SPECS = [("float16", "float16", 0), ("float16", "float16", 1), ("float16", "int8", 0), ("float16", "int8", 1),
+         ("bfloat16", "bfloat16", 0), ("bfloat16", "bfloat16", 1)]
 SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (128, 4096, 4096), (4096, 4096, 4096)]
 H100_SMS, H100_CLOCK_HZ = 132, 1.755e9
 # threads per SM and clock of each unit (sm_80 / sm_90); an opcode not listed only costs issue
@@ -94,8 +95,8 @@ def main() -> int:
         name, source = emit_matmul(spec, [])
         label = spec.short_name() + ("+prmt" if prmt else "")
         for m, n, k in SHAPES:
-            cfg = dict(matmul_config(m, n, k, act, sms=H100_SMS), INT8_PRMT=prmt)
-            constexprs = {key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "INT8_PRMT")}
+            cfg = dict(matmul_config(m, n, k, act, sms=H100_SMS), PRMT_EXPAND=prmt)
+            constexprs = {key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "PRMT_EXPAND")}
             constexprs["EVEN_K"] = k % cfg["BLOCK_K"] == 0
             for cap in (90, 80):
                 compiled = compile_for(cap, name, source, matmul_signature(spec), constexprs, cfg["num_warps"],

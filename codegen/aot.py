@@ -26,7 +26,7 @@ def matmul_signature(spec: MatmulSpec) -> dict[str, str]:
             "partial_ptr": "*fp32", "count_ptr": "*i32",
             "M": "i32", "N": "i32", "K": "i32",
             "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr",
-            "SPLIT_K": "constexpr", "EVEN_K": "constexpr", "INT8_PRMT": "constexpr"}
+            "SPLIT_K": "constexpr", "EVEN_K": "constexpr", "PRMT_EXPAND": "constexpr"}
 
 
 def condensed_signature(spec: MatmulSpec) -> dict[str, str]:
@@ -132,8 +132,8 @@ STANDARD_SMS = 132
 
 
 def standard_builds() -> list[tuple[str, MatmulSpec | None, dict]]:
-    """(key, spec, config) of every build the check makes: each spec's default config at every
-    standard shape, and every config backend="auto" may time for the specs with the heaviest
+    """(key, spec, config) of every build the check makes: each spec's default config (and its
+    PRMT_EXPAND twin) at every standard shape, and every config backend="auto" may time for the specs with the heaviest
     epilogues (fp16 with bias + relu, int8 weights with bias + gelu + scale), deduplicated."""
     from sparsec.codegen.configs import condensed_config, matmul_candidates
 
@@ -146,9 +146,10 @@ def standard_builds() -> list[tuple[str, MatmulSpec | None, dict]]:
                 # EVEN_K (K a multiple of the K tile, true at the standard shapes) is what real layers
                 # build with; the masked build for ragged K is checked at the decode config
                 tuned = matmul_candidates(m, n, k, spec.act_dtype, STANDARD_SMS, spec.weight_dtype)
-                configs = [dict(cfg, EVEN_K=True) for cfg in (tuned if i < 2 else tuned[:1])]
+                default = [cfg for cfg in tuned if dict(cfg, PRMT_EXPAND=0) == tuned[0]]  # and its PRMT_EXPAND twin
+                configs = [dict(cfg, EVEN_K=True) for cfg in (tuned if i < 2 else default)]
                 if m == 1:
-                    configs.append(dict(tuned[0], EVEN_K=False))
+                    configs += [dict(cfg, EVEN_K=False) for cfg in default]
             for cfg in configs:
                 ident = (spec, tuple(sorted(cfg.items())))
                 if ident not in seen:

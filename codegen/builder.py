@@ -10,7 +10,7 @@ import os
 import string
 from dataclasses import dataclass
 
-from sparsec.codegen.spec import MatmulSpec, PruneSpec
+from sparsec.codegen.spec import MatmulSpec, PruneSpec, has_prmt_expand
 
 TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
 
@@ -58,9 +58,16 @@ _BITS = {"int8": 8, "float16": 16, "bfloat16": 16, "float32": 32}
 
 def _expand(spec: MatmulSpec) -> str:
     """Lines expanding each group's word `pairs` ([BLOCK_N, BLOCK_K/4]: its two kept values, `first`
-    in the low half) and `nibbles` into the values at its four positions, p0..p3. The forms were
+    in the low half) and its metadata into the values at its four positions, p0..p3. The forms were
     chosen by sm_90 SASS instructions per weight (bench/kernel_stats.py)."""
     buf = IndentedBuffer(indent=2)
+    if has_prmt_expand(spec.weight_dtype, spec.act_dtype):
+        buf.line("if PRMT_EXPAND:")
+        buf.indent()
+        _prmt_expand(buf, spec)
+        buf.dedent()
+        buf.line("else:")
+        buf.indent()
     bits, value = _BITS[spec.weight_dtype], _TL_DTYPE[spec.weight_dtype]
     mask = hex((1 << bits) - 1)
     if bits <= 16:
@@ -80,33 +87,93 @@ def _expand(spec: MatmulSpec) -> str:
         buf.line(f"w23 = tl.where(i0 == 2, pairs, tl.where(i1 == 2, (pairs >> {bits}) & {mask}, "
                  f"tl.where(i1 == 3, pairs - low, 0)))")
         words = ["w01", f"(w01 >> {bits})", "w23", f"(w23 >> {bits})"]
-    if spec.weight_dtype == "int8" and spec.act_dtype == "float16":
-        buf.line("if INT8_PRMT:")
-        buf.indent()
-        for text in _INT8_PRMT:
-            buf.line(text)
-        buf.dedent()
-        buf.line("else:")
-        buf.indent()
     for i, word in enumerate(words):
         buf.line(f"p{i} = {word}.to(tl.int{bits}).to({value}, bitcast=True)")
     return buf.getvalue()
 
 
-# int8 -> fp16 for the four bytes of `group` at once, in inline PTX: flip each byte's sign bit (v + 128,
-# as an unsigned byte u), put u under the fp16 pattern 0x64 (1024 + u, exact: fp16 spacing at 1024 is 1)
-# two bytes per 32-bit word with `prmt` (selector nibbles pick bytes of {0x64646464, t}: 0-3 of t,
-# 4-7 of the constant), then subtract 1152 from both halves (sub.f16x2; exact). 0x6480 is 1152.0.
-# Costs 5 full-rate instructions per 4 weights where cvt costs an eighth-rate one per weight.
-_INT8_PRMT = [
-    "# int8 -> fp16 by byte permute (configs.py, INT8_PRMT): 1024 + (v ^ 0x80) - 1152 == v, all exact",
-    "p0, p1, p2, p3 = tl.inline_asm_elementwise(",
-    '    "{ .reg .b32 t, lo, hi, c; xor.b32 t, $4, 0x80808080; "',
-    '    "prmt.b32 lo, t, 0x64646464, 0x5140; prmt.b32 hi, t, 0x64646464, 0x5342; "',
-    '    "mov.b32 c, 0x64806480; sub.f16x2 lo, lo, c; sub.f16x2 hi, hi, c; "',
-    '    "mov.b32 {$0, $1}, lo; mov.b32 {$2, $3}, hi; }",',
-    '    "=h,=h,=h,=h,r", [group], dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=1)',
-]
+# PRMT_EXPAND (configs.py): the expansion by byte permutes in inline PTX. `prmt.b32 d, a, b, s` builds d
+# from the 8 bytes {b, a} (a = bytes 0-3), result byte i being source byte (nibble i of s) & 7.
+#
+# 1. Per metadata word, one selector byte per group and position. Each nibble i0 | i1 << 2 (i0 < i1)
+#    has its own 3-bit code, the low bits of its Gray code n ^ (n >> 1) (6 codes for 6 nibbles; the
+#    padding nibble 0 gets code 0), and (w ^ (w >> 1)) & 0x7777 makes them for all four groups of a
+#    word at once. Used as a prmt selector into an 8-byte table (two immediates), the codes look up
+#    four bytes at once: byte g of t<p> is group g's selector byte for its position p.
+# 2. Per group, prmt(t0, t1, sel[g]) joins its position 0 and 1 bytes into the selector that gathers
+#    positions 0 and 1 from {0, pair} (kept values and zero bytes), likewise t2, t3 for positions 2, 3.
+#    sel[g] = 0x40 + 0x11 * g picks byte g of each table word.
+# int8 for fp16: the gather also converts. A biased byte u = v ^ 0x80 under the fp16 pattern 0x64
+# (1024 + u, exact) minus 1152 (0x6480; sub.f16x2, exact) is v; zero is u = 0x80, from the constant.
+_SELECT_FIRST, _SELECT_SECOND, _SELECT_ZERO = range(3)
+
+
+def _nibble_codes() -> dict[int, tuple[int, int]]:
+    """Gray code (low 3 bits) of each valid nibble -> its kept positions (i0, i1)."""
+    codes = {}
+    for i0 in range(4):
+        for i1 in range(i0 + 1, 4):
+            nibble = i0 | i1 << 2
+            codes[(nibble ^ nibble >> 1) & 7] = (i0, i1)
+    assert len(codes) == 6 and 0 not in codes
+    return codes
+
+
+def _position_tables(selector_bytes: tuple[int, int, int]) -> list[tuple[int, int]]:
+    """Per position 0..3, its 8-byte table code -> selector byte (first / second / zero), as the
+    immediates (bytes 0-3, bytes 4-7)."""
+    codes = _nibble_codes()
+    tables = []
+    for position in range(4):
+        table = bytes(selector_bytes[_SELECT_FIRST if position == codes[code][0] else _SELECT_SECOND
+                                     if position == codes[code][1] else _SELECT_ZERO] if code in codes
+                      else selector_bytes[_SELECT_ZERO] for code in range(8))
+        tables.append((int.from_bytes(table[:4], "little"), int.from_bytes(table[4:], "little")))
+    return tables
+
+
+def _asm_lines(buf: IndentedBuffer, statements: list[str], per_line: int) -> None:
+    """A PTX block as adjacent string literals, `per_line` statements each."""
+    for i in range(0, len(statements), per_line):
+        text = " ".join(statements[i:i + per_line])
+        buf.line(f'    "{"{ " if i == 0 else ""}{text}{" }" if i + per_line >= len(statements) else " "}"'
+                 + ("," if i + per_line >= len(statements) else ""))
+
+
+def _prmt_expand(buf: IndentedBuffer, spec: MatmulSpec) -> None:
+    int8 = spec.weight_dtype == "int8"
+    # selector bytes (low nibble: source of the value's low byte, high nibble: of its high byte)
+    # picking `first`, `second` or zero; int8 values have one byte, under 0x64 (byte 5 of the constant)
+    tables = _position_tables((0x50, 0x51, 0x54) if int8 else (0x10, 0x32, 0x44))
+    buf.line("# expansion by byte permutes (configs.py, PRMT_EXPAND; builder.py explains the tables)")
+    buf.line("t0, t1, t2, t3 = tl.inline_asm_elementwise(")
+    _asm_lines(buf, [".reg .b32 c, t; shr.u32 t, $4, 1; xor.b32 c, $4, t; and.b32 c, c, 0x7777;"]
+               + [f"mov.b32 t, {low:#010x}; prmt.b32 ${p}, t, {high:#010x}, c;" for p, (low, high) in enumerate(tables)], 1)
+    buf.line('    "=r,=r,=r,=r,r", [words.to(tl.int32)], dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True,')
+    buf.line("    pack=1)")
+    buf.line("# per group: its word's lookups, and sel (group g of a word is group 4w + g of the block)")
+    for t in ("t0", "t1", "t2", "t3"):
+        buf.line(f"{t} = tl.reshape(tl.broadcast_to({t}[:, :, None], (BLOCK_N, BLOCK_K // 16, 4)), (BLOCK_N, BLOCK_K // 4))")
+    buf.line("sel = tl.reshape(tl.broadcast_to((0x40 + 0x11 * tl.arange(0, 4))[None, None, :], (BLOCK_N, BLOCK_K // 16, 4)),")
+    buf.line("                 (BLOCK_N, BLOCK_K // 4))")
+    if int8:
+        # the int16 pair ($4, "h") as a 32-bit word, its bytes biased; zero is 0x80, byte 4 of the constant
+        statements = [".reg .b32 s, lo, hi, d, c;", "mov.b32 d, {$4, $4};", "xor.b32 d, d, 0x80808080;"]
+        source, constant = "d", "0x64646480"
+    else:
+        statements, source, constant = [".reg .b32 s, lo, hi;"], "$4", "0"
+    statements += ["prmt.b32 s, $5, $6, $9;", f"prmt.b32 lo, {source}, {constant}, s;",
+                   "prmt.b32 s, $7, $8, $9;", f"prmt.b32 hi, {source}, {constant}, s;"]
+    if int8:
+        statements += ["mov.b32 c, 0x64806480;", "sub.f16x2 lo, lo, c;", "sub.f16x2 hi, hi, c;"]
+    statements += ["mov.b32 {$0, $1}, lo;", "mov.b32 {$2, $3}, hi;"]
+    buf.line("q0, q1, q2, q3 = tl.inline_asm_elementwise(")
+    _asm_lines(buf, statements, 3)
+    buf.line(f'    "=h,=h,=h,=h,{"h" if int8 else "r"},r,r,r,r,r", [pairs, t0, t1, t2, t3, sel],')
+    buf.line("    dtype=(tl.int16, tl.int16, tl.int16, tl.int16), is_pure=True, pack=1)")
+    value = _TL_DTYPE["float16" if int8 else spec.weight_dtype]
+    for i in range(4):
+        buf.line(f"p{i} = q{i}.to({value}, bitcast=True)")
 
 
 def _dot(spec: MatmulSpec) -> str:

@@ -14,18 +14,23 @@ programs fill the device about twice over, keeping each split at least MIN_SPLIT
 and the fp32 partials the splits write and read back (8 bytes per output element and split) under
 a quarter of the 2:4 weight bytes (about one byte per weight), i.e. split <= K / (32 M).
 
-INT8_PRMT (int8 weights with fp16 activations only): 1 converts the weights to fp16 with a byte
-permute (PTX `prmt`) and one packed subtract per two weights, instead of one `cvt` per weight, which
-runs at an eighth of the FP32 rate on sm_80/sm_90 and caps decode at about 2.5x dense fp16. Inline
-PTX cannot run in the Triton interpreter and no GPU has checked it yet, so the shape table never
-sets it: it is only a candidate, and backend="auto" checks every candidate's output against dense
+PRMT_EXPAND (16-bit weights, and int8 weights with fp16 activations; spec.has_prmt_expand): 1 expands
+the 2:4 groups with byte permutes in inline PTX (builder.py), int8 to fp16 included, where the
+Triton form shifts each kept value into place (64-bit shifts for 16-bit values) and converts int8
+with `cvt`, an eighth-rate instruction on sm_80/sm_90. On sm_90 it takes the K loop of the decode
+kernel from 4.7 to about 2 integer instructions per fp16 weight and from 4.2 (and a cvt) to 2.7 per
+int8 weight (bench/kernel_stats.py), below what streaming the weights from HBM takes. Inline PTX
+cannot run in the Triton interpreter and no GPU has checked it yet, so the shape table never sets
+it: it is only a candidate, and backend="auto" checks every candidate's output against dense
 before timing it.
 """
 from __future__ import annotations
 
 import os
 
-LAUNCH_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "INT8_PRMT", "num_warps", "num_stages")
+from sparsec.codegen.spec import has_prmt_expand
+
+LAUNCH_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "PRMT_EXPAND", "num_warps", "num_stages")
 MAX_SPLIT_K = 16
 MIN_SPLIT_BLOCKS = 4
 WAVES = 2  # programs per SM that split-K aims for (three 4-warp decode programs fit an SM's registers)
@@ -69,17 +74,18 @@ def matmul_config(m: int, n: int, k: int, act_dtype: str, sms: int | None = None
     if interpreting():
         # Few, large programs: the interpreter's cost is per program and per K step.
         return dict(BLOCK_M=_pow2_clamp(m, 16, 64), BLOCK_N=_pow2_clamp(n, 16, 128), BLOCK_K=_pow2_clamp(k, 16, 128),
-                    GROUP_M=8, SPLIT_K=1, INT8_PRMT=0, num_warps=4, num_stages=1)
+                    GROUP_M=8, SPLIT_K=1, PRMT_EXPAND=0, num_warps=4, num_stages=1)
     cfg = _tiles(m, n, act_dtype)
     cfg["SPLIT_K"] = split_k(m, n, k, cfg, sms)
-    cfg["INT8_PRMT"] = 0
+    cfg["PRMT_EXPAND"] = 0
     return {key: cfg[key] for key in LAUNCH_KEYS}
 
 
 def matmul_candidates(m: int, n: int, k: int, act_dtype: str, sms: int | None, weight_dtype: str | None = None) -> list[dict]:
     """The default config first, then alternatives worth timing at this shape: other spill-free
-    tiles (each with its own split), other splits of the default tiles, and for int8 weights with
-    fp16 activations each of those again with INT8_PRMT."""
+    tiles (each with its own split), other splits of the default tiles, and where the kernel has a
+    PRMT_EXPAND form (spec.has_prmt_expand) each of those again with it. `weight_dtype` defaults to
+    `act_dtype`."""
     base = matmul_config(m, n, k, act_dtype, sms)
     if interpreting() or act_dtype == "float32":
         tiles = []
@@ -90,13 +96,13 @@ def matmul_candidates(m: int, n: int, k: int, act_dtype: str, sms: int | None, w
         tiles = [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)]
     else:
         tiles = [dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)]
-    variants = [base] + [dict(t, SPLIT_K=split_k(m, n, k, t, sms), INT8_PRMT=0) for t in tiles]
+    variants = [base] + [dict(t, SPLIT_K=split_k(m, n, k, t, sms), PRMT_EXPAND=0) for t in tiles]
     if base["SPLIT_K"] > 1:
         variants += [dict(base, SPLIT_K=base["SPLIT_K"] // 2), dict(base, SPLIT_K=1)]
     elif sms and m <= 64 and -(-k // base["BLOCK_K"]) // 2 >= MIN_SPLIT_BLOCKS:
         variants.append(dict(base, SPLIT_K=2))
-    if weight_dtype == "int8" and act_dtype == "float16" and not interpreting():
-        variants += [dict(cfg, INT8_PRMT=1) for cfg in variants]
+    if has_prmt_expand(weight_dtype or act_dtype, act_dtype) and not interpreting():
+        variants += [dict(cfg, PRMT_EXPAND=1) for cfg in variants]
     unique = []
     for cfg in variants:
         cfg = {key: cfg[key] for key in LAUNCH_KEYS}
@@ -111,9 +117,9 @@ def validate_launch(launch: dict) -> str | None:
         return f"a launch config needs exactly the keys {['M', *LAUNCH_KEYS]}"
     cfg = launch
     for key, value in cfg.items():
-        if key == "INT8_PRMT":
+        if key == "PRMT_EXPAND":
             if type(value) is not int or value not in (0, 1):
-                return f"launch INT8_PRMT must be 0 or 1, got {value!r}"
+                return f"launch PRMT_EXPAND must be 0 or 1, got {value!r}"
         elif not isinstance(value, int) or isinstance(value, bool) or value < 1:
             return f"launch {key} must be a positive integer, got {value!r}"
     for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps"):

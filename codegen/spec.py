@@ -11,6 +11,12 @@ _SHORT = {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "int8": "i8"}
 FORMATS = ("2:4", "fanin")
 
 
+def has_prmt_expand(weight_dtype: str, act_dtype: str) -> bool:
+    """Whether the 2:4 kernel for these dtypes has a PRMT_EXPAND form (configs.py): 16-bit weights
+    (bit patterns, any 16-bit type), and int8 weights for fp16 inputs (its conversion is fp16's)."""
+    return weight_dtype in ("float16", "bfloat16") or (weight_dtype, act_dtype) == ("int8", "float16")
+
+
 @dataclass(frozen=True)
 class MatmulSpec:
     """y = epilogue(x @ W^T) with W 2:4-compressed along K (format "2:4") or condensed constant

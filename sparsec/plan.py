@@ -224,15 +224,18 @@ class Plan:
                 raise InvalidInputError(f"plan layer {lp.name!r}: backend {lp.backend!r} not in {BACKEND_CHOICES}")
             if lp.launch is not None:
                 from sparsec.codegen.configs import validate_launch
+                from sparsec.codegen.spec import has_prmt_expand
 
                 if lp.backend != "triton" or lp.sparsity != "2:4":
                     raise InvalidInputError(f"plan layer {lp.name!r}: a launch config applies to 2:4 layers on backend "
                                             f"'triton' only (this one is {lp.sparsity} on {lp.backend}); set it to null")
                 if problem := validate_launch(lp.launch):
                     raise InvalidInputError(f"plan layer {lp.name!r}: bad launch config {lp.launch}: {problem}")
-                if lp.launch["INT8_PRMT"] and lp.quant != "int8":
-                    raise InvalidInputError(f"plan layer {lp.name!r}: launch INT8_PRMT=1 converts int8 weights; this "
-                                            f"layer's quant is {lp.quant!r}. Set INT8_PRMT to 0 or quant to 'int8'")
+                weight_dtype = "int8" if lp.quant == "int8" else lp.dtype
+                if lp.launch["PRMT_EXPAND"] and not has_prmt_expand(weight_dtype, lp.dtype):
+                    raise InvalidInputError(f"plan layer {lp.name!r}: launch PRMT_EXPAND=1 applies to float16 / "
+                                            f"bfloat16 weights and int8 weights with float16 inputs; this layer has "
+                                            f"{weight_dtype} weights and {lp.dtype} inputs. Set PRMT_EXPAND to 0")
 
 
 def _fmt_bytes(n: float) -> str:

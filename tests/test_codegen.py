@@ -497,7 +497,7 @@ def test_a_plan_launch_config_is_used_and_checked():
     cm = sparsec.compile(model, example_inputs=(x,), backend="triton", include=[".*"], min_weights=0)
     assert cm.plan["0"].launch is None  # backend="triton" alone measures nothing
     plan = sparsec.Plan.from_json(cm.plan.to_json())
-    launch = dict(M=3, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, SPLIT_K=3, INT8_PRMT=0, num_warps=4, num_stages=1)
+    launch = dict(M=3, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, SPLIT_K=3, PRMT_EXPAND=0, num_warps=4, num_stages=1)
     plan["0"].launch = launch
     tuned = sparsec.compile(model, example_inputs=(x,), plan=plan)
     assert tuned.plan["0"].launch == launch
