@@ -19,8 +19,7 @@ parts=("$@")
 [ ${#parts[@]} -gt 0 ] || parts=(tests quick)
 for part in "${parts[@]}"; do
   case "$part" in
-    # (no -x: some tests compile CPU models with backend="triton", which only the CPU interpreter
-    # runs; on a GPU machine they fail at once with that message, and the rest must still run)
+    # (no -x: a failure must not hide the rest; -rfE lists every failure at the end)
     tests)     timeout 240 $PY -m pytest -q -rfE tests/test_prmt_expand.py tests/test_codegen.py tests/test_condensed_layer.py \
                  tests/test_training.py tests/test_bench.py -p no:cacheprovider 2>&1 | tail -40 ;;
     quick)     timeout 300 $PY bench/bench_sparse24.py --quick ;;

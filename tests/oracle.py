@@ -80,7 +80,8 @@ def fanin_k(numel: int, out: int, sparsity: float) -> int:
 
 
 def pruned_weight(w: torch.Tensor, op: str, sparsity: str, quant: str | None) -> torch.Tensor:
-    rows = to_rows(w.detach(), op)
+    """w pruned (and fake-quantized) as the plan says, computed on the CPU, returned on w's device."""
+    rows = to_rows(w.detach().cpu(), op)
     if sparsity.startswith("fanin:"):
         mask = oracle_fanin_mask(rows, fanin_k(rows.numel(), rows.shape[0], float(sparsity[6:])))
     else:
@@ -89,7 +90,7 @@ def pruned_weight(w: torch.Tensor, op: str, sparsity: str, quant: str | None) ->
     rows = rows * mask
     if quant == "int8":
         rows = oracle_int8(rows)
-    return from_rows(rows, op, w.shape)
+    return from_rows(rows, op, w.shape).to(w.device)
 
 
 def pruned_model(model: nn.Module, plan, weight_of=None) -> nn.Module:

@@ -24,6 +24,12 @@ from sparsec.codegen.spec import MatmulSpec
 from sparsec.runtime.triton_linear import TritonSparseLinear
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+def on_device(model: nn.Module, inputs: tuple) -> tuple[nn.Module, tuple]:
+    """A model and its inputs where backend="triton" runs them: the GPU when there is one, else the
+    CPU (under the interpreter, which conftest.py turns on)."""
+    return model.to(DEVICE), tuple(t.to(DEVICE) for t in inputs)
+
+
 ACTS = {None: lambda t: t, "relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
         "silu": F.silu}
 
@@ -347,7 +353,7 @@ class Chains(nn.Module):
 
 def test_fusion_in_a_compiled_model():
     torch.manual_seed(0)
-    model, x = Chains().eval(), torch.randn(5, 32)
+    model, (x,) = on_device(Chains().eval(), (torch.randn(5, 32),))
     cm = sparsec.compile(model, example_inputs=(x,), backend="triton")
     modules = {m.layer_name: m for m in cm.graph_module.modules() if isinstance(m, TritonSparseLinear)}
     assert set(modules) == {"a", "b", "c", "d"}
@@ -372,6 +378,7 @@ def test_examples_on_the_triton_backend(example, quantize):
     model, inputs = load_example(example).build_model()
     if example == "transformer":
         inputs = (inputs[0][:, :4],)
+    model, inputs = on_device(model, inputs)
     cm = sparsec.compile(model, example_inputs=inputs, backend="triton", quantize=quantize)
     assert cm.kernels and all(lp.backend == "triton" for lp in cm.plan.sparse_layers)
     with torch.no_grad():
@@ -379,7 +386,7 @@ def test_examples_on_the_triton_backend(example, quantize):
 
 
 def test_fanin_model_on_the_triton_backend():
-    model, inputs = load_example("mlp").build_model()
+    model, inputs = on_device(*load_example("mlp").build_model())
     cm = sparsec.compile(model, pattern="fanin:0.9", example_inputs=inputs, backend="triton")
     assert all(lp.backend == "triton" for lp in cm.plan.sparse_layers)
     assert all(entry["pattern"] == "fanin" and "relu" in entry["fused_ops"] for entry in cm.kernel_manifest.values())
@@ -388,7 +395,7 @@ def test_fanin_model_on_the_triton_backend():
 
 
 def test_half_precision_model_on_the_triton_backend():
-    model, (x,) = load_example("mlp").build_model()
+    model, (x,) = on_device(*load_example("mlp").build_model())
     model, x = model.half(), x.half()
     cm = sparsec.compile(model, example_inputs=(x,), backend="triton")
     with torch.no_grad():
@@ -396,17 +403,17 @@ def test_half_precision_model_on_the_triton_backend():
 
 
 def test_non_kernel_layers_stay_on_torch_with_reason():
-    model, inputs = load_example("cnn").build_model()
+    model, inputs = on_device(*load_example("cnn").build_model())
     cm = sparsec.compile(model, example_inputs=inputs, backend="triton", include=["head"], pattern="2:4")
     assert cm.plan["stage1.0.0"].backend == "torch" and "cover linear layers only" in cm.plan["stage1.0.0"].reason
     assert cm.plan["head"].backend == "triton"
-    model, inputs = load_example("mlp").build_model()
+    model, inputs = on_device(*load_example("mlp").build_model())
     other = sparsec.explain(model, pattern="1:4", backend="triton", example_inputs=inputs)
     assert other["fc2"].backend == "torch" and "cover 2:4 and constant fan-in only" in other["fc2"].reason
 
 
 def test_second_compile_emits_nothing_new():
-    model, inputs = load_example("mlp").build_model()
+    model, inputs = on_device(*load_example("mlp").build_model())
     first = sparsec.compile(model, example_inputs=inputs, backend="triton")
     second = sparsec.compile(model, example_inputs=inputs, backend="triton")
     assert first.kernels == second.kernels
@@ -427,7 +434,7 @@ def test_triton_backend_without_a_device_is_a_clear_error(monkeypatch):
 
 
 def test_gradients_flow_through_triton_layers():
-    model, (x,) = load_example("mlp").build_model()
+    model, (x,) = on_device(*load_example("mlp").build_model())
     cm = sparsec.compile(model, example_inputs=(x,), backend="triton")
     x = x.clone().requires_grad_(True)
     cm(x).sum().backward()
@@ -435,7 +442,7 @@ def test_gradients_flow_through_triton_layers():
 
 
 def test_plan_with_backend_round_trips():
-    model, inputs = load_example("mlp").build_model()
+    model, inputs = on_device(*load_example("mlp").build_model())
     cm = sparsec.compile(model, example_inputs=inputs, backend="triton")
     plan = sparsec.Plan.from_json(cm.plan.to_json())
     again = sparsec.compile(model, example_inputs=inputs, plan=plan)
@@ -492,8 +499,7 @@ def test_auto_never_picks_a_candidate_that_computes_the_wrong_thing(monkeypatch)
 
 
 def test_a_plan_launch_config_is_used_and_checked():
-    model = nn.Sequential(nn.Linear(64, 48), nn.ReLU())
-    x = torch.randn(3, 64)
+    model, (x,) = on_device(nn.Sequential(nn.Linear(64, 48), nn.ReLU()), (torch.randn(3, 64),))
     cm = sparsec.compile(model, example_inputs=(x,), backend="triton", include=[".*"], min_weights=0)
     assert cm.plan["0"].launch is None  # backend="triton" alone measures nothing
     plan = sparsec.Plan.from_json(cm.plan.to_json())
