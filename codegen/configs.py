@@ -111,6 +111,18 @@ def matmul_candidates(m: int, n: int, k: int, act_dtype: str, sms: int | None, w
     return unique
 
 
+# launch keys renamed since plans and model files started recording launch configs: old -> new
+RENAMED_LAUNCH_KEYS = {"INT8_PRMT": "PRMT_EXPAND"}  # int8 conversion by prmt became the general prmt expansion
+
+
+def upgrade_launch(launch):
+    """A recorded launch config with renamed keys spelled as this version spells them (anything
+    else is returned as is, for validate_launch to judge)."""
+    if not isinstance(launch, dict) or not RENAMED_LAUNCH_KEYS.keys() & launch.keys():
+        return launch
+    return {RENAMED_LAUNCH_KEYS.get(key, key): value for key, value in launch.items()}
+
+
 def validate_launch(launch: dict) -> str | None:
     """Why a plan's launch entry (a config plus the rows "M" it applies at) cannot be used; None when it can."""
     if not isinstance(launch, dict) or set(launch) != {"M", *LAUNCH_KEYS}:

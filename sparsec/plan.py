@@ -198,6 +198,10 @@ class Plan:
             unknown = set(entry) - fields
             if unknown:
                 raise CorruptFileError(f"plan layer #{i} ({entry.get('name')!r}) has unknown fields {sorted(unknown)}")
+            if "launch" in entry:
+                from sparsec.codegen.configs import upgrade_launch
+
+                entry = dict(entry, launch=upgrade_launch(entry["launch"]))
             layers.append(LayerPlan(**entry))
         plan = cls(layers=layers, pattern=str(data.get("pattern", "2:4")), notes=list(data.get("notes", [])))
         plan.validate()

@@ -56,6 +56,7 @@ def load(path: str | os.PathLike, map_location=None):
         raise CorruptFileError(f"{name} is not a sparsec model file (it does not start with the sparsec header)")
     if not isinstance(model, CompiledModel):
         raise CorruptFileError(f"{name} does not hold a CompiledModel")
+    _upgrade_launch_configs(model)
     if Plan.from_json(plan_json).to_json() != model.plan.to_json():
         raise CorruptFileError(f"{name}: the stored plan and the model's plan disagree")
     from sparsec.graph_module import restore
@@ -99,6 +100,19 @@ def _torch_load(name: str, source, map_location):
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is not usable
         raise CorruptFileError(f"{name} is not a readable sparsec model file (truncated or corrupt?): "
                                f"{type(e).__name__}: {e}") from e
+
+
+def _upgrade_launch_configs(model) -> None:
+    """Launch configs recorded by an earlier version (plan layers, layer modules) in this version's
+    keys, as Plan.from_json reads them from the file's plan."""
+    from sparsec.codegen.configs import upgrade_launch
+    from sparsec.runtime.triton_linear import TritonSparseLinear
+
+    for lp in model.plan.layers:
+        lp.launch = upgrade_launch(lp.launch)
+    for module in model.graph_module.modules():
+        if isinstance(module, TritonSparseLinear) and getattr(module, "launch", None) is not None:
+            module.launch = upgrade_launch(module.launch)
 
 
 def _regenerate_kernels(model) -> None:

@@ -97,3 +97,30 @@ def test_load_regenerates_kernels_saved_by_another_version(tmp_path):
     assert again.kernel_source == current and loaded.kernels == {again.kernel_name: current}
     assert set(loaded.kernel_manifest) == {again.kernel_name}
     assert torch.allclose(loaded(x), expected)
+
+
+def test_launch_configs_recorded_with_a_renamed_key_load_in_this_versions_keys(tmp_path):
+    """Plans and layers that recorded a launch config under an earlier key name (INT8_PRMT, now
+    PRMT_EXPAND) load with the current name and are used, from a model file and from plan JSON."""
+    import json
+
+    from sparsec.runtime.triton_linear import TritonSparseLinear
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # (CPU runs the kernels in the interpreter)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU()).to(device)
+    x = torch.randn(3, 64, device=device)
+    cm = sparsec.compile(model, example_inputs=(x,), backend="triton", include=[".*"], min_weights=0)
+    launch = dict(M=3, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, SPLIT_K=2, PRMT_EXPAND=0, num_warps=4, num_stages=1)
+    old = {("INT8_PRMT" if key == "PRMT_EXPAND" else key): value for key, value in launch.items()}
+    layer = next(m for m in cm.modules() if isinstance(m, TritonSparseLinear))
+    layer.launch, cm.plan["0"].launch = dict(old), dict(old)  # as an earlier version recorded them
+    sparsec.save(cm, tmp_path / "old")
+    loaded = sparsec.load(tmp_path / "old")
+    again = next(m for m in loaded.modules() if isinstance(m, TritonSparseLinear))
+    assert loaded.plan["0"].launch == launch and again.launch == launch
+    assert again.launch_config(3)["SPLIT_K"] == 2
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), torch.relu(x @ cm.effective_weight("0").t() + model[0].bias), atol=1e-5)
+    text = json.loads(cm.plan.to_json())
+    assert text["layers"][0]["launch"] == old
+    assert sparsec.Plan.from_json(json.dumps(text))["0"].launch == launch
