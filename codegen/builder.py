@@ -92,23 +92,32 @@ def _expand(spec: MatmulSpec) -> str:
     return buf.getvalue()
 
 
+def _asm_lines(buf: IndentedBuffer, statements: list[str], per_line: int) -> None:
+    """A PTX block as adjacent string literals, `per_line` statements each."""
+    for i in range(0, len(statements), per_line):
+        text = " ".join(statements[i:i + per_line])
+        buf.line(f'    "{"{ " if i == 0 else ""}{text}{" }" if i + per_line >= len(statements) else " "}"'
+                 + ("," if i + per_line >= len(statements) else ""))
+
+
 # PRMT_EXPAND (configs.py): the expansion by byte permutes in inline PTX. `prmt.b32 d, a, b, s` builds d
 # from the 8 bytes {b, a} (a = bytes 0-3), result byte i being source byte (nibble i of s) & 7.
 #
-# 1. Per metadata word, one selector byte per group and position. Each nibble i0 | i1 << 2 (i0 < i1)
-#    has its own 3-bit code, the low bits of its Gray code n ^ (n >> 1) (6 codes for 6 nibbles; the
-#    padding nibble 0 gets code 0), and (w ^ (w >> 1)) & 0x7777 makes them for all four groups of a
-#    word at once. Used as a prmt selector into an 8-byte table (two immediates), the codes look up
-#    four bytes at once: byte g of t<p> is group g's selector byte for its position p.
-# 2. Per group, prmt(t0, t1, sel[g]) joins its position 0 and 1 bytes into the selector that gathers
-#    positions 0 and 1 from {0, pair} (kept values and zero bytes), likewise t2, t3 for positions 2, 3.
-#    sel[g] = 0x40 + 0x11 * g picks byte g of each table word.
-# int8 for fp16: the gather also converts. A biased byte u = v ^ 0x80 under the fp16 pattern 0x64
-# (1024 + u, exact) minus 1152 (0x6480; sub.f16x2, exact) is v; zero is u = 0x80, from the constant.
-_SELECT_FIRST, _SELECT_SECOND, _SELECT_ZERO = range(3)
-
-
-def _nibble_codes() -> dict[int, tuple[int, int]]:
+# 1. Per metadata word, lookups. Each nibble i0 | i1 << 2 (i0 < i1) has its own 3-bit code, the low
+#    bits of its Gray code n ^ (n >> 1) (6 codes for 6 nibbles; the padding nibble 0 gets code 0),
+#    and (w ^ (w >> 1)) & 0x7777 makes them for all four groups of a word at once. Used as a prmt
+#    selector into an 8-byte table (two immediates), the codes look up four bytes at once: byte g of
+#    each lookup word t<i> is group g's table byte.
+# 2. Per group, prmt(t<i>, t<i+1>, sel[g]) joins two of its table bytes into a 16-bit selector that
+#    gathers kept values and zero bytes from {constant, pair}. sel[g] = 0x40 + 0x11 * g picks byte g
+#    of each word.
+# 16-bit values: tables t0..t3 (positions 0..3) of selector bytes, two per 32-bit result.
+# int8 for fp16: the same, and the gather also converts. A biased byte u = v ^ 0x80 under the fp16
+#   pattern 0x64 (1024 + u, exact) minus 1152 (0x6480; sub.f16x2, exact) is v; zero is u = 0x80.
+# int8 for bf16 (no such fp16 trick: bf16 holds 8 significant bits): tables t0, t1 gather the four
+#   biased bytes in position order; each goes under the fp32 pattern 0x4B0000 (2^23 + u, exact),
+#   minus 2^23 + 128 (sub.f32, exact) is v, whose top 16 bits are v in bf16 (exact: |v| <= 128).
+def _kept_positions() -> dict[int, tuple[int, int]]:
     """Gray code (low 3 bits) of each valid nibble -> its kept positions (i0, i1)."""
     codes = {}
     for i0 in range(4):
@@ -119,59 +128,65 @@ def _nibble_codes() -> dict[int, tuple[int, int]]:
     return codes
 
 
-def _position_tables(selector_bytes: tuple[int, int, int]) -> list[tuple[int, int]]:
-    """Per position 0..3, its 8-byte table code -> selector byte (first / second / zero), as the
-    immediates (bytes 0-3, bytes 4-7)."""
-    codes = _nibble_codes()
-    tables = []
-    for position in range(4):
-        table = bytes(selector_bytes[_SELECT_FIRST if position == codes[code][0] else _SELECT_SECOND
-                                     if position == codes[code][1] else _SELECT_ZERO] if code in codes
-                      else selector_bytes[_SELECT_ZERO] for code in range(8))
-        tables.append((int.from_bytes(table[:4], "little"), int.from_bytes(table[4:], "little")))
-    return tables
+def _source_of(code: int, position: int, first: int, second: int, zero: int) -> int:
+    """What a group with this code holds at this position: `first`, `second` or `zero`."""
+    kept = _kept_positions().get(code)
+    return first if kept and kept[0] == position else second if kept and kept[1] == position else zero
 
 
-def _asm_lines(buf: IndentedBuffer, statements: list[str], per_line: int) -> None:
-    """A PTX block as adjacent string literals, `per_line` statements each."""
-    for i in range(0, len(statements), per_line):
-        text = " ".join(statements[i:i + per_line])
-        buf.line(f'    "{"{ " if i == 0 else ""}{text}{" }" if i + per_line >= len(statements) else " "}"'
-                 + ("," if i + per_line >= len(statements) else ""))
+def _table(byte_of_code) -> tuple[int, int]:
+    """An 8-byte lookup table, code -> byte, as its two immediates (bytes 0-3, bytes 4-7)."""
+    table = bytes(byte_of_code(code) for code in range(8))
+    return int.from_bytes(table[:4], "little"), int.from_bytes(table[4:], "little")
 
 
 def _prmt_expand(buf: IndentedBuffer, spec: MatmulSpec) -> None:
     int8 = spec.weight_dtype == "int8"
-    # selector bytes (low nibble: source of the value's low byte, high nibble: of its high byte)
-    # picking `first`, `second` or zero; int8 values have one byte, under 0x64 (byte 5 of the constant)
-    tables = _position_tables((0x50, 0x51, 0x54) if int8 else (0x10, 0x32, 0x44))
+    if not int8:  # selector byte of a value: low nibble = source of its low byte, high nibble = of its high byte
+        tables = [_table(lambda c, p=p: _source_of(c, p, 0x10, 0x32, 0x44)) for p in range(4)]
+    elif spec.act_dtype == "float16":  # the byte (first 0, second 1, zero: 4 of the constant) under 0x64 (5)
+        tables = [_table(lambda c, p=p: _source_of(c, p, 0x50, 0x51, 0x54)) for p in range(4)]
+    else:  # the source byte of positions (0, 1), then of (2, 3), one nibble each
+        tables = [_table(lambda c, p=p: _source_of(c, p, 0, 1, 4) | _source_of(c, p + 1, 0, 1, 4) << 4)
+                  for p in (0, 2)]
+    names = [f"t{i}" for i in range(len(tables))]
     buf.line("# expansion by byte permutes (configs.py, PRMT_EXPAND; builder.py explains the tables)")
-    buf.line("t0, t1, t2, t3 = tl.inline_asm_elementwise(")
-    _asm_lines(buf, [".reg .b32 c, t; shr.u32 t, $4, 1; xor.b32 c, $4, t; and.b32 c, c, 0x7777;"]
-               + [f"mov.b32 t, {low:#010x}; prmt.b32 ${p}, t, {high:#010x}, c;" for p, (low, high) in enumerate(tables)], 1)
-    buf.line('    "=r,=r,=r,=r,r", [words.to(tl.int32)], dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True,')
-    buf.line("    pack=1)")
+    buf.line(f"{', '.join(names)} = tl.inline_asm_elementwise(")
+    _asm_lines(buf, [".reg .b32 c, t; shr.u32 t, $%d, 1; xor.b32 c, $%d, t; and.b32 c, c, 0x7777;" % ((len(tables),) * 2)]
+               + [f"mov.b32 t, {low:#010x}; prmt.b32 ${i}, t, {high:#010x}, c;" for i, (low, high) in enumerate(tables)], 1)
+    buf.line(f'    "{",".join(["=r"] * len(tables))},r", [words.to(tl.int32)], dtype=({", ".join(["tl.int32"] * len(tables))}), '
+             "is_pure=True, pack=1)")
     buf.line("# per group: its word's lookups, and sel (group g of a word is group 4w + g of the block)")
-    for t in ("t0", "t1", "t2", "t3"):
+    for t in names:
         buf.line(f"{t} = tl.reshape(tl.broadcast_to({t}[:, :, None], (BLOCK_N, BLOCK_K // 16, 4)), (BLOCK_N, BLOCK_K // 4))")
     buf.line("sel = tl.reshape(tl.broadcast_to((0x40 + 0x11 * tl.arange(0, 4))[None, None, :], (BLOCK_N, BLOCK_K // 16, 4)),")
     buf.line("                 (BLOCK_N, BLOCK_K // 4))")
+    pair, t, sel = "$4", [f"${5 + i}" for i in range(len(tables))], f"${5 + len(tables)}"
     if int8:
-        # the int16 pair ($4, "h") as a 32-bit word, its bytes biased; zero is 0x80, byte 4 of the constant
-        statements = [".reg .b32 s, lo, hi, d, c;", "mov.b32 d, {$4, $4};", "xor.b32 d, d, 0x80808080;"]
-        source, constant = "d", "0x64646480"
+        # the int16 pair ("h") as a 32-bit word, its bytes biased (zero: 0x80)
+        registers = "s, lo, hi, d, f0, f1, f2, f3" if spec.act_dtype == "bfloat16" else "s, lo, hi, d, c"
+        statements = [f".reg .b32 {registers};", f"mov.b32 d, {{{pair}, {pair}}};", "xor.b32 d, d, 0x80808080;"]
+        pair = "d"
     else:
-        statements, source, constant = [".reg .b32 s, lo, hi;"], "$4", "0"
-    statements += ["prmt.b32 s, $5, $6, $9;", f"prmt.b32 lo, {source}, {constant}, s;",
-                   "prmt.b32 s, $7, $8, $9;", f"prmt.b32 hi, {source}, {constant}, s;"]
-    if int8:
-        statements += ["mov.b32 c, 0x64806480;", "sub.f16x2 lo, lo, c;", "sub.f16x2 hi, hi, c;"]
+        statements = [".reg .b32 s, lo, hi;"]
+    if int8 and spec.act_dtype == "bfloat16":
+        statements += [f"prmt.b32 s, {t[0]}, {t[1]}, {sel};", f"prmt.b32 d, {pair}, 0x80808080, s;"]
+        for p in range(4):  # byte p under 0x4B0000, minus 2^23 + 128 (0f4B000080: fp32 bits)
+            statements += [f"prmt.b32 f{p}, d, 0x4b000000, {0x7540 + p:#06x};", f"sub.f32 f{p}, f{p}, 0f4B000080;"]
+        statements += ["prmt.b32 lo, f0, f1, 0x7632;", "prmt.b32 hi, f2, f3, 0x7632;"]
+    else:
+        constant = "0x64646480" if int8 else "0"
+        statements += [f"prmt.b32 s, {t[0]}, {t[1]}, {sel};", f"prmt.b32 lo, {pair}, {constant}, s;",
+                       f"prmt.b32 s, {t[2]}, {t[3]}, {sel};", f"prmt.b32 hi, {pair}, {constant}, s;"]
+        if int8:
+            statements += ["mov.b32 c, 0x64806480;", "sub.f16x2 lo, lo, c;", "sub.f16x2 hi, hi, c;"]
     statements += ["mov.b32 {$0, $1}, lo;", "mov.b32 {$2, $3}, hi;"]
     buf.line("q0, q1, q2, q3 = tl.inline_asm_elementwise(")
     _asm_lines(buf, statements, 3)
-    buf.line(f'    "=h,=h,=h,=h,{"h" if int8 else "r"},r,r,r,r,r", [pairs, t0, t1, t2, t3, sel],')
+    constraints = ",".join(["=h"] * 4 + ["h" if int8 else "r"] + ["r"] * (len(tables) + 1))
+    buf.line(f'    "{constraints}", [pairs, {", ".join(names)}, sel],')
     buf.line("    dtype=(tl.int16, tl.int16, tl.int16, tl.int16), is_pure=True, pack=1)")
-    value = _TL_DTYPE["float16" if int8 else spec.weight_dtype]
+    value = _TL_DTYPE[spec.act_dtype if int8 else spec.weight_dtype]
     for i in range(4):
         buf.line(f"p{i} = q{i}.to({value}, bitcast=True)")
 

@@ -14,12 +14,13 @@ programs fill the device about twice over, keeping each split at least MIN_SPLIT
 and the fp32 partials the splits write and read back (8 bytes per output element and split) under
 a quarter of the 2:4 weight bytes (about one byte per weight), i.e. split <= K / (32 M).
 
-PRMT_EXPAND (16-bit weights, and int8 weights with fp16 activations; spec.has_prmt_expand): 1 expands
-the 2:4 groups with byte permutes in inline PTX (builder.py), int8 to fp16 included, where the
-Triton form shifts each kept value into place (64-bit shifts for 16-bit values) and converts int8
-with `cvt`, an eighth-rate instruction on sm_80/sm_90. On sm_90 it takes the K loop of the decode
-kernel from 4.7 to about 2 integer instructions per fp16 weight and from 4.2 (and a cvt) to 2.7 per
-int8 weight (bench/kernel_stats.py), below what streaming the weights from HBM takes. Inline PTX
+PRMT_EXPAND (16-bit weights, and int8 weights with fp16 / bf16 activations; spec.has_prmt_expand):
+1 expands the 2:4 groups with byte permutes in inline PTX (builder.py), the int8 conversion
+included, where the Triton form shifts each kept value into place (64-bit shifts for 16-bit
+values) and converts int8 with `cvt`, an eighth-rate instruction on sm_80/sm_90. On sm_90 it takes
+the K loop of the decode kernel from 4.7 to about 2 integer instructions per fp16 weight, from 4.2
+(and a cvt) to 2.7 per int8 weight for fp16 and from 6.5 to 3.3 for bf16 (bench/kernel_stats.py);
+for fp16 inputs that is below what streaming the weights from HBM takes. Inline PTX
 cannot run in the Triton interpreter and no GPU has checked it yet, so the shape table never sets
 it: it is only a candidate, and backend="auto" checks every candidate's output against dense
 before timing it.

@@ -12,7 +12,7 @@ import torch
 from sparsec.codegen.builder import emit_prune
 from sparsec.codegen.cache import KernelCache
 from sparsec.codegen.configs import condensed_config, interpreting, matmul_config, prune_config
-from sparsec.codegen.spec import MatmulSpec, PruneSpec, has_prmt_expand
+from sparsec.codegen.spec import PRMT_EXPAND_APPLIES, MatmulSpec, PruneSpec, has_prmt_expand
 from sparsec.errors import InvalidInputError
 
 
@@ -57,9 +57,8 @@ def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, s
     cfg.setdefault("SPLIT_K", 1)
     cfg.setdefault("PRMT_EXPAND", 0)
     if cfg["PRMT_EXPAND"] and not has_prmt_expand(spec.weight_dtype, spec.act_dtype):
-        raise InvalidInputError(f"launch PRMT_EXPAND=1 applies to float16 / bfloat16 weights and to int8 weights with "
-                                f"float16 inputs; kernel {name} has {spec.weight_dtype} weights and {spec.act_dtype} "
-                                f"inputs. Use PRMT_EXPAND=0")
+        raise InvalidInputError(f"launch PRMT_EXPAND=1 applies to {PRMT_EXPAND_APPLIES}; kernel {name} has "
+                                f"{spec.weight_dtype} weights and {spec.act_dtype} inputs. Use PRMT_EXPAND=0")
     if cfg["PRMT_EXPAND"] and interpreting():
         raise InvalidInputError("launch PRMT_EXPAND=1 runs inline PTX, which the Triton interpreter cannot run; "
                                 "use PRMT_EXPAND=0 under TRITON_INTERPRET=1")

@@ -11,10 +11,13 @@ _SHORT = {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "int8": "i8"}
 FORMATS = ("2:4", "fanin")
 
 
+PRMT_EXPAND_APPLIES = "float16 / bfloat16 weights, and to int8 weights with float16 / bfloat16 inputs"
+
+
 def has_prmt_expand(weight_dtype: str, act_dtype: str) -> bool:
     """Whether the 2:4 kernel for these dtypes has a PRMT_EXPAND form (configs.py): 16-bit weights
-    (bit patterns, any 16-bit type), and int8 weights for fp16 inputs (its conversion is fp16's)."""
-    return weight_dtype in ("float16", "bfloat16") or (weight_dtype, act_dtype) == ("int8", "float16")
+    (bit patterns, any 16-bit type), and int8 weights for fp16 or bf16 inputs."""
+    return weight_dtype in ("float16", "bfloat16") or (weight_dtype == "int8" and act_dtype in ("float16", "bfloat16"))
 
 
 @dataclass(frozen=True)

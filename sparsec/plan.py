@@ -228,7 +228,7 @@ class Plan:
                 raise InvalidInputError(f"plan layer {lp.name!r}: backend {lp.backend!r} not in {BACKEND_CHOICES}")
             if lp.launch is not None:
                 from sparsec.codegen.configs import validate_launch
-                from sparsec.codegen.spec import has_prmt_expand
+                from sparsec.codegen.spec import PRMT_EXPAND_APPLIES, has_prmt_expand
 
                 if lp.backend != "triton" or lp.sparsity != "2:4":
                     raise InvalidInputError(f"plan layer {lp.name!r}: a launch config applies to 2:4 layers on backend "
@@ -237,9 +237,9 @@ class Plan:
                     raise InvalidInputError(f"plan layer {lp.name!r}: bad launch config {lp.launch}: {problem}")
                 weight_dtype = "int8" if lp.quant == "int8" else lp.dtype
                 if lp.launch["PRMT_EXPAND"] and not has_prmt_expand(weight_dtype, lp.dtype):
-                    raise InvalidInputError(f"plan layer {lp.name!r}: launch PRMT_EXPAND=1 applies to float16 / "
-                                            f"bfloat16 weights and int8 weights with float16 inputs; this layer has "
-                                            f"{weight_dtype} weights and {lp.dtype} inputs. Set PRMT_EXPAND to 0")
+                    raise InvalidInputError(f"plan layer {lp.name!r}: launch PRMT_EXPAND=1 applies to "
+                                            f"{PRMT_EXPAND_APPLIES}; this layer has {weight_dtype} weights and "
+                                            f"{lp.dtype} inputs. Set PRMT_EXPAND to 0")
 
 
 def _fmt_bytes(n: float) -> str:

@@ -12,6 +12,7 @@ import random
 import re
 import struct
 
+import numpy as np
 import pytest
 import torch
 
@@ -25,6 +26,7 @@ from sparsec.codegen.spec import MatmulSpec
 from sparsec.errors import InvalidInputError
 
 INT8_FP16 = MatmulSpec("float16", "int8", True, None, False, "float16")
+INT8_BF16 = MatmulSpec("bfloat16", "int8", True, None, False, "bfloat16")
 FP16 = MatmulSpec("float16", "float16", False, None, False, "float16")
 BF16 = MatmulSpec("bfloat16", "bfloat16", False, None, False, "bfloat16")
 MASK32 = 0xFFFFFFFF
@@ -44,9 +46,17 @@ def _half_bits(value: float) -> int:
     return struct.unpack("<H", struct.pack("<e", value))[0]  # rounds to nearest even, as sub.rn does
 
 
+def _bfloat(bits: int) -> float:
+    return struct.unpack("<f", struct.pack("<I", (bits & 0xFFFF) << 16))[0]
+
+
+def _f32(bits: int) -> np.float32:
+    return np.frombuffer(struct.pack("<I", bits & MASK32), dtype=np.float32)[0]
+
+
 def run_ptx(asm: str, operands: dict[str, int]) -> dict[str, int]:
     """Execute straight-line PTX over 32-bit registers (16-bit outputs keep their low half), per the
-    PTX ISA: shr.u32 (logical), and.b32, xor.b32; prmt.b32 in its default mode (selector nibble i, of
+    PTX ISA: shr.u32 (logical), and.b32, xor.b32, sub.f32 (0f immediates are fp32 bits); prmt.b32 in its default mode (selector nibble i, of
     the selector's low 16 bits, picks byte i of the result from the 8 bytes {b, a}, a = bytes 0-3; a
     nibble's bit 3 replicates the picked byte's sign); mov.b32 of an immediate, a register, packing
     {low half, high half} into a register or unpacking one into them; sub.f16x2."""
@@ -54,7 +64,11 @@ def run_ptx(asm: str, operands: dict[str, int]) -> dict[str, int]:
 
     def val(token: str) -> int:
         token = token.strip()
-        return regs[token] if token in regs else int(token, 0) & MASK32
+        if token in regs:
+            return regs[token]
+        if token.lower().startswith("0f"):  # an fp32 immediate, as its bits in hex
+            return int(token[2:], 16)
+        return int(token, 0) & MASK32
 
     body = asm.strip()
     assert body.startswith("{") and body.endswith("}"), asm
@@ -92,6 +106,9 @@ def run_ptx(asm: str, operands: dict[str, int]) -> dict[str, int]:
                     byte = 0xFF if byte & 0x80 else 0
                 out |= byte << (8 * i)
             regs[args[0]] = out
+        elif op == "sub.f32":  # IEEE single, round to nearest even
+            difference = np.subtract(_f32(val(args[1])), _f32(val(args[2])), dtype=np.float32)
+            regs[args[0]] = struct.unpack("<I", difference.tobytes())[0]
         elif op == "sub.f16x2":
             a, b = val(args[1]), val(args[2])
             regs[args[0]] = sum(_half_bits(_half(a >> s) - _half(b >> s)) << s for s in (0, 16))
@@ -102,26 +119,29 @@ def run_ptx(asm: str, operands: dict[str, int]) -> dict[str, int]:
 
 class PtxExpansion:
     """The kernel's PRMT_EXPAND step, read from its source: per metadata word the lookup asm, per
-    group the gather asm with its group's `sel` constant."""
+    group the gather asm with its word's lookups and its group's `sel` constant."""
 
     def __init__(self, source: str):
         word_call, group_call = _inline_asm_calls(source)
         self.word_asm, self.group_asm = (ast.literal_eval(c.args[0]) for c in (word_call, group_call))
-        assert ast.literal_eval(word_call.args[1]) == "=r,=r,=r,=r,r"  # four lookup words from one metadata word
-        # four positions from the pair (int16 for int8 values, int32 for 16-bit ones), t0-t3 and sel
-        constraints = ast.literal_eval(group_call.args[1])
-        assert constraints in ("=h,=h,=h,=h,h,r,r,r,r,r", "=h,=h,=h,=h,r,r,r,r,r,r"), constraints
-        self.pair_mask = 0xFFFF if constraints.split(",")[4] == "h" else MASK32
+        word_constraints = ast.literal_eval(word_call.args[1]).split(",")
+        self.lookups = len(word_constraints) - 1  # lookup words from one metadata word
+        assert word_constraints == ["=r"] * self.lookups + ["r"] and self.lookups in (2, 4), word_constraints
+        # four positions from the pair (int16 for int8 values, int32 for 16-bit ones), the lookups and sel
+        constraints = ast.literal_eval(group_call.args[1]).split(",")
+        assert constraints[:4] == ["=h"] * 4 and constraints[5:] == ["r"] * (self.lookups + 1), constraints
+        self.pair_mask = 0xFFFF if constraints[4] == "h" else MASK32
         found = re.search(r"\((0x[0-9a-f]+) \+ (0x[0-9a-f]+) \* tl\.arange\(0, 4\)\)", source)
         self.sel = [int(found.group(1), 16) + int(found.group(2), 16) * g for g in range(4)]
 
     def expand_word(self, word: int, pairs: list[int]) -> list[list[int]]:
         """The 16-bit results at positions 0..3 of the word's four groups. `word` is the int16 metadata
         (the kernel sign-extends it to int32) and `pairs` the groups' kept-value pairs as integers."""
-        tables = run_ptx(self.word_asm, {"$4": word & MASK32})
+        tables = run_ptx(self.word_asm, {f"${self.lookups}": word & MASK32})
         out = []
         for g, pair in enumerate(pairs):
-            operands = {"$4": pair & self.pair_mask, "$9": self.sel[g], **{f"${5 + p}": tables[f"${p}"] for p in range(4)}}
+            operands = {"$4": pair & self.pair_mask, f"${5 + self.lookups}": self.sel[g],
+                        **{f"${5 + i}": tables[f"${i}"] for i in range(self.lookups)}}
             regs = run_ptx(self.group_asm, operands)
             out.append([regs[f"${p}"] for p in range(4)])
         return out
@@ -140,8 +160,9 @@ def _expected(i0: int, i1: int, first: int, second: int) -> list[int]:
     return [first if p == i0 else second if p == i1 else 0 for p in range(4)]
 
 
-def test_int8_groups_expand_to_every_value_at_every_position():
-    expansion = PtxExpansion(emit_matmul(INT8_FP16, [])[1])
+@pytest.mark.parametrize("spec, decode", [(INT8_FP16, _half), (INT8_BF16, _bfloat)], ids=["float16", "bfloat16"])
+def test_int8_groups_expand_to_every_value_at_every_position(spec, decode):
+    expansion = PtxExpansion(emit_matmul(spec, [])[1])
     rng = random.Random(0)
     values = list(range(-128, 128))
     for g in range(4):  # the group's place in its word
@@ -153,8 +174,9 @@ def test_int8_groups_expand_to_every_value_at_every_position():
                 pairs = [_signed((rng.choice(values) & 0xFF) | (rng.choice(values) & 0xFF) << 8, 16) for _ in range(4)]
                 pairs[g] = _signed((first & 0xFF) | (second & 0xFF) << 8, 16)  # `first` in the low byte
                 got = expansion.expand_word(_word(positions), pairs)[g]
-                assert [_half(bits) for bits in got] == [float(v) for v in _expected(i0, i1, first, second)], \
+                assert [decode(bits) for bits in got] == [float(v) for v in _expected(i0, i1, first, second)], \
                     (g, i0, i1, first, second)
+                assert 0x8000 not in got  # zeros are +0
 
 
 @pytest.mark.parametrize("spec", [FP16, BF16], ids=["float16", "bfloat16"])
@@ -173,7 +195,7 @@ def test_16bit_groups_expand_bit_exactly(spec):
                 assert expansion.expand_word(_word(positions), pairs)[g] == _expected(i0, i1, first, second)
 
 
-@pytest.mark.parametrize("spec", [INT8_FP16, FP16], ids=["int8", "float16"])
+@pytest.mark.parametrize("spec", [INT8_FP16, INT8_BF16, FP16], ids=["int8-float16", "int8-bfloat16", "float16"])
 def test_padding_groups_expand_to_zeros(spec):
     """Trailing groups past K have nibble 0 (and masked-out values): all four positions are +0."""
     expansion = PtxExpansion(emit_matmul(spec, [])[1])
@@ -191,7 +213,7 @@ def test_whole_rows_match_the_reference_decompress(k):
     g = torch.Generator().manual_seed(k)
     w = torch.randn(3, k, generator=g)
     mask = oracle_nm_mask(w, 2, 4)
-    for spec, dense in ((FP16, (w * mask).half()), (INT8_FP16, oracle_int8(w * mask))):
+    for spec, dense in ((FP16, (w * mask).half()), (INT8_FP16, oracle_int8(w * mask)), (INT8_BF16, oracle_int8(w * mask))):
         values, meta = ref.nm_compress_masked(dense, mask, 2, 4)
         if spec.weight_dtype == "int8":
             values, _ = ref.quantize_int8(values)
@@ -207,11 +229,11 @@ def test_whole_rows_match_the_reference_decompress(k):
                 pairs += [0] * (4 - len(pairs))  # masked loads past K
                 got += [bits for group in expansion.expand_word(int(meta[row, word_index]), pairs) for bits in group]
             assert not any(got[k:])
-            got = torch.tensor([_signed(b, 16) for b in got[:k]], dtype=torch.int16).view(torch.float16)
-            assert torch.equal(got.float(), expected[row].float()), (spec.weight_dtype, row)
+            got = torch.tensor([_signed(b, 16) for b in got[:k]], dtype=torch.int16).view(getattr(torch, spec.act_dtype))
+            assert torch.equal(got.float(), expected[row].float()), (spec.describe(), row)
 
 
-def _check_int8_rows(source: str) -> None:
+def _check_int8_rows(source: str, decode) -> None:
     """A fast whole-row check of an int8 kernel source against the reference decompress."""
     g = torch.Generator().manual_seed(7)
     w = torch.randn(2, 256, generator=g)
@@ -226,20 +248,23 @@ def _check_int8_rows(source: str) -> None:
         got = []
         for word_index in range(meta.shape[1]):
             pairs = pair_words[row, 4 * word_index:4 * word_index + 4].tolist()
-            got += [_half(b) for group in expansion.expand_word(int(meta[row, word_index]), pairs) for b in group]
+            got += [decode(b) for group in expansion.expand_word(int(meta[row, word_index]), pairs) for b in group]
         assert got == expected[row].float().tolist()
 
 
-@pytest.mark.parametrize("old, new", [("0x7777", "0xffff"), ("0x40 + 0x11", "0x40 + 0x10"), ("0x64806480", "0x64006400"),
-                                      ("0x80808080", "0x00000000"), ("0x54505454", "0x54505054"),
-                                      ("shr.u32 t, $4, 1", "shr.u32 t, $4, 2")])
-def test_the_check_fails_on_a_mutated_kernel(old, new):
+@pytest.mark.parametrize("spec, decode, old, new", [
+    (INT8_FP16, _half, "0x7777", "0xffff"), (INT8_FP16, _half, "0x40 + 0x11", "0x40 + 0x10"),
+    (INT8_FP16, _half, "0x64806480", "0x64006400"), (INT8_FP16, _half, "0x80808080", "0x00000000"),
+    (INT8_FP16, _half, "0x54505454", "0x54505054"), (INT8_FP16, _half, "shr.u32 t, $4, 1", "shr.u32 t, $4, 2"),
+    (INT8_BF16, _bfloat, "0f4B000080", "0f4B000000"), (INT8_BF16, _bfloat, "0x7632", "0x5410"),
+    (INT8_BF16, _bfloat, "0x04404444", "0x04404044"), (INT8_BF16, _bfloat, "0x7541", "0x7540")])
+def test_the_check_fails_on_a_mutated_kernel(spec, decode, old, new):
     """The check is not vacuous: it passes the emitted source and fails small changes to its constants."""
-    source = emit_matmul(INT8_FP16, [])[1]
-    _check_int8_rows(source)
+    source = emit_matmul(spec, [])[1]
+    _check_int8_rows(source, decode)
     assert old in source
     with pytest.raises(AssertionError):
-        _check_int8_rows(source.replace(old, new))
+        _check_int8_rows(source.replace(old, new), decode)
 
 
 def test_the_ptx_model_is_not_vacuous():
@@ -251,6 +276,8 @@ def test_the_ptx_model_is_not_vacuous():
     assert run_ptx("{ prmt.b32 $0, $1, $2, 0xFFFF3210; }", {"$1": 0x44332211, "$2": 0})["$0"] == 0x44332211
     assert run_ptx("{ shr.u32 $0, $1, 1; }", {"$1": 0x80000000})["$0"] == 0x40000000  # logical: no sign fill
     assert run_ptx("{ and.b32 $0, $1, 0x7777; }", {"$1": 0xFFFF8888})["$0"] == 0
+    assert run_ptx("{ sub.f32 $0, $1, 0f3F800000; }", {"$1": 0x40400000})["$0"] == 0x40000000  # 3 - 1 == 2
+    assert run_ptx("{ sub.f32 $0, $1, $2; }", {"$1": 0x3F800000, "$2": 0xB3800000})["$0"] == 0x3F800000  # 1 + 2^-24: tie, to even
     packed = run_ptx("{ .reg .b32 d; mov.b32 d, {$1, $2}; mov.b32 {$3, $4}, d; }", {"$1": 0xBEEF, "$2": 0x1234})
     assert (packed["d"], packed["$3"], packed["$4"]) == (0x1234BEEF, 0xBEEF, 0x1234)
     assert _half(run_ptx("{ sub.f16x2 $0, $1, $2; }", {"$1": 0x3C00_4000, "$2": 0x3C00_3C00})["$0"]) == 1.0
@@ -260,14 +287,14 @@ def test_the_ptx_model_is_not_vacuous():
 
 def test_kernels_with_a_prmt_form_get_it_as_a_candidate_only(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    for act, weight in (("float16", "float16"), ("bfloat16", "bfloat16"), ("float16", "int8")):
+    for act, weight in (("float16", "float16"), ("bfloat16", "bfloat16"), ("float16", "int8"), ("bfloat16", "int8")):
         assert matmul_config(1, 4096, 4096, act, 132)["PRMT_EXPAND"] == 0  # never by default: unmeasured
         plain = matmul_candidates(1, 4096, 4096, act, 132, weight)
         assert {c["PRMT_EXPAND"] for c in plain} == {0, 1}
         assert sorted(map(str, (dict(c, PRMT_EXPAND=0) for c in plain if c["PRMT_EXPAND"]))) == \
             sorted(map(str, (c for c in plain if not c["PRMT_EXPAND"])))  # a twin of every config
         assert len(_inline_asm_calls(emit_matmul(MatmulSpec(act, weight, False, None, False, act), [])[1])) == 2
-    for act, weight in (("float32", "float32"), ("bfloat16", "int8"), ("float32", "int8")):
+    for act, weight in (("float32", "float32"), ("float32", "int8")):
         assert all(not c["PRMT_EXPAND"] for c in matmul_candidates(1, 4096, 4096, act, 132, weight))
         assert not _inline_asm_calls(emit_matmul(MatmulSpec(act, weight, False, None, False, act), [])[1])
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -283,7 +310,7 @@ def test_launch_and_plan_refuse_it_where_it_cannot_apply():
     spec = MatmulSpec("float32", "float32", False, None, False, "float32")
     name, source = emit_matmul(spec, [])
     cfg = dict(matmul_config(2, 32, 64, "float32"), PRMT_EXPAND=1)
-    with pytest.raises(InvalidInputError, match="PRMT_EXPAND=1 applies to float16 / bfloat16 weights"):
+    with pytest.raises(InvalidInputError, match="PRMT_EXPAND=1 applies to float16 / bfloat16 weights, and to int8 weights with float16 / bfloat16 inputs; kernel"):
         sparse24_matmul(x, values.to(device), meta.to(device), None, None, None, spec, name, source, config=cfg)
 
     model = torch.nn.Sequential(torch.nn.Linear(64, 32)).to(device)
@@ -319,7 +346,7 @@ def test_the_interpreter_refuses_it_clearly():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="inline PTX runs on a GPU only")
-@pytest.mark.parametrize("spec", [INT8_FP16, FP16, BF16], ids=["int8", "float16", "bfloat16"])
+@pytest.mark.parametrize("spec", [INT8_FP16, INT8_BF16, FP16, BF16], ids=["int8-f16", "int8-bf16", "float16", "bfloat16"])
 @pytest.mark.parametrize("m, n, k", [(1, 64, 64), (5, 96, 164), (16, 256, 1024), (130, 256, 1036)])
 def test_prmt_expand_kernel_matches_torch_on_gpu(spec, m, n, k):
     x, values, meta, scales, bias, pruned = _operands(m, n, k, spec, seed=m + n + k)
