@@ -140,50 +140,57 @@ def _table(byte_of_code) -> tuple[int, int]:
     return int.from_bytes(table[:4], "little"), int.from_bytes(table[4:], "little")
 
 
+def _prmt_tables(spec: MatmulSpec) -> list[tuple[int, int]]:
+    """The lookup tables of this kernel's expansion (see above), one lookup word each."""
+    if spec.weight_dtype != "int8":  # a value's selector byte: low nibble = source of its low byte, high = of its high
+        return [_table(lambda c, p=p: _source_of(c, p, 0x10, 0x32, 0x44)) for p in range(4)]
+    if spec.act_dtype == "float16":  # the value's byte (first 0, second 1, zero: 4 of the constant) under 0x64 (5)
+        return [_table(lambda c, p=p: _source_of(c, p, 0x50, 0x51, 0x54)) for p in range(4)]
+    # bf16: the source byte of positions (0, 1), then of (2, 3), one nibble each
+    return [_table(lambda c, p=p: _source_of(c, p, 0, 1, 4) | _source_of(c, p + 1, 0, 1, 4) << 4) for p in (0, 2)]
+
+
+def _prmt_gather(spec: MatmulSpec, lookups: int) -> list[str]:
+    """PTX statements of one group: $4 its pair, $5.. its word's lookups, then its sel; out $0..$3."""
+    t, sel = [f"${5 + i}" for i in range(lookups)], f"${5 + lookups}"
+    if spec.weight_dtype != "int8":
+        return [".reg .b32 s, lo, hi;", f"prmt.b32 s, {t[0]}, {t[1]}, {sel};", "prmt.b32 lo, $4, 0, s;",
+                f"prmt.b32 s, {t[2]}, {t[3]}, {sel};", "prmt.b32 hi, $4, 0, s;",
+                "mov.b32 {$0, $1}, lo;", "mov.b32 {$2, $3}, hi;"]
+    # the int16 pair ("h") as a 32-bit word, its bytes biased (zero: 0x80)
+    widen = ["mov.b32 d, {$4, $4};", "xor.b32 d, d, 0x80808080;"]
+    if spec.act_dtype == "float16":
+        return ([".reg .b32 s, lo, hi, d, c;"] + widen
+                + [f"prmt.b32 s, {t[0]}, {t[1]}, {sel};", "prmt.b32 lo, d, 0x64646480, s;",
+                   f"prmt.b32 s, {t[2]}, {t[3]}, {sel};", "prmt.b32 hi, d, 0x64646480, s;",
+                   "mov.b32 c, 0x64806480;", "sub.f16x2 lo, lo, c;", "sub.f16x2 hi, hi, c;",
+                   "mov.b32 {$0, $1}, lo;", "mov.b32 {$2, $3}, hi;"])
+    statements = [".reg .b32 s, lo, hi, d, f0, f1, f2, f3;"] + widen
+    statements += [f"prmt.b32 s, {t[0]}, {t[1]}, {sel};", "prmt.b32 d, d, 0x80808080, s;"]
+    for p in range(4):  # byte p under 0x4B0000, minus 2^23 + 128 (0f4B000080: fp32 bits)
+        statements += [f"prmt.b32 f{p}, d, 0x4b000000, {0x7540 + p:#06x};", f"sub.f32 f{p}, f{p}, 0f4B000080;"]
+    return statements + ["prmt.b32 lo, f0, f1, 0x7632;", "prmt.b32 hi, f2, f3, 0x7632;",
+                         "mov.b32 {$0, $1}, lo;", "mov.b32 {$2, $3}, hi;"]
+
+
 def _prmt_expand(buf: IndentedBuffer, spec: MatmulSpec) -> None:
-    int8 = spec.weight_dtype == "int8"
-    if not int8:  # selector byte of a value: low nibble = source of its low byte, high nibble = of its high byte
-        tables = [_table(lambda c, p=p: _source_of(c, p, 0x10, 0x32, 0x44)) for p in range(4)]
-    elif spec.act_dtype == "float16":  # the byte (first 0, second 1, zero: 4 of the constant) under 0x64 (5)
-        tables = [_table(lambda c, p=p: _source_of(c, p, 0x50, 0x51, 0x54)) for p in range(4)]
-    else:  # the source byte of positions (0, 1), then of (2, 3), one nibble each
-        tables = [_table(lambda c, p=p: _source_of(c, p, 0, 1, 4) | _source_of(c, p + 1, 0, 1, 4) << 4)
-                  for p in (0, 2)]
-    names = [f"t{i}" for i in range(len(tables))]
+    tables = _prmt_tables(spec)
+    names, n = [f"t{i}" for i in range(len(tables))], len(tables)
     buf.line("# expansion by byte permutes (configs.py, PRMT_EXPAND; builder.py explains the tables)")
     buf.line(f"{', '.join(names)} = tl.inline_asm_elementwise(")
-    _asm_lines(buf, [".reg .b32 c, t; shr.u32 t, $%d, 1; xor.b32 c, $%d, t; and.b32 c, c, 0x7777;" % ((len(tables),) * 2)]
+    _asm_lines(buf, [f".reg .b32 c, t; shr.u32 t, ${n}, 1; xor.b32 c, ${n}, t; and.b32 c, c, 0x7777;"]
                + [f"mov.b32 t, {low:#010x}; prmt.b32 ${i}, t, {high:#010x}, c;" for i, (low, high) in enumerate(tables)], 1)
-    buf.line(f'    "{",".join(["=r"] * len(tables))},r", [words.to(tl.int32)], dtype=({", ".join(["tl.int32"] * len(tables))}), '
+    buf.line(f'    "{",".join(["=r"] * n)},r", [words.to(tl.int32)], dtype=({", ".join(["tl.int32"] * n)}), '
              "is_pure=True, pack=1)")
     buf.line("# per group: its word's lookups, and sel (group g of a word is group 4w + g of the block)")
     for t in names:
         buf.line(f"{t} = tl.reshape(tl.broadcast_to({t}[:, :, None], (BLOCK_N, BLOCK_K // 16, 4)), (BLOCK_N, BLOCK_K // 4))")
     buf.line("sel = tl.reshape(tl.broadcast_to((0x40 + 0x11 * tl.arange(0, 4))[None, None, :], (BLOCK_N, BLOCK_K // 16, 4)),")
     buf.line("                 (BLOCK_N, BLOCK_K // 4))")
-    pair, t, sel = "$4", [f"${5 + i}" for i in range(len(tables))], f"${5 + len(tables)}"
-    if int8:
-        # the int16 pair ("h") as a 32-bit word, its bytes biased (zero: 0x80)
-        registers = "s, lo, hi, d, f0, f1, f2, f3" if spec.act_dtype == "bfloat16" else "s, lo, hi, d, c"
-        statements = [f".reg .b32 {registers};", f"mov.b32 d, {{{pair}, {pair}}};", "xor.b32 d, d, 0x80808080;"]
-        pair = "d"
-    else:
-        statements = [".reg .b32 s, lo, hi;"]
-    if int8 and spec.act_dtype == "bfloat16":
-        statements += [f"prmt.b32 s, {t[0]}, {t[1]}, {sel};", f"prmt.b32 d, {pair}, 0x80808080, s;"]
-        for p in range(4):  # byte p under 0x4B0000, minus 2^23 + 128 (0f4B000080: fp32 bits)
-            statements += [f"prmt.b32 f{p}, d, 0x4b000000, {0x7540 + p:#06x};", f"sub.f32 f{p}, f{p}, 0f4B000080;"]
-        statements += ["prmt.b32 lo, f0, f1, 0x7632;", "prmt.b32 hi, f2, f3, 0x7632;"]
-    else:
-        constant = "0x64646480" if int8 else "0"
-        statements += [f"prmt.b32 s, {t[0]}, {t[1]}, {sel};", f"prmt.b32 lo, {pair}, {constant}, s;",
-                       f"prmt.b32 s, {t[2]}, {t[3]}, {sel};", f"prmt.b32 hi, {pair}, {constant}, s;"]
-        if int8:
-            statements += ["mov.b32 c, 0x64806480;", "sub.f16x2 lo, lo, c;", "sub.f16x2 hi, hi, c;"]
-    statements += ["mov.b32 {$0, $1}, lo;", "mov.b32 {$2, $3}, hi;"]
     buf.line("q0, q1, q2, q3 = tl.inline_asm_elementwise(")
-    _asm_lines(buf, statements, 3)
-    constraints = ",".join(["=h"] * 4 + ["h" if int8 else "r"] + ["r"] * (len(tables) + 1))
+    _asm_lines(buf, _prmt_gather(spec, n), 3)
+    int8 = spec.weight_dtype == "int8"
+    constraints = ",".join(["=h"] * 4 + ["h" if int8 else "r"] + ["r"] * (n + 1))
     buf.line(f'    "{constraints}", [pairs, {", ".join(names)}, sel],')
     buf.line("    dtype=(tl.int16, tl.int16, tl.int16, tl.int16), is_pure=True, pack=1)")
     value = _TL_DTYPE[spec.act_dtype if int8 else spec.weight_dtype]
