@@ -75,6 +75,17 @@ def loop_opcodes(cubin: bytes) -> dict[str, int] | None:
                                     for a, text in instructions if start <= a <= end))
 
 
+def configs_at(m: int, n: int, k: int, act: str, weight: str, prmt: int) -> list[dict]:
+    """The shape table's config, and at M = 1 the CUDA-core form's candidates (BLOCK_M < 16) too."""
+    from sparsec.codegen.configs import matmul_candidates, matmul_config
+
+    configs = [dict(matmul_config(m, n, k, act, sms=H100_SMS), PRMT_EXPAND=prmt)]
+    if m == 1:
+        configs += [c for c in matmul_candidates(m, n, k, act, H100_SMS, weight)
+                    if c["BLOCK_M"] < 16 and c["PRMT_EXPAND"] == prmt]
+    return configs
+
+
 def main() -> int:
     import triton
 
@@ -84,7 +95,6 @@ def main() -> int:
 
     from sparsec.codegen.aot import compile_for, matmul_signature, resource_usage
     from sparsec.codegen.builder import emit_matmul
-    from sparsec.codegen.configs import matmul_config
     from sparsec.codegen.spec import MatmulSpec
 
     rows = []
@@ -94,8 +104,7 @@ def main() -> int:
         spec = MatmulSpec(act, weight, True, "gelu", False, act)
         name, source = emit_matmul(spec, [])
         label = spec.short_name() + ("+prmt" if prmt else "")
-        for m, n, k in SHAPES:
-            cfg = dict(matmul_config(m, n, k, act, sms=H100_SMS), PRMT_EXPAND=prmt)
+        for m, n, k, cfg in [(m, n, k, cfg) for m, n, k in SHAPES for cfg in configs_at(m, n, k, act, weight, prmt)]:
             constexprs = {key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "PRMT_EXPAND")}
             constexprs["EVEN_K"] = k % cfg["BLOCK_K"] == 0
             for cap in (90, 80):

@@ -199,10 +199,19 @@ def _prmt_expand(buf: IndentedBuffer, spec: MatmulSpec) -> None:
 
 
 def _dot(spec: MatmulSpec) -> str:
+    """The K step's product: on tensor cores (tl.dot, every tile dimension >= 16), or for a BLOCK_M
+    under 16 (a few rows: decode) as multiply-adds on CUDA cores into per-k partial sums (`acc_k`),
+    which need no 16-row tensor-core tile and no trip of the expanded weights through shared memory
+    into the dot's operand layout."""
     buf = IndentedBuffer(indent=2)
     if spec.weight_dtype == "int8":
         buf.line(f"# int8 values are exact in {spec.act_dtype}; their scales are applied once, to the accumulator")
-    buf.line(f"acc += tl.dot(x, w.to({_TL_DTYPE[spec.act_dtype]}){_dot_precision_kwarg() if spec.act_dtype == 'float32' else ''})")
+    buf.line("if BLOCK_M < 16:")
+    buf.line("    acc_k += x.to(tl.float32)[:, None, :] * tl.reshape(dense, (BLOCK_N, BLOCK_K)).to(tl.float32)[None, :, :]")
+    buf.line("else:")
+    buf.line("    w = tl.trans(tl.reshape(dense, (BLOCK_N, BLOCK_K)))  # [BLOCK_K, BLOCK_N]: W^T for the dot")
+    buf.line(f"    acc += tl.dot(x, w.to({_TL_DTYPE[spec.act_dtype]})"
+             f"{_dot_precision_kwarg() if spec.act_dtype == 'float32' else ''})")
     return buf.getvalue()
 
 

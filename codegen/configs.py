@@ -8,6 +8,12 @@ Two sources, both deterministic for a given shape and device:
 * `matmul_candidates`: a few alternatives around it; backend="auto" on CUDA times them at the
   compiled shape and records the fastest in the plan (`LayerPlan.launch`).
 
+BLOCK_M under 16 selects the kernel's CUDA-core form (builder._dot): multiply-adds into per-k
+partial sums instead of tl.dot, for a single row (decode at batch 1), where a tensor-core tile
+computes 16 rows to use one and the expanded weights go through shared memory into the dot's
+operand layout. The static model (bench/kernel_stats.py) puts it slightly behind tl.dot with Triton
+3.9 and 10-15% ahead with Triton 3.6; it is a candidate at M = 1, for the GPU to decide.
+
 Split-K: at small M a layer has few output tiles (N = 4096 at BLOCK_N = 32 is 128 tiles for 132
 SMs on an H100, and only some of them stream weights at a time), so K is split until the
 programs fill the device about twice over, keeping each split at least MIN_SPLIT_BLOCKS K blocks long
@@ -93,6 +99,9 @@ def matmul_candidates(m: int, n: int, k: int, act_dtype: str, sms: int | None, w
     elif m <= 16:
         tiles = [dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=8, num_stages=4),
                  dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=3)]
+        if m == 1:  # the CUDA-core form (BLOCK_M < 16): no 16-row tensor-core tile for a single row
+            tiles += [dict(BLOCK_M=1, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3),
+                      dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3)]
     elif m <= 128:
         tiles = [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)]
     else:
@@ -138,8 +147,8 @@ def validate_launch(launch: dict) -> str | None:
     for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps"):
         if cfg[key] & (cfg[key] - 1):
             return f"launch {key} must be a power of two, got {cfg[key]}"
-    if min(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) < 16:
-        return "tl.dot needs BLOCK_M, BLOCK_N and BLOCK_K >= 16"
+    if min(cfg["BLOCK_N"], cfg["BLOCK_K"]) < 16:
+        return "BLOCK_N and BLOCK_K must be >= 16 (tl.dot's minimum; BLOCK_M under 16 selects the CUDA-core form)"
     if cfg["SPLIT_K"] > MAX_SPLIT_K:
         return f"launch SPLIT_K must be at most {MAX_SPLIT_K}, got {cfg['SPLIT_K']}"
     return None

@@ -96,6 +96,28 @@ def test_split_k_matches_torch_and_resets_its_counters(dtype, tol, m, n, k, spli
     assert int(counters.abs().sum()) == 0  # the last split of every tile reset its counter
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("m, n, k, block_m, block_k, split", [(1, 64, 256, 1, 64, 1),   # decode: one row
+                                                              (3, 40, 80, 1, 32, 1),    # a program per row, ragged K
+                                                              (5, 48, 96, 4, 32, 2),    # two row blocks, split K
+                                                              (2, 24, 36, 2, 16, 3)])   # K not a multiple of 16
+@pytest.mark.parametrize("bias, activation, int8", [(False, None, False), (True, "silu", True)])
+def test_cuda_core_form_matches_torch(dtype, tol, m, n, k, block_m, block_k, split, bias, activation, int8):
+    """BLOCK_M under 16: multiply-adds into per-k partial sums instead of tl.dot (configs.py)."""
+    x, values, meta, scales, pruned = _operands(m, n, k, dtype, int8, seed=m + n + k + block_m)
+    b = torch.randn(n).to(dtype) if bias else None
+    x, pruned = x.to(dtype), pruned.to(dtype)
+    values = values if int8 else values.to(dtype)
+    act = str(dtype).removeprefix("torch.")
+    spec = MatmulSpec(act, "int8" if int8 else act, bias, activation, False, act)
+    name, source = emit_matmul(spec, [])
+    cfg = dict(BLOCK_M=block_m, BLOCK_N=16, BLOCK_K=block_k, GROUP_M=1, SPLIT_K=split, num_warps=4, num_stages=1)
+    dev = lambda t: t.to(DEVICE) if t is not None else None  # noqa: E731
+    y = sparse24_matmul(dev(x), dev(values), dev(meta), dev(scales), dev(b), None, spec, name, source, config=cfg)
+    expected = ACTS[activation](x.double() @ pruned.double().t() + (b.double() if b is not None else 0))
+    assert y.shape == (m, n) and output_error(y.cpu().double(), expected) <= tol
+
+
 def test_split_k_falls_back_when_tiles_outnumber_the_counters(monkeypatch):
     from sparsec.codegen import launch
 
@@ -128,6 +150,10 @@ def test_launch_candidates_split_k_only_where_tiles_are_few(monkeypatch):
         for cfg in configs:
             assert list(cfg) == list(LAUNCH_KEYS) and validate_launch(dict(cfg, M=m)) is None
     assert "power of two" in validate_launch(dict(decode, M=1, BLOCK_N=48))
+    assert validate_launch(dict(decode, M=1, BLOCK_M=1)) is None  # the CUDA-core form
+    assert "BLOCK_N and BLOCK_K must be >= 16" in validate_launch(dict(decode, M=1, BLOCK_N=8))
+    assert {c["BLOCK_M"] for c in matmul_candidates(1, 4096, 4096, "float16", 132)} == {1, 16}
+    assert all(c["BLOCK_M"] >= 16 for c in matmul_candidates(2, 4096, 4096, "float16", 132))
     assert "exactly the keys" in validate_launch(dict(decode))
 
 
