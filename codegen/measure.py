@@ -108,7 +108,8 @@ def triton_key(i: int) -> str:
 
 def describe_launch(cfg: dict) -> str:
     return (f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} tiles, split-K {cfg['SPLIT_K']}, "
-            f"{cfg['num_warps']} warps, {cfg['num_stages']} stages" + (", prmt expand" if cfg.get("PRMT_EXPAND") else ""))
+            f"{cfg['num_warps']} warps, {cfg['num_stages']} stages" + (", prmt expand" if cfg.get("PRMT_EXPAND") else "")
+            + (", CUDA cores" if cfg["BLOCK_M"] < 16 else ""))
 
 
 def time_cpu(fn, block_s: float = 0.02, blocks: int = 7) -> float:
