@@ -49,22 +49,27 @@ def _operands(m, n, k, dtype, int8, seed):
     return x, values, meta, scales, pruned
 
 
+def _kernel_case(m, n, k, dtype, int8, bias, activation, seed, config=None, uses=()):
+    """Run the generated 2:4 kernel on a fresh pruned layer; returns its output and torch's (float64)."""
+    x, values, meta, scales, pruned = _operands(m, n, k, dtype, int8, seed=seed)
+    b = torch.randn(n, generator=torch.Generator().manual_seed(seed)).to(dtype) if bias else None
+    x, pruned = x.to(dtype), pruned.to(dtype)
+    values = values if int8 else values.to(dtype)
+    act = str(dtype).removeprefix("torch.")
+    spec = MatmulSpec(act, "int8" if int8 else act, bias, activation, False, act)
+    name, source = emit_matmul(spec, list(uses))
+    dev = lambda t: t.to(DEVICE) if t is not None else None  # noqa: E731
+    y = sparse24_matmul(dev(x), dev(values), dev(meta), dev(scales), dev(b), None, spec, name, source, config=config)
+    expected = ACTS[activation](x.double() @ pruned.double().t() + (b.double() if b is not None else 0))
+    return y, expected
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
 @pytest.mark.parametrize("m, n, k", [(1, 64, 64), (37, 48, 80), (16, 32, 16), (5, 600, 32), (70, 24, 48)])
 @pytest.mark.parametrize("bias, activation, int8", [(False, None, False), (True, "relu", False), (True, "gelu", True),
                                                     (False, "silu", True), (True, "gelu_tanh", False)])
 def test_sparse24_matmul_matches_torch(dtype, tol, m, n, k, bias, activation, int8):
-    x, values, meta, scales, pruned = _operands(m, n, k, dtype, int8, seed=m * 1000 + n + k)
-    b = torch.randn(n) if bias else None
-    x, pruned = x.to(dtype), pruned.to(dtype)
-    values = values if int8 else values.to(dtype)
-    b = b.to(dtype) if b is not None else None
-    act = str(dtype).removeprefix("torch.")
-    spec = MatmulSpec(act, "int8" if int8 else act, bias, activation, False, act)
-    name, source = emit_matmul(spec, [LayerUse("t", m, n, k)])
-    dev = lambda t: t.to(DEVICE) if t is not None else None  # noqa: E731
-    y = sparse24_matmul(dev(x), dev(values), dev(meta), dev(scales), dev(b), None, spec, name, source)
-    expected = ACTS[activation](x.double() @ pruned.double().t() + (b.double() if b is not None else 0))
+    y, expected = _kernel_case(m, n, k, dtype, int8, bias, activation, seed=m * 1000 + n + k, uses=[LayerUse("t", m, n, k)])
     assert y.dtype == dtype and y.shape == (m, n)
     assert output_error(y.cpu().double(), expected) <= tol
 
@@ -78,18 +83,9 @@ def test_sparse24_matmul_matches_torch(dtype, tol, m, n, k, bias, activation, in
 def test_split_k_matches_torch_and_resets_its_counters(dtype, tol, m, n, k, split, block_k, bias, activation, int8):
     from sparsec.codegen import launch
 
-    x, values, meta, scales, pruned = _operands(m, n, k, dtype, int8, seed=m + n + k + split)
-    b = torch.randn(n).to(dtype) if bias else None
-    x, pruned = x.to(dtype), pruned.to(dtype)
-    values = values if int8 else values.to(dtype)
-    act = str(dtype).removeprefix("torch.")
-    spec = MatmulSpec(act, "int8" if int8 else act, bias, activation, False, act)
-    name, source = emit_matmul(spec, [])
     cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=block_k, GROUP_M=1, SPLIT_K=split, num_warps=4, num_stages=1)
-    dev = lambda t: t.to(DEVICE) if t is not None else None  # noqa: E731
-    first, second = (sparse24_matmul(dev(x), dev(values), dev(meta), dev(scales), dev(b), None, spec, name, source,
-                                      config=cfg) for _ in range(2))
-    expected = ACTS[activation](x.double() @ pruned.double().t() + (b.double() if b is not None else 0))
+    (first, expected), (second, _) = (_kernel_case(m, n, k, dtype, int8, bias, activation, seed=m + n + k + split,
+                                                   config=cfg) for _ in range(2))
     assert output_error(first.cpu().double(), expected) <= tol
     assert torch.equal(first, second)  # partials are summed in split order: no run-to-run difference
     counters = launch.split_counters(torch.device(DEVICE), 1)
@@ -104,17 +100,8 @@ def test_split_k_matches_torch_and_resets_its_counters(dtype, tol, m, n, k, spli
 @pytest.mark.parametrize("bias, activation, int8", [(False, None, False), (True, "silu", True)])
 def test_cuda_core_form_matches_torch(dtype, tol, m, n, k, block_m, block_k, split, bias, activation, int8):
     """BLOCK_M under 16: multiply-adds into per-k partial sums instead of tl.dot (configs.py)."""
-    x, values, meta, scales, pruned = _operands(m, n, k, dtype, int8, seed=m + n + k + block_m)
-    b = torch.randn(n).to(dtype) if bias else None
-    x, pruned = x.to(dtype), pruned.to(dtype)
-    values = values if int8 else values.to(dtype)
-    act = str(dtype).removeprefix("torch.")
-    spec = MatmulSpec(act, "int8" if int8 else act, bias, activation, False, act)
-    name, source = emit_matmul(spec, [])
     cfg = dict(BLOCK_M=block_m, BLOCK_N=16, BLOCK_K=block_k, GROUP_M=1, SPLIT_K=split, num_warps=4, num_stages=1)
-    dev = lambda t: t.to(DEVICE) if t is not None else None  # noqa: E731
-    y = sparse24_matmul(dev(x), dev(values), dev(meta), dev(scales), dev(b), None, spec, name, source, config=cfg)
-    expected = ACTS[activation](x.double() @ pruned.double().t() + (b.double() if b is not None else 0))
+    y, expected = _kernel_case(m, n, k, dtype, int8, bias, activation, seed=m + n + k + block_m, config=cfg)
     assert y.shape == (m, n) and output_error(y.cpu().double(), expected) <= tol
 
 
