@@ -176,22 +176,22 @@ def disagreeing(options: dict) -> dict[str, float]:
 
 def pick_fastest(gm, ctx, layer, decision, m: int | None, triton_problem: str | None, device: str = "cuda"):
     """(backend, note, launch): the fastest way to run the layer at M rows among the candidates that
-    agree with dense, a note with the times, and for a 2:4 Triton kernel the fastest launch config
-    (with "M"), else None."""
+    agree with dense, a note with the times (and the candidates rejected or failing, by name), and
+    for a 2:4 Triton kernel the fastest launch config (with "M"), else None."""
     rows = m or DEFAULT_ROWS
     if device == "cpu":
         options, timer = cpu_fanin_candidates(gm, ctx, layer, decision, rows), time_cpu
     else:
         options, timer = candidates(gm, ctx, layer, decision, rows, triton_problem), time_cuda
-    times, wrong = {}, disagreeing(options)
+    times, wrong, failed = {}, disagreeing(options), {}
     for name, fn in options.items():
         if name in wrong:
             continue
         try:
             with torch.no_grad():
                 times[name] = timer(fn)
-        except Exception:  # noqa: BLE001 - a candidate that cannot run simply is not chosen
-            continue
+        except Exception as e:  # noqa: BLE001 - a candidate that cannot run is not chosen, and is named
+            failed[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:120] if str(e).strip() else ''}"
     launch, configs = None, {}
     if isinstance(options.get("triton"), functools.partial):  # 2:4 kernel: keep its fastest launch config
         configs = {name: times.pop(name) for name in list(times) if name.split("#")[0] == "triton"}
@@ -208,4 +208,6 @@ def pick_fastest(gm, ctx, layer, decision, m: int | None, triton_problem: str | 
     if wrong:
         note += "; rejected for wrong results: " + ", ".join(f"{k} (error {v:.2g} of dense's largest output)"
                                                            for k, v in sorted(wrong.items()))
+    if failed:
+        note += "; failed to run: " + ", ".join(f"{k} ({v})" for k, v in sorted(failed.items()))
     return best, note, launch if best == "triton" else None

@@ -515,6 +515,24 @@ def test_auto_never_picks_a_candidate_that_computes_the_wrong_thing(monkeypatch)
                          "triton#1 (error 0.1 of dense's largest output)")
 
 
+def test_auto_names_a_candidate_that_fails_to_run(monkeypatch):
+    """A candidate raising (say, a launch config the installed Triton cannot compile) is not chosen,
+    and the reason says which one and why, instead of dropping it silently."""
+    x, w = torch.randn(4, 64), torch.randn(32, 64)
+
+    def broken():
+        raise RuntimeError("PTX assembly failed\nptxas: unknown instruction 'prmt.b32'")
+
+    options = {"dense": lambda: F.linear(x, w), "triton": lambda: F.linear(x, w), "triton#1": broken}
+    timings = {"dense": 10e-6, "triton": 8e-6}
+    names = {id(fn): name for name, fn in options.items()}
+    monkeypatch.setattr("sparsec.codegen.measure.candidates", lambda *a: options)
+    monkeypatch.setattr("sparsec.codegen.measure.time_cuda", lambda fn: (fn(), timings[names[id(fn)]])[1])  # runs it
+    best, note, _ = pick_fastest(None, None, None, None, 4, None)
+    assert best == "triton"
+    assert note.endswith("; failed to run: triton#1 (RuntimeError: ptxas: unknown instruction 'prmt.b32')")
+
+
 def test_a_plan_launch_config_is_used_and_checked():
     model, (x,) = on_device(nn.Sequential(nn.Linear(64, 48), nn.ReLU()), (torch.randn(3, 64),))
     cm = sparsec.compile(model, example_inputs=(x,), backend="triton", include=[".*"], min_weights=0)
