@@ -65,7 +65,7 @@ def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
 
 def sweep_configs(layer, x, expected) -> list[dict]:
     """Check, then time, the layer's kernel at every launch config backend="auto" may pick at this
-    shape; a config whose result is wrong is recorded with its error and not timed."""
+    shape; a config whose result is wrong, or that fails to run, is recorded with its error and not timed."""
     from sparsec.codegen.configs import matmul_candidates
     from sparsec.codegen.launch import sm_count, sparse24_matmul
 
@@ -76,7 +76,11 @@ def sweep_configs(layer, x, expected) -> list[dict]:
     for cfg in matmul_candidates(m, n, k, spec.act_dtype, sm_count(x.device), spec.weight_dtype):
         run = lambda cfg=cfg: sparse24_matmul(x, packed.values, packed.meta, packed.scales, None, None, spec,  # noqa: E731
                                               layer.kernel_name, layer.kernel_source, config=cfg)
-        err = relative_error(run(), expected)
+        try:
+            err = relative_error(run(), expected)
+        except Exception as e:  # noqa: BLE001 - recorded (say, a config this Triton cannot build); the rest still run
+            results.append({"config": cfg, "error": f"{type(e).__name__}: {str(e)[-300:]}", "ok": False, "s": None})
+            continue
         results.append({"config": cfg, "max_rel_err": err, "ok": err < 1e-2,
                         "s": median_time(run) if err < 1e-2 else None})
     return results

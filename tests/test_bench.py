@@ -46,6 +46,14 @@ def test_sparse24_sweep_times_every_candidate_and_checks_nothing_silently(monkey
     # a config computing the wrong thing is recorded as such and not timed
     wrong = bench_sparse24.sweep_configs(layer, x, 2 * expected)
     assert len(calls) == len(results) and all(not r["ok"] and r["s"] is None for r in wrong)
+    # a config that fails to run is recorded with its error, and the sweep goes on
+    from sparsec.codegen import configs
+
+    real = configs.matmul_candidates
+    monkeypatch.setattr(configs, "matmul_candidates", lambda *a: [dict(real(*a)[0], BLOCK_N=24)] + real(*a))
+    swept = bench_sparse24.sweep_configs(layer, x, expected)
+    assert not swept[0]["ok"] and swept[0]["s"] is None and "power of 2" in swept[0]["error"]
+    assert all(r["ok"] for r in swept[1:]) and len(swept) == len(results) + 1
 
 
 def test_sparse24_reports_each_target_at_its_worst_row():
