@@ -21,7 +21,7 @@ and the fp32 partials the splits write and read back (8 bytes per output element
 a quarter of the 2:4 weight bytes (about one byte per weight), i.e. split <= K / (32 M).
 
 PRMT_EXPAND (16-bit weights, and int8 weights with fp16 / bf16 activations; spec.has_prmt_expand):
-1 expands the 2:4 groups with byte permutes in inline PTX (builder.py), the int8 conversion
+1 expands the 2:4 groups with byte permutes in inline PTX (codegen/prmt.py), the int8 conversion
 included, where the Triton form shifts each kept value into place (64-bit shifts for 16-bit
 values) and converts int8 with `cvt`, an eighth-rate instruction on sm_80/sm_90. On sm_90 it takes
 the K loop of the decode kernel from 4.7 to about 2 integer instructions per fp16 weight, from 4.2
