@@ -38,13 +38,16 @@ def skip_without_cuda(script: str) -> bool:
     return True
 
 
-def write_results(prefix: str, device: str, payload: dict) -> str:
-    """Write `payload` (plus device, date, torch version) to <results>/<prefix>-<device>-<date>.json."""
+def write_results(prefix: str, device: str, payload: dict, announce: bool = True) -> str:
+    """Write `payload` (plus device, date, torch version) to <results>/<prefix>-<device>-<date>.json,
+    through a temp file and a rename: a run killed mid-write leaves the previous version whole."""
     date = datetime.date.today().isoformat()
     out = results_dir()
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, f"{prefix}-{device.replace(' ', '_')}-{date}.json")
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:
         json.dump({"device": device, "date": date, "torch": torch.__version__, **payload}, f, indent=2)
-    print(f"wrote {path}")
+    os.replace(path + ".tmp", path)
+    if announce:
+        print(f"wrote {path}")
     return path

@@ -69,3 +69,18 @@ def test_sparse24_reports_each_target_at_its_worst_row():
     assert targets["int8 2:4 vs dense fp16 at M <= 16"] == {"worst": 3.0, "needs": 2.8, "met": True, "rows": 1}
     assert targets["auto vs dense, every shape"] == {"worst": 0.98, "needs": 0.97, "met": True, "rows": 4}
     assert "int8 2:4 vs dense fp16 at M <= 16" not in bench_sparse24.check_targets(rows[:3])
+
+
+def test_results_are_written_whole_and_rewritten_in_place(tmp_path, monkeypatch, capsys):
+    """bench_sparse24 rewrites its file after every row; each write replaces the file whole."""
+    import json
+
+    sys.path.insert(0, BENCH)
+    from results_io import write_results
+
+    monkeypatch.setenv("SPARSEC_RESULTS_DIR", str(tmp_path))
+    first = write_results("sparse24", "Some GPU", {"rows": [1]}, announce=False)
+    second = write_results("sparse24", "Some GPU", {"rows": [1, 2], "complete": True})
+    assert first == second and os.listdir(tmp_path) == [os.path.basename(first)]  # no temp file left
+    assert json.loads(open(second).read())["rows"] == [1, 2]
+    assert capsys.readouterr().out == f"wrote {second}\n"  # only the announced write prints
