@@ -26,7 +26,8 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 os.environ["TRITON_INTERPRET"] = "0"
 
 SPECS = [("float16", "float16", 0), ("float16", "float16", 1), ("float16", "int8", 0), ("float16", "int8", 1),
-         ("bfloat16", "bfloat16", 0), ("bfloat16", "bfloat16", 1), ("bfloat16", "int8", 0), ("bfloat16", "int8", 1)]
+         ("bfloat16", "bfloat16", 0), ("bfloat16", "bfloat16", 1), ("bfloat16", "int8", 0), ("bfloat16", "int8", 1),
+         ("float32", "float32", 0)]
 SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (128, 4096, 4096), (4096, 4096, 4096)]
 H100_SMS, H100_CLOCK_HZ = 132, 1.755e9
 # threads per SM and clock of each unit (sm_80 / sm_90); an opcode not listed only costs issue

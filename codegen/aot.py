@@ -133,7 +133,8 @@ STANDARD_SMS = 132
 
 def standard_builds() -> list[tuple[str, MatmulSpec | None, dict]]:
     """(key, spec, config) of every build the check makes: each spec's default config (and its
-    PRMT_EXPAND twin) at every standard shape, and every config backend="auto" may time for the specs with the heaviest
+    PRMT_EXPAND twin, and at M = 1 the CUDA-core form's configs) at every standard shape, and every
+    config backend="auto" may time for the specs with the heaviest
     epilogues (fp16 with bias + relu, int8 weights with bias + gelu + scale), deduplicated."""
     from sparsec.codegen.configs import condensed_config, matmul_candidates
 
@@ -147,6 +148,7 @@ def standard_builds() -> list[tuple[str, MatmulSpec | None, dict]]:
                 # build with; the masked build for ragged K is checked at the decode config
                 tuned = matmul_candidates(m, n, k, spec.act_dtype, STANDARD_SMS, spec.weight_dtype)
                 default = [cfg for cfg in tuned if dict(cfg, PRMT_EXPAND=0) == tuned[0]]  # and its PRMT_EXPAND twin
+                default += [cfg for cfg in tuned if cfg["BLOCK_M"] < 16]  # and the CUDA-core form's (M = 1)
                 configs = [dict(cfg, EVEN_K=True) for cfg in (tuned if i < 2 else default)]
                 if m == 1:
                     configs += [dict(cfg, EVEN_K=False) for cfg in default]

@@ -12,7 +12,8 @@ BLOCK_M under 16 selects the kernel's CUDA-core form (builder._dot): multiply-ad
 partial sums instead of tl.dot, for a single row (decode at batch 1), where a tensor-core tile
 computes 16 rows to use one and the expanded weights go through shared memory into the dot's
 operand layout. The static model (bench/kernel_stats.py) puts it slightly behind tl.dot with Triton
-3.9 and 10-15% ahead with Triton 3.6; it is a candidate at M = 1, for the GPU to decide.
+3.9 and 10-15% ahead with Triton 3.6 for 16-bit inputs, and 3x ahead for fp32 (whose IEEE tl.dot runs
+on the same CUDA cores, 16 rows of them); it is a candidate at M = 1, for the GPU to decide.
 
 Split-K: at small M a layer has few output tiles (N = 4096 at BLOCK_N = 32 is 128 tiles for 132
 SMs on an H100, and only some of them stream weights at a time), so K is split until the
@@ -94,8 +95,10 @@ def matmul_candidates(m: int, n: int, k: int, act_dtype: str, sms: int | None, w
     PRMT_EXPAND form (spec.has_prmt_expand) each of those again with it. `weight_dtype` defaults to
     `act_dtype`."""
     base = matmul_config(m, n, k, act_dtype, sms)
-    if interpreting() or act_dtype == "float32":
+    if interpreting():
         tiles = []
+    elif act_dtype == "float32":  # only small tiles stay spill-free (_tiles); at one row, the CUDA-core form
+        tiles = [dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=3)] if m == 1 else []
     elif m <= 16:
         tiles = [dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=8, num_stages=4),
                  dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=3)]

@@ -141,6 +141,8 @@ def test_launch_candidates_split_k_only_where_tiles_are_few(monkeypatch):
     assert "BLOCK_N and BLOCK_K must be >= 16" in validate_launch(dict(decode, M=1, BLOCK_N=8))
     assert {c["BLOCK_M"] for c in matmul_candidates(1, 4096, 4096, "float16", 132)} == {1, 16}
     assert all(c["BLOCK_M"] >= 16 for c in matmul_candidates(2, 4096, 4096, "float16", 132))
+    assert {c["BLOCK_M"] for c in matmul_candidates(1, 4096, 4096, "float32", 132)} == {1, 16}
+    assert {c["BLOCK_M"] for c in matmul_candidates(2, 4096, 4096, "float32", 132)} == {16}
     from sparsec.codegen.measure import describe_launch
 
     assert describe_launch(dict(decode, BLOCK_M=1, PRMT_EXPAND=1)).endswith("prmt expand, CUDA cores")
