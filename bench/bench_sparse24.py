@@ -68,6 +68,7 @@ def sweep_configs(layer, x, expected) -> list[dict]:
     shape; a config whose result is wrong, or that fails to run, is recorded with its error and not timed."""
     from sparsec.codegen.configs import matmul_candidates
     from sparsec.codegen.launch import sm_count, sparse24_matmul
+    from sparsec.errors import last_line
 
     m, k = x.shape
     n = layer.packed.out_features
@@ -79,7 +80,7 @@ def sweep_configs(layer, x, expected) -> list[dict]:
         try:
             err = relative_error(run(), expected)
         except Exception as e:  # noqa: BLE001 - recorded (say, a config this Triton cannot build); the rest still run
-            results.append({"config": cfg, "error": f"{type(e).__name__}: {str(e)[-300:]}", "ok": False, "s": None})
+            results.append({"config": cfg, "error": last_line(e), "ok": False, "s": None})
             continue
         results.append({"config": cfg, "max_rel_err": err, "ok": err < 1e-2,
                         "s": median_time(run) if err < 1e-2 else None})

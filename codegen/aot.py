@@ -10,6 +10,7 @@ import os
 
 from sparsec.codegen.cache import KernelCache
 from sparsec.codegen.spec import MatmulSpec
+from sparsec.errors import last_line
 
 # Largest dynamic shared memory a block may use (CUDA programming guide, compute capabilities).
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
@@ -183,7 +184,7 @@ def check_standard_builds(capabilities=(80, 90)) -> dict[str, str]:
                 ok = bool(compile_for(cap, name, source, signature, cfg, warps, stages).asm.get("cubin"))
                 results[f"{key}@sm_{cap}"] = "ok" if ok else "no cubin"
             except Exception as e:  # noqa: BLE001 - reported, not raised: the caller checks every entry
-                results[f"{key}@sm_{cap}"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
+                results[f"{key}@sm_{cap}"] = last_line(e)
     return results
 
 

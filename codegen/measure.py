@@ -14,6 +14,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from sparsec.errors import last_line
 from sparsec.patterns import parse_pattern
 from sparsec.reference import fake_quant_int8, weight_to_rows
 
@@ -191,7 +192,7 @@ def pick_fastest(gm, ctx, layer, decision, m: int | None, triton_problem: str | 
             with torch.no_grad():
                 times[name] = timer(fn)
         except Exception as e:  # noqa: BLE001 - a candidate that cannot run is not chosen, and is named
-            failed[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:120] if str(e).strip() else ''}"
+            failed[name] = last_line(e, 120)
     launch, configs = None, {}
     if isinstance(options.get("triton"), functools.partial):  # 2:4 kernel: keep its fastest launch config
         configs = {name: times.pop(name) for name in list(times) if name.split("#")[0] == "triton"}

@@ -46,9 +46,12 @@ def _positions_of_code() -> dict[int, tuple[int, int]]:
     return codes
 
 
+_POSITIONS = _positions_of_code()
+
+
 def _source_of(code: int, position: int, first: int, second: int, zero: int) -> int:
     """What a group with this code holds at this position: `first`, `second` or `zero`."""
-    kept = _positions_of_code().get(code)
+    kept = _POSITIONS.get(code)
     return first if kept and kept[0] == position else second if kept and kept[1] == position else zero
 
 

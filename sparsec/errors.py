@@ -38,3 +38,10 @@ class PassError(SparsecError, RuntimeError):
 
 class CorruptFileError(SparsecError, ValueError):
     """A saved plan / model / cache entry is unreadable or inconsistent."""
+
+
+def last_line(error: BaseException, limit: int = 300) -> str:
+    """"Type: last line of the message", for reports that name a failure in one line: compiler
+    errors (Triton, ptxas) print pages of context before their cause, which comes last."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[-1][:limit] if text else ''}"

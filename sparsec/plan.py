@@ -180,6 +180,8 @@ class Plan:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Plan:
+        from sparsec.codegen.configs import upgrade_launch
+
         try:
             data = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -199,8 +201,6 @@ class Plan:
             if unknown:
                 raise CorruptFileError(f"plan layer #{i} ({entry.get('name')!r}) has unknown fields {sorted(unknown)}")
             if "launch" in entry:
-                from sparsec.codegen.configs import upgrade_launch
-
                 entry = dict(entry, launch=upgrade_launch(entry["launch"]))
             layers.append(LayerPlan(**entry))
         plan = cls(layers=layers, pattern=str(data.get("pattern", "2:4")), notes=list(data.get("notes", [])))

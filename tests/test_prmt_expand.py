@@ -146,6 +146,22 @@ class PtxExpansion:
             out.append([regs[f"${p}"] for p in range(4)])
         return out
 
+    def expand_rows(self, values: torch.Tensor, meta: torch.Tensor, k: int) -> list[list[int]]:
+        """Every row of a compressed weight (values + metadata, as the kernel loads them) expanded
+        word by word: the 16-bit results at its k positions. Past K (a last word with fewer than four
+        groups) the kernel's masked loads give zero values, and zeros must come out."""
+        pair_words = values.view(torch.int16 if values.dtype == torch.int8 else torch.int32).to(torch.int32)
+        rows = []
+        for row in range(values.shape[0]):
+            got = []
+            for word_index in range(meta.shape[1]):
+                pairs = pair_words[row, 4 * word_index:4 * word_index + 4].tolist()
+                pairs += [0] * (4 - len(pairs))  # masked loads past K
+                got += [bits for group in self.expand_word(int(meta[row, word_index]), pairs) for bits in group]
+            assert not any(got[k:])
+            rows.append(got[:k])
+        return rows
+
 
 def _signed(value: int, bits: int) -> int:
     return value - (1 << bits) if value >> (bits - 1) & 1 else value
@@ -207,9 +223,8 @@ def test_padding_groups_expand_to_zeros(spec):
 
 @pytest.mark.parametrize("k", [16, 36, 48, 4096])
 def test_whole_rows_match_the_reference_decompress(k):
-    """Rows compressed by the reference (values + packed metadata, as the kernel loads them) and
-    expanded word by word by the emitted PTX give the reference's dense rows; past K (a last word
-    with fewer than four groups) the kernel's masked loads give zero values, and zeros come out."""
+    """Rows compressed by the reference and expanded word by word by the emitted PTX give the
+    reference's dense rows, and zeros past K."""
     g = torch.Generator().manual_seed(k)
     w = torch.randn(3, k, generator=g)
     mask = oracle_nm_mask(w, 2, 4)
@@ -217,19 +232,10 @@ def test_whole_rows_match_the_reference_decompress(k):
         values, meta = ref.nm_compress_masked(dense, mask, 2, 4)
         if spec.weight_dtype == "int8":
             values, _ = ref.quantize_int8(values)
-            pair_words = values.view(torch.int16).to(torch.int32)  # one group's two int8 values per int16
-        else:
-            pair_words = values.view(torch.int32)
         expected = ref.nm_decompress(values, meta)
-        expansion = PtxExpansion(emit_matmul(spec, [])[1])
-        for row in range(3):
-            got = []
-            for word_index in range(meta.shape[1]):
-                pairs = pair_words[row, 4 * word_index:4 * word_index + 4].tolist()
-                pairs += [0] * (4 - len(pairs))  # masked loads past K
-                got += [bits for group in expansion.expand_word(int(meta[row, word_index]), pairs) for bits in group]
-            assert not any(got[k:])
-            got = torch.tensor([_signed(b, 16) for b in got[:k]], dtype=torch.int16).view(getattr(torch, spec.act_dtype))
+        rows = PtxExpansion(emit_matmul(spec, [])[1]).expand_rows(values, meta, k)
+        for row, got in enumerate(rows):
+            got = torch.tensor([_signed(b, 16) for b in got], dtype=torch.int16).view(getattr(torch, spec.act_dtype))
             assert torch.equal(got.float(), expected[row].float()), (spec.describe(), row)
 
 
@@ -241,15 +247,9 @@ def _check_int8_rows(source: str, decode) -> None:
     values, meta = ref.nm_compress_masked(oracle_int8(w * mask), mask, 2, 4)
     values, _ = ref.quantize_int8(values)
     values[0, :8] = torch.tensor([-128, 127, 0, -1, 1, 64, -64, 5], dtype=torch.int8)
-    pair_words = values.view(torch.int16).to(torch.int32)
     expected = ref.nm_decompress(values, meta)
-    expansion = PtxExpansion(source)
-    for row in range(2):
-        got = []
-        for word_index in range(meta.shape[1]):
-            pairs = pair_words[row, 4 * word_index:4 * word_index + 4].tolist()
-            got += [decode(b) for group in expansion.expand_word(int(meta[row, word_index]), pairs) for b in group]
-        assert got == expected[row].float().tolist()
+    for row, got in enumerate(PtxExpansion(source).expand_rows(values, meta, 256)):
+        assert [decode(b) for b in got] == expected[row].float().tolist()
 
 
 @pytest.mark.parametrize("spec, decode, old, new", [
