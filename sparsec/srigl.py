@@ -25,7 +25,7 @@ drop = alpha / 2 * (1 + cos(pi * t / T_end)). Ties in any ranking go to the lowe
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -211,11 +211,33 @@ class SRigL:
         self.history.append(record)
         return record
 
+    # ---- checkpoints
+
+    def _schedule(self) -> dict:
+        return {"total_steps": self.total_steps, "delta_t": self.delta_t, "alpha": self.alpha, "t_end": self.t_end,
+                "gamma_sal": self.gamma_sal, "ablation": self.ablation, "grad_accumulation": self.grad_accumulation,
+                "layers": sorted(self.layers)}
+
     def state_dict(self) -> dict:
-        return {"steps": self.steps}
+        """Everything a resumed run needs besides the model's and the optimizer's state: the step, the
+        dense gradients accumulated so far for the next update (a checkpoint can fall inside the window),
+        the update history, and the schedule the state belongs to. Plain tensors, dicts and lists, so
+        torch.load(weights_only=True) reads it."""
+        return {"steps": self.steps, "dense_grads": {k: v.clone() for k, v in self._dense_grads.items()},
+                "history": [asdict(r) for r in self.history], "schedule": self._schedule()}
 
     def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or "steps" not in state:
+            raise InvalidInputError("not an SRigL state: missing 'steps' (expected what SRigL.state_dict() returns)")
+        saved = state.get("schedule", {})  # (absent in states saved before it was recorded)
+        differ = [f"{k}: saved {saved[k]!r}, this scheduler {v!r}" for k, v in self._schedule().items()
+                  if k in saved and saved[k] != v]
+        if differ:
+            raise InvalidInputError("this SRigL state belongs to another schedule or model (" + "; ".join(differ)
+                                    + "); construct SRigL with the saved settings to resume")
         self.steps = int(state["steps"])
+        self._dense_grads = {k: v.clone() for k, v in state.get("dense_grads", {}).items()}
+        self.history = [UpdateRecord(**r) for r in state.get("history", [])]
         self._arm(self.steps + 1)
 
 

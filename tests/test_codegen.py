@@ -346,7 +346,8 @@ def test_two_processes_filling_the_cache_at_once(tmp_path):
 
 
 class Chains(nn.Module):
-    """Every fusable chain shape: + bias vector, activations (module, function, method), scale, cast."""
+    """Every fusable chain shape but the cast (CastChains): + bias vector, activations (module, function, method),
+    scale."""
 
     def __init__(self):
         super().__init__()
@@ -390,6 +391,43 @@ def test_fusion_in_a_compiled_model():
     # the kernels really run: the result differs from the torch reference only by rounding
     with torch.no_grad():
         assert output_error(cm(x), model(x)) > 1e-4
+
+
+class CastChains(nn.Module):
+    """Casts closing a chain, in each spelling the fusion pass reads; the cast back to fp32 stays in the graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(32, 64)
+        self.a = nn.Linear(64, 64)
+        self.b = nn.Linear(64, 64)
+        self.c = nn.Linear(64, 64)
+        self.d = nn.Linear(64, 64)
+        self.out = nn.Linear(64, 8)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = F.relu(self.a(h)).half().float()             # method cast after an activation
+        h = self.b(h).to(torch.bfloat16).float()         # .to(dtype)
+        h = self.c(h).to(dtype=torch.float16).float()    # .to(dtype=...)
+        h = self.d(h).to(h.device).float()               # .to(device): not a cast the kernel does
+        return self.out(h)
+
+
+def test_cast_fusion_in_a_compiled_model():
+    torch.manual_seed(0)
+    model, (x,) = on_device(CastChains().eval(), (torch.randn(5, 32),))
+    cm = sparsec.compile(model, example_inputs=(x,), backend="triton")
+    modules = {m.layer_name: m for m in cm.graph_module.modules() if isinstance(m, TritonSparseLinear)}
+    assert {k: modules[k].out_dtype for k in "abcd"} == {"a": torch.float16, "b": torch.bfloat16, "c": torch.float16,
+                                                         "d": None}
+    assert modules["a"].activation == "relu" and cm.counters["fused_cast"] == 3
+    methods = [n.target for n in cm.graph_module.graph.nodes if n.op == "call_method"]
+    assert "half" not in methods and methods.count("float") == 4 and methods.count("to") == 1
+    assert all(f"cast:{t}" in str(cm.kernel_manifest) for t in ("float16", "bfloat16"))
+    with torch.no_grad():
+        # the casts round the same outputs (summed in another order) to fp16 / bf16: a few bf16 ulps at most
+        assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 5e-3
 
 
 @pytest.mark.parametrize("example, quantize", [("mlp", None), ("mlp", "int8"), ("transformer", "int8")])

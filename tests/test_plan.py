@@ -74,3 +74,18 @@ def test_invalid_entries_are_rejected():
     data["layers"][1]["name"] = "fc1"
     with pytest.raises(InvalidInputError, match="twice"):
         Plan.from_json(json.dumps(data))
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("backend", "cuda", r"backend 'cuda' not in \("),
+    ("sparsity", "dense", "'dense' is spelled None in a plan"),
+    ("grad_sparsity", "dense", "'dense' is spelled None in a plan"),
+    ("grad_sparsity", "2:3:4", "bad grad_sparsity"),
+    ("sparsityy", "2:4", r"unknown fields \['sparsityy'\]"),  # a misspelt field is not silently dropped
+])
+def test_misspelt_or_misplaced_entries_name_the_layer(field, value, match):
+    data = json.loads(_plan().to_json())
+    data["layers"][1][field] = value
+    with pytest.raises((InvalidInputError, CorruptFileError), match=match) as info:
+        Plan.from_json(json.dumps(data))
+    assert "fc2" in str(info.value)

@@ -1,3 +1,7 @@
+import hashlib
+import io
+import json
+
 import pytest
 import torch
 import torch.nn as nn
@@ -50,6 +54,49 @@ def test_corrupt_files(tmp_path):
         sparsec.load(tmp_path / "missing")
     with pytest.raises(TypeError, match="CompiledModel"):
         sparsec.save(model, tmp_path / "x")
+
+
+def _rewritten(data: bytes, edit_header=None, payload: bytes | None = None) -> bytes:
+    """A saved file with its JSON header edited and/or its payload replaced (checksum kept consistent)."""
+    magic, header_line, rest = data.split(b"\n", 2)
+    header = json.loads(header_line)
+    if payload is not None:
+        header.update(payload_bytes=len(payload), payload_sha256=hashlib.sha256(payload).hexdigest())
+        rest = payload
+    if edit_header:
+        edit_header(header)
+    return b"\n".join([magic, json.dumps(header).encode(), rest])
+
+
+def test_well_formed_files_with_the_wrong_content(tmp_path):
+    model, inputs = load_example("mlp").build_model()
+    cm = sparsec.compile(model, example_inputs=inputs)
+    path = tmp_path / "model.sparsec"
+    sparsec.save(cm, path)
+    data = path.read_bytes()
+    (tmp_path / "ok").write_bytes(_rewritten(data))  # the rewriting alone keeps a loadable file
+    assert sparsec.load(tmp_path / "ok").plan == cm.plan
+    # a file written by a newer sparsec
+    (tmp_path / "v3").write_bytes(_rewritten(data, lambda h: h.update(version=3)))
+    with pytest.raises(CorruptFileError, match="version 3; this sparsec reads versions 1 and 2"):
+        sparsec.load(tmp_path / "v3")
+    # a header line that is not JSON
+    magic, _, rest = data.split(b"\n", 2)
+    (tmp_path / "bad-json").write_bytes(magic + b"\n{not json\n" + rest)
+    with pytest.raises(CorruptFileError, match="header is damaged or truncated"):
+        sparsec.load(tmp_path / "bad-json")
+    # an intact archive of something else
+    buffer = io.BytesIO()
+    torch.save({"weights": torch.zeros(3)}, buffer)
+    (tmp_path / "not-a-model").write_bytes(_rewritten(data, payload=buffer.getvalue()))
+    with pytest.raises(CorruptFileError, match="does not hold a CompiledModel"):
+        sparsec.load(tmp_path / "not-a-model")
+    # the header's plan (readable without unpickling) edited so that it no longer describes the model
+    edited = cm.plan.to_json().replace('"sparsity": "2:4"', '"sparsity": null', 1)
+    assert edited != cm.plan.to_json()
+    (tmp_path / "plan-edited").write_bytes(_rewritten(data, lambda h: h.update(plan=edited)))
+    with pytest.raises(CorruptFileError, match="the stored plan and the model's plan disagree"):
+        sparsec.load(tmp_path / "plan-edited")
 
 
 def test_files_of_the_first_format_still_load(tmp_path):

@@ -248,3 +248,67 @@ def test_sparse_init_draws_kept_weights_for_the_sparse_fanin():
     kept = layer.weight[mask]
     assert (layer.weight[~mask] == 0).all()
     assert kept.var().item() == pytest.approx(2 / k, rel=0.05)  # He-normal for fan-in k, not for 512
+
+
+def _srigl_run(steps, batches, resume_from=None):
+    """Train with SRigL from a fresh compile of _mlp(); resume_from: a checkpoint (bytes) of model,
+    optimizer and scheduler state to continue from. Returns the model, scheduler and a checkpoint."""
+    import io
+    cm = sparsec.compile(_mlp(), pattern="fanin:0.75", example_inputs=(torch.randn(2, 16),), train=True,
+                         include=[".*"], min_weights=0)
+    opt = torch.optim.SGD(cm.parameters(), lr=0.05, momentum=0.9)
+    srigl = SRigL(cm, opt, total_steps=40, delta_t=5, grad_accumulation=3)
+    if resume_from is not None:
+        state = torch.load(io.BytesIO(resume_from), weights_only=True)
+        cm.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        srigl.load_state_dict(state["srigl"])
+    for x, y in batches[srigl.steps:steps]:
+        F.cross_entropy(cm(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        srigl.step()
+    buffer = io.BytesIO()
+    torch.save({"model": cm.state_dict(), "opt": opt.state_dict(), "srigl": srigl.state_dict()}, buffer)
+    return cm, srigl, buffer.getvalue()
+
+
+def test_checkpoint_and_resume_reproduces_an_uninterrupted_run():
+    batches = _batches(30)
+    whole, whole_srigl, _ = _srigl_run(30, batches)
+    # stopped at step 14, inside the gradient window of the update at step 15 (steps 13-15)
+    _, _, checkpoint = _srigl_run(14, batches)
+    resumed, resumed_srigl, _ = _srigl_run(30, batches, resume_from=checkpoint)
+    assert [r.step for r in resumed_srigl.history] == [r.step for r in whole_srigl.history] == [5, 10, 15, 20, 25]
+    assert resumed_srigl.history[-1] == whole_srigl.history[-1]
+    for name in whole_srigl.layers:
+        assert torch.equal(resumed.mask(name), whole.mask(name)), name
+        assert torch.equal(resumed_srigl.layers[name].weight, whole_srigl.layers[name].weight), name
+
+
+def test_resume_refuses_a_state_of_another_run():
+    _, srigl, _ = _srigl_run(3, _batches(3))
+    state = srigl.state_dict()
+    other = SRigL(*_srigl_parts(), total_steps=40, delta_t=10, grad_accumulation=3)
+    with pytest.raises(ValueError, match="delta_t: saved 5, this scheduler 10"):
+        other.load_state_dict(state)
+    with pytest.raises(ValueError, match="missing 'steps'"):
+        SRigL(*_srigl_parts(), total_steps=40, delta_t=5, grad_accumulation=3).load_state_dict({})
+
+
+def _srigl_parts():
+    cm = sparsec.compile(_mlp(), pattern="fanin:0.75", example_inputs=(torch.randn(2, 16),), train=True,
+                         include=[".*"], min_weights=0)
+    return cm, torch.optim.SGD(cm.parameters(), lr=0.05)
+
+
+def test_refuses_an_optimizer_or_model_it_cannot_drive():
+    cm, opt = _srigl_parts()
+    with pytest.raises(TypeError, match="torch.optim.Optimizer, got list"):
+        SRigL(cm, [opt], total_steps=10)
+    with pytest.raises(ValueError, match=r"does not hold the weights of \['2'"):
+        SRigL(cm, torch.optim.SGD(cm.graph_module.get_submodule("0").parameters(), lr=0.1), total_steps=10)
+    ste = sparsec.compile(_mlp(), pattern="fanin:0.75", example_inputs=(torch.randn(2, 16),), train=True,
+                          include=[".*"], min_weights=0, weight_update="ste")
+    with pytest.raises(ValueError, match="SRigL owns the masks"):
+        SRigL(ste, torch.optim.SGD(ste.parameters(), lr=0.1), total_steps=10)
