@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -67,9 +68,12 @@ class PassRecord:
 
 
 def debug_level() -> int:
+    value = os.environ.get("SPARSEC_DEBUG", "0")
     try:
-        return int(os.environ.get("SPARSEC_DEBUG", "0"))
+        return int(value)
     except ValueError:
+        warnings.warn(f"SPARSEC_DEBUG={value!r} is not a level (0-4: plan, per-pass times, graphs, kernel sources); "
+                      f"debug output stays off", stacklevel=3)
         return 0
 
 

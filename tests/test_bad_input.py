@@ -159,3 +159,48 @@ def test_bad_options(kwargs, error, match):
 def test_not_a_module():
     with pytest.raises(InvalidTypeError, match="nn.Module"):
         sparsec.compile(lambda x: x, example_inputs=(torch.randn(2),))
+
+
+def test_a_model_that_cannot_be_copied_is_named_not_modified():
+    import threading
+
+    model = _mlp()
+    model.lock = threading.Lock()  # deepcopy cannot copy a lock
+    with pytest.raises(InvalidTypeError, match=r"works on a copy of the model, and copy.deepcopy\(model\) failed: "
+                                               r"TypeError: .*lock"):
+        sparsec.compile(model, example_inputs=(torch.randn(2, 32),))
+
+
+def test_explain_takes_compiles_options_only():
+    with pytest.raises(InvalidTypeError, match=r"unknown options \['quantise'\]; it takes compile's: .*'quantize'"):
+        sparsec.explain(_mlp(), example_inputs=(torch.randn(2, 32),), quantise="int8")
+    plan = sparsec.explain(_mlp(), example_inputs=(torch.randn(2, 32),), quantize="int8")
+    assert any(lp.quant == "int8" for lp in plan)
+
+
+class _Unused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used = nn.Linear(32, 8)
+        self.spare = nn.Linear(32, 8)  # defined, never called
+
+    def forward(self, x):
+        return self.used(x)
+
+
+def test_a_layer_the_forward_never_calls():
+    cm = sparsec.compile(_Unused(), example_inputs=(torch.randn(2, 32),))
+    assert cm.plan["spare"].sparsity is None and "not called by the model's forward" in cm.plan["spare"].reason
+    with pytest.raises(KeyError, match="'spare' is in the plan but not in the compiled graph"):
+        cm.mask("spare")
+    with pytest.raises(KeyError, match="nope"):
+        cm.mask("nope")
+
+
+def test_example_inputs_like_needs_example_inputs():
+    x = torch.randn(3, 32)
+    cm = sparsec.compile(_mlp(), example_inputs=(x,))
+    (fresh,) = cm.example_inputs_like()
+    assert fresh.shape == x.shape and fresh.dtype == x.dtype
+    with pytest.raises(ValueError, match="compiled without example inputs; pass example_inputs"):
+        sparsec.compile(_mlp()).example_inputs_like()
