@@ -158,7 +158,8 @@ def _unreached_layers(gm: fx.GraphModule, model: nn.Module, found: set[str]) -> 
         if parents:
             why = f"inside module '{parents[0]}' ({leaves[parents[0]]}), which is called as a whole and not traced into"
         elif f"{name}.weight" in readers:
-            why = f"its weight is used by {', '.join(sorted(readers[f'{name}.weight']))}, which sparsec does not rewrite"
+            why = (f"its weight is read directly (by {', '.join(sorted(readers[f'{name}.weight']))}), not through the "
+                   f"layer's forward; sparsec rewrites only layers called as modules or F.linear / matmul on a parameter")
         elif name in leaves:
             why = f"{type(module).__name__} overrides forward; sparsec only rewrites the standard Linear/Conv2d computation"
         else:

@@ -204,3 +204,32 @@ def test_example_inputs_like_needs_example_inputs():
     assert fresh.shape == x.shape and fresh.dtype == x.dtype
     with pytest.raises(ValueError, match="compiled without example inputs; pass example_inputs"):
         sparsec.compile(_mlp()).example_inputs_like()
+
+
+class _DoubledLinear(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+class _Unusual(nn.Module):
+    """Linear modules used in ways sparsec does not rewrite: each stays dense, with the reason."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(32, 64), nn.Linear(64, 64), _DoubledLinear(64, 64)
+        self.tied, self.out = nn.Linear(64, 64), nn.Linear(64, 8)
+
+    def forward(self, x):
+        h = self.c(self.b(self.a(x)))
+        return self.out(h @ self.tied.weight.t())  # the weight read directly, as tied embeddings are
+
+
+def test_layers_used_unusually_stay_dense_with_the_reason():
+    model = _Unusual().eval()
+    x = torch.randn(2, 32)
+    cm = sparsec.compile(model, example_inputs=(x,), min_weights=0)
+    assert cm.plan["b"].sparsity == "2:4"
+    assert cm.plan["c"].sparsity is None and "_DoubledLinear overrides forward" in cm.plan["c"].reason
+    assert cm.plan["tied"].sparsity is None and "weight is read directly (by t)" in cm.plan["tied"].reason
+    with torch.no_grad():
+        assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
