@@ -75,10 +75,12 @@ def sweep_configs(layer, x, expected) -> list[dict]:
     spec, packed = layer.spec(), layer.packed
     results = []
     for cfg in matmul_candidates(m, n, k, spec.act_dtype, sm_count(x.device), spec.weight_dtype):
-        run = lambda cfg=cfg: sparse24_matmul(x, packed.values, packed.meta, packed.scales, None, None, spec,  # noqa: E731
-                                              layer.kernel_name, layer.kernel_source, config=cfg)
+        run = lambda cfg=cfg, out=None: sparse24_matmul(x, packed.values, packed.meta, packed.scales, None,  # noqa: E731
+                                                        None, spec, layer.kernel_name, layer.kernel_source,
+                                                        config=cfg, out=out)
+        poisoned = torch.full((m, n), float("nan"), dtype=x.dtype, device=x.device)  # every element must be written
         try:
-            err = relative_error(run(), expected)
+            err = relative_error(run(out=poisoned), expected)
         except Exception as e:  # noqa: BLE001 - recorded (say, a config this Triton cannot build); the rest still run
             results.append({"config": cfg, "error": last_line(e), "ok": False, "s": None})
             continue

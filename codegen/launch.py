@@ -41,15 +41,17 @@ def _kernel(name: str, source: str, cache: KernelCache | None):
 
 def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, scales: torch.Tensor | None,
                     bias: torch.Tensor | None, out_scale: torch.Tensor | None, spec: MatmulSpec, name: str, source: str,
-                    cache: KernelCache | None = None, config: dict | None = None) -> torch.Tensor:
-    """y[..., N] = epilogue(x[..., K] @ W^T) with W given as 2:4 values + metadata."""
+                    cache: KernelCache | None = None, config: dict | None = None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """y[..., N] = epilogue(x[..., K] @ W^T) with W given as 2:4 values + metadata; written into `out`
+    ([rows, N], the kernel's output dtype) when given, e.g. a NaN-filled one to check every element is written."""
     require_runnable(x.device)
     k = x.shape[-1]
     n = values.shape[0]
     if values.shape != (n, k // 2) or k % 4 or meta.shape != (n, math.ceil(k / 16)):
         raise InvalidInputError(f"2:4 operands do not fit x[..., {k}]: values {tuple(values.shape)} (want [{n}, {k // 2}]), "
                                 f"meta {tuple(meta.shape)} (want [{n}, {math.ceil(k / 16)}])")
-    x2, y = _rows_and_output(x, n, spec, name)
+    x2, y = _rows_and_output(x, n, spec, name, out)
     m = x2.shape[0]
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
@@ -87,14 +89,15 @@ def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, s
 
 def condensed_matmul(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, scales: torch.Tensor | None,
                      bias: torch.Tensor | None, out_scale: torch.Tensor | None, spec: MatmulSpec, name: str, source: str,
-                     cache: KernelCache | None = None) -> torch.Tensor:
-    """y[..., N] = epilogue(x[..., K] @ W^T) with W condensed: values [N, k] + int32 indices [N, k]."""
+                     cache: KernelCache | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """y[..., N] = epilogue(x[..., K] @ W^T) with W condensed: values [N, k] + int32 indices [N, k];
+    `out` as for sparse24_matmul."""
     require_runnable(x.device)
     n, k = values.shape
     if indices.shape != (n, k) or indices.dtype != torch.int32:
         raise InvalidInputError(f"condensed operands disagree: values {tuple(values.shape)}, indices "
                                 f"{tuple(indices.shape)} {indices.dtype} (want int32 of the same shape)")
-    x2, y = _rows_and_output(x, n, spec, name)
+    x2, y = _rows_and_output(x, n, spec, name, out)
     m = x2.shape[0]
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
@@ -111,14 +114,22 @@ def condensed_matmul(x: torch.Tensor, values: torch.Tensor, indices: torch.Tenso
     return y.reshape(*x.shape[:-1], n)
 
 
-def _rows_and_output(x: torch.Tensor, n: int, spec: MatmulSpec, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """x as [rows, K], contiguous along K as the kernels read it, and the empty output [rows, N];
-    x must have the dtype the kernel was generated for."""
+def _rows_and_output(x: torch.Tensor, n: int, spec: MatmulSpec, name: str,
+                     out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x as [rows, K], contiguous along K as the kernels read it, and the output [rows, N] (`out`, or a
+    new empty one); x must have the dtype the kernel was generated for."""
     if str(x.dtype).removeprefix("torch.") != spec.act_dtype:
         raise InvalidInputError(f"kernel {name} was generated for {spec.act_dtype} inputs, got {x.dtype}")
     x2 = x.reshape(-1, x.shape[-1])
     x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
-    return x2, torch.empty(x2.shape[0], n, dtype=getattr(torch, spec.out_dtype), device=x.device)
+    dtype = getattr(torch, spec.out_dtype)
+    if out is None:
+        return x2, torch.empty(x2.shape[0], n, dtype=dtype, device=x.device)
+    if out.shape != (x2.shape[0], n) or out.dtype != dtype or out.device != x.device or out.stride(1) != 1:
+        raise InvalidInputError(f"out must be a [{x2.shape[0]}, {n}] {dtype} tensor on {x.device}, contiguous along "
+                                f"its last dimension; got {tuple(out.shape)} {out.dtype} on {out.device}, "
+                                f"strides {out.stride()}")
+    return x2, out
 
 
 def _epilogue_operands(scales, bias, out_scale, unused: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -8,6 +8,7 @@ medians of wall-clock blocks.
 from __future__ import annotations
 
 import functools
+import inspect
 import statistics
 import time
 
@@ -85,8 +86,8 @@ def candidates(gm, ctx, layer, decision, m: int, triton_problem: str | None) -> 
         spec = MatmulSpec(act, "int8" if decision.quant == "int8" else act, bias is not None, None, False, act, format=fmt)
         name, source = emit_matmul(spec, [LayerUse(layer.name, m, layer.out_features, layer.reduction)])
         if fmt == "fanin":
-            out["triton"] = lambda: condensed_matmul(x, packed.values, packed.indices, packed.scales, bias, None, spec,
-                                                     name, source)
+            out["triton"] = functools.partial(condensed_matmul, x, packed.values, packed.indices, packed.scales, bias,
+                                              None, spec, name, source)
         else:
             configs = matmul_candidates(m, layer.out_features, layer.reduction, act, sm_count(weight.device),
                                         spec.weight_dtype)
@@ -152,19 +153,22 @@ def cpu_fanin_candidates(gm, ctx, layer, decision, m: int) -> dict:
 AGREEMENT = {torch.float16: 1e-2, torch.bfloat16: 3e-2, torch.float32: 1e-4}
 
 
-def disagreeing(options: dict) -> dict[str, float]:
-    """name -> relative error of every candidate whose output is not the dense candidate's within
-    AGREEMENT. Every candidate is checked before it is timed, so a kernel that computes the wrong
-    thing (a miscompiled launch config, a conversion the interpreter could not check) is never
-    chosen. Candidates that fail to run are left to the timing loop."""
+def check_candidates(options: dict) -> tuple[dict[str, float], dict[str, str]]:
+    """(wrong, failed): name -> relative error of every candidate whose output is not the dense
+    candidate's within AGREEMENT, and name -> error summary of every candidate that raised. Every
+    candidate is checked before it is timed, so a kernel that computes the wrong thing (a miscompiled
+    launch config, a conversion the interpreter could not check, elements left unwritten) or that
+    cannot run is never timed or chosen."""
     with torch.no_grad():
-        reference = options["dense"]().float()
+        dense_out = options["dense"]()
+        reference = dense_out.float()
         scale = max(float(reference.abs().max()), 1e-30)
-        wrong = {}
+        wrong, failed = {}, {}
         for name, fn in options.items():
             try:
-                out = fn()
-            except Exception:  # noqa: BLE001 - reported by the timing loop, which skips it
+                out = _run_poisoned(fn, dense_out)
+            except Exception as e:  # noqa: BLE001 - a candidate that cannot run is not chosen, and is named
+                failed[name] = last_line(e, 120)
                 continue
             if out.shape != reference.shape:
                 wrong[name] = float("inf")
@@ -172,7 +176,17 @@ def disagreeing(options: dict) -> dict[str, float]:
             error = float((out.float() - reference).abs().max()) / scale
             if not error <= AGREEMENT.get(out.dtype, 1e-2):  # (a NaN fails too)
                 wrong[name] = error
-    return wrong
+    return wrong, failed
+
+
+def _run_poisoned(fn, like: torch.Tensor) -> torch.Tensor:
+    """fn(), written into a NaN-filled output where fn is a kernel launcher taking `out`: a kernel that
+    leaves elements unwritten then fails the check, instead of passing on what a reused allocation
+    held (the caching allocator hands the last freed block of that size back, often a right answer)."""
+    if "out" in inspect.signature(fn).parameters:
+        return fn(out=torch.full(like.reshape(-1, like.shape[-1]).shape, float("nan"), dtype=like.dtype,
+                                 device=like.device))
+    return fn()
 
 
 def pick_fastest(gm, ctx, layer, decision, m: int | None, triton_problem: str | None, device: str = "cuda"):
@@ -184,9 +198,10 @@ def pick_fastest(gm, ctx, layer, decision, m: int | None, triton_problem: str | 
         options, timer = cpu_fanin_candidates(gm, ctx, layer, decision, rows), time_cpu
     else:
         options, timer = candidates(gm, ctx, layer, decision, rows, triton_problem), time_cuda
-    times, wrong, failed = {}, disagreeing(options), {}
+    times = {}
+    wrong, failed = check_candidates(options)
     for name, fn in options.items():
-        if name in wrong:
+        if name in wrong or name in failed:
             continue
         try:
             with torch.no_grad():

@@ -54,6 +54,21 @@ def test_sparse24_sweep_times_every_candidate_and_checks_nothing_silently(monkey
     swept = bench_sparse24.sweep_configs(layer, x, expected)
     assert not swept[0]["ok"] and swept[0]["s"] is None and "power of 2" in swept[0]["error"]
     assert all(r["ok"] for r in swept[1:]) and len(swept) == len(results) + 1
+    # a kernel leaving elements unwritten fails its check, whatever a reused allocation held
+    from sparsec.codegen import launch
+
+    real_matmul = launch.sparse24_matmul
+
+    def skips_row_0(*args, out=None, **kwargs):
+        y = real_matmul(*args, **kwargs)
+        if out is None:
+            return y
+        out[1:] = y[1:]
+        return out
+
+    monkeypatch.setattr(launch, "sparse24_matmul", skips_row_0)
+    skipped = bench_sparse24.sweep_configs(layer, x, expected)[1:]
+    assert skipped and all(not r["ok"] and r["s"] is None and r["max_rel_err"] != r["max_rel_err"] for r in skipped)
 
 
 def test_sparse24_reports_each_target_at_its_worst_row():

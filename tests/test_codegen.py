@@ -509,7 +509,7 @@ def test_plan_with_backend_round_trips():
 def test_auto_picks_the_fastest_measured(monkeypatch):
     timings = {"dense": 20e-6, "triton": 12e-6, "cusparselt": 15e-6}
     monkeypatch.setattr("sparsec.codegen.measure.candidates", lambda *a: {k: k for k in timings})
-    monkeypatch.setattr("sparsec.codegen.measure.disagreeing", lambda options: {})  # stand-ins compute nothing
+    monkeypatch.setattr("sparsec.codegen.measure.check_candidates", lambda options: ({}, {}))  # stand-ins compute nothing
     monkeypatch.setattr("sparsec.codegen.measure.time_cuda", lambda fn: timings[fn])
     best, note, launch = pick_fastest(None, None, None, None, 16, None)
     assert (best, launch) == ("triton", None)  # a condensed (fan-in) kernel has no launch choices
@@ -527,7 +527,7 @@ def test_auto_keeps_the_fastest_launch_config(monkeypatch):
     options.update({("triton" if i == 0 else f"triton#{i}"): functools.partial(str, config=cfg) for i, cfg in enumerate(configs)})
     timings = {"dense": 12e-6, "cusparselt": 8e-6}
     monkeypatch.setattr("sparsec.codegen.measure.candidates", lambda *a: options)
-    monkeypatch.setattr("sparsec.codegen.measure.disagreeing", lambda options: {})
+    monkeypatch.setattr("sparsec.codegen.measure.check_candidates", lambda options: ({}, {}))
     monkeypatch.setattr("sparsec.codegen.measure.time_cuda",
                         lambda fn: seconds[fn.keywords["config"]["SPLIT_K"]] if isinstance(fn, functools.partial) else timings[fn])
     best, note, launch = pick_fastest(None, None, None, None, 1, None)
@@ -571,6 +571,38 @@ def test_auto_names_a_candidate_that_fails_to_run(monkeypatch):
     best, note, _ = pick_fastest(None, None, None, None, 4, None)
     assert best == "triton"
     assert note.endswith("; failed to run: triton#1 (RuntimeError: ptxas: unknown instruction 'prmt.b32')")
+
+
+def test_auto_rejects_a_kernel_that_leaves_outputs_unwritten(monkeypatch):
+    """Launchers are checked writing into a NaN-filled `out`: a kernel that skips a tile fails, even
+    where a fresh allocation would have handed it the last freed block holding a right answer."""
+    x, w = torch.randn(4, 64), torch.randn(32, 64)
+    right = F.linear(x, w)
+
+    def skips_a_tile(out=None):
+        y = right.clone() if out is None else out  # without out: what a reused allocation may hold
+        y[:, :16] = right[:, :16]
+        return y
+
+    options = {"dense": lambda: F.linear(x, w), "triton": skips_a_tile}
+    monkeypatch.setattr("sparsec.codegen.measure.candidates", lambda *a: options)
+    monkeypatch.setattr("sparsec.codegen.measure.time_cuda", lambda fn: 1e-6 if fn is skips_a_tile else 1e-5)
+    best, note, _ = pick_fastest(None, None, None, None, 4, None)
+    assert best == "dense" and note.endswith("rejected for wrong results: triton (error nan of dense's largest output)")
+
+
+def test_launchers_write_into_a_given_output():
+    x, values, meta, _, pruned = _operands(5, 32, 64, torch.float32, False, seed=3)
+    spec = MatmulSpec("float32", "float32", False, None, False, "float32")
+    name, source = emit_matmul(spec, [])
+    out = torch.full((10, 32), float("nan"), device=DEVICE)[::2]  # a row stride the kernel must honour
+    y = sparse24_matmul(x.to(DEVICE), values.to(DEVICE), meta.to(DEVICE), None, None, None, spec, name, source, out=out)
+    assert y.data_ptr() == out.data_ptr() and output_error(out.cpu().double(), x.double() @ pruned.double().t()) <= 1e-5
+    for bad in (torch.empty(5, 31, device=DEVICE), torch.empty(5, 32, dtype=torch.float16, device=DEVICE),
+                torch.empty(32, 5, device=DEVICE).t()):
+        with pytest.raises(ValueError, match=r"out must be a \[5, 32\] torch.float32 tensor"):
+            sparse24_matmul(x.to(DEVICE), values.to(DEVICE), meta.to(DEVICE), None, None, None, spec, name, source,
+                            out=bad)
 
 
 def test_a_plan_launch_config_is_used_and_checked():
