@@ -8,8 +8,10 @@ Grid: M in {1, 16, 128, 2048, 8192} x (N, K) in {(4096, 4096), (14336, 4096), (4
 first. The kernel is timed at every launch config backend="auto" considers (the table shows the
 fastest, the JSON all of them: tuning data for codegen/configs.py). Times are medians of
 CUDA-event timings of the kernel replayed in a CUDA graph (launch overhead excluded, the same for
-every contender) and, separately, of eager calls of the compiled module against the original
-module (what a user sees). GB/s and TFLOP/s are against ceilings measured in the same run (device
+every contender, cuSPARSELt included where it captures) and, separately, of eager calls of the
+compiled module against the original module (what a user sees). Every timed run follows an L2
+flush: weights come from device memory, as in a model whose other layers evict them (an H100's
+50 MB L2 holds a whole 4096 x 4096 fp16 weight). GB/s and TFLOP/s are against ceilings measured in the same run (device
 copy bandwidth, dense fp16 GEMM at 8192^3).
 
 Targets (issue 4): memory-bound (M <= 16) fp16 2:4 >= 1.5x dense (limit ~1.78x); int8-weight
@@ -125,7 +127,8 @@ def run_case(m: int, n: int, k: int, int8: bool, ceil: dict) -> dict:
         try:
             semi = torch.sparse.to_sparse_semi_structured(w_eff)
             F.linear(x, semi)
-            row["cusparselt_s"] = median_time(lambda: F.linear(x, semi), graph=False)
+            row["cusparselt_s"] = median_time(lambda: F.linear(x, semi))  # in a graph, as the kernels, where it captures
+            row["cusparselt_eager_s"] = median_time(lambda: F.linear(x, semi), graph=False)
         except Exception as e:  # noqa: BLE001 - not available on this torch / shape
             row["cusparselt_s"] = None
             row["cusparselt_note"] = f"{type(e).__name__}: {str(e)[:120]}"

@@ -1,7 +1,8 @@
 """backend="auto": time each way to run a sparse layer at its compiled shape, keep the fastest.
 
 CUDA: the generated Triton kernel, torch's semi-structured GEMM (cuSPARSELt / CUTLASS), and a
-dense cuBLAS GEMM on the pruned weight; medians of CUDA-event timings after warm-up.
+dense cuBLAS GEMM on the pruned weight; medians of CUDA-event timings of eager calls (what the
+compiled model's caller waits) after warm-up, each after an L2 flush (weights from device memory).
 CPU, constant fan-in layers: the condensed kernel against a dense GEMM on the pruned weight;
 medians of wall-clock blocks.
 """
@@ -39,15 +40,35 @@ def _graph_replay(fn):
         return fn
 
 
-def time_cuda(fn, repeats: int = REPEATS, graph: bool = False) -> float:
-    """Median seconds of fn() on the current CUDA stream, after warm-up; graph=True replays it
-    from a CUDA graph where it captures."""
+_L2_FLUSH: dict[int, torch.Tensor] = {}
+
+
+def _flush_l2() -> None:
+    """Overwrite a buffer several times the L2 cache, so the next run reads its weights from device
+    memory, as a layer does in a model whose other layers' weights evicted them. (An H100's 50 MB L2
+    holds a whole 4096 x 4096 fp16 weight: timing repeated runs on it measures the cache.)"""
+    device = torch.cuda.current_device()
+    if device not in _L2_FLUSH:
+        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 64 << 20
+        _L2_FLUSH[device] = torch.empty(max(4 * l2, 256 << 20) // 4, dtype=torch.int32, device="cuda")
+    _L2_FLUSH[device].zero_()
+
+
+def time_cuda(fn, repeats: int = REPEATS, graph: bool = False, cold_l2: bool = True) -> float:
+    """Median seconds of fn() on the current CUDA stream, after warm-up, each run after an L2 flush
+    (cold_l2). graph=True replays fn from a CUDA graph where it captures: the GPU time of its kernels.
+    Otherwise each run starts from an idle GPU, so the time includes getting the work there (Python,
+    launches): what an eager caller waits."""
     for _ in range(WARMUP):
         fn()
     torch.cuda.synchronize()
     run = _graph_replay(fn) if graph else fn
     times = []
     for _ in range(repeats):
+        if cold_l2:
+            _flush_l2()
+        if not graph:
+            torch.cuda.synchronize()  # (else the launches would hide behind the flush)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         run()
