@@ -24,7 +24,7 @@ for part in "${parts[@]}"; do
     tests)     timeout 300 $PY -m pytest -q -rfE tests/test_prmt_expand.py tests/test_codegen.py tests/test_condensed_layer.py \
                  tests/test_training.py tests/test_bench.py -p no:cacheprovider \
                  -k "not builds_for_sm80_and_sm90 and not build_check_sees" 2>&1 | tail -40 ;;
-    quick)     timeout 270 $PY bench/bench_sparse24.py --quick ;;
+    quick)     timeout 30 $PY bench/bench_call_overhead.py; timeout 240 $PY bench/bench_sparse24.py --quick ;;
     sparse24)  timeout 560 $PY bench/bench_sparse24.py ;;
     training)  timeout 240 $PY bench/bench_training.py ;;
     condensed) timeout 240 $PY bench/bench_condensed_gpu.py ;;

@@ -6,6 +6,7 @@ Kernels run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (the tes
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -27,13 +28,11 @@ def require_runnable(device: torch.device) -> None:
             f"meant for tests); got a tensor on {device}. Compile with backend='torch' for plain-torch CPU execution")
 
 
-_LOADED: dict[tuple[str, str], object] = {}  # (name, arch) -> jit function: skips hashing the source per call
+_LOADED: dict[tuple, object] = {}  # (name, device, interpreting) -> jit function: skips hashing the source per call
 
 
-def _kernel(name: str, source: str, cache: KernelCache | None):
-    from sparsec.codegen.cache import device_arch
-
-    key = (name, device_arch())
+def _kernel(name: str, source: str, cache: KernelCache | None, device: torch.device):
+    key = (name, device, interpreting())
     if cache is not None or key not in _LOADED:
         _LOADED[key] = getattr((cache or KernelCache()).load(name, source), name)
     return _LOADED[key]
@@ -45,17 +44,66 @@ def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, s
                     out: torch.Tensor | None = None) -> torch.Tensor:
     """y[..., N] = epilogue(x[..., K] @ W^T) with W given as 2:4 values + metadata; written into `out`
     ([rows, N], the kernel's output dtype) when given, e.g. a NaN-filled one to check every element is written."""
-    require_runnable(x.device)
     k = x.shape[-1]
     n = values.shape[0]
-    if values.shape != (n, k // 2) or k % 4 or meta.shape != (n, math.ceil(k / 16)):
+    if values.shape != (n, k // 2) or k % 4 or meta.shape != (n, (k + 15) // 16):
         raise InvalidInputError(f"2:4 operands do not fit x[..., {k}]: values {tuple(values.shape)} (want [{n}, {k // 2}]), "
                                 f"meta {tuple(meta.shape)} (want [{n}, {math.ceil(k / 16)}])")
-    x2, y = _rows_and_output(x, n, spec, name, out)
-    m = x2.shape[0]
-    if m == 0:
-        return y.reshape(*x.shape[:-1], n)
-    cfg = dict(config or _config(m, n, k, spec.act_dtype, x.device))
+    rows = x.numel() // k if k else 0
+    launch = sparse24_launch(rows, n, k, spec, name, source, x.device, config, cache)
+    return launch(x, values, meta, scales, bias, out_scale, out)
+
+
+@dataclass(frozen=True)
+class Sparse24Launch:
+    """A 2:4 kernel launch at one shape with everything but its tensors worked out (kernel, config,
+    grid): per-call Python time is what a single-row call waits for. Call it with the tensors."""
+    kernel: object
+    spec: MatmulSpec
+    name: str
+    n: int
+    cfg: dict
+    unsplit_cfg: dict
+    tiles: int
+    even_k: bool
+
+    def __call__(self, x, values, meta, scales, bias, out_scale, out=None) -> torch.Tensor:
+        x2, y = _rows_and_output(x, self.n, self.spec, self.name, out)
+        m, n, k = x2.shape[0], self.n, x2.shape[1]
+        if m == 0:
+            return y.reshape(*x.shape[:-1], n)
+        values, meta = values.contiguous(), meta.contiguous()
+        if values.data_ptr() % (2 * values.element_size()):
+            values = values.clone()  # the kernel reads each group's two values as one aligned word
+        cfg, partials, counts = self.cfg, values, values  # (pointer arguments the unsplit kernel never reads)
+        if cfg["SPLIT_K"] > 1:
+            counts = split_counters(x.device, self.tiles)
+            if counts is None:
+                cfg, counts = self.unsplit_cfg, values  # no counters on this stream now: run unsplit (same result)
+            else:
+                partials = torch.empty(cfg["SPLIT_K"], m, n, dtype=torch.float32, device=x.device)
+        self.kernel[(self.tiles, cfg["SPLIT_K"])](
+            x2, x2.stride(0),
+            values, values.stride(0), meta, meta.stride(0),
+            *_epilogue_operands(scales, bias, out_scale, values),
+            y, y.stride(0),
+            partials, counts,
+            m, n, k,
+            EVEN_K=self.even_k, **cfg)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
+
+
+_LAUNCHES: dict[tuple, Sparse24Launch] = {}
+
+
+def sparse24_launch(m: int, n: int, k: int, spec: MatmulSpec, name: str, source: str, device: torch.device,
+                    config: dict | None = None, cache: KernelCache | None = None) -> Sparse24Launch:
+    """The launch of kernel `name` for x[m, k] and 2:4 weights [n, k]: `config`, or the shape table's."""
+    key = (name, m, n, k, device, interpreting(), tuple(sorted(config.items())) if config else None)
+    if cache is None and key in _LAUNCHES:
+        return _LAUNCHES[key]
+    require_runnable(device)
+    cfg = dict(config or _config(max(m, 1), n, k, spec.act_dtype, device))
     cfg.setdefault("SPLIT_K", 1)
     cfg.setdefault("PRMT_EXPAND", 0)
     if cfg["PRMT_EXPAND"] and not has_prmt_expand(spec.weight_dtype, spec.act_dtype):
@@ -64,27 +112,14 @@ def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, s
     if cfg["PRMT_EXPAND"] and interpreting():
         raise InvalidInputError("launch PRMT_EXPAND=1 runs inline PTX, which the Triton interpreter cannot run; "
                                 "use PRMT_EXPAND=0 under TRITON_INTERPRET=1")
-    values, meta = values.contiguous(), meta.contiguous()
-    if values.data_ptr() % (2 * values.element_size()):
-        values = values.clone()  # the kernel reads each group's two values as one aligned word
     tiles = triton_cdiv(m, cfg["BLOCK_M"]) * triton_cdiv(n, cfg["BLOCK_N"])
-    unused = values  # pointer arguments the generated kernel never reads
-    partials, counts = unused, unused
-    if cfg["SPLIT_K"] > 1:
-        counts = split_counters(x.device, tiles)
-        if counts is None or cfg["SPLIT_K"] * m * n >= 2 ** 31:
-            cfg["SPLIT_K"], counts = 1, unused  # no room for this split: run unsplit (same result)
-        else:
-            partials = torch.empty(cfg["SPLIT_K"], m, n, dtype=torch.float32, device=x.device)
-    _kernel(name, source, cache)[(tiles, cfg["SPLIT_K"])](
-        x2, x2.stride(0),
-        values, values.stride(0), meta, meta.stride(0),
-        *_epilogue_operands(scales, bias, out_scale, unused),
-        y, y.stride(0),
-        partials, counts,
-        m, n, k,
-        EVEN_K=k % cfg["BLOCK_K"] == 0, **cfg)
-    return y.reshape(*x.shape[:-1], n)
+    unsplit = dict(cfg, SPLIT_K=1)
+    if cfg["SPLIT_K"] > 1 and (tiles > SPLIT_COUNTERS or cfg["SPLIT_K"] * m * n >= 2 ** 31):
+        cfg = unsplit  # no room for this split: run unsplit (same result)
+    launch = Sparse24Launch(_kernel(name, source, cache, device), spec, name, n, cfg, unsplit, tiles,
+                            k % cfg["BLOCK_K"] == 0)
+    _LAUNCHES[key] = launch
+    return launch
 
 
 def condensed_matmul(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, scales: torch.Tensor | None,
@@ -108,21 +143,24 @@ def condensed_matmul(x: torch.Tensor, values: torch.Tensor, indices: torch.Tenso
     values, indices = values.contiguous(), indices.contiguous()
     grid = (triton_cdiv(m, cfg["BLOCK_M"]), triton_cdiv(n, cfg["BLOCK_N"]))
     unused = values
-    _kernel(name, source, cache)[grid](
+    _kernel(name, source, cache, x.device)[grid](
         x2, x2.stride(0), values, values.stride(0), indices, indices.stride(0),
         *_epilogue_operands(scales, bias, out_scale, unused), y, y.stride(0), m, n, k, **cfg)
     return y.reshape(*x.shape[:-1], n)
+
+
+_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def _rows_and_output(x: torch.Tensor, n: int, spec: MatmulSpec, name: str,
                      out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """x as [rows, K], contiguous along K as the kernels read it, and the output [rows, N] (`out`, or a
     new empty one); x must have the dtype the kernel was generated for."""
-    if str(x.dtype).removeprefix("torch.") != spec.act_dtype:
+    if x.dtype != _TORCH_DTYPES[spec.act_dtype]:
         raise InvalidInputError(f"kernel {name} was generated for {spec.act_dtype} inputs, got {x.dtype}")
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
-    dtype = getattr(torch, spec.out_dtype)
+    dtype = _TORCH_DTYPES[spec.out_dtype]
     if out is None:
         return x2, torch.empty(x2.shape[0], n, dtype=dtype, device=x.device)
     if out.shape != (x2.shape[0], n) or out.dtype != dtype or out.device != x.device or out.stride(1) != 1:
@@ -134,7 +172,8 @@ def _rows_and_output(x: torch.Tensor, n: int, spec: MatmulSpec, name: str,
 
 def _epilogue_operands(scales, bias, out_scale, unused: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The epilogue's pointer arguments; absent ones get a placeholder the generated code never reads."""
-    return tuple(t if t is not None else unused for t in (scales, bias, out_scale))
+    return (scales if scales is not None else unused, bias if bias is not None else unused,
+            out_scale if out_scale is not None else unused)
 
 
 _CONFIGS: dict[tuple, dict] = {}
@@ -201,8 +240,8 @@ def prune24(x: torch.Tensor, cache: KernelCache | None = None) -> tuple[torch.Te
         cfg = prune_config(r, k)
         grid = (triton_cdiv(r, cfg["BLOCK_R"]), triton_cdiv(meta.shape[1], cfg["BLOCK_W"]))
         name, source = prune_kernel_source()
-        _kernel(name, source, cache)[grid](x2, x2.stride(0), x2.stride(1), values, values.stride(0), meta, meta.stride(0),
-                                           r, k, **cfg)
+        _kernel(name, source, cache, x.device)[grid](x2, x2.stride(0), x2.stride(1), values, values.stride(0), meta,
+                                                     meta.stride(0), r, k, **cfg)
     return values.reshape(*x.shape[:-1], k // 2), meta.reshape(*x.shape[:-1], meta.shape[1])
 
 

@@ -18,6 +18,18 @@ def test_gpu_benchmarks_skip_cleanly_without_cuda(script):
     assert "skipped" in result.stdout
 
 
+def test_call_overhead_benchmark_runs_anywhere(tmp_path):
+    """On a CPU it times sparsec's own per-call Python (the launch stubbed); on a GPU, real launches."""
+    import json
+
+    result = subprocess.run([sys.executable, os.path.join(BENCH, "bench_call_overhead.py"), "--features", "64",
+                             "--calls", "20", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    (path,) = tmp_path.glob("call-overhead-*.json")
+    us = json.loads(path.read_text())["us_per_call"]
+    assert set(us) == {"sparsec layer", "compiled model", "nn.Linear"} and all(0 < v < 1e4 for v in us.values())
+
+
 def test_sparse24_sweep_times_every_candidate_and_checks_nothing_silently(monkeypatch):
     """The launch-config sweep of bench_sparse24 runs end to end (kernels in the interpreter, timer
     replaced by a call counter), so the first GPU session does not find its bugs."""

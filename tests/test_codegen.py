@@ -506,6 +506,23 @@ def test_plan_with_backend_round_trips():
     assert again.plan == cm.plan and again.kernels == cm.kernels
 
 
+def test_a_triton_layer_called_at_several_row_counts_and_with_wrong_features():
+    """A layer resolves its launch once per row count (per-call Python time matters at one row): each
+    row count gets its own, and an input of the wrong width is refused, naming the layer."""
+    torch.manual_seed(0)
+    model, (x,) = on_device(nn.Sequential(nn.Linear(64, 48), nn.ReLU()), (torch.randn(3, 64),))
+    cm = sparsec.compile(model, example_inputs=(x,), backend="triton", include=[".*"], min_weights=0)
+    w = cm.effective_weight("0").double()
+    with torch.no_grad():
+        for rows in (3, 5, 1, 3, 70):
+            xi = torch.randn(rows, 64, device=x.device)
+            expected = F.relu(xi.double() @ w.t() + model[0].bias.double())
+            assert output_error(cm(xi).double(), expected) <= 1e-5, rows
+        assert output_error(cm(xi.reshape(7, 10, 64)).double(), expected.reshape(7, 10, 48)) <= 1e-5
+        with pytest.raises(ValueError, match="layer '0' takes inputs with 64 features in the last dimension, got 32"):
+            cm(torch.randn(3, 32, device=x.device))
+
+
 def test_auto_picks_the_fastest_measured(monkeypatch):
     timings = {"dense": 20e-6, "triton": 12e-6, "cusparselt": 15e-6}
     monkeypatch.setattr("sparsec.codegen.measure.candidates", lambda *a: {k: k for k in timings})

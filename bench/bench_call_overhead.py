@@ -1,0 +1,96 @@
+"""Host time per call of a compiled 2:4 Triton layer at one row, next to nn.Linear in the same run.
+
+At batch 1 a layer's GPU work takes microseconds, so the Python on the way to the launch decides
+what an eager caller waits. This measures it under torch.no_grad(), calls back to back with no
+synchronization inside the timed loop (the GPU only has to keep up):
+  * GPU: the real launches; the host time per call of the sparsec layer, the compiled model (its
+    fx GraphModule around the layer) and nn.Linear (cuBLAS). Where the host is slower than the
+    GPU, this time is the layer's eager latency.
+  * CPU: Triton's launch replaced by a no-op (the interpreter would time numpy), so the figure is
+    sparsec's own per-call Python: checks, config lookup, output allocation, argument packing.
+    nn.Linear's figure includes its (small) CPU matmul.
+Medians of 7 blocks; writes call-overhead-<device>-<date>.json.
+
+    python bench/bench_call_overhead.py [--features N]
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+from results_io import arg_parser, parse_args, write_results  # noqa: E402
+
+
+def per_call_us(fn, calls: int, blocks: int = 7) -> float:
+    for _ in range(min(calls, 200)):
+        fn()
+    times = []
+    for _ in range(blocks):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(times)
+
+
+class _NoLaunch:
+    """Stands in for a compiled Triton kernel: indexing by grid and calling it do nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def main() -> int:
+    parser = arg_parser(__doc__)
+    parser.add_argument("--features", type=int, default=None,
+                        help="in = out features of the layer (default 4096 on a GPU, 256 on a CPU, where nn.Linear "
+                             "computes on the host)")
+    parser.add_argument("--calls", type=int, default=2000, help="calls per timed block")
+    args = parse_args(parser)
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ["TRITON_INTERPRET"] = "1"  # compiles the kernel for the interpreter; its launch is stubbed below
+    import sparsec
+    from sparsec.codegen import launch
+    from sparsec.runtime.triton_linear import TritonSparseLinear
+
+    device = "cuda" if cuda else "cpu"
+    d = args.features or (4096 if cuda else 256)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(d, d)).half().to(device).eval()
+    x = torch.randn(1, d, dtype=torch.float16, device=device)
+    cm = sparsec.compile(model, example_inputs=(x,), backend="triton", include=[".*"], min_weights=0)
+    layer = next(m for m in cm.modules() if isinstance(m, TritonSparseLinear))
+    if not cuda:
+        launch._LOADED.clear()
+        launch._LAUNCHES.clear()
+        launch._kernel = lambda *a, **k: _NoLaunch()
+    with torch.no_grad():
+        results = {"sparsec layer": per_call_us(lambda: layer(x), args.calls),
+                   "compiled model": per_call_us(lambda: cm(x), args.calls),
+                   "nn.Linear": per_call_us(lambda: model(x), args.calls)}
+    name = torch.cuda.get_device_name() if cuda else "cpu-launch-stubbed"
+    print(f"{name}: host time per call at 1 x {d} fp16 (median of 7 blocks)")
+    for label, us in results.items():
+        print(f"  {label:15s} {us:7.1f} us")
+    write_results("call-overhead", name, {"benchmark": "host time per call, batch 1", "features": d,
+                                          "launch": "real" if cuda else "stubbed (Triton interpreter not timed)",
+                                          "us_per_call": results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
