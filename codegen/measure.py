@@ -241,6 +241,7 @@ def pick_fastest(gm, ctx, layer, decision, m: int | None, triton_problem: str | 
                                                   if k == "triton" and launch else "")
                       for k, v in sorted(times.items(), key=lambda kv: kv[1]))
     where = f"M={rows}" + ("" if m else " (no example inputs)")
+    where += ", eager calls after an L2 flush" if device != "cpu" else ""
     note = f"backend auto at {where}: {shown} -> {best} ({times['dense'] / times[best]:.2f}x dense)"
     if wrong:
         note += "; rejected for wrong results: " + ", ".join(f"{k} (error {v:.2g} of dense's largest output)"

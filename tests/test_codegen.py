@@ -530,7 +530,7 @@ def test_auto_picks_the_fastest_measured(monkeypatch):
     monkeypatch.setattr("sparsec.codegen.measure.time_cuda", lambda fn: timings[fn])
     best, note, launch = pick_fastest(None, None, None, None, 16, None)
     assert (best, launch) == ("triton", None)  # a condensed (fan-in) kernel has no launch choices
-    assert note == "backend auto at M=16: triton 12.0 us, cusparselt 15.0 us, dense 20.0 us -> triton (1.67x dense)"
+    assert note == "backend auto at M=16, eager calls after an L2 flush: triton 12.0 us, cusparselt 15.0 us, dense 20.0 us -> triton (1.67x dense)"
     timings["dense"] = 5e-6
     assert pick_fastest(None, None, None, None, None, None)[0] == "dense"
 
@@ -549,7 +549,7 @@ def test_auto_keeps_the_fastest_launch_config(monkeypatch):
                         lambda fn: seconds[fn.keywords["config"]["SPLIT_K"]] if isinstance(fn, functools.partial) else timings[fn])
     best, note, launch = pick_fastest(None, None, None, None, 1, None)
     assert best == "triton" and launch == dict(configs[1], M=1)
-    assert note.startswith("backend auto at M=1: triton 7.0 us (16x32x128 tiles, split-K 2, 4 warps, 4 stages, "
+    assert note.startswith("backend auto at M=1, eager calls after an L2 flush: triton 7.0 us (16x32x128 tiles, split-K 2, 4 warps, 4 stages, "
                            "fastest of 3 configs), cusparselt 8.0 us, dense 12.0 us -> triton (1.71x dense)")
     timings["cusparselt"] = 6e-6  # a faster library: no launch config is kept
     assert pick_fastest(None, None, None, None, 1, None)[::2] == ("cusparselt", None)
