@@ -371,11 +371,16 @@ class Chains(nn.Module):
         return self.out(h)
 
 
-def test_fusion_in_a_compiled_model():
+def _compiled_on_triton(model_class):
+    """(model, input, compiled model, its Triton layers by name) for a 32-feature test model."""
     torch.manual_seed(0)
-    model, (x,) = on_device(Chains().eval(), (torch.randn(5, 32),))
+    model, (x,) = on_device(model_class().eval(), (torch.randn(5, 32),))
     cm = sparsec.compile(model, example_inputs=(x,), backend="triton")
-    modules = {m.layer_name: m for m in cm.graph_module.modules() if isinstance(m, TritonSparseLinear)}
+    return model, x, cm, {m.layer_name: m for m in cm.graph_module.modules() if isinstance(m, TritonSparseLinear)}
+
+
+def test_fusion_in_a_compiled_model():
+    model, x, cm, modules = _compiled_on_triton(Chains)
     assert set(modules) == {"a", "b", "c", "d"}
     assert modules["a"].activation == "gelu_tanh"
     assert modules["b"].activation == "silu" and modules["b"].bias is not None
@@ -415,10 +420,7 @@ class CastChains(nn.Module):
 
 
 def test_cast_fusion_in_a_compiled_model():
-    torch.manual_seed(0)
-    model, (x,) = on_device(CastChains().eval(), (torch.randn(5, 32),))
-    cm = sparsec.compile(model, example_inputs=(x,), backend="triton")
-    modules = {m.layer_name: m for m in cm.graph_module.modules() if isinstance(m, TritonSparseLinear)}
+    model, x, cm, modules = _compiled_on_triton(CastChains)
     assert {k: modules[k].out_dtype for k in "abcd"} == {"a": torch.float16, "b": torch.bfloat16, "c": torch.float16,
                                                          "d": None}
     assert modules["a"].activation == "relu" and cm.counters["fused_cast"] == 3
