@@ -1,6 +1,7 @@
 """sparsec.compile end to end on CPU: numerics against the independent oracle, graph structure,
 inspection, selection policy, plans, quantization."""
 import copy
+import re
 import json
 
 import pytest
@@ -315,3 +316,28 @@ def test_hooks_on_the_graph_module_still_run():
     assert seen == ["own", "global"]
     cm(x)
     assert seen == ["own", "global"]
+
+
+def test_plan_backends_and_gradient_patterns_that_do_not_fit_the_layer():
+    """A hand-edited plan naming a backend or an SDGP pattern the layer cannot take is refused with
+    the layer and the reason, not applied or silently replaced."""
+    model, inputs = load_example("cnn").build_model()
+    plan = sparsec.explain(model, example_inputs=inputs)
+    conv = next(lp for lp in plan if lp.op == "conv2d" and lp.sparsity == "2:4")
+    cases = [("cusparselt", "2:4", r"backend 'cusparselt' on layer '{}': it needs a 2:4 layer on CUDA \(this one is "
+                                   r"2:4 on cpu\)"),
+             ("condensed", "2:4", r"backend 'condensed' on layer '{}': it runs constant fan-in linear layers only"),
+             ("triton", "2:4", r"backend 'triton' on layer '{}': .*cover linear layers only")]
+    for backend, sparsity, match in cases:
+        bad = copy.deepcopy(plan)
+        bad[conv.name].backend, bad[conv.name].sparsity = backend, sparsity
+        with pytest.raises(ValueError, match=match.format(re.escape(conv.name))):
+            sparsec.compile(model, example_inputs=inputs, plan=bad)
+    # SDGP groups run along output features: 10 of them do not make groups of 4
+    model, inputs = load_example("mlp").build_model()
+    plan = sparsec.explain(model, example_inputs=inputs, train=True, include=["fc3"])
+    out = next(lp for lp in plan if lp.weight_shape[0] % 4)
+    plan[out.name].grad_sparsity = "2:4"
+    with pytest.raises(ValueError, match=rf"gradient pattern 2:4 on layer '{out.name}', whose {out.weight_shape[0]} "
+                                         r"output features are not a multiple of M=4"):
+        sparsec.compile(model, example_inputs=inputs, train=True, plan=plan)
