@@ -109,12 +109,15 @@ def test_split_k_falls_back_when_tiles_outnumber_the_counters(monkeypatch):
     from sparsec.codegen import launch
 
     monkeypatch.setattr(launch, "SPLIT_COUNTERS", 2)
+    monkeypatch.setattr(launch, "_LAUNCHES", {})  # launches resolved before with room for the split
     x, values, meta, _, pruned = _operands(4, 48, 64, torch.float32, False, seed=3)
     spec = MatmulSpec("float32", "float32", False, None, False, "float32")
     name, source = emit_matmul(spec, [])
     cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, SPLIT_K=2, num_warps=4, num_stages=1)  # 3 tiles
     y = sparse24_matmul(x.to(DEVICE), values.to(DEVICE), meta.to(DEVICE), None, None, None, spec, name, source, config=cfg)
     assert output_error(y.cpu().double(), x.double() @ pruned.double().t()) <= 1e-5
+    resolved = launch.sparse24_launch(4, 48, 64, spec, name, source, torch.device(DEVICE), cfg)
+    assert resolved.tiles == 3 and resolved.cfg["SPLIT_K"] == 1
 
 
 def test_launch_candidates_split_k_only_where_tiles_are_few(monkeypatch):
