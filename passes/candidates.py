@@ -65,11 +65,25 @@ def _trained_candidate(node: fx.Node, module: TrainableLayer) -> LayerInfo:
                      trained_mask_path=f"{node.target}.weight_mask" if module.weight_mask is not None else None)
 
 
+def _customized(module: nn.Module) -> str | None:
+    """What a module carries beyond its class's computation (hooks, a forward set on the instance)."""
+    hooks = [kind for kind in ("forward_pre", "forward", "backward_pre", "backward")
+             if getattr(module, f"_{kind}_hooks", None)]
+    if hooks:
+        return f"it has {' / '.join(hooks)} hooks, which a sparse replacement would drop"
+    if "forward" in vars(module):
+        return "its forward is set on the instance (module.forward = ...), which a sparse replacement would drop"
+    return None
+
+
 def _module_candidate(gm: fx.GraphModule, node: fx.Node) -> LayerInfo | None:
     module = gm.get_submodule(node.target)
     if isinstance(module, TrainableLayer):
         return _trained_candidate(node, module)
-    # Subclasses with their own forward are traced into instead (or are leaves we cannot see into).
+    # Subclasses with their own forward are traced into instead (or are leaves we cannot see into);
+    # a module with its own hooks or an instance-level forward would lose them to a sparse replacement.
+    if _customized(module):
+        return None
     if type(module).forward is nn.Linear.forward and isinstance(module, nn.Linear):
         w = module.weight
         return LayerInfo(name=node.target, op="linear", site="module", weight_path=f"{node.target}.weight",
@@ -160,6 +174,8 @@ def _unreached_layers(gm: fx.GraphModule, model: nn.Module, found: set[str]) -> 
         elif f"{name}.weight" in readers:
             why = (f"its weight is read directly (by {', '.join(sorted(readers[f'{name}.weight']))}), not through the "
                    f"layer's forward; sparsec rewrites only layers called as modules or F.linear / matmul on a parameter")
+        elif name in leaves and (custom := _customized(module)):
+            why = custom
         elif name in leaves:
             why = f"{type(module).__name__} overrides forward; sparsec only rewrites the standard Linear/Conv2d computation"
         else:

@@ -95,6 +95,7 @@ class _Tracer(fx.Tracer):
 def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple = (),
             exclude: tuple[str, ...] = ()) -> tuple[SparsecGraphModule, str, list[str]]:
     """Trace `model` (sparsec's own copy). Returns (graph module, method, notes)."""
+    _check_root_is_traceable_as_called(model)
     if example_inputs is not None:
         _check_arity(model, example_inputs)
     leaf_types = tuple(t for t in leaf_modules if isinstance(t, type))
@@ -112,7 +113,7 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
     except Exception as fx_error:  # noqa: BLE001 - any tracing failure means: try torch.export
         symbolic_failure, traced = fx_error, False
     if traced:
-        notes = _lost_buffer_updates(model, gm, example_inputs)
+        notes = _lost_buffer_updates(model, gm, example_inputs) + _root_hooks(model)
         for note in notes:
             warnings.warn(f"sparsec: {note}", stacklevel=3)
         return gm, "symbolic_trace", notes
@@ -154,6 +155,22 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
             + (f" at {where}" if where else "") + "); the graph is specialised to the example inputs' shapes "
             "and to the model's train/eval mode at compile time")
     return gm, "torch.export", [note]
+
+
+def _check_root_is_traceable_as_called(model: nn.Module) -> None:
+    """torch.fx traces the class's forward: a forward set on the instance would be silently replaced."""
+    if "forward" in vars(model):
+        cls = type(model).__name__
+        raise TraceError(f"model.forward is set on the instance (model.forward = ...), but tracing records the "
+                         f"class's forward ({cls}.forward), which computes something else. Define the forward in a "
+                         f"module class (class Wrapped(nn.Module) whose forward calls your function) and compile that")
+
+
+def _root_hooks(model: nn.Module) -> list[str]:
+    """A note for forward hooks on the model itself: tracing records forward only, so they do not run."""
+    hooks = len(model._forward_pre_hooks) + len(model._forward_hooks)
+    return [f"the model's own {hooks} forward hook(s) are not part of the compiled model (tracing records forward "
+            f"only); register them on the compiled model if they are still needed"] if hooks else []
 
 
 def _lost_buffer_updates(model: nn.Module, gm: fx.GraphModule, example_inputs: tuple | None) -> list[str]:

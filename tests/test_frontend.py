@@ -1,9 +1,11 @@
 """Tracing: symbolic_trace, the torch.export fallback, leaf modules, and errors naming user code."""
+import types
 import warnings
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import sparsec
 from oracle import output_error, pruned_model
@@ -185,3 +187,41 @@ def test_a_buffer_update_the_graph_would_lose_is_reported_not_dropped_silently()
     kept(x)
     counters = dict(kept.named_buffers())
     assert [float(v) for k, v in counters.items() if k.endswith("1.calls")] == [1.0]
+
+
+class _TwoLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_a_forward_set_on_the_model_instance_is_refused():
+    model = _TwoLayers()
+    model.forward = lambda x: model.a(x) * 2  # tracing would record _TwoLayers.forward instead
+    with pytest.raises(TraceError, match=r"model.forward is set on the instance .* records the class's forward "
+                                         r"\(_TwoLayers.forward\)"):
+        sparsec.compile(model, example_inputs=(torch.randn(2, 16),))
+
+
+def test_hooks_on_the_model_itself_are_named():
+    model = _TwoLayers()
+    model.register_forward_hook(lambda module, args, out: out * 3)
+    with pytest.warns(UserWarning, match=r"the model's own 1 forward hook\(s\) are not part of the compiled model"):
+        cm = sparsec.compile(model, example_inputs=(torch.randn(2, 16),), pattern="dense")
+    assert any("forward hook" in note for note in cm.plan.notes)
+
+
+def test_layers_with_hooks_or_an_instance_forward_stay_dense_and_keep_them():
+    model = _TwoLayers().eval()
+    model.b.register_forward_hook(lambda module, args, out: out * 3)
+    model.c.forward = types.MethodType(lambda self, x: F.linear(x, self.weight) - 1, model.c)
+    x = torch.randn(4, 16)
+    cm = sparsec.compile(model, example_inputs=(x,), min_weights=0, include=["a"])
+    assert cm.plan["a"].sparsity == "2:4"
+    assert cm.plan["b"].sparsity is None and "forward hooks, which a sparse replacement would drop" in cm.plan["b"].reason
+    assert cm.plan["c"].sparsity is None and "forward is set on the instance" in cm.plan["c"].reason
+    with torch.no_grad():
+        assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5  # the hook and the forward still run

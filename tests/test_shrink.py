@@ -434,3 +434,69 @@ def test_bad_input():
             shrink(cm, threshold=bad)
     with pytest.raises(TypeError):
         shrink(model)
+
+
+class _Pooled(nn.Module):
+    """Conv channels reduced by a mean, a concatenation along the batch, dropout, and a module called
+    twice (which shrink cannot change)."""
+
+    def __init__(self, pool):
+        super().__init__()
+        self.pool = pool
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.mid, self.twice, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        if self.pool == "spatial":
+            pooled = h.mean((2, 3))
+        elif self.pool == "keepdim":
+            pooled = h.mean((-2, -1), keepdim=True).flatten(1)
+        else:  # also a mean over the channels: removing a zero channel would change it
+            pooled = h.mean((2, 3)) + h.mean(1, keepdim=True).mean((2, 3))
+        both = torch.cat([pooled, pooled * 2], 0)  # along the batch: channel i of each part is one channel
+        z = F.dropout(torch.relu(self.mid(both)), 0.1, self.training)
+        return self.head(self.twice(torch.relu(self.twice(z))))
+
+
+@pytest.mark.parametrize("pool, conv2_removed", [("spatial", [5, 6]), ("keepdim", [5, 6]), ("channels", [])])
+def test_means_concatenation_dropout_and_a_module_called_twice(pool, conv2_removed):
+    torch.manual_seed(0)
+    model = _Pooled(pool).eval()
+    with torch.no_grad():
+        for layer, rows in ((model.conv1, [0, 1]), (model.conv2, [5, 6]), (model.mid, [0, 1, 2])):
+            layer.weight[rows] = 0
+            layer.bias[rows] = -1.0  # relu(-1) = 0: these channels are zero everywhere
+        model.twice.weight[0:2] = 0
+    x = torch.randn(2, 3, 6, 6)
+    small = shrink(dense(model, x))
+    same_outputs(small, model, x)
+    report = small.shrink_report
+    assert report["conv1"].removed == [0, 1] and report["conv2"].removed == conv2_removed
+    assert report["mid"].removed == [] and "feeds twice (its module is called at 2 places)" in str(report)
+    assert report["twice"].removed == [] and param(small, "twice.weight").shape == (8, 8)
+    assert param(small, "mid.weight").shape == (8, 8 - len(conv2_removed))
+
+
+class _TiedMLP(MLP):
+    def __init__(self):
+        super().__init__(h1=16, h2=16)
+        self.fc2b = nn.Linear(16, 16)
+        self.fc2b.weight = self.fc2.weight  # tied
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        return self.fc3(torch.relu(self.fc2(h))) + self.fc3(self.fc2b(h))
+
+
+def test_a_weight_shared_by_two_modules_is_left_alone():
+    torch.manual_seed(0)
+    model = _TiedMLP().eval()
+    with torch.no_grad():
+        model.fc2.weight[0:4] = 0
+        model.fc2.bias[0:4] = -1.0
+    x = torch.randn(4, 16)
+    small = shrink(dense(model, x))
+    same_outputs(small, model, x)
+    assert param(small, "fc2.weight").shape == (16, 16)
+    assert "shared with another module" in str(small.shrink_report)
