@@ -70,6 +70,7 @@ def sweep_configs(layer, x, expected) -> list[dict]:
     shape; a config whose result is wrong, or that fails to run, is recorded with its error and not timed."""
     from sparsec.codegen.configs import matmul_candidates
     from sparsec.codegen.launch import sm_count, sparse24_matmul
+    from sparsec.codegen.measure import run_poisoned
     from sparsec.errors import last_line
 
     m, k = x.shape
@@ -80,9 +81,8 @@ def sweep_configs(layer, x, expected) -> list[dict]:
         run = lambda cfg=cfg, out=None: sparse24_matmul(x, packed.values, packed.meta, packed.scales, None,  # noqa: E731
                                                         None, spec, layer.kernel_name, layer.kernel_source,
                                                         config=cfg, out=out)
-        poisoned = torch.full((m, n), float("nan"), dtype=x.dtype, device=x.device)  # every element must be written
         try:
-            err = relative_error(run(out=poisoned), expected)
+            err = relative_error(run_poisoned(run, (m, n), x.dtype, x.device), expected)  # every element written?
         except Exception as e:  # noqa: BLE001 - recorded (say, a config this Triton cannot build); the rest still run
             results.append({"config": cfg, "error": last_line(e), "ok": False, "s": None})
             continue

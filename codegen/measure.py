@@ -54,9 +54,9 @@ def _flush_l2() -> None:
     _L2_FLUSH[device].zero_()
 
 
-def time_cuda(fn, repeats: int = REPEATS, graph: bool = False, cold_l2: bool = True) -> float:
-    """Median seconds of fn() on the current CUDA stream, after warm-up, each run after an L2 flush
-    (cold_l2). graph=True replays fn from a CUDA graph where it captures: the GPU time of its kernels.
+def time_cuda(fn, repeats: int = REPEATS, graph: bool = False) -> float:
+    """Median seconds of fn() on the current CUDA stream, after warm-up, each run after an L2 flush.
+    graph=True replays fn from a CUDA graph where it captures: the GPU time of its kernels.
     Otherwise each run starts from an idle GPU, so the time includes getting the work there (Python,
     launches): what an eager caller waits."""
     for _ in range(WARMUP):
@@ -65,8 +65,7 @@ def time_cuda(fn, repeats: int = REPEATS, graph: bool = False, cold_l2: bool = T
     run = _graph_replay(fn) if graph else fn
     times = []
     for _ in range(repeats):
-        if cold_l2:
-            _flush_l2()
+        _flush_l2()
         if not graph:
             torch.cuda.synchronize()  # (else the launches would hide behind the flush)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -187,7 +186,7 @@ def check_candidates(options: dict) -> tuple[dict[str, float], dict[str, str]]:
         wrong, failed = {}, {}
         for name, fn in options.items():
             try:
-                out = _run_poisoned(fn, dense_out)
+                out = run_poisoned(fn, dense_out.shape, dense_out.dtype, dense_out.device)
             except Exception as e:  # noqa: BLE001 - a candidate that cannot run is not chosen, and is named
                 failed[name] = last_line(e, 120)
                 continue
@@ -200,13 +199,13 @@ def check_candidates(options: dict) -> tuple[dict[str, float], dict[str, str]]:
     return wrong, failed
 
 
-def _run_poisoned(fn, like: torch.Tensor) -> torch.Tensor:
-    """fn(), written into a NaN-filled output where fn is a kernel launcher taking `out`: a kernel that
-    leaves elements unwritten then fails the check, instead of passing on what a reused allocation
-    held (the caching allocator hands the last freed block of that size back, often a right answer)."""
+def run_poisoned(fn, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+    """fn(), written into a NaN-filled output of this shape where fn is a kernel launcher taking `out`:
+    a kernel that leaves elements unwritten then fails its check, instead of passing on what a reused
+    allocation held (the caching allocator hands the last freed block of that size back, often a right
+    answer)."""
     if "out" in inspect.signature(fn).parameters:
-        return fn(out=torch.full(like.reshape(-1, like.shape[-1]).shape, float("nan"), dtype=like.dtype,
-                                 device=like.device))
+        return fn(out=torch.full(shape, float("nan"), dtype=dtype, device=device))
     return fn()
 
 

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sparsec.context import CompileContext, UnreachedLayer
+from sparsec.frontend import own_hooks
 from sparsec.meta import ConvParams, LayerInfo, update_meta
 from sparsec.runtime.training import TrainableLayer
 
@@ -67,9 +68,7 @@ def _trained_candidate(node: fx.Node, module: TrainableLayer) -> LayerInfo:
 
 def _customized(module: nn.Module) -> str | None:
     """What a module carries beyond its class's computation (hooks, a forward set on the instance)."""
-    hooks = [kind for kind in ("forward_pre", "forward", "backward_pre", "backward")
-             if getattr(module, f"_{kind}_hooks", None)]
-    if hooks:
+    if hooks := own_hooks(module):
         return f"it has {' / '.join(hooks)} hooks, which a sparse replacement would drop"
     if "forward" in vars(module):
         return "its forward is set on the instance (module.forward = ...), which a sparse replacement would drop"

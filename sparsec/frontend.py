@@ -166,10 +166,16 @@ def _check_root_is_traceable_as_called(model: nn.Module) -> None:
                          f"module class (class Wrapped(nn.Module) whose forward calls your function) and compile that")
 
 
+def own_hooks(module: nn.Module) -> list[str]:
+    """The kinds of hooks registered on `module` itself ("forward_pre", "forward", "backward_pre", "backward")."""
+    return [kind for kind in ("forward_pre", "forward", "backward_pre", "backward")
+            if getattr(module, f"_{kind}_hooks", None)]
+
+
 def _root_hooks(model: nn.Module) -> list[str]:
-    """A note for forward hooks on the model itself: tracing records forward only, so they do not run."""
-    hooks = len(model._forward_pre_hooks) + len(model._forward_hooks)
-    return [f"the model's own {hooks} forward hook(s) are not part of the compiled model (tracing records forward "
+    """A note for hooks on the model itself: tracing records forward only, so they do not run."""
+    hooks = own_hooks(model)
+    return [f"the model's own {' / '.join(hooks)} hooks are not part of the compiled model (tracing records forward "
             f"only); register them on the compiled model if they are still needed"] if hooks else []
 
 

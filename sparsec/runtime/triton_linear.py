@@ -71,10 +71,10 @@ class TritonSparseLinear(SparseLinear):
         k = x.shape[-1]
         rows = x.numel() // k if k else 0
         key = ("launch", rows, k, x.device)
-        launch = self._derived.get(key) or self.derived(key, lambda: self._sparse24_launch(rows, k, x.device))
+        launch = self._derived.get(key) or self.derived(key, lambda: self._sparse24_launch(rows, k, x.device, spec))
         return launch(x.detach(), packed.values, packed.meta, packed.scales, bias, self.out_scale)
 
-    def _sparse24_launch(self, rows: int, k: int, device: torch.device):
+    def _sparse24_launch(self, rows: int, k: int, device: torch.device, spec):
         if self.kernel_source is None:
             raise RuntimeError(f"layer {self.layer_name!r} has no generated kernel; the codegen pass did not run")
         from sparsec.codegen.launch import sparse24_launch
@@ -82,8 +82,8 @@ class TritonSparseLinear(SparseLinear):
         if k != self.packed.reduction:
             raise InvalidInputError(f"layer {self.layer_name!r} takes inputs with {self.packed.reduction} features in "
                                     f"the last dimension, got {k}")
-        return sparse24_launch(rows, self.packed.out_features, k, self.derived("spec", self.spec), self.kernel_name,
-                               self.kernel_source, device, self.launch_config(rows))
+        return sparse24_launch(rows, self.packed.out_features, k, spec, self.kernel_name, self.kernel_source, device,
+                               self.launch_config(rows))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return run_kernel(self, x)
