@@ -4,7 +4,13 @@ Candidates are matmul-like ops whose weight is a parameter of the model:
   * `call_module` of `nn.Linear` / `nn.Conv2d` (symbolic_trace keeps them as modules);
   * `F.linear` / `F.conv2d` / `aten.linear` / `aten.conv2d` with a parameter weight
     (torch.export graphs, or user code calling the functional form);
-  * `x @ W`, `torch.matmul(x, W)`, `torch.mm(x, W)` with W a 2-D parameter on the right.
+  * `x @ W`, `torch.matmul(x, W)`, `torch.mm(x, W)` with W a 2-D parameter on the right;
+  * the same with `W.T` (`W.t()`, `W.transpose(0, 1)`, ...) on the right: that is `F.linear(x, W)`,
+    so it is a linear layer (see passes/weight_reads.py).
+
+Weight matrices no candidate runs are listed as unreached layers, dense, with the reason: Linear /
+Conv2d modules the graph does not run as candidates, layer types sparsec does not prune (Conv1d,
+LSTM, ...), and parameters a matmul-like op reads in another form (`W @ x`, `einsum`, `bmm`).
 
 Naming: a module candidate is named by its module path; a functional one by its weight's path,
 minus a trailing ".weight" (so `aten.linear(x, fc.weight)` from torch.export is named "fc", like
@@ -22,6 +28,7 @@ import torch.nn.functional as F
 from sparsec.context import CompileContext, UnreachedLayer
 from sparsec.frontend import own_hooks
 from sparsec.meta import ConvParams, LayerInfo, update_meta
+from sparsec.passes.weight_reads import parameter_read, readers
 from sparsec.runtime.training import TrainableLayer
 
 aten = torch.ops.aten
@@ -40,14 +47,9 @@ def _pair(v) -> tuple[int, ...]:
 
 
 def _parameter(gm: fx.GraphModule, node: object) -> tuple[str, nn.Parameter] | None:
-    """(path, parameter) when `node` reads a parameter of the graph module directly."""
-    if not isinstance(node, fx.Node) or node.op != "get_attr":
-        return None
-    try:
-        value = gm.get_parameter(node.target)
-    except AttributeError:
-        return None
-    return node.target, value
+    """(path, parameter) when `node` reads a parameter of the graph module as it is (no transpose)."""
+    found = parameter_read(gm, node)
+    return found[:2] if found is not None and not found[2] else None
 
 
 def _functional_name(weight_path: str) -> str:
@@ -134,10 +136,14 @@ def _function_candidate(gm: fx.GraphModule, node: fx.Node) -> LayerInfo | None:
     is_matmul = (node.op == "call_function" and target in MATMUL_FUNCTIONS) or (
         node.op == "call_method" and target in MATMUL_METHODS)
     if is_matmul and len(node.args) == 2 and not node.kwargs:
-        found = _parameter(gm, node.args[1])
-        if found is None or found[1].dim() != 2 or _parameter(gm, node.args[0]) is not None:
+        found = parameter_read(gm, node.args[1])
+        if found is None or found[1].dim() != 2 or parameter_read(gm, node.args[0]) is not None:
             return None
-        path, w = found
+        path, w, transposed = found
+        if transposed:  # x @ W.T is F.linear(x, W)
+            return LayerInfo(name=_functional_name(path), op="linear", site="function", weight_path=path,
+                             bias_path=None, weight_shape=tuple(w.shape), dtype=w.dtype, out_features=w.shape[0],
+                             reduction=w.shape[1])
         return LayerInfo(name=_functional_name(path), op="matmul", site="function", weight_path=path, bias_path=None,
                          weight_shape=tuple(w.shape), dtype=w.dtype, out_features=w.shape[1], reduction=w.shape[0])
     return None
@@ -156,33 +162,76 @@ def find_candidates(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
 
 
 def _unreached_layers(gm: fx.GraphModule, model: nn.Module, found: set[str]) -> dict[str, UnreachedLayer]:
-    """Linear / Conv2d modules of the model that no candidate node runs, with the reason why."""
+    """Weight matrices of the model that no candidate node runs, with the reason why: Linear / Conv2d
+    modules, modules of layer types sparsec does not prune (Conv1d, LSTM, ...), and parameters that a
+    matmul-like op reads in a form that is not a candidate (`W @ x`, `einsum`, `bmm`). Listed so that
+    no weight matrix is passed over silently."""
     leaves = {n.target: type(gm.get_submodule(n.target)).__name__ for n in gm.graph.nodes if n.op == "call_module"}
-    readers: dict[str, set[str]] = {}
-    for n in gm.graph.nodes:
-        if n.op == "get_attr":
-            readers.setdefault(n.target, set()).update(_op_name(u) for u in n.users)
+    read_by = _read_by(gm)
     out = {}
     for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Conv2d)) or name in found:
-            continue
-        op = "linear" if isinstance(module, nn.Linear) else "conv2d"
         parents = [p for p in leaves if name.startswith(p + ".")]
-        if parents:
-            why = f"inside module '{parents[0]}' ({leaves[parents[0]]}), which is called as a whole and not traced into"
-        elif f"{name}.weight" in readers:
-            why = (f"its weight is read directly (by {', '.join(sorted(readers[f'{name}.weight']))}), not through the "
-                   f"layer's forward; sparsec rewrites only layers called as modules or F.linear / matmul on a parameter")
-        elif name in leaves and (custom := _customized(module)):
-            why = custom
-        elif name in leaves:
-            why = f"{type(module).__name__} overrides forward; sparsec only rewrites the standard Linear/Conv2d computation"
-        else:
-            why = "not called by the model's forward (on the traced path)"
-        out[name] = UnreachedLayer(op=op, weight_shape=tuple(module.weight.shape), dtype=module.weight.dtype, why=why)
+        inside = (f"inside module '{parents[0]}' ({leaves[parents[0]]}), which is called as a whole and not traced "
+                  f"into" if parents else None)
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and name not in found:
+            w = module.weight
+            why = inside or _why_not_run(name, module, leaves, read_by)
+            out[name] = UnreachedLayer(op="linear" if isinstance(module, nn.Linear) else "conv2d",
+                                       weight_shape=tuple(w.shape), dtype=w.dtype, weight_path=f"{name}.weight", why=why)
+        elif isinstance(module, _UNPRUNED_LAYERS):
+            why = inside or f"{type(module).__name__} layers are not pruned by sparsec ({_REWRITTEN})"
+            for pname, w in module.named_parameters(recurse=False):
+                entry = name if pname == "weight" else f"{name}.{pname}"
+                if w.dim() >= 2 and entry not in found:
+                    out[entry] = UnreachedLayer(
+                        op=type(module).__name__.lower(), weight_shape=tuple(w.shape), dtype=w.dtype,
+                        weight_path=f"{name}.{pname}", why=why)
+    covered = {u.weight_path for u in out.values()}
+    for path, ops in read_by.items():
+        name = _functional_name(path)
+        if path in covered or name in found or not ops & _MATMUL_LIKE:
+            continue
+        w = gm.get_parameter(path)
+        why = (f"read by {', '.join(sorted(ops))} in a form sparsec does not rewrite ({_REWRITTEN}); "
+               f"write it as one of those to let sparsec prune it")
+        out[name] = UnreachedLayer(op=sorted(ops & _MATMUL_LIKE)[0], weight_shape=tuple(w.shape), dtype=w.dtype,
+                                   weight_path=path, why=why)
+    return out
+
+
+def _why_not_run(name: str, module: nn.Module, leaves: dict[str, str], read_by: dict[str, set[str]]) -> str:
+    """Why a Linear / Conv2d module outside any whole-called module is not a candidate."""
+    if f"{name}.weight" in read_by:
+        return (f"its weight is read directly (by {', '.join(sorted(read_by[f'{name}.weight']))}), not through the "
+                f"layer's forward, in a form sparsec does not rewrite ({_REWRITTEN})")
+    if name in leaves and (custom := _customized(module)):
+        return custom
+    if name in leaves:
+        return f"{type(module).__name__} overrides forward; sparsec only rewrites the standard Linear/Conv2d computation"
+    return "not called by the model's forward (on the traced path)"
+
+
+# Matmul-like layer types sparsec leaves dense (listed in the plan, so no weight is passed over silently).
+_UNPRUNED_LAYERS = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear,
+                    nn.RNNBase)
+_REWRITTEN = "it rewrites Linear / Conv2d modules, F.linear(x, W), F.conv2d(x, W), x @ W and x @ W.T"
+_MATMUL_LIKE = {"matmul", "mm", "bmm", "einsum", "linear", "conv1d", "conv2d", "conv3d", "addmm", "baddbmm", "addbmm",
+                "tensordot", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "convolution", "dot", "mv"}
+
+
+def _read_by(gm: fx.GraphModule) -> dict[str, set[str]]:
+    """Parameter path -> names of the ops that use it (looking through transposes), for parameters
+    of two or more dimensions read by get_attr nodes."""
+    out: dict[str, set[str]] = {}
+    for node in gm.graph.nodes:
+        found = _parameter(gm, node)
+        if found is not None and found[1].dim() >= 2:
+            out.setdefault(found[0], set()).update(_op_name(u) for u in readers(node))
     return out
 
 
 def _op_name(node: fx.Node) -> str:
+    """A short name for what a node runs: `matmul` for operator.matmul, aten.mm.default and x.mm alike."""
     target = node.target
-    return getattr(target, "__name__", None) or str(target)
+    name = target if isinstance(target, str) else getattr(target, "__name__", None) or str(target)
+    return name.split(".")[0].strip("_")

@@ -23,6 +23,26 @@ def _flops(nodes: list[fx.Node], reduction: int) -> int | None:
     return sum(2 * math.prod(s) * reduction for s in shapes)
 
 
+def _graph_position(gm: fx.GraphModule):
+    """Sort key putting plan entries in the order the graph runs them: a layer at its first call site,
+    a layer the graph does not run at the module containing it or the read of its weight; layers
+    never run last, in model order (the sort is stable)."""
+    position = {}
+    for i, node in enumerate(gm.graph.nodes):
+        if (layer := get_meta(node).layer) is not None:
+            position.setdefault(layer.name, i)
+        if node.op in ("call_module", "get_attr"):
+            position.setdefault(node.target, i)
+
+    def key(lp: LayerPlan) -> int:
+        parts = lp.name.split(".")
+        for path in [f"{lp.name}.weight"] + [".".join(parts[:n]) for n in range(len(parts), 0, -1)]:
+            if path in position:
+                return position[path]
+        return len(position) + len(gm.graph.nodes)
+    return key
+
+
 def build_plan(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     layers = []
     for name, nodes in layer_nodes(gm).items():
@@ -37,8 +57,7 @@ def build_plan(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         reason = f"kept dense: excluded by exclude={excluded_by!r}" if excluded_by else f"kept dense: {info.why}"
         layers.append(LayerPlan(name=name, op=info.op, weight_shape=info.weight_shape, sparsity=None, quant=None,
                                 grad_sparsity=None, reason=reason, dtype=dtype_name(info.dtype)))
-    order = {name: i for i, (name, _) in enumerate(ctx.model.named_modules())}
-    layers.sort(key=lambda lp: order.get(lp.name, len(order)))
+    layers.sort(key=_graph_position(gm))
     pattern = ctx.options.plan.pattern if ctx.options.plan is not None else str(ctx.options.pattern)
     ctx.plan = Plan(layers=layers, pattern=pattern, notes=list(ctx.notes))
     return gm

@@ -13,6 +13,7 @@ import torch.fx as fx
 
 from sparsec.context import CompileContext
 from sparsec.meta import LayerInfo, get_meta, layer_nodes
+from sparsec.passes.weight_reads import transposed_input
 from sparsec.patterns import parse_pattern
 from sparsec.reference import weight_to_rows
 from sparsec.runtime import PackedWeight, SparseConv2d, SparseLayer, SparseLinear
@@ -71,20 +72,37 @@ def replace_layer(gm: fx.GraphModule, name: str, nodes: list[fx.Node], module: t
     module_sites = [n for n in nodes if n.op == "call_module"]
     path = module_sites[0].target if module_sites else "sparse_" + name.replace(".", "_")
     _set_submodule(gm, path, module)
-    stale_reads = set()
+    weight_reads = []
     for node in nodes:
         if node.op == "call_module":
             continue
-        stale_reads.update(a for a in node.all_input_nodes if a.op == "get_attr")
+        data = _data_input(node)
+        weight_reads.extend(a for a in node.all_input_nodes if a is not data)
         with gm.graph.inserting_before(node):
-            replacement = gm.graph.call_module(path, (_data_input(node),))
+            replacement = gm.graph.call_module(path, (data,))
         replacement.meta.update(node.meta)
         node.replace_all_uses_with(replacement)
         gm.graph.erase_node(node)
-    for read in stale_reads:
-        if not read.users:
-            gm.graph.erase_node(read)
-            _delete_attr(gm, read.target)
+    _erase_unused_reads(gm, weight_reads)
+
+
+def _erase_unused_reads(gm: fx.GraphModule, reads: list[fx.Node]) -> None:
+    """Erase the weight / bias reads (and transposes of them) the replaced sites left without users,
+    and the attributes no remaining node reads: no dense copy stays behind."""
+    erased = set()
+    while reads:
+        node = reads.pop()
+        if node.users or node in erased:
+            continue
+        if node.op == "get_attr":
+            gm.graph.erase_node(node)
+            erased.add(node)
+            if not any(n.op == "get_attr" and n.target == node.target for n in gm.graph.nodes):
+                _delete_attr(gm, node.target)
+        elif (source := transposed_input(node)) is not None:
+            gm.graph.erase_node(node)
+            erased.add(node)
+            reads.append(source)
 
 
 def sparsify_layers(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:

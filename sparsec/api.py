@@ -71,7 +71,7 @@ def compile_with_options(model: nn.Module, example_inputs: Any, options: Compile
     dense = {}
     for lp in ctx.plan:
         if lp.sparsity is None:
-            path = _dense_weight_path(gm, lp.name)
+            path = _dense_weight_path(gm, ctx, lp.name)
             if path is not None:
                 dense[lp.name] = (path, lp.op)
     cm = CompiledModel(gm, ctx.plan, history, ctx.counters, dense, ctx.trace_method)
@@ -95,15 +95,17 @@ def _input_spec(inputs: tuple | None) -> list | None:
     return spec
 
 
-def _dense_weight_path(gm, name: str) -> str | None:
+def _dense_weight_path(gm, ctx, name: str) -> str | None:
+    """Where dense layer `name`'s weight is in the compiled graph module (None: not there, never called)."""
     for node in gm.graph.nodes:
         layer = get_meta(node).layer
         if layer is not None and layer.name == name:
             return layer.weight_path
     try:  # a layer inside a module that is called as a whole keeps its own path
-        gm.get_parameter(f"{name}.weight")
-        return f"{name}.weight"
-    except AttributeError:
+        path = ctx.unreached[name].weight_path
+        gm.get_parameter(path)
+        return path
+    except (KeyError, AttributeError):
         return None
 
 

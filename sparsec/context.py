@@ -128,7 +128,7 @@ class CompileContext:
     kernels: dict[str, str] = field(default_factory=dict)          # generated kernel name -> source
     kernel_manifest: dict[str, dict] = field(default_factory=dict) # kernel name -> layers, shapes, config
     measurements: dict[tuple, tuple] = field(default_factory=dict) # backend auto: shape key -> (backend, note, layer)
-    unreached: dict[str, UnreachedLayer] = field(default_factory=dict)  # Linear/Conv2d the graph does not run
+    unreached: dict[str, UnreachedLayer] = field(default_factory=dict)  # weights no candidate runs
 
     def mask_for(self, name: str, rows: torch.Tensor, pattern: Pattern) -> torch.Tensor:
         """The layer's mask, computed once and shared by the analysis that measures it and the
@@ -148,8 +148,9 @@ class CompileContext:
 
 @dataclass(frozen=True)
 class UnreachedLayer:
-    """A Linear / Conv2d module of the model that the traced graph does not run as a candidate."""
+    """A weight matrix of the model that the traced graph does not run as a candidate layer."""
     op: str
     weight_shape: tuple[int, ...]
     dtype: torch.dtype
+    weight_path: str    # its parameter's path in the model
     why: str

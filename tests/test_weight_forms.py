@@ -1,0 +1,256 @@
+"""`x @ W.T` on a parameter is `F.linear(x, W)`: a linear layer sparsec prunes like any other.
+Weight matrices read in forms sparsec does not rewrite are listed in the plan, dense, with the reason."""
+import pytest
+import torch
+import torch.nn as nn
+
+import sparsec
+from oracle import output_error, pruned_model
+from sparsec.errors import InvalidInputError
+
+TRANSPOSES = {
+    ".T": lambda w: w.T,
+    ".t()": lambda w: w.t(),
+    ".mT": lambda w: w.mT,
+    ".transpose(0, 1)": lambda w: w.transpose(0, 1),
+    ".transpose(-1, -2)": lambda w: w.transpose(-1, -2),
+    ".permute(1, 0)": lambda w: w.permute(1, 0),
+    ".permute((1, 0))": lambda w: w.permute((1, 0)),
+    ".swapaxes(0, 1)": lambda w: w.swapaxes(0, 1),
+    "torch.t": torch.t,
+    "torch.transpose(w, 1, 0)": lambda w: torch.transpose(w, 1, 0),
+}
+
+
+class HandWritten(nn.Module):
+    """A block written with raw parameters, as attention and MLP code often is: y = x @ W.T."""
+
+    def __init__(self, transpose, d=64, hidden=128, out=8, untraceable=False):
+        super().__init__()
+        self.transpose, self.untraceable = transpose, untraceable
+        self.inp = nn.Linear(32, d)
+        self.w_up = nn.Parameter(torch.randn(hidden, d) / 8)
+        self.b_up = nn.Parameter(torch.randn(hidden) / 8)
+        self.w_down = nn.Parameter(torch.randn(d, hidden) / 8)
+        self.head = nn.Linear(d, out)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = torch.relu(h @ self.transpose(self.w_up) + self.b_up)
+        h = h @ self.transpose(self.w_down)
+        if self.untraceable and h.shape[0] > 1:  # a branch on a shape: symbolic_trace fails, torch.export runs it
+            h = h * 1.0
+        return self.head(h)
+
+
+@pytest.mark.parametrize("form", sorted(TRANSPOSES))
+def test_every_transpose_form_is_a_linear_layer(form):
+    torch.manual_seed(0)
+    model, x = HandWritten(TRANSPOSES[form]).eval(), torch.randn(3, 5, 32)
+    cm = sparsec.compile(model, example_inputs=(x,))
+    assert cm.trace_method == "symbolic_trace"
+    for name, shape in [("w_up", (128, 64)), ("w_down", (64, 128))]:
+        lp = cm.plan[name]
+        assert (lp.op, lp.weight_shape, lp.sparsity) == ("linear", shape, "2:4"), lp.reason
+    # groups of 4 run along W's rows (in_features), as for nn.Linear
+    assert (cm.mask("w_up").reshape(128, -1, 4).sum(-1) == 2).all()
+    assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+    # no dense copy and no transpose left behind
+    code = cm.graph_module.code
+    assert not hasattr(cm.graph_module, "w_up") and not hasattr(cm.graph_module, "w_down")
+    assert not any(word in code for word in ["self.w_up", "self.w_down", "getattr", "transpose", "permute", "swapaxes", ".t(", "torch.t("])
+
+
+def test_export_graphs_rewrite_transposed_weights():
+    torch.manual_seed(0)
+    for form in [".T", ".t()", ".permute(1, 0)", ".transpose(-1, -2)"]:
+        model, x = HandWritten(TRANSPOSES[form], untraceable=True).eval(), torch.randn(4, 32)
+        cm = sparsec.compile(model, example_inputs=(x,))
+        assert cm.trace_method == "torch.export"
+        assert cm.plan["w_up"].sparsity == "2:4" and cm.plan["w_down"].op == "linear", form
+        assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+
+
+def test_plan_lists_functional_layers_in_the_order_they_run():
+    model = HandWritten(TRANSPOSES[".T"])
+    assert sparsec.explain(model, example_inputs=(torch.randn(2, 32),)).names == ["inp", "w_up", "w_down", "head"]
+
+
+class SharedTranspose(nn.Module):
+    def __init__(self, extra_use):
+        super().__init__()
+        self.extra_use = extra_use
+        self.a, self.b = nn.Linear(32, 64), nn.Linear(64, 8)
+        self.w = nn.Parameter(torch.randn(64, 64) / 8)
+
+    def forward(self, x):
+        wt = self.w.t()
+        h = torch.relu(self.a(x) @ wt)
+        h = h @ wt  # a second call site of the same layer
+        if self.extra_use:
+            h = h + wt.sum(0)  # another use of the transposed weight
+        return self.b(h)
+
+
+def test_a_transposed_weight_used_twice():
+    torch.manual_seed(0)
+    x = torch.randn(3, 32)
+    model = SharedTranspose(extra_use=False).eval()
+    cm = sparsec.compile(model, example_inputs=(x,))
+    assert cm.plan["w"].sparsity == "2:4"
+    assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+    model = SharedTranspose(extra_use=True).eval()
+    cm = sparsec.compile(model, example_inputs=(x,))
+    assert cm.plan["w"].sparsity is None and "also read by sum" in cm.plan["w"].reason
+    assert torch.equal(cm(x), model(x))
+
+
+class OtherForms(nn.Module):
+    """Weight matrices used in ways sparsec does not rewrite."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 64), nn.Linear(64, 8)
+        self.left = nn.Parameter(torch.randn(64, 64) / 8)       # W @ x
+        self.mixed = nn.Parameter(torch.randn(64, 64) / 8)      # einsum
+        self.stack = nn.Parameter(torch.randn(2, 64, 32) / 8)   # bmm of a 3-D weight
+        self.pos = nn.Parameter(torch.randn(3, 64))             # added, not multiplied: not a layer
+
+    def forward(self, x):
+        h = self.a(x)
+        h = (self.left @ h.t()).t()
+        h = torch.einsum("bi,oi->bo", h, self.mixed) + self.pos
+        h = torch.bmm(h.unsqueeze(0).expand(2, -1, -1), self.stack).sum(0)
+        return self.b(torch.cat([h, h], -1))
+
+
+def test_other_weight_matrix_uses_are_listed_dense_with_the_reason():
+    torch.manual_seed(0)
+    model, x = OtherForms().eval(), torch.randn(3, 32)
+    cm = sparsec.compile(model, example_inputs=(x,), min_weights=0, include=["a", "b"])
+    for name, op in [("left", "matmul"), ("mixed", "einsum"), ("stack", "bmm")]:
+        lp = cm.plan[name]
+        assert lp.op == op and lp.sparsity is None and f"read by {op} in a form sparsec does not rewrite" in lp.reason
+        assert "x @ W.T" in lp.reason
+        assert torch.equal(cm.effective_weight(name), getattr(model, name))
+    assert "pos" not in cm.plan.names
+    assert cm.plan["a"].sparsity == "2:4"
+    assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+    plan = sparsec.Plan.from_json(cm.plan.to_json())
+    plan["mixed"].sparsity = "2:4"
+    with pytest.raises(InvalidInputError, match="mixed.*read by einsum"):
+        sparsec.compile(model, example_inputs=(x,), plan=plan)
+
+
+def test_training_a_transposed_weight_layer():
+    torch.manual_seed(0)
+    model, x = HandWritten(TRANSPOSES[".T"]).train(), torch.randn(6, 32)
+    cm = sparsec.compile(model, example_inputs=(x,), train=True)
+    ref = pruned_model(model, cm.plan)
+    cm(x).square().sum().backward()
+    ref(x).square().sum().backward()
+    mask = cm.mask("w_up")
+    assert output_error(cm.effective_weight("w_up"), ref.w_up * mask) == 0
+    trained = [m for m in cm.modules() if getattr(m, "layer_name", None) == "w_up"][0]
+    assert output_error(trained.weight.grad * mask, ref.w_up.grad * mask) <= 1e-5
+
+
+def test_triton_kernel_fuses_the_bias_and_activation_after_x_at_w_t():
+    from sparsec.runtime.triton_linear import TritonSparseLinear
+
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the Triton interpreter (conftest)
+    model, x = HandWritten(TRANSPOSES[".T"]).eval().to(device), torch.randn(5, 32, device=device)
+    cm = sparsec.compile(model, example_inputs=(x,), backend="triton")
+    modules = {m.layer_name: m for m in cm.graph_module.modules() if isinstance(m, TritonSparseLinear)}
+    assert set(modules) == {"w_up", "w_down"}
+    assert modules["w_up"].activation == "relu" and modules["w_up"].bias is not None
+    assert "self.b_up" not in cm.graph_module.code  # the bias add is in the kernel
+    assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+
+
+class NoBias(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.head = nn.Linear(32, 64), nn.Linear(64, 8)
+        self.w_up, self.w_down = nn.Parameter(torch.randn(128, 64) / 8), nn.Parameter(torch.randn(64, 128) / 8)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.inp(x) @ self.w_up.T) @ self.w_down.t())
+
+
+def test_shrink_removes_zero_units_between_transposed_weight_layers():
+    from sparsec.shrink import shrink
+
+    torch.manual_seed(0)
+    model, x = NoBias().eval(), torch.randn(4, 32)
+    with torch.no_grad():
+        model.w_up[:10] = 0             # hidden units 0-9 are relu(0) = 0
+        model.w_down[:, 100:] = 0       # nobody reads hidden units 100-127
+    small = shrink(sparsec.compile(model, pattern="dense", example_inputs=(x,), train=True))
+    assert small.shrink_report["w_up"].removed == list(range(10)) + list(range(100, 128))
+    assert small.graph_module.get_parameter("w_up").shape == (90, 64)
+    assert small.graph_module.get_parameter("w_down").shape == (64, 90)
+    with torch.no_grad():
+        assert output_error(small(x), model(x)) <= 1e-5
+
+
+def test_save_and_load_a_model_with_transposed_weight_layers(tmp_path):
+    torch.manual_seed(0)
+    model, x = HandWritten(TRANSPOSES[".t()"]).eval(), torch.randn(3, 32)
+    cm = sparsec.compile(model, example_inputs=(x,), quantize="int8")
+    sparsec.save(cm, tmp_path / "m.sparsec")
+    loaded = sparsec.load(tmp_path / "m.sparsec")
+    assert loaded.plan["w_down"].quant == "int8"
+    assert torch.equal(loaded(x), cm(x))
+    assert output_error(loaded(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+
+
+class UnprunedTypes(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(32, 64), nn.Linear(64, 64), nn.Linear(64, 8)
+        self.conv = nn.Conv1d(64, 64, 3, padding=1)
+        self.rnn = nn.GRU(64, 64, batch_first=True)
+
+    def forward(self, x):
+        h = self.a(x)
+        h = self.conv(h.transpose(1, 2)).transpose(1, 2)
+        h, _ = self.rnn(self.b(h))
+        return self.out(h)
+
+
+def test_layer_types_sparsec_does_not_prune_are_listed_dense():
+    torch.manual_seed(0)
+    model, x = UnprunedTypes().eval(), torch.randn(2, 5, 32)
+    cm = sparsec.compile(model, example_inputs=(x,), min_weights=0)
+    assert cm.plan.names == ["a", "conv", "b", "rnn.weight_ih_l0", "rnn.weight_hh_l0", "out"]
+    assert cm.plan["conv"].op == "conv1d" and "Conv1d layers are not pruned by sparsec" in cm.plan["conv"].reason
+    assert cm.plan["rnn.weight_hh_l0"].weight_shape == (192, 64) and "GRU layers" in cm.plan["rnn.weight_hh_l0"].reason
+    assert cm.plan["b"].sparsity == "2:4"
+    assert torch.equal(cm.effective_weight("rnn.weight_ih_l0"), model.rnn.weight_ih_l0)
+    assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+
+
+class TiedHead(nn.Module):
+    """A language-model head tied to the embedding: logits = h @ emb.weight.T."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(96, 64)
+        self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 64)
+
+    def forward(self, tokens):
+        h = self.b(torch.relu(self.a(self.emb(tokens))))
+        return h @ self.emb.weight.T
+
+
+def test_a_head_tied_to_the_embedding_stays_dense():
+    torch.manual_seed(0)
+    model, tokens = TiedHead().eval(), torch.randint(0, 96, (2, 7))
+    cm = sparsec.compile(model, example_inputs=(tokens,), min_weights=0, include=["emb"])
+    lp = cm.plan["emb"]
+    assert (lp.op, lp.weight_shape, lp.sparsity) == ("linear", (96, 64), None)
+    assert "also read by emb" in lp.reason  # pruning the head would change the embedding lookup too
+    assert torch.equal(cm.effective_weight("emb"), model.emb.weight)
+    assert output_error(cm(tokens), pruned_model(model, cm.plan)(tokens)) <= 1e-5
