@@ -11,7 +11,7 @@ import torch.nn as nn
 from sparsec.compiled import CompiledModel
 from sparsec.context import DEFAULT_MIN_WEIGHTS, DEFAULT_QUANT_BUDGET, CompileContext, CompileOptions
 from sparsec.errors import InvalidTypeError
-from sparsec.frontend import capture, normalize_example_inputs
+from sparsec.frontend import capture, check_not_a_wrapper, normalize_example_inputs
 from sparsec.meta import get_meta
 from sparsec.pipeline import run_pipeline
 from sparsec.plan import Plan
@@ -20,6 +20,7 @@ from sparsec.plan import Plan
 def _run(model: nn.Module, example_inputs: Any, options: CompileOptions):
     if not isinstance(model, nn.Module):
         raise InvalidTypeError(f"sparsec compiles torch.nn.Module instances, got {type(model).__name__}")
+    check_not_a_wrapper(model)
     if isinstance(model, CompiledModel):  # e.g. a train=True model compiled again for inference
         model = model.graph_module
     inputs = normalize_example_inputs(example_inputs)

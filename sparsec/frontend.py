@@ -166,6 +166,20 @@ def _check_root_is_traceable_as_called(model: nn.Module) -> None:
                          f"module class (class Wrapped(nn.Module) whose forward calls your function) and compile that")
 
 
+def check_not_a_wrapper(model: nn.Module) -> None:
+    """Wrappers sparsec cannot see through, or whose behaviour a traced graph would drop: name what to pass."""
+    name = type(model).__name__
+    if isinstance(model, torch.jit.ScriptModule):
+        raise InvalidTypeError(f"model is a TorchScript module ({name}, from torch.jit.script / torch.jit.trace), "
+                               f"which has no Python forward to trace: pass the nn.Module you scripted")
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        raise InvalidTypeError(f"model is wrapped in {name}, whose input scatter and gradient synchronisation a traced "
+                               f"graph cannot keep: pass model.module, and wrap the compiled model in {name} afterwards")
+    if name == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        raise InvalidTypeError("model is a torch.compile wrapper (OptimizedModule), whose forward runs TorchDynamo: "
+                               "pass the module inside (model._orig_mod)")
+
+
 def own_hooks(module: nn.Module) -> list[str]:
     """The kinds of hooks registered on `module` itself ("forward_pre", "forward", "backward_pre", "backward")."""
     return [kind for kind in ("forward_pre", "forward", "backward_pre", "backward")

@@ -233,3 +233,38 @@ def test_layers_used_unusually_stay_dense_with_the_reason():
     assert cm.plan["tied"].sparsity is None and "weight is read directly (by einsum)" in cm.plan["tied"].reason
     with torch.no_grad():
         assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("wrap, match", [
+    (lambda m, x: torch.jit.script(m), "TorchScript module .*pass the nn.Module you scripted"),
+    (lambda m, x: torch.jit.trace(m, x), "TorchScript module .*pass the nn.Module you scripted"),
+    (lambda m, x: torch.compile(m), r"torch.compile wrapper .*model._orig_mod"),
+    (lambda m, x: nn.DataParallel(m), "wrapped in DataParallel.*pass model.module"),
+])
+def test_wrapped_models_are_refused_naming_the_module_to_pass(wrap, match):
+    model, x = _mlp(), torch.randn(2, 32)
+    with pytest.raises(InvalidTypeError, match=match):
+        sparsec.compile(wrap(model, x), example_inputs=(x,))
+    with pytest.raises(InvalidTypeError, match=match):
+        sparsec.explain(wrap(model, x), example_inputs=(x,))
+
+
+def test_distributed_data_parallel_wraps_the_compiled_model_not_the_other_way(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path / 'rendezvous'}")
+    try:
+        model, x = _mlp().train(), torch.randn(4, 32)
+        with pytest.raises(InvalidTypeError, match="wrapped in DistributedDataParallel.*pass model.module, and wrap "
+                                                   "the compiled model in DistributedDataParallel afterwards"):
+            sparsec.compile(nn.parallel.DistributedDataParallel(model), example_inputs=(x,), train=True)
+        cm = sparsec.compile(model, example_inputs=(x,), train=True)
+        ddp = nn.parallel.DistributedDataParallel(cm)
+        before = cm.effective_weight("2").clone()
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        ddp(x).square().sum().backward()
+        optimizer.step()
+        after, mask = cm.effective_weight("2"), cm.mask("2")
+        assert not torch.equal(after, before) and (after[~mask] == 0).all()  # trained, and the mask held
+    finally:
+        dist.destroy_process_group()
