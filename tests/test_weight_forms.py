@@ -230,6 +230,12 @@ def test_layer_types_sparsec_does_not_prune_are_listed_dense():
     assert cm.plan["b"].sparsity == "2:4"
     assert torch.equal(cm.effective_weight("rnn.weight_ih_l0"), model.rnn.weight_ih_l0)
     assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+    # the plan round-trips and applies as it is; asking to prune such a weight names why it cannot be
+    plan = sparsec.Plan.from_json(cm.plan.to_json())
+    assert torch.equal(sparsec.compile(model, example_inputs=(x,), plan=plan)(x), cm(x))
+    plan["rnn.weight_hh_l0"].sparsity = "2:4"
+    with pytest.raises(InvalidInputError, match="rnn.weight_hh_l0.*GRU layers are not pruned"):
+        sparsec.compile(model, example_inputs=(x,), plan=plan)
 
 
 class TiedHead(nn.Module):
