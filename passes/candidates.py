@@ -6,7 +6,9 @@ Candidates are matmul-like ops whose weight is a parameter of the model:
     (torch.export graphs, or user code calling the functional form);
   * `x @ W`, `torch.matmul(x, W)`, `torch.mm(x, W)` with W a 2-D parameter on the right;
   * the same with `W.T` (`W.t()`, `W.transpose(0, 1)`, ...) on the right: that is `F.linear(x, W)`,
-    so it is a linear layer (see passes/weight_reads.py).
+    so it is a linear layer (see passes/weight_reads.py);
+  * `torch.addmm(b, x, W)` / `addmm(b, x, W.T)` with a 1-D parameter bias b (HF GPT-2's Conv1D):
+    x @ W + b, a matmul / linear layer with a bias whose data operand is the second argument.
 
 Weight matrices no candidate runs are listed as unreached layers, dense, with the reason: Linear /
 Conv2d modules the graph does not run as candidates, layer types sparsec does not prune (Conv1d,
@@ -37,6 +39,7 @@ LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear, aten.linear.default}
 CONV2D_FUNCTIONS = {F.conv2d, torch.conv2d, aten.conv2d.default}
 MATMUL_FUNCTIONS = {torch.matmul, operator.matmul, torch.mm, aten.matmul.default, aten.mm.default}
 MATMUL_METHODS = {"matmul", "mm", "__matmul__"}
+ADDMM_FUNCTIONS = {torch.addmm, aten.addmm.default}  # addmm(b, x, W) = x @ W + b (GPT-2's Conv1D)
 
 _CONV_ARG_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
@@ -136,17 +139,30 @@ def _function_candidate(gm: fx.GraphModule, node: fx.Node) -> LayerInfo | None:
     is_matmul = (node.op == "call_function" and target in MATMUL_FUNCTIONS) or (
         node.op == "call_method" and target in MATMUL_METHODS)
     if is_matmul and len(node.args) == 2 and not node.kwargs:
-        found = parameter_read(gm, node.args[1])
-        if found is None or found[1].dim() != 2 or parameter_read(gm, node.args[0]) is not None:
-            return None
-        path, w, transposed = found
-        if transposed:  # x @ W.T is F.linear(x, W)
-            return LayerInfo(name=_functional_name(path), op="linear", site="function", weight_path=path,
-                             bias_path=None, weight_shape=tuple(w.shape), dtype=w.dtype, out_features=w.shape[0],
-                             reduction=w.shape[1])
-        return LayerInfo(name=_functional_name(path), op="matmul", site="function", weight_path=path, bias_path=None,
-                         weight_shape=tuple(w.shape), dtype=w.dtype, out_features=w.shape[1], reduction=w.shape[0])
+        return _matmul_candidate(gm, node.args[0], node.args[1], bias_path=None, data_arg=0)
+    is_addmm = (node.op == "call_function" and target in ADDMM_FUNCTIONS) or (
+        node.op == "call_method" and target == "addmm")
+    if is_addmm and len(node.args) == 3 and all(node.kwargs.get(k, 1) == 1 for k in ("beta", "alpha")) and \
+            set(node.kwargs) <= {"beta", "alpha"}:
+        bias = _parameter(gm, node.args[0])
+        if bias is None or bias[1].dim() != 1:
+            return None  # a bias computed at run time, or one that is not per output feature
+        layer = _matmul_candidate(gm, node.args[1], node.args[2], bias_path=bias[0], data_arg=1)
+        return layer if layer is not None and bias[1].numel() == layer.out_features else None
     return None
+
+
+def _matmul_candidate(gm: fx.GraphModule, data: object, weight: object, bias_path: str | None,
+                      data_arg: int) -> LayerInfo | None:
+    """`data @ W` (a matmul layer, W [K, N]) or `data @ W.T` (a linear one, W [N, K]), W a 2-D parameter."""
+    found = parameter_read(gm, weight)
+    if found is None or found[1].dim() != 2 or parameter_read(gm, data) is not None:
+        return None
+    path, w, transposed = found
+    out_features, reduction = (w.shape[0], w.shape[1]) if transposed else (w.shape[1], w.shape[0])
+    return LayerInfo(name=_functional_name(path), op="linear" if transposed else "matmul", site="function",
+                     weight_path=path, bias_path=bias_path, weight_shape=tuple(w.shape), dtype=w.dtype,
+                     out_features=out_features, reduction=reduction, data_arg=data_arg)
 
 
 def find_candidates(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:

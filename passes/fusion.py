@@ -2,7 +2,8 @@
 
 Chain, in this order, each step optional:
     sparse matmul -> + bias -> relu | gelu | gelu_tanh | silu -> * per-channel scale -> cast
-(the int8 dequant scale is part of the layer already). A step is absorbed only when the value
+(the int8 dequant scale is part of the layer already). Views / reshapes that keep the last dim may
+sit anywhere in the chain: they stay in the graph, and the steps after them move into the kernel. A step is absorbed only when the value
 before it has no other user, and only for a layer called from one place (the epilogue belongs to
 the module, which every call site shares). Each absorbed op increments `fused_<op>`.
 
@@ -30,6 +31,7 @@ _ADD = {operator.add, torch.add, aten.add.Tensor}
 _MUL = {operator.mul, torch.mul, aten.mul.Tensor}
 _CAST_METHODS = {"half": torch.float16, "float": torch.float32, "bfloat16": torch.bfloat16}
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_VIEW_FUNCTIONS = {torch.reshape, aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 
 
 def _activation(gm: fx.GraphModule, node: fx.Node, x: fx.Node) -> str | None:
@@ -80,6 +82,18 @@ def _cast(node: fx.Node, x: fx.Node) -> torch.dtype | None:
     return None
 
 
+def _regroups_rows(node: fx.Node, x: fx.Node, n: int) -> bool:
+    """Whether `node` is a view / reshape of x that keeps its last dim (the n features). Every epilogue
+    step is per element or per feature, so it commutes with such a view (GPT-2's Conv1D ends in one)."""
+    is_view = (node.op == "call_method" and node.target in ("view", "reshape")) or (
+        node.op == "call_function" and node.target in _VIEW_FUNCTIONS)
+    if not is_view or node.args[:1] != (x,) or any(isinstance(a, torch.dtype) for a in node.args):
+        return False
+    before, after = get_meta(x), get_meta(node)
+    return (before.shape is not None and after.shape is not None and before.dtype == after.dtype
+            and tuple(before.shape[-1:]) == (n,) == tuple(after.shape[-1:]))
+
+
 def _attr(gm: fx.GraphModule, path: str):
     obj = gm
     for part in path.split("."):
@@ -88,11 +102,15 @@ def _attr(gm: fx.GraphModule, path: str):
 
 
 def _fuse_chain(gm: fx.GraphModule, ctx: CompileContext, layer_node: fx.Node, module: TritonSparseLinear) -> None:
-    cur, absorbed, ops = layer_node, [], []
+    cur, absorbed, views, ops = layer_node, [], [], []
     stage = 0  # 0: bias next, 1: activation, 2: scale, 3: cast, 4: done
     n = module.packed.out_features
     while stage < 4 and len(cur.users) == 1:
         user = next(iter(cur.users))
+        if _regroups_rows(user, cur, n):  # stays in the graph; the steps after it move into the kernel
+            views.append(user)
+            cur = user
+            continue
         if stage <= 0 and module.bias is None and (b := _vector_operand(gm, user, cur, _ADD, n)) is not None:
             module.bias = nn.Parameter(_attr(gm, b.target).detach().clone().reshape(-1).expand(n).clone())
             ops.append("bias")
@@ -111,14 +129,18 @@ def _fuse_chain(gm: fx.GraphModule, ctx: CompileContext, layer_node: fx.Node, mo
             stage = 4
         else:
             break
-        absorbed.append(user)
+        absorbed.append((user, cur))
         cur = user
     if not absorbed:
         return
-    last = absorbed[-1]
-    last.replace_all_uses_with(layer_node)
-    update_meta(layer_node, shape=get_meta(last).shape, dtype=get_meta(last).dtype, fused=tuple(ops))
-    for node in reversed(absorbed):
+    # Each absorbed op hands its users to its input, last first, so they end at the layer or a view.
+    dtype = get_meta(absorbed[-1][0]).dtype
+    for node, source in reversed(absorbed):
+        node.replace_all_uses_with(source)
+    update_meta(layer_node, dtype=dtype, fused=tuple(ops))
+    for view in views:
+        update_meta(view, dtype=dtype)
+    for node, _ in reversed(absorbed):
         reads = [a for a in node.all_input_nodes if a.op == "get_attr"]
         gm.graph.erase_node(node)
         for read in reads:

@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from sparsec.context import CompileContext
 from sparsec.errors import InvalidInputError
-from sparsec.meta import dataflow_graph, get_meta, layer_nodes, update_meta
+from sparsec.meta import data_input, dataflow_graph, get_meta, layer_nodes, update_meta
 from sparsec.patterns import parse_pattern
 
 
@@ -54,7 +54,7 @@ def choose_grad_sparsity(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphMod
         g = opts.grad_pattern
         if g is None or g.n == g.m:
             continue
-        data = [n.args[0] for n in nodes if n.args and isinstance(n.args[0], fx.Node)]
+        data = [d for n in nodes if isinstance(d := data_input(n), fx.Node)]
         upstream = set().union(*(nx.ancestors(graph, d) | {d} for d in data)) if data else set()
         if meta.blocker:
             note, grad = None, None

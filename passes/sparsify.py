@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 
 from sparsec.context import CompileContext
-from sparsec.meta import LayerInfo, get_meta, layer_nodes
+from sparsec.meta import LayerInfo, data_input, get_meta, layer_nodes
 from sparsec.passes.weight_reads import transposed_input
 from sparsec.patterns import parse_pattern
 from sparsec.reference import weight_to_rows
@@ -59,10 +59,6 @@ def build_runtime_module(gm: fx.GraphModule, ctx: CompileContext, layer: LayerIn
     return module
 
 
-def _data_input(node: fx.Node) -> fx.Node:
-    return node.args[0] if node.args else next(iter(node.kwargs.values()))
-
-
 def replace_layer(gm: fx.GraphModule, name: str, nodes: list[fx.Node], module: torch.nn.Module) -> None:
     """Make every call site of layer `name` call `module`, and drop the attributes only they read.
 
@@ -76,7 +72,7 @@ def replace_layer(gm: fx.GraphModule, name: str, nodes: list[fx.Node], module: t
     for node in nodes:
         if node.op == "call_module":
             continue
-        data = _data_input(node)
+        data = data_input(node)
         weight_reads.extend(a for a in node.all_input_nodes if a is not data)
         with gm.graph.inserting_before(node):
             replacement = gm.graph.call_module(path, (data,))

@@ -39,6 +39,7 @@ class LayerInfo:
     conv: ConvParams | None = None
     trained_pattern: str | None = None   # a train=True layer's pattern: its learned mask is kept as is
     trained_mask_path: str | None = None # attribute path of that mask (original weight shape)
+    data_arg: int = 0           # position of the data operand in a functional call (addmm(b, x, W): 1)
 
 
 @dataclass(frozen=True)
@@ -73,9 +74,19 @@ def update_meta(node: fx.Node, **changes) -> SparsecMeta:
     return meta
 
 
+def data_input(node: fx.Node) -> object:
+    """The activation a layer call multiplies: the first argument, but addmm's second (`data_arg`);
+    a call_module of a runtime layer always takes it first."""
+    layer = get_meta(node).layer
+    index = layer.data_arg if layer is not None and node.op != "call_module" else 0
+    if len(node.args) > index:
+        return node.args[index]
+    return next(iter(node.kwargs.values()), None)
+
+
 def input_rows(node: fx.Node, reduction: int) -> int | None:
     """Rows of the [M, K] matrix a layer call multiplies: its data input's numel / K (None: unknown)."""
-    data = node.args[0] if node.args else None
+    data = data_input(node)
     shape = get_meta(data).shape if isinstance(data, fx.Node) else None
     if shape is None:
         return None

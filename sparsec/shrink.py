@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from sparsec.compiled import CompiledModel
 from sparsec.errors import InvalidInputError, InvalidTypeError
 from sparsec.group_lasso import col_norms, row_norms
-from sparsec.meta import ConvParams, get_meta, layer_nodes, update_meta
+from sparsec.meta import ConvParams, data_input, get_meta, layer_nodes, update_meta
 from sparsec.patterns import NM, FanIn
 from sparsec.pipeline import PassRecord
 from sparsec.reference import pattern_mask, rows_to_weight, weight_to_rows
@@ -378,7 +378,7 @@ class _Analysis:
             self.visit_function(node, tracked)
 
     def visit_layer(self, node: fx.Node, layer: _Layer) -> None:
-        x = node.args[0] if node.args else None
+        x = data_input(node)
         v = self.values.get(x)
         weight = layer.weight(self.gm)
         if v is not None:

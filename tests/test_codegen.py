@@ -435,6 +435,37 @@ def test_cast_fusion_in_a_compiled_model():
         assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 5e-3
 
 
+class ViewChains(nn.Module):
+    """Views between a layer and its epilogue: those keeping the last dim are looked through, others end the chain."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(32, 64)
+        self.a = nn.Linear(64, 64)
+        self.b = nn.Linear(64, 64, bias=False)
+        self.b_bias = nn.Parameter(torch.randn(64) * 0.1)
+        self.c = nn.Linear(64, 64)
+        self.out = nn.Linear(64, 8)
+
+    def forward(self, x):                                       # x [5, 32]
+        h = self.inp(x)
+        h = F.relu(self.a(h).view(5, 1, 64))                    # rows regrouped: relu fused, the view stays
+        h = torch.relu(self.b(h.reshape(5, 64)).reshape(1, 5, 64) + self.b_bias).reshape(5, 64)  # bias and relu fused
+        h = self.c(h).view(5, 2, 32).relu().reshape(5, 64)      # the feature dim split: nothing fused
+        return self.out(h)
+
+
+def test_fusion_looks_through_views_that_keep_the_features():
+    model, x, cm, modules = _compiled_on_triton(ViewChains)
+    assert modules["a"].activation == "relu"
+    assert modules["b"].activation == "relu" and modules["b"].bias is not None
+    assert modules["c"].activation is None
+    calls = [n.target for n in cm.graph_module.graph.nodes if n.op in ("call_function", "call_method")]
+    assert [t for t in calls if "relu" in str(t)] == ["relu"]  # c's x.relu(): its input is split
+    assert calls.count("view") == 2 and calls.count("reshape") == 4 and not any("add" in str(t) for t in calls)
+    assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+
+
 @pytest.mark.parametrize("example, quantize", [("mlp", None), ("mlp", "int8"), ("transformer", "int8")])
 def test_examples_on_the_triton_backend(example, quantize):
     model, inputs = load_example(example).build_model()

@@ -260,3 +260,161 @@ def test_a_head_tied_to_the_embedding_stays_dense():
     assert "also read by emb" in lp.reason  # pruning the head would change the embedding lookup too
     assert torch.equal(cm.effective_weight("emb"), model.emb.weight)
     assert output_error(cm(tokens), pruned_model(model, cm.plan)(tokens)) <= 1e-5
+
+
+# ---------------------------------------------------------------------------- addmm (GPT-2's Conv1D)
+
+
+class Conv1D(nn.Module):
+    """A linear layer as HF GPT-2 writes it: weight stored [in, out], y = addmm(b, x, W) on the flattened rows."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.n_out = n_out
+        self.weight = nn.Parameter(torch.randn(n_in, n_out) / n_in ** 0.5)
+        self.bias = nn.Parameter(torch.randn(n_out) / 8)
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.n_out,)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, d=64, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.c_attn, self.attn_proj = Conv1D(d, 3 * d), Conv1D(d, d)
+        self.c_fc, self.mlp_proj = Conv1D(d, 4 * d), Conv1D(4 * d, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).split(d, dim=2)
+        q, k, v = (z.reshape(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.attn_proj(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.mlp_proj(torch.nn.functional.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+
+class GPT2(nn.Module):
+    def __init__(self, vocab=96, d=64, layers=2):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.h = nn.ModuleList(GPT2Block(d) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+
+    def forward(self, tokens):
+        x = self.wte(tokens)
+        for block in self.h:
+            x = block(x)
+        return self.ln_f(x) @ self.wte.weight.T  # tied head: stays dense, with the reason
+
+
+CONV1D_LAYERS = [f"h.{i}.{name}" for i in range(2) for name in ("c_attn", "attn_proj", "c_fc", "mlp_proj")]
+
+
+def test_gpt2_conv1d_layers_are_pruned():
+    torch.manual_seed(0)
+    model, tokens = GPT2().eval(), torch.randint(0, 96, (2, 9))
+    cm = sparsec.compile(model, example_inputs=(tokens,), include=CONV1D_LAYERS)
+    assert cm.trace_method == "symbolic_trace"
+    for name in CONV1D_LAYERS:
+        lp = cm.plan[name]
+        assert lp.op == "matmul" and lp.sparsity == "2:4", (name, lp.reason)
+    assert cm.plan["h.0.c_fc"].weight_shape == (64, 256) and cm.plan["h.0.c_fc"].flops == 2 * 18 * 64 * 256
+    # groups of 4 run down W's rows: K = in features
+    assert (cm.mask("h.1.mlp_proj").t().reshape(64, -1, 4).sum(-1) == 2).all()
+    assert "also read by wte" in cm.plan["wte"].reason
+    assert output_error(cm(tokens), pruned_model(model, cm.plan)(tokens)) <= 1e-5
+    assert "addmm" not in cm.graph_module.code
+
+
+def test_gpt2_conv1d_layers_train_with_pruned_data_gradients():
+    torch.manual_seed(0)
+    model, tokens = GPT2().train(), torch.randint(0, 96, (2, 9))
+    cm = sparsec.compile(model, example_inputs=(tokens,), include=CONV1D_LAYERS, train=True, grad_pattern="2:4")
+    assert all(cm.plan[name].grad_sparsity == "2:4" for name in CONV1D_LAYERS)
+    ref = pruned_model(model, cm.plan)
+    assert output_error(cm(tokens), ref(tokens)) <= 1e-5
+    cm(tokens).square().mean().backward()
+    grads = [p.grad for p in cm.parameters() if p.grad is not None]
+    assert len(grads) == len(list(cm.parameters())) and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_gpt2_conv1d_through_torch_export():
+    class Untraceable(GPT2):
+        def forward(self, tokens):
+            if tokens.shape[0] > 1:  # a branch on a shape: symbolic_trace fails, torch.export runs it
+                tokens = tokens.clone()
+            return super().forward(tokens)
+
+    torch.manual_seed(0)
+    model, tokens = Untraceable().eval(), torch.randint(0, 96, (2, 9))
+    cm = sparsec.compile(model, example_inputs=(tokens,), include=CONV1D_LAYERS)
+    assert cm.trace_method == "torch.export"
+    assert all(cm.plan[name].sparsity == "2:4" for name in CONV1D_LAYERS)
+    assert output_error(cm(tokens), pruned_model(model, cm.plan)(tokens)) <= 1e-5
+
+
+class AddmmMLP(nn.Module):
+    def __init__(self, transposed):
+        super().__init__()
+        self.transposed = transposed
+        self.inp, self.head = nn.Linear(16, 32), nn.Linear(32, 4)
+        self.w = nn.Parameter(torch.randn(32, 32) / 6)
+        self.b = nn.Parameter(torch.randn(32) / 8)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        h = torch.addmm(self.b, h, self.w.t() if self.transposed else self.w)
+        return self.head(torch.relu(h))
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_shrink_reads_the_data_operand_of_addmm(transposed):
+    """addmm's data operand is its second argument: shrink must slice w along the channels it reads."""
+    from sparsec.shrink import shrink
+
+    torch.manual_seed(0)
+    model, x = AddmmMLP(transposed).eval(), torch.randn(8, 16)
+    with torch.no_grad():
+        model.inp.weight[:5] = 0
+        model.inp.bias[:5] = -1.0  # inp's units 0-4 are relu(-1) = 0: w's inputs 0-4 can go
+    small = shrink(sparsec.compile(model, pattern="dense", example_inputs=(x,), train=True))
+    assert small.shrink_report["inp"].removed == [0, 1, 2, 3, 4]
+    assert small.graph_module.get_parameter("w").shape == ((32, 27) if transposed else (27, 32))
+    with torch.no_grad():
+        assert output_error(small(x), model(x)) <= 1e-5
+
+
+def test_addmm_forms_that_are_not_layers():
+    class Forms(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.out = nn.Linear(16, 32), nn.Linear(32, 4)
+            self.w1, self.w2 = nn.Parameter(torch.randn(32, 32)), nn.Parameter(torch.randn(32, 32))
+            self.b2d = nn.Parameter(torch.randn(8, 32))
+
+        def forward(self, x):
+            h = torch.addmm(self.a.bias, x, self.a.weight.t(), beta=0.5)  # scaled bias: not a plain layer
+            h = torch.addmm(self.b2d, h, self.w2)                         # bias per row, not per feature
+            return self.out(h)
+
+    model, x = Forms().eval(), torch.randn(8, 16)
+    cm = sparsec.compile(model, example_inputs=(x,), min_weights=0)
+    assert "read directly (by addmm)" in cm.plan["a"].reason and "read by addmm" in cm.plan["w2"].reason
+    assert torch.equal(cm(x), model(x))
+
+
+def test_gpt2_conv1d_kernels_fuse_the_bias_and_the_gelu_after_the_view():
+    from sparsec.runtime.triton_linear import TritonSparseLinear
+
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the Triton interpreter (conftest)
+    model, tokens = GPT2().eval().to(device), torch.randint(0, 96, (2, 9), device=device)
+    cm = sparsec.compile(model, example_inputs=(tokens,), include=CONV1D_LAYERS, backend="triton")
+    modules = {m.layer_name: m for m in cm.graph_module.modules() if isinstance(m, TritonSparseLinear)}
+    assert set(modules) == set(CONV1D_LAYERS) and all(m.bias is not None for m in modules.values())
+    assert [name for name, m in modules.items() if m.activation] == ["h.0.c_fc", "h.1.c_fc"]
+    assert modules["h.0.c_fc"].activation == "gelu_tanh"
+    assert output_error(cm(tokens), pruned_model(model, cm.plan)(tokens)) <= 1e-5
