@@ -26,6 +26,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 from sparsec.context import CompileContext, UnreachedLayer
 from sparsec.frontend import own_hooks
@@ -72,7 +73,15 @@ def _trained_candidate(node: fx.Node, module: TrainableLayer) -> LayerInfo:
 
 
 def _customized(module: nn.Module) -> str | None:
-    """What a module carries beyond its class's computation (hooks, a forward set on the instance)."""
+    """What a module carries beyond its class's computation (hooks, a forward set on the instance, a
+    parametrized weight)."""
+    if parametrize.is_parametrized(module):
+        names = sorted(module.parametrizations)
+        kinds = sorted({type(p).__name__ for name in names for p in module.parametrizations[name]})
+        return (f"its {' and '.join(names)} {'is' if len(names) == 1 else 'are'} computed by a parametrization "
+                f"({', '.join(kinds)}), which a sparse replacement would drop (for inference, "
+                f"torch.nn.utils.parametrize.remove_parametrizations(module, {names[0]!r}) first lets sparsec "
+                f"prune the computed value)")
     if hooks := own_hooks(module):
         return f"it has {' / '.join(hooks)} hooks, which a sparse replacement would drop"
     if "forward" in vars(module):
@@ -217,11 +226,11 @@ def _unreached_layers(gm: fx.GraphModule, model: nn.Module, found: set[str]) -> 
 
 def _why_not_run(name: str, module: nn.Module, leaves: dict[str, str], read_by: dict[str, set[str]]) -> str:
     """Why a Linear / Conv2d module outside any whole-called module is not a candidate."""
+    if custom := _customized(module):
+        return custom
     if f"{name}.weight" in read_by:
         return (f"its weight is read directly (by {', '.join(sorted(read_by[f'{name}.weight']))}), not through the "
                 f"layer's forward, in a form sparsec does not rewrite ({_REWRITTEN})")
-    if name in leaves and (custom := _customized(module)):
-        return custom
     if name in leaves:
         return f"{type(module).__name__} overrides forward; sparsec only rewrites the standard Linear/Conv2d computation"
     return "not called by the model's forward (on the traced path)"

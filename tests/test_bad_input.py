@@ -268,3 +268,36 @@ def test_distributed_data_parallel_wraps_the_compiled_model_not_the_other_way(tm
         assert not torch.equal(after, before) and (after[~mask] == 0).all()  # trained, and the mask held
     finally:
         dist.destroy_process_group()
+
+
+class _Parametrized(nn.Module):
+    def __init__(self, untraceable=False):
+        super().__init__()
+        from torch.nn.utils import parametrizations
+
+        self.untraceable = untraceable
+        self.a, self.b, self.c, self.out = nn.Linear(32, 64), nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 8)
+        parametrizations.weight_norm(self.b)
+        parametrizations.orthogonal(self.c)
+
+    def forward(self, x):
+        h = torch.relu(self.b(torch.relu(self.a(x))))
+        if self.untraceable and h.shape[0] > 1:  # symbolic_trace fails on the branch: torch.export runs it
+            h = h * 1.0
+        return self.out(torch.relu(self.c(h)))
+
+
+@pytest.mark.parametrize("untraceable", [False, True])
+@pytest.mark.parametrize("train", [False, True])
+def test_parametrized_weights_stay_dense_with_the_remedy(untraceable, train):
+    torch.manual_seed(0)
+    model, x = _Parametrized(untraceable).train(train), torch.randn(4, 32)
+    cm = sparsec.compile(model, example_inputs=(x,), min_weights=0, include=["a", "out"], train=train)
+    assert cm.trace_method == ("torch.export" if untraceable else "symbolic_trace")
+    for name, kind in [("b", "_WeightNorm"), ("c", "_Orthogonal")]:
+        lp = cm.plan[name]
+        assert lp.sparsity is None and f"weight is computed by a parametrization ({kind})" in lp.reason
+        assert "remove_parametrizations(module, 'weight')" in lp.reason
+    assert cm.plan["a"].sparsity == "2:4"
+    with torch.no_grad():
+        assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
