@@ -73,8 +73,13 @@ def _trained_candidate(node: fx.Node, module: TrainableLayer) -> LayerInfo:
 
 
 def _customized(module: nn.Module) -> str | None:
-    """What a module carries beyond its class's computation (hooks, a forward set on the instance, a
-    parametrized weight)."""
+    """Why a Linear / Conv2d module cannot be swapped for a sparse one: what it carries beyond its
+    class's computation (a parametrized weight, hooks, a forward set on the instance), or weights
+    held as buffers. None: it can."""
+    held = [name for name in ("weight", "bias") if name in module._buffers]
+    if held:
+        return (f"its {' and '.join(held)} {'is a buffer' if len(held) == 1 else 'are buffers'}, not "
+                f"nn.Parameter{'s' if len(held) > 1 else ''}: sparsec prunes parameters")
     if parametrize.is_parametrized(module):
         names = sorted(module.parametrizations)
         kinds = sorted({type(p).__name__ for name in names for p in module.parametrizations[name]})

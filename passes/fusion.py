@@ -112,7 +112,8 @@ def _fuse_chain(gm: fx.GraphModule, ctx: CompileContext, layer_node: fx.Node, mo
             cur = user
             continue
         if stage <= 0 and module.bias is None and (b := _vector_operand(gm, user, cur, _ADD, n)) is not None:
-            module.bias = nn.Parameter(_attr(gm, b.target).detach().clone().reshape(-1).expand(n).clone())
+            vector = _attr(gm, b.target)
+            module.bias = nn.Parameter(vector.detach().reshape(-1).expand(n).clone(), requires_grad=vector.requires_grad)
             ops.append("bias")
             stage = 1
         elif stage <= 1 and (act := _activation(gm, user, cur)):

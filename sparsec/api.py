@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from sparsec.compiled import CompiledModel
 from sparsec.context import DEFAULT_MIN_WEIGHTS, DEFAULT_QUANT_BUDGET, CompileContext, CompileOptions
-from sparsec.errors import InvalidTypeError
+from sparsec.errors import InvalidInputError, InvalidTypeError
 from sparsec.frontend import capture, check_not_a_wrapper, normalize_example_inputs
 from sparsec.meta import get_meta
 from sparsec.pipeline import run_pipeline
@@ -21,6 +21,12 @@ def _run(model: nn.Module, example_inputs: Any, options: CompileOptions):
     if not isinstance(model, nn.Module):
         raise InvalidTypeError(f"sparsec compiles torch.nn.Module instances, got {type(model).__name__}")
     check_not_a_wrapper(model)
+    on_meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if on_meta:
+        raise InvalidInputError(f"the model's {', '.join(on_meta[:3])}{' ...' if len(on_meta) > 3 else ''} "
+                                f"{'is' if len(on_meta) == 1 else 'are'} on the meta device (shapes without values): "
+                                f"sparsec prunes by weight magnitude, so materialize the model first "
+                                f"(model.to_empty(device='cpu'), then load its state_dict)")
     if isinstance(model, CompiledModel):  # e.g. a train=True model compiled again for inference
         model = model.graph_module
     inputs = normalize_example_inputs(example_inputs)

@@ -301,3 +301,22 @@ def test_parametrized_weights_stay_dense_with_the_remedy(untraceable, train):
     assert cm.plan["a"].sparsity == "2:4"
     with torch.no_grad():
         assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+
+
+def test_weights_on_the_meta_device_are_refused():
+    with torch.device("meta"):
+        model = _mlp()
+    for call in (sparsec.compile, sparsec.explain):
+        with pytest.raises(InvalidInputError, match=r"0.weight, 0.bias, 2.weight ... are on the meta device.*to_empty"):
+            call(model, example_inputs=(torch.randn(2, 32, device="meta"),))
+
+
+def test_weights_held_as_buffers_stay_dense_with_the_reason():
+    model, x = _mlp(), torch.randn(2, 32)
+    weight = model[2].weight.detach()
+    del model[2].weight
+    model[2].register_buffer("weight", weight)  # as some checkpoint converters leave frozen layers
+    cm = sparsec.compile(model, example_inputs=(x,))
+    assert cm.plan["2"].sparsity is None and "its weight is a buffer, not nn.Parameter" in cm.plan["2"].reason
+    assert cm.plan["4"].sparsity == "2:4"
+    assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5

@@ -136,6 +136,26 @@ def test_fixed_masks_survive_optimizer_steps(make_optimizer, pattern):
         assert (w[~mask] == 0).all() and (w[mask] != 0).all()
 
 
+@pytest.mark.parametrize("extra", [{}, {"grad_pattern": "2:4"}, {"weight_update": "ste"}])
+def test_frozen_parameters_stay_frozen(extra):
+    """Fine-tuning part of a model: parameters frozen before compiling get no gradient and do not move."""
+    model, (x,) = load_example("mlp").build_model()
+    frozen = {name for name, p in model.named_parameters() if not name.startswith("fc2.")}
+    for name, p in model.named_parameters():
+        p.requires_grad_(name not in frozen)
+    cm = sparsec.compile(model, example_inputs=(x,), train=True, min_weights=0, include=[".*"], **extra)
+    assert len(cm.plan.sparse_layers) == len(cm.plan.layers)
+    before = {name: cm.effective_weight(name).clone() for name in cm.plan.names}
+    opt = torch.optim.SGD(cm.parameters(), lr=0.5)
+    F.cross_entropy(cm(x), torch.randint(0, 10, (x.shape[0],))).backward()
+    opt.step()
+    for lp in cm.plan:
+        module = cm.sparse_module(lp.name)
+        trainable = f"{lp.name}.weight" not in frozen
+        assert module.weight.requires_grad == trainable and module.bias.requires_grad == trainable
+        assert torch.equal(cm.effective_weight(lp.name), before[lp.name]) != trainable, lp.name
+
+
 def test_ste_mask_follows_the_weights_and_decays_pruned_ones():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
     x = torch.randn(4, 8)

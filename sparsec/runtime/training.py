@@ -57,8 +57,9 @@ class TrainableLayer(RuntimeLayer):
         self.conv = conv
         self.explicit_pad = explicit_padding(conv, tuple(weight.shape)) if conv is not None else None
         masked = weight.detach() * mask if mask is not None else weight.detach()
-        self.weight = nn.Parameter(masked.clone())
-        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        # A frozen parameter stays frozen (fine-tuning part of a model is the usual reason to freeze).
+        self.weight = nn.Parameter(masked.clone(), requires_grad=weight.requires_grad)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad) if bias is not None else None
         self.register_buffer("weight_mask", mask.clone() if mask is not None else None)
         # Set by a scheduler that needs dL/d(weight * mask) at every position, masked ones included
         # (SRigL regrows by dense-gradient magnitude); autograd alone only yields the masked gradient.
