@@ -435,17 +435,8 @@ def test_cast_fusion_in_a_compiled_model():
         assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 5e-3
 
 
-class ViewChains(nn.Module):
+class ViewChains(Chains):
     """Views between a layer and its epilogue: those keeping the last dim are looked through, others end the chain."""
-
-    def __init__(self):
-        super().__init__()
-        self.inp = nn.Linear(32, 64)
-        self.a = nn.Linear(64, 64)
-        self.b = nn.Linear(64, 64, bias=False)
-        self.b_bias = nn.Parameter(torch.randn(64) * 0.1)
-        self.c = nn.Linear(64, 64)
-        self.out = nn.Linear(64, 8)
 
     def forward(self, x):                                       # x [5, 32]
         h = self.inp(x)
