@@ -3,7 +3,8 @@
 Candidates are matmul-like ops whose weight is a parameter of the model:
   * `call_module` of `nn.Linear` / `nn.Conv2d` (symbolic_trace keeps them as modules);
   * `F.linear` / `F.conv2d` / `aten.linear` / `aten.conv2d` with a parameter weight
-    (torch.export graphs, or user code calling the functional form);
+    (torch.export graphs, or user code calling the functional form); F.linear's bias may be computed
+    at run time (the rewrite adds it after the layer);
   * `x @ W`, `torch.matmul(x, W)`, `torch.mm(x, W)` with W a 2-D parameter on the right;
   * the same with `W.T` (`W.t()`, `W.transpose(0, 1)`, ...) on the right: that is `F.linear(x, W)`,
     so it is a linear layer (see passes/weight_reads.py);
@@ -127,12 +128,13 @@ def _function_candidate(gm: fx.GraphModule, node: fx.Node) -> LayerInfo | None:
         if found is None or found[1].dim() != 2:
             return None
         bias_found = _parameter(gm, bias)
-        if bias is not None and bias_found is None:
-            return None  # a bias computed at run time: leave the call alone
+        runtime_bias = isinstance(bias, fx.Node) and bias_found is None  # e.g. cat(q_bias, 0, v_bias) in BEiT
+        if bias is not None and bias_found is None and not runtime_bias:
+            return None
         path, w = found
         return LayerInfo(name=_functional_name(path), op="linear", site="function", weight_path=path,
                          bias_path=bias_found[0] if bias_found else None, weight_shape=tuple(w.shape),
-                         dtype=w.dtype, out_features=w.shape[0], reduction=w.shape[1])
+                         dtype=w.dtype, out_features=w.shape[0], reduction=w.shape[1], runtime_bias=runtime_bias)
     if node.op == "call_function" and target in CONV2D_FUNCTIONS:
         values = dict(_CONV_DEFAULTS)
         values.update(zip(_CONV_ARG_NAMES, node.args))

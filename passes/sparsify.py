@@ -8,11 +8,13 @@ weight (and bias) attributes the old nodes read are deleted: no dense copy stays
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 
 from sparsec.context import CompileContext
-from sparsec.meta import LayerInfo, data_input, get_meta, layer_nodes
+from sparsec.meta import META_KEY, LayerInfo, SparsecMeta, data_input, get_meta, layer_nodes, runtime_bias
 from sparsec.passes.weight_reads import transposed_input
 from sparsec.patterns import parse_pattern
 from sparsec.reference import weight_to_rows
@@ -72,11 +74,15 @@ def replace_layer(gm: fx.GraphModule, name: str, nodes: list[fx.Node], module: t
     for node in nodes:
         if node.op == "call_module":
             continue
-        data = data_input(node)
-        weight_reads.extend(a for a in node.all_input_nodes if a is not data)
+        data, bias = data_input(node), runtime_bias(node)
+        weight_reads.extend(a for a in node.all_input_nodes if a is not data and a is not bias)
         with gm.graph.inserting_before(node):
             replacement = gm.graph.call_module(path, (data,))
-        replacement.meta.update(node.meta)
+            replacement.meta.update(node.meta)
+            if bias is not None:  # F.linear(x, W, b) = layer(x) + b for a b computed at run time
+                meta = get_meta(node)
+                replacement = gm.graph.call_function(operator.add, (replacement, bias))
+                replacement.meta[META_KEY] = SparsecMeta(shape=meta.shape, dtype=meta.dtype)
         node.replace_all_uses_with(replacement)
         gm.graph.erase_node(node)
     _erase_unused_reads(gm, weight_reads)

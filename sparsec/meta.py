@@ -40,6 +40,7 @@ class LayerInfo:
     trained_pattern: str | None = None   # a train=True layer's pattern: its learned mask is kept as is
     trained_mask_path: str | None = None # attribute path of that mask (original weight shape)
     data_arg: int = 0           # position of the data operand in a functional call (addmm(b, x, W): 1)
+    runtime_bias: bool = False  # F.linear's bias is computed at run time: the rewrite adds it after the layer
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,14 @@ def data_input(node: fx.Node) -> object:
     if len(node.args) > index:
         return node.args[index]
     return next(iter(node.kwargs.values()), None)
+
+
+def runtime_bias(node: fx.Node) -> object:
+    """The bias operand of a functional linear call whose bias is computed at run time (else None)."""
+    layer = get_meta(node).layer
+    if layer is None or not layer.runtime_bias or node.op == "call_module":
+        return None
+    return node.kwargs.get("bias", node.args[2] if len(node.args) > 2 else None)
 
 
 def input_rows(node: fx.Node, reduction: int) -> int | None:

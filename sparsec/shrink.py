@@ -246,6 +246,8 @@ def _find_layers(gm: fx.GraphModule) -> dict[fx.Node, _Layer]:
             layer = _Layer(info.name, info.op, info.weight_path, info.bias_path, None, info.conv)
             if functional_sites.get(info.name, 1) > 1:
                 layer.blocker = f"it is called at {functional_sites[info.name]} places"
+            elif info.runtime_bias:
+                layer.blocker = "its bias is computed at run time (its length cannot change)"
         if layer is None:
             continue
         params = [gm.get_parameter(layer.weight_path)] + ([gm.get_parameter(layer.bias_path)] if layer.bias_path else [])

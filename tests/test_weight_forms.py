@@ -3,6 +3,7 @@ Weight matrices read in forms sparsec does not rewrite are listed in the plan, d
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import sparsec
 from oracle import output_error, pruned_model
@@ -418,3 +419,60 @@ def test_gpt2_conv1d_kernels_fuse_the_bias_and_the_gelu_after_the_view():
     assert [name for name, m in modules.items() if m.activation] == ["h.0.c_fc", "h.1.c_fc"]
     assert modules["h.0.c_fc"].activation == "gelu_tanh"
     assert output_error(cm(tokens), pruned_model(model, cm.plan)(tokens)) <= 1e-5
+
+
+# ---------------------------------------------------------------------------- F.linear with a bias computed at run time
+
+
+class BeitAttentionQKV(nn.Module):
+    """BEiT / EVA-style qkv: F.linear(x, qkv.weight, cat(q_bias, zeros, v_bias)), the bias built every call."""
+
+    def __init__(self, d=64):
+        super().__init__()
+        self.inp, self.out = nn.Linear(32, d), nn.Linear(3 * d, 8)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.q_bias, self.v_bias = nn.Parameter(torch.randn(d) / 8), nn.Parameter(torch.randn(d) / 8)
+
+    def forward(self, x):
+        bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
+        return self.out(torch.relu(F.linear(self.inp(x), self.qkv.weight, bias)))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_linear_with_a_bias_computed_at_run_time(backend):
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: triton runs in the interpreter (conftest)
+    model, x = BeitAttentionQKV().eval().to(device), torch.randn(5, 32, device=device)
+    cm = sparsec.compile(model, example_inputs=(x,), backend=backend)
+    assert cm.plan["qkv"].sparsity == "2:4" and cm.plan["qkv"].op == "linear"
+    assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+    targets = [n.target for n in cm.graph_module.graph.nodes]
+    assert torch.cat in targets and F.linear not in targets and torch._C._nn.linear not in targets
+
+
+def test_training_a_linear_with_a_bias_computed_at_run_time():
+    torch.manual_seed(0)
+    model, x = BeitAttentionQKV().train(), torch.randn(6, 32)
+    cm = sparsec.compile(model, example_inputs=(x,), train=True)  # no SDGP: gradients equal plain torch's
+    assert cm.plan["qkv"].sparsity == "2:4"
+    ref = pruned_model(model, cm.plan)
+    cm(x).square().sum().backward()
+    ref(x).square().sum().backward()
+    trained = dict(cm.graph_module.named_parameters())
+    for name in ("q_bias", "v_bias"):  # the bias parameters still learn through the add
+        assert output_error(trained[name].grad, getattr(ref, name).grad) <= 1e-5
+
+
+def test_shrink_keeps_the_width_of_a_layer_whose_bias_is_computed_at_run_time():
+    from sparsec.shrink import shrink
+
+    torch.manual_seed(0)
+    model, x = BeitAttentionQKV().eval(), torch.randn(4, 32)
+    with torch.no_grad():
+        model.qkv.weight[:4] = 0
+        model.q_bias[:4] = -1.0  # qkv outputs 0-3 are relu(-1) = 0: removable, but the built bias has 192 entries
+    small = shrink(sparsec.compile(model, pattern="dense", example_inputs=(x,), train=True))
+    assert small.shrink_report["qkv"].removed == []
+    assert "bias is computed at run time" in str(small.shrink_report)
+    with torch.no_grad():
+        assert output_error(small(x), model(x)) <= 1e-5
