@@ -202,16 +202,13 @@ def _unreached_layers(gm: fx.GraphModule, model: nn.Module, found: set[str]) -> 
     read_by = _read_by(gm)
     out = {}
     for name, module in model.named_modules():
-        parents = [p for p in leaves if name.startswith(p + ".")]
-        inside = (f"inside module '{parents[0]}' ({leaves[parents[0]]}), which is called as a whole and not traced "
-                  f"into" if parents else None)
         if isinstance(module, (nn.Linear, nn.Conv2d)) and name not in found:
             w = module.weight
-            why = inside or _why_not_run(name, module, leaves, read_by)
+            why = _inside_leaf(name, leaves) or _why_not_run(name, module, leaves, read_by)
             out[name] = UnreachedLayer(op="linear" if isinstance(module, nn.Linear) else "conv2d",
                                        weight_shape=tuple(w.shape), dtype=w.dtype, weight_path=f"{name}.weight", why=why)
         elif isinstance(module, _UNPRUNED_LAYERS):
-            why = inside or f"{type(module).__name__} layers are not pruned by sparsec ({_REWRITTEN})"
+            why = _inside_leaf(name, leaves) or f"{type(module).__name__} layers are not pruned by sparsec ({_REWRITTEN})"
             for pname, w in module.named_parameters(recurse=False):
                 entry = name if pname == "weight" else f"{name}.{pname}"
                 if w.dim() >= 2 and entry not in found:
@@ -229,6 +226,13 @@ def _unreached_layers(gm: fx.GraphModule, model: nn.Module, found: set[str]) -> 
         out[name] = UnreachedLayer(op=sorted(ops & _MATMUL_LIKE)[0], weight_shape=tuple(w.shape), dtype=w.dtype,
                                    weight_path=path, why=why)
     return out
+
+
+def _inside_leaf(name: str, leaves: dict[str, str]) -> str | None:
+    """The reason for a module inside a module the graph calls as a whole (None: not inside one)."""
+    parent = next((p for p in leaves if name.startswith(p + ".")), None)
+    return (f"inside module '{parent}' ({leaves[parent]}), which is called as a whole and not traced into"
+            if parent is not None else None)
 
 
 def _why_not_run(name: str, module: nn.Module, leaves: dict[str, str], read_by: dict[str, set[str]]) -> str:

@@ -54,8 +54,7 @@ def blocker_for(gm: fx.GraphModule, nodes: list[fx.Node], uses: dict[str, list[s
     others = [u for u in uses.get(layer.weight_path, []) if u not in sites]
     if others:
         return f"weight is also read by {', '.join(sorted(set(others)))}: pruning it would change that use too"
-    kinds = {(get_meta(n).layer.op, get_meta(n).layer.conv, get_meta(n).layer.bias_path, get_meta(n).layer.runtime_bias)
-             for n in nodes}
+    kinds = {(site.op, site.conv, site.bias_path, site.runtime_bias) for site in (get_meta(n).layer for n in nodes)}
     if len(kinds) > 1:
         return "the weight is used by call sites of different kinds (op, bias or conv settings differ)"
     return None

@@ -3,9 +3,10 @@
 Chain, in this order, each step optional:
     sparse matmul -> + bias -> relu | gelu | gelu_tanh | silu -> * per-channel scale -> cast
 (the int8 dequant scale is part of the layer already). Views / reshapes that keep the last dim may
-sit anywhere in the chain: they stay in the graph, and the steps after them move into the kernel. A step is absorbed only when the value
-before it has no other user, and only for a layer called from one place (the epilogue belongs to
-the module, which every call site shares). Each absorbed op increments `fused_<op>`.
+sit anywhere in the chain: they stay in the graph, and the steps after them move into the kernel.
+A step is absorbed only when the value before it has no other user, and only for a layer called
+from one place (the epilogue belongs to the module, which every call site shares). Each absorbed
+op increments `fused_<op>`.
 
 Rule table: each entry is (pattern check, what it contributes); one comment per rule.
 """
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 from sparsec.context import CompileContext
 from sparsec.meta import get_meta, update_meta
+from sparsec.passes.sparsify import erase_unused_reads
 from sparsec.runtime.triton_linear import TritonSparseLinear
 
 aten = torch.ops.aten
@@ -141,12 +143,10 @@ def _fuse_chain(gm: fx.GraphModule, ctx: CompileContext, layer_node: fx.Node, mo
     update_meta(layer_node, dtype=dtype, fused=tuple(ops))
     for view in views:
         update_meta(view, dtype=dtype)
+    reads = [a for node, _ in absorbed for a in node.all_input_nodes if a.op == "get_attr"]
     for node, _ in reversed(absorbed):
-        reads = [a for a in node.all_input_nodes if a.op == "get_attr"]
         gm.graph.erase_node(node)
-        for read in reads:
-            if not read.users:
-                gm.graph.erase_node(read)
+    erase_unused_reads(gm, reads)  # the bias / scale vectors now live in the module
     for op in ops:
         ctx.counters[f"fused_{op.split(':')[0]}"] += 1
 

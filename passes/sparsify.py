@@ -85,26 +85,25 @@ def replace_layer(gm: fx.GraphModule, name: str, nodes: list[fx.Node], module: t
                 replacement.meta[META_KEY] = SparsecMeta(shape=meta.shape, dtype=meta.dtype)
         node.replace_all_uses_with(replacement)
         gm.graph.erase_node(node)
-    _erase_unused_reads(gm, weight_reads)
+    erase_unused_reads(gm, weight_reads)
 
 
-def _erase_unused_reads(gm: fx.GraphModule, reads: list[fx.Node]) -> None:
-    """Erase the weight / bias reads (and transposes of them) the replaced sites left without users,
+def erase_unused_reads(gm: fx.GraphModule, reads: list[fx.Node]) -> None:
+    """Erase the weight / bias reads (and transposes of them) that rewritten nodes left without users,
     and the attributes no remaining node reads: no dense copy stays behind."""
     erased = set()
     while reads:
         node = reads.pop()
-        if node.users or node in erased:
+        source = transposed_input(node)  # None for a get_attr
+        if node.users or node in erased or (node.op != "get_attr" and source is None):
             continue
-        if node.op == "get_attr":
-            gm.graph.erase_node(node)
-            erased.add(node)
-            if not any(n.op == "get_attr" and n.target == node.target for n in gm.graph.nodes):
-                _delete_attr(gm, node.target)
-        elif (source := transposed_input(node)) is not None:
-            gm.graph.erase_node(node)
-            erased.add(node)
+        gm.graph.erase_node(node)
+        erased.add(node)
+        if source is not None:
             reads.append(source)
+    still_read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for target in {n.target for n in erased if n.op == "get_attr"} - still_read:
+        _delete_attr(gm, target)
 
 
 def sparsify_layers(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
