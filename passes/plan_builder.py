@@ -26,15 +26,18 @@ def _flops(nodes: list[fx.Node], reduction: int) -> int | None:
 def _graph_position(gm: fx.GraphModule):
     """Sort key putting plan entries in the order the graph runs them: a layer at its first call site,
     a layer the graph does not run at the module containing it or the read of its weight; layers
-    never run last, in model order (the sort is stable)."""
-    position = {}
+    never run last, in model order (the sort is stable). A call site goes before any read: torch.export
+    graphs read every parameter at the top."""
+    runs, position = {}, {}
     for i, node in enumerate(gm.graph.nodes):
         if (layer := get_meta(node).layer) is not None:
-            position.setdefault(layer.name, i)
+            runs.setdefault(layer.name, i)
         if node.op in ("call_module", "get_attr"):
             position.setdefault(node.target, i)
 
     def key(lp: LayerPlan) -> int:
+        if lp.name in runs:
+            return runs[lp.name]
         parts = lp.name.split(".")
         for path in [f"{lp.name}.weight"] + [".".join(parts[:n]) for n in range(len(parts), 0, -1)]:
             if path in position:

@@ -8,6 +8,7 @@ call, the line of the user's code it failed on, and what to do about it.
 """
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import os
 import re
@@ -26,7 +27,9 @@ from sparsec.runtime.layers import RuntimeLayer
 from sparsec.state import preserved_buffers
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
-_SPARSEC_DIR = os.path.dirname(os.path.abspath(__file__))
+# sparsec's own code: the package and its passes / codegen subpackages (separate folders in the source tree)
+_SPARSEC_DIRS = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (
+    __file__, importlib.util.find_spec("sparsec.passes").origin, importlib.util.find_spec("sparsec.codegen").origin))
 
 
 def normalize_example_inputs(example_inputs: object) -> tuple | None:
@@ -59,7 +62,7 @@ def user_frame(exc: BaseException) -> str | None:
     frames = traceback.extract_tb(exc.__traceback__)
     for frame in reversed(frames):
         path = os.path.abspath(frame.filename)
-        if not (path.startswith(_TORCH_DIR) or path.startswith(_SPARSEC_DIR) or "<" in frame.filename):
+        if not (path.startswith(_TORCH_DIR) or path.startswith(_SPARSEC_DIRS) or "<" in frame.filename):
             return f"{frame.filename}:{frame.lineno} in {frame.name}: {(frame.line or '').strip()}"
     return None
 
