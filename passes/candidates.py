@@ -4,16 +4,19 @@ Candidates are matmul-like ops whose weight is a parameter of the model:
   * `call_module` of `nn.Linear` / `nn.Conv2d` (symbolic_trace keeps them as modules);
   * `F.linear` / `F.conv2d` / `aten.linear` / `aten.conv2d` with a parameter weight
     (torch.export graphs, or user code calling the functional form); F.linear's bias may be computed
-    at run time (the rewrite adds it after the layer);
+    at run time (the rewrite adds it after the layer); `F.linear(x, W.t())` is `x @ W`;
   * `x @ W`, `torch.matmul(x, W)`, `torch.mm(x, W)` with W a 2-D parameter on the right;
+  * `W @ x` (W on the left, features along x's second-to-last dim): the layer runs on x.mT;
   * the same with `W.T` (`W.t()`, `W.transpose(0, 1)`, ...) on the right: that is `F.linear(x, W)`,
     so it is a linear layer (see passes/weight_reads.py);
+  * `torch.einsum` equations that are one of those (`"bsd,hd->bsh"`, `"...k,kn->...n"`; see
+    passes/einsum_forms.py);
   * `torch.addmm(b, x, W)` / `addmm(b, x, W.T)` with a 1-D parameter bias b (HF GPT-2's Conv1D):
     x @ W + b, a matmul / linear layer with a bias whose data operand is the second argument.
 
 Weight matrices no candidate runs are listed as unreached layers, dense, with the reason: Linear /
 Conv2d modules the graph does not run as candidates, layer types sparsec does not prune (Conv1d,
-LSTM, ...), and parameters a matmul-like op reads in another form (`W @ x`, `einsum`, `bmm`).
+LSTM, ...), and parameters a matmul-like op reads in another form (other einsums, `bmm`).
 
 Naming: a module candidate is named by its module path; a functional one by its weight's path,
 minus a trailing ".weight" (so `aten.linear(x, fc.weight)` from torch.export is named "fc", like
@@ -32,7 +35,8 @@ from torch.nn.utils import parametrize
 from sparsec.context import CompileContext, UnreachedLayer
 from sparsec.frontend import own_hooks
 from sparsec.meta import ConvParams, LayerInfo, update_meta
-from sparsec.passes.weight_reads import parameter_read, readers
+from sparsec.passes.einsum_forms import linear_operands
+from sparsec.passes.weight_reads import parameter_read, transposed_input
 from sparsec.runtime.training import TrainableLayer
 
 aten = torch.ops.aten
@@ -42,6 +46,7 @@ CONV2D_FUNCTIONS = {F.conv2d, torch.conv2d, aten.conv2d.default}
 MATMUL_FUNCTIONS = {torch.matmul, operator.matmul, torch.mm, aten.matmul.default, aten.mm.default}
 MATMUL_METHODS = {"matmul", "mm", "__matmul__"}
 ADDMM_FUNCTIONS = {torch.addmm, aten.addmm.default}  # addmm(b, x, W) = x @ W + b (GPT-2's Conv1D)
+EINSUM_FUNCTIONS = {torch.einsum, aten.einsum.default}
 
 _CONV_ARG_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
@@ -123,18 +128,15 @@ def _function_candidate(gm: fx.GraphModule, node: fx.Node) -> LayerInfo | None:
     target = node.target
     if node.op == "call_function" and target in LINEAR_FUNCTIONS:
         args = list(node.args) + [None] * 3
+        data = node.kwargs.get("input", args[0])
         weight, bias = node.kwargs.get("weight", args[1]), node.kwargs.get("bias", args[2])
-        found = _parameter(gm, weight)
-        if found is None or found[1].dim() != 2:
-            return None
         bias_found = _parameter(gm, bias)
         runtime_bias = isinstance(bias, fx.Node) and bias_found is None  # e.g. cat(q_bias, 0, v_bias) in BEiT
         if bias is not None and bias_found is None and not runtime_bias:
             return None
-        path, w = found
-        return LayerInfo(name=_functional_name(path), op="linear", site="function", weight_path=path,
-                         bias_path=bias_found[0] if bias_found else None, weight_shape=tuple(w.shape),
-                         dtype=w.dtype, out_features=w.shape[0], reduction=w.shape[1], runtime_bias=runtime_bias)
+        # F.linear(x, W.t()) is x @ W: a matmul layer on W [K, N]
+        return _matmul_candidate(gm, data, weight, written_out_by_in=True, bias_path=bias_found[0] if bias_found else None,
+                                 runtime_bias=runtime_bias)
     if node.op == "call_function" and target in CONV2D_FUNCTIONS:
         values = dict(_CONV_DEFAULTS)
         values.update(zip(_CONV_ARG_NAMES, node.args))
@@ -155,7 +157,12 @@ def _function_candidate(gm: fx.GraphModule, node: fx.Node) -> LayerInfo | None:
     is_matmul = (node.op == "call_function" and target in MATMUL_FUNCTIONS) or (
         node.op == "call_method" and target in MATMUL_METHODS)
     if is_matmul and len(node.args) == 2 and not node.kwargs:
-        return _matmul_candidate(gm, node.args[0], node.args[1], bias_path=None, data_arg=0)
+        x, w = node.args
+        # W @ x = (x.mT @ W.T).mT: a linear layer on x.mT (W.T @ x: a matmul one)
+        return _matmul_candidate(gm, x, w) or _matmul_candidate(gm, w, x, written_out_by_in=True, weight_left=True,
+                                                                data_arg=(1,))
+    if node.op == "call_function" and target in EINSUM_FUNCTIONS:
+        return _einsum_candidate(gm, node)
     is_addmm = (node.op == "call_function" and target in ADDMM_FUNCTIONS) or (
         node.op == "call_method" and target == "addmm")
     if is_addmm and len(node.args) == 3 and all(node.kwargs.get(k, 1) == 1 for k in ("beta", "alpha")) and \
@@ -163,22 +170,45 @@ def _function_candidate(gm: fx.GraphModule, node: fx.Node) -> LayerInfo | None:
         bias = _parameter(gm, node.args[0])
         if bias is None or bias[1].dim() != 1:
             return None  # a bias computed at run time, or one that is not per output feature
-        layer = _matmul_candidate(gm, node.args[1], node.args[2], bias_path=bias[0], data_arg=1)
+        layer = _matmul_candidate(gm, node.args[1], node.args[2], bias_path=bias[0], data_arg=(1,))
         return layer if layer is not None and bias[1].numel() == layer.out_features else None
     return None
 
 
-def _matmul_candidate(gm: fx.GraphModule, data: object, weight: object, bias_path: str | None,
-                      data_arg: int) -> LayerInfo | None:
-    """`data @ W` (a matmul layer, W [K, N]) or `data @ W.T` (a linear one, W [N, K]), W a 2-D parameter."""
+def _einsum_candidate(gm: fx.GraphModule, node: fx.Node) -> LayerInfo | None:
+    """einsum("bsd,hd->bsh", x, W) and the other equations passes/einsum_forms.py takes as a layer;
+    operands as varargs (symbolic_trace) or as one list (aten.einsum from torch.export)."""
+    if not node.args or set(node.kwargs) - {"path"}:
+        return None
+    listed = len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
+    operands = list(node.args[1]) if listed else list(node.args[1:])
+    if len(operands) != 2:
+        return None
+    for w, out_by_in in linear_operands(node.args[0]):
+        data_arg = (1, 1 - w) if listed else (2 - w,)
+        layer = _matmul_candidate(gm, operands[1 - w], operands[w], written_out_by_in=out_by_in, data_arg=data_arg)
+        if layer is not None:
+            return layer
+    return None
+
+
+def _matmul_candidate(gm: fx.GraphModule, data: object, weight: object, *, written_out_by_in: bool = False,
+                      bias_path: str | None = None, runtime_bias: bool = False,
+                      data_arg: tuple[int, ...] = (0,), weight_left: bool = False) -> LayerInfo | None:
+    """A layer multiplying `data` by a 2-D parameter W, read as it is or transposed: a linear layer
+    when the product is data @ W.T (W [N, K]), a matmul one when it is data @ W (W [K, N]).
+    `written_out_by_in`: the op takes its weight operand as [out, in] (F.linear, einsum "..k,nk"),
+    not [in, out] (matmul)."""
     found = parameter_read(gm, weight)
     if found is None or found[1].dim() != 2 or parameter_read(gm, data) is not None:
         return None
     path, w, transposed = found
-    out_features, reduction = (w.shape[0], w.shape[1]) if transposed else (w.shape[1], w.shape[0])
-    return LayerInfo(name=_functional_name(path), op="linear" if transposed else "matmul", site="function",
+    linear = transposed != written_out_by_in
+    out_features, reduction = (w.shape[0], w.shape[1]) if linear else (w.shape[1], w.shape[0])
+    return LayerInfo(name=_functional_name(path), op="linear" if linear else "matmul", site="function",
                      weight_path=path, bias_path=bias_path, weight_shape=tuple(w.shape), dtype=w.dtype,
-                     out_features=out_features, reduction=reduction, data_arg=data_arg)
+                     out_features=out_features, reduction=reduction, data_arg=data_arg, runtime_bias=runtime_bias,
+                     weight_left=weight_left)
 
 
 def find_candidates(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
@@ -250,20 +280,36 @@ def _why_not_run(name: str, module: nn.Module, leaves: dict[str, str], read_by: 
 # Matmul-like layer types sparsec leaves dense (listed in the plan, so no weight is passed over silently).
 _UNPRUNED_LAYERS = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear,
                     nn.RNNBase)
-_REWRITTEN = "it rewrites Linear / Conv2d modules, F.linear(x, W), F.conv2d(x, W), x @ W and x @ W.T"
+_REWRITTEN = ("it rewrites Linear / Conv2d modules, F.linear(x, W), F.conv2d(x, W), x @ W, x @ W.T, W @ x and "
+              "einsums that are one of those, such as einsum('bsd,hd->bsh', x, W)")
 _MATMUL_LIKE = {"matmul", "mm", "bmm", "einsum", "linear", "conv1d", "conv2d", "conv3d", "addmm", "baddbmm", "addbmm",
                 "tensordot", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "convolution", "dot", "mv"}
 
 
 def _read_by(gm: fx.GraphModule) -> dict[str, set[str]]:
-    """Parameter path -> names of the ops that use it (looking through transposes), for parameters
-    of two or more dimensions read by get_attr nodes."""
+    """Parameter path -> names of the ops that use it, for parameters of two or more dimensions read
+    by get_attr nodes; looking through views, transposes and casts, so that `W.unsqueeze(0) @ x` is
+    named as read by matmul, not by unsqueeze."""
     out: dict[str, set[str]] = {}
     for node in gm.graph.nodes:
         found = _parameter(gm, node)
-        if found is not None and found[1].dim() >= 2:
-            out.setdefault(found[0], set()).update(_op_name(u) for u in readers(node))
+        if found is None or found[1].dim() < 2:
+            continue
+        names, todo = out.setdefault(found[0], set()), [node]
+        while todo:
+            value = todo.pop()
+            for user in value.users:
+                if transposed_input(user) is value or (_op_name(user) in _RESHAPING and user.args[:1] == (value,)):
+                    todo.append(user)
+                else:
+                    names.add(_op_name(user))
     return out
+
+
+# Ops that hand on the weight's values reshaped, transposed or cast (followed to the op that uses them).
+_RESHAPING = {"view", "reshape", "unsafe_view", "unsqueeze", "squeeze", "expand", "flatten", "unflatten", "contiguous",
+              "clone", "detach", "to", "to_copy", "type", "half", "float", "double", "bfloat16", "transpose", "permute",
+              "swapaxes", "swapdims", "movedim", "t"}
 
 
 def _op_name(node: fx.Node) -> str:

@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 
 from sparsec.context import CompileContext
-from sparsec.meta import get_meta, layer_nodes, update_meta
+from sparsec.meta import data_input, get_meta, layer_nodes, update_meta
 from sparsec.passes.weight_reads import readers
 from sparsec.plan import dtype_name
 
@@ -54,7 +54,11 @@ def blocker_for(gm: fx.GraphModule, nodes: list[fx.Node], uses: dict[str, list[s
     others = [u for u in uses.get(layer.weight_path, []) if u not in sites]
     if others:
         return f"weight is also read by {', '.join(sorted(set(others)))}: pruning it would change that use too"
-    kinds = {(site.op, site.conv, site.bias_path, site.runtime_bias) for site in (get_meta(n).layer for n in nodes)}
+    if layer.weight_left and any(get_meta(data_input(n)).shape is None for n in nodes):
+        return ("W @ x runs as a layer on x.mT, and x's rank (which dims to swap) is unknown without "
+                "example inputs: pass example_inputs to compile")
+    kinds = {(site.op, site.conv, site.bias_path, site.runtime_bias, site.weight_left)
+             for site in (get_meta(n).layer for n in nodes)}
     if len(kinds) > 1:
         return "the weight is used by call sites of different kinds (op, bias or conv settings differ)"
     return None

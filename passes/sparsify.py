@@ -2,9 +2,10 @@
 
 Reads decisions from `node.meta["sparsec"]`; never decides. A `call_module` layer is swapped in
 place (same module path, so the graph line stays `self.fc1(x)`); a functional one
-(`F.linear(x, self.w)`, `aten.linear` from torch.export, `x @ self.w`) becomes a `call_module` of
-a new module registered at the layer's name with dots replaced (`sparse_blk_proj`). The dense
-weight (and bias) attributes the old nodes read are deleted: no dense copy stays behind.
+(`F.linear(x, self.w)`, `aten.linear` from torch.export, `x @ self.w`, an einsum) becomes a
+`call_module` of a new module registered at the layer's name with dots replaced (`sparse_blk_proj`);
+`W @ x` becomes that call on `x.transpose(-1, -2)`, transposed back. The dense weight (and bias)
+attributes the old nodes read are deleted: no dense copy stays behind.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from sparsec.context import CompileContext
-from sparsec.meta import META_KEY, LayerInfo, SparsecMeta, data_input, get_meta, layer_nodes, runtime_bias
+from sparsec.meta import META_KEY, LayerInfo, SparsecMeta, data_input, get_meta, layer_nodes, runtime_bias, update_meta
 from sparsec.passes.weight_reads import transposed_input
 from sparsec.patterns import parse_pattern
 from sparsec.reference import weight_to_rows
@@ -76,9 +77,13 @@ def replace_layer(gm: fx.GraphModule, name: str, nodes: list[fx.Node], module: t
             continue
         data, bias = data_input(node), runtime_bias(node)
         weight_reads.extend(a for a in node.all_input_nodes if a is not data and a is not bias)
+        swap = get_meta(node).layer.weight_left and len(get_meta(data).shape) >= 2  # W @ x = layer(x.mT).mT
         with gm.graph.inserting_before(node):
-            replacement = gm.graph.call_module(path, (data,))
+            replacement = gm.graph.call_module(path, (_swap_last_dims(gm, data) if swap else data,))
             replacement.meta.update(node.meta)
+            if swap:
+                update_meta(replacement, shape=_swapped(get_meta(node).shape))
+                replacement = _swap_last_dims(gm, replacement)
             if bias is not None:  # F.linear(x, W, b) = layer(x) + b for a b computed at run time
                 meta = get_meta(node)
                 replacement = gm.graph.call_function(operator.add, (replacement, bias))
@@ -86,6 +91,18 @@ def replace_layer(gm: fx.GraphModule, name: str, nodes: list[fx.Node], module: t
         node.replace_all_uses_with(replacement)
         gm.graph.erase_node(node)
     erase_unused_reads(gm, weight_reads)
+
+
+def _swapped(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return shape[:-2] + (shape[-1], shape[-2])
+
+
+def _swap_last_dims(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """`node.transpose(-1, -2)`, with its shape recorded for the passes after this one."""
+    meta = get_meta(node)
+    swapped = gm.graph.call_function(torch.transpose, (node, -1, -2))
+    swapped.meta[META_KEY] = SparsecMeta(shape=_swapped(meta.shape), dtype=meta.dtype)
+    return swapped
 
 
 def erase_unused_reads(gm: fx.GraphModule, reads: list[fx.Node]) -> None:

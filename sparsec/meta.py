@@ -39,8 +39,11 @@ class LayerInfo:
     conv: ConvParams | None = None
     trained_pattern: str | None = None   # a train=True layer's pattern: its learned mask is kept as is
     trained_mask_path: str | None = None # attribute path of that mask (original weight shape)
-    data_arg: int = 0           # position of the data operand in a functional call (addmm(b, x, W): 1)
+    data_arg: tuple[int, ...] = (0,)  # where the data operand is in a functional call's args: addmm(b, x, W): (1,),
+                                      # einsum(eq, [x, W]) from torch.export: (1, 0)
     runtime_bias: bool = False  # F.linear's bias is computed at run time: the rewrite adds it after the layer
+    weight_left: bool = False   # W @ x: features run along x's second-to-last dim; the rewrite runs the
+                                # layer on x.mT and transposes its output back
 
 
 @dataclass(frozen=True)
@@ -76,13 +79,15 @@ def update_meta(node: fx.Node, **changes) -> SparsecMeta:
 
 
 def data_input(node: fx.Node) -> object:
-    """The activation a layer call multiplies: the first argument, but addmm's second (`data_arg`);
-    a call_module of a runtime layer always takes it first."""
+    """The activation a layer call multiplies: the first argument, but addmm's second, einsum's first
+    or second operand (`LayerInfo.data_arg`); a call_module of a runtime layer always takes it first."""
     layer = get_meta(node).layer
-    index = layer.data_arg if layer is not None and node.op != "call_module" else 0
-    if len(node.args) > index:
-        return node.args[index]
-    return next(iter(node.kwargs.values()), None)
+    value: object = node.args
+    for index in layer.data_arg if layer is not None and node.op != "call_module" else (0,):
+        if not isinstance(value, (tuple, list)) or len(value) <= index:
+            return next(iter(node.kwargs.values()), None)  # F.linear(input=x, weight=W)
+        value = value[index]
+    return value
 
 
 def runtime_bias(node: fx.Node) -> object:

@@ -248,6 +248,8 @@ def _find_layers(gm: fx.GraphModule) -> dict[fx.Node, _Layer]:
                 layer.blocker = f"it is called at {functional_sites[info.name]} places"
             elif info.runtime_bias:
                 layer.blocker = "its bias is computed at run time (its length cannot change)"
+            elif info.weight_left:
+                layer.blocker = "it is W @ x (its features run along x's second-to-last dim)"
         if layer is None:
             continue
         params = [gm.get_parameter(layer.weight_path)] + ([gm.get_parameter(layer.bias_path)] if layer.bias_path else [])

@@ -221,7 +221,8 @@ class _Unusual(nn.Module):
 
     def forward(self, x):
         h = self.c(self.b(self.a(x)))
-        return self.out(torch.einsum("bi,oi->bo", h, self.tied.weight))  # the weight read directly, by einsum
+        # the weight read directly, by an einsum that is not a layer (its output is transposed)
+        return self.out(torch.einsum("bi,oi->ob", h, self.tied.weight).t())
 
 
 def test_layers_used_unusually_stay_dense_with_the_reason():

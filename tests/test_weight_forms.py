@@ -112,15 +112,15 @@ class OtherForms(nn.Module):
     def __init__(self):
         super().__init__()
         self.a, self.b = nn.Linear(32, 64), nn.Linear(64, 8)
-        self.left = nn.Parameter(torch.randn(64, 64) / 8)       # W @ x
-        self.mixed = nn.Parameter(torch.randn(64, 64) / 8)      # einsum
+        self.left = nn.Parameter(torch.randn(64, 64) / 8)       # batched matmul of a view of the weight
+        self.mixed = nn.Parameter(torch.randn(64, 64) / 8)      # einsum with a permuted output
         self.stack = nn.Parameter(torch.randn(2, 64, 32) / 8)   # bmm of a 3-D weight
         self.pos = nn.Parameter(torch.randn(3, 64))             # added, not multiplied: not a layer
 
     def forward(self, x):
         h = self.a(x)
-        h = (self.left @ h.t()).t()
-        h = torch.einsum("bi,oi->bo", h, self.mixed) + self.pos
+        h = (h.unsqueeze(0) @ self.left.unsqueeze(0).half().float()).squeeze(0)
+        h = torch.einsum("bi,oi->ob", h, self.mixed).t() + self.pos
         h = torch.bmm(h.unsqueeze(0).expand(2, -1, -1), self.stack).sum(0)
         return self.b(torch.cat([h, h], -1))
 
