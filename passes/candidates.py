@@ -9,8 +9,8 @@ Candidates are matmul-like ops whose weight is a parameter of the model:
   * `W @ x` (W on the left, features along x's second-to-last dim): the layer runs on x.mT;
   * the same with `W.T` (`W.t()`, `W.transpose(0, 1)`, ...) on the right: that is `F.linear(x, W)`,
     so it is a linear layer (see passes/weight_reads.py);
-  * `torch.einsum` equations that are one of those (`"bsd,hd->bsh"`, `"...k,kn->...n"`; see
-    passes/einsum_forms.py);
+  * `torch.einsum` equations that are one of those (`"bsd,hd->bsh"`, `"...k,kn->...n"`,
+    `"nk,bkl->bnl"`; see passes/einsum_forms.py);
   * `torch.addmm(b, x, W)` / `addmm(b, x, W.T)` with a 1-D parameter bias b (HF GPT-2's Conv1D):
     x @ W + b, a matmul / linear layer with a bias whose data operand is the second argument.
 
@@ -184,9 +184,10 @@ def _einsum_candidate(gm: fx.GraphModule, node: fx.Node) -> LayerInfo | None:
     operands = list(node.args[1]) if listed else list(node.args[1:])
     if len(operands) != 2:
         return None
-    for w, out_by_in in linear_operands(node.args[0]):
+    for w, out_by_in, left in linear_operands(node.args[0]):
         data_arg = (1, 1 - w) if listed else (2 - w,)
-        layer = _matmul_candidate(gm, operands[1 - w], operands[w], written_out_by_in=out_by_in, data_arg=data_arg)
+        layer = _matmul_candidate(gm, operands[1 - w], operands[w], written_out_by_in=out_by_in, data_arg=data_arg,
+                                  weight_left=left)
         if layer is not None:
             return layer
     return None

@@ -3,6 +3,7 @@
 `einsum("bsd,hd->bsh", x, W)` computes `F.linear(x, W)`, and `einsum("...d,dh->...h", x, W)` computes
 `x @ W`: the data operand's subscripts end in the contracted index k, the weight's are k and one
 output index n, and the output is the data's subscripts with k replaced by n, in the same order.
+`einsum("hk,bkl->bhl", W, x)` is `W @ x`: the same with k second to last in the data.
 Anything else (a contraction over another dim of the data, a permuted output, a diagonal, a batch
 index shared with the weight) is not a layer and stays as the user wrote it.
 """
@@ -29,9 +30,10 @@ def _implicit_output(terms: list[list[str]]) -> list[str]:
     return ellipsis + sorted(t for t, c in counts.items() if c == 1)
 
 
-def linear_operands(equation: object) -> list[tuple[int, bool]]:
+def linear_operands(equation: object) -> list[tuple[int, bool, bool]]:
     """Each way the equation is a layer on one operand: (index of the weight operand, whether the
-    weight is written [out, in]). Empty when it is not a layer."""
+    weight is written [out, in], whether it is on the left: features along the data's dim -2, as in
+    `W @ x`). Empty when it is not a layer."""
     if not isinstance(equation, str):
         return []
     lhs, arrow, rhs = equation.replace(" ", "").partition("->")
@@ -44,12 +46,16 @@ def linear_operands(equation: object) -> list[tuple[int, bool]]:
     found = []
     for w in (1, 0):
         data, weight = terms[1 - w], terms[w]
-        if len(weight) != 2 or "..." in weight or weight[0] == weight[1] or not data:
+        if len(weight) != 2 or "..." in weight or weight[0] == weight[1] or len(set(data)) != len(data):
             continue
-        k, prefix = data[-1], data[:-1]
-        if k not in weight or k == "..." or k in prefix or len(set(prefix)) != len(prefix):
-            continue
-        n = weight[0] if weight[1] == k else weight[1]
-        if n not in data and out == prefix + [n]:
-            found.append((w, weight == [n, k]))
+        # features last (x @ W.T), or second to last with one more dim after them (W @ x)
+        for left, tail in ((False, []), (True, data[-1:])):
+            if len(data) < 1 + len(tail) or "..." in tail:
+                continue
+            k, prefix = data[-1 - len(tail)], data[:-1 - len(tail)]
+            if k == "..." or k not in weight:
+                continue
+            n = weight[0] if weight[1] == k else weight[1]
+            if n not in data and out == prefix + [n] + tail:
+                found.append((w, weight == [n, k], left))
     return found

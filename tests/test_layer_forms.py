@@ -13,17 +13,20 @@ import sparsec
 from oracle import output_error, pruned_model
 from sparsec.passes.einsum_forms import linear_operands
 
-LAYER_EQUATIONS = {  # equation -> (weight operand index, weight written [out, in])
-    "bsd,hd->bsh": (1, True),
-    "bd,hd": (1, True),                 # implicit output: b, h in alphabetical order
-    "...d,dh->...h": (1, False),
-    "hd,bsd->bsh": (0, True),           # weight first
-    "b...k,kn->b...n": (1, False),
-    " b s d , h d -> b s h ": (1, True),
-    "BSD,HD->BSH": (1, True),
+LAYER_EQUATIONS = {  # equation -> (weight operand index, weight written [out, in], weight on the left)
+    "bsd,hd->bsh": (1, True, False),
+    "bd,hd": (1, True, False),          # implicit output: b, h in alphabetical order
+    "...d,dh->...h": (1, False, False),
+    "hd,bsd->bsh": (0, True, False),    # weight first
+    "b...k,kn->b...n": (1, False, False),
+    " b s d , h d -> b s h ": (1, True, False),
+    "BSD,HD->BSH": (1, True, False),
+    "hk,bkl->bhl": (0, True, True),     # W @ x
+    "...kl,kh->...hl": (1, False, True),  # W.T @ x
 }
 NOT_LAYERS = ["bsd,hd->bhs", "bsd,sd->bs", "bsd,hd->hsb", "ii,ij->ij", "bdd,hd->bh", "bd,dd->bd", "bsd,hd->bsh,x",
-              "bsd,hd,he->bse", "bd->db", "b1,hd->bh", "bhd,hd->bh", "bd,h...d->bh", "bd,bd->bd", 7, None]
+              "bsd,hd,he->bse", "bd->db", "b1,hd->bh", "bhd,hd->bh", "bd,h...d->bh", "bd,bd->bd", "hk,bkl->blh",
+              "hk,k...->h...", "hk,bkl->bh", 7, None]
 
 
 @pytest.mark.parametrize("equation", sorted(LAYER_EQUATIONS))
@@ -38,26 +41,33 @@ def test_einsum_equations_that_are_not_layers(equation):
 
 @st.composite
 def _equations(draw):
-    letters = "abcde"
-    data = draw(st.lists(st.sampled_from(letters), min_size=1, max_size=4))
-    weight = draw(st.lists(st.sampled_from(letters), min_size=2, max_size=2))
-    used = sorted(set(data) | set(weight))
-    out = draw(st.lists(st.sampled_from(used), max_size=4, unique=True))
-    first = draw(st.booleans())
-    terms = ["".join(weight), "".join(data)] if first else ["".join(data), "".join(weight)]
-    return f"{terms[0]},{terms[1]}->{''.join(out)}"
+    """Layer equations (x @ W.T, x @ W, W @ x with any batch dims) and near misses: the data's,
+    the weight's or the output's subscripts shuffled, or the weight sharing a batch index."""
+    letters = draw(st.permutations("abcdefg"))
+    prefix, (k, n, tail) = list(letters[:draw(st.integers(0, 2))]), letters[4:7]
+    data = prefix + [k] + ([tail] if draw(st.booleans()) else [])
+    weight = draw(st.permutations([n, k]))
+    out = prefix + [n] + data[len(prefix) + 1:]
+    if draw(st.booleans()):
+        data, weight, out = (draw(st.permutations(t)) if draw(st.booleans()) else t for t in (data, weight, out))
+    if prefix and draw(st.integers(0, 4)) == 0:
+        weight = [prefix[0], k]
+    terms = [weight, data] if draw(st.booleans()) else [data, weight]
+    return f"{''.join(terms[0])},{''.join(terms[1])}->{''.join(out)}"
 
 
 @settings(max_examples=300, deadline=None)
 @given(_equations())
 def test_every_equation_taken_as_a_layer_computes_that_layer(equation):
-    """Soundness: for any equation the parser accepts, einsum equals F.linear on the data operand."""
-    sizes = dict(zip("abcde", (2, 3, 5, 7, 4)))
+    """Soundness: for any equation the parser accepts, einsum equals F.linear on the data operand
+    (on its transpose when the weight is on the left)."""
+    sizes = dict(zip("abcdefg", (2, 3, 5, 7, 4, 6, 8)))
     terms = equation.split("->")[0].split(",")
-    for w, out_by_in in linear_operands(equation):
+    for w, out_by_in, left in linear_operands(equation):
         operands = [torch.randn([sizes[c] for c in term], dtype=torch.float64) for term in terms]
-        weight = operands[w] if out_by_in else operands[w].t()
-        assert torch.allclose(torch.einsum(equation, *operands), F.linear(operands[1 - w], weight))
+        weight, data = operands[w] if out_by_in else operands[w].t(), operands[1 - w]
+        expected = F.linear(data.mT, weight).mT if left else F.linear(data, weight)
+        assert torch.allclose(torch.einsum(equation, *operands), expected)
 
 
 class Einsums(nn.Module):
@@ -128,25 +138,26 @@ def test_training_einsum_layers_with_pruned_data_gradients():
 class ChannelsFirst(nn.Module):
     """Channel mixing on [B, C, L] sequences written as W @ x (a 1x1 Conv1d in matmul form)."""
 
-    def __init__(self, untraceable=False):
+    def __init__(self, untraceable=False, einsum=False):
         super().__init__()
-        self.untraceable = untraceable
+        self.untraceable, self.einsum = untraceable, einsum
         self.inp, self.head = nn.Linear(16, 16), nn.Linear(16, 4)
         self.w1 = nn.Parameter(torch.randn(128, 64) / 8)      # W @ x: [out, in], a linear layer on x.mT
         self.w2 = nn.Parameter(torch.randn(128, 64) / 8)      # W.T @ x: [in, out], a matmul layer on x.mT
 
     def forward(self, x):
         h = torch.relu(self.w1 @ self.inp(x))
-        h = torch.matmul(self.w2.T, h)
+        h = torch.matmul(self.w2.T, h) if not self.einsum else torch.einsum("kh,bkl->bhl", self.w2, h)
         if self.untraceable and h.shape[0] > 1:
             h = h * 1.0
         return self.head(h)
 
 
+@pytest.mark.parametrize("einsum", [False, True], ids=["matmul", "einsum"])
 @pytest.mark.parametrize("untraceable", [False, True], ids=["symbolic_trace", "torch.export"])
-def test_weight_on_the_left_is_a_layer_on_the_transposed_data(untraceable):
+def test_weight_on_the_left_is_a_layer_on_the_transposed_data(untraceable, einsum):
     torch.manual_seed(0)
-    model, x = ChannelsFirst(untraceable).eval(), torch.randn(2, 64, 16)
+    model, x = ChannelsFirst(untraceable, einsum).eval(), torch.randn(2, 64, 16)
     cm = sparsec.compile(model, example_inputs=(x,))
     assert [(cm.plan[n].op, cm.plan[n].sparsity) for n in ("w1", "w2")] == [("linear", "2:4"), ("matmul", "2:4")]
     # groups of 4 run along the contracted dim: W's rows for W @ x, its columns for W.T @ x
