@@ -92,7 +92,7 @@ def choose_backend(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             if backend == "cusparselt" and (decision.sparsity != "2:4" or device.type != "cuda"):
                 raise InvalidInputError(f"the given plan asks for backend 'cusparselt' on layer {name!r}: it needs a "
                                         f"2:4 layer on CUDA (this one is {decision.sparsity} on {device})")
-            if backend == "condensed" and not (decision.sparsity.startswith("fanin:") and layer.op != "conv2d"):
+            if backend == "condensed" and not (decision.sparsity.startswith("fanin:") and layer.conv is None):
                 raise InvalidInputError(f"the given plan asks for backend 'condensed' on layer {name!r}: it runs "
                                         f"constant fan-in linear layers only (this one is {decision.sparsity} "
                                         f"{layer.op}); set its backend to null to let sparsec choose")

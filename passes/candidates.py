@@ -1,8 +1,8 @@
 """Analysis: find candidate layers and record their facts (`LayerInfo`) on the nodes that run them.
 
 Candidates are matmul-like ops whose weight is a parameter of the model:
-  * `call_module` of `nn.Linear` / `nn.Conv2d` (symbolic_trace keeps them as modules);
-  * `F.linear` / `F.conv2d` / `aten.linear` / `aten.conv2d` with a parameter weight
+  * `call_module` of `nn.Linear` / `nn.Conv1d` / `nn.Conv2d` (symbolic_trace keeps them as modules);
+  * `F.linear` / `F.conv1d` / `F.conv2d` and their aten forms with a parameter weight
     (torch.export graphs, or user code calling the functional form); F.linear's bias may be computed
     at run time (the rewrite adds it after the layer); `F.linear(x, W.t())` is `x @ W`;
   * `x @ W`, `torch.matmul(x, W)`, `torch.mm(x, W)` with W a 2-D parameter on the right;
@@ -15,7 +15,7 @@ Candidates are matmul-like ops whose weight is a parameter of the model:
     x @ W + b, a matmul / linear layer with a bias whose data operand is the second argument.
 
 Weight matrices no candidate runs are listed as unreached layers, dense, with the reason: Linear /
-Conv2d modules the graph does not run as candidates, layer types sparsec does not prune (Conv1d,
+Conv modules the graph does not run as candidates, layer types sparsec does not prune (Conv3d,
 LSTM, ...), and parameters a matmul-like op reads in another form (other einsums, `bmm`).
 
 Naming: a module candidate is named by its module path; a functional one by its weight's path,
@@ -34,7 +34,7 @@ from torch.nn.utils import parametrize
 
 from sparsec.context import CompileContext, UnreachedLayer
 from sparsec.frontend import own_hooks
-from sparsec.meta import ConvParams, LayerInfo, update_meta
+from sparsec.meta import ConvParams, LayerInfo, plain_conv_op, update_meta
 from sparsec.passes.einsum_forms import linear_operands
 from sparsec.passes.weight_reads import parameter_read, transposed_input
 from sparsec.runtime.training import TrainableLayer
@@ -42,7 +42,8 @@ from sparsec.runtime.training import TrainableLayer
 aten = torch.ops.aten
 
 LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear, aten.linear.default}
-CONV2D_FUNCTIONS = {F.conv2d, torch.conv2d, aten.conv2d.default}
+CONV_FUNCTIONS = {F.conv2d: 2, torch.conv2d: 2, aten.conv2d.default: 2,   # -> spatial dims
+                  F.conv1d: 1, torch.conv1d: 1, aten.conv1d.default: 1}
 MATMUL_FUNCTIONS = {torch.matmul, operator.matmul, torch.mm, aten.matmul.default, aten.mm.default}
 MATMUL_METHODS = {"matmul", "mm", "__matmul__"}
 ADDMM_FUNCTIONS = {torch.addmm, aten.addmm.default}  # addmm(b, x, W) = x @ W + b (GPT-2's Conv1D)
@@ -50,10 +51,6 @@ EINSUM_FUNCTIONS = {torch.einsum, aten.einsum.default}
 
 _CONV_ARG_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
-
-
-def _pair(v) -> tuple[int, ...]:
-    return tuple(v) if isinstance(v, (tuple, list)) else (int(v), int(v))
 
 
 def _parameter(gm: fx.GraphModule, node: object) -> tuple[str, nn.Parameter] | None:
@@ -79,7 +76,7 @@ def _trained_candidate(node: fx.Node, module: TrainableLayer) -> LayerInfo:
 
 
 def _customized(module: nn.Module) -> str | None:
-    """Why a Linear / Conv2d module cannot be swapped for a sparse one: what it carries beyond its
+    """Why a Linear / Conv1d / Conv2d module cannot be swapped for a sparse one: what it carries beyond its
     class's computation (a parametrized weight, hooks, a forward set on the instance), or weights
     held as buffers. None: it can."""
     held = [name for name in ("weight", "bias") if name in module._buffers]
@@ -113,14 +110,12 @@ def _module_candidate(gm: fx.GraphModule, node: fx.Node) -> LayerInfo | None:
         return LayerInfo(name=node.target, op="linear", site="module", weight_path=f"{node.target}.weight",
                          bias_path=f"{node.target}.bias" if module.bias is not None else None,
                          weight_shape=tuple(w.shape), dtype=w.dtype, out_features=w.shape[0], reduction=w.shape[1])
-    if type(module).forward is nn.Conv2d.forward and isinstance(module, nn.Conv2d):
+    if (op := plain_conv_op(module)) is not None:
         w = module.weight
-        conv = ConvParams(stride=_pair(module.stride), padding=module.padding if isinstance(module.padding, str) else _pair(module.padding),
-                          dilation=_pair(module.dilation), groups=module.groups, padding_mode=module.padding_mode)
-        return LayerInfo(name=node.target, op="conv2d", site="module", weight_path=f"{node.target}.weight",
+        return LayerInfo(name=node.target, op=op, site="module", weight_path=f"{node.target}.weight",
                          bias_path=f"{node.target}.bias" if module.bias is not None else None,
                          weight_shape=tuple(w.shape), dtype=w.dtype, out_features=w.shape[0],
-                         reduction=w[0].numel(), conv=conv)
+                         reduction=w[0].numel(), conv=ConvParams.of_module(module))
     return None
 
 
@@ -137,21 +132,20 @@ def _function_candidate(gm: fx.GraphModule, node: fx.Node) -> LayerInfo | None:
         # F.linear(x, W.t()) is x @ W: a matmul layer on W [K, N]
         return _matmul_candidate(gm, data, weight, written_out_by_in=True, bias_path=bias_found[0] if bias_found else None,
                                  runtime_bias=runtime_bias)
-    if node.op == "call_function" and target in CONV2D_FUNCTIONS:
+    if node.op == "call_function" and target in CONV_FUNCTIONS:
+        dims = CONV_FUNCTIONS[target]
         values = dict(_CONV_DEFAULTS)
         values.update(zip(_CONV_ARG_NAMES, node.args))
         values.update(node.kwargs)
         found = _parameter(gm, values["weight"])
-        if found is None or found[1].dim() != 4:
+        if found is None or found[1].dim() != 2 + dims:
             return None
         bias_found = _parameter(gm, values["bias"])
         if values["bias"] is not None and bias_found is None:
             return None
         path, w = found
-        padding = values["padding"]
-        conv = ConvParams(stride=_pair(values["stride"]), padding=padding if isinstance(padding, str) else _pair(padding),
-                          dilation=_pair(values["dilation"]), groups=int(values["groups"]))
-        return LayerInfo(name=_functional_name(path), op="conv2d", site="function", weight_path=path,
+        conv = ConvParams.build(values["stride"], values["padding"], values["dilation"], values["groups"], dims=dims)
+        return LayerInfo(name=_functional_name(path), op=f"conv{dims}d", site="function", weight_path=path,
                          bias_path=bias_found[0] if bias_found else None, weight_shape=tuple(w.shape),
                          dtype=w.dtype, out_features=w.shape[0], reduction=w[0].numel(), conv=conv)
     is_matmul = (node.op == "call_function" and target in MATMUL_FUNCTIONS) or (
@@ -225,18 +219,19 @@ def find_candidates(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
 
 
 def _unreached_layers(gm: fx.GraphModule, model: nn.Module, found: set[str]) -> dict[str, UnreachedLayer]:
-    """Weight matrices of the model that no candidate node runs, with the reason why: Linear / Conv2d
-    modules, modules of layer types sparsec does not prune (Conv1d, LSTM, ...), and parameters that a
+    """Weight matrices of the model that no candidate node runs, with the reason why: Linear / Conv
+    modules, modules of layer types sparsec does not prune (Conv3d, LSTM, ...), and parameters that a
     matmul-like op reads in a form that is not a candidate (`W @ x`, `einsum`, `bmm`). Listed so that
     no weight matrix is passed over silently."""
     leaves = {n.target: type(gm.get_submodule(n.target)).__name__ for n in gm.graph.nodes if n.op == "call_module"}
     read_by = _read_by(gm)
     out = {}
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)) and name not in found:
+        op = next((op for cls, op in _PRUNED_LAYERS.items() if isinstance(module, cls)), None)
+        if op is not None and name not in found:
             w = module.weight
             why = _inside_leaf(name, leaves) or _why_not_run(name, module, leaves, read_by)
-            out[name] = UnreachedLayer(op="linear" if isinstance(module, nn.Linear) else "conv2d",
+            out[name] = UnreachedLayer(op=op,
                                        weight_shape=tuple(w.shape), dtype=w.dtype, weight_path=f"{name}.weight", why=why)
         elif isinstance(module, _UNPRUNED_LAYERS):
             why = _inside_leaf(name, leaves) or f"{type(module).__name__} layers are not pruned by sparsec ({_REWRITTEN})"
@@ -267,22 +262,25 @@ def _inside_leaf(name: str, leaves: dict[str, str]) -> str | None:
 
 
 def _why_not_run(name: str, module: nn.Module, leaves: dict[str, str], read_by: dict[str, set[str]]) -> str:
-    """Why a Linear / Conv2d module outside any whole-called module is not a candidate."""
+    """Why a Linear / Conv1d / Conv2d module outside any whole-called module is not a candidate."""
     if custom := _customized(module):
         return custom
     if f"{name}.weight" in read_by:
         return (f"its weight is read directly (by {', '.join(sorted(read_by[f'{name}.weight']))}), not through the "
                 f"layer's forward, in a form sparsec does not rewrite ({_REWRITTEN})")
     if name in leaves:
-        return f"{type(module).__name__} overrides forward; sparsec only rewrites the standard Linear/Conv2d computation"
+        return (f"{type(module).__name__} overrides forward; sparsec only rewrites the standard Linear / Conv1d / "
+                f"Conv2d computation")
     return "not called by the model's forward (on the traced path)"
 
 
-# Matmul-like layer types sparsec leaves dense (listed in the plan, so no weight is passed over silently).
-_UNPRUNED_LAYERS = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear,
+# Layer modules sparsec prunes (their plan op), and matmul-like layer types it leaves dense (listed
+# in the plan, so no weight is passed over silently).
+_PRUNED_LAYERS = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d"}
+_UNPRUNED_LAYERS = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear,
                     nn.RNNBase)
-_REWRITTEN = ("it rewrites Linear / Conv2d modules, F.linear(x, W), F.conv2d(x, W), x @ W, x @ W.T, W @ x and "
-              "einsums that are one of those, such as einsum('bsd,hd->bsh', x, W)")
+_REWRITTEN = ("it rewrites Linear / Conv1d / Conv2d modules, F.linear(x, W), F.conv1d / F.conv2d(x, W), x @ W, "
+              "x @ W.T, W @ x and einsums that are one of those, such as einsum('bsd,hd->bsh', x, W)")
 _MATMUL_LIKE = {"matmul", "mm", "bmm", "einsum", "linear", "conv1d", "conv2d", "conv3d", "addmm", "baddbmm", "addbmm",
                 "tensordot", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "convolution", "dot", "mv"}
 

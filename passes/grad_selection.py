@@ -61,10 +61,10 @@ def choose_grad_sparsity(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphMod
         elif not upstream & sources:
             note, grad = "gradient dense: no trainable parameter upstream, so its data gradient is never used", None
         elif layer.out_features % g.m:
-            what = "output channels" if layer.op == "conv2d" else "output features"
+            what = "output channels" if layer.conv is not None else "output features"
             note, grad = f"gradient dense: {layer.out_features} {what} are not a multiple of M={g.m}", None
         else:
-            along = "output channels at each position" if layer.op == "conv2d" else "output features"
+            along = "output channels at each position" if layer.conv is not None else "output features"
             note, grad = f"SDGP: dX from dY pruned {g} along {along} ({opts.grad_mode}); dW, db dense", str(g)
         if note is None:
             continue

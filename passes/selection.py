@@ -74,6 +74,9 @@ def _reduction_text(layer: LayerInfo) -> str:
     if layer.op == "conv2d":
         _, cin_g, kh, kw = layer.weight_shape
         return f"K = in/groups*kh*kw = {cin_g}*{kh}*{kw} = {layer.reduction}"
+    if layer.op == "conv1d":
+        _, cin_g, k = layer.weight_shape
+        return f"K = in/groups*k = {cin_g}*{k} = {layer.reduction}"
     return f"K = {'in_features' if layer.op == 'linear' else 'rows of the weight'} = {layer.reduction}"
 
 

@@ -19,7 +19,7 @@ from sparsec.meta import META_KEY, LayerInfo, SparsecMeta, data_input, get_meta,
 from sparsec.passes.weight_reads import transposed_input
 from sparsec.patterns import parse_pattern
 from sparsec.reference import weight_to_rows
-from sparsec.runtime import PackedWeight, SparseConv2d, SparseLayer, SparseLinear
+from sparsec.runtime import PackedWeight, SparseConv1d, SparseConv2d, SparseLayer, SparseLinear
 from sparsec.runtime.condensed_linear import CondensedLinear
 from sparsec.runtime.cusparselt_linear import CusparseltLinear
 from sparsec.runtime.packed import DensePacked
@@ -38,7 +38,7 @@ def _delete_attr(gm: fx.GraphModule, path: str) -> None:
         delattr(owner, attr)
 
 
-# decision.backend -> the module class running a linear / matmul layer (conv2d always runs SparseConv2d)
+# decision.backend -> the module class running a linear / matmul layer (convolutions always run SparseConv1d / 2d)
 LINEAR_MODULES = {None: SparseLinear, "torch": SparseLinear, "dense": SparseLinear,
                   "triton": TritonSparseLinear, "cusparselt": CusparseltLinear, "condensed": CondensedLinear}
 
@@ -53,8 +53,9 @@ def build_runtime_module(gm: fx.GraphModule, ctx: CompileContext, layer: LayerIn
     else:
         packed = PackedWeight.pack(rows, mask, pattern, decision.quant)
     bias = gm.get_parameter(layer.bias_path) if layer.bias_path else None
-    if layer.op == "conv2d":
-        return SparseConv2d(packed, bias, layer.weight_shape, layer.name, decision.sparsity, decision.reason, layer.conv)
+    if layer.conv is not None:
+        conv_module = SparseConv1d if layer.op == "conv1d" else SparseConv2d
+        return conv_module(packed, bias, layer.weight_shape, layer.name, decision.sparsity, decision.reason, layer.conv)
     module = LINEAR_MODULES[decision.backend](packed, bias, layer.op, layer.weight_shape, layer.name, decision.sparsity,
                                               decision.reason)
     if decision.launch is not None:

@@ -88,7 +88,7 @@ def _expand(keep: torch.Tensor, kind: str, weight: torch.Tensor, op: str, conv_g
 class LayerWeight:
     """A weight-bearing layer of a compiled model, as the penalty sees it."""
     name: str
-    op: str                          # "linear" | "conv2d" | "matmul"
+    op: str                          # "linear" | "matmul" | "conv1d" | "conv2d"
     weight: nn.Parameter
     mask: torch.Tensor | None        # multiply before use (fixed masks); None: use the weight as is
     conv_groups: int = 1

@@ -11,24 +11,51 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 
 META_KEY = "sparsec"
 
 
+_CONV_MODULES = {nn.Conv1d: "conv1d", nn.Conv2d: "conv2d"}
+
+
+def plain_conv_op(module: nn.Module) -> str | None:
+    """"conv1d" / "conv2d" for an nn.Conv1d / nn.Conv2d running its class's own forward (None otherwise)."""
+    for cls, op in _CONV_MODULES.items():
+        if isinstance(module, cls) and type(module).forward is cls.forward:
+            return op
+    return None
+
+
 @dataclass(frozen=True)
 class ConvParams:
+    """A convolution's settings, always as 2-D pairs: a conv1d runs as a conv2d of height 1, so its
+    stride s is stored as (1, s), its padding p as (0, p), its dilation d as (1, d)."""
     stride: tuple[int, ...]
     padding: tuple[int, ...] | str
     dilation: tuple[int, ...]
     groups: int
     padding_mode: str = "zeros"
 
+    @classmethod
+    def build(cls, stride, padding, dilation, groups, padding_mode: str = "zeros", dims: int = 2) -> "ConvParams":
+        """From a conv's settings as given to nn.Conv{dims}d / F.conv{dims}d: ints, or tuples of `dims` ints."""
+        def pairs(value, fill: int) -> tuple[int, int]:
+            value = tuple(int(v) for v in value) if isinstance(value, (tuple, list)) else (int(value),) * dims
+            return value if dims == 2 else (fill, *value)
+        return cls(pairs(stride, 1), padding if isinstance(padding, str) else pairs(padding, 0), pairs(dilation, 1),
+                   int(groups), padding_mode)
+
+    @classmethod
+    def of_module(cls, m) -> "ConvParams":
+        return cls.build(m.stride, m.padding, m.dilation, m.groups, m.padding_mode, dims=len(m.kernel_size))
+
 
 @dataclass(frozen=True)
 class LayerInfo:
     """Facts about a candidate layer, read off the graph and its weight (never decisions)."""
     name: str                   # user-facing name (module path, see passes/candidates.py)
-    op: str                     # "linear" | "conv2d" | "matmul"
+    op: str                     # "linear" | "matmul" | "conv1d" | "conv2d"
     site: str                   # "module" (call_module) or "function" (F.linear / aten op on a parameter)
     weight_path: str            # attribute path of the weight in the graph module
     bias_path: str | None       # attribute path of the bias, if any

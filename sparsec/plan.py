@@ -30,7 +30,7 @@ def dtype_name(dtype) -> str:
 @dataclass
 class LayerPlan:
     name: str                          # module path, as in model.named_modules()
-    op: str                            # "linear" | "conv2d" | "matmul"
+    op: str                            # "linear" | "matmul" | "conv1d" | "conv2d"
     weight_shape: tuple[int, ...]
     sparsity: str | None               # pattern applied ("2:4", "fanin:0.9"), None = dense
     quant: str | None                  # None | "int8"

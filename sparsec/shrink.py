@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from sparsec.compiled import CompiledModel
 from sparsec.errors import InvalidInputError, InvalidTypeError
 from sparsec.group_lasso import col_norms, row_norms
-from sparsec.meta import ConvParams, data_input, get_meta, layer_nodes, update_meta
+from sparsec.meta import ConvParams, data_input, get_meta, layer_nodes, plain_conv_op, update_meta
 from sparsec.patterns import NM, FanIn
 from sparsec.pipeline import PassRecord
 from sparsec.reference import pattern_mask, rows_to_weight, weight_to_rows
@@ -176,7 +176,7 @@ def _ranges(indices: list[int]) -> str:
 @dataclass
 class _Layer:
     name: str                        # plan name
-    op: str                          # "linear" | "conv2d" | "matmul"
+    op: str                          # "linear" | "matmul" | "conv1d" | "conv2d"
     weight_path: str
     bias_path: str | None
     module: nn.Module | None         # nn.Linear / nn.Conv2d / TrainableLayer owning the weight; None: functional
@@ -190,6 +190,11 @@ class _Layer:
     @property
     def in_dim(self) -> int:
         return 0 if self.op == "matmul" else 1
+
+    @property
+    def spatial_dims(self) -> int:
+        """Dims after the channel dim in the layer's input and output: 1 for conv1d, 2 for conv2d."""
+        return {"conv1d": 1, "conv2d": 2}.get(self.op, 0)
 
     @property
     def trainable(self) -> TrainableLayer | None:
@@ -216,12 +221,6 @@ class _Layer:
         return any(explicit_padding(self.conv, tuple(self.weight(gm).shape)))
 
 
-def _conv_params(m: nn.Conv2d) -> ConvParams:
-    pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (int(v), int(v))  # noqa: E731
-    return ConvParams(pair(m.stride), m.padding if isinstance(m.padding, str) else pair(m.padding), pair(m.dilation),
-                      m.groups, m.padding_mode)
-
-
 def _find_layers(gm: fx.GraphModule) -> dict[fx.Node, _Layer]:
     calls = collections.Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     functional_sites = {name: len(nodes) for name, nodes in layer_nodes(gm).items()}
@@ -237,9 +236,9 @@ def _find_layers(gm: fx.GraphModule) -> dict[fx.Node, _Layer]:
             elif isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward:
                 layer = _Layer(node.target, "linear", f"{node.target}.weight",
                                f"{node.target}.bias" if m.bias is not None else None, m, None)
-            elif isinstance(m, nn.Conv2d) and type(m).forward is nn.Conv2d.forward:
-                layer = _Layer(node.target, "conv2d", f"{node.target}.weight",
-                               f"{node.target}.bias" if m.bias is not None else None, m, _conv_params(m))
+            elif (op := plain_conv_op(m)) is not None:
+                layer = _Layer(node.target, op, f"{node.target}.weight",
+                               f"{node.target}.bias" if m.bias is not None else None, m, ConvParams.of_module(m))
             if layer is not None and calls[node.target] > 1:
                 layer.blocker = f"its module is called at {calls[node.target]} places"
         elif node.op == "call_function" and (info := get_meta(node).layer) is not None:
@@ -386,7 +385,7 @@ class _Analysis:
         v = self.values.get(x)
         weight = layer.weight(self.gm)
         if v is not None:
-            want = v.ndim - 3 if layer.op == "conv2d" else v.ndim - 1
+            want = v.ndim - 1 - layer.spatial_dims
             if layer.blocker:
                 self.pin(v, f"feeds {layer.name} ({layer.blocker}) at node {node.name}")
             elif v.dim != want or len(v.elems) != weight.shape[layer.in_dim]:
@@ -395,7 +394,7 @@ class _Analysis:
                 self.sites.append(_Site("consumer", layer.name, node, v, layer))
         out = weight.shape[layer.out_dim]
         shape = get_meta(node).shape
-        ndim = len(shape) if shape is not None else (4 if layer.op == "conv2d" else 2)
+        ndim = len(shape) if shape is not None else 2 + layer.spatial_dims
         elems = tuple(range(len(self.origin), len(self.origin) + out))
         self.origin += [(layer.name, i) for i in range(out)]
         self.graph.add_nodes_from(elems)
@@ -403,7 +402,7 @@ class _Analysis:
         zero = (row_norms(layer.effective(self.gm), layer.op) <= self.threshold).tolist()
         bias = self.gm.get_parameter(layer.bias_path).detach().tolist() if layer.bias_path else [0.0] * out
         consts = tuple(b if z else None for b, z in zip(bias, zero))
-        value = _Value(elems, consts, ndim - 3 if layer.op == "conv2d" else ndim - 1, ndim)
+        value = _Value(elems, consts, ndim - 1 - layer.spatial_dims, ndim)
         self.values[node] = value
         if layer.blocker:
             self.pin(value, f"is produced by {layer.name}, which cannot change: {layer.blocker}")
@@ -638,7 +637,7 @@ class _Decision:
             for site in self.a.sites:
                 t = site.layer.trainable if site.layer is not None else None
                 if t is not None and site.kind == "consumer" and isinstance(t.pattern, NM) and t.pattern.n < t.pattern.m:
-                    kernel = math.prod(t.weight.shape[2:]) if t.op == "conv2d" else 1
+                    kernel = math.prod(t.weight.shape[2:]) if t.conv is not None else 1
                     changed |= self.aligned(site, t.pattern.m, kernel,
                                             f"{site.name} is {t.pattern}-sparse along its inputs: removing this "
                                             f"channel alone would break its aligned groups of {t.pattern.m}")

@@ -47,7 +47,8 @@ def dense(model, x, **kw):
 
 
 @pytest.mark.parametrize("op, shape, groups", [("linear", (6, 5), 1), ("conv2d", (6, 4, 3, 3), 1),
-                                               ("conv2d", (6, 2, 3, 3), 2), ("matmul", (5, 7), 1)])
+                                               ("conv2d", (6, 2, 3, 3), 2), ("matmul", (5, 7), 1),
+                                               ("conv1d", (6, 4, 3), 1), ("conv1d", (6, 2, 5), 3)])
 def test_norms_gradcheck_and_match_plain_torch(op, shape, groups):
     torch.manual_seed(0)
     w = torch.randn(*shape, dtype=torch.float64, requires_grad=True)

@@ -211,7 +211,7 @@ class UnprunedTypes(nn.Module):
     def __init__(self):
         super().__init__()
         self.a, self.b, self.out = nn.Linear(32, 64), nn.Linear(64, 64), nn.Linear(64, 8)
-        self.conv = nn.Conv1d(64, 64, 3, padding=1)
+        self.conv = nn.ConvTranspose1d(64, 64, 3, padding=1)
         self.rnn = nn.GRU(64, 64, batch_first=True)
 
     def forward(self, x):
@@ -226,7 +226,8 @@ def test_layer_types_sparsec_does_not_prune_are_listed_dense():
     model, x = UnprunedTypes().eval(), torch.randn(2, 5, 32)
     cm = sparsec.compile(model, example_inputs=(x,), min_weights=0)
     assert cm.plan.names == ["a", "conv", "b", "rnn.weight_ih_l0", "rnn.weight_hh_l0", "out"]
-    assert cm.plan["conv"].op == "conv1d" and "Conv1d layers are not pruned by sparsec" in cm.plan["conv"].reason
+    assert cm.plan["conv"].op == "convtranspose1d"
+    assert "ConvTranspose1d layers are not pruned by sparsec" in cm.plan["conv"].reason
     assert cm.plan["rnn.weight_hh_l0"].weight_shape == (192, 64) and "GRU layers" in cm.plan["rnn.weight_hh_l0"].reason
     assert cm.plan["b"].sparsity == "2:4"
     assert torch.equal(cm.effective_weight("rnn.weight_ih_l0"), model.rnn.weight_ih_l0)

@@ -1,4 +1,4 @@
-"""The nn.Modules the rewritten graph calls in place of chosen Linear / Conv2d / matmul layers.
+"""The nn.Modules the rewritten graph calls in place of chosen Linear / Conv1d / Conv2d / matmul layers.
 
 CPU execution is plain torch: rebuild the dense weight from the packed form, then run the same
 F.linear / F.conv2d the original layer ran. That is exactly "the original model with the pruned
@@ -30,8 +30,9 @@ class RuntimeLayer(nn.Module):
 
 
 def explicit_padding(conv: ConvParams, weight_shape: tuple[int, ...]) -> tuple[int, int, int, int]:
-    """F.pad amounts (left, right, top, bottom) for a non-"zeros" padding_mode, as nn.Conv2d computes them."""
-    kh, kw = weight_shape[2:]
+    """F.pad amounts (left, right, top, bottom) for a non-"zeros" padding_mode, as nn.Conv2d computes them
+    (a conv1d weight [out, in, k] as the conv2d of height 1 it runs as)."""
+    kh, kw = (1, weight_shape[2]) if len(weight_shape) == 3 else weight_shape[2:]
     if conv.padding == "same":
         pads = []
         for d, k in ((conv.dilation[1], kw), (conv.dilation[0], kh)):
@@ -45,7 +46,10 @@ def explicit_padding(conv: ConvParams, weight_shape: tuple[int, ...]) -> tuple[i
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv: ConvParams,
            explicit_pad: tuple[int, int, int, int] | None, fn=F.conv2d) -> torch.Tensor:
-    """F.conv2d with nn.Conv2d's handling of padding modes; `fn` may be a drop-in (e.g. SDGP's)."""
+    """F.conv2d with nn.Conv2d's handling of padding modes; `fn` may be a drop-in (e.g. SDGP's).
+    A conv1d (3-D weight) runs as a conv2d of height 1, so SDGP's conv backward serves it too."""
+    if weight.dim() == 3:
+        return conv2d(x.unsqueeze(-2), weight.unsqueeze(-2), bias, conv, explicit_pad, fn).squeeze(-2)
     if conv.padding_mode != "zeros":
         x = F.pad(x, explicit_pad, mode=conv.padding_mode)
         return fn(x, weight, bias, conv.stride, 0, conv.dilation, conv.groups)
@@ -138,11 +142,18 @@ class SparseLinear(SparseLayer):
 
 
 class SparseConv2d(SparseLayer):
+    kind = "conv2d"
+
     def __init__(self, packed, bias, weight_shape, layer_name, pattern, reason, conv: ConvParams):
-        super().__init__(packed, bias, "conv2d", weight_shape, layer_name, pattern, reason)
+        super().__init__(packed, bias, self.kind, weight_shape, layer_name, pattern, reason)
         self.conv = conv
         self.explicit_pad = explicit_padding(conv, self.weight_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = rows_to_weight(self.packed.rows(), "conv2d", self.weight_shape)
+        weight = rows_to_weight(self.packed.rows(), self.op, self.weight_shape)
         return conv2d(x, weight, self.bias, self.conv, self.explicit_pad)
+
+
+class SparseConv1d(SparseConv2d):
+    """A Conv1d layer (weight [out, in/groups, k]): runs as a conv2d of height 1."""
+    kind = "conv1d"

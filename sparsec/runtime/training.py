@@ -1,4 +1,4 @@
-"""TrainableLayer: what `compile(..., train=True)` puts in place of a Linear / Conv2d / matmul layer.
+"""TrainableLayer: what `compile(..., train=True)` puts in place of a Linear / Conv1d / Conv2d / matmul layer.
 
 The weight stays a dense Parameter (in the original shape) and the mask is separate, first-class
 state. Forward computes with `weight * mask`:
@@ -83,7 +83,7 @@ class TrainableLayer(RuntimeLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self._current()
         g = self.grad_pattern
-        if self.op == "conv2d":
+        if self.conv is not None:  # conv1d / conv2d
             if g is None:
                 return conv2d(x, w, self.bias, self.conv, self.explicit_pad)
             sdgp = lambda x_, w_, b_, s, p, d, groups: sdgp_conv2d(x_, w_, b_, s, p, d, groups, g.n, g.m, self.grad_mode)  # noqa: E731
