@@ -183,7 +183,10 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
             after_updates.append({name: cm.mask(name) for name in srigl.layers})
     torch.save({"masks": after_updates, "weights": {k: v.detach() for k, v in cm.state_dict().items()}},
                os.path.join(out, f"masks{rank}.pt"))
-    dist.destroy_process_group()
+    dist.barrier()  # both ranks are done with their collectives and files
+    # Skip the process group's teardown: ~ProcessGroupGloo joins its worker thread while holding the
+    # GIL, and that thread can be waiting for the GIL (a torch deadlock that hung a CI run).
+    os._exit(0)
 
 
 def test_ddp_ranks_agree_on_masks(tmp_path):
