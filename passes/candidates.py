@@ -34,7 +34,7 @@ from torch.nn.utils import parametrize
 
 from sparsec.context import CompileContext, UnreachedLayer
 from sparsec.frontend import own_hooks
-from sparsec.meta import ConvParams, LayerInfo, plain_conv_op, update_meta
+from sparsec.meta import LAYER_MODULES, ConvParams, LayerInfo, plain_layer_op, update_meta
 from sparsec.passes.einsum_forms import linear_operands
 from sparsec.passes.weight_reads import parameter_read, transposed_input
 from sparsec.runtime.training import TrainableLayer
@@ -105,12 +105,7 @@ def _module_candidate(gm: fx.GraphModule, node: fx.Node) -> LayerInfo | None:
     # a module with its own hooks or an instance-level forward would lose them to a sparse replacement.
     if _customized(module):
         return None
-    if type(module).forward is nn.Linear.forward and isinstance(module, nn.Linear):
-        w = module.weight
-        return LayerInfo(name=node.target, op="linear", site="module", weight_path=f"{node.target}.weight",
-                         bias_path=f"{node.target}.bias" if module.bias is not None else None,
-                         weight_shape=tuple(w.shape), dtype=w.dtype, out_features=w.shape[0], reduction=w.shape[1])
-    if (op := plain_conv_op(module)) is not None:
+    if (op := plain_layer_op(module)) is not None:
         w = module.weight
         return LayerInfo(name=node.target, op=op, site="module", weight_path=f"{node.target}.weight",
                          bias_path=f"{node.target}.bias" if module.bias is not None else None,
@@ -221,18 +216,18 @@ def find_candidates(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
 def _unreached_layers(gm: fx.GraphModule, model: nn.Module, found: set[str]) -> dict[str, UnreachedLayer]:
     """Weight matrices of the model that no candidate node runs, with the reason why: Linear / Conv
     modules, modules of layer types sparsec does not prune (Conv3d, LSTM, ...), and parameters that a
-    matmul-like op reads in a form that is not a candidate (`W @ x`, `einsum`, `bmm`). Listed so that
+    matmul-like op reads in a form that is not a candidate (an einsum that is not a layer, `bmm`). Listed so that
     no weight matrix is passed over silently."""
     leaves = {n.target: type(gm.get_submodule(n.target)).__name__ for n in gm.graph.nodes if n.op == "call_module"}
     read_by = _read_by(gm)
     out = {}
     for name, module in model.named_modules():
-        op = next((op for cls, op in _PRUNED_LAYERS.items() if isinstance(module, cls)), None)
+        op = next((op for cls, op in LAYER_MODULES.items() if isinstance(module, cls)), None)  # subclasses too
         if op is not None and name not in found:
             w = module.weight
             why = _inside_leaf(name, leaves) or _why_not_run(name, module, leaves, read_by)
-            out[name] = UnreachedLayer(op=op,
-                                       weight_shape=tuple(w.shape), dtype=w.dtype, weight_path=f"{name}.weight", why=why)
+            out[name] = UnreachedLayer(op=op, weight_shape=tuple(w.shape), dtype=w.dtype, weight_path=f"{name}.weight",
+                                       why=why)
         elif isinstance(module, _UNPRUNED_LAYERS):
             why = _inside_leaf(name, leaves) or f"{type(module).__name__} layers are not pruned by sparsec ({_REWRITTEN})"
             for pname, w in module.named_parameters(recurse=False):
@@ -274,9 +269,7 @@ def _why_not_run(name: str, module: nn.Module, leaves: dict[str, str], read_by: 
     return "not called by the model's forward (on the traced path)"
 
 
-# Layer modules sparsec prunes (their plan op), and matmul-like layer types it leaves dense (listed
-# in the plan, so no weight is passed over silently).
-_PRUNED_LAYERS = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d"}
+# Matmul-like layer types sparsec leaves dense (listed in the plan, so no weight is passed over silently).
 _UNPRUNED_LAYERS = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear,
                     nn.RNNBase)
 _REWRITTEN = ("it rewrites Linear / Conv1d / Conv2d modules, F.linear(x, W), F.conv1d / F.conv2d(x, W), x @ W, "
@@ -298,10 +291,11 @@ def _read_by(gm: fx.GraphModule) -> dict[str, set[str]]:
         while todo:
             value = todo.pop()
             for user in value.users:
-                if transposed_input(user) is value or (_op_name(user) in _RESHAPING and user.args[:1] == (value,)):
+                name = _op_name(user)
+                if transposed_input(user) is value or (name in _RESHAPING and user.args[:1] == (value,)):
                     todo.append(user)
                 else:
-                    names.add(_op_name(user))
+                    names.add(name)
     return out
 
 

@@ -16,12 +16,14 @@ import torch.nn as nn
 META_KEY = "sparsec"
 
 
-_CONV_MODULES = {nn.Conv1d: "conv1d", nn.Conv2d: "conv2d"}
+# The layer modules sparsec prunes, and the op each is in the plan.
+LAYER_MODULES = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d"}
 
 
-def plain_conv_op(module: nn.Module) -> str | None:
-    """"conv1d" / "conv2d" for an nn.Conv1d / nn.Conv2d running its class's own forward (None otherwise)."""
-    for cls, op in _CONV_MODULES.items():
+def plain_layer_op(module: nn.Module) -> str | None:
+    """The op of an nn.Linear / Conv1d / Conv2d running its class's own forward (None otherwise:
+    a subclass with its own forward computes something else)."""
+    for cls, op in LAYER_MODULES.items():
         if isinstance(module, cls) and type(module).forward is cls.forward:
             return op
     return None
@@ -47,7 +49,10 @@ class ConvParams:
                    int(groups), padding_mode)
 
     @classmethod
-    def of_module(cls, m) -> "ConvParams":
+    def of_module(cls, m: nn.Module) -> "ConvParams | None":
+        """A Conv1d / Conv2d module's settings (None for a Linear)."""
+        if isinstance(m, nn.Linear):
+            return None
         return cls.build(m.stride, m.padding, m.dilation, m.groups, m.padding_mode, dims=len(m.kernel_size))
 
 

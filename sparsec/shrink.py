@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from sparsec.compiled import CompiledModel
 from sparsec.errors import InvalidInputError, InvalidTypeError
 from sparsec.group_lasso import col_norms, row_norms
-from sparsec.meta import ConvParams, data_input, get_meta, layer_nodes, plain_conv_op, update_meta
+from sparsec.meta import ConvParams, data_input, get_meta, layer_nodes, plain_layer_op, update_meta
 from sparsec.patterns import NM, FanIn
 from sparsec.pipeline import PassRecord
 from sparsec.reference import pattern_mask, rows_to_weight, weight_to_rows
@@ -233,10 +233,7 @@ def _find_layers(gm: fx.GraphModule) -> dict[fx.Node, _Layer]:
             if isinstance(m, TrainableLayer):
                 layer = _Layer(m.layer_name, m.op, f"{node.target}.weight",
                                f"{node.target}.bias" if m.bias is not None else None, m, m.conv)
-            elif isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward:
-                layer = _Layer(node.target, "linear", f"{node.target}.weight",
-                               f"{node.target}.bias" if m.bias is not None else None, m, None)
-            elif (op := plain_conv_op(m)) is not None:
+            elif (op := plain_layer_op(m)) is not None:
                 layer = _Layer(node.target, op, f"{node.target}.weight",
                                f"{node.target}.bias" if m.bias is not None else None, m, ConvParams.of_module(m))
             if layer is not None and calls[node.target] > 1:
