@@ -11,19 +11,21 @@ import torch.fx as fx
 
 from sparsec.context import CompileContext
 from sparsec.meta import data_input, get_meta, layer_nodes, update_meta
-from sparsec.passes.weight_reads import readers
+from sparsec.passes.weight_reads import readers, reads_shape
 from sparsec.plan import dtype_name
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _weight_uses(gm: fx.GraphModule) -> dict[str, list[str]]:
-    """Every use of every parameter path: call_module sites read '<module>.weight' implicitly."""
+    """Every use of every parameter path: call_module sites read '<module>.weight' implicitly.
+    Reads of the shape alone are not uses (pruning keeps the shape; the rewrite folds them)."""
     uses: dict[str, list[str]] = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr":  # x @ W.T: the matmul, not the transpose, is the use
             for user in readers(node):
-                uses.setdefault(node.target, []).append(user.name)
+                if not reads_shape(user):
+                    uses.setdefault(node.target, []).append(user.name)
         elif node.op == "call_module":
             for pname, _ in gm.get_submodule(node.target).named_parameters(recurse=False):
                 uses.setdefault(f"{node.target}.{pname}", []).append(node.name)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from sparsec.context import CompileContext
 from sparsec.meta import get_meta, update_meta
-from sparsec.passes.sparsify import erase_unused_reads
+from sparsec.passes.weight_reads import erase_unused_reads
 from sparsec.runtime.triton_linear import TritonSparseLinear
 
 aten = torch.ops.aten

@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from sparsec.context import CompileContext
 from sparsec.meta import META_KEY, LayerInfo, SparsecMeta, data_input, get_meta, layer_nodes, runtime_bias, update_meta
-from sparsec.passes.weight_reads import transposed_input
+from sparsec.passes.weight_reads import erase_unused_reads, fold_shape_reads
 from sparsec.patterns import parse_pattern
 from sparsec.reference import weight_to_rows
 from sparsec.runtime import PackedWeight, SparseConv1d, SparseConv2d, SparseLayer, SparseLinear
@@ -29,13 +29,6 @@ from sparsec.runtime.triton_linear import TritonSparseLinear
 def _set_submodule(gm: fx.GraphModule, path: str, module: torch.nn.Module) -> None:
     parent, _, attr = path.rpartition(".")
     setattr(gm.get_submodule(parent) if parent else gm, attr, module)
-
-
-def _delete_attr(gm: fx.GraphModule, path: str) -> None:
-    parent, _, attr = path.rpartition(".")
-    owner = gm.get_submodule(parent) if parent else gm
-    if hasattr(owner, attr):
-        delattr(owner, attr)
 
 
 # decision.backend -> the module class running a linear / matmul layer (convolutions always run SparseConv1d / 2d)
@@ -91,7 +84,8 @@ def replace_layer(gm: fx.GraphModule, name: str, nodes: list[fx.Node], module: t
                 replacement.meta[META_KEY] = SparsecMeta(shape=meta.shape, dtype=meta.dtype)
         node.replace_all_uses_with(replacement)
         gm.graph.erase_node(node)
-    erase_unused_reads(gm, weight_reads)
+    layer = get_meta(nodes[0]).layer  # the model may read the weight's shape: the packed layer keeps it
+    erase_unused_reads(gm, weight_reads + fold_shape_reads(gm, layer.weight_path, layer.weight_shape, layer.dtype))
 
 
 def _swapped(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -104,24 +98,6 @@ def _swap_last_dims(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     swapped = gm.graph.call_function(torch.transpose, (node, -1, -2))
     swapped.meta[META_KEY] = SparsecMeta(shape=_swapped(meta.shape), dtype=meta.dtype)
     return swapped
-
-
-def erase_unused_reads(gm: fx.GraphModule, reads: list[fx.Node]) -> None:
-    """Erase the weight / bias reads (and transposes of them) that rewritten nodes left without users,
-    and the attributes no remaining node reads: no dense copy stays behind."""
-    erased = set()
-    while reads:
-        node = reads.pop()
-        source = transposed_input(node)  # None for a get_attr
-        if node.users or node in erased or (node.op != "get_attr" and source is None):
-            continue
-        gm.graph.erase_node(node)
-        erased.add(node)
-        if source is not None:
-            reads.append(source)
-    still_read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for target in {n.target for n in erased if n.op == "get_attr"} - still_read:
-        _delete_attr(gm, target)
 
 
 def sparsify_layers(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:

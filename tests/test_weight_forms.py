@@ -477,3 +477,99 @@ def test_shrink_keeps_the_width_of_a_layer_whose_bias_is_computed_at_run_time():
     assert "bias is computed at run time" in str(small.shrink_report)
     with torch.no_grad():
         assert output_error(small(x), model(x)) <= 1e-5
+
+
+class ShapeReads(nn.Module):
+    """Model code that reads its weights' shapes (`W.size(-1)` as HF's Conv1D once did, `W.T.shape[1]`,
+    `fc.weight.shape[0]`, `W.dim()`): pruning keeps shapes, so these layers are pruned."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.mid, self.head = nn.Linear(32, 64), nn.Linear(64, 64), nn.Linear(64, 8)
+        self.w_up = nn.Parameter(torch.randn(128, 64) / 8)      # y = x @ W.T
+        self.w_proj = nn.Parameter(torch.randn(128, 64) / 8)    # y = addmm(b, x, W), W stored [in, out]
+        self.b_proj = nn.Parameter(torch.randn(64) / 8)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x) @ self.w_up.T).reshape(-1, self.w_up.T.shape[1])
+        h = torch.addmm(self.b_proj, h, self.w_proj).view(x.size()[:-1] + (self.w_proj.size(-1),))
+        h = torch.relu(self.mid(h)) * (self.mid.weight.dim() - 1)
+        return self.head(h.reshape(-1, self.mid.weight.shape[0]))
+
+
+SHAPE_READ_LAYERS = ["w_up", "w_proj", "mid"]
+
+
+def test_reads_of_a_weights_shape_do_not_keep_its_layer_dense(tmp_path):
+    torch.manual_seed(0)
+    model, x = ShapeReads().eval(), torch.randn(2, 3, 32)
+    cm = sparsec.compile(model, example_inputs=(x,))
+    assert cm.trace_method == "symbolic_trace"
+    for name in SHAPE_READ_LAYERS:
+        assert cm.plan[name].sparsity == "2:4", (name, cm.plan[name].reason)
+    ref = pruned_model(model, cm.plan)
+    assert output_error(cm(x), ref(x)) <= 1e-5
+    other = torch.randn(5, 7, 32)  # only the weights' shapes were folded: the data's stay dynamic
+    assert output_error(cm(other), ref(other)) <= 1e-5
+    # the packed layers hold the weights: no dense copy stays behind to be read for its shape
+    assert not hasattr(cm.graph_module, "w_up") and not hasattr(cm.graph_module, "w_proj")
+    assert "weight" not in cm.graph_module.mid._parameters
+    assert not any(word in cm.graph_module.code for word in ["self.w_up", "self.w_proj", "mid.weight", "getattr"])
+    sparsec.save(cm, tmp_path / "m.sparsec")
+    assert output_error(sparsec.load(tmp_path / "m.sparsec")(other), ref(other)) <= 1e-5
+
+
+def test_a_read_of_a_weights_values_still_keeps_it_dense():
+    class ValueRead(ShapeReads):
+        def forward(self, x):
+            return super().forward(x) + self.w_proj.sum()
+
+    torch.manual_seed(0)
+    model, x = ValueRead().eval(), torch.randn(2, 3, 32)
+    cm = sparsec.compile(model, example_inputs=(x,))
+    assert cm.plan["w_proj"].sparsity is None and "also read by sum" in cm.plan["w_proj"].reason
+    assert cm.plan["w_up"].sparsity == "2:4"
+    assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+
+
+def test_training_reads_the_shape_of_the_trained_weight():
+    torch.manual_seed(0)
+    model, x = ShapeReads().train(), torch.randn(2, 3, 32)
+    cm = sparsec.compile(model, example_inputs=(x,), train=True)
+    assert all(cm.plan[name].sparsity == "2:4" for name in SHAPE_READ_LAYERS)
+    ref = pruned_model(model, cm.plan)
+    out, expected = cm(x), ref(x)
+    assert output_error(out, expected) <= 1e-5
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    trained = {m.layer_name: m for m in cm.modules() if hasattr(m, "weight_mask")}
+    mask = cm.mask("w_proj")
+    assert output_error(trained["w_proj"].weight.grad * mask, ref.w_proj.grad * mask) <= 1e-5
+    assert not hasattr(cm.graph_module, "w_proj")
+
+
+class ScaledByWidth(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.head = nn.Linear(32, 64), nn.Linear(128, 8)
+        self.w_up = nn.Parameter(torch.randn(128, 64) / 8)
+
+    def forward(self, x):  # scaled by the layer's width, as attention code scales by the head size
+        return self.head(torch.relu(self.inp(x) @ self.w_up.T) * self.w_up.shape[0] ** -0.5)
+
+
+@pytest.mark.parametrize("pattern", ["dense", "2:4"])
+def test_shrink_keeps_the_width_the_model_read_before_it_shrank(pattern):
+    from sparsec.shrink import shrink
+
+    torch.manual_seed(0)
+    model, x = ScaledByWidth().eval(), torch.randn(4, 32)
+    with torch.no_grad():
+        model.w_up[:16] = 0  # hidden units 0-15 are relu(0) = 0
+    cm = sparsec.compile(model, pattern=pattern, example_inputs=(x,), train=True)
+    small = shrink(cm)
+    assert small.shrink_report["w_up"].removed == list(range(16))
+    path = "w_up" if pattern == "dense" else "sparse_w_up.weight"
+    assert small.graph_module.get_parameter(path).shape == (112, 64)
+    with torch.no_grad():  # still scaled by 128 ** -0.5: shrinking does not change what the model computes
+        assert output_error(small(x), pruned_model(model, cm.plan)(x)) <= 1e-5
