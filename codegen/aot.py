@@ -30,6 +30,23 @@ def matmul_signature(spec: MatmulSpec) -> dict[str, str]:
             "SPLIT_K": "constexpr", "EVEN_K": "constexpr", "PRMT_EXPAND": "constexpr"}
 
 
+def conv_signature(spec: MatmulSpec) -> dict[str, str]:
+    act, weight = _PTR[spec.act_dtype], _PTR[spec.weight_dtype]
+    return {"x_ptr": act, "stride_xb": "i32", "stride_xc": "i32", "stride_xh": "i32", "stride_xw": "i32",
+            "values_ptr": weight, "stride_vn": "i32", "meta_ptr": "*i16", "stride_mn": "i32",
+            "scales_ptr": "*fp32", "bias_ptr": act, "out_scale_ptr": act,
+            "y_ptr": _PTR[spec.out_dtype], "stride_yb": "i32", "stride_yn": "i32", "stride_yh": "i32", "stride_yw": "i32",
+            "H": "i32", "W": "i32", "OH": "i32", "OW": "i32", "M": "i32", "N": "i32", "K": "i32",
+            **{key: "constexpr" for key in ("KH", "KW", "STRIDE_H", "STRIDE_W", "PAD_H", "PAD_W", "DIL_H", "DIL_W",
+                                            "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "PRMT_EXPAND")}}
+
+
+def kernel_signature(spec: MatmulSpec) -> dict[str, str]:
+    if spec.layout == "conv2d":
+        return conv_signature(spec)
+    return matmul_signature(spec) if spec.format == "2:4" else condensed_signature(spec)
+
+
 def condensed_signature(spec: MatmulSpec) -> dict[str, str]:
     act, weight = _PTR[spec.act_dtype], _PTR[spec.weight_dtype]
     return {"x_ptr": act, "stride_xm": "i32",
@@ -132,6 +149,18 @@ STANDARD_SHAPES = ((1, 4096, 4096), (64, 4096, 4096), (4096, 4096, 4096))
 STANDARD_SMS = 132
 
 
+def conv_specs() -> list[MatmulSpec]:
+    return [MatmulSpec("float16", "float16", True, "relu", False, "float16", layout="conv2d"),
+            MatmulSpec("bfloat16", "int8", True, None, False, "bfloat16", layout="conv2d"),
+            MatmulSpec("float32", "float32", False, "silu", False, "float32", layout="conv2d")]
+
+
+# Convolutions, as (M = batch x output pixels, N, K = in channels x taps): ResNet-50's 3x3 convs on
+# 14 x 14 maps (batch 32) and on 7 x 7 maps (batch 1); built as 3 x 3, stride 1, padding 1.
+CONV_SHAPES = ((32 * 14 * 14, 256, 256 * 9), (7 * 7, 512, 512 * 9))
+CONV_GEOMETRY = dict(KH=3, KW=3, STRIDE_H=1, STRIDE_W=1, PAD_H=1, PAD_W=1, DIL_H=1, DIL_W=1)
+
+
 def standard_builds() -> list[tuple[str, MatmulSpec | None, dict]]:
     """(key, spec, config) of every build the check makes: each spec's default config (and its
     PRMT_EXPAND twin, and at M = 1 the CUDA-core form's configs) at every standard shape, and every
@@ -159,6 +188,14 @@ def standard_builds() -> list[tuple[str, MatmulSpec | None, dict]]:
                     seen.add(ident)
                     text = ",".join(f"{key}={value}" for key, value in cfg.items())
                     builds.append((f"{spec.short_name()}[{text}]", spec, cfg))
+    for spec in conv_specs():
+        for m, n, k in CONV_SHAPES:
+            for cfg in matmul_candidates(m, n, k, spec.act_dtype, None, spec.weight_dtype):  # (no split-K)
+                cfg = dict({key: value for key, value in cfg.items() if key != "SPLIT_K"}, **CONV_GEOMETRY)
+                text = ",".join(f"{key}={value}" for key, value in cfg.items())
+                key = f"{spec.short_name()}[{text}]"
+                if key not in {b[0] for b in builds}:
+                    builds.append((key, spec, cfg))
     builds.append(("prune24", None, {"BLOCK_R": 32, "BLOCK_W": 16, "num_warps": 4}))
     return builds
 
@@ -178,7 +215,7 @@ def check_standard_builds(capabilities=(80, 90)) -> dict[str, str]:
             (name, source), signature = prune_kernel_source(), prune_signature("float16")
         else:
             name, source = emit_matmul(spec, [])
-            signature = matmul_signature(spec) if spec.format == "2:4" else condensed_signature(spec)
+            signature = kernel_signature(spec)
         for cap in capabilities:
             try:
                 ok = bool(compile_for(cap, name, source, signature, cfg, warps, stages).asm.get("cubin"))

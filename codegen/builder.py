@@ -155,7 +155,8 @@ def header(title: str, spec_text: str, layers: list[LayerUse]) -> str:
     buf.line(f"# spec: {spec_text}")
     buf.line(f"# versions: {versions()}")
     if layers:
-        buf.line("# made for (layer: x [M, K] @ W^T [K, N]):")
+        buf.line("# made for (layer: x [M, K] @ W^T [K, N]" + (", M = output pixels, K = in channels x taps):"
+                                                                 if "conv2d" in spec_text else "):"))
         for use in sorted(layers, key=lambda u: u.name):
             buf.line(f"#   {use.name}: M={use.m if use.m is not None else '?'}, N={use.n}, K={use.k}")
     return buf.getvalue()
@@ -168,14 +169,14 @@ def kernel_name(spec) -> str:
 
 
 def emit_matmul(spec: MatmulSpec, layers: list[LayerUse]) -> tuple[str, str]:
-    """(kernel name, complete source) of a fused sparse matmul: 2:4 (decompress + tl.dot) or
-    condensed constant fan-in (gather + reduce)."""
+    """(kernel name, complete source) of a fused sparse matmul: 2:4 (decompress + tl.dot; as an
+    implicit-GEMM conv2d for layout "conv2d") or condensed constant fan-in (gather + reduce)."""
     name = kernel_name(spec)
     if spec.format == "2:4":
-        body = _template("sparse24_matmul.py.tmpl").substitute(name=name, dot=_dot(spec), epilogue=_epilogue(spec),
-                                                                expand=_expand(spec),
-                                                                pair_int=f"tl.int{2 * _BITS[spec.weight_dtype]}")
-        title = "sparsec 2:4 sparse matmul with fused epilogue, pattern 2:4"
+        template = "sparse24_conv2d.py.tmpl" if spec.layout == "conv2d" else "sparse24_matmul.py.tmpl"
+        body = _template(template).substitute(name=name, dot=_dot(spec), epilogue=_epilogue(spec), expand=_expand(spec),
+                                              pair_int=f"tl.int{2 * _BITS[spec.weight_dtype]}")
+        title = f"sparsec 2:4 sparse {'conv2d' if spec.layout == 'conv2d' else 'matmul'} with fused epilogue, pattern 2:4"
     else:
         body = _template("condensed_matmul.py.tmpl").substitute(name=name, epilogue=_epilogue(spec))
         title = "sparsec condensed constant fan-in matmul with fused epilogue, pattern fanin"

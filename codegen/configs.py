@@ -78,7 +78,8 @@ def split_k(m: int, n: int, k: int, cfg: dict, sms: int | None) -> int:
 
 def matmul_config(m: int, n: int, k: int, act_dtype: str, sms: int | None = None) -> dict:
     """Tiles for y[M, N] = x[M, K] @ W^T (tl.dot needs every tile dimension >= 16); `sms` is the
-    device's multiprocessor count (None: do not split K)."""
+    device's multiprocessor count (None: do not split K, as for the conv kernel, whose M, batch
+    times output pixels, is large)."""
     if interpreting():
         # Few, large programs: the interpreter's cost is per program and per K step.
         return dict(BLOCK_M=_pow2_clamp(m, 16, 64), BLOCK_N=_pow2_clamp(n, 16, 128), BLOCK_K=_pow2_clamp(k, 16, 128),

@@ -105,13 +105,7 @@ def sparse24_launch(m: int, n: int, k: int, spec: MatmulSpec, name: str, source:
     require_runnable(device)
     cfg = dict(config or _config(max(m, 1), n, k, spec.act_dtype, device))
     cfg.setdefault("SPLIT_K", 1)
-    cfg.setdefault("PRMT_EXPAND", 0)
-    if cfg["PRMT_EXPAND"] and not has_prmt_expand(spec.weight_dtype, spec.act_dtype):
-        raise InvalidInputError(f"launch PRMT_EXPAND=1 applies to {PRMT_EXPAND_APPLIES}; kernel {name} has "
-                                f"{spec.weight_dtype} weights and {spec.act_dtype} inputs. Use PRMT_EXPAND=0")
-    if cfg["PRMT_EXPAND"] and interpreting():
-        raise InvalidInputError("launch PRMT_EXPAND=1 runs inline PTX, which the Triton interpreter cannot run; "
-                                "use PRMT_EXPAND=0 under TRITON_INTERPRET=1")
+    _check_prmt_expand(cfg, spec, name)
     tiles = triton_cdiv(m, cfg["BLOCK_M"]) * triton_cdiv(n, cfg["BLOCK_N"])
     unsplit = dict(cfg, SPLIT_K=1)
     if cfg["SPLIT_K"] > 1 and (tiles > SPLIT_COUNTERS or cfg["SPLIT_K"] * m * n >= 2 ** 31):
@@ -120,6 +114,78 @@ def sparse24_launch(m: int, n: int, k: int, spec: MatmulSpec, name: str, source:
                             k % cfg["BLOCK_K"] == 0)
     _LAUNCHES[key] = launch
     return launch
+
+
+def _check_prmt_expand(cfg: dict, spec: MatmulSpec, name: str) -> None:
+    cfg.setdefault("PRMT_EXPAND", 0)
+    if cfg["PRMT_EXPAND"] and not has_prmt_expand(spec.weight_dtype, spec.act_dtype):
+        raise InvalidInputError(f"launch PRMT_EXPAND=1 applies to {PRMT_EXPAND_APPLIES}; kernel {name} has "
+                                f"{spec.weight_dtype} weights and {spec.act_dtype} inputs. Use PRMT_EXPAND=0")
+    if cfg["PRMT_EXPAND"] and interpreting():
+        raise InvalidInputError("launch PRMT_EXPAND=1 runs inline PTX, which the Triton interpreter cannot run; "
+                                "use PRMT_EXPAND=0 under TRITON_INTERPRET=1")
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """A convolution's kernel size, stride, zero padding and dilation, as (height, width) pairs."""
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+
+    def output_size(self, h: int, w: int) -> tuple[int, int]:
+        return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1
+                     for size, k, s, p, d in zip((h, w), self.kernel, self.stride, self.padding, self.dilation))
+
+
+def sparse24_conv2d(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, scales: torch.Tensor | None,
+                    bias: torch.Tensor | None, out_scale: torch.Tensor | None, spec: MatmulSpec, name: str, source: str,
+                    geometry: ConvGeometry, cache: KernelCache | None = None, config: dict | None = None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """y [B, N, OH, OW] = epilogue(conv2d(x [B, C, H, W], W)) with W [N, C, KH, KW] given as the 2:4
+    values + metadata of its rows W.reshape(N, -1), zero padding `geometry.padding` (pad x first for
+    anything else); `out` as for sparse24_matmul, [B, N, OH, OW]."""
+    require_runnable(x.device)
+    if x.dtype != _TORCH_DTYPES[spec.act_dtype]:
+        raise InvalidInputError(f"kernel {name} was generated for {spec.act_dtype} inputs, got {x.dtype}")
+    kh, kw = geometry.kernel
+    n = values.shape[0]
+    if x.dim() != 4:
+        raise InvalidInputError(f"kernel {name} takes a [B, C, H, W] input, got shape {tuple(x.shape)}")
+    batch, channels, h, w = x.shape
+    k = channels * kh * kw
+    if values.shape != (n, k // 2) or k % 4 or meta.shape != (n, (k + 15) // 16):
+        raise InvalidInputError(f"2:4 operands do not fit a {kh}x{kw} conv on {channels} channels (K = {k}): values "
+                                f"{tuple(values.shape)} (want [{n}, {k // 2}]), meta {tuple(meta.shape)} "
+                                f"(want [{n}, {math.ceil(k / 16)}])")
+    oh, ow = geometry.output_size(h, w)
+    if oh < 1 or ow < 1:
+        raise InvalidInputError(f"a {kh}x{kw} conv ({geometry}) leaves no output pixels on a {h}x{w} input")
+    dtype = _TORCH_DTYPES[spec.out_dtype]
+    if out is None:
+        out = torch.empty(batch, n, oh, ow, dtype=dtype, device=x.device)
+    elif out.shape != (batch, n, oh, ow) or out.dtype != dtype or out.device != x.device:
+        raise InvalidInputError(f"out must be a [{batch}, {n}, {oh}, {ow}] {dtype} tensor on {x.device}; got "
+                                f"{tuple(out.shape)} {out.dtype} on {out.device}")
+    m = batch * oh * ow
+    if m == 0:
+        return out
+    cfg = dict(config or matmul_config(m, n, k, spec.act_dtype))  # (no SM count: no split-K)
+    if cfg.pop("SPLIT_K", 1) != 1:
+        raise InvalidInputError(f"kernel {name} is a convolution, which does not split K; use SPLIT_K=1")
+    _check_prmt_expand(cfg, spec, name)
+    values, meta = values.contiguous(), meta.contiguous()
+    if values.data_ptr() % (2 * values.element_size()):
+        values = values.clone()  # the kernel reads each group's two values as one aligned word
+    grid = (triton_cdiv(m, cfg["BLOCK_M"]) * triton_cdiv(n, cfg["BLOCK_N"]),)
+    _kernel(name, source, cache, x.device)[grid](
+        x, *x.stride(), values, values.stride(0), meta, meta.stride(0),
+        *_epilogue_operands(scales, bias, out_scale, values), out, *out.stride(),
+        h, w, oh, ow, m, n, k,
+        KH=kh, KW=kw, STRIDE_H=geometry.stride[0], STRIDE_W=geometry.stride[1], PAD_H=geometry.padding[0],
+        PAD_W=geometry.padding[1], DIL_H=geometry.dilation[0], DIL_W=geometry.dilation[1], **cfg)
+    return out
 
 
 def condensed_matmul(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, scales: torch.Tensor | None,

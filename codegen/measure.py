@@ -124,6 +124,40 @@ def candidates(gm, ctx, layer, decision, m: int, triton_problem: str | None) -> 
     return out
 
 
+def conv_candidates(gm, ctx, layer, decision, input_shape: tuple[int, ...], triton_problem: str | None) -> tuple[dict, int]:
+    """(name -> zero-argument callable computing the conv layer on an input of `input_shape`, the rows
+    M = batch x output pixels of its implicit GEMM): dense cuDNN on the pruned weight, and the 2:4
+    Triton conv kernel once per launch config worth timing (as `candidates`). Both read the input as
+    the kernel does ([B, C, H, W], padded first where the kernel cannot pad)."""
+    from sparsec.codegen.builder import LayerUse, emit_matmul
+    from sparsec.codegen.configs import matmul_candidates
+    from sparsec.codegen.launch import sparse24_conv2d
+    from sparsec.runtime.packed import PackedWeight
+    from sparsec.runtime.triton_conv import TritonSparseConv1d, TritonSparseConv2d
+
+    weight = gm.get_parameter(layer.weight_path).detach()
+    bias = gm.get_parameter(layer.bias_path).detach() if layer.bias_path else None
+    rows = weight_to_rows(weight, layer.op)
+    mask = ctx.layer_mask(gm, layer, decision.sparsity)
+    packed = PackedWeight.pack(rows, mask, parse_pattern(decision.sparsity), decision.quant)
+    module_class = TritonSparseConv1d if layer.op == "conv1d" else TritonSparseConv2d
+    module = module_class(packed, bias, tuple(weight.shape), layer.name, decision.sparsity, "", layer.conv)
+    x, geometry, _ = module.kernel_input(torch.randn(input_shape, device=weight.device, dtype=weight.dtype))
+    dense = module.effective_weight().contiguous()
+    dense = dense.unsqueeze(-2) if layer.op == "conv1d" else dense  # x is [B, C, H, W] as the kernel reads it
+    out = {"dense": lambda: F.conv2d(x, dense, bias, geometry.stride, geometry.padding, geometry.dilation)}
+    oh, ow = geometry.output_size(x.shape[2], x.shape[3])
+    m = x.shape[0] * oh * ow
+    if triton_problem is None:
+        spec = module.spec()
+        name, source = emit_matmul(spec, [LayerUse(layer.name, m, layer.out_features, layer.reduction)])
+        configs = matmul_candidates(m, layer.out_features, layer.reduction, spec.act_dtype, None, spec.weight_dtype)
+        for i, cfg in enumerate(configs):
+            out[triton_key(i)] = functools.partial(sparse24_conv2d, x, packed.values, packed.meta, packed.scales, bias,
+                                                   None, spec, name, source, geometry, config=cfg)
+    return out, m
+
+
 def triton_key(i: int) -> str:
     return "triton" if i == 0 else f"triton#{i}"
 
@@ -209,13 +243,18 @@ def run_poisoned(fn, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
     return fn()
 
 
-def pick_fastest(gm, ctx, layer, decision, m: int | None, triton_problem: str | None, device: str = "cuda"):
-    """(backend, note, launch): the fastest way to run the layer at M rows among the candidates that
-    agree with dense, a note with the times (and the candidates rejected or failing, by name), and
-    for a 2:4 Triton kernel the fastest launch config (with "M"), else None."""
+def pick_fastest(gm, ctx, layer, decision, m: int | None, triton_problem: str | None, device: str = "cuda",
+                 input_shape: tuple[int, ...] | None = None):
+    """(backend, note, launch): the fastest way to run the layer at M rows (a conv layer: on an input of
+    `input_shape`) among the candidates that agree with dense, a note with the times (and the
+    candidates rejected or failing, by name), and for a 2:4 Triton kernel the fastest launch config
+    (with "M"), else None."""
     rows = m or DEFAULT_ROWS
     if device == "cpu":
         options, timer = cpu_fanin_candidates(gm, ctx, layer, decision, rows), time_cpu
+    elif input_shape is not None:  # a conv layer
+        (options, rows), timer = conv_candidates(gm, ctx, layer, decision, input_shape, triton_problem), time_cuda
+        m = rows
     else:
         options, timer = candidates(gm, ctx, layer, decision, rows, triton_problem), time_cuda
     times = {}

@@ -9,6 +9,7 @@ _SHORT = {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "int8": "i8"}
 
 
 FORMATS = ("2:4", "fanin")
+LAYOUTS = ("matmul", "conv2d")  # conv2d: an implicit GEMM gathering x's receptive fields (2:4 only)
 
 
 PRMT_EXPAND_APPLIES = "float16 / bfloat16 weights, and to int8 weights with float16 / bfloat16 inputs"
@@ -23,7 +24,8 @@ def has_prmt_expand(weight_dtype: str, act_dtype: str) -> bool:
 @dataclass(frozen=True)
 class MatmulSpec:
     """y = epilogue(x @ W^T) with W 2:4-compressed along K (format "2:4") or condensed constant
-    fan-in (format "fanin": values + int32 indices per output row).
+    fan-in (format "fanin": values + int32 indices per output row). layout "conv2d": the same with
+    x's rows gathered from an image's receptive fields (an implicit-GEMM convolution).
 
     act_dtype: dtype of x (and of the dot's inputs); weight_dtype: act_dtype, or "int8" with fp32
     per-output-channel scales; then + bias, activation, * out_scale (a per-channel vector that
@@ -36,6 +38,7 @@ class MatmulSpec:
     out_scale: bool
     out_dtype: str
     format: str = "2:4"
+    layout: str = "matmul"
 
     def __post_init__(self):
         if self.act_dtype not in ACT_DTYPES:
@@ -46,6 +49,8 @@ class MatmulSpec:
             raise ValueError(f"activation {self.activation!r} not in {ACTIVATIONS}")
         if self.format not in FORMATS:
             raise ValueError(f"format {self.format!r} not in {FORMATS}")
+        if self.layout not in LAYOUTS or (self.layout == "conv2d" and self.format != "2:4"):
+            raise ValueError(f"layout {self.layout!r} must be one of {LAYOUTS} (conv2d with format 2:4 only)")
 
     def epilogue_ops(self) -> list[str]:
         ops = ["dequant"] if self.weight_dtype == "int8" else []
@@ -57,15 +62,16 @@ class MatmulSpec:
         return ops
 
     def short_name(self) -> str:
-        prefix = "sparse24_mm" if self.format == "2:4" else "condensed_mm"
+        prefix = "sparse24_conv" if self.layout == "conv2d" else "sparse24_mm" if self.format == "2:4" else "condensed_mm"
         parts = [prefix, _SHORT[self.act_dtype]] + (["w8"] if self.weight_dtype == "int8" else [])
         parts += [op.replace("cast:", "to_").replace("float", "f") for op in self.epilogue_ops() if op != "dequant"]
         return "_".join(parts)
 
     def describe(self) -> str:
         weight = "2:4" if self.format == "2:4" else "condensed fan-in"
-        return (f"x {self.act_dtype}, W {weight} {self.weight_dtype}, epilogue [{', '.join(self.epilogue_ops()) or 'none'}], "
-                f"out {self.out_dtype}")
+        conv = "conv2d (implicit GEMM), " if self.layout == "conv2d" else ""
+        return (f"{conv}x {self.act_dtype}, W {weight} {self.weight_dtype}, epilogue "
+                f"[{', '.join(self.epilogue_ops()) or 'none'}], out {self.out_dtype}")
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,14 @@
 """Analysis: choose what runs each sparse layer, and record why.
 
 backend="torch"   plain-torch runtime everywhere (CPU default).
-backend="triton"  the generated fused kernels for every layer they cover (2:4 or constant fan-in,
-                  linear / matmul, float16 / bfloat16 / float32 weights); other sparse layers stay on
-                  torch, with the reason. Needs CUDA, or TRITON_INTERPRET=1 for the CPU interpreter.
+backend="triton"  the generated fused kernels for every layer they cover (2:4 or constant fan-in
+                  linear / matmul, 2:4 conv1d / conv2d with groups=1; float16 / bfloat16 / float32
+                  weights); other sparse layers stay on torch, with the reason. Needs CUDA, or TRITON_INTERPRET=1 for the CPU interpreter.
 backend="auto"    on CPU: constant fan-in fp32 linear layers time the condensed kernel against a dense
                   GEMM on the pruned weight and take the faster; everything else runs torch. On CUDA:
                   per layer, time the Triton kernel, cuSPARSELt (when this torch has it) and a dense
-                  GEMM on the pruned weight at the compiled shape, and take the fastest, so a
-                  compiled layer is never slower than dense where it was compiled.
+                  GEMM (cuDNN for a conv) on the pruned weight at the compiled shape, and take the
+                  fastest, so a compiled layer is never slower than dense where it was compiled.
 With a given plan, its `backend` entries are applied as they are.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch.fx as fx
 
 from sparsec.context import CompileContext
 from sparsec.errors import InvalidInputError
-from sparsec.meta import LayerInfo, get_meta, input_rows, layer_nodes, update_meta
+from sparsec.meta import LayerInfo, data_input, get_meta, input_rows, layer_nodes, update_meta
 from sparsec.plan import dtype_name
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -34,8 +34,11 @@ def triton_blocker(layer: LayerInfo, sparsity: str, device: torch.device) -> str
 
     if sparsity != "2:4" and not sparsity.startswith("fanin:"):
         return f"the Triton kernels cover 2:4 and constant fan-in only (this layer is {sparsity})"
-    if layer.op not in ("linear", "matmul"):
-        return f"the Triton kernels cover linear layers only (this layer is {layer.op})"
+    if layer.conv is not None and sparsity != "2:4":
+        return f"the Triton conv kernel covers 2:4 only (this layer is {sparsity})"
+    if layer.conv is not None and layer.conv.groups != 1:
+        return (f"the Triton conv kernel covers groups=1 only (this layer has groups={layer.conv.groups}: each "
+                f"output channel reads other input channels, which is not one GEMM)")
     if layer.dtype not in TRITON_DTYPES:
         return f"the Triton kernel covers float16 / bfloat16 / float32 weights (this layer is {dtype_name(layer.dtype)})"
     if device.type == "cpu" and interpreting() and layer.dtype == torch.bfloat16:
@@ -58,10 +61,15 @@ def _measured(gm, ctx: CompileContext, layer: LayerInfo, decision, node: fx.Node
     from sparsec.codegen.measure import pick_fastest
 
     m = input_rows(node, layer.reduction)
-    key = (device, layer.op, layer.out_features, layer.reduction, layer.dtype, decision.sparsity, decision.quant,
-           layer.bias_path is not None, m, triton_problem)
+    input_shape = get_meta(data_input(node)).shape if layer.conv is not None else None
+    if layer.conv is not None and input_shape is None:
+        return "torch", ("backend auto times a conv layer on its input, whose shape is unknown without example "
+                         "inputs; runs on the torch runtime (pass example_inputs to compile)"), None
+    key = (device, layer.op, layer.weight_shape, layer.conv, layer.dtype, decision.sparsity, decision.quant,
+           layer.bias_path is not None, input_shape or m, triton_problem)
     if key not in ctx.measurements:
-        ctx.measurements[key] = (*pick_fastest(gm, ctx, layer, decision, m, triton_problem, device=device), layer.name)
+        ctx.measurements[key] = (*pick_fastest(gm, ctx, layer, decision, m, triton_problem, device=device,
+                                               input_shape=input_shape), layer.name)
         return ctx.measurements[key][:3]
     backend, note, launch, measured_on = ctx.measurements[key]
     return backend, f"{note}; measured on {measured_on}, which has the same shape", launch

@@ -6,11 +6,14 @@ and writes nothing (`kernel_cache_hit`), a corrupt entry is rebuilt (`kernel_cac
 """
 from __future__ import annotations
 
+import math
+
 import torch.fx as fx
 
 from sparsec.context import CompileContext
-from sparsec.meta import input_rows, update_meta
-from sparsec.runtime.triton_linear import TritonSparseLinear
+from sparsec.meta import get_meta, input_rows, update_meta
+from sparsec.runtime.triton_conv import TritonSparseConv2d
+from sparsec.runtime.triton_linear import FusedEpilogue
 
 
 def emit_kernels(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
@@ -19,9 +22,10 @@ def emit_kernels(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
 
     groups: dict = {}
     for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(module := gm.get_submodule(node.target), TritonSparseLinear):
-            k = module.packed.reduction
-            use = LayerUse(module.layer_name, input_rows(node, k), module.packed.out_features, k)
+        if node.op == "call_module" and isinstance(module := gm.get_submodule(node.target), FusedEpilogue):
+            k, n = module.packed.reduction, module.packed.out_features
+            rows = _conv_rows(node, n) if isinstance(module, TritonSparseConv2d) else input_rows(node, k)
+            use = LayerUse(module.layer_name, rows, n, k)
             groups.setdefault(module.spec(), []).append((node, module, use))
     modules = {m.layer_name: m for g in groups.values() for _, m, _ in g}
     cache = KernelCache()
@@ -48,14 +52,20 @@ def emit_kernels(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     return gm
 
 
-def _launch_config(module: TritonSparseLinear, use) -> dict:
+def _conv_rows(node: fx.Node, n: int) -> int | None:
+    """Rows of a conv layer's implicit GEMM: batch x output pixels, from its output shape (None: unknown)."""
+    shape = get_meta(node).shape
+    return None if shape is None else math.prod(shape) // n
+
+
+def _launch_config(module: FusedEpilogue, use) -> dict:
     """What the layer launches with at its compiled rows: the measured config, else the shape table's
-    for the layer's device."""
+    for the layer's device (a conv does not split K)."""
     from sparsec.codegen.configs import condensed_config, matmul_config
     from sparsec.codegen.launch import sm_count
 
     rows, spec = use.m or 1, module.spec()
     if spec.format == "fanin":
         return condensed_config(rows, use.n, module.packed.values.shape[1])
-    return module.launch_config(rows) or matmul_config(rows, use.n, use.k, spec.act_dtype,
-                                                       sm_count(module.packed.values.device))
+    sms = None if spec.layout == "conv2d" else sm_count(module.packed.values.device)
+    return module.launch_config(rows) or matmul_config(rows, use.n, use.k, spec.act_dtype, sms)

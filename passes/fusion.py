@@ -2,6 +2,7 @@
 
 Chain, in this order, each step optional:
     sparse matmul -> + bias -> relu | gelu | gelu_tanh | silu -> * per-channel scale -> cast
+(a conv layer's chain is its activation and cast: its channels are not the last dim)
 (the int8 dequant scale is part of the layer already). Views / reshapes that keep the last dim may
 sit anywhere in the chain: they stay in the graph, and the steps after them move into the kernel.
 A step is absorbed only when the value before it has no other user, and only for a layer called
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from sparsec.context import CompileContext
 from sparsec.meta import get_meta, update_meta
 from sparsec.passes.weight_reads import erase_unused_reads
-from sparsec.runtime.triton_linear import TritonSparseLinear
+from sparsec.runtime.triton_linear import FusedEpilogue, TritonSparseLinear
 
 aten = torch.ops.aten
 
@@ -103,16 +104,21 @@ def _attr(gm: fx.GraphModule, path: str):
     return obj
 
 
-def _fuse_chain(gm: fx.GraphModule, ctx: CompileContext, layer_node: fx.Node, module: TritonSparseLinear) -> None:
+def _fuse_chain(gm: fx.GraphModule, ctx: CompileContext, layer_node: fx.Node, module: FusedEpilogue) -> None:
     cur, absorbed, views, ops = layer_node, [], [], []
     stage = 0  # 0: bias next, 1: activation, 2: scale, 3: cast, 4: done
     n = module.packed.out_features
+    # A conv's output channels are dim 1, not the last dim that a vector operand or a view's
+    # last-dim check refers to: only its activation and cast are taken.
+    features_last = isinstance(module, TritonSparseLinear)
     while stage < 4 and len(cur.users) == 1:
         user = next(iter(cur.users))
-        if _regroups_rows(user, cur, n):  # stays in the graph; the steps after it move into the kernel
+        if features_last and _regroups_rows(user, cur, n):  # stays in the graph; the steps after it move into the kernel
             views.append(user)
             cur = user
             continue
+        if not features_last and stage <= 1:
+            stage = 1
         if stage <= 0 and module.bias is None and (b := _vector_operand(gm, user, cur, _ADD, n)) is not None:
             vector = _attr(gm, b.target)
             module.bias = nn.Parameter(vector.detach().reshape(-1).expand(n).clone(), requires_grad=vector.requires_grad)
@@ -122,7 +128,7 @@ def _fuse_chain(gm: fx.GraphModule, ctx: CompileContext, layer_node: fx.Node, mo
             module.activation = act
             ops.append(act)
             stage = 2
-        elif stage <= 2 and (s := _vector_operand(gm, user, cur, _MUL, n)) is not None:
+        elif stage <= 2 and features_last and (s := _vector_operand(gm, user, cur, _MUL, n)) is not None:
             module.out_scale = _attr(gm, s.target).detach().clone().reshape(-1).expand(n).clone()
             ops.append("scale")
             stage = 3
@@ -154,7 +160,7 @@ def _fuse_chain(gm: fx.GraphModule, ctx: CompileContext, layer_node: fx.Node, mo
 def fuse_epilogues(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     sites: dict[str, list[fx.Node]] = {}
     for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), TritonSparseLinear):
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), FusedEpilogue):
             sites.setdefault(node.target, []).append(node)
     for target, nodes in sites.items():
         if len(nodes) == 1:

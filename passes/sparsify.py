@@ -23,6 +23,7 @@ from sparsec.runtime import PackedWeight, SparseConv1d, SparseConv2d, SparseLaye
 from sparsec.runtime.condensed_linear import CondensedLinear
 from sparsec.runtime.cusparselt_linear import CusparseltLinear
 from sparsec.runtime.packed import DensePacked
+from sparsec.runtime.triton_conv import TritonSparseConv1d, TritonSparseConv2d
 from sparsec.runtime.triton_linear import TritonSparseLinear
 
 
@@ -31,9 +32,14 @@ def _set_submodule(gm: fx.GraphModule, path: str, module: torch.nn.Module) -> No
     setattr(gm.get_submodule(parent) if parent else gm, attr, module)
 
 
-# decision.backend -> the module class running a linear / matmul layer (convolutions always run SparseConv1d / 2d)
+# decision.backend -> the module class running a linear / matmul layer
 LINEAR_MODULES = {None: SparseLinear, "torch": SparseLinear, "dense": SparseLinear,
                   "triton": TritonSparseLinear, "cusparselt": CusparseltLinear, "condensed": CondensedLinear}
+
+
+# (op, runs the Triton kernel) -> the module class running a convolution
+CONV_MODULES = {("conv1d", False): SparseConv1d, ("conv2d", False): SparseConv2d,
+                ("conv1d", True): TritonSparseConv1d, ("conv2d", True): TritonSparseConv2d}
 
 
 def build_runtime_module(gm: fx.GraphModule, ctx: CompileContext, layer: LayerInfo, decision) -> SparseLayer:
@@ -47,8 +53,11 @@ def build_runtime_module(gm: fx.GraphModule, ctx: CompileContext, layer: LayerIn
         packed = PackedWeight.pack(rows, mask, pattern, decision.quant)
     bias = gm.get_parameter(layer.bias_path) if layer.bias_path else None
     if layer.conv is not None:
-        conv_module = SparseConv1d if layer.op == "conv1d" else SparseConv2d
-        return conv_module(packed, bias, layer.weight_shape, layer.name, decision.sparsity, decision.reason, layer.conv)
+        conv_module = CONV_MODULES[layer.op, decision.backend == "triton"]
+        module = conv_module(packed, bias, layer.weight_shape, layer.name, decision.sparsity, decision.reason, layer.conv)
+        if decision.launch is not None:
+            module.launch = dict(decision.launch)
+        return module
     module = LINEAR_MODULES[decision.backend](packed, bias, layer.op, layer.weight_shape, layer.name, decision.sparsity,
                                               decision.reason)
     if decision.launch is not None:

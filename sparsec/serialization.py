@@ -106,12 +106,12 @@ def _upgrade_launch_configs(model) -> None:
     """Launch configs recorded by an earlier version (plan layers, layer modules) in this version's
     keys, as Plan.from_json reads them from the file's plan."""
     from sparsec.codegen.configs import upgrade_launch
-    from sparsec.runtime.triton_linear import TritonSparseLinear
+    from sparsec.runtime.triton_linear import FusedEpilogue
 
     for lp in model.plan.layers:
         lp.launch = upgrade_launch(lp.launch)
     for module in model.graph_module.modules():
-        if isinstance(module, TritonSparseLinear) and getattr(module, "launch", None) is not None:
+        if isinstance(module, FusedEpilogue) and getattr(module, "launch", None) is not None:
             module.launch = upgrade_launch(module.launch)
 
 
@@ -120,11 +120,11 @@ def _regenerate_kernels(model) -> None:
     kernel sources whose arguments this version's launchers may no longer pass. Same spec, same
     name; the source is this version's (and identical when the templates did not change)."""
     from sparsec.codegen.builder import LayerUse, emit_matmul
-    from sparsec.runtime.triton_linear import TritonSparseLinear
+    from sparsec.runtime.triton_linear import FusedEpilogue
 
     kernels, manifest = {}, {}
     for module in model.graph_module.modules():
-        if isinstance(module, TritonSparseLinear) and module.kernel_name is not None:
+        if isinstance(module, FusedEpilogue) and module.kernel_name is not None:
             entry = model.kernel_manifest.get(module.kernel_name, {})
             uses = [LayerUse(u["name"], u["M"], u["N"], u["K"]) for u in entry.get("layers", [])]
             name, source = emit_matmul(module.spec(), uses)

@@ -488,9 +488,12 @@ def test_half_precision_model_on_the_triton_backend():
 
 def test_non_kernel_layers_stay_on_torch_with_reason():
     model, inputs = on_device(*load_example("cnn").build_model())
-    cm = sparsec.compile(model, example_inputs=inputs, backend="triton", include=["head"], pattern="2:4")
-    assert cm.plan["stage1.0.0"].backend == "torch" and "cover linear layers only" in cm.plan["stage1.0.0"].reason
-    assert cm.plan["head"].backend == "triton"
+    plan = sparsec.explain(model, example_inputs=inputs, backend="triton", include=["head"], pattern="2:4")
+    assert plan["stage1.0.0"].backend == "triton" and plan["head"].backend == "triton"
+    grouped = plan["stage2.1.0"]
+    assert grouped.sparsity == "2:4" and grouped.backend == "torch" and "covers groups=1 only" in grouped.reason
+    fanin = sparsec.explain(model, example_inputs=inputs, backend="triton", pattern="fanin:0.5")
+    assert fanin["stage1.0.0"].backend == "torch" and "conv kernel covers 2:4 only" in fanin["stage1.0.0"].reason
     model, inputs = on_device(*load_example("mlp").build_model())
     other = sparsec.explain(model, pattern="1:4", backend="triton", example_inputs=inputs)
     assert other["fc2"].backend == "torch" and "cover 2:4 and constant fan-in only" in other["fc2"].reason

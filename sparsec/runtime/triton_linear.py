@@ -24,15 +24,34 @@ _ACTIVATION_FNS = {
 }
 
 
-class TritonSparseLinear(SparseLinear):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+class FusedEpilogue:
+    """What the fusion pass folded into a Triton layer's kernel after the product (activation, per-channel
+    scale, cast; the bias is the layer's own), the kernel the codegen pass attached, and the same
+    epilogue in plain torch for `reference`."""
+
+    def init_epilogue(self) -> None:
         self.activation: str | None = None
         self.register_buffer("out_scale", None)
         self.out_dtype: torch.dtype | None = None
         self.kernel_name: str | None = None
         self.kernel_source: str | None = None
         self.launch: dict | None = None  # measured launch config and the rows "M" it was measured at
+
+    def kernel_spec(self, layout: str = "matmul"):
+        from sparsec.codegen.spec import MatmulSpec
+
+        act = str(self.packed.dtype_probe.dtype).removeprefix("torch.")
+        return MatmulSpec(act_dtype=act, weight_dtype="int8" if self.packed.quant == "int8" else act,
+                          bias=self.bias is not None, activation=self.activation, out_scale=self.out_scale is not None,
+                          out_dtype=str(self.out_dtype or self.packed.dtype_probe.dtype).removeprefix("torch."),
+                          format="fanin" if isinstance(self.packed, FanInPacked) else "2:4", layout=layout)
+
+    def reference_epilogue(self, y: torch.Tensor) -> torch.Tensor:
+        """Activation, scale and cast on the product plus bias (the scale runs along the last dim)."""
+        y = _ACTIVATION_FNS[self.activation](y)
+        if self.out_scale is not None:
+            y = y * self.out_scale
+        return y.to(self.out_dtype) if self.out_dtype is not None else y
 
     def launch_config(self, rows: int) -> dict | None:
         """The measured config at the rows it was measured for; None elsewhere (the shape table decides)."""
@@ -41,22 +60,30 @@ class TritonSparseLinear(SparseLinear):
         launch = getattr(self, "launch", None)  # absent in layers saved before launch configs existed
         if launch is None or launch["M"] != rows:
             return None
-        return {key: launch[key] for key in LAUNCH_KEYS}
+        return {key: launch[key] for key in LAUNCH_KEYS if key in launch}
+
+    def require_kernel(self) -> None:
+        if self.kernel_source is None:
+            raise RuntimeError(f"layer {self.layer_name!r} has no generated kernel; the codegen pass did not run")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run_kernel(self, x)
+
+    def extra_repr(self) -> str:
+        fused = [op for op in self.spec().epilogue_ops() if op != "dequant"]
+        return super().extra_repr() + f", triton kernel {self.kernel_name}" + (f", fused {'+'.join(fused)}" if fused else "")
+
+
+class TritonSparseLinear(FusedEpilogue, SparseLinear):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.init_epilogue()
 
     def spec(self):
-        from sparsec.codegen.spec import MatmulSpec
-
-        act = str(self.packed.dtype_probe.dtype).removeprefix("torch.")
-        return MatmulSpec(act_dtype=act, weight_dtype="int8" if self.packed.quant == "int8" else act,
-                          bias=self.bias is not None, activation=self.activation, out_scale=self.out_scale is not None,
-                          out_dtype=str(self.out_dtype or self.packed.dtype_probe.dtype).removeprefix("torch."),
-                          format="fanin" if isinstance(self.packed, FanInPacked) else "2:4")
+        return self.kernel_spec()
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
-        y = _ACTIVATION_FNS[self.activation](F.linear(x, self.packed.rows(), self.bias))
-        if self.out_scale is not None:
-            y = y * self.out_scale
-        return y.to(self.out_dtype) if self.out_dtype is not None else y
+        return self.reference_epilogue(F.linear(x, self.packed.rows(), self.bias))
 
     def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         # Per-call Python time is what a single-row call waits for: what does not change between calls
@@ -75,8 +102,7 @@ class TritonSparseLinear(SparseLinear):
         return launch(x.detach(), packed.values, packed.meta, packed.scales, bias, self.out_scale)
 
     def _sparse24_launch(self, rows: int, k: int, device: torch.device, spec):
-        if self.kernel_source is None:
-            raise RuntimeError(f"layer {self.layer_name!r} has no generated kernel; the codegen pass did not run")
+        self.require_kernel()
         from sparsec.codegen.launch import sparse24_launch
 
         if k != self.packed.reduction:
@@ -84,10 +110,3 @@ class TritonSparseLinear(SparseLinear):
                                     f"the last dimension, got {k}")
         return sparse24_launch(rows, self.packed.out_features, k, spec, self.kernel_name, self.kernel_source, device,
                                self.launch_config(rows))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return run_kernel(self, x)
-
-    def extra_repr(self) -> str:
-        fused = [op for op in self.spec().epilogue_ops() if op != "dequant"]
-        return super().extra_repr() + f", triton kernel {self.kernel_name}" + (f", fused {'+'.join(fused)}" if fused else "")
