@@ -9,7 +9,7 @@ import torch
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 
 
-@pytest.mark.parametrize("script", ["bench_sparse24.py", "bench_training.py", "bench_condensed_gpu.py"])
+@pytest.mark.parametrize("script", ["bench_sparse24.py", "bench_conv24.py", "bench_training.py", "bench_condensed_gpu.py"])
 def test_gpu_benchmarks_skip_cleanly_without_cuda(script):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the benchmarks are run by hand there")
@@ -81,6 +81,34 @@ def test_sparse24_sweep_times_every_candidate_and_checks_nothing_silently(monkey
     monkeypatch.setattr(launch, "sparse24_matmul", skips_row_0)
     skipped = bench_sparse24.sweep_configs(layer, x, expected)[1:]
     assert skipped and all(not r["ok"] and r["s"] is None and r["max_rel_err"] != r["max_rel_err"] for r in skipped)
+
+
+def test_conv24_sweep_checks_then_times_every_config(monkeypatch):
+    """bench_conv24's launch-config sweep runs end to end on a reflect-padded conv (the kernel in the
+    interpreter on CPU, the timer a call counter); a wrong result is recorded, not timed."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    import sparsec
+    from sparsec.runtime.triton_conv import TritonSparseConv2d
+
+    sys.path.insert(0, BENCH)
+    import bench_conv24
+
+    calls = []
+    monkeypatch.setattr(bench_conv24, "median_time", lambda fn, **kw: calls.append(fn()) or 1e-6 * len(calls))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, padding_mode="reflect"), nn.ReLU()).to(device).eval()
+    x = torch.randn(2, 8, 6, 6, device=device)
+    cm = sparsec.compile(model, example_inputs=(x,), backend="triton", include=[".*"], min_weights=0)
+    layer = next(m for m in cm.modules() if isinstance(m, TritonSparseConv2d))
+    expected = F.relu(F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect").double(), cm.effective_weight("0").double(),
+                               model[0].bias.detach().double()))
+    results = bench_conv24.sweep_configs(layer, x, expected)
+    assert len(results) == len(calls) >= 1 and all(r["ok"] and r["max_rel_err"] < 1e-5 for r in results)
+    assert all(torch.allclose(out, expected.float(), atol=1e-4) for out in calls)
+    wrong = bench_conv24.sweep_configs(layer, x, 2 * expected)
+    assert len(calls) == len(results) and all(not r["ok"] and r["s"] is None for r in wrong)
 
 
 def test_sparse24_reports_each_target_at_its_worst_row():
