@@ -114,3 +114,20 @@ def output_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| relative to the output scale (max |b|)."""
     a, b = a.detach(), b.detach()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def kernel_operands_24(rows: torch.Tensor, int8: bool):
+    """(values, meta, scales, pruned) of a 2:4 weight [n, K] as a kernel test feeds it: the mask, the
+    pruned (and int8 fake-quantized) weight from this oracle; the compressed form (values + nibble
+    metadata, int8 values + scales) from sparsec.reference, whose layout is what the kernel reads."""
+    from sparsec import reference
+
+    mask = oracle_nm_mask(rows, 2, 4)
+    pruned = rows * mask
+    if int8:
+        pruned = oracle_int8(pruned)
+    values, meta = reference.nm_compress_masked(pruned, mask, 2, 4)
+    scales = None
+    if int8:
+        values, scales = reference.quantize_int8(values)
+    return values, meta, scales, pruned

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sparsec
-from oracle import load_example, oracle_int8, oracle_nm_mask, output_error, pruned_model
+from oracle import kernel_operands_24, load_example, oracle_int8, oracle_nm_mask, output_error, pruned_model
 from sparsec import reference as ref
 from sparsec.codegen.builder import LayerUse, emit_matmul
 from sparsec.codegen.cache import HEADER_PREFIX, KernelCache
@@ -36,15 +36,7 @@ ACTS = {None: lambda t: t, "relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda t
 
 def _operands(m, n, k, dtype, int8, seed):
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g)
-    mask = oracle_nm_mask(w, 2, 4)  # independent of the code under test
-    pruned = w * mask
-    if int8:
-        pruned = oracle_int8(pruned)
-    values, meta = ref.nm_compress_masked(pruned, mask, 2, 4)
-    scales = None
-    if int8:
-        values, scales = ref.quantize_int8(values)
+    values, meta, scales, pruned = kernel_operands_24(torch.randn(n, k, generator=g), int8)
     x = torch.randn(m, k, generator=g)
     return x, values, meta, scales, pruned
 

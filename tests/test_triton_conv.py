@@ -8,8 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sparsec
-from oracle import oracle_int8, oracle_nm_mask, output_error, pruned_model
-from sparsec import reference as ref
+from oracle import kernel_operands_24, output_error, pruned_model
 from sparsec.codegen.builder import emit_matmul
 from sparsec.codegen.launch import ConvGeometry, sparse24_conv2d
 from sparsec.codegen.spec import MatmulSpec
@@ -25,15 +24,7 @@ def _conv_case(batch, c, n, size, kernel, stride, padding, dilation, dtype, int8
     """The kernel's output on a fresh pruned conv, and F.conv2d's in float64 on the oracle's pruned weight."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, c, *kernel, generator=g)
-    rows = w.reshape(n, -1)
-    mask = oracle_nm_mask(rows, 2, 4)  # independent of the code under test
-    pruned = rows * mask
-    if int8:
-        pruned = oracle_int8(pruned)
-    values, meta = ref.nm_compress_masked(pruned, mask, 2, 4)
-    scales = None
-    if int8:
-        values, scales = ref.quantize_int8(values)
+    values, meta, scales, pruned = kernel_operands_24(w.reshape(n, -1), int8)  # pruned by the oracle
     x = torch.randn(batch, c, *size, generator=g)
     b = torch.randn(n, generator=g) if bias else None
     act = str(dtype).removeprefix("torch.")
