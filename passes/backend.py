@@ -3,7 +3,8 @@
 backend="torch"   plain-torch runtime everywhere (CPU default).
 backend="triton"  the generated fused kernels for every layer they cover (2:4 or constant fan-in
                   linear / matmul, 2:4 conv1d / conv2d with groups=1; float16 / bfloat16 / float32
-                  weights); other sparse layers stay on torch, with the reason. Needs CUDA, or TRITON_INTERPRET=1 for the CPU interpreter.
+                  weights); other sparse layers stay on torch, with the reason. Needs CUDA, or
+                  TRITON_INTERPRET=1 for the CPU interpreter.
 backend="auto"    on CPU: constant fan-in fp32 linear layers time the condensed kernel against a dense
                   GEMM on the pruned weight and take the faster; everything else runs torch. On CUDA:
                   per layer, time the Triton kernel, cuSPARSELt (when this torch has it) and a dense

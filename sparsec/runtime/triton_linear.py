@@ -60,7 +60,7 @@ class FusedEpilogue:
         launch = getattr(self, "launch", None)  # absent in layers saved before launch configs existed
         if launch is None or launch["M"] != rows:
             return None
-        return {key: launch[key] for key in LAUNCH_KEYS if key in launch}
+        return {key: launch[key] for key in LAUNCH_KEYS}
 
     def require_kernel(self) -> None:
         if self.kernel_source is None:
