@@ -53,8 +53,7 @@ def sweep_configs(layer, x, expected) -> list[dict]:
     from sparsec.errors import last_line
 
     xk, geometry, _ = layer.kernel_input(x)
-    oh, ow = geometry.output_size(xk.shape[2], xk.shape[3])
-    m, n, k = xk.shape[0] * oh * ow, layer.packed.out_features, layer.packed.reduction
+    m, n, k = geometry.gemm_rows(xk), layer.packed.out_features, layer.packed.reduction
     spec, packed = layer.spec(), layer.packed
     results = []
     for cfg in matmul_candidates(m, n, k, spec.act_dtype, None, spec.weight_dtype):

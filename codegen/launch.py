@@ -46,9 +46,7 @@ def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, s
     ([rows, N], the kernel's output dtype) when given, e.g. a NaN-filled one to check every element is written."""
     k = x.shape[-1]
     n = values.shape[0]
-    if values.shape != (n, k // 2) or k % 4 or meta.shape != (n, (k + 15) // 16):
-        raise InvalidInputError(f"2:4 operands do not fit x[..., {k}]: values {tuple(values.shape)} (want [{n}, {k // 2}]), "
-                                f"meta {tuple(meta.shape)} (want [{n}, {math.ceil(k / 16)}])")
+    _check_24_operands(values, meta, k, f"x[..., {k}]")
     rows = x.numel() // k if k else 0
     launch = sparse24_launch(rows, n, k, spec, name, source, x.device, config, cache)
     return launch(x, values, meta, scales, bias, out_scale, out)
@@ -138,6 +136,11 @@ class ConvGeometry:
         return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1
                      for size, k, s, p, d in zip((h, w), self.kernel, self.stride, self.padding, self.dilation))
 
+    def gemm_rows(self, x: torch.Tensor) -> int:
+        """Rows M of the implicit GEMM on input x [B, C, H, W]: batch times output pixels."""
+        oh, ow = self.output_size(x.shape[2], x.shape[3])
+        return x.shape[0] * oh * ow
+
 
 def sparse24_conv2d(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, scales: torch.Tensor | None,
                     bias: torch.Tensor | None, out_scale: torch.Tensor | None, spec: MatmulSpec, name: str, source: str,
@@ -147,18 +150,14 @@ def sparse24_conv2d(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, s
     values + metadata of its rows W.reshape(N, -1), zero padding `geometry.padding` (pad x first for
     anything else); `out` as for sparse24_matmul, [B, N, OH, OW]."""
     require_runnable(x.device)
-    if x.dtype != _TORCH_DTYPES[spec.act_dtype]:
-        raise InvalidInputError(f"kernel {name} was generated for {spec.act_dtype} inputs, got {x.dtype}")
+    _check_input_dtype(x, spec, name)
     kh, kw = geometry.kernel
     n = values.shape[0]
     if x.dim() != 4:
         raise InvalidInputError(f"kernel {name} takes a [B, C, H, W] input, got shape {tuple(x.shape)}")
     batch, channels, h, w = x.shape
     k = channels * kh * kw
-    if values.shape != (n, k // 2) or k % 4 or meta.shape != (n, (k + 15) // 16):
-        raise InvalidInputError(f"2:4 operands do not fit a {kh}x{kw} conv on {channels} channels (K = {k}): values "
-                                f"{tuple(values.shape)} (want [{n}, {k // 2}]), meta {tuple(meta.shape)} "
-                                f"(want [{n}, {math.ceil(k / 16)}])")
+    _check_24_operands(values, meta, k, f"a {kh}x{kw} conv on {channels} channels (K = {k})")
     oh, ow = geometry.output_size(h, w)
     if oh < 1 or ow < 1:
         raise InvalidInputError(f"a {kh}x{kw} conv ({geometry}) leaves no output pixels on a {h}x{w} input")
@@ -171,7 +170,7 @@ def sparse24_conv2d(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, s
     m = batch * oh * ow
     if m == 0:
         return out
-    cfg = dict(config or matmul_config(m, n, k, spec.act_dtype))  # (no SM count: no split-K)
+    cfg = dict(config or _config(m, n, k, spec.act_dtype, x.device, split=False))
     if cfg.pop("SPLIT_K", 1) != 1:
         raise InvalidInputError(f"kernel {name} is a convolution, which does not split K; use SPLIT_K=1")
     _check_prmt_expand(cfg, spec, name)
@@ -222,8 +221,7 @@ def _rows_and_output(x: torch.Tensor, n: int, spec: MatmulSpec, name: str,
                      out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """x as [rows, K], contiguous along K as the kernels read it, and the output [rows, N] (`out`, or a
     new empty one); x must have the dtype the kernel was generated for."""
-    if x.dtype != _TORCH_DTYPES[spec.act_dtype]:
-        raise InvalidInputError(f"kernel {name} was generated for {spec.act_dtype} inputs, got {x.dtype}")
+    _check_input_dtype(x, spec, name)
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
     dtype = _TORCH_DTYPES[spec.out_dtype]
@@ -236,6 +234,19 @@ def _rows_and_output(x: torch.Tensor, n: int, spec: MatmulSpec, name: str,
     return x2, out
 
 
+def _check_input_dtype(x: torch.Tensor, spec: MatmulSpec, name: str) -> None:
+    if x.dtype != _TORCH_DTYPES[spec.act_dtype]:
+        raise InvalidInputError(f"kernel {name} was generated for {spec.act_dtype} inputs, got {x.dtype}")
+
+
+def _check_24_operands(values: torch.Tensor, meta: torch.Tensor, k: int, fits: str) -> None:
+    """2:4 values [N, K/2] and metadata [N, ceil(K/16)] for a reduction of K; `fits` names what reads them."""
+    n = values.shape[0]
+    if values.shape != (n, k // 2) or k % 4 or meta.shape != (n, (k + 15) // 16):
+        raise InvalidInputError(f"2:4 operands do not fit {fits}: values {tuple(values.shape)} (want [{n}, {k // 2}]), "
+                                f"meta {tuple(meta.shape)} (want [{n}, {math.ceil(k / 16)}])")
+
+
 def _epilogue_operands(scales, bias, out_scale, unused: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The epilogue's pointer arguments; absent ones get a placeholder the generated code never reads."""
     return (scales if scales is not None else unused, bias if bias is not None else unused,
@@ -245,10 +256,11 @@ def _epilogue_operands(scales, bias, out_scale, unused: torch.Tensor) -> tuple[t
 _CONFIGS: dict[tuple, dict] = {}
 
 
-def _config(m: int, n: int, k: int, act_dtype: str, device: torch.device) -> dict:
-    key = (m, n, k, act_dtype, interpreting(), str(device))
+def _config(m: int, n: int, k: int, act_dtype: str, device: torch.device, split: bool = True) -> dict:
+    """The shape table's config, looked up once per shape; split=False (the conv kernel) never splits K."""
+    key = (m, n, k, act_dtype, interpreting(), str(device), split)
     if key not in _CONFIGS:
-        _CONFIGS[key] = matmul_config(m, n, k, act_dtype, sm_count(device))
+        _CONFIGS[key] = matmul_config(m, n, k, act_dtype, sm_count(device) if split else None)
     return _CONFIGS[key]
 
 

@@ -77,6 +77,13 @@ def time_cuda(fn, repeats: int = REPEATS, graph: bool = False) -> float:
     return statistics.median(times)
 
 
+def _layer_operands(gm, ctx, layer, decision):
+    """(weight, bias, weight rows [out, K], mask over the rows) of a layer as the plan prunes it."""
+    weight = gm.get_parameter(layer.weight_path).detach()
+    bias = gm.get_parameter(layer.bias_path).detach() if layer.bias_path else None
+    return weight, bias, weight_to_rows(weight, layer.op), ctx.layer_mask(gm, layer, decision.sparsity)
+
+
 def candidates(gm, ctx, layer, decision, m: int, triton_problem: str | None) -> dict:
     """name -> zero-argument callable computing the layer at M = m rows. A 2:4 Triton kernel gives
     one entry per launch config worth timing ("triton" with the shape table's config first, then
@@ -88,10 +95,7 @@ def candidates(gm, ctx, layer, decision, m: int, triton_problem: str | None) -> 
     from sparsec.runtime.cusparselt_linear import semi_structured_available
     from sparsec.runtime.packed import FanInPacked, PackedWeight
 
-    weight = gm.get_parameter(layer.weight_path).detach()
-    bias = gm.get_parameter(layer.bias_path).detach() if layer.bias_path else None
-    rows = weight_to_rows(weight, layer.op)
-    mask = ctx.layer_mask(gm, layer, decision.sparsity)
+    weight, bias, rows, mask = _layer_operands(gm, ctx, layer, decision)
     dense = rows * mask
     if decision.quant == "int8":
         dense = fake_quant_int8(dense)
@@ -135,10 +139,7 @@ def conv_candidates(gm, ctx, layer, decision, input_shape: tuple[int, ...], trit
     from sparsec.runtime.packed import PackedWeight
     from sparsec.runtime.triton_conv import TritonSparseConv1d, TritonSparseConv2d
 
-    weight = gm.get_parameter(layer.weight_path).detach()
-    bias = gm.get_parameter(layer.bias_path).detach() if layer.bias_path else None
-    rows = weight_to_rows(weight, layer.op)
-    mask = ctx.layer_mask(gm, layer, decision.sparsity)
+    weight, bias, rows, mask = _layer_operands(gm, ctx, layer, decision)
     packed = PackedWeight.pack(rows, mask, parse_pattern(decision.sparsity), decision.quant)
     module_class = TritonSparseConv1d if layer.op == "conv1d" else TritonSparseConv2d
     module = module_class(packed, bias, tuple(weight.shape), layer.name, decision.sparsity, "", layer.conv)
@@ -146,8 +147,7 @@ def conv_candidates(gm, ctx, layer, decision, input_shape: tuple[int, ...], trit
     dense = module.effective_weight().contiguous()
     dense = dense.unsqueeze(-2) if layer.op == "conv1d" else dense  # x is [B, C, H, W] as the kernel reads it
     out = {"dense": lambda: F.conv2d(x, dense, bias, geometry.stride, geometry.padding, geometry.dilation)}
-    oh, ow = geometry.output_size(x.shape[2], x.shape[3])
-    m = x.shape[0] * oh * ow
+    m = geometry.gemm_rows(x)
     if triton_problem is None:
         spec = module.spec()
         name, source = emit_matmul(spec, [LayerUse(layer.name, m, layer.out_features, layer.reduction)])
@@ -189,10 +189,7 @@ def cpu_fanin_candidates(gm, ctx, layer, decision, m: int) -> dict:
     from sparsec.runtime import condensed_cpu
     from sparsec.runtime.packed import FanInPacked
 
-    weight = gm.get_parameter(layer.weight_path).detach()
-    bias = gm.get_parameter(layer.bias_path).detach() if layer.bias_path else None
-    rows = weight_to_rows(weight, layer.op)
-    mask = ctx.layer_mask(gm, layer, decision.sparsity)
+    weight, bias, rows, mask = _layer_operands(gm, ctx, layer, decision)
     packed = FanInPacked.pack(rows, mask, parse_pattern(decision.sparsity), decision.quant)
     dense = packed.rows().contiguous()
     prepared = condensed_cpu.prepare(packed.kept_values(torch.float32), packed.indices)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from sparsec.context import CompileContext
 from sparsec.meta import get_meta, update_meta
-from sparsec.passes.weight_reads import erase_unused_reads
+from sparsec.passes.weight_reads import attribute, erase_unused_reads
 from sparsec.runtime.triton_linear import FusedEpilogue, TritonSparseLinear
 
 aten = torch.ops.aten
@@ -66,7 +66,7 @@ def _vector_operand(gm: fx.GraphModule, node: fx.Node, x: fx.Node, targets: set,
     other = node.args[1] if node.args[0] is x else node.args[0] if node.args[1] is x else None
     if not isinstance(other, fx.Node) or other.op != "get_attr":
         return None
-    value = _attr(gm, other.target)
+    value = attribute(gm, other.target)
     if not isinstance(value, torch.Tensor) or value.numel() not in (1, n) or value.dim() > 1:
         return None
     return other
@@ -97,13 +97,6 @@ def _regroups_rows(node: fx.Node, x: fx.Node, n: int) -> bool:
             and tuple(before.shape[-1:]) == (n,) == tuple(after.shape[-1:]))
 
 
-def _attr(gm: fx.GraphModule, path: str):
-    obj = gm
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _fuse_chain(gm: fx.GraphModule, ctx: CompileContext, layer_node: fx.Node, module: FusedEpilogue) -> None:
     cur, absorbed, views, ops = layer_node, [], [], []
     stage = 0  # 0: bias next, 1: activation, 2: scale, 3: cast, 4: done
@@ -120,7 +113,7 @@ def _fuse_chain(gm: fx.GraphModule, ctx: CompileContext, layer_node: fx.Node, mo
         if not features_last and stage <= 1:
             stage = 1
         if stage <= 0 and module.bias is None and (b := _vector_operand(gm, user, cur, _ADD, n)) is not None:
-            vector = _attr(gm, b.target)
+            vector = attribute(gm, b.target)
             module.bias = nn.Parameter(vector.detach().reshape(-1).expand(n).clone(), requires_grad=vector.requires_grad)
             ops.append("bias")
             stage = 1
@@ -129,7 +122,7 @@ def _fuse_chain(gm: fx.GraphModule, ctx: CompileContext, layer_node: fx.Node, mo
             ops.append(act)
             stage = 2
         elif stage <= 2 and features_last and (s := _vector_operand(gm, user, cur, _MUL, n)) is not None:
-            module.out_scale = _attr(gm, s.target).detach().clone().reshape(-1).expand(n).clone()
+            module.out_scale = attribute(gm, s.target).detach().clone().reshape(-1).expand(n).clone()
             ops.append("scale")
             stage = 3
         elif (dtype := _cast(user, cur)) is not None:

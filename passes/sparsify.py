@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from sparsec.context import CompileContext
 from sparsec.meta import META_KEY, LayerInfo, SparsecMeta, data_input, get_meta, layer_nodes, runtime_bias, update_meta
-from sparsec.passes.weight_reads import erase_unused_reads, fold_shape_reads
+from sparsec.passes.weight_reads import erase_unused_reads, fold_shape_reads, owner_of
 from sparsec.patterns import parse_pattern
 from sparsec.reference import weight_to_rows
 from sparsec.runtime import PackedWeight, SparseConv1d, SparseConv2d, SparseLayer, SparseLinear
@@ -28,8 +28,7 @@ from sparsec.runtime.triton_linear import TritonSparseLinear
 
 
 def _set_submodule(gm: fx.GraphModule, path: str, module: torch.nn.Module) -> None:
-    parent, _, attr = path.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, attr, module)
+    setattr(*owner_of(gm, path), module)
 
 
 # decision.backend -> the module class running a linear / matmul layer
@@ -53,13 +52,11 @@ def build_runtime_module(gm: fx.GraphModule, ctx: CompileContext, layer: LayerIn
         packed = PackedWeight.pack(rows, mask, pattern, decision.quant)
     bias = gm.get_parameter(layer.bias_path) if layer.bias_path else None
     if layer.conv is not None:
-        conv_module = CONV_MODULES[layer.op, decision.backend == "triton"]
-        module = conv_module(packed, bias, layer.weight_shape, layer.name, decision.sparsity, decision.reason, layer.conv)
-        if decision.launch is not None:
-            module.launch = dict(decision.launch)
-        return module
-    module = LINEAR_MODULES[decision.backend](packed, bias, layer.op, layer.weight_shape, layer.name, decision.sparsity,
-                                              decision.reason)
+        module = CONV_MODULES[layer.op, decision.backend == "triton"](
+            packed, bias, layer.weight_shape, layer.name, decision.sparsity, decision.reason, layer.conv)
+    else:
+        module = LINEAR_MODULES[decision.backend](packed, bias, layer.op, layer.weight_shape, layer.name,
+                                                  decision.sparsity, decision.reason)
     if decision.launch is not None:
         module.launch = dict(decision.launch)
     return module

@@ -96,6 +96,18 @@ def reads_shape(node: fx.Node) -> bool:
             and node.args[1] in _SHAPE_ATTRIBUTES)
 
 
+def owner_of(gm: fx.GraphModule, target: str) -> tuple[nn.Module, str]:
+    """The module holding attribute path `target` (a get_attr target, "blk.proj.weight"), and the name in it."""
+    parent, _, attr = target.rpartition(".")
+    return (gm.get_submodule(parent) if parent else gm), attr
+
+
+def attribute(gm: fx.GraphModule, target: str):
+    """The value at attribute path `target` (a parameter, buffer, or plain tensor attribute)."""
+    owner, attr = owner_of(gm, target)
+    return getattr(owner, attr)
+
+
 def fold_shape_reads(gm: fx.GraphModule, target: str, shape: tuple[int, ...], dtype: torch.dtype) -> list[fx.Node]:
     """Replace every read of the shape of parameter `target` (directly or of its transpose) by its value.
 
@@ -159,6 +171,6 @@ def erase_unused_reads(gm: fx.GraphModule, reads: list[fx.Node]) -> None:
     still_read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     for target in {n.target for n in erased if n.op == "get_attr"} - still_read:
-        parent, _, attr = target.rpartition(".")
+        parent = target.rpartition(".")[0]
         if not any(parent == m or parent.startswith(m + ".") for m in called):
-            delattr(gm.get_submodule(parent) if parent else gm, attr)
+            delattr(*owner_of(gm, target))

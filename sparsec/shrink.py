@@ -62,7 +62,7 @@ from sparsec.compiled import CompiledModel
 from sparsec.errors import InvalidInputError, InvalidTypeError
 from sparsec.group_lasso import col_norms, row_norms
 from sparsec.meta import ConvParams, data_input, get_meta, layer_nodes, plain_layer_op, update_meta
-from sparsec.passes.weight_reads import erase_unused_reads, fold_shape_reads
+from sparsec.passes.weight_reads import attribute, erase_unused_reads, fold_shape_reads, owner_of
 from sparsec.patterns import NM, FanIn
 from sparsec.pipeline import PassRecord
 from sparsec.reference import pattern_mask, rows_to_weight, weight_to_rows
@@ -673,16 +673,13 @@ def _fold_shape_reads(gm: fx.GraphModule) -> None:
     """Code reading a tensor's shape (`W.shape[0] ** -0.5`) computed with the shape it had when traced,
     and must go on doing so once channels are removed: each such read becomes its value."""
     for target in {n.target for n in gm.graph.nodes if n.op == "get_attr"}:
-        parent, _, attr = target.rpartition(".")
-        value = getattr(gm.get_submodule(parent) if parent else gm, attr)
-        if isinstance(value, torch.Tensor):
+        if isinstance(value := attribute(gm, target), torch.Tensor):
             erase_unused_reads(gm, fold_shape_reads(gm, target, tuple(value.shape), value.dtype))
     gm.recompile()
 
 
 def _set_tensor(gm: fx.GraphModule, path: str, value: torch.Tensor) -> None:
-    parent, _, attr = path.rpartition(".")
-    owner = gm.get_submodule(parent) if parent else gm
+    owner, attr = owner_of(gm, path)
     old = getattr(owner, attr)
     if isinstance(old, nn.Parameter):
         value = nn.Parameter(value, requires_grad=old.requires_grad)

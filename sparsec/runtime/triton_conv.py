@@ -51,11 +51,10 @@ class TritonSparseConv2d(FusedEpilogue, SparseConv2d):
 
         self.require_kernel()
         x, geometry, unbatched = self.kernel_input(x.detach())
-        oh, ow = geometry.output_size(x.shape[2], x.shape[3])
         bias = self.bias.detach() if self.bias is not None else None
         y = sparse24_conv2d(x, self.packed.values, self.packed.meta, self.packed.scales, bias, self.out_scale,
                             self.derived("spec", self.spec), self.kernel_name, self.kernel_source, geometry,
-                            config=self.launch_config(x.shape[0] * oh * ow))
+                            config=self.launch_config(geometry.gemm_rows(x)))
         y = y.squeeze(-2) if self.op == "conv1d" else y
         return y.squeeze(0) if unbatched else y
 
