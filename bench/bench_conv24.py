@@ -12,7 +12,7 @@ launch config backend="auto" considers. Upstream Triton cannot issue mma.sp, so 
 the dense amount of tensor-core work: expect it behind cuDNN at large batch, where auto must then
 choose dense (>= 0.97x dense is the bar, as for the linear layers).
 
-    python bench/bench_conv24.py [--quick]
+    python bench/bench_conv24.py [--quick] [--budget-s S]
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-from results_io import arg_parser, parse_args, skip_without_cuda, write_results  # noqa: E402
+from results_io import CaseRunner, arg_parser, parse_args, skip_without_cuda, write_results  # noqa: E402
 
 # (name, in channels, out channels, kernel, spatial size)
 CONVS = [("3x3 64 @56", 64, 64, 3, 56), ("3x3 128 @28", 128, 128, 3, 28), ("3x3 256 @14", 256, 256, 3, 14),
@@ -112,6 +112,8 @@ def run_case(name: str, cin: int, cout: int, kernel: int, size: int, batch: int,
 def main() -> int:
     parser = arg_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="batch 1 and 32 of the first two cases, fp16 only")
+    parser.add_argument("--budget-s", type=float, default=None, metavar="S",
+                        help="start no new case after S seconds (the rest are recorded as skipped)")
     args = parse_args(parser)
     if skip_without_cuda("bench_conv24"):
         return 0
@@ -122,22 +124,28 @@ def main() -> int:
     convs, weights = (CONVS[:2], (False,)) if args.quick else (CONVS, (False, True))
     print(f"{'case':>18} {'B':>3} {'w':>4} | {'sparsec us':>10} {'dense us':>9} {'x dense':>7} {'TF/s':>6} | "
           f"{'auto':>8} {'auto x dense':>12} | ok")
-    rows = []
+    runner = CaseRunner(args.budget_s)
     for int8 in weights:
         for name, cin, cout, kernel, size in convs:
             for batch in BATCHES:
-                r = run_case(name, cin, cout, kernel, size, batch, int8)
-                rows.append(r)
-                print(f"{name:>18} {batch:3d} {r['weights']:>4} | {1e6 * r['sparsec_s']:10.1f} {1e6 * r['dense_s']:9.1f} "
-                      f"{r['vs_dense']:7.2f} {r['sparsec_TFLOPs_dense_equiv']:6.1f} | {r['auto_backend']:>8} "
-                      f"{r['auto_vs_dense_eager']:12.2f} | {'yes' if r['ok'] else 'NO ' + str(r['max_rel_err'])}", flush=True)
+                r = runner.run({"case": name, "batch": batch, "weights": "int8" if int8 else "fp16"},
+                               run_case, name, cin, cout, kernel, size, batch, int8)
+                if r is not None:
+                    print(f"{name:>18} {batch:3d} {r['weights']:>4} | {1e6 * r['sparsec_s']:10.1f} {1e6 * r['dense_s']:9.1f} "
+                          f"{r['vs_dense']:7.2f} {r['sparsec_TFLOPs_dense_equiv']:6.1f} | {r['auto_backend']:>8} "
+                          f"{r['auto_vs_dense_eager']:12.2f} | {'yes' if r['ok'] else 'NO ' + str(r['max_rel_err'])}",
+                          flush=True)
                 write_results("conv24", device, {"benchmark": "2:4 sparse conv2d", "triton": triton.__version__,
-                                                 "complete": False, "rows": rows}, announce=False)
-    worst = min(r["auto_vs_dense_eager"] for r in rows)
-    print(f"target auto vs dense, every case: {worst:.2f} at worst (needs >= 0.97) -> {'met' if worst >= 0.97 else 'NOT met'}")
-    write_results("conv24", device, {"benchmark": "2:4 sparse conv2d", "triton": triton.__version__, "complete": True,
-                                     "auto_vs_dense_worst": worst, "rows": rows})
-    return 0 if all(r["ok"] for r in rows) else 1
+                                                 "complete": False, "rows": runner.rows}, announce=False)
+    measured = runner.measured
+    worst = min((r["auto_vs_dense_eager"] for r in measured), default=None)
+    if worst is not None:
+        print(f"target auto vs dense, every case: {worst:.2f} at worst (needs >= 0.97) -> "
+              f"{'met' if worst >= 0.97 else 'NOT met'}")
+    complete = len(measured) == len(runner.rows)
+    write_results("conv24", device, {"benchmark": "2:4 sparse conv2d", "triton": triton.__version__, "complete": complete,
+                                     "auto_vs_dense_worst": worst, "rows": runner.rows})
+    return 0 if complete and all(r["ok"] for r in measured) else 1
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ copy bandwidth, dense fp16 GEMM at 8192^3).
 Targets (issue 4): memory-bound (M <= 16) fp16 2:4 >= 1.5x dense (limit ~1.78x); int8-weight
 2:4 >= 2.8x dense fp16 (limit ~3.5x); backend="auto" >= 0.97x dense everywhere.
 
-    python bench/bench_sparse24.py [--quick]
+    python bench/bench_sparse24.py [--quick] [--weights fp16|int8|both] [--budget-s S]
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-from results_io import arg_parser, parse_args, skip_without_cuda, write_results  # noqa: E402
+from results_io import CaseRunner, arg_parser, parse_args, skip_without_cuda, write_results  # noqa: E402
 
 MS = [1, 16, 128, 2048, 8192]
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
@@ -166,9 +166,25 @@ def check_targets(rows: list[dict]) -> dict:
     return results
 
 
+def print_row(r: dict) -> None:
+    cs = f"{1e6 * r['cusparselt_s']:8.1f}" if r["cusparselt_s"] else f"{'-':>8}"
+    vc = f"{r['vs_cusparselt']:6.2f}" if r["vs_cusparselt"] else f"{'-':>6}"
+    by = {prmt: f"{1e6 * s:6.1f}" if s else f"{'-':>6}" for prmt, s in r["best_s_by_prmt_expand"].items()}
+    print(f"{r['M']:5d} {r['N']:6d} {r['K']:6d} {r['weights']:>4} | {1e6 * r['sparsec_s']:10.1f} {1e6 * r['default_s']:8.1f} "
+          f"{by[0]} {by[1]} {1e6 * r['dense_s']:9.1f} "
+          f"{r['vs_dense']:7.2f} {cs} {vc} | {r['sparsec_GBps']:6.0f} {100 * r['bandwidth_of_ceiling']:3.0f}% "
+          f"{r['sparsec_TFLOPs_dense_equiv']:6.1f} {100 * r['flops_of_ceiling']:3.0f}% | "
+          f"{r['auto_backend']:>10} {r['auto_vs_dense_eager']:12.2f} | {'yes' if r['ok'] else 'NO ' + str(r['max_rel_err'])}",
+          flush=True)
+
+
 def main() -> int:
     parser = arg_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="M in {1, 2048}, first shape only")
+    parser.add_argument("--weights", choices=["fp16", "int8", "both"], default="both",
+                        help="which weight format's rows to run (a device call's time limit may not fit both)")
+    parser.add_argument("--budget-s", type=float, default=None, metavar="S",
+                        help="start no new row after S seconds (the rest are recorded as skipped)")
     args = parse_args(parser)
     if skip_without_cuda("bench_sparse24"):
         return 0
@@ -178,37 +194,32 @@ def main() -> int:
     ceil = ceilings()
     print(f"{device}: copy {ceil['copy_GBps']:.0f} GB/s, dense fp16 GEMM {ceil['fp16_gemm_TFLOPs']:.0f} TFLOP/s "
           f"(torch {torch.__version__}, triton {triton.__version__})")
-    rows = []
     ms, shapes = ([1, 2048], SHAPES[:1]) if args.quick else (MS, SHAPES)
-    prefix = "sparse24-quick" if args.quick else "sparse24"
+    weights = {"fp16": [False], "int8": [True], "both": [False, True]}[args.weights]
+    prefix = "sparse24" + ("-quick" if args.quick else "") + ("" if args.weights == "both" else f"-{args.weights}")
     header = (f"{'M':>5} {'N':>6} {'K':>6} {'w':>4} | {'sparsec us':>10} {'default':>8} {'shift':>6} {'prmt':>6} {'dense us':>9} "
               f"{'x dense':>7} {'cslt us':>8} {'x cslt':>6} | {'GB/s':>6} {'%bw':>4} {'TF/s':>6} {'%fl':>4} | {'auto':>10} "
               f"{'auto x dense':>12} | ok")
     print(header)
-    for int8 in (False, True):
-        for n, k in shapes:
-            for m in ms:
-                r = run_case(m, n, k, int8, ceil)
-                rows.append(r)
-                cs = f"{1e6 * r['cusparselt_s']:8.1f}" if r["cusparselt_s"] else f"{'-':>8}"
-                vc = f"{r['vs_cusparselt']:6.2f}" if r["vs_cusparselt"] else f"{'-':>6}"
-                by = {prmt: f"{1e6 * s:6.1f}" if s else f"{'-':>6}" for prmt, s in r["best_s_by_prmt_expand"].items()}
-                print(f"{m:5d} {n:6d} {k:6d} {r['weights']:>4} | {1e6 * r['sparsec_s']:10.1f} {1e6 * r['default_s']:8.1f} "
-                      f"{by[0]} {by[1]} {1e6 * r['dense_s']:9.1f} "
-                      f"{r['vs_dense']:7.2f} {cs} {vc} | {r['sparsec_GBps']:6.0f} {100 * r['bandwidth_of_ceiling']:3.0f}% "
-                      f"{r['sparsec_TFLOPs_dense_equiv']:6.1f} {100 * r['flops_of_ceiling']:3.0f}% | "
-                      f"{r['auto_backend']:>10} {r['auto_vs_dense_eager']:12.2f} | {'yes' if r['ok'] else 'NO ' + str(r['max_rel_err'])}",
-                      flush=True)
+    runner = CaseRunner(args.budget_s)
+    # M outermost: the memory-bound rows the targets are about come first, should the budget run out
+    for int8 in weights:
+        for m in ms:
+            for n, k in shapes:
+                r = runner.run({"M": m, "N": n, "K": k, "weights": "int8" if int8 else "fp16"}, run_case, m, n, k, int8, ceil)
+                if r is not None:
+                    print_row(r)
                 # after every row: a run cut off by the device call's time limit keeps what it measured
                 write_results(prefix, device, {"benchmark": "2:4 sparse matmul", "triton": triton.__version__,
-                                               "ceilings": ceil, "complete": False, "rows": rows}, announce=False)
-    targets = check_targets(rows)
+                                               "ceilings": ceil, "complete": False, "rows": runner.rows}, announce=False)
+    targets = check_targets(runner.measured)
     for name, result in targets.items():
         print(f"target {name}: {result['worst']:.2f} at worst (needs >= {result['needs']}) -> "
               f"{'met' if result['met'] else 'NOT met'}")
+    complete = len(runner.measured) == len(runner.rows)
     write_results(prefix, device, {"benchmark": "2:4 sparse matmul", "triton": triton.__version__,
-                                   "ceilings": ceil, "complete": True, "targets": targets, "rows": rows})
-    return 0 if all(r["ok"] for r in rows) else 1
+                                   "ceilings": ceil, "complete": complete, "targets": targets, "rows": runner.rows})
+    return 0 if complete and all(r["ok"] for r in runner.rows) else 1
 
 
 if __name__ == "__main__":

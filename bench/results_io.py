@@ -51,3 +51,60 @@ def write_results(prefix: str, device: str, payload: dict, announce: bool = True
     if announce:
         print(f"wrote {path}")
     return path
+
+
+ERROR_LOG = "bench-errors.log"
+
+
+def _log_traceback(case: dict) -> None:
+    """Append the exception being handled, whole, to <results>/bench-errors.log (the printed line
+    keeps the output short enough for its tail to hold the table)."""
+    import traceback
+
+    os.makedirs(results_dir(), exist_ok=True)
+    with open(os.path.join(results_dir(), ERROR_LOG), "a") as f:
+        f.write(f"=== {case}\n{traceback.format_exc()}\n")
+
+
+class CaseRunner:
+    """Runs a benchmark's cases one at a time, so that one failure costs one row, not the device call:
+    * a case that raises becomes an error row (its identity plus the exception's last line, printed);
+    * once `budget_s` seconds have passed, the remaining cases are recorded as skipped instead of run
+      (a device call has a hard time limit; a case killed half-way leaves nothing);
+    * if the first `systemic` cases all raise, the rest are skipped too: every case hits that bug,
+      and the device time is better spent on the fix.
+    `rows` holds every outcome in order; `measured` only the rows that ran."""
+
+    def __init__(self, budget_s: float | None = None, systemic: int = 2):
+        import time
+
+        self._clock = time.monotonic
+        self._deadline = None if budget_s is None else self._clock() + budget_s
+        self._systemic = systemic
+        self.rows: list[dict] = []
+
+    @property
+    def measured(self) -> list[dict]:
+        return [r for r in self.rows if "error" not in r and "skipped" not in r]
+
+    def run(self, case: dict, fn, *args) -> dict | None:
+        """fn(*args)'s row (None, with a row recording why, if it failed or was skipped)."""
+        from sparsec.errors import last_line
+
+        first = self.rows[:self._systemic]
+        if self._deadline is not None and self._clock() > self._deadline:
+            self.rows.append({**case, "skipped": "the run's time budget was spent"})
+        elif len(first) == self._systemic and all("error" in r for r in first):
+            self.rows.append({**case, "skipped": f"the first {self._systemic} cases all failed"})
+        else:
+            try:
+                row = fn(*args)
+            except Exception as e:  # noqa: BLE001 - recorded with the case; the other cases still run
+                self.rows.append({**case, "error": last_line(e)})
+                _log_traceback(case)
+                print(f"ERROR {case}: {self.rows[-1]['error']} (traceback in {ERROR_LOG})", flush=True)
+                return None
+            self.rows.append(row)
+            return row
+        print(f"skipped {case}: {self.rows[-1]['skipped']}", flush=True)
+        return None

@@ -139,3 +139,49 @@ def test_results_are_written_whole_and_rewritten_in_place(tmp_path, monkeypatch,
     assert first == second and os.listdir(tmp_path) == [os.path.basename(first)]  # no temp file left
     assert json.loads(open(second).read())["rows"] == [1, 2]
     assert capsys.readouterr().out == f"wrote {second}\n"  # only the announced write prints
+
+
+def test_case_runner_keeps_going_past_a_failure_and_stops_at_its_budget(tmp_path, monkeypatch, capsys):
+    """One failing case costs one row (recorded with its error, traceback logged); once the budget is
+    spent the remaining cases are recorded as skipped, not run; the rows keep the cases' order."""
+    sys.path.insert(0, BENCH)
+    from results_io import ERROR_LOG, CaseRunner
+
+    monkeypatch.setenv("SPARSEC_RESULTS_DIR", str(tmp_path))
+    ran = []
+
+    def case(i):
+        ran.append(i)
+        if i == 1:
+            raise RuntimeError("ptxas failed\nout of registers")
+        return {"i": i, "ok": True}
+
+    runner = CaseRunner(budget_s=3600)
+    assert [runner.run({"i": i}, case, i) for i in range(3)] == [{"i": 0, "ok": True}, None, {"i": 2, "ok": True}]
+    assert runner.rows[1] == {"i": 1, "error": "RuntimeError: out of registers"}
+    assert runner.measured == [{"i": 0, "ok": True}, {"i": 2, "ok": True}]
+    assert "ptxas failed" in (tmp_path / ERROR_LOG).read_text()  # the whole traceback, not only the printed line
+    assert "ERROR {'i': 1}: RuntimeError: out of registers" in capsys.readouterr().out
+
+    spent = CaseRunner(budget_s=-1)  # already over budget: nothing runs
+    assert spent.run({"i": 9}, case, 9) is None and ran == [0, 1, 2]
+    assert spent.rows == [{"i": 9, "skipped": "the run's time budget was spent"}]
+
+
+def test_case_runner_stops_when_the_first_cases_all_fail(tmp_path, monkeypatch):
+    """A bug every case hits (the first two fail) stops the run: the rest are skipped, not retried."""
+    sys.path.insert(0, BENCH)
+    from results_io import CaseRunner
+
+    monkeypatch.setenv("SPARSEC_RESULTS_DIR", str(tmp_path))
+    calls = []
+
+    def broken(i):
+        calls.append(i)
+        raise ValueError("no kernel")
+
+    runner = CaseRunner()
+    for i in range(4):
+        runner.run({"i": i}, broken, i)
+    assert calls == [0, 1]
+    assert [("error" in r, "skipped" in r) for r in runner.rows] == [(True, False)] * 2 + [(False, True)] * 2
