@@ -128,8 +128,9 @@ def test_load_regenerates_kernels_saved_by_another_version(tmp_path):
 
     from sparsec.runtime.triton_linear import TritonSparseLinear
 
-    model = nn.Sequential(nn.Linear(32, 16), nn.ReLU())
-    x = torch.randn(2, 32)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # (CPU runs the kernels in the interpreter)
+    model = nn.Sequential(nn.Linear(32, 16), nn.ReLU()).to(device)
+    x = torch.randn(2, 32, device=device)
     cm = sparsec.compile(model, example_inputs=(x,), backend="triton", include=[".*"], min_weights=0)
     expected = cm(x)
     layer = next(m for m in cm.modules() if isinstance(m, TritonSparseLinear))

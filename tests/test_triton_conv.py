@@ -182,7 +182,7 @@ def test_backend_auto_times_the_conv_kernel_against_dense(monkeypatch):
     import functools
 
     torch.manual_seed(0)
-    model, x = ConvNet("reflect").eval(), torch.randn(2, 4, 12, 12)
+    model, x = ConvNet("reflect").eval().to(DEVICE), torch.randn(2, 4, 12, 12, device=DEVICE)
     timed = []
 
     def fake_time(fn, *args, **kwargs):  # the kernel's second config is the fastest
