@@ -59,8 +59,8 @@ def condensed_signature(spec: MatmulSpec) -> dict[str, str]:
 
 def prune_signature(dtype: str) -> dict[str, str]:
     return {"x_ptr": _PTR[dtype], "stride_xr": "i32", "stride_xk": "i32", "values_ptr": _PTR[dtype], "stride_vr": "i32",
-            "meta_ptr": "*i16", "stride_mr": "i32", "R": "i32", "K": "i32",
-            "BLOCK_R": "constexpr", "BLOCK_W": "constexpr"}
+            "meta_ptr": "*i16", "stride_mr": "i32", "pruned_ptr": _PTR[dtype], "stride_pr": "i32", "R": "i32", "K": "i32",
+            "BLOCK_R": "constexpr", "BLOCK_W": "constexpr", "COMPRESSED": "constexpr", "DENSE": "constexpr"}
 
 
 def compile_for(capability: int, name: str, source: str, signature: dict[str, str], constexprs: dict[str, int],
@@ -196,7 +196,9 @@ def standard_builds() -> list[tuple[str, MatmulSpec | None, dict]]:
                 key = f"{spec.short_name()}[{text}]"
                 if key not in {b[0] for b in builds}:
                     builds.append((key, spec, cfg))
-    builds.append(("prune24", None, {"BLOCK_R": 32, "BLOCK_W": 16, "num_warps": 4}))
+    for outputs in ({"COMPRESSED": 1, "DENSE": 0}, {"COMPRESSED": 0, "DENSE": 1}):  # what prune24 / prune24_dense launch
+        builds.append((f"prune24[{','.join(k for k, v in outputs.items() if v)}]", None,
+                       {"BLOCK_R": 32, "BLOCK_W": 16, **outputs, "num_warps": 4}))
     return builds
 
 

@@ -13,6 +13,7 @@ import torch
 from sparsec.codegen.builder import emit_prune
 from sparsec.codegen.cache import KernelCache
 from sparsec.codegen.configs import condensed_config, interpreting, matmul_config, prune_config
+from sparsec.codegen.direct_launch import DirectLaunch
 from sparsec.codegen.spec import PRMT_EXPAND_APPLIES, MatmulSpec, PruneSpec, has_prmt_expand
 from sparsec.errors import InvalidInputError
 
@@ -28,13 +29,13 @@ def require_runnable(device: torch.device) -> None:
             f"meant for tests); got a tensor on {device}. Compile with backend='torch' for plain-torch CPU execution")
 
 
-_LOADED: dict[tuple, object] = {}  # (name, device, interpreting) -> jit function: skips hashing the source per call
+_LOADED: dict[tuple, DirectLaunch] = {}  # (name, device, interpreting) -> kernel: skips hashing the source per call
 
 
-def _kernel(name: str, source: str, cache: KernelCache | None, device: torch.device):
+def _kernel(name: str, source: str, cache: KernelCache | None, device: torch.device) -> DirectLaunch:
     key = (name, device, interpreting())
     if cache is not None or key not in _LOADED:
-        _LOADED[key] = getattr((cache or KernelCache()).load(name, source), name)
+        _LOADED[key] = DirectLaunch(getattr((cache or KernelCache()).load(name, source), name))
     return _LOADED[key]
 
 
@@ -306,21 +307,43 @@ def prune_kernel_source() -> tuple[str, str]:
 def prune24(x: torch.Tensor, cache: KernelCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Magnitude 2:4 along the last dim: (values [..., K/2], int16 meta [..., ceil(K/16)]), bit-exact with
     `sparsec.reference.nm_compress_masked(x, nm_mask(x, 2, 4), 2, 4)` for finite inputs."""
+    x2, k = _prune_rows(x)
+    values = torch.empty(x2.shape[0], k // 2, dtype=x.dtype, device=x.device)
+    meta = torch.empty(x2.shape[0], math.ceil(k / 16), dtype=torch.int16, device=x.device)
+    _launch_prune(x2, values, meta, values, cache, compressed=True)
+    return values.reshape(*x.shape[:-1], k // 2), meta.reshape(*x.shape[:-1], meta.shape[1])
+
+
+def prune24_dense(x: torch.Tensor, cache: KernelCache | None = None) -> torch.Tensor:
+    """Magnitude 2:4 along the last dim, kept in place: x with the two smaller |x| of every group of four
+    set to 0, bit-exact with `x * sparsec.reference.nm_mask(x, 2, 4)` for finite inputs. One pass over x
+    (what a dense GEMM on the pruned tensor needs, without compressing and decompressing it)."""
+    x2, k = _prune_rows(x)
+    pruned = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    _launch_prune(x2, pruned, pruned, pruned, cache, compressed=False)
+    return pruned.reshape(x.shape)
+
+
+def _prune_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     require_runnable(x.device)
     k = x.shape[-1]
     if k % 4:
         raise InvalidInputError(f"last dimension {k} is not a multiple of 4")
-    x2 = x.reshape(-1, k)
-    r = x2.shape[0]
-    values = torch.empty(r, k // 2, dtype=x.dtype, device=x.device)
-    meta = torch.empty(r, math.ceil(k / 16), dtype=torch.int16, device=x.device)
-    if r:
-        cfg = prune_config(r, k)
-        grid = (triton_cdiv(r, cfg["BLOCK_R"]), triton_cdiv(meta.shape[1], cfg["BLOCK_W"]))
-        name, source = prune_kernel_source()
-        _kernel(name, source, cache, x.device)[grid](x2, x2.stride(0), x2.stride(1), values, values.stride(0), meta,
-                                                     meta.stride(0), r, k, **cfg)
-    return values.reshape(*x.shape[:-1], k // 2), meta.reshape(*x.shape[:-1], meta.shape[1])
+    return x.reshape(-1, k), k
+
+
+def _launch_prune(x2, values, meta, pruned, cache, compressed: bool) -> None:
+    """One launch of the prune kernel writing the compressed form (values, meta) or the pruned dense
+    tensor; the other pointers are placeholders the kernel never touches."""
+    r, k = x2.shape
+    if not r:
+        return
+    cfg = prune_config(r, k)
+    grid = (triton_cdiv(r, cfg["BLOCK_R"]), triton_cdiv(math.ceil(k / 16), cfg["BLOCK_W"]))
+    name, source = prune_kernel_source()
+    _kernel(name, source, cache, x2.device)[grid](x2, x2.stride(0), x2.stride(1), values, values.stride(0), meta,
+                                                  meta.stride(0), pruned, pruned.stride(0), r, k,
+                                                  COMPRESSED=compressed, DENSE=not compressed, **cfg)
 
 
 def triton_cdiv(a: int, b: int) -> int:

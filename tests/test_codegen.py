@@ -19,7 +19,7 @@ from sparsec import reference as ref
 from sparsec.codegen.builder import LayerUse, emit_matmul
 from sparsec.codegen.cache import HEADER_PREFIX, KernelCache
 from sparsec.codegen.measure import pick_fastest
-from sparsec.codegen.launch import prune24, sparse24_matmul
+from sparsec.codegen.launch import prune24, prune24_dense, sparse24_matmul
 from sparsec.codegen.spec import MatmulSpec
 from sparsec.runtime.triton_linear import TritonSparseLinear
 
@@ -212,9 +212,27 @@ def test_prune24_is_bit_exact(rows, groups, seed, dtype, ties):
     assert torch.equal(meta.cpu(), expected_meta)
 
 
+@settings(max_examples=15)
+@given(st.integers(1, 40), st.integers(1, 12), st.integers(0, 10**6), st.sampled_from([torch.float32, torch.float16]),
+       st.booleans(), st.booleans())
+def test_prune24_dense_is_bit_exact(rows, groups, seed, dtype, ties, batched):
+    """The pruned tensor in place (what SDGP's dense dgrad multiplies) equals x * the oracle's mask,
+    ties to the lower index included; leading dims are kept."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 4 * groups, generator=g)
+    if ties:
+        x = torch.randint(-2, 3, x.shape, generator=g).float()
+    x = x.to(dtype)
+    x = x.reshape(rows, 1, 4 * groups) if batched else x
+    pruned = prune24_dense(x.to(DEVICE))
+    assert pruned.shape == x.shape and pruned.dtype == x.dtype
+    assert torch.equal(pruned.cpu(), x * oracle_nm_mask(x.reshape(rows, -1), 2, 4).reshape(x.shape))
+
+
 def test_prune24_rejects_bad_shapes():
-    with pytest.raises(ValueError, match="not a multiple of 4"):
-        prune24(torch.zeros(2, 6, device=DEVICE))
+    for prune in (prune24, prune24_dense):
+        with pytest.raises(ValueError, match="not a multiple of 4"):
+            prune(torch.zeros(2, 6, device=DEVICE))
 
 
 SPECS = [MatmulSpec("float16", "float16", True, "relu", False, "float16"),

@@ -486,14 +486,16 @@ def test_bad_dim_and_padding():
 
 @pytest.mark.parametrize("mode", ["magnitude", "rescale"])
 def test_kernel_dgrad_path_matches_the_reference(mode, monkeypatch):
-    """The CUDA path (Triton prune+compress, then a sparse-capable GEMM), run here under the
-    interpreter, gives the same dX as pruning with plain torch."""
+    """The CUDA path (the Triton prune kernel writing the pruned dY, then a dense GEMM), run here
+    under the interpreter, gives the same dX as pruning with plain torch."""
     import sparsec.runtime.sdgp as sdgp
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # (CPU: the kernel in the interpreter)
     torch.manual_seed(0)
-    x = torch.randn(3, 5, 16, requires_grad=True)
-    w = torch.randn(8, 16, requires_grad=True)
-    G = torch.randn(3, 5, 8)
+    x = torch.randn(3, 5, 16, device=device, requires_grad=True)
+    w = torch.randn(8, 16, device=device, requires_grad=True)
+    G = torch.randn(3, 5, 8, device=device)
+    monkeypatch.setattr(sdgp, "_kernel_path", lambda dy: False)
     sdgp.sdgp_linear(x, w, None, 2, 4, mode).mul(G).sum().backward()
     expected = x.grad.clone()
     x.grad = None

@@ -200,7 +200,7 @@ class SDGPLinear(torch.autograd.Function):
 
 
 def _kernel_path(dy: torch.Tensor) -> bool:
-    """2:4 gradients on CUDA are pruned by sparsec's Triton prune+compress kernel."""
+    """2:4 gradients on CUDA are pruned by sparsec's Triton prune kernel."""
     if not dy.is_cuda:
         return False
     import importlib.util
@@ -208,29 +208,21 @@ def _kernel_path(dy: torch.Tensor) -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _sparse_mm(pruned: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """pruned [tokens, out] (2:4 along out) @ weight [out, in]: on 2:4 sparse tensor cores when torch
-    has semi-structured sparsity for this dtype and shape, else a dense GEMM."""
-    if pruned.dtype in (torch.float16, torch.bfloat16) and hasattr(torch.sparse, "to_sparse_semi_structured"):
-        try:
-            return torch.mm(torch.sparse.to_sparse_semi_structured(pruned), weight)
-        except (RuntimeError, ValueError, NotImplementedError):
-            pass  # shape or build not supported: the dense product is the same math
-    return pruned.mm(weight)
-
-
 def _linear_dgrad(dy: torch.Tensor, weight: torch.Tensor, n: int, m: int, mode: str) -> torch.Tensor:
+    """prune(dY) @ W. On CUDA the 2:4 prune is one pass of the Triton kernel, and the product is a
+    dense GEMM on the pruned dY. (Until 2026-11-23 the product went through torch's semi-structured
+    tensor, compressing dY every step: on an H100 with torch 2.11 that made a training step of a
+    768/3072 MLP block 5x slower than dense and of a 4096/14336 one 2x slower, its per-call setup
+    alone about 0.6 ms, and fp16 gradients under fp16's normal range came back wrong from it,
+    relative error 1.0 where bf16 gave 2e-3; bench/results/training-*-2026-11-23.json.)"""
     if (n, m) != (2, 4) or not _kernel_path(dy):
         return prune_grad(dy, n, m, -1, mode).matmul(weight)
-    from sparsec.codegen.launch import prune24
-    from sparsec.reference import nm_decompress_own
+    from sparsec.codegen.launch import prune24_dense
 
-    rows = dy.reshape(-1, dy.shape[-1])
-    values, meta = prune24(rows)
-    pruned = nm_decompress_own(values, meta, 2, 4)
+    pruned = prune24_dense(dy)
     if mode == "rescale":
-        pruned = _rescale_l1(rows, pruned, 1)
-    return _sparse_mm(pruned, weight).reshape(*dy.shape[:-1], weight.shape[1])
+        pruned = _rescale_l1(dy, pruned, dy.dim() - 1)
+    return pruned.matmul(weight)
 
 
 def sdgp_linear(x, weight, bias=None, n: int = 2, m: int = 4, mode: str = "magnitude"):

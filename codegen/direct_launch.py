@@ -1,0 +1,92 @@
+"""Launching a compiled Triton kernel without redoing the JIT's per-call bookkeeping.
+
+`jit_fn[grid](*args, **kwargs)` binds the arguments, works out how they specialize the kernel
+(dtype and 16-byte alignment of every pointer, divisibility and range of every integer), hashes
+that into a cache key and looks the compiled kernel up, every call, before it launches. On the
+H100 machine this project measured (2026-11-23) a one-row 2:4 layer waited ~90 us of host time
+per call against ~35 us for nn.Linear, more than the 17-40 us its kernel runs.
+
+`DirectLaunch` launches through the JIT the first time it sees a way of calling (grid, how each
+argument specializes, the constexprs and launch options), keeps the compiled kernel that launch
+returned, and from then on calls that kernel's own launcher (`compiled[grid](*args)`) with the
+arguments in parameter order. Its key is at least as fine as Triton's specialization, so a call
+that Triton would compile differently (another alignment, say) goes through the JIT again and
+gets its own entry; it never reuses a kernel compiled for other arguments. Where the compiled
+kernel cannot be launched directly (the interpreter; a Triton whose launch passes another
+argument list than this module knows) every call goes through the JIT, as before.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+_INT32 = 2 ** 31
+
+
+def _specialization(value) -> object:
+    """What of `value` a compiled kernel depends on, or the value itself for plain constants."""
+    if isinstance(value, torch.Tensor):
+        return value.dtype, value.data_ptr() % 16 == 0
+    if isinstance(value, bool) or value is None or isinstance(value, float):
+        return type(value), value if isinstance(value, bool) else None
+    if isinstance(value, int):
+        return int, value == 1, value % 16 == 0, -_INT32 <= value < _INT32
+    return type(value), value
+
+
+def launch_passes_every_parameter(jit_run) -> bool | None:
+    """True when this Triton's JIT `run` launches its compiled kernels with every parameter in order
+    (constexprs included), False when with the non-constexpr ones only, None when it cannot tell."""
+    try:
+        source = inspect.getsource(jit_run)
+    except (OSError, TypeError):
+        return None
+    if "*bound_args.values()" in source:
+        return True
+    if "*non_constexpr_vals" in source:
+        return False
+    return None
+
+
+class DirectLaunch:
+    """A Triton JIT function launched as `launch[grid](*args, **kwargs)`, like the function itself."""
+
+    def __init__(self, jit_fn):
+        self.jit_fn = jit_fn
+        self.params = list(getattr(jit_fn, "params", []))
+        self.every_parameter = launch_passes_every_parameter(type(jit_fn).run) if self.params else None
+        self._runners: dict[tuple, object] = {}
+        self.direct_launches = 0  # (for tests: how many calls skipped the JIT)
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launch(tuple(grid), args, kwargs)
+
+    def launch(self, grid: tuple, args: tuple, kwargs: dict):
+        grid = grid + (1,) * (3 - len(grid))
+        # keyword arguments are constexprs and launch options (num_warps, ...): their values are the kernel's
+        key = (grid, tuple(map(self._positional_key, args, range(len(args)))), tuple(kwargs.items()))
+        runner = self._runners.get(key)
+        if runner is not None:
+            self.direct_launches += 1
+            return runner(*self._launch_arguments(args, kwargs))
+        compiled = self.jit_fn[grid](*args, **kwargs)
+        if self._direct_launchable(compiled, args, kwargs):
+            self._runners[key] = compiled[grid]
+        return compiled
+
+    def _positional_key(self, value, i: int):
+        constexpr = i < len(self.params) and self.params[i].is_constexpr
+        return value if constexpr else _specialization(value)
+
+    def _direct_launchable(self, compiled, args: tuple, kwargs: dict) -> bool:
+        if self.every_parameter is None or not hasattr(compiled, "function") or not hasattr(compiled, "__getitem__"):
+            return False  # the interpreter, or a Triton this module does not know
+        names = [p.name for p in self.params]
+        return len(args) <= len(names) and all(name in kwargs for name in names[len(args):])
+
+    def _launch_arguments(self, args: tuple, kwargs: dict) -> list:
+        values = list(args) + [kwargs[p.name] for p in self.params[len(args):]]
+        if self.every_parameter:
+            return values
+        return [v for v, p in zip(values, self.params) if not p.is_constexpr]
