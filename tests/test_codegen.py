@@ -570,7 +570,7 @@ def test_a_triton_layer_called_at_several_row_counts_and_with_wrong_features():
 def test_auto_picks_the_fastest_measured(monkeypatch):
     timings = {"dense": 20e-6, "triton": 12e-6, "cusparselt": 15e-6}
     monkeypatch.setattr("sparsec.codegen.measure.candidates", lambda *a: {k: k for k in timings})
-    monkeypatch.setattr("sparsec.codegen.measure.check_candidates", lambda options: ({}, {}))  # stand-ins compute nothing
+    monkeypatch.setattr("sparsec.codegen.measure.check_candidates", lambda options, **kw: ({}, {}))  # stand-ins compute nothing
     monkeypatch.setattr("sparsec.codegen.measure.time_cuda", lambda fn: timings[fn])
     best, note, launch = pick_fastest(None, None, None, None, 16, None)
     assert (best, launch) == ("triton", None)  # a condensed (fan-in) kernel has no launch choices
@@ -588,7 +588,7 @@ def test_auto_keeps_the_fastest_launch_config(monkeypatch):
     options.update({("triton" if i == 0 else f"triton#{i}"): functools.partial(str, config=cfg) for i, cfg in enumerate(configs)})
     timings = {"dense": 12e-6, "cusparselt": 8e-6}
     monkeypatch.setattr("sparsec.codegen.measure.candidates", lambda *a: options)
-    monkeypatch.setattr("sparsec.codegen.measure.check_candidates", lambda options: ({}, {}))
+    monkeypatch.setattr("sparsec.codegen.measure.check_candidates", lambda options, **kw: ({}, {}))
     monkeypatch.setattr("sparsec.codegen.measure.time_cuda",
                         lambda fn: seconds[fn.keywords["config"]["SPLIT_K"]] if isinstance(fn, functools.partial) else timings[fn])
     best, note, launch = pick_fastest(None, None, None, None, 1, None)
@@ -743,3 +743,54 @@ def test_values_at_an_odd_offset_are_realigned(monkeypatch):
                         None, None, None, spec, name, source)
     assert output_error(y.cpu().double(), x.half().double() @ pruned.half().double().t()) <= 2e-3
     assert len(launched) == 1 and launched[0] % 4 == 0
+
+
+def test_auto_candidates_take_turns_so_a_drift_falls_on_all_of_them(monkeypatch):
+    """Timing drifts while auto measures (clocks ramping up from idle): with each candidate timed to
+    the end in turn, the first one measured would absorb it. In rounds, every candidate sees it."""
+    from sparsec.codegen.measure import ROUNDS, timed_in_rounds
+
+    clock = iter(range(1000))
+    order = []
+
+    def drifting_timer(fn):  # every call is slower than the last; fn names itself
+        order.append(fn())
+        return 1e-6 * (10 + next(clock)) if order[-1] != "slow" else 1.0
+
+    times = timed_in_rounds({"dense": lambda: "dense", "triton": lambda: "triton", "slow": lambda: "slow"},
+                            drifting_timer, ROUNDS, failed := {})
+    assert order == ["dense", "triton", "slow"] * ROUNDS and not failed
+    assert times["dense"] < times["triton"] < times["slow"]
+    assert times["triton"] - times["dense"] == pytest.approx(1e-6)  # one call apart, not a whole candidate
+
+
+def test_a_candidate_failing_in_a_later_round_is_named_not_chosen():
+    from sparsec.codegen.measure import timed_in_rounds
+
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("launch failed")
+        return None
+
+    failed = {}
+    times = timed_in_rounds({"triton": flaky, "dense": lambda: None}, lambda fn: fn() or 1e-5, 3, failed)
+    assert set(times) == {"dense"} and failed == {"triton": "RuntimeError: launch failed"} and len(calls) == 2
+
+
+def test_fp32_candidates_are_held_to_tf32_tolerance_when_dense_runs_on_tf32():
+    """cuDNN runs float32 convs on TF32 by default: an exact float32 kernel then differs from the
+    dense candidate by TF32's rounding (~1e-3), which must not count as a wrong result; with TF32
+    off, float32's own tolerance applies."""
+    from sparsec.codegen.measure import check_candidates
+
+    torch.manual_seed(0)
+    x, w = torch.randn(64, 256), torch.randn(128, 256)
+    exact = x @ w.t()
+    tf32_like = (x.half().float() @ w.half().float().t())  # inputs rounded to a 10-bit mantissa, as TF32 does
+    options = {"dense": lambda: tf32_like, "triton": lambda: exact}
+    assert check_candidates(options, tf32=True) == ({}, {})
+    wrong, failed = check_candidates(options, tf32=False)
+    assert set(wrong) == {"triton"} and not failed

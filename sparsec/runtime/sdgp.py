@@ -212,9 +212,8 @@ def _linear_dgrad(dy: torch.Tensor, weight: torch.Tensor, n: int, m: int, mode: 
     """prune(dY) @ W. On CUDA the 2:4 prune is one pass of the Triton kernel, and the product is a
     dense GEMM on the pruned dY. (Until 2026-11-23 the product went through torch's semi-structured
     tensor, compressing dY every step: on an H100 with torch 2.11 that made a training step of a
-    768/3072 MLP block 5x slower than dense and of a 4096/14336 one 2x slower, its per-call setup
-    alone about 0.6 ms, and fp16 gradients under fp16's normal range came back wrong from it,
-    relative error 1.0 where bf16 gave 2e-3; bench/results/training-*-2026-11-23.json.)"""
+    768/3072 MLP block 5x slower than dense and of a 4096/14336 one 2x slower, the semi-structured
+    call's setup alone about 0.6 ms; bench/results/training-*-2026-11-23.json.)"""
     if (n, m) != (2, 4) or not _kernel_path(dy):
         return prune_grad(dy, n, m, -1, mode).matmul(weight)
     from sparsec.codegen.launch import prune24_dense
