@@ -10,7 +10,8 @@ CUDA-event timings in a CUDA graph (launch overhead excluded) after an L2 flush,
 of the compiled module against the original (what a user sees). The kernel is timed at every
 launch config backend="auto" considers. Upstream Triton cannot issue mma.sp, so the kernel does
 the dense amount of tensor-core work: expect it behind cuDNN at large batch, where auto must then
-choose dense (>= 0.97x dense is the bar, as for the linear layers).
+choose dense (>= 0.97x dense is the bar, as for the linear layers: in GPU time, the whole compiled
+model replayed in a CUDA graph against the original, and in eager calls, host time included).
 
     python bench/bench_conv24.py [--quick] [--budget-s S]
 """
@@ -102,10 +103,13 @@ def run_case(name: str, cin: int, cout: int, kernel: int, size: int, batch: int,
         auto = sparsec.compile(model, pattern="2:4", example_inputs=(x,), backend="auto", **kwargs)
         row["auto_backend"], row["auto_reason"] = auto.plan["0"].backend, auto.plan["0"].reason
         row["auto_eager_s"] = median_time(lambda: auto(x), graph=False)
+        row["auto_s"] = median_time(lambda: auto(x))  # the compiled model's GPU time, and the original's
+        row["dense_model_s"] = median_time(lambda: model(x))
     flops = 2 * row["M"] * cout * row["K"]
     row["sparsec_TFLOPs_dense_equiv"] = flops / row["sparsec_s"] / 1e12
     row["vs_dense"] = row["dense_s"] / row["sparsec_s"]
     row["auto_vs_dense_eager"] = row["dense_eager_s"] / row["auto_eager_s"]
+    row["auto_vs_dense"] = row["dense_model_s"] / row["auto_s"]
     return row
 
 
@@ -123,7 +127,7 @@ def main() -> int:
     print(f"{device} (torch {torch.__version__}, triton {triton.__version__})")
     convs, weights = (CONVS[:2], (False,)) if args.quick else (CONVS, (False, True))
     print(f"{'case':>18} {'B':>3} {'w':>4} | {'sparsec us':>10} {'dense us':>9} {'x dense':>7} {'TF/s':>6} | "
-          f"{'auto':>8} {'auto x dense':>12} | ok")
+          f"{'auto':>8} {'x dense gpu':>11} {'eager':>5} | ok")
     runner = CaseRunner(args.budget_s)
     for int8 in weights:
         for name, cin, cout, kernel, size in convs:
@@ -133,18 +137,22 @@ def main() -> int:
                 if r is not None:
                     print(f"{name:>18} {batch:3d} {r['weights']:>4} | {1e6 * r['sparsec_s']:10.1f} {1e6 * r['dense_s']:9.1f} "
                           f"{r['vs_dense']:7.2f} {r['sparsec_TFLOPs_dense_equiv']:6.1f} | {r['auto_backend']:>8} "
-                          f"{r['auto_vs_dense_eager']:12.2f} | {'yes' if r['ok'] else 'NO ' + str(r['max_rel_err'])}",
+                          f"{r['auto_vs_dense']:11.2f} {r['auto_vs_dense_eager']:5.2f} | "
+                          f"{'yes' if r['ok'] else 'NO ' + str(r['max_rel_err'])}",
                           flush=True)
                 write_results("conv24", device, {"benchmark": "2:4 sparse conv2d", "triton": triton.__version__,
                                                  "complete": False, "rows": runner.rows}, announce=False)
     measured = runner.measured
-    worst = min((r["auto_vs_dense_eager"] for r in measured), default=None)
+    worst = min((r["auto_vs_dense"] for r in measured), default=None)
+    worst_eager = min((r["auto_vs_dense_eager"] for r in measured), default=None)
     if worst is not None:
-        print(f"target auto vs dense, every case: {worst:.2f} at worst (needs >= 0.97) -> "
-              f"{'met' if worst >= 0.97 else 'NOT met'}")
+        for what, value in (("GPU time", worst), ("eager calls, host time included", worst_eager)):
+            print(f"target auto vs dense ({what}), every case: {value:.2f} at worst (needs >= 0.97) -> "
+                  f"{'met' if value >= 0.97 else 'NOT met'}")
     complete = len(measured) == len(runner.rows)
     write_results("conv24", device, {"benchmark": "2:4 sparse conv2d", "triton": triton.__version__, "complete": complete,
-                                     "auto_vs_dense_worst": worst, "rows": runner.rows})
+                                     "auto_vs_dense_worst": worst, "auto_vs_dense_eager_worst": worst_eager,
+                                     "rows": runner.rows})
     return 0 if complete and all(r["ok"] for r in measured) else 1
 
 

@@ -230,7 +230,10 @@ def quantize_int8(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Zeros stay exactly zero. An all-zero row gets scale 1 so nothing divides by zero.
     """
     absmax = rows.detach().abs().amax(dim=-1).float()
-    scales = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
+    # A tensor divisor, not the number 127: CUDA divides by a Python number as a multiplication by its
+    # reciprocal, one bit off for some rows, so a model quantized on a GPU got other scales (and, at
+    # rounding ties, other int8 values) than the same model quantized on the CPU.
+    scales = torch.where(absmax > 0, absmax / absmax.new_tensor(127.0), torch.ones_like(absmax))
     q = torch.round(rows.detach().float() / scales.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
     return q, scales
 

@@ -61,7 +61,7 @@ def oracle_int8(rows: torch.Tensor) -> torch.Tensor:
     """Per-row symmetric int8 fake quantization, row by row."""
     out = torch.empty_like(rows)
     for i, row in enumerate(rows):
-        s = row.abs().max().float() / 127
+        s = row.abs().max().float() / torch.tensor(127.0, device=row.device)  # IEEE division on any device
         s = s if s > 0 else torch.tensor(1.0)
         out[i] = (torch.clamp(torch.round(row.float() / s), -127, 127) * s).to(rows.dtype)
     return out
