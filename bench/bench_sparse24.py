@@ -139,6 +139,11 @@ def run_case(m: int, n: int, k: int, int8: bool, ceil: dict) -> dict:
         row["auto_eager_s"] = median_time(lambda: auto(x), graph=False)
         row["auto_s"] = median_time(lambda: auto(x))  # the compiled model's GPU time, and the original's
         row["dense_model_s"] = median_time(lambda: model(x))
+        # what auto picks for a model run under CUDA graphs (timing="graph"), and that model's GPU time
+        graphed = sparsec.compile(model, pattern="2:4", example_inputs=(x,), backend="auto", timing="graph",
+                                  **compile_kwargs)
+        row["auto_graph_backend"], row["auto_graph_reason"] = graphed.plan["0"].backend, graphed.plan["0"].reason
+        row["auto_graph_s"] = median_time(lambda: graphed(x))
 
     weight_bytes = n * k // 2 * (1 if int8 else 2) + n * ((k + 15) // 16) * 2 + (n * 4 if int8 else 0)
     moved = weight_bytes + m * k * 2 + m * n * 2
@@ -150,6 +155,7 @@ def run_case(m: int, n: int, k: int, int8: bool, ceil: dict) -> dict:
     row["vs_cusparselt"] = row["cusparselt_s"] / row["sparsec_s"] if row["cusparselt_s"] else None
     row["auto_vs_dense_eager"] = row["dense_eager_s"] / row["auto_eager_s"]
     row["auto_vs_dense"] = row["dense_model_s"] / row["auto_s"]
+    row["auto_graph_vs_dense"] = row["dense_model_s"] / row["auto_graph_s"]
     return row
 
 
@@ -157,7 +163,8 @@ def run_case(m: int, n: int, k: int, int8: bool, ceil: dict) -> dict:
 TARGETS = {"fp16 2:4 vs dense at M <= 16": (lambda r: r["weights"] == "fp16" and r["M"] <= 16, "vs_dense", 1.5),
            "int8 2:4 vs dense fp16 at M <= 16": (lambda r: r["weights"] == "int8" and r["M"] <= 16, "vs_dense", 2.8),
            "auto vs dense (GPU time), every shape": (lambda r: True, "auto_vs_dense", 0.97),
-           "auto vs dense (eager calls, host time included), every shape": (lambda r: True, "auto_vs_dense_eager", 0.97)}
+           "auto vs dense (eager calls, host time included), every shape": (lambda r: True, "auto_vs_dense_eager", 0.97),
+           "auto with timing='graph' vs dense (GPU time), every shape": (lambda r: True, "auto_graph_vs_dense", 0.97)}
 
 
 def check_targets(rows: list[dict]) -> dict:
@@ -179,6 +186,7 @@ def print_row(r: dict) -> None:
           f"{r['vs_dense']:7.2f} {cs} {vc} | {r['sparsec_GBps']:6.0f} {100 * r['bandwidth_of_ceiling']:3.0f}% "
           f"{r['sparsec_TFLOPs_dense_equiv']:6.1f} {100 * r['flops_of_ceiling']:3.0f}% | "
           f"{r['auto_backend']:>10} {r['auto_vs_dense']:11.2f} {r['auto_vs_dense_eager']:5.2f} | "
+          f"{r['auto_graph_backend']:>10} {r['auto_graph_vs_dense']:7.2f} | "
           f"{'yes' if r['ok'] else 'NO ' + str(r['max_rel_err'])}",
           flush=True)
 
@@ -204,7 +212,7 @@ def main() -> int:
     prefix = "sparse24" + ("-quick" if args.quick else "") + ("" if args.weights == "both" else f"-{args.weights}")
     header = (f"{'M':>5} {'N':>6} {'K':>6} {'w':>4} | {'sparsec us':>10} {'default':>8} {'shift':>6} {'prmt':>6} {'dense us':>9} "
               f"{'x dense':>7} {'cslt us':>8} {'x cslt':>6} | {'GB/s':>6} {'%bw':>4} {'TF/s':>6} {'%fl':>4} | {'auto':>10} "
-              f"{'x dense gpu':>11} {'eager':>5} | ok")
+              f"{'x dense gpu':>11} {'eager':>5} | {'auto graph':>10} {'x dense':>7} | ok")
     print(header)
     runner = CaseRunner(args.budget_s)
     # M outermost: the memory-bound rows the targets are about come first, should the budget run out

@@ -2,7 +2,8 @@
 
 CUDA: the generated Triton kernel, torch's semi-structured GEMM (cuSPARSELt / CUTLASS), and a
 dense cuBLAS GEMM on the pruned weight; medians of CUDA-event timings of eager calls (what the
-compiled model's caller waits) after warm-up, each after an L2 flush (weights from device memory).
+compiled model's caller waits) after warm-up, or with compile's timing="graph" of CUDA graph replays
+(GPU time only), each after an L2 flush (weights from device memory), the candidates taking turns.
 CPU, constant fan-in layers: the condensed kernel against a dense GEMM on the pruned weight;
 medians of wall-clock blocks.
 """
@@ -270,19 +271,21 @@ def run_poisoned(fn, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
 
 
 def pick_fastest(gm, ctx, layer, decision, m: int | None, triton_problem: str | None, device: str = "cuda",
-                 input_shape: tuple[int, ...] | None = None):
+                 input_shape: tuple[int, ...] | None = None, graph: bool = False):
     """(backend, note, launch): the fastest way to run the layer at M rows (a conv layer: on an input of
     `input_shape`) among the candidates that agree with dense, a note with the times (and the
     candidates rejected or failing, by name), and for a 2:4 Triton kernel the fastest launch config
-    (with "M"), else None."""
+    (with "M"), else None. On CUDA each candidate is timed in eager calls, or with `graph` replayed
+    from a CUDA graph (GPU time only: compile's timing="graph")."""
     rows = m or DEFAULT_ROWS
+    cuda_timer = (lambda fn: time_cuda(fn, graph=True)) if graph else time_cuda
     if device == "cpu":
         options, timer = cpu_fanin_candidates(gm, ctx, layer, decision, rows), time_cpu
     elif input_shape is not None:  # a conv layer
-        (options, rows), timer = conv_candidates(gm, ctx, layer, decision, input_shape, triton_problem), time_cuda
+        (options, rows), timer = conv_candidates(gm, ctx, layer, decision, input_shape, triton_problem), cuda_timer
         m = rows
     else:
-        options, timer = candidates(gm, ctx, layer, decision, rows, triton_problem), time_cuda
+        options, timer = candidates(gm, ctx, layer, decision, rows, triton_problem), cuda_timer
     wrong, failed = check_candidates(options, tf32=device != "cpu" and _tf32_allowed(input_shape is not None))
     checked = {name: fn for name, fn in options.items() if name not in wrong and name not in failed}
     times = timed_in_rounds(checked, timer, 1 if device == "cpu" else ROUNDS, failed)
@@ -298,7 +301,8 @@ def pick_fastest(gm, ctx, layer, decision, m: int | None, triton_problem: str | 
                                                   if k == "triton" and launch else "")
                       for k, v in sorted(times.items(), key=lambda kv: kv[1]))
     where = f"M={rows}" + ("" if m else " (no example inputs)")
-    where += ", eager calls after an L2 flush" if device != "cpu" else ""
+    if device != "cpu":
+        where += ", CUDA graph replays (GPU time) after an L2 flush" if graph else ", eager calls after an L2 flush"
     note = f"backend auto at {where}: {shown} -> {best} ({times['dense'] / times[best]:.2f}x dense)"
     if wrong:
         note += "; rejected for wrong results: " + ", ".join(f"{k} (error {v:.2g} of dense's largest output)"

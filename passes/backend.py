@@ -66,11 +66,12 @@ def _measured(gm, ctx: CompileContext, layer: LayerInfo, decision, node: fx.Node
     if layer.conv is not None and input_shape is None:
         return "torch", ("backend auto times a conv layer on its input, whose shape is unknown without example "
                          "inputs; runs on the torch runtime (pass example_inputs to compile)"), None
+    graph = ctx.options.timing == "graph"
     key = (device, layer.op, layer.weight_shape, layer.conv, layer.dtype, decision.sparsity, decision.quant,
-           layer.bias_path is not None, input_shape or m, triton_problem)
+           layer.bias_path is not None, input_shape or m, triton_problem, graph)
     if key not in ctx.measurements:
         ctx.measurements[key] = (*pick_fastest(gm, ctx, layer, decision, m, triton_problem, device=device,
-                                               input_shape=input_shape), layer.name)
+                                               input_shape=input_shape, graph=graph), layer.name)
         return ctx.measurements[key][:3]
     backend, note, launch, measured_on = ctx.measurements[key]
     return backend, f"{note}; measured on {measured_on}, which has the same shape", launch

@@ -29,6 +29,7 @@ QUANTIZE_CHOICES = (None, "int8", "auto")
 GRAD_MODES = ("magnitude", "rescale")
 WEIGHT_UPDATES = ("fixed", "ste")
 BACKEND_OPTIONS = ("auto", "triton", "torch")
+TIMINGS = ("eager", "graph")  # backend "auto" on CUDA: eager calls (host time included) or CUDA graph replays
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class CompileOptions:
     grad_mode: str = "magnitude"             # "magnitude" | "rescale"
     weight_update: str = "fixed"             # "fixed" masks | "ste" (SR-STE re-pruning every step)
     ste_decay: float = 2e-4                  # SR-STE's lambda_W
+    timing: str = "eager"                    # how backend "auto" times candidates on CUDA: "eager" | "graph"
 
     @classmethod
     def from_user(cls, pattern: object, quantize: object = None, include: object = None, exclude: object = None,
@@ -56,7 +58,7 @@ class CompileOptions:
                   quant_budget: object = DEFAULT_QUANT_BUDGET, leaf_modules: object = None,
                   backend: object = "auto", rewrite: bool = True, emit_only: bool = False, train: object = False,
                   grad_pattern: object = None, grad_mode: object = "magnitude", weight_update: object = "fixed",
-                  ste_decay: object = 2e-4) -> CompileOptions:
+                  ste_decay: object = 2e-4, timing: object = "eager") -> CompileOptions:
         """Validate user arguments up front, so errors name the argument, not a pass."""
         if not isinstance(train, bool):
             raise InvalidTypeError(f"train must be True or False, got {train!r}")
@@ -79,6 +81,11 @@ class CompileOptions:
                                     "itself); use backend='auto' or 'torch'")
         if backend not in BACKEND_OPTIONS:
             raise InvalidInputError(f"backend={backend!r} is not supported; accepted: {BACKEND_OPTIONS}")
+        if timing not in TIMINGS:
+            raise InvalidInputError(f"timing={timing!r} is not supported; accepted: {TIMINGS}")
+        if timing != "eager" and backend != "auto":
+            raise InvalidInputError(f"timing={timing!r} says how backend='auto' measures; backend={backend!r} measures "
+                                    f"nothing (drop timing, or use backend='auto')")
         if quantize not in QUANTIZE_CHOICES:
             raise InvalidInputError(f"quantize={quantize!r} is not supported; accepted: {QUANTIZE_CHOICES}")
         if plan is not None and not isinstance(plan, Plan):
@@ -102,7 +109,7 @@ class CompileOptions:
                    plan=plan, min_weights=min_weights, quant_budget=float(quant_budget),
                    leaf_modules=tuple(leaf_modules or ()), backend=backend, rewrite=rewrite, emit_only=emit_only,
                    train=train, grad_pattern=grad, grad_mode=grad_mode, weight_update=weight_update,
-                   ste_decay=float(ste_decay))
+                   ste_decay=float(ste_decay), timing=timing)
 
 
 def _names(arg: str, value: object) -> tuple[str, ...]:

@@ -3,6 +3,7 @@ sm_80 / sm_90 builds without a GPU, determinism, the kernel cache, fusion in com
 import json
 import os
 import subprocess
+import re
 import sys
 import textwrap
 
@@ -794,3 +795,45 @@ def test_fp32_candidates_are_held_to_tf32_tolerance_when_dense_runs_on_tf32():
     assert check_candidates(options, tf32=True) == ({}, {})
     wrong, failed = check_candidates(options, tf32=False)
     assert set(wrong) == {"triton"} and not failed
+
+
+def test_auto_with_graph_timing_times_gpu_time_and_says_so(monkeypatch):
+    """timing="graph": candidates replayed from a CUDA graph (time_cuda(graph=True)), for models run
+    under CUDA graphs; the plan's reason says which timing chose."""
+    timings = {"dense": 20e-6, "triton": 12e-6}
+    seen = []
+    monkeypatch.setattr("sparsec.codegen.measure.candidates", lambda *a: {k: k for k in timings})
+    monkeypatch.setattr("sparsec.codegen.measure.check_candidates", lambda options, **kw: ({}, {}))
+    monkeypatch.setattr("sparsec.codegen.measure.time_cuda", lambda fn, **kw: seen.append(kw) or timings[fn])
+    best, note, _ = pick_fastest(None, None, None, None, 4, None, graph=True)
+    assert best == "triton" and seen and all(kw == {"graph": True} for kw in seen)
+    assert note.startswith("backend auto at M=4, CUDA graph replays (GPU time) after an L2 flush: triton 12.0 us")
+    seen.clear()
+    assert "eager calls" in pick_fastest(None, None, None, None, 4, None)[1] and all(kw == {} for kw in seen)
+
+
+def test_compile_passes_graph_timing_to_the_measurement(monkeypatch):
+    """compile(timing="graph") reaches the measurement of every layer (the device check and the
+    measurement stand in), and a plain compile measures eagerly."""
+    graphs = []
+
+    def fake_pick(gm, ctx, layer, decision, m, problem, device="cuda", input_shape=None, graph=False):
+        graphs.append(graph)
+        return "dense", f"measured with graph={graph}", None
+
+    monkeypatch.setattr("sparsec.passes.backend._device", lambda gm, layer: torch.device("cuda"))
+    monkeypatch.setattr("sparsec.codegen.measure.pick_fastest", fake_pick)
+    model, x = nn.Sequential(nn.Linear(64, 32), nn.ReLU()), torch.randn(3, 64)
+    plan = sparsec.explain(model, example_inputs=(x,), include=[".*"], min_weights=0, timing="graph")
+    assert graphs == [True] and "measured with graph=True" in plan["0"].reason
+    sparsec.explain(model, example_inputs=(x,), include=[".*"], min_weights=0)
+    assert graphs == [True, False]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(timing="fast"), "timing='fast' is not supported; accepted: ('eager', 'graph')"),
+    (dict(timing="graph", backend="triton"), "backend='triton' measures nothing"),
+])
+def test_bad_timing_is_refused_by_name(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        sparsec.compile(nn.Sequential(nn.Linear(8, 8)), **kwargs)
