@@ -213,7 +213,7 @@ def _linear_dgrad(dy: torch.Tensor, weight: torch.Tensor, n: int, m: int, mode: 
     dense GEMM on the pruned dY. (Until 2026-11-23 the product went through torch's semi-structured
     tensor, compressing dY every step: on an H100 with torch 2.11 that made a training step of a
     768/3072 MLP block 5x slower than dense and of a 4096/14336 one 2x slower, the semi-structured
-    call's setup alone about 0.6 ms; bench/results/training-*-2026-11-23.json.)"""
+    call's setup alone about 0.6 ms; bench/results/training-semistructured-dgrad-*-2026-11-23.json.)"""
     if (n, m) != (2, 4) or not _kernel_path(dy):
         return prune_grad(dy, n, m, -1, mode).matmul(weight)
     from sparsec.codegen.launch import prune24_dense
