@@ -84,8 +84,7 @@ def main() -> int:
                    "nn.Linear": per_call_us(lambda: model(x), args.calls)}
         if cuda:  # the same layer with every launch through Triton's JIT (what DirectLaunch skips)
             for kernel in launch._LOADED.values():
-                kernel.every_parameter = None
-                kernel._runners.clear()
+                kernel.jit_only()
             results["sparsec layer, JIT launch"] = per_call_us(lambda: layer(x), args.calls)
     name = torch.cuda.get_device_name() if cuda else "cpu-launch-stubbed"
     print(f"{name}: host time per call at 1 x {d} fp16 (median of 7 blocks)")

@@ -75,6 +75,11 @@ class DirectLaunch:
             self._runners[key] = compiled[grid]
         return compiled
 
+    def jit_only(self) -> None:
+        """Launch every call through the JIT from now on (what bench_call_overhead compares against)."""
+        self.every_parameter = None
+        self._runners.clear()
+
     def _positional_key(self, value, i: int):
         constexpr = i < len(self.params) and self.params[i].is_constexpr
         return value if constexpr else _specialization(value)

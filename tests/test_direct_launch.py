@@ -75,6 +75,17 @@ def test_a_call_that_specializes_differently_goes_through_the_jit(change):
     assert len(jit.jit_calls) == 2 and launch.direct_launches == 1
 
 
+def test_jit_only_stops_direct_launches():
+    jit = FakeJit()
+    launch = DirectLaunch(jit)
+    for _ in range(2):
+        launch[(1,)](torch.zeros(4), 4, BLOCK=16)
+    launch.jit_only()
+    for _ in range(2):
+        launch[(1,)](torch.zeros(4), 4, BLOCK=16)
+    assert len(jit.jit_calls) == 3 and launch.direct_launches == 1
+
+
 def test_without_a_compiled_kernel_every_call_goes_through_the_jit():
     jit = FakeJit(interpreted=True)  # the interpreter's launch returns no compiled kernel
     launch = DirectLaunch(jit)
