@@ -28,7 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-from results_io import CaseRunner, arg_parser, parse_args, skip_without_cuda, write_results  # noqa: E402
+from results_io import (CaseRunner, add_budget_option, arg_parser, parse_args, skip_without_cuda,  # noqa: E402
+                        write_results)
 
 # (name, in channels, out channels, kernel, spatial size)
 CONVS = [("3x3 64 @56", 64, 64, 3, 56), ("3x3 128 @28", 128, 128, 3, 28), ("3x3 256 @14", 256, 256, 3, 14),
@@ -116,8 +117,7 @@ def run_case(name: str, cin: int, cout: int, kernel: int, size: int, batch: int,
 def main() -> int:
     parser = arg_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="batch 1 and 32 of the first two cases, fp16 only")
-    parser.add_argument("--budget-s", type=float, default=None, metavar="S",
-                        help="start no new case after S seconds (the rest are recorded as skipped)")
+    add_budget_option(parser)
     args = parse_args(parser)
     if skip_without_cuda("bench_conv24"):
         return 0

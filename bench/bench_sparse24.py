@@ -32,7 +32,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-from results_io import CaseRunner, arg_parser, parse_args, skip_without_cuda, write_results  # noqa: E402
+from results_io import (CaseRunner, add_budget_option, arg_parser, parse_args, skip_without_cuda,  # noqa: E402
+                        write_results)
 
 MS = [1, 16, 128, 2048, 8192]
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
@@ -196,8 +197,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="M in {1, 2048}, first shape only")
     parser.add_argument("--weights", choices=["fp16", "int8", "both"], default="both",
                         help="which weight format's rows to run (a device call's time limit may not fit both)")
-    parser.add_argument("--budget-s", type=float, default=None, metavar="S",
-                        help="start no new row after S seconds (the rest are recorded as skipped)")
+    add_budget_option(parser)
     args = parse_args(parser)
     if skip_without_cuda("bench_sparse24"):
         return 0

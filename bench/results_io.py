@@ -5,6 +5,8 @@ import argparse
 import datetime
 import json
 import os
+import time
+import traceback
 
 import torch
 
@@ -21,6 +23,12 @@ def arg_parser(doc: str | None) -> argparse.ArgumentParser:
     parser.add_argument("--out", default=results_dir(), metavar="DIR",
                         help="folder for the JSON results (default: $SPARSEC_RESULTS_DIR, else bench/results)")
     return parser
+
+
+def add_budget_option(parser: argparse.ArgumentParser) -> None:
+    """--budget-s, for the benches that run their cases through CaseRunner."""
+    parser.add_argument("--budget-s", type=float, default=None, metavar="S",
+                        help="start no new case after S seconds (the rest are recorded as skipped)")
 
 
 def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
@@ -59,8 +67,6 @@ ERROR_LOG = "bench-errors.log"
 def _log_traceback(case: dict) -> None:
     """Append the exception being handled, whole, to <results>/bench-errors.log (the printed line
     keeps the output short enough for its tail to hold the table)."""
-    import traceback
-
     os.makedirs(results_dir(), exist_ok=True)
     with open(os.path.join(results_dir(), ERROR_LOG), "a") as f:
         f.write(f"=== {case}\n{traceback.format_exc()}\n")
@@ -76,10 +82,7 @@ class CaseRunner:
     `rows` holds every outcome in order; `measured` only the rows that ran."""
 
     def __init__(self, budget_s: float | None = None, systemic: int = 2):
-        import time
-
-        self._clock = time.monotonic
-        self._deadline = None if budget_s is None else self._clock() + budget_s
+        self._deadline = None if budget_s is None else time.monotonic() + budget_s
         self._systemic = systemic
         self.rows: list[dict] = []
 
@@ -92,7 +95,7 @@ class CaseRunner:
         from sparsec.errors import last_line
 
         first = self.rows[:self._systemic]
-        if self._deadline is not None and self._clock() > self._deadline:
+        if self._deadline is not None and time.monotonic() > self._deadline:
             self.rows.append({**case, "skipped": "the run's time budget was spent"})
         elif len(first) == self._systemic and all("error" in r for r in first):
             self.rows.append({**case, "skipped": f"the first {self._systemic} cases all failed"})
