@@ -11,16 +11,23 @@ CUDA-event timings of the kernel replayed in a CUDA graph (launch overhead exclu
 every contender, cuSPARSELt included where it captures) and, separately, of eager calls of the
 compiled module against the original module (what a user sees). Every timed run follows an L2
 flush: weights come from device memory, as in a model whose other layers evict them (an H100's
-50 MB L2 holds a whole 4096 x 4096 fp16 weight). GB/s and TFLOP/s are against ceilings measured in the same run (device
-copy bandwidth, dense fp16 GEMM at 8192^3).
+50 MB L2 holds a whole 4096 x 4096 fp16 weight). The flush reads a large buffer, leaving the L2
+clean as a model's earlier layers do. Each row also times dense and the fastest kernel config
+after a flush that overwrites the buffer (how the first H100 session flushed every run), whose
+write-back then lands on the timed run: the "dirty_l2" entry (codegen/measure.py _flush_l2).
+GB/s and TFLOP/s are against ceilings measured in the same run: device read bandwidth (a
+reduction over 1 GiB: what a kernel streaming its weights can reach), copy bandwidth (read +
+write) and dense fp16 GEMM at 8192^3.
 
 Targets (issue 4): memory-bound (M <= 16) fp16 2:4 >= 1.5x dense (limit ~1.78x); int8-weight
 2:4 >= 2.8x dense fp16 (limit ~3.5x); backend="auto" >= 0.97x dense everywhere.
 
-    python bench/bench_sparse24.py [--quick] [--weights fp16|int8|both] [--budget-s S]
+    python bench/bench_sparse24.py [--quick] [--ms 1,16] [--weights fp16|int8|both] [--budget-s S]
 """
 from __future__ import annotations
 
+import argparse
+import functools
 import os
 import sys
 
@@ -39,20 +46,34 @@ MS = [1, 16, 128, 2048, 8192]
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
 
 
-def median_time(fn, repeats: int = 50, graph: bool = True) -> float:
+def median_time(fn, repeats: int = 50, graph: bool = True, l2_flush: str = "clean") -> float:
     """Median seconds per call; in a CUDA graph where it captures (kernel time without launch overhead)."""
     from sparsec.codegen.measure import time_cuda
 
-    return time_cuda(fn, repeats=repeats, graph=graph)
+    return time_cuda(fn, repeats=repeats, graph=graph, l2_flush=l2_flush)
 
 
 def ceilings() -> dict:
-    x = torch.empty(256 * 1024 * 1024, dtype=torch.float32, device="cuda")  # 1 GiB
+    gib = 1 << 30
+    x = torch.ones(gib // 4, dtype=torch.float32, device="cuda")
     y = torch.empty_like(x)
-    t = median_time(lambda: y.copy_(x), repeats=20, graph=False)
+    t_read = median_time(lambda: x.sum(), repeats=20, graph=False)
+    t_copy = median_time(lambda: y.copy_(x), repeats=20, graph=False)
     a = torch.randn(8192, 8192, dtype=torch.float16, device="cuda")
     tg = median_time(lambda: torch.mm(a, a), repeats=20, graph=False)
-    return {"copy_GBps": 2 * 4 * 256 * 1024 * 1024 / t / 1e9, "fp16_gemm_TFLOPs": 2 * 8192 ** 3 / tg / 1e12}
+    return {"read_GBps": gib / t_read / 1e9, "copy_GBps": 2 * gib / t_copy / 1e9,
+            "fp16_gemm_TFLOPs": 2 * 8192 ** 3 / tg / 1e12}
+
+
+def row_counts(text: str) -> list[int]:
+    """--ms: comma-separated positive row counts."""
+    try:
+        ms = [int(part) for part in text.split(",")]
+    except ValueError:
+        ms = []
+    if not ms or min(ms) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas (say 1,16), got {text!r}")
+    return ms
 
 
 def _default_config(m: int, n: int, k: int) -> dict:
@@ -70,18 +91,16 @@ def sweep_configs(layer, x, expected) -> list[dict]:
     """Check, then time, the layer's kernel at every launch config backend="auto" may pick at this
     shape; a config whose result is wrong, or that fails to run, is recorded with its error and not timed."""
     from sparsec.codegen.configs import matmul_candidates
-    from sparsec.codegen.launch import sm_count, sparse24_matmul
+    from sparsec.codegen.launch import sm_count
     from sparsec.codegen.measure import run_poisoned
     from sparsec.errors import last_line
 
     m, k = x.shape
     n = layer.packed.out_features
-    spec, packed = layer.spec(), layer.packed
+    spec = layer.spec()
     results = []
     for cfg in matmul_candidates(m, n, k, spec.act_dtype, sm_count(x.device), spec.weight_dtype):
-        run = lambda cfg=cfg, out=None: sparse24_matmul(x, packed.values, packed.meta, packed.scales, None,  # noqa: E731
-                                                        None, spec, layer.kernel_name, layer.kernel_source,
-                                                        config=cfg, out=out)
+        run = functools.partial(kernel_call, layer, x, cfg)
         try:
             err = relative_error(run_poisoned(run, (m, n), x.dtype, x.device), expected)  # every element written?
         except Exception as e:  # noqa: BLE001 - recorded (say, a config this Triton cannot build); the rest still run
@@ -90,6 +109,15 @@ def sweep_configs(layer, x, expected) -> list[dict]:
         results.append({"config": cfg, "max_rel_err": err, "ok": err < 1e-2,
                         "s": median_time(run) if err < 1e-2 else None})
     return results
+
+
+def kernel_call(layer, x, cfg: dict, out=None):
+    """The layer's generated kernel on x at launch config `cfg`."""
+    from sparsec.codegen.launch import sparse24_matmul
+
+    packed = layer.packed
+    return sparse24_matmul(x, packed.values, packed.meta, packed.scales, None, None, layer.spec(), layer.kernel_name,
+                           layer.kernel_source, config=cfg, out=out)
 
 
 def run_case(m: int, n: int, k: int, int8: bool, ceil: dict) -> dict:
@@ -123,6 +151,11 @@ def run_case(m: int, n: int, k: int, int8: bool, ceil: dict) -> dict:
         row["best_s_by_prmt_expand"] = {prmt: min((c["s"] for c in checked if c["config"].get("PRMT_EXPAND") == prmt),
                                                   default=None) for prmt in (0, 1)}
         row["sparsec_s"], row["best_config"] = best["s"], best["config"]
+        # the flush that leaves the L2 dirty (see the docstring): how much of the time was write-back
+        row["dirty_l2"] = {"dense_s": median_time(lambda: F.linear(x, dense_w), l2_flush="dirty"),
+                           "sparsec_s": median_time(functools.partial(kernel_call, triton_layer, x, best["config"]),
+                                                    l2_flush="dirty")}
+        row["dirty_l2"]["vs_dense"] = row["dirty_l2"]["dense_s"] / row["dirty_l2"]["sparsec_s"]
         row["sparsec_eager_s"] = median_time(lambda: triton_layer(x), graph=False)
         row["dense_eager_s"] = median_time(lambda: model(x), graph=False)  # the module auto replaces
         try:
@@ -147,10 +180,13 @@ def run_case(m: int, n: int, k: int, int8: bool, ceil: dict) -> dict:
         row["auto_graph_s"] = median_time(lambda: graphed(x))
 
     weight_bytes = n * k // 2 * (1 if int8 else 2) + n * ((k + 15) // 16) * 2 + (n * 4 if int8 else 0)
-    moved = weight_bytes + m * k * 2 + m * n * 2
-    row["sparsec_GBps"] = moved / row["sparsec_s"] / 1e9
+    activation_bytes = m * k * 2 + m * n * 2
+    row["sparsec_GBps"] = (weight_bytes + activation_bytes) / row["sparsec_s"] / 1e9
+    row["dense_GBps"] = (n * k * 2 + activation_bytes) / row["dense_s"] / 1e9
     row["sparsec_TFLOPs_dense_equiv"] = 2 * m * n * k / row["sparsec_s"] / 1e12
     row["bandwidth_of_ceiling"] = row["sparsec_GBps"] / ceil["copy_GBps"]
+    row["bandwidth_of_read_ceiling"] = row["sparsec_GBps"] / ceil["read_GBps"]
+    row["dense_bandwidth_of_read_ceiling"] = row["dense_GBps"] / ceil["read_GBps"]
     row["flops_of_ceiling"] = row["sparsec_TFLOPs_dense_equiv"] / ceil["fp16_gemm_TFLOPs"]
     row["vs_dense"] = row["dense_s"] / row["sparsec_s"]
     row["vs_cusparselt"] = row["cusparselt_s"] / row["sparsec_s"] if row["cusparselt_s"] else None
@@ -184,7 +220,8 @@ def print_row(r: dict) -> None:
     by = {prmt: f"{1e6 * s:6.1f}" if s else f"{'-':>6}" for prmt, s in r["best_s_by_prmt_expand"].items()}
     print(f"{r['M']:5d} {r['N']:6d} {r['K']:6d} {r['weights']:>4} | {1e6 * r['sparsec_s']:10.1f} {1e6 * r['default_s']:8.1f} "
           f"{by[0]} {by[1]} {1e6 * r['dense_s']:9.1f} "
-          f"{r['vs_dense']:7.2f} {cs} {vc} | {r['sparsec_GBps']:6.0f} {100 * r['bandwidth_of_ceiling']:3.0f}% "
+          f"{r['vs_dense']:7.2f} {r['dirty_l2']['vs_dense']:7.2f} {cs} {vc} | {r['sparsec_GBps']:6.0f} "
+          f"{100 * r['bandwidth_of_read_ceiling']:3.0f}% {100 * r['dense_bandwidth_of_read_ceiling']:4.0f}% "
           f"{r['sparsec_TFLOPs_dense_equiv']:6.1f} {100 * r['flops_of_ceiling']:3.0f}% | "
           f"{r['auto_backend']:>10} {r['auto_vs_dense']:11.2f} {r['auto_vs_dense_eager']:5.2f} | "
           f"{r['auto_graph_backend']:>10} {r['auto_graph_vs_dense']:7.2f} | "
@@ -195,6 +232,8 @@ def print_row(r: dict) -> None:
 def main() -> int:
     parser = arg_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="M in {1, 2048}, first shape only")
+    parser.add_argument("--ms", type=row_counts, default=None, metavar="M,M,...",
+                        help=f"only these M (default {','.join(map(str, MS))}; with --quick 1,2048)")
     parser.add_argument("--weights", choices=["fp16", "int8", "both"], default="both",
                         help="which weight format's rows to run (a device call's time limit may not fit both)")
     add_budget_option(parser)
@@ -205,13 +244,16 @@ def main() -> int:
 
     device = torch.cuda.get_device_name()
     ceil = ceilings()
-    print(f"{device}: copy {ceil['copy_GBps']:.0f} GB/s, dense fp16 GEMM {ceil['fp16_gemm_TFLOPs']:.0f} TFLOP/s "
-          f"(torch {torch.__version__}, triton {triton.__version__})")
+    print(f"{device}: read {ceil['read_GBps']:.0f} GB/s, copy {ceil['copy_GBps']:.0f} GB/s, dense fp16 GEMM "
+          f"{ceil['fp16_gemm_TFLOPs']:.0f} TFLOP/s (torch {torch.__version__}, triton {triton.__version__}).\n"
+          f"dirty: x dense after a flush leaving the L2 dirty; %rd: sparsec's bytes / time against the read "
+          f"ceiling, dns%: dense's")
     ms, shapes = ([1, 2048], SHAPES[:1]) if args.quick else (MS, SHAPES)
+    ms = args.ms or ms
     weights = {"fp16": [False], "int8": [True], "both": [False, True]}[args.weights]
     prefix = "sparse24" + ("-quick" if args.quick else "") + ("" if args.weights == "both" else f"-{args.weights}")
     header = (f"{'M':>5} {'N':>6} {'K':>6} {'w':>4} | {'sparsec us':>10} {'default':>8} {'shift':>6} {'prmt':>6} {'dense us':>9} "
-              f"{'x dense':>7} {'cslt us':>8} {'x cslt':>6} | {'GB/s':>6} {'%bw':>4} {'TF/s':>6} {'%fl':>4} | {'auto':>10} "
+              f"{'x dense':>7} {'dirty':>7} {'cslt us':>8} {'x cslt':>6} | {'GB/s':>6} {'%rd':>4} {'dns%':>5} {'TF/s':>6} {'%fl':>4} | {'auto':>10} "
               f"{'x dense gpu':>11} {'eager':>5} | {'auto graph':>10} {'x dense':>7} | ok")
     print(header)
     runner = CaseRunner(args.budget_s)

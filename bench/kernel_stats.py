@@ -9,7 +9,10 @@ as fast as HBM delivers them (about 3 TB/s on an H100: 6.3 us for a 4096 x 4096 
 issues at 128 threads/clk; integer ALU work (LOP3, SHF, PRMT, ISETP, SEL, IADD3, LEA, ...) and IMAD
 at 64; fp16x2 / fp32 arithmetic at 128; conversions (I2F, F2F, ...) at 16. The slowest unit sets the
 expansion time, assuming perfect overlap with memory: a lower bound, not a timing. bench_sparse24.py
-on a GPU measures.
+on a GPU measures. Also per weight: the bytes the K loop moves through shared memory (cp.async
+landing zones, the expanded tile's trip into the dot's operand layout, ldmatrix), at 128 bytes per
+SM and clock. (On the H100, 2026-11-23, neither bound ordered the decode configs' measured times:
+1x32x128 moves 4.3 B/w, 16x32x128 11.6 B/w, and the second was the faster by 12%.)
 
     python bench/kernel_stats.py [--out DIR]   # writes <DIR or bench/results>/kernel-stats-static-sm80-sm90-<date>.json
 """
@@ -50,9 +53,9 @@ def unit_instructions(opcodes: dict[str, int], threads: int, weights: int) -> di
     return per_weight
 
 
-def loop_opcodes(cubin: bytes) -> dict[str, int] | None:
-    """Opcode counts (without modifiers or predicates) inside the longest backward-branch loop of the
-    kernel's SASS (the K loop)."""
+def loop_instructions(cubin: bytes) -> list[str] | None:
+    """The SASS instructions (without predicates) inside the longest backward-branch loop of the
+    kernel (the K loop)."""
     from sparsec.codegen.aot import cuobjdump
 
     sass = cuobjdump(cubin, "-sass")
@@ -72,18 +75,43 @@ def loop_opcodes(cubin: bytes) -> dict[str, int] | None:
     if not loops:
         return None
     start, end = max(loops, key=lambda span: span[1] - span[0])
-    return dict(collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
-                                    for a, text in instructions if start <= a <= end))
+    return [re.sub(r"^@!?U?P\w+\s+", "", text) for a, text in instructions if start <= a <= end]
+
+
+def opcode_counts(loop: list[str]) -> dict[str, int]:
+    """Opcode counts, without modifiers."""
+    return dict(collections.Counter(text.split()[0].split(".")[0] for text in loop))
+
+
+def shared_bytes(loop: list[str]) -> int:
+    """Bytes one thread moves through shared memory per K step: loads (LDS, LDSM: ldmatrix moves 4 bytes
+    a thread per 8 x 8 matrix), stores (STS) and asynchronous copies into it (LDGSTS, cp.async).
+    At 128 bytes per SM and clock this is the third thing besides HBM and the ALUs that a K step
+    can wait on."""
+    total = 0
+    for text in loop:
+        op = text.split()[0]
+        if not op.startswith(("LDS", "STS", "LDGSTS")):
+            continue
+        matrices = re.search(r"\.M88\.(\d)", op)
+        if op.startswith("LDSM"):
+            total += 4 * int(matrices.group(1)) if matrices else 4
+        else:
+            total += next((size for suffix, size in ((".128", 16), (".64", 8), (".U16", 2), (".S16", 2), (".U8", 1),
+                                                       (".S8", 1)) if suffix in op), 4)
+    return total
 
 
 def configs_at(m: int, n: int, k: int, act: str, weight: str, prmt: int) -> list[dict]:
-    """The shape table's config, and at M = 1 the CUDA-core form's candidates (BLOCK_M < 16) too."""
+    """The shape table's config, and at M = 1 every other tile backend="auto" times (the K loop does
+    not depend on the split, so each tile once)."""
     from sparsec.codegen.configs import matmul_candidates, matmul_config
 
     configs = [dict(matmul_config(m, n, k, act, sms=H100_SMS), PRMT_EXPAND=prmt)]
     if m == 1:
-        configs += [c for c in matmul_candidates(m, n, k, act, H100_SMS, weight)
-                    if c["BLOCK_M"] < 16 and c["PRMT_EXPAND"] == prmt]
+        for cfg in matmul_candidates(m, n, k, act, H100_SMS, weight):
+            if dict(cfg, PRMT_EXPAND=prmt) == cfg and all(dict(cfg, SPLIT_K=c["SPLIT_K"]) != c for c in configs):
+                configs.append(cfg)
     return configs
 
 
@@ -99,8 +127,8 @@ def main() -> int:
     from sparsec.codegen.spec import MatmulSpec
 
     rows = []
-    print(f"{'kernel':<30} {'M':>5} {'tiles':>14} {'split':>5} {'warps':>5} | {'arch':>5} {'regs':>4} {'stack':>5} "
-          f"{'smem KB':>7} {'instr/w':>7} {'alu/w':>5} {'cvt/w':>5} {'bound':>7} {'expand us':>9}")
+    print(f"{'kernel':<30} {'M':>5} {'tiles/stages':>14} {'split':>5} {'warps':>5} | {'arch':>5} {'regs':>4} {'stack':>5} "
+          f"{'smem KB':>7} {'instr/w':>7} {'alu/w':>5} {'cvt/w':>5} {'bound':>7} {'expand us':>9} {'smem B/w':>8} {'smem us':>7}")
     for act, weight, prmt in SPECS:
         spec = MatmulSpec(act, weight, True, "gelu", False, act)
         name, source = emit_matmul(spec, [])
@@ -112,8 +140,10 @@ def main() -> int:
                 compiled = compile_for(cap, name, source, matmul_signature(spec), constexprs, cfg["num_warps"],
                                        cfg["num_stages"])
                 usage = resource_usage(compiled.asm["cubin"]) or {}
-                opcodes = loop_opcodes(compiled.asm["cubin"]) or {}
+                loop = loop_instructions(compiled.asm["cubin"]) or []
+                opcodes = opcode_counts(loop)
                 per_weight = unit_instructions(opcodes, 32 * cfg["num_warps"], cfg["BLOCK_N"] * cfg["BLOCK_K"])
+                shared_per_weight = shared_bytes(loop) * 32 * cfg["num_warps"] / (cfg["BLOCK_N"] * cfg["BLOCK_K"])
                 clocks = {unit: per_weight[unit] / rate for unit, rate in UNIT_RATE.items()}  # SM clocks per weight
                 bound = max(clocks, key=clocks.get)
                 # every M tile re-expands its weights; the slowest unit across all SMs sets the time
@@ -125,14 +155,19 @@ def main() -> int:
                        "instructions_per_weight": per_weight["issue"] if opcodes else None,
                        "alu_per_weight": per_weight["alu"], "convert_per_weight": per_weight["convert"],
                        "bound_unit": bound,
-                       "expand_us_h100_model": expand_s * 1e6 if expand_s and cap == 90 else None}
+                       "expand_us_h100_model": expand_s * 1e6 if expand_s and cap == 90 else None,
+                       "shared_memory_bytes_per_weight": shared_per_weight,
+                       # shared memory moves 128 bytes per SM and clock (32 banks of 4 bytes), conflicts aside
+                       "shared_memory_us_h100_model": shared_per_weight * n * k * tiles_m / (128 * H100_SMS * H100_CLOCK_HZ)
+                       * 1e6 if cap == 90 else None}
                 rows.append(row)
-                tiles = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}"
+                tiles = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}/{cfg['num_stages']}"
                 print(f"{label:<30} {m:5d} {tiles:>14} {cfg['SPLIT_K']:5d} {cfg['num_warps']:5d} | "
                       f"{'sm_' + str(cap):>5} {usage.get('REG', '?'):>4} {usage.get('STACK', '?'):>5} "
                       f"{compiled.metadata.shared / 1024:7.1f} {row['instructions_per_weight'] or float('nan'):7.2f} "
                       f"{per_weight['alu']:5.2f} {per_weight['convert']:5.2f} {bound:>7} "
-                      f"{row['expand_us_h100_model'] or float('nan'):9.2f}", flush=True)
+                      f"{row['expand_us_h100_model'] or float('nan'):9.2f} {shared_per_weight:8.2f} "
+                      f"{row['shared_memory_us_h100_model'] or float('nan'):7.2f}", flush=True)
     # condensed constant fan-in (values + int32 indices, gather + reduce): per kept weight and row of x
     from sparsec.codegen.aot import condensed_signature
     from sparsec.codegen.configs import condensed_config
@@ -144,7 +179,7 @@ def main() -> int:
         constexprs = {key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_J")}
         compiled = compile_for(90, name, source, condensed_signature(spec), constexprs, cfg["num_warps"], 3)
         usage = resource_usage(compiled.asm["cubin"]) or {}
-        loop = sum((loop_opcodes(compiled.asm["cubin"]) or {}).values())
+        loop = len(loop_instructions(compiled.asm["cubin"]) or [])
         per_weight_row = loop * 32 * cfg["num_warps"] / (cfg["BLOCK_N"] * cfg["BLOCK_J"] * cfg["BLOCK_M"]) if loop else None
         rows.append({"kernel": spec.short_name(), "M": m, "N": n, "fanin": fanin, "config": cfg, "arch": "sm_90",
                      "registers": usage.get("REG"), "stack_bytes": usage.get("STACK"),

@@ -110,7 +110,10 @@ def matmul_candidates(m: int, n: int, k: int, act_dtype: str, sms: int | None, w
                  # twice the weight bytes in flight per program: the H100 moved 2:4 weights at 36-58% of
                  # its copy bandwidth with the tiles above (bench/gpu_notes.md, next step 1)
                  dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, num_warps=4, num_stages=4),
-                 dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=1, num_warps=8, num_stages=3)]
+                 dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=1, num_warps=8, num_stages=3),
+                 # the default tile with 5 loads in flight instead of 3: on the H100 the fastest configs were
+                 # those with the most weight bytes in flight per SM, whatever their shared-memory traffic
+                 dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=6)]
         if m == 1:  # the CUDA-core form (BLOCK_M < 16): no 16-row tensor-core tile for a single row
             tiles += [dict(BLOCK_M=1, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3),
                       dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3)]

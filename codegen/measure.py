@@ -3,7 +3,8 @@
 CUDA: the generated Triton kernel, torch's semi-structured GEMM (cuSPARSELt / CUTLASS), and a
 dense cuBLAS GEMM on the pruned weight; medians of CUDA-event timings of eager calls (what the
 compiled model's caller waits) after warm-up, or with compile's timing="graph" of CUDA graph replays
-(GPU time only), each after an L2 flush (weights from device memory), the candidates taking turns.
+(GPU time only), each after an L2 flush that leaves the cache clean (weights from device memory),
+the candidates taking turns.
 CPU, constant fan-in layers: the condensed kernel against a dense GEMM on the pruned weight;
 medians of wall-clock blocks.
 """
@@ -42,32 +43,47 @@ def _graph_replay(fn):
         return fn
 
 
+L2_FLUSHES = ("clean", "dirty")
 _L2_FLUSH: dict[int, torch.Tensor] = {}
 
 
-def _flush_l2() -> None:
-    """Overwrite a buffer several times the L2 cache, so the next run reads its weights from device
-    memory, as a layer does in a model whose other layers' weights evicted them. (An H100's 50 MB L2
-    holds a whole 4096 x 4096 fp16 weight: timing repeated runs on it measures the cache.)"""
+def _flush_l2(how: str = "clean") -> None:
+    """Evict the L2 cache through a buffer several times its size, so the next run reads its weights
+    from device memory, as a layer does in a model whose other layers' weights evicted them. (An
+    H100's 50 MB L2 holds a whole 4096 x 4096 fp16 weight: timing repeated runs on it measures the cache.)
+
+    "clean" reads the buffer: the L2 is left holding clean lines, which the timed run evicts for
+    free, as after the previous layers of a model, which read their weights. "dirty" overwrites it
+    (how the first H100 session flushed every run): the L2 is left full of dirty lines, and the timed
+    run pays a write-back of as many bytes as it reads, up to the L2's size. That inflates the
+    time of any memory-bound kernel and shrinks a smaller weight's gain: counting the write-back,
+    cuBLAS's decode GEMMs on an H100 ran at 93-104% of the copy ceiling (47-74% without), and at
+    14336 x 4096 a 2:4 layer moving its bytes as fast as cuBLAS could have shown at most 1.44x
+    dense instead of 1.78x (bench/gpu_notes.md)."""
     device = torch.cuda.current_device()
     if device not in _L2_FLUSH:
         l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 64 << 20
-        _L2_FLUSH[device] = torch.empty(max(4 * l2, 256 << 20) // 4, dtype=torch.int32, device="cuda")
-    _L2_FLUSH[device].zero_()
+        _L2_FLUSH[device] = torch.zeros(max(4 * l2, 256 << 20) // 4, dtype=torch.int32, device="cuda")
+    if how == "clean":
+        _L2_FLUSH[device].sum()  # reads every line; writes one number
+    else:
+        _L2_FLUSH[device].zero_()
 
 
-def time_cuda(fn, repeats: int = REPEATS, graph: bool = False) -> float:
-    """Median seconds of fn() on the current CUDA stream, after warm-up, each run after an L2 flush.
-    graph=True replays fn from a CUDA graph where it captures: the GPU time of its kernels.
-    Otherwise each run starts from an idle GPU, so the time includes getting the work there (Python,
-    launches): what an eager caller waits."""
+def time_cuda(fn, repeats: int = REPEATS, graph: bool = False, l2_flush: str = "clean") -> float:
+    """Median seconds of fn() on the current CUDA stream, after warm-up, each run after an L2 flush
+    (`l2_flush`, see _flush_l2). graph=True replays fn from a CUDA graph where it captures: the GPU
+    time of its kernels. Otherwise each run starts from an idle GPU, so the time includes getting
+    the work there (Python, launches): what an eager caller waits."""
+    if l2_flush not in L2_FLUSHES:
+        raise ValueError(f"unknown L2 flush {l2_flush!r}; use one of {list(L2_FLUSHES)}")
     for _ in range(WARMUP):
         fn()
     torch.cuda.synchronize()
     run = _graph_replay(fn) if graph else fn
     times = []
     for _ in range(repeats):
-        _flush_l2()
+        _flush_l2(l2_flush)
         if not graph:
             torch.cuda.synchronize()  # (else the launches would hide behind the flush)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

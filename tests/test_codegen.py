@@ -808,6 +808,15 @@ def test_auto_with_graph_timing_times_gpu_time_and_says_so(monkeypatch):
     assert "eager calls" in pick_fastest(None, None, None, None, 4, None)[1] and all(kw == {} for kw in seen)
 
 
+def test_timing_refuses_an_unknown_l2_flush_before_running_anything():
+    from sparsec.codegen.measure import time_cuda
+
+    calls = []
+    with pytest.raises(ValueError, match=r"unknown L2 flush 'hot'; use one of \['clean', 'dirty'\]"):
+        time_cuda(lambda: calls.append(1), l2_flush="hot")
+    assert calls == []
+
+
 def test_compile_passes_graph_timing_to_the_measurement(monkeypatch):
     """compile(timing="graph") reaches the measurement of every layer (the device check and the
     measurement stand in), and a plain compile measures eagerly."""
