@@ -105,18 +105,22 @@ def matmul_candidates(m: int, n: int, k: int, act_dtype: str, sms: int | None, w
     elif act_dtype == "float32":  # only small tiles stay spill-free (_tiles); at one row, the CUDA-core form
         tiles = [dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=3)] if m == 1 else []
     elif m <= 16:
-        tiles = [dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=8, num_stages=4),
-                 dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=3),
-                 # twice the weight bytes in flight per program: the H100 moved 2:4 weights at 36-58% of
-                 # its copy bandwidth with the tiles above (bench/gpu_notes.md, next step 1)
+        # (Timed on an H100, 2026-11-23, over 18 decode rows: the default tile won 16, 16x64x64 twice;
+        # 16x64x128 over 8 warps and the CUDA-core form at BLOCK_N 64 were never within 3% of the best.)
+        tiles = [dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=3),
+                 # More weight bytes in flight per SM: the default tile, which kept the most of the tiles
+                 # timed, won, and int8 values took the fp16 time with half the bytes per stage, so the
+                 # stream looks latency-bound. Twice the bytes per stage (BLOCK_K 256), or 5 stages in
+                 # flight instead of 2-3 (about 90 KB per SM at the occupancy the registers allow);
+                 # bench/gpu_notes.md.
                  dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, num_warps=4, num_stages=4),
                  dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=1, num_warps=8, num_stages=3),
-                 # the default tile with 5 loads in flight instead of 3: on the H100 the fastest configs were
-                 # those with the most weight bytes in flight per SM, whatever their shared-memory traffic
-                 dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=6)]
+                 dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=6),
+                 dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=6)]
+        if weight_dtype == "int8":  # a byte per value: a wider tile keeps the fp16 tile's bytes per stage
+            tiles.append(dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=6))
         if m == 1:  # the CUDA-core form (BLOCK_M < 16): no 16-row tensor-core tile for a single row
-            tiles += [dict(BLOCK_M=1, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3),
-                      dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3)]
+            tiles.append(dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3))
     elif m <= 128:
         tiles = [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)]
     else:
