@@ -10,6 +10,7 @@ medians of wall-clock blocks.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import statistics
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 from sparsec.errors import last_line
 from sparsec.patterns import parse_pattern
-from sparsec.reference import fake_quant_int8, weight_to_rows
+from sparsec.reference import weight_to_rows
 
 WARMUP, REPEATS = 5, 9
 ROUNDS = 5  # backend auto on CUDA: candidates take turns, ROUNDS times (timed_in_rounds)
@@ -102,45 +103,66 @@ def _layer_operands(gm, ctx, layer, decision):
     return weight, bias, weight_to_rows(weight, layer.op), ctx.layer_mask(gm, layer, decision.sparsity)
 
 
+@dataclasses.dataclass(eq=False)
+class KernelCall:
+    """A Triton candidate: run(out=None) computes the layer, writing into `out` when given (the
+    NaN-poisoned check, run_poisoned); `config` is a 2:4 kernel's launch config (None: fan-in)."""
+    run: object
+    config: dict | None = None
+
+    def __call__(self, out=None):
+        return self.run(out=out)
+
+
+def _module_call(module, x, out=None):
+    """module(x) as the compiled model calls it; with `out`, the module's kernel writing into it."""
+    return module(x) if out is None else module.kernel_forward(x, out=out)
+
+
 def candidates(gm, ctx, layer, decision, m: int, triton_problem: str | None) -> dict:
-    """name -> zero-argument callable computing the layer at M = m rows. A 2:4 Triton kernel gives
-    one entry per launch config worth timing ("triton" with the shape table's config first, then
-    "triton#1", ...; `launch_of` maps each back to its config)."""
+    """name -> callable computing the layer at M = m rows, each through the runtime module that choice
+    becomes in the compiled model (passes/sparsify.py), on the same input: eager timings then include
+    each module's own per-call Python, which at one row is most of what a call costs. A 2:4 Triton
+    kernel gives one entry per launch config worth timing ("triton" with the shape table's config
+    first, then "triton#1", ...; KernelCall.config)."""
     from sparsec.codegen.builder import LayerUse, emit_matmul
     from sparsec.codegen.configs import matmul_candidates
-    from sparsec.codegen.spec import MatmulSpec
-    from sparsec.codegen.launch import condensed_matmul, sm_count, sparse24_matmul
-    from sparsec.runtime.cusparselt_linear import semi_structured_available
-    from sparsec.runtime.packed import FanInPacked, PackedWeight
+    from sparsec.codegen.launch import sm_count
+    from sparsec.runtime.cusparselt_linear import CusparseltLinear, semi_structured_available
+    from sparsec.runtime.layers import SparseLinear
+    from sparsec.runtime.packed import DensePacked, FanInPacked, PackedWeight
+    from sparsec.runtime.triton_linear import TritonSparseLinear
 
     weight, bias, rows, mask = _layer_operands(gm, ctx, layer, decision)
-    dense = rows * mask
-    if decision.quant == "int8":
-        dense = fake_quant_int8(dense)
-    dense = dense.contiguous()
+    pattern = parse_pattern(decision.sparsity)
     x = torch.randn(m, layer.reduction, device=weight.device, dtype=weight.dtype)
-    out = {"dense": lambda: F.linear(x, dense, bias)}
+
+    def runtime_module(cls, packed):
+        return cls(packed, bias, layer.op, layer.weight_shape, layer.name, decision.sparsity, "")
+
+    dense = runtime_module(SparseLinear, DensePacked.pack(rows, mask, pattern, decision.quant))
+    out = {"dense": functools.partial(dense, x)}
+    library = (decision.sparsity == "2:4" and semi_structured_available()
+               and weight.dtype in (torch.float16, torch.bfloat16))
+    if triton_problem is not None and not library:
+        return out
+    packed = PackedWeight.pack(rows, mask, pattern, decision.quant)
     if triton_problem is None:
-        pattern = parse_pattern(decision.sparsity)
-        packed = PackedWeight.pack(rows, mask, pattern, decision.quant)
-        act = str(weight.dtype).removeprefix("torch.")
-        fmt = "fanin" if isinstance(packed, FanInPacked) else "2:4"
-        spec = MatmulSpec(act, "int8" if decision.quant == "int8" else act, bias is not None, None, False, act, format=fmt)
+        spec = runtime_module(TritonSparseLinear, packed).spec()
         name, source = emit_matmul(spec, [LayerUse(layer.name, m, layer.out_features, layer.reduction)])
-        if fmt == "fanin":
-            out["triton"] = functools.partial(condensed_matmul, x, packed.values, packed.indices, packed.scales, bias,
-                                              None, spec, name, source)
-        else:
-            configs = matmul_candidates(m, layer.out_features, layer.reduction, act, sm_count(weight.device),
-                                        spec.weight_dtype)
-            for i, cfg in enumerate(configs):
-                out[triton_key(i)] = functools.partial(sparse24_matmul, x, packed.values, packed.meta, packed.scales,
-                                                       bias, None, spec, name, source, config=cfg)
-    if decision.sparsity == "2:4" and semi_structured_available() and weight.dtype in (torch.float16, torch.bfloat16):
+        configs = ([None] if isinstance(packed, FanInPacked)
+                   else matmul_candidates(m, layer.out_features, layer.reduction, spec.act_dtype,
+                                          sm_count(weight.device), spec.weight_dtype))
+        for i, cfg in enumerate(configs):
+            kernel = runtime_module(TritonSparseLinear, packed)
+            kernel.kernel_name, kernel.kernel_source = name, source
+            kernel.launch = dict(cfg, M=m) if cfg else None
+            out[triton_key(i)] = KernelCall(functools.partial(_module_call, kernel, x), cfg)
+    if library:
+        semi = runtime_module(CusparseltLinear, packed)
         try:
-            semi = torch.sparse.to_sparse_semi_structured(dense)
-            F.linear(x, semi, bias)  # shapes the library refuses fail here, not while timing
-            out["cusparselt"] = lambda: F.linear(x, semi, bias)
+            semi(x)  # shapes the library refuses fail here, not while timing
+            out["cusparselt"] = functools.partial(semi, x)
         except (RuntimeError, ValueError):
             pass
     return out
@@ -171,8 +193,8 @@ def conv_candidates(gm, ctx, layer, decision, input_shape: tuple[int, ...], trit
         name, source = emit_matmul(spec, [LayerUse(layer.name, m, layer.out_features, layer.reduction)])
         configs = matmul_candidates(m, layer.out_features, layer.reduction, spec.act_dtype, None, spec.weight_dtype)
         for i, cfg in enumerate(configs):
-            out[triton_key(i)] = functools.partial(sparse24_conv2d, x, packed.values, packed.meta, packed.scales, bias,
-                                                   None, spec, name, source, geometry, config=cfg)
+            out[triton_key(i)] = KernelCall(functools.partial(sparse24_conv2d, x, packed.values, packed.meta, packed.scales,
+                                                              bias, None, spec, name, source, geometry, config=cfg), cfg)
     return out, m
 
 
@@ -306,12 +328,12 @@ def pick_fastest(gm, ctx, layer, decision, m: int | None, triton_problem: str | 
     checked = {name: fn for name, fn in options.items() if name not in wrong and name not in failed}
     times = timed_in_rounds(checked, timer, 1 if device == "cpu" else ROUNDS, failed)
     launch, configs = None, {}
-    if isinstance(options.get("triton"), functools.partial):  # 2:4 kernel: keep its fastest launch config
+    if getattr(options.get("triton"), "config", None) is not None:  # 2:4 kernel: keep its fastest launch config
         configs = {name: times.pop(name) for name in list(times) if name.split("#")[0] == "triton"}
         if configs:
             fastest = min(configs, key=configs.get)
             times["triton"] = configs[fastest]
-            launch = dict(options[fastest].keywords["config"], M=rows)
+            launch = dict(options[fastest].config, M=rows)
     best = min(times, key=times.get)
     shown = ", ".join(f"{k} {1e6 * v:.1f} us" + (f" ({describe_launch(launch)}, fastest of {len(configs)} configs)"
                                                   if k == "triton" and launch else "")

@@ -577,17 +577,17 @@ def test_auto_picks_the_fastest_measured(monkeypatch):
 
 
 def test_auto_keeps_the_fastest_launch_config(monkeypatch):
-    import functools
+    from sparsec.codegen.measure import KernelCall
 
     configs = [dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, SPLIT_K=s, num_warps=4, num_stages=4) for s in (4, 2, 1)]
     seconds = {4: 9e-6, 2: 7e-6, 1: 11e-6}
     options = {"dense": "dense", "cusparselt": "cusparselt"}
-    options.update({("triton" if i == 0 else f"triton#{i}"): functools.partial(str, config=cfg) for i, cfg in enumerate(configs)})
+    options.update({("triton" if i == 0 else f"triton#{i}"): KernelCall(None, cfg) for i, cfg in enumerate(configs)})
     timings = {"dense": 12e-6, "cusparselt": 8e-6}
     monkeypatch.setattr("sparsec.codegen.measure.candidates", lambda *a: options)
     monkeypatch.setattr("sparsec.codegen.measure.check_candidates", lambda options, **kw: ({}, {}))
     monkeypatch.setattr("sparsec.codegen.measure.time_cuda",
-                        lambda fn: seconds[fn.keywords["config"]["SPLIT_K"]] if isinstance(fn, functools.partial) else timings[fn])
+                        lambda fn: seconds[fn.config["SPLIT_K"]] if isinstance(fn, KernelCall) else timings[fn])
     best, note, launch = pick_fastest(None, None, None, None, 1, None)
     assert best == "triton" and launch == dict(configs[1], M=1)
     assert note.startswith("backend auto at M=1, eager calls after an L2 flush: triton 7.0 us (16x32x128 tiles, split-K 2, 4 warps, 4 stages, "
@@ -815,6 +815,44 @@ def test_timing_refuses_an_unknown_l2_flush_before_running_anything():
     with pytest.raises(ValueError, match=r"unknown L2 flush 'hot'; use one of \['clean', 'dirty'\]"):
         time_cuda(lambda: calls.append(1), l2_flush="hot")
     assert calls == []
+
+
+def test_auto_times_the_modules_the_compiled_model_runs(monkeypatch):
+    """backend="auto" as on a GPU (the device check and the timer stand in; the candidates run for
+    real, in the interpreter here): each candidate is the runtime module that choice becomes, called
+    as the compiled model calls it, so eager timings include that module's per-call Python; the
+    kernel's configs are checked against dense, the fastest is kept, and the compiled model runs it."""
+    from sparsec.codegen.measure import KernelCall
+    from sparsec.runtime.layers import SparseLinear
+
+    timed = []
+
+    def fake_time(fn, *args, **kwargs):  # the kernel's second config is the fastest
+        timed.append(fn)
+        if not isinstance(fn, KernelCall):
+            return 30e-6
+        return 10e-6 if fn.config["BLOCK_K"] == 16 else 20e-6
+
+    monkeypatch.setattr("sparsec.passes.backend._device", lambda gm, layer: torch.device("cuda"))
+    monkeypatch.setattr("sparsec.codegen.measure.time_cuda", fake_time)
+    monkeypatch.setattr("sparsec.codegen.configs.matmul_candidates",
+                        lambda m, n, k, *a, **kw: [dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=bk, GROUP_M=1, SPLIT_K=1,
+                                                        PRMT_EXPAND=0, num_warps=4, num_stages=1) for bk in (32, 16)])
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(64, 32), nn.ReLU()).to(DEVICE), torch.randn(3, 64, device=DEVICE)
+    cm = sparsec.compile(model, example_inputs=(x,), backend="auto", include=[".*"], min_weights=0)
+    layer = cm.plan["0"]
+    assert layer.backend == "triton" and layer.launch["BLOCK_K"] == 16 and layer.launch["M"] == 3
+    assert "triton 10.0 us" in layer.reason and "dense 30.0 us" in layer.reason and "rejected" not in layer.reason
+    dense_calls = [fn for fn in timed if not isinstance(fn, KernelCall)]
+    kernel_calls = [fn for fn in timed if isinstance(fn, KernelCall)]
+    assert dense_calls and all(type(fn.func) is SparseLinear for fn in dense_calls)
+    modules = {id(fn.run.args[0]): fn.run.args[0] for fn in kernel_calls}
+    assert len(modules) == 2 and all(type(m) is TritonSparseLinear for m in modules.values())
+    assert sorted(m.launch["BLOCK_K"] for m in modules.values()) == [16, 32]
+    for fn in kernel_calls:  # each module runs the config it is timed for, at the compiled rows
+        assert fn.run.args[0].launch_config(3) == fn.config
+    assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
 
 
 def test_compile_passes_graph_timing_to_the_measurement(monkeypatch):

@@ -179,7 +179,7 @@ def test_backend_auto_times_the_conv_kernel_against_dense(monkeypatch):
     """backend="auto" as on a GPU (the device check and the timer stand in; the candidates run for
     real, in the interpreter here): every launch config of the conv kernel is checked against dense
     before it is timed, the faster is chosen with its config, and the compiled model runs it."""
-    import functools
+    from sparsec.codegen.measure import KernelCall
 
     torch.manual_seed(0)
     model, x = ConvNet("reflect").eval().to(DEVICE), torch.randn(2, 4, 12, 12, device=DEVICE)
@@ -187,9 +187,9 @@ def test_backend_auto_times_the_conv_kernel_against_dense(monkeypatch):
 
     def fake_time(fn, *args, **kwargs):  # the kernel's second config is the fastest
         timed.append(fn)
-        if not isinstance(fn, functools.partial):
+        if not isinstance(fn, KernelCall):
             return 30e-6
-        return 10e-6 if fn.keywords["config"]["BLOCK_K"] == 16 else 20e-6
+        return 10e-6 if fn.config["BLOCK_K"] == 16 else 20e-6
 
     monkeypatch.setattr("sparsec.passes.backend._device", lambda gm, layer: torch.device("cuda"))
     monkeypatch.setattr("sparsec.codegen.measure.time_cuda", fake_time)

@@ -85,7 +85,8 @@ class TritonSparseLinear(FusedEpilogue, SparseLinear):
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         return self.reference_epilogue(F.linear(x, self.packed.rows(), self.bias))
 
-    def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def kernel_forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The kernel on x; written into `out` ([rows, N]) when given (backend auto checks candidates so)."""
         # Per-call Python time is what a single-row call waits for: what does not change between calls
         # (the spec; for 2:4 the kernel, config and grid per row count) is worked out once per device.
         packed, bias, spec = self.packed, self.bias, self.derived("spec", self.spec)
@@ -94,12 +95,12 @@ class TritonSparseLinear(FusedEpilogue, SparseLinear):
             from sparsec.codegen.launch import condensed_matmul
 
             return condensed_matmul(x.detach(), packed.values, packed.indices, packed.scales, bias, self.out_scale,
-                                    spec, self.kernel_name, self.kernel_source)
+                                    spec, self.kernel_name, self.kernel_source, out=out)
         k = x.shape[-1]
         rows = x.numel() // k if k else 0
         key = ("launch", rows, k, x.device)
         launch = self._derived.get(key) or self.derived(key, lambda: self._sparse24_launch(rows, k, x.device, spec))
-        return launch(x.detach(), packed.values, packed.meta, packed.scales, bias, self.out_scale)
+        return launch(x.detach(), packed.values, packed.meta, packed.scales, bias, self.out_scale, out)
 
     def _sparse24_launch(self, rows: int, k: int, device: torch.device, spec):
         self.require_kernel()
