@@ -8,10 +8,14 @@ call, the line of the user's code it failed on, and what to do about it.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
+import io
+import logging
 import os
 import re
+import sys
 import traceback
 import warnings
 from typing import Any
@@ -137,7 +141,7 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
         raise ExampleInputError(_example_input_message(eager_error, example_inputs)) from eager_error
 
     try:
-        with preserved_buffers(model):
+        with preserved_buffers(model), _export_chatter_held():
             exported = torch.export.export(model, example_inputs, strict=False)
         module = exported.module()
     except Exception as export_error:  # noqa: BLE001
@@ -146,6 +150,8 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
             f"sparsec could not capture {type(model).__name__}.\n  1. {fx_summary}\n"
             f"  2. torch.export.export(strict=False) failed: {_first_line(export_error)}"
             + (f"\n    at {where_export}" if where_export else "")
+            + ("\n    (the graph torch.export traced before it failed: this error's __cause__.partial_fx_graph)"
+               if hasattr(export_error, "partial_fx_graph") else "")
             + "\nWhat to do: mark the offending submodule as a leaf (leaf_modules=[ModuleClass] or ['module.name']) "
               "or exclude it (exclude=['module.name']) so it is not traced into; make the control flow there "
               "independent of tensor values; or check the example inputs.") from export_error
@@ -228,6 +234,30 @@ def _lost_buffer_updates(model: nn.Module, gm: fx.GraphModule, example_inputs: t
 
 def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return a is not None and b is not None and a.shape == b.shape and bool(torch.equal(a, b))
+
+
+@contextlib.contextmanager
+def _export_chatter_held():
+    """Hold what torch.export writes to stderr while it runs, and give it back after, less the noise
+    of a failure: on data-dependent control flow it logs a warning and prints the partial traced
+    graph (thousands of lines for a large model), which would bury the TraceError that says what
+    failed and where. The partial graph stays on the exception (`partial_fx_graph`); the message
+    says so. Everything else written meanwhile is given back as it was."""
+    held = io.StringIO()
+    guards = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level = guards.level
+    guards.setLevel(logging.ERROR)
+    failure = None
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+    except Exception as error:
+        failure = error
+        raise
+    finally:
+        guards.setLevel(level)
+        text, graph = held.getvalue(), getattr(failure, "partial_fx_graph", None)
+        sys.stderr.write(text.replace(f"{graph}\n", "") if graph is not None else text)
 
 
 def _replace_export_guards(gm: fx.GraphModule) -> None:

@@ -76,13 +76,37 @@ def test_export_fallback_names_layers_by_module_path():
     assert "sparse_blocks_0_fc1" in cm.graph_module.code and "# sparsec: blocks.0.fc1" in cm.graph_module.code
 
 
-def test_both_tracers_failing_names_the_calls_and_the_user_line():
+def test_both_tracers_failing_names_the_calls_and_the_user_line(capfd):
     with pytest.raises(TraceError) as err:
         sparsec.compile(DataDependent(), example_inputs=(torch.randn(2, 64),))
+    # (torch.export's own warning, which prints the whole traced graph, does not bury the error)
+    assert "def forward" not in capfd.readouterr().err
     text = str(err.value)
     assert "torch.fx.symbolic_trace failed" in text and "torch.export.export(strict=False) failed" in text
     assert "test_frontend.py" in text and "if x.sum() > 0:" in text
     assert "leaf_modules" in text and "exclude" in text
+
+
+def test_export_output_is_given_back_less_a_failure_dump(capfd):
+    """What is written to stderr while torch.export runs comes back afterwards; on a failure only the
+    partial graph torch.export prints is left out (it stays on the exception)."""
+    import sys
+
+    from sparsec.frontend import _export_chatter_held
+
+    with _export_chatter_held():
+        sys.stderr.write("a model's own note\n")
+    assert capfd.readouterr().err == "a model's own note\n"
+
+    failure = RuntimeError("data-dependent")
+    failure.partial_fx_graph = "def forward(self, x):\n    return x"
+    with pytest.raises(RuntimeError, match="data-dependent"):
+        with _export_chatter_held():
+            sys.stderr.write("before\n")
+            print(failure.partial_fx_graph, file=sys.stderr)
+            sys.stderr.write("after\n")
+            raise failure
+    assert capfd.readouterr().err == "before\nafter\n"
 
 
 def test_untraceable_without_example_inputs_asks_for_them():
