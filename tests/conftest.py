@@ -25,3 +25,27 @@ def _private_kernel_cache(tmp_path_factory):
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture
+def auto_as_on_a_gpu(monkeypatch):
+    """backend="auto" as on a GPU, with the candidates run for real (in the interpreter without one):
+    the device check says CUDA, the kernel has two launch configs (BLOCK_K 32, then 16), and the timer
+    makes the kernel's second config the fastest (10 us; the first 20 us; every other candidate 30
+    us). Returns the list of every callable timed."""
+    from sparsec.codegen.measure import KernelCall
+
+    timed = []
+
+    def fake_time(fn, *args, **kwargs):
+        timed.append(fn)
+        if not isinstance(fn, KernelCall):
+            return 30e-6
+        return 10e-6 if fn.config["BLOCK_K"] == 16 else 20e-6
+
+    monkeypatch.setattr("sparsec.passes.backend._device", lambda gm, layer: torch.device("cuda"))
+    monkeypatch.setattr("sparsec.codegen.measure.time_cuda", fake_time)
+    monkeypatch.setattr("sparsec.codegen.configs.matmul_candidates",
+                        lambda m, n, k, *a, **kw: [dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=bk, GROUP_M=1, SPLIT_K=1,
+                                                        PRMT_EXPAND=0, num_warps=4, num_stages=1) for bk in (32, 16)])
+    return timed

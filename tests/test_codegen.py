@@ -817,7 +817,7 @@ def test_timing_refuses_an_unknown_l2_flush_before_running_anything():
     assert calls == []
 
 
-def test_auto_times_the_modules_the_compiled_model_runs(monkeypatch):
+def test_auto_times_the_modules_the_compiled_model_runs(auto_as_on_a_gpu):
     """backend="auto" as on a GPU (the device check and the timer stand in; the candidates run for
     real, in the interpreter here): each candidate is the runtime module that choice becomes, called
     as the compiled model calls it, so eager timings include that module's per-call Python; the
@@ -825,19 +825,7 @@ def test_auto_times_the_modules_the_compiled_model_runs(monkeypatch):
     from sparsec.codegen.measure import KernelCall
     from sparsec.runtime.layers import SparseLinear
 
-    timed = []
-
-    def fake_time(fn, *args, **kwargs):  # the kernel's second config is the fastest
-        timed.append(fn)
-        if not isinstance(fn, KernelCall):
-            return 30e-6
-        return 10e-6 if fn.config["BLOCK_K"] == 16 else 20e-6
-
-    monkeypatch.setattr("sparsec.passes.backend._device", lambda gm, layer: torch.device("cuda"))
-    monkeypatch.setattr("sparsec.codegen.measure.time_cuda", fake_time)
-    monkeypatch.setattr("sparsec.codegen.configs.matmul_candidates",
-                        lambda m, n, k, *a, **kw: [dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=bk, GROUP_M=1, SPLIT_K=1,
-                                                        PRMT_EXPAND=0, num_warps=4, num_stages=1) for bk in (32, 16)])
+    timed = auto_as_on_a_gpu  # the kernel's second config is the fastest
     torch.manual_seed(0)
     model, x = nn.Sequential(nn.Linear(64, 32), nn.ReLU()).to(DEVICE), torch.randn(3, 64, device=DEVICE)
     cm = sparsec.compile(model, example_inputs=(x,), backend="auto", include=[".*"], min_weights=0)

@@ -175,27 +175,13 @@ def test_saved_conv_kernel_models_load_and_run(tmp_path):
     assert torch.equal(loaded(x), cm(x))
 
 
-def test_backend_auto_times_the_conv_kernel_against_dense(monkeypatch):
+def test_backend_auto_times_the_conv_kernel_against_dense(auto_as_on_a_gpu):
     """backend="auto" as on a GPU (the device check and the timer stand in; the candidates run for
     real, in the interpreter here): every launch config of the conv kernel is checked against dense
     before it is timed, the faster is chosen with its config, and the compiled model runs it."""
-    from sparsec.codegen.measure import KernelCall
-
     torch.manual_seed(0)
     model, x = ConvNet("reflect").eval().to(DEVICE), torch.randn(2, 4, 12, 12, device=DEVICE)
-    timed = []
-
-    def fake_time(fn, *args, **kwargs):  # the kernel's second config is the fastest
-        timed.append(fn)
-        if not isinstance(fn, KernelCall):
-            return 30e-6
-        return 10e-6 if fn.config["BLOCK_K"] == 16 else 20e-6
-
-    monkeypatch.setattr("sparsec.passes.backend._device", lambda gm, layer: torch.device("cuda"))
-    monkeypatch.setattr("sparsec.codegen.measure.time_cuda", fake_time)
-    monkeypatch.setattr("sparsec.codegen.configs.matmul_candidates",
-                        lambda m, n, k, *a, **kw: [dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=bk, GROUP_M=1, SPLIT_K=1,
-                                                        PRMT_EXPAND=0, num_warps=4, num_stages=1) for bk in (32, 16)])
+    timed = auto_as_on_a_gpu  # the kernel's second config is the fastest
     cm = sparsec.compile(model, example_inputs=(x,), backend="auto", min_weights=0)
     b = cm.plan["b"]
     assert b.backend == "triton" and b.launch["BLOCK_K"] == 16 and b.launch["M"] == 2 * 6 * 6
