@@ -72,3 +72,19 @@ def test_auto_measures_each_distinct_shape_once():
     for lp in reused:
         source = lp.reason.split("measured on ")[1].split(",")[0]
         assert cm.plan[source].weight_shape == lp.weight_shape and cm.plan[source].backend == lp.backend
+
+
+def test_torch_compile_traces_the_condensed_kernel():
+    """torch.compile of a model with condensed layers: the kernel layout is built eagerly, once (it
+    reads tensor values, which TorchDynamo cannot trace), and from then on the forward traces into one
+    graph with the C++ kernel in it (its shape-only Meta version lets the tracer through)."""
+    model, (x,) = load_example("mlp").build_model()
+    cm = sparsec.compile(model, example_inputs=(x,), plan=_condensed_plan(model, (x,)))
+    with torch.no_grad():
+        expected = pruned_model(model, cm.plan)(x)
+        cold = torch.compile(copy.deepcopy(cm), backend="aot_eager")  # (a copy has no layouts yet)
+        assert output_error(cold(x), expected) <= 1e-5 and output_error(cold(x), expected) <= 1e-5
+        assert output_error(cm(x), expected) <= 1e-5  # eagerly: builds the layouts
+        warm = torch._dynamo.explain(cm)(x)
+    assert warm.graph_count == 1 and warm.graph_break_count == 0
+    assert warm.graphs[0].code.count("sparsec_condensed.linear_") == len(cm.plan.sparse_layers)

@@ -189,7 +189,18 @@ def _build_and_load():
             if os.path.exists(tmp):
                 os.remove(tmp)
     torch.ops.load_library(lib)
+    _register_fakes()
     return torch.ops.sparsec_condensed
+
+
+def _register_fakes() -> None:
+    """Shape-only versions of the kernels, so torch.compile / torch.export can trace a model that calls
+    them (they run the real kernel at run time); both return x's shape with `out` last features."""
+    def fake(x, *tensors_bias_out):
+        return x.new_empty(*x.shape[:-1], tensors_bias_out[-1])
+
+    for name in ("linear_seg", "linear_rows"):
+        torch.library.register_fake(f"sparsec_condensed::{name}")(fake)
 
 
 def is_available() -> bool:

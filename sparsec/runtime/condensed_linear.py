@@ -13,6 +13,9 @@ from sparsec.runtime.layers import SparseLinear, run_kernel
 
 
 class CondensedLinear(SparseLinear):
+    # (torch.compile: building the layout reads tensor values, which TorchDynamo cannot trace; it runs
+    # eagerly, once. Once built, the call below traces into one graph, the kernel included.)
+    @torch.compiler.disable
     def prepared(self):
         # int8 layers dequantize once: the kernel multiplies float32 values
         return self.derived("layout", lambda: condensed_cpu.prepare(self.packed.kept_values(torch.float32),
@@ -23,7 +26,8 @@ class CondensedLinear(SparseLinear):
 
     def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.detach() if self.bias is not None else None
-        return condensed_cpu.condensed_linear(x.detach(), self.prepared(), bias=bias)
+        layout = self._derived.get("layout") or self.prepared()
+        return condensed_cpu.condensed_linear(x.detach(), layout, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32 or x.device.type != "cpu" or self.packed.dtype_probe.dtype != torch.float32:

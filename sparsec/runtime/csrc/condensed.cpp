@@ -386,10 +386,16 @@ std::string set_isa(const std::string& name) {
 
 }  // namespace
 
+// The kernels are registered for the CPU dispatch key (not as catch-all composites), so that Python
+// can give them shape-only Meta versions (condensed_cpu._register_fakes) for torch.compile / export.
 TORCH_LIBRARY(sparsec_condensed, m) {
-  m.def("linear_seg(Tensor x, Tensor vals, Tensor idx, Tensor counts, Tensor starts, Tensor? bias, int out) -> Tensor",
-        &linear_seg);
-  m.def("linear_rows(Tensor x, Tensor vals, Tensor idx, Tensor? bias, int out) -> Tensor", &linear_rows);
+  m.def("linear_seg(Tensor x, Tensor vals, Tensor idx, Tensor counts, Tensor starts, Tensor? bias, int out) -> Tensor");
+  m.def("linear_rows(Tensor x, Tensor vals, Tensor idx, Tensor? bias, int out) -> Tensor");
   m.def("isa() -> str", &isa);
   m.def("set_isa(str name) -> str", &set_isa);
+}
+
+TORCH_LIBRARY_IMPL(sparsec_condensed, CPU, m) {
+  m.impl("linear_seg", &linear_seg);
+  m.impl("linear_rows", &linear_rows);
 }
