@@ -46,6 +46,14 @@ class TritonSparseConv2d(FusedEpilogue, SparseConv2d):
             x = F.pad(x, self.explicit_pad, mode="constant" if self.conv.padding_mode == "zeros" else self.conv.padding_mode)
         return x, geometry, unbatched
 
+    def output_like(self, x: torch.Tensor) -> torch.Tensor:
+        """An empty tensor shaped as the kernel's output on x (for tracers)."""
+        x, geometry, unbatched = self.kernel_input(x)
+        y = x.new_empty(x.shape[0], self.weight_shape[0], *geometry.output_size(*x.shape[2:]),
+                        dtype=self.out_torch_dtype())
+        y = y.squeeze(-2) if self.op == "conv1d" else y
+        return y.squeeze(0) if unbatched else y
+
     def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         from sparsec.codegen.launch import sparse24_conv2d
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsec.errors import InvalidInputError
+from sparsec.runtime import traced_call
 from sparsec.runtime.layers import SparseLinear, run_kernel
 from sparsec.runtime.packed import FanInPacked
 
@@ -36,6 +37,11 @@ class FusedEpilogue:
         self.kernel_name: str | None = None
         self.kernel_source: str | None = None
         self.launch: dict | None = None  # measured launch config and the rows "M" it was measured at
+        traced_call.register(self)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        traced_call.register(self)
 
     def kernel_spec(self, layout: str = "matmul"):
         from sparsec.codegen.spec import MatmulSpec
@@ -43,7 +49,7 @@ class FusedEpilogue:
         act = str(self.packed.dtype_probe.dtype).removeprefix("torch.")
         return MatmulSpec(act_dtype=act, weight_dtype="int8" if self.packed.quant == "int8" else act,
                           bias=self.bias is not None, activation=self.activation, out_scale=self.out_scale is not None,
-                          out_dtype=str(self.out_dtype or self.packed.dtype_probe.dtype).removeprefix("torch."),
+                          out_dtype=str(self.out_torch_dtype()).removeprefix("torch."),
                           format="fanin" if isinstance(self.packed, FanInPacked) else "2:4", layout=layout)
 
     def reference_epilogue(self, y: torch.Tensor) -> torch.Tensor:
@@ -67,7 +73,12 @@ class FusedEpilogue:
             raise RuntimeError(f"layer {self.layer_name!r} has no generated kernel; the codegen pass did not run")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # TorchDynamo cannot trace a launch: one custom operator instead
+            return traced_call.traced_call(self, x)
         return run_kernel(self, x)
+
+    def out_torch_dtype(self) -> torch.dtype:
+        return self.out_dtype or self.packed.dtype_probe.dtype
 
     def extra_repr(self) -> str:
         fused = [op for op in self.spec().epilogue_ops() if op != "dequant"]
@@ -81,6 +92,10 @@ class TritonSparseLinear(FusedEpilogue, SparseLinear):
 
     def spec(self):
         return self.kernel_spec()
+
+    def output_like(self, x: torch.Tensor) -> torch.Tensor:
+        """An empty tensor shaped as the kernel's output on x (for tracers)."""
+        return x.new_empty(*x.shape[:-1], self.packed.out_features, dtype=self.out_torch_dtype())
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         return self.reference_epilogue(F.linear(x, self.packed.rows(), self.bias))

@@ -1,0 +1,101 @@
+"""Compiled models under torch.compile: Triton layers trace as one custom operator each (the
+kernels run in the interpreter without a GPU), into a single graph, and compute what eager does."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import sparsec
+from oracle import output_error, pruned_model
+from sparsec.runtime.triton_linear import FusedEpilogue
+from test_triton_conv import ConvNet
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 64),
+                         nn.Linear(64, 8)).to(DEVICE)
+
+
+def _triton_layers(cm) -> int:
+    return sum(isinstance(m, FusedEpilogue) for m in cm.modules())
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_triton_layers_trace_into_one_graph_and_match_eager(quantize):
+    model, x = _mlp(), torch.randn(3, 5, 64, device=DEVICE)
+    cm = sparsec.compile(model, example_inputs=(x,), backend="triton", include=[".*"], min_weights=0,
+                         quantize=quantize)
+    assert _triton_layers(cm) == 4
+    with torch.no_grad():
+        eager = cm(x)
+        explained = torch._dynamo.explain(cm)(x)
+        assert explained.graph_count == 1 and explained.graph_break_count == 0
+        assert explained.graphs[0].code.count("sparsec.triton_layer") == 4
+        compiled = torch.compile(copy.deepcopy(cm), backend="aot_eager")
+        assert torch.equal(compiled(x), eager)
+
+
+def test_inductor_runs_the_kernels_it_cannot_see_into():
+    model, x = _mlp(), torch.randn(4, 64, device=DEVICE)
+    cm = sparsec.compile(model, example_inputs=(x,), backend="triton", include=[".*"], min_weights=0)
+    with torch.no_grad():
+        assert output_error(torch.compile(cm)(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+
+
+def test_conv_layers_trace_with_their_output_shapes():
+    """Every padding form and the conv1d stage: the operator's shape-only version gives each output
+    shape as the kernel makes it (a wrong one fails the compiled graph's checks)."""
+    torch.manual_seed(0)
+    model, x = ConvNet("reflect").eval().to(DEVICE), torch.randn(2, 4, 12, 12, device=DEVICE)
+    cm = sparsec.compile(model, example_inputs=(x,), backend="triton", min_weights=0)
+    with torch.no_grad():
+        eager = cm(x)
+        explained = torch._dynamo.explain(cm)(x)
+        assert explained.graph_count == 1 and explained.graph_break_count == 0
+        compiled = torch.compile(cm, backend="aot_eager")
+        assert torch.equal(compiled(x), eager)
+        other = torch.randn(3, 4, 10, 14, device=DEVICE)  # a second shape: traced again, with symbolic sizes
+        assert torch.equal(compiled(other), cm(other))
+
+
+def test_unbatched_conv_inputs_trace():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.Conv2d(16, 8, 1)).to(DEVICE)
+    x = torch.randn(4, 12, 12, device=DEVICE)
+    cm = sparsec.compile(model, example_inputs=(x,), backend="triton", include=[".*"], min_weights=0)
+    assert _triton_layers(cm) == 3
+    with torch.no_grad():
+        assert torch.equal(torch.compile(cm, backend="aot_eager")(x), cm(x))
+
+
+def test_with_gradients_the_traced_layers_run_their_reference():
+    """The kernels have no backward: a traced call that needs gradients runs the layer's plain-torch
+    reference (the same math), and gradients flow to the input and the biases as in eager mode."""
+    model, x = _mlp(), torch.randn(4, 64, device=DEVICE)
+    cm = sparsec.compile(model, example_inputs=(x,), backend="triton", include=[".*"], min_weights=0)
+    compiled = torch.compile(copy.deepcopy(cm), backend="aot_eager")
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya, yb = compiled(xa), cm(xb)
+    assert output_error(ya, yb) <= 1e-5
+    g = torch.randn_like(ya)
+    (ya * g).sum().backward()
+    (yb * g).sum().backward()
+    assert output_error(xa.grad, xb.grad) <= 1e-5
+
+
+def test_a_loaded_model_compiles_and_a_dead_handle_is_named(tmp_path):
+    model, x = _mlp(), torch.randn(2, 64, device=DEVICE)
+    cm = sparsec.compile(model, example_inputs=(x,), backend="triton", include=[".*"], min_weights=0)
+    sparsec.save(cm, tmp_path / "m.sparsec")
+    loaded = sparsec.load(tmp_path / "m.sparsec")
+    handles = {m._traced_handle for m in cm.modules() if isinstance(m, FusedEpilogue)}
+    loaded_handles = {m._traced_handle for m in loaded.modules() if isinstance(m, FusedEpilogue)}
+    assert len(handles) == len(loaded_handles) == 4 and not handles & loaded_handles
+    with torch.no_grad():
+        assert torch.equal(torch.compile(loaded, backend="aot_eager")(x), cm(x))
+    with pytest.raises(RuntimeError, match="no live Triton layer has handle -1"):
+        torch.ops.sparsec.triton_layer(x, -1)
