@@ -502,3 +502,27 @@ def test_kernel_dgrad_path_matches_the_reference(mode, monkeypatch):
     monkeypatch.setattr(sdgp, "_kernel_path", lambda dy: True)
     sdgp.sdgp_linear(x, w, None, 2, 4, mode).mul(G).sum().backward()
     assert torch.allclose(x.grad, expected, atol=1e-6)
+
+
+def test_torch_compile_of_a_training_step_prunes_gradients_in_torch(monkeypatch):
+    """Under torch.compile the backward is traced, and TorchDynamo cannot trace the Triton prune
+    kernel's launch: the traced backward prunes dY in torch (the same function) and Inductor runs it;
+    the gradients equal the eager step's, which runs the kernel (here in the interpreter)."""
+    import copy
+
+    import torch.nn as nn
+
+    import sparsec
+    import sparsec.runtime.sdgp as sdgp
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.setattr(sdgp, "_prune_kernel_runs_on", lambda device: True)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.Linear(64, 8)).to(device)
+    x = torch.randn(16, 32, device=device)
+    cm = sparsec.compile(model, example_inputs=(x,), min_weights=0, include=[".*"], train=True, grad_pattern="2:4")
+    eager, traced = copy.deepcopy(cm), copy.deepcopy(cm)
+    eager(x).square().sum().backward()
+    torch.compile(traced)(x).square().sum().backward()
+    grads = [(a.grad, b.grad) for a, b in zip(eager.parameters(), traced.parameters()) if a.grad is not None]
+    assert len(grads) == 6 and all(torch.allclose(a, b, atol=1e-5) for a, b in grads)

@@ -200,12 +200,16 @@ class SDGPLinear(torch.autograd.Function):
 
 
 def _kernel_path(dy: torch.Tensor) -> bool:
-    """2:4 gradients on CUDA are pruned by sparsec's Triton prune kernel."""
-    if not dy.is_cuda:
-        return False
+    """2:4 gradients on CUDA are pruned by sparsec's Triton prune kernel, except while torch.compile
+    traces the backward: TorchDynamo cannot trace a Triton launch, and the torch form is the same
+    function (the kernel is bit-exact with it), which Inductor then generates code for."""
+    return _prune_kernel_runs_on(dy.device) and not torch.compiler.is_compiling()
+
+
+def _prune_kernel_runs_on(device: torch.device) -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("triton") is not None
+    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
 
 
 def _linear_dgrad(dy: torch.Tensor, weight: torch.Tensor, n: int, m: int, mode: str) -> torch.Tensor:
