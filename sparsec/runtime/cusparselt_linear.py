@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sparsec.runtime import traced_call
 from sparsec.runtime.layers import SparseLinear
 
 
@@ -17,10 +18,30 @@ def semi_structured_available() -> bool:
 
 
 class CusparseltLinear(SparseLinear):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        traced_call.register(self)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        traced_call.register(self)
+
     def semi_structured_weight(self):
         return self.derived("semi_structured", lambda: torch.sparse.to_sparse_semi_structured(self.packed.rows()))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)
+
+    def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         if not x.is_cuda:
             raise RuntimeError(f"layer {self.layer_name!r} was compiled for cuSPARSELt, which needs CUDA tensors")
         return F.linear(x, self.semi_structured_weight(), self.bias)
+
+    def output_like(self, x: torch.Tensor) -> torch.Tensor:
+        """An empty tensor shaped as the layer's output on x (for tracers)."""
+        return x.new_empty(*x.shape[:-1], self.packed.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # (the semi-structured weight is opaque to tracers: see traced_call)
+            return traced_call.traced_call(self, x)
+        return self.kernel_forward(x)

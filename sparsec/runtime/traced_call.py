@@ -1,15 +1,17 @@
-"""Triton layers under torch.compile: each layer's kernel call as one custom operator.
+"""Kernel layers under torch.compile: each layer's kernel call as one custom operator.
 
-TorchDynamo cannot trace a Triton layer's launch: Triton's launcher, and sparsec's direct launch,
-read raw pointers and per-process Python state on every call. Under torch.compile a Triton layer
-therefore calls `torch.ops.sparsec.triton_layer(x, handle)`, a custom operator whose implementation
-runs the layer's kernel and whose shape-only version gives the tracer the output's shape and dtype,
-so a compiled model traces into one graph with one call per layer (and CUDA graphs capture the
-kernels). Eager calls go straight to the kernel: a custom operator costs host time on every call,
-which a one-row call cannot spare. With gradients wanted, the layer runs its plain-torch reference
-instead (the same math, differentiable), as eager calls do in backward.
+TorchDynamo cannot trace a Triton layer's launch (Triton's launcher, and sparsec's direct launch,
+read raw pointers and per-process Python state on every call), and a cuSPARSELt layer's
+semi-structured weight is a tensor subclass whose tracing depends on the torch version. Under
+torch.compile such a layer therefore calls `torch.ops.sparsec.kernel_layer(x, handle)`, a custom
+operator whose implementation runs the layer's `kernel_forward` and whose shape-only version (the
+layer's `output_like`) gives the tracer the output's shape and dtype, so a compiled model traces
+into one graph with one call per layer (and CUDA graphs capture the kernels). Eager calls go
+straight to the kernel: a custom operator costs host time on every call, which a one-row call
+cannot spare. With gradients wanted, the layer runs its plain-torch reference instead (the same
+math, differentiable), as eager calls do in backward.
 
-`handle` names the layer: every Triton layer registers itself when it is built or unpickled, and
+`handle` names the layer: every kernel layer registers itself when it is built or unpickled, and
 the registry holds it weakly.
 """
 from __future__ import annotations
@@ -34,23 +36,23 @@ def _layer(handle: int):
     ref = _LAYERS.get(handle)
     layer = ref() if ref is not None else None
     if layer is None:
-        raise RuntimeError(f"sparsec::triton_layer: no live Triton layer has handle {handle} (was the layer "
+        raise RuntimeError(f"sparsec::kernel_layer: no live kernel layer has handle {handle} (was the layer "
                            f"deleted while a compiled graph still calls it?)")
     return layer
 
 
-@torch.library.custom_op("sparsec::triton_layer", mutates_args=())
-def triton_layer(x: torch.Tensor, handle: int) -> torch.Tensor:
+@torch.library.custom_op("sparsec::kernel_layer", mutates_args=())
+def kernel_layer(x: torch.Tensor, handle: int) -> torch.Tensor:
     return _layer(handle).kernel_forward(x)
 
 
-@triton_layer.register_fake
+@kernel_layer.register_fake
 def _(x: torch.Tensor, handle: int) -> torch.Tensor:
     return _layer(handle).output_like(x)
 
 
 def traced_call(layer, x: torch.Tensor) -> torch.Tensor:
-    """What a Triton layer computes while TorchDynamo traces it."""
+    """What a kernel layer computes while TorchDynamo traces it."""
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.parameters())):
         return layer.reference(x)
-    return torch.ops.sparsec.triton_layer(x, layer._traced_handle)
+    return torch.ops.sparsec.kernel_layer(x, layer._traced_handle)
