@@ -6,9 +6,9 @@
 # skipped whole. Results land in $SPARSEC_RESULTS_DIR (the device tool's $OUT when set), to be
 # committed under bench/results/ with the device name and date.
 #   device run 1:  bash bench/gpu_session.sh tests sparse24-fp16 sparse24-int8
-#   device run 2:  bash bench/gpu_session.sh conv training condensed overhead
-# (parts: tests, quick, sparse24 (both weight formats), sparse24-fp16, sparse24-int8, conv, training,
-#  condensed, overhead)
+#   device run 2:  bash bench/gpu_session.sh decode-compile conv training condensed overhead
+# (parts: tests, quick, sparse24 (both weight formats), sparse24-fp16, sparse24-int8, decode-compile, conv,
+#  training, condensed, overhead)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 deadline=$(( $(date +%s) + ${SPARSEC_GPU_CALL_S:-570} ))
@@ -42,11 +42,13 @@ for part in "${parts[@]}"; do
     sparse24)      timeout "$left" $PY bench/bench_sparse24.py --budget-s "$budget" ;;
     sparse24-fp16) timeout "$left" $PY bench/bench_sparse24.py --weights fp16 --budget-s "$budget" ;;
     sparse24-int8) timeout "$left" $PY bench/bench_sparse24.py --weights int8 --budget-s "$budget" ;;
+    decode-compile) timeout "$left" $PY bench/bench_decode_compile.py ;;
     conv)          timeout "$left" $PY bench/bench_conv24.py --budget-s "$budget" ;;
     training)      timeout "$left" $PY bench/bench_training.py ;;
     condensed)     timeout "$left" $PY bench/bench_condensed_gpu.py ;;
     overhead)      timeout "$left" $PY bench/bench_call_overhead.py ;;
-    *) echo "unknown part '$part' (tests, quick, sparse24, sparse24-fp16, sparse24-int8, conv, training, condensed, overhead)"
+    *) echo "unknown part '$part' (tests, quick, sparse24, sparse24-fp16, sparse24-int8, decode-compile, conv, training,"\
+            "condensed, overhead)"
        exit 2 ;;
   esac
 done

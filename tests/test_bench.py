@@ -9,7 +9,8 @@ import torch
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 
 
-@pytest.mark.parametrize("script", ["bench_sparse24.py", "bench_conv24.py", "bench_training.py", "bench_condensed_gpu.py"])
+@pytest.mark.parametrize("script", ["bench_sparse24.py", "bench_conv24.py", "bench_training.py", "bench_condensed_gpu.py",
+                                    "bench_decode_compile.py"])
 def test_gpu_benchmarks_skip_cleanly_without_cuda(script):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the benchmarks are run by hand there")
@@ -190,3 +191,17 @@ def test_case_runner_stops_when_the_first_cases_all_fail(tmp_path, monkeypatch):
         runner.run({"i": i}, broken, i)
     assert calls == [0, 1]
     assert [("error" in r, "skipped" in r) for r in runner.rows] == [(True, False)] * 2 + [(False, True)] * 2
+
+
+def test_decode_compile_bench_checks_and_times_every_variant(monkeypatch):
+    """bench_decode_compile's case, run small on this machine (timer replaced by a counter): every
+    variant, torch.compile ones included, is checked against float64 before it is timed."""
+    sys.path.insert(0, BENCH)
+    import bench_decode_compile
+
+    monkeypatch.setattr(bench_decode_compile, "per_call_s", lambda fn: (fn(), 1e-6)[1])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    row = bench_decode_compile.run_case(1, None, device=device, d=64, h=128, dtype=torch.float32)
+    assert row["ok"] and set(row["s"]) == {"original", "sparsec", "original, torch.compile", "sparsec, torch.compile"}
+    assert all(err < 1e-5 for err in row["max_rel_err"].values())
+    assert row["vs_original"] == row["vs_original_compiled"] == 1.0
