@@ -285,13 +285,22 @@ def split_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
     has none yet (the caller then does not split)."""
     if tiles > SPLIT_COUNTERS:
         return None
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    stream = _raw_stream(device) if device.type == "cuda" else 0
     key = (str(device), stream)
     if key not in _COUNTERS:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None  # memory allocated while capturing belongs to the graph's pool: do not keep it
         _COUNTERS[key] = torch.zeros(SPLIT_COUNTERS, dtype=torch.int32, device=device)
     return _COUNTERS[key]
+
+
+def _raw_stream(device: torch.device) -> int:
+    """The current CUDA stream's handle, the way Triton's launcher reads it (torch's raw-stream call,
+    without building a torch.cuda.Stream object on every launch)."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is None:
+        return torch.cuda.current_stream(device).cuda_stream
+    return raw(device.index if device.index is not None else torch.cuda.current_device())
 
 
 _PRUNE = None

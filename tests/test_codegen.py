@@ -564,6 +564,33 @@ def test_a_triton_layer_called_at_several_row_counts_and_with_wrong_features():
             cm(torch.randn(3, 32, device=x.device))
 
 
+def test_a_triton_layer_sees_new_and_updated_operands_after_its_first_call(monkeypatch):
+    """A layer binds its operands once per shape (per-call Python time matters at one row); updating them
+    in place reaches the kernel, and assigning a new bias or launch config rebinds."""
+    from sparsec.codegen import launch as launch_module
+    from sparsec.codegen.configs import matmul_config
+
+    configs_used = []
+    real_launch = launch_module.sparse24_launch
+    monkeypatch.setattr(launch_module, "sparse24_launch",
+                        lambda *args: configs_used.append(args[-1]) or real_launch(*args))
+    torch.manual_seed(0)
+    model, (x,) = on_device(nn.Sequential(nn.Linear(64, 48)), (torch.randn(3, 64),))
+    cm = sparsec.compile(model, example_inputs=(x,), backend="triton", include=[".*"], min_weights=0)
+    layer = cm.sparse_module("0")
+    w = cm.effective_weight("0").double()
+    with torch.no_grad():
+        cm(x)
+        layer.bias.add_(1.0)  # in place
+        assert output_error(cm(x).double(), x.double() @ w.t() + layer.bias.double()) <= 1e-5
+        layer.bias = nn.Parameter(torch.full((48,), -2.0, device=x.device))  # a new parameter
+        assert output_error(cm(x).double(), x.double() @ w.t() - 2.0) <= 1e-5
+        assert configs_used == [None, None]  # bound twice (at first, and for the new bias), the shape table's config
+        layer.launch = dict(matmul_config(3, 48, 64, "float32"), M=3, BLOCK_N=16)
+        assert output_error(cm(x).double(), x.double() @ w.t() - 2.0) <= 1e-5
+        assert len(configs_used) == 3 and configs_used[-1]["BLOCK_N"] == 16
+
+
 def test_auto_picks_the_fastest_measured(monkeypatch):
     timings = {"dense": 20e-6, "triton": 12e-6, "cusparselt": 15e-6}
     monkeypatch.setattr("sparsec.codegen.measure.candidates", lambda *a: {k: k for k in timings})

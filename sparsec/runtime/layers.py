@@ -112,6 +112,13 @@ class SparseLayer(RuntimeLayer):
         self._derived = {}
         return super()._apply(fn, recurse)
 
+    def __setattr__(self, name, value):
+        # what was derived may have read the attribute being replaced (a bias, the packed weight, a
+        # launch config): build it again on next use
+        super().__setattr__(name, value)
+        if name != "_derived" and "_derived" in self.__dict__:
+            self.__dict__["_derived"] = {}
+
     def __getstate__(self):
         state = super().__getstate__().copy()
         state["_derived"] = {}

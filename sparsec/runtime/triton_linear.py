@@ -102,20 +102,27 @@ class TritonSparseLinear(FusedEpilogue, SparseLinear):
 
     def kernel_forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """The kernel on x; written into `out` ([rows, N]) when given (backend auto checks candidates so)."""
-        # Per-call Python time is what a single-row call waits for: what does not change between calls
-        # (the spec; for 2:4 the kernel, config and grid per row count) is worked out once per device.
-        packed, bias, spec = self.packed, self.bias, self.derived("spec", self.spec)
-        bias = bias.detach() if bias is not None else None
+        # Per-call Python time is what a single-row call waits for: everything but x and out (the kernel,
+        # config and grid for this row count, the operand tensors) is worked out once per shape and device.
+        k = x.shape[-1]
+        rows = x.numel() // k if k else 0
+        key = ("call", rows, k, x.device)
+        call = self._derived.get(key) or self.derived(key, lambda: self._kernel_call(rows, k, x.device))
+        return call(x, out)
+
+    def _kernel_call(self, rows: int, k: int, device: torch.device):
+        """call(x, out): the kernel with this layer's operands bound. (The tensors are bound, not copied:
+        in-place updates reach the kernel; assigning a new parameter or buffer drops the binding,
+        see SparseLayer.__setattr__.)"""
+        packed, bias, out_scale, spec = self.packed, self.bias, self.out_scale, self.derived("spec", self.spec)
         if spec.format == "fanin":
             from sparsec.codegen.launch import condensed_matmul
 
-            return condensed_matmul(x.detach(), packed.values, packed.indices, packed.scales, bias, self.out_scale,
-                                    spec, self.kernel_name, self.kernel_source, out=out)
-        k = x.shape[-1]
-        rows = x.numel() // k if k else 0
-        key = ("launch", rows, k, x.device)
-        launch = self._derived.get(key) or self.derived(key, lambda: self._sparse24_launch(rows, k, x.device, spec))
-        return launch(x.detach(), packed.values, packed.meta, packed.scales, bias, self.out_scale, out)
+            values, indices, scales, name, source = packed.values, packed.indices, packed.scales, self.kernel_name, self.kernel_source
+            return lambda x, out: condensed_matmul(x, values, indices, scales, bias, out_scale, spec, name, source, out=out)
+        launch = self._sparse24_launch(rows, k, device, spec)
+        values, meta, scales = packed.values, packed.meta, packed.scales
+        return lambda x, out: launch(x, values, meta, scales, bias, out_scale, out)
 
     def _sparse24_launch(self, rows: int, k: int, device: torch.device, spec):
         self.require_kernel()
