@@ -118,8 +118,10 @@ class TritonSparseLinear(FusedEpilogue, SparseLinear):
         if spec.format == "fanin":
             from sparsec.codegen.launch import condensed_matmul
 
-            values, indices, scales, name, source = packed.values, packed.indices, packed.scales, self.kernel_name, self.kernel_source
-            return lambda x, out: condensed_matmul(x, values, indices, scales, bias, out_scale, spec, name, source, out=out)
+            values, indices, scales = packed.values, packed.indices, packed.scales
+            name, source = self.kernel_name, self.kernel_source
+            return lambda x, out: condensed_matmul(x, values, indices, scales, bias, out_scale, spec, name, source,
+                                                   out=out)
         launch = self._sparse24_launch(rows, k, device, spec)
         values, meta, scales = packed.values, packed.meta, packed.scales
         return lambda x, out: launch(x, values, meta, scales, bias, out_scale, out)
