@@ -131,3 +131,15 @@ def kernel_operands_24(rows: torch.Tensor, int8: bool):
     if int8:
         values, scales = reference.quantize_int8(values)
     return values, meta, scales, pruned
+
+
+def shrunk_and_unchanged(model: nn.Module, x: torch.Tensor):
+    """The model compiled dense for training and shrunk (sparsec.shrink), after checking that the smaller
+    model computes what the original does on x."""
+    import sparsec
+    from sparsec.shrink import shrink
+
+    small = shrink(sparsec.compile(model, pattern="dense", example_inputs=(x,), train=True))
+    with torch.no_grad():
+        assert output_error(small(x), model(x)) <= 1e-5
+    return small

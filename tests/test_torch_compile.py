@@ -123,3 +123,5 @@ def test_cusparselt_layers_trace_as_one_operator(monkeypatch):
         assert "sparsec.kernel_layer" in explained.graphs[0].code
         assert torch.equal(torch.compile(model, backend="aot_eager")(x), model(x))
         assert output_error(model(x), torch.relu(x @ (w * oracle_nm_mask(w, 2, 4)).t() + bias)) <= 1e-6
+    xg = x.clone().requires_grad_(True)  # with gradients wanted, the traced layer runs its reference
+    assert output_error(torch.compile(model, backend="aot_eager")(xg), model(x)) <= 1e-6

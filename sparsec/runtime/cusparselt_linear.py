@@ -17,20 +17,12 @@ def semi_structured_available() -> bool:
     return torch.cuda.is_available() and hasattr(torch.sparse, "to_sparse_semi_structured")
 
 
-class CusparseltLinear(SparseLinear):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        traced_call.register(self)
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        traced_call.register(self)
-
+class CusparseltLinear(traced_call.OpaqueKernel, SparseLinear):
     def semi_structured_weight(self):
         return self.derived("semi_structured", lambda: torch.sparse.to_sparse_semi_structured(self.packed.rows()))
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x)
+        return SparseLinear.forward(self, x)  # (the dense product on the packed rows)
 
     def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         if not x.is_cuda:
@@ -41,7 +33,5 @@ class CusparseltLinear(SparseLinear):
         """An empty tensor shaped as the layer's output on x (for tracers)."""
         return x.new_empty(*x.shape[:-1], self.packed.out_features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # (the semi-structured weight is opaque to tracers: see traced_call)
-            return traced_call.traced_call(self, x)
+    def eager_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernel_forward(x)

@@ -56,3 +56,22 @@ def traced_call(layer, x: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.parameters())):
         return layer.reference(x)
     return torch.ops.sparsec.kernel_layer(x, layer._traced_handle)
+
+
+class OpaqueKernel:
+    """Mixin for a runtime layer whose kernel tracers cannot see into: it registers a handle when built
+    or unpickled, and its forward is the operator while TorchDynamo traces, `eager_forward(x)`
+    otherwise. The layer gives kernel_forward(x), output_like(x), reference(x) and eager_forward(x)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        register(self)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        register(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return traced_call(self, x)
+        return self.eager_forward(x)

@@ -25,7 +25,7 @@ _ACTIVATION_FNS = {
 }
 
 
-class FusedEpilogue:
+class FusedEpilogue(traced_call.OpaqueKernel):
     """What the fusion pass folded into a Triton layer's kernel after the product (activation, per-channel
     scale, cast; the bias is the layer's own), the kernel the codegen pass attached, and the same
     epilogue in plain torch for `reference`."""
@@ -37,11 +37,6 @@ class FusedEpilogue:
         self.kernel_name: str | None = None
         self.kernel_source: str | None = None
         self.launch: dict | None = None  # measured launch config and the rows "M" it was measured at
-        traced_call.register(self)
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        traced_call.register(self)
 
     def kernel_spec(self, layout: str = "matmul"):
         from sparsec.codegen.spec import MatmulSpec
@@ -72,9 +67,7 @@ class FusedEpilogue:
         if self.kernel_source is None:
             raise RuntimeError(f"layer {self.layer_name!r} has no generated kernel; the codegen pass did not run")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # TorchDynamo cannot trace a launch: one custom operator instead
-            return traced_call.traced_call(self, x)
+    def eager_forward(self, x: torch.Tensor) -> torch.Tensor:
         return run_kernel(self, x)
 
     def out_torch_dtype(self) -> torch.dtype:
