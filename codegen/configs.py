@@ -19,7 +19,8 @@ tensor-core tile with split-K won at M = 1 too.
 
 Split-K: at small M a layer has few output tiles (N = 4096 at BLOCK_N = 32 is 128 tiles for 132
 SMs on an H100, and only some of them stream weights at a time), so K is split until the
-programs fill the device about twice over, keeping each split at least MIN_SPLIT_BLOCKS K blocks long
+programs fill the device with about WAVES 4-warp programs per SM (as many warps in more, smaller
+programs for tiles of 1 or 2 warps), keeping each split at least MIN_SPLIT_BLOCKS K blocks long
 and the fp32 partials the splits write and read back (8 bytes per output element and split) under
 a quarter of the 2:4 weight bytes (about one byte per weight), i.e. split <= K / (32 M).
 
@@ -45,7 +46,7 @@ from sparsec.codegen.spec import has_prmt_expand
 LAUNCH_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "PRMT_EXPAND", "num_warps", "num_stages")
 MAX_SPLIT_K = 16
 MIN_SPLIT_BLOCKS = 4
-WAVES = 2  # programs per SM that split-K aims for (three 4-warp decode programs fit an SM's registers)
+WAVES = 2  # 4-warp programs per SM that split-K aims for (three 4-warp decode programs fit an SM's registers)
 
 
 def interpreting() -> bool:
@@ -68,13 +69,15 @@ def _tiles(m: int, n: int, act_dtype: str) -> dict:
 
 
 def split_k(m: int, n: int, k: int, cfg: dict, sms: int | None) -> int:
-    """How many ways to split K so that about WAVES programs run per SM (1 without an SM count)."""
+    """How many ways to split K so that about WAVES programs of 4 warps run per SM, or as many warps in
+    smaller programs (1 without an SM count)."""
     if not sms:
         return 1
     tiles = -(-m // cfg["BLOCK_M"]) * -(-n // cfg["BLOCK_N"])
     blocks_k = -(-k // cfg["BLOCK_K"])
+    programs = WAVES * sms * max(1, 4 // cfg["num_warps"])
     split = 1
-    while (tiles * split < WAVES * sms and split * 2 <= MAX_SPLIT_K
+    while (tiles * split < programs and split * 2 <= MAX_SPLIT_K
            and blocks_k // (split * 2) >= MIN_SPLIT_BLOCKS and split * 2 * 32 * m <= k):
         split *= 2
     return split
@@ -116,9 +119,20 @@ def matmul_candidates(m: int, n: int, k: int, act_dtype: str, sms: int | None, w
                  dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, num_warps=4, num_stages=4),
                  dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=1, num_warps=8, num_stages=3),
                  dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=6),
-                 dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=6)]
+                 dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=6),
+                 # Less shared-memory traffic per weight: tl.dot splits a tile's N over its warps, and
+                 # every warp reads the whole 16-row x tile from shared memory: 32 * warps / BLOCK_N
+                 # bytes per weight, 4 of the default tile's 10.6 with int8 values (sm_90 SASS). At
+                 # 128 bytes per SM and clock that is ~21 us at 14336 x 4096, beside ~12 us to read
+                 # the int8 weight from HBM. These 2-warp tiles move 6-8 bytes per weight
+                 # (bench/kernel_stats.py; split_k gives them twice the programs). A hypothesis to
+                 # time, not a finding: under the old L2 flush the CUDA-core form, at 2.5 (int8) and
+                 # 4.3 (fp16) bytes per weight, was no faster than the default tile.
+                 dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, num_warps=2, num_stages=4),
+                 dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, GROUP_M=1, num_warps=2, num_stages=4)]
         if weight_dtype == "int8":  # a byte per value: a wider tile keeps the fp16 tile's bytes per stage
-            tiles.append(dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=6))
+            tiles += [dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=6),
+                      dict(BLOCK_M=16, BLOCK_N=256, BLOCK_K=32, GROUP_M=1, num_warps=2, num_stages=4)]
         if m == 1:  # the CUDA-core form (BLOCK_M < 16): no 16-row tensor-core tile for a single row
             tiles.append(dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3))
     elif m <= 128:
