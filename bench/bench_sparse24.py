@@ -229,6 +229,13 @@ def print_row(r: dict) -> None:
           flush=True)
 
 
+def results_prefix(quick: bool, weights: str, ms: list[int] | None) -> str:
+    """The results file's name before the device and date: one per selection of rows, so a partial
+    run (one weight format, some M) never overwrites the file of another run that day."""
+    return ("sparse24" + ("-quick" if quick else "") + ("" if weights == "both" else f"-{weights}")
+            + (f"-m{'-'.join(map(str, ms))}" if ms else ""))
+
+
 def main() -> int:
     parser = arg_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="M in {1, 2048}, first shape only")
@@ -251,7 +258,7 @@ def main() -> int:
     ms, shapes = ([1, 2048], SHAPES[:1]) if args.quick else (MS, SHAPES)
     ms = args.ms or ms
     weights = {"fp16": [False], "int8": [True], "both": [False, True]}[args.weights]
-    prefix = "sparse24" + ("-quick" if args.quick else "") + ("" if args.weights == "both" else f"-{args.weights}")
+    prefix = results_prefix(args.quick, args.weights, args.ms)
     header = (f"{'M':>5} {'N':>6} {'K':>6} {'w':>4} | {'sparsec us':>10} {'default':>8} {'shift':>6} {'prmt':>6} {'dense us':>9} "
               f"{'x dense':>7} {'dirty':>7} {'cslt us':>8} {'x cslt':>6} | {'GB/s':>6} {'%rd':>4} {'dns%':>5} {'TF/s':>6} {'%fl':>4} | {'auto':>10} "
               f"{'x dense gpu':>11} {'eager':>5} | {'auto graph':>10} {'x dense':>7} | ok")

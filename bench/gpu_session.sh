@@ -5,10 +5,11 @@
 # row past it and records the rows it skipped; a part that would start with under 40 s left is
 # skipped whole. Results land in $SPARSEC_RESULTS_DIR (the device tool's $OUT when set), to be
 # committed under bench/results/ with the device name and date.
-#   device run 1:  bash bench/gpu_session.sh tests sparse24-fp16 sparse24-int8
-#   device run 2:  bash bench/gpu_session.sh decode-compile conv training condensed overhead
-# (parts: tests, quick, sparse24 (both weight formats), sparse24-fp16, sparse24-int8, decode-compile, conv,
-#  training, condensed, overhead)
+#   device run 1:  bash bench/gpu_session.sh decode tests
+#   device run 2:  bash bench/gpu_session.sh decode-compile overhead large conv training condensed
+# (parts: tests, quick, decode (sparse24 at M = 1, 16), large (sparse24 at M = 128, 2048, 8192), sparse24
+#  (every M, both weight formats), sparse24-fp16, sparse24-int8, decode-compile, conv, training, condensed,
+#  overhead)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 deadline=$(( $(date +%s) + ${SPARSEC_GPU_CALL_S:-570} ))
@@ -39,6 +40,8 @@ for part in "${parts[@]}"; do
                      > "$SPARSEC_RESULTS_DIR/tests.log" 2>&1
                    echo "pytest exit $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$SPARSEC_RESULTS_DIR/tests.log" | tail -25 ;;
     quick)         timeout "$left" $PY bench/bench_sparse24.py --quick --budget-s "$budget" ;;
+    decode)        timeout "$left" $PY bench/bench_sparse24.py --ms 1,16 --budget-s "$budget" ;;
+    large)         timeout "$left" $PY bench/bench_sparse24.py --ms 128,2048,8192 --budget-s "$budget" ;;
     sparse24)      timeout "$left" $PY bench/bench_sparse24.py --budget-s "$budget" ;;
     sparse24-fp16) timeout "$left" $PY bench/bench_sparse24.py --weights fp16 --budget-s "$budget" ;;
     sparse24-int8) timeout "$left" $PY bench/bench_sparse24.py --weights int8 --budget-s "$budget" ;;
@@ -47,8 +50,8 @@ for part in "${parts[@]}"; do
     training)      timeout "$left" $PY bench/bench_training.py ;;
     condensed)     timeout "$left" $PY bench/bench_condensed_gpu.py ;;
     overhead)      timeout "$left" $PY bench/bench_call_overhead.py ;;
-    *) echo "unknown part '$part' (tests, quick, sparse24, sparse24-fp16, sparse24-int8, decode-compile, conv, training,"\
-            "condensed, overhead)"
+    *) echo "unknown part '$part' (tests, quick, decode, large, sparse24, sparse24-fp16, sparse24-int8, decode-compile,"\
+            "conv, training, condensed, overhead)"
        exit 2 ;;
   esac
 done

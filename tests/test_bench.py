@@ -132,6 +132,19 @@ def test_sparse24_reports_each_target_at_its_worst_row():
     assert "int8 2:4 vs dense fp16 at M <= 16" not in bench_sparse24.check_targets(rows[:3])
 
 
+def test_sparse24_runs_over_other_rows_write_other_files():
+    """gpu_session.sh runs the decode rows and the large-M rows in separate calls on the same day:
+    neither file may overwrite the other, nor the full run's."""
+    sys.path.insert(0, BENCH)
+    import bench_sparse24
+
+    names = {bench_sparse24.results_prefix(quick, weights, ms) for quick in (False, True)
+             for weights in ("fp16", "int8", "both") for ms in (None, [1, 16], [128, 2048, 8192])}
+    assert len(names) == 2 * 3 * 3
+    assert bench_sparse24.results_prefix(False, "both", None) == "sparse24"
+    assert bench_sparse24.results_prefix(False, "both", [1, 16]) == "sparse24-m1-16"
+
+
 def test_results_are_written_whole_and_rewritten_in_place(tmp_path, monkeypatch, capsys):
     """bench_sparse24 rewrites its file after every row; each write replaces the file whole."""
     import json
