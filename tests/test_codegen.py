@@ -145,7 +145,7 @@ def test_launch_candidates_split_k_only_where_tiles_are_few(monkeypatch):
     assert matmul_config(128, 4096, 4096, "float16", sms=132)["SPLIT_K"] == 1  # partials would cost too much
     from sparsec.codegen.configs import split_k
 
-    tile = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64)  # 64 tiles: split to the same warps per SM whatever the warps
+    tile = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64)  # 64 tiles; programs under 4 warps get proportionally more
     splits = {warps: split_k(1, 4096, 4096, dict(tile, num_warps=warps), 132) for warps in (2, 4, 8)}
     assert splits == {2: 16, 4: 8, 8: 8}  # (2 warps: twice the programs of 4; 8 warps: as many as 4)
     for m in (1, 16, 64, 128, 4096):
