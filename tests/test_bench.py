@@ -218,3 +218,22 @@ def test_decode_compile_bench_checks_and_times_every_variant(monkeypatch):
     assert row["ok"] and set(row["s"]) == {"original", "sparsec", "original, torch.compile", "sparsec, torch.compile"}
     assert all(err < 1e-5 for err in row["max_rel_err"].values())
     assert row["vs_original"] == row["vs_original_compiled"] == 1.0
+
+
+def test_every_gpu_session_part_the_docs_name_exists():
+    """A device call is scarce: the runs gpu_session.sh, gpu_notes.md and the README tell the next GPU
+    session to make must name parts the script has (an unknown one exits 2 and wastes the call)."""
+    import re
+
+    root = os.path.dirname(BENCH)
+    with open(os.path.join(BENCH, "gpu_session.sh")) as f:
+        script = f.read()
+    assert subprocess.run(["bash", "-n", os.path.join(BENCH, "gpu_session.sh")]).returncode == 0
+    parts = set(re.findall(r"^    ([a-z0-9-]+)\)", script, flags=re.M))
+    assert {"tests", "decode", "large", "decode-compile"} <= parts
+    named = []
+    for doc in ("bench/gpu_session.sh", "bench/gpu_notes.md", "README.md"):
+        with open(os.path.join(root, doc)) as f:
+            for run in re.findall(r"gpu_session\.sh ([a-z0-9 -]+)", f.read()):
+                named += run.split()
+    assert named and set(named) <= parts, set(named) - parts
