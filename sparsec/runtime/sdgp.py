@@ -25,6 +25,7 @@ with native autocast.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -207,9 +208,15 @@ def _kernel_path(dy: torch.Tensor) -> bool:
 
 
 def _prune_kernel_runs_on(device: torch.device) -> bool:
+    return device.type == "cuda" and _triton_installed()
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    """(Looked up once: the question is asked in every backward.)"""
     import importlib.util
 
-    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    return importlib.util.find_spec("triton") is not None
 
 
 def _linear_dgrad(dy: torch.Tensor, weight: torch.Tensor, n: int, m: int, mode: str) -> torch.Tensor:
