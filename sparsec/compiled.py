@@ -11,9 +11,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from sparsec.distributed import full
 from sparsec.pipeline import PassRecord
 from sparsec.plan import Plan
-from sparsec.reference import rows_to_weight, weight_to_rows
 from sparsec.runtime.layers import RuntimeLayer
 
 
@@ -70,12 +70,13 @@ class CompiledModel(nn.Module):
     @torch.no_grad()
     def effective_weight(self, name: str) -> torch.Tensor:
         """The dense weight layer `name` really computes with (decompressed, dequantized, masked),
-        in the original weight's shape."""
+        in the original weight's shape. Under FSDP (`fully_shard`) the whole weight, gathered from
+        the ranks: every rank must call it."""
         module = self.sparse_module(name)
         if module is not None:
             return module.effective_weight()
         weight, _ = self._dense_weight(name)
-        return weight.detach().clone()
+        return full(weight.detach()).clone()
 
     @torch.no_grad()
     def mask(self, name: str) -> torch.Tensor:
@@ -83,8 +84,8 @@ class CompiledModel(nn.Module):
         module = self.sparse_module(name)
         if module is not None:
             return module.mask()
-        weight, op = self._dense_weight(name)
-        return rows_to_weight(torch.ones_like(weight_to_rows(weight, op), dtype=torch.bool), op, weight.shape)
+        weight, _ = self._dense_weight(name)
+        return torch.ones(weight.shape, dtype=torch.bool, device=weight.device)
 
     # ---- deployment after training
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
+from sparsec.distributed import full, is_sharded, shard_like
 from sparsec.errors import InvalidInputError, InvalidTypeError
 from sparsec.meta import get_meta, layer_nodes
 from sparsec.runtime.training import TrainableLayer
@@ -86,15 +87,27 @@ def _expand(keep: torch.Tensor, kind: str, weight: torch.Tensor, op: str, conv_g
 
 @dataclass
 class LayerWeight:
-    """A weight-bearing layer of a compiled model, as the penalty sees it."""
+    """A weight-bearing layer of a compiled model, as the penalty sees it. The weight and mask are
+    looked up on their module at each use, not kept: `.to(device)` and FSDP's `fully_shard` put new
+    tensors in place, and a penalty on the old ones would silently train nothing."""
     name: str
     op: str                          # "linear" | "matmul" | "conv1d" | "conv2d"
-    weight: nn.Parameter
-    mask: torch.Tensor | None        # multiply before use (fixed masks); None: use the weight as is
+    owner: nn.Module                 # the module holding the weight
+    attr: str                        # its parameter's name there
+    masked: bool                     # multiply by owner.weight_mask before use (fixed masks)
     conv_groups: int = 1
 
+    @property
+    def weight(self) -> nn.Parameter:
+        return getattr(self.owner, self.attr)
+
     def effective(self) -> torch.Tensor:
-        return self.weight * self.mask if self.mask is not None else self.weight
+        w = self.weight
+        return w * shard_like(self.owner.weight_mask, w) if self.masked else w
+
+    def whole_effective(self) -> torch.Tensor:
+        """`effective()` detached and whole (gathered from the ranks under FSDP: a collective)."""
+        return full(self.effective().detach())
 
 
 def layer_weights(cm, layers: Iterable[str] | None = None) -> list[LayerWeight]:
@@ -109,14 +122,15 @@ def layer_weights(cm, layers: Iterable[str] | None = None) -> list[LayerWeight]:
                 f"layer {lp.name!r} holds a packed inference weight ({type(module).__name__}), which cannot be "
                 f"trained; compile with train=True (or pattern='dense') to use GroupLasso")
         if isinstance(module, TrainableLayer):
-            mask = module.weight_mask if module.weight_update == "fixed" else None
+            masked = module.weight_mask is not None and module.weight_update == "fixed"
             groups = module.conv.groups if module.conv is not None else 1
-            out.append(LayerWeight(lp.name, module.op, module.weight, mask, groups))
+            out.append(LayerWeight(lp.name, module.op, module, "weight", masked, groups))
         elif lp.name in cm._dense_weights:
             path, op = cm._dense_weights[lp.name]
             info = get_meta(nodes[lp.name][0]).layer if lp.name in nodes else None
             groups = info.conv.groups if info is not None and info.conv is not None else 1
-            out.append(LayerWeight(lp.name, op, gm.get_parameter(path), None, groups))
+            owner, _, attr = path.rpartition(".")
+            out.append(LayerWeight(lp.name, op, gm.get_submodule(owner), attr, False, groups))
     if layers is not None:
         patterns = [layers] if isinstance(layers, str) else list(layers)
         chosen = [lw for lw in out if any(p == lw.name or re.fullmatch(p, lw.name) for p in patterns)]
@@ -149,17 +163,33 @@ class FrozenGroups:
     (SGD with momentum / weight decay, Adam, AdamW) never moves them: their gradient, momentum
     and decay terms are all 0. An optimizer that carried state from before freezing can still
     move them through that state: call `reapply_()` after its `step()`.
+
+    Under DDP the hook runs on each rank's gradient before DDP averages it. Under FSDP
+    (`fully_shard`, freeze after sharding) FSDP reduces the gradient outside autograd, so the hook
+    runs after that instead (a post-accumulate-grad hook, which FSDP calls on each rank's slice).
     """
 
     def __init__(self, layers: list[LayerWeight], keep: dict[str, torch.Tensor]):
         self.masks = keep  # layer name -> bool, weight shape: True = trainable, False = frozen at 0
-        self._params = {lw.name: lw.weight for lw in layers}
-        self._handles = [self._params[name].register_hook(lambda g, k=k: g * k) for name, k in keep.items()]
+        self._layers = {lw.name: lw for lw in layers}
+        self._handles = [self._hook(self._layers[name].weight, k) for name, k in keep.items()]
+
+    @staticmethod
+    def _hook(param: nn.Parameter, keep: torch.Tensor):
+        if is_sharded(param):
+            local_keep = shard_like(keep, param)
+
+            def zero_frozen(p: nn.Parameter) -> None:
+                if p.grad is not None:
+                    p.grad.mul_(local_keep)
+            return param.register_post_accumulate_grad_hook(zero_frozen)
+        return param.register_hook(lambda g: g * keep)
 
     @torch.no_grad()
     def reapply_(self) -> None:
         for name, keep in self.masks.items():
-            self._params[name].mul_(keep)
+            weight = self._layers[name].weight
+            weight.mul_(shard_like(keep, weight))
 
     def remove(self) -> None:
         for h in self._handles:
@@ -189,7 +219,9 @@ class GroupLasso:
         return (row_norms if kind == "rows" else col_norms)(w, lw.op, lw.conv_groups)
 
     def __call__(self) -> torch.Tensor:
-        total = sum(self._norms(lw, kind).sum() for lw in self.layers for kind in self.groups)
+        # Under FSDP a layer's sum is a DTensor (its norms span the ranks' slices); `full` makes it
+        # the plain scalar every rank adds to its loss.
+        total = sum(full(self._norms(lw, kind).sum()) for lw in self.layers for kind in self.groups)
         return self.lam * total
 
     penalty = __call__
@@ -205,10 +237,11 @@ class GroupLasso:
         zeroed = 0
         for lw in self.layers:
             for kind in self.groups:
-                norms = self._norms(lw, kind, lw.effective().detach())
+                w = lw.whole_effective()
+                norms = self._norms(lw, kind, w)
                 small = norms <= threshold
                 zeroed += int((small & (norms > 0)).sum())
-                lw.weight.mul_(_expand(~small, kind, lw.weight, lw.op, lw.conv_groups))
+                lw.weight.mul_(shard_like(_expand(~small, kind, w, lw.op, lw.conv_groups), lw.weight))
         return zeroed
 
     @torch.no_grad()
@@ -216,9 +249,10 @@ class GroupLasso:
         """Freeze every all-zero group (of the configured types) at 0 for a fine-tune phase."""
         keep = {}
         for lw in self.layers:
-            k = torch.ones_like(lw.weight, dtype=torch.bool)
+            w = lw.whole_effective()
+            k = torch.ones_like(w, dtype=torch.bool)
             for kind in self.groups:
-                k &= _expand(self._norms(lw, kind, lw.effective().detach()) > 0, kind, lw.weight, lw.op, lw.conv_groups)
+                k &= _expand(self._norms(lw, kind, w) > 0, kind, w, lw.op, lw.conv_groups)
             keep[lw.name] = k
         return FrozenGroups(self.layers, keep)
 
@@ -230,7 +264,7 @@ class GroupLasso:
         (input features / channels)."""
         counts: dict[str, dict[str, tuple[int, int]]] = {}
         for lw in self.layers:
-            w = lw.effective().detach()
+            w = lw.whole_effective()
             v = w.t() if lw.op == "matmul" else w
             gemm = v.reshape(v.shape[0], -1)
             counts[lw.name] = {

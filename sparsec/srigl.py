@@ -28,8 +28,8 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.distributed as dist
 
+from sparsec.distributed import broadcast_from_rank0, full, mean_over_ranks, shard_like
 from sparsec.errors import InvalidInputError, InvalidTypeError
 from sparsec.patterns import FanIn
 from sparsec.reference import rows_to_weight, weight_to_rows
@@ -154,8 +154,9 @@ class SRigL:
         for layer in self.layers.values():
             mask = weight_to_rows(layer.weight_mask, layer.op)
             k = mask.sum(1).clamp_min(1).unsqueeze(1).float()
-            fresh = torch.randn(mask.shape, device=mask.device) * (2.0 / k).sqrt() * mask
-            layer.weight.copy_(rows_to_weight(fresh.to(layer.weight.dtype), layer.op, layer.weight.shape))
+            fresh = broadcast_from_rank0(torch.randn(mask.shape, device=mask.device)) * (2.0 / k).sqrt() * mask
+            fresh = rows_to_weight(fresh.to(layer.weight.dtype), layer.op, layer.weight.shape)
+            layer.weight.copy_(shard_like(fresh, layer.weight))
 
     # ---- schedule
 
@@ -191,21 +192,21 @@ class SRigL:
         drop = self.drop_fraction(self.steps)
         record = UpdateRecord(step=self.steps, drop_fraction=drop)
         for name, layer in self.layers.items():
-            rows = weight_to_rows(layer.weight.detach(), layer.op).float()
+            rows = weight_to_rows(full(layer.weight.detach()), layer.op).float()
             mask = weight_to_rows(layer.weight_mask, layer.op)
             grad = self._dense_grads.pop(name, None)
             grad = weight_to_rows(grad, layer.op) if grad is not None else torch.zeros_like(rows)
-            rows, grad = _mean_over_ranks(rows), _mean_over_ranks(grad)
+            rows, grad = mean_over_ranks(rows), mean_over_ranks(grad)
             result = update_layer(rows, mask, grad, layer.pattern.sparsity, drop, self.gamma_sal,
                                   self.ablation and name not in self.never_ablate)
             shape = layer.weight.shape
             new_mask = rows_to_weight(result.mask, layer.op, shape)
             survived = rows_to_weight(result.kept, layer.op, shape)
             layer.weight_mask.copy_(new_mask)
-            layer.weight.mul_(survived)  # regrown start at 0, dropped and ablated become 0
+            layer.weight.mul_(shard_like(survived, layer.weight))  # regrown start at 0, dropped and ablated become 0
             for value in self.optimizer.state.get(layer.weight, {}).values():
                 if isinstance(value, torch.Tensor) and value.shape == shape:
-                    value.mul_(survived)  # momentum / Adam moments only for weights that survived
+                    value.mul_(shard_like(survived, value))  # momentum / Adam moments only for weights that survived
             record.layers[name] = {"k": result.k, "active_neurons": int((~result.ablated).sum()),
                                    "pruned": result.pruned, "regrown": int(result.regrown.sum())}
         self.history.append(record)
@@ -240,11 +241,3 @@ class SRigL:
         self.history = [UpdateRecord(**r) for r in state.get("history", [])]
         self._arm(self.steps + 1)
 
-
-def _mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
-    """Average across torch.distributed ranks so every rank takes the same decisions."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t /= dist.get_world_size()
-    return t

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sparsec.distributed import full
 from sparsec.meta import ConvParams
 from sparsec.patterns import NM, Pattern
 from sparsec.reference import pattern_mask, rows_to_weight, weight_to_rows
@@ -97,7 +98,7 @@ class TrainableLayer(RuntimeLayer):
 
     @torch.no_grad()
     def effective_weight(self) -> torch.Tensor:
-        w = self.weight.detach()
+        w = full(self.weight.detach())  # gathered when FSDP shards it (a collective then)
         return (w * self.weight_mask if self.weight_mask is not None else w).clone()
 
     @torch.no_grad()

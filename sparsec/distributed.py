@@ -1,0 +1,78 @@
+"""Weights that may be sharded across ranks: what sparsec's schedulers and inspection need under
+torch.distributed.
+
+Under DDP every rank holds whole weights. Under FSDP2 (`torch.distributed.fsdp.fully_shard`) a
+layer's weight is a DTensor between forwards (each rank holds a slice of its rows) and a plain
+tensor inside forward / backward, while masks stay plain buffers, the same on every rank.
+Everything sparsec decides from weights (SRigL's masks, group-lasso thresholds) is decided on full
+tensors, identical on every rank, and then applied to each rank's slice with `shard_like`.
+
+`full` and `broadcast_from_rank0` are collectives under sharding / a process group: every rank
+must call them, in the same order.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+try:  # public since torch 2.4; older torch has no FSDP2, so nothing is ever sharded there
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # pragma: no cover
+    DTensor, distribute_tensor = (), None
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    return isinstance(t, DTensor)
+
+
+def any_sharded(module: torch.nn.Module) -> bool:
+    return any(is_sharded(p) for p in module.parameters())
+
+
+GATHER_RECIPE = ("gather it first: on every rank `sd = torch.distributed.checkpoint.state_dict.get_model_state_dict("
+                 "cm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))`, then on rank 0 compile the model "
+                 "again with the same options (not sharded) and `load_state_dict(sd)`")
+
+
+def refuse_sharded(module: torch.nn.Module, what: str) -> None:
+    """A clear error, not a wrong result, where `what` needs whole weights held by one process."""
+    from sparsec.errors import InvalidInputError
+
+    if any_sharded(module):
+        raise InvalidInputError(f"{what} needs whole weights, and this model is sharded by FSDP (fully_shard): "
+                                f"{GATHER_RECIPE}")
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: gathered from the ranks' slices when `t` is sharded (a collective), else `t`."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def shard_like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """A whole tensor `t` laid out as `ref` is: when `ref` is sharded, each rank keeps its own slice
+    of `t` (no communication, so `t` must be the same on every rank); otherwise `t` itself."""
+    if not is_sharded(ref):
+        return t
+    return distribute_tensor(t.to(ref.device), ref.device_mesh, ref.placements, src_data_rank=None)
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """Average a plain tensor across ranks, so that every rank takes the same decisions."""
+    if world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= world_size()
+    return t
+
+
+def broadcast_from_rank0(t: torch.Tensor) -> torch.Tensor:
+    """Rank 0's value of `t` on every rank (random draws that must agree: DDP syncs parameters only
+    when it is constructed, so a later draw that differs between ranks would never be reconciled)."""
+    if world_size() > 1:
+        t = t.contiguous()
+        dist.broadcast(t, src=0)
+    return t
