@@ -11,10 +11,11 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from sparsec.distributed import full
+from sparsec.distributed import check_whole, full
 from sparsec.pipeline import PassRecord
 from sparsec.plan import Plan
 from sparsec.runtime.layers import RuntimeLayer
+from sparsec.runtime.training import TrainableLayer
 
 
 # nn.Module's global hook registries (mutated in place by torch.nn.modules.module.register_*_hook)
@@ -65,7 +66,17 @@ class CompiledModel(nn.Module):
             self.plan[name]  # raises KeyError listing the layers when the name is unknown
             raise KeyError(f"layer {name!r} is in the plan but not in the compiled graph (it is never called)")
         path, op = self._dense_weights[name]
-        return self.graph_module.get_parameter(path), op
+        owner, _, attr = path.rpartition(".")
+        return getattr(self.graph_module.get_submodule(owner), attr), op
+
+    def check_whole_weights(self, what: str) -> None:
+        """Raise, naming the remedy, when a weight was flattened by FSDP1 (see `check_whole`)."""
+        for lp in self.plan:
+            module = self.sparse_module(lp.name)
+            if isinstance(module, TrainableLayer):
+                check_whole(module.weight, lp.weight_shape, lp.name, what)
+            elif module is None and lp.name in self._dense_weights:
+                check_whole(self._dense_weight(lp.name)[0], lp.weight_shape, lp.name, what)
 
     @torch.no_grad()
     def effective_weight(self, name: str) -> torch.Tensor:
@@ -73,9 +84,12 @@ class CompiledModel(nn.Module):
         in the original weight's shape. Under FSDP (`fully_shard`) the whole weight, gathered from
         the ranks: every rank must call it."""
         module = self.sparse_module(name)
+        if isinstance(module, TrainableLayer):
+            check_whole(module.weight, self.plan[name].weight_shape, name, "effective_weight")
         if module is not None:
             return module.effective_weight()
         weight, _ = self._dense_weight(name)
+        check_whole(weight, self.plan[name].weight_shape, name, "effective_weight")
         return full(weight.detach()).clone()
 
     @torch.no_grad()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
 try:  # public since torch 2.4; older torch has no FSDP2, so nothing is ever sharded there
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -41,6 +42,20 @@ def refuse_sharded(module: torch.nn.Module, what: str) -> None:
     if any_sharded(module):
         raise InvalidInputError(f"{what} needs whole weights, and this model is sharded by FSDP (fully_shard): "
                                 f"{GATHER_RECIPE}")
+
+
+def check_whole(weight: torch.Tensor, shape: tuple[int, ...], layer: str, what: str) -> None:
+    """FSDP1 (`FullyShardedDataParallel`) puts a flat 1-D shard view (use_orig_params=True) or a plain
+    tensor over storage it frees between forwards (False) in place of each weight: nothing read
+    from it would be right, so say so instead of failing somewhere inside, or not failing at all."""
+    if isinstance(weight, nn.Parameter) and tuple(weight.shape) == tuple(shape):
+        return
+    from sparsec.errors import InvalidInputError
+
+    raise InvalidInputError(
+        f"{what}: layer {layer!r}'s weight is a {type(weight).__name__} of shape {tuple(weight.shape)}, not the "
+        f"{tuple(shape)} parameter it was compiled with; FSDP1 (FullyShardedDataParallel) does that, flattening "
+        f"weights. Shard with FSDP2 instead: torch.distributed.fsdp.fully_shard(cm)")
 
 
 def full(t: torch.Tensor) -> torch.Tensor:

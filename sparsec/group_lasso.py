@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
-from sparsec.distributed import full, is_sharded, shard_like
+from sparsec.distributed import check_whole, full, is_sharded, shard_like
 from sparsec.errors import InvalidInputError, InvalidTypeError
 from sparsec.meta import get_meta, layer_nodes
 from sparsec.runtime.training import TrainableLayer
@@ -95,11 +95,14 @@ class LayerWeight:
     owner: nn.Module                 # the module holding the weight
     attr: str                        # its parameter's name there
     masked: bool                     # multiply by owner.weight_mask before use (fixed masks)
+    shape: tuple[int, ...]           # the weight's shape, as compiled
     conv_groups: int = 1
 
     @property
     def weight(self) -> nn.Parameter:
-        return getattr(self.owner, self.attr)
+        weight = getattr(self.owner, self.attr)
+        check_whole(weight, self.shape, self.name, "GroupLasso")
+        return weight
 
     def effective(self) -> torch.Tensor:
         w = self.weight
@@ -124,13 +127,13 @@ def layer_weights(cm, layers: Iterable[str] | None = None) -> list[LayerWeight]:
         if isinstance(module, TrainableLayer):
             masked = module.weight_mask is not None and module.weight_update == "fixed"
             groups = module.conv.groups if module.conv is not None else 1
-            out.append(LayerWeight(lp.name, module.op, module, "weight", masked, groups))
+            out.append(LayerWeight(lp.name, module.op, module, "weight", masked, lp.weight_shape, groups))
         elif lp.name in cm._dense_weights:
             path, op = cm._dense_weights[lp.name]
             info = get_meta(nodes[lp.name][0]).layer if lp.name in nodes else None
             groups = info.conv.groups if info is not None and info.conv is not None else 1
             owner, _, attr = path.rpartition(".")
-            out.append(LayerWeight(lp.name, op, gm.get_submodule(owner), attr, False, groups))
+            out.append(LayerWeight(lp.name, op, gm.get_submodule(owner), attr, False, lp.weight_shape, groups))
     if layers is not None:
         patterns = [layers] if isinstance(layers, str) else list(layers)
         chosen = [lw for lw in out if any(p == lw.name or re.fullmatch(p, lw.name) for p in patterns)]
@@ -212,6 +215,7 @@ class GroupLasso:
             raise InvalidInputError(f"lam must be a finite number >= 0, got {lam}")
         self.lam = float(lam)
         self.groups = parse_groups(groups)
+        cm.check_whole_weights("GroupLasso")
         self.layers = layer_weights(cm, layers)
 
     def _norms(self, lw: LayerWeight, kind: str, weight: torch.Tensor | None = None) -> torch.Tensor:

@@ -32,6 +32,7 @@ def save(compiled, path: str | os.PathLike) -> None:
     if not isinstance(compiled, CompiledModel):
         raise InvalidTypeError(f"sparsec.save takes a CompiledModel (from sparsec.compile), got {type(compiled).__name__}")
     refuse_sharded(compiled, "sparsec.save")
+    compiled.check_whole_weights("sparsec.save")
     buffer = io.BytesIO()
     torch.save(compiled, buffer)
     payload = buffer.getvalue()

@@ -806,6 +806,7 @@ def shrink(cm: CompiledModel, threshold: float = 0.0, *, ragged_fanin: bool = Fa
             or not math.isfinite(threshold):
         raise InvalidInputError(f"threshold must be a finite number >= 0, got {threshold!r}")
     refuse_sharded(cm, "shrink (and condense)")
+    cm.check_whole_weights("shrink (and condense)")
     packed = [m.layer_name for m in cm.graph_module.modules() if isinstance(m, RuntimeLayer)
               and not isinstance(m, TrainableLayer)]
     if packed:

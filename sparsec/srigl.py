@@ -122,6 +122,7 @@ class SRigL:
         if not 0 < t_end <= 1 or not 0 <= alpha <= 1 or gamma_sal <= 0:
             raise InvalidInputError(f"need 0 < t_end <= 1, 0 <= alpha <= 1, gamma_sal > 0; got t_end={t_end}, "
                                     f"alpha={alpha}, gamma_sal={gamma_sal}")
+        cm.check_whole_weights("SRigL")
         self.layers = {m.layer_name: m for m in cm.graph_module.modules()
                        if isinstance(m, TrainableLayer) and isinstance(m.pattern, FanIn)}
         if not self.layers:

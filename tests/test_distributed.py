@@ -224,3 +224,40 @@ def test_sharded_models_are_refused_where_whole_weights_are_needed(sharded_ranks
 def test_the_gathered_state_of_a_sharded_model_saves_and_loads_whole(sharded_ranks, single, case):
     _, (r0, _) = sharded_ranks
     assert _max_diff(r0[case]["gathered"], single[case]["effective"]) <= 1e-5
+
+
+def _fsdp1_worker(rank: int, world: int, port: int, folder: str) -> None:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    errors = {}
+    for use_orig_params in (True, False):
+        cm = _compile("srigl")
+        wrapped = FullyShardedDataParallel(cm, device_id=torch.device("cpu"), use_orig_params=use_orig_params)
+        opt = torch.optim.SGD(wrapped.parameters(), lr=0.1)
+        F.cross_entropy(wrapped(torch.randn(4, 16)), torch.zeros(4, dtype=torch.long)).backward()
+        opt.step()
+        for what, call in {"SRigL": lambda: sparsec.SRigL(cm, opt, total_steps=STEPS),
+                           "GroupLasso": lambda: sparsec.GroupLasso(cm, 1e-3),
+                           "effective_weight": lambda: cm.effective_weight("2"),
+                           "sparsec.save": lambda: sparsec.save(cm, os.devnull),
+                           "shrink": lambda: sparsec.shrink(cm)}.items():
+            try:
+                call()
+                errors[what, use_orig_params] = None
+            except InvalidInputError as e:
+                errors[what, use_orig_params] = str(e)
+    torch.save(errors, os.path.join(folder, f"fsdp1-{rank}.pt"))
+    dist.barrier()
+    os._exit(0)  # see _worker
+
+
+def test_fsdp1_flattened_weights_are_refused_naming_fully_shard(tmp_path):
+    mp.spawn(_fsdp1_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        errors = torch.load(tmp_path / f"fsdp1-{rank}.pt")
+        assert len(errors) == 10
+        for (what, _), message in errors.items():
+            assert message is not None, f"{what} accepted FSDP1's flattened weights"
+            assert what.split()[0] in message and "FSDP1" in message and "fully_shard(cm)" in message, message
