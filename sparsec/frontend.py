@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from sparsec.distributed import any_sharded
+from sparsec.distributed import GATHER_RECIPE, any_sharded
 from sparsec.errors import ExampleInputError, InvalidTypeError, TraceError
 from sparsec.graph_module import SparsecGraphModule
 from sparsec.plan import dtype_name
@@ -187,7 +187,8 @@ def check_not_a_wrapper(model: nn.Module) -> None:
                                f"graph cannot keep: pass model.module, and wrap the compiled model in {name} afterwards")
     if any_sharded(model):
         raise InvalidTypeError(f"model ({name}) is sharded by FSDP (fully_shard): compile the unsharded model, then "
-                               f"shard the compiled model (fully_shard(cm)), as with DistributedDataParallel")
+                               f"shard the compiled model (fully_shard(cm)), as with DistributedDataParallel. To "
+                               f"compile a model trained sharded for inference, {GATHER_RECIPE}")
     if name == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
         raise InvalidTypeError("model is a torch.compile wrapper (OptimizedModule), whose forward runs TorchDynamo: "
                                "pass the module inside (model._orig_mod)")
