@@ -261,3 +261,16 @@ def test_fsdp1_flattened_weights_are_refused_naming_fully_shard(tmp_path):
         for (what, _), message in errors.items():
             assert message is not None, f"{what} accepted FSDP1's flattened weights"
             assert what.split()[0] in message and "FSDP1" in message and "fully_shard(cm)" in message, message
+
+
+def test_the_distributed_example_runs_and_its_ranks_agree():
+    import re
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "train_distributed.py")
+    run = subprocess.run([sys.executable, script, "--epochs", "3"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "(identical)" in run.stdout, run.stdout
+    trained, condensed = map(float, re.search(r"trained ([\d.]+)%, condensed ([\d.]+)%", run.stdout).groups())
+    assert trained == condensed and trained > 50, run.stdout
