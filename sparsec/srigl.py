@@ -224,7 +224,10 @@ class SRigL:
         """Everything a resumed run needs besides the model's and the optimizer's state: the step, the
         dense gradients accumulated so far for the next update (a checkpoint can fall inside the window),
         the update history, and the schedule the state belongs to. Plain tensors, dicts and lists, so
-        torch.load(weights_only=True) reads it."""
+        torch.load(weights_only=True) reads it. Under torch.distributed those gradients are this
+        rank's own (the ranks average them at the update): with grad_accumulation > 1, save and load
+        one state per rank, else ranks resuming from rank 0's state inside a window decide from rank
+        0's gradients for the rest of it."""
         return {"steps": self.steps, "dense_grads": {k: v.clone() for k, v in self._dense_grads.items()},
                 "history": [asdict(r) for r in self.history], "schedule": self._schedule()}
 
