@@ -11,7 +11,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from sparsec.distributed import check_whole, full
+from sparsec.distributed import check_whole, full, refuse_sharded
+from sparsec.passes.weight_reads import attribute
 from sparsec.pipeline import PassRecord
 from sparsec.plan import Plan
 from sparsec.runtime.layers import RuntimeLayer
@@ -66,8 +67,7 @@ class CompiledModel(nn.Module):
             self.plan[name]  # raises KeyError listing the layers when the name is unknown
             raise KeyError(f"layer {name!r} is in the plan but not in the compiled graph (it is never called)")
         path, op = self._dense_weights[name]
-        owner, _, attr = path.rpartition(".")
-        return getattr(self.graph_module.get_submodule(owner), attr), op
+        return attribute(self.graph_module, path), op  # (not get_parameter: FSDP1 leaves a plain tensor)
 
     def check_whole_weights(self, what: str) -> None:
         """Raise, naming the remedy, when a weight was flattened by FSDP1 (see `check_whole`)."""
@@ -77,6 +77,12 @@ class CompiledModel(nn.Module):
                 check_whole(module.weight, lp.weight_shape, lp.name, what)
             elif module is None and lp.name in self._dense_weights:
                 check_whole(self._dense_weight(lp.name)[0], lp.weight_shape, lp.name, what)
+
+    def require_unsharded(self, what: str) -> None:
+        """Raise, naming the remedy, unless this process holds every weight whole (`what` needs them):
+        neither sharded by FSDP2 nor flattened by FSDP1."""
+        refuse_sharded(self, what)
+        self.check_whole_weights(what)
 
     @torch.no_grad()
     def effective_weight(self, name: str) -> torch.Tensor:

@@ -33,6 +33,7 @@ from torch.autograd.function import once_differentiable
 from sparsec.distributed import check_whole, full, is_sharded, shard_like
 from sparsec.errors import InvalidInputError, InvalidTypeError
 from sparsec.meta import get_meta, layer_nodes
+from sparsec.passes.weight_reads import owner_of
 from sparsec.runtime.training import TrainableLayer
 
 GROUPS = {"rows": "rows", "filters": "rows", "cols": "cols", "channels": "cols"}
@@ -132,8 +133,7 @@ def layer_weights(cm, layers: Iterable[str] | None = None) -> list[LayerWeight]:
             path, op = cm._dense_weights[lp.name]
             info = get_meta(nodes[lp.name][0]).layer if lp.name in nodes else None
             groups = info.conv.groups if info is not None and info.conv is not None else 1
-            owner, _, attr = path.rpartition(".")
-            out.append(LayerWeight(lp.name, op, gm.get_submodule(owner), attr, False, lp.weight_shape, groups))
+            out.append(LayerWeight(lp.name, op, *owner_of(gm, path), False, lp.weight_shape, groups))
     if layers is not None:
         patterns = [layers] if isinstance(layers, str) else list(layers)
         chosen = [lw for lw in out if any(p == lw.name or re.fullmatch(p, lw.name) for p in patterns)]

@@ -17,7 +17,6 @@ import os
 
 import torch
 
-from sparsec.distributed import refuse_sharded
 from sparsec.errors import CorruptFileError, InvalidTypeError
 
 MODEL_FORMAT = "sparsec.model"
@@ -31,8 +30,7 @@ def save(compiled, path: str | os.PathLike) -> None:
 
     if not isinstance(compiled, CompiledModel):
         raise InvalidTypeError(f"sparsec.save takes a CompiledModel (from sparsec.compile), got {type(compiled).__name__}")
-    refuse_sharded(compiled, "sparsec.save")
-    compiled.check_whole_weights("sparsec.save")
+    compiled.require_unsharded("sparsec.save")
     buffer = io.BytesIO()
     torch.save(compiled, buffer)
     payload = buffer.getvalue()

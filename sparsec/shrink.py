@@ -59,7 +59,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sparsec.compiled import CompiledModel
-from sparsec.distributed import refuse_sharded
 from sparsec.errors import InvalidInputError, InvalidTypeError
 from sparsec.group_lasso import col_norms, row_norms
 from sparsec.meta import ConvParams, data_input, get_meta, layer_nodes, plain_layer_op, update_meta
@@ -805,8 +804,7 @@ def shrink(cm: CompiledModel, threshold: float = 0.0, *, ragged_fanin: bool = Fa
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0 \
             or not math.isfinite(threshold):
         raise InvalidInputError(f"threshold must be a finite number >= 0, got {threshold!r}")
-    refuse_sharded(cm, "shrink (and condense)")
-    cm.check_whole_weights("shrink (and condense)")
+    cm.require_unsharded("shrink (and condense)")
     packed = [m.layer_name for m in cm.graph_module.modules() if isinstance(m, RuntimeLayer)
               and not isinstance(m, TrainableLayer)]
     if packed:
