@@ -190,6 +190,37 @@ def _ste_grad(x, layer, cm, G, mask):
     return wm.grad
 
 
+class _SharedLayer(nn.Module):
+    """One Linear applied three times in a forward (weight sharing, as in a recurrent step)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.mid, self.z = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = self.a(x)
+        for _ in range(3):
+            x = torch.relu(self.mid(x)) + x
+        return self.z(x)
+
+
+@pytest.mark.parametrize("update", ["fixed", "ste"])
+def test_a_layer_called_several_times_gets_the_sum_of_its_gradients(update):
+    model, x = _SharedLayer(), torch.randn(5, 8)
+    cm = sparsec.compile(model, example_inputs=(x,), train=True, include=["mid"], min_weights=0,
+                         weight_update=update, ste_decay=0.0)
+    y = cm(x)
+    G = torch.randn_like(y)
+    (y * G).sum().backward()  # under STE the mask buffer is rewritten by each of the three calls
+    mask = cm.mask("mid")
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        reference.mid.weight.mul_(mask)
+    (reference(x) * G).sum().backward()
+    expected = reference.mid.weight.grad * (mask if update == "fixed" else 1)
+    assert torch.allclose(cm.sparse_module("mid").weight.grad, expected, atol=1e-5)
+
+
 def test_training_under_autocast_bf16():
     model, inputs = load_example("cnn").build_model()
     cm = sparsec.compile(model.train(), pattern="2:4", example_inputs=inputs, train=True, grad_pattern="2:4")

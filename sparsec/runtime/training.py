@@ -74,8 +74,11 @@ class TrainableLayer(RuntimeLayer):
         if self.weight_update == "ste":
             with torch.no_grad():  # SR-STE: re-prune from the dense weight every step
                 rows = weight_to_rows(self.weight.detach(), self.op)
-                self.weight_mask.copy_(rows_to_weight(pattern_mask(rows, self.pattern), self.op, self.weight.shape))
-            return _SparseRefinedSTE.apply(self.weight, self.weight_mask, self.ste_decay)
+                mask = rows_to_weight(pattern_mask(rows, self.pattern), self.op, self.weight.shape)
+                self.weight_mask.copy_(mask)
+            # Backward gets this call's own mask, not the buffer: a layer called twice in one forward
+            # (shared weights) would otherwise find the buffer overwritten by the later call.
+            return _SparseRefinedSTE.apply(self.weight, mask, self.ste_decay)
         effective = self.weight * self.weight_mask
         if self.dense_grad_sink is not None and effective.requires_grad:
             effective.register_hook(self.dense_grad_sink)
