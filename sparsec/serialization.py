@@ -14,8 +14,10 @@ import hashlib
 import io
 import json
 import os
+import pickle
 
 import torch
+from torch.nn.utils import parametrize
 
 from sparsec.errors import CorruptFileError, InvalidTypeError
 
@@ -31,15 +33,31 @@ def save(compiled, path: str | os.PathLike) -> None:
     if not isinstance(compiled, CompiledModel):
         raise InvalidTypeError(f"sparsec.save takes a CompiledModel (from sparsec.compile), got {type(compiled).__name__}")
     compiled.require_unsharded("sparsec.save")
-    buffer = io.BytesIO()
-    torch.save(compiled, buffer)
-    payload = buffer.getvalue()
+    payload = _pickled(compiled)
     header = {"format": MODEL_FORMAT, "version": MODEL_VERSION, "plan": compiled.plan.to_json(),
               "payload_bytes": len(payload), "payload_sha256": hashlib.sha256(payload).hexdigest()}
     tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n" + payload)
     os.replace(tmp, path)  # never leave a half-written file under the real name
+
+
+def _pickled(compiled) -> bytes:
+    parametrized = [name for name, module in compiled.graph_module.named_modules() if parametrize.is_parametrized(module)]
+    if parametrized:  # torch refuses these with a message that names no module
+        problem = (f"layer {parametrized[0]!r} has a parametrized weight (torch.nn.utils.parametrize), which torch "
+                   f"cannot pickle (for inference, parametrize.remove_parametrizations(module, 'weight') before "
+                   f"compiling also lets sparsec prune the computed weight)")
+    else:
+        buffer = io.BytesIO()
+        try:
+            torch.save(compiled, buffer)
+            return buffer.getvalue()
+        except (pickle.PicklingError, TypeError, AttributeError, RuntimeError) as e:
+            problem = f"torch.save could not pickle it: {type(e).__name__}: {e}"
+    raise InvalidTypeError(f"sparsec.save cannot store this compiled model: {problem}. To keep it, save "
+                           f"cm.state_dict() and restore it with sparsec.compile(model, example_inputs=..., "
+                           f"plan=cm.plan, <the same options>).load_state_dict(state)")
 
 
 def load(path: str | os.PathLike, map_location=None):

@@ -172,3 +172,26 @@ def test_launch_configs_recorded_with_a_renamed_key_load_in_this_versions_keys(t
     text = json.loads(cm.plan.to_json())
     assert text["layers"][0]["launch"] == old
     assert sparsec.Plan.from_json(json.dumps(text))["0"].launch == launch
+
+
+class _Symmetric(nn.Module):
+    def forward(self, w):
+        return (w + w.t()) / 2
+
+
+def test_a_model_torch_cannot_pickle_is_refused_with_the_layer_and_a_way_to_keep_it(tmp_path):
+    """A parametrized layer stays dense (its weight is computed) and torch refuses to pickle it; the
+    state_dict route the error names restores the trained model exactly."""
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.Linear(32, 2))
+    nn.utils.parametrize.register_parametrization(model[2], "weight", _Symmetric())
+    x = torch.randn(4, 8)
+    cm = sparsec.compile(model, example_inputs=(x,), train=True, min_weights=0)
+    assert cm.plan["2"].sparsity is None and cm.plan["4"].sparsity == "2:4"
+    with pytest.raises(TypeError, match=r"layer '2' has a parametrized weight .* save cm.state_dict\(\)"):
+        sparsec.save(cm, tmp_path / "m")
+    assert not list(tmp_path.iterdir()), "nothing half-written is left behind"
+    cm(x).square().sum().backward()
+    torch.optim.SGD(cm.parameters(), lr=0.1).step()
+    restored = sparsec.compile(model, example_inputs=(x,), train=True, plan=cm.plan)
+    restored.load_state_dict(cm.state_dict())
+    assert torch.equal(restored(x), cm(x)) and torch.equal(restored.mask("4"), cm.mask("4"))
