@@ -13,6 +13,7 @@ from sparsec.context import DEFAULT_MIN_WEIGHTS, DEFAULT_QUANT_BUDGET, CompileCo
 from sparsec.errors import InvalidInputError, InvalidTypeError
 from sparsec.frontend import capture, check_not_a_wrapper, normalize_example_inputs
 from sparsec.meta import get_meta
+from sparsec.passes.weight_reads import attribute
 from sparsec.pipeline import run_pipeline
 from sparsec.plan import Plan
 
@@ -116,7 +117,7 @@ def _dense_weight_path(gm, ctx, name: str) -> str | None:
             return layer.weight_path
     try:  # a layer inside a module that is called as a whole keeps its own path
         path = ctx.unreached[name].weight_path
-        gm.get_parameter(path)
+        attribute(gm, path)  # (a parametrized weight is a computed tensor, not a Parameter)
         return path
     except (KeyError, AttributeError):
         return None

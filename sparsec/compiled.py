@@ -10,9 +10,10 @@ import collections
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from sparsec.distributed import check_whole, full, refuse_sharded
-from sparsec.passes.weight_reads import attribute
+from sparsec.passes.weight_reads import owner_of
 from sparsec.pipeline import PassRecord
 from sparsec.plan import Plan
 from sparsec.runtime.layers import RuntimeLayer
@@ -62,12 +63,17 @@ class CompiledModel(nn.Module):
                 return module
         return None
 
-    def _dense_weight(self, name: str) -> tuple[torch.Tensor, str]:
-        if name not in self._dense_weights:
-            self.plan[name]  # raises KeyError listing the layers when the name is unknown
-            raise KeyError(f"layer {name!r} is in the plan but not in the compiled graph (it is never called)")
+    def _dense_weight(self, name: str, what: str) -> tuple[torch.Tensor, str]:
+        """A dense layer's weight, checked whole for `what` (see `check_whole`)."""
+        if name not in self._dense_weights:  # (self.plan[name] raises KeyError listing the layers for an unknown name)
+            raise KeyError(f"layer {name!r} is in the plan but its weight is not in the compiled graph (never called, "
+                           f"or computed inside the graph); its plan entry: {self.plan[name].reason}")
         path, op = self._dense_weights[name]
-        return attribute(self.graph_module, path), op  # (not get_parameter: FSDP1 leaves a plain tensor)
+        owner, attr = owner_of(self.graph_module, path)
+        weight = getattr(owner, attr)  # (not get_parameter: FSDP1 leaves a plain tensor)
+        if not parametrize.is_parametrized(owner, attr):  # (a parametrization computes a plain tensor)
+            check_whole(weight, self.plan[name].weight_shape, name, what)
+        return weight, op
 
     def check_whole_weights(self, what: str) -> None:
         """Raise, naming the remedy, when a weight was flattened by FSDP1 (see `check_whole`)."""
@@ -76,7 +82,7 @@ class CompiledModel(nn.Module):
             if isinstance(module, TrainableLayer):
                 check_whole(module.weight, lp.weight_shape, lp.name, what)
             elif module is None and lp.name in self._dense_weights:
-                check_whole(self._dense_weight(lp.name)[0], lp.weight_shape, lp.name, what)
+                self._dense_weight(lp.name, what)
 
     def require_unsharded(self, what: str) -> None:
         """Raise, naming the remedy, unless this process holds every weight whole (`what` needs them):
@@ -94,8 +100,7 @@ class CompiledModel(nn.Module):
             check_whole(module.weight, self.plan[name].weight_shape, name, "effective_weight")
         if module is not None:
             return module.effective_weight()
-        weight, _ = self._dense_weight(name)
-        check_whole(weight, self.plan[name].weight_shape, name, "effective_weight")
+        weight, _ = self._dense_weight(name, "effective_weight")
         return full(weight.detach()).clone()
 
     @torch.no_grad()
@@ -104,7 +109,7 @@ class CompiledModel(nn.Module):
         module = self.sparse_module(name)
         if module is not None:
             return module.mask()
-        weight, _ = self._dense_weight(name)
+        weight, _ = self._dense_weight(name, "mask")
         return torch.ones(weight.shape, dtype=torch.bool, device=weight.device)
 
     # ---- deployment after training

@@ -29,6 +29,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
+from torch.nn.utils import parametrize
 
 from sparsec.distributed import check_whole, full, is_sharded, shard_like
 from sparsec.errors import InvalidInputError, InvalidTypeError
@@ -141,6 +142,13 @@ def layer_weights(cm, layers: Iterable[str] | None = None) -> list[LayerWeight]:
         if unmatched:
             raise InvalidInputError(f"layers={unmatched} match no layer; layers: {[lw.name for lw in out]}")
         out = chosen
+    computed = [lw.name for lw in out if parametrize.is_parametrized(lw.owner, lw.attr)]
+    if computed:  # zero_small_ and freezing would write to a tensor the next forward recomputes
+        who = f"layer {computed[0]!r} computes its" if len(computed) == 1 else f"layers {computed} compute their"
+        raise InvalidInputError(
+            f"{who} weight with a parametrization (torch.nn.utils.parametrize), which GroupLasso cannot zero or "
+            f"freeze; leave {'it' if len(computed) == 1 else 'them'} out with layers=[...] (layers: "
+            f"{[lw.name for lw in out]}), or remove the parametrization before compiling")
     if not out:
         raise InvalidInputError("GroupLasso found no weight-bearing layer (Linear / Conv2d / matmul) in the model")
     return out

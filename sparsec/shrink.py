@@ -57,6 +57,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 from sparsec.compiled import CompiledModel
 from sparsec.errors import InvalidInputError, InvalidTypeError
@@ -202,7 +203,7 @@ class _Layer:
         return self.module if isinstance(self.module, TrainableLayer) else None
 
     def weight(self, gm: fx.GraphModule) -> torch.Tensor:
-        return gm.get_parameter(self.weight_path)
+        return attribute(gm, self.weight_path)  # (a parametrized layer's is computed, not a Parameter)
 
     @torch.no_grad()
     def effective(self, gm: fx.GraphModule) -> torch.Tensor:
@@ -249,9 +250,12 @@ def _find_layers(gm: fx.GraphModule) -> dict[fx.Node, _Layer]:
                 layer.blocker = "it is W @ x (its features run along x's second-to-last dim)"
         if layer is None:
             continue
-        params = [gm.get_parameter(layer.weight_path)] + ([gm.get_parameter(layer.bias_path)] if layer.bias_path else [])
+        paths = [layer.weight_path] + ([layer.bias_path] if layer.bias_path else [])
+        computed = [path for path in paths if parametrize.is_parametrized(*owner_of(gm, path))]
         t = layer.trainable
-        if any(owners[id(p)] > 1 for p in params):
+        if computed:  # (its shape is the parametrization's to keep: weight_norm's g and v, a symmetric matrix)
+            layer.blocker = f"its {computed[0].rpartition('.')[2]} is computed by a parametrization"
+        elif any(owners[id(gm.get_parameter(path))] > 1 for path in paths):
             layer.blocker = "its weight is shared with another module"
         elif layer.conv is not None and layer.conv.groups != 1:
             layer.blocker = f"grouped conv (groups={layer.conv.groups}), not handled"
@@ -398,7 +402,7 @@ class _Analysis:
         self.graph.add_nodes_from(elems)
         # A zero row outputs its bias at every position (zero padding times zero weights adds nothing).
         zero = (row_norms(layer.effective(self.gm), layer.op) <= self.threshold).tolist()
-        bias = self.gm.get_parameter(layer.bias_path).detach().tolist() if layer.bias_path else [0.0] * out
+        bias = attribute(self.gm, layer.bias_path).detach().tolist() if layer.bias_path else [0.0] * out
         consts = tuple(b if z else None for b, z in zip(bias, zero))
         value = _Value(elems, consts, ndim - 1 - layer.spatial_dims, ndim)
         self.values[node] = value

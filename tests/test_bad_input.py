@@ -197,7 +197,7 @@ class _Unused(nn.Module):
 def test_a_layer_the_forward_never_calls():
     cm = sparsec.compile(_Unused(), example_inputs=(torch.randn(2, 32),))
     assert cm.plan["spare"].sparsity is None and "not called by the model's forward" in cm.plan["spare"].reason
-    with pytest.raises(KeyError, match="'spare' is in the plan but not in the compiled graph"):
+    with pytest.raises(KeyError, match="'spare' is in the plan but its weight is not in the compiled graph.*not called by the model's forward"):
         cm.mask("spare")
     with pytest.raises(KeyError, match="nope"):
         cm.mask("nope")
@@ -324,9 +324,39 @@ def test_parametrized_weights_stay_dense_with_the_remedy(untraceable, train):
         lp = cm.plan[name]
         assert lp.sparsity is None and f"weight is computed by a parametrization ({kind})" in lp.reason
         assert "remove_parametrizations(module, 'weight')" in lp.reason
+        if untraceable:  # torch.export inlines the parametrization: the graph computes the weight
+            with pytest.raises(KeyError, match=f"'{name}' is in the plan but its weight is not in the compiled graph"
+                                               r" \(never called, or computed inside the graph\); its plan entry: kept"):
+                cm.effective_weight(name)
+        else:  # the module is called whole: inspection reads its computed weight
+            assert torch.equal(cm.effective_weight(name), getattr(model, name).weight) and cm.mask(name).all()
     assert cm.plan["a"].sparsity == "2:4"
     with torch.no_grad():
         assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+
+
+def test_group_lasso_and_shrink_leave_parametrized_weights_alone():
+    """Zeroing a computed weight writes to a tensor the next forward recomputes: GroupLasso refuses
+    such layers by name; shrink keeps their channels, saying why (it crashed on the lookup)."""
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    model, x = _mlp(), torch.randn(4, 32)  # 0 -> 2 -> 4 -> 6, 2 weight-normed
+    parametrizations.weight_norm(model[2])
+    cm = sparsec.compile(model, pattern="dense", example_inputs=(x,), train=True)
+    with pytest.raises(InvalidInputError, match=r"layer '2' computes its weight with a parametrization"
+                                                r".*layers=\[\.\.\.\] \(layers: \['0', '2', '4', '6'\]\)"):
+        sparsec.GroupLasso(cm, lam=1e-3)
+    lasso = sparsec.GroupLasso(cm, lam=1e-3, layers=["0", "4", "6"])
+    with torch.no_grad():
+        cm.graph_module.get_submodule("0").weight[:16] = 0  # 16 zero rows: 2 reads their constant relu(bias)
+    lasso.zero_small_(0.0)
+    small = sparsec.shrink(cm)
+    assert small.shrink_report["0"].before == 64 and small.shrink_report["0"].after == 64
+    assert any("2 (its weight is computed by a parametrization" in why for why in small.shrink_report["0"].kept), \
+        small.shrink_report["0"].kept
+    with torch.no_grad():
+        assert output_error(small(x), cm(x)) <= 1e-5
 
 
 def test_weights_on_the_meta_device_are_refused():
