@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.utils._pytree import tree_map
 
 from sparsec.distributed import GATHER_RECIPE, any_sharded
 from sparsec.errors import ExampleInputError, InvalidTypeError, TraceError
@@ -143,7 +144,7 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
 
     try:
         with preserved_buffers(model), _export_chatter_held():
-            exported = torch.export.export(model, example_inputs, strict=False)
+            exported = _export(model, example_inputs)
         module = exported.module()
     except Exception as export_error:  # noqa: BLE001
         where_export = user_frame(export_error)
@@ -160,11 +161,26 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
     # supply when it is loaded again; the graph no longer needs it.
     module.graph._tracer_cls = None
     gm = SparsecGraphModule(module, module.graph, type(model).__name__)
-    _replace_export_guards(gm)
+    guard = _guard_inputs(gm, exported.range_constraints)
     note = (f"traced with torch.export (symbolic_trace failed: {_first_line(symbolic_failure)}"
-            + (f" at {where}" if where else "") + "); the graph is specialised to the example inputs' shapes "
-            "and to the model's train/eval mode at compile time")
+            + (f" at {where}" if where else "") + f"); the graph holds for inputs of shape {guard.describe()} "
+            "and for the model's train/eval mode at compile time")
     return gm, "torch.export", [note]
+
+
+def _export(model: nn.Module, example_inputs: tuple):
+    """torch.export with every input dim left to Dim.AUTO: export keeps dynamic what the model's code
+    allows and fixes the rest, so one compile serves other batch sizes and sequence lengths. Static
+    shapes where this torch has no Dim.AUTO or the dynamic export fails."""
+    auto = getattr(torch.export.Dim, "AUTO", None)
+    if auto is not None:
+        dynamic = tree_map(lambda v: {d: auto for d in range(v.dim())} if isinstance(v, torch.Tensor) else None,
+                           tuple(example_inputs))
+        try:
+            return torch.export.export(model, example_inputs, dynamic_shapes=dynamic, strict=False)
+        except Exception:  # noqa: BLE001 - the static export below reports what is really wrong
+            pass
+    return torch.export.export(model, example_inputs, strict=False)
 
 
 def _check_root_is_traceable_as_called(model: nn.Module) -> None:
@@ -265,16 +281,49 @@ def _export_chatter_held():
         sys.stderr.write(text.replace(f"{graph}\n", "") if graph is not None else text)
 
 
-def _replace_export_guards(gm: fx.GraphModule) -> None:
-    """Swap torch.export's (unpicklable) input guard for sparsec's InputGuard at the same node."""
+def _guard_inputs(gm: fx.GraphModule, ranges: dict):
+    """Put sparsec's InputGuard (picklable, see sparsec/runtime/guard.py) on the graph's inputs, in
+    place of torch.export's guard where it has one (older torch checks inputs in a pre-hook that
+    the graph module does not keep)."""
     from sparsec.runtime.guard import InputGuard
 
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and node.target == "_guards_fn":
-            shapes = [tuple(a.meta["val"].shape) if isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)
-                      else None for a in node.args]
-            setattr(gm, "_guards_fn", InputGuard(shapes))
+    for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
+        gm.graph.erase_node(node)
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    guard = InputGuard([_input_spec(n.meta.get("val"), ranges) for n in inputs])
+    setattr(gm, "_guards_fn", guard)
+    if inputs:
+        with gm.graph.inserting_after(inputs[-1]):
+            gm.graph.call_module("_guards_fn", tuple(inputs))
     gm.recompile()
+    return guard
+
+
+def _input_spec(value, ranges: dict) -> tuple | None:
+    """One InputGuard entry per dim of a placeholder's traced value: its size where export fixed it,
+    (symbol, low, high) where it left it dynamic; an expression of other dims (say 2 * s0) is held
+    at the example's size, which is never wrong, only stricter."""
+    if not isinstance(value, torch.Tensor):
+        return None
+    spec = []
+    for size in value.shape:
+        expr = size.node.expr if isinstance(size, torch.SymInt) else None
+        if expr is None or expr.is_number or not expr.is_Symbol:
+            spec.append(int(size.node.hint) if expr is not None and not expr.is_number else int(size))
+            continue
+        bounds = ranges.get(expr)
+        low = _bound(bounds.lower) if bounds is not None else None
+        spec.append((str(expr), low if low is not None else 0, _bound(bounds.upper) if bounds is not None else None))
+    return tuple(spec)
+
+
+def _bound(value) -> int | None:
+    """A range end as an int; None for an infinite one (torch's integer infinity claims to be finite,
+    so ask int() instead)."""
+    try:
+        return int(value)
+    except (TypeError, ValueError, AttributeError, OverflowError):
+        return None
 
 
 def _check_arity(model: nn.Module, example_inputs: tuple) -> None:

@@ -173,11 +173,66 @@ def test_export_graph_rewrites_functional_conv():
     assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
 
 
-def test_export_traced_model_refuses_other_shapes_clearly():
+def test_export_traced_model_runs_the_shapes_its_code_allows_and_refuses_the_rest():
+    """torch.export leaves batch and length dynamic (the model's code fixes only the feature dim);
+    sizes 0 and 1 it does not trace dynamically, and says how to get them."""
+    torch.manual_seed(0)
     model = ShapeUnpacking().eval()
     cm = sparsec.compile(model, example_inputs=(torch.randn(2, 5, 32),))
-    with pytest.raises(ValueError, match=r"specialises the graph to the example inputs' shapes \[\(2, 5, 32\)\]"):
-        cm(torch.randn(3, 5, 32))
+    assert cm.trace_method == "torch.export"
+    reference = pruned_model(model, cm.plan)
+    for shape in [(2, 5, 32), (3, 7, 32), (9, 2, 32)]:
+        x = torch.randn(shape)
+        assert output_error(cm(x), reference(x)) <= 1e-5, shape
+    with pytest.raises(ValueError, match=r"input 0 dim 2 is fixed at 32, got 16"):
+        cm(torch.randn(3, 5, 16))
+    with pytest.raises(ValueError, match=r"input 0 dim 0 must be in \[2, inf\), got 1 \(.*compile with example inputs "
+                                         r"of that size"):
+        cm(torch.randn(1, 5, 32))
+    single = sparsec.compile(model, example_inputs=(torch.randn(1, 5, 32),))  # batch 1: fixed at 1
+    x = torch.randn(1, 6, 32)
+    assert output_error(single(x), reference(x)) <= 1e-5
+    with pytest.raises(ValueError, match=r"input 0 dim 0 is fixed at 1, got 2"):
+        single(torch.randn(2, 6, 32))
+
+
+class _TwoInputs(nn.Module):
+    """x + y ties the two inputs' batch dims."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 64), nn.Linear(64, 16)
+
+    def forward(self, x, y):
+        h = self.b(torch.relu(self.a(x))) + y
+        h[:, 0] = 0.0  # item assignment: symbolic_trace fails
+        return h
+
+
+def test_export_guard_ties_equal_dims_and_survives_save(tmp_path):
+    torch.manual_seed(0)
+    model = _TwoInputs().eval()
+    cm = sparsec.compile(model, example_inputs=(torch.randn(4, 16), torch.randn(4, 16)), min_weights=0)
+    assert cm.trace_method == "torch.export"
+    x, y = torch.randn(6, 16), torch.randn(6, 16)
+    assert output_error(cm(x, y), pruned_model(model, cm.plan)(x, y)) <= 1e-5
+    with pytest.raises(ValueError, match=r"input 1 dim 0 must equal input 0 dim 0 \(6\), got 5"):
+        cm(x, torch.randn(5, 16))
+    sparsec.save(cm, tmp_path / "m")
+    loaded = sparsec.load(tmp_path / "m")
+    assert torch.equal(loaded(x, y), cm(x, y))
+    with pytest.raises(ValueError, match=r"input 1 dim 0 must equal input 0 dim 0"):
+        loaded(x, torch.randn(5, 16))
+
+
+def test_input_guards_saved_with_fixed_shapes_still_check():
+    """Files saved before dims could be dynamic hold one int per dim."""
+    from sparsec.runtime.guard import InputGuard
+
+    guard = InputGuard([(2, 5, 32), None])
+    guard(torch.zeros(2, 5, 32), 3.0)
+    with pytest.raises(ValueError, match=r"\[\(2, 5, 32\), -\]: input 0 dim 1 is fixed at 5, got 6"):
+        guard(torch.zeros(2, 6, 32), 3.0)
 
 
 class CountingStage(nn.Module):
