@@ -114,8 +114,10 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
         raise InvalidTypeError(f"leaf_modules= takes module classes or module names, got {bad!r}")
     # An excluded module is not traced into either: that is the remedy for untraceable submodules.
     tracer = _Tracer(leaf_types, leaf_names, _regexes(exclude))
+    concrete = _concrete_args(model, example_inputs)
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=concrete or None)
+        _keep_argument_names(graph, concrete)
         gm = SparsecGraphModule(tracer.root, graph, type(model).__name__)
         gm.train(model.training)
         traced = True
@@ -163,7 +165,7 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
     gm = SparsecGraphModule(module, module.graph, type(model).__name__)
     guard = _guard_inputs(gm, exported.range_constraints)
     note = (f"traced with torch.export (symbolic_trace failed: {_first_line(symbolic_failure)}"
-            + (f" at {where}" if where else "") + f"); the graph holds for inputs of shape {guard.describe()} "
+            + (f" at {where}" if where else "") + f"); the graph holds for inputs {guard.describe()} "
             "and for the model's train/eval mode at compile time")
     return gm, "torch.export", [note]
 
@@ -181,6 +183,38 @@ def _export(model: nn.Module, example_inputs: tuple):
         except Exception:  # noqa: BLE001 - the static export below reports what is really wrong
             pass
     return torch.export.export(model, example_inputs, strict=False)
+
+
+def _concrete_args(model: nn.Module, example_inputs: tuple | None) -> dict[str, Any]:
+    """Arguments symbolic_trace should take as the values they have, not as graph inputs: None and
+    bools, passed in the example inputs or left at their defaults. As graph inputs, `if mask is not
+    None:` would always take the branch (a graph input is not None), and `if flag:` fails to trace;
+    taken as values, the graph follows the example's path and asserts each call passes the same."""
+    try:
+        signature = inspect.signature(model.forward)
+        bound = signature.bind_partial(*(example_inputs or ()))
+    except (TypeError, ValueError):
+        return {}
+    concrete = {}
+    for name, p in signature.parameters.items():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        value = bound.arguments.get(name, p.default)
+        if value is not p.empty and (value is None or isinstance(value, bool)):
+            concrete[name] = value
+    return concrete
+
+
+def _keep_argument_names(graph: fx.Graph, concrete: dict[str, Any]) -> None:
+    """symbolic_trace renames the inputs it takes as values (mask -> mask_1), so cm(x, mask=...)
+    would be refused as an unknown keyword; give them back the forward's names."""
+    taken = {n.target for n in graph.nodes if n.op == "placeholder"}
+    for node in graph.nodes:
+        if node.op == "placeholder" and node.target not in concrete:
+            base = node.target.rpartition("_")[0]
+            if base in concrete and base not in taken:
+                node.target = base
+                taken.add(base)
 
 
 def _check_root_is_traceable_as_called(model: nn.Module) -> None:
@@ -290,7 +324,7 @@ def _guard_inputs(gm: fx.GraphModule, ranges: dict):
     for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
         gm.graph.erase_node(node)
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    guard = InputGuard([_input_spec(n.meta.get("val"), ranges) for n in inputs])
+    guard = InputGuard([_input_spec(n.meta["val"], ranges) if "val" in n.meta else None for n in inputs])
     setattr(gm, "_guards_fn", guard)
     if inputs:
         with gm.graph.inserting_after(inputs[-1]):
@@ -299,12 +333,14 @@ def _guard_inputs(gm: fx.GraphModule, ranges: dict):
     return guard
 
 
-def _input_spec(value, ranges: dict) -> tuple | None:
-    """One InputGuard entry per dim of a placeholder's traced value: its size where export fixed it,
+def _input_spec(value, ranges: dict):
+    """A non-tensor input's value; else one entry per dim of its traced value: its size where export fixed it,
     (symbol, low, high) where it left it dynamic; an expression of other dims (say 2 * s0) is held
     at the example's size, which is never wrong, only stricter."""
+    from sparsec.runtime.guard import Constant
+
     if not isinstance(value, torch.Tensor):
-        return None
+        return Constant(value)
     spec = []
     for size in value.shape:
         expr = size.node.expr if isinstance(size, torch.SymInt) else None

@@ -304,3 +304,66 @@ def test_layers_with_hooks_or_an_instance_forward_stay_dense_and_keep_them():
     assert cm.plan["c"].sparsity is None and "forward is set on the instance" in cm.plan["c"].reason
     with torch.no_grad():
         assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5  # the hook and the forward still run
+
+
+class _OptionalInputs(nn.Module):
+    """An optional mask tested against None, a bool switch, and a float scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(12, 64), nn.Linear(64, 64), nn.Linear(64, 4)
+
+    def forward(self, x, mask=None, scale: float = 1.0, residual: bool = False):
+        h = torch.relu(self.b(torch.relu(self.a(x))))
+        if mask is not None:
+            h = h * mask
+        if residual:
+            h = h + torch.relu(self.a(x))
+        return self.c(h) * scale
+
+
+@pytest.mark.parametrize("example", ["x", "x, mask", "x, None, 2.0, True"])
+def test_none_and_bool_arguments_are_traced_as_the_values_they_have(example):
+    """As graph inputs, `mask is not None` was always true (compile failed: "the example inputs do not fit")
+    and `if residual:` could not be traced; as values, the graph follows the example's path and
+    refuses a call that takes another."""
+    torch.manual_seed(0)
+    model, x, mask = _OptionalInputs().eval(), torch.randn(4, 12), torch.rand(4, 64)
+    inputs = {"x": (x,), "x, mask": (x, mask), "x, None, 2.0, True": (x, None, 2.0, True)}[example]
+    cm = sparsec.compile(model, example_inputs=inputs, min_weights=0)
+    assert cm.trace_method == "symbolic_trace"
+    reference = pruned_model(model, cm.plan)
+    with torch.no_grad():
+        assert output_error(cm(*inputs), reference(*inputs)) <= 1e-5
+        scaled = (*inputs[:2], 3.0) if len(inputs) > 1 else (x, None, 3.0)  # the float stays a graph input
+        if len(inputs) == 4:
+            scaled = (*scaled, True)
+        assert output_error(cm(*scaled), reference(*scaled)) <= 1e-5
+        if example == "x, mask":
+            assert output_error(cm(x, mask=mask), reference(x, mask=mask)) <= 1e-5  # keyword names kept
+        else:
+            with pytest.raises(AssertionError, match="mask has been specialized to have value None"):
+                cm(x, mask=mask)
+    if example != "x, None, 2.0, True":
+        with pytest.raises(AssertionError, match="residual has been specialized to have value False"):
+            cm(x, residual=True)
+
+
+def test_export_refuses_a_non_tensor_input_other_than_the_one_it_baked_in():
+    """torch.export holds a float input's value in the graph: another value computed silently with
+    the example's before the guard checked it."""
+    class Scaled(_OptionalInputs):
+        def forward(self, x, scale: float = 1.0):
+            h = torch.relu(self.b(torch.relu(self.a(x)))).clone()
+            h[:, 0] = 0.0  # item assignment: symbolic_trace fails
+            return self.c(h) * scale
+
+    torch.manual_seed(0)
+    model, x = Scaled().eval(), torch.randn(4, 12)
+    cm = sparsec.compile(model, example_inputs=(x, 2.0), min_weights=0)
+    assert cm.trace_method == "torch.export"
+    assert output_error(cm(x, 2.0), pruned_model(model, cm.plan)(x, 2.0)) <= 1e-5
+    with pytest.raises(ValueError, match=r"input 1 is fixed at 2.0 \(not a tensor: the graph holds its value\), got 3.0"):
+        cm(x, 3.0)
+    with pytest.raises(ValueError, match=r"input 1 is fixed at 2.0 .*, got 2\. Call it"):
+        cm(x, 2)  # an int where the graph was traced with a float

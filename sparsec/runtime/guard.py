@@ -6,16 +6,30 @@ export assumes a dynamic size is not 0 or 1, and may bound it), and bakes the re
 guards that with a module that cannot be pickled; sparsec puts this one in its place, with an error
 that says which dim is wrong and what to do.
 
-Each input's spec is None (not a tensor) or one entry per dim: an int (the dim is fixed) or
-`(symbol, low, high)` (dynamic: any size in [low, high], high None for no bound; dims sharing a
-symbol must be equal). Files saved before dims could be dynamic hold only ints.
+Each input's spec is a tuple with one entry per dim: an int (the dim is fixed) or `(symbol, low,
+high)` (dynamic: any size in [low, high], high None for no bound; dims sharing a symbol must be
+equal); or, for an input that is not a tensor, a Constant: torch.export bakes such values (a float
+scale, a bool flag, None) into the graph, so a call passing another would silently compute with the
+example's. Files saved by earlier versions hold int dims only, and None for non-tensor inputs
+(unchecked).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 DimSpec = int | tuple[str, int, int | None]
+
+
+@dataclass(frozen=True)
+class Constant:
+    value: Any
+
+    def matches(self, arg: Any) -> bool:
+        return type(arg) is type(self.value) and (arg is self.value or arg == self.value)
 
 
 class InputGuard(nn.Module):
@@ -27,6 +41,11 @@ class InputGuard(nn.Module):
         problems, seen = [], {}
         for i, (spec, arg) in enumerate(zip(self.shapes, args)):
             if spec is None:
+                continue
+            if isinstance(spec, Constant):
+                if not spec.matches(arg):
+                    problems.append(f"input {i} is fixed at {spec.value!r} (not a tensor: the graph holds its value), "
+                                    f"got {arg!r}")
                 continue
             if not isinstance(arg, torch.Tensor) or arg.dim() != len(spec):
                 got = f"a {arg.dim()}-d tensor" if isinstance(arg, torch.Tensor) else type(arg).__name__
@@ -47,17 +66,21 @@ class InputGuard(nn.Module):
                     problems.append(f"input {i} dim {d} must equal input {j} dim {e} ({first}), got {size}")
         if problems:
             raise ValueError(
-                f"this model was captured with torch.export, whose graph holds only for inputs of shape "
+                f"this model was captured with torch.export, whose graph holds only for inputs "
                 f"{self.describe()}: {'; '.join(problems)}. Call it with such inputs, or compile again with example "
                 f"inputs of the new shape (or make the model symbolic_trace-able: its graph keeps no shapes)")
 
     def describe(self) -> str:
-        """The accepted shapes, e.g. [(s0 in [2, inf), 5, 32)]."""
+        """The accepted inputs, e.g. [(s0 in [2, inf), 5, 32), 2.0]."""
         def dim(want: DimSpec) -> str:
             return str(want) if isinstance(want, int) else f"{want[0]} in {_range(want[1], want[2])}"
 
-        return "[" + ", ".join("-" if s is None else "(" + ", ".join(map(dim, s)) + ("," if len(s) == 1 else "") + ")"
-                               for s in self.shapes) + "]"
+        def entry(spec) -> str:
+            if spec is None or isinstance(spec, Constant):
+                return "-" if spec is None else repr(spec.value)
+            return "(" + ", ".join(map(dim, spec)) + ("," if len(spec) == 1 else "") + ")"
+
+        return "[" + ", ".join(map(entry, self.shapes)) + "]"
 
 
 def _range(low: int, high: int | None) -> str:
