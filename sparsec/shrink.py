@@ -7,15 +7,17 @@ everywhere that channel flows, so the analysis is a dependency graph (networkx) 
 * A *channel element* is output channel i of a layer (Linear / matmul: last dim, Conv2d: dim 1).
   Each tensor value sparsec can follow carries one element per index of its channel dim.
 * Channel-preserving ops pass the elements on: elementwise activations, Dropout, BatchNorm
-  (its weight / bias / running stats are sliced along), 2-D pooling, a mean over other dims,
-  flatten (a conv channel becomes H*W consecutive Linear inputs), scalar arithmetic.
+  (its weight / bias / running stats are sliced along), a depthwise conv (groups = channels: its
+  filter c, bias c and groups are sliced along; channel c out is the bias where filter c or
+  input c is 0), 2-D pooling, a mean over other dims, flatten (a conv channel becomes H*W
+  consecutive Linear inputs), scalar arithmetic.
 * `a + b`, `a * b` (both followed) join element i of a with element i of b by a graph edge: they
   must be removed together (a residual add shares one channel set). `torch.cat` along the channel
   dim concatenates the element lists. A connected component of the graph is one *channel class*;
   the layers whose outputs it joins form a *channel space* (the unit the report prints).
 * Any other use pins the elements it reads: the model output, reshape / view / transpose,
   LayerNorm, softmax, attention, an op with an operand sparsec does not follow (a model input
-  in a residual add), a grouped conv, a layer called at several places or sharing its weight,
+  in a residual add), a grouped conv other than depthwise, a layer called at several places or sharing its weight,
   and every op not listed above. Pinned channels are never removed; the report says why.
 
 A class that is not pinned is removed when, for every layer that reads it (a *consumer*), each
@@ -184,6 +186,7 @@ class _Layer:
     module: nn.Module | None         # nn.Linear / nn.Conv2d / TrainableLayer owning the weight; None: functional
     conv: ConvParams | None
     blocker: str | None = None       # why its channels cannot change at all
+    depthwise: bool = False          # a conv with one filter per channel (groups = in = out channels)
 
     @property
     def out_dim(self) -> int:
@@ -258,7 +261,11 @@ def _find_layers(gm: fx.GraphModule) -> dict[fx.Node, _Layer]:
         elif any(owners[id(gm.get_parameter(path))] > 1 for path in paths):
             layer.blocker = "its weight is shared with another module"
         elif layer.conv is not None and layer.conv.groups != 1:
-            layer.blocker = f"grouped conv (groups={layer.conv.groups}), not handled"
+            w = layer.weight(gm)
+            if not (w.shape[0] == layer.conv.groups and w.shape[1] == 1 and layer.module is not None):
+                layer.blocker = f"grouped conv (groups={layer.conv.groups}), not handled (depthwise convs are)"
+            else:
+                layer.depthwise = True  # channel c in, channel c out: passed through like BatchNorm
         elif t is not None and isinstance(t.pattern, FanIn) and t.weight_update == "ste":
             layer.blocker = "SR-STE fan-in re-derives k from the weight shape every step"
         elif get_meta(node).shape is None:
@@ -283,7 +290,7 @@ class _Value:
 class _Site:
     """A place whose parameters are indexed by channel: a producer's output rows, a consumer's input
     columns, a BatchNorm's features."""
-    kind: str                  # "producer" | "consumer" | "batchnorm"
+    kind: str                  # "producer" | "consumer" | "batchnorm" | "depthwise"
     name: str                  # layer name or module path
     node: fx.Node
     value: _Value
@@ -386,6 +393,11 @@ class _Analysis:
         x = data_input(node)
         v = self.values.get(x)
         weight = layer.weight(self.gm)
+        if layer.depthwise:
+            if v is not None and v.dim == v.ndim - 1 - layer.spatial_dims and len(v.elems) == weight.shape[0]:
+                self.depthwise(node, v, layer)
+                return
+            layer.blocker = "a depthwise conv whose input channels shrink does not follow"
         if v is not None:
             want = v.ndim - 1 - layer.spatial_dims
             if layer.blocker:
@@ -489,6 +501,21 @@ class _Analysis:
                            for i, c in enumerate(v.consts))
         self.values[node] = dataclasses.replace(v, consts=consts)
         self.sites.append(_Site("batchnorm", node.target, node, v))
+
+    def depthwise(self, node: fx.Node, v: _Value, layer: _Layer) -> None:
+        """Output channel c is channel c's own filter applied to input channel c: the channel passes
+        through (sliced along, like BatchNorm). It is constant where the filter is zero (the bias),
+        or where the input is: 0 in gives the bias; c in gives c * sum(filter) + bias, except at
+        zero-padded borders."""
+        w = layer.effective(self.gm)
+        bias = attribute(self.gm, layer.bias_path).detach().tolist() if layer.bias_path else [0.0] * w.shape[0]
+        zero = (row_norms(w, layer.op) <= self.threshold).tolist()
+        sums = w.reshape(w.shape[0], -1).sum(1).tolist()
+        padded = layer.zero_padded(self.gm)
+        consts = tuple(b if z or c == 0 else (None if c is None or padded else c * s + b)
+                       for c, b, z, s in zip(v.consts, bias, zero, sums))
+        self.values[node] = dataclasses.replace(v, consts=consts)
+        self.sites.append(_Site("depthwise", layer.name, node, v, layer))
 
     def binary(self, node: fx.Node, tracked: list[fx.Node]) -> None:
         # Every tensor operand must be followed and agree on the channel dim; Python numbers are fine.
@@ -643,7 +670,7 @@ class _Decision:
                     changed |= self.aligned(site, t.pattern.m, kernel,
                                             f"{site.name} is {t.pattern}-sparse along its inputs: removing this "
                                             f"channel alone would break its aligned groups of {t.pattern.m}")
-                if t is not None and site.kind == "producer" and t.grad_pattern is not None \
+                if t is not None and site.kind in ("producer", "depthwise") and t.grad_pattern is not None \
                         and t.grad_pattern.n < t.grad_pattern.m:
                     changed |= self.aligned(site, t.grad_pattern.m, 1,
                                             f"{site.name} prunes its data gradient {t.grad_pattern} along its outputs "
@@ -711,10 +738,12 @@ def _rewrite(gm: fx.GraphModule, a: _Analysis, d: _Decision) -> None:
         keep = d.kept_indices(site.value)
         if site.kind == "consumer":
             _slice_layer(gm, site.layer, site.layer.in_dim, keep)
-        elif site.kind == "producer":
+        elif site.kind in ("producer", "depthwise"):
             _slice_layer(gm, site.layer, site.layer.out_dim, keep)
             if site.layer.bias_path is not None:
                 _set_tensor(gm, site.layer.bias_path, _slice(gm.get_parameter(site.layer.bias_path), 0, keep))
+            if site.kind == "depthwise":
+                _set_groups(site.layer, len(keep))
         else:
             bn = gm.get_submodule(site.name)
             for attr in ("weight", "bias", "running_mean", "running_var"):
@@ -732,8 +761,18 @@ def _slice_layer(gm: fx.GraphModule, layer: _Layer, dim: int, keep: list[int]) -
     m = layer.module
     if isinstance(m, nn.Linear):
         m.in_features, m.out_features = m.weight.shape[1], m.weight.shape[0]
-    elif isinstance(m, nn.Conv2d):
-        m.in_channels, m.out_channels = m.weight.shape[1], m.weight.shape[0]
+    elif isinstance(m, nn.modules.conv._ConvNd):
+        m.in_channels, m.out_channels = m.weight.shape[1] * m.groups, m.weight.shape[0]
+
+
+def _set_groups(layer: _Layer, groups: int) -> None:
+    """A depthwise conv left with `groups` channels: one group per channel still."""
+    layer.conv = dataclasses.replace(layer.conv, groups=groups)
+    m = layer.module
+    if isinstance(m, TrainableLayer):
+        m.conv = layer.conv
+    else:
+        m.groups = m.in_channels = m.out_channels = groups
 
 
 def _update_meta(a: _Analysis, d: _Decision) -> None:
@@ -749,7 +788,7 @@ def _update_meta(a: _Analysis, d: _Decision) -> None:
             w = layer.weight(a.gm)
             rows = weight_to_rows(w, layer.op)
             update_meta(node, layer=dataclasses.replace(info, weight_shape=tuple(w.shape), out_features=rows.shape[0],
-                                                        reduction=rows.shape[1]))
+                                                        reduction=rows.shape[1], conv=layer.conv))
 
 
 # --------------------------------------------------------------------------- report building

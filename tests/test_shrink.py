@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sparsec
-from oracle import load_example, output_error
+from oracle import load_example, output_error, pruned_model
 from sparsec.runtime.training import TrainableLayer
 from sparsec.shrink import shrink
 
@@ -500,3 +500,107 @@ def test_a_weight_shared_by_two_modules_is_left_alone():
     same_outputs(small, model, x)
     assert param(small, "fc2.weight").shape == (16, 16)
     assert "shared with another module" in str(small.shrink_report)
+
+
+# ---------------------------------------------------------------------------- depthwise convs
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: expand (1x1), depthwise 3x3, project (1x1), residual."""
+
+    def __init__(self, c=16, hidden=64, batchnorm=False):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.exp, self.dw, self.proj = nn.Conv2d(c, hidden, 1), nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden), \
+            nn.Conv2d(hidden, c, 1)
+        self.bn = nn.BatchNorm2d(hidden) if batchnorm else nn.Identity()
+        self.head = nn.Linear(c, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.proj(torch.relu(self.bn(self.dw(torch.relu(self.exp(x))))))
+        return self.head(x.mean((2, 3)))
+
+
+def test_depthwise_conv_channels_go_with_the_channels_they_filter():
+    """A depthwise conv maps channel c to channel c: removing c drops its filter too. Its output is
+    the bias where the filter or the input is zero, so dead filters remove the expansion rows feeding them."""
+    torch.manual_seed(0)
+    model = InvertedResidual().eval()
+    with torch.no_grad():
+        model.exp.weight[0:12] = 0
+        model.exp.bias[0:8] = -1.0     # relu -> 0 -> dw gives its bias:
+        model.dw.bias[0:4] = -0.5      #   relu(-0.5) = 0: removed
+        model.dw.bias[4:8] = 0.3       #   relu(0.3): a constant folded into proj's bias, removed
+        model.exp.bias[8:12] = 0.5     # relu(0.5) = 0.5 in: zero padding makes dw's border outputs differ ...
+        model.dw.weight[8:10] = 0      #   ... unless the filter is zero (bias 0 below): 8, 9 removed, 10, 11 kept
+        model.dw.bias[8:10] = 0.0
+        model.dw.weight[20:24] = 0     # dead filters, bias 0: removed with the live expansion rows 20-23
+        model.dw.bias[20:24] = 0.0
+        model.dw.weight[30:32] = 0     # dead filters, bias 0.2: folded
+        model.dw.bias[30:32] = 0.2
+    x = torch.randn(2, 3, 8, 8)
+    cm = dense(model, x)
+    small = shrink(cm)
+    report = small.shrink_report["exp"]
+    assert report.removed == [*range(0, 10), *range(20, 24), 30, 31] and report.after == 48
+    assert {10, 11} <= set(report.kept["proj reads it (nonzero input column) and its value is not a known constant"])
+    dw = small.graph_module.dw
+    assert dw.weight.shape == (48, 1, 3, 3) and small.graph_module.proj.weight.shape == (16, 48, 1, 1)
+    assert dw.conv.groups == 48 if isinstance(dw, TrainableLayer) else dw.groups == 48
+    same_outputs(small, cm, x)
+    small(x).sum().backward()  # trains on
+    inference = sparsec.compile(small.eval(), pattern="2:4", example_inputs=(x,), min_weights=0)
+    assert inference.plan["proj"].sparsity == "2:4" and inference.plan["dw"].sparsity is None  # (K = 9)
+    same_outputs(inference, pruned_model(small, inference.plan, lambda m, name: m.graph_module.get_submodule(name).weight), x)
+
+
+def test_depthwise_conv_with_batch_statistics_and_reflect_padding():
+    """BatchNorm after the depthwise conv is sliced along; reflect padding keeps a constant plane
+    constant (c * sum(filter) + bias); a Conv1d depthwise works the same."""
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.exp, self.proj = nn.Conv1d(8, 32, 1), nn.Conv1d(32, 8, 1)
+            self.dw = nn.Conv1d(32, 32, 5, padding=2, groups=32, padding_mode="reflect")
+            self.bn, self.head = nn.BatchNorm1d(32), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head((x + self.proj(torch.relu(self.bn(self.dw(torch.relu(self.exp(x))))))).mean(2))
+
+    torch.manual_seed(0)
+    model = Seq().train()  # batch statistics: only an exactly-zero channel is constant after BatchNorm (beta)
+    with torch.no_grad():
+        model.exp.weight[0:6] = 0
+        model.exp.bias[0:3] = 0.4      # relu(0.4) -> dw (reflect) -> 0.4 * sum + b: constant, but not 0 -> kept by bn
+        model.exp.bias[3:6] = -1.0     # 0 -> dw bias, set to 0 -> bn gives beta -> relu -> folded into proj
+        model.dw.bias[3:6] = 0.0
+        model.bn.bias[3:6] = 0.25
+    x = torch.randn(4, 8, 12)
+    cm = dense(model, x)
+    small = shrink(cm)
+    assert small.shrink_report["exp"].removed == [3, 4, 5]
+    assert small.graph_module.bn.num_features == 29 and small.graph_module.dw.weight.shape == (29, 1, 5)
+    same_outputs(small, cm, x)
+    model.eval()  # running statistics: 0.4 * sum(filter) + b is a known constant through BatchNorm too
+    cm = dense(model, x)
+    small = shrink(cm)
+    assert small.shrink_report["exp"].removed == [0, 1, 2, 3, 4, 5]
+    same_outputs(small, cm, x)
+
+
+def test_depthwise_conv_under_sdgp_removes_whole_aligned_groups():
+    """SDGP prunes the depthwise conv's (and the expansion's) data gradient in groups of 4 channels:
+    a group goes whole (20-23) or stays (30, 31 alone would split one)."""
+    torch.manual_seed(0)
+    model, x = InvertedResidual().eval(), torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        for dead in (slice(20, 24), slice(30, 32)):
+            model.dw.weight[dead], model.dw.bias[dead] = 0, 0
+    cm = sparsec.compile(model, pattern="dense", example_inputs=(x,), train=True, grad_pattern="2:4")
+    small = shrink(cm)
+    report = small.shrink_report["exp"]
+    assert report.removed == [20, 21, 22, 23]
+    assert any("aligned groups of 4" in why and 30 in kept for why, kept in report.kept.items())
+    same_outputs(small, cm, x)
+    small(x).sum().backward()
