@@ -42,7 +42,7 @@ def _run(model: nn.Module, example_inputs: Any, options: CompileOptions):
     return gm, ctx, history
 
 
-def compile(model: nn.Module, pattern: str = "2:4", example_inputs: Any = None, *, quantize: str | None = None,
+def compile(model: nn.Module, pattern: str | None = None, example_inputs: Any = None, *, quantize: str | None = None,
             include: Sequence[str] | None = None, exclude: Sequence[str] | None = None, plan: Plan | None = None,
             min_weights: int = DEFAULT_MIN_WEIGHTS, quant_budget: float = DEFAULT_QUANT_BUDGET,
             leaf_modules: Sequence[Any] | None = None, backend: str = "auto", train: bool = False,
@@ -50,14 +50,15 @@ def compile(model: nn.Module, pattern: str = "2:4", example_inputs: Any = None, 
             ste_decay: float = 2e-4, timing: str = "eager") -> CompiledModel:
     """Trace `model`, decide per layer, rewrite chosen layers to packed sparse modules.
 
-    pattern: "N:M" (e.g. "2:4"), "fanin:S" (e.g. "fanin:0.9") or "dense" (plan only).
+    pattern: "N:M" (e.g. "2:4"), "fanin:S" (e.g. "fanin:0.9") or "dense" (plan only); default "2:4", or
+        the given plan's pattern (a different one with plan= is refused, as is quantize=: the plan says).
     example_inputs: tuple of positional arguments for model(*example_inputs); needed for shapes,
         FLOP estimates and the torch.export fallback.
     quantize: None, "int8" (per-output-channel symmetric int8 for sparse layers) or "auto"
         (int8 only where the relative weight error stays within quant_budget).
     include / exclude: module names or regexes (full match, also matching a containing module's
         path) forcing layers sparse / keeping them dense.
-    plan: an (edited) Plan to apply exactly instead of the default policy.
+    plan: an (edited) Plan to apply exactly instead of the default policy (not with include / exclude / quantize).
     min_weights: layers with fewer weights stay dense unless included.
     leaf_modules: module classes or names symbolic_trace must not trace into.
     backend: "auto" (CPU: fan-in layers on the condensed kernel or dense, whichever measured faster, the rest
@@ -123,7 +124,7 @@ def _dense_weight_path(gm, ctx, name: str) -> str | None:
         return None
 
 
-def explain(model: nn.Module, pattern: str = "2:4", example_inputs: Any = None, **options) -> Plan:
+def explain(model: nn.Module, pattern: str | None = None, example_inputs: Any = None, **options) -> Plan:
     """The plan `compile` would apply, without rewriting anything; the model is untouched.
     Takes the same options as `compile`."""
     unknown = set(options) - _COMPILE_OPTIONS

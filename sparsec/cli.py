@@ -105,7 +105,7 @@ def _dump_kernels(args: argparse.Namespace) -> int:
     options = CompileOptions.from_user(args.pattern, args.quantize, args.include, args.exclude, backend="triton",
                                        emit_only=True)
     cm = compile_with_options(model, inputs, options)
-    manifest = {"pattern": args.pattern, "kernels": cm.kernel_manifest,
+    manifest = {"pattern": cm.plan.pattern, "kernels": cm.kernel_manifest,
                 "layers_without_kernel": {lp.name: lp.reason for lp in cm.plan if lp.sparsity and lp.backend != "triton"}}
     files = {f"{name}.py": source for name, source in sorted(cm.kernels.items())}
     files["manifest.json"] = json.dumps(manifest, indent=2, sort_keys=True)
@@ -125,7 +125,8 @@ def _dump_kernels(args: argparse.Namespace) -> int:
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", help=f"FILE.py[:FUNC]; FUNC (default {DEFAULT_FUNC}) returns a model or (model, example_inputs)")
-    parser.add_argument("--pattern", default="2:4", help='"N:M" (e.g. 2:4), "fanin:S" (e.g. fanin:0.9) or "dense"')
+    parser.add_argument("--pattern", default=None,
+                        help='"N:M" (e.g. 2:4), "fanin:S" (e.g. fanin:0.9) or "dense"; default 2:4 (with --plan: the plan\'s)')
     parser.add_argument("--quantize", choices=["int8", "auto"], default=None)
     parser.add_argument("--include", nargs="*", default=None, metavar="NAME", help="module names / regexes forced sparse")
     parser.add_argument("--exclude", nargs="*", default=None, metavar="NAME", help="module names / regexes kept dense")

@@ -18,6 +18,7 @@ from sparsec.reference import pattern_mask, weight_to_rows
 
 # Layers with fewer weights than this stay dense by default: below it the savings are noise and
 # the per-call overhead of a compressed layer dominates. Override per layer with include=.
+DEFAULT_PATTERN = "2:4"  # what compile / explain prune with when given neither pattern= nor plan=
 DEFAULT_MIN_WEIGHTS = 1024
 
 # quantize="auto" takes int8 only where the relative weight error ||Wq - W|| / ||W|| of the (pruned)
@@ -95,6 +96,12 @@ class CompileOptions:
             if include or exclude:
                 raise InvalidInputError("pass either plan= or include=/exclude=, not both: a plan already says "
                                         "what every layer gets (edit its entries instead)")
+            if quantize is not None:
+                raise InvalidInputError(f"pass either plan= or quantize={quantize!r}, not both: the plan's quant column "
+                                        f"already says which layers are quantized (set entries' quant to 'int8')")
+            if pattern is not None and parse_pattern(pattern) != parse_pattern(plan.pattern):
+                raise InvalidInputError(f"pattern={pattern!r} differs from the given plan's {plan.pattern!r}: the plan "
+                                        f"already says what every layer gets (edit entries' sparsity); pass one or the other")
             pruned_grads = [lp.name for lp in plan if lp.grad_sparsity is not None]
             if pruned_grads and not train:
                 raise InvalidInputError(f"the plan prunes data gradients (grad_sparsity) of {pruned_grads}, which "
@@ -104,7 +111,9 @@ class CompileOptions:
             raise InvalidInputError(f"min_weights must be a non-negative int, got {min_weights!r}")
         if not isinstance(quant_budget, (int, float)) or not quant_budget > 0:
             raise InvalidInputError(f"quant_budget must be a positive number, got {quant_budget!r}")
-        return cls(pattern=parse_pattern(pattern if plan is None or pattern is not None else plan.pattern),
+        if pattern is None:
+            pattern = plan.pattern if plan is not None else DEFAULT_PATTERN
+        return cls(pattern=parse_pattern(pattern),
                    quantize=quantize, include=_names("include", include), exclude=_names("exclude", exclude),
                    plan=plan, min_weights=min_weights, quant_budget=float(quant_budget),
                    leaf_modules=tuple(leaf_modules or ()), backend=backend, rewrite=rewrite, emit_only=emit_only,

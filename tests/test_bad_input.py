@@ -25,10 +25,14 @@ def test_invalid_pattern_strings(pattern):
         sparsec.compile(_mlp(), pattern=pattern, example_inputs=(torch.randn(2, 32),))
 
 
-@pytest.mark.parametrize("pattern", [2, None, 0.5, ("2", "4")])
+@pytest.mark.parametrize("pattern", [2, 0.5, ("2", "4")])
 def test_non_string_patterns(pattern):
     with pytest.raises(TypeError, match="pattern must be a string"):
         sparsec.compile(_mlp(), pattern=pattern, example_inputs=(torch.randn(2, 32),))
+
+
+def test_no_pattern_means_2_4():
+    assert sparsec.explain(_mlp(), pattern=None, example_inputs=(torch.randn(2, 32),)).pattern == "2:4"
 
 
 def test_shapes_not_divisible_by_m_stay_dense_with_reason():

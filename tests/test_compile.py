@@ -180,6 +180,13 @@ def test_plan_that_cannot_be_applied_is_an_error():
         sparsec.compile(model, example_inputs=inputs, plan=bad)
     with pytest.raises(ValueError, match="not both"):
         sparsec.compile(model, example_inputs=inputs, plan=plan, include=["head"])
+    # options the plan already answers were ignored silently: int8 asked for, nothing quantized
+    with pytest.raises(ValueError, match=r"plan= or quantize='int8', not both: the plan's quant column"):
+        sparsec.compile(model, example_inputs=inputs, plan=plan, quantize="int8")
+    with pytest.raises(ValueError, match=r"pattern='fanin:0.9' differs from the given plan's '2:4'"):
+        sparsec.compile(model, "fanin:0.9", example_inputs=inputs, plan=plan)
+    names = lambda p: [lp.name for lp in p.sparse_layers]  # noqa: E731
+    assert names(sparsec.compile(model, "2:4", example_inputs=inputs, plan=plan).plan) == names(plan)
     for field, value in (("weight_shape", (7, 7)), ("op", "linear")):  # a plan made for another model
         bad = copy.deepcopy(plan)
         setattr(bad["stage1.0.0"], field, value)
