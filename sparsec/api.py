@@ -58,7 +58,7 @@ def compile(model: nn.Module, pattern: str | None = None, example_inputs: Any = 
         (int8 only where the relative weight error stays within quant_budget).
     include / exclude: module names or regexes (full match, also matching a containing module's
         path) forcing layers sparse / keeping them dense.
-    plan: an (edited) Plan to apply exactly instead of the default policy (not with include / exclude / quantize).
+    plan: an (edited) Plan to apply exactly instead of the default policy (not with include / exclude / quantize / grad_pattern).
     min_weights: layers with fewer weights stay dense unless included.
     leaf_modules: module classes or names symbolic_trace must not trace into.
     backend: "auto" (CPU: fan-in layers on the condensed kernel or dense, whichever measured faster, the rest

@@ -99,6 +99,11 @@ class CompileOptions:
             if quantize is not None:
                 raise InvalidInputError(f"pass either plan= or quantize={quantize!r}, not both: the plan's quant column "
                                         f"already says which layers are quantized (set entries' quant to 'int8')")
+            if grad is not None:
+                raise InvalidInputError(f"pass either plan= or grad_pattern={grad_pattern!r}, not both: the plan's "
+                                        f"grad_sparsity column already says which layers prune data gradients (set "
+                                        f"entries' grad_sparsity, or make the plan with explain(..., train=True, "
+                                        f"grad_pattern={grad_pattern!r}))")
             if pattern is not None and parse_pattern(pattern) != parse_pattern(plan.pattern):
                 raise InvalidInputError(f"pattern={pattern!r} differs from the given plan's {plan.pattern!r}: the plan "
                                         f"already says what every layer gets (edit entries' sparsity); pass one or the other")

@@ -183,6 +183,8 @@ def test_plan_that_cannot_be_applied_is_an_error():
     # options the plan already answers were ignored silently: int8 asked for, nothing quantized
     with pytest.raises(ValueError, match=r"plan= or quantize='int8', not both: the plan's quant column"):
         sparsec.compile(model, example_inputs=inputs, plan=plan, quantize="int8")
+    with pytest.raises(ValueError, match=r"plan= or grad_pattern='2:4', not both: the plan's grad_sparsity column"):
+        sparsec.compile(model, example_inputs=inputs, plan=plan, train=True, grad_pattern="2:4")
     with pytest.raises(ValueError, match=r"pattern='fanin:0.9' differs from the given plan's '2:4'"):
         sparsec.compile(model, "fanin:0.9", example_inputs=inputs, plan=plan)
     names = lambda p: [lp.name for lp in p.sparse_layers]  # noqa: E731
