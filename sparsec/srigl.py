@@ -126,7 +126,10 @@ class SRigL:
         self.layers = {m.layer_name: m for m in cm.graph_module.modules()
                        if isinstance(m, TrainableLayer) and isinstance(m.pattern, FanIn)}
         if not self.layers:
-            raise InvalidInputError("SRigL needs constant fan-in layers: compile with pattern='fanin:S' and train=True")
+            layers = cm.plan.layers
+            why = ("; this model has none: " + "; ".join(f"{lp.name}: {lp.reason}" for lp in layers[:3])
+                   + (" ..." if len(layers) > 3 else "")) if layers else ""
+            raise InvalidInputError(f"SRigL needs constant fan-in layers: compile with pattern='fanin:S' and train=True{why}")
         bad = [n for n, m in self.layers.items() if m.weight_update != "fixed"]
         if bad:
             raise InvalidInputError(f"SRigL owns the masks; layers {bad} were compiled with weight_update='ste'")

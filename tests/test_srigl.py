@@ -157,6 +157,11 @@ def test_needs_fanin_layers():
     cm = sparsec.compile(_mlp(), pattern="2:4", example_inputs=(torch.randn(2, 16),), train=True, min_weights=0)
     with pytest.raises(ValueError, match="fanin"):
         SRigL(cm, torch.optim.SGD(cm.parameters(), lr=0.1), total_steps=10)
+    # compiled with fan-in, but no layer took it: the error says why each stayed dense
+    cm = sparsec.compile(nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)), pattern="fanin:0.9",
+                         example_inputs=(torch.randn(2, 16),), train=True)
+    with pytest.raises(ValueError, match=r"this model has none: 0: kept dense: first layer .*; 2: kept dense: last layer"):
+        SRigL(cm, torch.optim.SGD(cm.parameters(), lr=0.1), total_steps=10)
 
 
 def test_condense_after_srigl_training():
