@@ -244,6 +244,17 @@ def test_linear_contract(xshape, n, m, mode):
     assert not torch.allclose(ours[0].grad, dense[0].grad, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("xshape", [(6, 10), (10,)])
+def test_linear_output_takes_an_in_place_activation(xshape):
+    """F.linear of a 1-D input returns a view; returned from the Function as is, ReLU(inplace=True)
+    after it was refused ("a view ... being modified inplace")."""
+    x, w, b = torch.randn(xshape, requires_grad=True), torch.randn(16, 10, requires_grad=True), torch.randn(16)
+    y = torch.relu_(sdgp_linear(x, w, b, 2, 4))
+    y.sum().backward()
+    expected = ref_prune((y > 0).float(), 2, 4, -1, "magnitude").float() @ w.detach()
+    torch.testing.assert_close(x.grad, expected)
+
+
 # --------------------------------------------------------------------------- autograd contract: Conv2d
 
 CONV_CASES = {

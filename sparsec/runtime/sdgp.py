@@ -178,6 +178,8 @@ class SDGPLinear(torch.autograd.Function):
         x, weight, bias = _forward_prologue(ctx, x, weight, bias)
         with _no_autocast(ctx.device_type):
             y = F.linear(x, weight, bias)
+        if y._is_view():  # (a 1-D x): autograd refuses in-place ops (ReLU(inplace=True)) on a view a Function returns
+            y = y.clone()
         ctx.save_for_backward(x, weight)
         ctx.nm = (n, m, mode)
         return y
