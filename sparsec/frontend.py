@@ -344,12 +344,14 @@ def _input_spec(value, ranges: dict):
     spec = []
     for size in value.shape:
         expr = size.node.expr if isinstance(size, torch.SymInt) else None
-        if expr is None or expr.is_number or not expr.is_Symbol:
-            spec.append(int(size.node.hint) if expr is not None and not expr.is_number else int(size))
-            continue
-        bounds = ranges.get(expr)
-        low = _bound(bounds.lower) if bounds is not None else None
-        spec.append((str(expr), low if low is not None else 0, _bound(bounds.upper) if bounds is not None else None))
+        if expr is not None and expr.is_Symbol:  # a dynamic dim
+            bounds = ranges.get(expr)
+            low, high = (_bound(bounds.lower), _bound(bounds.upper)) if bounds is not None else (None, None)
+            spec.append((str(expr), low or 0, high))
+        elif expr is not None and not expr.is_number:  # an expression of dynamic dims
+            spec.append(int(size.node.hint))
+        else:
+            spec.append(int(size))
     return tuple(spec)
 
 

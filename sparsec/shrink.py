@@ -260,18 +260,22 @@ def _find_layers(gm: fx.GraphModule) -> dict[fx.Node, _Layer]:
             layer.blocker = f"its {computed[0].rpartition('.')[2]} is computed by a parametrization"
         elif any(owners[id(gm.get_parameter(path))] > 1 for path in paths):
             layer.blocker = "its weight is shared with another module"
-        elif layer.conv is not None and layer.conv.groups != 1:
-            w = layer.weight(gm)
-            if not (w.shape[0] == layer.conv.groups and w.shape[1] == 1 and layer.module is not None):
-                layer.blocker = f"grouped conv (groups={layer.conv.groups}), not handled (depthwise convs are)"
-            else:
-                layer.depthwise = True  # channel c in, channel c out: passed through like BatchNorm
+        elif layer.conv is not None and layer.conv.groups != 1 and not _one_filter_per_channel(gm, layer):
+            layer.blocker = f"grouped conv (groups={layer.conv.groups}), not handled (depthwise convs are)"
         elif t is not None and isinstance(t.pattern, FanIn) and t.weight_update == "ste":
             layer.blocker = "SR-STE fan-in re-derives k from the weight shape every step"
         elif get_meta(node).shape is None:
             layer.blocker = "its output shape is unknown (no shape metadata)"
+        # channel c in, channel c out: passed through like BatchNorm (see _Analysis.depthwise)
+        layer.depthwise = layer.blocker is None and layer.conv is not None and layer.conv.groups != 1
         layers[node] = layer
     return layers
+
+
+def _one_filter_per_channel(gm: fx.GraphModule, layer: _Layer) -> bool:
+    """A depthwise conv (groups = in = out channels), held by a module whose groups shrink can set."""
+    w = layer.weight(gm)
+    return w.shape[0] == layer.conv.groups and w.shape[1] == 1 and layer.module is not None
 
 
 # --------------------------------------------------------------------------- channel analysis
