@@ -9,8 +9,8 @@ everywhere that channel flows, so the analysis is a dependency graph (networkx) 
 * Channel-preserving ops pass the elements on: elementwise activations, Dropout, BatchNorm
   (its weight / bias / running stats are sliced along), a depthwise conv (groups = channels: its
   filter c, bias c and groups are sliced along; channel c out is the bias where filter c or
-  input c is 0), 2-D pooling, a mean over other dims, flatten (a conv channel becomes H*W
-  consecutive Linear inputs), scalar arithmetic.
+  input c is 0), 2-D pooling (modules and F.*pool2d), a mean over other dims, flatten (a conv channel becomes H*W
+  consecutive Linear inputs; also `x.view(x.size(0), -1)`), scalar arithmetic.
 * `a + b`, `a * b` (both followed) join element i of a with element i of b by a graph edge: they
   must be removed together (a residual add shares one channel set). `torch.cat` along the channel
   dim concatenates the element lists. A connected component of the graph is one *channel class*;
@@ -93,6 +93,8 @@ _DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 _DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d}
 # 2-D pools: a constant channel stays that constant (max, adaptive) or, with padding, only 0 does (avg).
 _POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+# Their functional forms, each with the position of its return_indices argument (None: it has none).
+_POOL_FUNCTIONS = {F.max_pool2d: 6, F.adaptive_max_pool2d: 2, F.avg_pool2d: None, F.adaptive_avg_pool2d: None}
 _HARMLESS_ATTRS = {"dtype", "device", "ndim", "is_cuda", "requires_grad"}
 
 
@@ -460,10 +462,13 @@ class _Analysis:
             self.cat(node)
         elif target in _DROPOUT_FUNCTIONS and only_x:
             self.dropout(node, x, bool(_arg(node, 2, "training", True)) and _arg(node, 1, "p", 0.5) > 0)
-        elif target is F.adaptive_avg_pool2d and only_x and self.values[x].dim == self.values[x].ndim - 3:
-            self.values[node] = self.values[x]
+        elif target in _POOL_FUNCTIONS and only_x and self.values[x].dim == self.values[x].ndim - 3:
+            self.pool(node, x)
         elif (target is torch.flatten or (method and target == "flatten")) and only_x:
             self.flatten(node, x, _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1))
+        elif ((method and target in ("view", "reshape")) or target is torch.reshape) and tracked == [x] \
+                and _keeps_batch_flattens_rest(node, x):
+            self.flatten(node, x, 1, -1)
         elif (target is torch.mean or (method and target == "mean")) and only_x:
             self.mean(node, x)
         elif method and target == "size" and only_x:
@@ -473,8 +478,16 @@ class _Analysis:
                 self.pin_inputs(node)
         elif (method and target == "dim") or (target is getattr and node.args[1] in _HARMLESS_ATTRS):
             pass  # reads nothing that shrinking changes
+        elif target is getattr and node.args[1] == "shape" and only_x and self._reads_other_dims(node, x):
+            pass  # x.shape[0]: the batch size, which shrinking leaves alone
         else:
             self.pin_inputs(node)
+
+    def _reads_other_dims(self, shape: fx.Node, x: fx.Node) -> bool:
+        """Every use of `x.shape` takes one dim by a constant index, never the channel dim."""
+        v = self.values[x]
+        return all(u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int)
+                   and u.args[1] % v.ndim != v.dim for u in shape.users)
 
     # ---- op rules
 
@@ -485,6 +498,17 @@ class _Analysis:
     def dropout(self, node: fx.Node, x: fx.Node, random: bool) -> None:
         # Training-mode dropout scales or zeroes entries at random: only a zero channel stays constant.
         self.passthrough(node, x, self.zero_only(self.values[x]).consts if random else self.values[x].consts)
+
+    def pool(self, node: fx.Node, x: fx.Node) -> None:
+        """F.max_pool2d / F.avg_pool2d / adaptive ones, as their modules (visit_module)."""
+        indices_at = _POOL_FUNCTIONS[node.target]
+        if indices_at is not None and _arg(node, indices_at, "return_indices", False):
+            self.pin_inputs(node)
+            return
+        avg_padded = node.target is F.avg_pool2d and (any(_as_tuple(_arg(node, 3, "padding", 0)))
+                                                      or _arg(node, 4, "ceil_mode", False)
+                                                      or _arg(node, 6, "divisor_override", None) is not None)
+        self.values[node] = self.zero_only(self.values[x]) if avg_padded else self.values[x]
 
     def batchnorm(self, node: fx.Node, x: fx.Node, bn: nn.modules.batchnorm._BatchNorm) -> None:
         v = self.values[x]
@@ -591,6 +615,17 @@ class _Analysis:
         else:  # a mean of copies of c is c (to rounding), and exactly 0 for c = 0
             self.values[node] = dataclasses.replace(v, dim=v.dim - sum(d < v.dim for d in dims),
                                                     ndim=v.ndim - len(dims))
+
+
+def _keeps_batch_flattens_rest(node: fx.Node, x: fx.Node) -> bool:
+    """`x.view(x.size(0), -1)` / `x.reshape(b, -1)`: flatten(x, 1), as older CNN code writes it. Only
+    with -1 last, so the code stays right when channels are removed (an explicit 512 would not)."""
+    shape_args = list(node.args[1:])
+    if len(shape_args) == 1 and isinstance(shape_args[0], (tuple, list)):
+        shape_args = list(shape_args[0])
+    before, after = get_meta(x).shape, get_meta(node).shape
+    return (len(shape_args) == 2 and shape_args[1] == -1 and not node.kwargs and before is not None
+            and after is not None and len(before) >= 2 and tuple(after) == (before[0], math.prod(before[1:])))
 
 
 def _as_tuple(v) -> tuple:

@@ -604,3 +604,34 @@ def test_depthwise_conv_under_sdgp_removes_whole_aligned_groups():
     assert any("aligned groups of 4" in why and 30 in kept for why, kept in report.kept.items())
     same_outputs(small, cm, x)
     small(x).sum().backward()
+
+
+class _ViewFlattenCNN(nn.Module):
+    """Older CNN code flattens with view(x.size(0), -1) (or reshape(b, -1)) instead of torch.flatten."""
+
+    def __init__(self, reshape=False):
+        super().__init__()
+        self.reshape = reshape
+        self.c1, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 8, 3, padding=1)
+        self.fc1, self.fc2 = nn.Linear(8 * 4 * 4, 32), nn.Linear(32, 5)
+
+    def forward(self, x):
+        x = F.max_pool2d(torch.relu(self.c2(torch.relu(self.c1(x)))), 2)
+        x = x.reshape(x.shape[0], -1) if self.reshape else x.view(x.size(0), -1)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+@pytest.mark.parametrize("reshape", [False, True])
+def test_view_batch_minus_one_is_a_flatten(reshape):
+    torch.manual_seed(0)
+    model = _ViewFlattenCNN(reshape).eval()
+    with torch.no_grad():
+        model.c2.weight[2:5] = 0
+        model.c2.bias[2:5] = -1.0  # relu -> 0: removed, with their 16 features each in fc1
+    x = torch.randn(2, 3, 8, 8)
+    cm = dense(model, x)
+    small = shrink(cm)
+    assert small.shrink_report["c2"].removed == [2, 3, 4]
+    assert param(small, "fc1.weight").shape == (32, 5 * 16)
+    same_outputs(small, cm, x)
+    same_outputs(small, cm, torch.randn(5, 3, 8, 8))  # the batch dim stays free
