@@ -88,6 +88,7 @@ _ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh", "clamp", "clip", "neg", "cont
 _BINARY_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul,
                      torch.div, aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor}
 _BINARY_METHODS = {"add", "sub", "mul", "div"}
+_PRODUCT_OPS = {operator.mul, torch.mul, aten.mul.Tensor, "mul"}
 _CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate, aten.cat.default}
 _DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 _DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d}
@@ -560,7 +561,11 @@ class _Analysis:
             return
         for o in operands[1:]:
             self.graph.add_edges_from(zip(first.elems, self.values[o].elems))  # channel i goes with channel i
-        self.values[node] = dataclasses.replace(first, consts=self.consts(node, operands))
+        consts = self.consts(node, operands)
+        if node.target in _PRODUCT_OPS:  # 0 times anything (finite) is 0: a gate on a dead channel (SE blocks)
+            zero = [any(self.values[o].consts[i] == 0 for o in operands) for i in range(len(consts))]
+            consts = tuple(0.0 if z else c for c, z in zip(consts, zero))
+        self.values[node] = dataclasses.replace(first, consts=consts)
 
     def cat(self, node: fx.Node) -> None:
         parts = _arg(node, 0, "tensors", [])

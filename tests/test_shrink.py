@@ -635,3 +635,44 @@ def test_view_batch_minus_one_is_a_flatten(reshape):
     assert param(small, "fc1.weight").shape == (32, 5 * 16)
     same_outputs(small, cm, x)
     same_outputs(small, cm, torch.randn(5, 3, 8, 8))  # the batch dim stays free
+
+
+class _SqueezeExcite(nn.Module):
+    """torchvision's SqueezeExcitation: a per-channel gate from pooled 1x1 convs."""
+
+    def __init__(self, c, r):
+        super().__init__()
+        self.pool, self.fc1, self.fc2 = nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, r, 1), nn.Conv2d(r, c, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.fc2(F.relu(self.fc1(self.pool(x)))))
+
+
+class _MobileNetV3Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, 2, 1)
+        self.exp, self.bn1 = nn.Conv2d(16, 64, 1, bias=False), nn.BatchNorm2d(64)
+        self.dw, self.bn2 = nn.Conv2d(64, 64, 5, 1, 2, groups=64, bias=False), nn.BatchNorm2d(64)
+        self.se, self.proj, self.head = _SqueezeExcite(64, 16), nn.Conv2d(64, 24, 1), nn.Linear(24, 10)
+
+    def forward(self, x):
+        h = F.hardswish(self.bn2(self.dw(F.hardswish(self.bn1(self.exp(F.hardswish(self.stem(x))))))))
+        return self.head(F.adaptive_avg_pool2d(self.proj(self.se(h)), 1).flatten(1))
+
+
+def test_squeeze_excitation_gates_dead_channels_to_zero():
+    """A dead expansion channel is 0 through BatchNorm (batch statistics, beta 0), hardswish and the
+    depthwise conv; the SE gate multiplies it, and 0 times the gate is 0, so it goes (its SE weights
+    with it). Dead SE-reduction units go too."""
+    torch.manual_seed(0)
+    model, x = _MobileNetV3Block().train(), torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        model.exp.weight[:24] = 0
+        model.se.fc1.weight[:6], model.se.fc1.bias[:6] = 0, -1.0
+    cm = dense(model, x)
+    small = shrink(cm)
+    assert small.shrink_report["exp"].removed == list(range(24))
+    assert small.shrink_report["se.fc1"].removed == list(range(6))
+    assert param(small, "se.fc2.weight").shape == (40, 10, 1, 1) and small.graph_module.dw.groups == 40
+    same_outputs(small, cm, x)
