@@ -3,6 +3,7 @@
 The oracle is the model itself (plain torch): the smaller model must compute its outputs (fp32, 1e-5
 relative to the output scale). Which channels go is predicted by hand from the zeroed weights."""
 import copy
+import datetime
 
 import pytest
 import torch
@@ -676,3 +677,14 @@ def test_squeeze_excitation_gates_dead_channels_to_zero():
     assert small.shrink_report["se.fc1"].removed == list(range(6))
     assert param(small, "se.fc2.weight").shape == (40, 10, 1, 1) and small.graph_module.dw.groups == 40
     same_outputs(small, cm, x)
+
+
+def test_the_cnn_channel_pruning_example_runs_and_shrinks_exactly(tmp_path, monkeypatch):
+    """examples/shrink_cnn_digits.py for 3 epochs: trained with group lasso, the shrunk model has
+    fewer expansion channels and parameters and computes what the unshrunk one does."""
+    monkeypatch.setenv("SPARSEC_RESULTS_DIR", str(tmp_path))
+    (row,) = load_example("shrink_cnn_digits").main(["--epochs", "3", "--lams", "0.06"])
+    kept, before = map(int, row["channels"].split("/"))
+    assert kept < before == 128 and row["params"] < row["params_before"]
+    assert row["max_abs_difference"] <= 1e-4
+    assert (tmp_path / f"shrink-cnn-digits-{datetime.date.today().isoformat()}.json").exists()
