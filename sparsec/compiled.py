@@ -6,6 +6,7 @@ and answers inspection questions per layer (`effective_weight`, `mask`).
 from __future__ import annotations
 
 import collections
+import types
 
 import torch
 import torch.fx as fx
@@ -32,7 +33,31 @@ def _hooked(module: nn.Module) -> bool:
                 or getattr(module, "_backward_pre_hooks", None) or any(_GLOBAL_HOOKS))
 
 
+def _copy_function(fn: types.FunctionType) -> types.FunctionType:
+    """`fn` with a code object of its own (same code)."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+def _unpickle_compiled_model() -> "CompiledModel":
+    return CompiledModel.__new__(CompiledModel)
+
+
 class CompiledModel(nn.Module):
+    def __new__(cls, *args, **kwargs):
+        # Each compiled model gets a class of its own whose forward has its own code object, as each
+        # fx GraphModule does. TorchDynamo keeps its compiled frames per code object, and every model's
+        # graph module is of another class, so with one shared forward each model took an entry of
+        # that one cache: past torch's recompile limit (8) torch.compile ran further models eagerly.
+        if "forward" not in vars(cls):
+            return super().__new__(cls)
+        own = type(cls.__name__, (cls,), {"forward": _copy_function(cls.forward), "__module__": cls.__module__,
+                                          "__qualname__": cls.__qualname__, "__doc__": cls.__doc__})
+        return super().__new__(own)
+
+    def __reduce_ex__(self, protocol):
+        # (pickle cannot name the class of its own; a new one is made when loading)
+        return _unpickle_compiled_model, (), self.__getstate__()
+
     def __init__(self, graph_module: fx.GraphModule, plan: Plan, history: list[PassRecord],
                  counters: collections.Counter, dense_weights: dict[str, tuple[str, str]], trace_method: str):
         super().__init__()

@@ -125,3 +125,26 @@ def test_cusparselt_layers_trace_as_one_operator(monkeypatch):
         assert output_error(model(x), torch.relu(x @ (w * oracle_nm_mask(w, 2, 4)).t() + bias)) <= 1e-6
     xg = x.clone().requires_grad_(True)  # with gradients wanted, the traced layer runs its reference
     assert output_error(torch.compile(model, backend="aot_eager")(xg), model(x)) <= 1e-6
+
+
+def test_each_compiled_model_compiles_on_its_own():
+    """Each compiled model's graph module is of a class of its own; with one forward shared by every
+    CompiledModel, TorchDynamo took one entry of that frame's cache per model, and past torch's
+    recompile limit (8) ran further models eagerly (fullgraph=True: refused them). Patched to a limit
+    of 2, three models each compile one graph; inside a parent model and under export they still work."""
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    counters = torch._dynamo.utils.counters["stats"]
+    x = torch.randn(2, 64, device=DEVICE)
+    with torch._dynamo.config.patch(**{limit: 2}), torch.no_grad():
+        for seed in range(3):
+            torch.manual_seed(seed)
+            cm = sparsec.compile(_mlp(), example_inputs=(x,), include=[".*"], min_weights=0)
+            before = counters["unique_graphs"]
+            assert torch.equal(torch.compile(cm, backend="eager", fullgraph=True)(x), cm(x))
+            assert counters["unique_graphs"] == before + 1, f"model {seed} ran without a graph"
+    parent = nn.Sequential(cm, nn.ReLU())
+    with torch.no_grad():
+        assert torch.equal(torch.compile(parent, backend="eager", fullgraph=True)(x), parent(x))
+    exported = torch.export.export(cm, (x,))
+    assert torch.equal(exported.module()(x), cm(x))
+    assert isinstance(copy.deepcopy(cm), sparsec.CompiledModel) and type(cm).__name__ == "CompiledModel"
