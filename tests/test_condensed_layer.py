@@ -88,3 +88,18 @@ def test_torch_compile_traces_the_condensed_kernel():
         warm = torch._dynamo.explain(cm)(x)
     assert warm.graph_count == 1 and warm.graph_break_count == 0
     assert warm.graphs[0].code.count("sparsec_condensed.linear_") == len(cm.plan.sparse_layers)
+
+
+def test_torch_export_holds_the_reference_not_the_kernel():
+    """torch.export of a model with condensed layers: building the kernel layout reads tensor values
+    (export failed: "data-dependent expression"); the exported program computes the same with
+    portable ops, and runs where this process's C++ kernel does not exist."""
+    model, (x,) = load_example("mlp").build_model()
+    cm = sparsec.compile(model, example_inputs=(x,), plan=_condensed_plan(model, (x,)))
+    exported = torch.export.export(cm, (x,))
+    assert "sparsec_condensed" not in str(exported.graph)
+    with torch.no_grad():
+        assert output_error(exported.module()(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+        condensed_cpu.calls.clear()
+        cm(x)
+    assert sum(condensed_cpu.calls.values()) > 0  # eagerly the kernel still runs

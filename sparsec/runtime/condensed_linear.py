@@ -32,4 +32,6 @@ class CondensedLinear(SparseLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32 or x.device.type != "cpu" or self.packed.dtype_probe.dtype != torch.float32:
             return self.reference(x)  # the kernel is fp32 / CPU; anything else runs the reference
+        if torch.compiler.is_exporting():  # an exported program holds portable ops, not this process's kernel
+            return self.reference(x)
         return run_kernel(self, x)
