@@ -102,4 +102,4 @@ def test_torch_export_holds_the_reference_not_the_kernel():
         assert output_error(exported.module()(x), pruned_model(model, cm.plan)(x)) <= 1e-5
         condensed_cpu.calls.clear()
         cm(x)
-    assert sum(condensed_cpu.calls.values()) > 0  # eagerly the kernel still runs
+    assert condensed_cpu.calls["fast"] > 0 and not condensed_cpu.calls["fallback"]  # eagerly the kernel still runs
