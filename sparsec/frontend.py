@@ -85,6 +85,14 @@ class _Tracer(fx.Tracer):
     def __init__(self, leaf_types: tuple[type, ...] = (), leaf_names: tuple[str, ...] = (), leaf_regexes: tuple[str, ...] = ()):
         super().__init__()
         self.leaf_types, self.leaf_names, self.leaf_regexes = leaf_types, leaf_names, leaf_regexes
+        self.checkpointed: list[str] = []  # modules the forward ran under torch.utils.checkpoint
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        # Tracing runs through torch.utils.checkpoint like any Python, so the graph computes the same
+        # but keeps all activations: note which modules lose their checkpointing.
+        if _inside_checkpoint():
+            self.checkpointed.append(self.path_of_module(m))
+        return super().call_module(m, forward, args, kwargs)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, self.leaf_types) or module_qualified_name in self.leaf_names:
@@ -124,7 +132,7 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
     except Exception as fx_error:  # noqa: BLE001 - any tracing failure means: try torch.export
         symbolic_failure, traced = fx_error, False
     if traced:
-        notes = _lost_buffer_updates(model, gm, example_inputs) + _root_hooks(model)
+        notes = _lost_buffer_updates(model, gm, example_inputs) + _root_hooks(model) + _lost_checkpoints(tracer)
         for note in notes:
             warnings.warn(f"sparsec: {note}", stacklevel=3)
         return gm, "symbolic_trace", notes
@@ -248,6 +256,29 @@ def own_hooks(module: nn.Module) -> list[str]:
     """The kinds of hooks registered on `module` itself ("forward_pre", "forward", "backward_pre", "backward")."""
     return [kind for kind in ("forward_pre", "forward", "backward_pre", "backward")
             if getattr(module, f"_{kind}_hooks", None)]
+
+
+def _inside_checkpoint() -> bool:
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_filename.endswith(_CHECKPOINT_FILE):
+            return True
+        frame = frame.f_back
+    return False
+
+
+_CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
+
+
+def _lost_checkpoints(tracer: _Tracer) -> list[str]:
+    """A note for activation checkpointing the traced graph does not keep."""
+    outermost = [p for p in dict.fromkeys(tracer.checkpointed)
+                 if not any(p.startswith(q + ".") for q in tracer.checkpointed if q != p)]
+    if not outermost:
+        return []
+    return [f"the forward runs {', '.join(outermost[:4])}{' ...' if len(outermost) > 4 else ''} under "
+            f"torch.utils.checkpoint, which tracing does not keep: the compiled model computes the same but "
+            f"stores their activations for backward (more memory in training)"]
 
 
 def _root_hooks(model: nn.Module) -> list[str]:

@@ -367,3 +367,32 @@ def test_export_refuses_a_non_tensor_input_other_than_the_one_it_baked_in():
         cm(x, 3.0)
     with pytest.raises(ValueError, match=r"input 1 is fixed at 2.0 .*, got 2\. Call it"):
         cm(x, 2)  # an int where the graph was traced with a float
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self, reentrant):
+        super().__init__()
+        self.reentrant = reentrant
+        self.inp, self.blocks, self.out = nn.Linear(16, 64), nn.ModuleList([Block(), Block()]), nn.Linear(64, 4)
+
+    def forward(self, x):
+        x = self.inp(x)
+        for block in self.blocks:
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=self.reentrant)
+        return self.out(x)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_the_graph_drops_is_named(reentrant):
+    """Tracing runs through torch.utils.checkpoint: the compiled model trains the same, with all
+    activations kept; a warning and the plan's notes say which modules lost their checkpointing."""
+    torch.manual_seed(0)
+    model, x = _Checkpointed(reentrant), torch.randn(8, 16, requires_grad=True)
+    with pytest.warns(UserWarning, match=r"runs blocks.0, blocks.1 under torch.utils.checkpoint, which tracing does "
+                                         r"not keep"):
+        cm = sparsec.compile(model, example_inputs=(x,), pattern="dense", train=True)
+    assert any("torch.utils.checkpoint" in note for note in cm.plan.notes)
+    cm(x).square().sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    model(x2).square().sum().backward()
+    assert torch.allclose(x.grad, x2.grad, atol=1e-6)
