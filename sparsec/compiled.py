@@ -38,8 +38,8 @@ def _copy_function(fn: types.FunctionType) -> types.FunctionType:
     return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
-def _unpickle_compiled_model() -> "CompiledModel":
-    return CompiledModel.__new__(CompiledModel)
+def _unpickle_compiled_model(cls: type) -> "CompiledModel":
+    return cls.__new__(cls)
 
 
 class CompiledModel(nn.Module):
@@ -51,12 +51,13 @@ class CompiledModel(nn.Module):
         if "forward" not in vars(cls):
             return super().__new__(cls)
         own = type(cls.__name__, (cls,), {"forward": _copy_function(cls.forward), "__module__": cls.__module__,
-                                          "__qualname__": cls.__qualname__, "__doc__": cls.__doc__})
+                                          "__qualname__": cls.__qualname__, "__doc__": cls.__doc__, "_named_class": cls})
         return super().__new__(own)
 
     def __reduce_ex__(self, protocol):
-        # (pickle cannot name the class of its own; a new one is made when loading)
-        return _unpickle_compiled_model, (), self.__getstate__()
+        # pickle cannot name the class of its own: it stores the class it was made from, and loading
+        # makes a new one of its own
+        return _unpickle_compiled_model, (getattr(type(self), "_named_class", type(self)),), self.__getstate__()
 
     def __init__(self, graph_module: fx.GraphModule, plan: Plan, history: list[PassRecord],
                  counters: collections.Counter, dense_weights: dict[str, tuple[str, str]], trace_method: str):

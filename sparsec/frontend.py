@@ -258,16 +258,17 @@ def own_hooks(module: nn.Module) -> list[str]:
             if getattr(module, f"_{kind}_hooks", None)]
 
 
+_CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
+
+
 def _inside_checkpoint() -> bool:
+    """Whether the module call being traced comes from inside torch.utils.checkpoint."""
     frame = sys._getframe(2)
     while frame is not None:
         if frame.f_code.co_filename.endswith(_CHECKPOINT_FILE):
             return True
         frame = frame.f_back
     return False
-
-
-_CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
 
 
 def _lost_checkpoints(tracer: _Tracer) -> list[str]:
