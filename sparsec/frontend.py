@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from sparsec.distributed import GATHER_RECIPE, any_sharded
 from sparsec.errors import ExampleInputError, InvalidTypeError, TraceError
@@ -121,16 +121,25 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
     if bad:
         raise InvalidTypeError(f"leaf_modules= takes module classes or module names, got {bad!r}")
     # An excluded module is not traced into either: that is the remedy for untraceable submodules.
-    tracer = _Tracer(leaf_types, leaf_names, _regexes(exclude))
     concrete = _concrete_args(model, example_inputs)
-    try:
-        graph = tracer.trace(model, concrete_args=concrete or None)
-        _keep_argument_names(graph, concrete)
-        gm = SparsecGraphModule(tracer.root, graph, type(model).__name__)
-        gm.train(model.training)
-        traced = True
-    except Exception as fx_error:  # noqa: BLE001 - any tracing failure means: try torch.export
-        symbolic_failure, traced = fx_error, False
+    # None and bool arguments as graph inputs first: the graph then takes any value there (a mask
+    # passed on to attention). Where that graph cannot be traced (`if flag:`) or does not compute what
+    # the model does on the example inputs (`if mask is not None:` is always true of a graph input),
+    # as the values they have: the graph follows the example's path and asserts each call passes the same.
+    traced = False
+    for values in ([{}, concrete] if concrete else [{}]):
+        tracer = _Tracer(leaf_types, leaf_names, _regexes(exclude))
+        try:
+            graph = tracer.trace(model, concrete_args=values or None)
+            _keep_argument_names(graph, values)
+            gm = SparsecGraphModule(tracer.root, graph, type(model).__name__)
+            gm.train(model.training)
+        except Exception as fx_error:  # noqa: BLE001 - any tracing failure means: try the next way
+            symbolic_failure = fx_error
+            continue
+        if values or not concrete or example_inputs is None or _runs_like(model, gm, example_inputs):
+            traced = True
+            break
     if traced:
         notes = _lost_buffer_updates(model, gm, example_inputs) + _root_hooks(model) + _lost_checkpoints(tracer)
         for note in notes:
@@ -193,11 +202,26 @@ def _export(model: nn.Module, example_inputs: tuple):
     return torch.export.export(model, example_inputs, strict=False)
 
 
+def _runs_like(model: nn.Module, gm: fx.GraphModule, example_inputs: tuple) -> bool:
+    """Whether the graph computes what the model does on the example inputs (same random draws)."""
+    def run(module: nn.Module):
+        with torch.no_grad(), preserved_buffers(module), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return module(*example_inputs)
+
+    try:
+        expected, got = tree_flatten(run(model))[0], tree_flatten(run(gm))[0]
+    except Exception:  # noqa: BLE001 - the graph fails where the model runs (or the inputs are bad: decided later)
+        return False
+    return len(expected) == len(got) and all(
+        torch.allclose(a, b, equal_nan=True) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+        and a.shape == b.shape else (not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor) and a == b)
+        for a, b in zip(expected, got))
+
+
 def _concrete_args(model: nn.Module, example_inputs: tuple | None) -> dict[str, Any]:
-    """Arguments symbolic_trace should take as the values they have, not as graph inputs: None and
-    bools, passed in the example inputs or left at their defaults. As graph inputs, `if mask is not
-    None:` would always take the branch (a graph input is not None), and `if flag:` fails to trace;
-    taken as values, the graph follows the example's path and asserts each call passes the same."""
+    """Arguments symbolic_trace can take as the values they have, not as graph inputs: None and
+    bools, passed in the example inputs or left at their defaults (see capture)."""
     try:
         signature = inspect.signature(model.forward)
         bound = signature.bind_partial(*(example_inputs or ()))

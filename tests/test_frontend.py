@@ -396,3 +396,31 @@ def test_activation_checkpointing_the_graph_drops_is_named(reentrant):
     x2 = x.detach().clone().requires_grad_(True)
     model(x2).square().sum().backward()
     assert torch.allclose(x.grad, x2.grad, atol=1e-6)
+
+
+class _MaskedAttention(nn.Module):
+    """An optional mask handed on to attention: None and a tensor both work there."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out, self.head = nn.Linear(32, 96), nn.Linear(32, 32), nn.Linear(32, 4)
+
+    def forward(self, x, attn_mask=None, causal: bool = False):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)
+        return self.head(torch.relu(self.out(y)))
+
+
+def test_a_none_argument_passed_on_stays_a_graph_input():
+    """Compiled without a mask, called with one: the graph takes any value where the model hands the
+    argument on (it would assert None if it were taken as a value); a bool used in Python is one."""
+    torch.manual_seed(0)
+    model, x = _MaskedAttention().eval(), torch.randn(2, 6, 32)
+    cm = sparsec.compile(model, example_inputs=(x,), min_weights=0)
+    assert cm.trace_method == "symbolic_trace"
+    reference = pruned_model(model, cm.plan)
+    mask = torch.rand(6, 6) > 0.3
+    with torch.no_grad():
+        assert output_error(cm(x), reference(x)) <= 1e-5
+        assert output_error(cm(x, mask), reference(x, mask)) <= 1e-5
+        assert output_error(cm(x, attn_mask=mask), reference(x, attn_mask=mask)) <= 1e-5
