@@ -135,7 +135,7 @@ def candidates(gm, ctx, layer, decision, m: int, triton_problem: str | None) -> 
 
     weight, bias, rows, mask = _layer_operands(gm, ctx, layer, decision)
     pattern = parse_pattern(decision.sparsity)
-    x = torch.randn(m, layer.reduction, device=weight.device, dtype=weight.dtype)
+    x = _sample_input((m, layer.reduction), weight.device, weight.dtype)
 
     def runtime_module(cls, packed):
         return cls(packed, bias, layer.op, layer.weight_shape, layer.name, decision.sparsity, "")
@@ -183,7 +183,7 @@ def conv_candidates(gm, ctx, layer, decision, input_shape: tuple[int, ...], trit
     packed = PackedWeight.pack(rows, mask, parse_pattern(decision.sparsity), decision.quant)
     module_class = TritonSparseConv1d if layer.op == "conv1d" else TritonSparseConv2d
     module = module_class(packed, bias, tuple(weight.shape), layer.name, decision.sparsity, "", layer.conv)
-    x, geometry, _ = module.kernel_input(torch.randn(input_shape, device=weight.device, dtype=weight.dtype))
+    x, geometry, _ = module.kernel_input(_sample_input(input_shape, weight.device, weight.dtype))
     dense = module.effective_weight().contiguous()
     dense = dense.unsqueeze(-2) if layer.op == "conv1d" else dense  # x is [B, C, H, W] as the kernel reads it
     out = {"dense": lambda: F.conv2d(x, dense, bias, geometry.stride, geometry.padding, geometry.dilation)}
@@ -225,6 +225,13 @@ def time_cpu(fn, block_s: float = 0.02, blocks: int = 7) -> float:
     return statistics.median(times)
 
 
+def _sample_input(shape, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Random inputs to time candidates on, from a generator of their own: compiling must not move
+    the user's random stream."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    return torch.randn(shape, device=device, generator=generator).to(dtype)
+
+
 def cpu_fanin_candidates(gm, ctx, layer, decision, m: int) -> dict:
     from sparsec.runtime import condensed_cpu
     from sparsec.runtime.packed import FanInPacked
@@ -233,7 +240,7 @@ def cpu_fanin_candidates(gm, ctx, layer, decision, m: int) -> dict:
     packed = FanInPacked.pack(rows, mask, parse_pattern(decision.sparsity), decision.quant)
     dense = packed.rows().contiguous()
     prepared = condensed_cpu.prepare(packed.kept_values(torch.float32), packed.indices)
-    x = torch.randn(m, layer.reduction)
+    x = _sample_input((m, layer.reduction), torch.device("cpu"), torch.float32)
     return {"dense": lambda: F.linear(x, dense, bias),
             "condensed": lambda: condensed_cpu.condensed_linear(x, prepared, bias=bias)}
 

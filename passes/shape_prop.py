@@ -8,7 +8,7 @@ from sparsec.context import CompileContext
 from sparsec.errors import ExampleInputError
 from sparsec.frontend import describe_inputs, user_frame
 from sparsec.meta import update_meta
-from sparsec.state import preserved_buffers
+from sparsec.state import preserved_state
 
 
 class _Recorder(fx.Interpreter):
@@ -31,7 +31,7 @@ def propagate_shapes(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         return gm
     recorder = _Recorder(gm)
     try:
-        with torch.no_grad(), preserved_buffers(gm):
+        with torch.no_grad(), preserved_state(gm):
             recorder.run(*ctx.example_inputs)
     except Exception as e:  # noqa: BLE001 - any failure here is the inputs not fitting the model
         node = recorder.current

@@ -30,7 +30,7 @@ from sparsec.errors import ExampleInputError, InvalidTypeError, TraceError
 from sparsec.graph_module import SparsecGraphModule
 from sparsec.plan import dtype_name
 from sparsec.runtime.layers import RuntimeLayer
-from sparsec.state import preserved_buffers
+from sparsec.state import preserved_state
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 # sparsec's own code: the package and its passes / codegen subpackages (separate folders in the source tree)
@@ -156,13 +156,13 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
 
     # Tell wrong example inputs apart from untraceable code: run the model eagerly first.
     try:
-        with torch.no_grad(), preserved_buffers(model):
+        with torch.no_grad(), preserved_state(model):
             model(*example_inputs)
     except Exception as eager_error:  # noqa: BLE001
         raise ExampleInputError(_example_input_message(eager_error, example_inputs)) from eager_error
 
     try:
-        with preserved_buffers(model), _export_chatter_held():
+        with preserved_state(model), _export_chatter_held():
             exported = _export(model, example_inputs)
         module = exported.module()
     except Exception as export_error:  # noqa: BLE001
@@ -205,7 +205,7 @@ def _export(model: nn.Module, example_inputs: tuple):
 def _runs_like(model: nn.Module, gm: fx.GraphModule, example_inputs: tuple) -> bool:
     """Whether the graph computes what the model does on the example inputs (same random draws)."""
     def run(module: nn.Module):
-        with torch.no_grad(), preserved_buffers(module), torch.random.fork_rng(devices=[]):
+        with torch.no_grad(), preserved_state(module):
             torch.manual_seed(0)
             return module(*example_inputs)
 
@@ -322,15 +322,13 @@ def _lost_buffer_updates(model: nn.Module, gm: fx.GraphModule, example_inputs: t
         return []
 
     def run(module: nn.Module) -> dict[str, torch.Tensor]:
-        with torch.no_grad(), preserved_buffers(module):
+        with torch.no_grad(), preserved_state(module):
             module(*example_inputs)
             return {name: buf.detach().clone() for name, buf in module.named_buffers()}
 
     before = {name: buf.detach().clone() for name, buf in model.named_buffers()}
-    cuda = sorted({t.device.index or 0 for t in [*model.parameters(), *model.buffers()] if t.device.type == "cuda"})
     try:
-        with torch.random.fork_rng(devices=cuda):  # compiling must not move the user's random streams
-            eager, graph = run(model), run(gm)
+        eager, graph = run(model), run(gm)
     except Exception:  # noqa: BLE001 - the compile's own run reports bad inputs with its context
         return []
     lost = [name for name, value in eager.items()

@@ -424,3 +424,15 @@ def test_a_none_argument_passed_on_stays_a_graph_input():
         assert output_error(cm(x), reference(x)) <= 1e-5
         assert output_error(cm(x, mask), reference(x, mask)) <= 1e-5
         assert output_error(cm(x, attn_mask=mask), reference(x, attn_mask=mask)) <= 1e-5
+
+
+@pytest.mark.parametrize("options", [{}, {"train": True}, {"pattern": "fanin:0.9"}])
+def test_compiling_leaves_the_random_stream_where_it_was(options):
+    """Compiling runs the model (shapes; checks of the traced graph) with dropout in train mode, and
+    times candidates on random inputs (fan-in on CPU): the user's next random numbers are still the
+    ones they would have had without compiling (dropout and timing inputs drew from them)."""
+    model = nn.Sequential(nn.Linear(32, 64), nn.Dropout(0.5), nn.Linear(64, 64), nn.Linear(64, 4)).train()
+    for target, example in [(model, (torch.randn(2, 32),)), (_MaskedAttention().train(), (torch.randn(2, 6, 32),))]:
+        state = torch.get_rng_state()
+        sparsec.compile(target, example_inputs=example, min_weights=0, **options)
+        assert torch.equal(torch.get_rng_state(), state), type(target).__name__
