@@ -4,15 +4,21 @@ Each model is compiled under each pattern; the compiled model must compute what 
 computes with the oracle's pruned (and fake-quantized) weights (tests/oracle.py, independent of
 sparsec), at the example's batch size and another one, after a save / load, and a training step
 must keep masked weights at exactly 0. Bugs this net caught: a layer called three times in one
-forward crashed SR-STE's backward; an optional `mask=None` argument made compile fail.
+forward crashed SR-STE's backward; an optional `mask=None` argument made compile fail. Random CNNs
+(tests/test_shrink_random.py's generator) are compiled under each pattern against the oracle too.
 """
+import random
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import sparsec
 from oracle import output_error, pruned_model
+from test_shrink_random import RandomNet, kill_groups
 
 
 class TinyGPT(nn.Module):
@@ -167,3 +173,22 @@ def test_a_training_step_keeps_masked_weights_at_zero(name, update):
         weight, mask = cm.effective_weight(n), cm.mask(n)
         assert not weight[~mask].any(), n
         assert not torch.equal(weight, before[n]), f"{n} did not train"
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), config=st.sampled_from([
+    {"pattern": "2:4"}, {"pattern": "2:4", "quantize": "int8"}, {"pattern": "4:8"}, {"pattern": "fanin:0.8"},
+    {"pattern": "1:4", "quantize": "auto"}, {"pattern": "2:4", "include": [".*"]}]))
+def test_random_cnns_compute_like_the_oracle(seed, config):
+    """The random CNNs shrink is tested on (depthwise, SE gates, pools, concatenation, view heads),
+    some with dead groups, compiled under each pattern: the oracle-pruned model's outputs."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    model = RandomNet(rng)
+    if rng.random() < 0.5:
+        kill_groups(rng, model)
+    model.eval()
+    x = torch.randn(3, 3, 8, 8)
+    cm = sparsec.compile(model, example_inputs=(x,), min_weights=0, **config)
+    with torch.no_grad():
+        assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
