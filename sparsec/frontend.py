@@ -126,7 +126,7 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
     # passed on to attention). Where that graph cannot be traced (`if flag:`) or does not compute what
     # the model does on the example inputs (`if mask is not None:` is always true of a graph input),
     # as the values they have: the graph follows the example's path and asserts each call passes the same.
-    traced = False
+    traced, eager, graph_run = False, None, None
     for values in ([{}, concrete] if concrete else [{}]):
         tracer = _Tracer(leaf_types, leaf_names, _regexes(exclude))
         try:
@@ -137,11 +137,14 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
         except Exception as fx_error:  # noqa: BLE001 - any tracing failure means: try the next way
             symbolic_failure = fx_error
             continue
-        if values or not concrete or example_inputs is None or _runs_like(model, gm, example_inputs):
+        if example_inputs is not None:
+            eager = eager or _example_run(model, example_inputs)
+            graph_run = _example_run(gm, example_inputs)
+        if values or not concrete or example_inputs is None or _same_outputs(eager, graph_run):
             traced = True
             break
     if traced:
-        notes = _lost_buffer_updates(model, gm, example_inputs) + _root_hooks(model) + _lost_checkpoints(tracer)
+        notes = _lost_buffer_updates(model, eager, graph_run) + _root_hooks(model) + _lost_checkpoints(tracer)
         for note in notes:
             warnings.warn(f"sparsec: {note}", stacklevel=3)
         return gm, "symbolic_trace", notes
@@ -154,12 +157,14 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
             f"example_inputs=(x,), or mark the offending module as a leaf (leaf_modules=[...]) or exclude it "
             f"(exclude=['name'])") from symbolic_failure
 
-    # Tell wrong example inputs apart from untraceable code: run the model eagerly first.
-    try:
-        with torch.no_grad(), preserved_state(model):
-            model(*example_inputs)
-    except Exception as eager_error:  # noqa: BLE001
-        raise ExampleInputError(_example_input_message(eager_error, example_inputs)) from eager_error
+    # Tell wrong example inputs apart from untraceable code: run the model eagerly first (unless a
+    # traced graph was checked against it already).
+    if eager is None:
+        try:
+            with torch.no_grad(), preserved_state(model):
+                model(*example_inputs)
+        except Exception as eager_error:  # noqa: BLE001
+            raise ExampleInputError(_example_input_message(eager_error, example_inputs)) from eager_error
 
     try:
         with preserved_state(model), _export_chatter_held():
@@ -202,17 +207,24 @@ def _export(model: nn.Module, example_inputs: tuple):
     return torch.export.export(model, example_inputs, strict=False)
 
 
-def _runs_like(model: nn.Module, gm: fx.GraphModule, example_inputs: tuple) -> bool:
-    """Whether the graph computes what the model does on the example inputs (same random draws)."""
-    def run(module: nn.Module):
+def _example_run(module: nn.Module, example_inputs: tuple) -> tuple[list, dict] | None:
+    """The module's outputs (flattened) and its buffers after one run on the example inputs, with the
+    same random draws every time; its state and the random streams are restored. None if it fails
+    (bad inputs are reported with their context by the compile's own run)."""
+    try:
         with torch.no_grad(), preserved_state(module):
             torch.manual_seed(0)
-            return module(*example_inputs)
+            outputs = tree_flatten(module(*example_inputs))[0]
+            return outputs, {name: buf.detach().clone() for name, buf in module.named_buffers()}
+    except Exception:  # noqa: BLE001
+        return None
 
-    try:
-        expected, got = tree_flatten(run(model))[0], tree_flatten(run(gm))[0]
-    except Exception:  # noqa: BLE001 - the graph fails where the model runs (or the inputs are bad: decided later)
+
+def _same_outputs(eager, graph_run) -> bool:
+    """Whether the graph computed what the model did on the example inputs (both `_example_run`s)."""
+    if eager is None or graph_run is None:
         return False
+    expected, got = eager[0], graph_run[0]
     return len(expected) == len(got) and all(
         torch.allclose(a, b, equal_nan=True) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
         and a.shape == b.shape else (not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor) and a == b)
@@ -313,26 +325,16 @@ def _root_hooks(model: nn.Module) -> list[str]:
             f"only); register them on the compiled model if they are still needed"] if hooks else []
 
 
-def _lost_buffer_updates(model: nn.Module, gm: fx.GraphModule, example_inputs: tuple | None) -> list[str]:
+def _lost_buffer_updates(model: nn.Module, eager, graph_run) -> list[str]:
     """A note when the model's forward updates buffers in Python code (`self.steps += 1`) that
     symbolic_trace does not record (updates inside leaf modules, like BatchNorm's running stats, are
-    kept): the compiled model would never update them. Runs the model and the graph once each on
-    the example inputs, restoring every buffer after each."""
-    if example_inputs is None:
+    kept): the compiled model would never update them. Compares the buffers after the model's and the
+    graph's example runs (`_example_run`) with the model's own."""
+    if eager is None or graph_run is None:
         return []
-
-    def run(module: nn.Module) -> dict[str, torch.Tensor]:
-        with torch.no_grad(), preserved_state(module):
-            module(*example_inputs)
-            return {name: buf.detach().clone() for name, buf in module.named_buffers()}
-
-    before = {name: buf.detach().clone() for name, buf in model.named_buffers()}
-    try:
-        eager, graph = run(model), run(gm)
-    except Exception:  # noqa: BLE001 - the compile's own run reports bad inputs with its context
-        return []
-    lost = [name for name, value in eager.items()
-            if not _same(value, before.get(name)) and not _same(value, graph.get(name))]
+    before = dict(model.named_buffers())
+    lost = [name for name, value in eager[1].items()
+            if not _same(value, before.get(name)) and not _same(value, graph_run[1].get(name))]
     if not lost:
         return []
     return [f"the model's forward updates buffer{'s' if len(lost) > 1 else ''} {lost} in Python code that "

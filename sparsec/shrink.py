@@ -420,8 +420,7 @@ class _Analysis:
         self.origin += [(layer.name, i) for i in range(out)]
         self.graph.add_nodes_from(elems)
         # A zero row outputs its bias at every position (zero padding times zero weights adds nothing).
-        zero = (row_norms(layer.effective(self.gm), layer.op) <= self.threshold).tolist()
-        bias = attribute(self.gm, layer.bias_path).detach().tolist() if layer.bias_path else [0.0] * out
+        zero, bias = self.zero_rows(layer, layer.effective(self.gm))
         consts = tuple(b if z else None for b, z in zip(bias, zero))
         value = _Value(elems, consts, ndim - 1 - layer.spatial_dims, ndim)
         self.values[node] = value
@@ -531,14 +530,19 @@ class _Analysis:
         self.values[node] = dataclasses.replace(v, consts=consts)
         self.sites.append(_Site("batchnorm", node.target, node, v))
 
+    def zero_rows(self, layer: _Layer, weight: torch.Tensor) -> tuple[list[bool], list[float]]:
+        """Per output row: whether its norm is <= threshold, and its bias (0 without one)."""
+        zero = (row_norms(weight, layer.op) <= self.threshold).tolist()
+        bias = attribute(self.gm, layer.bias_path).detach().tolist() if layer.bias_path else [0.0] * len(zero)
+        return zero, bias
+
     def depthwise(self, node: fx.Node, v: _Value, layer: _Layer) -> None:
         """Output channel c is channel c's own filter applied to input channel c: the channel passes
         through (sliced along, like BatchNorm). It is constant where the filter is zero (the bias),
         or where the input is: 0 in gives the bias; c in gives c * sum(filter) + bias, except at
         zero-padded borders."""
         w = layer.effective(self.gm)
-        bias = attribute(self.gm, layer.bias_path).detach().tolist() if layer.bias_path else [0.0] * w.shape[0]
-        zero = (row_norms(w, layer.op) <= self.threshold).tolist()
+        zero, bias = self.zero_rows(layer, w)
         sums = w.reshape(w.shape[0], -1).sum(1).tolist()
         padded = layer.zero_padded(self.gm)
         consts = tuple(b if z or c == 0 else (None if c is None or padded else c * s + b)

@@ -30,8 +30,9 @@ class CondensedLinear(SparseLinear):
         return condensed_cpu.condensed_linear(x.detach(), layout, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float32 or x.device.type != "cpu" or self.packed.dtype_probe.dtype != torch.float32:
-            return self.reference(x)  # the kernel is fp32 / CPU; anything else runs the reference
-        if torch.compiler.is_exporting():  # an exported program holds portable ops, not this process's kernel
+        # The kernel is fp32 / CPU, and an exported program holds portable ops, not this process's
+        # kernel: anything else runs the reference.
+        if (x.dtype != torch.float32 or x.device.type != "cpu" or self.packed.dtype_probe.dtype != torch.float32
+                or torch.compiler.is_exporting()):
             return self.reference(x)
         return run_kernel(self, x)
