@@ -5,8 +5,9 @@ dense cuBLAS GEMM on the pruned weight; medians of CUDA-event timings of eager c
 compiled model's caller waits) after warm-up, or with compile's timing="graph" of CUDA graph replays
 (GPU time only), each after an L2 flush that leaves the cache clean (weights from device memory),
 the candidates taking turns.
-CPU, constant fan-in layers: the condensed kernel against a dense GEMM on the pruned weight;
-medians of wall-clock blocks.
+CPU, float32 linear layers: the C++ kernel (condensed for constant fan-in, bitmask for N:M) against a
+dense GEMM on the pruned weight; medians of wall-clock blocks. Where the kernel wins, it is probed
+at more rows, and its layer runs the torch runtime above the last win.
 """
 from __future__ import annotations
 
@@ -209,13 +210,18 @@ def describe_launch(cfg: dict) -> str:
 
 
 def time_cpu(fn, block_s: float = 0.02, blocks: int = 7) -> float:
-    """Median seconds per call over short blocks of repeated calls (one call is too short to time)."""
+    """Median seconds per call over `blocks` blocks of repeated calls (one short call is too short to
+    time; a call longer than a block is timed alone)."""
+    start = time.perf_counter()
     fn()
-    calls, start = 0, time.perf_counter()
-    while time.perf_counter() - start < block_s / 4:
-        fn()
-        calls += 1
-    per_block = max(1, int(calls * 4))
+    first = time.perf_counter() - start
+    per_block = 1
+    if first < block_s:
+        calls, start = 0, time.perf_counter()
+        while time.perf_counter() - start < block_s / 4:
+            fn()
+            calls += 1
+        per_block = max(1, int(calls * 4))
     times = []
     for _ in range(blocks):
         start = time.perf_counter()
@@ -232,17 +238,58 @@ def _sample_input(shape, device: torch.device, dtype: torch.dtype) -> torch.Tens
     return torch.randn(shape, device=device, generator=generator).to(dtype)
 
 
-def cpu_fanin_candidates(gm, ctx, layer, decision, m: int) -> dict:
-    from sparsec.runtime import condensed_cpu
-    from sparsec.runtime.packed import FanInPacked
+def cpu_kernel_candidates(gm, ctx, layer, decision):
+    """at(rows) -> {"dense", kernel} on `rows` input rows: a dense GEMM on the pruned weight, and the
+    layer's CPU kernel, "condensed" for constant fan-in, "bitmask" for N:M; at(rows, above=True) ->
+    {kernel, "above"}: the kernel, and what its layer runs above the rows the kernel is kept for
+    (bitmask: F.linear on the weight the C++ code densifies; condensed: the torch runtime)."""
+    from sparsec.runtime import bitmask_cpu, condensed_cpu
+    from sparsec.runtime.packed import PackedWeight
 
     weight, bias, rows, mask = _layer_operands(gm, ctx, layer, decision)
-    packed = FanInPacked.pack(rows, mask, parse_pattern(decision.sparsity), decision.quant)
-    dense = packed.rows().contiguous()
-    prepared = condensed_cpu.prepare(packed.kept_values(torch.float32), packed.indices)
-    x = _sample_input((m, layer.reduction), torch.device("cpu"), torch.float32)
-    return {"dense": lambda: F.linear(x, dense, bias),
-            "condensed": lambda: condensed_cpu.condensed_linear(x, prepared, bias=bias)}
+    packed = PackedWeight.pack(rows, mask, parse_pattern(decision.sparsity), decision.quant)
+    dense = packed.rows(torch.float32).contiguous()
+    if decision.sparsity.startswith("fanin:"):
+        name, layout = "condensed", condensed_cpu.prepare(packed.kept_values(torch.float32), packed.indices)
+        kernel = functools.partial(condensed_cpu.condensed_linear, values=layout, bias=bias)
+        above = lambda x: F.linear(x, packed.rows(torch.float32), bias)  # noqa: E731
+    else:
+        name, layout = "bitmask", bitmask_cpu.prepare(packed.values, packed.mask(), packed.scales)
+        kernel = functools.partial(bitmask_cpu.bitmask_linear, weight=layout, bias=bias)
+        above = lambda x: F.linear(x, bitmask_cpu.densify(layout), bias)  # noqa: E731
+
+    def at(m: int, above_rows: bool = False) -> dict:
+        x = _sample_input((m, layer.reduction), torch.device("cpu"), torch.float32)
+        if above_rows:
+            return {name: lambda: kernel(x), "above": lambda: above(x)}
+        return {"dense": lambda: F.linear(x, dense, bias), name: lambda: kernel(x)}
+    return at
+
+
+# The CPU kernels win at few rows (they read fewer weight bytes) and can lose to a dense GEMM's
+# blocking at many (on this project's 2-core machine, the condensed kernel on a 4096 x 4096 layer at 50%:
+# 4.6x dense at 1 row, 1.3x at 256, 0.53x at 1024). When the kernel wins at the compiled rows, probe
+# 4x, 16x, ... the rows, against what its layer would run instead (no dense copy: densify or rebuild
+# the weight, then F.linear), until it loses or a call would take over PROBE_BUDGET_S.
+PROBE_BUDGET_S, PROBE_MAX_ROWS = 0.05, 1 << 16
+
+
+def cpu_rows_limit(at, kernel: str, rows: int, dense_s: float) -> tuple[int | None, str]:
+    """(max_rows, note): the most rows the CPU kernel measured faster than its layer's way above them,
+    probing upward from `rows`, where it won and a dense call took `dense_s`; None when it won up to
+    PROBE_MAX_ROWS."""
+    limit, slowest = rows, dense_s
+    while limit * 4 <= PROBE_MAX_ROWS:
+        if 4 * slowest > PROBE_BUDGET_S:
+            return limit, f"kernel up to {limit} rows (not probed further), densified weight + F.linear above"
+        probe = at(limit * 4, above_rows=True)
+        with torch.no_grad():
+            times = {name: time_cpu(fn, block_s=0.01, blocks=3) for name, fn in probe.items()}
+        if times[kernel] >= times["above"]:
+            return limit, (f"kernel up to {limit} rows, densified weight + F.linear above (at {limit * 4} rows: "
+                           f"{kernel} {1e6 * times[kernel]:.0f} us, densified {1e6 * times['above']:.0f} us)")
+        limit, slowest = limit * 4, max(times.values())
+    return None, f"kernel at every row count (probed up to {limit} rows)"
 
 
 # How far a candidate may be from the dense result, relative to the dense result's largest magnitude:
@@ -325,7 +372,8 @@ def pick_fastest(gm, ctx, layer, decision, m: int | None, triton_problem: str | 
     rows = m or DEFAULT_ROWS
     cuda_timer = (lambda fn: time_cuda(fn, graph=True)) if graph else time_cuda
     if device == "cpu":
-        options, timer = cpu_fanin_candidates(gm, ctx, layer, decision, rows), time_cpu
+        at = cpu_kernel_candidates(gm, ctx, layer, decision)
+        options, timer = at(rows), time_cpu
     elif input_shape is not None:  # a conv layer
         (options, rows), timer = conv_candidates(gm, ctx, layer, decision, input_shape, triton_problem), cuda_timer
         m = rows
@@ -354,4 +402,7 @@ def pick_fastest(gm, ctx, layer, decision, m: int | None, triton_problem: str | 
                                                            for k, v in sorted(wrong.items()))
     if failed:
         note += "; failed to run: " + ", ".join(f"{k} ({v})" for k, v in sorted(failed.items()))
+    if best in ("condensed", "bitmask"):
+        max_rows, limit_note = cpu_rows_limit(at, best, rows, times["dense"])
+        return best, f"{note}; {limit_note}", {"max_rows": max_rows}
     return best, note, launch if best == "triton" else None

@@ -5,8 +5,9 @@ backend="triton"  the generated fused kernels for every layer they cover (2:4 or
                   linear / matmul, 2:4 conv1d / conv2d with groups=1; float16 / bfloat16 / float32
                   weights); other sparse layers stay on torch, with the reason. Needs CUDA, or
                   TRITON_INTERPRET=1 for the CPU interpreter.
-backend="auto"    on CPU: constant fan-in fp32 linear layers time the condensed kernel against a dense
-                  GEMM on the pruned weight and take the faster; everything else runs torch. On CUDA:
+backend="auto"    on CPU: float32 linear layers time their C++ kernel (condensed for constant fan-in,
+                  bitmask for N:M) against a dense GEMM on the pruned weight and take the faster
+                  (the kernel up to the most rows it measured faster at); everything else runs torch. On CUDA:
                   per layer, time the Triton kernel, cuSPARSELt (when this torch has it) and a dense
                   GEMM (cuDNN for a conv) on the pruned weight at the compiled shape, and take the
                   fastest, so a compiled layer is never slower than dense where it was compiled.
@@ -26,6 +27,7 @@ from sparsec.plan import dtype_name
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_NOTE = "runs a fused Triton kernel"
+CPU_KERNEL_RUNS = {"condensed": "constant fan-in", "bitmask": "N:M"}  # the C++ CPU kernels' patterns
 AUTO_OFF_CUDA_NOTE = "runs on the torch runtime (backend 'auto' off CUDA; the Triton kernels need a GPU)"
 
 
@@ -47,18 +49,27 @@ def triton_blocker(layer: LayerInfo, sparsity: str, device: torch.device) -> str
     return None
 
 
-def _condensed_candidate(layer: LayerInfo, decision) -> bool:
-    """A constant fan-in fp32 linear layer, where this machine has the CPU condensed kernel."""
-    from sparsec.runtime import condensed_cpu
+def _cpu_kernel_candidate(layer: LayerInfo, decision) -> bool:
+    """A float32 linear layer whose pattern has a C++ CPU kernel on this machine: constant fan-in
+    (condensed) or N:M (bitmask)."""
+    from sparsec.runtime import bitmask_cpu, condensed_cpu
 
-    return (decision.sparsity.startswith("fanin:") and layer.op in ("linear", "matmul")
-            and layer.dtype == torch.float32 and condensed_cpu.is_available())
+    if layer.op not in ("linear", "matmul") or layer.dtype != torch.float32:
+        return False
+    kernels = condensed_cpu if decision.sparsity.startswith("fanin:") else bitmask_cpu
+    return kernels.is_available()
+
+
+# CPU timings are the machine's, not the model's: measured once per layer shape (and thread count) in a
+# process, so explain() then compile(), or a test suite compiling the same model again, measure once
+# and plan alike. (CUDA timings are taken again per compile: they depend on what else holds the GPU.)
+CPU_MEASUREMENTS: dict = {}
 
 
 def _measured(gm, ctx: CompileContext, layer: LayerInfo, decision, node: fx.Node, triton_problem, device: str):
     """backend="auto": the fastest way to run this layer, measured once per distinct shape in a
     compile (timings depend on shapes, dtypes and pattern, not on the weight values), so a 12-layer
-    model with 4 layer shapes measures 4 times."""
+    model with 4 layer shapes measures 4 times; on CPU once per shape in a process."""
     from sparsec.codegen.measure import pick_fastest
 
     m = input_rows(node, layer.reduction)
@@ -70,9 +81,16 @@ def _measured(gm, ctx: CompileContext, layer: LayerInfo, decision, node: fx.Node
     key = (device, layer.op, layer.weight_shape, layer.conv, layer.dtype, decision.sparsity, decision.quant,
            layer.bias_path is not None, input_shape or m, triton_problem, graph)
     if key not in ctx.measurements:
-        ctx.measurements[key] = (*pick_fastest(gm, ctx, layer, decision, m, triton_problem, device=device,
-                                               input_shape=input_shape, graph=graph), layer.name)
-        return ctx.measurements[key][:3]
+        cpu_key = (key, torch.get_num_threads())
+        if device == "cpu" and cpu_key in CPU_MEASUREMENTS:
+            result = CPU_MEASUREMENTS[cpu_key]
+        else:
+            result = pick_fastest(gm, ctx, layer, decision, m, triton_problem, device=device, input_shape=input_shape,
+                                  graph=graph)
+            if device == "cpu":
+                CPU_MEASUREMENTS[cpu_key] = result
+        ctx.measurements[key] = (*result, layer.name)
+        return result
     backend, note, launch, measured_on = ctx.measurements[key]
     return backend, f"{note}; measured on {measured_on}, which has the same shape", launch
 
@@ -93,8 +111,15 @@ def choose_backend(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         if decision is None or decision.sparsity is None:
             continue
         device = _device(gm, layer)
-        if ctx.options.plan is not None and decision.backend is not None:
-            backend = decision.backend  # the given plan decides; no measuring
+        given, chosen_again = decision.backend if ctx.options.plan is not None else None, None
+        if given in CPU_KERNEL_RUNS and layer.conv is None and decision.sparsity.startswith("fanin:") != (
+                given == "condensed"):
+            # the plan's sparsity was edited after auto chose this kernel for the old pattern
+            chosen_again = (f"the given plan's backend {given!r} runs {CPU_KERNEL_RUNS[given]} layers only, not "
+                            f"{decision.sparsity}: chosen again")
+            given = None
+        if given is not None:
+            backend = given  # the given plan decides; no measuring
             if backend == "triton":
                 if problem := triton_blocker(layer, decision.sparsity, device) or (
                         None if can_run_on(device) else f"the layer is on {device} and TRITON_INTERPRET is not 1"):
@@ -102,13 +127,13 @@ def choose_backend(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             if backend == "cusparselt" and (decision.sparsity != "2:4" or device.type != "cuda"):
                 raise InvalidInputError(f"the given plan asks for backend 'cusparselt' on layer {name!r}: it needs a "
                                         f"2:4 layer on CUDA (this one is {decision.sparsity} on {device})")
-            if backend == "condensed" and not (decision.sparsity.startswith("fanin:") and layer.conv is None):
-                raise InvalidInputError(f"the given plan asks for backend 'condensed' on layer {name!r}: it runs "
-                                        f"constant fan-in linear layers only (this one is {decision.sparsity} "
-                                        f"{layer.op}); set its backend to null to let sparsec choose")
+            if backend in CPU_KERNEL_RUNS and layer.conv is not None:
+                raise InvalidInputError(f"the given plan asks for backend {backend!r} on layer {name!r}: it runs "
+                                        f"{CPU_KERNEL_RUNS[backend]} linear layers only (this one is a "
+                                        f"{decision.sparsity} {layer.op}); set its backend to null to let sparsec choose")
             note = {"torch": None, "triton": TRITON_NOTE}.get(backend, f"backend {backend}, set by the given plan")
             launch = decision.launch
-        elif wanted == "auto" and device.type == "cpu" and _condensed_candidate(layer, decision):
+        elif wanted == "auto" and device.type == "cpu" and _cpu_kernel_candidate(layer, decision):
             backend, note, launch = _measured(gm, ctx, layer, decision, nodes[0], None, "cpu")
         elif wanted == "torch":
             backend, note, launch = "torch", None, None
@@ -125,6 +150,7 @@ def choose_backend(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         else:  # auto on CUDA: measure
             backend, note, launch = _measured(gm, ctx, layer, decision, nodes[0],
                                               triton_blocker(layer, decision.sparsity, device), "cuda")
+        note = "; ".join(part for part in (chosen_again, note) if part)
         reason = f"{decision.reason}; {note}" if note else decision.reason
         decision = dataclasses.replace(decision, backend=backend, reason=reason, launch=launch)
         for node in nodes:

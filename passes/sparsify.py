@@ -20,7 +20,9 @@ from sparsec.passes.weight_reads import erase_unused_reads, fold_shape_reads, ow
 from sparsec.patterns import parse_pattern
 from sparsec.reference import weight_to_rows
 from sparsec.runtime import PackedWeight, SparseConv1d, SparseConv2d, SparseLayer, SparseLinear
+from sparsec.runtime.bitmask_linear import BitmaskLinear
 from sparsec.runtime.condensed_linear import CondensedLinear
+from sparsec.runtime.cpu_linear import CpuKernelLinear
 from sparsec.runtime.cusparselt_linear import CusparseltLinear
 from sparsec.runtime.packed import DensePacked
 from sparsec.runtime.triton_conv import TritonSparseConv1d, TritonSparseConv2d
@@ -33,7 +35,8 @@ def _set_submodule(gm: fx.GraphModule, path: str, module: torch.nn.Module) -> No
 
 # decision.backend -> the module class running a linear / matmul layer
 LINEAR_MODULES = {None: SparseLinear, "torch": SparseLinear, "dense": SparseLinear,
-                  "triton": TritonSparseLinear, "cusparselt": CusparseltLinear, "condensed": CondensedLinear}
+                  "triton": TritonSparseLinear, "cusparselt": CusparseltLinear, "condensed": CondensedLinear,
+                  "bitmask": BitmaskLinear}
 
 
 # (op, runs the Triton kernel) -> the module class running a convolution
@@ -59,6 +62,8 @@ def build_runtime_module(gm: fx.GraphModule, ctx: CompileContext, layer: LayerIn
                                                   decision.sparsity, decision.reason)
     if decision.launch is not None:
         module.launch = dict(decision.launch)
+    if isinstance(module, CpuKernelLinear):
+        module.build_now()
     return module
 
 

@@ -85,7 +85,7 @@ class Decision:
     quant: str | None           # None | "int8"
     grad_sparsity: str | None
     reason: str
-    backend: str | None = None  # sparse layers: "torch" | "triton" | "cusparselt" | "dense" | "condensed"
+    backend: str | None = None  # sparse layers: "torch" | "triton" | "cusparselt" | "dense" | "condensed" | "bitmask"
     launch: dict | None = None  # backend "triton", 2:4: the measured launch config and the rows "M" it is for
 
 

@@ -17,7 +17,7 @@ from sparsec.patterns import NM, FanIn, parse_pattern
 PLAN_FORMAT = "sparsec.plan"
 PLAN_VERSION = 1
 QUANT_CHOICES = (None, "int8")
-BACKEND_CHOICES = (None, "torch", "triton", "cusparselt", "dense", "condensed")
+BACKEND_CHOICES = (None, "torch", "triton", "cusparselt", "dense", "condensed", "bitmask")
 
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 
@@ -38,9 +38,11 @@ class LayerPlan:
     reason: str                        # why chosen, or why not
     dtype: str | None = None           # weight dtype ("float32", ...), for byte counts
     flops: int | None = None           # dense FLOPs of the layer at the example inputs
-    backend: str | None = None         # what runs a sparse layer: torch | triton | cusparselt | dense | condensed
+    backend: str | None = None         # what runs a sparse layer: torch | triton | cusparselt | dense | condensed | bitmask
     launch: dict | None = None         # backend triton, 2:4: the launch config timed fastest at M rows (tiles,
-                                       # SPLIT_K, warps, stages, "M"); None = sparsec's shape table
+                                       # SPLIT_K, warps, stages, "M"); None = sparsec's shape table.
+                                       # condensed / bitmask: {"max_rows": the most rows the kernel runs}.
+                                       # With backend None, sparsec chooses both again
 
     def __post_init__(self) -> None:
         self.weight_shape = tuple(int(d) for d in self.weight_shape)
@@ -226,20 +228,32 @@ class Plan:
                 raise InvalidInputError(f"plan layer {lp.name!r}: quant {lp.quant!r} not in {QUANT_CHOICES}")
             if lp.backend not in BACKEND_CHOICES:
                 raise InvalidInputError(f"plan layer {lp.name!r}: backend {lp.backend!r} not in {BACKEND_CHOICES}")
-            if lp.launch is not None:
-                from sparsec.codegen.configs import validate_launch
-                from sparsec.codegen.spec import PRMT_EXPAND_APPLIES, has_prmt_expand
+            # (with backend None sparsec chooses again, and a launch left from the old choice is replaced)
+            if lp.launch is not None and lp.backend is not None and (problem := _launch_problem(lp)):
+                raise InvalidInputError(f"plan layer {lp.name!r}: {problem}")
 
-                if lp.backend != "triton" or lp.sparsity != "2:4":
-                    raise InvalidInputError(f"plan layer {lp.name!r}: a launch config applies to 2:4 layers on backend "
-                                            f"'triton' only (this one is {lp.sparsity} on {lp.backend}); set it to null")
-                if problem := validate_launch(lp.launch):
-                    raise InvalidInputError(f"plan layer {lp.name!r}: bad launch config {lp.launch}: {problem}")
-                weight_dtype = "int8" if lp.quant == "int8" else lp.dtype
-                if lp.launch["PRMT_EXPAND"] and not has_prmt_expand(weight_dtype, lp.dtype):
-                    raise InvalidInputError(f"plan layer {lp.name!r}: launch PRMT_EXPAND=1 applies to "
-                                            f"{PRMT_EXPAND_APPLIES}; this layer has {weight_dtype} weights and "
-                                            f"{lp.dtype} inputs. Set PRMT_EXPAND to 0")
+
+def _launch_problem(lp: LayerPlan) -> str | None:
+    """Why a layer's recorded launch entry cannot be applied (None: it can)."""
+    from sparsec.codegen.configs import validate_launch
+    from sparsec.codegen.spec import PRMT_EXPAND_APPLIES, has_prmt_expand
+
+    if lp.backend in ("condensed", "bitmask"):
+        rows = lp.launch.get("max_rows") if isinstance(lp.launch, dict) else None
+        if not isinstance(lp.launch, dict) or set(lp.launch) != {"max_rows"} or not (
+                rows is None or (type(rows) is int and rows >= 1)):
+            return f"backend {lp.backend!r} takes launch {{'max_rows': N}} (N >= 1, or null: any rows), got {lp.launch}"
+        return None
+    if lp.backend != "triton" or lp.sparsity != "2:4":
+        return (f"a launch config applies to 2:4 layers on backend 'triton' (and 'max_rows' to the CPU kernels "
+                f"'condensed' and 'bitmask') only (this one is {lp.sparsity} on {lp.backend}); set it to null")
+    if problem := validate_launch(lp.launch):
+        return f"bad launch config {lp.launch}: {problem}"
+    weight_dtype = "int8" if lp.quant == "int8" else lp.dtype
+    if lp.launch["PRMT_EXPAND"] and not has_prmt_expand(weight_dtype, lp.dtype):
+        return (f"launch PRMT_EXPAND=1 applies to {PRMT_EXPAND_APPLIES}; this layer has {weight_dtype} weights and "
+                f"{lp.dtype} inputs. Set PRMT_EXPAND to 0")
+    return None
 
 
 def _fmt_bytes(n: float) -> str:

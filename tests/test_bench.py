@@ -1,4 +1,5 @@
 """GPU benchmark scripts must run, and skip cleanly, on a machine without CUDA."""
+import json
 import os
 import subprocess
 import sys
@@ -237,3 +238,15 @@ def test_every_gpu_session_part_the_docs_name_exists():
             for run in re.findall(r"gpu_session\.sh ([a-z0-9 -]+)", f.read()):
                 named += run.split()
     assert named and set(named) <= parts, set(named) - parts
+
+
+def test_cpu24_bench_checks_and_times_every_method(tmp_path):
+    """bench_cpu24 on its small shapes: every method checked against dense, then timed; results written."""
+    env = dict(os.environ, SPARSEC_RESULTS_DIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "bench_cpu24.py"), "--shapes", "small", "--rounds", "1"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (result,) = tmp_path.glob("cpu24-*.json")
+    data = json.loads(result.read_text())
+    assert {r["weights"] for r in data["layers"]} == {"fp32", "int8"} and len(data["models"]) == 2
+    assert all(set(r["us"]) == {"dense", "torch", "bitmask"} and min(r["us"].values()) > 0 for r in data["layers"])

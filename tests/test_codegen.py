@@ -1,5 +1,6 @@
 """Generated Triton kernels: numerics under the interpreter (or on a GPU), bit-exact prune+compress,
 sm_80 / sm_90 builds without a GPU, determinism, the kernel cache, fusion in compiled models."""
+import copy
 import json
 import os
 import subprocess
@@ -547,9 +548,13 @@ def test_triton_backend_without_a_device_is_a_clear_error(monkeypatch):
         pytest.skip("the model is on the CPU but this machine has CUDA; covered by the CPU CI")
     with pytest.raises(ValueError, match="backend='triton' needs the model on a CUDA device, or TRITON_INTERPRET=1"):
         sparsec.compile(model, example_inputs=inputs, backend="triton")
-    auto = sparsec.compile(model, example_inputs=inputs).plan["fc2"]  # auto on CPU: says what runs it
-    assert auto.backend == "torch" and auto.reason.endswith("runs on the torch runtime (backend 'auto' off CUDA; "
-                                                            "the Triton kernels need a GPU)")
+    # auto on CPU says what runs each layer: a float32 linear layer its measured choice between the C++
+    # kernel and dense, a float64 one (no C++ kernel) the torch runtime
+    auto = sparsec.compile(model, example_inputs=inputs).plan["fc2"]
+    assert auto.backend in ("bitmask", "dense") and "backend auto at M=8: " in auto.reason
+    double = sparsec.compile(copy.deepcopy(model).double(), example_inputs=tuple(x.double() for x in inputs)).plan["fc2"]
+    assert double.backend == "torch" and double.reason.endswith("runs on the torch runtime (backend 'auto' off CUDA; "
+                                                                "the Triton kernels need a GPU)")
     assert "torch runtime" not in sparsec.compile(model, example_inputs=inputs, backend="torch").plan["fc2"].reason
 
 
@@ -732,7 +737,7 @@ def test_a_plan_launch_config_is_used_and_checked():
     with pytest.raises(ValueError, match="BLOCK_N must be a power of two"):
         sparsec.compile(model, example_inputs=(x,), plan=plan)
     plan["0"].launch, plan["0"].backend = launch, "torch"
-    with pytest.raises(ValueError, match="launch config applies to 2:4 layers on backend 'triton' only"):
+    with pytest.raises(ValueError, match=r"launch config applies to 2:4 layers on backend 'triton' \(and 'max_rows'"):
         sparsec.compile(model, example_inputs=(x,), plan=plan)
 
 

@@ -335,7 +335,8 @@ def test_plan_backends_and_gradient_patterns_that_do_not_fit_the_layer():
     conv = next(lp for lp in plan if lp.op == "conv2d" and lp.sparsity == "2:4")
     cases = [("cusparselt", "2:4", r"backend 'cusparselt' on layer '{}': it needs a 2:4 layer on CUDA \(this one is "
                                    r"2:4 on cpu\)"),
-             ("condensed", "2:4", r"backend 'condensed' on layer '{}': it runs constant fan-in linear layers only"),
+             ("condensed", "2:4", r"backend 'condensed' on layer '{}': it runs constant fan-in linear layers only "
+                                  r"\(this one is a 2:4 conv2d\)"),
              ("triton", "2:4", r"backend 'triton' on layer '{}': the Triton conv kernel covers groups=1 only")]
     for backend, sparsity, match in cases:
         name = "stage2.1.0" if backend == "triton" else conv.name  # (a grouped conv)

@@ -34,27 +34,21 @@ only the rows that keep that column (as with a CSR matmul); the dense reference 
 the zeros as well. `calls` counts which path each call took ("fast" / "fallback").
 
 Build: the first prepare() / is_available() / condensed_linear() compiles csrc/condensed.cpp
-with the system C++ compiler ($CXX, else c++) against the installed torch (~10 s on 2 cores; no
-ninja, no Python headers) into $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions)
-/sparsec/condensed_<hash>.so, the hash covering source, flags, compiler and torch version, so later
-processes only load it. The library holds AVX-512, AVX2 and scalar kernels and picks one at run
-time, so it is built without -march=native and stays valid on another CPU. Any failure (no
-compiler, compile error, unwritable cache) is logged once as a warning and leaves is_available()
-False. SPARSEC_NO_CPP=1 skips the build.
+(runtime/cpp_build.py: once per source, compiler and torch version). The library holds AVX-512, AVX2
+and scalar kernels and picks one at run time. Any failure (no compiler, compile error, unwritable
+cache) is logged once as a warning and leaves is_available() False. SPARSEC_NO_CPP=1 skips the build.
 """
 from __future__ import annotations
 
 import collections
-import hashlib
 import logging
 import os
-import shutil
-import subprocess
-import tempfile
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from sparsec.runtime.cpp_build import build_and_load
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +57,6 @@ LANES, SEGMENT = 16, 32  # rows per block, columns per table lookup: kLanes / kS
 # to 16 rows; measured crossovers (3072->768; sparsity 0.8 / 0.9 / 0.95, padding 1.65 / 2.0 / 2.5):
 # batch ~16 / 12 / 9, i.e. batch * padding ~ 24.
 SEG_CROSSOVER = 24.0
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "condensed.cpp")
-# No -march: the kernels carry target attributes and are chosen at run time (see the C++ header).
-# -fopenmp: at::parallel_for is inline OpenMP; the library resolves libgomp to torch's own copy
-# (rpath below), so there is one thread pool. -w: a failed build still reports its errors.
-_FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-w"]
 
 calls: collections.Counter = collections.Counter()
 _state: dict = {}  # "op": the loaded operator namespace, or None after a failed build
@@ -159,36 +148,7 @@ def _load():
 
 
 def _build_and_load():
-    from torch.utils import cpp_extension
-
-    cxx = os.environ.get("CXX") or "c++"
-    if shutil.which(cxx) is None:
-        raise RuntimeError(f"no C++ compiler {cxx!r} on PATH")
-    libdirs = cpp_extension.library_paths()
-    flags = _FLAGS + [f"-I{p}" for p in cpp_extension.include_paths()] + [
-        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
-    link = [f"-L{p}" for p in libdirs] + [f"-Wl,-rpath,{p}" for p in libdirs] + ["-lc10", "-ltorch_cpu"]
-    with open(_SOURCE, "rb") as f:
-        source = f.read()
-    key = hashlib.sha256(b"\0".join([source, " ".join([cxx, *flags, *link]).encode(), torch.__version__.encode()]))
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions")
-    folder = os.path.join(root, "sparsec")
-    lib = os.path.join(folder, f"condensed_{key.hexdigest()[:16]}.so")
-    if not os.path.exists(lib):
-        os.makedirs(folder, exist_ok=True)
-        # Build under a private name, then rename: concurrent first uses (pytest -n, several workers)
-        # never load a half-written file.
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
-        os.close(fd)
-        try:
-            proc = subprocess.run([cxx, *flags, _SOURCE, "-o", tmp, *link], capture_output=True, text=True, timeout=300)
-            if proc.returncode != 0:
-                raise RuntimeError(f"compiling {_SOURCE} failed:\n{proc.stderr[-4000:]}")
-            os.replace(tmp, lib)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    torch.ops.load_library(lib)
+    build_and_load("condensed.cpp")
     _register_fakes()
     return torch.ops.sparsec_condensed
 

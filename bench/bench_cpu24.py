@@ -1,0 +1,161 @@
+"""2:4 linear layers on the CPU: the bitmask kernel (sparsec/runtime/bitmask_cpu.py) against dense.
+
+Per layer shape (N x K, fp32), batch M and weight format (fp32, int8 + scales):
+  dense    F.linear on the pruned weight (what the original model costs: oneDNN / MKL sgemm)
+  torch    sparsec's torch runtime: rebuild the dense weight from values + metadata, then F.linear
+           (what backend="torch" runs, and what auto ran on CPU before the kernel)
+  bitmask  the C++ kernel on the packed values plus one bit per weight
+and a whole model: 12 blocks of a GPT-2-small MLP (768 -> 3072 -> 768, ReLU) compiled with
+backend="auto" (the first and last layers stay dense, as the plan says), against the original.
+Every method is checked against dense first; then methods take turns in rounds (drift on a shared
+2-core VM hits them alike) and the tables give medians. Bandwidth is weight bytes read per call
+over the time, against a read ceiling measured in the same run (sum of a 256 MB tensor).
+
+    python bench/bench_cpu24.py [--rounds 7] [--shapes small]
+writes bench/results/cpu24-cpu<cores>-<date>.json
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import sparsec  # noqa: E402
+from results_io import arg_parser, parse_args, write_results  # noqa: E402
+from sparsec import reference as ref  # noqa: E402
+from sparsec.runtime import bitmask_cpu  # noqa: E402
+from sparsec.runtime.packed import NMPacked  # noqa: E402
+from sparsec.patterns import NM  # noqa: E402
+
+SHAPES = {"full": [(3072, 768), (768, 3072), (4096, 4096), (14336, 4096)], "small": [(256, 128)]}
+BATCHES = {"full": [1, 16, 256], "small": [1, 5]}
+
+
+def block_seconds(fn, block_s: float = 0.03) -> float:
+    """Seconds per call over one block of calls lasting about block_s."""
+    start, calls = time.perf_counter(), 0
+    while True:
+        fn()
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= block_s:
+            return elapsed / calls
+
+
+def in_rounds(fns: dict, rounds: int) -> dict[str, float]:
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            samples[name].append(block_seconds(fn))
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def read_ceiling_gbs() -> float:
+    big = torch.ones(64 << 20)  # 256 MB, well past the L3
+    big.sum()
+    return big.numel() * 4 / 1e9 / min(block_seconds(big.sum, 0.2) for _ in range(3))
+
+
+def checked(fns: dict, expected: torch.Tensor) -> None:
+    for name, fn in fns.items():
+        error = float((fn() - expected).abs().max()) / max(float(expected.abs().max()), 1e-30)
+        if not error <= 1e-4:
+            raise AssertionError(f"{name} differs from dense by {error:.2g} of its largest output")
+
+
+def layer_rows(n: int, k: int, m: int, int8: bool, rounds: int, ceiling: float) -> dict:
+    torch.manual_seed(0)
+    w = torch.randn(n, k)
+    mask = ref.nm_mask(w, 2, 4)
+    packed = NMPacked.pack(w, mask, NM(2, 4), "int8" if int8 else None)
+    dense = packed.rows(torch.float32).contiguous()
+    layout = bitmask_cpu.prepare(packed.values, packed.mask(), packed.scales)
+    x = torch.randn(m, k)
+    fns = {"dense": lambda: F.linear(x, dense), "torch": lambda: F.linear(x, packed.rows()),
+           "bitmask": lambda: bitmask_cpu.bitmask_linear(x, layout)}
+    with torch.no_grad():
+        checked(fns, fns["dense"]())
+        times = in_rounds(fns, rounds)
+    weight_bytes = {"dense": dense.numel() * 4,
+                    "bitmask": layout.values.numel() * layout.values.element_size() + layout.masks.numel() * 2}
+    weight_bytes["torch"] = weight_bytes["bitmask"]
+    return {"N": n, "K": k, "M": m, "weights": "int8" if int8 else "fp32",
+            "us": {name: 1e6 * t for name, t in times.items()},
+            "x_dense": {name: times["dense"] / t for name, t in times.items()},
+            "weight_gbs": {name: weight_bytes[name] / 1e9 / t for name, t in times.items()},
+            "gflops": {name: 2 * m * n * k / 1e9 / t for name, t in times.items()},
+            "read_ceiling_gbs": ceiling}
+
+
+def mlp_stack(blocks: int, d: int, hidden: int) -> nn.Module:
+    layers = []
+    for _ in range(blocks):
+        layers += [nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, d), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def model_rows(batches: list[int], rounds: int, blocks: int, d: int, hidden: int) -> list[dict]:
+    torch.manual_seed(0)
+    model = mlp_stack(blocks, d, hidden).eval()
+    rows = []
+    for m in batches:
+        x = torch.randn(m, d)
+        start = time.perf_counter()
+        cm = sparsec.compile(model, example_inputs=(x,))
+        compile_s = time.perf_counter() - start
+        torch_rt = sparsec.compile(model, example_inputs=(x,), backend="torch")
+        fns = {"original": lambda: model(x), "auto": lambda: cm(x), "torch": lambda: torch_rt(x)}
+        with torch.no_grad():
+            checked({"auto": fns["auto"]}, torch_rt(x))  # the torch runtime is the reference math
+            times = in_rounds(fns, rounds)
+        backends = sorted({lp.backend for lp in cm.plan.sparse_layers})
+        rows.append({"model": f"{blocks} x MLP {d}->{hidden}->{d}", "M": m, "compile_s": compile_s, "backends": backends,
+                     "us": {k: 1e6 * t for k, t in times.items()},
+                     "x_original": {k: times["original"] / t for k, t in times.items()}})
+    return rows
+
+
+def main() -> None:
+    parser = arg_parser(__doc__)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--shapes", choices=sorted(SHAPES), default="full")
+    args = parse_args(parser)
+    if not bitmask_cpu.is_available():
+        print("bench_cpu24: the C++ bitmask kernel is not available here (no compiler?); nothing to time.")
+        return
+    torch.set_num_threads(os.cpu_count() or 1)
+    ceiling = read_ceiling_gbs()
+    print(f"CPU: {os.cpu_count()} cores, {torch.get_num_threads()} threads, kernel isa {bitmask_cpu.isa()}, "
+          f"read ceiling {ceiling:.1f} GB/s")
+    print(f"{'N x K':>12} {'M':>4} {'weights':>7} {'dense us':>10} {'torch us':>10} {'bitmask us':>10} "
+          f"{'x dense':>8} {'GB/s':>6} {'GFLOP/s':>8}")
+    layers = []
+    for n, k in SHAPES[args.shapes]:
+        for m in BATCHES[args.shapes]:
+            for int8 in (False, True):
+                r = layer_rows(n, k, m, int8, args.rounds, ceiling)
+                layers.append(r)
+                print(f"{n:>5} x {k:<5} {m:>4} {r['weights']:>7} {r['us']['dense']:>10.1f} {r['us']['torch']:>10.1f} "
+                      f"{r['us']['bitmask']:>10.1f} {r['x_dense']['bitmask']:>7.2f}x "
+                      f"{r['weight_gbs']['bitmask']:>6.1f} {r['gflops']['bitmask']:>8.1f}", flush=True)
+    small = args.shapes == "small"
+    models = model_rows(BATCHES[args.shapes], args.rounds, 2 if small else 12, 64 if small else 768,
+                        128 if small else 3072)
+    for r in models:
+        print(f"{r['model']}, M={r['M']}: original {r['us']['original']:.0f} us, auto {r['us']['auto']:.0f} us "
+              f"({r['x_original']['auto']:.2f}x, {'/'.join(r['backends'])}), torch runtime {r['us']['torch']:.0f} us "
+              f"({r['x_original']['torch']:.2f}x); compile {r['compile_s']:.1f} s")
+    write_results("cpu24", f"cpu{os.cpu_count()}", {"threads": torch.get_num_threads(), "isa": bitmask_cpu.isa(),
+                                                    "read_ceiling_gbs": ceiling, "layers": layers, "models": models})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Fast CPU forward of an N:M linear layer from its compressed values plus one bit per weight
+(C++ kernel csrc/bitmask.cpp, torch fallback).
+
+An N:M weight W [out, K] keeps the same number of values, nnz = K*N/M, in every row. The kernel reads
+them as the layer stores them, `values [out, nnz]` in column order (float32, or int8 with per-row
+scales), plus `masks [out, ceil(K/16)]`: bit j of word w set = column 16 w + j kept. On AVX-512 one
+word is one vexpandps and one FMA per batch row, so a layer reads about half the bytes of its dense
+weight (2:4 float32: 2.1 bytes per weight; int8: 0.6), which is what a memory-bound small batch pays.
+
+API
+    prepare(values, mask, scales=None) -> BitmaskWeight
+        Once per layer: builds the bit masks from the boolean mask [out, K] (each row must keep nnz =
+        values.shape[1]). Shares `values` / `scales` (no copy when they are contiguous).
+    densify(weight) -> Tensor
+        The dense float32 weight [out, K] (int8 dequantized), at memory speed: what a batch too large
+        for the kernel multiplies with F.linear (nibble metadata decoded by torch ops costs ~20x more).
+    bitmask_linear(x, weight, bias=None) -> Tensor
+        x [..., K] float32 CPU, no autograd -> [..., out] float32 from the kernel; anything else
+        (other dtypes or devices, autograd, no kernel here) runs `reference`: scatter to dense and
+        F.linear, never wrong, only slower. `calls` counts which path each call took.
+    is_available(), isa() ("avx512" / "scalar" / "torch"), set_isa(name) (tests: "scalar" / "best").
+
+Build: the first use compiles csrc/bitmask.cpp (runtime/cpp_build.py). Any failure is logged once as
+a warning and leaves is_available() False; SPARSEC_NO_CPP=1 skips the build.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from sparsec.runtime.cpp_build import build_and_load
+
+log = logging.getLogger(__name__)
+
+calls: collections.Counter = collections.Counter()
+_state: dict = {}  # "op": the loaded operator namespace, or None after a failed build
+
+
+@dataclass(frozen=True, eq=False)
+class BitmaskWeight:
+    values: torch.Tensor         # [out, nnz] float32 or int8, kept values in column order per row
+    masks: torch.Tensor          # [out, ceil(K / 16)] int16 (read as uint16)
+    scales: torch.Tensor | None  # [out] float32 for int8 values
+    in_features: int
+    per_word: int                # 8 when every mask word keeps exactly 8 columns (2:4, 4:8 with K % 16 == 0), else 0
+
+    @property
+    def out_features(self) -> int:
+        return self.values.shape[0]
+
+
+def prepare(values: torch.Tensor, mask: torch.Tensor, scales: torch.Tensor | None = None) -> BitmaskWeight:
+    if values.dim() != 2 or mask.dim() != 2 or mask.shape[0] != values.shape[0] or mask.dtype != torch.bool:
+        raise ValueError(f"values {tuple(values.shape)} must be [out, nnz] and mask {tuple(mask.shape)} a bool [out, K]")
+    out, k = mask.shape
+    words = -(-k // 16)
+    padded = torch.zeros(out, words * 16, dtype=torch.float32)
+    padded[:, :k] = mask.cpu()
+    # One small matmul gives each word's value (bit j = column 16 w + j; exact in float32 below 2^24)
+    # and its count of kept columns: integer reductions over 16 elements are ~10x slower in torch.
+    value_count = padded.view(out, words, 16) @ torch.stack([2.0 ** torch.arange(16), torch.ones(16)], 1)
+    counts = value_count[..., 1].to(torch.int64)
+    kept = counts.sum(1)
+    if out and not bool((kept == values.shape[1]).all()):
+        raise ValueError(f"every row of the mask must keep values.shape[1] = {values.shape[1]} columns "
+                         f"(rows keep {int(kept.min())} to {int(kept.max())})")
+    if (values.dtype == torch.int8) != (scales is not None):
+        raise ValueError("int8 values need per-row scales; float values take none")
+    per_word = 8 if bool((counts == 8).all()) else 0
+    # the two's-complement low 16 bits: the C++ reads them as uint16
+    masks = value_count[..., 0].to(torch.int32).to(torch.int16).contiguous()
+    return BitmaskWeight(values.contiguous(), masks, None if scales is None else scales.float().contiguous(), k,
+                         per_word)
+
+
+def reference_weight(weight: BitmaskWeight) -> torch.Tensor:
+    """Plain torch: the dense float32 weight [out, K] the masks and values stand for."""
+    masks = weight.masks.to(torch.int32) & 0xFFFF
+    bits = ((masks.unsqueeze(-1) >> torch.arange(16, dtype=torch.int32)) & 1).bool()
+    mask = bits.reshape(weight.out_features, -1)[:, :weight.in_features]
+    values = weight.values.float() if weight.scales is None else weight.values.float() * weight.scales.unsqueeze(1)
+    dense = torch.zeros(mask.shape, dtype=torch.float32)
+    dense[mask] = values.flatten()
+    return dense
+
+
+def reference(x: torch.Tensor, weight: BitmaskWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """Plain torch: the dense weight (reference_weight) and F.linear."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    dense = reference_weight(weight).to(dtype=dtype, device=x.device)
+    return F.linear(x, dense, None if bias is None else bias.to(dtype))
+
+
+def _load():
+    if "op" not in _state:
+        _state["op"] = None
+        if not os.environ.get("SPARSEC_NO_CPP"):
+            try:
+                build_and_load("bitmask.cpp")
+                torch.library.register_fake("sparsec_bitmask::linear")(
+                    lambda x, vals, masks, scales, bias, out, per_word: x.new_empty(*x.shape[:-1], out))
+                torch.library.register_fake("sparsec_bitmask::densify")(
+                    lambda vals, masks, scales, k, per_word: vals.new_empty(vals.shape[0], k, dtype=torch.float32))
+                _state["op"] = torch.ops.sparsec_bitmask
+            except Exception as exc:  # noqa: BLE001 - any failure only disables the fast path
+                log.warning("sparsec bitmask CPU kernel unavailable, using the torch fallback: %s", exc)
+    return _state["op"]
+
+
+def is_available() -> bool:
+    return _load() is not None
+
+
+def isa() -> str:
+    op = _load()
+    return op.isa() if op is not None else "torch"
+
+
+def set_isa(name: str) -> str:
+    op = _load()
+    return op.set_isa(name) if op is not None else "torch"
+
+
+def densify(weight: BitmaskWeight) -> torch.Tensor:
+    """The dense float32 weight [out, K] (int8 dequantized), from the kernel's pass over the layout
+    (memory speed), else from `reference`'s torch ops."""
+    op = _load()
+    if op is None:
+        return reference_weight(weight)
+    return op.densify(weight.values, weight.masks, weight.scales, weight.in_features, weight.per_word)
+
+
+def bitmask_linear(x: torch.Tensor, weight: BitmaskWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if x.shape[-1] != weight.in_features:
+        raise ValueError(f"x has {x.shape[-1]} features; the layer takes {weight.in_features}")
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+    op = _load()
+    if (op is not None and x.dtype is torch.float32 and x.is_cpu and not needs_grad
+            and (bias is None or (bias.dtype is torch.float32 and bias.is_cpu))):
+        calls["fast"] += 1
+        return op.linear(x, weight.values, weight.masks, weight.scales, bias, weight.out_features, weight.per_word)
+    calls["fallback"] += 1
+    return reference(x, weight, bias)

@@ -1,0 +1,59 @@
+"""Build a C++ kernel file of sparsec/runtime/csrc against the installed torch, once, and load it.
+
+The system C++ compiler ($CXX, else c++) compiles the one source (~10 s on 2 cores; no ninja, no
+Python headers) into $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions)/sparsec/<stem>_<hash>.so,
+the hash covering source, flags, compiler and torch version, so later processes only load it. The
+kernels carry target attributes and pick their instruction set at run time, so nothing is built with
+-march=native and a library stays valid on another CPU. Callers turn any exception into "unavailable".
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+
+import torch
+
+CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+# -fopenmp: at::parallel_for is inline OpenMP; the library resolves libgomp to torch's own copy
+# (rpath below), so there is one thread pool. -w: a failed build still reports its errors.
+FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-w"]
+
+
+def build_and_load(filename: str) -> None:
+    """Compile csrc/<filename> (unless this exact build exists) and load it into torch.ops."""
+    from torch.utils import cpp_extension
+
+    source_path = os.path.join(CSRC, filename)
+    cxx = os.environ.get("CXX") or "c++"
+    if shutil.which(cxx) is None:
+        raise RuntimeError(f"no C++ compiler {cxx!r} on PATH")
+    libdirs = cpp_extension.library_paths()
+    flags = FLAGS + [f"-I{p}" for p in cpp_extension.include_paths()] + [
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+    link = [f"-L{p}" for p in libdirs] + [f"-Wl,-rpath,{p}" for p in libdirs] + ["-lc10", "-ltorch_cpu"]
+    with open(source_path, "rb") as f:
+        source = f.read()
+    key = hashlib.sha256(b"\0".join([source, " ".join([cxx, *flags, *link]).encode(), torch.__version__.encode()]))
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions")
+    folder = os.path.join(root, "sparsec")
+    stem = os.path.splitext(filename)[0]
+    lib = os.path.join(folder, f"{stem}_{key.hexdigest()[:16]}.so")
+    if not os.path.exists(lib):
+        os.makedirs(folder, exist_ok=True)
+        # Build under a private name, then rename: concurrent first uses (pytest -n, several workers)
+        # never load a half-written file.
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+        os.close(fd)
+        try:
+            proc = subprocess.run([cxx, *flags, source_path, "-o", tmp, *link], capture_output=True, text=True,
+                                  timeout=300)
+            if proc.returncode != 0:
+                raise RuntimeError(f"compiling {source_path} failed:\n{proc.stderr[-4000:]}")
+            os.replace(tmp, lib)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    torch.ops.load_library(lib)

@@ -1,0 +1,213 @@
+"""N:M linear layers on the CPU bitmask kernel: exact against plain torch on awkward shapes, chosen by
+measurement, bounded in rows, differentiable, saved, traced, and re-chosen when a plan is edited."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sparsec
+from oracle import load_example, oracle_int8, oracle_nm_mask, output_error, pruned_model
+from sparsec.codegen import measure
+from sparsec.runtime import bitmask_cpu
+from sparsec.runtime.bitmask_linear import BitmaskLinear
+
+pytestmark = pytest.mark.skipif(not bitmask_cpu.is_available(), reason="the C++ bitmask kernel did not build here")
+ISAS = ["scalar"] + (["avx512"] if bitmask_cpu.isa() == "avx512" else [])
+
+
+def _layer(out: int, k: int, n: int, m: int, int8: bool, seed: int):
+    """(kernel weight, the dense weight it stands for, computed independently): magnitude N:M rows,
+    int8 per-row quantized when asked."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, k, generator=g)
+    mask = oracle_nm_mask(w, n, m)
+    dense = w * mask
+    values = w[mask].view(out, -1)
+    if not int8:
+        return bitmask_cpu.prepare(values, mask), dense
+    scales = dense.abs().amax(1).clamp_min(1e-12) / 127
+    q = torch.round(values / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    assert torch.equal(q.float() * scales[:, None], oracle_int8(dense)[mask].view(out, -1))
+    return bitmask_cpu.prepare(q, mask, scales), oracle_int8(dense)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@settings(max_examples=60, deadline=None)
+@given(out=st.sampled_from([1, 3, 17, 40]), groups=st.integers(1, 40), pattern=st.sampled_from([(2, 4), (1, 4), (4, 8), (3, 4), (1, 2)]),
+       batch=st.sampled_from([(1,), (2,), (3,), (5,), (9,), (17,), (2, 3)]), int8=st.booleans(),
+       bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_kernel_equals_f_linear_on_the_pruned_weight(isa, out, groups, pattern, batch, int8, bias, seed):
+    """Every pattern (a fixed 8 per 16-column word, or a varying count), K not a multiple of 16, batch
+    tiles of 8/4/2/1 and their remainders, leading dims, int8 scales and bias; and the densified weight
+    (for batches past the kernel's rows) is the pruned weight exactly."""
+    n, m = pattern
+    k = groups * m
+    weight, dense = _layer(out, k, n, m, int8, seed)
+    x = torch.randn(*batch, k, generator=torch.Generator().manual_seed(seed + 1))
+    b = torch.randn(out) if bias else None
+    bitmask_cpu.calls.clear()
+    bitmask_cpu.set_isa(isa)
+    try:
+        y = bitmask_cpu.bitmask_linear(x, weight, b)
+        densified = bitmask_cpu.densify(weight)
+    finally:
+        bitmask_cpu.set_isa("best")
+    assert torch.equal(densified, dense)
+    assert bitmask_cpu.calls["fast"] == 1
+    expected = F.linear(x.double(), dense.double(), None if b is None else b.double())
+    assert y.shape == (*batch, out) and y.dtype == torch.float32
+    assert output_error(y.double(), expected) <= 1e-5
+
+
+def test_inf_in_x_reaches_every_row_as_in_f_linear():
+    """AVX-512 multiplies the pruned zeros too, as the torch runtime's F.linear does: an inf in x gives
+    nan in every row, not only in the rows that keep its column."""
+    if bitmask_cpu.isa() != "avx512":
+        pytest.skip("the scalar kernel sums kept weights only")
+    weight, dense = _layer(8, 32, 2, 4, False, 0)
+    x = torch.randn(2, 32)
+    x[0, 5] = float("inf")
+    y, expected = bitmask_cpu.bitmask_linear(x, weight), F.linear(x, dense)
+    assert torch.equal(y.isnan(), expected.isnan()) and torch.equal(y.isinf(), expected.isinf())
+    assert torch.allclose(y[1], expected[1], atol=1e-5)
+
+
+def test_fallbacks_and_bad_input():
+    weight, dense = _layer(4, 16, 2, 4, False, 1)
+    bitmask_cpu.calls.clear()
+    x = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
+    y = bitmask_cpu.bitmask_linear(x, weight)
+    assert bitmask_cpu.calls["fallback"] == 1 and y.dtype == torch.float64
+    assert output_error(y, F.linear(x, dense.double())) <= 1e-12
+    y.sum().backward()
+    assert torch.allclose(x.grad, dense.double().sum(0).expand(3, 16))
+    with pytest.raises(ValueError, match="x has 12 features; the layer takes 16"):
+        bitmask_cpu.bitmask_linear(torch.randn(2, 12), weight)
+    mask = torch.zeros(2, 8, dtype=torch.bool)
+    mask[0, :4], mask[1, :2] = True, True
+    with pytest.raises(ValueError, match="every row of the mask must keep values.shape\\[1\\] = 4 columns"):
+        bitmask_cpu.prepare(torch.randn(2, 4), mask)
+    with pytest.raises(ValueError, match="int8 values need per-row scales"):
+        bitmask_cpu.prepare(torch.zeros(2, 4, dtype=torch.int8), mask[[0, 0]])
+
+
+def _bitmask_plan(model, inputs, **kw):
+    plan = sparsec.explain(model, example_inputs=inputs, backend="torch", **kw)
+    for lp in plan.sparse_layers:
+        lp.backend = "bitmask"
+    return plan
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_compiled_layers_equal_the_oracle_and_train_through_the_reference(quantize):
+    model, (x,) = load_example("mlp").build_model()
+    cm = sparsec.compile(model, example_inputs=(x,), plan=_bitmask_plan(model, (x,), quantize=quantize))
+    assert all(isinstance(cm.sparse_module(lp.name), BitmaskLinear) for lp in cm.plan.sparse_layers)
+    ref = pruned_model(model, cm.plan)
+    bitmask_cpu.calls.clear()
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya, yb = cm(xa), ref(xb)
+    assert bitmask_cpu.calls["fast"] == len(cm.plan.sparse_layers) and not bitmask_cpu.calls["fallback"]
+    assert output_error(ya, yb) <= 1e-5
+    grad = torch.randn_like(ya)
+    (ya * grad).sum().backward()
+    (yb * grad).sum().backward()
+    assert torch.allclose(xa.grad, xb.grad, atol=1e-5)
+
+
+def test_more_rows_than_measured_run_a_densified_weight():
+    model, (x,) = load_example("mlp").build_model()
+    plan = _bitmask_plan(model, (x,))
+    for lp in plan.sparse_layers:
+        lp.launch = {"max_rows": 4}
+    cm = sparsec.compile(model, example_inputs=(x,), plan=plan)
+    expected = pruned_model(model, cm.plan)
+    with torch.no_grad():
+        for rows, fast in ((4, True), (5, False)):
+            bitmask_cpu.calls.clear()
+            xr = torch.randn(rows, x.shape[1])
+            assert output_error(cm(xr), expected(xr)) <= 1e-5
+            assert bool(bitmask_cpu.calls["fast"]) == fast
+    plan["fc2"].launch = {"max_rows": 0}
+    xa = torch.randn(5, x.shape[1], requires_grad=True)  # with autograd: the torch runtime
+    xb = xa.detach().clone().requires_grad_(True)
+    cm(xa).sum().backward()
+    expected(xb).sum().backward()
+    assert torch.allclose(xa.grad, xb.grad, atol=1e-5)
+    with pytest.raises(ValueError, match=r"backend 'bitmask' takes launch \{'max_rows': N\} \(N >= 1"):
+        sparsec.compile(model, example_inputs=(x,), plan=plan)
+
+
+def test_save_load_and_torch_compile(tmp_path):
+    model, (x,) = load_example("mlp").build_model()
+    cm = sparsec.compile(model, example_inputs=(x,), plan=_bitmask_plan(model, (x,)))
+    with torch.no_grad():
+        expected = pruned_model(model, cm.plan)(x)
+        sparsec.save(cm, tmp_path / "m")
+        assert output_error(sparsec.load(tmp_path / "m")(x), expected) <= 1e-5
+        compiled = torch.compile(copy.deepcopy(cm), backend="aot_eager")
+        assert output_error(compiled(x), expected) <= 1e-5 and output_error(compiled(x), expected) <= 1e-5
+        assert output_error(cm(x), expected) <= 1e-5  # eagerly: builds the layouts
+        warm = torch._dynamo.explain(cm)(x)
+    assert warm.graph_break_count == 0 and "sparsec_bitmask.linear" in warm.graphs[0].code
+    exported = torch.export.export(cm, (x,))
+    assert "sparsec_bitmask" not in str(exported.graph)
+    with torch.no_grad():
+        assert output_error(exported.module()(x), expected) <= 1e-5
+
+
+def test_auto_picks_the_kernel_where_it_measures_faster():
+    """A 2:4 1024 x 1024 layer at one row: the kernel reads half the weight bytes (measured 2-3x dense
+    here); whichever wins, the plan says what was measured, and the model equals the oracle."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 8))
+    x = torch.randn(1, 1024)
+    cm = sparsec.compile(model, example_inputs=(x,))
+    lp = cm.plan["2"]
+    assert lp.backend in ("bitmask", "dense") and "backend auto at M=1: " in lp.reason
+    if lp.backend == "bitmask":
+        assert isinstance(cm.sparse_module("2"), BitmaskLinear) and "kernel up to" in lp.reason
+    with torch.no_grad():
+        assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+
+
+def test_an_edited_pattern_is_run_by_what_fits_it():
+    """A plan whose sparsity was edited after auto chose the bitmask kernel (N:M only) for it: the
+    backend is chosen again, and the plan says so; a CPU kernel named for a conv is refused."""
+    model, (x,) = load_example("mlp").build_model()
+    plan = _bitmask_plan(model, (x,))
+    plan["fc2"].sparsity = "fanin:0.9"
+    cm = sparsec.compile(model, example_inputs=(x,), plan=plan)
+    assert cm.plan["fc2"].backend in ("condensed", "dense")
+    assert "the given plan's backend 'bitmask' runs N:M layers only, not fanin:0.9: chosen again" in cm.plan["fc2"].reason
+    with torch.no_grad():
+        assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+    model, inputs = load_example("cnn").build_model()
+    plan = sparsec.explain(model, example_inputs=inputs)
+    conv = next(lp for lp in plan.sparse_layers if lp.op == "conv2d")
+    conv.backend = "bitmask"
+    with pytest.raises(ValueError, match=rf"backend 'bitmask' on layer '{conv.name}': it runs N:M linear layers only"):
+        sparsec.compile(model, example_inputs=inputs, plan=plan)
+
+
+def test_rows_limit_probes_until_the_kernel_loses_or_the_budget_ends(monkeypatch):
+    """cpu_rows_limit on stand-in timings: the last row count the kernel won at (against what its layer
+    runs above the limit), never one it lost at."""
+    def at(rows, above_rows=False):
+        assert above_rows
+        return {"above": ("above", rows), "bitmask": ("bitmask", rows)}
+
+    def timings(crossover, per_row=1e-6):  # above: per_row * rows; the kernel 2x faster below crossover
+        return lambda fn, **kw: per_row * fn[1] * (1.0 if fn[0] == "above" else 0.5 if fn[1] < crossover else 2.0)
+
+    monkeypatch.setattr(measure, "time_cpu", timings(crossover=100))
+    assert measure.cpu_rows_limit(at, "bitmask", 1, 1e-6)[0] == 64  # won at 4, 16, 64; lost at 256
+    monkeypatch.setattr(measure, "time_cpu", timings(crossover=10**9, per_row=1e-4))
+    limit, note = measure.cpu_rows_limit(at, "bitmask", 1, 1e-4)
+    assert limit == 256 and "not probed further" in note  # a dense call at 1024 rows would take 0.1 s
+    monkeypatch.setattr(measure, "time_cpu", timings(crossover=10**9, per_row=1e-12))
+    assert measure.cpu_rows_limit(at, "bitmask", 1, 1e-12)[0] is None
