@@ -1,6 +1,9 @@
 """N:M linear layers on the CPU bitmask kernel: exact against plain torch on awkward shapes, chosen by
 measurement, bounded in rows, differentiable, saved, traced, and re-chosen when a plan is edited."""
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -211,3 +214,24 @@ def test_rows_limit_probes_until_the_kernel_loses_or_the_budget_ends(monkeypatch
     assert limit == 256 and "not probed further" in note  # a dense call at 1024 rows would take 0.1 s
     monkeypatch.setattr(measure, "time_cpu", timings(crossover=10**9, per_row=1e-12))
     assert measure.cpu_rows_limit(at, "bitmask", 1, 1e-12)[0] is None
+
+
+def test_without_a_compiler_layers_run_plain_torch(tmp_path):
+    """No C++ compiler: the kernel is unavailable, backend auto keeps N:M layers on the torch runtime
+    (saying so in the plan), and results still equal dense math."""
+    code = ("import torch, torch.nn as nn, sparsec; from sparsec.runtime import bitmask_cpu as bc\n"
+            "assert not bc.is_available() and bc.isa() == 'torch'\n"
+            "m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))\n"
+            "x = torch.randn(3, 64)\n"
+            "cm = sparsec.compile(m, example_inputs=(x,))\n"
+            "lp = cm.plan['2']\n"
+            "assert lp.backend == 'torch' and 'runs on the torch runtime' in lp.reason, lp\n"
+            "w = cm.effective_weight('2')\n"
+            "with torch.no_grad():\n"
+            "    h = torch.relu(m[0](x)); ref = m[4](torch.relu(nn.functional.linear(h, w, m[2].bias)))\n"
+            "    assert torch.allclose(cm(x), ref, atol=1e-5)\n"
+            "weight = bc.prepare(w[w != 0].view(64, -1), w != 0)\n"
+            "assert torch.allclose(bc.bitmask_linear(x, weight), x @ w.t(), atol=1e-5)\n"
+            "assert torch.equal(bc.densify(weight), w)\n")
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), TORCH_EXTENSIONS_DIR=str(tmp_path))
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)

@@ -26,16 +26,13 @@ a warning and leaves is_available() False; SPARSEC_NO_CPP=1 skips the build.
 from __future__ import annotations
 
 import collections
-import logging
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from sparsec.runtime.cpp_build import build_and_load
+from sparsec.runtime.cpp_build import load_once
 
-log = logging.getLogger(__name__)
 
 calls: collections.Counter = collections.Counter()
 _state: dict = {}  # "op": the loaded operator namespace, or None after a failed build
@@ -96,20 +93,16 @@ def reference(x: torch.Tensor, weight: BitmaskWeight, bias: torch.Tensor | None)
     return F.linear(x, dense, None if bias is None else bias.to(dtype))
 
 
+def _register_fakes() -> None:
+    """Shape-only versions of the operators, for torch.compile / torch.export."""
+    torch.library.register_fake("sparsec_bitmask::linear")(
+        lambda x, vals, masks, scales, bias, out, per_word: x.new_empty(*x.shape[:-1], out))
+    torch.library.register_fake("sparsec_bitmask::densify")(
+        lambda vals, masks, scales, k, per_word: vals.new_empty(vals.shape[0], k, dtype=torch.float32))
+
+
 def _load():
-    if "op" not in _state:
-        _state["op"] = None
-        if not os.environ.get("SPARSEC_NO_CPP"):
-            try:
-                build_and_load("bitmask.cpp")
-                torch.library.register_fake("sparsec_bitmask::linear")(
-                    lambda x, vals, masks, scales, bias, out, per_word: x.new_empty(*x.shape[:-1], out))
-                torch.library.register_fake("sparsec_bitmask::densify")(
-                    lambda vals, masks, scales, k, per_word: vals.new_empty(vals.shape[0], k, dtype=torch.float32))
-                _state["op"] = torch.ops.sparsec_bitmask
-            except Exception as exc:  # noqa: BLE001 - any failure only disables the fast path
-                log.warning("sparsec bitmask CPU kernel unavailable, using the torch fallback: %s", exc)
-    return _state["op"]
+    return load_once(_state, "bitmask.cpp", "sparsec_bitmask", _register_fakes, "bitmask CPU kernel")
 
 
 def is_available() -> bool:

@@ -41,16 +41,13 @@ cache) is logged once as a warning and leaves is_available() False. SPARSEC_NO_C
 from __future__ import annotations
 
 import collections
-import logging
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from sparsec.runtime.cpp_build import build_and_load
+from sparsec.runtime.cpp_build import load_once
 
-log = logging.getLogger(__name__)
 
 LANES, SEGMENT = 16, 32  # rows per block, columns per table lookup: kLanes / kSegment in the C++
 # AVX-512: the seg kernel's time grows with batch x padding, the transposed rows kernel's stays flat up
@@ -137,20 +134,7 @@ def reference(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, bias
 
 def _load():
     """The registered operator namespace, building the library on first use; None if that fails."""
-    if "op" not in _state:
-        _state["op"] = None
-        if not os.environ.get("SPARSEC_NO_CPP"):
-            try:
-                _state["op"] = _build_and_load()
-            except Exception as exc:  # noqa: BLE001 - any failure only disables the fast path
-                log.warning("sparsec condensed CPU kernels unavailable, using the torch fallback: %s", exc)
-    return _state["op"]
-
-
-def _build_and_load():
-    build_and_load("condensed.cpp")
-    _register_fakes()
-    return torch.ops.sparsec_condensed
+    return load_once(_state, "condensed.cpp", "sparsec_condensed", _register_fakes, "condensed CPU kernels")
 
 
 def _register_fakes() -> None:

@@ -4,11 +4,12 @@ The system C++ compiler ($CXX, else c++) compiles the one source (~10 s on 2 cor
 Python headers) into $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions)/sparsec/<stem>_<hash>.so,
 the hash covering source, flags, compiler and torch version, so later processes only load it. The
 kernels carry target attributes and pick their instruction set at run time, so nothing is built with
--march=native and a library stays valid on another CPU. Callers turn any exception into "unavailable".
+-march=native and a library stays valid on another CPU. load_once turns any failure into "unavailable".
 """
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ import tempfile
 
 import torch
 
+log = logging.getLogger(__name__)
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 # -fopenmp: at::parallel_for is inline OpenMP; the library resolves libgomp to torch's own copy
 # (rpath below), so there is one thread pool. -w: a failed build still reports its errors.
@@ -57,3 +59,20 @@ def build_and_load(filename: str) -> None:
             if os.path.exists(tmp):
                 os.remove(tmp)
     torch.ops.load_library(lib)
+
+
+def load_once(state: dict, filename: str, namespace: str, register_fakes, what: str):
+    """torch.ops.<namespace> from csrc/<filename>, built and loaded on the first call and kept in the
+    caller's `state` dict; None when SPARSEC_NO_CPP is set or anything fails (no compiler, a compile
+    error, an unwritable cache: logged once as a warning, the callers then run plain torch).
+    `register_fakes()` gives the operators their shape-only versions for torch.compile / export."""
+    if "op" not in state:
+        state["op"] = None
+        if not os.environ.get("SPARSEC_NO_CPP"):
+            try:
+                build_and_load(filename)
+                register_fakes()
+                state["op"] = getattr(torch.ops, namespace)
+            except Exception as exc:  # noqa: BLE001 - any failure only disables the fast path
+                log.warning("sparsec %s unavailable, using the torch fallback: %s", what, exc)
+    return state["op"]
