@@ -240,29 +240,25 @@ def _sample_input(shape, device: torch.device, dtype: torch.dtype) -> torch.Tens
 
 def cpu_kernel_candidates(gm, ctx, layer, decision):
     """at(rows) -> {"dense", kernel} on `rows` input rows: a dense GEMM on the pruned weight, and the
-    layer's CPU kernel, "condensed" for constant fan-in, "bitmask" for N:M; at(rows, above=True) ->
-    {kernel, "above"}: the kernel, and what its layer runs above the rows the kernel is kept for
-    (bitmask: F.linear on the weight the C++ code densifies; condensed: the torch runtime)."""
-    from sparsec.runtime import bitmask_cpu, condensed_cpu
+    layer's CPU kernel, "condensed" for constant fan-in, "bitmask" for N:M; at(rows, above_rows=True)
+    -> {kernel, "above"}: the kernel, and what its layer runs above the rows the kernel is kept for.
+    Both are the runtime module the layer would become, so what is timed is what runs."""
+    from sparsec.runtime.bitmask_linear import BitmaskLinear
+    from sparsec.runtime.condensed_linear import CondensedLinear
     from sparsec.runtime.packed import PackedWeight
 
     weight, bias, rows, mask = _layer_operands(gm, ctx, layer, decision)
     packed = PackedWeight.pack(rows, mask, parse_pattern(decision.sparsity), decision.quant)
     dense = packed.rows(torch.float32).contiguous()
-    if decision.sparsity.startswith("fanin:"):
-        name, layout = "condensed", condensed_cpu.prepare(packed.kept_values(torch.float32), packed.indices)
-        kernel = functools.partial(condensed_cpu.condensed_linear, values=layout, bias=bias)
-        above = lambda x: F.linear(x, packed.rows(torch.float32), bias)  # noqa: E731
-    else:
-        name, layout = "bitmask", bitmask_cpu.prepare(packed.values, packed.mask(), packed.scales)
-        kernel = functools.partial(bitmask_cpu.bitmask_linear, weight=layout, bias=bias)
-        above = lambda x: F.linear(x, bitmask_cpu.densify(layout), bias)  # noqa: E731
+    name, cls = ("condensed", CondensedLinear) if decision.sparsity.startswith("fanin:") else ("bitmask", BitmaskLinear)
+    module = cls(packed, bias, layer.op, layer.weight_shape, layer.name, decision.sparsity, "")
+    module.build_now()
 
     def at(m: int, above_rows: bool = False) -> dict:
         x = _sample_input((m, layer.reduction), torch.device("cpu"), torch.float32)
         if above_rows:
-            return {name: lambda: kernel(x), "above": lambda: above(x)}
-        return {"dense": lambda: F.linear(x, dense, bias), name: lambda: kernel(x)}
+            return {name: lambda: module.kernel_forward(x), "above": lambda: module.many_rows(x)}
+        return {"dense": lambda: F.linear(x, dense, bias), name: lambda: module.kernel_forward(x)}
     return at
 
 
