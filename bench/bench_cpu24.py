@@ -5,8 +5,9 @@ Per layer shape (N x K, fp32), batch M and weight format (fp32, int8 + scales):
   torch    sparsec's torch runtime: rebuild the dense weight from values + metadata, then F.linear
            (what backend="torch" runs, and what auto ran on CPU before the kernel)
   bitmask  the C++ kernel on the packed values plus one bit per weight
-and a whole model: 12 blocks of a GPT-2-small MLP (768 -> 3072 -> 768, ReLU) compiled with
-backend="auto" (the first and last layers stay dense, as the plan says), against the original.
+and whole models compiled with backend="auto" against the original: 12 blocks of a GPT-2-small MLP
+(768 -> 3072 -> 768, ReLU; the first and last layers stay dense, as the plan says), and a 9-conv CNN
+(64 / 128 / 256 channels on 32 x 32 images), whose 2:4 convs auto keeps dense (no CPU conv kernel).
 Every method is checked against dense first; then methods take turns in rounds (drift on a shared
 2-core VM hits them alike) and the tables give medians. Bandwidth is weight bytes read per call
 over the time, against a read ceiling measured in the same run (sum of a 256 MB tensor).
@@ -102,12 +103,23 @@ def mlp_stack(blocks: int, d: int, hidden: int) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def model_rows(batches: list[int], rounds: int, blocks: int, d: int, hidden: int) -> list[dict]:
-    torch.manual_seed(0)
-    model = mlp_stack(blocks, d, hidden).eval()
+def cnn_stack(width: int) -> nn.Module:
+    """A small ResNet-like CNN without the skips: 3 stages of 3x3 convs (width, 2x, 4x channels, the
+    image halved between stages), a pooled linear head. Its sparse layers are convs, which no C++
+    kernel runs: backend auto keeps their pruned weights dense."""
+    def stage(c_in: int, c: int, stride: int) -> list[nn.Module]:
+        return [nn.Conv2d(c_in, c, 3, stride=stride, padding=1), nn.ReLU(),
+                nn.Conv2d(c, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1), nn.ReLU()]
+    return nn.Sequential(*stage(3, width, 1), *stage(width, 2 * width, 2), *stage(2 * width, 4 * width, 2),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, 10))
+
+
+def model_rows(name: str, model: nn.Module, input_of, batches: list[int], rounds: int) -> list[dict]:
+    """The model compiled with backend auto at each batch, against the original and the torch runtime."""
+    model = model.eval()
     rows = []
     for m in batches:
-        x = torch.randn(m, d)
+        x = input_of(m)
         start = time.perf_counter()
         cm = sparsec.compile(model, example_inputs=(x,))
         compile_s = time.perf_counter() - start
@@ -117,7 +129,7 @@ def model_rows(batches: list[int], rounds: int, blocks: int, d: int, hidden: int
             checked({"auto": fns["auto"]}, torch_rt(x))  # the torch runtime is the reference math
             times = in_rounds(fns, rounds)
         backends = sorted({lp.backend for lp in cm.plan.sparse_layers})
-        rows.append({"model": f"{blocks} x MLP {d}->{hidden}->{d}", "M": m, "compile_s": compile_s, "backends": backends,
+        rows.append({"model": name, "M": m, "compile_s": compile_s, "backends": backends,
                      "us": {k: 1e6 * t for k, t in times.items()},
                      "x_original": {k: times["original"] / t for k, t in times.items()}})
     return rows
@@ -147,8 +159,12 @@ def main() -> None:
                       f"{r['us']['bitmask']:>10.1f} {r['x_dense']['bitmask']:>7.2f}x "
                       f"{r['weight_gbs']['bitmask']:>6.1f} {r['gflops']['bitmask']:>8.1f}", flush=True)
     small = args.shapes == "small"
-    models = model_rows(BATCHES[args.shapes], args.rounds, 2 if small else 12, 64 if small else 768,
-                        128 if small else 3072)
+    blocks, d, hidden, width, image = (2, 64, 128, 8, 8) if small else (12, 768, 3072, 64, 32)
+    torch.manual_seed(0)
+    models = model_rows(f"{blocks} x MLP {d}->{hidden}->{d}", mlp_stack(blocks, d, hidden),
+                        lambda m: torch.randn(m, d), BATCHES[args.shapes], args.rounds)
+    models += model_rows(f"CNN {width}/{2 * width}/{4 * width} channels on {image}x{image}", cnn_stack(width),
+                         lambda m: torch.randn(m, 3, image, image), [1, 16] if not small else [1, 2], args.rounds)
     for r in models:
         print(f"{r['model']}, M={r['M']}: original {r['us']['original']:.0f} us, auto {r['us']['auto']:.0f} us "
               f"({r['x_original']['auto']:.2f}x, {'/'.join(r['backends'])}), torch runtime {r['us']['torch']:.0f} us "

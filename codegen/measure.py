@@ -6,8 +6,9 @@ compiled model's caller waits) after warm-up, or with compile's timing="graph" o
 (GPU time only), each after an L2 flush that leaves the cache clean (weights from device memory),
 the candidates taking turns.
 CPU, float32 linear layers: the C++ kernel (condensed for constant fan-in, bitmask for N:M) against a
-dense GEMM on the pruned weight; medians of wall-clock blocks. Where the kernel wins, it is probed
-at more rows, and its layer runs the torch runtime above the last win.
+dense GEMM on the pruned weight; medians of wall-clock blocks, or, when the model's weights exceed
+the cache, of single calls with the weights evicted (codegen/cpu_cache.py). Where the kernel wins,
+it is probed at more rows, and its layer runs a dense weight made per call above the last win.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from sparsec.codegen import cpu_cache
 from sparsec.errors import last_line
 from sparsec.patterns import parse_pattern
 from sparsec.reference import weight_to_rows
@@ -209,12 +211,21 @@ def describe_launch(cfg: dict) -> str:
             + (", CUDA cores" if cfg["BLOCK_M"] < 16 else ""))
 
 
-def time_cpu(fn, block_s: float = 0.02, blocks: int = 7) -> float:
+def time_cpu(fn, block_s: float = 0.02, blocks: int = 7, cold: bool = False) -> float:
     """Median seconds per call over `blocks` blocks of repeated calls (one short call is too short to
-    time; a call longer than a block is timed alone)."""
+    time; a call longer than a block is timed alone). cold: the median of single calls each after the
+    CPU caches were evicted (codegen/cpu_cache.py), at least 5."""
     start = time.perf_counter()
     fn()
     first = time.perf_counter() - start
+    if cold:
+        samples = []
+        for _ in range(max(blocks, 5)):
+            cpu_cache.evict()
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+        return statistics.median(samples)
     per_block = 1
     if first < block_s:
         calls, start = 0, time.perf_counter()
@@ -270,17 +281,17 @@ def cpu_kernel_candidates(gm, ctx, layer, decision):
 PROBE_BUDGET_S, PROBE_MAX_ROWS = 0.05, 1 << 16
 
 
-def cpu_rows_limit(at, kernel: str, rows: int, dense_s: float) -> tuple[int | None, str]:
+def cpu_rows_limit(at, kernel: str, rows: int, dense_s: float, cold: bool = False) -> tuple[int | None, str]:
     """(max_rows, note): the most rows the CPU kernel measured faster than its layer's way above them,
     probing upward from `rows`, where it won and a dense call took `dense_s`; None when it won up to
-    PROBE_MAX_ROWS."""
+    PROBE_MAX_ROWS. `cold`: timed with weights from memory (time_cpu)."""
     limit, slowest = rows, dense_s
     while limit * 4 <= PROBE_MAX_ROWS:
         if 4 * slowest > PROBE_BUDGET_S:
             return limit, f"kernel up to {limit} rows (not probed further), densified weight + F.linear above"
         probe = at(limit * 4, above_rows=True)
         with torch.no_grad():
-            times = {name: time_cpu(fn, block_s=0.01, blocks=3) for name, fn in probe.items()}
+            times = {name: time_cpu(fn, block_s=0.01, blocks=3, cold=cold) for name, fn in probe.items()}
         if times[kernel] >= times["above"]:
             return limit, (f"kernel up to {limit} rows, densified weight + F.linear above (at {limit * 4} rows: "
                            f"{kernel} {1e6 * times[kernel]:.0f} us, densified {1e6 * times['above']:.0f} us)")
@@ -359,17 +370,19 @@ def run_poisoned(fn, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
 
 
 def pick_fastest(gm, ctx, layer, decision, m: int | None, triton_problem: str | None, device: str = "cuda",
-                 input_shape: tuple[int, ...] | None = None, graph: bool = False):
+                 input_shape: tuple[int, ...] | None = None, graph: bool = False, cpu_cold: tuple[bool, str] | None = None):
     """(backend, note, launch): the fastest way to run the layer at M rows (a conv layer: on an input of
     `input_shape`) among the candidates that agree with dense, a note with the times (and the
     candidates rejected or failing, by name), and for a 2:4 Triton kernel the fastest launch config
     (with "M"), else None. On CUDA each candidate is timed in eager calls, or with `graph` replayed
-    from a CUDA graph (GPU time only: compile's timing="graph")."""
+    from a CUDA graph (GPU time only: compile's timing="graph"). On CPU, `cpu_cold` = (cold, note) from
+    cpu_cache.weights_from_memory: whether to time with the weights evicted from the caches."""
     rows = m or DEFAULT_ROWS
+    cold, cache_note = cpu_cold or (False, "")
     cuda_timer = (lambda fn: time_cuda(fn, graph=True)) if graph else time_cuda
     if device == "cpu":
         at = cpu_kernel_candidates(gm, ctx, layer, decision)
-        options, timer = at(rows), time_cpu
+        options, timer = at(rows), functools.partial(time_cpu, cold=cold)
     elif input_shape is not None:  # a conv layer
         (options, rows), timer = conv_candidates(gm, ctx, layer, decision, input_shape, triton_problem), cuda_timer
         m = rows
@@ -393,12 +406,14 @@ def pick_fastest(gm, ctx, layer, decision, m: int | None, triton_problem: str | 
     if device != "cpu":
         where += ", CUDA graph replays (GPU time) after an L2 flush" if graph else ", eager calls after an L2 flush"
     note = f"backend auto at {where}: {shown} -> {best} ({times['dense'] / times[best]:.2f}x dense)"
+    if cache_note:
+        note += f", {cache_note}"
     if wrong:
         note += "; rejected for wrong results: " + ", ".join(f"{k} (error {v:.2g} of dense's largest output)"
                                                            for k, v in sorted(wrong.items()))
     if failed:
         note += "; failed to run: " + ", ".join(f"{k} ({v})" for k, v in sorted(failed.items()))
     if best in ("condensed", "bitmask"):
-        max_rows, limit_note = cpu_rows_limit(at, best, rows, times["dense"])
+        max_rows, limit_note = cpu_rows_limit(at, best, rows, times["dense"], cold)
         return best, f"{note}; {limit_note}", {"max_rows": max_rows}
     return best, note, launch if best == "triton" else None

@@ -7,7 +7,9 @@ backend="triton"  the generated fused kernels for every layer they cover (2:4 or
                   TRITON_INTERPRET=1 for the CPU interpreter.
 backend="auto"    on CPU: float32 linear layers time their C++ kernel (condensed for constant fan-in,
                   bitmask for N:M) against a dense GEMM on the pruned weight and take the faster
-                  (the kernel up to the most rows it measured faster at); everything else runs torch. On CUDA:
+                  (the kernel up to the most rows it measured faster at); every other layer keeps its
+                  pruned weight dense (backend "dense"): the torch runtime would rebuild that weight on
+                  every call and then run the same op, so it cannot be faster. On CUDA:
                   per layer, time the Triton kernel, cuSPARSELt (when this torch has it) and a dense
                   GEMM (cuDNN for a conv) on the pruned weight at the compiled shape, and take the
                   fastest, so a compiled layer is never slower than dense where it was compiled.
@@ -28,7 +30,6 @@ from sparsec.plan import dtype_name
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_NOTE = "runs a fused Triton kernel"
 CPU_KERNEL_RUNS = {"condensed": "constant fan-in", "bitmask": "N:M"}  # the C++ CPU kernels' patterns
-AUTO_OFF_CUDA_NOTE = "runs on the torch runtime (backend 'auto' off CUDA; the Triton kernels need a GPU)"
 
 
 def triton_blocker(layer: LayerInfo, sparsity: str, device: torch.device) -> str | None:
@@ -49,15 +50,28 @@ def triton_blocker(layer: LayerInfo, sparsity: str, device: torch.device) -> str
     return None
 
 
-def _cpu_kernel_candidate(layer: LayerInfo, decision) -> bool:
-    """A float32 linear layer whose pattern has a C++ CPU kernel on this machine: constant fan-in
-    (condensed) or N:M (bitmask)."""
+def cpu_kernel_blocker(layer: LayerInfo, decision, device: torch.device) -> str | None:
+    """Why no C++ CPU kernel runs this layer here (None: one does: condensed for constant fan-in,
+    bitmask for N:M, each for float32 linear layers)."""
     from sparsec.runtime import bitmask_cpu, condensed_cpu
 
-    if layer.op not in ("linear", "matmul") or layer.dtype != torch.float32:
-        return False
-    kernels = condensed_cpu if decision.sparsity.startswith("fanin:") else bitmask_cpu
-    return kernels.is_available()
+    if device.type != "cpu":
+        return f"the C++ kernels run on the CPU (this layer is on {device})"
+    if layer.op not in ("linear", "matmul"):
+        return f"the C++ CPU kernels run linear layers (this one is a {layer.op})"
+    if layer.dtype != torch.float32:
+        return f"the C++ CPU kernels run float32 layers (this one is {dtype_name(layer.dtype)})"
+    fanin = decision.sparsity.startswith("fanin:")
+    if not (condensed_cpu if fanin else bitmask_cpu).is_available():
+        return (f"the C++ {'condensed' if fanin else 'bitmask'} kernel could not be built or loaded here (no C++ "
+                f"compiler, or SPARSEC_NO_CPP is set; the warning logged says which)")
+    return None
+
+
+def kept_dense_note(blocker: str) -> str:
+    return (f"kept dense (the pruned weight, stored dense) by backend auto: {blocker}, and the torch runtime would "
+            f"rebuild the dense weight on every call before running the same op, never faster than keeping it "
+            f"(backend='torch' keeps the compressed form at that cost)")
 
 
 # CPU timings are the machine's, not the model's: measured once per layer shape (and thread count) in a
@@ -66,7 +80,8 @@ def _cpu_kernel_candidate(layer: LayerInfo, decision) -> bool:
 CPU_MEASUREMENTS: dict = {}
 
 
-def _measured(gm, ctx: CompileContext, layer: LayerInfo, decision, node: fx.Node, triton_problem, device: str):
+def _measured(gm, ctx: CompileContext, layer: LayerInfo, decision, node: fx.Node, triton_problem, device: str,
+              cpu_cold: tuple[bool, str] | None = None):
     """backend="auto": the fastest way to run this layer, measured once per distinct shape in a
     compile (timings depend on shapes, dtypes and pattern, not on the weight values), so a 12-layer
     model with 4 layer shapes measures 4 times; on CPU once per shape in a process."""
@@ -81,12 +96,12 @@ def _measured(gm, ctx: CompileContext, layer: LayerInfo, decision, node: fx.Node
     key = (device, layer.op, layer.weight_shape, layer.conv, layer.dtype, decision.sparsity, decision.quant,
            layer.bias_path is not None, input_shape or m, triton_problem, graph)
     if key not in ctx.measurements:
-        cpu_key = (key, torch.get_num_threads())
+        cpu_key = (key, torch.get_num_threads(), cpu_cold)
         if device == "cpu" and cpu_key in CPU_MEASUREMENTS:
             result = CPU_MEASUREMENTS[cpu_key]
         else:
             result = pick_fastest(gm, ctx, layer, decision, m, triton_problem, device=device, input_shape=input_shape,
-                                  graph=graph)
+                                  graph=graph, cpu_cold=cpu_cold)
             if device == "cpu":
                 CPU_MEASUREMENTS[cpu_key] = result
         ctx.measurements[key] = (*result, layer.name)
@@ -102,9 +117,12 @@ def _device(gm: fx.GraphModule, layer: LayerInfo) -> torch.device:
 def choose_backend(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     from sparsec.codegen.launch import can_run_on
 
+    from sparsec.codegen.cpu_cache import weights_from_memory
+
     wanted = ctx.options.backend
     if ctx.options.train:
         return gm  # training runs the torch runtime (sparsec/runtime/training.py)
+    cpu_cold = None  # (cold, note) for the CPU measurements: the model's weights against the cache
     for name, nodes in layer_nodes(gm).items():
         meta = get_meta(nodes[0])
         decision, layer = meta.decision, meta.layer
@@ -133,12 +151,14 @@ def choose_backend(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
                                         f"{decision.sparsity} {layer.op}); set its backend to null to let sparsec choose")
             note = {"torch": None, "triton": TRITON_NOTE}.get(backend, f"backend {backend}, set by the given plan")
             launch = decision.launch
-        elif wanted == "auto" and device.type == "cpu" and _cpu_kernel_candidate(layer, decision):
-            backend, note, launch = _measured(gm, ctx, layer, decision, nodes[0], None, "cpu")
         elif wanted == "torch":
             backend, note, launch = "torch", None, None
         elif wanted == "auto" and device.type != "cuda":
-            backend, note, launch = "torch", AUTO_OFF_CUDA_NOTE, None
+            if (blocker := cpu_kernel_blocker(layer, decision, device)) is None:
+                cpu_cold = cpu_cold or weights_from_memory(gm)
+                backend, note, launch = _measured(gm, ctx, layer, decision, nodes[0], None, "cpu", cpu_cold)
+            else:
+                backend, note, launch = "dense", kept_dense_note(blocker), None
         elif wanted == "triton":
             if not can_run_on(device) and not ctx.options.emit_only:
                 raise InvalidInputError(

@@ -61,9 +61,11 @@ def compile(model: nn.Module, pattern: str | None = None, example_inputs: Any = 
     plan: an (edited) Plan to apply exactly instead of the default policy (not with include / exclude / quantize / grad_pattern).
     min_weights: layers with fewer weights stay dense unless included.
     leaf_modules: module classes or names symbolic_trace must not trace into.
-    backend: "auto" (CPU: fan-in layers on the condensed kernel or dense, whichever measured faster, the rest
-        torch; CUDA: per layer the fastest of Triton / cuSPARSELt / dense, measured at the compiled shape),
-        "triton" (generated fused 2:4 / fan-in kernels; CUDA, or CPU under TRITON_INTERPRET=1) or "torch".
+    backend: "auto" (CPU: float32 linear layers on their C++ kernel, condensed for fan-in, bitmask for N:M,
+        or dense, whichever measured faster; other layers dense; CUDA: per layer the fastest of Triton /
+        cuSPARSELt / dense, measured at the compiled shape), "triton" (generated fused 2:4 / fan-in
+        kernels; CUDA, or CPU under TRITON_INTERPRET=1) or "torch" (the compressed form everywhere,
+        the dense weight rebuilt per call: smallest, not fastest).
     timing: how backend "auto" times each candidate on CUDA. "eager" (default): calls as an eager caller
         waits them, host time included, so the choice is never slower for a model run call by call.
         "graph": replayed in a CUDA graph, the GPU time alone, for models run under CUDA graphs or

@@ -75,7 +75,10 @@ class LayerPlan:
         return self.numel * _ITEMSIZE.get(self.dtype or "float32", 4)
 
     def stored_bytes(self) -> int:
-        """Bytes of the stored weight: values + metadata/indices + int8 scales."""
+        """Bytes of the stored weight: values + metadata/indices + int8 scales; with backend "dense", the
+        pruned weight kept dense plus its mask as bits."""
+        if self.backend == "dense":
+            return self.dense_bytes() + self.out_features * math.ceil(self.reduction / 8)
         value_bytes = 1 if self.quant == "int8" else _ITEMSIZE.get(self.dtype or "float32", 4)
         pattern = parse_pattern(self.sparsity) if self.sparsity else None
         total = self.kept * value_bytes

@@ -217,16 +217,17 @@ def test_rows_limit_probes_until_the_kernel_loses_or_the_budget_ends(monkeypatch
 
 
 def test_without_a_compiler_layers_run_plain_torch(tmp_path):
-    """No C++ compiler: the kernel is unavailable, backend auto keeps N:M layers on the torch runtime
-    (saying so in the plan), and results still equal dense math."""
+    """No C++ compiler: the kernel is unavailable, backend auto keeps N:M layers' pruned weights dense
+    (saying why in the plan), the torch runtime still runs, and results equal dense math."""
     code = ("import torch, torch.nn as nn, sparsec; from sparsec.runtime import bitmask_cpu as bc\n"
             "assert not bc.is_available() and bc.isa() == 'torch'\n"
             "m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))\n"
             "x = torch.randn(3, 64)\n"
             "cm = sparsec.compile(m, example_inputs=(x,))\n"
             "lp = cm.plan['2']\n"
-            "assert lp.backend == 'torch' and 'runs on the torch runtime' in lp.reason, lp\n"
+            "assert lp.backend == 'dense' and 'bitmask kernel could not be built or loaded here' in lp.reason, lp\n"
             "w = cm.effective_weight('2')\n"
+            "assert torch.equal(w, sparsec.compile(m, example_inputs=(x,), backend='torch').effective_weight('2'))\n"
             "with torch.no_grad():\n"
             "    h = torch.relu(m[0](x)); ref = m[4](torch.relu(nn.functional.linear(h, w, m[2].bias)))\n"
             "    assert torch.allclose(cm(x), ref, atol=1e-5)\n"

@@ -549,12 +549,12 @@ def test_triton_backend_without_a_device_is_a_clear_error(monkeypatch):
     with pytest.raises(ValueError, match="backend='triton' needs the model on a CUDA device, or TRITON_INTERPRET=1"):
         sparsec.compile(model, example_inputs=inputs, backend="triton")
     # auto on CPU says what runs each layer: a float32 linear layer its measured choice between the C++
-    # kernel and dense, a float64 one (no C++ kernel) the torch runtime
+    # kernel and dense, a float64 one (no C++ kernel) its pruned weight kept dense
     auto = sparsec.compile(model, example_inputs=inputs).plan["fc2"]
     assert auto.backend in ("bitmask", "dense") and "backend auto at M=8: " in auto.reason
     double = sparsec.compile(copy.deepcopy(model).double(), example_inputs=tuple(x.double() for x in inputs)).plan["fc2"]
-    assert double.backend == "torch" and double.reason.endswith("runs on the torch runtime (backend 'auto' off CUDA; "
-                                                                "the Triton kernels need a GPU)")
+    assert double.backend == "dense" and ("kept dense (the pruned weight, stored dense) by backend auto: the C++ CPU "
+                                          "kernels run float32 layers (this one is float64)") in double.reason
     assert "torch runtime" not in sparsec.compile(model, example_inputs=inputs, backend="torch").plan["fc2"].reason
 
 
@@ -902,7 +902,7 @@ def test_compile_passes_graph_timing_to_the_measurement(monkeypatch):
     measurement stand in), and a plain compile measures eagerly."""
     graphs = []
 
-    def fake_pick(gm, ctx, layer, decision, m, problem, device="cuda", input_shape=None, graph=False):
+    def fake_pick(gm, ctx, layer, decision, m, problem, device="cuda", input_shape=None, graph=False, cpu_cold=None):
         graphs.append(graph)
         return "dense", f"measured with graph={graph}", None
 

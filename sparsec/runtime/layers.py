@@ -1,8 +1,9 @@
 """The nn.Modules the rewritten graph calls in place of chosen Linear / Conv1d / Conv2d / matmul layers.
 
-CPU execution is plain torch: rebuild the dense weight from the packed form, then run the same
+The torch runtime is plain torch: rebuild the dense weight from the packed form, then run the same
 F.linear / F.conv2d the original layer ran. That is exactly "the original model with the pruned
-(and fake-quantized) weights", and keeps no dense copy between calls.
+(and fake-quantized) weights", and keeps no dense copy between calls. (With a DensePacked weight,
+backend "dense", the rebuild is the stored dense weight itself.)
 """
 from __future__ import annotations
 

@@ -122,21 +122,43 @@ class FanInPacked(PackedWeight):
         return f"fan-in k={self.k}, out={self.out_features}, K={self.reduction}, values={self.values.dtype}" + (", int8 scales" if self.quant else "")
 
 
+def pack_mask_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask [out, K] as uint8 [out, ceil(K/8)], bit j of byte b = column 8*b + j: the mask a
+    dense-stored layer keeps beside its weight, at 1/8 byte per weight instead of bool's 1."""
+    out, k = mask.shape
+    padded = torch.zeros(out, -(-k // 8) * 8, dtype=torch.uint8, device=mask.device)
+    padded[:, :k] = mask
+    weights = 1 << torch.arange(8, dtype=torch.uint8, device=mask.device)
+    return (padded.view(out, -1, 8) * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_mask_bits(bits: torch.Tensor, k: int) -> torch.Tensor:
+    weights = 1 << torch.arange(8, dtype=torch.uint8, device=bits.device)
+    return (bits.unsqueeze(-1) & weights).ne(0).flatten(-2)[:, :k]
+
+
 class DensePacked(PackedWeight):
-    """The pruned (and dequantized) weight kept dense, with its mask: what backend "dense" runs when
-    measurement shows a sparse kernel would be slower than a dense GEMM at the compiled shape."""
+    """The pruned (and dequantized) weight kept dense, with its mask (as bits): what a layer runs
+    when no sparse kernel is faster than a dense GEMM at the compiled shape (backend "dense")."""
 
     def __init__(self, rows: torch.Tensor, mask: torch.Tensor, quant: str | None):
         super().__init__(rows, None, rows.shape[0], rows.shape[1], rows.dtype)
-        self.register_buffer("stored_mask", mask)
+        self.register_buffer("mask_bits", pack_mask_bits(mask))
         self.dense_of_quant = quant  # int8 already applied to the stored values (fake-quantized)
+
+    def __setstate__(self, state):
+        # files saved before the mask was stored as bits hold it as a bool buffer "stored_mask"
+        buffers = state.get("_buffers", {})
+        if "stored_mask" in buffers:
+            buffers["mask_bits"] = pack_mask_bits(buffers.pop("stored_mask"))
+        super().__setstate__(state)
 
     @classmethod
     def pack(cls, rows, mask, pattern, quant) -> DensePacked:
         pruned = rows.detach() * mask
         if quant == "int8":
             pruned = ref.fake_quant_int8(pruned)
-        return cls(pruned.contiguous(), mask.contiguous(), quant)
+        return cls(pruned.contiguous(), mask, quant)
 
     @property
     def quant(self) -> str | None:
@@ -146,7 +168,7 @@ class DensePacked(PackedWeight):
         return self.values if dtype is None or dtype == self.values.dtype else self.values.to(dtype)
 
     def mask(self) -> torch.Tensor:
-        return self.stored_mask
+        return unpack_mask_bits(self.mask_bits, self.reduction)
 
     def extra_repr(self) -> str:
         return f"dense pruned weight, out={self.out_features}, K={self.reduction}"

@@ -1,0 +1,72 @@
+"""Backend auto on CPU times a layer the way the model will run it: with its weights evicted from the
+caches when the model's weights exceed half the last-level cache, hot otherwise, and says which."""
+import torch
+import torch.nn as nn
+
+import sparsec
+from oracle import output_error, pruned_model
+from sparsec.passes import backend as backend_pass
+from sparsec.codegen import cpu_cache, measure
+from sparsec.runtime import bitmask_cpu
+
+
+def test_cache_size_parsing_and_reading():
+    assert cpu_cache._parse_size("32768K") == 32 << 20
+    assert cpu_cache._parse_size("1M") == 1 << 20
+    assert cpu_cache._parse_size("512") == 512
+    assert cpu_cache.last_level_cache_bytes() >= 256 << 10  # any real CPU's largest cache, or the fallback
+
+
+def test_weights_from_memory_compares_the_model_with_half_the_cache(monkeypatch):
+    model = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 256))  # 2 x (256 KB + 1 KB)
+    total = sum(p.numel() * 4 for p in model.parameters())
+    monkeypatch.setattr(cpu_cache, "last_level_cache_bytes", lambda: 2 * total)
+    cold, note = cpu_cache.weights_from_memory(model)
+    assert not cold and note == "timed with weights in cache (the model's 0.5 MB fit in half the 1.1 MB cache)"
+    monkeypatch.setattr(cpu_cache, "last_level_cache_bytes", lambda: 2 * total - 2)
+    cold, note = cpu_cache.weights_from_memory(model)
+    assert cold and note.startswith("timed with weights from memory (the model's 0.5 MB exceed half the")
+    shared = nn.Sequential(model[0], model[0])  # a tensor used twice is read once per call: counted once
+    assert not cpu_cache.weights_from_memory(shared)[0]
+
+
+def test_cold_timing_evicts_before_every_timed_call(monkeypatch):
+    events = []
+    monkeypatch.setattr(cpu_cache, "evict", lambda: events.append("evict"))
+    measure.time_cpu(lambda: events.append("call"), blocks=3, cold=True)
+    # one warm-up call, then at least 5 timed calls, each right after an eviction
+    assert events[0] == "call" and events[1:] == ["evict", "call"] * 5
+    events.clear()
+    measure.time_cpu(lambda: events.append("call"), block_s=1e-4, blocks=3)
+    assert "evict" not in events
+
+
+def test_evict_reads_a_buffer_twice_the_cache(monkeypatch):
+    monkeypatch.setattr(cpu_cache, "last_level_cache_bytes", lambda: 1 << 20)
+    cpu_cache.evict()
+    (buffer,) = cpu_cache._EVICTION.values()
+    assert buffer.numel() * buffer.element_size() == 2 << 20
+
+
+def test_compile_times_a_model_too_large_for_the_cache_cold(monkeypatch):
+    """A model whose weights exceed half the (stand-in, tiny) cache: its layers are timed cold, the plan
+    says so, and hot and cold timings of the same shape are kept apart."""
+    if not bitmask_cpu.is_available():
+        import pytest
+        pytest.skip("the C++ bitmask kernel did not build here")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 8))
+    x = torch.randn(2, 128)
+    hot = sparsec.compile(model, example_inputs=(x,)).plan["2"]
+    assert "timed with weights in cache" in hot.reason
+    evictions = []
+    monkeypatch.setattr(cpu_cache, "last_level_cache_bytes", lambda: 64 << 10)
+    monkeypatch.setattr(cpu_cache, "evict", lambda: evictions.append(1))
+    cm = sparsec.compile(model, example_inputs=(x,))
+    lp = cm.plan["2"]
+    assert lp.backend in ("bitmask", "dense") and "backend auto at M=2: " in lp.reason
+    assert "dense), timed with weights from memory (the model's" in lp.reason
+    assert evictions, "the cold measurement evicted before its timed calls"
+    assert {key[2][0] for key in backend_pass.CPU_MEASUREMENTS if key[0][2] == (128, 128)} >= {False, True}
+    with torch.no_grad():
+        assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
