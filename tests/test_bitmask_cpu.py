@@ -1,6 +1,7 @@
 """N:M linear layers on the CPU bitmask kernel: exact against plain torch on awkward shapes, chosen by
 measurement, bounded in rows, differentiable, saved, traced, and re-chosen when a plan is edited."""
 import copy
+import dataclasses
 import os
 import subprocess
 import sys
@@ -64,6 +65,32 @@ def test_kernel_equals_f_linear_on_the_pruned_weight(isa, out, groups, pattern, 
     expected = F.linear(x.double(), dense.double(), None if b is None else b.double())
     assert y.shape == (*batch, out) and y.dtype == torch.float32
     assert output_error(y.double(), expected) <= 1e-5
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("int8", [False, True])
+def test_each_word_form_equals_f_linear(isa, int8):
+    """prepare tells the kernel what every mask word holds: 2 of every 4 columns (2:4, K a multiple of
+    16: two permutes place the values), 8 per word otherwise (4:8: vexpandps of a fixed load), or any
+    count (K not a multiple of 16). Each form, and the general ones run on data that allows a faster
+    one, computes F.linear on the pruned weight, over every batch tile (8, 4, 2, 1) and its remainder."""
+    cases = [((2, 4), 64, bitmask_cpu.FORM_TWO_OF_FOUR), ((4, 8), 64, bitmask_cpu.FORM_EIGHT),
+             ((2, 4), 68, bitmask_cpu.FORM_ANY), ((1, 4), 64, bitmask_cpu.FORM_ANY)]
+    x = torch.randn(15, 68, generator=torch.Generator().manual_seed(3))
+    bitmask_cpu.set_isa(isa)
+    try:
+        for (n, m), k, form in cases:
+            weight, dense = _layer(37, k, n, m, int8, seed=k + n)
+            assert weight.form == form, ((n, m), k)
+            expected = F.linear(x[:, :k].double(), dense.double())
+            for slower in (f for f in (bitmask_cpu.FORM_EIGHT, bitmask_cpu.FORM_ANY) if f < form):
+                assert output_error(bitmask_cpu.bitmask_linear(x[:, :k], dataclasses.replace(weight, form=slower)).double(),
+                                    expected) <= 1e-5
+            for rows in (1, 2, 3, 4, 7, 8, 15):
+                assert output_error(bitmask_cpu.bitmask_linear(x[:rows, :k], weight).double(), expected[:rows]) <= 1e-5
+            assert torch.equal(bitmask_cpu.densify(weight), dense)
+    finally:
+        bitmask_cpu.set_isa("best")
 
 
 def test_inf_in_x_reaches_every_row_as_in_f_linear():

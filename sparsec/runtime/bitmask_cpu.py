@@ -4,7 +4,8 @@
 An N:M weight W [out, K] keeps the same number of values, nnz = K*N/M, in every row. The kernel reads
 them as the layer stores them, `values [out, nnz]` in column order (float32, or int8 with per-row
 scales), plus `masks [out, ceil(K/16)]`: bit j of word w set = column 16 w + j kept. On AVX-512 one
-word is one vexpandps and one FMA per batch row, so a layer reads about half the bytes of its dense
+word is one vexpandps (2:4 at batch 1: two fixed permutes, see FORM_TWO_OF_FOUR) and one FMA per
+batch row, so a layer reads about half the bytes of its dense
 weight (2:4 float32: 2.1 bytes per weight; int8: 0.6), which is what a memory-bound small batch pays.
 
 API
@@ -35,6 +36,10 @@ from sparsec.runtime.cpp_build import load_once
 
 
 calls: collections.Counter = collections.Counter()
+# What every mask word is known to hold, so the kernel can take a faster form (csrc/bitmask.cpp):
+FORM_ANY = 0           # any number of kept columns
+FORM_EIGHT = 8         # exactly 8: a fixed-size load (2:4, 4:8 with K a multiple of 16)
+FORM_TWO_OF_FOUR = 24  # exactly 2 in each group of 4 columns: placed by two permutes, not vexpandps
 _state: dict = {}  # "op": the loaded operator namespace, or None after a failed build
 
 
@@ -44,7 +49,7 @@ class BitmaskWeight:
     masks: torch.Tensor          # [out, ceil(K / 16)] int16 (read as uint16)
     scales: torch.Tensor | None  # [out] float32 for int8 values
     in_features: int
-    per_word: int                # 8 when every mask word keeps exactly 8 columns (2:4, 4:8 with K % 16 == 0), else 0
+    form: int                    # what every mask word holds: FORM_TWO_OF_FOUR, FORM_EIGHT or FORM_ANY
 
     @property
     def out_features(self) -> int:
@@ -68,11 +73,13 @@ def prepare(values: torch.Tensor, mask: torch.Tensor, scales: torch.Tensor | Non
                          f"(rows keep {int(kept.min())} to {int(kept.max())})")
     if (values.dtype == torch.int8) != (scales is not None):
         raise ValueError("int8 values need per-row scales; float values take none")
-    per_word = 8 if bool((counts == 8).all()) else 0
+    form = FORM_ANY
+    if bool((counts == 8).all()):
+        group_counts = padded.view(out, -1, 4).sum(-1)
+        form = FORM_TWO_OF_FOUR if bool((group_counts == 2).all()) else FORM_EIGHT
     # the two's-complement low 16 bits: the C++ reads them as uint16
     masks = value_count[..., 0].to(torch.int32).to(torch.int16).contiguous()
-    return BitmaskWeight(values.contiguous(), masks, None if scales is None else scales.float().contiguous(), k,
-                         per_word)
+    return BitmaskWeight(values.contiguous(), masks, None if scales is None else scales.float().contiguous(), k, form)
 
 
 def reference_weight(weight: BitmaskWeight) -> torch.Tensor:
@@ -96,9 +103,9 @@ def reference(x: torch.Tensor, weight: BitmaskWeight, bias: torch.Tensor | None)
 def _register_fakes() -> None:
     """Shape-only versions of the operators, for torch.compile / torch.export."""
     torch.library.register_fake("sparsec_bitmask::linear")(
-        lambda x, vals, masks, scales, bias, out, per_word: x.new_empty(*x.shape[:-1], out))
+        lambda x, vals, masks, scales, bias, out, form: x.new_empty(*x.shape[:-1], out))
     torch.library.register_fake("sparsec_bitmask::densify")(
-        lambda vals, masks, scales, k, per_word: vals.new_empty(vals.shape[0], k, dtype=torch.float32))
+        lambda vals, masks, scales, k, form: vals.new_empty(vals.shape[0], k, dtype=torch.float32))
 
 
 def _load():
@@ -125,7 +132,7 @@ def densify(weight: BitmaskWeight) -> torch.Tensor:
     op = _load()
     if op is None:
         return reference_weight(weight)
-    return op.densify(weight.values, weight.masks, weight.scales, weight.in_features, weight.per_word)
+    return op.densify(weight.values, weight.masks, weight.scales, weight.in_features, weight.form)
 
 
 def bitmask_linear(x: torch.Tensor, weight: BitmaskWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -136,6 +143,6 @@ def bitmask_linear(x: torch.Tensor, weight: BitmaskWeight, bias: torch.Tensor | 
     if (op is not None and x.dtype is torch.float32 and x.is_cpu and not needs_grad
             and (bias is None or (bias.dtype is torch.float32 and bias.is_cpu))):
         calls["fast"] += 1
-        return op.linear(x, weight.values, weight.masks, weight.scales, bias, weight.out_features, weight.per_word)
+        return op.linear(x, weight.values, weight.masks, weight.scales, bias, weight.out_features, weight.form)
     calls["fallback"] += 1
     return reference(x, weight, bias)

@@ -8,8 +8,8 @@
 // layer's own storage plus one bit per weight: 2.1 bytes per weight at 2:4 float32, 0.6 with int8.
 //
 // AVX-512: one 16-column word is one vexpandps (the kept values land in the lanes of their columns,
-// zeros elsewhere) and one FMA per batch row against x's 16 columns, so a 2:4 row costs the loads of
-// half its weights. The zeros multiply x like a dense layer's pruned weights do: an inf / nan in x
+// zeros elsewhere; for 2:4, two fixed permutes, see `place`) and one FMA per batch row against x's
+// 16 columns, so a 2:4 row costs the loads of half its weights. The zeros multiply x like a dense layer's pruned weights do: an inf / nan in x
 // reaches every row, as in the torch runtime's F.linear. Batch rows go in tiles of NB sharing each
 // expanded word; output rows in blocks of kRowBlock, whose weights stay in cache across the tiles.
 // Other CPUs: a scalar loop over the set bits (kept weights only). `densify` writes the dense weight
@@ -35,6 +35,11 @@
 
 namespace {
 
+// What every mask word is known to hold (Python checks; the kernels are templated on it):
+constexpr int kAny = 0;        // any number of kept columns
+constexpr int kEight = 8;      // exactly 8 (2:4, 4:8 with K a multiple of 16)
+constexpr int kTwoOfFour = 24; // exactly 2 in each group of 4 columns (2:4 with K a multiple of 16)
+
 constexpr int64_t kRowBlock = 16;    // output rows whose weights are reused across the batch tiles
 constexpr int64_t kChunkWords = 32;  // 512 columns: a batch tile's x chunk stays in L1 across the row block
 
@@ -59,7 +64,7 @@ struct Args {
   const float* bias;      // [out] or nullptr
   float* y;               // [B][out]
   int64_t B, K, W, nnz, out;
-  int64_t per_word;       // 8: every word keeps exactly 8 values (checked in Python), else 0
+  int64_t form;           // kAny, kEight or kTwoOfFour (checked in Python)
 };
 
 inline float finish(const Args& a, int64_t o, float sum) {
@@ -103,33 +108,52 @@ void densify_scalar(const Args& a, float* dense, int64_t o0, int64_t o1) {
 #define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,popcnt")))
 
 // The word's kept values in the lanes of their columns (zeros elsewhere); advances v past them.
-// P > 0: every word keeps exactly P values (2:4 and 4:8 with K a multiple of 16 keep 8), so the load
-// is a fixed-size one and no popcount sits between a word and the next word's values.
-template <int P>
-AVX512_TARGET inline __m512 expand(__mmask16 m, const float*& v) {
-  // A load then a register expand: vexpandps from memory is microcoded on Zen 4 / 5 (2.2 ms against
-  // 0.9 ms for a 2:4 4096 x 4096 layer at batch 1 here).
-  const unsigned n = P > 0 ? P : _mm_popcnt_u32(m);
-  const __m512 packed = P == 8 ? _mm512_castps256_ps512(_mm256_loadu_ps(v))
-                               : _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), v);
-  v += n;
-  return _mm512_maskz_expand_ps(m, packed);
+// F = kEight / kTwoOfFour: every word keeps exactly 8 values, so the load is a fixed-size one and no
+// popcount sits between a word and the next word's values.
+// kAny / kEight place them with vexpandps: register form (the memory form is microcoded on Zen 4 / 5:
+// 2.2 ms against 0.9 ms for a 2:4 4096 x 4096 layer at batch 1 here), which still takes ~3.5 cycles a
+// word on Zen 4. kTwoOfFour places them with two fixed permutes instead: lane j of group g (columns
+// 4g .. 4g + 3) takes value 2g where j is the first kept column of its group, value 2g + 1 where it is
+// the second (a stand-alone loop on one core: 1.4 against 1.7 ns a word; rows_avx512 says where each
+// form runs).
+template <int F>
+AVX512_TARGET inline __m512 place(__mmask16 m, __m512 packed) {
+  if constexpr (F == kTwoOfFour) {
+    const __m512i first_value = _mm512_set_epi32(6, 6, 6, 6, 4, 4, 4, 4, 2, 2, 2, 2, 0, 0, 0, 0);
+    const __m512i second_value = _mm512_set_epi32(7, 7, 7, 7, 5, 5, 5, 5, 3, 3, 3, 3, 1, 1, 1, 1);
+    const uint32_t bits = m;
+    // a kept column with another kept column below it in its group is its group's second
+    const uint32_t below = ((bits << 1) & 0xEEEE) | ((bits << 2) & 0xCCCC) | ((bits << 3) & 0x8888);
+    const __m512 first = _mm512_maskz_permutexvar_ps(static_cast<__mmask16>(bits & ~below), first_value, packed);
+    return _mm512_mask_permutexvar_ps(first, static_cast<__mmask16>(bits & below), second_value, packed);
+  } else {
+    return _mm512_maskz_expand_ps(m, packed);
+  }
 }
 
-template <int P>
-AVX512_TARGET inline __m512 expand(__mmask16 m, const int8_t*& v) {
-  const unsigned n = P > 0 ? P : _mm_popcnt_u32(m);
-  // Reads the word's n bytes only (never past the row's end).
-  const __m128i bytes = P == 8 ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(v))
-                               : _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << n) - 1), v);
+template <int F>
+AVX512_TARGET inline __m512 expand(__mmask16 m, const float*& v) {
+  const unsigned n = F != kAny ? 8 : _mm_popcnt_u32(m);
+  const __m512 packed = F != kAny ? _mm512_castps256_ps512(_mm256_loadu_ps(v))
+                                  : _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), v);
   v += n;
-  return _mm512_maskz_expand_ps(m, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)));
+  return place<F>(m, packed);
+}
+
+template <int F>
+AVX512_TARGET inline __m512 expand(__mmask16 m, const int8_t*& v) {
+  const unsigned n = F != kAny ? 8 : _mm_popcnt_u32(m);
+  // Reads the word's n bytes only (never past the row's end).
+  const __m128i bytes = F != kAny ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(v))
+                                  : _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << n) - 1), v);
+  v += n;
+  return place<F>(m, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)));
 }
 
 // Output row o against NB batch rows (x: the first of them) over mask words [w0, w1): adds into
 // acc[NB][16], advancing v past the words' values. R rotating accumulators per batch row keep
 // R * NB >= 4 FMA chains in flight (FMA latency 4 cycles).
-template <typename V, int P, int NB, int R>
+template <typename V, int F, int NB, int R>
 AVX512_TARGET void chunk(const Args& a, const V*& v, const uint16_t* mk, const float* x, int64_t w0, int64_t w1,
                          float* acc_out) {
   __m512 acc[R][NB];
@@ -140,7 +164,7 @@ AVX512_TARGET void chunk(const Args& a, const V*& v, const uint16_t* mk, const f
   int64_t w = w0;
   for (; w + R <= full; w += R) {
     for (int r = 0; r < R; ++r) {
-      const __m512 wv = expand<P>(static_cast<__mmask16>(mk[w + r]), v);
+      const __m512 wv = expand<F>(static_cast<__mmask16>(mk[w + r]), v);
       for (int n = 0; n < NB; ++n)
         acc[r][n] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + n * a.K + 16 * (w + r)), acc[r][n]);
     }
@@ -148,7 +172,7 @@ AVX512_TARGET void chunk(const Args& a, const V*& v, const uint16_t* mk, const f
   for (; w < w1; ++w) {  // the last words, the one past K's last multiple of 16 included
     const int64_t left = a.K - 16 * w;
     const __mmask16 valid = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
-    const __m512 wv = expand<0>(static_cast<__mmask16>(mk[w]), v);
+    const __m512 wv = expand<kAny>(static_cast<__mmask16>(mk[w]), v);
     for (int n = 0; n < NB; ++n)
       acc[0][n] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(valid, x + n * a.K + 16 * w), acc[0][n]);
   }
@@ -163,7 +187,7 @@ AVX512_TARGET void chunk(const Args& a, const V*& v, const uint16_t* mk, const f
 // kChunkWords words, each chunk of the NB x rows (NB * 2 KB) serving every output row of the block
 // from L1: without the chunks, each output row streamed its NB whole x rows from L2 (batch 16 at
 // 4096 x 4096: 5.5 ms against 1.6 ms for the condensed kernel).
-template <typename V, int P, int NB, int R>
+template <typename V, int F, int NB, int R>
 AVX512_TARGET void block_tile(const Args& a, int64_t ob, int64_t oe, int64_t b0) {
   alignas(64) float acc[kRowBlock][NB][16];
   const V* v[kRowBlock];
@@ -174,7 +198,7 @@ AVX512_TARGET void block_tile(const Args& a, int64_t ob, int64_t oe, int64_t b0)
   const float* x = a.x + b0 * a.K;
   for (int64_t w0 = 0; w0 < a.W; w0 += kChunkWords) {
     const int64_t w1 = std::min(a.W, w0 + kChunkWords);
-    for (int64_t o = ob; o < oe; ++o) chunk<V, P, NB, R>(a, v[o - ob], a.masks + o * a.W, x, w0, w1, acc[o - ob][0]);
+    for (int64_t o = ob; o < oe; ++o) chunk<V, F, NB, R>(a, v[o - ob], a.masks + o * a.W, x, w0, w1, acc[o - ob][0]);
   }
   for (int64_t o = ob; o < oe; ++o)
     for (int n = 0; n < NB; ++n)
@@ -182,7 +206,7 @@ AVX512_TARGET void block_tile(const Args& a, int64_t ob, int64_t oe, int64_t b0)
 }
 
 // The dense rows [o0, o1) the weight stands for (int8 scaled), for F.linear at many batch rows.
-template <typename V, int P>
+template <typename V, int F>
 AVX512_TARGET void densify_avx512(const Args& a, float* dense, int64_t o0, int64_t o1) {
   for (int64_t o = o0; o < o1; ++o) {
     const V* v = static_cast<const V*>(a.vals) + o * a.nnz;
@@ -191,32 +215,52 @@ AVX512_TARGET void densify_avx512(const Args& a, float* dense, int64_t o0, int64
     const __m512 scale = _mm512_set1_ps(a.scales ? a.scales[o] : 1.f);
     const int64_t full = a.K / 16;
     for (int64_t w = 0; w < full; ++w)
-      _mm512_storeu_ps(row + 16 * w, _mm512_mul_ps(expand<P>(static_cast<__mmask16>(mk[w]), v), scale));
+      _mm512_storeu_ps(row + 16 * w, _mm512_mul_ps(expand<F>(static_cast<__mmask16>(mk[w]), v), scale));
     if (full < a.W) {
       const __mmask16 valid = static_cast<__mmask16>((1u << (a.K - 16 * full)) - 1);
-      _mm512_mask_storeu_ps(row + 16 * full, valid, _mm512_mul_ps(expand<0>(static_cast<__mmask16>(mk[full]), v), scale));
+      _mm512_mask_storeu_ps(row + 16 * full, valid, _mm512_mul_ps(expand<kAny>(static_cast<__mmask16>(mk[full]), v), scale));
     }
   }
 }
 
-template <typename V, int P>
+template <typename V, int F>
 AVX512_TARGET void rows_avx512(const Args& a, int64_t o0, int64_t o1) {
-  for (int64_t ob = o0; ob < o1; ob += kRowBlock) {
-    const int64_t oe = std::min(o1, ob + kRowBlock);
+  // Batch tiles of 2+ rows share each placed word among their rows, where vexpandps's one uop did as
+  // well as the permutes' two or better (2:4, 4096 x 4096 at batch 16: 3.1 against 3.4 ms in one run,
+  // even in another); a lone batch row pays the placing per word and per FMA, where the permutes win
+  // (batch 1, 2026-11-23, this 2-core VM, medians of interleaved single calls: 4096 x 4096 float32
+  // 0.85 against 0.93 ms, int8 0.73 against 0.85; 14336 x 4096 float32 3.05 against 3.23 ms).
+  constexpr int shared = F == kTwoOfFour ? kEight : F;
+  // One batch row: output rows one at a time, two streams (values, masks) for the prefetchers instead
+  // of a block's 32 (x's K floats stay in L1 without the blocking): 14336 x 4096 float32 3.2 against
+  // 4.6 ms, 4096 x 4096 0.93 against 1.17 ms; a small layer in cache (3072 x 768) lost up to 15%.
+  const int64_t row_block = a.B == 1 ? 1 : kRowBlock;
+  for (int64_t ob = o0; ob < o1; ob += row_block) {
+    const int64_t oe = std::min(o1, ob + row_block);
     int64_t b = 0;
-    for (; b + 8 <= a.B; b += 8) block_tile<V, P, 8, 1>(a, ob, oe, b);
-    for (; b + 4 <= a.B; b += 4) block_tile<V, P, 4, 1>(a, ob, oe, b);
-    for (; b + 2 <= a.B; b += 2) block_tile<V, P, 2, 2>(a, ob, oe, b);
-    for (; b < a.B; ++b) block_tile<V, P, 1, 4>(a, ob, oe, b);
+    for (; b + 8 <= a.B; b += 8) block_tile<V, shared, 8, 1>(a, ob, oe, b);
+    for (; b + 4 <= a.B; b += 4) block_tile<V, shared, 4, 1>(a, ob, oe, b);
+    for (; b + 2 <= a.B; b += 2) block_tile<V, shared, 2, 2>(a, ob, oe, b);
+    for (; b < a.B; ++b) block_tile<V, F, 1, 4>(a, ob, oe, b);
   }
 }
 #endif
+
+int64_t checked_form(int64_t form) {
+  TORCH_CHECK(form == kAny || form == kEight || form == kTwoOfFour, "form must be ", kAny, ", ", kEight, " or ",
+              kTwoOfFour, ", got ", form);
+  return form;
+}
 
 template <typename V>
 void run(const Args& a) {
   void (*kernel)(const Args&, int64_t, int64_t) = rows_scalar<V>;
 #if SPARSEC_X86
-  if (g_avx512) kernel = a.per_word == 8 ? rows_avx512<V, 8> : rows_avx512<V, 0>;
+  if (g_avx512) {
+    kernel = a.form == kTwoOfFour ? rows_avx512<V, kTwoOfFour>
+             : a.form == kEight   ? rows_avx512<V, kEight>
+                                  : rows_avx512<V, kAny>;
+  }
 #endif
   // A second thread pays from ~32k multiply-adds each, so the grain stays small.
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, a.B * a.K));
@@ -225,11 +269,11 @@ void run(const Args& a) {
 
 // x [..., K] float32; vals [out, nnz] float32, or int8 with scales [out] float32; masks [out, ceil(K/16)]
 // int16 holding popcount nnz per row (Python builds and checks them); bias [out] float32 or None;
-// per_word 8 when every word of masks keeps exactly 8 columns (Python checks), else 0.
+// form: what every word of masks holds, kAny / kEight / kTwoOfFour (Python checks).
 // Returns [..., out] float32.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& masks,
                   const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& bias, int64_t out,
-                  int64_t per_word) {
+                  int64_t form) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu() && x.dim() >= 1, "x must be a float32 CPU tensor");
   const int64_t K = x.size(-1), W = (K + 15) / 16;
   TORCH_CHECK(vals.dim() == 2 && vals.size(0) == out && vals.is_contiguous(), "vals must be contiguous [out, nnz]");
@@ -245,7 +289,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& vals, const at::Tensor&
   shape.back() = out;
   at::Tensor y = at::empty(shape, x.options());
   Args a{x2.data_ptr<float>(), vals.data_ptr(), reinterpret_cast<const uint16_t*>(masks.data_ptr<int16_t>()),
-         nullptr, nullptr, y.data_ptr<float>(), B, K, W, vals.size(1), out, per_word == 8 ? 8 : 0};
+         nullptr, nullptr, y.data_ptr<float>(), B, K, W, vals.size(1), out, checked_form(form)};
   if (int8) {
     TORCH_CHECK(scales->scalar_type() == at::kFloat && scales->numel() == out, "scales must be float32 [out]");
     scales_keep = scales->contiguous();
@@ -263,7 +307,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& vals, const at::Tensor&
 
 // The dense float32 weight [out, K] that vals / masks (/ scales) stand for.
 at::Tensor densify(const at::Tensor& vals, const at::Tensor& masks, const std::optional<at::Tensor>& scales, int64_t K,
-                   int64_t per_word) {
+                   int64_t form) {
   const int64_t out = vals.size(0), W = (K + 15) / 16;
   TORCH_CHECK(vals.dim() == 2 && vals.is_contiguous(), "vals must be contiguous [out, nnz]");
   TORCH_CHECK(masks.scalar_type() == at::kShort && masks.dim() == 2 && masks.size(0) == out && masks.size(1) == W &&
@@ -273,7 +317,7 @@ at::Tensor densify(const at::Tensor& vals, const at::Tensor& masks, const std::o
   TORCH_CHECK(int8 == (scales.has_value() && scales->defined()), "int8 vals need scales, float32 vals take none");
   at::Tensor dense = at::empty({out, K}, vals.options().dtype(at::kFloat)), scales_keep;
   Args a{nullptr, vals.data_ptr(), reinterpret_cast<const uint16_t*>(masks.data_ptr<int16_t>()), nullptr, nullptr,
-         nullptr, 0, K, W, vals.size(1), out, per_word == 8 ? 8 : 0};
+         nullptr, 0, K, W, vals.size(1), out, checked_form(form)};
   if (int8) {
     TORCH_CHECK(scales->scalar_type() == at::kFloat && scales->numel() == out, "scales must be float32 [out]");
     scales_keep = scales->contiguous();
@@ -283,8 +327,15 @@ at::Tensor densify(const at::Tensor& vals, const at::Tensor& masks, const std::o
   void (*kernel)(const Args&, float*, int64_t, int64_t) = int8 ? densify_scalar<int8_t> : densify_scalar<float>;
 #if SPARSEC_X86
   if (g_avx512) {
-    kernel = int8 ? (a.per_word == 8 ? densify_avx512<int8_t, 8> : densify_avx512<int8_t, 0>)
-                  : (a.per_word == 8 ? densify_avx512<float, 8> : densify_avx512<float, 0>);
+    if (int8) {
+      kernel = a.form == kTwoOfFour ? densify_avx512<int8_t, kTwoOfFour>
+               : a.form == kEight   ? densify_avx512<int8_t, kEight>
+                                    : densify_avx512<int8_t, kAny>;
+    } else {
+      kernel = a.form == kTwoOfFour ? densify_avx512<float, kTwoOfFour>
+               : a.form == kEight   ? densify_avx512<float, kEight>
+                                    : densify_avx512<float, kAny>;
+    }
   }
 #endif
   at::parallel_for(0, out, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, K)),
@@ -307,8 +358,8 @@ std::string set_isa(const std::string& name) {
 // Registered for the CPU dispatch key, so that Python can give it a shape-only version for
 // torch.compile / torch.export (bitmask_cpu._register_fake).
 TORCH_LIBRARY(sparsec_bitmask, m) {
-  m.def("linear(Tensor x, Tensor vals, Tensor masks, Tensor? scales, Tensor? bias, int out, int per_word) -> Tensor");
-  m.def("densify(Tensor vals, Tensor masks, Tensor? scales, int K, int per_word) -> Tensor");
+  m.def("linear(Tensor x, Tensor vals, Tensor masks, Tensor? scales, Tensor? bias, int out, int form) -> Tensor");
+  m.def("densify(Tensor vals, Tensor masks, Tensor? scales, int K, int form) -> Tensor");
   m.def("isa() -> str", &isa);
   m.def("set_isa(str name) -> str", &set_isa);
 }
