@@ -6,6 +6,7 @@ closely the compiled model agrees with the original model run on the pruned weig
     make demo        (or: python examples/demo.py)
 """
 import copy
+import dataclasses
 import os
 import sys
 import time
@@ -44,8 +45,15 @@ def show(title, build, **options):
     t = cm.plan.totals()
     print(f"\n=== {title}: sparsec.compile({', '.join(f'{k}={v!r}' for k, v in options.items())}) in {seconds:.2f} s ===")
     print(cm.plan)
-    print(f"weight bytes: {t['bytes_before'] / 1024:.1f} KB -> {t['bytes_after'] / 1024:.1f} KB "
-          f"({100 * (1 - t['bytes_after'] / t['bytes_before']):.0f}% saved)")
+    line = (f"weight bytes: {t['bytes_before'] / 1024:.1f} KB -> {t['bytes_after'] / 1024:.1f} KB "
+            f"({100 * (1 - t['bytes_after'] / t['bytes_before']):.0f}% saved)")
+    dense_kept = [lp for lp in cm.plan.sparse_layers if lp.backend == "dense"]
+    if dense_kept:  # faster as dense pruned weights here (see their reasons); the compressed form is smaller
+        compressed = t["bytes_after"] - sum(lp.stored_bytes() - dataclasses.replace(lp, backend="torch").stored_bytes()
+                                            for lp in dense_kept)
+        line += (f"; {len(dense_kept)} sparse layers run as dense pruned weights, the faster form on this device "
+                 f"(backend='torch' stores them compressed: {compressed / 1024:.1f} KB in all)")
+    print(line)
     print(f"output vs original model on pruned weights: max abs error {float((got - expected).abs().max()):.2e} "
           f"(output scale {float(scale):.2f}); vs the dense model: {float((got - dense).abs().max()):.2e} (pruning changes it)")
 

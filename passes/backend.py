@@ -69,9 +69,9 @@ def cpu_kernel_blocker(layer: LayerInfo, decision, device: torch.device) -> str 
 
 
 def kept_dense_note(blocker: str) -> str:
-    return (f"kept dense (the pruned weight, stored dense) by backend auto: {blocker}, and the torch runtime would "
-            f"rebuild the dense weight on every call before running the same op, never faster than keeping it "
-            f"(backend='torch' keeps the compressed form at that cost)")
+    return (f"runs as a dense pruned weight (backend auto): {blocker}, and the torch runtime would rebuild the "
+            f"weight on every call before running the same op, so it is never faster (backend='torch' keeps the "
+            f"compressed form, at that cost)")
 
 
 # CPU timings are the machine's, not the model's: measured once per layer shape (and thread count) in a

@@ -1,5 +1,6 @@
 """Backend auto on CPU times a layer the way the model will run it: with its weights evicted from the
 caches when the model's weights exceed half the last-level cache, hot otherwise, and says which."""
+import pytest
 import torch
 import torch.nn as nn
 
@@ -52,7 +53,6 @@ def test_compile_times_a_model_too_large_for_the_cache_cold(monkeypatch):
     """A model whose weights exceed half the (stand-in, tiny) cache: its layers are timed cold, the plan
     says so, and hot and cold timings of the same shape are kept apart."""
     if not bitmask_cpu.is_available():
-        import pytest
         pytest.skip("the C++ bitmask kernel did not build here")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 8))
