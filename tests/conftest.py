@@ -49,3 +49,15 @@ def auto_as_on_a_gpu(monkeypatch):
                         lambda m, n, k, *a, **kw: [dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=bk, GROUP_M=1, SPLIT_K=1,
                                                         PRMT_EXPAND=0, num_warps=4, num_stages=1) for bk in (32, 16)])
     return timed
+
+
+@pytest.fixture
+def run_without_compiler(tmp_path):
+    """run(code): `code` in a fresh Python whose C++ compiler does not exist (and whose extension cache
+    is empty), so sparsec's C++ kernels cannot build there; fails the test if the code fails."""
+    import subprocess
+
+    def run(code: str) -> None:
+        env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), TORCH_EXTENSIONS_DIR=str(tmp_path))
+        subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+    return run

@@ -5,9 +5,6 @@ The first test to run compiles the C++ library (~10 s) unless it is cached.
 """
 import dataclasses
 import functools
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -212,7 +209,7 @@ def test_fallback_matches_fast_path():
 
 
 def test_without_the_library_everything_falls_back(monkeypatch):
-    monkeypatch.setattr(cc, "_state", {"op": None})
+    monkeypatch.setattr(cc._kernels, "state", {"op": None})
     assert not cc.is_available() and cc.isa() == "torch"
     values, indices, bias = make(20, 50, 5)
     w = cc.prepare(values, indices)
@@ -262,12 +259,11 @@ def test_bad_inputs():
         cc.condensed_linear(torch.randn(2, 40), values)
 
 
-def test_failed_build_is_not_fatal(tmp_path):
+def test_failed_build_is_not_fatal(run_without_compiler):
     """No compiler: is_available() is False and results still come from torch."""
     code = ("import torch; from sparsec.runtime import condensed_cpu as cc\n"
             "assert not cc.is_available()\n"
             "v, i = torch.randn(4, 2), torch.tensor([[0, 3]] * 4)\n"
             "y = cc.condensed_linear(torch.ones(1, 5), v, i)\n"
             "assert torch.allclose(y, v.sum(-1)[None])\n")
-    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), TORCH_EXTENSIONS_DIR=str(tmp_path))
-    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+    run_without_compiler(code)

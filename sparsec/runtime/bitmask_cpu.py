@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from sparsec.runtime.cpp_build import load_once
+from sparsec.runtime.cpp_build import CppKernels
 
 
 calls: collections.Counter = collections.Counter()
@@ -40,7 +40,6 @@ calls: collections.Counter = collections.Counter()
 FORM_ANY = 0           # any number of kept columns
 FORM_EIGHT = 8         # exactly 8: a fixed-size load (2:4, 4:8 with K a multiple of 16)
 FORM_TWO_OF_FOUR = 24  # exactly 2 in each group of 4 columns: placed by two permutes, not vexpandps
-_state: dict = {}  # "op": the loaded operator namespace, or None after a failed build
 
 
 @dataclass(frozen=True, eq=False)
@@ -108,22 +107,9 @@ def _register_fakes() -> None:
         lambda vals, masks, scales, k, form: vals.new_empty(vals.shape[0], k, dtype=torch.float32))
 
 
-def _load():
-    return load_once(_state, "bitmask.cpp", "sparsec_bitmask", _register_fakes, "bitmask CPU kernel")
-
-
-def is_available() -> bool:
-    return _load() is not None
-
-
-def isa() -> str:
-    op = _load()
-    return op.isa() if op is not None else "torch"
-
-
-def set_isa(name: str) -> str:
-    op = _load()
-    return op.set_isa(name) if op is not None else "torch"
+_kernels = CppKernels("bitmask.cpp", "sparsec_bitmask", _register_fakes, "bitmask CPU kernel")
+_load = _kernels.op
+is_available, isa, set_isa = _kernels.is_available, _kernels.isa, _kernels.set_isa  # isa: "avx512" / "scalar" / "torch"
 
 
 def densify(weight: BitmaskWeight) -> torch.Tensor:

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from sparsec.runtime.cpp_build import load_once
+from sparsec.runtime.cpp_build import CppKernels
 
 
 LANES, SEGMENT = 16, 32  # rows per block, columns per table lookup: kLanes / kSegment in the C++
@@ -56,7 +56,6 @@ LANES, SEGMENT = 16, 32  # rows per block, columns per table lookup: kLanes / kS
 SEG_CROSSOVER = 24.0
 
 calls: collections.Counter = collections.Counter()
-_state: dict = {}  # "op": the loaded operator namespace, or None after a failed build
 
 
 @dataclass(frozen=True, eq=False)
@@ -132,11 +131,6 @@ def reference(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, bias
     return F.linear(x.to(dtype), dense, None if bias is None else bias.to(dtype))
 
 
-def _load():
-    """The registered operator namespace, building the library on first use; None if that fails."""
-    return load_once(_state, "condensed.cpp", "sparsec_condensed", _register_fakes, "condensed CPU kernels")
-
-
 def _register_fakes() -> None:
     """Shape-only versions of the kernels, so torch.compile / torch.export can trace a model that calls
     them (they run the real kernel at run time); both return x's shape with `out` last features."""
@@ -147,22 +141,11 @@ def _register_fakes() -> None:
         torch.library.register_fake(f"sparsec_condensed::{name}")(fake)
 
 
-def is_available() -> bool:
-    """Whether the C++ kernels are loaded (building them on the first call)."""
-    return _load() is not None
-
-
-def isa() -> str:
-    """The kernel family in use: "avx512", "avx2", "scalar", or "torch" without the library."""
-    op = _load()
-    return op.isa() if op is not None else "torch"
-
-
-def set_isa(name: str) -> str:
-    """For tests: use kernels no better than "avx512" / "avx2" / "scalar" ("best": the CPU's). The rows
-    kernels switch at once; only prepare() under "avx512" builds the seg layout."""
-    op = _load()
-    return op.set_isa(name) if op is not None else "torch"
+_kernels = CppKernels("condensed.cpp", "sparsec_condensed", _register_fakes, "condensed CPU kernels")
+_load = _kernels.op
+# isa(): "avx512", "avx2", "scalar" or "torch". set_isa("avx512" / "avx2" / "scalar" / "best"): the
+# rows kernels switch at once; only prepare() under "avx512" builds the seg layout.
+is_available, isa, set_isa = _kernels.is_available, _kernels.isa, _kernels.set_isa
 
 
 def condensed_linear(x: torch.Tensor, values, indices: torch.Tensor | None = None,

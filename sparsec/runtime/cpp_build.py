@@ -4,7 +4,7 @@ The system C++ compiler ($CXX, else c++) compiles the one source (~10 s on 2 cor
 Python headers) into $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions)/sparsec/<stem>_<hash>.so,
 the hash covering source, flags, compiler and torch version, so later processes only load it. The
 kernels carry target attributes and pick their instruction set at run time, so nothing is built with
--march=native and a library stays valid on another CPU. load_once turns any failure into "unavailable".
+-march=native and a library stays valid on another CPU. CppKernels turns any failure into "unavailable".
 """
 from __future__ import annotations
 
@@ -61,18 +61,39 @@ def build_and_load(filename: str) -> None:
     torch.ops.load_library(lib)
 
 
-def load_once(state: dict, filename: str, namespace: str, register_fakes, what: str):
-    """torch.ops.<namespace> from csrc/<filename>, built and loaded on the first call and kept in the
-    caller's `state` dict; None when SPARSEC_NO_CPP is set or anything fails (no compiler, a compile
-    error, an unwritable cache: logged once as a warning, the callers then run plain torch).
-    `register_fakes()` gives the operators their shape-only versions for torch.compile / export."""
-    if "op" not in state:
-        state["op"] = None
-        if not os.environ.get("SPARSEC_NO_CPP"):
-            try:
-                build_and_load(filename)
-                register_fakes()
-                state["op"] = getattr(torch.ops, namespace)
-            except Exception as exc:  # noqa: BLE001 - any failure only disables the fast path
-                log.warning("sparsec %s unavailable, using the torch fallback: %s", what, exc)
-    return state["op"]
+class CppKernels:
+    """One kernel library, csrc/<filename> registering torch.ops.<namespace> (with isa() / set_isa()),
+    built and loaded on first use. `register_fakes()` gives its operators their shape-only versions for
+    torch.compile / export; `what` names it in the warning a failed build logs."""
+
+    def __init__(self, filename: str, namespace: str, register_fakes, what: str):
+        self.filename, self.namespace, self.register_fakes, self.what = filename, namespace, register_fakes, what
+        self.state: dict = {}  # "op": the loaded operator namespace, or None after a failed build
+
+    def op(self):
+        """torch.ops.<namespace>, or None when SPARSEC_NO_CPP is set or anything fails (no compiler, a
+        compile error, an unwritable cache: logged once as a warning, the callers then run plain torch)."""
+        if "op" not in self.state:
+            self.state["op"] = None
+            if not os.environ.get("SPARSEC_NO_CPP"):
+                try:
+                    build_and_load(self.filename)
+                    self.register_fakes()
+                    self.state["op"] = getattr(torch.ops, self.namespace)
+                except Exception as exc:  # noqa: BLE001 - any failure only disables the fast path
+                    log.warning("sparsec %s unavailable, using the torch fallback: %s", self.what, exc)
+        return self.state["op"]
+
+    def is_available(self) -> bool:
+        """Whether the library is loaded (building it on the first call)."""
+        return self.op() is not None
+
+    def isa(self) -> str:
+        """The kernel family in use ("avx512", "scalar", ...), or "torch" without the library."""
+        op = self.op()
+        return op.isa() if op is not None else "torch"
+
+    def set_isa(self, name: str) -> str:
+        """For tests: use kernels no better than `name` ("best": the CPU's); returns the family in use."""
+        op = self.op()
+        return op.set_isa(name) if op is not None else "torch"
