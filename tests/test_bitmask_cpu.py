@@ -120,6 +120,9 @@ def test_fallbacks_and_bad_input():
         bitmask_cpu.prepare(torch.randn(2, 4), mask)
     with pytest.raises(ValueError, match="int8 values need per-row scales"):
         bitmask_cpu.prepare(torch.zeros(2, 4, dtype=torch.int8), mask[[0, 0]])
+    # the operator itself names the word forms it accepts (prepare always passes one of them)
+    with pytest.raises(RuntimeError, match="form must be 0, 8 or 24, got 5"):
+        torch.ops.sparsec_bitmask.linear(torch.randn(1, 16), weight.values, weight.masks, None, None, 4, 5)
 
 
 def _bitmask_plan(model, inputs, **kw):
