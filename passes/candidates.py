@@ -72,7 +72,7 @@ def _trained_candidate(node: fx.Node, module: TrainableLayer) -> LayerInfo:
                      bias_path=f"{node.target}.bias" if module.bias is not None else None,
                      weight_shape=tuple(w.shape), dtype=w.dtype, out_features=rows.shape[0], reduction=rows.shape[1],
                      conv=module.conv, trained_pattern=str(module.pattern) if module.pattern is not None else None,
-                     trained_mask_path=f"{node.target}.weight_mask" if module.weight_mask is not None else None)
+                     trained_module_path=node.target if module.weight_mask is not None else None)
 
 
 def _customized(module: nn.Module) -> str | None:

@@ -1,8 +1,10 @@
 """Analysis: choose each layer's data-gradient pattern (SDGP), with the reason, when training.
 
 A layer gets `grad_pattern` unless:
-  * nothing upstream of its input is trainable: its data gradient dX is never used (the first
-    layer reading the model input), so there is nothing to prune;
+  * nothing upstream of its input is trainable (requires_grad): its data gradient dX is never used
+    (the first layer reading the model input, or one after frozen layers only), so there is nothing
+    to prune;
+  * the pattern keeps every value (N = M): nothing to prune either;
   * its output-feature count (conv: output channels) is not a multiple of M: dY cannot be grouped
     along it, the gradient stays dense;
   * it cannot be trained as a sparsec layer at all (eligibility blocker).
@@ -22,16 +24,17 @@ from sparsec.patterns import parse_pattern
 
 
 def _trainable_sources(gm: fx.GraphModule) -> set[fx.Node]:
-    """Nodes that read parameters: get_attr of a Parameter, or a call to a module owning parameters."""
+    """Nodes that read trainable parameters (requires_grad; frozen ones need no gradient): get_attr of
+    such a Parameter, or a call to a module owning one."""
     out = set()
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             try:
-                gm.get_parameter(node.target)
-                out.add(node)
+                if gm.get_parameter(node.target).requires_grad:
+                    out.add(node)
             except AttributeError:
                 pass
-        elif node.op == "call_module" and any(True for _ in gm.get_submodule(node.target).parameters()):
+        elif node.op == "call_module" and any(p.requires_grad for p in gm.get_submodule(node.target).parameters()):
             out.add(node)
     return out
 
@@ -52,12 +55,14 @@ def choose_grad_sparsity(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphMod
                                  f"{layer.out_features} output features are not a multiple of M={parse_pattern(grad).m}")
             continue
         g = opts.grad_pattern
-        if g is None or g.n == g.m:
+        if g is None:
             continue
         data = [d for n in nodes if isinstance(d := data_input(n), fx.Node)]
         upstream = set().union(*(nx.ancestors(graph, d) | {d} for d in data)) if data else set()
         if meta.blocker:
             note, grad = None, None
+        elif g.n == g.m:
+            note, grad = f"gradient dense: grad_pattern {g} keeps every value (N = M)", None
         elif not upstream & sources:
             note, grad = "gradient dense: no trainable parameter upstream, so its data gradient is never used", None
         elif layer.out_features % g.m:

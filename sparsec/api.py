@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from sparsec.compiled import CompiledModel
-from sparsec.context import DEFAULT_MIN_WEIGHTS, DEFAULT_QUANT_BUDGET, CompileContext, CompileOptions
+from sparsec.context import DEFAULT_MIN_WEIGHTS, DEFAULT_QUANT_BUDGET, DEFAULT_STE_DECAY, CompileContext, CompileOptions
 from sparsec.errors import InvalidInputError, InvalidTypeError
 from sparsec.frontend import capture, check_not_a_wrapper, normalize_example_inputs
 from sparsec.meta import get_meta
@@ -47,7 +47,7 @@ def compile(model: nn.Module, pattern: str | None = None, example_inputs: Any = 
             min_weights: int = DEFAULT_MIN_WEIGHTS, quant_budget: float = DEFAULT_QUANT_BUDGET,
             leaf_modules: Sequence[Any] | None = None, backend: str = "auto", train: bool = False,
             grad_pattern: str | None = None, grad_mode: str = "magnitude", weight_update: str = "fixed",
-            ste_decay: float = 2e-4, timing: str = "eager") -> CompiledModel:
+            ste_decay: float = DEFAULT_STE_DECAY, timing: str = "eager") -> CompiledModel:
     """Trace `model`, decide per layer, rewrite chosen layers to packed sparse modules.
 
     pattern: "N:M" (e.g. "2:4"), "fanin:S" (e.g. "fanin:0.9") or "dense" (plan only); default "2:4", or
@@ -61,8 +61,8 @@ def compile(model: nn.Module, pattern: str | None = None, example_inputs: Any = 
     plan: an (edited) Plan to apply exactly instead of the default policy (not with include / exclude / quantize / grad_pattern).
     min_weights: layers with fewer weights stay dense unless included.
     leaf_modules: module classes or names symbolic_trace must not trace into.
-    backend: "auto" (CPU: float32 linear layers on their C++ kernel, condensed for fan-in, bitmask for N:M,
-        or dense, whichever measured faster; other layers dense; CUDA: per layer the fastest of Triton /
+    backend: "auto" (CPU: float32 / bfloat16 / float16 linear layers on their C++ kernel, condensed for
+        fan-in, bitmask for N:M, or dense, whichever measured faster; other layers dense; CUDA: per layer the fastest of Triton /
         cuSPARSELt / dense, measured at the compiled shape), "triton" (generated fused 2:4 / fan-in
         kernels; CUDA, or CPU under TRITON_INTERPRET=1) or "torch" (the compressed form everywhere,
         the dense weight rebuilt per call: smallest, not fastest).

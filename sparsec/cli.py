@@ -40,6 +40,10 @@ def load_target(spec: str) -> tuple[nn.Module, tuple | None]:
         module_spec.loader.exec_module(module)
     except Exception as e:  # noqa: BLE001 - the user's file; say where it failed instead of a sparsec traceback
         raise CliError(f"importing {path} failed: {_where(e, path)}") from e
+    except SystemExit as e:  # sys.exit() or argparse run at import: not sparsec's exit, and not a success
+        raise CliError(f"importing {path} exited (SystemExit {e.code!r}{_at_line(e, path)}): "
+                       f"the file runs a script at import; put that under `if __name__ == \"__main__\":` so "
+                       f"that importing it only defines {func}") from e
     finally:
         sys.path.pop(0)
     builder = getattr(module, func, None)
@@ -60,10 +64,15 @@ def load_target(spec: str) -> tuple[nn.Module, tuple | None]:
 
 
 def _where(error: BaseException, path: str) -> str:
-    """The error and the innermost line of `path` it passed through (for a SyntaxError, its own line)."""
+    """The error and the innermost line of `path` it passed through."""
+    return f"{type(error).__name__}: {error}{_at_line(error, path)}"
+
+
+def _at_line(error: BaseException, path: str) -> str:
+    """' (at PATH line N)': the innermost line of `path` the error passed through (a SyntaxError's own)."""
     frames = [f for f in traceback.extract_tb(error.__traceback__) if os.path.abspath(f.filename) == os.path.abspath(path)]
     line = error.lineno if isinstance(error, SyntaxError) else (frames[-1].lineno if frames else None)
-    return f"{type(error).__name__}: {error}" + (f" (at {path} line {line})" if line else "")
+    return f" (at {path} line {line})" if line else ""
 
 
 def _read_plan(path: str | None):

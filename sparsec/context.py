@@ -5,6 +5,7 @@ Every pass parameter lives here rather than in pass signatures: a pass is `(gm, 
 from __future__ import annotations
 
 import collections
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -12,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from sparsec.errors import InvalidInputError, InvalidTypeError
-from sparsec.patterns import NM, Pattern, parse_pattern
+from sparsec.patterns import NM, Dense, Pattern, parse_pattern
 from sparsec.plan import Plan
 from sparsec.reference import pattern_mask, weight_to_rows
 
@@ -20,6 +21,7 @@ from sparsec.reference import pattern_mask, weight_to_rows
 # the per-call overhead of a compressed layer dominates. Override per layer with include=.
 DEFAULT_PATTERN = "2:4"  # what compile / explain prune with when given neither pattern= nor plan=
 DEFAULT_MIN_WEIGHTS = 1024
+DEFAULT_STE_DECAY = 2e-4  # SR-STE's lambda_W
 
 # quantize="auto" takes int8 only where the relative weight error ||Wq - W|| / ||W|| of the (pruned)
 # weight stays under this. Per-channel int8 of well-behaved weights lands at 0.4-1%; rows with
@@ -50,7 +52,7 @@ class CompileOptions:
     grad_pattern: NM | None = None           # SDGP: N:M pattern for data gradients (train only)
     grad_mode: str = "magnitude"             # "magnitude" | "rescale"
     weight_update: str = "fixed"             # "fixed" masks | "ste" (SR-STE re-pruning every step)
-    ste_decay: float = 2e-4                  # SR-STE's lambda_W
+    ste_decay: float = DEFAULT_STE_DECAY     # SR-STE's decay on pruned weights
     timing: str = "eager"                    # how backend "auto" times candidates on CUDA: "eager" | "graph"
 
     @classmethod
@@ -59,21 +61,38 @@ class CompileOptions:
                   quant_budget: object = DEFAULT_QUANT_BUDGET, leaf_modules: object = None,
                   backend: object = "auto", rewrite: bool = True, emit_only: bool = False, train: object = False,
                   grad_pattern: object = None, grad_mode: object = "magnitude", weight_update: object = "fixed",
-                  ste_decay: object = 2e-4, timing: object = "eager") -> CompileOptions:
+                  ste_decay: object = DEFAULT_STE_DECAY, timing: object = "eager") -> CompileOptions:
         """Validate user arguments up front, so errors name the argument, not a pass."""
         if not isinstance(train, bool):
             raise InvalidTypeError(f"train must be True or False, got {train!r}")
-        grad = parse_pattern(grad_pattern) if grad_pattern is not None else None
+        try:
+            grad = parse_pattern(grad_pattern) if grad_pattern is not None else None
+        except ValueError as e:  # (the pattern errors): name the argument, not `pattern`
+            raise type(e)(f"grad_pattern: {e}") from None
         if grad is not None and not isinstance(grad, NM):
             raise InvalidInputError(f"grad_pattern={grad_pattern!r}: data gradients are pruned N:M (e.g. '2:4'), or pass None")
         if grad is not None and not train:
             raise InvalidInputError("grad_pattern prunes gradients in backward, which needs train=True")
         if grad_mode not in GRAD_MODES:
             raise InvalidInputError(f"grad_mode={grad_mode!r} is not supported; accepted: {GRAD_MODES}")
+        plan_prunes_grads = isinstance(plan, Plan) and any(lp.grad_sparsity is not None for lp in plan)
+        if grad_mode != "magnitude" and grad is None and not plan_prunes_grads:
+            raise InvalidInputError(f"grad_mode={grad_mode!r} says how grad_pattern prunes data gradients, and no "
+                                    f"gradient is pruned: pass grad_pattern (e.g. '2:4') with train=True, or drop grad_mode")
         if weight_update not in WEIGHT_UPDATES:
             raise InvalidInputError(f"weight_update={weight_update!r} is not supported; accepted: {WEIGHT_UPDATES}")
-        if not isinstance(ste_decay, (int, float)) or ste_decay < 0:
-            raise InvalidInputError(f"ste_decay must be a non-negative number, got {ste_decay!r}")
+        if weight_update != "fixed" and not train:
+            raise InvalidInputError(f"weight_update={weight_update!r} says how training updates masks, which needs "
+                                    f"train=True")
+        if weight_update == "ste" and pattern is not None and isinstance(parse_pattern(pattern), Dense):
+            raise InvalidInputError("weight_update='ste' re-derives each layer's mask from its weight, and "
+                                    "pattern='dense' prunes nothing: pass a pattern (e.g. '2:4')")
+        if isinstance(ste_decay, bool) or not isinstance(ste_decay, (int, float)) or not (
+                math.isfinite(ste_decay) and ste_decay >= 0):
+            raise InvalidInputError(f"ste_decay must be a finite non-negative number, got {ste_decay!r}")
+        if ste_decay != DEFAULT_STE_DECAY and weight_update != "ste":
+            raise InvalidInputError(f"ste_decay={ste_decay!r} is SR-STE's decay on pruned weights, used with "
+                                    f"weight_update='ste' only (this compile has weight_update={weight_update!r})")
         if train and quantize is not None:
             raise InvalidInputError("quantize is for inference: train with train=True, then compile the trained model "
                                     "again with quantize=")
@@ -161,8 +180,10 @@ class CompileContext:
     def layer_mask(self, gm, layer, sparsity: str) -> torch.Tensor:
         """[out, K] mask of `layer` under `sparsity`: a trained layer's learned mask when the pattern
         is the one it was trained with (state, never recomputed), else by magnitude (`mask_for`)."""
-        if layer.trained_mask_path is not None and sparsity == layer.trained_pattern:
-            return weight_to_rows(gm.get_buffer(layer.trained_mask_path), layer.op)
+        if layer.trained_module_path is not None and sparsity == layer.trained_pattern:
+            # asked of the layer, not read from its buffer: SR-STE's stored mask is a step old after an
+            # optimizer step, its mask is the one the weight now implies
+            return weight_to_rows(gm.get_submodule(layer.trained_module_path).mask(), layer.op)
         rows = weight_to_rows(gm.get_parameter(layer.weight_path).detach(), layer.op)
         return self.mask_for(layer.name, rows, parse_pattern(sparsity))
 

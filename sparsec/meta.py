@@ -70,7 +70,7 @@ class LayerInfo:
     reduction: int              # K: the reduction dimension the pattern groups run along
     conv: ConvParams | None = None
     trained_pattern: str | None = None   # a train=True layer's pattern: its learned mask is kept as is
-    trained_mask_path: str | None = None # attribute path of that mask (original weight shape)
+    trained_module_path: str | None = None  # that layer's module: .mask() gives its mask now (original weight shape)
     data_arg: tuple[int, ...] = (0,)  # where the data operand is in a functional call's args: addmm(b, x, W): (1,),
                                       # einsum(eq, [x, W]) from torch.export: (1, 0)
     runtime_bias: bool = False  # F.linear's bias is computed at run time: the rewrite adds it after the layer

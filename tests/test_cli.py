@@ -62,6 +62,15 @@ def test_errors_in_the_users_file_or_output_folder_exit_2_naming_them(tmp_path, 
     bad_syntax.write_text("def build_model(:\n    pass\n")
     assert main(["inspect", str(bad_syntax)]) == 2
     assert f"importing {bad_syntax} failed: SyntaxError" in capsys.readouterr().err
+    # a script run at import (sys.exit, or argparse reading the CLI's own arguments) is not a success
+    for code, exit_code in (("import sys\nsys.exit(0)\n", "0"),
+                            ("import argparse\nargparse.ArgumentParser().parse_args(['--epochs', '3'])\n", "2")):
+        script = tmp_path / "script.py"
+        script.write_text(code)
+        assert main(["inspect", str(script)]) == 2
+        err = capsys.readouterr().err
+        assert f"importing {script} exited (SystemExit {exit_code} (at {script} line 2))" in err
+        assert 'under `if __name__ == "__main__":`' in err
     assert main(["inspect", MLP, "--plan", str(tmp_path / "missing.json")]) == 2
     assert "cannot read the plan file" in capsys.readouterr().err
     not_a_folder = tmp_path / "file"

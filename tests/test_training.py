@@ -91,6 +91,7 @@ def test_n_equal_m_is_a_no_op():
     ref = copy.deepcopy(model)
     cm = sparsec.compile(model, pattern="dense", example_inputs=(x,), train=True, grad_pattern="4:4")
     assert not any(lp.grad_sparsity for lp in cm.plan)
+    assert "gradient dense: grad_pattern 4:4 keeps every value (N = M)" in cm.plan["fc2"].reason
     xg, xr = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     cm(xg).square().sum().backward()
     ref(xr).square().sum().backward()
@@ -145,6 +146,9 @@ def test_frozen_parameters_stay_frozen(extra):
         p.requires_grad_(name not in frozen)
     cm = sparsec.compile(model, example_inputs=(x,), train=True, min_weights=0, include=[".*"], **extra)
     assert len(cm.plan.sparse_layers) == len(cm.plan.layers)
+    if "grad_pattern" in extra:  # fc2's input comes from the frozen fc1: its dX is never used
+        assert cm.plan["fc2"].grad_sparsity is None and "no trainable parameter upstream" in cm.plan["fc2"].reason
+        assert cm.plan["fc3"].grad_sparsity == "2:4"
     before = {name: cm.effective_weight(name).clone() for name in cm.plan.names}
     opt = torch.optim.SGD(cm.parameters(), lr=0.5)
     F.cross_entropy(cm(x), torch.randint(0, 10, (x.shape[0],))).backward()
@@ -181,6 +185,31 @@ def test_ste_mask_follows_the_weights_and_decays_pruned_ones():
     assert torch.equal(cm.mask("0"), ~mask)
 
 
+def test_ste_keeps_pruned_weights_and_reads_the_mask_the_weight_implies():
+    """SR-STE starts from the dense weights (pruned ones keep their values, to win their place back),
+    and after an optimizer step, with no forward since, the mask, the effective weight and an inference
+    compile of the trained model are those the weight now implies, not the step-old stored ones."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.randn(8, 16)
+    cm = sparsec.compile(model, example_inputs=(x,), train=True, include=["2"], min_weights=0, weight_update="ste")
+    layer = cm.sparse_module("2")
+    assert torch.equal(layer.weight.detach(), model[2].weight.detach())  # nothing zeroed
+    opt = torch.optim.SGD(cm.parameters(), lr=0.5)
+    for _ in range(5):
+        opt.zero_grad()
+        F.cross_entropy(cm(x), torch.arange(8) % 4).backward()
+        opt.step()
+    implied = lexsort_mask(layer.weight.detach().reshape(16, 4, 4), 2).reshape(16, 16)
+    assert not torch.equal(implied, layer.weight_mask), "the steps should have moved the mask"
+    assert torch.equal(cm.mask("2"), implied)
+    assert torch.equal(cm.effective_weight("2"), layer.weight.detach() * implied)
+    inference = sparsec.compile(cm, example_inputs=(x,), backend="torch")
+    assert torch.equal(inference.mask("2"), implied)
+    with torch.no_grad():
+        assert output_error(inference(x), cm(x)) <= 1e-6
+
+
 def _ste_grad(x, layer, cm, G, mask):
     """dL/d(W*mask) evaluated at the masked weight: what STE hands to every entry of W."""
     wm = (layer.weight.detach() * mask).requires_grad_(True)
@@ -208,7 +237,7 @@ class _SharedLayer(nn.Module):
 def test_a_layer_called_several_times_gets_the_sum_of_its_gradients(update):
     model, x = _SharedLayer(), torch.randn(5, 8)
     cm = sparsec.compile(model, example_inputs=(x,), train=True, include=["mid"], min_weights=0,
-                         weight_update=update, ste_decay=0.0)
+                         weight_update=update, **({"ste_decay": 0.0} if update == "ste" else {}))
     y = cm(x)
     G = torch.randn_like(y)
     (y * G).sum().backward()  # under STE the mask buffer is rewritten by each of the three calls
@@ -251,6 +280,14 @@ def test_trained_model_computes_like_the_masked_original():
     (dict(train=True, quantize="int8"), "quantize is for inference"),
     (dict(train=True, backend="triton"), "torch training runtime"),
     (dict(train="yes"), "train must be True or False"),
+    (dict(train=True, weight_update="ste", ste_decay=float("nan")), "ste_decay must be a finite non-negative"),
+    (dict(train=True, weight_update="ste", ste_decay=float("inf")), "ste_decay must be a finite non-negative"),
+    (dict(train=True, weight_update="ste", ste_decay=-1.0), "ste_decay must be a finite non-negative"),
+    (dict(train=True, ste_decay=0.1), "used with weight_update='ste' only"),
+    (dict(train=True, grad_mode="rescale"), "no gradient is pruned: pass grad_pattern"),
+    (dict(weight_update="ste"), "needs train=True"),
+    (dict(train=True, weight_update="ste", pattern="dense"), "pattern='dense' prunes nothing"),
+    (dict(train=True, grad_pattern=(2, 4)), "grad_pattern: pattern must be a string"),
 ])
 def test_bad_training_options(kwargs, match):
     model, inputs = load_example("mlp").build_model()

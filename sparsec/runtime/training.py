@@ -5,10 +5,12 @@ state. Forward computes with `weight * mask`:
 
 * weight_update="fixed": the mask never changes. Pruned weights are zeroed once, get zero gradient
   (d(w*mask)/dw = mask), so any optimizer (SGD, AdamW with weight decay) leaves them exactly 0.
-* weight_update="ste": SR-STE (Zhou et al., ICLR 2021). The mask is recomputed from the dense
-  weight on every forward; the gradient passes straight through to all weights, and pruned ones
-  also get `ste_decay * w` (the "sparse-refined" term, lambda_W = 2e-4 in the paper), which pulls
-  weights that keep flipping in and out of the mask towards 0.
+* weight_update="ste": SR-STE (Zhou et al., ICLR 2021). The weight stays dense (pruned weights keep
+  their values, so they can win their place back) and the mask is derived from it, on every forward
+  and whenever it is read (`mask()`, `effective_weight()`, an inference compile of the trained model:
+  after an optimizer step, the stored buffer is a step old); the gradient passes straight through to
+  all weights, and pruned ones also get `ste_decay * w` (the "sparse-refined" term, lambda_W = 2e-4 in
+  the paper), which pulls weights that keep flipping in and out of the mask towards 0.
 
 With a gradient pattern (SDGP), the data gradient dX is computed from dY pruned N:M along the
 output features (channels for conv); dW and db use the unpruned dY (sparsec/runtime/sdgp.py).
@@ -19,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sparsec.context import DEFAULT_STE_DECAY
 from sparsec.distributed import full
 from sparsec.meta import ConvParams
 from sparsec.patterns import NM, Pattern
@@ -26,7 +29,6 @@ from sparsec.reference import pattern_mask, rows_to_weight, weight_to_rows
 from sparsec.runtime.layers import RuntimeLayer, conv2d, explicit_padding
 from sparsec.runtime.sdgp import sdgp_conv2d, sdgp_linear
 
-DEFAULT_STE_DECAY = 2e-4  # SR-STE's lambda_W
 
 
 class _SparseRefinedSTE(torch.autograd.Function):
@@ -57,7 +59,8 @@ class TrainableLayer(RuntimeLayer):
         self.weight_update, self.ste_decay = weight_update, ste_decay
         self.conv = conv
         self.explicit_pad = explicit_padding(conv, tuple(weight.shape)) if conv is not None else None
-        masked = weight.detach() * mask if mask is not None else weight.detach()
+        keep_dense = mask is None or weight_update == "ste"
+        masked = weight.detach() if keep_dense else weight.detach() * mask
         # A frozen parameter stays frozen (fine-tuning part of a model is the usual reason to freeze).
         self.weight = nn.Parameter(masked.clone(), requires_grad=weight.requires_grad)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad) if bias is not None else None
@@ -68,14 +71,21 @@ class TrainableLayer(RuntimeLayer):
 
     # ---- the weight the layer computes with
 
+    @torch.no_grad()
+    def current_mask(self) -> torch.Tensor | None:
+        """The mask the next forward computes with: SR-STE's derived from the weight now, a fixed one as
+        stored. Reads only. (Outside forward, an FSDP-sharded weight is gathered: a collective.)"""
+        if self.weight_mask is not None and self.weight_update == "ste":
+            rows = weight_to_rows(full(self.weight.detach()), self.op)
+            return rows_to_weight(pattern_mask(rows, self.pattern), self.op, self.weight_mask.shape)
+        return self.weight_mask
+
     def _current(self) -> torch.Tensor:
         if self.weight_mask is None:
             return self.weight
         if self.weight_update == "ste":
-            with torch.no_grad():  # SR-STE: re-prune from the dense weight every step
-                rows = weight_to_rows(self.weight.detach(), self.op)
-                mask = rows_to_weight(pattern_mask(rows, self.pattern), self.op, self.weight.shape)
-                self.weight_mask.copy_(mask)
+            mask = self.current_mask()  # SR-STE: re-prune from the dense weight every step
+            self.weight_mask.copy_(mask)  # a plain buffer, whole on every rank
             # Backward gets this call's own mask, not the buffer: a layer called twice in one forward
             # (shared weights) would otherwise find the buffer overwritten by the later call.
             return _SparseRefinedSTE.apply(self.weight, mask, self.ste_decay)
@@ -102,13 +112,12 @@ class TrainableLayer(RuntimeLayer):
     @torch.no_grad()
     def effective_weight(self) -> torch.Tensor:
         w = full(self.weight.detach())  # gathered when FSDP shards it (a collective then)
-        return (w * self.weight_mask if self.weight_mask is not None else w).clone()
+        return w * self.mask()
 
     @torch.no_grad()
     def mask(self) -> torch.Tensor:
-        if self.weight_mask is None:
-            return torch.ones_like(self.weight, dtype=torch.bool)
-        return self.weight_mask.clone()
+        mask = self.current_mask()
+        return torch.ones_like(self.weight, dtype=torch.bool) if mask is None else mask.clone()
 
     def __getstate__(self):
         state = super().__getstate__().copy()
