@@ -1,12 +1,13 @@
 """2:4 linear layers on the CPU: the bitmask kernel (sparsec/runtime/bitmask_cpu.py) against dense.
 
-Per layer shape (N x K, fp32), batch M and weight format (fp32, int8 + scales):
+Per layer shape (N x K), batch M and weight format (fp32; int8 + scales with fp32 x; bf16 with bf16 x):
   dense    F.linear on the pruned weight (what the original model costs: oneDNN / MKL sgemm)
   torch    sparsec's torch runtime: rebuild the dense weight from values + metadata, then F.linear
            (what backend="torch" runs, and what auto ran on CPU before the kernel)
   bitmask  the C++ kernel on the packed values plus one bit per weight
 and whole models compiled with backend="auto" against the original: 12 blocks of a GPT-2-small MLP
-(768 -> 3072 -> 768, ReLU; the first and last layers stay dense, as the plan says), and a 9-conv CNN
+(768 -> 3072 -> 768, ReLU; the first and last layers stay dense, as the plan says; float32, and
+bfloat16 at the two smaller batches), and a 9-conv CNN
 (64 / 128 / 256 channels on 32 x 32 images), whose 2:4 convs auto keeps dense (no CPU conv kernel).
 Every method is checked against dense first; then methods take turns in rounds (drift on a shared
 2-core VM hits them alike) and the tables give medians. Bandwidth is weight bytes read per call
@@ -65,30 +66,36 @@ def read_ceiling_gbs() -> float:
     return big.numel() * 4 / 1e9 / min(block_seconds(big.sum, 0.2) for _ in range(3))
 
 
-def checked(fns: dict, expected: torch.Tensor) -> None:
+def checked(fns: dict, expected: torch.Tensor, tolerance: float = 1e-4) -> None:
     for name, fn in fns.items():
-        error = float((fn() - expected).abs().max()) / max(float(expected.abs().max()), 1e-30)
-        if not error <= 1e-4:
+        error = float((fn().float() - expected.float()).abs().max()) / max(float(expected.abs().max()), 1e-30)
+        if not error <= tolerance:
             raise AssertionError(f"{name} differs from dense by {error:.2g} of its largest output")
 
 
-def layer_rows(n: int, k: int, m: int, int8: bool, rounds: int, ceiling: float) -> dict:
+# weight formats: (layer dtype, quantization); bf16 layers take bf16 inputs and round y to bf16 (2^-8)
+FORMATS = {"fp32": (torch.float32, None), "int8": (torch.float32, "int8"), "bf16": (torch.bfloat16, None)}
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
+
+
+def layer_rows(n: int, k: int, m: int, weights: str, rounds: int, ceiling: float) -> dict:
+    dtype, quant = FORMATS[weights]
     torch.manual_seed(0)
-    w = torch.randn(n, k)
+    w = torch.randn(n, k).to(dtype)
     mask = ref.nm_mask(w, 2, 4)
-    packed = NMPacked.pack(w, mask, NM(2, 4), "int8" if int8 else None)
-    dense = packed.rows(torch.float32).contiguous()
+    packed = NMPacked.pack(w, mask, NM(2, 4), quant)
+    dense = packed.rows(dtype).contiguous()
     layout = bitmask_cpu.prepare(packed.values, packed.mask(), packed.scales)
-    x = torch.randn(m, k)
+    x = torch.randn(m, k).to(dtype)
     fns = {"dense": lambda: F.linear(x, dense), "torch": lambda: F.linear(x, packed.rows()),
            "bitmask": lambda: bitmask_cpu.bitmask_linear(x, layout)}
     with torch.no_grad():
-        checked(fns, fns["dense"]())
+        checked(fns, fns["dense"](), TOLERANCE[dtype])
         times = in_rounds(fns, rounds)
-    weight_bytes = {"dense": dense.numel() * 4,
+    weight_bytes = {"dense": dense.numel() * dense.element_size(),
                     "bitmask": layout.values.numel() * layout.values.element_size() + layout.masks.numel() * 2}
     weight_bytes["torch"] = weight_bytes["bitmask"]
-    return {"N": n, "K": k, "M": m, "weights": "int8" if int8 else "fp32",
+    return {"N": n, "K": k, "M": m, "weights": weights,
             "us": {name: 1e6 * t for name, t in times.items()},
             "x_dense": {name: times["dense"] / t for name, t in times.items()},
             "weight_gbs": {name: weight_bytes[name] / 1e9 / t for name, t in times.items()},
@@ -114,19 +121,20 @@ def cnn_stack(width: int) -> nn.Module:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, 10))
 
 
-def model_rows(name: str, model: nn.Module, input_of, batches: list[int], rounds: int) -> list[dict]:
+def model_rows(name: str, model: nn.Module, input_of, batches: list[int], rounds: int,
+               dtype: torch.dtype = torch.float32) -> list[dict]:
     """The model compiled with backend auto at each batch, against the original and the torch runtime."""
-    model = model.eval()
+    model = model.eval().to(dtype)
     rows = []
     for m in batches:
-        x = input_of(m)
+        x = input_of(m).to(dtype)
         start = time.perf_counter()
         cm = sparsec.compile(model, example_inputs=(x,))
         compile_s = time.perf_counter() - start
         torch_rt = sparsec.compile(model, example_inputs=(x,), backend="torch")
         fns = {"original": lambda: model(x), "auto": lambda: cm(x), "torch": lambda: torch_rt(x)}
         with torch.no_grad():
-            checked({"auto": fns["auto"]}, torch_rt(x))  # the torch runtime is the reference math
+            checked({"auto": fns["auto"]}, torch_rt(x), TOLERANCE[dtype])  # the torch runtime: the reference math
             times = in_rounds(fns, rounds)
         backends = sorted({lp.backend for lp in cm.plan.sparse_layers})
         rows.append({"model": name, "M": m, "compile_s": compile_s, "backends": backends,
@@ -152,8 +160,8 @@ def main() -> None:
     layers = []
     for n, k in SHAPES[args.shapes]:
         for m in BATCHES[args.shapes]:
-            for int8 in (False, True):
-                r = layer_rows(n, k, m, int8, args.rounds, ceiling)
+            for weights in FORMATS:
+                r = layer_rows(n, k, m, weights, args.rounds, ceiling)
                 layers.append(r)
                 print(f"{n:>5} x {k:<5} {m:>4} {r['weights']:>7} {r['us']['dense']:>10.1f} {r['us']['torch']:>10.1f} "
                       f"{r['us']['bitmask']:>10.1f} {r['x_dense']['bitmask']:>7.2f}x "
@@ -163,6 +171,9 @@ def main() -> None:
     torch.manual_seed(0)
     models = model_rows(f"{blocks} x MLP {d}->{hidden}->{d}", mlp_stack(blocks, d, hidden),
                         lambda m: torch.randn(m, d), BATCHES[args.shapes], args.rounds)
+    torch.manual_seed(0)
+    models += model_rows(f"{blocks} x MLP {d}->{hidden}->{d} bf16", mlp_stack(blocks, d, hidden),
+                         lambda m: torch.randn(m, d), BATCHES[args.shapes][:2], args.rounds, torch.bfloat16)
     models += model_rows(f"CNN {width}/{2 * width}/{4 * width} channels on {image}x{image}", cnn_stack(width),
                          lambda m: torch.randn(m, 3, image, image), [1, 16] if not small else [1, 2], args.rounds)
     for r in models:

@@ -5,8 +5,9 @@ backend="triton"  the generated fused kernels for every layer they cover (2:4 or
                   linear / matmul, 2:4 conv1d / conv2d with groups=1; float16 / bfloat16 / float32
                   weights); other sparse layers stay on torch, with the reason. Needs CUDA, or
                   TRITON_INTERPRET=1 for the CPU interpreter.
-backend="auto"    on CPU: float32 linear layers time their C++ kernel (condensed for constant fan-in,
-                  bitmask for N:M) against a dense GEMM on the pruned weight and take the faster
+backend="auto"    on CPU: float32 / bfloat16 / float16 linear layers time their C++ kernel (condensed
+                  for constant fan-in, bitmask for N:M) against a dense GEMM on the pruned weight and
+                  take the faster
                   (the kernel up to the most rows it measured faster at); every other layer keeps its
                   pruned weight dense (backend "dense"): the torch runtime would rebuild that weight on
                   every call and then run the same op, so it cannot be faster. On CUDA:
@@ -52,15 +53,17 @@ def triton_blocker(layer: LayerInfo, sparsity: str, device: torch.device) -> str
 
 def cpu_kernel_blocker(layer: LayerInfo, decision, device: torch.device) -> str | None:
     """Why no C++ CPU kernel runs this layer here (None: one does: condensed for constant fan-in,
-    bitmask for N:M, each for float32 linear layers)."""
+    bitmask for N:M, each for float32 / bfloat16 / float16 linear layers)."""
     from sparsec.runtime import bitmask_cpu, condensed_cpu
+    from sparsec.runtime.cpu_linear import CpuKernelLinear
 
     if device.type != "cpu":
         return f"the C++ kernels run on the CPU (this layer is on {device})"
     if layer.op not in ("linear", "matmul"):
         return f"the C++ CPU kernels run linear layers (this one is a {layer.op})"
-    if layer.dtype != torch.float32:
-        return f"the C++ CPU kernels run float32 layers (this one is {dtype_name(layer.dtype)})"
+    if layer.dtype not in CpuKernelLinear.kernel_dtypes:
+        return (f"the C++ CPU kernels run float32 / bfloat16 / float16 layers (this one is "
+                f"{dtype_name(layer.dtype)})")
     fanin = decision.sparsity.startswith("fanin:")
     if not (condensed_cpu if fanin else bitmask_cpu).is_available():
         return (f"the C++ {'condensed' if fanin else 'bitmask'} kernel could not be built or loaded here (no C++ "

@@ -248,7 +248,8 @@ def test_cpu24_bench_checks_and_times_every_method(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     (result,) = tmp_path.glob("cpu24-*.json")
     data = json.loads(result.read_text())
-    assert {r["weights"] for r in data["layers"]} == {"fp32", "int8"} and len(data["models"]) == 4
+    assert {r["weights"] for r in data["layers"]} == {"fp32", "int8", "bf16"} and len(data["models"]) == 6
+    assert [r["M"] for r in data["models"] if r["model"].endswith("bf16")] == [1, 5]
     # the CNN's 2:4 convs have no CPU kernel: auto keeps them dense
     assert [r["backends"] for r in data["models"] if r["model"].startswith("CNN")] == [["dense"], ["dense"]]
     assert all(set(r["us"]) == {"dense", "torch", "bitmask"} and min(r["us"].values()) > 0 for r in data["layers"])

@@ -554,7 +554,7 @@ def test_triton_backend_without_a_device_is_a_clear_error(monkeypatch):
     assert auto.backend in ("bitmask", "dense") and "backend auto at M=8: " in auto.reason
     double = sparsec.compile(copy.deepcopy(model).double(), example_inputs=tuple(x.double() for x in inputs)).plan["fc2"]
     assert double.backend == "dense" and ("runs as a dense pruned weight (backend auto): the C++ CPU "
-                                          "kernels run float32 layers (this one is float64)") in double.reason
+                                          "kernels run float32 / bfloat16 / float16 layers (this one is float64)") in double.reason
     assert "torch runtime" not in sparsec.compile(model, example_inputs=inputs, backend="torch").plan["fc2"].reason
 
 

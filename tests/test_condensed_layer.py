@@ -52,6 +52,23 @@ def test_other_dtypes_fall_back_to_the_reference():
         assert output_error(double(x.double()), pruned_model(model.double(), cm.plan)(x.double())) <= 1e-12
 
 
+@pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 2e-2), (torch.float16, 4e-3)])
+def test_16_bit_layers_run_the_kernel_in_float32(dtype, tolerance):
+    """A bfloat16 / float16 model compiled onto the kernel, and a float32 one cast after compiling: the
+    kernel multiplies float32 values, y comes back in the model's dtype and equals the oracle's pruned
+    model within that dtype's rounding."""
+    model, (x,) = load_example("mlp").build_model()
+    cast = sparsec.compile(model, example_inputs=(x,), plan=_condensed_plan(model, (x,))).to(dtype)
+    model16 = copy.deepcopy(model).to(dtype)
+    native = sparsec.compile(model16, example_inputs=(x.to(dtype),), plan=_condensed_plan(model16, (x.to(dtype),)))
+    for cm, expected in ((cast, pruned_model(model, cast.plan).to(dtype)), (native, pruned_model(model16, native.plan))):
+        condensed_cpu.calls.clear()
+        with torch.no_grad():
+            y = cm(x.to(dtype))
+            assert y.dtype == dtype and condensed_cpu.calls["fast"] == 2 and not condensed_cpu.calls["fallback"]
+            assert output_error(y.double(), expected(x.to(dtype)).double()) <= tolerance
+
+
 def test_save_load_rebuilds_the_kernel_layout(tmp_path):
     model, (x,) = load_example("mlp").build_model()
     cm = sparsec.compile(model, example_inputs=(x,), plan=_condensed_plan(model, (x,)))

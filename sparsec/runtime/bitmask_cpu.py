@@ -2,11 +2,11 @@
 (C++ kernel csrc/bitmask.cpp, torch fallback).
 
 An N:M weight W [out, K] keeps the same number of values, nnz = K*N/M, in every row. The kernel reads
-them as the layer stores them, `values [out, nnz]` in column order (float32, or int8 with per-row
-scales), plus `masks [out, ceil(K/16)]`: bit j of word w set = column 16 w + j kept. On AVX-512 one
-word is one vexpandps (2:4 at batch 1: two fixed permutes, see FORM_TWO_OF_FOUR) and one FMA per
-batch row, so a layer reads about half the bytes of its dense
-weight (2:4 float32: 2.1 bytes per weight; int8: 0.6), which is what a memory-bound small batch pays.
+them as the layer stores them, `values [out, nnz]` in column order (float32, bfloat16 or float16, or
+int8 with per-row scales), plus `masks [out, ceil(K/16)]`: bit j of word w set = column 16 w + j kept.
+On AVX-512 one word is one vexpandps (2:4 at batch 1: two fixed permutes, see FORM_TWO_OF_FOUR) and
+one FMA per batch row, so a layer reads about half the bytes of its dense weight (2:4 float32: 2.1
+bytes per weight, 16-bit 1.1 against 2, int8 0.6), which is what a memory-bound small batch pays.
 
 API
     prepare(values, mask, scales=None) -> BitmaskWeight
@@ -16,9 +16,10 @@ API
         The dense float32 weight [out, K] (int8 dequantized), at memory speed: what a batch too large
         for the kernel multiplies with F.linear (nibble metadata decoded by torch ops costs ~20x more).
     bitmask_linear(x, weight, bias=None) -> Tensor
-        x [..., K] float32 CPU, no autograd -> [..., out] float32 from the kernel; anything else
-        (other dtypes or devices, autograd, no kernel here) runs `reference`: scatter to dense and
-        F.linear, never wrong, only slower. `calls` counts which path each call took.
+        x [..., K] float32 / bfloat16 / float16 CPU, no autograd -> [..., out] in x's dtype from the
+        kernel (computed in float32, as torch's CPU GEMMs compute 16-bit layers); anything else (other
+        dtypes or devices, autograd, no kernel here) runs `reference`: scatter to dense and F.linear,
+        never wrong, only slower. `calls` counts which path each call took.
     is_available(), isa() ("avx512" / "scalar" / "torch"), set_isa(name) (tests: "scalar" / "best").
 
 Build: the first use compiles csrc/bitmask.cpp (runtime/cpp_build.py). Any failure is logged once as
@@ -36,6 +37,8 @@ from sparsec.runtime.cpp_build import CppKernels
 
 
 calls: collections.Counter = collections.Counter()
+# x, float values and bias dtypes the kernel takes (computing in float32, y in x's dtype)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # What every mask word is known to hold, so the kernel can take a faster form (csrc/bitmask.cpp):
 FORM_ANY = 0           # any number of kept columns
 FORM_EIGHT = 8         # exactly 8: a fixed-size load (2:4, 4:8 with K a multiple of 16)
@@ -44,7 +47,7 @@ FORM_TWO_OF_FOUR = 24  # exactly 2 in each group of 4 columns: placed by two per
 
 @dataclass(frozen=True, eq=False)
 class BitmaskWeight:
-    values: torch.Tensor         # [out, nnz] float32 or int8, kept values in column order per row
+    values: torch.Tensor         # [out, nnz] float32 / bfloat16 / float16, or int8: kept values in column order
     masks: torch.Tensor          # [out, ceil(K / 16)] int16 (read as uint16)
     scales: torch.Tensor | None  # [out] float32 for int8 values
     in_features: int
@@ -93,10 +96,12 @@ def reference_weight(weight: BitmaskWeight) -> torch.Tensor:
 
 
 def reference(x: torch.Tensor, weight: BitmaskWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    """Plain torch: the dense weight (reference_weight) and F.linear."""
+    """Plain torch: the dense weight (reference_weight) and F.linear, in float32 or wider, returned in
+    x's dtype (as the kernel computes a 16-bit layer)."""
     dtype = torch.promote_types(x.dtype, torch.float32)
     dense = reference_weight(weight).to(dtype=dtype, device=x.device)
-    return F.linear(x, dense, None if bias is None else bias.to(dtype))
+    y = F.linear(x.to(dtype), dense, None if bias is None else bias.to(dtype))
+    return y.to(x.dtype) if x.dtype.is_floating_point else y
 
 
 def _register_fakes() -> None:
@@ -126,8 +131,8 @@ def bitmask_linear(x: torch.Tensor, weight: BitmaskWeight, bias: torch.Tensor | 
         raise ValueError(f"x has {x.shape[-1]} features; the layer takes {weight.in_features}")
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
     op = _load()
-    if (op is not None and x.dtype is torch.float32 and x.is_cpu and not needs_grad
-            and (bias is None or (bias.dtype is torch.float32 and bias.is_cpu))):
+    if (op is not None and x.dtype in KERNEL_DTYPES and x.is_cpu and not needs_grad
+            and (bias is None or (bias.dtype in KERNEL_DTYPES and bias.is_cpu))):
         calls["fast"] += 1
         return op.linear(x, weight.values, weight.masks, weight.scales, bias, weight.out_features, weight.form)
     calls["fallback"] += 1

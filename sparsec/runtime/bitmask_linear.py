@@ -1,6 +1,6 @@
 """BitmaskLinear: an N:M linear layer run by the CPU bitmask kernel (runtime/bitmask_cpu.py), straight
-from its packed values (float32, or int8 with scales) plus one bit per weight; see runtime/cpu_linear.py
-for when it runs and what it falls back to."""
+from its packed values (float32 / bfloat16 / float16, or int8 with scales) plus one bit per weight;
+see runtime/cpu_linear.py for when it runs and what it falls back to."""
 from __future__ import annotations
 
 import torch
@@ -23,4 +23,4 @@ class BitmaskLinear(CpuKernelLinear):
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             return self.reference(x)
         layout = self._derived.get("layout") or self.prepared()
-        return F.linear(x, bitmask_cpu.densify(layout), self.bias)
+        return F.linear(x, bitmask_cpu.densify(layout).to(x.dtype), self.bias)

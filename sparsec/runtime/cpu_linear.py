@@ -16,6 +16,12 @@ from sparsec.runtime.layers import SparseLinear, run_kernel
 
 class CpuKernelLinear(SparseLinear):
     launch: dict | None = None  # {"max_rows": int | None}, from backend auto's measurement
+    # the layer dtypes (= input dtypes) the kernels run, computing in float32 as torch's CPU GEMMs do
+    kernel_dtypes: tuple = (torch.float32, torch.bfloat16, torch.float16)
+
+    def kernel_runs(self) -> bool:
+        """Whether the kernel can run this layer as it now is (its dtype and device)."""
+        return self.packed.dtype_probe.dtype in self.kernel_dtypes and self.packed.values.device.type == "cpu"
 
     def build_layout(self):
         raise NotImplementedError
@@ -35,9 +41,9 @@ class CpuKernelLinear(SparseLinear):
         return self.derived("layout", self.build_layout)
 
     def build_now(self) -> None:
-        """Build the layout now where the kernel can run the layer (float32, CPU): called when the layer
+        """Build the layout now where the kernel can run the layer (kernel_runs): called when the layer
         is made, loaded, copied or moved, so that a torch.compile(fullgraph=True) right after finds it."""
-        if self.packed.dtype_probe.dtype == torch.float32 and self.packed.values.device.type == "cpu":
+        if self.kernel_runs():
             self.prepared()
 
     def __setstate__(self, state):
@@ -61,9 +67,11 @@ class CpuKernelLinear(SparseLinear):
         return (self.launch or {}).get("max_rows")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The kernels are fp32 / CPU, and an exported program holds portable ops, not this process's
-        # kernel: anything else runs the reference, as do more rows than the kernel measured faster at.
-        if (x.dtype != torch.float32 or x.device.type != "cpu" or self.packed.dtype_probe.dtype != torch.float32
+        # The kernels run CPU layers of kernel_dtypes on inputs of the layer's dtype, and an exported
+        # program holds portable ops, not this process's kernel: anything else runs the reference (an
+        # input of another dtype fails there as in the original layer), as do more rows than the kernel
+        # measured faster at.
+        if (x.dtype != self.packed.dtype_probe.dtype or x.device.type != "cpu" or not self.kernel_runs()
                 or torch.compiler.is_exporting()):
             return self.reference(x)
         limit = self.max_rows()
