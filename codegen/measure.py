@@ -5,7 +5,7 @@ dense cuBLAS GEMM on the pruned weight; medians of CUDA-event timings of eager c
 compiled model's caller waits) after warm-up, or with compile's timing="graph" of CUDA graph replays
 (GPU time only), each after an L2 flush that leaves the cache clean (weights from device memory),
 the candidates taking turns.
-CPU, float32 linear layers: the C++ kernel (condensed for constant fan-in, bitmask for N:M) against a
+CPU, float32 / bfloat16 / float16 linear layers: the C++ kernel (condensed for constant fan-in, bitmask for N:M) against a
 dense GEMM on the pruned weight; medians of wall-clock blocks, or, when the model's weights exceed
 the cache, of single calls with the weights evicted (codegen/cpu_cache.py). Where the kernel wins,
 it is probed at more rows, and its layer runs a dense weight made per call above the last win.
@@ -260,13 +260,13 @@ def cpu_kernel_candidates(gm, ctx, layer, decision):
 
     weight, bias, rows, mask = _layer_operands(gm, ctx, layer, decision)
     packed = PackedWeight.pack(rows, mask, parse_pattern(decision.sparsity), decision.quant)
-    dense = packed.rows(torch.float32).contiguous()
+    dense = packed.rows(layer.dtype).contiguous()
     name, cls = ("condensed", CondensedLinear) if decision.sparsity.startswith("fanin:") else ("bitmask", BitmaskLinear)
     module = cls(packed, bias, layer.op, layer.weight_shape, layer.name, decision.sparsity, "")
     module.build_now()
 
     def at(m: int, above_rows: bool = False) -> dict:
-        x = _sample_input((m, layer.reduction), torch.device("cpu"), torch.float32)
+        x = _sample_input((m, layer.reduction), torch.device("cpu"), layer.dtype)
         if above_rows:
             return {name: lambda: module.kernel_forward(x), "above": lambda: module.many_rows(x)}
         return {"dense": lambda: F.linear(x, dense, bias), name: lambda: module.kernel_forward(x)}
@@ -342,7 +342,10 @@ def check_candidates(options: dict, tf32: bool = False) -> tuple[dict[str, float
     with torch.no_grad():
         dense_out = options["dense"]()
         reference = dense_out.float()
-        scale = max(float(reference.abs().max()), 1e-30)
+        # inf / nan outputs (an inf bias, inf inputs) must be the same values at the same places; the
+        # rest agree within the tolerance of their largest magnitude
+        finite = reference.isfinite()
+        scale = max(float(reference[finite].abs().max()) if bool(finite.any()) else 0.0, 1e-30)
         wrong, failed = {}, {}
         for name, fn in options.items():
             try:
@@ -353,8 +356,13 @@ def check_candidates(options: dict, tf32: bool = False) -> tuple[dict[str, float
             if out.shape != reference.shape:
                 wrong[name] = float("inf")
                 continue
-            error = float((out.float() - reference).abs().max()) / scale
-            if not error <= agreement.get(out.dtype, 1e-2):  # (a NaN fails too)
+            tolerance, out = agreement.get(out.dtype, 1e-2), out.float()
+            if not torch.equal(out[~finite].nan_to_num(), reference[~finite].nan_to_num()) or bool(
+                    out[finite].isnan().any()):
+                wrong[name] = float("nan")
+                continue
+            error = float((out[finite] - reference[finite]).abs().max()) / scale if bool(finite.any()) else 0.0
+            if not error <= tolerance:
                 wrong[name] = error
     return wrong, failed
 
@@ -398,6 +406,9 @@ def pick_fastest(gm, ctx, layer, decision, m: int | None, triton_problem: str | 
             fastest = min(configs, key=configs.get)
             times["triton"] = configs[fastest]
             launch = dict(options[fastest].config, M=rows)
+    if "dense" not in times:  # dense itself did not run: nothing to compare a kernel with
+        return "torch", ("backend auto could not time the dense candidate ("
+                         + (failed.get("dense") or "its output was not its own") + "); runs on the torch runtime"), None
     best = min(times, key=times.get)
     shown = ", ".join(f"{k} {1e6 * v:.1f} us" + (f" ({describe_launch(launch)}, fastest of {len(configs)} configs)"
                                                   if k == "triton" and launch else "")

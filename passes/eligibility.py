@@ -19,17 +19,42 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def _weight_uses(gm: fx.GraphModule) -> dict[str, list[str]]:
     """Every use of every parameter path: call_module sites read '<module>.weight' implicitly.
-    Reads of the shape alone are not uses (pruning keeps the shape; the rewrite folds them)."""
+    Reads of the shape alone are not uses (pruning keeps the shape; the rewrite folds them). A tensor
+    constant holding a parameter's memory is a use of it too: a weight read where the tracer sees a
+    tensor, not a proxy (`dict(self.named_parameters())[...]`, `self.fc._parameters[...]`), is
+    stored in the graph as a constant of the unpruned values."""
+    storage = {p.untyped_storage().data_ptr(): path for path, p in gm.named_parameters() if p.numel()}
     uses: dict[str, list[str]] = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr":  # x @ W.T: the matmul, not the transpose, is the use
+            path = node.target
+            if not _is_parameter(gm, path):
+                value = _attribute(gm, path)
+                if not isinstance(value, torch.Tensor) or not value.numel():
+                    continue
+                path = storage.get(value.untyped_storage().data_ptr(), path)
             for user in readers(node):
                 if not reads_shape(user):
-                    uses.setdefault(node.target, []).append(user.name)
+                    uses.setdefault(path, []).append(user.name)
         elif node.op == "call_module":
             for pname, _ in gm.get_submodule(node.target).named_parameters(recurse=False):
                 uses.setdefault(f"{node.target}.{pname}", []).append(node.name)
     return uses
+
+
+def _is_parameter(gm: fx.GraphModule, path: str) -> bool:
+    try:
+        gm.get_parameter(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def _attribute(gm: fx.GraphModule, path: str) -> object:
+    value = gm
+    for part in path.split("."):
+        value = getattr(value, part, None)
+    return value
 
 
 def _aliases(gm: fx.GraphModule) -> dict[str, list[str]]:

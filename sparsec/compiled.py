@@ -42,6 +42,32 @@ def _unpickle_compiled_model(cls: type) -> "CompiledModel":
     return cls.__new__(cls)
 
 
+_FIXED_ARGUMENTS = ("the graph takes the arguments the model was traced with: arguments left at their defaults, "
+                    "and None / bool values, are fixed at the example's values (the graph follows the branches "
+                    "they took); pass in example_inputs every argument you will vary, with a tensor where you "
+                    "will pass one")
+
+
+def _call_error(gm: fx.GraphModule, args: tuple, kwargs: dict, error: Exception) -> Exception | None:
+    """A clearer error for a call the traced graph cannot take (None: `error` is about something else).
+    Only runs once a call has failed."""
+    import inspect
+
+    signature = inspect.signature(gm.forward)
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as e:
+        return TypeError(f"this compiled model takes forward{signature}, and this call does not fit it ({e}): "
+                         f"{_FIXED_ARGUMENTS}")
+    if isinstance(error, AssertionError) and "specialized to have value" in str(error):
+        return ValueError(f"{error}: {_FIXED_ARGUMENTS}")
+    bound.apply_defaults()
+    nones = [name for name, value in bound.arguments.items() if value is None]
+    if isinstance(error, TypeError) and "NoneType" in str(error) and nones:
+        return TypeError(f"{error} (passing None for {', '.join(nones)}): {_FIXED_ARGUMENTS}")
+    return None
+
+
 class CompiledModel(nn.Module):
     def __new__(cls, *args, **kwargs):
         # Each compiled model gets a class of its own whose forward has its own code object, as each
@@ -72,13 +98,32 @@ class CompiledModel(nn.Module):
         self._dense_weights = dense_weights  # layer name -> (attribute path in graph_module, op)
         self.example_input_spec: list | None = None  # shapes / dtypes of the example inputs (see condense)
 
+    def train(self, mode: bool = True):
+        # a graph that fixed the train / eval mode it was traced in (frontend.capture) computes that
+        # mode's results whatever the flags say: switching is refused instead of silently ignored
+        fixed = getattr(self._modules.get("graph_module"), "fixed_training", None)
+        if fixed is not None and bool(mode) != fixed:
+            from sparsec.errors import InvalidInputError
+
+            raise InvalidInputError(
+                f"this compiled model's graph was traced in {'training' if fixed else 'eval'} mode and fixes it "
+                f"(see cm.plan's notes), so cm.{'train' if mode else 'eval'}() cannot switch it: compile the model "
+                f"in the mode you run it, e.g. sparsec.compile(model.{'train' if mode else 'eval'}(), ...)")
+        return super().train(mode)
+
     def forward(self, *args, **kwargs):
         gm = self._modules["graph_module"]
-        if _hooked(gm):
-            return gm(*args, **kwargs)
-        # Calling forward directly skips nn.Module.__call__ and fx's error-reporting wrapper: about
-        # 2.5 us of Python per call, a sizable part of a batch-1 layer on a GPU. Hooks still run (above).
-        return gm.forward(*args, **kwargs)
+        try:
+            if _hooked(gm):
+                return gm(*args, **kwargs)
+            # Calling forward directly skips nn.Module.__call__ and fx's error-reporting wrapper: about
+            # 2.5 us of Python per call, a sizable part of a batch-1 layer on a GPU. Hooks still run (above).
+            return gm.forward(*args, **kwargs)
+        except (TypeError, AssertionError) as e:
+            clearer = _call_error(gm, args, kwargs, e)
+            if clearer is None:
+                raise
+            raise clearer from e
 
     # ---- inspection
 

@@ -43,12 +43,20 @@ def normalize_example_inputs(example_inputs: object) -> tuple | None:
     if example_inputs is None:
         return None
     if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
+        example_inputs = (example_inputs,)
     if isinstance(example_inputs, tuple):
-        return example_inputs
+        return fresh_inputs(example_inputs)
     raise InvalidTypeError(
         f"example_inputs must be a tuple of the model's positional arguments, e.g. (x,), "
         f"got {type(example_inputs).__name__}; wrap a single tensor as (x,)")
+
+
+def fresh_inputs(example_inputs: tuple) -> tuple:
+    """Copies of the tensors in the example inputs: sparsec runs the model on them several times, and a
+    forward that changes its input in place (x.mul_(2)) must change neither the user's tensors nor
+    what the next run sees."""
+    return tree_map(lambda t: t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t,
+                    example_inputs)
 
 
 def describe_inputs(example_inputs: tuple | None) -> str:
@@ -145,6 +153,14 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
             break
     if traced:
         notes = _lost_buffer_updates(model, eager, graph_run) + _root_hooks(model) + _lost_checkpoints(tracer)
+        inherited = getattr(model, "fixed_training", None)  # a compiled graph compiled again keeps its mode
+        if inherited is not None:
+            gm.fixed_training = inherited
+            notes.append(_fixed_mode_note(inherited, "the compiled graph it was traced from fixed it"))
+        elif _reads_training_mode(model, lambda: _Tracer(leaf_types, leaf_names, _regexes(exclude)), values, graph):
+            gm.fixed_training = model.training
+            notes.append(_fixed_mode_note(model.training, "its forward reads self.training (F.dropout(training="
+                                                             "self.training), ...), which symbolic_trace fixes"))
         for note in notes:
             warnings.warn(f"sparsec: {note}", stacklevel=3)
         return gm, "symbolic_trace", notes
@@ -185,11 +201,36 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
     # supply when it is loaded again; the graph no longer needs it.
     module.graph._tracer_cls = None
     gm = SparsecGraphModule(module, module.graph, type(model).__name__)
+    gm.fixed_training = model.training  # export traces dropout, batch norm, ... as they run in this mode
     guard = _guard_inputs(gm, exported.range_constraints)
     note = (f"traced with torch.export (symbolic_trace failed: {_first_line(symbolic_failure)}"
-            + (f" at {where}" if where else "") + f"); the graph holds for inputs {guard.describe()} "
-            "and for the model's train/eval mode at compile time")
-    return gm, "torch.export", [note]
+            + (f" at {where}" if where else "") + f"); the graph holds for inputs {guard.describe()}")
+    return gm, "torch.export", [note, _fixed_mode_note(model.training, "torch.export traces every layer as it "
+                                                                         "runs in the mode of the model it is given")]
+
+
+def _reads_training_mode(model: nn.Module, new_tracer, concrete: dict, graph: fx.Graph) -> bool:
+    """Whether the traced graph depends on the model's train / eval mode: traced again in the other
+    mode, its code differs (leaf modules such as nn.Dropout and BatchNorm read their own flag when
+    called, and need nothing; a functional F.dropout(training=self.training) is fixed in the graph)."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.train(not model.training)
+        try:
+            other = new_tracer().trace(model, concrete_args=concrete or None)
+        except Exception:  # noqa: BLE001 - not traceable in the other mode: it does depend on it
+            return True
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    _keep_argument_names(other, concrete)
+    return other.python_code("self").src != graph.python_code("self").src
+
+
+def _fixed_mode_note(training: bool, why: str) -> str:
+    mode, other = ("training", "eval") if training else ("eval", "training")
+    return (f"the graph holds for {mode} mode only: {why}; cm.{'eval' if training else 'train'}() is refused "
+            f"rather than computing {mode}-mode results (compile the model in {other} mode for {other})")
 
 
 def _export(model: nn.Module, example_inputs: tuple):
@@ -214,7 +255,7 @@ def _example_run(module: nn.Module, example_inputs: tuple) -> tuple[list, dict] 
     try:
         with torch.no_grad(), preserved_state(module):
             torch.manual_seed(0)
-            outputs = tree_flatten(module(*example_inputs))[0]
+            outputs = tree_flatten(module(*fresh_inputs(example_inputs)))[0]
             return outputs, {name: buf.detach().clone() for name, buf in module.named_buffers()}
     except Exception:  # noqa: BLE001
         return None

@@ -61,5 +61,7 @@ def restore(gm: fx.GraphModule) -> SparsecGraphModule:
         return gm
     restored = SparsecGraphModule(gm, gm.graph, type(gm).__name__)
     restored.sparsec_notes = gm.sparsec_notes
+    if hasattr(gm, "fixed_training"):  # the train / eval mode the graph fixed (frontend.capture)
+        restored.fixed_training = gm.fixed_training
     restored.recompile()
     return restored

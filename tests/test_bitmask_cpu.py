@@ -90,6 +90,48 @@ def test_each_word_form_equals_f_linear(isa, int8):
         bitmask_cpu.set_isa("best")
 
 
+# 16-bit layers compute in float32 and round y once: fp16 / bf16 round to 2^-11 / 2^-8 relative
+SIXTEEN_BIT = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", SIXTEEN_BIT)
+@pytest.mark.parametrize("int8", [False, True])
+def test_16_bit_layers_equal_f_linear(isa, dtype, int8):
+    """bfloat16 / float16 layers: 16-bit values (or int8 with float32 scales) and 16-bit x and bias; y
+    in x's dtype, within its rounding of F.linear in float64 on the weight the layer stores, for every
+    word form and batch tile; densify gives that weight exactly in float32."""
+    cases = [((2, 4), 64, bitmask_cpu.FORM_TWO_OF_FOUR), ((4, 8), 64, bitmask_cpu.FORM_EIGHT),
+             ((2, 4), 68, bitmask_cpu.FORM_ANY), ((1, 4), 36, bitmask_cpu.FORM_ANY)]
+    x = torch.randn(11, 68, generator=torch.Generator().manual_seed(5)).to(dtype)
+    bias = torch.randn(37, generator=torch.Generator().manual_seed(6)).to(dtype)
+    bitmask_cpu.set_isa(isa)
+    try:
+        for (n, m), k, form in cases:
+            weight, dense = _layer(37, k, n, m, int8, seed=k + n)
+            if not int8:  # the layer's own values are 16-bit
+                dense = dense.to(dtype).float()
+                weight = bitmask_cpu.prepare(dense[dense != 0].view(37, -1).to(dtype), weight_mask(weight, k))
+                assert weight.values.dtype == dtype
+            assert weight.form == form, ((n, m), k)
+            expected = F.linear(x[:, :k].double(), dense.double(), bias.double())
+            for rows in (1, 2, 3, 4, 8, 11):
+                bitmask_cpu.calls.clear()
+                y = bitmask_cpu.bitmask_linear(x[:rows, :k], weight, bias)
+                assert bitmask_cpu.calls["fast"] == 1 and y.dtype == dtype
+                assert output_error(y.double(), expected[:rows]) <= SIXTEEN_BIT[dtype], ((n, m), k, rows)
+            assert torch.equal(bitmask_cpu.densify(weight), dense)
+    finally:
+        bitmask_cpu.set_isa("best")
+
+
+def weight_mask(weight, k: int) -> torch.Tensor:
+    """The boolean mask a prepared weight stands for, read from its bit words independently."""
+    words = weight.masks.to(torch.int32) & 0xFFFF
+    bits = torch.stack([(words >> j) & 1 for j in range(16)], -1).bool()
+    return bits.flatten(1)[:, :k]
+
+
 def test_inf_in_x_reaches_every_row_as_in_f_linear():
     """AVX-512 multiplies the pruned zeros too, as the torch runtime's F.linear does: an inf in x gives
     nan in every row, not only in the rows that keep its column."""
@@ -149,6 +191,34 @@ def test_compiled_layers_equal_the_oracle_and_train_through_the_reference(quanti
     assert torch.allclose(xa.grad, xb.grad, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", SIXTEEN_BIT)
+@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("cast_after_compile", [False, True])
+def test_16_bit_models_run_the_kernel(dtype, quantize, cast_after_compile):
+    """A bfloat16 / float16 model compiled onto the kernel, or a float32 one cast after compiling
+    (cm.to(dtype)): the kernel runs every layer in the model's dtype and equals the oracle's pruned
+    model, past the kernel's rows too (the densified weight)."""
+    model, (x,) = load_example("mlp").build_model()
+    if cast_after_compile:
+        cm = sparsec.compile(model, example_inputs=(x,), plan=_bitmask_plan(model, (x,), quantize=quantize)).to(dtype)
+        expected = pruned_model(model, cm.plan).to(dtype)
+    else:
+        model = model.to(dtype)
+        plan = _bitmask_plan(model, (x.to(dtype),), quantize=quantize)
+        cm = sparsec.compile(model, example_inputs=(x.to(dtype),), plan=plan)
+        expected = pruned_model(model, cm.plan)
+    x = x.to(dtype)
+    with torch.no_grad():
+        for max_rows, kernel_calls in ((None, len(cm.plan.sparse_layers)), (1, 0)):
+            for lp in cm.plan.sparse_layers:
+                cm.sparse_module(lp.name).launch = {"max_rows": max_rows}
+            bitmask_cpu.calls.clear()
+            y = cm(x)
+            assert y.dtype == dtype
+            assert bitmask_cpu.calls["fast"] == kernel_calls and not bitmask_cpu.calls["fallback"]
+            assert output_error(y.double(), expected(x).double()) <= 2 * SIXTEEN_BIT[dtype]
+
+
 def test_more_rows_than_measured_run_a_densified_weight():
     model, (x,) = load_example("mlp").build_model()
     plan = _bitmask_plan(model, (x,))
@@ -170,6 +240,30 @@ def test_more_rows_than_measured_run_a_densified_weight():
     assert torch.allclose(xa.grad, xb.grad, atol=1e-5)
     with pytest.raises(ValueError, match=r"backend 'bitmask' takes launch \{'max_rows': N\} \(N >= 1"):
         sparsec.compile(model, example_inputs=(x,), plan=plan)
+
+
+@pytest.mark.parametrize("pattern, backend", [("2:4", "bitmask"), ("fanin:0.9", "condensed")])
+def test_load_state_dict_reaches_the_kernel_layout(pattern, backend):
+    """load_state_dict copies into the packed buffers in place: the kernels' layouts, derived from the
+    old values, are built again, so the model computes with the loaded weights, as it reports."""
+    model, (x,) = load_example("mlp").build_model()
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(-1.5)
+    plans = []
+    for m in (model, other):
+        plan = sparsec.explain(m, pattern=pattern, example_inputs=(x,), backend="torch")
+        for lp in plan.sparse_layers:
+            lp.backend = backend
+        plans.append(sparsec.compile(m, example_inputs=(x,), plan=plan))
+    source, target = plans
+    with torch.no_grad():
+        target(x)  # the layouts are built (from the old weights)
+        target.load_state_dict(source.state_dict())
+        for lp in target.plan.sparse_layers:
+            assert torch.equal(target.effective_weight(lp.name), source.effective_weight(lp.name))
+        assert output_error(target(x), pruned_model(model, source.plan)(x)) <= 1e-5
 
 
 def test_save_load_and_torch_compile(tmp_path):

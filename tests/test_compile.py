@@ -263,12 +263,17 @@ def test_functional_layers_shared_and_tied_weights():
 def test_other_float_dtypes(dtype, tol):
     model, inputs = load_example("mlp").build_model()
     model, inputs = model.to(dtype), tuple(t.to(dtype) for t in inputs)
-    # the torch runtime stores int8 values; backend auto on CPU keeps these layers dense (no C++ kernel
-    # for this dtype), fake-quantized: both compute the oracle's pruned, quantized model
+    # the torch runtime stores int8 values; backend auto on CPU times the bitmask kernel against dense
+    # for 16-bit layers and keeps float64 ones dense (no C++ kernel for it), fake-quantized: all compute
+    # the oracle's pruned, quantized model
     stored = sparsec.compile(model, example_inputs=inputs, quantize="int8", backend="torch")
     assert stored.sparse_module("fc2").packed.values.dtype == torch.int8
     auto = sparsec.compile(model, example_inputs=inputs, quantize="int8")
-    assert auto.plan["fc2"].backend == "dense" and f"float32 layers (this one is {str(dtype)[6:]})" in auto.plan["fc2"].reason
+    if dtype == torch.float64:
+        assert auto.plan["fc2"].backend == "dense"
+        assert "float32 / bfloat16 / float16 layers (this one is float64)" in auto.plan["fc2"].reason
+    else:
+        assert auto.plan["fc2"].backend in ("bitmask", "dense") and "backend auto at M=" in auto.plan["fc2"].reason
     for cm in (stored, auto):
         out = cm(*inputs)
         assert out.dtype == dtype
@@ -359,3 +364,39 @@ def test_plan_backends_and_gradient_patterns_that_do_not_fit_the_layer():
     with pytest.raises(ValueError, match=rf"gradient pattern 2:4 on layer '{out.name}', whose {out.weight_shape[0]} "
                                          r"output features are not a multiple of M=4"):
         sparsec.compile(model, example_inputs=inputs, train=True, plan=plan)
+
+
+def test_a_weight_read_as_a_tensor_the_tracer_cannot_see_stays_dense():
+    """A weight fetched through named_parameters() (or _parameters) reaches the graph as a constant of
+    its unpruned values: pruning its layer would leave that read computing with the old weight."""
+    class ReadsItsWeight(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 4)
+
+        def forward(self, x):
+            h = self.b(torch.relu(self.a(x)))
+            w = dict(self.named_parameters())["b.weight"]
+            return self.c(h + torch.relu(self.a(x)) @ w.T)
+
+    model, x = ReadsItsWeight(), torch.randn(2, 16)
+    cm = sparsec.compile(model, example_inputs=(x,), include=["b"], min_weights=0)
+    assert cm.plan["b"].sparsity is None and "weight is also read by" in cm.plan["b"].reason
+    with torch.no_grad():
+        assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+
+
+def test_auto_times_a_layer_whose_outputs_hold_inf():
+    """An inf bias gives inf outputs in every candidate alike: they agree there (same values at the
+    same places) and are compared on the finite rest, so backend auto still chooses, and computes it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 256))
+    with torch.no_grad():
+        model[2].bias[0] = float("inf")
+    x = torch.randn(4, 64)
+    cm = sparsec.compile(model, example_inputs=(x,), include=["2"])
+    lp = cm.plan["2"]
+    assert lp.sparsity == "2:4" and lp.backend in ("bitmask", "dense") and "rejected" not in lp.reason, lp.reason
+    with torch.no_grad():
+        got, expected = cm(x), pruned_model(model, cm.plan)(x)
+    assert bool((got[:, 0] == float("inf")).all()) and output_error(got[:, 1:], expected[:, 1:]) <= 1e-5

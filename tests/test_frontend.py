@@ -342,10 +342,10 @@ def test_none_and_bool_arguments_are_traced_as_the_values_they_have(example):
         if example == "x, mask":
             assert output_error(cm(x, mask=mask), reference(x, mask=mask)) <= 1e-5  # keyword names kept
         else:
-            with pytest.raises(AssertionError, match="mask has been specialized to have value None"):
+            with pytest.raises(ValueError, match="mask has been specialized to have value None.*pass in example_inputs"):
                 cm(x, mask=mask)
     if example != "x, None, 2.0, True":
-        with pytest.raises(AssertionError, match="residual has been specialized to have value False"):
+        with pytest.raises(ValueError, match="residual has been specialized to have value False"):
             cm(x, residual=True)
 
 
@@ -436,3 +436,87 @@ def test_compiling_leaves_the_random_stream_where_it_was(options):
         state = torch.get_rng_state()
         sparsec.compile(target, example_inputs=example, min_weights=0, **options)
         assert torch.equal(torch.get_rng_state(), state), type(target).__name__
+
+
+class FunctionalDropout(nn.Module):
+    """Reads self.training in its own code, as nanoGPT's attention does: symbolic_trace fixes the value."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.b(torch.relu(self.a(x))))
+        return self.c(F.dropout(h, 0.5, training=self.training))
+
+
+def test_a_graph_that_fixes_the_train_eval_mode_refuses_to_switch(tmp_path):
+    """A forward reading self.training is traced in the mode the model had: the plan says so, and the
+    switch the graph would ignore (cm.eval() on a graph that keeps dropout on) is refused, also after
+    save / load; a model whose mode only leaf modules read (nn.Dropout, BatchNorm) switches and computes
+    each mode."""
+    x = torch.randn(8, 16)
+    model = FunctionalDropout()  # training mode, as built
+    with pytest.warns(UserWarning, match="holds for training mode only"):
+        cm = sparsec.compile(model, example_inputs=(x,), min_weights=0)
+    assert any("its forward reads self.training" in note for note in cm.plan.notes)
+    cm.train()  # the mode it has: fine
+    with pytest.raises(ValueError, match=r"traced in training mode and fixes it .* sparsec.compile\(model.eval\(\)"):
+        cm.eval()
+    sparsec.save(cm, tmp_path / "m")
+    with pytest.raises(ValueError, match="traced in training mode"):
+        sparsec.load(tmp_path / "m").eval()
+    inference = sparsec.compile(model.eval(), example_inputs=(x,), min_weights=0)
+    with torch.no_grad():
+        assert output_error(inference(x), pruned_model(model, inference.plan)(x)) <= 1e-5
+    with pytest.raises(ValueError, match="traced in eval mode"):
+        inference.train()
+    leaves = nn.Sequential(nn.Linear(16, 64), nn.BatchNorm1d(64), nn.Dropout(0.5), nn.Linear(64, 64), nn.Linear(64, 4))
+    cm = sparsec.compile(leaves, example_inputs=(x,), min_weights=0)
+    assert not any("holds for" in note for note in cm.plan.notes)
+    cm.eval()
+    with torch.no_grad():
+        assert output_error(cm(x), pruned_model(leaves, cm.plan).eval()(x)) <= 1e-5
+
+
+def test_a_call_the_graph_cannot_take_names_what_was_fixed():
+    """Arguments left at their defaults (or None) are fixed at the example's values: a call that passes
+    them gets an error saying so, not a bare TypeError from generated code."""
+    class WithMask(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 64), nn.Linear(64, 4)
+
+        def forward(self, x, mask=None):
+            h = self.a(x)
+            if mask is not None:
+                h = h * mask
+            return self.b(h)
+
+    x = torch.randn(2, 16)
+    cm = sparsec.compile(WithMask(), example_inputs=(x,), min_weights=0)
+    with pytest.raises(ValueError, match="specialized to have value None.*pass in example_inputs every argument"):
+        cm(x, torch.ones(2, 64))
+    with pytest.raises(TypeError, match=r"this compiled model takes forward\(.*does not fit it"):
+        cm(x, torch.ones(2, 64), 3)
+    masked = sparsec.compile(WithMask(), example_inputs=(x, torch.ones(2, 64)), min_weights=0)
+    with pytest.raises(TypeError, match="passing None for mask.*with a tensor where you will pass one"):
+        masked(x)
+
+
+def test_example_inputs_changed_in_place_by_the_forward_are_not_the_users():
+    class Doubling(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 4)
+
+        def forward(self, x):
+            x.mul_(2)
+            return self.c(self.b(self.a(x)))
+
+    model, x = Doubling(), torch.randn(2, 16)
+    before = x.clone()
+    cm = sparsec.compile(model, example_inputs=(x,), min_weights=0)
+    assert torch.equal(x, before)
+    with torch.no_grad():
+        assert output_error(cm(x.clone()), pruned_model(model, cm.plan)(x.clone())) <= 1e-5

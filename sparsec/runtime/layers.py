@@ -125,6 +125,12 @@ class SparseLayer(RuntimeLayer):
         state["_derived"] = {}
         return state
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        # load_state_dict copies into the packed buffers in place (this runs just before it does for
+        # the children): what was derived from the old values must be built again from the new ones
+        self._derived = {}
+        super()._load_from_state_dict(*args, **kwargs)
+
     @property
     def weight(self) -> torch.Tensor:
         """The dense weight this layer computes with, in the original shape (rebuilt on each access)."""
