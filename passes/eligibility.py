@@ -11,7 +11,7 @@ import torch.fx as fx
 
 from sparsec.context import CompileContext
 from sparsec.meta import data_input, get_meta, layer_nodes, update_meta
-from sparsec.passes.weight_reads import readers, reads_shape
+from sparsec.passes.weight_reads import attribute, readers, reads_shape
 from sparsec.plan import dtype_name
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -29,7 +29,7 @@ def _weight_uses(gm: fx.GraphModule) -> dict[str, list[str]]:
         if node.op == "get_attr":  # x @ W.T: the matmul, not the transpose, is the use
             path = node.target
             if not _is_parameter(gm, path):
-                value = _attribute(gm, path)
+                value = attribute(gm, path)
                 if not isinstance(value, torch.Tensor) or not value.numel():
                     continue
                 path = storage.get(value.untyped_storage().data_ptr(), path)
@@ -48,13 +48,6 @@ def _is_parameter(gm: fx.GraphModule, path: str) -> bool:
         return True
     except AttributeError:
         return False
-
-
-def _attribute(gm: fx.GraphModule, path: str) -> object:
-    value = gm
-    for part in path.split("."):
-        value = getattr(value, part, None)
-    return value
 
 
 def _aliases(gm: fx.GraphModule) -> dict[str, list[str]]:

@@ -6,6 +6,7 @@ and answers inspection questions per layer (`effective_weight`, `mask`).
 from __future__ import annotations
 
 import collections
+import inspect
 import types
 
 import torch
@@ -51,8 +52,6 @@ _FIXED_ARGUMENTS = ("the graph takes the arguments the model was traced with: ar
 def _call_error(gm: fx.GraphModule, args: tuple, kwargs: dict, error: Exception) -> Exception | None:
     """A clearer error for a call the traced graph cannot take (None: `error` is about something else).
     Only runs once a call has failed."""
-    import inspect
-
     signature = inspect.signature(gm.forward)
     try:
         bound = signature.bind(*args, **kwargs)
