@@ -5,8 +5,8 @@ dense cuBLAS GEMM on the pruned weight; medians of CUDA-event timings of eager c
 compiled model's caller waits) after warm-up, or with compile's timing="graph" of CUDA graph replays
 (GPU time only), each after an L2 flush that leaves the cache clean (weights from device memory),
 the candidates taking turns.
-CPU, float32 / bfloat16 / float16 linear layers: the C++ kernel (condensed for constant fan-in, bitmask for N:M) against a
-dense GEMM on the pruned weight; medians of wall-clock blocks, or, when the model's weights exceed
+CPU, float32 / bfloat16 / float16 linear layers: the C++ kernel (condensed for constant fan-in,
+bitmask for N:M) against a dense GEMM on the pruned weight; medians of wall-clock blocks, or, when the model's weights exceed
 the cache, of single calls with the weights evicted (codegen/cpu_cache.py). Where the kernel wins,
 it is probed at more rows, and its layer runs a dense weight made per call above the last win.
 """
@@ -345,7 +345,8 @@ def check_candidates(options: dict, tf32: bool = False) -> tuple[dict[str, float
         # inf / nan outputs (an inf bias, inf inputs) must be the same values at the same places; the
         # rest agree within the tolerance of their largest magnitude
         finite = reference.isfinite()
-        scale = max(float(reference[finite].abs().max()) if bool(finite.any()) else 0.0, 1e-30)
+        any_finite = bool(finite.any())
+        scale = max(float(reference[finite].abs().max()) if any_finite else 0.0, 1e-30)
         wrong, failed = {}, {}
         for name, fn in options.items():
             try:
@@ -361,7 +362,7 @@ def check_candidates(options: dict, tf32: bool = False) -> tuple[dict[str, float
                     out[finite].isnan().any()):
                 wrong[name] = float("nan")
                 continue
-            error = float((out[finite] - reference[finite]).abs().max()) / scale if bool(finite.any()) else 0.0
+            error = float((out[finite] - reference[finite]).abs().max()) / scale if any_finite else 0.0
             if not error <= tolerance:
                 wrong[name] = error
     return wrong, failed

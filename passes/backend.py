@@ -7,11 +7,10 @@ backend="triton"  the generated fused kernels for every layer they cover (2:4 or
                   TRITON_INTERPRET=1 for the CPU interpreter.
 backend="auto"    on CPU: float32 / bfloat16 / float16 linear layers time their C++ kernel (condensed
                   for constant fan-in, bitmask for N:M) against a dense GEMM on the pruned weight and
-                  take the faster
-                  (the kernel up to the most rows it measured faster at); every other layer keeps its
-                  pruned weight dense (backend "dense"): the torch runtime would rebuild that weight on
-                  every call and then run the same op, so it cannot be faster. On CUDA:
-                  per layer, time the Triton kernel, cuSPARSELt (when this torch has it) and a dense
+                  take the faster (the kernel up to the most rows it measured faster at); every other
+                  layer keeps its pruned weight dense (backend "dense"): the torch runtime would
+                  rebuild that weight on every call and then run the same op, so it cannot be faster.
+                  On CUDA: per layer, time the Triton kernel, cuSPARSELt (when this torch has it) and a dense
                   GEMM (cuDNN for a conv) on the pruned weight at the compiled shape, and take the
                   fastest, so a compiled layer is never slower than dense where it was compiled.
 With a given plan, its `backend` entries are applied as they are.
@@ -62,8 +61,8 @@ def cpu_kernel_blocker(layer: LayerInfo, decision, device: torch.device) -> str 
     if layer.op not in ("linear", "matmul"):
         return f"the C++ CPU kernels run linear layers (this one is a {layer.op})"
     if layer.dtype not in CpuKernelLinear.kernel_dtypes:
-        return (f"the C++ CPU kernels run float32 / bfloat16 / float16 layers (this one is "
-                f"{dtype_name(layer.dtype)})")
+        runs = " / ".join(dtype_name(d) for d in CpuKernelLinear.kernel_dtypes)
+        return f"the C++ CPU kernels run {runs} layers (this one is {dtype_name(layer.dtype)})"
     fanin = decision.sparsity.startswith("fanin:")
     if not (condensed_cpu if fanin else bitmask_cpu).is_available():
         return (f"the C++ {'condensed' if fanin else 'bitmask'} kernel could not be built or loaded here (no C++ "

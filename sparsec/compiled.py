@@ -15,6 +15,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from sparsec.distributed import check_whole, full, refuse_sharded
+from sparsec.errors import InvalidInputError
 from sparsec.passes.weight_reads import owner_of
 from sparsec.pipeline import PassRecord
 from sparsec.plan import Plan
@@ -102,8 +103,6 @@ class CompiledModel(nn.Module):
         # mode's results whatever the flags say: switching is refused instead of silently ignored
         fixed = getattr(self._modules.get("graph_module"), "fixed_training", None)
         if fixed is not None and bool(mode) != fixed:
-            from sparsec.errors import InvalidInputError
-
             raise InvalidInputError(
                 f"this compiled model's graph was traced in {'training' if fixed else 'eval'} mode and fixes it "
                 f"(see cm.plan's notes), so cm.{'train' if mode else 'eval'}() cannot switch it: compile the model "

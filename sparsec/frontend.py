@@ -135,8 +135,9 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
     # the model does on the example inputs (`if mask is not None:` is always true of a graph input),
     # as the values they have: the graph follows the example's path and asserts each call passes the same.
     traced, eager, graph_run = False, None, None
+    new_tracer = lambda: _Tracer(leaf_types, leaf_names, _regexes(exclude))  # noqa: E731
     for values in ([{}, concrete] if concrete else [{}]):
-        tracer = _Tracer(leaf_types, leaf_names, _regexes(exclude))
+        tracer = new_tracer()
         try:
             graph = tracer.trace(model, concrete_args=values or None)
             _keep_argument_names(graph, values)
@@ -157,7 +158,7 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
         if inherited is not None:
             gm.fixed_training = inherited
             notes.append(_fixed_mode_note(inherited, "the compiled graph it was traced from fixed it"))
-        elif _reads_training_mode(model, lambda: _Tracer(leaf_types, leaf_names, _regexes(exclude)), values, graph):
+        elif _reads_training_mode(model, new_tracer, values, graph):
             gm.fixed_training = model.training
             notes.append(_fixed_mode_note(model.training, "its forward reads self.training (F.dropout(training="
                                                              "self.training), ...), which symbolic_trace fixes"))

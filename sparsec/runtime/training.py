@@ -30,7 +30,6 @@ from sparsec.runtime.layers import RuntimeLayer, conv2d, explicit_padding
 from sparsec.runtime.sdgp import sdgp_conv2d, sdgp_linear
 
 
-
 class _SparseRefinedSTE(torch.autograd.Function):
     """forward: w * mask; backward: g + decay * (~mask) * w (straight through, plus SR-STE's term)."""
 
@@ -72,12 +71,13 @@ class TrainableLayer(RuntimeLayer):
     # ---- the weight the layer computes with
 
     @torch.no_grad()
-    def current_mask(self) -> torch.Tensor | None:
+    def current_mask(self, whole_weight: torch.Tensor | None = None) -> torch.Tensor | None:
         """The mask the next forward computes with: SR-STE's derived from the weight now, a fixed one as
-        stored. Reads only. (Outside forward, an FSDP-sharded weight is gathered: a collective.)"""
+        stored. Reads only. `whole_weight`: the weight, when the caller has gathered it already
+        (outside forward, an FSDP-sharded weight is gathered here otherwise: a collective)."""
         if self.weight_mask is not None and self.weight_update == "ste":
-            rows = weight_to_rows(full(self.weight.detach()), self.op)
-            return rows_to_weight(pattern_mask(rows, self.pattern), self.op, self.weight_mask.shape)
+            w = whole_weight if whole_weight is not None else full(self.weight.detach())
+            return rows_to_weight(pattern_mask(weight_to_rows(w, self.op), self.pattern), self.op, self.weight_mask.shape)
         return self.weight_mask
 
     def _current(self) -> torch.Tensor:
@@ -112,7 +112,8 @@ class TrainableLayer(RuntimeLayer):
     @torch.no_grad()
     def effective_weight(self) -> torch.Tensor:
         w = full(self.weight.detach())  # gathered when FSDP shards it (a collective then)
-        return w * self.mask()
+        mask = self.current_mask(w)
+        return w.clone() if mask is None else w * mask
 
     @torch.no_grad()
     def mask(self) -> torch.Tensor:

@@ -304,15 +304,20 @@ bool is_float_input(const at::Tensor& t) {
   return type == at::kFloat || type == at::kBFloat16 || type == at::kHalf;
 }
 
+// pick(std::integral_constant<int, F>) for the word form F that `form` names: the kernel instance
+// templated on it.
+template <typename Pick>
+auto by_form(int64_t form, Pick pick) {
+  return form == kTwoOfFour ? pick(std::integral_constant<int, kTwoOfFour>{})
+         : form == kEight   ? pick(std::integral_constant<int, kEight>{})
+                            : pick(std::integral_constant<int, kAny>{});
+}
+
 template <typename V>
 void run(const Args& a) {
   void (*kernel)(const Args&, int64_t, int64_t) = rows_scalar<V>;
 #if SPARSEC_X86
-  if (g_avx512) {
-    kernel = a.form == kTwoOfFour ? rows_avx512<V, kTwoOfFour>
-             : a.form == kEight   ? rows_avx512<V, kEight>
-                                  : rows_avx512<V, kAny>;
-  }
+  if (g_avx512) kernel = by_form(a.form, [](auto form) { return &rows_avx512<V, decltype(form)::value>; });
 #endif
   // A second thread pays from ~32k multiply-adds each, so the grain stays small.
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, a.B * a.K));
@@ -379,11 +384,7 @@ at::Tensor densify(const at::Tensor& vals, const at::Tensor& masks, const std::o
     using V = std::remove_pointer_t<decltype(tag)>;
     void (*kernel)(const Args&, float*, int64_t, int64_t) = densify_scalar<V>;
 #if SPARSEC_X86
-    if (g_avx512) {
-      kernel = a.form == kTwoOfFour ? densify_avx512<V, kTwoOfFour>
-               : a.form == kEight   ? densify_avx512<V, kEight>
-                                    : densify_avx512<V, kAny>;
-    }
+    if (g_avx512) kernel = by_form(a.form, [](auto form) { return &densify_avx512<V, decltype(form)::value>; });
 #endif
     at::parallel_for(0, out, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, K)),
                      [&](int64_t b, int64_t e) { kernel(a, d, b, e); });
