@@ -70,6 +70,10 @@ def blocker_for(gm: fx.GraphModule, nodes: list[fx.Node], uses: dict[str, list[s
                 f"refuses to prune this layer (fix the weights and compile again)")
     if aliases.get(layer.weight_path):
         return f"weight is tied to {', '.join(aliases[layer.weight_path])}: pruning it here would change that layer too"
+    if read := getattr(gm, "trace_time_reads", {}).get(layer.weight_path):
+        return (f"the forward computed with the weight while it was traced, outside the graph (by {read}): the "
+                f"graph holds the result as a constant of the unpruned weight, which pruning would leave stale; read "
+                f"the weight as a module attribute (self.fc.weight) so that torch.fx records the computation")
     sites = {n.name for n in nodes}
     others = [u for u in uses.get(layer.weight_path, []) if u not in sites]
     if others:

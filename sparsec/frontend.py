@@ -31,6 +31,8 @@ from sparsec.graph_module import SparsecGraphModule
 from sparsec.plan import dtype_name
 from sparsec.runtime.layers import RuntimeLayer
 from sparsec.state import preserved_state
+from sparsec.trace_reads import TraceTimeReads, detach_constants
+from sparsec.trace_reads import describe as describe_trace_time_reads
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 # sparsec's own code: the package and its passes / codegen subpackages (separate folders in the source tree)
@@ -73,7 +75,11 @@ def describe_inputs(example_inputs: tuple | None) -> str:
 
 def user_frame(exc: BaseException) -> str | None:
     """The innermost frame of the traceback that is the user's code, as 'file:line in func: code'."""
-    frames = traceback.extract_tb(exc.__traceback__)
+    return user_code_frame(traceback.extract_tb(exc.__traceback__))
+
+
+def user_code_frame(frames: traceback.StackSummary) -> str | None:
+    """The innermost of `frames` that is the user's code (not torch's, not sparsec's), as 'file:line in func: code'."""
     for frame in reversed(frames):
         path = os.path.abspath(frame.filename)
         if not (path.startswith(_TORCH_DIR) or path.startswith(_SPARSEC_DIRS) or "<" in frame.filename):
@@ -137,9 +143,10 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
     traced, eager, graph_run = False, None, None
     new_tracer = lambda: _Tracer(leaf_types, leaf_names, _regexes(exclude))  # noqa: E731
     for values in ([{}, concrete] if concrete else [{}]):
-        tracer = new_tracer()
+        tracer, reads = new_tracer(), TraceTimeReads(model, user_code_frame)
         try:
-            graph = tracer.trace(model, concrete_args=values or None)
+            with reads:
+                graph = tracer.trace(model, concrete_args=values or None)
             _keep_argument_names(graph, values)
             gm = SparsecGraphModule(tracer.root, graph, type(model).__name__)
             gm.train(model.training)
@@ -162,6 +169,12 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
             gm.fixed_training = model.training
             notes.append(_fixed_mode_note(model.training, "its forward reads self.training (F.dropout(training="
                                                              "self.training), ...), which symbolic_trace fixes"))
+        # Parameters computed with outside the graph: its constants hold their values (see trace_reads);
+        # a compiled graph compiled again holds the constants its own trace made.
+        gm.trace_time_reads = {**getattr(model, "trace_time_reads", {}), **reads.reads}
+        detach_constants(gm)
+        if gm.trace_time_reads:
+            notes.append(describe_trace_time_reads(gm.trace_time_reads))
         for note in notes:
             warnings.warn(f"sparsec: {note}", stacklevel=3)
         return gm, "symbolic_trace", notes
@@ -225,7 +238,21 @@ def _reads_training_mode(model: nn.Module, new_tracer, concrete: dict, graph: fx
         for m, mode in modes.items():
             m.training = mode
     _keep_argument_names(other, concrete)
-    return other.python_code("self").src != graph.python_code("self").src
+    return not _same_code(model, graph, other)
+
+
+def _same_code(root: nn.Module, graph: fx.Graph, other: fx.Graph) -> bool:
+    """Whether two traces of `root` run the same code. Each trace names the tensor constants it sets
+    on the root afresh (_tensor_constant0, then _tensor_constant1): those compare by value."""
+    def numbered(src: str) -> tuple[str, list[str]]:
+        names = list(dict.fromkeys(re.findall(r"_tensor_constant\d+", src)))
+        return re.sub(r"_tensor_constant\d+", lambda m: f"_tensor_constant#{names.index(m.group())}", src), names
+
+    (code, constants), (other_code, other_constants) = (numbered(g.python_code("self").src) for g in (graph, other))
+    values = lambda names: [getattr(root, name) for name in names]  # noqa: E731
+    return code == other_code and all(
+        type(a) is type(b) and (not isinstance(a, torch.Tensor) or (a.shape == b.shape and torch.equal(a, b)))
+        for a, b in zip(values(constants), values(other_constants)))
 
 
 def _fixed_mode_note(training: bool, why: str) -> str:

@@ -6,6 +6,8 @@ comments are added after fx generated and compiled the code, so they never chang
 """
 from __future__ import annotations
 
+import copy
+
 import torch.fx as fx
 
 from sparsec.meta import get_meta
@@ -44,7 +46,20 @@ def annotate_code(code: str, notes: dict[str, str]) -> str:
     return "\n".join(out)
 
 
+# What frontend.capture found of the traced forward, kept with the graph wherever it goes (a copy,
+# save / load, a second compile): the train / eval mode the graph fixed, and the parameters it holds
+# constants computed from.
+CAPTURE_FACTS = ("fixed_training", "trace_time_reads")
+
+
 class SparsecGraphModule(fx.GraphModule):
+    def __deepcopy__(self, memo):
+        copied = super().__deepcopy__(memo)  # fx's copy keeps only the attributes torch knows of
+        for name in CAPTURE_FACTS:
+            if name in self.__dict__:
+                setattr(copied, name, copy.deepcopy(self.__dict__[name], memo))
+        return copied
+
     def recompile(self):
         python_code = super().recompile()
         # A graph rebuilt by unpickling (fx re-traces the saved code) has no node meta: its notes are
@@ -61,7 +76,8 @@ def restore(gm: fx.GraphModule) -> SparsecGraphModule:
         return gm
     restored = SparsecGraphModule(gm, gm.graph, type(gm).__name__)
     restored.sparsec_notes = gm.sparsec_notes
-    if hasattr(gm, "fixed_training"):  # the train / eval mode the graph fixed (frontend.capture)
-        restored.fixed_training = gm.fixed_training
+    for kept in CAPTURE_FACTS:
+        if hasattr(gm, kept):
+            setattr(restored, kept, getattr(gm, kept))
     restored.recompile()
     return restored

@@ -466,6 +466,10 @@ def test_a_graph_that_fixes_the_train_eval_mode_refuses_to_switch(tmp_path):
     sparsec.save(cm, tmp_path / "m")
     with pytest.raises(ValueError, match="traced in training mode"):
         sparsec.load(tmp_path / "m").eval()
+    with pytest.warns(UserWarning, match="the compiled graph it was traced from fixed it"):
+        again = sparsec.compile(cm, example_inputs=(x,), min_weights=0)  # its graph reads no flag: it inherits
+    with pytest.raises(ValueError, match="traced in training mode"):
+        again.eval()
     inference = sparsec.compile(model.eval(), example_inputs=(x,), min_weights=0)
     with torch.no_grad():
         assert output_error(inference(x), pruned_model(model, inference.plan)(x)) <= 1e-5
@@ -520,3 +524,54 @@ def test_example_inputs_changed_in_place_by_the_forward_are_not_the_users():
     assert torch.equal(x, before)
     with torch.no_grad():
         assert output_error(cm(x.clone()), pruned_model(model, cm.plan)(x.clone())) <= 1e-5
+
+
+class ParameterNorm(nn.Module):
+    """Adds a penalty computed from self.parameters(): symbolic_trace runs it on the tensors themselves."""
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 4)
+
+    def forward(self, x):
+        h = self.b(torch.relu(self.a(x)))
+        penalty = sum(p.pow(2).sum() for p in self.b.parameters())
+        return self.c(h + 1e-3 * penalty)
+
+
+def test_a_weight_computed_with_while_tracing_keeps_its_layer_dense(tmp_path):
+    """The penalty is a graph constant of b's values at compile time: pruning b would leave it stale.
+    b stays dense with the op and the user's line, the other layers are pruned, the mode is not
+    mistaken as fixed (each trace names its constant afresh), and a second compile (also of a saved
+    and loaded model, whose graph holds the constant) keeps b dense."""
+    model, x = ParameterNorm().eval(), torch.randn(3, 16)
+    with pytest.warns(UserWarning, match="computed with parameters b.weight, b.bias while it was traced"):
+        cm = sparsec.compile(model, example_inputs=(x,), min_weights=0, include=["a", "b", "c"])
+    reason = cm.plan["b"].reason
+    assert cm.plan["b"].sparsity is None and "Tensor.pow at" in reason and "p.pow(2).sum() for p in" in reason
+    assert cm.plan["a"].sparsity == "2:4" and cm.plan["c"].sparsity == "2:4"
+    assert not any("holds for" in note for note in cm.plan.notes)
+    with torch.no_grad():
+        assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+    sparsec.save(cm, tmp_path / "m")
+    for compiled in (cm, sparsec.load(tmp_path / "m")):
+        again = sparsec.compile(compiled, example_inputs=(x,), min_weights=0, include=["b"])
+        assert again.plan["b"].sparsity is None and "while it was traced" in again.plan["b"].reason
+
+
+def test_shape_dtype_and_device_reads_while_tracing_do_not_keep_layers_dense():
+    class ReadsMetadata(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 64), nn.Linear(64, 4)
+
+        def forward(self, x):
+            first = next(self.parameters())
+            width = sum(p.shape[0] for p in self.parameters() if p.dim() == 2)
+            return self.b(self.a(x.to(first.dtype).to(first.device))) * (width / 68)
+
+    model, x = ReadsMetadata(), torch.randn(3, 16)
+    cm = sparsec.compile(model, example_inputs=(x,), min_weights=0, include=["a", "b"])
+    assert cm.plan["a"].sparsity == "2:4" and cm.plan["b"].sparsity == "2:4", cm.plan
+    assert not any("while it was traced" in note for note in cm.plan.notes)
+    with torch.no_grad():
+        assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5

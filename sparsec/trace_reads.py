@@ -1,0 +1,79 @@
+"""Parameters the forward computes with while symbolic_trace runs it, outside the graph.
+
+symbolic_trace hands the forward proxies for the parameters it reads as attributes (`self.fc.weight`),
+so what is computed from them is recorded. A parameter reached another way (`self.parameters()`,
+`dict(self.named_parameters())`) is the tensor itself: an op on it runs while tracing, and the graph
+keeps the result as a constant (`reg = sum(p.pow(2).sum() for p in self.parameters())`). That constant
+does not follow later changes of the parameter, pruning included, so its layer must stay dense.
+"""
+from __future__ import annotations
+
+import traceback
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.overrides import TorchFunctionMode, resolve_name
+from torch.utils._pytree import tree_flatten
+
+# Tensor methods and properties that read no values (shape, dtype, device, flags): computing with
+# them bakes nothing pruning changes.
+_METADATA = {"shape", "size", "dim", "ndim", "ndimension", "numel", "nelement", "dtype", "device", "layout",
+             "requires_grad", "requires_grad_", "is_leaf", "grad", "grad_fn", "is_cuda", "is_cpu", "is_meta",
+             "is_sparse", "is_quantized", "is_mkldnn", "is_floating_point", "is_complex", "element_size",
+             "itemsize", "nbytes", "stride", "storage_offset", "is_contiguous", "get_device", "names", "__len__",
+             "__hash__", "data_ptr", "untyped_storage", "__repr__", "__format__"}
+
+
+def _name(func) -> str:
+    """'Tensor.pow', 'torch.sum', 'Tensor.shape' for what __torch_function__ is given."""
+    full = (resolve_name(func) or getattr(func, "__name__", repr(func))).removesuffix(".__get__")
+    return full.removeprefix("torch.")
+
+
+class TraceTimeReads(TorchFunctionMode):
+    """Active while symbolic_trace runs the forward: records, for each parameter of `model`, the first
+    op that computes with its values without a proxy among its arguments (so the op is not recorded
+    in the graph, its result is). `reads`: parameter path -> 'op at file:line in func: code'."""
+
+    def __init__(self, model: nn.Module, user_frame):
+        super().__init__()
+        self._paths = {id(p): path for path, p in model.named_parameters(remove_duplicate=False)}
+        self._user_frame = user_frame  # picks the user's frame out of a stack summary
+        self.reads: dict[str, str] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        flat = tree_flatten((args, kwargs))[0]
+        if not any(isinstance(a, fx.Proxy) for a in flat):
+            read = [self._paths[id(a)] for a in flat if isinstance(a, nn.Parameter) and id(a) in self._paths]
+            new = [path for path in read if path not in self.reads]
+            if new and _name(func).rpartition(".")[2] not in _METADATA:
+                where = self._user_frame(traceback.extract_stack()[:-1])
+                for path in new:
+                    self.reads[path] = _name(func) + (f" at {where}" if where else "")
+        return func(*args, **kwargs)
+
+
+def detach_constants(gm: fx.GraphModule) -> None:
+    """Make the graph's tensor constants plain tensors: one computed from a parameter while tracing
+    keeps the autograd history of that one computation, which a second backward through it would
+    refuse (and which copy.deepcopy refuses outright)."""
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            parent, _, attr = node.target.rpartition(".")
+            owner = gm.get_submodule(parent) if parent else gm
+            value = getattr(owner, attr)
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and value.grad_fn is not None:
+                setattr(owner, attr, value.detach())
+
+
+def describe(reads: dict[str, str]) -> str:
+    """A plan note for the parameters computed with while tracing."""
+    paths = list(reads)
+    shown = ", ".join(paths[:6]) + (f" and {len(paths) - 6} more" if len(paths) > 6 else "")
+    return (f"the forward computed with parameter{'s' if len(paths) > 1 else ''} {shown} while it was traced, where "
+            f"torch.fx sees the tensor, not a proxy (first by {next(iter(reads.values()))}): the graph holds the result "
+            f"as a constant of the values at compile time, which does not follow pruning, training or "
+            f"load_state_dict, and passes no gradient to them. Their layers are kept dense; to let sparsec prune them, read the parameters as module "
+            f"attributes (self.fc.weight) so the computation is recorded in the graph")
