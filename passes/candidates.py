@@ -30,7 +30,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, prune
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from sparsec.context import CompileContext, UnreachedLayer
 from sparsec.frontend import own_hooks
@@ -90,10 +92,37 @@ def _customized(module: nn.Module) -> str | None:
                 f"({', '.join(kinds)}), which a sparse replacement would drop (for inference, "
                 f"torch.nn.utils.parametrize.remove_parametrizations(module, {names[0]!r}) first lets sparsec "
                 f"prune the computed value)")
+    if recomputed := _recomputed_weight(module):
+        return recomputed
     if hooks := own_hooks(module):
         return f"it has {' / '.join(hooks)} hooks, which a sparse replacement would drop"
     if "forward" in vars(module):
         return "its forward is set on the instance (module.forward = ...), which a sparse replacement would drop"
+    return None
+
+
+# Forward pre-hooks of torch utilities that compute a weight from other parameters before each call:
+# (what the hook does, how to make its result a plain weight sparsec can prune).
+_WEIGHT_HOOKS = (
+    (prune.BasePruningMethod, "torch.nn.utils.prune", "{name}_orig * {name}_mask",
+     "torch.nn.utils.prune.remove(module, {name!r}) first makes that pruning permanent (sparsec then prunes on "
+     "top of its zeros)"),
+    (WeightNorm, "torch.nn.utils.weight_norm", "{name}_g and {name}_v",
+     "torch.nn.utils.remove_weight_norm(module, {name!r}) first (for inference) lets sparsec prune the computed weight"),
+    (SpectralNorm, "torch.nn.utils.spectral_norm", "{name}_orig",
+     "torch.nn.utils.remove_spectral_norm(module, {name!r}) first (for inference) lets sparsec prune the computed "
+     "weight"),
+)
+
+
+def _recomputed_weight(module: nn.Module) -> str | None:
+    """Why a module whose weight a torch utility's forward pre-hook recomputes before each call stays dense."""
+    for hook in module._forward_pre_hooks.values():
+        for cls, utility, source, remedy in _WEIGHT_HOOKS:
+            if isinstance(hook, cls):
+                name = getattr(hook, "_tensor_name", None) or hook.name
+                return (f"its {name} is computed from {source.format(name=name)} by {utility}'s forward pre-hook, "
+                        f"which a sparse replacement would drop; {remedy.format(name=name)}")
     return None
 
 
@@ -242,8 +271,13 @@ def _unreached_layers(gm: fx.GraphModule, model: nn.Module, found: set[str]) -> 
         if path in covered or name in found or not ops & _MATMUL_LIKE:
             continue
         w = gm.get_parameter(path)
-        why = (f"read by {', '.join(sorted(ops))} in a form sparsec does not rewrite ({_REWRITTEN}); "
-               f"write it as one of those to let sparsec prune it")
+        if sliced := ops & _SLICING:
+            why = (f"only parts of it are read ({', '.join(sorted(sliced))}, then {', '.join(sorted(ops - sliced))}): "
+                   f"sparsec prunes weight matrices read whole; hold each part as a parameter (or layer) of its "
+                   f"own to let sparsec prune it")
+        else:
+            why = (f"read by {', '.join(sorted(ops))} in a form sparsec does not rewrite ({_REWRITTEN}); "
+                   f"write it as one of those to let sparsec prune it")
         out[name] = UnreachedLayer(op=sorted(ops & _MATMUL_LIKE)[0], weight_shape=tuple(w.shape), dtype=w.dtype,
                                    weight_path=path, why=why)
     return out
@@ -292,8 +326,10 @@ def _read_by(gm: fx.GraphModule) -> dict[str, set[str]]:
             value = todo.pop()
             for user in value.users:
                 name = _op_name(user)
-                if transposed_input(user) is value or (name in _RESHAPING and user.args[:1] == (value,)):
+                if transposed_input(user) is value or (name in _RESHAPING | _SLICING and user.args[:1] == (value,)):
                     todo.append(user)
+                    if name in _SLICING:
+                        names.add(name)
                 else:
                     names.add(name)
     return out
@@ -303,6 +339,10 @@ def _read_by(gm: fx.GraphModule) -> dict[str, set[str]]:
 _RESHAPING = {"view", "reshape", "unsafe_view", "unsqueeze", "squeeze", "expand", "flatten", "unflatten", "contiguous",
               "clone", "detach", "to", "to_copy", "type", "half", "float", "double", "bfloat16", "transpose", "permute",
               "swapaxes", "swapdims", "movedim", "t"}
+
+# Ops that hand on part of the weight (followed too, and named: sparsec prunes weights read whole).
+_SLICING = {"getitem", "narrow", "chunk", "split", "split_with_sizes", "tensor_split", "unbind", "select", "slice",
+            "index_select"}
 
 
 def _op_name(node: fx.Node) -> str:

@@ -32,7 +32,7 @@ def _run(model: nn.Module, example_inputs: Any, options: CompileOptions):
         model = model.graph_module
     inputs = normalize_example_inputs(example_inputs)
     try:
-        private = copy.deepcopy(model)  # the user's model is never modified
+        private = _private_copy(model)  # the user's model is never modified
     except Exception as e:  # noqa: BLE001
         raise InvalidTypeError(f"sparsec works on a copy of the model, and copy.deepcopy(model) failed: "
                                f"{type(e).__name__}: {e}") from e
@@ -40,6 +40,19 @@ def _run(model: nn.Module, example_inputs: Any, options: CompileOptions):
     ctx = CompileContext(options=options, model=private, example_inputs=inputs, trace_method=method, notes=notes)
     gm, history = run_pipeline(gm, ctx)
     return gm, ctx, history
+
+
+def _private_copy(model: nn.Module) -> nn.Module:
+    """copy.deepcopy of the model, with every plain tensor attribute that is the result of an autograd
+    computation copied detached: deepcopy refuses those, and hooks that recompute a weight before each
+    call leave one behind (torch.nn.utils.prune's `weight = weight_orig * weight_mask`, the old
+    torch.nn.utils.weight_norm). The hook computes it again on the copy's next call."""
+    memo = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and value.grad_fn is not None:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
 
 
 def compile(model: nn.Module, pattern: str | None = None, example_inputs: Any = None, *, quantize: str | None = None,

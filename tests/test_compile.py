@@ -402,3 +402,35 @@ def test_auto_times_a_layer_whose_outputs_hold_inf():
     with torch.no_grad():
         got, expected = cm(x), pruned_model(model, cm.plan)(x)
     assert bool((got[:, 0] == float("inf")).all()) and output_error(got[:, 1:], expected[:, 1:]) <= 1e-5
+
+
+@pytest.mark.parametrize("utility", ["prune", "weight_norm", "spectral_norm"])
+def test_a_weight_recomputed_by_a_torch_hook_stays_dense_and_names_the_remedy(utility):
+    """torch.nn.utils.prune (and the old weight_norm / spectral_norm) recompute the weight in a forward
+    pre-hook: the model used to fail sparsec's copy (prune, weight_norm leave a non-leaf tensor behind);
+    now the layer stays dense, the reason names the call that makes the weight plain, the compiled model
+    computes as the model, and training still reaches the hook's own parameters."""
+    import torch.nn.utils.prune as prune
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    remedy = {"prune": "torch.nn.utils.prune.remove(module, 'weight')",
+              "weight_norm": "torch.nn.utils.remove_weight_norm(module, 'weight')",
+              "spectral_norm": "torch.nn.utils.remove_spectral_norm(module, 'weight')"}[utility]
+    if utility == "prune":
+        prune.l1_unstructured(model[2], "weight", amount=0.3)
+    else:
+        getattr(nn.utils, utility)(model[2])
+    model.eval()
+    x = torch.randn(4, 32)
+    cm = sparsec.compile(model, example_inputs=(x,), min_weights=0, include=["0", "2", "4"])
+    assert cm.plan["2"].sparsity is None and remedy in cm.plan["2"].reason, cm.plan["2"].reason
+    assert cm.plan["0"].sparsity == "2:4" and cm.plan["4"].sparsity == "2:4"
+    with torch.no_grad():
+        model(x)  # the hook's weight is then computed without autograd history, which the oracle's deepcopy needs
+        assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+    if utility == "prune":
+        trained = sparsec.compile(model.train(), example_inputs=(x,), min_weights=0, train=True)
+        trained(x).square().sum().backward()
+        layer = trained.graph_module.get_submodule("2")
+        assert layer.weight_orig.grad is not None and layer.weight_orig.grad.abs().sum() > 0
+        assert torch.equal(layer.weight_mask, model[2].weight_mask)

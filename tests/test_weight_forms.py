@@ -143,6 +143,48 @@ def test_other_weight_matrix_uses_are_listed_dense_with_the_reason():
         sparsec.compile(model, example_inputs=(x,), plan=plan)
 
 
+class SlicedWeights(nn.Module):
+    """One parameter holding several weight matrices, read in parts, as fused-QKV attention code often is."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.a, self.b = nn.Linear(d, d), nn.Linear(d, 8)
+        self.qkv = nn.Parameter(torch.randn(3 * d, d) / 6)     # sliced: qkv[:d]
+        self.gate_up = nn.Parameter(torch.randn(2 * d, d) / 6)  # chunked: gate, up = gate_up.chunk(2)
+        self.d = d
+
+    def forward(self, x):
+        h = self.a(x)
+        q = F.linear(h, self.qkv[: self.d])
+        gate, up = self.gate_up.chunk(2)
+        h = F.silu(F.linear(q, gate)) * F.linear(q, up)
+        return self.b(h)
+
+
+class UntraceableSlicedWeights(SlicedWeights):
+    def forward(self, x):
+        if x.shape[0] > 1:  # a branch on a shape: symbolic_trace fails, torch.export runs it
+            x = x * 1.0
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("untraceable", [False, True])
+def test_weights_read_in_parts_are_listed_dense_with_the_reason(untraceable):
+    """Not pruned (sparsec prunes weights read whole), and not passed over: each is in the plan, saying so.
+    Both tracers: symbolic_trace (getitem, chunk) and torch.export (aten.slice, aten.split)."""
+    torch.manual_seed(0)
+    model, x = (UntraceableSlicedWeights if untraceable else SlicedWeights)().eval(), torch.randn(3, 32)
+    cm = sparsec.compile(model, example_inputs=(x,), min_weights=0, include=["a", "b"])
+    assert cm.trace_method == ("torch.export" if untraceable else "symbolic_trace")
+    for name in ("qkv", "gate_up"):
+        lp = cm.plan[name]
+        assert lp.sparsity is None and "only parts of it are read" in lp.reason and "linear" in lp.reason, lp.reason
+        assert lp.weight_shape == tuple(getattr(model, name).shape)
+    assert cm.plan["a"].sparsity == "2:4"
+    with torch.no_grad():
+        assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+
+
 def test_training_a_transposed_weight_layer():
     torch.manual_seed(0)
     model, x = HandWritten(TRANSPOSES[".T"]).train(), torch.randn(6, 32)
