@@ -11,7 +11,7 @@ import torch.fx as fx
 
 from sparsec.context import CompileContext
 from sparsec.meta import data_input, get_meta, layer_nodes, update_meta
-from sparsec.passes.weight_reads import attribute, readers, reads_shape
+from sparsec.passes.weight_reads import attribute, readers, reads_metadata, reads_shape
 from sparsec.plan import dtype_name
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -19,7 +19,8 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def _weight_uses(gm: fx.GraphModule) -> dict[str, list[str]]:
     """Every use of every parameter path: call_module sites read '<module>.weight' implicitly.
-    Reads of the shape alone are not uses (pruning keeps the shape; the rewrite folds them). A tensor
+    Reads of the shape, dtype or device alone are not uses (pruning keeps them; the rewrite folds the
+    shape reads and points the others at the replacement layer). A tensor
     constant holding a parameter's memory is a use of it too: a weight read where the tracer sees a
     tensor, not a proxy (`dict(self.named_parameters())[...]`, `self.fc._parameters[...]`), is
     stored in the graph as a constant of the unpruned values."""
@@ -34,7 +35,7 @@ def _weight_uses(gm: fx.GraphModule) -> dict[str, list[str]]:
                     continue
                 path = storage.get(value.untyped_storage().data_ptr(), path)
             for user in readers(node):
-                if not reads_shape(user):
+                if not (reads_shape(user) or reads_metadata(user)):
                     uses.setdefault(path, []).append(user.name)
         elif node.op == "call_module":
             for pname, _ in gm.get_submodule(node.target).named_parameters(recurse=False):

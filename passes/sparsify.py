@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from sparsec.context import CompileContext
 from sparsec.meta import META_KEY, LayerInfo, SparsecMeta, data_input, get_meta, layer_nodes, runtime_bias, update_meta
-from sparsec.passes.weight_reads import erase_unused_reads, fold_shape_reads, owner_of
+from sparsec.passes.weight_reads import erase_unused_reads, fold_shape_reads, owner_of, redirect_metadata_reads
 from sparsec.patterns import parse_pattern
 from sparsec.reference import weight_to_rows
 from sparsec.runtime import PackedWeight, SparseConv1d, SparseConv2d, SparseLayer, SparseLinear
@@ -95,8 +95,11 @@ def replace_layer(gm: fx.GraphModule, name: str, nodes: list[fx.Node], module: t
                 replacement.meta[META_KEY] = SparsecMeta(shape=meta.shape, dtype=meta.dtype)
         node.replace_all_uses_with(replacement)
         gm.graph.erase_node(node)
-    layer = get_meta(nodes[0]).layer  # the model may read the weight's shape: the packed layer keeps it
-    erase_unused_reads(gm, weight_reads + fold_shape_reads(gm, layer.weight_path, layer.weight_shape, layer.dtype))
+    # The model may read the weight's shape (the packed layer keeps it) or its dtype / device (the layer's
+    # probe tensor has them, and follows .to() as the weight would).
+    layer = get_meta(nodes[0]).layer
+    erase_unused_reads(gm, weight_reads + fold_shape_reads(gm, layer.weight_path, layer.weight_shape, layer.dtype)
+                       + redirect_metadata_reads(gm, layer.weight_path, f"{path}.{module.weight_probe}"))
 
 
 def _swapped(shape: tuple[int, ...]) -> tuple[int, ...]:

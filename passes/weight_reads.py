@@ -88,12 +88,45 @@ _SHAPE_ATTRIBUTES = {"shape", "ndim"}
 
 def reads_shape(node: fx.Node) -> bool:
     """Whether `node` reads only the shape of its first argument."""
+    return _reads_only(node, _SHAPE_METHODS, _SHAPE_ATTRIBUTES)
+
+
+def _reads_only(node: fx.Node, methods: set[str], attributes: set[str]) -> bool:
+    """Whether `node` calls one of `methods` on its first argument or reads one of its `attributes`."""
     if not node.args or node.kwargs:
         return False
     if node.op == "call_method":
-        return node.target in _SHAPE_METHODS
+        return node.target in methods
     return (node.op == "call_function" and node.target is builtins.getattr and len(node.args) == 2
-            and node.args[1] in _SHAPE_ATTRIBUTES)
+            and node.args[1] in attributes)
+
+
+# Reads of what a weight is, not what it holds (`x.to(W.dtype)`, `torch.zeros(n, device=W.device)`): they
+# do not stop its layer being pruned either; the rewrite points them at a tensor of the replacement layer
+# with the weight's dtype and device (`redirect_metadata_reads`), so they follow `.to()` / `.half()` as before.
+_METADATA_ATTRIBUTES = {"dtype", "device", "is_cuda", "is_cpu"}
+_METADATA_METHODS = {"get_device", "is_floating_point"}
+
+
+def reads_metadata(node: fx.Node) -> bool:
+    """Whether `node` reads only the dtype or device of its first argument."""
+    return _reads_only(node, _METADATA_METHODS, _METADATA_ATTRIBUTES)
+
+
+def redirect_metadata_reads(gm: fx.GraphModule, target: str, probe: str) -> list[fx.Node]:
+    """Make every dtype / device read of parameter `target` (directly or of its transpose) read the
+    tensor at attribute path `probe` instead, which has the same dtype and device. Returns the reads it
+    may have left without users, for `erase_unused_reads`."""
+    reads = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == target]
+    out = list(reads)
+    for read in reads:
+        views = [read] + [u for u in read.users if transposed_input(u) is read]
+        out += views[1:]
+        for view in views:
+            for user in [u for u in view.users if reads_metadata(u)]:
+                with gm.graph.inserting_before(user):
+                    user.args = (gm.graph.get_attr(probe),) + tuple(user.args[1:])
+    return out
 
 
 def owner_of(gm: fx.GraphModule, target: str) -> tuple[nn.Module, str]:

@@ -146,5 +146,7 @@ def test_each_compiled_model_compiles_on_its_own():
     with torch.no_grad():
         assert torch.equal(torch.compile(parent, backend="eager", fullgraph=True)(x), parent(x))
     exported = torch.export.export(cm, (x,))
-    assert torch.equal(exported.module()(x), cm(x))
+    # Where backend auto picked the CPU kernel (a timing call, so not every run), export records the
+    # layer's torch form: the same products, summed in another order.
+    torch.testing.assert_close(exported.module()(x), cm(x), rtol=1e-5, atol=1e-6)
     assert isinstance(copy.deepcopy(cm), sparsec.CompiledModel) and type(cm).__name__ == "CompiledModel"

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import sparsec
 from oracle import output_error, pruned_model, shrunk_and_unchanged
 from sparsec.errors import InvalidInputError
+from sparsec.runtime.layers import RuntimeLayer
 
 TRANSPOSES = {
     ".T": lambda w: w.T,
@@ -603,3 +604,39 @@ def test_shrink_keeps_the_width_the_model_read_before_it_shrank(pattern):
     assert small.graph_module.get_parameter(path).shape == (112, 64)
     with torch.no_grad():  # still scaled by 128 ** -0.5: shrinking does not change what the model computes
         assert output_error(small(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+
+
+class ReadsWeightDtype(nn.Module):
+    """Casts its input to the weight's dtype and makes tensors on the weight's device, as mixed-precision
+    code does: reads of what the weight is, not of its values."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 64), nn.Linear(64, 8)
+        self.w = nn.Parameter(torch.randn(64, 64) / 8)
+
+    def forward(self, x):
+        h = self.a(x.to(self.a.weight.dtype))
+        offset = torch.ones(64, dtype=self.w.T.dtype, device=self.w.device)
+        h = F.linear(h.to(self.w.dtype), self.w) + offset * self.w.is_floating_point()
+        return self.b(h)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_dtype_and_device_reads_of_a_weight_do_not_keep_it_dense(train, tmp_path):
+    """The layers are pruned, no dense copy of the weight stays behind to answer the reads, and they
+    follow a cast of the compiled model (they read the replacement layer's dtype, not a fixed one)."""
+    torch.manual_seed(0)
+    model, x = ReadsWeightDtype().train(train), torch.randn(3, 32)
+    cm = sparsec.compile(model, example_inputs=(x,), min_weights=0, include=["a", "w", "b"], train=train)
+    assert all(lp.sparsity == "2:4" for lp in cm.plan.layers), cm.plan
+    gm = cm.graph_module
+    probes = {f"{path}.{m.weight_probe}" for path, m in gm.named_modules() if isinstance(m, RuntimeLayer)}
+    assert {n.target for n in gm.graph.nodes if n.op == "get_attr"} <= probes and not hasattr(gm, "w")
+    sparsec.save(cm, tmp_path / "m")
+    with torch.no_grad():
+        assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+        assert torch.equal(sparsec.load(tmp_path / "m")(x), cm(x))
+        half = cm.to(torch.bfloat16)
+        assert half(x).dtype == torch.bfloat16
+        assert output_error(half(x).float(), pruned_model(model, cm.plan).to(torch.bfloat16)(x).float()) <= 2e-2

@@ -20,6 +20,9 @@ class RuntimeLayer(nn.Module):
     """A layer sparsec put into the graph: it knows its plan name and answers inspection questions."""
 
     layer_name: str
+    # Attribute path of a tensor with the original weight's dtype and device, kept through .to() / .half():
+    # the model's reads of `weight.dtype` / `weight.device` read it instead.
+    weight_probe: str
 
     def effective_weight(self) -> torch.Tensor:
         """The dense weight the layer computes with, in the original weight's shape."""
@@ -92,6 +95,8 @@ def run_kernel(layer, x: torch.Tensor) -> torch.Tensor:
 
 class SparseLayer(RuntimeLayer):
     """Common part: the packed weight, the bias, and what the plan said about this layer."""
+
+    weight_probe = "packed.dtype_probe"
 
     def __init__(self, packed: PackedWeight, bias: torch.Tensor | None, op: str, weight_shape: tuple[int, ...],
                  layer_name: str, pattern: str, reason: str):

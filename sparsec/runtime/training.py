@@ -46,6 +46,8 @@ class _SparseRefinedSTE(torch.autograd.Function):
 
 
 class TrainableLayer(RuntimeLayer):
+    weight_probe = "weight"
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, op: str, layer_name: str, reason: str,
                  pattern: Pattern | None = None, mask: torch.Tensor | None = None, grad_pattern: NM | None = None,
                  grad_mode: str = "magnitude", weight_update: str = "fixed", ste_decay: float = DEFAULT_STE_DECAY,
