@@ -89,6 +89,7 @@ class CompiledModel(nn.Module):
                  counters: collections.Counter, dense_weights: dict[str, tuple[str, str]], trace_method: str):
         super().__init__()
         self.graph_module = graph_module
+        self.training = graph_module.training  # the mode the graph runs in (a new module says training)
         self.plan = plan
         self.history = history
         self.counters = collections.Counter(counters)

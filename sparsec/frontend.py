@@ -27,8 +27,10 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from sparsec.distributed import GATHER_RECIPE, any_sharded
 from sparsec.errors import ExampleInputError, InvalidTypeError, TraceError
+from sparsec.export_mode import ModeFlag, follow_mode
 from sparsec.graph_module import SparsecGraphModule
 from sparsec.plan import dtype_name
+from sparsec.runtime.guard import InputGuard
 from sparsec.runtime.layers import RuntimeLayer
 from sparsec.state import preserved_state
 from sparsec.trace_reads import TraceTimeReads, detach_constants
@@ -113,7 +115,9 @@ class _Tracer(fx.Tracer):
             return True
         if module_qualified_name and any(re.fullmatch(p, module_qualified_name) for p in self.leaf_regexes):
             return True
-        if isinstance(m, (nn.Linear, nn.Conv2d, RuntimeLayer)):
+        # sparsec's own modules in a compiled graph compiled again: its layers, and the input check of a
+        # torch.export graph (which would raise on proxies if traced into, and must keep checking)
+        if isinstance(m, (nn.Linear, nn.Conv2d, RuntimeLayer, InputGuard, ModeFlag)):
             return True
         # fx treats every torch.nn module as a leaf. Built-ins that contain layers of their own
         # (MultiheadAttention, TransformerEncoderLayer, ...) are traced into instead, so their
@@ -215,12 +219,31 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
     # supply when it is loaded again; the graph no longer needs it.
     module.graph._tracer_cls = None
     gm = SparsecGraphModule(module, module.graph, type(model).__name__)
-    gm.fixed_training = model.training  # export traces dropout, batch norm, ... as they run in this mode
     guard = _guard_inputs(gm, exported.range_constraints)
-    note = (f"traced with torch.export (symbolic_trace failed: {_first_line(symbolic_failure)}"
-            + (f" at {where}" if where else "") + f"); the graph holds for inputs {guard.describe()}")
-    return gm, "torch.export", [note, _fixed_mode_note(model.training, "torch.export traces every layer as it "
-                                                                         "runs in the mode of the model it is given")]
+    notes = [f"traced with torch.export (symbolic_trace failed: {_first_line(symbolic_failure)}"
+             + (f" at {where}" if where else "") + f"); the graph holds for inputs {guard.describe()}"]
+    # export writes the mode into the graph (dropout, batch norm): read it instead where the model allows
+    if not follow_mode(gm, _export_in_other_mode(model, example_inputs), model.training):
+        gm.fixed_training = model.training
+        notes.append(_fixed_mode_note(model.training, "torch.export traces every layer as it runs in the mode of the "
+                                                      "model it is given, and its forward depends on the mode in other "
+                                                      "ways than dropout and batch norm"))
+    gm.train(model.training)
+    return gm, "torch.export", notes
+
+
+def _export_in_other_mode(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
+    """The model exported in the other train / eval mode (an empty graph where that fails)."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.train(not model.training)
+        with preserved_state(model), _export_chatter_held():
+            return _export(model, example_inputs).module()
+    except Exception:  # noqa: BLE001 - not exportable in the other mode: the graph stays fixed to this one
+        return fx.GraphModule(nn.Module(), fx.Graph())
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
 
 
 def _reads_training_mode(model: nn.Module, new_tracer, concrete: dict, graph: fx.Graph) -> bool:
@@ -444,7 +467,6 @@ def _guard_inputs(gm: fx.GraphModule, ranges: dict):
     """Put sparsec's InputGuard (picklable, see sparsec/runtime/guard.py) on the graph's inputs, in
     place of torch.export's guard where it has one (older torch checks inputs in a pre-hook that
     the graph module does not keep)."""
-    from sparsec.runtime.guard import InputGuard
 
     for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
         gm.graph.erase_node(node)

@@ -6,6 +6,8 @@ a record another pass already looked at.
 """
 from __future__ import annotations
 
+import operator
+
 import dataclasses
 from dataclasses import dataclass
 
@@ -151,7 +153,35 @@ def dataflow_graph(gm: fx.GraphModule):
         graph.add_node(node)
         for inp in node.all_input_nodes:
             graph.add_edge(inp, node)
+        # An in-place write (`acc.index_add_(0, i, y)`, `buf[:, :n] = y`) hands its inputs on to the tensor
+        # it writes and to what that is a view of: their later readers read y too.
+        target = node.args[0] if _writes_in_place(node) and node.args else None
+        while isinstance(target, fx.Node):
+            graph.add_edge(node, target)
+            target = target.args[0] if target.args and _VIEWS.get(target.op, lambda t: False)(target.target) else None
     return graph
+
+
+def _writes_in_place(node: fx.Node) -> bool:
+    """Whether `node` writes into its first argument."""
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("__")
+    if node.op != "call_function":
+        return False
+    if node.target is operator.setitem:
+        return True
+    schema = getattr(node.target, "_schema", None)  # aten ops (torch.export graphs)
+    return bool(schema is not None and schema.arguments and schema.arguments[0].alias_info is not None
+                and schema.arguments[0].alias_info.is_write)
+
+
+# Ops whose result shares its first argument's memory (a write to it writes there too).
+_VIEW_NAMES = {"view", "reshape", "narrow", "select", "slice", "transpose", "permute", "unsqueeze", "squeeze",
+               "expand", "flatten", "unflatten", "t", "as_strided", "diagonal", "unfold", "view_as", "chunk", "split"}
+_VIEWS = {
+    "call_method": lambda target: target in _VIEW_NAMES,
+    "call_function": lambda target: target is operator.getitem or getattr(target, "__name__", "").split(".")[0] in _VIEW_NAMES,
+}
 
 
 def layer_nodes(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:

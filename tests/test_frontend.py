@@ -575,3 +575,79 @@ def test_shape_dtype_and_device_reads_while_tracing_do_not_keep_layers_dense():
     assert not any("while it was traced" in note for note in cm.plan.notes)
     with torch.no_grad():
         assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+
+
+class ExportOnlyBlock(nn.Module):
+    """Dropout and BatchNorm behind a branch on a shape (symbolic_trace fails, torch.export runs it)."""
+
+    def __init__(self, scaled_in_training: bool = False):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 4)
+        self.bn, self.drop = nn.BatchNorm1d(64), nn.Dropout(0.5)
+        self.scaled_in_training = scaled_in_training
+
+    def forward(self, x):
+        if x.shape[0] > 1:
+            x = x * 1.0
+        h = self.drop(torch.relu(self.bn(self.a(x))))
+        if self.scaled_in_training and self.training:  # a mode dependence export can only fix
+            h = h * 2
+        return self.c(self.b(h))
+
+
+@pytest.mark.parametrize("start", ["train", "eval"])
+def test_an_exported_graph_follows_train_and_eval_where_the_model_allows(start):
+    """torch.export writes the mode into dropout and batch norm; compiled in either mode, the graph reads
+    cm's own flag instead: eval uses running statistics and no dropout, train updates the statistics and
+    BatchNorm's batch counter as the model does."""
+    torch.manual_seed(0)
+    model, x = ExportOnlyBlock().train(start == "train"), torch.randn(8, 16)
+    cm = sparsec.compile(model, example_inputs=(x,), min_weights=0, include=["a", "b", "c"])
+    assert cm.trace_method == "torch.export" and cm.training == (start == "train")
+    assert not any("mode only" in note for note in cm.plan.notes), cm.plan.notes
+    reference = pruned_model(model, cm.plan)
+    with torch.no_grad():
+        cm.eval(), reference.eval()
+        assert output_error(cm(x), reference(x)) <= 1e-5 and torch.equal(cm(x), cm(x))
+        cm.train(), reference.train()
+        before = reference.bn.num_batches_tracked.clone()
+        torch.manual_seed(1)
+        got = cm(x)
+        torch.manual_seed(1)
+        assert output_error(got, reference(x)) <= 1e-5
+        bn = cm.graph_module.get_submodule("bn")
+        assert torch.allclose(bn.running_mean, reference.bn.running_mean, atol=1e-6)
+        assert int(bn.num_batches_tracked) == int(reference.bn.num_batches_tracked) == int(before) + 1
+        cm.eval()
+        cm(x)
+        assert int(bn.num_batches_tracked) == int(before) + 1
+
+
+def test_an_exported_graph_that_reads_the_mode_otherwise_stays_fixed():
+    model, x = ExportOnlyBlock(scaled_in_training=True).eval(), torch.randn(8, 16)
+    cm = sparsec.compile(model, example_inputs=(x,), min_weights=0)
+    assert any("holds for eval mode only" in note and "other ways than dropout and batch norm" in note
+               for note in cm.plan.notes), cm.plan.notes
+    with pytest.raises(ValueError, match="traced in eval mode"):
+        cm.train()
+
+
+def test_a_trained_exported_model_compiles_again_for_inference():
+    """The compiled graph is traced again (sparsec's input check and layers are leaves): its trained layers
+    stay in the plan with their learned masks, and cm.eval() is allowed before it."""
+    torch.manual_seed(0)
+    model, x = ExportOnlyBlock().train(), torch.randn(8, 16)
+    cm = sparsec.compile(model, example_inputs=(x,), min_weights=0, include=["a", "b", "c"], train=True)
+    opt = torch.optim.SGD(cm.parameters(), lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        cm(x).square().mean().backward()
+        opt.step()
+    cm.eval()
+    inference = sparsec.compile(cm, example_inputs=(x,), min_weights=0)
+    assert not inference.training
+    for name in ("a", "b", "c"):
+        assert inference.plan[name].sparsity == "2:4" and "learned in training" in inference.plan[name].reason
+        assert torch.equal(inference.mask(name), cm.mask(name))
+    with torch.no_grad():
+        assert output_error(inference(x), cm(x)) <= 1e-5

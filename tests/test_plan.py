@@ -1,6 +1,11 @@
 import json
 
 import pytest
+import torch
+import torch.nn as nn
+
+import sparsec
+from oracle import output_error, pruned_model
 
 from sparsec import LayerPlan, Plan
 from sparsec.errors import CorruptFileError, InvalidInputError
@@ -89,3 +94,47 @@ def test_misspelt_or_misplaced_entries_name_the_layer(field, value, match):
     with pytest.raises((InvalidInputError, CorruptFileError), match=match) as info:
         Plan.from_json(json.dumps(data))
     assert "fc2" in str(info.value)
+
+
+class WritesInPlace(nn.Module):
+    """Layer outputs handed on by in-place writes, as KV caches and scatter-style MoE code do."""
+    # (symbolic_trace refuses item assignment, `buf[:, :64] = y`; torch.export records it as a write too)
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.out = nn.Linear(64, 64), nn.Linear(128, 64), nn.Linear(64, 64), nn.Linear(64, 8)
+
+    def forward(self, x):
+        buf = x.new_zeros(x.shape[0], 128)
+        buf.narrow(1, 0, 64).copy_(self.a(x))        # a write into a view of buf (buf[:, :64] = ... under export)
+        h = self.b(buf)
+        acc = torch.zeros_like(h)
+        acc.index_add_(0, torch.arange(h.shape[0]), self.c(h))  # c's output reaches acc's later readers
+        return self.out(acc)
+
+
+class ExportOnly(nn.Module):
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        if x.shape[0] > 1:  # a branch on a shape: symbolic_trace fails, torch.export runs it
+            x = x * 1.0
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("tracer", ["symbolic_trace", "torch.export"])
+def test_first_and_last_layers_follow_dataflow_through_in_place_writes(tracer):
+    torch.manual_seed(0)
+    model, x = WritesInPlace().eval(), torch.randn(8, 64)
+    if tracer == "torch.export":
+        model = ExportOnly(model)
+    cm = sparsec.compile(model, example_inputs=(x,), min_weights=0, backend="torch")
+    assert cm.trace_method == tracer
+    prefix = "inner." if tracer == "torch.export" else ""
+    reasons = {lp.name.removeprefix(prefix): lp for lp in cm.plan.layers}
+    assert "first layer" in reasons["a"].reason and "last layer" in reasons["out"].reason
+    assert reasons["b"].sparsity == "2:4" and reasons["c"].sparsity == "2:4", cm.plan
+    with torch.no_grad():
+        assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
