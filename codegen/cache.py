@@ -22,6 +22,8 @@ from types import ModuleType
 
 import torch
 
+from sparsec.errors import InvalidInputError
+
 HEADER_PREFIX = "# sparsec-cache sha256="
 
 
@@ -87,18 +89,29 @@ class KernelCache:
             return path
         if os.path.exists(path):
             self.counters["corrupt"] += 1  # present but wrong: rebuilt below
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".py")
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".py")
+        except OSError as e:
+            raise self._unusable(e) from e
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(HEADER_PREFIX + _sha256(source) + "\n" + source)
             os.replace(tmp, path)
-        except BaseException:
+        except OSError as e:
+            raise self._unusable(e) from e
+        finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-            raise
         self.counters["written"] += 1
         return path
+
+    def _unusable(self, error: OSError) -> InvalidInputError:
+        where = f" ({error.filename})" if error.filename else ""
+        return InvalidInputError(
+            f"the kernel cache in {self.root} cannot be written: {error.strerror or error}{where}. Set "
+            f"SPARSEC_CACHE_DIR to a folder this process can write (default ~/.cache/sparsec), or remove what "
+            f"stands in the way")
 
     def load(self, name: str, source: str) -> ModuleType:
         """Import the kernel module for `source` (stored first if needed); one import per process."""

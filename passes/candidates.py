@@ -39,6 +39,7 @@ from sparsec.frontend import own_hooks
 from sparsec.meta import LAYER_MODULES, ConvParams, LayerInfo, plain_layer_op, update_meta
 from sparsec.passes.einsum_forms import linear_operands
 from sparsec.passes.weight_reads import parameter_read, transposed_input
+from sparsec.runtime.layers import SparseLayer
 from sparsec.runtime.training import TrainableLayer
 
 aten = torch.ops.aten
@@ -265,6 +266,14 @@ def _unreached_layers(gm: fx.GraphModule, model: nn.Module, found: set[str]) -> 
                     out[entry] = UnreachedLayer(
                         op=type(module).__name__.lower(), weight_shape=tuple(w.shape), dtype=w.dtype,
                         weight_path=f"{name}.{pname}", why=why)
+    for path, module in gm.named_modules():
+        if isinstance(module, SparseLayer) and module.layer_name not in found:  # a compiled model compiled again
+            out[module.layer_name] = UnreachedLayer(
+                op=module.op, weight_shape=tuple(module.weight_shape), dtype=module.packed.dtype_probe.dtype,
+                weight_path=f"{path}.packed", sparsity=module.pattern, quant=module.packed.quant,
+                why=(f"{module.pattern}{' ' + module.packed.quant if module.packed.quant else ''}, packed by an earlier "
+                     f"compile and run as it is: sparsec does not decide again for packed layers (to change them, "
+                     f"compile the original model, with plan=cm.plan to keep the other choices)"))
     covered = {u.weight_path for u in out.values()}
     for path, ops in read_by.items():
         name = _functional_name(path)

@@ -57,9 +57,12 @@ def build_plan(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
                                 launch=d.launch))
     for name, info in ctx.unreached.items():
         excluded_by = first_match(ctx.options.exclude, name)
-        reason = f"kept dense: excluded by exclude={excluded_by!r}" if excluded_by else f"kept dense: {info.why}"
-        layers.append(LayerPlan(name=name, op=info.op, weight_shape=info.weight_shape, sparsity=None, quant=None,
-                                grad_sparsity=None, reason=reason, dtype=dtype_name(info.dtype)))
+        if info.sparsity is not None:  # packed by an earlier compile
+            reason = info.why
+        else:
+            reason = f"kept dense: excluded by exclude={excluded_by!r}" if excluded_by else f"kept dense: {info.why}"
+        layers.append(LayerPlan(name=name, op=info.op, weight_shape=info.weight_shape, sparsity=info.sparsity,
+                                quant=info.quant, grad_sparsity=None, reason=reason, dtype=dtype_name(info.dtype)))
     layers.sort(key=_graph_position(gm))
     pattern = ctx.options.plan.pattern if ctx.options.plan is not None else str(ctx.options.pattern)
     ctx.plan = Plan(layers=layers, pattern=pattern, notes=list(ctx.notes))

@@ -178,9 +178,12 @@ def choose_sparsity(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             raise InvalidInputError(f"the given plan names layer {name!r}, which this model does not have"
                                     + (f"; close names: {', '.join(close)}" if close else ""))
         for lp in opts.plan:
-            if lp.name in ctx.unreached and lp.sparsity:
-                raise InvalidInputError(f"the given plan asks for {lp.sparsity} on layer {lp.name!r}, which cannot take it: "
-                                        f"{ctx.unreached[lp.name].why}")
+            unreached = ctx.unreached.get(lp.name)
+            if unreached is not None and (lp.sparsity or unreached.sparsity) and (
+                    (lp.sparsity, lp.quant) != (unreached.sparsity, unreached.quant)):
+                asked = f"{lp.sparsity or 'dense'}{' ' + lp.quant if lp.quant else ''}"
+                raise InvalidInputError(f"the given plan asks for {asked} on layer {lp.name!r}, which cannot take it: "
+                                        f"{unreached.why}")
     first, last = layer_positions(gm)
     pattern = parse_pattern(opts.plan.pattern) if opts.plan is not None else opts.pattern
     for name, nodes in by_name.items():

@@ -8,8 +8,8 @@
 from sparsec.api import compile, explain
 from sparsec.compiled import CompiledModel
 from sparsec.group_lasso import GroupLasso
-from sparsec.errors import (CorruptFileError, ExampleInputError, InvalidInputError, InvalidTypeError, PassError,
-                            SparsecError, TraceError)
+from sparsec.errors import (CorruptFileError, ExampleInputError, InvalidInputError, InvalidTypeError, MissingCodeError,
+                            PassError, SparsecError, TraceError)
 from sparsec.interop import to_cutlass
 from sparsec.plan import LayerPlan, Plan
 from sparsec.reference import nm_compress, nm_decompress
@@ -24,5 +24,5 @@ __all__ = [
     "ShrinkReport",
     "nm_compress", "nm_decompress", "to_cutlass",
     "SparsecError", "InvalidInputError", "InvalidTypeError", "ExampleInputError", "TraceError", "PassError",
-    "CorruptFileError",
+    "CorruptFileError", "MissingCodeError",
 ]

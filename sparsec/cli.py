@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import sys
 import traceback
@@ -81,10 +82,16 @@ def _read_plan(path: str | None):
     if path is None:
         return None
     try:
-        with open(path, encoding="utf-8") as f:
-            return sparsec.Plan.from_json(f.read())
+        with open(path, "rb") as f:
+            data = f.read()
+        # JSON text may come in UTF-8, -16 or -32, with or without a byte-order mark (PowerShell's `>` writes UTF-16)
+        text = data.decode(json.detect_encoding(data))
     except OSError as e:
         raise CliError(f"cannot read the plan file {path}: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise CliError(f"the plan file {path} is not JSON text in UTF-8, -16 or -32 ({e.reason} at byte {e.start}): "
+                       f"write it with `sparsec inspect ... --json > plan.json` or Plan.to_json()") from e
+    return sparsec.Plan.from_json(text)
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -105,8 +112,6 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _dump_kernels(args: argparse.Namespace) -> int:
-    import json
-
     from sparsec.api import compile_with_options
     from sparsec.context import CompileOptions
 
@@ -120,13 +125,17 @@ def _dump_kernels(args: argparse.Namespace) -> int:
     files["manifest.json"] = json.dumps(manifest, indent=2, sort_keys=True)
     try:
         os.makedirs(args.output, exist_ok=True)
+        stale = _earlier_dump(args.output, files)
+        for name in stale:
+            os.remove(os.path.join(args.output, name))
         for name, text in files.items():
             with open(os.path.join(args.output, name), "w", encoding="utf-8") as f:
                 f.write(text)
     except OSError as e:
         raise CliError(f"cannot write to the output folder {args.output}: {e.strerror or e}"
                        + (f" ({e.filename})" if e.filename and e.filename != args.output else "")) from e
-    print(f"wrote {len(cm.kernels)} kernel{'s' if len(cm.kernels) != 1 else ''} and manifest.json to {args.output}")
+    print(f"wrote {len(cm.kernels)} kernel{'s' if len(cm.kernels) != 1 else ''} and manifest.json to {args.output}"
+          + (f" (removed {len(stale)} kernel{'s' if len(stale) != 1 else ''} of the earlier dump there)" if stale else ""))
     for name, entry in sorted(cm.kernel_manifest.items()):
         print(f"  {name}.py: {', '.join(layer['name'] for layer in entry['layers'])} [{', '.join(entry['fused_ops']) or 'no epilogue'}]")
     return 0
@@ -154,6 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
     dump.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for <kernel>.py files and manifest.json")
     dump.set_defaults(run=_dump_kernels)
     return parser
+
+
+def _earlier_dump(folder: str, files: dict[str, str]) -> list[str]:
+    """The kernel files an earlier dump into `folder` wrote (its manifest lists them) that this one does not:
+    left there, they would sit beside a manifest that does not list them. Nothing else is touched."""
+    try:
+        with open(os.path.join(folder, "manifest.json"), encoding="utf-8") as f:
+            kernels = json.load(f).get("kernels", {})
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [f"{name}.py" for name in kernels if isinstance(name, str) and os.path.basename(name) == name
+            and f"{name}.py" not in files
+            and os.path.isfile(os.path.join(folder, f"{name}.py"))]
 
 
 def main(argv: list[str] | None = None) -> int:

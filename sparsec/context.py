@@ -126,6 +126,13 @@ class CompileOptions:
             if pattern is not None and parse_pattern(pattern) != parse_pattern(plan.pattern):
                 raise InvalidInputError(f"pattern={pattern!r} differs from the given plan's {plan.pattern!r}: the plan "
                                         f"already says what every layer gets (edit entries' sparsity); pass one or the other")
+            set_apart = [lp.name for lp in plan if lp.backend is not None and lp.backend != backend]
+            if backend != "auto" and set_apart:
+                raise InvalidInputError(f"backend={backend!r} differs from the backend the given plan sets for "
+                                        f"{', '.join(set_apart[:4])}{' ...' if len(set_apart) > 4 else ''}: the plan "
+                                        f"already says each layer's backend (chosen when it was made); set those "
+                                        f"entries' backend to {backend!r}, or to None to let backend= decide, or make "
+                                        f"the plan with explain(..., backend={backend!r})")
             pruned_grads = [lp.name for lp in plan if lp.grad_sparsity is not None]
             if pruned_grads and not train:
                 raise InvalidInputError(f"the plan prunes data gradients (grad_sparsity) of {pruned_grads}, which "
@@ -194,5 +201,8 @@ class UnreachedLayer:
     op: str
     weight_shape: tuple[int, ...]
     dtype: torch.dtype
-    weight_path: str    # its parameter's path in the model
+    weight_path: str    # its parameter's path in the model (for a packed layer: the packed module's)
     why: str
+    # A layer an earlier compile packed (a compiled model compiled again): it runs as it was packed.
+    sparsity: str | None = None
+    quant: str | None = None

@@ -40,6 +40,10 @@ class CorruptFileError(SparsecError, ValueError):
     """A saved plan / model / cache entry is unreadable or inconsistent."""
 
 
+class MissingCodeError(SparsecError, ImportError):
+    """An intact saved file holds objects of classes this process cannot import."""
+
+
 def last_line(error: BaseException, limit: int = 300) -> str:
     """"Type: last line of the message", for reports that name a failure in one line: compiler
     errors (Triton, ptxas) print pages of context before their cause, which comes last."""

@@ -205,10 +205,16 @@ class Plan:
             unknown = set(entry) - fields
             if unknown:
                 raise CorruptFileError(f"plan layer #{i} ({entry.get('name')!r}) has unknown fields {sorted(unknown)}")
+            if problem := _field_types_problem(entry):
+                raise CorruptFileError(f"plan layer #{i} ({entry.get('name')!r}): {problem}")
             if "launch" in entry:
                 entry = dict(entry, launch=upgrade_launch(entry["launch"]))
             layers.append(LayerPlan(**entry))
-        plan = cls(layers=layers, pattern=str(data.get("pattern", "2:4")), notes=list(data.get("notes", [])))
+        pattern, notes = data.get("pattern", "2:4"), data.get("notes", [])
+        if not isinstance(pattern, str) or not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+            raise CorruptFileError(f"plan \"pattern\" must be a string and \"notes\" a list of strings, got "
+                                   f"{pattern!r} and {notes!r}")
+        plan = cls(layers=layers, pattern=pattern, notes=notes)
         plan.validate()
         return plan
 
@@ -234,6 +240,27 @@ class Plan:
             # (with backend None sparsec chooses again, and a launch left from the old choice is replaced)
             if lp.launch is not None and lp.backend is not None and (problem := _launch_problem(lp)):
                 raise InvalidInputError(f"plan layer {lp.name!r}: {problem}")
+
+
+def _field_types_problem(entry: dict) -> str | None:
+    """What is wrong with the JSON types of a plan layer's fields (None: nothing). Values are checked
+    by Plan.validate; this catches what would otherwise pass as something else (a float dim cut to an
+    int, a string taken as a list of characters) or fail later without naming the layer."""
+    def is_int(v) -> bool:
+        return type(v) is int
+
+    shape = entry["weight_shape"]
+    checks = [("name", isinstance(entry["name"], str) and entry["name"] != "", "a non-empty string"),
+              ("op", isinstance(entry["op"], str), "a string"),
+              ("weight_shape", isinstance(shape, list) and len(shape) > 0 and all(is_int(d) and d > 0 for d in shape),
+               "a list of positive ints, e.g. [128, 64]"),
+              ("reason", isinstance(entry["reason"], str), "a string")]
+    for key in ("sparsity", "quant", "grad_sparsity", "dtype", "backend"):
+        checks.append((key, entry.get(key) is None or isinstance(entry.get(key), str), "a string or null"))
+    checks.append(("flops", entry.get("flops") is None or is_int(entry.get("flops")), "an int or null"))
+    checks.append(("launch", entry.get("launch") is None or isinstance(entry.get("launch"), dict), "an object or null"))
+    bad = [(key, wanted) for key, ok, wanted in checks if not ok]
+    return "; ".join(f"{key} must be {wanted}, got {entry.get(key)!r}" for key, wanted in bad) or None
 
 
 def _launch_problem(lp: LayerPlan) -> str | None:

@@ -19,7 +19,7 @@ import pickle
 import torch
 from torch.nn.utils import parametrize
 
-from sparsec.errors import CorruptFileError, InvalidTypeError
+from sparsec.errors import CorruptFileError, InvalidTypeError, MissingCodeError
 
 MODEL_FORMAT = "sparsec.model"
 MODEL_VERSION = 2
@@ -37,9 +37,13 @@ def save(compiled, path: str | os.PathLike) -> None:
     header = {"format": MODEL_FORMAT, "version": MODEL_VERSION, "plan": compiled.plan.to_json(),
               "payload_bytes": len(payload), "payload_sha256": hashlib.sha256(payload).hexdigest()}
     tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n" + payload)
-    os.replace(tmp, path)  # never leave a half-written file under the real name
+    try:
+        with open(tmp, "wb") as f:
+            f.write(MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n" + payload)
+        os.replace(tmp, path)  # never leave a half-written file under the real name
+    finally:
+        if os.path.exists(tmp):  # the replace failed (path is a folder, ...): nothing is left behind either
+            os.unlink(tmp)
 
 
 def _pickled(compiled) -> bytes:
@@ -100,7 +104,7 @@ def _load_checked(name: str, data: bytes, map_location):
         raise CorruptFileError(f"{name} is truncated: {len(payload)} of {header.get('payload_bytes')} payload bytes")
     if hashlib.sha256(payload).hexdigest() != header.get("payload_sha256"):
         raise CorruptFileError(f"{name} is damaged: its payload does not match the checksum written when it was saved")
-    return header.get("plan"), _torch_load(name, io.BytesIO(payload), map_location)
+    return header.get("plan"), _torch_load(name, io.BytesIO(payload), map_location, intact=True)
 
 
 def _load_version_1(name: str, data: bytes, map_location):
@@ -113,10 +117,19 @@ def _load_version_1(name: str, data: bytes, map_location):
     return blob.get("plan"), blob.get("model")
 
 
-def _torch_load(name: str, source, map_location):
+def _torch_load(name: str, source, map_location, intact: bool = False):
     try:
         return torch.load(source, map_location=map_location, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is not usable
+    except (AttributeError, ImportError) as e:
+        if intact:  # the checksum matched: the file is whole, the classes it names are what is missing
+            raise MissingCodeError(
+                f"{name} is intact (its checksum matches) but holds objects of a class this process cannot import "
+                f"({type(e).__name__}: {e}). A class defined in the script that saved the model (__main__) or in a "
+                f"module not importable here must be importable under the same name when loading: move it to a "
+                f"module and import it before sparsec.load") from e
+        raise CorruptFileError(f"{name} is not a readable sparsec model file (truncated or corrupt?): "
+                               f"{type(e).__name__}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - any other unpickling failure means the file is not usable
         raise CorruptFileError(f"{name} is not a readable sparsec model file (truncated or corrupt?): "
                                f"{type(e).__name__}: {e}") from e
 

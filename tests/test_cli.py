@@ -85,3 +85,16 @@ def test_python_dash_m():
                             timeout=300)
     assert result.returncode == 0, result.stderr
     assert sparsec.Plan.from_json(result.stdout).names == ["fc1", "fc2", "fc3", "head"]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-8-sig"])
+def test_a_plan_file_in_another_unicode_encoding_is_read(encoding, capsys, tmp_path):
+    """PowerShell's `>` writes UTF-16 with a byte-order mark; editors add a UTF-8 one."""
+    assert main(["inspect", MLP, "--pattern", "2:4", "--json"]) == 0
+    path = tmp_path / "plan.json"
+    path.write_text(capsys.readouterr().out, encoding=encoding)
+    assert main(["inspect", MLP, "--plan", str(path), "--json"]) == 0
+    assert sparsec.Plan.from_json(capsys.readouterr().out)["fc2"].sparsity == "2:4"
+    path.write_bytes(b"\xff\xfe\x00\xd8{")  # UTF-16 with a lone surrogate: not text
+    assert main(["inspect", MLP, "--plan", str(path)]) == 2
+    assert "is not JSON text in UTF-8, -16 or -32" in capsys.readouterr().err

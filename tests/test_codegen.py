@@ -23,6 +23,7 @@ from sparsec.codegen.cache import HEADER_PREFIX, KernelCache
 from sparsec.codegen.measure import pick_fastest
 from sparsec.codegen.launch import prune24, prune24_dense, sparse24_matmul
 from sparsec.codegen.spec import MatmulSpec
+from sparsec.errors import InvalidInputError
 from sparsec.runtime.triton_linear import TritonSparseLinear
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -344,6 +345,20 @@ def test_cache_hit_corrupt_and_rebuild(tmp_path):
     cache.store(name, source)
     assert cache.counters["corrupt"] == 1 and cache.counters["written"] == 2
     assert cache._valid(path, source)
+
+
+@pytest.mark.parametrize("obstacle", ["root is a file", "entry is a folder"])
+def test_a_cache_that_cannot_be_written_says_so_and_leaves_nothing(tmp_path, obstacle):
+    name, source = emit_matmul(SPECS[0], [])
+    root = tmp_path / "cache"
+    if obstacle == "root is a file":
+        root.write_text("not a folder")
+    else:
+        os.makedirs(KernelCache(str(root)).path(name, source))
+    with pytest.raises(InvalidInputError, match=r"the kernel cache in .*cache cannot be written: .*Set SPARSEC_CACHE_DIR"):
+        KernelCache(str(root)).store(name, source)
+    leftovers = [p for p in tmp_path.rglob(".tmp-*")]
+    assert not leftovers
 
 
 def test_cache_key_changes_with_source_and_versions(tmp_path, monkeypatch):
@@ -763,6 +778,13 @@ def test_dump_kernels_writes_importable_files_and_manifest(tmp_path, monkeypatch
         result = subprocess.run([sys.executable, "-c", f"import runpy; runpy.run_path({str(path)!r})"],
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
+    # a second dump into the folder: the first one's kernels it does not write go; other files stay
+    (out / "notes.txt").write_text("mine")
+    first = set(manifest["kernels"])
+    assert main(["dump-kernels", os.path.join(EXAMPLES, "transformer.py"), "--pattern", "2:4", "-o", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["kernels"]) == {p.stem for p in out.glob("*.py")} and set(manifest["kernels"]) != first
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 

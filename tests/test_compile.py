@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import sparsec
 from oracle import load_example, output_error, pruned_model, pruned_weight
+from sparsec.errors import InvalidInputError
 from sparsec.runtime import SparseLayer
 
 EXAMPLES = ["mlp", "cnn", "transformer"]
@@ -434,3 +435,42 @@ def test_a_weight_recomputed_by_a_torch_hook_stays_dense_and_names_the_remedy(ut
         layer = trained.graph_module.get_submodule("2")
         assert layer.weight_orig.grad is not None and layer.weight_orig.grad.abs().sum() > 0
         assert torch.equal(layer.weight_mask, model[2].weight_mask)
+
+
+def test_a_compiled_model_compiled_again_lists_its_packed_layers(tmp_path):
+    """Its packed layers run as they were packed: the plan says so (they had vanished from it, and the
+    totals said no layer was sparse); a plan stating them is accepted, one changing them refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 8)).eval()
+    x = torch.randn(4, 32)
+    cm = sparsec.compile(model, example_inputs=(x,), min_weights=0, quantize="int8", backend="torch")
+    sparsec.save(cm, tmp_path / "m")
+    for compiled in (cm, sparsec.load(tmp_path / "m")):
+        again = sparsec.compile(compiled, example_inputs=(x,), min_weights=0, backend="torch")
+        for name in ("2", "4"):
+            lp = again.plan[name]
+            assert (lp.sparsity, lp.quant) == ("2:4", "int8") and "packed by an earlier compile" in lp.reason
+            assert torch.equal(again.effective_weight(name), cm.effective_weight(name))
+        assert again.plan.summary().startswith("totals: 2 of 4 layers sparse")
+        with torch.no_grad():
+            assert torch.equal(again(x), cm(x))
+    assert sparsec.compile(cm, example_inputs=(x,), plan=again.plan).plan["2"].sparsity == "2:4"
+    changed = sparsec.Plan.from_json(again.plan.to_json())
+    changed["2"].quant = None
+    with pytest.raises(InvalidInputError, match="asks for 2:4 on layer '2', which cannot take it: 2:4 int8, packed"):
+        sparsec.compile(cm, example_inputs=(x,), plan=changed)
+
+
+def test_a_backend_the_given_plan_contradicts_is_refused_not_ignored():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    x = torch.randn(4, 32)
+    plan = sparsec.explain(model, example_inputs=(x,), min_weights=0, include=["2"])
+    assert plan["2"].backend in ("dense", "bitmask")  # measured by backend auto
+    with pytest.raises(InvalidInputError, match=r"backend='torch' differs from the backend the given plan sets for 2"):
+        sparsec.compile(model, example_inputs=(x,), plan=plan, backend="torch")
+    for lp in plan:
+        lp.backend = None
+    cm = sparsec.compile(model, example_inputs=(x,), plan=plan, backend="torch")
+    assert cm.plan["2"].backend == "torch" and type(cm.sparse_module("2")).__name__ == "SparseLinear"

@@ -96,6 +96,29 @@ def test_misspelt_or_misplaced_entries_name_the_layer(field, value, match):
     assert "fc2" in str(info.value)
 
 
+@pytest.mark.parametrize("field, value, match", [
+    ("weight_shape", "128x128", r"layer #1 \('fc2'\): weight_shape must be a list of positive ints"),
+    ("weight_shape", None, "weight_shape must be a list of positive ints"),
+    ("weight_shape", [128.9, 128], r"weight_shape must be .*got \[128.9, 128\]"),  # was cut to (128, 128)
+    ("name", None, r"layer #1 \(None\): name must be a non-empty string"),
+    ("name", 5, "name must be a non-empty string"),
+    ("flops", "many", "flops must be an int or null"),
+    ("sparsity", 24, "sparsity must be a string or null"),
+])
+def test_fields_of_the_wrong_json_type_are_named(field, value, match):
+    data = json.loads(_plan().to_json())
+    data["layers"][1][field] = value
+    with pytest.raises(CorruptFileError, match=match):
+        Plan.from_json(json.dumps(data))
+
+
+def test_plan_notes_and_pattern_of_the_wrong_json_type_are_refused():
+    data = json.loads(_plan().to_json())
+    data["notes"] = "abc"  # was read as ['a', 'b', 'c']
+    with pytest.raises(CorruptFileError, match='"notes" a list of strings'):
+        Plan.from_json(json.dumps(data))
+
+
 class WritesInPlace(nn.Module):
     """Layer outputs handed on by in-place writes, as KV caches and scatter-style MoE code do."""
     # (symbolic_trace refuses item assignment, `buf[:, :64] = y`; torch.export records it as a write too)

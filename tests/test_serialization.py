@@ -8,7 +8,7 @@ import torch.nn as nn
 
 import sparsec
 from oracle import load_example
-from sparsec.errors import CorruptFileError
+from sparsec.errors import CorruptFileError, MissingCodeError
 
 
 def test_save_load_round_trip(tmp_path):
@@ -195,3 +195,31 @@ def test_a_model_torch_cannot_pickle_is_refused_with_the_layer_and_a_way_to_keep
     restored = sparsec.compile(model, example_inputs=(x,), train=True, plan=cm.plan)
     restored.load_state_dict(cm.state_dict())
     assert torch.equal(restored(x), cm(x)) and torch.equal(restored.mask("4"), cm.mask("4"))
+
+
+def test_saving_onto_a_folder_leaves_nothing_behind(tmp_path):
+    cm = sparsec.compile(nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.Linear(64, 4)),
+                         example_inputs=(torch.randn(2, 16),), min_weights=0)
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(IsADirectoryError):
+        sparsec.save(cm, tmp_path / "taken")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_an_intact_file_whose_classes_are_missing_says_so_not_corrupt(tmp_path):
+    """A class of the saving script (__main__) is not importable in another process: the file is whole
+    (its checksum matches), so the error says what is missing, not 'truncated or corrupt'."""
+    script = tmp_path / "save_it.py"
+    script.write_text(
+        "import sys, torch, torch.nn as nn, sparsec\n"
+        "class Act(nn.Module):\n"
+        "    def forward(self, x):\n"
+        "        return torch.relu(x)\n"
+        "model = nn.Sequential(nn.Linear(16, 64), Act(), nn.Linear(64, 64), Act(), nn.Linear(64, 4)).eval()\n"
+        "cm = sparsec.compile(model, example_inputs=(torch.randn(2, 16),), min_weights=0, leaf_modules=[Act])\n"
+        "sparsec.save(cm, sys.argv[1])\n")
+    import subprocess
+    import sys
+    subprocess.run([sys.executable, str(script), str(tmp_path / "m")], check=True, capture_output=True)
+    with pytest.raises(MissingCodeError, match=r"is intact .* Can't get attribute 'Act'.*importable under the same"):
+        sparsec.load(tmp_path / "m")
