@@ -17,7 +17,7 @@ from sparsec.plan import dtype_name
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _weight_uses(gm: fx.GraphModule) -> dict[str, list[str]]:
+def _weight_uses(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
     """Every use of every parameter path: call_module sites read '<module>.weight' implicitly.
     Reads of the shape, dtype or device alone are not uses (pruning keeps them; the rewrite folds the
     shape reads and points the others at the replacement layer). A tensor
@@ -25,7 +25,7 @@ def _weight_uses(gm: fx.GraphModule) -> dict[str, list[str]]:
     tensor, not a proxy (`dict(self.named_parameters())[...]`, `self.fc._parameters[...]`), is
     stored in the graph as a constant of the unpruned values."""
     storage = {p.untyped_storage().data_ptr(): path for path, p in gm.named_parameters() if p.numel()}
-    uses: dict[str, list[str]] = {}
+    uses: dict[str, list[fx.Node]] = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr":  # x @ W.T: the matmul, not the transpose, is the use
             path = node.target
@@ -36,10 +36,10 @@ def _weight_uses(gm: fx.GraphModule) -> dict[str, list[str]]:
                 path = storage.get(value.untyped_storage().data_ptr(), path)
             for user in readers(node):
                 if not (reads_shape(user) or reads_metadata(user)):
-                    uses.setdefault(path, []).append(user.name)
+                    uses.setdefault(path, []).append(user)
         elif node.op == "call_module":
             for pname, _ in gm.get_submodule(node.target).named_parameters(recurse=False):
-                uses.setdefault(f"{node.target}.{pname}", []).append(node.name)
+                uses.setdefault(f"{node.target}.{pname}", []).append(node)
     return uses
 
 
@@ -59,7 +59,15 @@ def _aliases(gm: fx.GraphModule) -> dict[str, list[str]]:
     return {path: [o for o in paths if o != path] for paths in by_id.values() for path in paths}
 
 
-def blocker_for(gm: fx.GraphModule, nodes: list[fx.Node], uses: dict[str, list[str]], aliases: dict[str, list[str]]) -> str | None:
+def _described(gm: fx.GraphModule, node: fx.Node) -> str:
+    """A graph node as the user knows it: the module it calls, or the op and its node name."""
+    if node.op == "call_module":
+        return f"module '{node.target}' ({type(gm.get_submodule(node.target)).__name__})"
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return f"{target.split('.')[0]} (graph node {node.name})"
+
+
+def blocker_for(gm: fx.GraphModule, nodes: list[fx.Node], uses: dict[str, list[fx.Node]], aliases: dict[str, list[str]]) -> str | None:
     layer = get_meta(nodes[0]).layer
     weight = gm.get_parameter(layer.weight_path)
     if weight.dtype not in SUPPORTED_DTYPES:
@@ -75,10 +83,10 @@ def blocker_for(gm: fx.GraphModule, nodes: list[fx.Node], uses: dict[str, list[s
         return (f"the forward computed with the weight while it was traced, outside the graph (by {read}): the "
                 f"graph holds the result as a constant of the unpruned weight, which pruning would leave stale; read "
                 f"the weight as a module attribute (self.fc.weight) so that torch.fx records the computation")
-    sites = {n.name for n in nodes}
-    others = [u for u in uses.get(layer.weight_path, []) if u not in sites]
+    others = [u for u in dict.fromkeys(uses.get(layer.weight_path, [])) if u not in nodes]
     if others:
-        return f"weight is also read by {', '.join(sorted(set(others)))}: pruning it would change that use too"
+        return (f"weight is also read by {', '.join(_described(gm, u) for u in others)}: pruning it would change "
+                f"that use too")
     if layer.weight_left and any(get_meta(data_input(n)).shape is None for n in nodes):
         return ("W @ x runs as a layer on x.mT, and x's rank (which dims to swap) is unknown without "
                 "example inputs: pass example_inputs to compile")
