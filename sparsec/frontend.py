@@ -234,13 +234,20 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
 
 def _export_in_other_mode(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
     """The model exported in the other train / eval mode (an empty graph where that fails)."""
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.train(not model.training)
-        with preserved_state(model), _export_chatter_held():
+        with _in_other_mode(model), preserved_state(model), _export_chatter_held():
             return _export(model, example_inputs).module()
     except Exception:  # noqa: BLE001 - not exportable in the other mode: the graph stays fixed to this one
         return fx.GraphModule(nn.Module(), fx.Graph())
+
+
+@contextlib.contextmanager
+def _in_other_mode(model: nn.Module):
+    """The model switched to the other train / eval mode, every module's own flag restored after."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.train(not model.training)
+        yield
     finally:
         for m, mode in modes.items():
             m.training = mode
@@ -250,16 +257,11 @@ def _reads_training_mode(model: nn.Module, new_tracer, concrete: dict, graph: fx
     """Whether the traced graph depends on the model's train / eval mode: traced again in the other
     mode, its code differs (leaf modules such as nn.Dropout and BatchNorm read their own flag when
     called, and need nothing; a functional F.dropout(training=self.training) is fixed in the graph)."""
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.train(not model.training)
+    with _in_other_mode(model):
         try:
             other = new_tracer().trace(model, concrete_args=concrete or None)
         except Exception:  # noqa: BLE001 - not traceable in the other mode: it does depend on it
             return True
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
     _keep_argument_names(other, concrete)
     return not _same_code(model, graph, other)
 
@@ -467,7 +469,6 @@ def _guard_inputs(gm: fx.GraphModule, ranges: dict):
     """Put sparsec's InputGuard (picklable, see sparsec/runtime/guard.py) on the graph's inputs, in
     place of torch.export's guard where it has one (older torch checks inputs in a pre-hook that
     the graph module does not keep)."""
-
     for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
         gm.graph.erase_node(node)
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]

@@ -16,6 +16,8 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode, resolve_name
 from torch.utils._pytree import tree_flatten
 
+from sparsec.passes.weight_reads import owner_of
+
 # Tensor methods and properties that read no values (shape, dtype, device, flags): computing with
 # them bakes nothing pruning changes.
 _METADATA = {"shape", "size", "dim", "ndim", "ndimension", "numel", "nelement", "dtype", "device", "layout",
@@ -61,8 +63,7 @@ def detach_constants(gm: fx.GraphModule) -> None:
     refuse (and which copy.deepcopy refuses outright)."""
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            parent, _, attr = node.target.rpartition(".")
-            owner = gm.get_submodule(parent) if parent else gm
+            owner, attr = owner_of(gm, node.target)
             value = getattr(owner, attr)
             if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and value.grad_fn is not None:
                 setattr(owner, attr, value.detach())
