@@ -36,7 +36,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from sparsec.context import CompileContext, UnreachedLayer
 from sparsec.frontend import own_hooks
-from sparsec.meta import LAYER_MODULES, ConvParams, LayerInfo, plain_layer_op, update_meta
+from sparsec.meta import LAYER_MODULES, ConvParams, LayerInfo, op_name, plain_layer_op, update_meta
 from sparsec.passes.einsum_forms import linear_operands
 from sparsec.passes.weight_reads import parameter_read, transposed_input
 from sparsec.runtime.layers import SparseLayer
@@ -334,7 +334,7 @@ def _read_by(gm: fx.GraphModule) -> dict[str, set[str]]:
         while todo:
             value = todo.pop()
             for user in value.users:
-                name = _op_name(user)
+                name = op_name(user)
                 if transposed_input(user) is value or (name in _RESHAPING | _SLICING and user.args[:1] == (value,)):
                     todo.append(user)
                     if name in _SLICING:
@@ -352,10 +352,3 @@ _RESHAPING = {"view", "reshape", "unsafe_view", "unsqueeze", "squeeze", "expand"
 # Ops that hand on part of the weight (followed too, and named: sparsec prunes weights read whole).
 _SLICING = {"getitem", "narrow", "chunk", "split", "split_with_sizes", "tensor_split", "unbind", "select", "slice",
             "index_select"}
-
-
-def _op_name(node: fx.Node) -> str:
-    """A short name for what a node runs: `matmul` for operator.matmul, aten.mm.default and x.mm alike."""
-    target = node.target
-    name = target if isinstance(target, str) else getattr(target, "__name__", None) or str(target)
-    return name.split(".")[0].strip("_")

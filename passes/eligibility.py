@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 
 from sparsec.context import CompileContext
-from sparsec.meta import data_input, get_meta, layer_nodes, update_meta
+from sparsec.meta import data_input, get_meta, layer_nodes, op_name, update_meta
 from sparsec.passes.weight_reads import attribute, readers, reads_metadata, reads_shape
 from sparsec.plan import dtype_name
 
@@ -63,8 +63,7 @@ def _described(gm: fx.GraphModule, node: fx.Node) -> str:
     """A graph node as the user knows it: the module it calls, or the op and its node name."""
     if node.op == "call_module":
         return f"module '{node.target}' ({type(gm.get_submodule(node.target)).__name__})"
-    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-    return f"{target.split('.')[0]} (graph node {node.name})"
+    return f"{op_name(node)} (graph node {node.name})"
 
 
 def blocker_for(gm: fx.GraphModule, nodes: list[fx.Node], uses: dict[str, list[fx.Node]], aliases: dict[str, list[str]]) -> str | None:

@@ -158,7 +158,8 @@ def dataflow_graph(gm: fx.GraphModule):
         target = node.args[0] if _writes_in_place(node) and node.args else None
         while isinstance(target, fx.Node):
             graph.add_edge(node, target)
-            target = target.args[0] if target.args and _VIEWS.get(target.op, lambda t: False)(target.target) else None
+            is_view = target.op in ("call_method", "call_function") and op_name(target) in _VIEWS
+            target = target.args[0] if target.args and is_view else None
     return graph
 
 
@@ -176,12 +177,15 @@ def _writes_in_place(node: fx.Node) -> bool:
 
 
 # Ops whose result shares its first argument's memory (a write to it writes there too).
-_VIEW_NAMES = {"view", "reshape", "narrow", "select", "slice", "transpose", "permute", "unsqueeze", "squeeze",
-               "expand", "flatten", "unflatten", "t", "as_strided", "diagonal", "unfold", "view_as", "chunk", "split"}
-_VIEWS = {
-    "call_method": lambda target: target in _VIEW_NAMES,
-    "call_function": lambda target: target is operator.getitem or getattr(target, "__name__", "").split(".")[0] in _VIEW_NAMES,
-}
+_VIEWS = {"view", "reshape", "narrow", "select", "slice", "transpose", "permute", "unsqueeze", "squeeze", "expand",
+          "flatten", "unflatten", "t", "as_strided", "diagonal", "unfold", "view_as", "chunk", "split", "getitem"}
+
+
+def op_name(node: fx.Node) -> str:
+    """A short name for what a node runs: `matmul` for operator.matmul, aten.mm.default and x.mm alike."""
+    target = node.target
+    name = target if isinstance(target, str) else getattr(target, "__name__", None) or str(target)
+    return name.split(".")[0].strip("_")
 
 
 def layer_nodes(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
