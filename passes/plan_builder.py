@@ -18,9 +18,16 @@ from sparsec.plan import LayerPlan, Plan, dtype_name
 def _flops(nodes: list[fx.Node], reduction: int) -> int | None:
     """2 * MACs summed over call sites: every output element is a K-long dot product."""
     shapes = [get_meta(n).shape for n in nodes]
-    if any(s is None for s in shapes):
+    if not shapes or any(s is None for s in shapes):
         return None
     return sum(2 * math.prod(s) * reduction for s in shapes)
+
+
+def _callers_of(gm: fx.GraphModule, path: str) -> list[fx.Node]:
+    """The nodes calling the module at `path` or the module holding it (a fused epilogue around a packed
+    layer): their outputs have the layer's output shape, as elementwise epilogues keep it."""
+    return [n for n in gm.graph.nodes
+            if n.op == "call_module" and (path == n.target or path.startswith(n.target + "."))]
 
 
 def _graph_position(gm: fx.GraphModule):
@@ -61,8 +68,11 @@ def build_plan(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             reason = info.why
         else:
             reason = f"kept dense: excluded by exclude={excluded_by!r}" if excluded_by else f"kept dense: {info.why}"
-        layers.append(LayerPlan(name=name, op=info.op, weight_shape=info.weight_shape, sparsity=info.sparsity,
-                                quant=info.quant, grad_sparsity=None, reason=reason, dtype=dtype_name(info.dtype)))
+        entry = LayerPlan(name=name, op=info.op, weight_shape=info.weight_shape, sparsity=info.sparsity,
+                          quant=info.quant, grad_sparsity=None, reason=reason, dtype=dtype_name(info.dtype))
+        if info.sparsity is not None:
+            entry.flops = _flops(_callers_of(gm, info.weight_path.rsplit(".", 1)[0]), entry.reduction)
+        layers.append(entry)
     layers.sort(key=_graph_position(gm))
     pattern = ctx.options.plan.pattern if ctx.options.plan is not None else str(ctx.options.pattern)
     ctx.plan = Plan(layers=layers, pattern=pattern, notes=list(ctx.notes))

@@ -453,6 +453,9 @@ def test_a_compiled_model_compiled_again_lists_its_packed_layers(tmp_path):
             assert (lp.sparsity, lp.quant) == ("2:4", "int8") and "packed by an earlier compile" in lp.reason
             assert torch.equal(again.effective_weight(name), cm.effective_weight(name))
         assert again.plan.summary().startswith("totals: 2 of 4 layers sparse")
+        # FLOPs from the packed modules' call sites (they counted 0 saved): dense 2 * rows * K per layer
+        assert again.plan["4"].flops == 2 * 4 * 64 * 64
+        assert again.plan.totals()["flops_saved"] == cm.plan.totals()["flops_saved"] > 0
         with torch.no_grad():
             assert torch.equal(again(x), cm(x))
     assert sparsec.compile(cm, example_inputs=(x,), plan=again.plan).plan["2"].sparsity == "2:4"
