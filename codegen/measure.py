@@ -28,6 +28,10 @@ from sparsec.reference import weight_to_rows
 
 WARMUP, REPEATS = 5, 9
 ROUNDS = 5  # backend auto on CUDA: candidates take turns, ROUNDS times (timed_in_rounds)
+# On CPU too: another process taking a core for part of the measurement then slows every candidate,
+# not only the one being timed (a helper's run saw dense at 8 ms for a 64 x 64 layer while two processes
+# shared the 2 cores, timed to the end before the kernel's turn). Each turn is time_cpu of CPU_BLOCKS blocks.
+CPU_ROUNDS, CPU_BLOCKS = 3, 3
 DEFAULT_ROWS = 16  # when no example inputs give the real M
 
 
@@ -213,14 +217,14 @@ def describe_launch(cfg: dict) -> str:
 
 def time_cpu(fn, block_s: float = 0.02, blocks: int = 7, cold: bool = False) -> float:
     """Median seconds per call over `blocks` blocks of repeated calls (one short call is too short to
-    time; a call longer than a block is timed alone). cold: the median of single calls each after the
-    CPU caches were evicted (codegen/cpu_cache.py), at least 5."""
+    time; a call longer than a block is timed alone). cold: the median of `blocks` single calls (at
+    least 3), each after the CPU caches were evicted (codegen/cpu_cache.py)."""
     start = time.perf_counter()
     fn()
     first = time.perf_counter() - start
     if cold:
         samples = []
-        for _ in range(max(blocks, 5)):
+        for _ in range(max(blocks, 3)):
             cpu_cache.evict()
             start = time.perf_counter()
             fn()
@@ -391,7 +395,7 @@ def pick_fastest(gm, ctx, layer, decision, m: int | None, triton_problem: str | 
     cuda_timer = (lambda fn: time_cuda(fn, graph=True)) if graph else time_cuda
     if device == "cpu":
         at = cpu_kernel_candidates(gm, ctx, layer, decision)
-        options, timer = at(rows), functools.partial(time_cpu, cold=cold)
+        options, timer = at(rows), functools.partial(time_cpu, blocks=CPU_BLOCKS, cold=cold)
     elif input_shape is not None:  # a conv layer
         (options, rows), timer = conv_candidates(gm, ctx, layer, decision, input_shape, triton_problem), cuda_timer
         m = rows
@@ -399,7 +403,7 @@ def pick_fastest(gm, ctx, layer, decision, m: int | None, triton_problem: str | 
         options, timer = candidates(gm, ctx, layer, decision, rows, triton_problem), cuda_timer
     wrong, failed = check_candidates(options, tf32=device != "cpu" and _tf32_allowed(input_shape is not None))
     checked = {name: fn for name, fn in options.items() if name not in wrong and name not in failed}
-    times = timed_in_rounds(checked, timer, 1 if device == "cpu" else ROUNDS, failed)
+    times = timed_in_rounds(checked, timer, CPU_ROUNDS if device == "cpu" else ROUNDS, failed)
     launch, configs = None, {}
     if getattr(options.get("triton"), "config", None) is not None:  # 2:4 kernel: keep its fastest launch config
         configs = {name: times.pop(name) for name in list(times) if name.split("#")[0] == "triton"}
