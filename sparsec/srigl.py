@@ -21,10 +21,17 @@ Every `delta_t` steps before `t_end * total_steps`, each constant fan-in layer (
   6. regrown weights start at exactly 0 and every optimizer-state entry of a weight that did not
      survive (dropped, regrown, ablated) is zeroed, so masked weights stay exactly 0.
 drop = alpha / 2 * (1 + cos(pi * t / T_end)). Ties in any ranking go to the lower index.
+
+An update leaves alone a layer whose weight is frozen (requires_grad False: it has no dense gradient
+to regrow by, and the user asked it not to change), and skips every layer when a dense gradient is
+not finite (GradScaler skips that optimizer step; regrowing by inf / nan scores would pick the lowest
+indices). The gradient of a weight an update drops is zeroed, so an optimizer step run after
+`srigl.step()` cannot move it.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -104,6 +111,7 @@ class UpdateRecord:
     step: int
     drop_fraction: float
     layers: dict[str, dict] = field(default_factory=dict)  # name -> k, active neurons, pruned, regrown
+    skipped: dict[str, str] = field(default_factory=dict)  # name -> why its masks did not change
 
 
 class SRigL:
@@ -134,9 +142,10 @@ class SRigL:
         if bad:
             raise InvalidInputError(f"SRigL owns the masks; layers {bad} were compiled with weight_update='ste'")
         params = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        missing = [n for n, m in self.layers.items() if id(m.weight) not in params]
+        missing = [n for n, m in self.layers.items() if m.weight.requires_grad and id(m.weight) not in params]
         if missing:
-            raise InvalidInputError(f"the optimizer does not hold the weights of {missing}; build it from cm.parameters()")
+            raise InvalidInputError(f"the optimizer does not hold the weights of {missing}; build it from the "
+                                    f"trainable cm.parameters() (frozen layers are left alone)")
         _, last = layer_positions(cm.graph_module)
         self.never_ablate = set(last)
         self.optimizer, self.total_steps, self.delta_t = optimizer, total_steps, delta_t
@@ -195,12 +204,25 @@ class SRigL:
     def _update(self) -> UpdateRecord:
         drop = self.drop_fraction(self.steps)
         record = UpdateRecord(step=self.steps, drop_fraction=drop)
+        scores = {}
         for name, layer in self.layers.items():
-            rows = weight_to_rows(full(layer.weight.detach()), layer.op).float()
-            mask = weight_to_rows(layer.weight_mask, layer.op)
             grad = self._dense_grads.pop(name, None)
+            if not layer.weight.requires_grad:
+                record.skipped[name] = "weight frozen (requires_grad=False): its mask and weights are left alone"
+                continue
+            rows = weight_to_rows(full(layer.weight.detach()), layer.op).float()
             grad = weight_to_rows(grad, layer.op) if grad is not None else torch.zeros_like(rows)
-            rows, grad = mean_over_ranks(rows), mean_over_ranks(grad)
+            scores[name] = mean_over_ranks(rows), mean_over_ranks(grad)  # every rank decides the same
+        bad = [name for name, (_, grad) in scores.items() if not torch.isfinite(grad).all()]
+        if bad:
+            why = (f"dense gradient not finite in {bad} (an optimizer step GradScaler skips, or a diverging "
+                   f"run): no mask changed at this update")
+            record.skipped.update({name: why for name in scores})
+            warnings.warn(f"sparsec SRigL step {self.steps}: {why}", stacklevel=3)
+            scores = {}
+        for name, (rows, grad) in scores.items():
+            layer = self.layers[name]
+            mask = weight_to_rows(layer.weight_mask, layer.op)
             result = update_layer(rows, mask, grad, layer.pattern.sparsity, drop, self.gamma_sal,
                                   self.ablation and name not in self.never_ablate)
             shape = layer.weight.shape
@@ -211,6 +233,8 @@ class SRigL:
             for value in self.optimizer.state.get(layer.weight, {}).values():
                 if isinstance(value, torch.Tensor) and value.shape == shape:
                     value.mul_(shard_like(survived, value))  # momentum / Adam moments only for weights that survived
+            if layer.weight.grad is not None:  # an optimizer step still to come must not move dropped weights
+                layer.weight.grad.mul_(shard_like(survived, layer.weight.grad))
             record.layers[name] = {"k": result.k, "active_neurons": int((~result.ablated).sum()),
                                    "pruned": result.pruned, "regrown": int(result.regrown.sum())}
         self.history.append(record)

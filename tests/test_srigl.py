@@ -273,3 +273,66 @@ def test_refuses_an_optimizer_or_model_it_cannot_drive():
                           include=[".*"], min_weights=0, weight_update="ste")
     with pytest.raises(ValueError, match="SRigL owns the masks"):
         SRigL(ste, torch.optim.SGD(ste.parameters(), lr=0.1), total_steps=10)
+
+
+def test_a_frozen_layer_is_left_alone():
+    """A layer frozen before SRigL starts (requires_grad False, left out of the optimizer): its mask and
+    weights stay as they were and each update records why; the trainable layers are updated."""
+    cm = sparsec.compile(_mlp(), pattern="fanin:0.75", example_inputs=(torch.randn(2, 16),), train=True,
+                         include=[".*"], min_weights=0)
+    frozen = cm.graph_module.get_submodule("2").weight
+    frozen.requires_grad_(False)
+    opt = torch.optim.SGD([p for p in cm.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    srigl = SRigL(cm, opt, total_steps=40, delta_t=5)
+    mask0, weight0, first0 = cm.mask("2"), frozen.detach().clone(), cm.mask("0")
+    for x, y in _batches(10):
+        F.cross_entropy(cm(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        srigl.step()
+    assert [r.step for r in srigl.history] == [5, 10]
+    for record in srigl.history:
+        assert "frozen" in record.skipped["2"] and "2" not in record.layers and "0" in record.layers
+    assert torch.equal(cm.mask("2"), mask0) and torch.equal(frozen, weight0)
+    assert not torch.equal(cm.mask("0"), first0), "the trainable layers' masks did change"
+
+
+def test_an_update_with_a_non_finite_dense_gradient_changes_no_mask():
+    """The batch before an update overflows (as under fp16 GradScaler, which then skips the optimizer
+    step): ranking regrowth by inf / nan would pick the lowest indices, so the update is skipped with a
+    warning and every mask stays; the next update runs."""
+    cm, opt = _srigl_parts()
+    srigl = SRigL(cm, opt, total_steps=40, delta_t=5)
+    for step, (x, y) in enumerate(_batches(10), start=1):
+        if step == 5:
+            x[0, 0] = float("inf")
+        F.cross_entropy(cm(x), y).backward()
+        if step != 5:
+            opt.step()
+        opt.zero_grad()
+        if step == 5:
+            before = {name: cm.mask(name) for name in srigl.layers}
+            with pytest.warns(UserWarning, match=r"step 5: dense gradient not finite in \[.*no mask changed"):
+                record = srigl.step()
+            assert record.layers == {} and set(record.skipped) == set(srigl.layers)
+            assert all(torch.equal(cm.mask(name), before[name]) for name in srigl.layers)
+        else:
+            record = srigl.step()
+    assert record.step == 10 and record.layers["2"]["pruned"] > 0 and not record.skipped
+
+
+def test_an_optimizer_step_after_the_update_keeps_dropped_weights_zero():
+    """srigl.step() between backward and opt.step(): the gradients of the weights the update dropped
+    are zeroed with their momentum, so the optimizer step that follows leaves them exactly 0."""
+    cm = sparsec.compile(_mlp(), pattern="fanin:0.75", example_inputs=(torch.randn(2, 16),), train=True,
+                         include=[".*"], min_weights=0)
+    opt = torch.optim.SGD(cm.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    srigl = SRigL(cm, opt, total_steps=40, delta_t=5)
+    for x, y in _batches(10):
+        F.cross_entropy(cm(x), y).backward()
+        srigl.step()
+        opt.step()
+        opt.zero_grad()
+        for name, layer in srigl.layers.items():
+            assert (layer.weight[~cm.mask(name)] == 0).all(), name
+    assert len(srigl.history) == 2 and srigl.history[0].layers["2"]["pruned"] > 0
