@@ -100,10 +100,15 @@ class CompiledModel(nn.Module):
         self.example_input_spec: list | None = None  # shapes / dtypes of the example inputs (see condense)
 
     def train(self, mode: bool = True):
-        # a graph that fixed the train / eval mode it was traced in (frontend.capture) computes that
-        # mode's results whatever the flags say: switching is refused instead of silently ignored
+        # a graph that fixed the train / eval mode it was traced in (frontend.capture), or one shrunk for
+        # eval mode only, computes that mode's results whatever the flags say: switching is refused
+        # instead of silently ignored
         fixed = getattr(self._modules.get("graph_module"), "fixed_training", None)
         if fixed is not None and bool(mode) != fixed:
+            if not fixed and any("shrink(eval_only=True)" in note for note in self.plan.notes):
+                raise InvalidInputError("this model was shrunk with eval_only=True: its folded constants hold for "
+                                        "eval mode only, so cm.train() cannot switch it; shrink the unshrunk model "
+                                        "without eval_only to train the result")
             raise InvalidInputError(
                 f"this compiled model's graph was traced in {'training' if fixed else 'eval'} mode and fixes it "
                 f"(see cm.plan's notes), so cm.{'train' if mode else 'eval'}() cannot switch it: compile the model "

@@ -32,6 +32,7 @@ from sparsec.graph_module import SparsecGraphModule
 from sparsec.plan import dtype_name
 from sparsec.runtime.guard import InputGuard
 from sparsec.runtime.layers import RuntimeLayer
+from sparsec.runtime.train_offset import TrainOffset
 from sparsec.state import preserved_state
 from sparsec.trace_reads import TraceTimeReads, detach_constants
 from sparsec.trace_reads import describe as describe_trace_time_reads
@@ -115,9 +116,10 @@ class _Tracer(fx.Tracer):
             return True
         if module_qualified_name and any(re.fullmatch(p, module_qualified_name) for p in self.leaf_regexes):
             return True
-        # sparsec's own modules in a compiled graph compiled again: its layers, and the input check of a
-        # torch.export graph (which would raise on proxies if traced into, and must keep checking)
-        if isinstance(m, (nn.Linear, nn.Conv2d, RuntimeLayer, InputGuard, ModeFlag)):
+        # sparsec's own modules in a compiled graph compiled again: its layers, the input check of a
+        # torch.export graph (which would raise on proxies if traced into, and must keep checking), and
+        # modules that read self.training at run time (traced into, the trace would fix the mode)
+        if isinstance(m, (nn.Linear, nn.Conv2d, RuntimeLayer, InputGuard, ModeFlag, TrainOffset)):
             return True
         # fx treats every torch.nn module as a leaf. Built-ins that contain layers of their own
         # (MultiheadAttention, TransformerEncoderLayer, ...) are traced into instead, so their
@@ -153,7 +155,9 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
                 graph = tracer.trace(model, concrete_args=values or None)
             _keep_argument_names(graph, values)
             gm = SparsecGraphModule(tracer.root, graph, type(model).__name__)
-            gm.train(model.training)
+            # the model's own flag only: its submodules (the model's, in the graph) keep theirs, such as
+            # a BatchNorm frozen in eval inside a training model (gm.train() would set it training)
+            gm.training = model.training
         except Exception as fx_error:  # noqa: BLE001 - any tracing failure means: try the next way
             symbolic_failure = fx_error
             continue

@@ -30,6 +30,18 @@ the chain maps it (relu(b <= 0) = 0, gelu(0) = 0, BatchNorm eval: (b - mean) / s
 BatchNorm with batch statistics: beta, but only for b = 0, where the batch mean is exactly 0).
 Producer rows of a removed class are dropped too: nothing reads them any more.
 
+BatchNorm and Dropout modules compute differently in training and eval mode, so the constants are
+worked out for both (the analysis runs once per mode) and a class goes only where its constants are
+known in both: the shrunk model is exact in either mode, whichever it was shrunk in. The consumer's
+bias takes the eval-mode fold; where training mode's differs (an all-zero channel leaves BatchNorm as
+beta with batch statistics, beta - mean * gamma / sqrt(var + eps) with running ones) a TrainOffset
+module after the consumer adds the difference while training (sparsec/runtime/train_offset.py).
+`eval_only=True` works the constants out for eval mode alone (more goes: a constant BatchNorm input
+other than 0 has no exact value under batch statistics) and fixes the result to eval mode.
+A graph that fixes its mode (traced reading self.training) is worked out for that mode; modules
+whose flags differ from the model's (a BatchNorm frozen in eval inside a training model) also for
+the flags as they are, which must then agree with the model's mode.
+
 Sparse layers (compile(..., train=True)) keep their structure:
 * N:M weights group M consecutive inputs: input columns go only in whole aligned groups of M
   (the remaining groups, and their masks, are then unchanged); output rows are free.
@@ -70,6 +82,7 @@ from sparsec.patterns import NM, FanIn
 from sparsec.pipeline import PassRecord
 from sparsec.reference import pattern_mask, rows_to_weight, weight_to_rows
 from sparsec.runtime.layers import RuntimeLayer, explicit_padding
+from sparsec.runtime.train_offset import TrainOffset
 from sparsec.runtime.training import TrainableLayer
 
 aten = torch.ops.aten
@@ -297,7 +310,7 @@ class _Value:
 class _Site:
     """A place whose parameters are indexed by channel: a producer's output rows, a consumer's input
     columns, a BatchNorm's features."""
-    kind: str                  # "producer" | "consumer" | "batchnorm" | "depthwise"
+    kind: str                  # "producer" | "consumer" | "batchnorm" | "depthwise" | "offset" (TrainOffset)
     name: str                  # layer name or module path
     node: fx.Node
     value: _Value
@@ -319,8 +332,12 @@ def _arg(node: fx.Node, index: int, name: str, default):
 
 
 class _Analysis:
-    def __init__(self, gm: fx.GraphModule, layers: dict[fx.Node, _Layer], threshold: float, ragged_fanin: bool = False):
-        self.gm, self.layers, self.threshold, self.ragged_fanin = gm, layers, threshold, ragged_fanin
+    """Channel elements, their constants and the sites indexed by them, for one mode: `mode` True /
+    False treats every module as training / in eval, None takes each module's flag as it is."""
+
+    def __init__(self, gm: fx.GraphModule, layers: dict[fx.Node, _Layer], threshold: float, ragged_fanin: bool = False,
+                 mode: bool | None = None):
+        self.gm, self.layers, self.threshold, self.ragged_fanin, self.mode = gm, layers, threshold, ragged_fanin, mode
         self.graph = nx.Graph()                     # channel elements; an edge joins two that go together
         self.origin: list[tuple[str, int]] = []     # element -> (producing layer, output index)
         self.values: dict[fx.Node, _Value] = {}
@@ -332,6 +349,9 @@ class _Analysis:
             self.visit(node)
 
     # ---- helpers
+
+    def training(self, m: nn.Module) -> bool:
+        return m.training if self.mode is None else self.mode
 
     def pin(self, value: _Value, why: str) -> None:
         for e in value.elems:
@@ -438,9 +458,14 @@ class _Analysis:
         if isinstance(m, _ELEMENTWISE_MODULES):
             self.passthrough(node, x, self.consts(node, [x]))
         elif isinstance(m, _DROPOUT_MODULES):
-            self.dropout(node, x, m.training and m.p > 0)
+            self.dropout(node, x, self.training(m) and m.p > 0)
         elif isinstance(m, nn.modules.batchnorm._BatchNorm):
             self.batchnorm(node, x, m)
+        elif isinstance(m, TrainOffset) and v.dim - v.ndim == m.dim and len(v.elems) == m.offset.numel() \
+                and self.module_calls[node.target] == 1:  # an earlier shrink's: sliced along
+            offset = m.offset.tolist() if self.training(m) else [0.0] * len(v.elems)
+            self.passthrough(node, x, tuple(None if c is None else c + o for c, o in zip(v.consts, offset)))
+            self.sites.append(_Site("offset", node.target, node, v))
         elif isinstance(m, _POOL_MODULES) and v.dim == v.ndim - 3 and not getattr(m, "return_indices", False):
             avg_padded = isinstance(m, nn.AvgPool2d) and (
                 any(_as_tuple(m.padding)) or m.ceil_mode or m.divisor_override is not None)
@@ -518,7 +543,7 @@ class _Analysis:
         ones, zeros = torch.ones(bn.num_features), torch.zeros(bn.num_features)
         gamma = bn.weight.detach() if bn.weight is not None else ones
         beta = bn.bias.detach() if bn.bias is not None else zeros
-        if bn.training or bn.running_mean is None:
+        if self.training(bn) or bn.running_mean is None:
             # Batch statistics: a channel that is exactly 0 everywhere has mean 0 and var 0, so it
             # leaves as beta. Any other constant c leaves as (c - mean(c...)) * ..., where the
             # computed mean can differ from c in the last bit and is then amplified by 1/sqrt(eps).
@@ -644,22 +669,30 @@ def _as_tuple(v) -> tuple:
 # --------------------------------------------------------------------------- decisions
 
 
-class _Decision:
-    """Which channel classes go, and the bias folds that make removing them exact."""
+_MODE_NAMES = {True: "training mode", False: "eval mode", None: "the modules' current train / eval flags"}
 
-    def __init__(self, a: _Analysis):
-        self.a = a
+
+class _Decision:
+    """Which channel classes go, and the bias folds that make removing them exact in every mode analysed.
+
+    `analyses` maps a mode to its analysis (the same graph, elements and sites; only constants differ);
+    `current` is the model's own mode, which the modules' flags as they are (mode None) must agree with."""
+
+    def __init__(self, analyses: dict[bool | None, _Analysis], current: bool):
+        self.analyses, self.current = analyses, current
+        self.a = a = next(iter(analyses.values()))
+        assert all(len(other.sites) == len(a.sites) for other in analyses.values()), "modes differ only in constants"
         comps = sorted(nx.connected_components(a.graph), key=min)
         self.cls = {e: k for k, comp in enumerate(comps) for e in comp}
         self.classes = comps
         self.reasons: dict[int, str] = {}
-        # consumer layer -> (class, input column, constant c): bias += c * column, if the class goes
-        self.folds: dict[str, list[tuple[int, int, float]]] = collections.defaultdict(list)
+        # consumer layer -> (class, input column, {mode: constant c}): bias += c * column, if the class goes
+        self.folds: dict[str, list[tuple[int, int, dict]]] = collections.defaultdict(list)
         for e, why in a.pins.items():
             self.reasons.setdefault(self.cls[e], why)
-        for site in a.sites:
+        for i, site in enumerate(a.sites):
             if site.kind == "consumer":
-                self.check_consumer(site)
+                self.check_consumer(site, {mode: other.sites[i].value.consts for mode, other in analyses.items()})
         self.enforce_structure()
 
     def keep(self, k: int, why: str) -> bool:
@@ -668,7 +701,7 @@ class _Decision:
         self.reasons[k] = why
         return True
 
-    def check_consumer(self, site: _Site) -> None:
+    def check_consumer(self, site: _Site, consts: dict[bool | None, tuple]) -> None:
         layer = site.layer
         col_zero = (col_norms(layer.effective(self.a.gm), layer.op) <= self.a.threshold).tolist()
         columns: dict[int, list[int]] = collections.defaultdict(list)
@@ -677,14 +710,15 @@ class _Decision:
         for k, cols in columns.items():
             if k in self.reasons:
                 continue
-            why, folds = self.consumer_blocks(site, cols, col_zero)
+            why, folds = self.consumer_blocks(site, cols, col_zero, consts)
             if why is None:
                 self.folds[layer.name] += [(k, j, c) for j, c in folds]
             else:
                 self.keep(k, why)
 
-    def consumer_blocks(self, site: _Site, cols: list[int], col_zero: list[bool]):
-        """(why class cannot leave this consumer, None if it can; the (column, constant) bias folds it needs)."""
+    def consumer_blocks(self, site: _Site, cols: list[int], col_zero: list[bool], consts: dict[bool | None, tuple]):
+        """(why class cannot leave this consumer, None if it can; the (column, {mode: constant}) bias folds
+        it needs)."""
         layer, t = site.layer, site.layer.trainable
         if t is not None and isinstance(t.pattern, FanIn) and not self.a.ragged_fanin and \
                 t.weight_mask.index_select(layer.in_dim, torch.tensor(cols)).any():
@@ -692,17 +726,25 @@ class _Decision:
                     f"(removing it would leave some rows with fewer than k weights)"), []
         folds = []
         for j in cols:
-            c = site.value.consts[j]
-            if col_zero[j] or c == 0:
+            cs = {mode: values[j] for mode, values in consts.items()}
+            if col_zero[j] or all(c == 0 for c in cs.values()):
                 continue
-            if c is None:
-                return f"{layer.name} reads it (nonzero input column) and its value is not a known constant", []
+            unknown = [mode for mode, c in cs.items() if c is None]
+            if unknown:
+                where = "" if len(unknown) == len(cs) else " in " + " or ".join(_MODE_NAMES[m] for m in unknown)
+                return f"{layer.name} reads it (nonzero input column) and its value is not a known constant{where}", []
+            if None in cs and cs[None] != cs[self.current]:
+                return (f"its constant under {_MODE_NAMES[None]} ({cs[None]:.4g}) is not the one of "
+                        f"{_MODE_NAMES[self.current]} ({cs[self.current]:.4g}), which a fold must also hold (cm.train() "
+                        f"or cm.eval() before shrinking sets one mode throughout)"), []
+            value = (f"{next(iter(cs.values())):.4g}" if len(set(cs.values())) == 1 else
+                     "(" + ", ".join(f"{c:.4g} in {_MODE_NAMES[m]}" for m, c in cs.items()) + ")")
             if layer.bias_path is None:
-                return f"its constant value {c:.4g} cannot be folded into {layer.name}: no bias", []
+                return f"its constant value {value} cannot be folded into {layer.name}: no bias", []
             if layer.zero_padded(self.a.gm):
-                return (f"its constant value {c:.4g} cannot be folded into {layer.name}: zero padding changes it "
+                return (f"its constant value {value} cannot be folded into {layer.name}: zero padding changes it "
                         f"at the borders"), []
-            folds.append((j, c))
+            folds.append((j, cs))
         return None, folds
 
     def enforce_structure(self) -> None:
@@ -770,18 +812,25 @@ def _slice(t: torch.Tensor, dim: int, keep: list[int]) -> torch.Tensor:
 
 
 def _rewrite(gm: fx.GraphModule, a: _Analysis, d: _Decision) -> None:
-    """Fold removed constant channels into consumer biases, then slice every site."""
+    """Fold removed constant channels into consumer biases (eval mode's where both modes were analysed),
+    then slice every site, then add a TrainOffset where training mode's fold differs."""
+    offsets = {}  # consumer node -> (layer, what training mode adds to its output on top of the bias)
     for site in a.sites:
         layer = site.layer
         if site.kind != "consumer" or layer.bias_path is None:
             continue
         bias = gm.get_parameter(layer.bias_path).detach()
-        w, delta = layer.effective(gm), torch.zeros_like(bias)
-        for k, j, c in d.folds[layer.name]:
+        w, delta = layer.effective(gm), {mode: torch.zeros_like(bias) for mode in d.analyses}
+        for k, j, cs in d.folds[layer.name]:
             if d.removed(k):  # column j reads the constant c everywhere: it adds c * (sum of column j) per output
-                delta += c * w.select(layer.in_dim, j).reshape(bias.shape[0], -1).sum(1)
-        if delta.any():
-            _set_tensor(gm, layer.bias_path, bias + delta)
+                column = w.select(layer.in_dim, j).reshape(bias.shape[0], -1).sum(1)
+                for mode, c in cs.items():
+                    delta[mode] += c * column
+        base = delta[False] if False in delta else delta[d.current]
+        if base.any():
+            _set_tensor(gm, layer.bias_path, bias + base)
+        if True in delta and not torch.equal(delta[True], base):
+            offsets[site.node] = (layer, delta[True] - base)
     for site in a.sites:
         keep = d.kept_indices(site.value)
         if site.kind == "consumer":
@@ -792,6 +841,8 @@ def _rewrite(gm: fx.GraphModule, a: _Analysis, d: _Decision) -> None:
                 _set_tensor(gm, site.layer.bias_path, _slice(gm.get_parameter(site.layer.bias_path), 0, keep))
             if site.kind == "depthwise":
                 _set_groups(site.layer, len(keep))
+        elif site.kind == "offset":
+            gm.get_submodule(site.name).offset = _slice(gm.get_submodule(site.name).offset, 0, keep)
         else:
             bn = gm.get_submodule(site.name)
             for attr in ("weight", "bias", "running_mean", "running_var"):
@@ -799,6 +850,27 @@ def _rewrite(gm: fx.GraphModule, a: _Analysis, d: _Decision) -> None:
                     _set_tensor(gm, f"{site.name}.{attr}", _slice(getattr(bn, attr), 0, keep))
             bn.num_features = len(keep)
     _update_meta(a, d)
+    for node, (layer, offset) in offsets.items():
+        _add_train_offset(gm, node, layer, _slice(offset, 0, d.kept_indices(a.values[node])))
+    if offsets:
+        gm.recompile()
+
+
+def _add_train_offset(gm: fx.GraphModule, node: fx.Node, layer: _Layer, offset: torch.Tensor) -> None:
+    """Run the layer's output at `node` through TrainOffset(offset) before anything reads it."""
+    base = "shrink_train_offset_" + layer.name.replace(".", "_")
+    name, i = base, 1
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    module = TrainOffset(offset, dim=-1 - layer.spatial_dims)
+    module.train(gm.training)
+    gm.add_submodule(name, module)
+    with gm.graph.inserting_after(node):
+        added = gm.graph.call_module(name, (node,))
+    node.replace_all_uses_with(added, delete_user_cb=lambda user: user is not added)
+    meta = get_meta(node)
+    update_meta(added, shape=meta.shape, dtype=meta.dtype)
 
 
 def _slice_layer(gm: fx.GraphModule, layer: _Layer, dim: int, keep: list[int]) -> None:
@@ -878,13 +950,33 @@ def _report(a: _Analysis, d: _Decision, threshold: float) -> ShrinkReport:
 # --------------------------------------------------------------------------- entry point
 
 
-def shrink(cm: CompiledModel, threshold: float = 0.0, *, ragged_fanin: bool = False) -> CompiledModel:
+def _modes(gm: fx.GraphModule, eval_only: bool) -> list[bool | None]:
+    """The modes the shrunk model must be exact in: those the model can be switched to (train / eval,
+    or the one its graph fixes, or eval for eval_only), and the modules' flags as they are where they
+    differ from one another."""
+    fixed = getattr(gm, "fixed_training", None)
+    if eval_only and fixed:
+        raise InvalidInputError("eval_only=True, but this model's graph was traced in training mode and fixes it "
+                                "(see cm.plan's notes): compile the model in eval mode, then shrink it")
+    modes = [False] if eval_only else [fixed] if fixed is not None else [False, True]
+    if not eval_only and len({m.training for m in gm.modules()}) > 1:
+        modes.append(None)
+    return modes
+
+
+def shrink(cm: CompiledModel, threshold: float = 0.0, *, ragged_fanin: bool = False,
+           eval_only: bool = False) -> CompiledModel:
     """A new, smaller CompiledModel computing the same outputs: all-zero neurons / channels removed.
 
     ragged_fanin: also remove input columns of constant fan-in layers where their mask keeps weights
     (what those weights multiplied is 0, or a constant folded into the bias, so the result is
     exact); the rows then keep different counts. For deployment after training (`condense`), not
     for further SRigL training, which needs exactly k per row.
+
+    The result is exact in training and in eval mode (a TrainOffset module adds what training mode's
+    BatchNorm statistics change). eval_only: exact in eval mode only, which can remove more (channels
+    whose constant is known only with BatchNorm's running statistics); the result is in eval mode and
+    refuses train().
 
     `cm` is never modified. The result carries `shrink_report` (ShrinkReport: per channel space,
     producers, consumers, channels before / after, removed indices and why the rest was kept);
@@ -895,6 +987,8 @@ def shrink(cm: CompiledModel, threshold: float = 0.0, *, ragged_fanin: bool = Fa
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0 \
             or not math.isfinite(threshold):
         raise InvalidInputError(f"threshold must be a finite number >= 0, got {threshold!r}")
+    if not isinstance(eval_only, bool):
+        raise InvalidTypeError(f"eval_only must be True or False, got {eval_only!r}")
     cm.require_unsharded("shrink (and condense)")
     packed = [m.layer_name for m in cm.graph_module.modules() if isinstance(m, RuntimeLayer)
               and not isinstance(m, TrainableLayer)]
@@ -907,8 +1001,11 @@ def shrink(cm: CompiledModel, threshold: float = 0.0, *, ragged_fanin: bool = Fa
     _fold_shape_reads(gm)
     layers = _find_layers(gm)
     before = {layer.name: tuple(layer.weight(gm).shape) for layer in layers.values()}
-    analysis = _Analysis(gm, layers, float(threshold), ragged_fanin)
-    decision = _Decision(analysis)
+    current = getattr(gm, "fixed_training", None)
+    current = False if eval_only else cm.training if current is None else current
+    analyses = {mode: _Analysis(gm, layers, float(threshold), ragged_fanin, mode) for mode in _modes(gm, eval_only)}
+    decision = _Decision(analyses, current)
+    analysis = decision.a
     _rewrite(gm, analysis, decision)
     report = _report(analysis, decision, float(threshold))
 
@@ -931,5 +1028,9 @@ def shrink(cm: CompiledModel, threshold: float = 0.0, *, ragged_fanin: bool = Fa
     out = CompiledModel(gm, plan, history, counters, dict(cm._dense_weights), cm.trace_method)
     out.kernels, out.kernel_manifest = dict(cm.kernels), dict(cm.kernel_manifest)
     out.training = cm.training  # only the top-level flag: submodules keep their own (BN eval vs train)
+    if eval_only:
+        out.eval()
+        gm.fixed_training = False  # the folds hold for eval mode only: train() is refused (CompiledModel.train)
+        plan.notes.append("shrink(eval_only=True): constants folded for eval mode only; the model refuses train()")
     out.shrink_report = report
     return out

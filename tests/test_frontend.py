@@ -651,3 +651,25 @@ def test_a_trained_exported_model_compiles_again_for_inference():
         assert torch.equal(inference.mask(name), cm.mask(name))
     with torch.no_grad():
         assert output_error(inference(x), cm(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_a_batchnorm_frozen_in_eval_inside_a_training_model_stays_frozen(train):
+    """Fine-tuning with frozen BatchNorm (model.train(); bn.eval()): the compiled model keeps each
+    module's flag, so bn goes on normalizing with its running statistics and never updates them (the
+    graph was switched to training as a whole: batch statistics, and the running ones overwritten)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4))
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    model.train()
+    model[1].eval()
+    cm = sparsec.compile(model, example_inputs=(torch.randn(4, 16),), min_weights=0, train=train)
+    bn = cm.graph_module.get_submodule("1")
+    assert cm.training and not bn.training
+    running = bn.running_mean.clone()
+    x = torch.randn(8, 16)
+    with torch.no_grad():
+        assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+    assert torch.equal(bn.running_mean, running)

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import sparsec
 from oracle import load_example, output_error, pruned_model
+from sparsec.runtime.train_offset import TrainOffset
 from sparsec.runtime.training import TrainableLayer
 from sparsec.shrink import shrink
 
@@ -27,6 +28,13 @@ def same_outputs(small, model, *inputs):
         ref, out = model(*inputs), small(*inputs)
     assert out.shape == ref.shape
     assert output_error(out, ref) <= 1e-5, output_error(out, ref)
+
+
+def same_in_both_modes(small, model, *inputs):
+    """The outputs agree in training mode (BatchNorm batch statistics, on copies: a forward updates the
+    running ones) and in eval mode."""
+    for training in (True, False):
+        same_outputs(copy.deepcopy(small).train(training), copy.deepcopy(model).train(training), *inputs)
 
 
 def param(cm, path):
@@ -193,8 +201,19 @@ def test_conv_bn_relu_conv_eval():
         model.c2.weight[[4, 5]] = 0        # constant after bn2 + relu + pool: folded into head's bias
     x = torch.randn(2, 3, 10, 10)
     cm = dense(model, x)
-    small = shrink(cm)
+    # exact in both modes: with batch statistics, c1's zero channel 1 leaves bn1 as beta, relu(0.2) = 0.2,
+    # which c2's zero padding cannot take; c2's constant rows (bias 0) are beta's too, but their bias is not
+    both = shrink(cm)
+    same_in_both_modes(both, model, x)
+    assert both.shrink_report["c1"].removed == [0] and both.shrink_report["c2"].removed == []
+    assert [4, 5] in both.shrink_report["c2"].kept.values()
+    padded = {why: idx for why, idx in both.shrink_report["c1"].kept.items() if "zero padding" in why}
+    assert sorted(sum(padded.values(), [])) == [1, 2]
+    assert any("(0 in eval mode, 0.2 in training mode)" in why for why in padded)
+    small = shrink(cm, eval_only=True)
     same_outputs(small, model, x)
+    with pytest.raises(ValueError, match=r"shrunk with eval_only=True: .* cannot switch it"):
+        small.train()
     report = small.shrink_report
     assert report["c1"].removed == [0, 1]
     assert any("zero padding" in why and idx == [2] for why, idx in report["c1"].kept.items())
@@ -224,6 +243,111 @@ def test_conv_bn_train_mode_uses_batch_statistics():
     assert any(2 in idx and "zero padding" in why for why, idx in space.kept.items())
     assert any(4 in idx and "not a known constant" in why for why, idx in space.kept.items())
     same_outputs(small, copy.deepcopy(model), x)
+
+
+class PointwiseNet(nn.Module):
+    """conv -> BN -> relu -> 1x1 conv (no padding: constants fold) -> BN -> relu -> pool -> head."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.c2, self.bn2 = nn.Conv2d(8, 6, 1), nn.BatchNorm2d(6)
+        self.head = nn.Linear(6, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn2(self.c2(F.relu(self.bn1(self.c1(x))))))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+@pytest.mark.parametrize("shrunk_training", [True, False])
+def test_a_model_shrunk_in_one_mode_is_exact_in_the_other(shrunk_training, tmp_path):
+    """Zero channels leave BatchNorm as beta with batch statistics and as beta - mean * gamma / sqrt(var
+    + eps) with running ones: both folds are worked out, the bias takes eval's and a TrainOffset after
+    the consumer adds training's difference, so the model shrunk in either mode computes the original's
+    outputs in both (folding one mode's constant made the other mode's outputs wrong by 1.2 on digits)."""
+    torch.manual_seed(0)
+    model = PointwiseNet()
+    with torch.no_grad():
+        for bn in (model.bn1, model.bn2):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.bias.uniform_(0.2, 0.6)       # relu keeps beta: constant and nonzero in both modes
+        model.c1.weight[0:3] = 0
+        model.c2.weight[[4, 5]], model.c2.bias[[4, 5]] = 0, 0
+    model.train(shrunk_training)
+    x = torch.randn(4, 3, 6, 6)
+    small = shrink(dense(model, x))
+    same_in_both_modes(small, model, x)
+    report = small.shrink_report
+    assert report["c1"].removed == [0, 1, 2] and report["c2"].removed == [4, 5]
+    gm = small.graph_module
+    offsets = {n.args[0].target: n.target for n in gm.graph.nodes  # consumer -> its offset's module path
+               if n.op == "call_module" and isinstance(gm.get_submodule(n.target), TrainOffset)}
+    assert set(offsets) == {"c2", "head"}
+    c2_offset = gm.get_submodule(offsets["c2"])
+    assert c2_offset.offset.shape == (4,) and c2_offset.dim == -3 and gm.get_submodule(offsets["head"]).dim == -1
+    # shrunk again after another c2 channel died (its row and bias, and the offset its row made): the
+    # existing offset is sliced along
+    with torch.no_grad():
+        gm.c2.weight[1], gm.c2.bias[1], c2_offset.offset[1] = 0, 0, 0
+        model.c2.weight[1], model.c2.bias[1] = 0, 0
+    again = shrink(small)
+    assert again.shrink_report["c2"].removed == [1]
+    assert again.graph_module.get_submodule(offsets["c2"]).offset.shape == (3,)
+    same_in_both_modes(again, model, x)
+    sparsec.save(again, tmp_path / "small.pt")
+    same_in_both_modes(sparsec.load(tmp_path / "small.pt"), model, x)
+    # compiled again for inference, the offset (identity in eval mode) stays a module call
+    inference = sparsec.compile(again.eval(), example_inputs=(x,))
+    same_outputs(inference, pruned_model(again, inference.plan, lambda m, name: m.graph_module.get_submodule(name).weight), x)
+
+
+def test_a_batchnorm_frozen_in_eval_inside_a_training_model_keeps_what_its_mode_changes():
+    """Flags mixed (bn1 frozen in eval, the rest training): a fold must hold for the flags as they are
+    as well as after cm.train() / cm.eval(); bn1's dead channels read another constant as they are than
+    in training mode, so they stay (saying so), while bn2's go."""
+    torch.manual_seed(0)
+    model = PointwiseNet()
+    with torch.no_grad():
+        for bn in (model.bn1, model.bn2):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.bias.uniform_(0.2, 0.6)
+        model.c1.weight[0:3] = 0
+        model.c2.weight[[4, 5]], model.c2.bias[[4, 5]] = 0, 0
+    model.train()
+    model.bn1.eval()
+    x = torch.randn(4, 3, 6, 6)
+    cm = dense(model, x)
+    small = shrink(cm)
+    assert small.shrink_report["c1"].removed == [] and small.shrink_report["c2"].removed == [4, 5]
+    assert any("cm.train() or cm.eval() before shrinking" in why for why in small.shrink_report["c1"].kept)
+    same_outputs(copy.deepcopy(small), copy.deepcopy(model), x)  # the flags as they are
+    same_in_both_modes(small, model, x)
+
+
+def test_dropout_keeps_a_constant_channel_unless_shrunk_for_eval_only():
+    """Training-mode dropout scales a constant channel at random: it is a constant in eval mode only."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.drop, self.fc2 = nn.Linear(8, 16), nn.Dropout(0.5), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.fc2(self.drop(torch.relu(self.fc1(x))))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    with torch.no_grad():
+        model.fc1.weight[0:2], model.fc1.bias[0:2] = 0, 0.5
+    x = torch.randn(4, 8)
+    cm = dense(model, x)
+    both = shrink(cm)
+    assert both.shrink_report["fc1"].removed == []
+    assert any("not a known constant in training mode" in why for why in both.shrink_report["fc1"].kept)
+    small = shrink(cm, eval_only=True)
+    assert small.shrink_report["fc1"].removed == [0, 1] and not small.training
+    same_outputs(small, model, x)
 
 
 @pytest.mark.parametrize("padding, mode, removable", [(0, "zeros", True), (1, "reflect", True), (1, "zeros", False)])
@@ -582,10 +706,11 @@ def test_depthwise_conv_with_batch_statistics_and_reflect_padding():
     small = shrink(cm)
     assert small.shrink_report["exp"].removed == [3, 4, 5]
     assert small.graph_module.bn.num_features == 29 and small.graph_module.dw.weight.shape == (29, 1, 5)
-    same_outputs(small, cm, x)
-    model.eval()  # running statistics: 0.4 * sum(filter) + b is a known constant through BatchNorm too
-    cm = dense(model, x)
-    small = shrink(cm)
+    same_in_both_modes(small, model, x)
+    model.eval()  # running statistics: 0.4 * sum(filter) + b is a known constant through BatchNorm too,
+    cm = dense(model, x)  # for a model that runs in eval mode only
+    assert shrink(cm).shrink_report["exp"].removed == [3, 4, 5]
+    small = shrink(cm, eval_only=True)
     assert small.shrink_report["exp"].removed == [0, 1, 2, 3, 4, 5]
     same_outputs(small, cm, x)
 
