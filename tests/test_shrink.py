@@ -259,21 +259,28 @@ class PointwiseNet(nn.Module):
         return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-@pytest.mark.parametrize("shrunk_training", [True, False])
-def test_a_model_shrunk_in_one_mode_is_exact_in_the_other(shrunk_training, tmp_path):
-    """Zero channels leave BatchNorm as beta with batch statistics and as beta - mean * gamma / sqrt(var
-    + eps) with running ones: both folds are worked out, the bias takes eval's and a TrainOffset after
-    the consumer adds training's difference, so the model shrunk in either mode computes the original's
-    outputs in both (folding one mode's constant made the other mode's outputs wrong by 1.2 on digits)."""
+def _dead_channels_net() -> PointwiseNet:
+    """c1's channels 0-2 and c2's 4, 5 all-zero; BatchNorm statistics set so that they leave relu as
+    a nonzero constant, another one in each mode."""
     torch.manual_seed(0)
     model = PointwiseNet()
     with torch.no_grad():
         for bn in (model.bn1, model.bn2):
             bn.running_mean.uniform_(-0.5, 0.5)
             bn.running_var.uniform_(0.5, 2.0)
-            bn.bias.uniform_(0.2, 0.6)       # relu keeps beta: constant and nonzero in both modes
+            bn.bias.uniform_(0.2, 0.6)
         model.c1.weight[0:3] = 0
         model.c2.weight[[4, 5]], model.c2.bias[[4, 5]] = 0, 0
+    return model
+
+
+@pytest.mark.parametrize("shrunk_training", [True, False])
+def test_a_model_shrunk_in_one_mode_is_exact_in_the_other(shrunk_training, tmp_path):
+    """Zero channels leave BatchNorm as beta with batch statistics and as beta - mean * gamma / sqrt(var
+    + eps) with running ones: both folds are worked out, the bias takes eval's and a TrainOffset after
+    the consumer adds training's difference, so the model shrunk in either mode computes the original's
+    outputs in both (folding one mode's constant made the other mode's outputs wrong by 1.2 on digits)."""
+    model = _dead_channels_net()
     model.train(shrunk_training)
     x = torch.randn(4, 3, 6, 6)
     small = shrink(dense(model, x))
@@ -306,15 +313,7 @@ def test_a_batchnorm_frozen_in_eval_inside_a_training_model_keeps_what_its_mode_
     """Flags mixed (bn1 frozen in eval, the rest training): a fold must hold for the flags as they are
     as well as after cm.train() / cm.eval(); bn1's dead channels read another constant as they are than
     in training mode, so they stay (saying so), while bn2's go."""
-    torch.manual_seed(0)
-    model = PointwiseNet()
-    with torch.no_grad():
-        for bn in (model.bn1, model.bn2):
-            bn.running_mean.uniform_(-0.5, 0.5)
-            bn.running_var.uniform_(0.5, 2.0)
-            bn.bias.uniform_(0.2, 0.6)
-        model.c1.weight[0:3] = 0
-        model.c2.weight[[4, 5]], model.c2.bias[[4, 5]] = 0, 0
+    model = _dead_channels_net()
     model.train()
     model.bn1.eval()
     x = torch.randn(4, 3, 6, 6)
