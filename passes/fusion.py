@@ -60,7 +60,9 @@ def _activation(gm: fx.GraphModule, node: fx.Node, x: fx.Node) -> str | None:
 
 
 def _vector_operand(gm: fx.GraphModule, node: fx.Node, x: fx.Node, targets: set, n: int) -> fx.Node | None:
-    """The get_attr operand of `x (+|*) vector` where the vector has n (or 1) elements."""
+    """The get_attr operand of `x (+|*) vector` where the vector has n (or 1) elements and leaves x's
+    dtype as it is (the kernel writes the layer's dtype: a float32 bias on a float16 layer promotes the
+    sum to float32 in torch, so it stays in the graph)."""
     if node.op != "call_function" or node.target not in targets or len(node.args) != 2 or node.kwargs:
         return None
     other = node.args[1] if node.args[0] is x else node.args[0] if node.args[1] is x else None
@@ -68,6 +70,9 @@ def _vector_operand(gm: fx.GraphModule, node: fx.Node, x: fx.Node, targets: set,
         return None
     value = attribute(gm, other.target)
     if not isinstance(value, torch.Tensor) or value.numel() not in (1, n) or value.dim() > 1:
+        return None
+    before, after = get_meta(x).dtype, get_meta(node).dtype
+    if before is None or (after or torch.result_type(torch.empty(0, dtype=before), value)) != before:
         return None
     return other
 

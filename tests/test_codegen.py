@@ -484,6 +484,39 @@ def test_cast_fusion_in_a_compiled_model():
         assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 5e-3
 
 
+class PromotingChains(nn.Module):
+    """A float16 body with float32 vectors after two of its layers: torch promotes that sum and that
+    product to float32, which a kernel writing float16 would not; a float16 vector is fused as usual."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.a, self.b = nn.Linear(32, 64), nn.Linear(64, 64, bias=False), nn.Linear(64, 64)
+        self.c = nn.Linear(64, 64, bias=False)
+        self.half()
+        self.a_bias, self.b_scale = nn.Parameter(torch.randn(64)), nn.Parameter(torch.rand(64))  # float32
+        self.c_bias = nn.Parameter(torch.randn(64).half())
+        self.out = nn.Linear(64, 8)  # float32, as the promoted values are
+
+    def forward(self, x):
+        h = torch.relu(self.a(self.inp(x)) + self.a_bias)   # float32: neither the bias nor the relu is fused
+        h = (self.b(h.half()) * self.b_scale).half()        # float32 product: the scale stays in the graph
+        h = torch.relu(self.c(h) + self.c_bias)             # float16: bias and relu fused
+        return self.out(h.float())
+
+
+def test_a_vector_that_would_promote_the_dtype_is_not_fused():
+    torch.manual_seed(0)
+    model, (x,) = on_device(PromotingChains().eval(), (torch.randn(5, 32).half(),))
+    cm = sparsec.compile(model, example_inputs=(x,), backend="triton")
+    modules = {m.layer_name: m for m in cm.graph_module.modules() if isinstance(m, TritonSparseLinear)}
+    assert set(modules) == {"a", "b", "c"}
+    assert modules["a"].bias is None and modules["a"].activation is None and modules["b"].out_scale is None
+    assert modules["c"].bias is not None and modules["c"].activation == "relu"
+    with torch.no_grad():
+        out = cm(x)
+        assert out.dtype == torch.float32 and output_error(out, pruned_model(model, cm.plan)(x)) <= 2e-3
+
+
 class ViewChains(Chains):
     """Views between a layer and its epilogue: those keeping the last dim are looked through, others end the chain."""
 
@@ -579,6 +612,28 @@ def test_gradients_flow_through_triton_layers():
     x = x.clone().requires_grad_(True)
     cm(x).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_second_derivatives_through_triton_layers():
+    """The Triton layers' backward (their reference recomputed) is differentiable again: a gradient
+    penalty through a layer whose fused GELU makes its input gradient depend on x gives every parameter
+    the dense pruned model's gradient (without create_graph it stopped there: the penalty raised that
+    nothing required grad, or left gradients None)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 8)).to(DEVICE)
+    x = torch.randn(4, 32, device=DEVICE)
+    cm = sparsec.compile(model, example_inputs=(x,), backend="triton", include=["2"], min_weights=0)
+    layer = cm.sparse_module("2")
+    assert isinstance(layer, TritonSparseLinear) and layer.activation == "gelu"
+    ref = pruned_model(model, cm.plan)
+    for m in (cm, ref):
+        xr = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(m(xr).pow(2).sum(), xr, create_graph=True)
+        g.pow(2).sum().backward()
+    expected = dict(ref.named_parameters())
+    for name, p in cm.named_parameters():
+        want = expected[name.removeprefix("graph_module.")].grad
+        assert p.grad is not None and output_error(p.grad, want) <= 1e-4, name
 
 
 def test_plan_with_backend_round_trips():
