@@ -115,6 +115,25 @@ class CompiledModel(nn.Module):
                 f"in the mode you run it, e.g. sparsec.compile(model.{'train' if mode else 'eval'}(), ...)")
         return super().train(mode)
 
+    def _apply(self, fn, recurse=True):
+        """.to(device) / .half() / .float() ...: a Triton kernel was generated for its layer's dtype and
+        would compute with the old one (or fail) after a conversion, so one that changes the dtype of a
+        Triton layer is refused before anything is converted."""
+        from sparsec.runtime.triton_linear import FusedEpilogue
+
+        for m in self.modules():
+            if isinstance(m, FusedEpilogue) and m.kernel_source is not None:
+                before = m.packed.dtype_probe.dtype
+                after = fn(torch.empty(0, dtype=before)).dtype
+                if after != before:
+                    raise InvalidInputError(
+                        f"layer {m.layer_name!r} runs Triton kernel {m.kernel_name} generated for "
+                        f"{str(before).removeprefix('torch.')}; converting the model to "
+                        f"{str(after).removeprefix('torch.')} would need another kernel: convert the model "
+                        f"first, then compile it (sparsec.compile(model.to({after}), ...)), or compile with "
+                        f"backend='torch', whose layers convert")
+        return super()._apply(fn, recurse)
+
     def forward(self, *args, **kwargs):
         gm = self._modules["graph_module"]
         try:

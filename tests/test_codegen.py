@@ -999,3 +999,17 @@ def test_compile_passes_graph_timing_to_the_measurement(monkeypatch):
 def test_bad_timing_is_refused_by_name(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         sparsec.compile(nn.Sequential(nn.Linear(8, 8)), **kwargs)
+
+
+def test_converting_a_model_that_runs_triton_kernels_to_another_dtype_is_refused_untouched():
+    """cm.half() on a float32 compile: the kernels were generated for float32 (they failed inside, or
+    with a message naming the wrong dtype); refused before any tensor is converted, naming the remedy."""
+    model, x, cm, modules = _compiled_on_triton(Chains)
+    for convert in (lambda m: m.half(), lambda m: m.to(torch.float64)):
+        with pytest.raises(ValueError, match=r"generated for float32; converting the model to float(16|64) would need "
+                                             r"another kernel: convert the model first"):
+            convert(cm)
+    assert all(p.dtype == torch.float32 for p in cm.parameters())
+    cm.to(x.device)  # a conversion that keeps the dtype is fine
+    with torch.no_grad():
+        assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
