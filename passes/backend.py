@@ -50,9 +50,10 @@ def triton_blocker(layer: LayerInfo, sparsity: str, device: torch.device) -> str
     return None
 
 
-def cpu_kernel_blocker(layer: LayerInfo, decision, device: torch.device) -> str | None:
+def cpu_kernel_blocker(layer: LayerInfo, decision, device: torch.device, need_library: bool = True) -> str | None:
     """Why no C++ CPU kernel runs this layer here (None: one does: condensed for constant fan-in,
-    bitmask for N:M, each for float32 / bfloat16 / float16 linear layers)."""
+    bitmask for N:M, each for float32 / bfloat16 / float16 linear layers). need_library=False leaves
+    out whether the kernel library built in this process (a layer without it runs plain torch)."""
     from sparsec.runtime import bitmask_cpu, condensed_cpu
     from sparsec.runtime.cpu_linear import CpuKernelLinear
 
@@ -64,7 +65,7 @@ def cpu_kernel_blocker(layer: LayerInfo, decision, device: torch.device) -> str 
         runs = " / ".join(dtype_name(d) for d in CpuKernelLinear.kernel_dtypes)
         return f"the C++ CPU kernels run {runs} layers (this one is {dtype_name(layer.dtype)})"
     fanin = decision.sparsity.startswith("fanin:")
-    if not (condensed_cpu if fanin else bitmask_cpu).is_available():
+    if need_library and not (condensed_cpu if fanin else bitmask_cpu).is_available():
         return (f"the C++ {'condensed' if fanin else 'bitmask'} kernel could not be built or loaded here (no C++ "
                 f"compiler, or SPARSEC_NO_CPP is set; the warning logged says which)")
     return None
@@ -151,6 +152,10 @@ def choose_backend(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
                 raise InvalidInputError(f"the given plan asks for backend {backend!r} on layer {name!r}: it runs "
                                         f"{CPU_KERNEL_RUNS[backend]} linear layers only (this one is a "
                                         f"{decision.sparsity} {layer.op}); set its backend to null to let sparsec choose")
+            if backend in CPU_KERNEL_RUNS and (problem := cpu_kernel_blocker(layer, decision, device, need_library=False)):
+                # (it would run the torch reference while the plan names the kernel: a float64 layer, a CUDA one)
+                raise InvalidInputError(f"the given plan asks for backend {backend!r} on layer {name!r}, but {problem}; "
+                                        f"set its backend to null to let sparsec choose")
             note = {"torch": None, "triton": TRITON_NOTE}.get(backend, f"backend {backend}, set by the given plan")
             launch = decision.launch
         elif wanted == "torch":

@@ -271,6 +271,7 @@ def _unreached_layers(gm: fx.GraphModule, model: nn.Module, found: set[str]) -> 
             out[module.layer_name] = UnreachedLayer(
                 op=module.op, weight_shape=tuple(module.weight_shape), dtype=module.packed.dtype_probe.dtype,
                 weight_path=f"{path}.packed", sparsity=module.pattern, quant=module.packed.quant,
+                backend=module.backend,
                 why=(f"{module.pattern}{' ' + module.packed.quant if module.packed.quant else ''}, packed by an earlier "
                      f"compile and run as it is: sparsec does not decide again for packed layers (to change them, "
                      f"compile the original model, with plan=cm.plan to keep the other choices)"))

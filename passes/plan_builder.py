@@ -72,6 +72,7 @@ def build_plan(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
                           quant=info.quant, grad_sparsity=None, reason=reason, dtype=dtype_name(info.dtype))
         if info.sparsity is not None:
             entry.flops = _flops(_callers_of(gm, info.weight_path.rsplit(".", 1)[0]), entry.reduction)
+            entry.backend = info.backend
         layers.append(entry)
     layers.sort(key=_graph_position(gm))
     pattern = ctx.options.plan.pattern if ctx.options.plan is not None else str(ctx.options.pattern)

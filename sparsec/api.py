@@ -16,6 +16,7 @@ from sparsec.meta import get_meta
 from sparsec.passes.weight_reads import attribute
 from sparsec.pipeline import run_pipeline
 from sparsec.plan import Plan
+from sparsec.runtime.layers import SparseLayer
 
 
 def _run(model: nn.Module, example_inputs: Any, options: CompileOptions):
@@ -104,6 +105,12 @@ def compile_with_options(model: nn.Module, example_inputs: Any, options: Compile
             path = _dense_weight_path(gm, ctx, lp.name)
             if path is not None:
                 dense[lp.name] = (path, lp.op)
+    # what each packed layer holds, its kernel's layout included (built by now): the plan's byte counts
+    # report memory the compiled model really takes, not the stored form alone
+    held = {m.layer_name: m.weight_bytes() for m in gm.modules() if isinstance(m, SparseLayer)}
+    for lp in ctx.plan:
+        if lp.sparsity is not None and lp.name in held:
+            lp.runtime_bytes = held[lp.name]
     cm = CompiledModel(gm, ctx.plan, history, ctx.counters, dense, ctx.trace_method)
     cm.kernels, cm.kernel_manifest = dict(ctx.kernels), dict(ctx.kernel_manifest)
     cm.example_input_spec = _input_spec(ctx.example_inputs)

@@ -206,3 +206,4 @@ class UnreachedLayer:
     # A layer an earlier compile packed (a compiled model compiled again): it runs as it was packed.
     sparsity: str | None = None
     quant: str | None = None
+    backend: str | None = None  # what runs it (the packed module's runtime: "bitmask", "torch", ...)

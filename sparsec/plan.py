@@ -43,6 +43,12 @@ class LayerPlan:
                                        # SPLIT_K, warps, stages, "M"); None = sparsec's shape table.
                                        # condensed / bitmask: {"max_rows": the most rows the kernel runs}.
                                        # With backend None, sparsec chooses both again
+    # Bytes the compiled layer holds for its weight, counted from its module: the stored form plus a
+    # kernel's layout (the condensed kernel's sorted float32 copy, int16 indices and segment layout; the
+    # bitmask kernel's bit words). Written by compile; None in explain's plan (the totals then count
+    # stored_bytes). A measurement of the compiled model, not a decision: a given plan's value is not
+    # read, and plans compare equal without it (explain's plan is the one compile applies).
+    runtime_bytes: int | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         self.weight_shape = tuple(int(d) for d in self.weight_shape)
@@ -132,7 +138,7 @@ class Plan:
             "weights": sum(lp.numel for lp in self.layers),
             "weights_kept": sum(lp.kept for lp in self.layers),
             "bytes_before": sum(lp.dense_bytes() for lp in self.layers),
-            "bytes_after": sum(lp.stored_bytes() for lp in self.layers),
+            "bytes_after": sum(lp.stored_bytes() if lp.runtime_bytes is None else lp.runtime_bytes for lp in self.layers),
             "flops_dense": dense_flops,
             "flops_saved": dense_flops - sparse_flops,
         }
@@ -257,7 +263,8 @@ def _field_types_problem(entry: dict) -> str | None:
               ("reason", isinstance(entry["reason"], str), "a string")]
     for key in ("sparsity", "quant", "grad_sparsity", "dtype", "backend"):
         checks.append((key, entry.get(key) is None or isinstance(entry.get(key), str), "a string or null"))
-    checks.append(("flops", entry.get("flops") is None or is_int(entry.get("flops")), "an int or null"))
+    for key in ("flops", "runtime_bytes"):
+        checks.append((key, entry.get(key) is None or is_int(entry.get(key)), "an int or null"))
     checks.append(("launch", entry.get("launch") is None or isinstance(entry.get("launch"), dict), "an object or null"))
     bad = [(key, wanted) for key, ok, wanted in checks if not ok]
     return "; ".join(f"{key} must be {wanted}, got {entry.get(key)!r}" for key, wanted in bad) or None

@@ -377,3 +377,227 @@ def test_without_a_compiler_layers_run_plain_torch(run_without_compiler):
             "assert torch.allclose(bc.bitmask_linear(x, weight), x @ w.t(), atol=1e-5)\n"
             "assert torch.equal(bc.densify(weight), w)\n")
     run_without_compiler(code)
+
+
+# ---- both CPU kernel layers (bitmask for N:M, condensed for constant fan-in) against the oracle
+
+KERNEL_LAYERS = [("2:4", "bitmask"), ("fanin:0.75", "condensed")]
+
+
+def _kernel_calls(backend: str):
+    from sparsec.runtime import condensed_cpu
+
+    return (bitmask_cpu if backend == "bitmask" else condensed_cpu).calls
+
+
+def _on_kernel(model, x, pattern, backend, **kw):
+    """`model` compiled with every sparse layer on the CPU kernel `backend`, and the oracle's pruned copy."""
+    plan = sparsec.explain(model, pattern=pattern, example_inputs=(x,), backend="torch", **kw)
+    for lp in plan.sparse_layers:
+        lp.backend = backend
+    cm = sparsec.compile(model, example_inputs=(x,), plan=plan)
+    assert cm.plan.sparse_layers and all(lp.backend == backend for lp in cm.plan.sparse_layers)
+    return cm, pruned_model(model, cm.plan)
+
+
+def _smooth_mlp():
+    """tanh between the layers: second derivatives through them are not zero, as they are past a relu."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(),
+                          nn.Linear(64, 4))
+    return model, torch.randn(5, 64)
+
+
+@pytest.mark.parametrize("pattern, backend", KERNEL_LAYERS)
+def test_second_derivatives_equal_the_dense_pruned_model(pattern, backend):
+    """A gradient penalty (the input gradient taken with create_graph, then its norm's backward) through
+    kernel layers gives every parameter the gradient the dense pruned model gives. (The backward used
+    to call torch.autograd.grad without create_graph: the penalty's gradient stopped at the kernel
+    layers, leaving their biases' gradients None and the first layer's wrong.)"""
+    model, x = _smooth_mlp()
+    cm, ref = _on_kernel(model, x, pattern, backend, min_weights=0)
+    _kernel_calls(backend).clear()
+    for m in (cm, ref):
+        xr = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(m(xr).pow(2).sum(), xr, create_graph=True)
+        g.pow(2).sum().backward()
+    assert _kernel_calls(backend)["fast"] == len(cm.plan.sparse_layers)  # the forward ran the kernels
+    expected = dict(ref.named_parameters())
+    for name, p in cm.named_parameters():
+        want = expected[name.removeprefix("graph_module.")].grad
+        assert p.grad is not None and output_error(p.grad, want) <= 1e-4, name
+
+
+@pytest.mark.parametrize("pattern, backend", KERNEL_LAYERS)
+def test_torch_func_transforms_see_the_reference(pattern, backend):
+    """vmap, jacrev, jacfwd and grad over a model with kernel layers equal the same transforms of the
+    dense pruned model (vmap refused the kernels' Function; jacrev through it gave a wrong Jacobian)."""
+    model, x = _smooth_mlp()
+    cm, ref = _on_kernel(model, x, pattern, backend, min_weights=0)
+    transforms = {"vmap": lambda m: torch.func.vmap(m)(x),
+                  "jacrev": lambda m: torch.func.jacrev(m)(x[0]),
+                  "jacfwd": lambda m: torch.func.jacfwd(m)(x[0]),
+                  "grad": lambda m: torch.func.grad(lambda v: m(v).pow(2).sum())(x)}
+    for name, transform in transforms.items():
+        assert output_error(transform(cm), transform(ref)) <= 1e-5, name
+    with torch.no_grad():  # outside a transform the kernels still run
+        _kernel_calls(backend).clear()
+        cm(x)
+        assert _kernel_calls(backend)["fast"] == len(cm.plan.sparse_layers)
+
+
+@pytest.mark.parametrize("pattern, backend", KERNEL_LAYERS)
+def test_torch_compile_fullgraph_in_grad_mode(pattern, backend):
+    """In grad mode (biases require grad, so autograd wraps the kernel even for an input that does not)
+    torch.compile(fullgraph=True) traces the kernel into one graph; its outputs and gradients equal
+    the oracle's. (The backward called torch.autograd.grad, which TorchDynamo refuses to trace.)"""
+    model, (x,) = load_example("mlp").build_model()
+    cm, ref = _on_kernel(model, x, pattern, backend)
+    op = "sparsec_bitmask.linear" if backend == "bitmask" else "sparsec_condensed.linear_"
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(cm)(x)
+    # (the kernel's autograd.Function is a higher-order op: its forward is a subgraph of the one graph)
+    code = "".join(g.code for g in explained.graphs[0].modules() if isinstance(g, torch.fx.GraphModule))
+    assert explained.graph_count == 1 and explained.graph_break_count == 0 and code.count(op) >= len(cm.plan.sparse_layers)
+    compiled = torch.compile(cm, fullgraph=True, backend="aot_eager")
+    assert output_error(compiled(x), ref(x)) <= 1e-5
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    grad = torch.randn(x.shape[0], 10)
+    (compiled(xa) * grad).sum().backward()
+    (ref(xb) * grad).sum().backward()
+    assert output_error(xa.grad, xb.grad) <= 1e-5
+    assert output_error(cm.sparse_module("fc2").bias.grad, ref.fc2.bias.grad) <= 1e-5
+
+
+@pytest.mark.parametrize("pattern, backend", KERNEL_LAYERS)
+def test_cpu_autocast_sets_the_dtype_as_for_nn_linear(pattern, backend):
+    """Under torch.autocast("cpu", bfloat16) a float32 kernel layer given a float32 input (the model's
+    input here; in a transformer, a LayerNorm's output, which autocast keeps float32) computes and
+    returns bfloat16, as nn.Linear does (the kernels returned float32); a bfloat16 model under it
+    still runs the kernels."""
+    model, (x,) = load_example("mlp").build_model()
+    cm, ref = _on_kernel(model, x, pattern, backend, include=["fc1"])  # the first layer sees x itself
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        first, y, expected = cm.sparse_module("fc1")(x), cm(x), ref(x)
+    assert first.dtype == y.dtype == expected.dtype == torch.bfloat16
+    assert output_error(y.double(), expected.double()) <= 2e-2
+    bf16 = copy.deepcopy(cm).to(torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        _kernel_calls(backend).clear()
+        assert bf16(x.to(torch.bfloat16)).dtype == torch.bfloat16
+        assert _kernel_calls(backend)["fast"] == len(cm.plan.sparse_layers)
+
+
+@pytest.mark.parametrize("pattern, backend", KERNEL_LAYERS)
+def test_inputs_without_in_features_features_are_refused(pattern, backend):
+    """An input with more or fewer features than the layer's in_features raises, naming the layer, its
+    in_features and the input's shape, on every path: the kernel (a condensed layer read only the
+    columns its indices name and computed on), past the measured rows, with autograd, and the
+    reference (another dtype)."""
+    model, (x,) = load_example("mlp").build_model()
+    cm, _ = _on_kernel(model, x, pattern, backend)
+    layer = cm.sparse_module("fc2")  # 512 -> 512
+    for features in (520, 500):
+        bad = torch.randn(3, features)
+        message = (rf"layer 'fc2' takes inputs with 512 features in the last dimension \(its in_features\), got an "
+                   rf"input of shape \(3, {features}\)")
+        for max_rows, xb in ((None, bad), (1, bad), (None, bad.requires_grad_(True)), (None, bad.double())):
+            layer.launch = {"max_rows": max_rows}
+            with pytest.raises(RuntimeError, match=message):
+                layer(xb)
+
+
+@pytest.mark.parametrize("pattern, backend", KERNEL_LAYERS)
+def test_half_keeps_int8_scales_float32(pattern, backend):
+    """.half() of an int8 model leaves the per-channel scales float32 (cast to float16 they moved every
+    weight of their row): the effective weights are the float32 ones rounded once, and the outputs
+    equal the oracle's within float16's rounding."""
+    model, (x,) = load_example("mlp").build_model()
+    cm, ref = _on_kernel(model, x, pattern, backend, quantize="int8")
+    half = copy.deepcopy(cm).half()
+    for lp in cm.plan.sparse_layers:
+        assert half.sparse_module(lp.name).packed.scales.dtype == torch.float32
+        assert torch.equal(half.effective_weight(lp.name), cm.effective_weight(lp.name).half())
+    with torch.no_grad():
+        _kernel_calls(backend).clear()
+        y = half(x.half())
+        assert y.dtype == torch.float16 and _kernel_calls(backend)["fast"] == len(cm.plan.sparse_layers)
+        assert output_error(y.double(), ref(x).double()) <= 4e-3
+
+
+FRESH_COMPILE = """
+import sys, torch, sparsec
+case, folder = sys.argv[1], sys.argv[2]
+x, expected = torch.load(folder + "/x.pt"), torch.load(folder + "/y.pt")
+if case == "load":
+    cm = sparsec.load(folder + "/m.sparsec")
+else:
+    plan = sparsec.Plan.from_json(open(folder + "/plan.json").read())
+    cm = sparsec.compile(torch.load(folder + "/model.pt", weights_only=False), example_inputs=(x,), plan=plan)
+with torch.no_grad():
+    y = torch.compile(cm, fullgraph=True, backend="aot_eager")(x)
+assert float((y - expected).abs().max()) <= 1e-5 * float(expected.abs().max()), case
+"""
+
+
+@pytest.mark.parametrize("case", ["load", "plan"])
+def test_torch_compile_fullgraph_in_a_fresh_process(tmp_path, case):
+    """A fresh process whose first use of the bitmask kernel is a loaded model (or one compiled from a
+    plan, which measures nothing): the layout build loads the library, so torch.compile(fullgraph=True)
+    finds the operator. (The library was loaded on the first call, inside TorchDynamo's trace, which
+    then failed.)"""
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    x = torch.randn(3, 64)
+    cm, ref = _on_kernel(model, x, "2:4", "bitmask", min_weights=0)
+    sparsec.save(cm, tmp_path / "m.sparsec")
+    (tmp_path / "plan.json").write_text(cm.plan.to_json())
+    torch.save(model, tmp_path / "model.pt")
+    torch.save(x, tmp_path / "x.pt")
+    with torch.no_grad():
+        torch.save(ref(x), tmp_path / "y.pt")
+    subprocess.run([sys.executable, "-c", FRESH_COMPILE, case, str(tmp_path)], check=True, timeout=300)
+
+
+@pytest.mark.parametrize("pattern, backend", KERNEL_LAYERS)
+def test_plan_bytes_count_what_the_kernel_layers_hold(pattern, backend):
+    """A compiled model's plan counts each kernel layer's memory: the stored form plus the layout its
+    kernel built (condensed: a sorted float32 copy, int16 indices and on AVX-512 the segment layout,
+    which made it 3x the 8 bytes per kept weight the plan said; bitmask: one bit word per 16 columns,
+    its values shared). A compiled model compiled again names the packed layers' runtime."""
+    model, (x,) = load_example("mlp").build_model()
+    cm, _ = _on_kernel(model, x, pattern, backend)
+    for lp in cm.plan.sparse_layers:
+        module = cm.sparse_module(lp.name)
+        packed, layout = module.packed, module._derived["layout"]
+        if backend == "condensed":
+            held = [packed.values, packed.indices, *layout.rows, *layout.seg]
+        else:
+            assert layout.values.data_ptr() == packed.values.data_ptr()  # shared, counted once
+            held = [packed.values, packed.meta, layout.masks]
+        assert lp.runtime_bytes == sum(t.numel() * t.element_size() for t in held) > lp.stored_bytes()
+    dense = [lp for lp in cm.plan if not lp.sparsity]
+    assert cm.plan.totals()["bytes_after"] == (sum(lp.runtime_bytes for lp in cm.plan.sparse_layers)
+                                               + sum(lp.dense_bytes() for lp in dense))
+    reread = sparsec.Plan.from_json(cm.plan.to_json())
+    assert [lp.runtime_bytes for lp in reread] == [lp.runtime_bytes for lp in cm.plan]
+    assert sparsec.explain(model, pattern=pattern, example_inputs=(x,))["fc2"].runtime_bytes is None
+    again = sparsec.compile(cm, example_inputs=(x,))
+    for lp in cm.plan.sparse_layers:
+        assert again.plan[lp.name].backend == backend and again.plan[lp.name].runtime_bytes == lp.runtime_bytes
+
+
+@pytest.mark.parametrize("pattern, backend", KERNEL_LAYERS)
+def test_a_plan_naming_a_kernel_for_a_float64_layer_is_refused(pattern, backend):
+    """The kernels run float32 / bfloat16 / float16 layers: a plan asking for one on a float64 model
+    is refused, naming the dtype (it was accepted and ran the torch reference as if it were the kernel)."""
+    model, (x,) = load_example("mlp").build_model()
+    plan = sparsec.explain(model, pattern=pattern, example_inputs=(x,), backend="torch")
+    for lp in plan.sparse_layers:
+        lp.backend = backend
+    with pytest.raises(ValueError, match=rf"the given plan asks for backend '{backend}' on layer 'fc2', but the C\+\+ "
+                                         r"CPU kernels run float32 / bfloat16 / float16 layers \(this one is float64\)"):
+        sparsec.compile(copy.deepcopy(model).double(), example_inputs=(x.double(),), plan=plan)

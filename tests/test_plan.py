@@ -103,6 +103,7 @@ def test_misspelt_or_misplaced_entries_name_the_layer(field, value, match):
     ("name", None, r"layer #1 \(None\): name must be a non-empty string"),
     ("name", 5, "name must be a non-empty string"),
     ("flops", "many", "flops must be an int or null"),
+    ("runtime_bytes", 1.5, "runtime_bytes must be an int or null"),
     ("sparsity", 24, "sparsity must be a string or null"),
 ])
 def test_fields_of_the_wrong_json_type_are_named(field, value, match):

@@ -61,6 +61,10 @@ class BitmaskWeight:
 def prepare(values: torch.Tensor, mask: torch.Tensor, scales: torch.Tensor | None = None) -> BitmaskWeight:
     if values.dim() != 2 or mask.dim() != 2 or mask.shape[0] != values.shape[0] or mask.dtype != torch.bool:
         raise ValueError(f"values {tuple(values.shape)} must be [out, nnz] and mask {tuple(mask.shape)} a bool [out, K]")
+    # Load the library (and its operators' fake versions) now, eagerly: a layer's layout is built when
+    # the layer is made or loaded, and TorchDynamo cannot trace the build and load if the first call
+    # is what triggers them (torch.compile(fullgraph=True) of a freshly loaded model failed).
+    _load()
     out, k = mask.shape
     words = -(-k // 16)
     padded = torch.zeros(out, words * 16, dtype=torch.float32)

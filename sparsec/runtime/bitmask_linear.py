@@ -11,6 +11,8 @@ from sparsec.runtime.cpu_linear import CpuKernelLinear
 
 
 class BitmaskLinear(CpuKernelLinear):
+    kernel_backend = "bitmask"
+
     def build_layout(self):
         return bitmask_cpu.prepare(self.packed.values, self.packed.mask(), self.packed.scales)
 

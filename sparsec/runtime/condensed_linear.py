@@ -9,6 +9,8 @@ from sparsec.runtime.cpu_linear import CpuKernelLinear
 
 
 class CondensedLinear(CpuKernelLinear):
+    kernel_backend = "condensed"
+
     def build_layout(self):
         # int8 and 16-bit layers' values become float32 once: the kernel multiplies float32 values
         return condensed_cpu.prepare(self.packed.kept_values(torch.float32), self.packed.indices)

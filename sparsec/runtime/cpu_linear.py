@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from sparsec.runtime.layers import SparseLinear, run_kernel
+from sparsec.runtime.layers import SparseLinear, torch_func_active
 
 
 class CpuKernelLinear(SparseLinear):
@@ -67,14 +67,52 @@ class CpuKernelLinear(SparseLinear):
         return (self.launch or {}).get("max_rows")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Checked here, not left to the kernels: a condensed kernel reads only the columns its indices
+        # name, so extra features were silently ignored where nn.Linear raises.
+        if x.shape[-1] != self.packed.reduction:
+            raise RuntimeError(f"layer {self.layer_name!r} takes inputs with {self.packed.reduction} features in "
+                               f"the last dimension (its in_features), got an input of shape {tuple(x.shape)}")
         # The kernels run CPU layers of kernel_dtypes on inputs of the layer's dtype, and an exported
         # program holds portable ops, not this process's kernel: anything else runs the reference (an
         # input of another dtype fails there as in the original layer), as do more rows than the kernel
-        # measured faster at.
+        # measured faster at, a torch.func transform (the kernels have no batching rule) and CPU
+        # autocast to another dtype (F.linear then computes and returns the autocast dtype).
         if (x.dtype != self.packed.dtype_probe.dtype or x.device.type != "cpu" or not self.kernel_runs()
-                or torch.compiler.is_exporting()):
+                or torch.compiler.is_exporting() or torch_func_active() or autocast_changes(x.dtype)):
             return self.reference(x)
         limit = self.max_rows()
         if limit is not None and x.numel() > limit * x.shape[-1]:
             return self.many_rows(x)
-        return run_kernel(self, x)
+        if torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
+            return LinearKernel.apply(x, self, self.bias)
+        return self.kernel_forward(x)
+
+
+def autocast_changes(dtype: torch.dtype) -> bool:
+    """Whether CPU autocast is on and would run F.linear on inputs of `dtype` in another dtype."""
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4: per-device functions
+        return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != dtype
+    return torch.is_autocast_cpu_enabled() and torch.get_autocast_cpu_dtype() != dtype
+
+
+class LinearKernel(torch.autograd.Function):
+    """y = layer.kernel_forward(x) = F.linear(x, W, bias), W the layer's packed rows, with F.linear's
+    backward written out: dx = dy W, dbias = dy summed over rows. Plain ops, so the backward is itself
+    differentiable (second derivatives: it records its graph when create_graph asks) and TorchDynamo
+    traces it: torch.compile(fullgraph=True) holds in grad mode, where a backward calling
+    torch.autograd.grad on the recomputed reference broke the graph (a bias requires grad by default)."""
+
+    @staticmethod
+    def forward(x, layer, bias):
+        return layer.kernel_forward(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.layer = inputs[1]
+
+    @staticmethod
+    def backward(ctx, dy):
+        # (the rows are rebuilt from the packed weight, as the reference would: nothing is saved)
+        dx = dy @ ctx.layer.packed.rows() if ctx.needs_input_grad[0] else None
+        dbias = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
+        return dx, None, dbias

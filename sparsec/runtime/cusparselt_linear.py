@@ -18,6 +18,8 @@ def semi_structured_available() -> bool:
 
 
 class CusparseltLinear(traced_call.OpaqueKernel, SparseLinear):
+    kernel_backend = "cusparselt"
+
     def semi_structured_weight(self):
         return self.derived("semi_structured", lambda: torch.sparse.to_sparse_semi_structured(self.packed.rows()))
 

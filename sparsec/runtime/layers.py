@@ -7,13 +7,15 @@ backend "dense", the rebuild is the stored dense weight itself.)
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from sparsec.meta import ConvParams
 from sparsec.reference import rows_to_weight
-from sparsec.runtime.packed import PackedWeight
+from sparsec.runtime.packed import DensePacked, PackedWeight
 
 
 class RuntimeLayer(nn.Module):
@@ -62,29 +64,50 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, con
 
 class KernelForward(torch.autograd.Function):
     """Forward through a layer's fast kernel, backward through its plain-torch `reference`
-    (recomputed): inference speed by default, and gradients still right when someone asks."""
+    (recomputed): inference speed by default, and gradients still right when someone asks. The
+    backward is itself differentiable (create_graph when grad mode is on in backward), so second
+    derivatives (a gradient penalty, a Hessian-vector product) equal the reference's."""
 
     @staticmethod
-    def forward(ctx, x, layer, *params):
+    def forward(x, layer, *params):
+        return layer.kernel_forward(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, layer, *params = inputs
         ctx.layer = layer
         ctx.save_for_backward(x, *params)
-        return layer.kernel_forward(x)
 
     @staticmethod
     def backward(ctx, dy):
         x, *params = ctx.saved_tensors
-        wanted = [p for p, need in zip([x] + params, [ctx.needs_input_grad[0]] + list(ctx.needs_input_grad[2:])) if need]
+        needs_x, needs_params = ctx.needs_input_grad[0], ctx.needs_input_grad[2:]
+        # grad mode is on in backward exactly when the caller asked for create_graph: then the gradient
+        # is built from x itself (not a detached copy), so its own graph reaches x, dy and the params
+        create_graph = torch.is_grad_enabled()
         with torch.enable_grad():
-            xd = x.detach().requires_grad_(ctx.needs_input_grad[0])
+            xd = x if create_graph else x.detach().requires_grad_(needs_x)
             y = ctx.layer.reference(xd)
-            targets = [xd if p is x else p for p in wanted]
-            grads = iter(torch.autograd.grad(y, targets, dy, allow_unused=True))
-        return (next(grads) if ctx.needs_input_grad[0] else None, None,
-                *[next(grads) if need else None for need in ctx.needs_input_grad[2:]])
+            targets = ([xd] if needs_x else []) + [p for p, need in zip(params, needs_params) if need]
+            grads = iter(torch.autograd.grad(y, targets, dy, allow_unused=True, create_graph=create_graph))
+        return (next(grads) if needs_x else None, None, *[next(grads) if need else None for need in needs_params])
+
+
+def torch_func_active() -> bool:
+    """Whether a torch.func transform (vmap, grad, jacrev, jvp, ...) is running. Kernels are opaque to
+    them (vmap found no batching rule; jacrev through KernelForward, whose backward calls
+    torch.autograd.grad, gave a wrong Jacobian without an error), so kernel layers run their plain-torch
+    reference then. (torch._C._functorch.peek_interpreter_stack() read "active" while TorchDynamo
+    traced a plain call; this reads False there.)"""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return active is not None and active()
 
 
 def run_kernel(layer, x: torch.Tensor) -> torch.Tensor:
-    """layer.kernel_forward(x), differentiable through layer.reference when autograd needs it."""
+    """layer.kernel_forward(x), differentiable through layer.reference when autograd needs it; the
+    reference itself under a torch.func transform."""
+    if torch_func_active():
+        return layer.reference(x)
     if not torch.is_grad_enabled():  # inference: no parameter scan on the per-call path
         return layer.kernel_forward(x)
     params = [p for p in layer.parameters() if p.requires_grad]
@@ -97,6 +120,7 @@ class SparseLayer(RuntimeLayer):
     """Common part: the packed weight, the bias, and what the plan said about this layer."""
 
     weight_probe = "packed.dtype_probe"
+    kernel_backend = "torch"  # the plan's name for what runs this layer (a DensePacked weight: "dense")
 
     def __init__(self, packed: PackedWeight, bias: torch.Tensor | None, op: str, weight_shape: tuple[int, ...],
                  layer_name: str, pattern: str, reason: str):
@@ -106,6 +130,35 @@ class SparseLayer(RuntimeLayer):
         self.op, self.weight_shape = op, tuple(weight_shape)
         self.layer_name, self.pattern, self.reason = layer_name, pattern, reason
         self._derived: dict = {}
+
+    @property
+    def backend(self) -> str:
+        """What runs this layer, as the plan names it: torch, dense, triton, cusparselt, condensed, bitmask."""
+        return "dense" if isinstance(self.packed, DensePacked) else self.kernel_backend
+
+    def weight_bytes(self) -> int:
+        """Bytes this layer holds for its weight now: the packed buffers plus what a kernel derived from
+        them (a CPU kernel's layout: sorted float32 copies, narrower indices, a segment layout), each
+        storage counted once (a layout sharing the packed values adds nothing for them). The bias is
+        not a weight, as in the plan's dense bytes."""
+        storages = {}
+
+        def visit(value):
+            if type(value) is torch.Tensor:  # (not cuSPARSELt's semi-structured subclass: CUDA only, not counted)
+                storages[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
+            elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+                for f in dataclasses.fields(value):
+                    visit(getattr(value, f.name))
+            elif isinstance(value, (tuple, list)):
+                for item in value:
+                    visit(item)
+
+        for buffer in self.packed.buffers():
+            visit(buffer)
+        for value in self._derived.values():
+            visit(value)
+        storages.pop(0, None)  # empty tensors (the dtype probe) have no storage
+        return sum(storages.values())
 
     def derived(self, key: str, build):
         """A value computed from the packed weight once and reused per call (a kernel layout, a spec).

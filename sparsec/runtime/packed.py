@@ -31,6 +31,16 @@ class PackedWeight(nn.Module):
     def quant(self) -> str | None:
         return "int8" if self.scales is not None else None
 
+    def _apply(self, fn, recurse=True):
+        # int8 scales stay float32 through .half() / .to(dtype) (the format, and what the kernels read):
+        # cast to float16 they kept 11 bits, and every dequantized weight of the row moved with them.
+        # Only the device follows fn; nn.Module._apply assigns new buffers, so `scales` is intact here.
+        scales = self.scales
+        module = super()._apply(fn, recurse)
+        if scales is not None and self.scales.dtype != scales.dtype:
+            self.scales = scales.to(self.scales.device)
+        return module
+
     def kept_values(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Kept values in a float dtype (dequantized for int8)."""
         dtype = dtype or self.dtype_probe.dtype

@@ -79,6 +79,8 @@ class FusedEpilogue(traced_call.OpaqueKernel):
 
 
 class TritonSparseLinear(FusedEpilogue, SparseLinear):
+    kernel_backend = "triton"
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.init_epilogue()
