@@ -127,7 +127,8 @@ def _fuse_chain(gm: fx.GraphModule, ctx: CompileContext, layer_node: fx.Node, mo
             ops.append(act)
             stage = 2
         elif stage <= 2 and features_last and (s := _vector_operand(gm, user, cur, _MUL, n)) is not None:
-            module.out_scale = attribute(gm, s.target).detach().clone().reshape(-1).expand(n).clone()
+            vector = attribute(gm, s.target)  # a trainable scale (LayerScale's gamma) stays a parameter, as the bias
+            module.out_scale = nn.Parameter(vector.detach().reshape(-1).expand(n).clone(), requires_grad=vector.requires_grad)
             ops.append("scale")
             stage = 3
         elif (dtype := _cast(user, cur)) is not None:

@@ -1013,3 +1013,20 @@ def test_converting_a_model_that_runs_triton_kernels_to_another_dtype_is_refused
     cm.to(x.device)  # a conversion that keeps the dtype is fine
     with torch.no_grad():
         assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+
+
+def test_fused_bias_and_scale_parameters_stay_parameters_with_their_gradients(tmp_path):
+    """A trainable vector folded into a kernel's epilogue (b_bias, c_scale) is still a parameter of the
+    compiled model, with the gradient the model gives it (the scale was a buffer copy: no gradient)."""
+    model, x, cm, modules = _compiled_on_triton(Chains)
+    assert isinstance(modules["c"].out_scale, nn.Parameter) and isinstance(modules["b"].bias, nn.Parameter)
+    ref = pruned_model(model, cm.plan)
+    cm(x).square().sum().backward()
+    ref(x).square().sum().backward()
+    for fused, original in ((modules["c"].out_scale, ref.c_scale), (modules["b"].bias, ref.b_bias)):
+        assert fused.grad is not None and output_error(fused.grad, original.grad) <= 1e-4
+    sparsec.save(cm, tmp_path / "m")
+    loaded = sparsec.load(tmp_path / "m")
+    assert any(name.endswith("c.out_scale") for name, _ in loaded.named_parameters())
+    with torch.no_grad():
+        assert torch.equal(loaded(x), cm(x))
