@@ -33,10 +33,11 @@ def _set_submodule(gm: fx.GraphModule, path: str, module: torch.nn.Module) -> No
     setattr(*owner_of(gm, path), module)
 
 
-# decision.backend -> the module class running a linear / matmul layer
-LINEAR_MODULES = {None: SparseLinear, "torch": SparseLinear, "dense": SparseLinear,
-                  "triton": TritonSparseLinear, "cusparselt": CusparseltLinear, "condensed": CondensedLinear,
-                  "bitmask": BitmaskLinear}
+# decision.backend -> the module class running a linear / matmul layer (each class names its backend;
+# a "dense" decision stores a DensePacked weight in the plain layer)
+LINEAR_MODULES = {None: SparseLinear, "dense": SparseLinear,
+                  **{cls.kernel_backend: cls for cls in (SparseLinear, TritonSparseLinear, CusparseltLinear,
+                                                          CondensedLinear, BitmaskLinear)}}
 
 
 # (op, runs the Triton kernel) -> the module class running a convolution

@@ -18,7 +18,7 @@ from sparsec.distributed import check_whole, full, refuse_sharded
 from sparsec.errors import InvalidInputError
 from sparsec.passes.weight_reads import owner_of
 from sparsec.pipeline import PassRecord
-from sparsec.plan import Plan
+from sparsec.plan import Plan, dtype_name
 from sparsec.runtime.layers import RuntimeLayer
 from sparsec.runtime.training import TrainableLayer
 
@@ -68,6 +68,10 @@ def _call_error(gm: fx.GraphModule, args: tuple, kwargs: dict, error: Exception)
     return None
 
 
+# The plan note shrink(eval_only=True) leaves: train() reads it to say why the model stays in eval mode.
+EVAL_ONLY_NOTE = "shrink(eval_only=True): constants folded for eval mode only; the model refuses train()"
+
+
 class CompiledModel(nn.Module):
     def __new__(cls, *args, **kwargs):
         # Each compiled model gets a class of its own whose forward has its own code object, as each
@@ -105,7 +109,7 @@ class CompiledModel(nn.Module):
         # instead of silently ignored
         fixed = getattr(self._modules.get("graph_module"), "fixed_training", None)
         if fixed is not None and bool(mode) != fixed:
-            if not fixed and any("shrink(eval_only=True)" in note for note in self.plan.notes):
+            if not fixed and EVAL_ONLY_NOTE in self.plan.notes:
                 raise InvalidInputError("this model was shrunk with eval_only=True: its folded constants hold for "
                                         "eval mode only, so cm.train() cannot switch it; shrink the unshrunk model "
                                         "without eval_only to train the result")
@@ -128,8 +132,8 @@ class CompiledModel(nn.Module):
                 if after != before:
                     raise InvalidInputError(
                         f"layer {m.layer_name!r} runs Triton kernel {m.kernel_name} generated for "
-                        f"{str(before).removeprefix('torch.')}; converting the model to "
-                        f"{str(after).removeprefix('torch.')} would need another kernel: convert the model "
+                        f"{dtype_name(before)}; converting the model to {dtype_name(after)} would need another "
+                        f"kernel: convert the model "
                         f"first, then compile it (sparsec.compile(model.to({after}), ...)), or compile with "
                         f"backend='torch', whose layers convert")
         return super()._apply(fn, recurse)

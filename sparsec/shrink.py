@@ -73,7 +73,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from sparsec.compiled import CompiledModel
+from sparsec.compiled import EVAL_ONLY_NOTE, CompiledModel
 from sparsec.errors import InvalidInputError, InvalidTypeError
 from sparsec.group_lasso import col_norms, row_norms
 from sparsec.meta import ConvParams, data_input, get_meta, layer_nodes, plain_layer_op, update_meta
@@ -950,10 +950,10 @@ def _report(a: _Analysis, d: _Decision, threshold: float) -> ShrinkReport:
 # --------------------------------------------------------------------------- entry point
 
 
-def _modes(gm: fx.GraphModule, eval_only: bool) -> list[bool | None]:
-    """The modes the shrunk model must be exact in: those the model can be switched to (train / eval,
-    or the one its graph fixes, or eval for eval_only), and the modules' flags as they are where they
-    differ from one another."""
+def _modes(gm: fx.GraphModule, eval_only: bool, training: bool) -> tuple[list[bool | None], bool]:
+    """(the modes the shrunk model must be exact in, the model's own mode). The modes: those the model
+    can be switched to (train / eval, or the one its graph fixes, or eval for eval_only), and the
+    modules' flags as they are where they differ from one another."""
     fixed = getattr(gm, "fixed_training", None)
     if eval_only and fixed:
         raise InvalidInputError("eval_only=True, but this model's graph was traced in training mode and fixes it "
@@ -961,7 +961,7 @@ def _modes(gm: fx.GraphModule, eval_only: bool) -> list[bool | None]:
     modes = [False] if eval_only else [fixed] if fixed is not None else [False, True]
     if not eval_only and len({m.training for m in gm.modules()}) > 1:
         modes.append(None)
-    return modes
+    return modes, False if eval_only else training if fixed is None else fixed
 
 
 def shrink(cm: CompiledModel, threshold: float = 0.0, *, ragged_fanin: bool = False,
@@ -1001,9 +1001,8 @@ def shrink(cm: CompiledModel, threshold: float = 0.0, *, ragged_fanin: bool = Fa
     _fold_shape_reads(gm)
     layers = _find_layers(gm)
     before = {layer.name: tuple(layer.weight(gm).shape) for layer in layers.values()}
-    current = getattr(gm, "fixed_training", None)
-    current = False if eval_only else cm.training if current is None else current
-    analyses = {mode: _Analysis(gm, layers, float(threshold), ragged_fanin, mode) for mode in _modes(gm, eval_only)}
+    modes, current = _modes(gm, eval_only, cm.training)
+    analyses = {mode: _Analysis(gm, layers, float(threshold), ragged_fanin, mode) for mode in modes}
     decision = _Decision(analyses, current)
     analysis = decision.a
     _rewrite(gm, analysis, decision)
@@ -1031,6 +1030,6 @@ def shrink(cm: CompiledModel, threshold: float = 0.0, *, ragged_fanin: bool = Fa
     if eval_only:
         out.eval()
         gm.fixed_training = False  # the folds hold for eval mode only: train() is refused (CompiledModel.train)
-        plan.notes.append("shrink(eval_only=True): constants folded for eval mode only; the model refuses train()")
+        plan.notes.append(EVAL_ONLY_NOTE)
     out.shrink_report = report
     return out

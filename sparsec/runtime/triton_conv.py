@@ -17,8 +17,6 @@ from sparsec.runtime.triton_linear import FusedEpilogue
 
 
 class TritonSparseConv2d(FusedEpilogue, SparseConv2d):
-    kernel_backend = "triton"
-
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.init_epilogue()

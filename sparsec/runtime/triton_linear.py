@@ -30,6 +30,8 @@ class FusedEpilogue(traced_call.OpaqueKernel):
     scale, cast; the bias is the layer's own), the kernel the codegen pass attached, and the same
     epilogue in plain torch for `reference`."""
 
+    kernel_backend = "triton"
+
     def init_epilogue(self) -> None:
         self.activation: str | None = None
         self.register_buffer("out_scale", None)
@@ -79,8 +81,6 @@ class FusedEpilogue(traced_call.OpaqueKernel):
 
 
 class TritonSparseLinear(FusedEpilogue, SparseLinear):
-    kernel_backend = "triton"
-
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.init_epilogue()
