@@ -38,7 +38,7 @@ BATCHES = [1, 32]
 
 
 def median_time(fn, graph: bool = True) -> float:
-    from sparsec.codegen.measure import time_cuda
+    from sparsec.codegen.timing import time_cuda
 
     return time_cuda(fn, repeats=30, graph=graph)
 

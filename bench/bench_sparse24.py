@@ -14,7 +14,7 @@ flush: weights come from device memory, as in a model whose other layers evict t
 50 MB L2 holds a whole 4096 x 4096 fp16 weight). The flush reads a large buffer, leaving the L2
 clean as a model's earlier layers do. Each row also times dense and the fastest kernel config
 after a flush that overwrites the buffer (how the first H100 session flushed every run), whose
-write-back then lands on the timed run: the "dirty_l2" entry (codegen/measure.py _flush_l2).
+write-back then lands on the timed run: the "dirty_l2" entry (codegen/timing.py flush_l2).
 GB/s and TFLOP/s are against ceilings measured in the same run: device read bandwidth (a
 reduction over 1 GiB: what a kernel streaming its weights can reach), copy bandwidth (read +
 write) and dense fp16 GEMM at 8192^3.
@@ -48,7 +48,7 @@ SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
 
 def median_time(fn, repeats: int = 50, graph: bool = True, l2_flush: str = "clean") -> float:
     """Median seconds per call; in a CUDA graph where it captures (kernel time without launch overhead)."""
-    from sparsec.codegen.measure import time_cuda
+    from sparsec.codegen.timing import time_cuda
 
     return time_cuda(fn, repeats=repeats, graph=graph, l2_flush=l2_flush)
 

@@ -51,7 +51,7 @@ def time_step(model: nn.Module, x: torch.Tensor) -> float:
         loss.backward()
         opt.step()
 
-    from sparsec.codegen.measure import time_cuda
+    from sparsec.codegen.timing import time_cuda
 
     return time_cuda(step)
 

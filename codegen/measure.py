@@ -15,92 +15,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
-from sparsec.codegen import cpu_cache
+from sparsec.codegen.timing import CPU_BLOCKS, CPU_ROUNDS, ROUNDS, time_cpu, time_cuda, timed_in_rounds
 from sparsec.errors import last_line
 from sparsec.patterns import parse_pattern
 from sparsec.reference import weight_to_rows
 
-WARMUP, REPEATS = 5, 9
-ROUNDS = 5  # backend auto on CUDA: candidates take turns, ROUNDS times (timed_in_rounds)
-# On CPU too: another process taking a core for part of the measurement then slows every candidate,
-# not only the one being timed (a helper's run saw dense at 8 ms for a 64 x 64 layer while two processes
-# shared the 2 cores, timed to the end before the kernel's turn). Each turn is time_cpu of CPU_BLOCKS blocks.
-CPU_ROUNDS, CPU_BLOCKS = 3, 3
 DEFAULT_ROWS = 16  # when no example inputs give the real M
-
-
-def _graph_replay(fn):
-    """fn captured in a CUDA graph (kernel time without launch gaps), or fn when it cannot be captured."""
-    try:
-        g = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn()
-            with torch.cuda.graph(g, stream=stream):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        return g.replay
-    except Exception:  # noqa: BLE001 - some callables cannot be captured; time them eagerly
-        return fn
-
-
-L2_FLUSHES = ("clean", "dirty")
-_L2_FLUSH: dict[int, torch.Tensor] = {}
-
-
-def _flush_l2(how: str = "clean") -> None:
-    """Evict the L2 cache through a buffer several times its size, so the next run reads its weights
-    from device memory, as a layer does in a model whose other layers' weights evicted them. (An
-    H100's 50 MB L2 holds a whole 4096 x 4096 fp16 weight: timing repeated runs on it measures the cache.)
-
-    "clean" reads the buffer: the L2 is left holding clean lines, which the timed run evicts for
-    free, as after the previous layers of a model, which read their weights. "dirty" overwrites it
-    (how the first H100 session flushed every run): the L2 is left full of dirty lines, and the timed
-    run pays a write-back of as many bytes as it reads, up to the L2's size. That inflates the
-    time of any memory-bound kernel and shrinks a smaller weight's gain: counting the write-back,
-    cuBLAS's decode GEMMs on an H100 ran at 93-104% of the copy ceiling (47-74% without), and at
-    14336 x 4096 a 2:4 layer moving its bytes as fast as cuBLAS could have shown at most 1.44x
-    dense instead of 1.78x (bench/gpu_notes.md)."""
-    device = torch.cuda.current_device()
-    if device not in _L2_FLUSH:
-        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 64 << 20
-        _L2_FLUSH[device] = torch.zeros(max(4 * l2, 256 << 20) // 4, dtype=torch.int32, device="cuda")
-    if how == "clean":
-        _L2_FLUSH[device].sum()  # reads every line; writes one number
-    else:
-        _L2_FLUSH[device].zero_()
-
-
-def time_cuda(fn, repeats: int = REPEATS, graph: bool = False, l2_flush: str = "clean") -> float:
-    """Median seconds of fn() on the current CUDA stream, after warm-up, each run after an L2 flush
-    (`l2_flush`, see _flush_l2). graph=True replays fn from a CUDA graph where it captures: the GPU
-    time of its kernels. Otherwise each run starts from an idle GPU, so the time includes getting
-    the work there (Python, launches): what an eager caller waits."""
-    if l2_flush not in L2_FLUSHES:
-        raise ValueError(f"unknown L2 flush {l2_flush!r}; use one of {list(L2_FLUSHES)}")
-    for _ in range(WARMUP):
-        fn()
-    torch.cuda.synchronize()
-    run = _graph_replay(fn) if graph else fn
-    times = []
-    for _ in range(repeats):
-        _flush_l2(l2_flush)
-        if not graph:
-            torch.cuda.synchronize()  # (else the launches would hide behind the flush)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    return statistics.median(times)
 
 
 def _layer_operands(gm, ctx, layer, decision):
@@ -215,37 +139,6 @@ def describe_launch(cfg: dict) -> str:
             + (", CUDA cores" if cfg["BLOCK_M"] < 16 else ""))
 
 
-def time_cpu(fn, block_s: float = 0.02, blocks: int = 7, cold: bool = False) -> float:
-    """Median seconds per call over `blocks` blocks of repeated calls (one short call is too short to
-    time; a call longer than a block is timed alone). cold: the median of `blocks` single calls (at
-    least 3), each after the CPU caches were evicted (codegen/cpu_cache.py)."""
-    start = time.perf_counter()
-    fn()
-    first = time.perf_counter() - start
-    if cold:
-        samples = []
-        for _ in range(max(blocks, 3)):
-            cpu_cache.evict()
-            start = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - start)
-        return statistics.median(samples)
-    per_block = 1
-    if first < block_s:
-        calls, start = 0, time.perf_counter()
-        while time.perf_counter() - start < block_s / 4:
-            fn()
-            calls += 1
-        per_block = max(1, int(calls * 4))
-    times = []
-    for _ in range(blocks):
-        start = time.perf_counter()
-        for _ in range(per_block):
-            fn()
-        times.append((time.perf_counter() - start) / per_block)
-    return statistics.median(times)
-
-
 def _sample_input(shape, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Random inputs to time candidates on, from a generator of their own: compiling must not move
     the user's random stream."""
@@ -307,25 +200,6 @@ def cpu_rows_limit(at, kernel: str, rows: int, dense_s: float, cold: bool = Fals
 # the same pruned (and quantized) weights, summed in another order and, for 16-bit inputs, rounded
 # once to the output dtype (fp16 / bf16: 2^-11 / 2^-8 per value).
 AGREEMENT = {torch.float16: 1e-2, torch.bfloat16: 3e-2, torch.float32: 1e-4}
-
-
-def timed_in_rounds(fns: dict, timer, rounds: int, failed: dict) -> dict[str, float]:
-    """name -> the median over `rounds` rounds of timer(fn), the candidates taking turns in every
-    round, so a drift while measuring (clocks ramping up from idle, another process) falls on every
-    candidate alike instead of on whichever came first. (On the H100, 2026-11-23, timing each
-    candidate to the end in turn measured dense, timed first, at 607 us against 98 us alone, and
-    auto chose a kernel that was 0.7x dense.) A candidate that raises is named in `failed`."""
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            if name in failed:
-                continue
-            try:
-                with torch.no_grad():
-                    samples[name].append(timer(fn))
-            except Exception as e:  # noqa: BLE001 - a candidate that cannot run is not chosen, and is named
-                failed[name] = last_line(e, 120)
-    return {name: statistics.median(times) for name, times in samples.items() if name not in failed}
 
 
 def _tf32_allowed(conv: bool) -> bool:

@@ -876,7 +876,7 @@ def test_values_at_an_odd_offset_are_realigned(monkeypatch):
 def test_auto_candidates_take_turns_so_a_drift_falls_on_all_of_them(monkeypatch):
     """Timing drifts while auto measures (clocks ramping up from idle): with each candidate timed to
     the end in turn, the first one measured would absorb it. In rounds, every candidate sees it."""
-    from sparsec.codegen.measure import ROUNDS, timed_in_rounds
+    from sparsec.codegen.timing import ROUNDS, timed_in_rounds
 
     clock = iter(range(1000))
     order = []
@@ -893,7 +893,7 @@ def test_auto_candidates_take_turns_so_a_drift_falls_on_all_of_them(monkeypatch)
 
 
 def test_a_candidate_failing_in_a_later_round_is_named_not_chosen():
-    from sparsec.codegen.measure import timed_in_rounds
+    from sparsec.codegen.timing import timed_in_rounds
 
     calls = []
 
@@ -940,7 +940,7 @@ def test_auto_with_graph_timing_times_gpu_time_and_says_so(monkeypatch):
 
 
 def test_timing_refuses_an_unknown_l2_flush_before_running_anything():
-    from sparsec.codegen.measure import time_cuda
+    from sparsec.codegen.timing import time_cuda
 
     calls = []
     with pytest.raises(ValueError, match=r"unknown L2 flush 'hot'; use one of \['clean', 'dirty'\]"):

@@ -187,7 +187,7 @@ def test_backend_auto_times_the_conv_kernel_against_dense(auto_as_on_a_gpu):
     assert b.backend == "triton" and b.launch["BLOCK_K"] == 16 and b.launch["M"] == 2 * 6 * 6
     assert "triton 10.0 us" in b.reason and "dense 30.0 us" in b.reason and "rejected" not in b.reason
     assert cm.plan["seq"].backend == "triton" and "failed" not in cm.plan["seq"].reason
-    from sparsec.codegen.measure import ROUNDS
+    from sparsec.codegen.timing import ROUNDS
 
     # dense + 2 configs per layer, taking turns ROUNDS times
     assert len(timed) == ROUNDS * 3 * sum(lp.sparsity is not None for lp in cm.plan)
