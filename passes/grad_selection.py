@@ -20,7 +20,7 @@ import torch.fx as fx
 from sparsec.context import CompileContext
 from sparsec.errors import InvalidInputError
 from sparsec.meta import data_input, dataflow_graph, get_meta, layer_nodes, update_meta
-from sparsec.patterns import parse_pattern
+from sparsec.patterns import NM, parse_pattern
 
 
 def _trainable_sources(gm: fx.GraphModule) -> set[fx.Node]:
@@ -50,6 +50,9 @@ def choose_grad_sparsity(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphMod
         decision, layer = meta.decision, meta.layer
         if opts.plan is not None:
             grad = decision.grad_sparsity
+            if grad is not None and not isinstance(parse_pattern(grad), NM):  # (a FanIn has no .m)
+                raise InvalidInputError(f"the given plan asks for gradient pattern {grad!r} on layer {name!r}; data "
+                                        f"gradients are pruned N:M (e.g. '2:4'), or None for a dense gradient")
             if grad is not None and layer.out_features % parse_pattern(grad).m:
                 raise InvalidInputError(f"the given plan asks for gradient pattern {grad} on layer {name!r}, whose "
                                  f"{layer.out_features} output features are not a multiple of M={parse_pattern(grad).m}")

@@ -22,6 +22,7 @@ group can only be removed once every entry, masked or not, is zero).
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass
 from typing import Iterable
@@ -40,24 +41,34 @@ from sparsec.runtime.training import TrainableLayer
 GROUPS = {"rows": "rows", "filters": "rows", "cols": "cols", "channels": "cols"}
 
 
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 class _GroupNorm(torch.autograd.Function):
-    """||t||_2 over `dims`; backward t / ||t|| per group, 0 where the norm is 0 (no NaN)."""
+    """||t||_2 over `dims`; backward t / ||t|| per group, 0 where the norm is 0 (no NaN).
+
+    The squares are summed in fp32 (fp64 for fp64) and the norms returned in that dtype: in fp16
+    a weight below ~2.4e-4 squares to 0 (a nonzero group then reads as norm 0, and
+    `freeze_zero_groups` / `sparsity` would treat it as removed) and one above ~256 squares to
+    Inf. The gradient is returned in t's dtype."""
 
     @staticmethod
     def forward(ctx, t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
         ctx.save_for_backward(t)
         ctx.dims = dims
-        return t.square().sum(dims).sqrt()
+        return t.to(_acc_dtype(t)).square().sum(dims).sqrt()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         (t,) = ctx.saved_tensors
-        norms = t.square().sum(ctx.dims, keepdim=True).sqrt()
+        wide = t.to(_acc_dtype(t))
+        norms = wide.square().sum(ctx.dims, keepdim=True).sqrt()
         for d in sorted(ctx.dims):
             grad = grad.unsqueeze(d)
         scale = torch.where(norms > 0, grad / torch.where(norms > 0, norms, torch.ones_like(norms)), 0.0)
-        return t * scale, None
+        return (wide * scale).to(t.dtype), None
 
 
 def group_view(weight: torch.Tensor, op: str, conv_groups: int = 1) -> torch.Tensor:
@@ -136,7 +147,17 @@ def layer_weights(cm, layers: Iterable[str] | None = None) -> list[LayerWeight]:
             groups = info.conv.groups if info is not None and info.conv is not None else 1
             out.append(LayerWeight(lp.name, op, *owner_of(gm, path), False, lp.weight_shape, groups))
     if layers is not None:
-        patterns = [layers] if isinstance(layers, str) else list(layers)
+        patterns = _names(layers, "layers", "layer names or full-match regular expressions")
+        if not patterns:  # not "found no weight-bearing layer": the model has some
+            raise InvalidInputError(f"layers is empty; pass None for every layer, or some of {[lw.name for lw in out]}")
+        for p in patterns:
+            if any(p == lw.name for lw in out):
+                continue
+            try:
+                re.compile(p)
+            except re.error as e:  # a name with regex metacharacters that is no valid regex
+                raise InvalidInputError(f"layers entry {p!r} is neither a layer name nor a valid regular "
+                                        f"expression ({e}); layers: {[lw.name for lw in out]}") from None
         chosen = [lw for lw in out if any(p == lw.name or re.fullmatch(p, lw.name) for p in patterns)]
         unmatched = [p for p in patterns if not any(p == lw.name or re.fullmatch(p, lw.name) for lw in out)]
         if unmatched:
@@ -154,8 +175,22 @@ def layer_weights(cm, layers: Iterable[str] | None = None) -> list[LayerWeight]:
     return out
 
 
+def _names(value, what: str, accepted: str) -> list[str]:
+    """A str or an iterable of str as a list; anything else is an InvalidTypeError naming what is accepted
+    (list(None) / list(5) would only say "object is not iterable")."""
+    if isinstance(value, str):
+        return [value]
+    try:
+        names = list(value)
+    except TypeError:
+        names = None
+    if names is None or not all(isinstance(v, str) for v in names):
+        raise InvalidTypeError(f"{what} must be a str or a list of str ({accepted}), got {value!r}")
+    return names
+
+
 def parse_groups(groups: str | Iterable[str]) -> tuple[str, ...]:
-    names = [groups] if isinstance(groups, str) else list(groups)
+    names = _names(groups, "groups", f"{sorted(GROUPS)}")
     if not names:
         raise InvalidInputError(f"groups is empty; accepted: {sorted(GROUPS)}")
     out = []
@@ -217,7 +252,13 @@ class GroupLasso:
     """
 
     def __init__(self, cm, lam: float, groups: str | Iterable[str] = "rows", layers: Iterable[str] | None = None):
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)):
+        from sparsec.compiled import CompiledModel
+
+        if not isinstance(cm, CompiledModel):  # a plain model's weights are not the ones sparsec trains
+            raise InvalidTypeError(f"GroupLasso needs a sparsec.CompiledModel, got {type(cm).__name__}; pass the "
+                                   f"compiled model itself (for a DDP wrapper, its .module), or compile the model "
+                                   f"first: sparsec.compile(model, pattern='dense', example_inputs=..., train=True)")
+        if isinstance(lam, bool) or not isinstance(lam, numbers.Real):  # numbers.Real: numpy scalars too
             raise InvalidTypeError(f"lam must be a number, got {type(lam).__name__}")
         if not math.isfinite(lam) or lam < 0:
             raise InvalidInputError(f"lam must be a finite number >= 0, got {lam}")
@@ -244,6 +285,10 @@ class GroupLasso:
     def zero_small_(self, threshold: float) -> int:
         """Set every group (of the configured types) whose norm is <= threshold to exactly 0.
         Returns how many groups were nonzero before and are zero now."""
+        if isinstance(threshold, torch.Tensor) and threshold.numel() == 1 and not threshold.is_complex():
+            threshold = threshold.item()  # e.g. a quantile of the norms
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):  # "a" >= 0 says nothing useful
+            raise InvalidTypeError(f"threshold must be a number, got {type(threshold).__name__}")
         if not threshold >= 0:
             raise InvalidInputError(f"threshold must be >= 0, got {threshold}")
         zeroed = 0

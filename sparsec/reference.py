@@ -46,7 +46,8 @@ def nm_mask(rows: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Keep the n largest-magnitude weights in every group of m consecutive ones along the last dim."""
     if rows.shape[-1] % m:
         raise InvalidInputError(f"last dimension {rows.shape[-1]} is not a multiple of M={m}")
-    groups = rows.detach().abs().reshape(*rows.shape[:-1], -1, m)
+    # (the group count spelled out, not -1: a tensor with no rows has no groups to infer it from)
+    groups = rows.detach().abs().reshape(*rows.shape[:-1], rows.shape[-1] // m, m)
     return _top_along_last(groups, n).reshape(rows.shape)
 
 

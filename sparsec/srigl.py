@@ -118,8 +118,13 @@ class SRigL:
     def __init__(self, cm, optimizer: torch.optim.Optimizer, total_steps: int, delta_t: int = 100, alpha: float = 0.3,
                  t_end: float = 0.75, gamma_sal: float = 0.3, ablation: bool = True, grad_accumulation: int = 1,
                  sparse_init: bool = False):
+        from sparsec.compiled import CompiledModel
         from sparsec.passes.selection import layer_positions
 
+        if not isinstance(cm, CompiledModel):  # a plain model has no fan-in layers sparsec owns the masks of
+            raise InvalidTypeError(f"SRigL needs a sparsec.CompiledModel, got {type(cm).__name__}; pass the compiled "
+                                   f"model itself (for a DDP wrapper, its .module), or compile the model first: "
+                                   f"sparsec.compile(model, pattern='fanin:0.9', example_inputs=..., train=True)")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise InvalidTypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         for name, value in (("total_steps", total_steps), ("delta_t", delta_t), ("grad_accumulation", grad_accumulation)):

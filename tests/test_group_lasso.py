@@ -292,3 +292,52 @@ def test_group_sparsity_grows_with_lambda_and_shrink_removes_the_zero_rows():
     with torch.no_grad():
         ref, out = cm(x), small(x)
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_fp16_weights_norms_neither_underflow_nor_overflow():
+    """Squares summed in fp16 flush a weight below ~2.4e-4 to 0 and overflow above ~256: small
+    nonzero rows then read as removed (sparsity, freeze_zero_groups; shrink dropped them, changing the
+    outputs) and large ones as Inf. Checked against float64 norms of the same fp16 values."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    with torch.no_grad():
+        model[2].weight[:10].mul_(1e-3)   # entries ~1e-4: nonzero, squares underflow fp16
+        model[2].weight[10:12].mul_(3e3)  # entries ~300: squares overflow fp16
+    model = model.half()
+    cm = dense(model, torch.randn(4, 16).half())
+    gl = GroupLasso(cm, 0.5, "rows", layers=["2"])
+    w = cm.graph_module.get_submodule("2").weight
+    ref_norms = w.detach().double().norm(dim=1)
+    assert (ref_norms > 0).all() and torch.isfinite(ref_norms).all()
+    value = gl()
+    torch.testing.assert_close(value.double(), 0.5 * ref_norms.sum(), rtol=1e-5, atol=0)
+    value.backward()
+    ref_grad = 0.5 * w.detach().double() / ref_norms[:, None]
+    assert w.grad.dtype == torch.float16
+    torch.testing.assert_close(w.grad.double(), ref_grad.half().double(), rtol=2e-3, atol=1e-7)
+    assert gl.sparsity()["2"]["row"] == 0.0
+    assert gl.freeze_zero_groups().masks["2"].all()  # nothing frozen: no row is zero
+    assert gl.zero_small_(0.0) == 0 and torch.equal(w.detach().double().norm(dim=1), ref_norms)
+
+
+def test_bad_argument_types_name_the_problem():
+    model, (x,) = load_example("mlp").build_model()
+    cm = dense(model, x)
+    with pytest.raises(TypeError, match=r"groups must be a str or a list of str.*rows"):
+        GroupLasso(cm, 1.0, None)
+    with pytest.raises(TypeError, match=r"groups must be a str or a list of str"):
+        GroupLasso(cm, 1.0, ["rows", 3])
+    with pytest.raises(TypeError, match=r"layers must be a str or a list of str"):
+        GroupLasso(cm, 1.0, layers=5)
+    with pytest.raises(ValueError, match=r"layers is empty; pass None for every layer, or some of \['fc1'"):
+        GroupLasso(cm, 1.0, layers=[])
+    with pytest.raises(ValueError, match=r"layers entry 'fc\[' is neither a layer name nor a valid regular"):
+        GroupLasso(cm, 1.0, layers=["fc["])
+    with pytest.raises(TypeError, match=r"needs a sparsec.CompiledModel, got .*compile the model first"):
+        GroupLasso(model, 1.0)
+    gl = GroupLasso(cm, 1.0)
+    with pytest.raises(TypeError, match="threshold must be a number, got str"):
+        gl.zero_small_("0.1")
+    import numpy as np
+    assert GroupLasso(cm, np.float32(0.5)).lam == 0.5  # numpy scalars are numbers
+    assert gl.zero_small_(torch.tensor(0.0)) == 0      # so is a 0-dim tensor (a quantile of the norms)

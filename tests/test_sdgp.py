@@ -537,3 +537,23 @@ def test_torch_compile_of_a_training_step_prunes_gradients_in_torch(monkeypatch)
     torch.compile(traced)(x).square().sum().backward()
     grads = [(a.grad, b.grad) for a, b in zip(eager.parameters(), traced.parameters()) if a.grad is not None]
     assert len(grads) == 6 and all(torch.allclose(a, b, atol=1e-5) for a, b in grads)
+
+
+@pytest.mark.parametrize("mode", ["magnitude", "rescale"])
+def test_empty_batch_backward_matches_native(mode):
+    """A batch of 0 samples (a detection head with no proposals, an uneven last shard) must give
+    native autograd's empty / zero gradients: the backward used to fail reshaping 0 elements into
+    groups ("cannot reshape tensor of 0 elements ... ambiguous")."""
+    w = torch.randn(8, 16, requires_grad=True)
+    b = torch.randn(8, requires_grad=True)
+    wc = torch.randn(8, 8, 3, 3, requires_grad=True)
+    for fn, ref, x, weight in [(lambda x, w: sdgp_linear(x, w, b, 2, 4, mode), lambda x, w: F.linear(x, w, b),
+                                torch.randn(0, 16), w),
+                               (lambda x, w: sdgp_conv2d(x, w, None, 1, 1, 1, 1, 2, 4, mode),
+                                lambda x, w: F.conv2d(x, w, None, 1, 1), torch.randn(0, 8, 5, 5), wc)]:
+        xs, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+        got = torch.autograd.grad(fn(xs, weight).sum(), (xs, weight))
+        want = torch.autograd.grad(ref(xr, weight).sum(), (xr, weight))
+        for g, r in zip(got, want):
+            assert g.shape == r.shape
+            torch.testing.assert_close(g, r)

@@ -273,6 +273,9 @@ def test_refuses_an_optimizer_or_model_it_cannot_drive():
                           include=[".*"], min_weights=0, weight_update="ste")
     with pytest.raises(ValueError, match="SRigL owns the masks"):
         SRigL(ste, torch.optim.SGD(ste.parameters(), lr=0.1), total_steps=10)
+    plain = _mlp()  # the uncompiled model (it failed with an AttributeError deep inside)
+    with pytest.raises(TypeError, match="SRigL needs a sparsec.CompiledModel, got Sequential.*compile the model first"):
+        SRigL(plain, torch.optim.SGD(plain.parameters(), lr=0.1), total_steps=10)
 
 
 def test_a_frozen_layer_is_left_alone():

@@ -319,3 +319,14 @@ def test_a_trained_model_compiles_for_inference_with_its_learned_masks(pattern, 
         assert "learned in training" in deployed.plan[name].reason
     with torch.no_grad():
         assert output_error(deployed(x), cm.eval()(x)) <= 1e-5
+
+
+def test_a_plan_with_a_fan_in_gradient_pattern_is_refused_by_name():
+    """Data gradients are pruned N:M only; a plan asking for a constant fan-in gradient pattern used to
+    end in a PassError wrapping AttributeError ('FanIn' object has no attribute 'm')."""
+    model, inputs = load_example("mlp").build_model()
+    plan = sparsec.explain(model, example_inputs=inputs, train=True, grad_pattern="2:4")
+    name = next(lp.name for lp in plan if lp.grad_sparsity is not None)
+    plan[name].grad_sparsity = "fanin:0.5"
+    with pytest.raises(ValueError, match=rf"gradient pattern 'fanin:0.5' on layer '{name}'.*N:M"):
+        sparsec.compile(model, example_inputs=inputs, plan=plan, train=True)

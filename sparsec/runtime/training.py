@@ -5,6 +5,10 @@ state. Forward computes with `weight * mask`:
 
 * weight_update="fixed": the mask never changes. Pruned weights are zeroed once, get zero gradient
   (d(w*mask)/dw = mask), so any optimizer (SGD, AdamW with weight decay) leaves them exactly 0.
+  Exception: optimizer state that is nonzero there already (momentum / Adam moments loaded from a
+  dense phase's checkpoint) still moves the stored Parameter at masked positions. The layer computes
+  with `weight * mask`, so outputs, `effective_weight()` and recompiles stay exact; only the raw
+  Parameter (and `state_dict()`) then holds nonzeros under the mask.
 * weight_update="ste": SR-STE (Zhou et al., ICLR 2021). The weight stays dense (pruned weights keep
   their values, so they can win their place back) and the mask is derived from it, on every forward
   and whenever it is read (`mask()`, `effective_weight()`, an inference compile of the trained model:
