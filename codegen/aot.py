@@ -207,7 +207,7 @@ def check_standard_builds(capabilities=(80, 90)) -> dict[str, str]:
     Must run where no kernel has been run in the Triton interpreter (the interpreter leaves
     triton.language patched in its process)."""
     from sparsec.codegen.builder import emit_matmul
-    from sparsec.codegen.launch import prune_kernel_source
+    from sparsec.codegen.prune_launch import prune_kernel_source
 
     results = {}
     for key, spec, cfg in standard_builds():

@@ -1,4 +1,4 @@
-"""Launchers for the generated kernels (2:4 matmul, condensed fan-in matmul, 2:4 prune+compress):
+"""Launchers for the generated matmul kernels (2:4 matmul and conv, condensed fan-in matmul):
 check inputs, allocate outputs, pick the grid, launch.
 
 Kernels run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (the test path).
@@ -10,11 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsec.codegen.builder import emit_prune
 from sparsec.codegen.cache import KernelCache
-from sparsec.codegen.configs import condensed_config, interpreting, matmul_config, prune_config
+from sparsec.codegen.configs import condensed_config, interpreting, matmul_config
 from sparsec.codegen.direct_launch import DirectLaunch
-from sparsec.codegen.spec import PRMT_EXPAND_APPLIES, MatmulSpec, PruneSpec, has_prmt_expand
+from sparsec.codegen.spec import PRMT_EXPAND_APPLIES, MatmulSpec, has_prmt_expand
 from sparsec.errors import InvalidInputError
 
 
@@ -32,7 +31,7 @@ def require_runnable(device: torch.device) -> None:
 _LOADED: dict[tuple, DirectLaunch] = {}  # (name, device, interpreting) -> kernel: skips hashing the source per call
 
 
-def _kernel(name: str, source: str, cache: KernelCache | None, device: torch.device) -> DirectLaunch:
+def loaded_kernel(name: str, source: str, cache: KernelCache | None, device: torch.device) -> DirectLaunch:
     key = (name, device, interpreting())
     if cache is not None or key not in _LOADED:
         _LOADED[key] = DirectLaunch(getattr((cache or KernelCache()).load(name, source), name))
@@ -109,7 +108,7 @@ def sparse24_launch(m: int, n: int, k: int, spec: MatmulSpec, name: str, source:
     unsplit = dict(cfg, SPLIT_K=1)
     if cfg["SPLIT_K"] > 1 and (tiles > SPLIT_COUNTERS or cfg["SPLIT_K"] * m * n >= 2 ** 31):
         cfg = unsplit  # no room for this split: run unsplit (same result)
-    launch = Sparse24Launch(_kernel(name, source, cache, device), spec, name, n, cfg, unsplit, tiles,
+    launch = Sparse24Launch(loaded_kernel(name, source, cache, device), spec, name, n, cfg, unsplit, tiles,
                             k % cfg["BLOCK_K"] == 0)
     _LAUNCHES[key] = launch
     return launch
@@ -179,7 +178,7 @@ def sparse24_conv2d(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, s
     if values.data_ptr() % (2 * values.element_size()):
         values = values.clone()  # the kernel reads each group's two values as one aligned word
     grid = (triton_cdiv(m, cfg["BLOCK_M"]) * triton_cdiv(n, cfg["BLOCK_N"]),)
-    _kernel(name, source, cache, x.device)[grid](
+    loaded_kernel(name, source, cache, x.device)[grid](
         x, *x.stride(), values, values.stride(0), meta, meta.stride(0),
         *_epilogue_operands(scales, bias, out_scale, values), out, *out.stride(),
         h, w, oh, ow, m, n, k,
@@ -209,7 +208,7 @@ def condensed_matmul(x: torch.Tensor, values: torch.Tensor, indices: torch.Tenso
     values, indices = values.contiguous(), indices.contiguous()
     grid = (triton_cdiv(m, cfg["BLOCK_M"]), triton_cdiv(n, cfg["BLOCK_N"]))
     unused = values
-    _kernel(name, source, cache, x.device)[grid](
+    loaded_kernel(name, source, cache, x.device)[grid](
         x2, x2.stride(0), values, values.stride(0), indices, indices.stride(0),
         *_epilogue_operands(scales, bias, out_scale, unused), y, y.stride(0), m, n, k, **cfg)
     return y.reshape(*x.shape[:-1], n)
@@ -301,58 +300,6 @@ def _raw_stream(device: torch.device) -> int:
     if raw is None:
         return torch.cuda.current_stream(device).cuda_stream
     return raw(device.index if device.index is not None else torch.cuda.current_device())
-
-
-_PRUNE = None
-
-
-def prune_kernel_source() -> tuple[str, str]:
-    global _PRUNE
-    if _PRUNE is None:
-        _PRUNE = emit_prune(PruneSpec())
-    return _PRUNE
-
-
-def prune24(x: torch.Tensor, cache: KernelCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Magnitude 2:4 along the last dim: (values [..., K/2], int16 meta [..., ceil(K/16)]), bit-exact with
-    `sparsec.reference.nm_compress_masked(x, nm_mask(x, 2, 4), 2, 4)` for finite inputs."""
-    x2, k = _prune_rows(x)
-    values = torch.empty(x2.shape[0], k // 2, dtype=x.dtype, device=x.device)
-    meta = torch.empty(x2.shape[0], math.ceil(k / 16), dtype=torch.int16, device=x.device)
-    _launch_prune(x2, values, meta, values, cache, compressed=True)
-    return values.reshape(*x.shape[:-1], k // 2), meta.reshape(*x.shape[:-1], meta.shape[1])
-
-
-def prune24_dense(x: torch.Tensor, cache: KernelCache | None = None) -> torch.Tensor:
-    """Magnitude 2:4 along the last dim, kept in place: x with the two smaller |x| of every group of four
-    set to 0, bit-exact with `x * sparsec.reference.nm_mask(x, 2, 4)` for finite inputs. One pass over x
-    (what a dense GEMM on the pruned tensor needs, without compressing and decompressing it)."""
-    x2, k = _prune_rows(x)
-    pruned = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    _launch_prune(x2, pruned, pruned, pruned, cache, compressed=False)
-    return pruned.reshape(x.shape)
-
-
-def _prune_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    require_runnable(x.device)
-    k = x.shape[-1]
-    if k % 4:
-        raise InvalidInputError(f"last dimension {k} is not a multiple of 4")
-    return x.reshape(-1, k), k
-
-
-def _launch_prune(x2, values, meta, pruned, cache, compressed: bool) -> None:
-    """One launch of the prune kernel writing the compressed form (values, meta) or the pruned dense
-    tensor; the other pointers are placeholders the kernel never touches."""
-    r, k = x2.shape
-    if not r:
-        return
-    cfg = prune_config(r, k)
-    grid = (triton_cdiv(r, cfg["BLOCK_R"]), triton_cdiv(math.ceil(k / 16), cfg["BLOCK_W"]))
-    name, source = prune_kernel_source()
-    _kernel(name, source, cache, x2.device)[grid](x2, x2.stride(0), x2.stride(1), values, values.stride(0), meta,
-                                                  meta.stride(0), pruned, pruned.stride(0), r, k,
-                                                  COMPRESSED=compressed, DENSE=not compressed, **cfg)
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -21,7 +21,8 @@ from sparsec import reference as ref
 from sparsec.codegen.builder import LayerUse, emit_matmul
 from sparsec.codegen.cache import HEADER_PREFIX, KernelCache
 from sparsec.codegen.measure import pick_fastest
-from sparsec.codegen.launch import prune24, prune24_dense, sparse24_matmul
+from sparsec.codegen.launch import sparse24_matmul
+from sparsec.codegen.prune_launch import prune24, prune24_dense
 from sparsec.codegen.spec import MatmulSpec
 from sparsec.errors import InvalidInputError
 from sparsec.runtime.triton_linear import TritonSparseLinear
@@ -850,7 +851,7 @@ def test_values_at_an_odd_offset_are_realigned(monkeypatch):
     from sparsec.codegen import launch
 
     launched = []
-    real_kernel = launch._kernel
+    real_kernel = launch.loaded_kernel
 
     class Spy:  # records the values pointer each launch receives, then launches for real
         def __init__(self, *a):
@@ -859,7 +860,7 @@ def test_values_at_an_odd_offset_are_realigned(monkeypatch):
         def __getitem__(self, grid):
             return lambda *args, **kw: (launched.append(args[2].data_ptr()), self.kernel[grid](*args, **kw))
 
-    monkeypatch.setattr(launch, "_kernel", Spy)
+    monkeypatch.setattr(launch, "loaded_kernel", Spy)
     x, values, meta, _, pruned = _operands(3, 16, 32, torch.float16, False, seed=5)
     spec = MatmulSpec("float16", "float16", False, None, False, "float16")
     name, source = emit_matmul(spec, [])

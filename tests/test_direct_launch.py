@@ -135,5 +135,5 @@ def test_direct_launches_compute_what_the_jit_launch_computes(monkeypatch):
                                    out=out)
         expected = torch.relu(x.double() @ pruned.half().double().t().to(DEVICE) + bias.double())
         assert not y.isnan().any() and torch.allclose(y.double(), expected, rtol=2e-3, atol=2e-3), call
-    kernel = launch._kernel(name, source, None, x.device)  # (cuda:0, as the launches saw it)
+    kernel = launch.loaded_kernel(name, source, None, x.device)  # (cuda:0, as the launches saw it)
     assert kernel.direct_launches == (2 if DEVICE == "cuda" else 0)

@@ -229,7 +229,7 @@ def _linear_dgrad(dy: torch.Tensor, weight: torch.Tensor, n: int, m: int, mode: 
     call's setup alone about 0.6 ms; bench/results/training-semistructured-dgrad-*-2026-11-23.json.)"""
     if (n, m) != (2, 4) or not _kernel_path(dy):
         return prune_grad(dy, n, m, -1, mode).matmul(weight)
-    from sparsec.codegen.launch import prune24_dense
+    from sparsec.codegen.prune_launch import prune24_dense
 
     pruned = prune24_dense(dy)
     if mode == "rescale":
