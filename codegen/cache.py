@@ -95,7 +95,11 @@ class KernelCache:
         except OSError as e:
             raise self._unusable(e) from e
         try:
+            # mkstemp makes the file 0600: renamed into place, an entry in a cache shared by several users
+            # ($SPARSEC_CACHE_DIR on a team machine) was unreadable to the others, who then rewrote it as
+            # "corrupt" (or failed, in a sticky folder). Entries hold generated source, nothing private.
             with os.fdopen(fd, "w", encoding="utf-8") as f:
+                os.fchmod(f.fileno(), 0o644)
                 f.write(HEADER_PREFIX + _sha256(source) + "\n" + source)
             os.replace(tmp, path)
         except OSError as e:

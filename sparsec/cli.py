@@ -6,12 +6,13 @@
 FUNC (default: build_model) is a function in FILE.py taking no arguments and returning either a
 model or (model, example_inputs). `inspect` prints the plan and the transformed graph; with --json
 it prints only the plan as JSON (pipe it to a file, edit it, pass it back with --plan).
-`dump-kernels` generates the Triton kernels the model's 2:4 layers get (no GPU needed: kernels are
-written, not run) and writes each as an importable DIR/<kernel>.py plus DIR/manifest.json.
+`dump-kernels` generates the Triton kernels the model's 2:4 and constant fan-in layers get (no GPU
+needed: kernels are written, not run) and writes each as an importable DIR/<kernel>.py plus DIR/manifest.json.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -30,18 +31,27 @@ class CliError(Exception):
 
 def load_target(spec: str) -> tuple[nn.Module, tuple | None]:
     """Import FILE.py and call FUNC; return (model, example_inputs or None)."""
-    path, _, func = spec.partition(":")
+    # FUNC follows the last colon, so a folder name holding one ("runs/12:30/model.py") still works
+    path, sep, func = spec.rpartition(":")
+    if not sep or os.path.isfile(spec):
+        path, func = spec, ""
     func = func or DEFAULT_FUNC
     if not os.path.isfile(path):
         raise CliError(f"no such file: {path}")
-    module_spec = importlib.util.spec_from_file_location(f"sparsec_cli_target_{abs(hash(path))}", path)
+    module_name = f"sparsec_cli_target_{abs(hash(path))}"
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(module_spec)
+    # Registered before it runs, as `import` does: @dataclass (with `from __future__ import annotations`),
+    # typing.get_type_hints and pickle look the module up in sys.modules and failed without it.
+    sys.modules[module_name] = module
     sys.path.insert(0, os.path.dirname(os.path.abspath(path)))  # let the file import its neighbours
     try:
         module_spec.loader.exec_module(module)
     except Exception as e:  # noqa: BLE001 - the user's file; say where it failed instead of a sparsec traceback
+        sys.modules.pop(module_name, None)
         raise CliError(f"importing {path} failed: {_where(e, path)}") from e
     except SystemExit as e:  # sys.exit() or argparse run at import: not sparsec's exit, and not a success
+        sys.modules.pop(module_name, None)
         raise CliError(f"importing {path} exited (SystemExit {e.code!r}{_at_line(e, path)}): "
                        f"the file runs a script at import; put that under `if __name__ == \"__main__\":` so "
                        f"that importing it only defines {func}") from e
@@ -78,6 +88,7 @@ def _at_line(error: BaseException, path: str) -> str:
 
 def _read_plan(path: str | None):
     import sparsec
+    from sparsec.errors import SparsecError
 
     if path is None:
         return None
@@ -91,16 +102,23 @@ def _read_plan(path: str | None):
     except UnicodeDecodeError as e:
         raise CliError(f"the plan file {path} is not JSON text in UTF-8, -16 or -32 ({e.reason} at byte {e.start}): "
                        f"write it with `sparsec inspect ... --json > plan.json` or Plan.to_json()") from e
-    return sparsec.Plan.from_json(text)
+    try:
+        return sparsec.Plan.from_json(text)
+    except (SparsecError, TypeError, ValueError) as e:  # name the file (Plan.from_json cannot); a TypeError
+        # comes from JSON of the wrong shape, e.g. "layers": 3
+        raise CliError(f"the plan file {path} is not a usable sparsec plan: {e}") from e
 
 
 def _inspect(args: argparse.Namespace) -> int:
     import sparsec
 
-    model, inputs = load_target(args.target)
-    plan = _read_plan(args.plan)
-    cm = sparsec.compile(model, pattern=args.pattern, example_inputs=inputs, quantize=args.quantize,
-                         include=args.include, exclude=args.exclude, plan=plan)
+    # With --json, stdout is the plan alone (piped into a file or jq): whatever the user's file prints
+    # while it is imported and builds the model (a progress line) goes to stderr instead of into the JSON
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        model, inputs = load_target(args.target)
+        plan = _read_plan(args.plan)
+        cm = sparsec.compile(model, pattern=args.pattern, example_inputs=inputs, quantize=args.quantize,
+                             include=args.include, exclude=args.exclude, plan=plan)
     if args.json:
         print(cm.plan.to_json())
         return 0
@@ -142,10 +160,15 @@ def _dump_kernels(args: argparse.Namespace) -> int:
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("target", help=f"FILE.py[:FUNC]; FUNC (default {DEFAULT_FUNC}) returns a model or (model, example_inputs)")
+    # nargs="?" only so that a target after --include / --exclude can be taken back (_take_back_target):
+    # it is required, as the usage line says
+    parser.add_argument("target", nargs="?", metavar="FILE.py[:FUNC]",
+                        help=f"required; FUNC (default {DEFAULT_FUNC}) returns a model or (model, example_inputs)")
     parser.add_argument("--pattern", default=None,
                         help='"N:M" (e.g. 2:4), "fanin:S" (e.g. fanin:0.9) or "dense"; default 2:4 (with --plan: the plan\'s)')
-    parser.add_argument("--quantize", choices=["int8", "auto"], default=None)
+    parser.add_argument("--quantize", choices=["int8", "auto"], default=None,
+                        help="int8: per-output-channel int8 weights for the sparse layers; auto: int8 only where the "
+                             "weight error stays within 2%%; default: none")
     parser.add_argument("--include", nargs="*", default=None, metavar="NAME", help="module names / regexes forced sparse")
     parser.add_argument("--exclude", nargs="*", default=None, metavar="NAME", help="module names / regexes kept dense")
 
@@ -153,40 +176,80 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsec", description="graph-level compiler for sparse PyTorch models")
     sub = parser.add_subparsers(dest="command", required=True)
-    inspect = sub.add_parser("inspect", help="print the plan and the transformed graph of a model")
+    inspect = sub.add_parser("inspect", usage="sparsec inspect FILE.py[:FUNC] [options]", help="print the plan and the transformed graph of a model")
     _add_model_options(inspect)
     inspect.add_argument("--plan", default=None, metavar="PLAN.json", help="apply this (edited) plan exactly")
     inspect.add_argument("--json", action="store_true", help="print only the plan, as JSON")
     inspect.set_defaults(run=_inspect)
-    dump = sub.add_parser("dump-kernels", help="write the generated Triton kernels and a manifest to a folder")
+    dump = sub.add_parser("dump-kernels", usage="sparsec dump-kernels FILE.py[:FUNC] -o DIR [options]", help="write the generated Triton kernels and a manifest to a folder")
     _add_model_options(dump)
     dump.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for <kernel>.py files and manifest.json")
     dump.set_defaults(run=_dump_kernels)
     return parser
 
 
+# the keys every manifest dump-kernels writes has: a manifest.json without them is someone else's
+_MANIFEST_KEYS = {"pattern", "kernels", "layers_without_kernel"}
+
+
 def _earlier_dump(folder: str, files: dict[str, str]) -> list[str]:
     """The kernel files an earlier dump into `folder` wrote (its manifest lists them) that this one does not:
-    left there, they would sit beside a manifest that does not list them. Nothing else is touched."""
-    try:
-        with open(os.path.join(folder, "manifest.json"), encoding="utf-8") as f:
-            kernels = json.load(f).get("kernels", {})
-    except (OSError, ValueError, AttributeError):
+    left there, they would sit beside a manifest that does not list them. Nothing else is touched.
+    Raises CliError when `folder` holds a manifest.json that is not a dump's (a web app's, say): it would be
+    overwritten, and files its "kernels" named deleted."""
+    manifest = os.path.join(folder, "manifest.json")
+    if not os.path.lexists(manifest):
         return []
-    return [f"{name}.py" for name in kernels if isinstance(name, str) and os.path.basename(name) == name
+    try:
+        with open(manifest, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        data = None
+    if not (isinstance(data, dict) and _MANIFEST_KEYS <= data.keys() and isinstance(data["kernels"], dict)):
+        raise CliError(f"{manifest} exists and is not the manifest of an earlier `sparsec dump-kernels`; "
+                       f"writing there would replace it: choose another output folder, or remove it yourself")
+    return [f"{name}.py" for name in data["kernels"] if os.path.basename(name) == name
             and f"{name}.py" not in files
             and os.path.isfile(os.path.join(folder, f"{name}.py"))]
+
+
+def _is_target(word: str) -> bool:
+    return os.path.isfile(word) or os.path.isfile(word.rpartition(":")[0])
+
+
+def _take_back_target(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--include / --exclude take every following word, so `sparsec inspect --include fc2 model.py` leaves
+    no target (argparse reads model.py as a second name): the last of their words that names an existing
+    file is the target. With none, the target is missing, as argparse would say."""
+    if getattr(args, "target", "") is not None:
+        return
+    for option in ("exclude", "include"):
+        names = getattr(args, option) or []
+        files = [i for i, word in enumerate(names) if _is_target(word)]
+        if files:
+            args.target = names.pop(files[-1])
+            return
+    parser.error("the following arguments are required: target")
 
 
 def main(argv: list[str] | None = None) -> int:
     from sparsec.errors import SparsecError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _take_back_target(parser, args)
     try:
-        return args.run(args)
+        code = args.run(args)
+        sys.stdout.flush()  # (a closed pipe shows here, inside the handler below, not at interpreter exit)
+        return code
     except (CliError, SparsecError) as e:
         print(f"sparsec: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader went away (`sparsec inspect ... | head`): not an error of ours. Point stdout at
+        # /dev/null so the interpreter's final flush does not print a second traceback (Python docs, signal)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe
 
 
 if __name__ == "__main__":

@@ -5,21 +5,24 @@ then the payload, a torch.save archive of the module. The checksum catches damag
 not notice (it reads tensor bytes without checking the archive's CRCs: a flipped byte in a weight
 would load as a wrong weight). Loading unpickles Python objects, so only load files you trust.
 Anything unreadable, truncated, damaged or of another format raises CorruptFileError naming the
-file and the problem. Files from sparsec's first format (a bare torch.save archive, no checksum)
-still load.
+file and the problem; an intact file saved with CUDA tensors, loaded where there is no CUDA device,
+raises InvalidInputError naming map_location (the file is fine: deleting it as corrupt would be
+wrong). Files from sparsec's first format (a bare torch.save archive, no checksum) still load.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
 import pickle
+import threading
 
 import torch
 from torch.nn.utils import parametrize
 
-from sparsec.errors import CorruptFileError, InvalidTypeError, MissingCodeError
+from sparsec.errors import CorruptFileError, InvalidInputError, InvalidTypeError, MissingCodeError
 
 MODEL_FORMAT = "sparsec.model"
 MODEL_VERSION = 2
@@ -36,11 +39,20 @@ def save(compiled, path: str | os.PathLike) -> None:
     payload = _pickled(compiled)
     header = {"format": MODEL_FORMAT, "version": MODEL_VERSION, "plan": compiled.plan.to_json(),
               "payload_bytes": len(payload), "payload_sha256": hashlib.sha256(payload).hexdigest()}
-    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+    # Write through a symlink (as open() would) instead of replacing the link by a file and leaving its
+    # target stale; the temp name is unique per thread too (two threads saving one path shared it).
+    given = os.fsdecode(path)  # (a bytes path made the temp name "b'...'.tmp...")
+    if given.endswith(os.sep) or (os.altsep and given.endswith(os.altsep)):  # realpath would drop the slash
+        raise IsADirectoryError(errno.EISDIR, f"cannot save to {given}: it names a folder; give a file name", given)
+    target = os.path.realpath(given)
+    folder = os.path.dirname(target)
+    if not os.path.isdir(folder):  # (open() would name the temp file, which the user never asked for)
+        raise FileNotFoundError(errno.ENOENT, f"cannot save to {given}: no folder {folder}", given)
+    tmp = f"{target}.tmp{os.getpid()}-{threading.get_ident()}"
     try:
         with open(tmp, "wb") as f:
             f.write(MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n" + payload)
-        os.replace(tmp, path)  # never leave a half-written file under the real name
+        os.replace(tmp, target)  # never leave a half-written file under the real name
     finally:
         if os.path.exists(tmp):  # the replace failed (path is a folder, ...): nothing is left behind either
             os.unlink(tmp)
@@ -76,17 +88,36 @@ def load(path: str | os.PathLike, map_location=None):
     elif data.startswith(MAGIC):
         plan_json, model = _load_checked(name, data, map_location)
     else:
-        raise CorruptFileError(f"{name} is not a sparsec model file (it does not start with the sparsec header)")
+        raise CorruptFileError(_not_a_model_file(name, data))
     if not isinstance(model, CompiledModel):
         raise CorruptFileError(f"{name} does not hold a CompiledModel")
     _upgrade_launch_configs(model)
-    if Plan.from_json(plan_json).to_json() != model.plan.to_json():
+    try:
+        stored_plan = Plan.from_json(plan_json)
+    except (TypeError, ValueError) as e:  # a header plan edited into a non-string / non-plan: name the file
+        raise CorruptFileError(f"{name}: the plan stored in its header is unreadable ({type(e).__name__}: {e}); "
+                               f"the file was edited or damaged") from e
+    if stored_plan.to_json() != model.plan.to_json():
         raise CorruptFileError(f"{name}: the stored plan and the model's plan disagree")
     from sparsec.graph_module import restore
 
     model.graph_module = restore(model.graph_module)
     _regenerate_kernels(model)
     return model
+
+
+def _not_a_model_file(name: str, data: bytes) -> str:
+    """Why `data` (which starts with neither header) is no model file, telling apart the cases a
+    user can act on: an empty file, one cut inside the header, one whose line endings a text-mode
+    transfer converted (FTP ASCII, git autocrlf)."""
+    if not data:
+        return f"{name} is empty (0 bytes): the save did not complete or the copy failed; save or copy it again"
+    if MAGIC.startswith(data):
+        return f"{name} is truncated: it ends inside the sparsec header ({len(data)} bytes)"
+    if data.startswith(MAGIC.replace(b"\n", b"\r\n")):
+        return (f"{name} had its line endings converted to CRLF (copied in text mode, e.g. FTP ASCII or git "
+                f"autocrlf), which damages the binary payload: copy the original file in binary mode")
+    return f"{name} is not a sparsec model file (it does not start with the sparsec header)"
 
 
 def _load_checked(name: str, data: bytes, map_location):
@@ -99,12 +130,25 @@ def _load_checked(name: str, data: bytes, map_location):
         raise CorruptFileError(f"{name}: the sparsec header is damaged or truncated")
     if header.get("version") != MODEL_VERSION:
         raise CorruptFileError(f"{name} has sparsec model format version {header.get('version')!r}; "
-                               f"this sparsec reads versions 1 and {MODEL_VERSION}")
-    if len(payload) != header.get("payload_bytes"):
-        raise CorruptFileError(f"{name} is truncated: {len(payload)} of {header.get('payload_bytes')} payload bytes")
+                               f"this sparsec reads versions 1 and {MODEL_VERSION}{_newer(header.get('version'))}")
+    expected = header.get("payload_bytes")
+    if not isinstance(expected, int) or isinstance(expected, bool):
+        raise CorruptFileError(f"{name}: the sparsec header is damaged (payload_bytes is {expected!r})")
+    if len(payload) < expected:
+        raise CorruptFileError(f"{name} is truncated: {len(payload)} of {expected} payload bytes")
+    if len(payload) > expected:  # (not "truncated": bytes were appended, or the header was edited)
+        raise CorruptFileError(f"{name} is damaged: {len(payload)} payload bytes where its header says {expected} "
+                               f"(bytes appended after the model, or the header edited)")
     if hashlib.sha256(payload).hexdigest() != header.get("payload_sha256"):
         raise CorruptFileError(f"{name} is damaged: its payload does not match the checksum written when it was saved")
     return header.get("plan"), _torch_load(name, io.BytesIO(payload), map_location, intact=True)
+
+
+def _newer(version) -> str:
+    """What to do about a file of a later format version (the error named no remedy)."""
+    if isinstance(version, int) and not isinstance(version, bool) and version > MODEL_VERSION:
+        return " (the file was saved by a newer sparsec: upgrade sparsec here to load it)"
+    return ""
 
 
 def _load_version_1(name: str, data: bytes, map_location):
@@ -113,13 +157,22 @@ def _load_version_1(name: str, data: bytes, map_location):
         raise CorruptFileError(f"{name} is not a sparsec model file (no '{MODEL_FORMAT}' header)")
     if blob.get("version") != 1:
         raise CorruptFileError(f"{name} has sparsec model format version {blob.get('version')!r}; "
-                               f"this sparsec reads versions 1 and {MODEL_VERSION}")
+                               f"this sparsec reads versions 1 and {MODEL_VERSION}{_newer(blob.get('version'))}")
     return blob.get("plan"), blob.get("model")
 
 
 def _torch_load(name: str, source, map_location, intact: bool = False):
     try:
         return torch.load(source, map_location=map_location, weights_only=False)
+    except RuntimeError as e:
+        if "on a CUDA device but torch.cuda.is_available() is False" in str(e):
+            # a file saved on a GPU machine: nothing is wrong with it, and torch's own advice names
+            # torch.load, which would skip the checksum; say what to pass to sparsec.load instead
+            raise InvalidInputError(
+                f"{name} {'is intact (its checksum matches) but ' if intact else ''}holds CUDA tensors and this "
+                f"process has no CUDA device: load it with sparsec.load(path, map_location='cpu') (layers that run Triton kernels "
+                f"then need TRITON_INTERPRET=1 on a CPU; compile with backend='torch' or 'auto' for plain CPU)") from e
+        raise _unreadable(name, e, intact) from e
     except (AttributeError, ImportError) as e:
         if intact:  # the checksum matched: the file is whole, the classes it names are what is missing
             raise MissingCodeError(
@@ -127,11 +180,18 @@ def _torch_load(name: str, source, map_location, intact: bool = False):
                 f"({type(e).__name__}: {e}). A class defined in the script that saved the model (__main__) or in a "
                 f"module not importable here must be importable under the same name when loading: move it to a "
                 f"module and import it before sparsec.load") from e
-        raise CorruptFileError(f"{name} is not a readable sparsec model file (truncated or corrupt?): "
-                               f"{type(e).__name__}: {e}") from e
+        raise _unreadable(name, e, intact) from e
     except Exception as e:  # noqa: BLE001 - any other unpickling failure means the file is not usable
-        raise CorruptFileError(f"{name} is not a readable sparsec model file (truncated or corrupt?): "
-                               f"{type(e).__name__}: {e}") from e
+        raise _unreadable(name, e, intact) from e
+
+
+def _unreadable(name: str, error: Exception, intact: bool) -> CorruptFileError:
+    if intact:  # the checksum matched: the bytes are what was saved, so "truncated or corrupt" would mislead
+        return CorruptFileError(f"{name} is intact (its checksum matches) but torch.load cannot read its payload "
+                                f"here (written by another torch version, or edited before its checksum was "
+                                f"updated?): {type(error).__name__}: {error}")
+    return CorruptFileError(f"{name} is not a readable sparsec model file (truncated or corrupt?): "
+                            f"{type(error).__name__}: {error}")
 
 
 def _upgrade_launch_configs(model) -> None:

@@ -98,3 +98,103 @@ def test_a_plan_file_in_another_unicode_encoding_is_read(encoding, capsys, tmp_p
     path.write_bytes(b"\xff\xfe\x00\xd8{")  # UTF-16 with a lone surrogate: not text
     assert main(["inspect", MLP, "--plan", str(path)]) == 2
     assert "is not JSON text in UTF-8, -16 or -32" in capsys.readouterr().err
+
+
+def test_a_model_file_with_a_dataclass_config_imports(tmp_path, capsys):
+    """The target file runs as an imported module would: registered in sys.modules, which @dataclass
+    with `from __future__ import annotations` needs (it failed: 'NoneType' object has no attribute '__dict__')."""
+    target = tmp_path / "gpt_like.py"
+    target.write_text(
+        "from __future__ import annotations\n"
+        "from dataclasses import dataclass\n"
+        "import torch, torch.nn as nn\n"
+        "@dataclass\n"
+        "class Config:\n"
+        "    width: int = 64\n"
+        "def build_model():\n"
+        "    c = Config()\n"
+        "    return nn.Sequential(nn.Linear(c.width, c.width), nn.ReLU(), nn.Linear(c.width, c.width), nn.ReLU(),\n"
+        "                         nn.Linear(c.width, 4)), torch.randn(2, c.width)\n")
+    assert main(["inspect", str(target), "--json"]) == 0, capsys.readouterr().err
+    assert sparsec.Plan.from_json(capsys.readouterr().out)["2"].sparsity == "2:4"
+
+
+def test_a_target_after_include_or_exclude_is_taken_back_and_a_colon_in_its_folder_works(tmp_path, capsys):
+    """--include / --exclude take every following word, so `inspect --include fc2 FILE` left no target
+    (argparse: 'the following arguments are required: target'); FUNC follows the last colon, so a
+    folder named with one (a timestamp) is found."""
+    assert main(["inspect", "--include", "fc1", MLP, "--json"]) == 0
+    assert sparsec.Plan.from_json(capsys.readouterr().out)["fc1"].sparsity == "2:4"
+    assert main(["inspect", "--exclude", "fc2", "--include", "fc1", f"{MLP}:build_model", "--json"]) == 0
+    plan = sparsec.Plan.from_json(capsys.readouterr().out)
+    assert plan["fc1"].sparsity == "2:4" and plan["fc2"].sparsity is None
+    bad_plan = tmp_path / "bad.json"  # a file after another option is that option's, not the target
+    bad_plan.write_text("{not json")
+    assert main(["inspect", "--include", "fc1", MLP, "--plan", str(bad_plan)]) == 2
+    assert f"the plan file {bad_plan} is not a usable sparsec plan" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:  # a word naming no file is still argparse's missing target
+        main(["inspect", "--include", "fc1", "no_such_model.py"])
+    assert info.value.code == 2 and "required: target" in capsys.readouterr().err
+    folder = tmp_path / "run-12:30"
+    folder.mkdir()
+    (folder / "m.py").write_text(open(MLP).read())
+    assert main(["inspect", f"{folder / 'm.py'}:build_model", "--json"]) == 0
+    assert sparsec.Plan.from_json(capsys.readouterr().out).names == ["fc1", "fc2", "fc3", "head"]
+    assert main(["inspect", str(folder / "m.py"), "--json"]) == 0
+    capsys.readouterr()
+
+
+def test_output_piped_into_a_reader_that_quits_is_no_traceback():
+    """`sparsec inspect ... | head -1`: the closed pipe ended in a BrokenPipeError traceback. (`true` closes
+    the pipe at once, long before sparsec writes: `head` would race with the write.)"""
+    for extra in ("", " --json"):
+        result = subprocess.run(f"{sys.executable} -m sparsec inspect {MLP}{extra} | true", shell=True,
+                                capture_output=True, text=True, timeout=300)
+        assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr, result.stderr
+
+
+def test_plan_file_errors_name_the_file(tmp_path, capsys):
+    """A malformed plan file is reported with its path (the message named no file; JSON of the wrong
+    shape, "layers": 3, ended in a TypeError traceback)."""
+    assert main(["inspect", MLP, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    for name, text in (("broken.json", "{not json"), ("shape.json", json.dumps(dict(data, layers=3)))):
+        path = tmp_path / name
+        path.write_text(text)
+        assert main(["inspect", MLP, "--plan", str(path)]) == 2
+        assert f"the plan file {path} is not a usable sparsec plan" in capsys.readouterr().err
+
+
+def test_dump_kernels_leaves_a_folder_with_someone_elses_manifest_alone(tmp_path, capsys):
+    """A manifest.json that no dump wrote (a web app's) is neither overwritten nor read as a list of
+    kernels to delete (its "kernels" entries' .py files were removed as 'an earlier dump')."""
+    foreign = '{"name": "my app", "kernels": {"helper": 1}}'
+    (tmp_path / "manifest.json").write_text(foreign)
+    (tmp_path / "helper.py").write_text("print('mine')\n")
+    assert main(["dump-kernels", MLP, "-o", str(tmp_path)]) == 2
+    assert "is not the manifest of an earlier `sparsec dump-kernels`" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["helper.py", "manifest.json"]
+    assert (tmp_path / "manifest.json").read_text() == foreign
+    # a dump's own manifest is recognised: dumping again over it works and replaces its kernels
+    out = tmp_path / "dump"
+    assert main(["dump-kernels", MLP, "-o", str(out)]) == 0
+    assert main(["dump-kernels", MLP, "--pattern", "fanin:0.9", "-o", str(out)]) == 0
+    assert "removed 1 kernel of the earlier dump" in capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"{k}.py" for k in manifest["kernels"]] + ["manifest.json"])
+
+
+def test_json_output_is_the_plan_alone_when_the_users_file_prints(tmp_path, capsys):
+    """--json "prints only the plan": a print in the user's file (at import or in FUNC) went into stdout
+    ahead of the JSON, which then did not parse."""
+    target = tmp_path / "chatty.py"
+    target.write_text("import torch, torch.nn as nn\nprint('importing chatty')\n"
+                      "def build_model():\n    print('building the model...')\n"
+                      "    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),\n"
+                      "                         nn.Linear(64, 4)), torch.randn(2, 64)\n")
+    assert main(["inspect", str(target), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["layers"][1]["sparsity"] == "2:4"
+    assert "importing chatty" in captured.err and "building the model..." in captured.err
+    assert main(["inspect", str(target)]) == 0  # without --json the prints stay on stdout
+    assert "building the model..." in capsys.readouterr().out

@@ -70,3 +70,27 @@ def test_compile_times_a_model_too_large_for_the_cache_cold(monkeypatch):
     assert {key[2][0] for key in backend_pass.CPU_MEASUREMENTS if key[0][2] == (128, 128)} >= {False, True}
     with torch.no_grad():
         assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------------ kernel cache
+# (codegen/cache.py; its other tests are in test_codegen.py)
+
+
+def test_kernel_cache_entries_are_readable_by_the_other_users_of_a_shared_cache(tmp_path):
+    """Entries were created by mkstemp (mode 0600) and renamed into place, so in a cache several users
+    share (SPARSEC_CACHE_DIR) each one's entries were unreadable to the others: rebuilt as 'corrupt', or,
+    in a sticky folder, not replaceable at all. They hold generated source: readable like any file."""
+    import os
+    import stat
+
+    from sparsec.codegen.builder import emit_matmul
+    from sparsec.codegen.cache import KernelCache
+    from sparsec.codegen.spec import MatmulSpec
+
+    name, source = emit_matmul(MatmulSpec("float16", "float16", True, "relu", False, "float16"), [])
+    path = KernelCache(str(tmp_path)).store(name, source)
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    assert mode & stat.S_IRGRP and mode & stat.S_IROTH, oct(mode)
+    assert not mode & (stat.S_IWGRP | stat.S_IWOTH), oct(mode)
+    again = KernelCache(str(tmp_path))
+    assert again.store(name, source) == path and again.counters == {"hit": 1}

@@ -78,7 +78,8 @@ def test_well_formed_files_with_the_wrong_content(tmp_path):
     assert sparsec.load(tmp_path / "ok").plan == cm.plan
     # a file written by a newer sparsec
     (tmp_path / "v3").write_bytes(_rewritten(data, lambda h: h.update(version=3)))
-    with pytest.raises(CorruptFileError, match="version 3; this sparsec reads versions 1 and 2"):
+    with pytest.raises(CorruptFileError, match=r"version 3; this sparsec reads versions 1 and 2 \(the file was saved "
+                                               r"by a newer sparsec: upgrade sparsec here to load it\)"):
         sparsec.load(tmp_path / "v3")
     # a header line that is not JSON
     magic, _, rest = data.split(b"\n", 2)
@@ -223,3 +224,99 @@ def test_an_intact_file_whose_classes_are_missing_says_so_not_corrupt(tmp_path):
     subprocess.run([sys.executable, str(script), str(tmp_path / "m")], check=True, capture_output=True)
     with pytest.raises(MissingCodeError, match=r"is intact .* Can't get attribute 'Act'.*importable under the same"):
         sparsec.load(tmp_path / "m")
+
+
+def test_damaged_headers_and_cut_files_name_the_file_and_the_problem(tmp_path):
+    """Every way a header can be wrong raises CorruptFileError naming the file (a plan edited into a
+    non-string raised a bare TypeError naming nothing; appended bytes were reported as 'truncated')."""
+    model, inputs = load_example("mlp").build_model()
+    path = tmp_path / "model.sparsec"
+    sparsec.save(sparsec.compile(model, example_inputs=inputs), path)
+    data = path.read_bytes()
+    cases = {
+        "plan-null": (_rewritten(data, lambda h: h.update(plan=None)), "the plan stored in its header is unreadable"),
+        "plan-gone": (_rewritten(data, lambda h: h.pop("plan")), "the plan stored in its header is unreadable"),
+        "plan-text": (_rewritten(data, lambda h: h.update(plan="{oops")), "the plan stored in its header is unreadable"),
+        "appended": (data + b"trailing bytes", r"is damaged: \d+ payload bytes where its header says \d+ \(bytes appended"),
+        "size-text": (_rewritten(data, lambda h: h.update(payload_bytes=str(h["payload_bytes"]))),
+                      "header is damaged \\(payload_bytes is '"),
+        "empty": (b"", r"is empty \(0 bytes\)"),
+        "cut-in-magic": (data[:6], r"is truncated: it ends inside the sparsec header \(6 bytes\)"),
+        "crlf": (data.replace(b"\n", b"\r\n"), "line endings converted to CRLF"),
+    }
+    for name, (blob, message) in cases.items():
+        (tmp_path / name).write_bytes(blob)
+        with pytest.raises(CorruptFileError, match=message) as info:
+            sparsec.load(tmp_path / name)
+        assert str(tmp_path / name) in str(info.value), name
+
+
+def test_an_intact_file_of_cuda_tensors_on_a_machine_without_cuda_names_map_location(tmp_path, monkeypatch):
+    """A file saved on a GPU machine is not corrupt: the error says so and names map_location, and with
+    map_location='cpu' it loads and computes what was saved (it said 'truncated or corrupt?', and
+    torch's advice in it named torch.load, which skips the checksum)."""
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    import torch.serialization as ts
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
+    x = torch.randn(3, 16)
+    cm = sparsec.compile(model, example_inputs=(x,), backend="torch")
+    with torch.no_grad():
+        expected = torch.relu(torch.relu(x @ model[0].weight.t() + model[0].bias) @ cm.effective_weight("2").t()
+                              + model[2].bias) @ model[4].weight.t() + model[4].bias
+    # saved as on a GPU machine: every storage tagged cuda:0 (torch's location tags are a registry)
+    monkeypatch.setattr(ts, "_package_registry", list(ts._package_registry))
+    ts.register_package(1, lambda storage: "cuda:0" if storage.device.type == "cpu" else None, lambda obj, loc: None)
+    sparsec.save(cm, tmp_path / "gpu")
+    monkeypatch.undo()
+    with pytest.raises(sparsec.InvalidInputError, match=r"is intact .* holds CUDA tensors .*map_location='cpu'") as info:
+        sparsec.load(tmp_path / "gpu")
+    assert not isinstance(info.value, CorruptFileError)
+    loaded = sparsec.load(tmp_path / "gpu", map_location="cpu")
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), expected, atol=1e-5)
+
+
+def test_save_writes_through_a_symlink_from_any_thread_and_names_a_missing_folder(tmp_path):
+    """A symlinked path updates its target (the link was replaced by a file, the target left stale);
+    two threads saving one path do not collide on a shared temp name (one failed with a
+    FileNotFoundError naming the temp file); a missing folder is named, not the temp file."""
+    import os
+    import threading
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
+    x = torch.randn(2, 16)
+    cm = sparsec.compile(model, example_inputs=(x,), backend="torch")
+    target, link = tmp_path / "run3.sparsec", tmp_path / "latest.sparsec"
+    target.write_bytes(b"an older model")
+    os.symlink(target, link)
+    sparsec.save(cm, link)
+    assert link.is_symlink() and torch.equal(sparsec.load(target)(x), cm(x))
+
+    errors = []
+
+    def save_often():
+        for _ in range(4):
+            try:
+                sparsec.save(cm, tmp_path / "shared.sparsec")
+            except Exception as e:  # noqa: BLE001 - collected for the assertion
+                errors.append(e)
+    threads = [threading.Thread(target=save_often) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert torch.equal(sparsec.load(tmp_path / "shared.sparsec")(x), cm(x))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.sparsec", "run3.sparsec", "shared.sparsec"]
+
+    with pytest.raises(FileNotFoundError, match=r"cannot save to .*nowhere.*: no folder .*nowhere") as info:
+        sparsec.save(cm, tmp_path / "nowhere" / "m.sparsec")
+    assert ".tmp" not in str(info.value)
+    # a path naming a folder that does not exist yet ("out/") is refused, not saved as a file named "out"
+    with pytest.raises(IsADirectoryError, match="names a folder"):
+        sparsec.save(cm, f"{tmp_path / 'out'}/")
+    assert not (tmp_path / "out").exists()
