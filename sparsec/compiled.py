@@ -15,7 +15,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from sparsec.distributed import check_whole, full, refuse_sharded
-from sparsec.errors import InvalidInputError
+from sparsec.errors import InvalidInputError, InvalidTypeError
 from sparsec.passes.weight_reads import owner_of
 from sparsec.pipeline import PassRecord
 from sparsec.plan import Plan, dtype_name
@@ -38,6 +38,18 @@ def _hooked(module: nn.Module) -> bool:
 def _copy_function(fn: types.FunctionType) -> types.FunctionType:
     """`fn` with a code object of its own (same code)."""
     return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+def _detached_copy(t: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """`t`, copied when it shares memory with `module`'s parameters or buffers. A layer may hand out its
+    stored tensor itself (a pruned weight kept dense returns its `values` buffer as the effective weight):
+    a caller writing into what cm.effective_weight / cm.mask returned then changed the model silently."""
+    try:
+        held = {x.untyped_storage().data_ptr() for x in [*module.parameters(), *module.buffers()] if x.numel()}
+        shared = bool(t.numel()) and t.untyped_storage().data_ptr() in held
+    except (RuntimeError, NotImplementedError, TypeError):  # (a tensor subclass without storage: copy to be safe)
+        shared = True
+    return t.clone() if shared else t
 
 
 def _unpickle_compiled_model(cls: type) -> "CompiledModel":
@@ -102,6 +114,15 @@ class CompiledModel(nn.Module):
         self.trace_method = trace_method
         self._dense_weights = dense_weights  # layer name -> (attribute path in graph_module, op)
         self.example_input_spec: list | None = None  # shapes / dtypes of the example inputs (see condense)
+        # A trainable sparse layer holds its weight dense plus a bool mask, not the packed form the plan's
+        # stored_bytes counts: without this a train=True model's totals claimed the packed form's savings
+        # (0.64x the dense bytes for an MLP holding 1.19x). Record what it holds, as compile does for packed layers.
+        for module in graph_module.modules():
+            if isinstance(module, TrainableLayer) and module.layer_name in plan.names:
+                lp = plan[module.layer_name]
+                if lp.sparsity is not None:  # (always: a plan copied from a model before shrink held the old size)
+                    held = [t for t in (module.weight, module.weight_mask) if t is not None]
+                    lp.runtime_bytes = sum(t.numel() * t.element_size() for t in held)
 
     def train(self, mode: bool = True):
         # a graph that fixed the train / eval mode it was traced in (frontend.capture), or one shrunk for
@@ -138,6 +159,24 @@ class CompiledModel(nn.Module):
                         f"backend='torch', whose layers convert")
         return super()._apply(fn, recurse)
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        # A state dict of the model before compiling (keys "fc2.weight", not "graph_module.fc2...") matches
+        # none of this model's keys: torch's strict error did not say why, and strict=False loaded nothing
+        # and returned, leaving the compiled weights as they were. Its sparse layers hold packed values
+        # pruned from the weights compiled, so it cannot be mapped over either: refuse, naming the remedy.
+        own = self.state_dict(keep_vars=True)
+        layer_weights = {f"{lp.name}.weight" for lp in self.plan}
+        foreign = [k for k in state_dict if isinstance(k, str) and k not in own
+                   and (f"graph_module.{k}" in own or k in layer_weights)]
+        if foreign:
+            raise InvalidInputError(
+                f"this state dict is keyed like the model before compiling ({', '.join(foreign[:4])}"
+                f"{' ...' if len(foreign) > 4 else ''}): a compiled model's keys start with 'graph_module.' and its "
+                f"sparse layers hold packed values pruned from the compiled weights, so it would load nothing "
+                f"there. Load it into the uncompiled model and compile that (model.load_state_dict(sd); "
+                f"sparsec.compile(model, ...)), or load a state dict saved from a compiled model (cm.state_dict())")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def forward(self, *args, **kwargs):
         gm = self._modules["graph_module"]
         try:
@@ -153,6 +192,15 @@ class CompiledModel(nn.Module):
             raise clearer from e
 
     # ---- inspection
+
+    def _layer_name(self, name: object) -> str:
+        """`name`, checked to be a layer of the plan. A layer is named by its module path: an int used to
+        reach plan[1] through the plan's indexing and was reported as a layer missing from the graph."""
+        if not isinstance(name, str):
+            raise InvalidTypeError(f"layers are named by their module path (a str), got {name!r}; "
+                                   f"layers: {self.plan.names}")
+        self.plan[name]  # KeyError listing the layers for an unknown name
+        return name
 
     def sparse_module(self, name: str) -> RuntimeLayer | None:
         """The module sparsec put in place of layer `name` (packed, Triton or trainable), if any."""
@@ -193,20 +241,20 @@ class CompiledModel(nn.Module):
         """The dense weight layer `name` really computes with (decompressed, dequantized, masked),
         in the original weight's shape. Under FSDP (`fully_shard`) the whole weight, gathered from
         the ranks: every rank must call it."""
-        module = self.sparse_module(name)
+        module = self.sparse_module(self._layer_name(name))
         if isinstance(module, TrainableLayer):
             check_whole(module.weight, self.plan[name].weight_shape, name, "effective_weight")
         if module is not None:
-            return module.effective_weight()
+            return _detached_copy(module.effective_weight(), module)
         weight, _ = self._dense_weight(name, "effective_weight")
         return full(weight.detach()).clone()
 
     @torch.no_grad()
     def mask(self, name: str) -> torch.Tensor:
         """Layer `name`'s sparsity mask (bool, original weight shape); all True for dense layers."""
-        module = self.sparse_module(name)
+        module = self.sparse_module(self._layer_name(name))
         if module is not None:
-            return module.mask()
+            return _detached_copy(module.mask(), module)
         weight, _ = self._dense_weight(name, "mask")
         return torch.ones(weight.shape, dtype=torch.bool, device=weight.device)
 

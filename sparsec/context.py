@@ -75,6 +75,8 @@ class CompileOptions:
             raise InvalidInputError("grad_pattern prunes gradients in backward, which needs train=True")
         if grad_mode not in GRAD_MODES:
             raise InvalidInputError(f"grad_mode={grad_mode!r} is not supported; accepted: {GRAD_MODES}")
+        if isinstance(plan, Plan):  # (before reading its entries below: a bad entry is named, not an AttributeError)
+            plan.validate()
         plan_prunes_grads = isinstance(plan, Plan) and any(lp.grad_sparsity is not None for lp in plan)
         if grad_mode != "magnitude" and grad is None and not plan_prunes_grads:
             raise InvalidInputError(f"grad_mode={grad_mode!r} says how grad_pattern prunes data gradients, and no "
@@ -133,6 +135,13 @@ class CompileOptions:
                                         f"already says each layer's backend (chosen when it was made); set those "
                                         f"entries' backend to {backend!r}, or to None to let backend= decide, or make "
                                         f"the plan with explain(..., backend={backend!r})")
+            # (as quantize= with train=True above: trainable layers are never quantized, and the plan's quant
+            # column was kept while the layer trained unquantized, so cm.plan said int8 where nothing was)
+            quantized = [lp.name for lp in plan if lp.quant is not None]
+            if quantized and train:
+                raise InvalidInputError(f"the plan quantizes {quantized} (quant), which is for inference: train with "
+                                        f"train=True on a plan whose quant entries are None, then compile the trained "
+                                        f"model again with quantize= or a plan that sets them")
             pruned_grads = [lp.name for lp in plan if lp.grad_sparsity is not None]
             if pruned_grads and not train:
                 raise InvalidInputError(f"the plan prunes data gradients (grad_sparsity) of {pruned_grads}, which "

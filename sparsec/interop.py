@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from sparsec.errors import InvalidInputError
+from sparsec.errors import InvalidInputError, InvalidTypeError
 from sparsec.reference import nm_decompress
 
 # Nonzero flags of a group of 4 (bit j set = position j nonzero) -> the two positions CUTLASS
@@ -52,6 +52,12 @@ def _cutlass_meta_offsets(rows: int, cols: int, interleave_rows: int, device: to
 
 def to_cutlass(values: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """sparsec 2:4 (values, nibble meta) -> torch's CUTLASS (sparse, reordered meta)."""
+    # (nm_decompress checks only meta's last dim: a meta of fewer rows than values decoded the first rows
+    # and silently left the others zero, so the whole shape and the documented int16 dtype are checked here)
+    for what, t in (("values", values), ("meta", meta)):
+        if not isinstance(t, torch.Tensor):
+            raise InvalidTypeError(f"to_cutlass takes torch tensors (values, meta) as sparsec.nm_compress returns "
+                                   f"them; {what} is a {type(t).__name__}")
     if values.dim() != 2:
         raise InvalidInputError(f"to_cutlass expects 2-D values [rows, K/2], got shape {tuple(values.shape)}")
     if values.dtype in (torch.float16, torch.bfloat16):
@@ -63,6 +69,12 @@ def to_cutlass(values: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, 
             f"to_cutlass supports float16, bfloat16 and int8 values, got {values.dtype}: torch's CUTLASS "
             "format stores float32 as 1:2 pairs (TF32), which a 2:4 tensor is not in general")
     rows, k = values.shape[0], values.shape[1] * 2
+    want = (rows, -(-k // 16))
+    if meta.dtype != torch.int16 or tuple(meta.shape) != want:
+        raise InvalidInputError(
+            f"to_cutlass needs sparsec's 2:4 metadata for values of shape {tuple(values.shape)}: int16 of shape "
+            f"{want} (one nibble per group of 4, as sparsec.nm_compress returns it), got {meta.dtype} of shape "
+            f"{tuple(meta.shape)}")
     # Metadata words are stored in column pairs (ColumnMajorInterleaved<2>): an even number of them per row.
     k_multiple = 8 * nibbles_per_word
     if rows % row_multiple or k % k_multiple:

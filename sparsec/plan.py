@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from sparsec.errors import CorruptFileError, InvalidInputError
+from sparsec.errors import CorruptFileError, InvalidInputError, InvalidTypeError
 from sparsec.patterns import NM, FanIn, parse_pattern
 
 PLAN_FORMAT = "sparsec.plan"
@@ -112,6 +112,13 @@ class Plan:
     def __len__(self) -> int:
         return len(self.layers)
 
+    def __contains__(self, key: object) -> bool:
+        # plan["fc2"] looks layers up by name, so `"fc2" in plan` must too: without this, `in` fell back
+        # to iterating and compared the name with each LayerPlan, always False
+        if isinstance(key, str):
+            return key in self.names
+        return key in self.layers
+
     def __getitem__(self, key: int | str) -> LayerPlan:
         if isinstance(key, str):
             for layer in self.layers:
@@ -203,8 +210,12 @@ class Plan:
             raise CorruptFileError(f"unsupported plan version {data.get('version')!r}; this sparsec reads version {PLAN_VERSION}")
         fields = {f.name for f in dataclasses.fields(LayerPlan)}
         required = {f.name for f in dataclasses.fields(LayerPlan) if f.default is dataclasses.MISSING}
+        # ("layers" is required: a plan without it applied as "every layer dense, not listed in the given
+        # plan"; a string was read entry by entry, its characters reported as layers missing fields)
+        if not isinstance(data.get("layers"), list):
+            raise CorruptFileError(f"plan \"layers\" must be a list of layer objects, got {data.get('layers')!r}")
         layers = []
-        for i, entry in enumerate(data.get("layers", [])):
+        for i, entry in enumerate(data["layers"]):
             if not isinstance(entry, dict) or not required <= entry.keys():
                 missing = sorted(required - set(entry)) if isinstance(entry, dict) else sorted(required)
                 raise CorruptFileError(f"plan layer #{i} is missing fields {missing}")
@@ -226,8 +237,16 @@ class Plan:
 
     def validate(self) -> None:
         """Check every entry names a valid pattern / quantization; raise naming the bad layer."""
+        # (the plan's own pattern too: a bad one was refused later by compile as if passed as pattern=)
+        try:
+            parse_pattern(self.pattern)
+        except ValueError as e:
+            raise InvalidInputError(f"plan pattern: {e}") from e
         seen = set()
         for lp in self.layers:
+            if not isinstance(lp, LayerPlan):  # (a dict here failed later with an AttributeError)
+                raise InvalidTypeError(f"plan layers must be sparsec.LayerPlan entries (Plan.from_json builds them "
+                                       f"from JSON objects), got {type(lp).__name__}: {lp!r}")
             if lp.name in seen:
                 raise InvalidInputError(f"plan lists layer {lp.name!r} twice")
             seen.add(lp.name)
@@ -263,8 +282,9 @@ def _field_types_problem(entry: dict) -> str | None:
               ("reason", isinstance(entry["reason"], str), "a string")]
     for key in ("sparsity", "quant", "grad_sparsity", "dtype", "backend"):
         checks.append((key, entry.get(key) is None or isinstance(entry.get(key), str), "a string or null"))
-    for key in ("flops", "runtime_bytes"):
-        checks.append((key, entry.get(key) is None or is_int(entry.get(key)), "an int or null"))
+    for key in ("flops", "runtime_bytes"):  # (counts: a negative one turned the totals negative)
+        checks.append((key, entry.get(key) is None or (is_int(entry.get(key)) and entry.get(key) >= 0),
+                       "a non-negative int or null"))
     checks.append(("launch", entry.get("launch") is None or isinstance(entry.get("launch"), dict), "an object or null"))
     bad = [(key, wanted) for key, ok, wanted in checks if not ok]
     return "; ".join(f"{key} must be {wanted}, got {entry.get(key)!r}" for key, wanted in bad) or None

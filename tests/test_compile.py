@@ -477,3 +477,114 @@ def test_a_backend_the_given_plan_contradicts_is_refused_not_ignored():
         lp.backend = None
     cm = sparsec.compile(model, example_inputs=(x,), plan=plan, backend="torch")
     assert cm.plan["2"].backend == "torch" and type(cm.sparse_module("2")).__name__ == "SparseLinear"
+
+
+def _mlp_and_input():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 8))
+    return model, torch.randn(4, 32)
+
+
+def _reference_forward(model, weights, x):
+    """The Sequential MLP run with F.linear on the given weights and the model's own biases."""
+    layers = [m for m in model if isinstance(m, nn.Linear)]
+    h = x
+    for i, layer in enumerate(layers):
+        h = F.linear(h, weights[i], layer.bias)
+        if i < len(layers) - 1:
+            h = F.relu(h)
+    return h
+
+
+@pytest.mark.parametrize("backend", ["dense", "torch", "bitmask"])
+def test_writing_into_effective_weight_or_mask_leaves_the_model_alone(backend):
+    # backend "dense" handed out its stored pruned weight itself: `w = cm.effective_weight(...); w *= 2`
+    # changed what the model computes
+    model, x = _mlp_and_input()
+    plan = sparsec.explain(model, example_inputs=(x,))
+    for lp in plan:
+        if lp.sparsity:
+            lp.backend, lp.launch = backend, ({"max_rows": None} if backend == "bitmask" else None)
+    cm = sparsec.compile(model, example_inputs=(x,), plan=plan)
+    names = [lp.name for lp in cm.plan]
+    assert [lp.backend for lp in cm.plan if lp.sparsity] == [backend, backend]
+    weights = [pruned_weight(getattr(model, name).weight.detach(), "linear", lp.sparsity, None) if lp.sparsity
+               else getattr(model, name).weight.detach() for name, lp in zip(names, cm.plan)]
+    expected = _reference_forward(model, weights, x)
+    assert output_error(cm(x), expected) <= 1e-5
+    for name in names:
+        cm.effective_weight(name).mul_(2)
+        cm.mask(name).fill_(False)
+    assert output_error(cm(x), expected) <= 1e-5
+    assert all(torch.equal(cm.effective_weight(n), w) for n, w in zip(names, weights))
+
+
+def test_a_state_dict_of_the_uncompiled_model_is_refused_not_loaded_as_nothing():
+    # its keys ("0.weight") match none of the compiled model's ("graph_module.0.weight", packed buffers):
+    # strict=False loaded nothing and returned, leaving the compiled weights as they were
+    model, x = _mlp_and_input()
+    other, _ = _mlp_and_input()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(-3)
+    for options in ({}, {"train": True}, {"backend": "torch"}):
+        cm = sparsec.compile(model, example_inputs=(x,), **options)
+        before = cm(x).detach().clone()
+        for strict in (True, False):
+            with pytest.raises(ValueError, match=r"keyed like the model before compiling \(0.weight.*model.load_state_dict"):
+                cm.load_state_dict(other.state_dict(), strict=strict)
+        assert torch.equal(cm(x), before)
+        # the remedy it names: load into the uncompiled model, then compile; and a compiled model's own
+        # state dict still loads
+        fresh, _ = _mlp_and_input()
+        fresh.load_state_dict(other.state_dict())
+        again = sparsec.compile(fresh, example_inputs=(x,), plan=sparsec.Plan.from_json(cm.plan.to_json()), **options)
+        assert not torch.equal(again(x), before)
+        cm.load_state_dict(again.state_dict())
+        assert torch.equal(cm(x), again(x))
+
+
+def test_a_plan_quantizing_layers_is_refused_for_training():
+    # quantize= with train=True is refused; a plan's quant column was kept in cm.plan ("int8") while the
+    # trainable layer computed with the unquantized weight
+    model, x = _mlp_and_input()
+    plan = sparsec.explain(model, example_inputs=(x,), quantize="int8", backend="torch")
+    assert [lp.quant for lp in plan if lp.sparsity] == ["int8", "int8"]
+    with pytest.raises(ValueError, match=r"quantizes \['2', '4'\].*train=True"):
+        sparsec.compile(model, example_inputs=(x,), plan=plan, train=True)
+    for lp in plan:
+        lp.quant = None
+    cm = sparsec.compile(model, example_inputs=(x,), plan=plan, train=True)
+    assert all(lp.quant is None for lp in cm.plan)
+
+
+def test_a_training_models_plan_counts_the_dense_weight_and_mask_it_holds():
+    # a train=True layer holds its weight dense plus a bool mask; its plan counted the packed form's bytes
+    model, x = _mlp_and_input()
+    cm = sparsec.compile(model, example_inputs=(x,), train=True)
+    state = cm.state_dict()
+    held = {}
+    for lp in cm.plan:
+        tensors = [v for k, v in state.items() if k.startswith(f"graph_module.{lp.name}.") and not k.endswith("bias")]
+        held[lp.name] = sum(t.numel() * t.element_size() for t in tensors)
+    sparse = [lp.name for lp in cm.plan if lp.sparsity]
+    assert sparse == ["2", "4"]
+    assert held["2"] == 64 * 64 * 4 + 64 * 64  # float32 weight + bool mask
+    assert cm.plan.totals()["bytes_after"] == sum(held.values())
+    assert all(cm.plan[name].runtime_bytes == held[name] for name in sparse)
+
+
+def test_layers_are_looked_up_by_name_only():
+    # an int reached plan[1] through the plan's indexing and was reported as "layer 1 is in the plan but
+    # its weight is not in the compiled graph"
+    model, x = _mlp_and_input()
+    cm = sparsec.compile(model, example_inputs=(x,), backend="torch")
+    for bad in (1, 0, None):
+        for inspect_layer in (cm.effective_weight, cm.mask):
+            with pytest.raises(TypeError, match=r"module path \(a str\).*\['0', '2', '4', '6'\]"):
+                inspect_layer(bad)
+    with pytest.raises(KeyError, match=r"'2.weight'.*\['0', '2', '4', '6'\]"):
+        cm.effective_weight("2.weight")
+    assert torch.equal(cm.effective_weight("0"), model[0].weight)
+    assert torch.equal(cm.mask("2"), cm.effective_weight("2") != 0)  # (random weights: no kept value is 0)

@@ -7,7 +7,7 @@ from torch.sparse._semi_structured_conversions import sparse_semi_structured_fro
 
 from sparsec import nm_compress, to_cutlass
 from sparsec import reference as ref
-from sparsec.errors import InvalidInputError
+from sparsec.errors import InvalidInputError, InvalidTypeError
 
 
 @given(st.sampled_from([(32, 32), (64, 32), (32, 64), (96, 96), (16, 64)]), st.integers(0, 10**6),
@@ -42,3 +42,20 @@ def test_to_cutlass_errors():
     values, meta = nm_compress(torch.zeros(32, 16, dtype=torch.float16), 2, 4)
     with pytest.raises(InvalidInputError, match="K % 32"):
         to_cutlass(values, meta)
+
+
+def test_to_cutlass_refuses_metadata_that_does_not_match_the_values():
+    # a meta of fewer rows than the values was decoded for its rows only: the other rows came back as
+    # zeros and torch's conversion of the real matrix disagreed, silently
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 64, generator=g)
+    dense = (w * ref.nm_mask(w, 2, 4)).to(torch.float16)
+    values, meta = nm_compress(dense, 2, 4)
+    expected_sparse, expected_meta = sparse_semi_structured_from_dense_cutlass(dense)
+    sparse, meta_cutlass = to_cutlass(values, meta)
+    assert torch.equal(sparse, expected_sparse) and torch.equal(meta_cutlass, expected_meta)
+    for bad in (meta[:32], meta[:, :2], meta.to(torch.int32), meta.float()):
+        with pytest.raises(InvalidInputError, match=r"int16 of shape \(64, 4\)"):
+            to_cutlass(values, bad)
+    with pytest.raises(InvalidTypeError, match="torch tensors"):
+        to_cutlass(values.numpy(), meta)

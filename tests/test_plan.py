@@ -102,8 +102,8 @@ def test_misspelt_or_misplaced_entries_name_the_layer(field, value, match):
     ("weight_shape", [128.9, 128], r"weight_shape must be .*got \[128.9, 128\]"),  # was cut to (128, 128)
     ("name", None, r"layer #1 \(None\): name must be a non-empty string"),
     ("name", 5, "name must be a non-empty string"),
-    ("flops", "many", "flops must be an int or null"),
-    ("runtime_bytes", 1.5, "runtime_bytes must be an int or null"),
+    ("flops", "many", "flops must be a non-negative int or null"),
+    ("runtime_bytes", 1.5, "runtime_bytes must be a non-negative int or null"),
     ("sparsity", 24, "sparsity must be a string or null"),
 ])
 def test_fields_of_the_wrong_json_type_are_named(field, value, match):
@@ -162,3 +162,38 @@ def test_first_and_last_layers_follow_dataflow_through_in_place_writes(tracer):
     assert reasons["b"].sparsity == "2:4" and reasons["c"].sparsity == "2:4", cm.plan
     with torch.no_grad():
         assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+
+
+def test_in_looks_layers_up_by_name_as_indexing_does():
+    # `in` fell back to iterating and compared the name with each LayerPlan: "fc1" in plan was False
+    plan = _plan()
+    assert "fc1" in plan and "conv" in plan and "nope" not in plan
+    assert plan["fc2"] in plan
+    assert [name in plan for name in ("fc1", "fc2", "conv", "w", "fc")] == [True, True, True, True, False]
+
+
+@pytest.mark.parametrize("change, error, match", [
+    # a plan without "layers" was read as empty, and compile kept every layer dense ("not listed")
+    (lambda d: d.pop("layers"), CorruptFileError, r'"layers" must be a list of layer objects, got None'),
+    # a string was read character by character, each reported as a layer missing fields
+    (lambda d: d.__setitem__("layers", "fc1"), CorruptFileError, r'"layers" must be a list .*got \'fc1\''),
+    # the plan's own pattern passed unchecked until compile refused it as if given as pattern=
+    (lambda d: d.__setitem__("pattern", "3:2"), InvalidInputError, r"plan pattern: invalid pattern '3:2'.*accepted"),
+    # counts: a negative one made the totals negative
+    (lambda d: d["layers"][1].__setitem__("flops", -5), CorruptFileError, "flops must be a non-negative int"),
+])
+def test_plan_level_fields_are_checked(change, error, match):
+    data = json.loads(_plan().to_json())
+    change(data)
+    with pytest.raises(error, match=match):
+        Plan.from_json(json.dumps(data))
+
+
+def test_a_plan_built_in_python_with_other_entries_is_refused_naming_them():
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
+    x = torch.randn(2, 16)
+    plan = Plan(layers=[{"name": "2", "sparsity": "2:4"}])  # (was an AttributeError from inside compile)
+    with pytest.raises(TypeError, match=r"sparsec.LayerPlan entries .*got dict"):
+        sparsec.compile(model, example_inputs=(x,), plan=plan)
+    with pytest.raises(ValueError, match="plan pattern: invalid pattern 'bogus'"):
+        sparsec.compile(model, example_inputs=(x,), plan=Plan(layers=[], pattern="bogus"))
