@@ -49,6 +49,11 @@ def evict() -> None:
     _EVICTION[size].sum()
 
 
+def release() -> None:
+    """Drop the eviction buffer (twice the last-level cache) once measuring is done."""
+    _EVICTION.clear()
+
+
 def _fmt_mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 

@@ -62,6 +62,13 @@ def flush_l2(how: str = "clean") -> None:
         _L2_FLUSH[device].zero_()
 
 
+def release_buffers() -> None:
+    """Free the L2 flush buffer (at least 256 MB of GPU memory) and the CPU eviction buffer once a compile
+    has measured its layers: kept for the process's life, they were memory the user's model never got."""
+    _L2_FLUSH.clear()
+    cpu_cache.release()
+
+
 def time_cuda(fn, repeats: int = REPEATS, graph: bool = False, l2_flush: str = "clean") -> float:
     """Median seconds of fn() on the current CUDA stream, after warm-up, each run after an L2 flush
     (`l2_flush`, see flush_l2). graph=True replays fn from a CUDA graph where it captures: the GPU

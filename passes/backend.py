@@ -118,6 +118,15 @@ def _device(gm: fx.GraphModule, layer: LayerInfo) -> torch.device:
 
 
 def choose_backend(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
+    from sparsec.codegen.timing import release_buffers
+
+    try:
+        return _choose_backends(gm, ctx)
+    finally:
+        release_buffers()  # (auto's flush / eviction buffers: no use once every layer is measured)
+
+
+def _choose_backends(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     from sparsec.codegen.launch import can_run_on
 
     from sparsec.codegen.cpu_cache import weights_from_memory

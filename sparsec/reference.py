@@ -135,6 +135,9 @@ def checked_nm_positions(meta: torch.Tensor, n: int, m: int, groups: int) -> tor
 
 def nm_decompress(values: torch.Tensor, meta: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
     """Dense tensor `[..., K]` from N:M values + metadata (zeros everywhere else); the metadata is checked."""
+    if tuple(meta.shape[:-1]) != tuple(values.shape[:-1]):  # (fewer metadata rows decoded the rest as zeros)
+        raise InvalidInputError(f"{n}:{m} metadata of shape {tuple(meta.shape)} does not match values of shape "
+                                f"{tuple(values.shape)}: they must agree in every dim but the last")
     return _scatter_groups(values, meta, n, m, checked_nm_positions)
 
 

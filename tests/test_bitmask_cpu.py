@@ -2,6 +2,7 @@
 measurement, bounded in rows, differentiable, saved, traced, and re-chosen when a plan is edited."""
 import copy
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -601,3 +602,18 @@ def test_a_plan_naming_a_kernel_for_a_float64_layer_is_refused(pattern, backend)
     with pytest.raises(ValueError, match=rf"the given plan asks for backend '{backend}' on layer 'fc2', but the C\+\+ "
                                          r"CPU kernels run float32 / bfloat16 / float16 layers \(this one is float64\)"):
         sparsec.compile(copy.deepcopy(model).double(), example_inputs=(x.double(),), plan=plan)
+
+
+def test_a_built_kernel_library_is_readable_by_the_other_users_of_a_shared_extension_folder(tmp_path):
+    """mkstemp's 0600 (the linker kept it as 0711) left the library unloadable by the other users of a
+    shared TORCH_EXTENSIONS_DIR, who then fell back to plain torch without a word."""
+    import stat
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path))
+    subprocess.run([sys.executable, "-c", "from sparsec.runtime.cpp_build import build_and_load; "
+                    "build_and_load('bitmask.cpp')"], env=env, check=True, timeout=300)
+    (lib,) = (tmp_path / "sparsec").glob("bitmask_*.so")
+    mode = stat.S_IMODE(lib.stat().st_mode)
+    assert mode & 0o044 == 0o044 and mode & 0o111 == 0o111, oct(mode)

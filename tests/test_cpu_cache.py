@@ -72,6 +72,22 @@ def test_compile_times_a_model_too_large_for_the_cache_cold(monkeypatch):
         assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
 
 
+def test_compile_frees_the_eviction_buffer_once_it_has_measured(monkeypatch):
+    """Cold timing reads a buffer twice the last-level cache; it was kept for the life of the process
+    (64 MB on this machine, more on large-cache servers) after compile returned."""
+    if not bitmask_cpu.is_available():
+        pytest.skip("the C++ bitmask kernel did not build here")
+    model = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 8))
+    monkeypatch.setattr(cpu_cache, "last_level_cache_bytes", lambda: 64 << 10)  # the model is "too large"
+    monkeypatch.setattr(backend_pass, "CPU_MEASUREMENTS", {})  # (measure here, not from an earlier test)
+    sizes, real_evict = [], cpu_cache.evict
+    monkeypatch.setattr(cpu_cache, "evict", lambda: (real_evict(), sizes.append(len(cpu_cache._EVICTION))))
+    cm = sparsec.compile(model, example_inputs=(torch.randn(2, 128),))
+    assert "timed with weights from memory" in cm.plan["2"].reason
+    assert sizes and all(sizes), "the cold measurement held an eviction buffer while it timed"
+    assert not cpu_cache._EVICTION
+
+
 # ------------------------------------------------------------------------------------------------ kernel cache
 # (codegen/cache.py; its other tests are in test_codegen.py)
 

@@ -93,6 +93,10 @@ def test_nm_decompress_refuses_metadata_that_would_drop_values():
         nm_decompress(torch.randn(2, 4), torch.tensor([[0, 3, 3, 5], [0, 1, 2, 3]], dtype=torch.int16), 4, 8)
     with pytest.raises(InvalidInputError, match="corrupt 1:4 metadata"):
         nm_decompress(torch.randn(1, 2), torch.tensor([[4, 0]], dtype=torch.int16), 1, 4)
+    w = torch.randn(8, 16)
+    w_values, w_meta = ref.nm_compress(w * ref.nm_mask(w, 2, 4))
+    with pytest.raises(InvalidInputError, match=r"metadata of shape \(4, 1\) does not match values of shape \(8, 8\)"):
+        nm_decompress(w_values, w_meta[:4])  # the rows without metadata came back as zeros
 
 
 @given(st.integers(1, 6), st.integers(1, 30), st.integers(0, 10**6))

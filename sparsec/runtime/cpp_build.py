@@ -54,6 +54,9 @@ def build_and_load(filename: str) -> None:
                                   timeout=300)
             if proc.returncode != 0:
                 raise RuntimeError(f"compiling {source_path} failed:\n{proc.stderr[-4000:]}")
+            # mkstemp made it 0600 and the linker keeps that: in a TORCH_EXTENSIONS_DIR shared by several
+            # users the others could not load it (dlopen reads it) and silently ran plain torch instead
+            os.chmod(tmp, 0o755)
             os.replace(tmp, lib)
         finally:
             if os.path.exists(tmp):
