@@ -18,6 +18,7 @@ import json
 import os
 import pickle
 import threading
+import warnings
 
 import torch
 from torch.nn.utils import parametrize
@@ -36,6 +37,7 @@ def save(compiled, path: str | os.PathLike) -> None:
     if not isinstance(compiled, CompiledModel):
         raise InvalidTypeError(f"sparsec.save takes a CompiledModel (from sparsec.compile), got {type(compiled).__name__}")
     compiled.require_unsharded("sparsec.save")
+    _warn_of_unsaved_hooks(compiled)
     payload = _pickled(compiled)
     header = {"format": MODEL_FORMAT, "version": MODEL_VERSION, "plan": compiled.plan.to_json(),
               "payload_bytes": len(payload), "payload_sha256": hashlib.sha256(payload).hexdigest()}
@@ -104,6 +106,17 @@ def load(path: str | os.PathLike, map_location=None):
     model.graph_module = restore(model.graph_module)
     _regenerate_kernels(model)
     return model
+
+
+def _warn_of_unsaved_hooks(compiled) -> None:
+    """Gradient hooks on parameters (GroupLasso.freeze_zero_groups holds its frozen groups at 0 with them)
+    are not pickled: the loaded model would let those entries move again without a word."""
+    hooked = [name for name, p in compiled.named_parameters()
+              if getattr(p, "_backward_hooks", None) or getattr(p, "_post_accumulate_grad_hooks", None)]
+    if hooked:
+        warnings.warn(f"sparsec.save: parameters {hooked[:4]}{' ...' if len(hooked) > 4 else ''} carry gradient hooks "
+                      f"(frozen groups of GroupLasso.freeze_zero_groups, or your own), which the file does not keep: "
+                      f"after loading, register them again (GroupLasso(cm, ...).freeze_zero_groups())", stacklevel=3)
 
 
 def _not_a_model_file(name: str, data: bytes) -> str:

@@ -341,3 +341,26 @@ def test_bad_argument_types_name_the_problem():
     import numpy as np
     assert GroupLasso(cm, np.float32(0.5)).lam == 0.5  # numpy scalars are numbers
     assert gl.zero_small_(torch.tensor(0.0)) == 0      # so is a 0-dim tensor (a quantile of the norms)
+
+
+def test_save_warns_that_frozen_groups_are_not_in_the_file_and_freezing_again_holds_them(tmp_path):
+    """Frozen groups are gradient hooks, which pickling drops: the loaded model moved them again with no
+    word. save warns; a GroupLasso on the loaded model freezes them again."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    cm = sparsec.compile(nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)), pattern="dense",
+                         example_inputs=(x,), train=True)  # (tanh: a zero row still gets a gradient)
+    with torch.no_grad():
+        cm.graph_module.get_submodule("0").weight[:4] = 0
+    GroupLasso(cm, lam=1e-3, groups="rows").freeze_zero_groups()
+    with pytest.warns(UserWarning, match=r"carry gradient hooks .* which the file does not keep"):
+        sparsec.save(cm, tmp_path / "m.sparsec")
+    for refreeze in (False, True):
+        loaded = sparsec.load(tmp_path / "m.sparsec")
+        if refreeze:
+            GroupLasso(loaded, lam=1e-3, groups="rows").freeze_zero_groups()
+        opt = torch.optim.SGD(loaded.parameters(), lr=0.1)
+        loaded(x).sum().backward()
+        opt.step()
+        moved = float(loaded.graph_module.get_submodule("0").weight[:4].detach().abs().sum())
+        assert (moved == 0) == refreeze, moved
