@@ -24,6 +24,7 @@ the module it came from).
 """
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -140,7 +141,7 @@ def _module_candidate(gm: fx.GraphModule, node: fx.Node) -> LayerInfo | None:
         return LayerInfo(name=node.target, op=op, site="module", weight_path=f"{node.target}.weight",
                          bias_path=f"{node.target}.bias" if module.bias is not None else None,
                          weight_shape=tuple(w.shape), dtype=w.dtype, out_features=w.shape[0],
-                         reduction=w[0].numel(), conv=ConvParams.of_module(module))
+                         reduction=math.prod(w.shape[1:]), conv=ConvParams.of_module(module))
     return None
 
 
@@ -172,7 +173,7 @@ def _function_candidate(gm: fx.GraphModule, node: fx.Node) -> LayerInfo | None:
         conv = ConvParams.build(values["stride"], values["padding"], values["dilation"], values["groups"], dims=dims)
         return LayerInfo(name=_functional_name(path), op=f"conv{dims}d", site="function", weight_path=path,
                          bias_path=bias_found[0] if bias_found else None, weight_shape=tuple(w.shape),
-                         dtype=w.dtype, out_features=w.shape[0], reduction=w[0].numel(), conv=conv)
+                         dtype=w.dtype, out_features=w.shape[0], reduction=math.prod(w.shape[1:]), conv=conv)
     is_matmul = (node.op == "call_function" and target in MATMUL_FUNCTIONS) or (
         node.op == "call_method" and target in MATMUL_METHODS)
     if is_matmul and len(node.args) == 2 and not node.kwargs:
@@ -304,7 +305,7 @@ def _why_not_run(name: str, module: nn.Module, leaves: dict[str, str], read_by: 
     """Why a Linear / Conv1d / Conv2d module outside any whole-called module is not a candidate."""
     if custom := _customized(module):
         return custom
-    if f"{name}.weight" in read_by:
+    if read_by.get(f"{name}.weight"):  # (torch.export reads every parameter, used or not: an empty set)
         return (f"its weight is read directly (by {', '.join(sorted(read_by[f'{name}.weight']))}), not through the "
                 f"layer's forward, in a form sparsec does not rewrite ({_REWRITTEN})")
     if name in leaves:

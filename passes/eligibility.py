@@ -72,6 +72,8 @@ def blocker_for(gm: fx.GraphModule, nodes: list[fx.Node], uses: dict[str, list[f
     if weight.dtype not in SUPPORTED_DTYPES:
         names = ", ".join(dtype_name(d) for d in SUPPORTED_DTYPES)
         return f"weight dtype {dtype_name(weight.dtype)} is not supported (supported: {names})"
+    if not weight.numel():  # nn.Linear(16, 0): no groups to prune, and no bytes to save
+        return f"weight has no elements (shape {'x'.join(map(str, weight.shape))}): there is nothing to prune"
     bad = int((~torch.isfinite(weight.detach())).sum())
     if bad:
         return (f"weight holds {bad} NaN/Inf value{'s' if bad > 1 else ''}: magnitudes are undefined, so sparsec "

@@ -80,6 +80,8 @@ def replace_layer(gm: fx.GraphModule, name: str, nodes: list[fx.Node], module: t
     weight_reads = []
     for node in nodes:
         if node.op == "call_module":
+            if node.kwargs:  # self.fc(input=x): nn.Linear / nn.Conv2d name it `input`, the runtime layers `x`
+                node.args, node.kwargs = (data_input(node),), {}
             continue
         data, bias = data_input(node), runtime_bias(node)
         weight_reads.extend(a for a in node.all_input_nodes if a is not data and a is not bias)

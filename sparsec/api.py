@@ -37,7 +37,7 @@ def _run(model: nn.Module, example_inputs: Any, options: CompileOptions):
     except Exception as e:  # noqa: BLE001
         raise InvalidTypeError(f"sparsec works on a copy of the model, and copy.deepcopy(model) failed: "
                                f"{type(e).__name__}: {e}") from e
-    gm, method, notes = capture(private, inputs, options.leaf_modules, options.exclude)
+    gm, method, notes = capture(private, inputs, options.leaf_modules, options.exclude, train=options.train)
     ctx = CompileContext(options=options, model=private, example_inputs=inputs, trace_method=method, notes=notes)
     gm, history = run_pipeline(gm, ctx)
     return gm, ctx, history

@@ -34,7 +34,7 @@ from sparsec.runtime.guard import InputGuard
 from sparsec.runtime.layers import RuntimeLayer
 from sparsec.runtime.train_offset import TrainOffset
 from sparsec.state import preserved_state
-from sparsec.trace_reads import TraceTimeReads, detach_constants
+from sparsec.trace_reads import InlinedFunctions, TraceTimeReads, describe_inlined, detach_constants
 from sparsec.trace_reads import describe as describe_trace_time_reads
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -130,8 +130,9 @@ class _Tracer(fx.Tracer):
 
 
 def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple = (),
-            exclude: tuple[str, ...] = ()) -> tuple[SparsecGraphModule, str, list[str]]:
-    """Trace `model` (sparsec's own copy). Returns (graph module, method, notes)."""
+            exclude: tuple[str, ...] = (), train: bool = False) -> tuple[SparsecGraphModule, str, list[str]]:
+    """Trace `model` (sparsec's own copy). Returns (graph module, method, notes). `train`: the graph is
+    compiled for training (a note names autograd Functions whose custom backward the trace drops)."""
     _check_root_is_traceable_as_called(model)
     if example_inputs is not None:
         _check_arity(model, example_inputs)
@@ -147,11 +148,14 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
     # the model does on the example inputs (`if mask is not None:` is always true of a graph input),
     # as the values they have: the graph follows the example's path and asserts each call passes the same.
     traced, eager, graph_run = False, None, None
+    # in-place buffer updates of the eager example run (see _lost_buffer_updates)
+    eager_updates = TraceTimeReads(model, user_code_frame, parameters=False)
     new_tracer = lambda: _Tracer(leaf_types, leaf_names, _regexes(exclude))  # noqa: E731
     for values in ([{}, concrete] if concrete else [{}]):
         tracer, reads = new_tracer(), TraceTimeReads(model, user_code_frame)
+        functions = InlinedFunctions(user_code_frame)
         try:
-            with reads:
+            with reads, functions:
                 graph = tracer.trace(model, concrete_args=values or None)
             _keep_argument_names(graph, values)
             gm = SparsecGraphModule(tracer.root, graph, type(model).__name__)
@@ -162,13 +166,19 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
             symbolic_failure = fx_error
             continue
         if example_inputs is not None:
-            eager = eager or _example_run(model, example_inputs)
+            if eager is None:
+                with eager_updates:
+                    eager = _example_run(model, example_inputs)
             graph_run = _example_run(gm, example_inputs)
         if values or not concrete or example_inputs is None or _same_outputs(eager, graph_run):
             traced = True
             break
     if traced:
-        notes = _lost_buffer_updates(model, eager, graph_run) + _root_hooks(model) + _lost_checkpoints(tracer)
+        notes = (_lost_buffer_updates(model, eager, graph_run, reads.updates,
+                                      eager_updates.updates if example_inputs is not None else None)
+                 + _root_hooks(model) + _lost_checkpoints(tracer))
+        if train and functions.functions:  # inference runs the forward, which the graph computes exactly
+            notes.append(describe_inlined(functions.functions))
         inherited = getattr(model, "fixed_training", None)  # a compiled graph compiled again keeps its mode
         if inherited is not None:
             gm.fixed_training = inherited
@@ -204,8 +214,9 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
         except Exception as eager_error:  # noqa: BLE001
             raise ExampleInputError(_example_input_message(eager_error, example_inputs)) from eager_error
 
+    functions = InlinedFunctions(user_code_frame, every_call=True)
     try:
-        with preserved_state(model), _export_chatter_held():
+        with preserved_state(model), _export_chatter_held(), functions:
             exported = _export(model, example_inputs)
         module = exported.module()
     except Exception as export_error:  # noqa: BLE001
@@ -226,6 +237,8 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
     guard = _guard_inputs(gm, exported.range_constraints)
     notes = [f"traced with torch.export (symbolic_trace failed: {_first_line(symbolic_failure)}"
              + (f" at {where}" if where else "") + f"); the graph holds for inputs {guard.describe()}"]
+    if train and functions.functions:
+        notes.append(describe_inlined(functions.functions))
     # export writes the mode into the graph (dropout, batch norm): read it instead where the model allows
     if not follow_mode(gm, _export_in_other_mode(model, example_inputs), model.training):
         gm.fixed_training = model.training
@@ -312,7 +325,10 @@ def _example_run(module: nn.Module, example_inputs: tuple) -> tuple[list, dict] 
     try:
         with torch.no_grad(), preserved_state(module):
             torch.manual_seed(0)
-            outputs = tree_flatten(module(*fresh_inputs(example_inputs)))[0]
+            # a traced graph's forward directly: GraphModule.__call__ prints a whole traceback to stderr when
+            # the graph fails, which a probe run that may fail (a graph taking None as a tensor) must not
+            run = module.forward if isinstance(module, fx.GraphModule) else module
+            outputs = tree_flatten(run(*fresh_inputs(example_inputs)))[0]
             return outputs, {name: buf.detach().clone() for name, buf in module.named_buffers()}
     except Exception:  # noqa: BLE001
         return None
@@ -423,20 +439,28 @@ def _root_hooks(model: nn.Module) -> list[str]:
             f"only); register them on the compiled model if they are still needed"] if hooks else []
 
 
-def _lost_buffer_updates(model: nn.Module, eager, graph_run) -> list[str]:
+def _lost_buffer_updates(model: nn.Module, eager, graph_run, traced_updates: dict[str, set[str]],
+                         eager_updates: dict[str, set[str]] | None) -> list[str]:
     """A note when the model's forward updates buffers in Python code (`self.steps += 1`) that
     symbolic_trace does not record (updates inside leaf modules, like BatchNorm's running stats, are
     kept): the compiled model would never update them. Compares the buffers after the model's and the
-    graph's example runs (`_example_run`) with the model's own."""
-    if eager is None or graph_run is None:
-        return []
-    before = dict(model.named_buffers())
-    lost = [name for name, value in eager[1].items()
-            if not _same(value, before.get(name)) and not _same(value, graph_run[1].get(name))]
+    graph's example runs (`_example_run`) with the model's own; and names a buffer an in-place op
+    changed while tracing, outside the graph (trace_reads), where the eager example run makes the same
+    update again (so it is made on every call, not once, as a lazy initialisation is): the values can
+    agree after one run, `self.ema.mul_(0.9).add_(...)` from a zero ema loses the decay only from the
+    second call on. Without example inputs every such update is named."""
+    lost = []
+    if eager is not None and graph_run is not None:
+        before = dict(model.named_buffers())
+        lost = [name for name, value in eager[1].items()
+                if not _same(value, before.get(name)) and not _same(value, graph_run[1].get(name))]
+    lost += [name for name, ops in traced_updates.items()
+             if name not in lost and (eager_updates is None or ops & eager_updates.get(name, set()))]
     if not lost:
         return []
     return [f"the model's forward updates buffer{'s' if len(lost) > 1 else ''} {lost} in Python code that "
-            f"torch.fx does not record: the compiled model never updates {'them' if len(lost) > 1 else 'it'}. "
+            f"torch.fx does not record: the compiled model does not make "
+            f"{'those updates' if len(lost) > 1 else 'that update'}. "
             f"To keep the update, make the module that does it a leaf (leaf_modules=['its.name']) or move the "
             f"update out of forward"]
 

@@ -136,7 +136,8 @@ class Plan:
         return [layer for layer in self.layers if layer.sparsity]
 
     def totals(self) -> dict[str, float]:
-        flops = [(lp.flops, lp.kept / lp.numel) for lp in self.layers if lp.flops is not None]
+        # (a layer with no weights computes nothing: a hand-written plan may still give it FLOPs)
+        flops = [(lp.flops, lp.kept / lp.numel) for lp in self.layers if lp.flops is not None and lp.numel]
         dense_flops = sum(f for f, _ in flops)
         sparse_flops = sum(f * density for f, density in flops)
         return {

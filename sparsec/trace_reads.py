@@ -26,6 +26,10 @@ _METADATA = {"shape", "size", "dim", "ndim", "ndimension", "numel", "nelement", 
              "itemsize", "nbytes", "stride", "storage_offset", "is_contiguous", "get_device", "names", "__len__",
              "__hash__", "data_ptr", "untyped_storage", "__repr__", "__format__"}
 
+# In-place operator methods besides the `name_` ones (`self.steps += 1` is Tensor.__iadd__).
+_INPLACE_DUNDERS = {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__", "__ipow__",
+                    "__imatmul__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__", "__setitem__"}
+
 
 def _name(func) -> str:
     """'Tensor.pow', 'torch.sum', 'Tensor.shape' for what __torch_function__ is given."""
@@ -36,13 +40,21 @@ def _name(func) -> str:
 class TraceTimeReads(TorchFunctionMode):
     """Active while symbolic_trace runs the forward: records, for each parameter of `model`, the first
     op that computes with its values without a proxy among its arguments (so the op is not recorded
-    in the graph, its result is). `reads`: parameter path -> 'op at file:line in func: code'."""
+    in the graph, its result is). `reads`: parameter path -> 'op at file:line in func: code'.
 
-    def __init__(self, model: nn.Module, user_frame):
+    `updates`: buffer path -> the in-place ops ('op at file:line ...') that changed the buffer with no
+    proxy among their arguments: they ran on the buffer while tracing and are not in the graph
+    (`self.ema.mul_(0.9)`, `self.steps += 1`). Active during an eager run, it records every in-place
+    update of a buffer, which tells an update made on every call from one made once (lazy init)."""
+
+    def __init__(self, model: nn.Module, user_frame, parameters: bool = True):
         super().__init__()
-        self._paths = {id(p): path for path, p in model.named_parameters(remove_duplicate=False)}
+        # parameters=False: buffer updates only (an eager run reads every parameter without a proxy)
+        self._paths = {id(p): path for path, p in model.named_parameters(remove_duplicate=False)} if parameters else {}
+        self._buffers = {id(b): path for path, b in model.named_buffers(remove_duplicate=False)}
         self._user_frame = user_frame  # picks the user's frame out of a stack summary
         self.reads: dict[str, str] = {}
+        self.updates: dict[str, set[str]] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -54,7 +66,22 @@ class TraceTimeReads(TorchFunctionMode):
                 where = self._user_frame(traceback.extract_stack()[:-1])
                 for path in new:
                     self.reads[path] = _name(func) + (f" at {where}" if where else "")
+            updated = [self._buffers[id(t)] for t in _written(func, args, kwargs) if id(t) in self._buffers]
+            if updated:
+                where = self._user_frame(traceback.extract_stack()[:-1])
+                for path in updated:
+                    self.updates.setdefault(path, set()).add(_name(func) + (f" at {where}" if where else ""))
         return func(*args, **kwargs)
+
+
+def _written(func, args, kwargs) -> list:
+    """The tensors (and the tensors they view) an in-place op or an out= argument writes."""
+    name = _name(func).rpartition(".")[2]
+    targets = tree_flatten(kwargs.get("out"))[0]
+    in_place = name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("_") and name not in _METADATA)
+    if args and in_place:
+        targets.append(args[0])
+    return [b for t in targets if isinstance(t, torch.Tensor) for b in (t, t._base) if b is not None]
 
 
 def detach_constants(gm: fx.GraphModule) -> None:
@@ -78,3 +105,46 @@ def describe(reads: dict[str, str]) -> str:
             f"as a constant of the values at compile time, which does not follow pruning, training or "
             f"load_state_dict, and passes no gradient to them. Their layers are kept dense; to let sparsec prune them, read the parameters as module "
             f"attributes (self.fc.weight) so the computation is recorded in the graph")
+
+
+class InlinedFunctions:
+    """Active while symbolic_trace runs the forward: records the torch.autograd.Function subclasses the
+    forward applies to proxies. Function.apply runs their forward on the proxies, so the graph holds the
+    ops of that forward and not the Function: its custom backward (a straight-through estimator, a
+    gradient reversal) is gone, and gradients through the compiled graph are those of the forward's
+    ops. `functions`: class name -> 'file:line in func: code' of its first call. `every_call`: record
+    each Function applied, proxies or not (torch.export traces through them on its own tensors too)."""
+
+    def __init__(self, user_frame, every_call: bool = False):
+        self._user_frame, self._every_call = user_frame, every_call
+        self.functions: dict[str, str] = {}
+
+    def __enter__(self):
+        self._original = torch.autograd.Function.__dict__["apply"]
+        original, functions, user_frame, every_call = (self._original.__func__, self.functions, self._user_frame,
+                                                        self._every_call)
+
+        def apply(cls, *args, **kwargs):
+            own = cls.__module__.split(".")[0] in ("torch", "sparsec")  # torch's own (checkpoint: noted apart)
+            if not own and cls.__qualname__ not in functions and (every_call or any(
+                    isinstance(a, fx.Proxy) for a in tree_flatten((args, kwargs))[0])):
+                functions[cls.__qualname__] = user_frame(traceback.extract_stack()[:-1]) or ""
+            return original(cls, *args, **kwargs)
+
+        torch.autograd.Function.apply = classmethod(apply)
+        return self
+
+    def __exit__(self, *exc):
+        torch.autograd.Function.apply = self._original
+        return False
+
+
+def describe_inlined(functions: dict[str, str]) -> str:
+    """A plan note for autograd Functions symbolic_trace traced through (a training compile only)."""
+    names = list(functions)
+    where = next(iter(functions.values()))
+    return (f"the forward applies torch.autograd.Function {', '.join(names)}{' (at ' + where + ')' if where else ''}, "
+            f"which torch.fx traces through: the compiled graph runs {'their' if len(names) > 1 else 'its'} forward "
+            f"ops but not {'their' if len(names) > 1 else 'its'} custom backward, so gradients through "
+            f"{'them' if len(names) > 1 else 'it'} differ from the model's. To keep the backward, make the module "
+            f"that applies it a leaf (leaf_modules=['its.name'])")

@@ -121,6 +121,34 @@ def test_non_finite_weights_refuse_that_layer_and_keep_the_model_usable(bad_valu
     torch.testing.assert_close(cm(x), pruned_model(model, cm.plan)(x), equal_nan=True, rtol=1e-5, atol=1e-6)
 
 
+class _EmptyLayers(nn.Module):
+    """Layers with no weights at all (a config with zero heads / experts): nn.Linear(64, 0), a parameter [0, 64]."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.c, self.empty = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 0)
+        self.w = nn.Parameter(torch.empty(0, 64))
+
+    def forward(self, x):
+        h = self.a(x)
+        return torch.cat([self.c(h), self.empty(h), torch.nn.functional.linear(h, self.w)], dim=-1)
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "fanin:0.9"])
+def test_layers_with_no_weights_stay_dense_with_reason(pattern):
+    # nn.Linear(64, 0) crashed find_candidates (IndexError on weight[0]), and the plan's totals divided by
+    # the layer's zero weight count
+    model, x = _EmptyLayers(), torch.randn(4, 64)
+    cm = sparsec.compile(model, pattern=pattern, example_inputs=(x,), include=[".*"], min_weights=0)
+    for name in ("empty", "w"):
+        assert cm.plan[name].sparsity is None and "no elements" in cm.plan[name].reason
+    assert cm.plan["a"].sparsity == cm.plan["c"].sparsity == pattern
+    assert len(cm.plan) == 4
+    with torch.no_grad():
+        assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+
+
 def test_model_without_eligible_layers_is_unchanged():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 5, 3), nn.Flatten(),
@@ -198,11 +226,23 @@ class _Unused(nn.Module):
         return self.used(x)
 
 
-def test_a_layer_the_forward_never_calls():
-    cm = sparsec.compile(_Unused(), example_inputs=(torch.randn(2, 32),))
+class _UnusedExported(_Unused):
+    def forward(self, x):
+        int(x.shape[0])  # symbolic_trace cannot: torch.export traces it, reading every parameter at the top
+        return self.used(x)
+
+
+@pytest.mark.parametrize("model", [_Unused, _UnusedExported], ids=["symbolic_trace", "torch.export"])
+def test_a_layer_the_forward_never_calls(model):
+    # through torch.export, the reason read "its weight is read directly (by ), not through the layer's forward"
+    cm = sparsec.compile(model(), example_inputs=(torch.randn(2, 32),))
+    assert cm.trace_method == ("torch.export" if model is _UnusedExported else "symbolic_trace")
     assert cm.plan["spare"].sparsity is None and "not called by the model's forward" in cm.plan["spare"].reason
-    with pytest.raises(KeyError, match="'spare' is in the plan but its weight is not in the compiled graph.*not called by the model's forward"):
-        cm.mask("spare")
+    if model is _Unused:
+        with pytest.raises(KeyError, match="'spare' is in the plan but its weight is not in the compiled graph.*not called by the model's forward"):
+            cm.mask("spare")
+    else:  # the exported graph holds the weight, dense
+        assert cm.mask("spare").all()
     with pytest.raises(KeyError, match="nope"):
         cm.mask("nope")
 

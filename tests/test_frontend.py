@@ -268,6 +268,67 @@ def test_a_buffer_update_the_graph_would_lose_is_reported_not_dropped_silently()
     assert [float(v) for k, v in counters.items() if k.endswith("1.calls")] == [1.0]
 
 
+class EmaStage(nn.Module):
+    """Keeps an EMA of its activations: `self.ema.mul_(0.9)` has no proxy among its arguments, so it runs on
+    the buffer while tracing and is not in the graph (the add_ after it, which reads h, is)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 64)
+        self.register_buffer("ema", torch.zeros(64))
+
+    def forward(self, x):
+        h = torch.relu(self.fc(x))
+        self.ema.mul_(0.9).add_(0.1 * h.mean(0).detach())
+        return h + self.ema
+
+
+def test_a_buffer_update_lost_only_from_the_second_call_on_is_reported():
+    # From a zero EMA, the graph's first call agrees with the model (0.9 * 0 == 0), so comparing the buffers
+    # after one example run saw nothing; the second call differs. It was compiled without a word.
+    model, x = nn.Sequential(nn.Linear(64, 64), EmaStage(), nn.Linear(64, 4)), torch.randn(8, 64)
+    with pytest.warns(UserWarning, match=r"updates buffer \['1.ema'\] in Python code that torch.fx does not record"):
+        cm = sparsec.compile(model, example_inputs=(x,), pattern="dense")
+    with torch.no_grad():  # what the note warns of, against the model itself
+        cm(x), model(x)
+        assert output_error(cm(x), model(x)) > 1e-3
+    # the remedy the note names keeps the update
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kept = sparsec.compile(model, example_inputs=(x,), pattern="dense", leaf_modules=["1"])
+    with torch.no_grad():
+        for _ in range(3):
+            assert output_error(kept(x), model(x)) <= 1e-6
+
+
+class LazyTable(nn.Module):
+    """Fills a buffer once, on its first call: done while tracing, the graph reads the filled buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 64)
+        self.register_buffer("table", torch.zeros(64))
+        self.register_buffer("ready", torch.tensor(False))
+
+    def forward(self, x):
+        if not self.ready:
+            self.table.copy_(torch.linspace(-1, 1, 64))
+            self.ready.fill_(True)
+        return self.fc(x) * self.table
+
+
+def test_a_buffer_filled_once_while_tracing_is_not_reported_as_a_lost_update():
+    model, x = nn.Sequential(nn.Linear(64, 64), LazyTable(), nn.Linear(64, 4)), torch.randn(8, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cm = sparsec.compile(model, example_inputs=(x,))
+    assert not cm.plan.notes
+    ref = pruned_model(model, cm.plan)
+    with torch.no_grad():
+        for _ in range(2):
+            assert output_error(cm(x), ref(x)) <= 1e-5
+
+
 class _TwoLayers(nn.Module):
     def __init__(self):
         super().__init__()
@@ -673,3 +734,84 @@ def test_a_batchnorm_frozen_in_eval_inside_a_training_model_stays_frozen(train):
     with torch.no_grad():
         assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
     assert torch.equal(bn.running_mean, running)
+
+
+class _ReverseGrad(torch.autograd.Function):
+    """Gradient reversal (domain-adversarial training): forward is the identity, backward negates."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -grad
+
+
+class _Reversal(nn.Module):
+    def forward(self, x):
+        return _ReverseGrad.apply(x)
+
+
+class _Adversarial(nn.Module):
+    def __init__(self, untraceable=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.untraceable = untraceable
+        self.a, self.rev, self.c = nn.Linear(32, 32), _Reversal(), nn.Linear(32, 8)
+
+    def forward(self, x):
+        if self.untraceable:
+            int(x.shape[0])  # symbolic_trace cannot: torch.export traces it
+        return self.c(self.rev(torch.relu(self.a(x))))
+
+
+def _grads(module):
+    return [p.grad.clone() for p in module.parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize("untraceable", [False, True], ids=["symbolic_trace", "torch.export"])
+def test_an_autograd_function_traced_through_is_noted_when_training(untraceable):
+    # both tracers run a Function's forward ops and drop its backward: a gradient reversal trained
+    # the compiled model with the gradient's sign flipped, without a word
+    model, x = _Adversarial(untraceable), torch.randn(4, 32)
+    cm = sparsec.compile(model, pattern="dense", example_inputs=(x,), train=True)
+    assert any("_ReverseGrad" in note and "custom backward" in note for note in cm.plan.notes)
+    cm(x).sum().backward()
+    model(x).sum().backward()
+    assert not torch.allclose(_grads(cm)[0], _grads(model)[0])  # what the note warns of
+    # an inference compile computes the forward exactly: nothing to say
+    assert not any("_ReverseGrad" in note for note in sparsec.compile(model, example_inputs=(x,)).plan.notes)
+
+
+def test_the_remedy_for_an_autograd_function_keeps_its_backward():
+    model, x = _Adversarial(), torch.randn(4, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cm = sparsec.compile(model, pattern="dense", example_inputs=(x,), train=True, leaf_modules=["rev"])
+    cm(x).sum().backward()
+    model(x).sum().backward()
+    for got, expected in zip(_grads(cm), _grads(model), strict=True):
+        torch.testing.assert_close(got, expected)
+
+
+def test_a_failing_probe_run_of_the_traced_graph_prints_nothing(capfd):
+    """The graph traced with `mask` as an input fails on mask=None (`b * mask`), and capture then traces
+    with None fixed: a normal path, which printed fx's whole 'Call using an FX-traced Module' traceback."""
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+        def forward(self, x, mask=None):
+            h = self.b(torch.relu(self.a(x)))
+            if mask is not None:
+                h = h * mask
+            return self.c(h)
+
+    model, x = Masked(), torch.randn(2, 16)
+    cm = sparsec.compile(model, example_inputs=(x,), min_weights=0, backend="torch")
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "FX-traced Module" not in err, err
+    with torch.no_grad():
+        assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5

@@ -253,3 +253,29 @@ def test_linear_on_a_transposed_weight_is_a_matmul_layer(untraceable):
     assert (cm.mask("kernel").t().reshape(128, -1, 4).sum(-1) == 2).all()  # groups run along K = W's rows
     assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
     assert not hasattr(cm.graph_module, "kernel") and not hasattr(cm.graph_module, "bias")
+
+
+class _KeywordCalls(nn.Module):
+    """Layer modules called with their input by keyword, as nn.Linear / nn.Conv1d name it: self.fc(input=x)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = nn.Linear(32, 64), nn.Linear(64, 64), nn.Linear(64, 32)
+        self.conv = nn.Conv1d(1, 4, 4)
+
+    def forward(self, x):
+        h = self.c(input=torch.relu(self.b(input=self.a(input=x))))
+        return self.conv(input=h.unsqueeze(1))
+
+
+@pytest.mark.parametrize("options", [dict(backend="torch"), dict(backend="auto"), dict(train=True, grad_pattern="2:4")],
+                         ids=["torch", "auto", "train"])
+def test_layer_modules_called_with_the_input_by_keyword(options):
+    # the runtime layers take the input as `x`: a graph calling self.b(input=a) compiled, then failed on
+    # its first call (TypeError: unexpected keyword argument 'input')
+    model, x = _KeywordCalls(), torch.randn(5, 32)
+    cm = sparsec.compile(model, pattern="2:4", example_inputs=(x,), include=[".*"], min_weights=0, **options)
+    assert [lp.sparsity for lp in cm.plan] == ["2:4"] * 4
+    with torch.no_grad():
+        assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5

@@ -197,3 +197,12 @@ def test_a_plan_built_in_python_with_other_entries_is_refused_naming_them():
         sparsec.compile(model, example_inputs=(x,), plan=plan)
     with pytest.raises(ValueError, match="plan pattern: invalid pattern 'bogus'"):
         sparsec.compile(model, example_inputs=(x,), plan=Plan(layers=[], pattern="bogus"))
+
+
+def test_totals_of_a_plan_with_a_weightless_layer():
+    """A layer with no weights (nn.Linear(16, 0)) given FLOPs by a hand-written plan divided by zero."""
+    plan = Plan([LayerPlan("empty", "linear", (0, 16), None, None, None, "no weights", "float32", 64),
+                 LayerPlan("fc", "linear", (8, 16), "2:4", None, None, "2:4", "float32", 256)])
+    totals = plan.totals()
+    assert totals["weights"] == 128 and totals["weights_kept"] == 64 and totals["flops_dense"] == 256, totals
+    assert str(plan)  # the table prints too
