@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 
 from sparsec.context import CompileContext
+from sparsec.errors import InvalidInputError
 from sparsec.meta import get_meta, layer_nodes, update_meta
 from sparsec.plan import dtype_name
 from sparsec.reference import fake_quant_int8, relative_error, weight_to_rows
@@ -26,11 +27,39 @@ from sparsec.reference import fake_quant_int8, relative_error, weight_to_rows
 MAX_FLUSHED = 0.05
 
 
-@torch.no_grad()
-def measure_int8(gm: fx.GraphModule, ctx: CompileContext, layer, sparsity: str) -> tuple[float, float]:
-    """(relative weight error, fraction of kept nonzero weights flushed to 0) of int8 on the pruned weight."""
+def pruned_rows(gm: fx.GraphModule, ctx: CompileContext, layer, sparsity: str) -> torch.Tensor:
     rows = weight_to_rows(gm.get_parameter(layer.weight_path).detach(), layer.op)
-    pruned = rows * ctx.layer_mask(gm, layer, sparsity)
+    return rows * ctx.layer_mask(gm, layer, sparsity)
+
+
+@torch.no_grad()
+def scale_problem(pruned: torch.Tensor) -> str | None:
+    """Why int8 cannot store these rows at all, or None.
+
+    The format keeps float32 scales max|row| / 127 (sparsec/reference.py). A row whose scale is not a
+    positive finite float32 has no int8 form: a float64 row beyond float32's range got scale inf and
+    dequantized to NaN (the compiled model returned NaN under quantize="int8"), and a row so small that
+    its scale underflows to 0 (float32 max|w| below ~1e-43, float64 below float32's range) lost every
+    weight. Such a layer is refused int8 instead."""
+    absmax = pruned.abs().amax(dim=-1)
+    absmax32 = absmax.float()
+    scales = absmax32 / absmax32.new_tensor(127.0)  # as reference.quantize_int8 computes them
+    bad = (absmax > 0) & ~(torch.isfinite(scales) & (scales > 0))
+    if not bool(bad.any()):
+        return None
+    row = int(bad.nonzero()[0, 0])
+    what = "overflows to inf" if not bool(torch.isfinite(scales[row])) else "underflows to 0"
+    others = int(bad.sum()) - 1
+    return (f"row {row}{f' (and {others} more)' if others else ''} has max |w| = {float(absmax[row]):.3g}, whose "
+            f"float32 scale max|w| / 127 {what} (int8 keeps float32 per-output-channel scales)")
+
+
+@torch.no_grad()
+def measure_int8(gm: fx.GraphModule, ctx: CompileContext, layer, sparsity: str,
+                 pruned: torch.Tensor | None = None) -> tuple[float, float]:
+    """(relative weight error, fraction of kept nonzero weights flushed to 0) of int8 on the pruned weight."""
+    if pruned is None:
+        pruned = pruned_rows(gm, ctx, layer, sparsity)
     quantized = fake_quant_int8(pruned)
     nonzero = pruned != 0
     flushed = float((quantized[nonzero] == 0).sum()) / max(int(nonzero.sum()), 1)
@@ -48,7 +77,19 @@ def choose_quantization(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModu
         wanted = decision.quant if opts.plan is not None else opts.quantize
         if wanted is None:
             continue
-        error, flushed = measure_int8(gm, ctx, meta.layer, decision.sparsity)
+        pruned = pruned_rows(gm, ctx, meta.layer, decision.sparsity)
+        problem = scale_problem(pruned)
+        if problem is not None:
+            if opts.plan is not None:  # an edited plan is applied exactly or refused, never changed
+                raise InvalidInputError(f"plan layer {name!r}: quant 'int8' cannot store this weight: {problem}; "
+                                        f"set the entry's quant to None (or rescale the weight)")
+            note = f"stays {dtype_name(meta.layer.dtype)}: int8 cannot store it: {problem}"
+            decision = dataclasses.replace(decision, quant=None, reason=f"{decision.reason}; {note}")
+            for node in nodes:
+                update_meta(node, decision=decision)
+            ctx.counters["quant_refused"] += 1
+            continue
+        error, flushed = measure_int8(gm, ctx, meta.layer, decision.sparsity, pruned)
         measured = f"relative weight error {error:.2%}, {flushed:.1%} of kept weights flushed to 0"
         keep = wanted != "auto" or (error <= budget and flushed <= MAX_FLUSHED)
         if wanted != "auto":

@@ -53,6 +53,12 @@ class PackedWeight(nn.Module):
         if quant is None:
             return values, None
         if quant == "int8":
+            if values.shape[-1] == 0:
+                # no kept value in any row (a fan-in layer whose neurons were all ablated, kept because a
+                # residual reads it: k = 0): nothing to scale. quantize_int8's amax over an empty dim
+                # raised IndexError, so condense(quantize="int8") of such a model failed.
+                return (values.to(torch.int8),
+                        torch.ones(values.shape[:-1], dtype=torch.float32, device=values.device))
             return ref.quantize_int8(values)
         raise ValueError(f"unknown quantization {quant!r}; supported: None, 'int8'")
 
