@@ -282,6 +282,11 @@ class CompiledModel(nn.Module):
         from sparsec.api import compile as compile_model
         from sparsec.shrink import shrink
 
+        packed = [m.layer_name for m in self.graph_module.modules()
+                  if isinstance(m, RuntimeLayer) and not isinstance(m, TrainableLayer)]
+        if packed:  # (shrink's refusal named shrink, which the caller never called)
+            raise InvalidInputError(f"condense works on a model compiled with train=True (after fan-in / SRigL "
+                                    f"training); layers {packed} of this one are already packed for inference")
         inputs = example_inputs if example_inputs is not None else self.example_inputs_like()
         smaller = shrink(self, ragged_fanin=True)
         options.setdefault("pattern", "dense")  # layers not trained sparse stay dense

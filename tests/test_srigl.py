@@ -196,6 +196,8 @@ def test_condense_after_srigl_training():
     for name, count in ablated.items():
         assert small.sparse_module(name).packed.values.shape[0] <= 64 - count
     assert small.shrink_report.hidden_after <= 128 - sum(ablated.values())
+    with pytest.raises(ValueError, match=r"condense works on a model compiled with train=True .* already packed"):
+        small.condense()  # an inference model (it named shrink, which the caller never called)
 
 
 def test_sparse_init_draws_kept_weights_for_the_sparse_fanin():
