@@ -18,8 +18,10 @@ Every `delta_t` steps before `t_end * total_steps`, each constant fan-in layer (
      (capped by magnitude, not arbitrarily as the original code did);
   5. regrow every active row back to exactly k by the largest |dense gradient| among its positions
      not kept (a weight dropped in this update may come back);
-  6. regrown weights start at exactly 0 and every optimizer-state entry of a weight that did not
-     survive (dropped, regrown, ablated) is zeroed, so masked weights stay exactly 0.
+  6. weights new to the mask start at exactly 0 with zeroed optimizer state; every weight in both
+     the old and the new mask keeps its value and optimizer state, including one dropped in step 4
+     and regrown in step 5 (the paper's code: new_connections = ~old_mask & grow, momentum * new
+     mask); dropped and ablated weights and their optimizer state become 0, so masked weights stay 0.
 drop = alpha / 2 * (1 + cos(pi * t / T_end)). Ties in any ranking go to the lower index.
 
 An update leaves alone a layer whose weight is frozen (requires_grad False: it has no dense gradient
@@ -31,6 +33,7 @@ indices). The gradient of a weight an update drops is zeroed, so an optimizer st
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import asdict, dataclass, field
 
@@ -64,7 +67,7 @@ class LayerUpdate:
     """What one update did to one layer."""
     mask: torch.Tensor          # new mask [out, fan_in]
     kept: torch.Tensor          # weights that survived the update unchanged
-    regrown: torch.Tensor       # weights (re)grown this update: start at 0
+    regrown: torch.Tensor       # weights (re)grown this update: those new to the mask start at 0
     ablated: torch.Tensor       # [out] rows switched off
     k: int                      # fan-in of every active row
     pruned: int                 # weights of the old mask not kept
@@ -128,13 +131,28 @@ class SRigL:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise InvalidTypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         for name, value in (("total_steps", total_steps), ("delta_t", delta_t), ("grad_accumulation", grad_accumulation)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise InvalidInputError(f"{name} must be a positive int, got {value!r}")
+        total_steps, delta_t, grad_accumulation = int(total_steps), int(delta_t), int(grad_accumulation)
         if grad_accumulation > delta_t:
             raise InvalidInputError(f"grad_accumulation={grad_accumulation} cannot exceed delta_t={delta_t}")
-        if not 0 < t_end <= 1 or not 0 <= alpha <= 1 or gamma_sal <= 0:
-            raise InvalidInputError(f"need 0 < t_end <= 1, 0 <= alpha <= 1, gamma_sal > 0; got t_end={t_end}, "
+        # Checked here, not at the first update: a string raised a bare comparison TypeError naming no
+        # argument, and gamma_sal nan / inf passed (nan <= 0 is False) and crashed the first update
+        # mid-training in int() (ValueError / OverflowError).
+        for name, value in (("t_end", t_end), ("alpha", alpha), ("gamma_sal", gamma_sal)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise InvalidTypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+        if not (math.isfinite(gamma_sal) and 0 < t_end <= 1 and 0 <= alpha <= 1 and gamma_sal > 0):
+            raise InvalidInputError(f"need 0 < t_end <= 1, 0 <= alpha <= 1, gamma_sal > 0 and finite; got t_end={t_end}, "
                                     f"alpha={alpha}, gamma_sal={gamma_sal}")
+        if gamma_sal >= 1 and gamma_sal != int(gamma_sal):
+            # >= 1 is an absolute count of salient weights (methods.md B.3.2); int() silently turned 1.5
+            # into 1, while the paper's code compares counts < 1.5 (ablating count 1 too).
+            raise InvalidInputError(f"gamma_sal={gamma_sal}: a value >= 1 is an absolute count of salient weights "
+                                    f"per neuron and must be a whole number; below 1 it is a fraction of the fan-in")
+        for name, value in (("ablation", ablation), ("sparse_init", sparse_init)):
+            if not isinstance(value, bool):  # ablation='no' was truthy: ablation ran
+                raise InvalidTypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
         cm.check_whole_weights("SRigL")
         self.layers = {m.layer_name: m for m in cm.graph_module.modules()
                        if isinstance(m, TrainableLayer) and isinstance(m.pattern, FanIn)}
@@ -156,6 +174,10 @@ class SRigL:
         self.optimizer, self.total_steps, self.delta_t = optimizer, total_steps, delta_t
         self.alpha, self.gamma_sal, self.ablation, self.grad_accumulation = alpha, gamma_sal, ablation, grad_accumulation
         self.t_end = int(t_end * total_steps)
+        if self.t_end <= delta_t:  # (updates run at multiples of delta_t below t_end: none would)
+            warnings.warn(f"SRigL will never update the masks: the first update is at step delta_t={delta_t}, and "
+                          f"updates stop at t_end * total_steps = {self.t_end}; lower delta_t or raise t_end / "
+                          f"total_steps", stacklevel=2)
         self.steps = 0
         self.history: list[UpdateRecord] = []
         self._dense_grads: dict[str, torch.Tensor] = {}
@@ -232,9 +254,13 @@ class SRigL:
                                   self.ablation and name not in self.never_ablate)
             shape = layer.weight.shape
             new_mask = rows_to_weight(result.mask, layer.op, shape)
-            survived = rows_to_weight(result.kept, layer.op, shape)
+            # In the old mask and in the new one: keeps its value and optimizer state. That includes a
+            # weight dropped by magnitude and regrown by gradient in this same update: the paper's code
+            # zeroes only new connections (~old_mask & grow) and masks momentum with the new mask
+            # (methods.md B.3.6). Zeroing it too (result.kept alone) restarted such weights at 0.
+            survived = rows_to_weight(result.mask & mask, layer.op, shape)
             layer.weight_mask.copy_(new_mask)
-            layer.weight.mul_(shard_like(survived, layer.weight))  # regrown start at 0, dropped and ablated become 0
+            layer.weight.mul_(shard_like(survived, layer.weight))  # new connections start at 0, dropped and ablated become 0
             for value in self.optimizer.state.get(layer.weight, {}).values():
                 if isinstance(value, torch.Tensor) and value.shape == shape:
                     value.mul_(shard_like(survived, value))  # momentum / Adam moments only for weights that survived

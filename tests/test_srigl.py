@@ -146,11 +146,27 @@ def test_no_update_after_t_end():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(total_steps=0), "total_steps"), (dict(total_steps=10, delta_t=2, grad_accumulation=3), "cannot exceed"),
     (dict(total_steps=10, t_end=0), "t_end"),
+    # nan / inf passed the constructor (nan <= 0 is False) and crashed the first update in int()
+    (dict(total_steps=10, gamma_sal=float("nan")), "gamma_sal > 0 and finite; .*gamma_sal=nan"),
+    (dict(total_steps=10, gamma_sal=float("inf")), "gamma_sal=inf"),
+    # >= 1 is an absolute count (methods.md B.3.2): 1.5 was silently int()-ed to 1
+    (dict(total_steps=10, gamma_sal=1.5), "gamma_sal=1.5: a value >= 1 is an absolute count .* whole number"),
 ])
 def test_bad_arguments(kwargs, match):
     cm = sparsec.compile(_mlp(), pattern="fanin:0.75", example_inputs=(torch.randn(2, 16),), train=True, min_weights=0)
     with pytest.raises(ValueError, match=match):
         SRigL(cm, torch.optim.SGD(cm.parameters(), lr=0.1), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(alpha="0.3"), "alpha must be a number, got str '0.3'"),  # was a bare '<=' TypeError naming nothing
+    (dict(gamma_sal=None), "gamma_sal must be a number, got NoneType"),
+    (dict(ablation="no"), "ablation must be True or False, got str 'no'"),  # 'no' was truthy: ablation ran
+])
+def test_bad_argument_types(kwargs, match):
+    cm = sparsec.compile(_mlp(), pattern="fanin:0.75", example_inputs=(torch.randn(2, 16),), train=True, min_weights=0)
+    with pytest.raises(TypeError, match=match):
+        SRigL(cm, torch.optim.SGD(cm.parameters(), lr=0.1), total_steps=10, **kwargs)
 
 
 def test_needs_fanin_layers():
@@ -204,7 +220,7 @@ def test_sparse_init_draws_kept_weights_for_the_sparse_fanin():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
     cm = sparsec.compile(model, pattern="fanin:0.9", example_inputs=(torch.randn(2, 512),), train=True, include=[".*"])
-    SRigL(cm, torch.optim.SGD(cm.parameters(), lr=0.1), total_steps=10, sparse_init=True)
+    SRigL(cm, torch.optim.SGD(cm.parameters(), lr=0.1), total_steps=10, delta_t=5, sparse_init=True)
     layer = cm.sparse_module("2")
     mask = cm.mask("2")
     k = int(mask.sum(1)[0])
@@ -341,3 +357,47 @@ def test_an_optimizer_step_after_the_update_keeps_dropped_weights_zero():
         for name, layer in srigl.layers.items():
             assert (layer.weight[~cm.mask(name)] == 0).all(), name
     assert len(srigl.history) == 2 and srigl.history[0].layers["2"]["pruned"] > 0
+
+
+def test_a_weight_dropped_and_regrown_in_one_update_keeps_its_value_and_momentum():
+    """methods.md B.3.6 / the paper's code: only new connections (~old_mask & grow) start at 0, and
+    momentum is masked with the new mask, so a weight dropped by magnitude and regrown by gradient in
+    the same update keeps its value and its momentum. (sparsec zeroed both, restarting it at 0.)
+    Checked against the weights and momentum saved just before the update, not against SRigL's record."""
+    cm = sparsec.compile(_mlp(), pattern="fanin:0.75", example_inputs=(torch.randn(2, 16),), train=True,
+                         include=[".*"], min_weights=0)
+    opt = torch.optim.SGD(cm.parameters(), lr=0.05, momentum=0.9)
+    srigl = SRigL(cm, opt, total_steps=40, delta_t=5, ablation=False)
+    for x, y in _batches(5):
+        F.cross_entropy(cm(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        if srigl.steps + 1 < 5:
+            srigl.step()
+    weights = {name: layer.weight.detach().clone() for name, layer in srigl.layers.items()}
+    momenta = {name: opt.state[layer.weight]["momentum_buffer"].clone() for name, layer in srigl.layers.items()}
+    masks = {name: cm.mask(name) for name in srigl.layers}
+    assert srigl.step() is not None, "step 5 updates"
+    drop = 0.3 / 2 * (1 + math.cos(math.pi * 5 / 30))  # t_end = 0.75 * 40 = 30
+    dropped_and_regrown = 0
+    for name, layer in srigl.layers.items():
+        old, new, w0, m0 = masks[name], cm.mask(name), weights[name], momenta[name]
+        w, m = layer.weight.detach(), opt.state[layer.weight]["momentum_buffer"]
+        both, fresh = old & new, new & ~old
+        assert torch.equal(w[both], w0[both]) and torch.equal(m[both], m0[both]), name
+        assert (w[fresh] == 0).all() and (m[fresh] == 0).all(), name
+        assert (w[~new] == 0).all() and (m[~new] == 0).all(), name
+        # weights below the layer's n_keep-th largest magnitude were dropped; those still active were regrown
+        n_ones = int(old.sum())
+        n_keep = n_ones - int(n_ones * drop)
+        threshold = torch.sort(w0[old].abs(), descending=True).values[n_keep - 1]
+        dropped_and_regrown += int((both & (w0.abs() < threshold)).sum())
+    assert dropped_and_regrown > 0, "the scenario needs weights dropped and regrown in the same update"
+
+
+def test_a_schedule_that_never_updates_warns():
+    """t_end * total_steps at or below delta_t: no step is an update step, which passed without a word."""
+    cm, opt = _srigl_parts()
+    with pytest.warns(UserWarning, match=r"never update the masks: the first update is at step delta_t=10.*= 5"):
+        srigl = SRigL(cm, opt, total_steps=20, delta_t=10, t_end=0.25)
+    assert not any(srigl.is_update_step(t) for t in range(1, 21))
