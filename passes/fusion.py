@@ -7,7 +7,8 @@ Chain, in this order, each step optional:
 sit anywhere in the chain: they stay in the graph, and the steps after them move into the kernel.
 A step is absorbed only when the value before it has no other user, and only for a layer called
 from one place (the epilogue belongs to the module, which every call site shares). Each absorbed
-op increments `fused_<op>`.
+op increments `fused_<op>`. A bias / scale vector is copied into the layer (in the layer's dtype): only one
+that nothing else in the graph reads, and if trainable, only one of the layer's shape and dtype.
 
 Rule table: each entry is (pattern check, what it contributes); one comment per rule.
 """
@@ -74,7 +75,29 @@ def _vector_operand(gm: fx.GraphModule, node: fx.Node, x: fx.Node, targets: set,
     before, after = get_meta(x).dtype, get_meta(node).dtype
     if before is None or (after or torch.result_type(torch.empty(0, dtype=before), value)) != before:
         return None
+    # The layer gets a copy of the vector (in its own dtype, which its torch reference needs: F.linear
+    # refuses a bias of another dtype). A copy computes what the vector did only where nothing else
+    # reads it (a tied parameter's gradient would be split between the two, an in-place update of a
+    # buffer missed) and, for a trainable one, where it is the layer's own shape and dtype (a trainable
+    # scalar would become n independent values).
+    if value.requires_grad and (value.shape != (n,) or value.dtype != before):
+        return None
+    if set(other.users) != {node} or _read_elsewhere(gm, other, value):
+        return None
     return other
+
+
+def _read_elsewhere(gm: fx.GraphModule, read: fx.Node, value: torch.Tensor) -> bool:
+    """Whether the graph reads `value` anywhere but at the get_attr `read`: another get_attr of it, or a
+    module the graph calls that holds it (`y + self.norm.bias` where `self.norm` also runs)."""
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node is not read and attribute(gm, node.target) is value:
+            return True
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            if any(t is value for t in (*module.parameters(), *module.buffers())):
+                return True
+    return False
 
 
 def _cast(node: fx.Node, x: fx.Node) -> torch.dtype | None:
@@ -82,9 +105,14 @@ def _cast(node: fx.Node, x: fx.Node) -> torch.dtype | None:
         return None
     if node.op == "call_method" and node.target in _CAST_METHODS and len(node.args) == 1:
         return _CAST_METHODS[node.target]   # x.half() / x.float() / x.bfloat16()
-    if node.op == "call_method" and node.target == "to":  # x.to(dtype)
-        dtype = node.kwargs.get("dtype", node.args[1] if len(node.args) > 1 else None)
-        return dtype if dtype in _KERNEL_DTYPES and len(node.args) <= 2 else None
+    if node.op == "call_method" and node.target == "to":  # x.to(dtype) / x.to(dtype=dtype)
+        # only a dtype (a device or memory_format given too is a move the kernel does not make:
+        # x.to("cuda", dtype=...) / x.to(device=..., dtype=...) left the output where the layer ran)
+        if set(node.kwargs) - {"dtype", "non_blocking", "copy"}:
+            return None
+        dtype = node.kwargs["dtype"] if len(node.args) == 1 and "dtype" in node.kwargs else (
+            node.args[1] if len(node.args) == 2 and "dtype" not in node.kwargs else None)
+        return dtype if dtype in _KERNEL_DTYPES else None
     if node.op == "call_function" and node.target == aten._to_copy.default and set(node.kwargs) == {"dtype"}:
         return node.kwargs["dtype"] if node.kwargs["dtype"] in _KERNEL_DTYPES else None  # export's .to(dtype)
     return None
@@ -100,6 +128,13 @@ def _regroups_rows(node: fx.Node, x: fx.Node, n: int) -> bool:
     before, after = get_meta(x), get_meta(node)
     return (before.shape is not None and after.shape is not None and before.dtype == after.dtype
             and tuple(before.shape[-1:]) == (n,) == tuple(after.shape[-1:]))
+
+
+def _epilogue_vector(vector: torch.Tensor, n: int, module: FusedEpilogue) -> nn.Parameter:
+    """The layer's own copy of a fused bias / scale: n elements in the layer's dtype (the kernel reads
+    it as float32 either way; torch's promotion of `y + vector` rounded to the layer's dtype too)."""
+    copy = vector.detach().reshape(-1).expand(n).to(module.packed.dtype_probe.dtype).clone()
+    return nn.Parameter(copy, requires_grad=vector.requires_grad)
 
 
 def _fuse_chain(gm: fx.GraphModule, ctx: CompileContext, layer_node: fx.Node, module: FusedEpilogue) -> None:
@@ -119,7 +154,7 @@ def _fuse_chain(gm: fx.GraphModule, ctx: CompileContext, layer_node: fx.Node, mo
             stage = 1
         if stage <= 0 and module.bias is None and (b := _vector_operand(gm, user, cur, _ADD, n)) is not None:
             vector = attribute(gm, b.target)
-            module.bias = nn.Parameter(vector.detach().reshape(-1).expand(n).clone(), requires_grad=vector.requires_grad)
+            module.bias = _epilogue_vector(vector, n, module)
             ops.append("bias")
             stage = 1
         elif stage <= 1 and (act := _activation(gm, user, cur)):
@@ -128,7 +163,7 @@ def _fuse_chain(gm: fx.GraphModule, ctx: CompileContext, layer_node: fx.Node, mo
             stage = 2
         elif stage <= 2 and features_last and (s := _vector_operand(gm, user, cur, _MUL, n)) is not None:
             vector = attribute(gm, s.target)  # a trainable scale (LayerScale's gamma) stays a parameter, as the bias
-            module.out_scale = nn.Parameter(vector.detach().reshape(-1).expand(n).clone(), requires_grad=vector.requires_grad)
+            module.out_scale = _epilogue_vector(vector, n, module)
             ops.append("scale")
             stage = 3
         elif (dtype := _cast(user, cur)) is not None:

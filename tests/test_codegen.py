@@ -518,6 +518,47 @@ def test_a_vector_that_would_promote_the_dtype_is_not_fused():
         assert out.dtype == torch.float32 and output_error(out, pruned_model(model, cm.plan)(x)) <= 2e-3
 
 
+class CopiedVectorChains(nn.Module):
+    """Vectors a kernel's copy would not stand for: a bias parameter read again after the layer (tied: its
+    gradient is the sum of both reads), a trainable one-element bias (one value, not one per feature); a
+    float16 bias buffer on float32 layers (torch promotes it: fused, in the layer's dtype, which the
+    backward's F.linear needs); a cast that also moves the output to another device."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(32, 64)
+        self.a, self.b, self.c, self.d = (nn.Linear(64, 64, bias=False) for _ in range(4))
+        self.tied, self.one = nn.Parameter(torch.randn(64) * 0.1), nn.Parameter(torch.tensor([0.1]))
+        self.register_buffer("half_bias", (torch.randn(64) * 0.1).half())
+        self.out = nn.Linear(64, 8)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = torch.relu(self.a(h) + self.tied) + self.tied   # nothing fused
+        h = torch.relu(self.b(h) + self.one)                 # nothing fused
+        h = torch.relu(self.c(h) + self.half_bias)           # bias and relu fused
+        return self.out(h), F.silu(self.d(h)).to("meta", dtype=torch.float16)  # silu fused, the move stays
+
+
+def test_a_fused_vector_or_cast_computes_what_it_did():
+    torch.manual_seed(0)
+    model, (x,) = on_device(CopiedVectorChains().eval(), (torch.randn(5, 32),))
+    cm = sparsec.compile(model, example_inputs=(x,), backend="triton", include=["d"])
+    modules = {m.layer_name: m for m in cm.graph_module.modules() if isinstance(m, TritonSparseLinear)}
+    assert modules["a"].bias is None and modules["b"].bias is None and modules["a"].activation is None
+    assert modules["c"].activation == "relu" and modules["c"].bias.dtype == torch.float32
+    assert modules["d"].activation == "silu" and modules["d"].out_dtype is None
+    ref = pruned_model(model, cm.plan)
+    (y, moved), (y_ref, _) = cm(x), ref(x)
+    assert moved.device.type == "meta" and moved.dtype == torch.float16  # the kernel wrote where d ran
+    assert output_error(y, y_ref) <= 1e-5
+    y.square().sum().backward()  # the backward runs the layers' torch reference: the bias in their dtype
+    y_ref.square().sum().backward()
+    params = dict(cm.graph_module.named_parameters())
+    for name in ("tied", "one", "out.weight"):
+        assert output_error(params[name].grad, dict(ref.named_parameters())[name].grad) <= 1e-4, name
+
+
 class ViewChains(Chains):
     """Views between a layer and its epilogue: those keeping the last dim are looked through, others end the chain."""
 
