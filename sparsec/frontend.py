@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from sparsec.distributed import GATHER_RECIPE, any_sharded
 from sparsec.errors import ExampleInputError, InvalidTypeError, TraceError
 from sparsec.export_mode import ModeFlag, follow_mode
-from sparsec.graph_module import SparsecGraphModule
+from sparsec.graph_module import RecordOperators, SparsecGraphModule
 from sparsec.plan import dtype_name
 from sparsec.runtime.guard import InputGuard
 from sparsec.runtime.layers import RuntimeLayer
@@ -99,10 +99,22 @@ class _Tracer(fx.Tracer):
     """fx tracer that also treats user-named modules (types, names, excluded names) as leaves."""
 
     # Defaults matter: a pickled GraphModule re-creates its tracer class with no arguments on load.
-    def __init__(self, leaf_types: tuple[type, ...] = (), leaf_names: tuple[str, ...] = (), leaf_regexes: tuple[str, ...] = ()):
+    def __init__(self, leaf_types: tuple[type, ...] = (), leaf_names: tuple[str, ...] = (), leaf_regexes: tuple[str, ...] = (),
+                 generated: bool = False):
         super().__init__()
         self.leaf_types, self.leaf_names, self.leaf_regexes = leaf_types, leaf_names, leaf_regexes
         self.checkpointed: list[str] = []  # modules the forward ran under torch.utils.checkpoint
+        # generated: tracing a compiled graph's own code (compiled again). There, ops reading no graph
+        # input (an export graph's buffer updates `aten.add_(steps, 1)`, a fixed-shape `aten.randn`) are
+        # graph ops to record, not Python to run once while tracing (they were: updates lost, noise
+        # a constant). A user's model keeps plain tracing: `self.steps += 1` would assign a proxy to a
+        # proxied buffer.
+        self.generated = generated
+        self.proxy_buffer_attributes = generated
+
+    def trace(self, root, concrete_args=None):
+        with RecordOperators(self) if self.generated else contextlib.nullcontext():
+            return super().trace(root, concrete_args)
 
     def call_module(self, m: nn.Module, forward, args, kwargs):
         # Tracing runs through torch.utils.checkpoint like any Python, so the graph computes the same
@@ -150,7 +162,9 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
     traced, eager, graph_run = False, None, None
     # in-place buffer updates of the eager example run (see _lost_buffer_updates)
     eager_updates = TraceTimeReads(model, user_code_frame, parameters=False)
-    new_tracer = lambda: _Tracer(leaf_types, leaf_names, _regexes(exclude))  # noqa: E731
+    # (a compiled graph compiled again is generated code: see _Tracer.generated)
+    generated = isinstance(model, fx.GraphModule)
+    new_tracer = lambda: _Tracer(leaf_types, leaf_names, _regexes(exclude), generated)  # noqa: E731
     for values in ([{}, concrete] if concrete else [{}]):
         tracer, reads = new_tracer(), TraceTimeReads(model, user_code_frame)
         functions = InlinedFunctions(user_code_frame)

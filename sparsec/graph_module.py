@@ -7,8 +7,12 @@ comments are added after fx generated and compiled the code, so they never chang
 from __future__ import annotations
 
 import copy
+import pickle
 
+import torch
 import torch.fx as fx
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from sparsec.meta import get_meta
 
@@ -52,7 +56,60 @@ def annotate_code(code: str, notes: dict[str, str]) -> str:
 CAPTURE_FACTS = ("fixed_training", "trace_time_reads")
 
 
+class RetraceTracer(fx.Tracer):
+    """The tracer fx rebuilds a pickled graph module with (pickle keeps the code, and loading traces it
+    again). fx's own runs every op that reads no graph input at trace time, once, and keeps its result:
+    a torch.export graph's buffer updates (`aten.add_.Tensor(steps, 1)`, BatchNorm-free EMA updates)
+    were applied to the buffer on load and dropped from the graph, and a random op of fixed shape
+    (`aten.randn.default([64])`) became one constant draw. This one records such ops as the graph had
+    them: buffers are traced as graph values, and every operator call is recorded."""
+
+    proxy_buffer_attributes = True
+
+    def trace(self, root, concrete_args=None):
+        with RecordOperators(self):
+            return super().trace(root, concrete_args)
+
+
+class RecordOperators(TorchFunctionMode):
+    """While retracing: an aten / custom operator called on no graph value is recorded, not run."""
+
+    def __init__(self, tracer: fx.Tracer):
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if isinstance(func, torch._ops.OpOverload) and not any(
+                isinstance(a, fx.Proxy) for a in tree_leaves((args, kwargs))):
+            return self.tracer.create_proxy("call_function", func, args, kwargs)
+        return func(*args, **kwargs)
+
+
+def _retraced_with(module: fx.GraphModule) -> None:
+    """Have `module` and the graph modules inside it (torch.cond's branches) rebuilt by RetraceTracer
+    when unpickled (torch.export leaves its own tracer class on them, which needs constructor
+    arguments fx cannot give: such a file failed to load)."""
+    for sub in module.modules():
+        if isinstance(sub, fx.GraphModule):
+            sub._tracer_cls = RetraceTracer
+            sub.graph._tracer_cls = RetraceTracer
+
+
 class SparsecGraphModule(fx.GraphModule):
+    def __reduce__(self):
+        # fx pickles the code and traces it again on load, which torch's control-flow operators
+        # (torch.cond, ...) refuse: such a file saved, then failed to load with a TypeError from fx
+        flow = sorted({str(n.target) for m in self.modules() if isinstance(m, fx.GraphModule)
+                       for n in m.graph.nodes if isinstance(n.target, torch._ops.HigherOrderOperator)})
+        if flow:
+            raise pickle.PicklingError(
+                f"this graph calls {', '.join(flow)} (torch.export's control flow), which a pickled graph module "
+                f"cannot hold (pickle keeps its code, and loading traces it again, which those operators refuse; "
+                f"copy.deepcopy copies it)")
+        _retraced_with(self)
+        return super().__reduce__()
+
     def __deepcopy__(self, memo):
         copied = super().__deepcopy__(memo)  # fx's copy keeps only the attributes torch knows of
         for name in CAPTURE_FACTS:
