@@ -84,6 +84,24 @@ def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def check_same_over_ranks(value: int, what: str, device: torch.device | str = "cpu") -> None:
+    """Raise on every rank, naming each rank's value, unless all ranks pass the same `value` (a
+    collective; `device`: one the backend can reduce on, e.g. a mask's). For state that must agree
+    but that no collective compares, such as a scheduler's step count: ranks at steps that differ
+    by a multiple of the update interval take the same collectives, so nothing hangs, while each
+    decides its own masks."""
+    if world_size() > 1:
+        values = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world_size())]
+        dist.all_gather(values, torch.tensor([int(value)], dtype=torch.int64, device=device))
+        values = [int(v) for v in values]
+        if len(set(values)) > 1:
+            from sparsec.errors import InvalidInputError
+
+            raise InvalidInputError(f"{what} differs between ranks ({', '.join(f'rank {r}: {v}' for r, v in enumerate(values))}), "
+                                    f"so they would diverge silently; every rank must make the same calls (load the "
+                                    f"same state on every rank when resuming)")
+
+
 def broadcast_from_rank0(t: torch.Tensor) -> torch.Tensor:
     """Rank 0's value of `t` on every rank (random draws that must agree: DDP syncs parameters only
     when it is constructed, so a later draw that differs between ranks would never be reconciled)."""

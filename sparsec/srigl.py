@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from sparsec.distributed import broadcast_from_rank0, full, mean_over_ranks, shard_like
+from sparsec.distributed import broadcast_from_rank0, check_same_over_ranks, full, mean_over_ranks, shard_like
 from sparsec.errors import InvalidInputError, InvalidTypeError
 from sparsec.patterns import FanIn
 from sparsec.reference import rows_to_weight, weight_to_rows
@@ -229,6 +229,9 @@ class SRigL:
 
     @torch.no_grad()
     def _update(self) -> UpdateRecord:
+        # ranks at steps that differ by a multiple of delta_t update together (no hang) but each with its own
+        # drop fraction and end: their masks would diverge without a word (one rank resumed, the other not)
+        check_same_over_ranks(self.steps, "SRigL step", next(iter(self.layers.values())).weight_mask.device)
         drop = self.drop_fraction(self.steps)
         record = UpdateRecord(step=self.steps, drop_fraction=drop)
         scores = {}

@@ -263,6 +263,57 @@ def test_fsdp1_flattened_weights_are_refused_naming_fully_shard(tmp_path):
             assert what.split()[0] in message and "FSDP1" in message and "fully_shard(cm)" in message, message
 
 
+def _steps_worker(rank: int, world: int, port: int, folder: str) -> None:
+    """Ranks whose SRigL step counts differ by a multiple of delta_t: the usual mistake of resuming
+    the scheduler's state on rank 0 only. They take the same collectives, so nothing hangs."""
+    from sparsec.distributed import check_same_over_ranks
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    out = {}
+    check_same_over_ranks(7, "a value every rank passes")
+    try:
+        check_same_over_ranks(rank, "the rank")
+    except InvalidInputError as e:
+        out["helper"] = str(e)
+    cm = _compile("srigl")
+    opt = torch.optim.SGD(cm.parameters(), lr=0.1)
+    srigl = sparsec.SRigL(cm, opt, total_steps=20, delta_t=2)
+    if rank == 0:  # resumed at step 2; rank 1 did not load the state
+        srigl.load_state_dict({**srigl.state_dict(), "steps": 2})
+    try:
+        for x, y in _batches()[:2]:  # same batches on both ranks: only the step count differs
+            F.cross_entropy(cm(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            srigl.step()
+    except InvalidInputError as e:
+        out["srigl"] = str(e)
+    out["masks"] = {name: cm.mask(name) for name in LAYERS}
+    torch.save(out, os.path.join(folder, f"steps-{rank}.pt"))
+    dist.barrier()
+    os._exit(0)  # see _worker
+
+
+@pytest.fixture(scope="module")
+def steps_ranks(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("steps")
+    mp.spawn(_steps_worker, args=(2, _free_port(), str(folder)), nprocs=2, join=True)
+    return [torch.load(folder / f"steps-{rank}.pt") for rank in range(2)]
+
+
+def test_check_same_over_ranks_names_each_ranks_value(steps_ranks):
+    for res in steps_ranks:
+        assert "the rank differs between ranks (rank 0: 0, rank 1: 1)" in res["helper"]
+
+
+def test_srigl_refuses_ranks_at_different_steps(steps_ranks):
+    r0, r1 = steps_ranks
+    assert all(torch.equal(r0["masks"][k], r1["masks"][k]) for k in LAYERS)  # no update ran on either rank
+    for res in steps_ranks:
+        assert "SRigL step differs between ranks (rank 0: 4, rank 1: 2)" in res.get("srigl", "")
+
+
 def test_the_distributed_example_runs_and_its_ranks_agree():
     import re
     import subprocess
