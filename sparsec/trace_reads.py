@@ -8,6 +8,7 @@ does not follow later changes of the parameter, pruning included, so its layer m
 """
 from __future__ import annotations
 
+import inspect
 import traceback
 
 import torch
@@ -120,7 +121,10 @@ class InlinedFunctions:
         self.functions: dict[str, str] = {}
 
     def __enter__(self):
-        self._original = torch.autograd.Function.__dict__["apply"]
+        # (looked up along the MRO, not in Function's own dict: torch versions differ in where apply lives;
+        # the GPU image runs an older one)
+        self._own = "apply" in torch.autograd.Function.__dict__
+        self._original = inspect.getattr_static(torch.autograd.Function, "apply")
         original, functions, user_frame, every_call = (self._original.__func__, self.functions, self._user_frame,
                                                         self._every_call)
 
@@ -135,7 +139,10 @@ class InlinedFunctions:
         return self
 
     def __exit__(self, *exc):
-        torch.autograd.Function.apply = self._original
+        if self._own:
+            torch.autograd.Function.apply = self._original
+        else:
+            del torch.autograd.Function.apply
         return False
 
 
