@@ -58,12 +58,9 @@ def build_plan(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     for name, nodes in layer_nodes(gm).items():
         meta = get_meta(nodes[0])
         d, layer = meta.decision, meta.layer
-        # a weight with no elements (nn.Linear(16, 0)) computes nothing; Plan.totals weighs each layer's
-        # FLOPs by kept / numel, so it gets no estimate rather than a division by zero
-        flops = _flops(nodes, layer.reduction) if math.prod(layer.weight_shape) else None
         layers.append(LayerPlan(name=name, op=layer.op, weight_shape=layer.weight_shape, sparsity=d.sparsity,
                                 quant=d.quant, grad_sparsity=d.grad_sparsity, reason=d.reason,
-                                dtype=dtype_name(layer.dtype), flops=flops, backend=d.backend,
+                                dtype=dtype_name(layer.dtype), flops=_flops(nodes, layer.reduction), backend=d.backend,
                                 launch=d.launch))
     for name, info in ctx.unreached.items():
         excluded_by = first_match(ctx.options.exclude, name)

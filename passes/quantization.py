@@ -22,12 +22,13 @@ from sparsec.context import CompileContext
 from sparsec.errors import InvalidInputError
 from sparsec.meta import get_meta, layer_nodes, update_meta
 from sparsec.plan import dtype_name
-from sparsec.reference import fake_quant_int8, relative_error, weight_to_rows
+from sparsec.reference import fake_quant_int8, int8_scales, relative_error, weight_to_rows
 
 MAX_FLUSHED = 0.05
 
 
 def pruned_rows(gm: fx.GraphModule, ctx: CompileContext, layer, sparsity: str) -> torch.Tensor:
+    """The layer's weight as [out, K] rows, with the plan's mask applied."""
     rows = weight_to_rows(gm.get_parameter(layer.weight_path).detach(), layer.op)
     return rows * ctx.layer_mask(gm, layer, sparsity)
 
@@ -42,8 +43,7 @@ def scale_problem(pruned: torch.Tensor) -> str | None:
     its scale underflows to 0 (float32 max|w| below ~1e-43, float64 below float32's range) lost every
     weight. Such a layer is refused int8 instead."""
     absmax = pruned.abs().amax(dim=-1)
-    absmax32 = absmax.float()
-    scales = absmax32 / absmax32.new_tensor(127.0)  # as reference.quantize_int8 computes them
+    scales = int8_scales(absmax.float())  # as reference.quantize_int8 computes them
     bad = (absmax > 0) & ~(torch.isfinite(scales) & (scales > 0))
     if not bool(bad.any()):
         return None
@@ -55,11 +55,8 @@ def scale_problem(pruned: torch.Tensor) -> str | None:
 
 
 @torch.no_grad()
-def measure_int8(gm: fx.GraphModule, ctx: CompileContext, layer, sparsity: str,
-                 pruned: torch.Tensor | None = None) -> tuple[float, float]:
-    """(relative weight error, fraction of kept nonzero weights flushed to 0) of int8 on the pruned weight."""
-    if pruned is None:
-        pruned = pruned_rows(gm, ctx, layer, sparsity)
+def measure_int8(pruned: torch.Tensor) -> tuple[float, float]:
+    """(relative weight error, fraction of kept nonzero weights flushed to 0) of int8 on the pruned weight rows."""
     quantized = fake_quant_int8(pruned)
     nonzero = pruned != 0
     flushed = float((quantized[nonzero] == 0).sum()) / max(int(nonzero.sum()), 1)
@@ -89,7 +86,7 @@ def choose_quantization(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModu
                 update_meta(node, decision=decision)
             ctx.counters["quant_refused"] += 1
             continue
-        error, flushed = measure_int8(gm, ctx, meta.layer, decision.sparsity, pruned)
+        error, flushed = measure_int8(pruned)
         measured = f"relative weight error {error:.2%}, {flushed:.1%} of kept weights flushed to 0"
         keep = wanted != "auto" or (error <= budget and flushed <= MAX_FLUSHED)
         if wanted != "auto":

@@ -202,6 +202,11 @@ class CompiledModel(nn.Module):
         self.plan[name]  # KeyError listing the layers for an unknown name
         return name
 
+    def packed_layers(self) -> list[str]:
+        """The layers holding packed inference weights (every runtime layer but the trainable ones)."""
+        return [m.layer_name for m in self.graph_module.modules()
+                if isinstance(m, RuntimeLayer) and not isinstance(m, TrainableLayer)]
+
     def sparse_module(self, name: str) -> RuntimeLayer | None:
         """The module sparsec put in place of layer `name` (packed, Triton or trainable), if any."""
         for module in self.graph_module.modules():
@@ -282,8 +287,7 @@ class CompiledModel(nn.Module):
         from sparsec.api import compile as compile_model
         from sparsec.shrink import shrink
 
-        packed = [m.layer_name for m in self.graph_module.modules()
-                  if isinstance(m, RuntimeLayer) and not isinstance(m, TrainableLayer)]
+        packed = self.packed_layers()
         if packed:  # (shrink's refusal named shrink, which the caller never called)
             raise InvalidInputError(f"condense works on a model compiled with train=True (after fan-in / SRigL "
                                     f"training); layers {packed} of this one are already packed for inference")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import collections
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -161,14 +161,23 @@ class CompileOptions:
                    ste_decay=float(ste_decay), timing=timing)
 
 
-def _names(arg: str, value: object) -> tuple[str, ...]:
-    if value is None:
-        return ()
+def name_list(value: object, what: str, accepted: str) -> list[str]:
+    """A str or an iterable of str as a list; anything else is an InvalidTypeError naming what is accepted
+    (list(None) / list(5) would only say "object is not iterable"). For include= / exclude= and
+    GroupLasso's groups / layers."""
     if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, Sequence) or not all(isinstance(v, str) for v in value):
-        raise InvalidTypeError(f"{arg}= must be a list of module names or regular expressions, got {value!r}")
-    return tuple(value)
+        return [value]
+    try:
+        names = list(value)
+    except TypeError:
+        names = None
+    if names is None or not all(isinstance(v, str) for v in names):
+        raise InvalidTypeError(f"{what} must be a str or a list of str ({accepted}), got {value!r}")
+    return names
+
+
+def _names(arg: str, value: object) -> tuple[str, ...]:
+    return () if value is None else tuple(name_list(value, f"{arg}=", "module names or regular expressions"))
 
 
 @dataclass

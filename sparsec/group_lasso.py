@@ -32,6 +32,7 @@ import torch.nn as nn
 from torch.autograd.function import once_differentiable
 from torch.nn.utils import parametrize
 
+from sparsec.context import name_list
 from sparsec.distributed import check_whole, full, is_sharded, shard_like
 from sparsec.errors import InvalidInputError, InvalidTypeError
 from sparsec.meta import get_meta, layer_nodes
@@ -147,7 +148,7 @@ def layer_weights(cm, layers: Iterable[str] | None = None) -> list[LayerWeight]:
             groups = info.conv.groups if info is not None and info.conv is not None else 1
             out.append(LayerWeight(lp.name, op, *owner_of(gm, path), False, lp.weight_shape, groups))
     if layers is not None:
-        patterns = _names(layers, "layers", "layer names or full-match regular expressions")
+        patterns = name_list(layers, "layers", "layer names or full-match regular expressions")
         if not patterns:  # not "found no weight-bearing layer": the model has some
             raise InvalidInputError(f"layers is empty; pass None for every layer, or some of {[lw.name for lw in out]}")
         for p in patterns:
@@ -175,22 +176,8 @@ def layer_weights(cm, layers: Iterable[str] | None = None) -> list[LayerWeight]:
     return out
 
 
-def _names(value, what: str, accepted: str) -> list[str]:
-    """A str or an iterable of str as a list; anything else is an InvalidTypeError naming what is accepted
-    (list(None) / list(5) would only say "object is not iterable")."""
-    if isinstance(value, str):
-        return [value]
-    try:
-        names = list(value)
-    except TypeError:
-        names = None
-    if names is None or not all(isinstance(v, str) for v in names):
-        raise InvalidTypeError(f"{what} must be a str or a list of str ({accepted}), got {value!r}")
-    return names
-
-
 def parse_groups(groups: str | Iterable[str]) -> tuple[str, ...]:
-    names = _names(groups, "groups", f"{sorted(GROUPS)}")
+    names = name_list(groups, "groups", f"{sorted(GROUPS)}")
     if not names:
         raise InvalidInputError(f"groups is empty; accepted: {sorted(GROUPS)}")
     out = []

@@ -228,16 +228,20 @@ def fanin_mask_from_indices(indices: torch.Tensor, k_total: int, counts: torch.T
 # --------------------------------------------------------------------------- int8 quantization
 
 
+def int8_scales(absmax: torch.Tensor) -> torch.Tensor:
+    """max|row| / 127 per row, from float32 row maxima. A tensor divisor, not the number 127: CUDA divides
+    by a Python number as a multiplication by its reciprocal, one bit off for some rows, so a model
+    quantized on a GPU got other scales (and, at rounding ties, other int8 values) than on the CPU."""
+    return absmax / absmax.new_tensor(127.0)
+
+
 def quantize_int8(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (per output channel) symmetric int8: scale = max|row| / 127, q in [-127, 127].
 
     Zeros stay exactly zero. An all-zero row gets scale 1 so nothing divides by zero.
     """
     absmax = rows.detach().abs().amax(dim=-1).float()
-    # A tensor divisor, not the number 127: CUDA divides by a Python number as a multiplication by its
-    # reciprocal, one bit off for some rows, so a model quantized on a GPU got other scales (and, at
-    # rounding ties, other int8 values) than the same model quantized on the CPU.
-    scales = torch.where(absmax > 0, absmax / absmax.new_tensor(127.0), torch.ones_like(absmax))
+    scales = torch.where(absmax > 0, int8_scales(absmax), torch.ones_like(absmax))
     q = torch.round(rows.detach().float() / scales.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
     return q, scales
 

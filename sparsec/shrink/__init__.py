@@ -69,8 +69,6 @@ from sparsec.compiled import EVAL_ONLY_NOTE, CompiledModel
 from sparsec.errors import InvalidInputError, InvalidTypeError
 from sparsec.pipeline import PassRecord
 from sparsec.plan import Plan
-from sparsec.runtime.layers import RuntimeLayer
-from sparsec.runtime.training import TrainableLayer
 from sparsec.shrink.analysis import Analysis
 from sparsec.shrink.decision import Decision
 from sparsec.shrink.layers import Layer, find_layers
@@ -138,8 +136,7 @@ def shrink(cm: CompiledModel, threshold: float = 0.0, *, ragged_fanin: bool = Fa
     if not isinstance(eval_only, bool):
         raise InvalidTypeError(f"eval_only must be True or False, got {eval_only!r}")
     cm.require_unsharded("shrink (and condense)")
-    packed = [m.layer_name for m in cm.graph_module.modules() if isinstance(m, RuntimeLayer)
-              and not isinstance(m, TrainableLayer)]
+    packed = cm.packed_layers()
     if packed:
         raise InvalidInputError(
             f"shrink works on dense or train=True models; layers {packed} hold packed inference weights. "
