@@ -339,6 +339,28 @@ def test_channels_last_dy_is_grouped_along_channels():
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", sdgp.MODES)
+def test_conv_unbatched_input_is_one_sample(mode):
+    """F.conv2d takes an unbatched [C, H, W] input (nn.Conv2d on one sample, and a Conv1d's [C, L] run as
+    [C, 1, L]); SDGP refused it, so a model compiled for training failed on inputs the original ran."""
+    x, w, b, kw = conv_setup("stride2", channels_last=False)
+    x = x[1]
+    ours = [_leaf(t) for t in (x, w, b)]
+    y = torch.relu_(sdgp_conv2d(*ours, **kw, mode=mode))  # (an in-place activation after it, as ReLU(inplace=True))
+    dense = [_leaf(t) for t in (x, w, b)]
+    y_dense = torch.relu(F.conv2d(*dense, **kw))
+    assert y.shape == y_dense.shape == (8, 5, 4) and torch.equal(y, y_dense)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_dense.backward(g)
+    torch.testing.assert_close(ours[1].grad, dense[1].grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours[2].grad, dense[2].grad, rtol=1e-6, atol=1e-6)
+    dy = (g * (y_dense > 0)).unsqueeze(0)  # the conv's own dY, as one sample: pruned along channels (dim 1)
+    expected = ref_conv_dgrad(x.unsqueeze(0), w, ref_prune(dy, 2, 4, 1, mode).float(), kw)[0]
+    torch.testing.assert_close(ours[0].grad, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ours[0].grad, dense[0].grad, rtol=1e-3, atol=1e-3)
+
+
 # --------------------------------------------------------------------------- needs_input_grad
 
 
@@ -446,6 +468,23 @@ def test_autocast_matches_native_and_prunes_in_bf16():
     torch.testing.assert_close(x.grad, ref, rtol=2e-2, atol=2e-2)
 
 
+def test_autocast_leaves_float64_as_native_ops_do():
+    """Autocast never casts float64 (neither native ops nor custom_fwd's cast_inputs): a float64 layer under
+    autocast computed in bf16 here (output off by ~1e-2 and bf16, where F.linear stays float64)."""
+    torch.manual_seed(8)
+    x, w, b = (_leaf(torch.randn(*s, dtype=torch.float64)) for s in ((5, 8), (8, 8), (8,)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = sdgp_linear(x, w, b)
+        yc = sdgp_conv2d(x.detach().view(5, 8, 1, 1), w.detach().view(8, 8, 1, 1), b.detach())
+        native, native_c = F.linear(x, w, b), F.conv2d(x.detach().view(5, 8, 1, 1), w.detach().view(8, 8, 1, 1), b.detach())
+    assert native.dtype == y.dtype == yc.dtype == torch.float64
+    assert torch.equal(y, native) and torch.equal(yc, native_c)
+    g = torch.randn(5, 8, dtype=torch.float64)
+    y.backward(g)
+    torch.testing.assert_close(x.grad, ref_prune(g, 2, 4, -1) @ w.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(w.grad, g.t() @ x.detach(), rtol=1e-12, atol=1e-12)
+
+
 def test_backward_inside_autocast_keeps_forward_precision():
     # Forward in fp32, loss.backward() called inside an autocast block: the dgrad must stay fp32.
     torch.manual_seed(7)
@@ -489,8 +528,10 @@ def test_bad_dim_and_padding():
         prune_grad(torch.tensor(1.0), 2, 4, 0)
     with pytest.raises(ValueError, match="'same', 'valid'"):
         sdgp_conv2d(torch.randn(1, 8, 4, 4), torch.randn(8, 8, 3, 3), padding="full")
+    with pytest.raises(ValueError, match=r"\[N, C, H, W\] or unbatched \[C, H, W\], got shape \(8, 4\)"):
+        sdgp_conv2d(torch.randn(8, 4), torch.randn(8, 8, 3, 3))
     with pytest.raises(ValueError, match="batched"):
-        sdgp_conv2d(torch.randn(8, 4, 4), torch.randn(8, 8, 3, 3))
+        sdgp_conv2d(torch.randn(1, 1, 8, 4, 4), torch.randn(8, 8, 3, 3))
     with pytest.raises(ValueError, match="strided"):
         sdgp_conv2d(torch.randn(1, 8, 4, 4), torch.randn(8, 8, 3, 3), padding="same", stride=2)
 

@@ -330,3 +330,81 @@ def test_a_plan_with_a_fan_in_gradient_pattern_is_refused_by_name():
     plan[name].grad_sparsity = "fanin:0.5"
     with pytest.raises(ValueError, match=rf"gradient pattern 'fanin:0.5' on layer '{name}'.*N:M"):
         sparsec.compile(model, example_inputs=inputs, plan=plan, train=True)
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_sdgp_conv_on_an_unbatched_input(dims):
+    """nn.Conv2d / Conv1d take one sample without a batch dim ([C, H, W] / [C, L]); a model compiled with
+    grad_pattern compiled from such an example and then refused it on the first call ("expects a batched
+    input"). The data gradient is pruned along channels at each position, as for a batch of one."""
+    conv, grad = (nn.Conv1d, torch.nn.grad.conv1d_input) if dims == 1 else (nn.Conv2d, torch.nn.grad.conv2d_input)
+    wgrad = torch.nn.grad.conv1d_weight if dims == 1 else torch.nn.grad.conv2d_weight
+    model = nn.Sequential(conv(4, 8, 3, padding=1), nn.ReLU(), conv(8, 8, 3, padding=1))
+    x = torch.randn(4, *(6,) * dims)
+    cm = sparsec.compile(model, example_inputs=(x,), train=True, grad_pattern="2:4", include=[".*"], min_weights=0)
+    assert cm.plan["2"].grad_sparsity == "2:4"
+    xg = x.clone().requires_grad_(True)
+    y = cm(xg)
+    G = torch.randn_like(y)
+    (y * G).sum().backward()
+    wa, wb = cm.effective_weight("0"), cm.effective_weight("2")
+    pre = F.conv2d(x, wa, model[0].bias, padding=1) if dims == 2 else F.conv1d(x, wa, model[0].bias, padding=1)
+    G1 = G.unsqueeze(0)  # one sample: channels are dim 1, positions the rest
+    pruned = prune_channels(G1, 2, 4) if dims == 2 else prune_rows(G1.transpose(1, 2), 2, 4).transpose(1, 2)
+    d_pre = grad(pre.unsqueeze(0).shape, wb, pruned, padding=1) * (pre > 0)
+    assert torch.allclose(xg.grad, grad(x.unsqueeze(0).shape, wa, d_pre, padding=1)[0], atol=1e-5)
+    expected_wa = wgrad(x.unsqueeze(0), wa.shape, d_pre, padding=1) * cm.mask("0")
+    assert torch.allclose(cm.sparse_module("0").weight.grad, expected_wa, atol=1e-4)
+    h = torch.relu(pre).unsqueeze(0)
+    assert torch.allclose(cm.sparse_module("2").weight.grad, wgrad(h, wb.shape, G1, padding=1) * cm.mask("2"), atol=1e-4)
+
+
+def test_numeric_options_take_numpy_scalars_and_refuse_bools():
+    """A numpy scalar (a sweep's np.float32 decay, np.int64 size) was refused with "must be a finite
+    non-negative number, got np.float32(0.001)"; quant_budget=True was taken as a budget of 1.0."""
+    import numpy as np
+
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    x = torch.randn(2, 16)
+    cm = sparsec.compile(model, example_inputs=(x,), train=True, weight_update="ste", ste_decay=np.float32(0.5),
+                         min_weights=np.int64(0), include=["2"])
+    layer = cm.sparse_module("2")
+    assert layer.ste_decay == 0.5 and type(layer.ste_decay) is float
+    y = cm(x)
+    G = torch.randn_like(y)
+    (y * G).sum().backward()
+    mask = cm.mask("2")
+    wm = (layer.weight.detach() * mask).requires_grad_(True)
+    h = torch.relu(F.linear(torch.relu(model[0](x)), wm, model[2].bias))
+    (model[4](h) * G).sum().backward()
+    assert torch.allclose(layer.weight.grad, wm.grad + 0.5 * layer.weight.detach() * ~mask, atol=1e-5)
+    with pytest.raises(ValueError, match="quant_budget must be a positive number, got True"):
+        sparsec.compile(model, example_inputs=(x,), quantize="auto", quant_budget=True)
+    with pytest.raises(ValueError, match="ste_decay must be a finite non-negative number, got True"):
+        sparsec.compile(model, example_inputs=(x,), train=True, weight_update="ste", ste_decay=True)
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon is torch >= 2.9")
+def test_an_optimizer_with_dense_updates_cannot_change_what_fixed_masks_compute():
+    """Muon orthogonalizes each weight's whole momentum matrix, so its update is dense and the raw
+    Parameter gets values under the mask (documented); the layer must still compute with weight * mask."""
+    model, (x,) = load_example("mlp").build_model()
+    cm = sparsec.compile(model, pattern="2:4", example_inputs=(x,), train=True, grad_pattern="2:4")
+    masks = {lp.name: cm.mask(lp.name) for lp in cm.plan.sparse_layers}
+    opt = torch.optim.Muon([p for p in cm.parameters() if p.dim() == 2], lr=0.02)
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(cm(x), torch.arange(8)).backward()
+        opt.step()
+    assert any((cm.sparse_module(n).weight[~m] != 0).any() for n, m in masks.items()), "Muon's update is dense"
+    h = x
+    for name in ("fc1", "fc2", "fc3", "head"):
+        layer = cm.graph_module.get_submodule(name)
+        w = layer.weight.detach() * masks[name] if name in masks else layer.weight.detach()
+        h = F.linear(h, w, layer.bias.detach())
+        h = torch.relu(h) if name != "head" else h
+        if name in masks:
+            assert torch.equal(cm.mask(name), masks[name])
+            assert torch.equal(cm.effective_weight(name), w)
+    with torch.no_grad():
+        assert torch.allclose(cm(x), h, atol=1e-6)

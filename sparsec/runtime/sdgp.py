@@ -144,7 +144,9 @@ def _no_autocast(device_type: str):
 
 
 def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
-    if t is None or dtype is None or not t.is_floating_point() or t.dtype == dtype:
+    # float64 is never cast, as autocast's own `_cast` (custom_fwd's cast_inputs) and native ops leave it:
+    # casting it put a float64 layer's product into bf16 under autocast (off by ~1e-2 from F.linear's)
+    if t is None or dtype is None or not t.is_floating_point() or t.dtype in (dtype, torch.float64):
         return t
     return t.to(dtype)
 
@@ -158,7 +160,7 @@ def _forward_prologue(ctx, x, weight, bias):
 
 
 def _grads_to_input_dtypes(ctx, grads):
-    return tuple(_cast(g, dt) for g, dt in zip(grads, ctx.in_dtypes))
+    return tuple(g if g is None or g.dtype == dt else g.to(dt) for g, dt in zip(grads, ctx.in_dtypes))
 
 
 # --------------------------------------------------------------------------- Linear
@@ -286,7 +288,7 @@ class SDGPConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups, n, m, mode):
         _check_nm(n, m, mode)
-        if x.dim() != 4:  # for an unbatched [C, H, W] input dim 1 would not be the channels
+        if x.dim() != 4:  # (sdgp_conv2d batches an unbatched [C, H, W] input, whose dim 1 is not the channels)
             raise InvalidInputError(f"SDGP conv2d expects a batched input [N, C, H, W], got shape {tuple(x.shape)}")
         if n != m:
             _check_groupable(weight.shape[0], m, f"of a Conv2d with out_channels={weight.shape[0]}")
@@ -329,5 +331,11 @@ class SDGPConv2d(torch.autograd.Function):
 
 def sdgp_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups: int = 1,
                 n: int = 2, m: int = 4, mode: str = "magnitude"):
-    """Drop-in for `F.conv2d` with an SDGP backward (see `SDGPConv2d`)."""
+    """Drop-in for `F.conv2d` with an SDGP backward (see `SDGPConv2d`); x is [N, C, H, W] or, as F.conv2d
+    takes it, unbatched [C, H, W] (an nn.Conv2d / Conv1d called on one sample must still run once compiled)."""
+    if x.dim() == 3:
+        return SDGPConv2d.apply(x.unsqueeze(0), weight, bias, stride, padding, dilation, groups, n, m, mode).squeeze(0)
+    if x.dim() != 4:
+        raise InvalidInputError(f"SDGP conv2d expects an input [N, C, H, W] or unbatched [C, H, W], got shape "
+                                f"{tuple(x.shape)}")
     return SDGPConv2d.apply(x, weight, bias, stride, padding, dilation, groups, n, m, mode)
