@@ -56,6 +56,10 @@ def choose_grad_sparsity(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphMod
             if grad is not None and layer.out_features % parse_pattern(grad).m:
                 raise InvalidInputError(f"the given plan asks for gradient pattern {grad} on layer {name!r}, whose "
                                  f"{layer.out_features} output features are not a multiple of M={parse_pattern(grad).m}")
+            if grad is not None:  # (the reason says so, as it does when grad_pattern= chose it)
+                decision = dataclasses.replace(decision, reason=f"{decision.reason}; {_sdgp_note(layer, grad, opts)}")
+                for node in nodes:
+                    update_meta(node, decision=decision)
             continue
         g = opts.grad_pattern
         if g is None:
@@ -72,8 +76,7 @@ def choose_grad_sparsity(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphMod
             what = "output channels" if layer.conv is not None else "output features"
             note, grad = f"gradient dense: {layer.out_features} {what} are not a multiple of M={g.m}", None
         else:
-            along = "output channels at each position" if layer.conv is not None else "output features"
-            note, grad = f"SDGP: dX from dY pruned {g} along {along} ({opts.grad_mode}); dW, db dense", str(g)
+            note, grad = _sdgp_note(layer, str(g), opts), str(g)
         if note is None:
             continue
         decision = dataclasses.replace(decision, grad_sparsity=grad, reason=f"{decision.reason}; {note}")
@@ -81,3 +84,8 @@ def choose_grad_sparsity(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphMod
             update_meta(node, decision=decision)
         ctx.counters["grad_pruned" if grad else "grad_dense"] += 1
     return gm
+
+
+def _sdgp_note(layer, grad: str, opts) -> str:
+    along = "output channels at each position" if layer.conv is not None else "output features"
+    return f"SDGP: dX from dY pruned {grad} along {along} ({opts.grad_mode}); dW, db dense"

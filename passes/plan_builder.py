@@ -76,5 +76,7 @@ def build_plan(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         layers.append(entry)
     layers.sort(key=_graph_position(gm))
     pattern = ctx.options.plan.pattern if ctx.options.plan is not None else str(ctx.options.pattern)
-    ctx.plan = Plan(layers=layers, pattern=pattern, notes=list(ctx.notes))
+    # (the mode is said only where gradients are pruned: a plan edited to prune them takes compile's grad_mode=)
+    grad_mode = ctx.options.grad_mode if any(lp.grad_sparsity for lp in layers) else None
+    ctx.plan = Plan(layers=layers, pattern=pattern, notes=list(ctx.notes), grad_mode=grad_mode)
     return gm

@@ -60,7 +60,7 @@ def compile(model: nn.Module, pattern: str | None = None, example_inputs: Any = 
             include: Sequence[str] | None = None, exclude: Sequence[str] | None = None, plan: Plan | None = None,
             min_weights: int = DEFAULT_MIN_WEIGHTS, quant_budget: float = DEFAULT_QUANT_BUDGET,
             leaf_modules: Sequence[Any] | None = None, backend: str = "auto", train: bool = False,
-            grad_pattern: str | None = None, grad_mode: str = "magnitude", weight_update: str = "fixed",
+            grad_pattern: str | None = None, grad_mode: str | None = None, weight_update: str = "fixed",
             ste_decay: float = DEFAULT_STE_DECAY, timing: str = "eager") -> CompiledModel:
     """Trace `model`, decide per layer, rewrite chosen layers to packed sparse modules.
 
@@ -88,8 +88,8 @@ def compile(model: nn.Module, pattern: str | None = None, example_inputs: Any = 
         than its kernel saves; cuSPARSELt's per-call setup is ~0.6 ms).
     train: rewrite for training: dense weights with first-class masks (weight_update "fixed": masks never
         change; "ste": SR-STE re-pruning every step with decay ste_decay on pruned weights) and, with
-        grad_pattern (e.g. "2:4"), SDGP: data gradients pruned N:M in backward (grad_mode "magnitude" or
-        "rescale"). pattern="dense" with grad_pattern trains dense weights with SDGP only.
+        grad_pattern (e.g. "2:4"), SDGP: data gradients pruned N:M in backward (grad_mode "magnitude", the
+        default, or "rescale"; with plan=, the plan's grad_mode). pattern="dense" with grad_pattern trains dense weights with SDGP only.
     """
     options = CompileOptions.from_user(pattern, quantize, include, exclude, plan, min_weights, quant_budget, leaf_modules,
                                        backend, train=train, grad_pattern=grad_pattern, grad_mode=grad_mode,

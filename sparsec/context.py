@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +15,7 @@ import torch.nn as nn
 
 from sparsec.errors import InvalidInputError, InvalidTypeError
 from sparsec.patterns import NM, Dense, Pattern, parse_pattern
-from sparsec.plan import Plan
+from sparsec.plan import GRAD_MODES, Plan
 from sparsec.reference import pattern_mask, weight_to_rows
 
 # Layers with fewer weights than this stay dense by default: below it the savings are noise and
@@ -29,7 +30,6 @@ DEFAULT_STE_DECAY = 2e-4  # SR-STE's lambda_W
 DEFAULT_QUANT_BUDGET = 0.02
 
 QUANTIZE_CHOICES = (None, "int8", "auto")
-GRAD_MODES = ("magnitude", "rescale")
 WEIGHT_UPDATES = ("fixed", "ste")
 BACKEND_OPTIONS = ("auto", "triton", "torch")
 TIMINGS = ("eager", "graph")  # backend "auto" on CUDA: eager calls (host time included) or CUDA graph replays
@@ -60,7 +60,7 @@ class CompileOptions:
                   plan: object = None, min_weights: object = DEFAULT_MIN_WEIGHTS,
                   quant_budget: object = DEFAULT_QUANT_BUDGET, leaf_modules: object = None,
                   backend: object = "auto", rewrite: bool = True, emit_only: bool = False, train: object = False,
-                  grad_pattern: object = None, grad_mode: object = "magnitude", weight_update: object = "fixed",
+                  grad_pattern: object = None, grad_mode: object = None, weight_update: object = "fixed",
                   ste_decay: object = DEFAULT_STE_DECAY, timing: object = "eager") -> CompileOptions:
         """Validate user arguments up front, so errors name the argument, not a pass."""
         if not isinstance(train, bool):
@@ -73,11 +73,16 @@ class CompileOptions:
             raise InvalidInputError(f"grad_pattern={grad_pattern!r}: data gradients are pruned N:M (e.g. '2:4'), or pass None")
         if grad is not None and not train:
             raise InvalidInputError("grad_pattern prunes gradients in backward, which needs train=True")
-        if grad_mode not in GRAD_MODES:
+        if grad_mode is not None and grad_mode not in GRAD_MODES:
             raise InvalidInputError(f"grad_mode={grad_mode!r} is not supported; accepted: {GRAD_MODES}")
         if isinstance(plan, Plan):  # (before reading its entries below: a bad entry is named, not an AttributeError)
             plan.validate()
         plan_prunes_grads = isinstance(plan, Plan) and any(lp.grad_sparsity is not None for lp in plan)
+        if plan_prunes_grads and None not in (grad_mode, plan.grad_mode) and grad_mode != plan.grad_mode:
+            raise InvalidInputError(f"grad_mode={grad_mode!r} differs from the given plan's {plan.grad_mode!r}: the plan "
+                                    f"says how its grad_sparsity entries prune (set plan.grad_mode); pass one or the other")
+        # None: the mode of a plan that prunes gradients (the one its reasons name), else magnitude
+        grad_mode = grad_mode or (plan_prunes_grads and plan.grad_mode) or "magnitude"
         if grad_mode != "magnitude" and grad is None and not plan_prunes_grads:
             raise InvalidInputError(f"grad_mode={grad_mode!r} says how grad_pattern prunes data gradients, and no "
                                     f"gradient is pruned: pass grad_pattern (e.g. '2:4') with train=True, or drop grad_mode")
@@ -89,7 +94,9 @@ class CompileOptions:
         if weight_update == "ste" and pattern is not None and isinstance(parse_pattern(pattern), Dense):
             raise InvalidInputError("weight_update='ste' re-derives each layer's mask from its weight, and "
                                     "pattern='dense' prunes nothing: pass a pattern (e.g. '2:4')")
-        if isinstance(ste_decay, bool) or not isinstance(ste_decay, (int, float)) or not (
+        # numbers.Real / Integral, not (int, float): numpy scalars (a sweep's np.float32) were refused with a
+        # message calling them not a number; a bool is refused (True would read as 1)
+        if isinstance(ste_decay, bool) or not isinstance(ste_decay, numbers.Real) or not (
                 math.isfinite(ste_decay) and ste_decay >= 0):
             raise InvalidInputError(f"ste_decay must be a finite non-negative number, got {ste_decay!r}")
         if ste_decay != DEFAULT_STE_DECAY and weight_update != "ste":
@@ -147,15 +154,15 @@ class CompileOptions:
                 raise InvalidInputError(f"the plan prunes data gradients (grad_sparsity) of {pruned_grads}, which "
                                         f"happens in backward and needs train=True; pass train=True, or set their "
                                         f"grad_sparsity to None to compile for inference")
-        if isinstance(min_weights, bool) or not isinstance(min_weights, int) or min_weights < 0:
+        if isinstance(min_weights, bool) or not isinstance(min_weights, numbers.Integral) or min_weights < 0:
             raise InvalidInputError(f"min_weights must be a non-negative int, got {min_weights!r}")
-        if not isinstance(quant_budget, (int, float)) or not quant_budget > 0:
+        if isinstance(quant_budget, bool) or not isinstance(quant_budget, numbers.Real) or not quant_budget > 0:
             raise InvalidInputError(f"quant_budget must be a positive number, got {quant_budget!r}")
         if pattern is None:
             pattern = plan.pattern if plan is not None else DEFAULT_PATTERN
         return cls(pattern=parse_pattern(pattern),
                    quantize=quantize, include=_names("include", include), exclude=_names("exclude", exclude),
-                   plan=plan, min_weights=min_weights, quant_budget=float(quant_budget),
+                   plan=plan, min_weights=int(min_weights), quant_budget=float(quant_budget),
                    leaf_modules=tuple(leaf_modules or ()), backend=backend, rewrite=rewrite, emit_only=emit_only,
                    train=train, grad_pattern=grad, grad_mode=grad_mode, weight_update=weight_update,
                    ste_decay=float(ste_decay), timing=timing)

@@ -17,6 +17,7 @@ from sparsec.patterns import NM, FanIn, parse_pattern
 PLAN_FORMAT = "sparsec.plan"
 PLAN_VERSION = 1
 QUANT_CHOICES = (None, "int8")
+GRAD_MODES = ("magnitude", "rescale")  # how SDGP picks the data-gradient values it keeps
 BACKEND_CHOICES = (None, "torch", "triton", "cusparselt", "dense", "condensed", "bitmask")
 
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
@@ -105,6 +106,10 @@ class Plan:
     layers: list[LayerPlan]
     pattern: str = "2:4"
     notes: list[str] = field(default_factory=list)
+    # how entries' grad_sparsity prunes data gradients ("magnitude" | "rescale"; None: not said, compile's
+    # grad_mode= decides): compile(plan=...) runs the mode explain made the plan with (before, a plan made
+    # with grad_mode="rescale" ran magnitude)
+    grad_mode: str | None = None
 
     def __iter__(self) -> Iterator[LayerPlan]:
         return iter(self.layers)
@@ -194,7 +199,7 @@ class Plan:
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps({"format": PLAN_FORMAT, "version": PLAN_VERSION, "pattern": self.pattern,
-                           "notes": list(self.notes), "layers": [dataclasses.asdict(lp) for lp in self.layers]},
+                           "grad_mode": self.grad_mode, "notes": list(self.notes), "layers": [dataclasses.asdict(lp) for lp in self.layers]},
                           indent=indent)
 
     @classmethod
@@ -232,7 +237,7 @@ class Plan:
         if not isinstance(pattern, str) or not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
             raise CorruptFileError(f"plan \"pattern\" must be a string and \"notes\" a list of strings, got "
                                    f"{pattern!r} and {notes!r}")
-        plan = cls(layers=layers, pattern=pattern, notes=notes)
+        plan = cls(layers=layers, pattern=pattern, notes=notes, grad_mode=data.get("grad_mode"))
         plan.validate()
         return plan
 
@@ -243,6 +248,8 @@ class Plan:
             parse_pattern(self.pattern)
         except ValueError as e:
             raise InvalidInputError(f"plan pattern: {e}") from e
+        if self.grad_mode is not None and self.grad_mode not in GRAD_MODES:
+            raise InvalidInputError(f"plan grad_mode {self.grad_mode!r} not in {GRAD_MODES} (or None)")
         seen = set()
         for lp in self.layers:
             if not isinstance(lp, LayerPlan):  # (a dict here failed later with an AttributeError)

@@ -181,6 +181,7 @@ def test_in_looks_layers_up_by_name_as_indexing_does():
     (lambda d: d.__setitem__("pattern", "3:2"), InvalidInputError, r"plan pattern: invalid pattern '3:2'.*accepted"),
     # counts: a negative one made the totals negative
     (lambda d: d["layers"][1].__setitem__("flops", -5), CorruptFileError, "flops must be a non-negative int"),
+    (lambda d: d.__setitem__("grad_mode", "maxnorm"), InvalidInputError, r"plan grad_mode 'maxnorm' not in"),
 ])
 def test_plan_level_fields_are_checked(change, error, match):
     data = json.loads(_plan().to_json())
@@ -206,3 +207,36 @@ def test_totals_of_a_plan_with_a_weightless_layer():
     totals = plan.totals()
     assert totals["weights"] == 128 and totals["weights_kept"] == 64 and totals["flops_dense"] == 256, totals
     assert str(plan)  # the table prints too
+
+
+def _sdgp_input_grad(cm, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    x = x.clone().requires_grad_(True)
+    cm(x).backward(dy)
+    return x.grad
+
+
+def test_a_plan_runs_the_grad_mode_it_was_made_with():
+    """explain(grad_mode="rescale") made a plan whose reasons said "(rescale)"; compile(plan=) ran magnitude,
+    and its reasons dropped the SDGP note."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
+    x, dy = torch.randn(6, 16), torch.randn(6, 8)
+    opts = dict(example_inputs=(x,), train=True, min_weights=0)
+    plan = Plan.from_json(sparsec.explain(model, grad_pattern="2:4", grad_mode="rescale", **opts).to_json())
+    assert plan.grad_mode == "rescale" and plan["4"].grad_sparsity == "2:4"
+    from_plan = sparsec.compile(model, plan=plan, **opts)
+    assert "SDGP" in from_plan.plan["4"].reason and "(rescale)" in from_plan.plan["4"].reason
+    direct = {mode: sparsec.compile(model, grad_pattern="2:4", grad_mode=mode, **opts) for mode in ("rescale", "magnitude")}
+    got = _sdgp_input_grad(from_plan, x, dy)
+    torch.testing.assert_close(got, _sdgp_input_grad(direct["rescale"], x, dy), rtol=0, atol=0)
+    assert not torch.allclose(got, _sdgp_input_grad(direct["magnitude"], x, dy))  # (the modes differ here)
+    with pytest.raises(InvalidInputError, match=r"grad_mode='magnitude' differs from the given plan's 'rescale'"):
+        sparsec.compile(model, plan=plan, grad_mode="magnitude", **opts)
+    # a plan that does not say (JSON from before the field existed, one built in Python) takes grad_mode=
+    old = json.loads(plan.to_json())
+    del old["grad_mode"]
+    unsaid = Plan.from_json(json.dumps(old))
+    assert unsaid.grad_mode is None
+    for mode in ("rescale", "magnitude"):
+        torch.testing.assert_close(_sdgp_input_grad(sparsec.compile(model, plan=unsaid, grad_mode=mode, **opts), x, dy),
+                                   _sdgp_input_grad(direct[mode], x, dy), rtol=0, atol=0)
