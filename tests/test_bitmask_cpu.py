@@ -134,17 +134,71 @@ def weight_mask(weight, k: int) -> torch.Tensor:
     return bits.flatten(1)[:, :k]
 
 
-def test_inf_in_x_reaches_every_row_as_in_f_linear():
-    """AVX-512 multiplies the pruned zeros too, as the torch runtime's F.linear does: an inf in x gives
-    nan in every row, not only in the rows that keep its column."""
-    if bitmask_cpu.isa() != "avx512":
-        pytest.skip("the scalar kernel sums kept weights only")
-    weight, dense = _layer(8, 32, 2, 4, False, 0)
-    x = torch.randn(2, 32)
-    x[0, 5] = float("inf")
-    y, expected = bitmask_cpu.bitmask_linear(x, weight), F.linear(x, dense)
-    assert torch.equal(y.isnan(), expected.isnan()) and torch.equal(y.isinf(), expected.isinf())
-    assert torch.allclose(y[1], expected[1], atol=1e-5)
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("int8", [False, True])
+def test_inf_and_nan_in_x_give_what_f_linear_gives(isa, int8):
+    """Every kernel counts the pruned zeros as the torch runtime's F.linear does: an inf / nan in x gives
+    nan in every row that does not keep its column (0 * inf), inf or nan as F.linear's in the rows that
+    keep it, and the finite rows are untouched. (The scalar kernel summed kept weights only: rows that
+    pruned the column came out finite, so the answer depended on whether the CPU has AVX-512.)"""
+    weight, dense = _layer(8, 36, 2, 4, int8, 0)  # K = 36: a last word of 4 columns
+    kept = dense != 0
+    # a column some rows keep and others prune, in a full word and in the last word
+    mixed = [c for c in range(36) if 0 < int(kept[:, c].sum()) < 8]
+    full, last = next(c for c in mixed if c < 32), next(c for c in mixed if c >= 32)
+    x = torch.randn(5, 36, generator=torch.Generator().manual_seed(1))
+    x[0, full], x[1, full], x[2, last], x[3, full] = float("inf"), float("-inf"), float("nan"), float("nan")
+    expected = F.linear(x.double(), dense.double())
+    bitmask_cpu.set_isa(isa)
+    try:
+        for rows in (5, 1, 2):  # batch tiles of 4 + 1, a lone row (its own blocking), 2
+            y = bitmask_cpu.bitmask_linear(x[:rows], weight).double()
+            want = expected[:rows]
+            assert torch.equal(y.isnan(), want.isnan()) and torch.equal(y.isinf(), want.isinf()), rows
+            assert torch.equal(y[y.isinf()], want[want.isinf()]), rows  # the same signs
+            finite = want.isfinite()
+            torch.testing.assert_close(y[finite], want[finite], rtol=1e-5, atol=1e-4)
+    finally:
+        bitmask_cpu.set_isa("best")
+    assert bool(expected[0].isnan().any()) and bool(expected[0].isinf().any())  # both kinds of rows occur
+
+
+def test_values_and_scales_that_require_grad_get_their_gradients():
+    """prepare shares the values (and int8 scales) it is given: when they require grad, bitmask_linear
+    runs the differentiable reference and they get F.linear's gradients. (The kernel ran, and they got
+    none: torch only warned at backward that the operator had no autograd formula.)"""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 32, generator=g)
+    mask = oracle_nm_mask(w, 2, 4)
+    x, gy = torch.randn(3, 32, generator=g), torch.randn(3, 6, generator=g)
+    values = w[mask].view(6, -1).requires_grad_()
+    bitmask_cpu.calls.clear()
+    (bitmask_cpu.bitmask_linear(x, bitmask_cpu.prepare(values, mask)) * gy).sum().backward()
+    assert bitmask_cpu.calls["fallback"] == 1 and not bitmask_cpu.calls["fast"]
+    # y = x W^T: dL/dW = gy^T x, read at the kept positions in row order
+    assert values.grad is not None and torch.allclose(values.grad, (gy.T @ x)[mask].view(6, -1), atol=1e-5)
+    q = torch.randint(-127, 128, (6, 16), dtype=torch.int8, generator=g)
+    scales = torch.rand(6, generator=g).requires_grad_()
+    (bitmask_cpu.bitmask_linear(x, bitmask_cpu.prepare(q, mask, scales)) * gy).sum().backward()
+    dense_q = torch.zeros(6, 32).masked_scatter(mask, q.float())
+    # y[b, o] = scales[o] * (x q^T)[b, o]: dL/dscales[o] = sum_b gy[b, o] (x q^T)[b, o]
+    assert scales.grad is not None and torch.allclose(scales.grad, (gy * (x @ dense_q.T)).sum(0), atol=1e-4)
+    with torch.no_grad():  # nothing to differentiate: the kernel runs
+        bitmask_cpu.calls.clear()
+        bitmask_cpu.bitmask_linear(x, bitmask_cpu.prepare(values, mask))
+        assert bitmask_cpu.calls["fast"] == 1
+
+
+def test_values_off_the_cpu_never_reach_the_cpu_operator():
+    """Values on "meta" (a model built there, not yet materialized) with a CPU x: the operator dispatched
+    to its shape-only version and returned uninitialised memory, and the reference a CPU zeros tensor
+    the meta values never filled; now the call fails, as F.linear with a meta weight does."""
+    mask = torch.tensor([[True, True, False, False] * 4] * 3)
+    weight = bitmask_cpu.prepare(torch.ones(3, 8, device="meta"), mask)
+    bitmask_cpu.calls.clear()
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        bitmask_cpu.bitmask_linear(torch.ones(2, 16), weight)
+    assert not bitmask_cpu.calls["fast"]
 
 
 def test_fallbacks_and_bad_input():
@@ -164,6 +218,9 @@ def test_fallbacks_and_bad_input():
         bitmask_cpu.prepare(torch.randn(2, 4), mask)
     with pytest.raises(ValueError, match="int8 values need per-row scales"):
         bitmask_cpu.prepare(torch.zeros(2, 4, dtype=torch.int8), mask[[0, 0]])
+    # values the kernel cannot read are refused when prepared (they failed at the first float32 call)
+    with pytest.raises(ValueError, match="values must be float32, bfloat16 or float16, or int8 with scales; got torch.float64"):
+        bitmask_cpu.prepare(torch.randn(2, 4, dtype=torch.float64), mask[[0, 0]])
     # the operator itself names the word forms it accepts (prepare always passes one of them)
     with pytest.raises(RuntimeError, match="form must be 0, 8 or 24, got 5"):
         torch.ops.sparsec_bitmask.linear(torch.randn(1, 16), weight.values, weight.masks, None, None, 4, 5)
@@ -611,9 +668,109 @@ def test_a_built_kernel_library_is_readable_by_the_other_users_of_a_shared_exten
     import subprocess
     import sys
 
-    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path))
+    # (the stand-in compiler copies into the file mkstemp made, keeping its mode, as the linker does)
+    env = dict(os.environ, CXX=str(_stand_in_compiler(tmp_path)), TORCH_EXTENSIONS_DIR=str(tmp_path))
     subprocess.run([sys.executable, "-c", "from sparsec.runtime.cpp_build import build_and_load; "
                     "build_and_load('bitmask.cpp')"], env=env, check=True, timeout=300)
     (lib,) = (tmp_path / "sparsec").glob("bitmask_*.so")
     mode = stat.S_IMODE(lib.stat().st_mode)
     assert mode & 0o044 == 0o044 and mode & 0o111 == 0o111, oct(mode)
+
+
+# ---- the build (runtime/cpp_build.py), with a stand-in compiler that copies the library this process
+# built, so no test compiles (~10-40 s a build here)
+
+BUILD_AND_RUN = """
+import sys, torch, torch.nn.functional as F
+from sparsec.runtime import bitmask_cpu as bc, cpp_build
+assert bc.is_available(), "the kernel did not load"
+mask = torch.tensor([[True, False] * 8] * 3)
+w = torch.randn(3, 16) * mask
+x = torch.randn(2, 16)
+assert torch.allclose(bc.bitmask_linear(x, bc.prepare(w[mask].view(3, 8), mask)), F.linear(x, w), atol=1e-5)
+assert bc.calls["fast"] == 1
+print(cpp_build.library_path("bitmask.cpp"))
+"""
+
+
+def _stand_in_compiler(tmp_path):
+    """A script that 'compiles' by copying this process's bitmask library to the -o path, logging each call."""
+    from sparsec.runtime import cpp_build
+
+    built = cpp_build.library_path("bitmask.cpp")
+    assert os.path.exists(built)
+    script = tmp_path / "stand-in cxx"  # (a space in its path: $CXX is split into words, then quoted)
+    script.write_text('#!/bin/sh\necho run >> "$0.log"\n'
+                      f'while [ $# -gt 0 ]; do [ "$1" = -o ] && exec cp "{built}" "$2"; shift; done\nexit 1\n')
+    script.chmod(0o755)
+    return script
+
+
+def _run(code, env):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_cxx_with_a_launcher_or_options_builds(tmp_path):
+    """$CXX as make and CMake take it, a command with words ("ccache g++", "g++ -m64"): it was looked up
+    whole on PATH ("no C++ compiler 'ccache g++'"), and every layer ran plain torch."""
+    import shlex
+
+    script = _stand_in_compiler(tmp_path)
+    cxx = f"env {shlex.quote(str(script))} -O2"
+    _run(BUILD_AND_RUN, dict(os.environ, CXX=cxx, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext")))
+    assert (tmp_path / "stand-in cxx.log").read_text() == "run\n"
+
+
+def test_a_library_that_does_not_load_is_built_again(tmp_path, monkeypatch):
+    """A damaged library in the extension folder (truncated by a full disk, an interrupted copy): dlopen
+    refused it and every later process ran plain torch until someone deleted the file; it is built again
+    (once) and replaces it."""
+    from sparsec.runtime import cpp_build
+
+    script = _stand_in_compiler(tmp_path)
+    env = dict(os.environ, CXX=str(script), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    for name in ("CXX", "TORCH_EXTENSIONS_DIR"):
+        monkeypatch.setenv(name, env[name])
+    lib = cpp_build.library_path("bitmask.cpp")  # (where the process below looks)
+    os.makedirs(os.path.dirname(lib))
+    with open(lib, "wb") as f:
+        f.write(b"\x7fELF truncated")
+    proc = _run(BUILD_AND_RUN, env)
+    assert proc.stdout.strip() == lib and "does not load" in proc.stderr and "building it again" in proc.stderr
+    assert (tmp_path / "stand-in cxx.log").read_text() == "run\n" and os.path.getsize(lib) > 1000
+
+
+def test_threads_making_their_first_call_together_share_one_build(monkeypatch):
+    """A thread whose first call came while another thread was building the library was told
+    "unavailable" (None): its condensed layers' layouts were prepared without the kernel and ran plain
+    torch for good. It now waits for the one build and gets the operators."""
+    import threading
+
+    from sparsec.runtime import cpp_build
+
+    building, release, builds = threading.Event(), threading.Event(), []
+
+    def slow_build(filename):
+        builds.append(filename)
+        building.set()
+        release.wait(10)
+
+    monkeypatch.setattr(cpp_build, "build_and_load", slow_build)
+    kernels = cpp_build.CppKernels("bitmask.cpp", "sparsec_bitmask", lambda: None, "test kernels")
+    results = []
+    first = threading.Thread(target=lambda: results.append(kernels.op()))
+    second = threading.Thread(target=lambda: results.append(kernels.op()))
+    first.start()
+    assert building.wait(10)
+    second.start()
+    second.join(0.2)  # the second thread has asked while the first builds
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert builds == ["bitmask.cpp"] and len(results) == 2
+    assert all(r is not None and r.linear is torch.ops.sparsec_bitmask.linear for r in results)

@@ -18,8 +18,8 @@ API
     bitmask_linear(x, weight, bias=None) -> Tensor
         x [..., K] float32 / bfloat16 / float16 CPU, no autograd -> [..., out] in x's dtype from the
         kernel (computed in float32, as torch's CPU GEMMs compute 16-bit layers); anything else (other
-        dtypes or devices, autograd, no kernel here) runs `reference`: scatter to dense and F.linear,
-        never wrong, only slower. `calls` counts which path each call took.
+        dtypes or devices, autograd of x, bias, values or scales, no kernel here) runs `reference`:
+        scatter to dense and F.linear, never wrong, only slower. `calls` counts which path each call took.
     is_available(), isa() ("avx512" / "scalar" / "torch"), set_isa(name) (tests: "scalar" / "best").
 
 Build: the first use compiles csrc/bitmask.cpp (runtime/cpp_build.py). Any failure is logged once as
@@ -79,6 +79,10 @@ def prepare(values: torch.Tensor, mask: torch.Tensor, scales: torch.Tensor | Non
                          f"(rows keep {int(kept.min())} to {int(kept.max())})")
     if (values.dtype == torch.int8) != (scales is not None):
         raise ValueError("int8 values need per-row scales; float values take none")
+    # (float64 values were accepted here, then the kernel refused them at the first float32 call, while
+    # the reference rounded them to float32 without a word)
+    if values.dtype not in (*KERNEL_DTYPES, torch.int8):
+        raise ValueError(f"values must be float32, bfloat16 or float16, or int8 with scales; got {values.dtype}")
     form = FORM_ANY
     if bool((counts == 8).all()):
         group_counts = padded.view(out, -1, 4).sum(-1)
@@ -94,8 +98,9 @@ def reference_weight(weight: BitmaskWeight) -> torch.Tensor:
     bits = ((masks.unsqueeze(-1) >> torch.arange(16, dtype=torch.int32)) & 1).bool()
     mask = bits.reshape(weight.out_features, -1)[:, :weight.in_features]
     values = weight.values.float() if weight.scales is None else weight.values.float() * weight.scales.unsqueeze(1)
-    dense = torch.zeros(mask.shape, dtype=torch.float32)
-    dense[mask] = values.flatten()
+    # on the values' device: a CPU dense filled from "meta" values stayed zeros without an error
+    dense = torch.zeros(mask.shape, dtype=torch.float32, device=values.device)
+    dense[mask.to(values.device)] = values.flatten()
     return dense
 
 
@@ -133,9 +138,15 @@ def densify(weight: BitmaskWeight) -> torch.Tensor:
 def bitmask_linear(x: torch.Tensor, weight: BitmaskWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     if x.shape[-1] != weight.in_features:
         raise ValueError(f"x has {x.shape[-1]} features; the layer takes {weight.in_features}")
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+    # values / scales count too: prepare shares them, and the kernel's output, computed from a values
+    # Parameter, had no gradient for it (torch only warned, at backward, that none was registered).
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or (bias is not None and bias.requires_grad) or weight.values.requires_grad
+        or (weight.scales is not None and weight.scales.requires_grad))
     op = _load()
-    if (op is not None and x.dtype in KERNEL_DTYPES and x.is_cpu and not needs_grad
+    # (values elsewhere than the CPU, on "meta" say, dispatched to the operator's shape-only version,
+    # which returned uninitialised memory for a CPU x)
+    if (op is not None and x.dtype in KERNEL_DTYPES and x.is_cpu and weight.values.is_cpu and not needs_grad
             and (bias is None or (bias.dtype in KERNEL_DTYPES and bias.is_cpu))):
         calls["fast"] += 1
         return op.linear(x, weight.values, weight.masks, weight.scales, bias, weight.out_features, weight.form)

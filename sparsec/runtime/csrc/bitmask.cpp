@@ -16,7 +16,8 @@
 // 16-bit layers (bfloat16 / float16 values and x) compute in float32 like torch's CPU GEMMs do: x
 // converted once per call, each word's values as they are placed, y rounded once at the end; they read
 // 1.1 bytes per weight at 2:4 (1.8x fewer than the dense 16-bit weight).
-// Other CPUs: a scalar loop over the set bits (kept weights only). `densify` writes the dense weight
+// Other CPUs: a scalar loop over the set bits (kept weights only; a row gives nan where x is not
+// finite in a column it does not keep, as the zeros there would). `densify` writes the dense weight
 // (a memory-speed pass, ~20x faster than torch's scatter from nibble metadata) for batches large
 // enough that a dense GEMM's blocking beats the kernel.
 //
@@ -30,7 +31,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -81,10 +84,17 @@ inline float finish(const Args& a, int64_t o, float sum) {
 
 // =========================================================================================== scalar
 
+// The loop visits kept weights only. The pruned zeros still count where x is not finite: 0 * inf and
+// 0 * nan are nan in F.linear and in the AVX-512 kernel, so a row that does not keep such a column
+// gives nan (it returned the kept weights' finite sum, so the result depended on the CPU).
 template <typename V>
 void rows_scalar(const Args& a, int64_t o0, int64_t o1) {
+  std::vector<int64_t> nonfinite;  // x's non-finite columns in this batch row (almost always none)
   for (int64_t b = 0; b < a.B; ++b) {
     const float* xr = a.x + b * a.K;
+    nonfinite.clear();
+    for (int64_t c = 0; c < a.K; ++c)
+      if (!std::isfinite(xr[c])) nonfinite.push_back(c);
     for (int64_t o = o0; o < o1; ++o) {
       const V* v = static_cast<const V*>(a.vals) + o * a.nnz;
       const uint16_t* mk = a.masks + o * a.W;
@@ -92,6 +102,8 @@ void rows_scalar(const Args& a, int64_t o0, int64_t o1) {
       for (int64_t w = 0; w < a.W; ++w) {
         for (uint32_t m = mk[w]; m; m &= m - 1) sum += static_cast<float>(*v++) * xr[16 * w + __builtin_ctz(m)];
       }
+      for (const int64_t c : nonfinite)
+        if (!((mk[c / 16] >> (c % 16)) & 1u)) sum = std::numeric_limits<float>::quiet_NaN();
       a.y[b * a.out + o] = finish(a, o, sum);
     }
   }
