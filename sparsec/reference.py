@@ -6,7 +6,8 @@ Every function works on a weight viewed as rows `[out, K]` with K the reduction 
 order, and a matmul right operand `[K, N]` transposed.
 
 Ties in magnitude are broken by the lower index (a stable descending sort keeps index order among
-equal keys). Masks are explicit boolean tensors, never inferred from `weight != 0`.
+equal keys); -0.0 ties with 0.0, NaN ranks above inf (torch.sort's order) and NaNs tie among
+themselves. Masks are explicit boolean tensors, never inferred from `weight != 0`.
 """
 from __future__ import annotations
 
@@ -36,6 +37,16 @@ def rows_to_weight(rows: torch.Tensor, op: str, shape: torch.Size | tuple[int, .
 # --------------------------------------------------------------------------- masks
 
 
+def magnitude(t: torch.Tensor) -> torch.Tensor:
+    """A key ordering entries by |t|, the one masks rank by: |t| itself (NaN sorts above everything), but
+    |t| - 1 for signed integers, computed as ~min(t, -t), which cannot overflow: abs() of int8 -128 is
+    -128, so the largest magnitude ranked as the smallest and was pruned first."""
+    t = t.detach()
+    if t.dtype.is_floating_point or t.dtype.is_complex or not t.dtype.is_signed:
+        return t.abs()
+    return torch.bitwise_not(torch.minimum(t, t.neg()))
+
+
 def _top_along_last(scores: torch.Tensor, keep: int) -> torch.Tensor:
     """Boolean mask of the `keep` largest entries along the last dim; ties go to the lower index."""
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :keep]
@@ -47,7 +58,7 @@ def nm_mask(rows: torch.Tensor, n: int, m: int) -> torch.Tensor:
     if rows.shape[-1] % m:
         raise InvalidInputError(f"last dimension {rows.shape[-1]} is not a multiple of M={m}")
     # (the group count spelled out, not -1: a tensor with no rows has no groups to infer it from)
-    groups = rows.detach().abs().reshape(*rows.shape[:-1], rows.shape[-1] // m, m)
+    groups = magnitude(rows).reshape(*rows.shape[:-1], rows.shape[-1] // m, m)
     return _top_along_last(groups, n).reshape(rows.shape)
 
 
@@ -55,7 +66,7 @@ def fanin_mask(rows: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the k largest-magnitude weights of every row (constant fan-in)."""
     if not 1 <= k <= rows.shape[-1]:
         raise InvalidInputError(f"fan-in k={k} must be in [1, {rows.shape[-1]}]")
-    return _top_along_last(rows.detach().abs(), k)
+    return _top_along_last(magnitude(rows), k)
 
 
 # --------------------------------------------------------------------------- N:M compressed format
@@ -99,6 +110,8 @@ def nm_compress_masked(rows: torch.Tensor, mask: torch.Tensor, n: int, m: int) -
     k = rows.shape[-1]
     if k % m:
         raise InvalidInputError(f"last dimension {k} is not a multiple of M={m}")
+    if m > 32768:  # positions 0..M-1 as int16: a larger M wrapped to negative positions that failed at decompress
+        raise InvalidInputError(f"M={m} is too large: in-group positions are stored as int16, so M must be at most 32768")
     mask_groups = mask.reshape(*mask.shape[:-1], -1, m)
     counts = mask_groups.sum(-1)
     if not bool((counts == n).all()):
@@ -238,10 +251,13 @@ def int8_scales(absmax: torch.Tensor) -> torch.Tensor:
 def quantize_int8(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (per output channel) symmetric int8: scale = max|row| / 127, q in [-127, 127].
 
-    Zeros stay exactly zero. An all-zero row gets scale 1 so nothing divides by zero.
+    Zeros stay exactly zero. A row whose scale would be 0 gets scale 1 so nothing divides by zero: an
+    all-zero row, and one whose max / 127 underflows (float32 max|row| below ~1.8e-43), which got scale 0,
+    its zeros 0 / 0 = NaN cast to int8 and the rest +-127 (passes/quantization.py refuses int8 for it).
     """
     absmax = rows.detach().abs().amax(dim=-1).float()
-    scales = torch.where(absmax > 0, int8_scales(absmax), torch.ones_like(absmax))
+    scales = int8_scales(absmax)
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
     q = torch.round(rows.detach().float() / scales.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
     return q, scales
 

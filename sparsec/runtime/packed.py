@@ -171,7 +171,8 @@ class DensePacked(PackedWeight):
 
     @classmethod
     def pack(cls, rows, mask, pattern, quant) -> DensePacked:
-        pruned = rows.detach() * mask
+        # where, not rows * mask: a masked inf or NaN times 0 is NaN, and a masked weight is exactly 0
+        pruned = torch.where(mask, rows.detach(), torch.zeros((), dtype=rows.dtype, device=rows.device))
         if quant == "int8":
             pruned = ref.fake_quant_int8(pruned)
         return cls(pruned.contiguous(), mask, quant)
