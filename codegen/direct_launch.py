@@ -19,8 +19,22 @@ from __future__ import annotations
 
 import functools
 import inspect
+import threading
 
 import torch
+
+# The Triton interpreter is not thread-safe: each launch patches triton.language's builtins for its run
+# and restores them after, so two threads launching at once failed ("Did you forget to add
+# @triton.jit?", an AST recursion-depth SystemError). Interpreted launches (tests, CPU) take turns.
+_INTERPRETER_LOCK = threading.Lock()
+
+
+def _interpreted(jit_fn) -> bool:
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # (a Triton without the interpreter)
+        return False
+    return isinstance(jit_fn, InterpretedFunction)
 
 
 @functools.cache
@@ -48,6 +62,7 @@ class DirectLaunch:
         self._constexpr = [p.is_constexpr for p in self.params]  # (per call, the launch arguments need these)
         self._names = [p.name for p in self.params]
         self._runners: dict[tuple, object] = {}
+        self._lock = _INTERPRETER_LOCK if _interpreted(jit_fn) else None
         self.direct_launches = 0  # (for tests: how many calls skipped the JIT)
 
     def __getitem__(self, grid):
@@ -66,6 +81,9 @@ class DirectLaunch:
         if runner is not None:
             self.direct_launches += 1
             return runner(*self._launch_arguments(args, kwargs))
+        if self._lock is not None:
+            with self._lock:
+                return self.jit_fn[grid](*args, **kwargs)
         compiled = self.jit_fn[grid](*args, **kwargs)
         if self._direct_launchable(compiled, args, kwargs):
             self._runners[key] = compiled[grid]

@@ -6,7 +6,7 @@ Kernels run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (the tes
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -47,6 +47,7 @@ def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, s
     k = x.shape[-1]
     n = values.shape[0]
     _check_24_operands(values, meta, k, f"x[..., {k}]")
+    check_weight_dtype(values, spec, name)
     rows = x.numel() // k if k else 0
     launch = sparse24_launch(rows, n, k, spec, name, source, x.device, config, cache)
     return launch(x, values, meta, scales, bias, out_scale, out)
@@ -70,6 +71,14 @@ class Sparse24Launch:
         m, n, k = x2.shape[0], self.n, x2.shape[1]
         if m == 0:
             return y.reshape(*x.shape[:-1], n)
+        if m * max(x2.stride(0), y.stride(0)) + max(k, n) > MAX_OFFSET:  # (one cheap test per call: rarely true)
+            rows = rows_per_launch(m, (x2.stride(0), k), (y.stride(0), n))
+            if rows < m:
+                for start in range(0, m, rows):
+                    part = replace(self, tiles=triton_cdiv(min(rows, m - start), self.cfg["BLOCK_M"])
+                                   * triton_cdiv(n, self.cfg["BLOCK_N"]))
+                    part(x2[start:start + rows], values, meta, scales, bias, out_scale, y[start:start + rows])
+                return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
         values, meta = values.contiguous(), meta.contiguous()
         if values.data_ptr() % (2 * values.element_size()):
             values = values.clone()  # the kernel reads each group's two values as one aligned word
@@ -92,6 +101,25 @@ class Sparse24Launch:
 
 
 _LAUNCHES: dict[tuple, Sparse24Launch] = {}
+
+# The generated kernels compute element offsets (row * row stride + column) in int32, the type Triton
+# gives integer arguments under 2^31: an operand spanning more elements wrapped them negative, which
+# crashed or read and wrote other memory (x [M, K] or y [M, N] past 2^31 elements, e.g. a 128256-word
+# vocabulary head at 16.7k rows). Such a call is launched in blocks of rows (conv: of images) that fit.
+MAX_OFFSET = 2 ** 31 - 1
+
+
+def rows_per_launch(m: int, *operands: tuple[int, int]) -> int:
+    """How many of m rows one launch may cover so that every offset `row * stride + column` (column <
+    width) of each operand (row stride, width) fits int32."""
+    fit = m
+    for stride, width in operands:
+        if stride > 0 and (fit - 1) * stride + width - 1 > MAX_OFFSET:
+            fit = min(fit, (MAX_OFFSET - width + 1) // stride + 1)
+    if fit < 1:
+        raise InvalidInputError(f"one row of these operands spans more than 2^31 elements (row widths "
+                                f"{[width for _, width in operands]}), which the kernels' int32 offsets cannot address")
+    return fit
 
 
 def sparse24_launch(m: int, n: int, k: int, spec: MatmulSpec, name: str, source: str, device: torch.device,
@@ -151,6 +179,8 @@ def sparse24_conv2d(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, s
     anything else); `out` as for sparse24_matmul, [B, N, OH, OW]."""
     require_runnable(x.device)
     _check_input_dtype(x, spec, name)
+    if values.device != x.device:  # (as F.conv2d refuses: the kernel would read one device's addresses on the other)
+        raise InvalidInputError(f"kernel {name}'s weight is on {values.device}, got an input on {x.device}")
     kh, kw = geometry.kernel
     n = values.shape[0]
     if x.dim() != 4:
@@ -158,6 +188,7 @@ def sparse24_conv2d(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, s
     batch, channels, h, w = x.shape
     k = channels * kh * kw
     _check_24_operands(values, meta, k, f"a {kh}x{kw} conv on {channels} channels (K = {k})")
+    check_weight_dtype(values, spec, name)
     oh, ow = geometry.output_size(h, w)
     if oh < 1 or ow < 1:
         raise InvalidInputError(f"a {kh}x{kw} conv ({geometry}) leaves no output pixels on a {h}x{w} input")
@@ -169,6 +200,12 @@ def sparse24_conv2d(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, s
                                 f"{tuple(out.shape)} {out.dtype} on {out.device}")
     m = batch * oh * ow
     if m == 0:
+        return out
+    images = rows_per_launch(batch, (x.stride(0), _image_span(x)), (out.stride(0), _image_span(out)))
+    if images < batch:  # (int32 offsets, see MAX_OFFSET)
+        for start in range(0, batch, images):
+            sparse24_conv2d(x[start:start + images], values, meta, scales, bias, out_scale, spec, name, source,
+                            geometry, cache, config, out[start:start + images])
         return out
     cfg = dict(config or _config(m, n, k, spec.act_dtype, x.device, split=False))
     if cfg.pop("SPLIT_K", 1) != 1:
@@ -201,6 +238,13 @@ def condensed_matmul(x: torch.Tensor, values: torch.Tensor, indices: torch.Tenso
     m = x2.shape[0]
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
+    if m * max(x2.stride(0), y.stride(0)) + max(x2.shape[1], n) > MAX_OFFSET:  # (int32 offsets, see MAX_OFFSET)
+        rows = rows_per_launch(m, (x2.stride(0), x2.shape[1]), (y.stride(0), n))
+        if rows < m:
+            for start in range(0, m, rows):
+                condensed_matmul(x2[start:start + rows], values, indices, scales, bias, out_scale, spec, name,
+                                 source, cache, y[start:start + rows])
+            return y.reshape(*x.shape[:-1], n)
     key = ("fanin", m, n, k, interpreting())
     if key not in _CONFIGS:
         _CONFIGS[key] = condensed_config(m, n, k)
@@ -234,9 +278,24 @@ def _rows_and_output(x: torch.Tensor, n: int, spec: MatmulSpec, name: str,
     return x2, out
 
 
+def _image_span(t: torch.Tensor) -> int:
+    """Elements from the first to the last of one image of t [B, ...]: 1 + the largest offset into t[0]."""
+    return 1 + sum((size - 1) * stride for size, stride in zip(t.shape[1:], t.stride()[1:]))
+
+
 def _check_input_dtype(x: torch.Tensor, spec: MatmulSpec, name: str) -> None:
     if x.dtype != _TORCH_DTYPES[spec.act_dtype]:
         raise InvalidInputError(f"kernel {name} was generated for {spec.act_dtype} inputs, got {x.dtype}")
+
+
+def check_weight_dtype(values: torch.Tensor, spec: MatmulSpec, name: str) -> None:
+    """The 2:4 kernels read the values by their width (a group's two as one integer twice as wide): values
+    of another dtype (a state dict of another dtype loaded with assign=True) were read as garbage, silently.
+    (The fan-in kernel loads them by their own dtype and converts: any float dtype computes right there.)"""
+    want = torch.int8 if spec.weight_dtype == "int8" else _TORCH_DTYPES[spec.act_dtype]
+    if values.dtype != want:
+        raise InvalidInputError(f"kernel {name} was generated for {spec.weight_dtype} weight values, got "
+                                f"{values.dtype} (weights of another dtype loaded, by load_state_dict(assign=True)?)")
 
 
 def _check_24_operands(values: torch.Tensor, meta: torch.Tensor, k: int, fits: str) -> None:

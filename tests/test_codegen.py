@@ -1072,3 +1072,61 @@ def test_fused_bias_and_scale_parameters_stay_parameters_with_their_gradients(tm
     assert any(name.endswith("c.out_scale") for name, _ in loaded.named_parameters())
     with torch.no_grad():
         assert torch.equal(loaded(x), cm(x))
+
+
+def _one_triton_linear(pattern: str):
+    """(compiled model, its one Triton layer, an input) of Linear(32, 24) compiled sparse on backend="triton"."""
+    torch.manual_seed(0)
+    model, (x,) = on_device(nn.Sequential(nn.Linear(32, 24)).eval(), (torch.randn(3, 32),))
+    cm = sparsec.compile(model, pattern=pattern, example_inputs=(x,), backend="triton", include=["0"], min_weights=0)
+    return cm, next(m for m in cm.modules() if isinstance(m, TritonSparseLinear)), x
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "fanin:0.75"])
+def test_a_triton_linear_refuses_inputs_of_another_width_or_device(pattern):
+    """The fan-in kernel gathers x's columns by index: a 16-wide input to this 32-feature layer was read
+    out of bounds and a 40-wide one silently cut, with no error. An input on another device than the
+    weight is refused as F.linear refuses it (here the weight is moved to meta, the one other device a
+    CPU has; the interpreter failed inside on it, a GPU launch would read one device's addresses on
+    the other)."""
+    _, layer, x = _one_triton_linear(pattern)
+    with torch.no_grad():
+        for width in (16, 40):
+            message = f"takes inputs with 32 features in the last dimension, got {width}"
+            with pytest.raises(InvalidInputError, match=message):
+                layer(torch.randn(3, width, device=x.device))
+        with pytest.raises(InvalidInputError, match=f"holds its weight on meta, got an input on {x.device}"):
+            copy.deepcopy(layer).to("meta")(x)
+        assert output_error(layer(x), F.linear(x, layer.effective_weight(), layer.bias)) <= 1e-5
+
+
+def test_a_triton_layer_changed_after_compiling_refuses_its_stale_kernel():
+    """A layer's kernel is generated for its spec at compile time. Converted on its own (only
+    CompiledModel refuses conversions) it failed inside the kernel; with its bias set to None the
+    kernel, generated with one, added the packed weight values as the bias (wrong numbers, no error);
+    with another activation, forward skipped it while backward's reference applied it."""
+    _, layer, x = _one_triton_linear("2:4")
+    changes = {
+        "half": (lambda m: m.half(), r"now computes x float16, W 2:4 float16, epilogue \[bias\], out float16, but its "
+                                     r"Triton kernel sparse24_mm_f32_bias_\w+ was generated for x float32"),
+        "no bias": (lambda m: setattr(m, "bias", None), r"epilogue \[none\], .* generated for .*epilogue \[bias\]"),
+        "relu": (lambda m: setattr(m, "activation", "relu"), r"epilogue \[bias, relu\], .* generated for")}
+    for change, message in changes.values():
+        changed = copy.deepcopy(layer)
+        change(changed)
+        with torch.no_grad(), pytest.raises(InvalidInputError, match=message):
+            changed(x.to(changed.packed.dtype_probe.dtype))
+    with torch.no_grad():
+        assert output_error(layer(x), F.linear(x, layer.effective_weight(), layer.bias)) <= 1e-5
+
+
+def test_weights_of_another_dtype_loaded_into_a_2_4_triton_layer_are_refused():
+    """load_state_dict(assign=True) keeps the state dict's dtypes: float16 values in a layer whose 2:4
+    kernel was generated for float32 ones were read by their width as garbage (outputs of 1e36, no error)."""
+    cm, layer, x = _one_triton_linear("2:4")
+    with torch.no_grad():
+        cm(x)  # (the layer's launch for this shape is built, then must not be reused as it was)
+    cm.load_state_dict({k: v.half() if v.is_floating_point() else v for k, v in cm.state_dict().items()}, assign=True)
+    assert layer.packed.values.dtype == torch.float16
+    with torch.no_grad(), pytest.raises(InvalidInputError, match=r"for float32 weight values, got torch\.float16"):
+        cm(x)

@@ -137,3 +137,98 @@ def test_direct_launches_compute_what_the_jit_launch_computes(monkeypatch):
         assert not y.isnan().any() and torch.allclose(y.double(), expected, rtol=2e-3, atol=2e-3), call
     kernel = launch.loaded_kernel(name, source, None, x.device)  # (cuda:0, as the launches saw it)
     assert kernel.direct_launches == (2 if DEVICE == "cuda" else 0)
+
+
+def _span(t: torch.Tensor) -> int:
+    """1 + the largest element offset into t: what a kernel indexing it from its data pointer reaches."""
+    return 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+
+
+@pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs a GPU or the interpreter")
+@pytest.mark.parametrize("kind", ["2:4 matmul", "fan-in matmul", "2:4 conv"])
+def test_operands_past_int32_offsets_are_launched_in_blocks_that_fit(monkeypatch, kind):
+    """The kernels compute offsets in int32: x or y past 2^31 elements (an output of M x N >= 2^31, as a
+    128k-word vocabulary head at 17k rows gives) wrapped negative and crashed (or wrote elsewhere).
+    With the limit set to 300 elements here, every launch must pass operands spanning at most that
+    many, and the blocks together compute the whole product."""
+    from oracle import kernel_operands_24, output_error
+
+    import torch.nn.functional as F
+
+    from sparsec import reference as ref
+    from sparsec.codegen import launch
+    from sparsec.codegen.builder import emit_matmul
+    from sparsec.codegen.spec import MatmulSpec
+
+    monkeypatch.setattr(launch, "MAX_OFFSET", 300)
+    spans = []
+    jit_launch = DirectLaunch.launch
+
+    def spy(self, grid, args, kwargs):
+        spans.append(max(_span(a) for a in args if isinstance(a, torch.Tensor)))
+        return jit_launch(self, grid, args, kwargs)
+
+    monkeypatch.setattr(DirectLaunch, "launch", spy)
+    torch.manual_seed(0)
+    if kind == "2:4 conv":
+        spec = MatmulSpec("float32", "float32", True, None, False, "float32", layout="conv2d")
+        w, x, bias = torch.randn(8, 4, 3, 3), torch.randn(5, 4, 5, 5, device=DEVICE), torch.randn(8, device=DEVICE)
+        values, meta, _, pruned = kernel_operands_24(w.reshape(8, -1), int8=False)
+        y = launch.sparse24_conv2d(x, values.to(DEVICE), meta.to(DEVICE), None, bias, None, spec,
+                                   *emit_matmul(spec, []), launch.ConvGeometry((3, 3), (1, 1), (1, 1), (1, 1)))
+        expected = F.conv2d(x, pruned.reshape(w.shape).to(DEVICE), bias, padding=1)  # x: 500 elements, y: 1000
+    else:
+        x, w, bias = torch.randn(13, 32, device=DEVICE), torch.randn(8, 32), torch.randn(8, device=DEVICE)
+        if kind == "2:4 matmul":
+            spec = MatmulSpec("float32", "float32", True, None, False, "float32")
+            values, meta, _, pruned = kernel_operands_24(w, int8=False)
+            y = launch.sparse24_matmul(x, values.to(DEVICE), meta.to(DEVICE), None, bias, None, spec,
+                                       *emit_matmul(spec, []))
+        else:
+            spec = MatmulSpec("float32", "float32", True, None, False, "float32", format="fanin")
+            mask = torch.zeros(8, 32, dtype=torch.bool)
+            mask[:, 1::4] = True
+            values, indices = ref.fanin_compress(w, mask)
+            pruned = w * mask
+            y = launch.condensed_matmul(x, values.to(DEVICE), indices.int().to(DEVICE), None, bias, None, spec,
+                                        *emit_matmul(spec, []))
+        expected = F.linear(x, pruned.to(DEVICE), bias)  # x: 416 elements
+    assert len(spans) > 1 and max(spans) <= 300, spans
+    assert output_error(y, expected) <= 1e-5
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the Triton interpreter's limitation")
+def test_interpreted_kernels_can_be_launched_from_several_threads():
+    """Each interpreted launch patches triton.language for its run: two threads launching at once
+    failed ("Did you forget to add @triton.jit?") until interpreted launches took turns."""
+    import threading
+
+    from oracle import kernel_operands_24, output_error
+
+    from sparsec.codegen import launch
+    from sparsec.codegen.builder import emit_matmul
+    from sparsec.codegen.spec import MatmulSpec
+
+    spec = MatmulSpec("float32", "float32", False, "relu", False, "float32")
+    name, source = emit_matmul(spec, [])
+    values, meta, _, pruned = kernel_operands_24(torch.randn(16, 32), int8=False)
+    failures = []
+
+    def work(seed):
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(4):
+            x = torch.randn(3, 32, generator=g)
+            try:
+                y = launch.sparse24_matmul(x, values, meta, None, None, None, spec, name, source)
+                if output_error(y, torch.relu(x @ pruned.t())) > 1e-5:
+                    failures.append("wrong numbers")
+            except Exception as e:  # noqa: BLE001 (collected, asserted below)
+                failures.append(repr(e)[:200])
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []

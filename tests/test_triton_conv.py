@@ -194,3 +194,27 @@ def test_backend_auto_times_the_conv_kernel_against_dense(auto_as_on_a_gpu):
     assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
     without_inputs = sparsec.explain(model, backend="auto", min_weights=0)
     assert without_inputs["b"].backend == "torch" and "pass example_inputs" in without_inputs["b"].reason
+
+
+def test_a_conv_kernel_layer_refuses_a_stale_kernel_and_operands_it_was_not_made_for():
+    """Its bias set to None after compiling, the conv kernel (generated with a bias) added the packed
+    weight values as the bias; float16 values loaded by load_state_dict(assign=True) were read as
+    garbage: wrong numbers, no error. An input on another device than the weight (moved to meta here,
+    the one other device a CPU has) is refused as F.conv2d refuses it."""
+    import copy
+
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1)).eval().to(DEVICE), torch.randn(1, 4, 5, 5, device=DEVICE)
+    cm = sparsec.compile(model, example_inputs=(x,), backend="triton", include=["0"], min_weights=0)
+    layer = next(m for m in cm.modules() if isinstance(m, TritonSparseConv2d))
+    unbiased = copy.deepcopy(layer)
+    unbiased.bias = None
+    with torch.no_grad():
+        with pytest.raises(InvalidInputError, match=r"epilogue \[none\], .* generated for .*epilogue \[bias\]"):
+            unbiased(x)
+        with pytest.raises(InvalidInputError, match=f"weight is on meta, got an input on {x.device}"):
+            copy.deepcopy(layer).to("meta")(x)
+        assert output_error(layer(x), F.conv2d(x, layer.effective_weight(), layer.bias, padding=1)) <= 1e-5
+    cm.load_state_dict({k: v.half() if v.is_floating_point() else v for k, v in cm.state_dict().items()}, assign=True)
+    with torch.no_grad(), pytest.raises(InvalidInputError, match=r"for float32 weight values, got torch\.float16"):
+        cm(x)

@@ -68,6 +68,26 @@ class FusedEpilogue(traced_call.OpaqueKernel):
     def require_kernel(self) -> None:
         if self.kernel_source is None:
             raise RuntimeError(f"layer {self.layer_name!r} has no generated kernel; the codegen pass did not run")
+        self.derived("kernel_fits", self._check_kernel_fits)
+
+    def _check_kernel_fits(self) -> bool:
+        """Refuse a kernel generated for another spec than the layer's now. The codegen pass names each
+        kernel after its spec; converting the layer itself (layer.half(), cm.graph_module.float(): only
+        CompiledModel refuses conversions) or replacing its bias or activation changes the spec, not the
+        kernel, which then ran with operands it was not written for: an interpreter error for a dtype
+        change, and with the bias set to None the kernel added the weight values as the bias."""
+        from sparsec.codegen.builder import kernel_name
+
+        spec = self.derived("spec", self.spec)
+        if kernel_name(spec) != self.kernel_name:
+            made_for = next((line.removeprefix("# spec: ") for line in self.kernel_source.splitlines()
+                             if line.startswith("# spec: ")), "another spec")
+            raise InvalidInputError(
+                f"layer {self.layer_name!r} now computes {spec.describe()}, but its Triton kernel {self.kernel_name} "
+                f"was generated for {made_for}: the layer was converted (.half(), .to(dtype)) or its bias or "
+                f"activation replaced after compiling. Compile the model again after such a change "
+                f"(sparsec.compile(model.to(dtype), ...)), or compile with backend='torch', whose layers convert")
+        return True
 
     def eager_forward(self, x: torch.Tensor) -> torch.Tensor:
         return run_kernel(self, x)
@@ -109,6 +129,17 @@ class TritonSparseLinear(FusedEpilogue, SparseLinear):
         """call(x, out): the kernel with this layer's operands bound. (The tensors are bound, not copied:
         in-place updates reach the kernel; assigning a new parameter or buffer drops the binding,
         see SparseLayer.__setattr__.)"""
+        self.require_kernel()
+        # checked for both formats: the fan-in kernel gathers x's columns by index, so a shorter x was read out
+        # of bounds and a longer one silently cut
+        if k != self.packed.reduction:
+            raise InvalidInputError(f"layer {self.layer_name!r} takes inputs with {self.packed.reduction} features in "
+                                    f"the last dimension, got {k}")
+        # as F.linear refuses it: the kernel would read one device's addresses on the other (free per call: this
+        # runs once per shape and device)
+        if device != self.packed.values.device:
+            raise InvalidInputError(f"layer {self.layer_name!r} holds its weight on {self.packed.values.device}, got "
+                                    f"an input on {device}")
         packed, bias, out_scale, spec = self.packed, self.bias, self.out_scale, self.derived("spec", self.spec)
         if spec.format == "fanin":
             from sparsec.codegen.launch import condensed_matmul
@@ -122,11 +153,8 @@ class TritonSparseLinear(FusedEpilogue, SparseLinear):
         return lambda x, out: launch(x, values, meta, scales, bias, out_scale, out)
 
     def _sparse24_launch(self, rows: int, k: int, device: torch.device, spec):
-        self.require_kernel()
-        from sparsec.codegen.launch import sparse24_launch
+        from sparsec.codegen.launch import check_weight_dtype, sparse24_launch
 
-        if k != self.packed.reduction:
-            raise InvalidInputError(f"layer {self.layer_name!r} takes inputs with {self.packed.reduction} features in "
-                                    f"the last dimension, got {k}")
+        check_weight_dtype(self.packed.values, spec, self.kernel_name)  # (the launch itself checks no operand)
         return sparse24_launch(rows, self.packed.out_features, k, spec, self.kernel_name, self.kernel_source, device,
                                self.launch_config(rows))
