@@ -626,6 +626,132 @@ def test_a_weight_shared_by_two_modules_is_left_alone():
     assert "shared with another module" in str(small.shrink_report)
 
 
+class _ReadsItsWeights(nn.Module):
+    """fc2 / bn's tensors are read by more than the one call that multiplies by them (or normalises):
+    slicing them would change what that other read computes."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.fc1, self.fc2, self.bn = nn.Linear(4, 8), nn.Linear(8, 6), nn.BatchNorm1d(8)
+        self.emb = nn.Embedding(10, 8)
+
+    def forward(self, x, ids):
+        h = torch.relu(self.fc1(x))
+        if self.how == "transposed":  # the module, and F.linear on its weight's transpose: a [6] -> [8] layer
+            y = self.fc2(h)
+            return y + F.linear(y, self.fc2.weight.t())[:, :6]
+        if self.how == "mean":  # a functional layer whose weight also scales the result
+            return F.linear(h, self.fc2.weight, self.fc2.bias) * self.fc2.weight.mean()
+        if self.how == "embedding":  # output projection tied to an embedding the model also looks up
+            return F.linear(h, self.emb.weight) + self.emb(ids).sum(-1, keepdim=True)
+        return self.fc2(self.bn(h)) * self.bn.weight.sum()  # "batchnorm": its gamma also scales the output
+
+
+@pytest.mark.parametrize("how", ["transposed", "mean", "embedding", "batchnorm"])
+def test_a_weight_also_read_outside_its_layer_is_left_alone(how):
+    torch.manual_seed(0)
+    model = _ReadsItsWeights(how).eval()
+    with torch.no_grad():
+        model.fc1.weight[0:3] = 0
+        model.fc1.bias[0:2], model.fc1.bias[2] = -1.0, 0.5   # relu -> 0, 0, 0.5: removable if nothing else read
+        model.bn.weight.uniform_(0.5, 2.0)
+        model.bn.running_mean.zero_()                        # bn maps the zero channels to beta = 0
+        model.bn.bias[0:2] = 0.0
+    x, ids = torch.randn(5, 4), torch.tensor([1, 2, 3, 4, 5])
+    small = shrink(dense(model, x, ids))
+    same_outputs(small, model, x, ids)  # slicing fc2 / emb / bn made the shape or the values differ
+    assert small.shrink_report["fc1"].removed == []
+    assert "also read at node" in str(small.shrink_report)
+
+
+@pytest.mark.parametrize("alias", ["identity", "contiguous", "dropout", "flatten"])
+def test_an_in_place_write_through_another_name_of_the_tensor_keeps_its_channels(alias):
+    """h and a are one tensor; relu_ on a writes h too, so fc3 reads relu(h): the analysis must not take
+    h's dead channel as the constant -0.5 it had before (folding -0.5 * column into fc3's bias)."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.fc3, self.id = nn.Linear(4, 6), nn.Linear(6, 3), nn.Linear(6, 3), nn.Identity()
+
+        def forward(self, x):
+            h = self.fc1(x)
+            a = {"identity": lambda: self.id(h), "contiguous": h.contiguous, "flatten": lambda: torch.flatten(h, 1),
+                 "dropout": lambda: F.dropout(h, 0.5, False)}[alias]()
+            F.relu(a, inplace=True)
+            return self.fc2(a) + self.fc3(h)
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    with torch.no_grad():
+        model.fc1.weight[1], model.fc1.bias[1] = 0, -0.5
+    x = torch.randn(3, 4)
+    small = shrink(dense(model, x))
+    same_outputs(small, model, x)
+    assert small.shrink_report["fc1"].removed == []
+    assert any("written in place" in why for why in small.shrink_report["fc1"].kept)
+
+
+def test_an_in_place_write_through_an_alias_nobody_reads_again_still_removes():
+    """fc1 -> Dropout (eval: returns its input) -> ReLU(inplace=True) -> fc2: no other name of the tensor
+    is read after the write, so the dead channel still goes."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.1), nn.ReLU(inplace=True), nn.Linear(6, 3)).eval()
+    with torch.no_grad():
+        model[0].weight[1], model[0].bias[1] = 0, -0.5
+    x = torch.randn(3, 4)
+    small = shrink(dense(model, x), eval_only=True)
+    same_outputs(small, model, x)
+    assert small.shrink_report["0"].removed == [1]
+
+
+@pytest.mark.parametrize("on", ["fc1", "act"])
+def test_a_module_with_a_forward_hook_is_left_alone(on):
+    """A hook can compute with the module's width (here: a per-channel scale of its output)."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.fc2(self.act(self.fc1(x)))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    scale = torch.rand(6) + 0.5
+    getattr(model, on).register_forward_hook(lambda module, args, out: out * scale)
+    with torch.no_grad():
+        model.fc2.weight[:, 1] = 0  # nobody reads channel 1: removable, were it not for the hook
+    x = torch.randn(3, 4)
+    small = shrink(dense(model, x))
+    same_outputs(small, model, x)  # (the sliced model failed: the hook's scale has 6 channels)
+    assert small.shrink_report["fc1"].removed == []
+    assert "hooks" in str(small.shrink_report)
+
+
+def test_a_bias_held_as_a_buffer_is_sliced_and_folded_into():
+    """A frozen bias registered as a buffer (not an nn.Parameter) is sliced and folded like a parameter."""
+    class Net(MLP):
+        def __init__(self):
+            super().__init__(d=4, h1=6, h2=5, out=3)
+            for fc in (self.fc1, self.fc2):
+                bias = fc.bias.detach().clone()
+                del fc.bias
+                fc.register_buffer("bias", bias)
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    with torch.no_grad():
+        model.fc1.weight[1:3] = 0
+        model.fc1.bias[1], model.fc1.bias[2] = -0.5, 0.5  # relu: 0, and 0.5 folded into fc2's (buffer) bias
+    x = torch.randn(3, 4)
+    small = shrink(dense(model, x))
+    same_outputs(small, model, x)
+    assert small.shrink_report["fc1"].removed == [1, 2]
+    gm = small.graph_module
+    assert gm.fc1.bias.shape == (4,) and "bias" in gm.fc1._buffers and "bias" in gm.fc2._buffers
+    assert not torch.equal(gm.fc2.bias, model.fc2.bias)  # the fold happened
+
+
 # ---------------------------------------------------------------------------- depthwise convs
 
 

@@ -18,7 +18,9 @@ everywhere that channel flows, so the analysis is a dependency graph (networkx) 
 * Any other use pins the elements it reads: the model output, reshape / view / transpose,
   LayerNorm, softmax, attention, an op with an operand sparsec does not follow (a model input
   in a residual add), a grouped conv other than depthwise, a layer called at several places or sharing its weight,
-  and every op not listed above. Pinned channels are never removed; the report says why.
+  a layer or BatchNorm whose tensors something else also reads (`W.mean()`, a tied embedding), a module with
+  hooks, an in-place write (relu_) to a tensor that another name (nn.Identity, .contiguous(), a view) reads
+  after it, and every op not listed above. Pinned channels are never removed; the report says why.
 
 A class that is not pinned is removed when, for every layer that reads it (a *consumer*), each
 input column it maps to is either all-zero (norm <= threshold), or the value it carries is a
@@ -41,6 +43,10 @@ other than 0 has no exact value under batch statistics) and fixes the result to 
 A graph that fixes its mode (traced reading self.training) is worked out for that mode; modules
 whose flags differ from the model's (a BatchNorm frozen in eval inside a training model) also for
 the flags as they are, which must then agree with the model's mode.
+Exactness is of the model as it is when shrunk: a removed channel's eval-mode constant uses its
+BatchNorm's running statistics of that moment, which training-mode forwards of the original would
+go on updating (a zero channel's running mean decays towards 0), and its beta / bias are no longer
+trained; later training makes the two models differ, as it does for any change of parameters.
 
 Sparse layers (compile(..., train=True)) keep their structure:
 * N:M weights group M consecutive inputs: input columns go only in whole aligned groups of M
@@ -124,7 +130,8 @@ def shrink(cm: CompiledModel, threshold: float = 0.0, *, ragged_fanin: bool = Fa
     whose constant is known only with BatchNorm's running statistics); the result is in eval mode and
     refuses train().
 
-    `cm` is never modified. The result carries `shrink_report` (ShrinkReport: per channel space,
+    `cm` is never modified, and the result has parameters of its own: build the optimizer (and any
+    GroupLasso / frozen groups) for it anew. The result carries `shrink_report` (ShrinkReport: per channel space,
     producers, consumers, channels before / after, removed indices and why the rest was kept);
     its plan has the new weight shapes and a "shrink: ..." note in each changed layer's reason.
     """

@@ -18,7 +18,7 @@ from sparsec.group_lasso import row_norms
 from sparsec.meta import data_input, get_meta
 from sparsec.passes.weight_reads import attribute
 from sparsec.runtime.train_offset import TrainOffset
-from sparsec.shrink.layers import Layer
+from sparsec.shrink.layers import Layer, customized, other_reader
 
 aten = torch.ops.aten
 
@@ -45,6 +45,13 @@ _POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMa
 # Their functional forms, each with the position of its return_indices argument (None: it has none).
 _POOL_FUNCTIONS = {F.max_pool2d: 6, F.adaptive_max_pool2d: 2, F.avg_pool2d: None, F.adaptive_avg_pool2d: None}
 _HARMLESS_ATTRS = {"dtype", "device", "ndim", "is_cuda", "requires_grad"}
+# Ops whose result is always new memory. Any other op may return its input itself or a view of it
+# (nn.Identity, .contiguous(), eval-mode dropout, flatten / view, an in-place op), which matters where
+# something then writes in place: every name of that memory sees the write.
+_FRESH_MODULES = tuple(m for m in _ELEMENTWISE_MODULES if m is not nn.Identity) + (
+    nn.modules.batchnorm._BatchNorm,) + _POOL_MODULES
+_FRESH_FUNCTIONS = _ELEMENTWISE_FUNCTIONS | _BINARY_FUNCTIONS | _CAT_FUNCTIONS | set(_POOL_FUNCTIONS) | {torch.mean}
+_FRESH_METHODS = (_ELEMENTWISE_METHODS - {"contiguous"}) | _BINARY_METHODS | {"mean"}
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,11 @@ class Analysis:
         self.sites: list[Site] = []
         self.output_elems: set[int] = set()          # elements the model returns
         self.module_calls = collections.Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+        self.memory = nx.utils.UnionFind()          # nodes whose results may share memory
+        self.order = {node: i for i, node in enumerate(gm.graph.nodes)}
+        for node in gm.graph.nodes:
+            if node.op != "output" and not self.fresh(node):
+                self.memory.union(node, *node.all_input_nodes)
         for node in gm.graph.nodes:
             self.visit(node)
 
@@ -140,11 +152,29 @@ class Analysis:
             out[i] = v if math.isfinite(v) else None
         return tuple(out)
 
+    def fresh(self, node: fx.Node) -> bool:
+        """Whether `node`'s result is always new memory, never its input or a view of it."""
+        if node in self.layers:
+            return True
+        if node.op == "call_module":
+            m = self.gm.get_submodule(node.target)
+            return isinstance(m, _FRESH_MODULES) and not getattr(m, "inplace", False)
+        if node.kwargs.get("inplace"):
+            return False
+        return node.target in (_FRESH_METHODS if node.op == "call_method" else _FRESH_FUNCTIONS)
+
     def passthrough(self, node: fx.Node, x: fx.Node, consts: tuple[float | None, ...]) -> None:
         self.values[node] = dataclasses.replace(self.values[x], consts=consts)
         module = self.gm.get_submodule(node.target) if node.op == "call_module" else None
         if node.kwargs.get("inplace") or getattr(module, "inplace", False):
             self.values[x] = self.values[node]  # x itself now holds the new values, for its later readers
+            # So do other names of x's memory (h and h.contiguous(), nn.Identity()(h)): where one is read
+            # after the write, its values here would be stale, so the channels are kept.
+            memory, order = self.memory[x], self.order[node]
+            if any(self.memory[o] == memory and any(self.order[u] > order for u in o.users)
+                   for o in self.values if o is not x and o is not node):
+                self.pin(self.values[x], f"is written in place at node {node.name} through one of several "
+                                         f"names of the same tensor")
 
     # ---- visiting
 
@@ -203,6 +233,9 @@ class Analysis:
         x = node.args[0] if node.args else None
         if x not in self.values or len(node.all_input_nodes) != 1:
             self.pin_inputs(node)
+            return
+        if why := customized(m):
+            self.pin_inputs(node, f"{_op_name(node, self.gm)} ({why})")
             return
         v = self.values[x]
         if isinstance(m, _ELEMENTWISE_MODULES):
@@ -289,6 +322,11 @@ class Analysis:
         v = self.values[x]
         if v.dim != 1 or len(v.elems) != bn.num_features or self.module_calls[node.target] > 1:
             self.pin_inputs(node)
+            return
+        state = [f"{node.target}.{attr}" for attr in ("weight", "bias", "running_mean", "running_var")
+                 if getattr(bn, attr) is not None]
+        if (reader := other_reader(self.gm, node, state)) is not None:  # it would read the sliced tensors
+            self.pin_inputs(node, f"{_op_name(node, self.gm)} whose parameters are also read at node {reader.name}")
             return
         ones, zeros = torch.ones(bn.num_features), torch.zeros(bn.num_features)
         gamma = bn.weight.detach() if bn.weight is not None else ones

@@ -9,8 +9,9 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+from sparsec.frontend import own_hooks
 from sparsec.meta import ConvParams, get_meta, layer_nodes, plain_layer_op
-from sparsec.passes.weight_reads import attribute, owner_of
+from sparsec.passes.weight_reads import attribute, owner_of, readers, reads_metadata
 from sparsec.patterns import FanIn
 from sparsec.reference import pattern_mask, rows_to_weight, weight_to_rows
 from sparsec.runtime.layers import explicit_padding
@@ -69,7 +70,9 @@ class Layer:
 def find_layers(gm: fx.GraphModule) -> dict[fx.Node, Layer]:
     calls = collections.Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     functional_sites = {name: len(nodes) for name, nodes in layer_nodes(gm).items()}
-    owners = collections.Counter(id(p) for _, p in gm.named_parameters(remove_duplicate=False))
+    # (a weight or bias may be a buffer: a frozen bias registered with register_buffer)
+    owners = collections.Counter(id(t) for named in (gm.named_parameters(remove_duplicate=False),
+                                                     gm.named_buffers(remove_duplicate=False)) for _, t in named)
     layers = {}
     for node in gm.graph.nodes:
         layer = None
@@ -83,6 +86,8 @@ def find_layers(gm: fx.GraphModule) -> dict[fx.Node, Layer]:
                                f"{node.target}.bias" if m.bias is not None else None, m, ConvParams.of_module(m))
             if layer is not None and calls[node.target] > 1:
                 layer.blocker = f"its module is called at {calls[node.target]} places"
+            elif layer is not None and (why := customized(m)):
+                layer.blocker = why
         elif node.op == "call_function" and (info := get_meta(node).layer) is not None:
             layer = Layer(info.name, info.op, info.weight_path, info.bias_path, None, info.conv)
             if functional_sites.get(info.name, 1) > 1:
@@ -98,8 +103,10 @@ def find_layers(gm: fx.GraphModule) -> dict[fx.Node, Layer]:
         t = layer.trainable
         if computed:  # (its shape is the parametrization's to keep: weight_norm's g and v, a symmetric matrix)
             layer.blocker = f"its {computed[0].rpartition('.')[2]} is computed by a parametrization"
-        elif any(owners[id(gm.get_parameter(path))] > 1 for path in paths):
+        elif any(owners[id(attribute(gm, path))] > 1 for path in paths):
             layer.blocker = "its weight is shared with another module"
+        elif layer.blocker is None and (reader := other_reader(gm, node, paths)) is not None:
+            layer.blocker = f"its weight or bias is also read at node {reader.name}"
         elif layer.conv is not None and layer.conv.groups != 1 and not _one_filter_per_channel(gm, layer):
             layer.blocker = f"grouped conv (groups={layer.conv.groups}), not handled (depthwise convs are)"
         elif t is not None and isinstance(t.pattern, FanIn) and t.weight_update == "ste":
@@ -110,6 +117,34 @@ def find_layers(gm: fx.GraphModule) -> dict[fx.Node, Layer]:
         layer.depthwise = layer.blocker is None and layer.conv is not None and layer.conv.groups != 1
         layers[node] = layer
     return layers
+
+
+def customized(m: nn.Module) -> str | None:
+    """Why a module may compute with its width in ways shrink cannot see (None: it does not): hooks
+    (a forward hook scaling the output by a per-channel tensor, torch.nn.utils.prune's pre-hook
+    rebuilding the weight from weight_orig), or a forward set on the instance."""
+    if hooks := own_hooks(m):
+        return f"it has {' / '.join(hooks)} hooks, which may read its channels"
+    if "forward" in vars(m):
+        return "its forward is set on the instance (module.forward = ...)"
+    return None
+
+
+def other_reader(gm: fx.GraphModule, node: fx.Node, paths: list[str]) -> fx.Node | None:
+    """A node other than `node` that reads the values of one of the tensors at `paths`: a get_attr of it
+    used for more than its dtype / device (shape reads were frozen to numbers), or a call of a module
+    holding it (nn.Embedding whose weight a functional output layer also multiplies by). Slicing the
+    tensor would change what that node computes: `W.mean()`, a tied embedding's output width."""
+    for n in gm.graph.nodes:
+        if n is node:
+            continue
+        if n.op == "call_module" and any(path.startswith(f"{n.target}.") for path in paths):
+            return n
+        if n.op == "get_attr" and n.target in paths:
+            for user in readers(n):
+                if user is not node and not reads_metadata(user):
+                    return user
+    return None
 
 
 def _one_filter_per_channel(gm: fx.GraphModule, layer: Layer) -> bool:

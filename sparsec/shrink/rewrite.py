@@ -46,7 +46,7 @@ def rewrite(gm: fx.GraphModule, a: Analysis, d: Decision) -> None:
         layer = site.layer
         if site.kind != "consumer" or layer.bias_path is None:
             continue
-        bias = gm.get_parameter(layer.bias_path).detach()
+        bias = attribute(gm, layer.bias_path).detach()
         w, delta = layer.effective(gm), {mode: torch.zeros_like(bias) for mode in d.analyses}
         for k, j, cs in d.folds[layer.name]:
             if d.removed(k):  # column j reads the constant c everywhere: it adds c * (sum of column j) per output
@@ -65,7 +65,7 @@ def rewrite(gm: fx.GraphModule, a: Analysis, d: Decision) -> None:
         elif site.kind in ("producer", "depthwise"):
             _slice_layer(gm, site.layer, site.layer.out_dim, keep)
             if site.layer.bias_path is not None:
-                _set_tensor(gm, site.layer.bias_path, _slice(gm.get_parameter(site.layer.bias_path), 0, keep))
+                _set_tensor(gm, site.layer.bias_path, _slice(attribute(gm, site.layer.bias_path), 0, keep))
             if site.kind == "depthwise":
                 _set_groups(site.layer, len(keep))
         elif site.kind == "offset":
