@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -96,10 +97,23 @@ def _customized(module: nn.Module) -> str | None:
                 f"prune the computed value)")
     if recomputed := _recomputed_weight(module):
         return recomputed
+    if overridden := _overridden_conv_forward(module):
+        return overridden
     if hooks := own_hooks(module):
         return f"it has {' / '.join(hooks)} hooks, which a sparse replacement would drop"
     if "forward" in vars(module):
         return "its forward is set on the instance (module.forward = ...), which a sparse replacement would drop"
+    return None
+
+
+def _overridden_conv_forward(module: nn.Module) -> str | None:
+    """Why a Conv1d / Conv2d subclass that keeps the class's forward but overrides _conv_forward (which
+    that forward calls to compute) stays dense: its calls are leaves of the trace (sparsec/frontend.py), and
+    the sparse replacement, running plain conv math, silently dropped what the override computes."""
+    for cls in (nn.Conv1d, nn.Conv2d):
+        if isinstance(module, cls) and type(module)._conv_forward is not cls._conv_forward:
+            return (f"its class {type(module).__name__} overrides _conv_forward, which a sparse replacement "
+                    f"would drop; sparsec only rewrites the standard Conv1d / Conv2d computation")
     return None
 
 
@@ -145,12 +159,41 @@ def _module_candidate(gm: fx.GraphModule, node: fx.Node) -> LayerInfo | None:
     return None
 
 
-def _function_candidate(gm: fx.GraphModule, node: fx.Node) -> LayerInfo | None:
+@dataclass(frozen=True)
+class Refused:
+    """A functional call on a parameter weight that is not taken as a layer, and why (for the plan)."""
+    weight_path: str
+    why: str
+
+
+def _input_out_of_place(node: fx.Node, name: str) -> str | None:
+    """Why the rewrite would take the wrong operand as the layer's input, or None.
+
+    The rewrite reads a keyword-only call's input as its first keyword argument (meta.data_input):
+    F.linear(weight=W, input=x) ran the layer on W (or on a run-time bias) and returned the wrong values."""
+    if node.args or not node.kwargs or next(iter(node.kwargs)) == "input":
+        return None
+    return (f"{name}'s input is passed by keyword after {next(iter(node.kwargs))}=, and sparsec's rewrite takes a "
+            f"keyword call's first argument as the input; pass the input first ({name}(x, W) or "
+            f"{name}(input=x, weight=W))")
+
+
+def _holds_node(value: object) -> bool:
+    """Whether an argument is, or contains, a value computed at run time (a graph node)."""
+    found: list[fx.Node] = []
+    fx.node.map_arg(value, found.append)
+    return bool(found)
+
+
+def _function_candidate(gm: fx.GraphModule, node: fx.Node) -> LayerInfo | Refused | None:
     target = node.target
     if node.op == "call_function" and target in LINEAR_FUNCTIONS:
         args = list(node.args) + [None] * 3
         data = node.kwargs.get("input", args[0])
         weight, bias = node.kwargs.get("weight", args[1]), node.kwargs.get("bias", args[2])
+        found = parameter_read(gm, weight)
+        if found is not None and (why := _input_out_of_place(node, "F.linear")):
+            return Refused(found[0], why)
         bias_found = _parameter(gm, bias)
         runtime_bias = isinstance(bias, fx.Node) and bias_found is None  # e.g. cat(q_bias, 0, v_bias) in BEiT
         if bias is not None and bias_found is None and not runtime_bias:
@@ -166,17 +209,33 @@ def _function_candidate(gm: fx.GraphModule, node: fx.Node) -> LayerInfo | None:
         found = _parameter(gm, values["weight"])
         if found is None or found[1].dim() != 2 + dims:
             return None
+        path, w = found
+        if why := _input_out_of_place(node, f"F.conv{dims}d"):
+            return Refused(path, why)
+        # The runtime conv layers hold their settings and bias: ones computed at run time cannot be held
+        # (F.conv2d(x, W, None, 1, x.shape[-1] // 8) crashed the compile in int(node)).
+        run_time = [k for k in ("stride", "padding", "dilation", "groups") if _holds_node(values[k])]
+        if run_time:
+            return Refused(path, f"F.conv{dims}d's {' and '.join(run_time)} {'is' if len(run_time) == 1 else 'are'} "
+                                 f"computed at run time, and sparsec's convolution layers hold fixed settings")
         bias_found = _parameter(gm, values["bias"])
         if values["bias"] is not None and bias_found is None:
-            return None
-        path, w = found
+            return Refused(path, f"F.conv{dims}d's bias is computed at run time, not a parameter, and sparsec's "
+                                 f"convolution layers hold their bias; add it after F.conv{dims}d(x, W) to let sparsec "
+                                 f"prune the weight")
         conv = ConvParams.build(values["stride"], values["padding"], values["dilation"], values["groups"], dims=dims)
         return LayerInfo(name=_functional_name(path), op=f"conv{dims}d", site="function", weight_path=path,
                          bias_path=bias_found[0] if bias_found else None, weight_shape=tuple(w.shape),
                          dtype=w.dtype, out_features=w.shape[0], reduction=math.prod(w.shape[1:]), conv=conv)
     is_matmul = (node.op == "call_function" and target in MATMUL_FUNCTIONS) or (
         node.op == "call_method" and target in MATMUL_METHODS)
-    if is_matmul and len(node.args) == 2 and not node.kwargs:
+    if is_matmul and node.kwargs:
+        weights = [found for v in (*node.args, *node.kwargs.values()) if (found := parameter_read(gm, v))]
+        if len(weights) == 1 and weights[0][1].dim() == 2:
+            return Refused(weights[0][0], f"{op_name(node)}'s operands are passed by keyword; sparsec rewrites the "
+                                          f"positional forms torch.matmul(x, W), x @ W and W @ x")
+        return None
+    if is_matmul and len(node.args) == 2:
         x, w = node.args
         # W @ x = (x.mT @ W.T).mT: a linear layer on x.mT (W.T @ x: a matmul one)
         return _matmul_candidate(gm, x, w) or _matmul_candidate(gm, w, x, written_out_by_in=True, weight_left=True,
@@ -233,30 +292,37 @@ def _matmul_candidate(gm: fx.GraphModule, data: object, weight: object, *, writt
 
 
 def find_candidates(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
-    found = set()
+    found, refused = set(), {}
     for node in gm.graph.nodes:
         layer = _module_candidate(gm, node) if node.op == "call_module" else _function_candidate(gm, node)
-        if layer is not None:
+        if isinstance(layer, Refused):
+            refused.setdefault(layer.weight_path, layer.why)
+        elif layer is not None:
             update_meta(node, layer=layer)
             found.add(layer.name)
             ctx.counters[f"candidate_{layer.op}"] += 1
-    ctx.unreached = _unreached_layers(gm, ctx.model, found)
+    ctx.unreached = _unreached_layers(gm, ctx.model, found, refused)
     return gm
 
 
-def _unreached_layers(gm: fx.GraphModule, model: nn.Module, found: set[str]) -> dict[str, UnreachedLayer]:
+def _unreached_layers(gm: fx.GraphModule, model: nn.Module, found: set[str],
+                      refused: dict[str, str]) -> dict[str, UnreachedLayer]:
     """Weight matrices of the model that no candidate node runs, with the reason why: Linear / Conv
     modules, modules of layer types sparsec does not prune (Conv3d, LSTM, ...), and parameters that a
     matmul-like op reads in a form that is not a candidate (an einsum that is not a layer, `bmm`). Listed so that
     no weight matrix is passed over silently."""
     leaves = {n.target: type(gm.get_submodule(n.target)).__name__ for n in gm.graph.nodes if n.op == "call_module"}
     read_by = _read_by(gm)
+    by_id: dict[int, list[str]] = {}
+    for path, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(path)
+    tied_to = {path: [o for o in paths if o != path] for paths in by_id.values() for path in paths}
     out = {}
     for name, module in model.named_modules():
         op = next((op for cls, op in LAYER_MODULES.items() if isinstance(module, cls)), None)  # subclasses too
         if op is not None and name not in found:
             w = module.weight
-            why = _inside_leaf(name, leaves) or _why_not_run(name, module, leaves, read_by)
+            why = _inside_leaf(name, leaves) or _why_not_run(name, module, leaves, read_by, refused, tied_to)
             out[name] = UnreachedLayer(op=op, weight_shape=tuple(w.shape), dtype=w.dtype, weight_path=f"{name}.weight",
                                        why=why)
         elif isinstance(module, _UNPRUNED_LAYERS):
@@ -282,7 +348,9 @@ def _unreached_layers(gm: fx.GraphModule, model: nn.Module, found: set[str]) -> 
         if path in covered or name in found or not ops & _MATMUL_LIKE:
             continue
         w = gm.get_parameter(path)
-        if sliced := ops & _SLICING:
+        if path in refused:
+            why = refused[path]
+        elif sliced := ops & _SLICING:
             why = (f"only parts of it are read ({', '.join(sorted(sliced))}, then {', '.join(sorted(ops - sliced))}): "
                    f"sparsec prunes weight matrices read whole; hold each part as a parameter (or layer) of its "
                    f"own to let sparsec prune it")
@@ -301,16 +369,24 @@ def _inside_leaf(name: str, leaves: dict[str, str]) -> str | None:
             if parent is not None else None)
 
 
-def _why_not_run(name: str, module: nn.Module, leaves: dict[str, str], read_by: dict[str, set[str]]) -> str:
+def _why_not_run(name: str, module: nn.Module, leaves: dict[str, str], read_by: dict[str, set[str]],
+                 refused: dict[str, str], tied_to: dict[str, list[str]]) -> str:
     """Why a Linear / Conv1d / Conv2d module outside any whole-called module is not a candidate."""
     if custom := _customized(module):
         return custom
+    if why := refused.get(f"{name}.weight"):
+        return why
     if read_by.get(f"{name}.weight"):  # (torch.export reads every parameter, used or not: an empty set)
         return (f"its weight is read directly (by {', '.join(sorted(read_by[f'{name}.weight']))}), not through the "
                 f"layer's forward, in a form sparsec does not rewrite ({_REWRITTEN})")
     if name in leaves:
         return (f"{type(module).__name__} overrides forward; sparsec only rewrites the standard Linear / Conv1d / "
                 f"Conv2d computation")
+    # torch.export reads a tied Parameter under one of its names only: this layer's calls read the other one
+    # (they were said not to run at all)
+    if tied := [p for p in tied_to.get(f"{name}.weight", []) if read_by.get(p)]:
+        return (f"its weight is tied to {', '.join(tied)} (one Parameter), under which name the traced graph reads "
+                f"it: pruning it would change that layer too")
     return "not called by the model's forward (on the traced path)"
 
 

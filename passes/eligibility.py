@@ -18,7 +18,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _weight_uses(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
-    """Every use of every parameter path: call_module sites read '<module>.weight' implicitly.
+    """Every use of every parameter path: call_module sites read their module's parameters implicitly.
     Reads of the shape, dtype or device alone are not uses (pruning keeps them; the rewrite folds the
     shape reads and points the others at the replacement layer). A tensor
     constant holding a parameter's memory is a use of it too: a weight read where the tracer sees a
@@ -38,7 +38,9 @@ def _weight_uses(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
                 if not (reads_shape(user) or reads_metadata(user)):
                     uses.setdefault(path, []).append(user)
         elif node.op == "call_module":
-            for pname, _ in gm.get_submodule(node.target).named_parameters(recurse=False):
+            # recurse: a module called as a whole (a leaf) reads its submodules' parameters too; F.linear(x,
+            # blk.sub.w) outside leaf `blk` was pruned while blk's own forward kept computing with the dense w
+            for pname, _ in gm.get_submodule(node.target).named_parameters():
                 uses.setdefault(f"{node.target}.{pname}", []).append(node)
     return uses
 

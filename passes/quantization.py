@@ -89,12 +89,14 @@ def choose_quantization(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModu
         error, flushed = measure_int8(pruned)
         measured = f"relative weight error {error:.2%}, {flushed:.1%} of kept weights flushed to 0"
         keep = wanted != "auto" or (error <= budget and flushed <= MAX_FLUSHED)
+        # (3 significant digits: ":.0%" stated quant_budget=0.005 as "budget 0%")
+        limits = f"budget {100 * budget:.3g}% / {100 * MAX_FLUSHED:.3g}%"
         if wanted != "auto":
             note = f"int8 per-channel weights ({measured})"
         elif keep:
-            note = f"int8 per-channel weights ({measured}; within budget {budget:.0%} / {MAX_FLUSHED:.0%})"
+            note = f"int8 per-channel weights ({measured}; within {limits})"
         else:
-            note = f"stays {dtype_name(meta.layer.dtype)}: int8 would cost {measured} (budget {budget:.0%} / {MAX_FLUSHED:.0%})"
+            note = f"stays {dtype_name(meta.layer.dtype)}: int8 would cost {measured} ({limits})"
         decision = dataclasses.replace(decision, quant="int8" if keep else None, reason=f"{decision.reason}; {note}")
         for node in nodes:
             update_meta(node, decision=decision)

@@ -75,7 +75,7 @@ def replace_layer(gm: fx.GraphModule, name: str, nodes: list[fx.Node], module: t
     `sparse_<name>` with the data input as the only argument.
     """
     module_sites = [n for n in nodes if n.op == "call_module"]
-    path = module_sites[0].target if module_sites else "sparse_" + name.replace(".", "_")
+    path = module_sites[0].target if module_sites else _free_path(gm, "sparse_" + name.replace(".", "_"))
     _set_submodule(gm, path, module)
     weight_reads = []
     for node in nodes:
@@ -103,6 +103,17 @@ def replace_layer(gm: fx.GraphModule, name: str, nodes: list[fx.Node], module: t
     layer = get_meta(nodes[0]).layer
     erase_unused_reads(gm, weight_reads + fold_shape_reads(gm, layer.weight_path, layer.weight_shape, layer.dtype)
                        + redirect_metadata_reads(gm, layer.weight_path, f"{path}.{module.weight_probe}"))
+
+
+def _free_path(gm: fx.GraphModule, path: str) -> str:
+    """`path`, or `path_1`, `path_2`, ... when the graph module already has that attribute: layers
+    "a.b_c" and "a_b.c" both map to sparse_a_b_c, and the model may hold a module of its own named
+    sparse_w. Overwriting it made the other call sites run this layer's weight."""
+    free, i = path, 0
+    while hasattr(gm, free):
+        i += 1
+        free = f"{path}_{i}"
+    return free
 
 
 def _swapped(shape: tuple[int, ...]) -> tuple[int, ...]:

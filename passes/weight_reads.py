@@ -93,12 +93,12 @@ def reads_shape(node: fx.Node) -> bool:
 
 def _reads_only(node: fx.Node, methods: set[str], attributes: set[str]) -> bool:
     """Whether `node` calls one of `methods` on its first argument or reads one of its `attributes`."""
-    if not node.args or node.kwargs:
+    if not node.args:
         return False
-    if node.op == "call_method":
+    if node.op == "call_method":  # keywords too: W.size(dim=1) reads the shape as W.size(1) does
         return node.target in methods
     return (node.op == "call_function" and node.target is builtins.getattr and len(node.args) == 2
-            and node.args[1] in attributes)
+            and not node.kwargs and node.args[1] in attributes)
 
 
 # Reads of what a weight is, not what it holds (`x.to(W.dtype)`, `torch.zeros(n, device=W.device)`): they

@@ -40,7 +40,10 @@ class FanIn:
     sparsity: float
 
     def __str__(self) -> str:
-        return f"fanin:{self.sparsity:g}"
+        # repr: the shortest text that parses back to this very float. The plan stores this string and
+        # the mask is computed from it: "%g" rounded to 6 digits (fanin:0.9999995 became the invalid
+        # "fanin:1", and fanin:0.12345649 became 0.123456, keeping a different k on large layers).
+        return f"fanin:{self.sparsity!r}"
 
     def k(self, numel: int, out_features: int) -> int:
         """Weights kept per output row (SRigL's constant fan-in), in floating point as SRigL's code

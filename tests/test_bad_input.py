@@ -286,6 +286,36 @@ def test_layers_used_unusually_stay_dense_with_the_reason():
         assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
 
 
+class _ScaledConv(nn.Conv2d):
+    """Keeps Conv2d.forward, overrides the _conv_forward it calls (weight scaling, as some quantization and
+    reparametrization code does)."""
+
+    def _conv_forward(self, input, weight, bias):
+        return super()._conv_forward(input, weight * 2, bias)
+
+
+class _ConvStack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.c, self.out = nn.Conv2d(3, 8, 1), _ScaledConv(8, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
+        self.plain = nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x):
+        return self.out(self.plain(torch.relu(self.c(self.a(x)))))
+
+
+def test_a_conv_subclass_overriding_conv_forward_stays_dense_with_the_reason():
+    # Conv2d subclasses are leaves of the trace: the sparse replacement ran plain conv math and dropped the
+    # override's doubling (48% off the model, with no word in the plan)
+    model, x = _ConvStack().eval(), torch.randn(2, 3, 8, 8)
+    cm = sparsec.compile(model, pattern="2:4", example_inputs=(x,), min_weights=0, backend="torch")
+    assert cm.plan["c"].sparsity is None and "_ScaledConv overrides _conv_forward" in cm.plan["c"].reason
+    assert cm.plan["plain"].sparsity == "2:4"
+    with torch.no_grad():
+        assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+
+
 @pytest.mark.parametrize("wrap, match", [
     (lambda m, x: torch.jit.script(m), "TorchScript module .*pass the nn.Module you scripted"),
     (lambda m, x: torch.jit.trace(m, x), "TorchScript module .*pass the nn.Module you scripted"),

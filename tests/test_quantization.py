@@ -175,3 +175,15 @@ def test_condense_int8_with_a_fully_ablated_layer_kept_by_a_residual():
         z = torch.relu(h + cm.sparse_module("f1").bias)
         expected = F.linear(torch.relu(F.linear(z, w2, cm.sparse_module("f2").bias)), model.f3.weight, model.f3.bias)
         assert torch.allclose(small(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("budget, stated", [(0.005, "0.5%"), (0.0125, "1.25%"), (0.02, "2%"), (0.3, "30%")])
+def test_auto_reason_states_the_budget_it_was_held_to(budget, stated):
+    # ":.0%" stated quant_budget=0.005 as "budget 0%" (and 0.0125 as 1%)
+    model, x = _model(), torch.randn(4, 64)
+    plan = sparsec.explain(model, pattern="2:4", example_inputs=(x,), quantize="auto", include=["b"],
+                           quant_budget=budget, backend="torch")
+    lp = plan["b"]
+    assert f"budget {stated} / 5%" in lp.reason, lp.reason
+    error = float(re.search(r"relative weight error ([\d.]+)%", lp.reason).group(1)) / 100
+    assert (lp.quant == "int8") == (error <= budget)  # the stated budget is the one applied

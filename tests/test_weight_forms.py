@@ -550,6 +550,22 @@ def test_reads_of_a_weights_shape_do_not_keep_its_layer_dense(tmp_path):
     assert output_error(sparsec.load(tmp_path / "m.sparsec")(other), ref(other)) <= 1e-5
 
 
+def test_shape_reads_with_keyword_arguments_do_not_keep_a_layer_dense():
+    # W.size(dim=1) was counted as a read of the values: "pruning it would change that use too"
+    class KeywordSize(ShapeReads):
+        def forward(self, x):
+            return super().forward(x) / self.mid.weight.size(dim=1) + self.w_up.t().size(dim=0)
+
+    torch.manual_seed(0)
+    model, x = KeywordSize().eval(), torch.randn(2, 3, 32)
+    cm = sparsec.compile(model, example_inputs=(x,), backend="torch")
+    for name in SHAPE_READ_LAYERS:
+        assert cm.plan[name].sparsity == "2:4", (name, cm.plan[name].reason)
+    assert "size(dim" not in cm.graph_module.code  # folded to the numbers (x.size() stays: it is the data's)
+    with torch.no_grad():
+        assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+
+
 def test_a_read_of_a_weights_values_still_keeps_it_dense():
     class ValueRead(ShapeReads):
         def forward(self, x):
@@ -640,3 +656,170 @@ def test_dtype_and_device_reads_of_a_weight_do_not_keep_it_dense(train, tmp_path
         half = cm.to(torch.bfloat16)
         assert half(x).dtype == torch.bfloat16
         assert output_error(half(x).float(), pruned_model(model, cm.plan).to(torch.bfloat16)(x).float()) <= 2e-2
+
+
+class _Holder(nn.Module):
+    def __init__(self, name):
+        super().__init__()
+        self.register_parameter(name, nn.Parameter(torch.randn(32, 32) / 6))
+
+
+class CollidingNames(nn.Module):
+    """Functional layers whose sparse module names collide: "a.b_c" and "a_b.c" both map to sparse_a_b_c,
+    and "w" maps to sparse_w, a layer of the model's own."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.head = nn.Linear(16, 32), nn.Linear(32, 8)
+        self.a, self.a_b = _Holder("b_c"), _Holder("c")
+        self.w = nn.Parameter(torch.randn(32, 32) / 6)
+        self.sparse_w = nn.Linear(32, 32)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = F.linear(h, self.a.b_c) + 2 * F.linear(h, self.a_b.c)
+        return self.head(torch.relu(F.linear(h, self.w) - self.sparse_w(h)))
+
+
+def test_functional_layers_whose_module_names_collide():
+    # the second layer's module overwrote the first's (both call sites ran a_b.c's weight: 70% off), and
+    # a module named sparse_w was overwritten by layer w's (sparse_w's own rewrite then failed)
+    model, x = CollidingNames(), torch.randn(4, 16)
+    cm = sparsec.compile(model, pattern="2:4", example_inputs=(x,), min_weights=0, backend="torch")
+    assert {lp.name for lp in cm.plan.sparse_layers} == {"a.b_c", "a_b.c", "w", "sparse_w"}
+    modules = [m for m in cm.graph_module.modules() if isinstance(m, RuntimeLayer)]
+    assert sorted(m.layer_name for m in modules) == ["a.b_c", "a_b.c", "sparse_w", "w"]
+    with torch.no_grad():
+        assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+
+
+class _FunctionalCall(nn.Module):
+    """A functional call on a parameter weight between two plain layers; `call(self, h)` is the form under test."""
+
+    def __init__(self, call, conv=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.call = call
+        self.inp = nn.Conv2d(3, 8, 1) if conv else nn.Linear(16, 32)
+        self.w = nn.Parameter(torch.randn(16, 8, 3, 3) / 8 if conv else torch.randn(32, 32) / 6)
+        self.bias = nn.Parameter(torch.randn(16 if conv else 32))
+        self.conv = nn.Conv2d(8, 16, 3)
+        self.out = nn.Conv2d(16, 4, 1) if conv else nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.call(self, self.inp(x))))
+
+
+CALLS_KEPT_DENSE = {  # form -> (is a conv, layer name, what the reason must say)
+    "F.linear(weight=W, input=x)": (lambda s, h: F.linear(weight=s.w, input=h), False, "w",
+                                    "F.linear's input is passed by keyword after weight="),
+    "F.linear(bias=b * 2, weight=W, input=x)": (lambda s, h: F.linear(bias=s.bias * 2, weight=s.w, input=h), False,
+                                                "w", "F.linear's input is passed by keyword after bias="),
+    "F.conv2d(weight=W, input=x)": (lambda s, h: F.conv2d(weight=s.w, input=h, padding=1), True, "w",
+                                    "F.conv2d's input is passed by keyword after weight="),
+    "F.conv2d(x, W, padding=x.shape[-1] // 4)": (lambda s, h: F.conv2d(h, s.w, None, 1, h.shape[-1] // 4), True, "w",
+                                                 "F.conv2d's padding is computed at run time"),
+    "F.conv2d(x, W, stride=(1, x.shape[0]))": (lambda s, h: F.conv2d(h, s.w, None, (1, h.shape[0] - 1)), True, "w",
+                                               "F.conv2d's stride is computed at run time"),
+    "F.conv2d(x, W, b * 2)": (lambda s, h: F.conv2d(h, s.w, s.bias * 2, padding=1), True, "w",
+                              "F.conv2d's bias is computed at run time"),
+    "F.conv2d(x, conv.weight, conv.bias * 2)": (lambda s, h: F.conv2d(h, s.conv.weight, s.conv.bias * 2), True,
+                                                "conv", "F.conv2d's bias is computed at run time"),
+    "torch.matmul(input=x, other=W)": (lambda s, h: torch.matmul(input=h, other=s.w), False, "w",
+                                       "matmul's operands are passed by keyword"),
+    "torch.matmul(x, other=W)": (lambda s, h: torch.matmul(h, other=s.w), False, "w",
+                                 "matmul's operands are passed by keyword"),
+}
+
+
+@pytest.mark.parametrize("form", sorted(CALLS_KEPT_DENSE))
+def test_functional_calls_the_rewrite_cannot_take_stay_dense_with_the_reason(form):
+    # F.linear(weight=W, input=x) was rewritten into a layer run on W (on the run-time bias with bias= first):
+    # wrong values or a shape error; run-time conv settings crashed the compile (int(node)); a run-time conv
+    # bias and matmul by keyword were said to be forms sparsec does not rewrite, at all
+    call, conv, name, why = CALLS_KEPT_DENSE[form]
+    model = _FunctionalCall(call, conv).eval()
+    x = torch.randn(2, 3, 8, 8) if conv else torch.randn(3, 16)
+    cm = sparsec.compile(model, pattern="2:4", example_inputs=(x,), min_weights=0, backend="torch")
+    lp = cm.plan[name]
+    assert lp.sparsity is None and why in lp.reason, lp.reason
+    with torch.no_grad():
+        assert torch.equal(cm(x), model(x))  # every layer stays dense: first, last and the refused one
+
+
+def test_a_layer_whose_input_is_passed_by_keyword_first_is_still_pruned():
+    model, x = _FunctionalCall(lambda s, h: F.linear(input=h, weight=s.w, bias=s.bias * 2)).eval(), torch.randn(3, 16)
+    cm = sparsec.compile(model, pattern="2:4", example_inputs=(x,), min_weights=0, backend="torch")
+    assert cm.plan["w"].sparsity == "2:4"
+    with torch.no_grad():
+        assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+
+
+class _TiedLayers(nn.Module):
+    def __init__(self, untraceable):
+        super().__init__()
+        torch.manual_seed(0)
+        self.untraceable = untraceable
+        self.inp, self.fc, self.fc2, self.out = (nn.Linear(32, 32) for _ in range(4))
+        self.fc2.weight = self.fc.weight
+
+    def forward(self, x):
+        if self.untraceable:
+            int(x.shape[0])  # symbolic_trace cannot: torch.export traces it
+        return self.out(torch.relu(self.fc2(torch.relu(self.fc(self.inp(x))))))
+
+
+@pytest.mark.parametrize("untraceable", [False, True], ids=["symbolic_trace", "torch.export"])
+def test_linear_layers_sharing_one_weight_stay_dense_with_the_reason(untraceable):
+    # torch.export reads a tied Parameter under one name (fc2.weight) for both layers: fc was said to be
+    # "not called by the model's forward"
+    model, x = _TiedLayers(untraceable).eval(), torch.randn(3, 32)
+    cm = sparsec.compile(model, pattern="2:4", example_inputs=(x,), min_weights=0, backend="torch")
+    assert cm.trace_method == ("torch.export" if untraceable else "symbolic_trace")
+    assert "tied to fc2.weight" in cm.plan["fc"].reason and "tied to fc.weight" in cm.plan["fc2"].reason
+    assert cm.plan["fc"].sparsity is None and cm.plan["fc2"].sparsity is None
+    with torch.no_grad():
+        assert torch.equal(cm(x), model(x))
+
+
+class _Inner(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(32, 32) / 6)
+        self.lin = nn.Linear(32, 32)
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.sub = _Inner()
+
+    def forward(self, x):
+        return F.linear(x, self.sub.w) + self.sub.lin(x)
+
+
+class _ReadsInsideALeaf(nn.Module):
+    """Parameters of a submodule of a module called as a whole (a leaf), read by the traced graph as well."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.blk, self.out = nn.Linear(16, 32), _Block(), nn.Linear(32, 8)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.out(torch.relu(self.blk(h) + F.linear(h, self.blk.sub.w) + F.linear(h, self.blk.sub.lin.weight)))
+
+
+def test_a_weight_a_leaf_module_also_reads_stays_dense():
+    # only the leaf's own parameters counted as its reads: blk.sub.w was pruned where the graph reads it while
+    # blk's forward went on with the dense values (26% off the model with that weight pruned)
+    model, x = _ReadsInsideALeaf().eval(), torch.randn(3, 16)
+    cm = sparsec.compile(model, pattern="2:4", example_inputs=(x,), min_weights=0, leaf_modules=[_Block],
+                         backend="torch")
+    for name in ("blk.sub.w", "blk.sub.lin"):
+        lp = cm.plan[name]
+        assert lp.sparsity is None and "also read by module 'blk' (_Block)" in lp.reason, lp.reason
+    with torch.no_grad():
+        assert torch.equal(cm(x), model(x))
