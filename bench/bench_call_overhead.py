@@ -10,7 +10,8 @@ synchronization inside the timed loop (the GPU only has to keep up):
     interpreter would time numpy), so the figure is sparsec's own per-call Python: checks, config
     lookup, output allocation, the direct launch's specialization key and argument packing.
     nn.Linear's figure includes its (small) CPU matmul.
-Medians of 7 blocks; writes call-overhead-<device>-<date>.json.
+The layer's output is checked against plain torch first. Medians of 7 blocks; writes
+call-overhead-<device>-<date>.json.
 
     python bench/bench_call_overhead.py [--features N]
 """
@@ -23,12 +24,13 @@ import time
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-from results_io import arg_parser, parse_args, write_results  # noqa: E402
+from results_io import arg_parser, parse_args, positive_int, write_results  # noqa: E402
 
 
 def per_call_us(fn, calls: int, blocks: int = 7) -> float:
@@ -77,10 +79,10 @@ class _JitStub:
 
 def main() -> int:
     parser = arg_parser(__doc__)
-    parser.add_argument("--features", type=int, default=None,
+    parser.add_argument("--features", type=positive_int, default=None,
                         help="in = out features of the layer (default 4096 on a GPU, 256 on a CPU, where nn.Linear "
                              "computes on the host)")
-    parser.add_argument("--calls", type=int, default=2000, help="calls per timed block")
+    parser.add_argument("--calls", type=positive_int, default=2000, help="calls per timed block")
     args = parse_args(parser)
     cuda = torch.cuda.is_available()
     if not cuda:
@@ -94,7 +96,14 @@ def main() -> int:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(d, d)).half().to(device).eval()
     x = torch.randn(1, d, dtype=torch.float16, device=device)
-    cm = sparsec.compile(model, example_inputs=(x,), backend="triton", include=[".*"], min_weights=0)
+    options = dict(example_inputs=(x,), backend="triton", include=[".*"], min_weights=0)
+    with torch.no_grad():  # the layer computes the right thing; on a CPU in the interpreter, on a compile of its own
+        checked = sparsec.compile(model, **options)  # (a layer keeps the launcher of its first call: not the stub's)
+        expected = F.linear(x.double(), checked.effective_weight("0").double(), model[0].bias.double())
+        error = float((checked(x).double() - expected).abs().max() / expected.abs().max())
+    if not error < 1e-2:
+        raise AssertionError(f"the sparsec layer differs from plain torch by {error:.2g} of its largest output")
+    cm = sparsec.compile(model, **options)
     layer = next(m for m in cm.modules() if isinstance(m, TritonSparseLinear))
     if not cuda:
         launch._LOADED.clear()

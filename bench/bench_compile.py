@@ -20,14 +20,15 @@ sys.path.insert(0, os.path.join(ROOT, "examples"))
 import transformer  # noqa: E402
 
 import sparsec  # noqa: E402
-from results_io import arg_parser, parse_args, write_results  # noqa: E402
+from results_io import Disturbance, arg_parser, parse_args, positive_int, write_results  # noqa: E402
 
 
 def main() -> None:
     parser = arg_parser(__doc__)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     args = parse_args(parser)
 
+    disturbance = Disturbance()
     torch.manual_seed(0)
     model = transformer.Encoder(depth=12, dim=768, heads=12, mlp=3072).eval()
     x = torch.randn(1, 128, 768)
@@ -54,8 +55,10 @@ def main() -> None:
 
     result = {"benchmark": "compile time, 12-layer encoder 768/3072", "date": datetime.date.today().isoformat(),
               "host": platform.node(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "parameters": params, "input": list(x.shape), "results": rows}
+              "threads": torch.get_num_threads(), "parameters": params, "input": list(x.shape), "repeats": args.repeats,
+              "results": rows}
     print()
+    result.update(disturbance.report())  # backend auto times kernels while compiling: a busy machine slows it
     write_results("compile", f"cpu{os.cpu_count()}", result)
 
 

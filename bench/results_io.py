@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
+import importlib.util
 import json
 import os
+import platform
+import resource
 import time
 import traceback
 
@@ -23,6 +27,17 @@ def arg_parser(doc: str | None) -> argparse.ArgumentParser:
     parser.add_argument("--out", default=results_dir(), metavar="DIR",
                         help="folder for the JSON results (default: $SPARSEC_RESULTS_DIR, else bench/results)")
     return parser
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a count of rounds, repeats, calls, threads, features)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def add_budget_option(parser: argparse.ArgumentParser) -> None:
@@ -46,15 +61,137 @@ def skip_without_cuda(script: str) -> bool:
     return True
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else platform.processor(), else "unknown"."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_busy_s() -> float:
+    """CPU seconds all processes have used since boot (/proc/stat), to spot co-tenants during a run."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def own_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class Disturbance:
+    """How much CPU time other processes took while a CPU benchmark ran. With every core busy with
+    the benchmark's threads, a co-tenant stalls them all (scheduler slices of ms): times taken then are
+    not the code's. `report()` prints it, with a warning past 5% of the wall time, and returns the figures
+    for the JSON."""
+
+    def __init__(self):
+        self._busy, self._own, self._wall = cpu_busy_s(), own_cpu_s(), time.perf_counter()
+
+    def report(self) -> dict:
+        elsewhere = (cpu_busy_s() - self._busy) - (own_cpu_s() - self._own)
+        wall = time.perf_counter() - self._wall
+        disturbed = elsewhere > 0.05 * wall
+        print(f"other processes used {elsewhere:.1f} CPU-s during the {wall:.0f} s run"
+              + ("  <- results disturbed, rerun on an idle machine" if disturbed else ""))
+        return {"other_processes_cpu_s": elsewhere, "wall_s": wall, "disturbed": disturbed}
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def run_info() -> dict:
+    """What every results file records besides its device and date: versions and the host CPU."""
+    return {"torch": torch.__version__, "triton": _version("triton"), "python": platform.python_version(),
+            "cpu": cpu_model(), "cpu_count": os.cpu_count()}
+
+
+def load_oracle():
+    """tests/oracle.py, the independent plain-torch reference the tests use (written apart from
+    sparsec/reference.py), loaded by path: benchmarks check sparsec's pruned weights against it."""
+    spec = importlib.util.spec_from_file_location("sparsec_tests_oracle", os.path.join(ROOT, "tests", "oracle.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def effective_weight_error(cm, model, max_rows: int = 512) -> float:
+    """Largest deviation, relative to the largest weight checked, of what each sparse layer of `cm`
+    computes with (cm.effective_weight) from the oracle's pruning (and int8 fake quantization) of the
+    original model's weight as the plan says: a benchmark whose expected outputs are computed from
+    cm.effective_weight checks the kernels, and this checks the weights they were given. N:M pruning and
+    the int8 scales are per row (output feature), so an N:M layer is checked on `max_rows` rows spread
+    over it (the oracle's pairwise ranking takes tens of seconds on a whole 14336 x 4096 weight)."""
+    oracle = load_oracle()
+    params = dict(model.named_parameters())
+    worst = 0.0
+    for lp in cm.plan.sparse_layers:
+        w = params.get(f"{lp.name}.weight", params.get(lp.name)).detach().cpu()
+        got = cm.effective_weight(lp.name).detach().cpu()
+        if lp.sparsity.startswith("fanin:"):  # (k depends on the whole weight's size)
+            expected = oracle.pruned_weight(w, lp.op, lp.sparsity, lp.quant)
+        else:
+            rows, got = oracle.to_rows(w, lp.op), oracle.to_rows(got, lp.op)
+            pick = torch.linspace(0, rows.shape[0] - 1, min(rows.shape[0], max_rows)).round().long().unique()
+            rows, got = rows[pick], got[pick]
+            expected = oracle.pruned_weight(rows, "linear", lp.sparsity, lp.quant)
+        expected, got = expected.double(), got.double()
+        worst = max(worst, float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-30)))
+    return worst
+
+
+def block_seconds(fn, block_s: float = 0.03) -> float:
+    """Seconds per call over one block of calls lasting about block_s."""
+    start, calls = time.perf_counter(), 0
+    while True:
+        fn()
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= block_s:
+            return elapsed / calls
+
+
+def cpu_ceilings() -> dict:
+    """This CPU's ceilings, measured now with every torch thread: read bandwidth (the sum of a 256 MB
+    float32 tensor, past any L3) and dense GEMM rates (F.linear 2048 x 2048 x 2048 in float32 and in
+    bfloat16, whose CPU GEMM may use bf16 dot products). Best of 3 blocks: a ceiling is what the
+    machine reaches, not what it usually does."""
+    big = torch.ones(64 << 20)
+    big.sum()
+    read = big.numel() * 4 / 1e9 / min(block_seconds(big.sum, 0.2) for _ in range(3))
+    del big
+    gemm = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(2048, 2048).to(dtype)
+        fn = lambda a=a: torch.nn.functional.linear(a, a)  # noqa: E731
+        fn()
+        gemm[str(dtype).removeprefix("torch.")] = 2 * 2048 ** 3 / 1e9 / min(block_seconds(fn, 0.2) for _ in range(3))
+    return {"read_gbs": read, "gemm_gflops": gemm}
+
+
 def write_results(prefix: str, device: str, payload: dict, announce: bool = True) -> str:
-    """Write `payload` (plus device, date, torch version) to <results>/<prefix>-<device>-<date>.json,
-    through a temp file and a rename: a run killed mid-write leaves the previous version whole."""
+    """Write `payload` (plus device, date, versions and host CPU: run_info()) to
+    <results>/<prefix>-<device>-<date>.json, through a temp file and a rename: a run killed mid-write
+    leaves the previous version whole."""
     date = datetime.date.today().isoformat()
     out = results_dir()
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, f"{prefix}-{device.replace(' ', '_')}-{date}.json")
     with open(path + ".tmp", "w") as f:
-        json.dump({"device": device, "date": date, "torch": torch.__version__, **payload}, f, indent=2)
+        json.dump({"device": device, "date": date, **run_info(), **payload}, f, indent=2)
     os.replace(path + ".tmp", path)
     if announce:
         print(f"wrote {path}")

@@ -82,6 +82,42 @@ def accuracy(model: nn.Module, data) -> float:
     return 100.0 * float((model(x_test).argmax(1) == y_test).float().mean())
 
 
+def layer_weights(cm, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A compiled DigitsMLP layer's (weight * mask, bias): what it must compute with, in plain torch."""
+    layer = cm.sparse_module(name) or cm.graph_module.get_submodule(name)  # (None: a layer left as nn.Linear)
+    return layer.weight * cm.mask(name), layer.bias
+
+
+@torch.no_grad()
+def plain_torch_forward(cm, x: torch.Tensor) -> torch.Tensor:
+    """DigitsMLP's forward in plain torch on a compiled model's weights and masks (the plan lists the
+    layers in the order they run: hidden.0, hidden.1, ..., head), ReLU between."""
+    names = [lp.name for lp in cm.plan]
+    for i, name in enumerate(names):
+        x = F.linear(x, *layer_weights(cm, name))
+        x = torch.relu(x) if i < len(names) - 1 else x
+    return x
+
+
+@torch.no_grad()
+def check_against_plain_torch(cm, x: torch.Tensor) -> float:
+    """Checks a compiled DigitsMLP: its eval-mode outputs against plain_torch_forward (returns the
+    largest gap, relative to the largest output), and each sparse layer's mask against its pattern
+    (N:M: exactly N kept in every group of M along the row; fan-in: the same count in every row)."""
+    cm.eval()
+    expected = plain_torch_forward(cm, x)
+    gap = float((cm(x) - expected).abs().max() / expected.abs().max())
+    assert gap <= 1e-5, f"the compiled model differs from plain torch on its masked weights by {gap:.2g}"
+    for lp in cm.plan.sparse_layers:
+        mask = cm.mask(lp.name)
+        if lp.sparsity.startswith("fanin:"):
+            assert len(set(mask.sum(1).tolist())) == 1, f"{lp.name}: rows keep different counts"
+        else:
+            n, m = map(int, lp.sparsity.split(":"))
+            assert bool((mask.reshape(mask.shape[0], -1, m).sum(-1) == n).all()), f"{lp.name}: not {lp.sparsity}"
+    return gap
+
+
 def nonzero_weights(model: nn.Module) -> int:
     """Weights (not biases) that are nonzero: what a sparse model really keeps."""
     return int(sum((p != 0).sum() for name, p in model.named_parameters() if p.dim() > 1))

@@ -3,7 +3,9 @@
 Compile first, then shard the compiled model (each hidden layer, then the root), then build the
 optimizer and the SRigL scheduler. Each rank trains on its half of every batch; SRigL averages
 its scores over the ranks, so both decide the same masks. Afterwards the whole state dict is
-gathered to rank 0, loaded into an unsharded compile of the same model, and condensed.
+gathered to rank 0, loaded into an unsharded compile of the same model, checked against plain torch
+on its weights and masks, and condensed (the condensed model checked against it). Exits 1 when the
+ranks' masks differ or a check fails.
 
     python examples/train_distributed.py [--epochs 30] [--sparsity 0.9]
 """
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from digits_common import accuracy, load_digits_split, make_model  # noqa: E402
+from digits_common import accuracy, check_against_plain_torch, load_digits_split, make_model  # noqa: E402
 
 import sparsec  # noqa: E402
 
@@ -63,16 +65,24 @@ def worker(rank: int, world: int, port: int, epochs: int, sparsity: float) -> No
     digests = [None] * world
     dist.all_gather_object(digests, digest)
     state = get_model_state_dict(cm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    ok = True
     if rank == 0:
         whole = compiled(sparsity, x_train)
         whole.load_state_dict(state)
         whole.eval()
         small = whole.condense()
-        print(f"ranks' masks: {digests} ({'identical' if len(set(digests)) == 1 else 'DIFFERENT'})")
-        print(f"mask updates: {len(srigl.history)}; last: {srigl.history[-1].layers}")
-        print(f"test accuracy: trained {accuracy(whole, data):.1f}%, condensed {accuracy(small, data):.1f}%")
+        same = len(set(digests)) == 1
+        print(f"ranks' masks: {digests} ({'identical' if same else 'DIFFERENT'})")
+        print(f"mask updates: {len(srigl.history)}; last: {srigl.history[-1].layers if srigl.history else None}")
+        gap = check_against_plain_torch(whole, data[2])  # the gathered model against plain torch on its masks
+        with torch.no_grad():
+            expected = whole(data[2])
+            condensed_gap = float((small(data[2]) - expected).abs().max() / expected.abs().max())
+        print(f"test accuracy: trained {accuracy(whole, data):.1f}%, condensed {accuracy(small, data):.1f}%; "
+              f"outputs vs plain torch {gap:.1e}, condensed vs trained {condensed_gap:.1e} (of the largest output)")
+        ok = same and condensed_gap <= 1e-5
     dist.barrier()
-    os._exit(0)  # skip gloo's teardown, which can deadlock at interpreter exit (see tests/test_distributed.py)
+    os._exit(0 if ok else 1)  # skip gloo's teardown, which can deadlock at interpreter exit (see tests/test_distributed.py)
 
 
 def main() -> None:
@@ -80,10 +90,18 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--sparsity", type=float, default=0.9)
     args = parser.parse_args()
+    if args.epochs < 1:
+        parser.error(f"--epochs must be at least 1, got {args.epochs}")
+    if not 0 < args.sparsity < 1:
+        parser.error(f"--sparsity must lie strictly between 0 and 1, got {args.sparsity}")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(worker, args=(2, port, args.epochs, args.sparsity), nprocs=2, join=True)
+    try:
+        mp.spawn(worker, args=(2, port, args.epochs, args.sparsity), nprocs=2, join=True)
+    except mp.ProcessExitedException as e:  # rank 0 exits 1 when a check failed (printed above)
+        print(f"FAILED: {e}")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

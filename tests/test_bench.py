@@ -35,6 +35,8 @@ def test_call_overhead_benchmark_runs_anywhere(tmp_path):
     expected = {"sparsec layer", "compiled model", "nn.Linear"} | ({"sparsec layer, JIT launch"} if torch.cuda.is_available()
                                                                   else set())
     assert set(us) == expected and all(0 < v < 1e4 for v in us.values())
+    if not torch.cuda.is_available():  # the stubbed launch was timed, not the interpreter (~7 ms a call)
+        assert us["sparsec layer"] < 2000
 
 
 def test_sparse24_sweep_times_every_candidate_and_checks_nothing_silently(monkeypatch):
@@ -160,7 +162,11 @@ def test_results_are_written_whole_and_rewritten_in_place(tmp_path, monkeypatch,
     first = write_results("sparse24", "Some GPU", {"rows": [1]}, announce=False)
     second = write_results("sparse24", "Some GPU", {"rows": [1, 2], "complete": True})
     assert first == second and os.listdir(tmp_path) == [os.path.basename(first)]  # no temp file left
-    assert json.loads(open(second).read())["rows"] == [1, 2]
+    written = json.loads(open(second).read())
+    assert written["rows"] == [1, 2]
+    # what every results file records about the run: device, date, versions, host CPU
+    assert {"device", "date", "torch", "triton", "python", "cpu", "cpu_count"} <= set(written)
+    assert written["device"] == "Some GPU" and written["torch"] == torch.__version__ and written["cpu"]
     assert capsys.readouterr().out == f"wrote {second}\n"  # only the announced write prints
 
 
@@ -256,3 +262,158 @@ def test_cpu24_bench_checks_and_times_every_method(tmp_path):
     # the CNN's 2:4 convs have no CPU kernel: auto keeps them dense
     assert [r["backends"] for r in data["models"] if r["model"].startswith("CNN")] == [["dense"], ["dense"]]
     assert all(set(r["us"]) == {"dense", "torch", "bitmask"} and min(r["us"].values()) > 0 for r in data["layers"])
+    # rates against ceilings measured in the run (not assumed), and a record of other processes' CPU time
+    assert data["read_ceiling_gbs"] > 0 and set(data["gemm_ceiling_gflops"]) == {"float32", "bfloat16"}
+    for r in data["layers"]:
+        assert r["of_read_ceiling"]["bitmask"] == pytest.approx(r["weight_gbs"]["bitmask"] / data["read_ceiling_gbs"])
+        ceiling = data["gemm_ceiling_gflops"]["bfloat16" if r["weights"] == "bf16" else "float32"]
+        assert r["of_gemm_ceiling"]["dense"] == pytest.approx(r["gflops"]["dense"] / ceiling)
+        assert r["x_dense"]["bitmask"] == pytest.approx(r["us"]["dense"] / r["us"]["bitmask"])
+    assert {"other_processes_cpu_s", "wall_s", "disturbed"} <= set(data) and data["python"] and data["cpu"]
+
+
+def test_count_options_refuse_zero_and_non_integers():
+    """--rounds 0 / --repeats 0 used to run the whole benchmark setup, then die in statistics.median."""
+    import argparse
+
+    sys.path.insert(0, BENCH)
+    from results_io import positive_int
+
+    assert positive_int("3") == 3
+    for bad in ("0", "-2", "1.5", "x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="positive integer"):
+            positive_int(bad)
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "bench_cpu24.py"), "--rounds", "0"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--rounds: expected a positive integer, got '0'" in proc.stderr
+
+
+def test_effective_weight_check_matches_the_oracle_and_catches_a_wrong_weight():
+    """effective_weight_error (the benchmarks' check of the weights their kernels are given) is 0 for
+    a correct compile, N:M (sampled rows) and fan-in, int8 included, and large for a weight that is not
+    the oracle's pruning of the original."""
+    import torch.nn as nn
+
+    import sparsec
+
+    sys.path.insert(0, BENCH)
+    from results_io import effective_weight_error
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 32))
+    x = torch.randn(3, 64)
+    for options in (dict(pattern="2:4"), dict(pattern="2:4", quantize="int8"), dict(pattern="fanin:0.8")):
+        cm = sparsec.compile(model, example_inputs=(x,), include=[".*"], min_weights=0, backend="torch", **options)
+        assert len(cm.plan.sparse_layers) == 2
+        assert effective_weight_error(cm, model, max_rows=16) == 0.0, options
+        other = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 32))  # other weights: not cm's
+        assert effective_weight_error(cm, other, max_rows=16) > 0.1, options
+
+
+def test_condensed_bench_checks_every_layer_before_timing():
+    """bench_condensed's check covers each layer of a case and raises on a wrong one (it used to run
+    after the timing, on the first layer only, and only record the deviation)."""
+    sys.path.insert(0, BENCH)
+    import bench_condensed
+
+    from sparsec.runtime import condensed_cpu
+
+    layers = [bench_condensed.make_layer(0.9, seed) for seed in range(2)]
+    x = torch.randn(3, bench_condensed.K)
+    assert bench_condensed.check(layers, x) < 1e-5
+    wrong = layers[1]
+    wrong["prepared"] = condensed_cpu.prepare(wrong["values"] * 1.01, wrong["indices"].to(torch.int32))
+    with pytest.raises(AssertionError, match=r"condensed differs from dense .*layer 1"):
+        bench_condensed.check(layers, x)
+
+
+def test_training_bench_checks_dgrad_against_the_oracle(monkeypatch):
+    """bench_training's case, small on this machine (timer replaced): SDGP's data gradient (alone and
+    with 2:4 weights) matches prune(dY) @ W with dY pruned by the oracle; with dY left unpruned by a
+    broken reference the check fails, so it can fail."""
+    sys.path.insert(0, BENCH)
+    import bench_training
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    row = bench_training.run_case(64, 128, torch.float32, device=device, tokens=32, timer=lambda model, x: 1e-3)
+    assert row["ok"] and row["dgrad_rel_err"] < 1e-5 and row["dgrad_rel_err_sparse_weights"] < 1e-5
+    assert row["weight_rel_err"] == 0.0 and row["plan_grad"] == {"fc1": "2:4", "fc2": "2:4"}
+
+    real = bench_training.load_oracle()
+
+    class Unpruned:
+        to_rows, pruned_weight = real.to_rows, real.pruned_weight
+
+        @staticmethod
+        def oracle_nm_mask(rows, n, m):
+            return torch.ones_like(rows, dtype=torch.bool)
+
+    monkeypatch.setattr(bench_training, "load_oracle", lambda: Unpruned)
+    assert not bench_training.run_case(64, 128, torch.float32, device=device, tokens=32,
+                                       timer=lambda model, x: 1e-3)["ok"]
+
+
+def _load_example(name):
+    from oracle import load_example
+
+    sys.path.insert(0, os.path.join(os.path.dirname(BENCH), "examples"))
+    return load_example(name)
+
+
+def test_demo_reference_pruning_agrees_with_the_oracle():
+    """The demo's plain-torch pruning (its reference for every compiled model) is the oracle's: N:M and
+    fan-in with ties in magnitude (to the lower index), int8 included, conv filters as rows."""
+    from oracle import pruned_weight
+
+    demo = _load_example("demo")
+    g = torch.Generator().manual_seed(0)
+    for shape, op in (((12, 16), "linear"), ((8, 4, 3, 3), "conv2d")):
+        w = torch.randint(-3, 4, shape, generator=g).float()  # many equal magnitudes
+        for sparsity in ("2:4", "1:4", "fanin:0.7"):
+            for quant in (None, "int8"):
+                expected = pruned_weight(w, op, sparsity, quant)
+                assert torch.equal(demo.pruned_in_plain_torch(w, sparsity, quant), expected), (shape, sparsity, quant)
+
+
+def test_srigl_example_times_dense_and_condensed_in_turns():
+    """The SRigL example's latencies: the models take turns in every round (a ratio of times taken
+    minutes apart on a shared machine was mostly drift)."""
+    srigl = _load_example("train_srigl_digits")
+    calls = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def forward(self, x):
+            calls.append(self.name)
+            return x
+
+    times = srigl.latency_us({"dense": Recorder("dense"), "condensed": Recorder("condensed")}, torch.zeros(1),
+                             repeats=2, rounds=3)
+    assert set(times) == {"dense", "condensed"} and min(times.values()) > 0
+    timed = calls[40:]  # after 20 warm-up calls each
+    assert timed == (["dense"] * 2 + ["condensed"] * 2) * 3
+
+
+def test_digits_examples_check_compiled_models_against_plain_torch(monkeypatch):
+    """digits_common.check_against_plain_torch passes a trained compiled model and fails on a mask
+    that breaks its pattern or on outputs plain torch does not reproduce."""
+    pytest.importorskip("sklearn")  # (the GPU image may lack it)
+    import sparsec
+
+    common = _load_example("digits_common")
+    data = common.load_digits_split(0)
+    cm = sparsec.compile(common.make_model(0), pattern="2:4", example_inputs=(data[0][:2],), train=True,
+                         include=[".*"])
+    common.train(cm, data, epochs=1)
+    assert common.check_against_plain_torch(cm, data[2]) <= 1e-5
+    monkeypatch.setattr(common, "plain_torch_forward", lambda cm, x: cm(x) + 1)
+    with pytest.raises(AssertionError, match="differs from plain torch"):
+        common.check_against_plain_torch(cm, data[2])
+    monkeypatch.undo()
+    with torch.no_grad():
+        cm.sparse_module("hidden.1").weight_mask[0, :4] = True  # 4 of 4 kept in one group
+    with pytest.raises(AssertionError, match="hidden.1: not 2:4"):
+        common.check_against_plain_torch(cm, data[2])
