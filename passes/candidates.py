@@ -166,18 +166,6 @@ class Refused:
     why: str
 
 
-def _input_out_of_place(node: fx.Node, name: str) -> str | None:
-    """Why the rewrite would take the wrong operand as the layer's input, or None.
-
-    The rewrite reads a keyword-only call's input as its first keyword argument (meta.data_input):
-    F.linear(weight=W, input=x) ran the layer on W (or on a run-time bias) and returned the wrong values."""
-    if node.args or not node.kwargs or next(iter(node.kwargs)) == "input":
-        return None
-    return (f"{name}'s input is passed by keyword after {next(iter(node.kwargs))}=, and sparsec's rewrite takes a "
-            f"keyword call's first argument as the input; pass the input first ({name}(x, W) or "
-            f"{name}(input=x, weight=W))")
-
-
 def _holds_node(value: object) -> bool:
     """Whether an argument is, or contains, a value computed at run time (a graph node)."""
     found: list[fx.Node] = []
@@ -191,9 +179,6 @@ def _function_candidate(gm: fx.GraphModule, node: fx.Node) -> LayerInfo | Refuse
         args = list(node.args) + [None] * 3
         data = node.kwargs.get("input", args[0])
         weight, bias = node.kwargs.get("weight", args[1]), node.kwargs.get("bias", args[2])
-        found = parameter_read(gm, weight)
-        if found is not None and (why := _input_out_of_place(node, "F.linear")):
-            return Refused(found[0], why)
         bias_found = _parameter(gm, bias)
         runtime_bias = isinstance(bias, fx.Node) and bias_found is None  # e.g. cat(q_bias, 0, v_bias) in BEiT
         if bias is not None and bias_found is None and not runtime_bias:
@@ -210,8 +195,6 @@ def _function_candidate(gm: fx.GraphModule, node: fx.Node) -> LayerInfo | Refuse
         if found is None or found[1].dim() != 2 + dims:
             return None
         path, w = found
-        if why := _input_out_of_place(node, f"F.conv{dims}d"):
-            return Refused(path, why)
         # The runtime conv layers hold their settings and bias: ones computed at run time cannot be held
         # (F.conv2d(x, W, None, 1, x.shape[-1] // 8) crashed the compile in int(node)).
         run_time = [k for k in ("stride", "padding", "dilation", "groups") if _holds_node(values[k])]

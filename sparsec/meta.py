@@ -119,7 +119,9 @@ def data_input(node: fx.Node) -> object:
     value: object = node.args
     for index in layer.data_arg if layer is not None and node.op != "call_module" else (0,):
         if not isinstance(value, (tuple, list)) or len(value) <= index:
-            return next(iter(node.kwargs.values()), None)  # F.linear(input=x, weight=W)
+            # F.linear / F.conv by keyword: the data is `input` wherever it stands (F.linear(weight=W,
+            # input=x); its first keyword argument was taken, running the layer on W or on the bias)
+            return node.kwargs.get("input")
         value = value[index]
     return value
 

@@ -712,12 +712,6 @@ class _FunctionalCall(nn.Module):
 
 
 CALLS_KEPT_DENSE = {  # form -> (is a conv, layer name, what the reason must say)
-    "F.linear(weight=W, input=x)": (lambda s, h: F.linear(weight=s.w, input=h), False, "w",
-                                    "F.linear's input is passed by keyword after weight="),
-    "F.linear(bias=b * 2, weight=W, input=x)": (lambda s, h: F.linear(bias=s.bias * 2, weight=s.w, input=h), False,
-                                                "w", "F.linear's input is passed by keyword after bias="),
-    "F.conv2d(weight=W, input=x)": (lambda s, h: F.conv2d(weight=s.w, input=h, padding=1), True, "w",
-                                    "F.conv2d's input is passed by keyword after weight="),
     "F.conv2d(x, W, padding=x.shape[-1] // 4)": (lambda s, h: F.conv2d(h, s.w, None, 1, h.shape[-1] // 4), True, "w",
                                                  "F.conv2d's padding is computed at run time"),
     "F.conv2d(x, W, stride=(1, x.shape[0]))": (lambda s, h: F.conv2d(h, s.w, None, (1, h.shape[0] - 1)), True, "w",
@@ -748,10 +742,23 @@ def test_functional_calls_the_rewrite_cannot_take_stay_dense_with_the_reason(for
         assert torch.equal(cm(x), model(x))  # every layer stays dense: first, last and the refused one
 
 
-def test_a_layer_whose_input_is_passed_by_keyword_first_is_still_pruned():
-    model, x = _FunctionalCall(lambda s, h: F.linear(input=h, weight=s.w, bias=s.bias * 2)).eval(), torch.randn(3, 16)
+CALLS_BY_KEYWORD = {  # form -> is a conv
+    "F.linear(input=x, weight=W, bias=b * 2)": (lambda s, h: F.linear(input=h, weight=s.w, bias=s.bias * 2), False),
+    "F.linear(weight=W, input=x)": (lambda s, h: F.linear(weight=s.w, input=h), False),
+    "F.linear(bias=b * 2, weight=W, input=x)": (lambda s, h: F.linear(bias=s.bias * 2, weight=s.w, input=h), False),
+    "F.conv2d(weight=W, input=x)": (lambda s, h: F.conv2d(weight=s.w, input=h, padding=1), True),
+}
+
+
+@pytest.mark.parametrize("form", sorted(CALLS_BY_KEYWORD))
+def test_a_layer_whose_input_is_passed_by_keyword_is_pruned(form):
+    # the rewrite took a keyword call's first argument as its input: F.linear(weight=W, input=x) ran the layer
+    # on W (a shape error), with bias= first on the run-time bias (276% off)
+    call, conv = CALLS_BY_KEYWORD[form]
+    model = _FunctionalCall(call, conv).eval()
+    x = torch.randn(2, 3, 8, 8) if conv else torch.randn(3, 16)
     cm = sparsec.compile(model, pattern="2:4", example_inputs=(x,), min_weights=0, backend="torch")
-    assert cm.plan["w"].sparsity == "2:4"
+    assert cm.plan["w"].sparsity == "2:4", cm.plan["w"].reason
     with torch.no_grad():
         assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
 
