@@ -52,6 +52,14 @@ def check_whole(weight: torch.Tensor, shape: tuple[int, ...], layer: str, what: 
         return
     from sparsec.errors import InvalidInputError
 
+    if tuple(weight.shape) == tuple(shape):  # whole-shaped, but not a parameter: one of two causes
+        raise InvalidInputError(
+            f"{what}: layer {layer!r}'s weight is a plain tensor, not the parameter it was compiled with. Either "
+            f"FSDP1 (FullyShardedDataParallel, use_orig_params=False) put a view of its flat storage there: shard "
+            f"with FSDP2 instead, torch.distributed.fsdp.fully_shard(cm); or a forward pre-hook computes it from "
+            f"other parameters (torch.nn.utils.prune's weight_orig * weight_mask, the old weight_norm): make it a "
+            f"parameter first (torch.nn.utils.prune.remove(module, 'weight'), torch.nn.utils.remove_weight_norm"
+            f"(module)), or use torch.nn.utils.parametrize")
     raise InvalidInputError(
         f"{what}: layer {layer!r}'s weight is a {type(weight).__name__} of shape {tuple(weight.shape)}, not the "
         f"{tuple(shape)} parameter it was compiled with; FSDP1 (FullyShardedDataParallel) does that, flattening "
