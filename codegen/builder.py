@@ -146,6 +146,13 @@ class LayerUse:
     k: int
 
 
+def ordered_uses(uses) -> list[LayerUse]:
+    """Distinct uses sorted on every field, not the name alone: a layer called at two row counts has two
+    uses with one name, which came in set order (PYTHONHASHSEED), so the source, its cache key and the
+    dump's manifest varied between processes."""
+    return sorted(set(uses), key=lambda u: (u.name, u.m is not None, u.m or 0, u.n, u.k))
+
+
 def header(title: str, spec_text: str, layers: list[LayerUse]) -> str:
     from sparsec.codegen.cache import versions
 
@@ -157,7 +164,7 @@ def header(title: str, spec_text: str, layers: list[LayerUse]) -> str:
     if layers:
         buf.line("# made for (layer: x [M, K] @ W^T [K, N]" + (", M = output pixels, K = in channels x taps):"
                                                                  if "conv2d" in spec_text else "):"))
-        for use in sorted(layers, key=lambda u: u.name):
+        for use in ordered_uses(layers):
             buf.line(f"#   {use.name}: M={use.m if use.m is not None else '?'}, N={use.n}, K={use.k}")
     return buf.getvalue()
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import importlib.util
+import logging
 import os
 import sys
 import tempfile
@@ -25,6 +26,7 @@ import torch
 from sparsec.errors import InvalidInputError
 
 HEADER_PREFIX = "# sparsec-cache sha256="
+log = logging.getLogger(__name__)
 
 
 def default_root() -> str:
@@ -74,21 +76,41 @@ class KernelCache:
         return os.path.join(self.root, "kernels", f"{name}-{self.key(source)[:20]}.py")
 
     def _valid(self, path: str, source: str) -> bool:
+        return self._problem(path, source) is None
+
+    def _problem(self, path: str, source: str) -> str | None:
+        """Why the file at `path` is not a valid entry for `source` ("missing" when there is none; None
+        when it is valid)."""
         try:
             with open(path, encoding="utf-8") as f:
-                first, _, body = f.read().partition("\n")
-        except (OSError, UnicodeDecodeError):
-            return False
-        return first == HEADER_PREFIX + _sha256(body) and body == source
+                text = f.read()
+        except FileNotFoundError:
+            return "missing"
+        except UnicodeDecodeError:
+            return "is not UTF-8 text"
+        except OSError as e:
+            return f"cannot be read ({e.strerror or e})"
+        if not text:
+            return "is empty"
+        first, _, body = text.partition("\n")
+        if not first.startswith(HEADER_PREFIX):
+            return "has no sparsec-cache header"
+        if first != HEADER_PREFIX + _sha256(body):
+            return "is truncated or edited (its body does not match the sha256 in its header)"
+        if body != source:
+            return "holds another kernel's source under this name and key"
+        return None
 
     def store(self, name: str, source: str) -> str:
         """Make sure a valid file for `source` exists; return its path. Counts hit / written / corrupt."""
         path = self.path(name, source)
-        if self._valid(path, source):
+        problem = self._problem(path, source)
+        if problem is None:
             self.counters["hit"] += 1
             return path
-        if os.path.exists(path):
-            self.counters["corrupt"] += 1  # present but wrong: rebuilt below
+        if problem != "missing":  # present but wrong: rebuilt below, and said (a silent rewrite every
+            self.counters["corrupt"] += 1  # compile hid whatever keeps damaging the cache)
+            log.warning("sparsec kernel cache: %s %s; writing it again", path, problem)
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".py")

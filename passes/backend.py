@@ -108,9 +108,17 @@ def _measured(gm, ctx: CompileContext, layer: LayerInfo, decision, node: fx.Node
             if device == "cpu":
                 CPU_MEASUREMENTS[cpu_key] = result
         ctx.measurements[key] = (*result, layer.name)
-        return result
+        return _own_launch(result)
     backend, note, launch, measured_on = ctx.measurements[key]
-    return backend, f"{note}; measured on {measured_on}, which has the same shape", launch
+    return _own_launch((backend, f"{note}; measured on {measured_on}, which has the same shape", launch))
+
+
+def _own_launch(result):
+    """result with a launch dict of its own: the stored measurement's dict became the plan's
+    LayerPlan.launch, so editing one plan entry in place (plan["fc"].launch["max_rows"] = 64) changed
+    every other layer of that shape and every later compile in the process that reused the measurement."""
+    backend, note, launch = result
+    return backend, note, dict(launch) if launch is not None else None
 
 
 def _device(gm: fx.GraphModule, layer: LayerInfo) -> torch.device:
@@ -166,6 +174,12 @@ def _choose_backends(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
                 raise InvalidInputError(f"the given plan asks for backend {backend!r} on layer {name!r}, but {problem}; "
                                         f"set its backend to null to let sparsec choose")
             note = {"torch": None, "triton": TRITON_NOTE}.get(backend, f"backend {backend}, set by the given plan")
+            if backend in CPU_KERNEL_RUNS and (problem := cpu_kernel_blocker(layer, decision, device)):
+                # a plan made where the library built, applied where it does not: the layer runs the
+                # kernel's plain-torch fallback (the weight rebuilt per call, 0.03-0.8x dense in the
+                # README's table) while the plan named the kernel and nothing said otherwise
+                note += (f", but {problem}: this layer runs the kernel's plain-torch fallback, slower than dense "
+                         f"(set its backend to 'dense', or null to let sparsec choose)")
             launch = decision.launch
         elif wanted == "torch":
             backend, note, launch = "torch", None, None

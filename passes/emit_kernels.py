@@ -17,7 +17,7 @@ from sparsec.runtime.triton_linear import FusedEpilogue
 
 
 def emit_kernels(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
-    from sparsec.codegen.builder import LayerUse, emit_matmul
+    from sparsec.codegen.builder import LayerUse, emit_matmul, ordered_uses
     from sparsec.codegen.cache import KernelCache
 
     groups: dict = {}
@@ -30,7 +30,7 @@ def emit_kernels(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     modules = {m.layer_name: m for g in groups.values() for _, m, _ in g}
     cache = KernelCache()
     for spec, members in sorted(groups.items(), key=lambda item: repr(item[0])):
-        uses = sorted({use for _, _, use in members}, key=lambda u: u.name)
+        uses = ordered_uses(use for _, _, use in members)
         name, source = emit_matmul(spec, uses)
         cache.store(name, source)
         for node, module, _ in members:

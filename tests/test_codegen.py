@@ -1130,3 +1130,62 @@ def test_weights_of_another_dtype_loaded_into_a_2_4_triton_layer_are_refused():
     assert layer.packed.values.dtype == torch.float16
     with torch.no_grad(), pytest.raises(InvalidInputError, match=r"for float32 weight values, got torch\.float16"):
         cm(x)
+
+
+# ------------------------------------------------------------------------------------------------ emission determinism
+
+
+def test_a_layer_made_for_two_row_counts_emits_one_source_in_any_order():
+    """A layer called at two row counts has two uses with one name; the header sorted them by name
+    alone, so their order, and with it the source and its cache key, followed the set they came in
+    (PYTHONHASHSEED): two processes wrote two files for one kernel."""
+    spec = MatmulSpec("float32", "float32", True, None, False, "float32")
+    uses = [LayerUse("b", 5, 64, 64), LayerUse("b", 3, 64, 64), LayerUse("b", None, 64, 64), LayerUse("a", 7, 64, 64)]
+    name, source = emit_matmul(spec, uses)
+    assert all(emit_matmul(spec, order) == (name, source) for order in (uses[::-1], uses[1:] + uses[:1], uses + uses))
+    made_for = [line for line in source.splitlines() if line.startswith("#   ")]
+    assert made_for == ["#   a: M=7, N=64, K=64", "#   b: M=?, N=64, K=64", "#   b: M=3, N=64, K=64",
+                        "#   b: M=5, N=64, K=64"]
+
+
+def test_two_processes_with_different_hash_seeds_emit_byte_identical_sources_into_one_cache(tmp_path):
+    """The same model compiled at once by two processes with different PYTHONHASHSEED (1 and 2 ordered
+    the uses of a layer called at two row counts differently) into one empty cache: the same sources,
+    one file per kernel, every file valid and importable on its own, no temp file left."""
+    script = textwrap.dedent("""
+        import json, torch, torch.nn as nn
+        from sparsec.api import compile_with_options
+        from sparsec.context import CompileOptions
+
+        class TwoCalls(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a, self.b, self.c = nn.Linear(32, 64), nn.Linear(64, 64), nn.Linear(64, 8)
+
+            def forward(self, x, z):
+                return self.c(self.b(torch.relu(self.a(x)))).sum(0) + self.c(self.b(torch.relu(self.a(z)))).sum(0)
+
+        torch.manual_seed(0)
+        options = CompileOptions.from_user("2:4", backend="triton", emit_only=True)
+        cm = compile_with_options(TwoCalls(), (torch.randn(3, 32), torch.randn(5, 32)), options)
+        print(json.dumps([cm.kernels, cm.kernel_manifest]))  # (the manifest, which dump-kernels writes, too)
+    """)
+    env = dict(os.environ, SPARSEC_CACHE_DIR=str(tmp_path), TRITON_INTERPRET="0")
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(env, PYTHONHASHSEED=seed)) for seed in ("1", "2")]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert results[0] == results[1] and len(results[0][0]) == 1
+    ((name, source),) = results[0][0].items()
+    assert [(u["name"], u["M"]) for u in results[0][1][name]["layers"]] == [("b", 3), ("b", 5)]
+    assert "#   b: M=3, N=64, K=64\n#   b: M=5, N=64, K=64" in source
+    files = os.listdir(tmp_path / "kernels")  # (named by a key with the children's arch, "cpu", not this one's)
+    assert len(files) == 1 and files[0].startswith(f"{name}-"), files
+    path = str(tmp_path / "kernels" / files[0])
+    assert KernelCache(str(tmp_path))._valid(path, source)
+    check = subprocess.run([sys.executable, "-c", f"import runpy; assert {name!r} in runpy.run_path({path!r})"],
+                           capture_output=True, text=True, timeout=120, env=env)
+    assert check.returncode == 0, check.stderr[-2000:]

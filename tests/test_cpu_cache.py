@@ -1,5 +1,7 @@
 """Backend auto on CPU times a layer the way the model will run it: with its weights evicted from the
 caches when the model's weights exceed half the last-level cache, hot otherwise, and says which."""
+import hashlib
+
 import pytest
 import torch
 import torch.nn as nn
@@ -110,3 +112,54 @@ def test_kernel_cache_entries_are_readable_by_the_other_users_of_a_shared_cache(
     assert not mode & (stat.S_IWGRP | stat.S_IWOTH), oct(mode)
     again = KernelCache(str(tmp_path))
     assert again.store(name, source) == path and again.counters == {"hit": 1}
+
+
+@pytest.mark.parametrize("damage, said", [
+    ("empty", "is empty"),
+    ("truncated", "is truncated or edited (its body does not match the sha256 in its header)"),
+    ("edited", "is truncated or edited"),
+    ("binary", "is not UTF-8 text"),
+    ("headerless", "has no sparsec-cache header"),
+    ("unreadable", "cannot be read (Permission denied)"),
+])
+def test_a_damaged_kernel_cache_entry_is_rebuilt_and_named(tmp_path, monkeypatch, caplog, damage, said):
+    """A damaged entry was rewritten silently (a counter only), so whatever kept damaging the cache (a
+    full disk, a tool rewriting line ends, another user's 0600 files) went unseen, rewritten at every
+    compile. It is rebuilt, and the log names the file and what was wrong with it."""
+    import builtins
+    import logging
+
+    from sparsec.codegen.builder import emit_matmul
+    from sparsec.codegen.cache import HEADER_PREFIX, KernelCache
+    from sparsec.codegen.spec import MatmulSpec
+
+    name, source = emit_matmul(MatmulSpec("float32", "float32", True, "relu", False, "float32"), [])
+    cache = KernelCache(str(tmp_path))
+    path = cache.store(name, source)
+    whole = open(path, encoding="utf-8").read()
+    damaged = {"empty": b"", "truncated": whole[: len(whole) // 2].encode(), "binary": b"\xff\xfe" + whole.encode(),
+               "edited": whole.replace("tl.maximum(acc, 0.0)", "tl.maximum(acc, 1.0)").encode(),
+               "headerless": source.encode(), "unreadable": whole.encode()}[damage]
+    with open(path, "wb") as f:
+        f.write(damaged)
+    if damage == "unreadable":  # (another user's 0600 entry; this test may run as root, who reads anything)
+        real_open = builtins.open
+
+        def open_as_another_user(file, *args, **kwargs):
+            if file == path and "w" not in (args[0] if args else kwargs.get("mode", "r")):
+                raise PermissionError(13, "Permission denied", file)
+            return real_open(file, *args, **kwargs)
+        monkeypatch.setattr(builtins, "open", open_as_another_user)
+    cache = KernelCache(str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="sparsec.codegen.cache"):
+        assert cache.store(name, source) == path
+    assert cache.counters == {"corrupt": 1, "written": 1}
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert message.startswith(f"sparsec kernel cache: {path} {said}") and message.endswith("; writing it again")
+    monkeypatch.undo()
+    with open(path, encoding="utf-8") as f:  # what the entry now holds, read independently of the cache
+        first, _, body = f.read().partition("\n")
+    assert body == source and first == HEADER_PREFIX + hashlib.sha256(source.encode()).hexdigest()
+    caplog.clear()
+    again = KernelCache(str(tmp_path))
+    assert again.store(name, source) == path and again.counters == {"hit": 1} and not caplog.records

@@ -83,3 +83,135 @@ def test_dense_kept_layer_saved_with_a_bool_mask_still_loads():
     assert "stored_mask" not in loaded._buffers and torch.equal(loaded.mask(), mask)
     assert torch.equal(loaded.rows(), rows * mask)
     assert torch.equal(pickle.loads(pickle.dumps(loaded)).mask(), mask)
+
+
+# ------------------------------------------------------------------------------------------------ backend auto's choice
+
+
+def _three_sparse_layers(dtype=torch.float32):
+    """A model whose layers "2" and "4" are sparse by default (first and last stay dense) and share a shape."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
+                                torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).to(dtype)
+    return model, torch.randn(3, 32, dtype=dtype)
+
+
+def test_editing_one_plan_entrys_launch_in_place_changes_nothing_else(monkeypatch):
+    """The measurement's launch dict was the plan's LayerPlan.launch itself, shared by every layer of
+    that shape and kept for the process: plan["2"].launch["max_rows"] = 1 also set layer "4"'s, and
+    every later backend-auto compile in the process planned (and ran) max_rows 1."""
+    from sparsec.codegen import measure
+    from sparsec.passes import backend as backend_pass
+
+    monkeypatch.setattr(backend_pass, "CPU_MEASUREMENTS", {})
+    monkeypatch.setattr(backend_pass, "cpu_kernel_blocker", lambda *a, **k: None)  # (whether the library built)
+    monkeypatch.setattr(measure, "pick_fastest", lambda *a, **k: ("bitmask", "stand-in measurement", {"max_rows": 64}))
+    model, x = _three_sparse_layers()
+    cm = sparsec.compile(model, example_inputs=(x,))
+    assert cm.plan["2"].launch == cm.plan["4"].launch == {"max_rows": 64}
+    cm.plan["2"].launch["max_rows"] = 1  # an edit of one entry
+    assert cm.plan["4"].launch == {"max_rows": 64}
+    again = sparsec.compile(model, example_inputs=(x,))  # (its measurement reused from the first compile)
+    assert again.plan["2"].launch == again.plan["4"].launch == {"max_rows": 64}
+    assert again.sparse_module("2").max_rows() == again.sparse_module("4").max_rows() == 64
+    edited = sparsec.compile(model, example_inputs=(x,), plan=cm.plan)
+    assert edited.sparse_module("2").max_rows() == 1 and edited.sparse_module("4").max_rows() == 64
+    with torch.no_grad():
+        for rows in (1, 2):  # the kernel, then the dense weight made per call
+            xr = torch.randn(rows, 32)
+            assert output_error(edited(xr), pruned_model(model, edited.plan)(xr)) <= 1e-5
+
+
+def test_cpu_auto_times_the_modules_the_compiled_model_calls(monkeypatch):
+    """The dense candidate was a bare F.linear and the kernel its kernel_forward, while the compiled
+    model calls each layer's forward, whose checks cost the kernel layer ~13 us a call and the dense
+    one ~4 us on this machine (a 64 x 64 layer's whole GEMM at one row is ~5 us): a kernel that
+    measured faster could run slower than the dense layer. The timer stands in; the calls are real."""
+    from sparsec.codegen import measure
+    from sparsec.passes import backend as backend_pass
+    from sparsec.runtime import bitmask_cpu
+    from sparsec.runtime.bitmask_linear import BitmaskLinear
+    from sparsec.runtime.layers import SparseLinear
+
+    if not bitmask_cpu.is_available():
+        pytest.skip("the C++ bitmask kernel did not build here")
+    monkeypatch.setattr(backend_pass, "CPU_MEASUREMENTS", {})
+    called = []
+    for cls in (SparseLinear, BitmaskLinear):
+        def forward(self, x, _forward=cls.forward):
+            called.append((type(self).__name__, type(self.packed).__name__))
+            return _forward(self, x)
+        monkeypatch.setattr(cls, "forward", forward)
+    timed = []
+
+    def fake_time_cpu(fn, block_s=0.02, blocks=7, cold=False):
+        called.clear()
+        fn()
+        timed.append(tuple(called))
+        kind = called[0][0] if called else None  # None: a probe above the rows (two paths of the kernel module)
+        return {"SparseLinear": 20e-6, "BitmaskLinear": 10e-6, None: 1e-3}[kind]
+
+    monkeypatch.setattr(measure, "time_cpu", fake_time_cpu)
+    model, x = _three_sparse_layers()
+    cm = sparsec.compile(model, example_inputs=(x,))
+    lp = cm.plan["2"]
+    assert lp.backend == "bitmask" and "bitmask 10.0 us, dense 20.0 us -> bitmask (2.00x dense)" in lp.reason, lp.reason
+    assert lp.launch == {"max_rows": 3}  # (the stand-in probe at 12 rows: a tie, which the kernel loses)
+    # 3 rounds, each timing one forward of each module ("dense": the plain layer on the pruned weight,
+    # what backend "dense" makes of it), then the probe at 12 rows (kernel and densified weight)
+    dense, kernel = (("SparseLinear", "DensePacked"),), (("BitmaskLinear", "NMPacked"),)
+    assert timed == [dense, kernel] * 3 + [(), ()], timed
+    with torch.no_grad():
+        assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+
+
+def test_a_given_plan_naming_a_kernel_that_cannot_run_here_says_so(monkeypatch):
+    """A plan made where the C++ library built, applied where it does not (no compiler, SPARSEC_NO_CPP):
+    the layer runs the kernel's plain-torch fallback, the weight rebuilt per call, while its reason
+    said only 'backend bitmask, set by the given plan'. The plan still applies as it is."""
+    from sparsec.runtime import bitmask_cpu
+
+    model, x = _three_sparse_layers()
+    plan = sparsec.explain(model, example_inputs=(x,), backend="torch")
+    plan["2"].backend, plan["2"].launch = "bitmask", {"max_rows": 4}
+    here = sparsec.compile(model, example_inputs=(x,), plan=plan).plan["2"]
+    assert "fallback" not in here.reason or not bitmask_cpu.is_available()
+    monkeypatch.setattr(bitmask_cpu, "is_available", lambda: False)
+    cm = sparsec.compile(model, example_inputs=(x,), plan=plan)
+    lp = cm.plan["2"]
+    assert lp.backend == "bitmask" and lp.launch == {"max_rows": 4}
+    assert ("backend bitmask, set by the given plan, but the C++ bitmask kernel could not be built or loaded here"
+            in lp.reason and "runs the kernel's plain-torch fallback, slower than dense" in lp.reason), lp.reason
+    with torch.no_grad():
+        for rows in (4, 5):
+            xr = torch.randn(rows, 32)
+            assert output_error(cm(xr), pruned_model(model, cm.plan)(xr)) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("pattern, backend", [("2:4", "bitmask"), ("fanin:0.75", "condensed")])
+def test_a_plans_max_rows_splits_calls_at_exactly_its_rows(monkeypatch, dtype, tol, pattern, backend):
+    """launch {"max_rows": 4} from an edited plan: the kernel up to 4 rows, counted over every leading
+    dimension (a [2, 3, K] input is 6 rows), the dense weight made per call above; both give what
+    F.linear gives on the masked weight, in every dtype the kernels run."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 48), torch.nn.ReLU(),
+                                torch.nn.Linear(48, 8)).to(dtype)
+    x = torch.randn(3, 16, dtype=dtype)
+    plan = sparsec.explain(model, pattern=pattern, example_inputs=(x,), backend="torch")
+    plan["2"].backend, plan["2"].launch = backend, {"max_rows": 4}
+    cm = sparsec.compile(model, pattern=pattern, example_inputs=(x,), plan=plan)
+    assert (cm.plan["2"].backend, cm.plan["2"].launch) == (backend, {"max_rows": 4})
+    layer, paths = cm.sparse_module("2"), []
+    for path in ("kernel_forward", "many_rows"):
+        monkeypatch.setattr(layer, path, lambda h, _f=getattr(layer, path), _p=path: (paths.append(_p), _f(h))[1])
+    reference = pruned_model(model, cm.plan)
+    for shape, path in [((3, 16), "kernel_forward"), ((4, 16), "kernel_forward"), ((5, 16), "many_rows"),
+                        ((1, 4, 16), "kernel_forward"), ((2, 2, 16), "kernel_forward"), ((2, 3, 16), "many_rows"),
+                        ((5, 1, 16), "many_rows")]:
+        paths.clear()
+        h = torch.randn(shape, dtype=dtype)
+        with torch.no_grad():
+            y, expected = cm(h), reference(h)
+        assert paths == [path], (shape, paths)
+        assert y.dtype == dtype and y.shape == expected.shape and output_error(y, expected) <= tol, shape
