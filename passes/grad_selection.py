@@ -43,7 +43,7 @@ def choose_grad_sparsity(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphMod
     opts = ctx.options
     if not opts.train:
         return gm
-    graph = dataflow_graph(gm)
+    graph = dataflow_graph(gm, gradients=True)  # (a detached input has no gradient upstream)
     sources = _trainable_sources(gm)
     for name, nodes in layer_nodes(gm).items():
         meta = get_meta(nodes[0])

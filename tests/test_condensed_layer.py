@@ -9,7 +9,8 @@ from oracle import load_example, output_error, pruned_model
 from sparsec.runtime import condensed_cpu
 from sparsec.runtime.condensed_linear import CondensedLinear
 
-pytestmark = pytest.mark.skipif(not condensed_cpu.is_available(), reason="the C++ condensed kernel did not build here")
+# (per test, not for the module: the packing tests at the end need no kernel)
+needs_kernel = pytest.mark.skipif(not condensed_cpu.is_available(), reason="the C++ condensed kernel did not build here")
 
 
 def _condensed_plan(model, inputs):
@@ -19,6 +20,7 @@ def _condensed_plan(model, inputs):
     return plan
 
 
+@needs_kernel
 def test_auto_measures_and_records_the_choice():
     model, inputs = load_example("mlp").build_model()
     cm = sparsec.compile(model, pattern="fanin:0.9", example_inputs=inputs)
@@ -27,6 +29,7 @@ def test_auto_measures_and_records_the_choice():
         assert "backend auto at M=8: " in lp.reason and "us" in lp.reason
 
 
+@needs_kernel
 def test_kernel_runs_in_grad_mode_and_gradients_match_the_reference():
     model, (x,) = load_example("mlp").build_model()
     cm = sparsec.compile(model, example_inputs=(x,), plan=_condensed_plan(model, (x,)))
@@ -44,6 +47,7 @@ def test_kernel_runs_in_grad_mode_and_gradients_match_the_reference():
     assert torch.allclose(cm.sparse_module("fc2").bias.grad, ref.fc2.bias.grad, atol=1e-5)
 
 
+@needs_kernel
 def test_other_dtypes_fall_back_to_the_reference():
     model, (x,) = load_example("mlp").build_model()
     cm = sparsec.compile(model, example_inputs=(x,), plan=_condensed_plan(model, (x,)))
@@ -52,6 +56,7 @@ def test_other_dtypes_fall_back_to_the_reference():
         assert output_error(double(x.double()), pruned_model(model.double(), cm.plan)(x.double())) <= 1e-12
 
 
+@needs_kernel
 @pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 2e-2), (torch.float16, 4e-3)])
 def test_16_bit_layers_run_the_kernel_in_float32(dtype, tolerance):
     """A bfloat16 / float16 model compiled onto the kernel, and a float32 one cast after compiling: the
@@ -69,6 +74,7 @@ def test_16_bit_layers_run_the_kernel_in_float32(dtype, tolerance):
             assert output_error(y.double(), expected(x.to(dtype)).double()) <= tolerance
 
 
+@needs_kernel
 def test_save_load_rebuilds_the_kernel_layout(tmp_path):
     model, (x,) = load_example("mlp").build_model()
     cm = sparsec.compile(model, example_inputs=(x,), plan=_condensed_plan(model, (x,)))
@@ -79,6 +85,7 @@ def test_save_load_rebuilds_the_kernel_layout(tmp_path):
         assert torch.equal(sparsec.load(tmp_path / "m")(x), expected)
 
 
+@needs_kernel
 def test_auto_measures_each_distinct_shape_once():
     model, inputs = load_example("transformer").build_model()
     cm = sparsec.compile(model, pattern="fanin:0.9", example_inputs=inputs)
@@ -91,6 +98,7 @@ def test_auto_measures_each_distinct_shape_once():
         assert cm.plan[source].weight_shape == lp.weight_shape and cm.plan[source].backend == lp.backend
 
 
+@needs_kernel
 def test_torch_compile_traces_the_condensed_kernel():
     """torch.compile of a model with condensed layers: the kernel layout is built eagerly, once (it
     reads tensor values, which TorchDynamo cannot trace), and from then on the forward traces into one
@@ -107,6 +115,7 @@ def test_torch_compile_traces_the_condensed_kernel():
     assert warm.graphs[0].code.count("sparsec_condensed.linear_") == len(cm.plan.sparse_layers)
 
 
+@needs_kernel
 def test_torch_export_holds_the_reference_not_the_kernel():
     """torch.export of a model with condensed layers: building the kernel layout reads tensor values
     (export failed: "data-dependent expression"); the exported program computes the same with
@@ -120,3 +129,66 @@ def test_torch_export_holds_the_reference_not_the_kernel():
         condensed_cpu.calls.clear()
         cm(x)
     assert condensed_cpu.calls["fast"] > 0 and not condensed_cpu.calls["fallback"]  # eagerly the kernel still runs
+
+
+# --------------------------------------------------------------------------- packing edge cases (no kernel needed)
+
+
+@pytest.mark.parametrize("pattern", ["fanin:0.5", "2:4", "1:4"])
+@pytest.mark.parametrize("quant", [None, "int8"])
+@pytest.mark.parametrize("dense", [False, True])
+def test_a_weight_with_no_output_rows_is_refused_clearly(pattern, quant, dense):
+    """Zero output rows: FanInPacked.pack raised IndexError (reading row 0's count), NMPacked and
+    DensePacked a RuntimeError from a reshape; every format now refuses it alike, naming the shape
+    (the compiler keeps such a layer dense before it gets here, see the next test)."""
+    from sparsec.patterns import parse_pattern
+    from sparsec.runtime.packed import DensePacked, PackedWeight
+
+    cls = DensePacked if dense else PackedWeight
+    with pytest.raises(ValueError, match=r"rows shape \(0, 16\).*no output rows"):
+        cls.pack(torch.randn(0, 16), torch.zeros(0, 16, dtype=torch.bool), parse_pattern(pattern), quant)
+    with pytest.raises(ValueError, match=r"mask shape \(4, 8\) does not match rows shape \(4, 16\)"):
+        cls.pack(torch.randn(4, 16), torch.ones(4, 8, dtype=torch.bool), parse_pattern(pattern), quant)
+
+
+@pytest.mark.parametrize("quant", [None, "int8"])
+def test_a_one_row_fan_in_weight_packs_and_round_trips(quant):
+    """The smallest layer that packs: one output row keeps its k largest weights."""
+    from sparsec.patterns import parse_pattern
+    from sparsec.runtime.packed import FanInPacked, PackedWeight
+
+    rows = torch.tensor([[0.5, -3.0, 0.1, 2.0, -0.2, 1.0, 0.0, -4.0]])
+    mask = rows.abs() >= 2.0
+    packed = PackedWeight.pack(rows, mask, parse_pattern("fanin:0.5"), quant)
+    assert isinstance(packed, FanInPacked) and packed.k == 3 and packed.out_features == 1
+    assert torch.equal(packed.mask(), mask)
+    expected = torch.where(mask, rows, 0.0)
+    torch.testing.assert_close(packed.rows(), expected, rtol=0, atol=0 if quant is None else 4.0 / 254)
+
+
+def test_mask_bits_of_no_rows():
+    from sparsec.runtime.packed import pack_mask_bits, unpack_mask_bits
+
+    bits = pack_mask_bits(torch.zeros(0, 10, dtype=torch.bool))
+    assert bits.shape == (0, 2) and unpack_mask_bits(bits, 10).shape == (0, 10)
+
+
+@pytest.mark.parametrize("pattern", ["fanin:0.5", "2:4"])
+def test_a_model_with_an_empty_layer_compiles_with_that_layer_dense(pattern):
+    """A Linear(16, 0) beside real layers (every layer forced in): it stays dense with the reason, the
+    others are packed, and the compiled model computes what the original does."""
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.empty, self.b = torch.nn.Linear(16, 16), torch.nn.Linear(16, 0), torch.nn.Linear(16, 8)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x))) + self.empty(x).sum(-1, keepdim=True)
+
+    torch.manual_seed(0)
+    model, x = M(), torch.randn(4, 16)
+    cm = sparsec.compile(model, pattern=pattern, example_inputs=(x,), min_weights=0, include=[".*"], backend="torch")
+    assert cm.plan["empty"].sparsity is None and "no elements" in cm.plan["empty"].reason
+    assert cm.plan["a"].sparsity == cm.plan["b"].sparsity == pattern
+    with torch.no_grad():
+        assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5

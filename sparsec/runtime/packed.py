@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from sparsec import reference as ref
+from sparsec.errors import InvalidInputError
 from sparsec.patterns import NM, FanIn, Pattern
 
 
@@ -62,6 +63,18 @@ class PackedWeight(nn.Module):
             return ref.quantize_int8(values)
         raise ValueError(f"unknown quantization {quant!r}; supported: None, 'int8'")
 
+    @staticmethod
+    def _check_rows(rows: torch.Tensor, mask: torch.Tensor) -> None:
+        """Refuse a weight with no output rows, in every format alike: there is nothing to prune (the
+        compiler keeps such a layer dense, "weight has no elements"), and the formats did not agree on it
+        (FanInPacked raised IndexError reading row 0's count, NMPacked and DensePacked a RuntimeError
+        from a reshape that cannot infer a group count from 0 elements)."""
+        if rows.dim() != 2 or rows.shape[0] == 0:
+            raise InvalidInputError(f"cannot pack a weight of rows shape {tuple(rows.shape)}: it needs rows [out, K] with "
+                                    f"out >= 1 (a layer with no output rows has nothing to prune; keep it dense)")
+        if tuple(mask.shape) != tuple(rows.shape):
+            raise InvalidInputError(f"mask shape {tuple(mask.shape)} does not match rows shape {tuple(rows.shape)}")
+
     def rows(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         raise NotImplementedError
 
@@ -87,6 +100,7 @@ class NMPacked(PackedWeight):
 
     @classmethod
     def pack(cls, rows, mask, pattern: NM, quant) -> NMPacked:
+        cls._check_rows(rows, mask)
         values, meta = ref.nm_compress_masked(rows.detach(), mask, pattern.n, pattern.m)
         q, scales = cls._quantize(values, quant)
         return cls(q.contiguous(), meta.contiguous(), scales, pattern.n, pattern.m, rows.shape[1], rows.dtype)
@@ -115,6 +129,7 @@ class FanInPacked(PackedWeight):
 
     @classmethod
     def pack(cls, rows, mask, pattern: FanIn, quant) -> FanInPacked:
+        cls._check_rows(rows, mask)
         counts = mask.sum(-1)
         if bool((counts == counts[0]).all()):
             values, indices = ref.fanin_compress(rows.detach(), mask)
@@ -145,7 +160,7 @@ def pack_mask_bits(mask: torch.Tensor) -> torch.Tensor:
     padded = torch.zeros(out, -(-k // 8) * 8, dtype=torch.uint8, device=mask.device)
     padded[:, :k] = mask
     weights = 1 << torch.arange(8, dtype=torch.uint8, device=mask.device)
-    return (padded.view(out, -1, 8) * weights).sum(-1, dtype=torch.uint8)
+    return (padded.view(out, padded.shape[1] // 8, 8) * weights).sum(-1, dtype=torch.uint8)  # (not -1: 0 rows leave it nothing to infer from)
 
 
 def unpack_mask_bits(bits: torch.Tensor, k: int) -> torch.Tensor:
@@ -171,6 +186,7 @@ class DensePacked(PackedWeight):
 
     @classmethod
     def pack(cls, rows, mask, pattern, quant) -> DensePacked:
+        cls._check_rows(rows, mask)
         # where, not rows * mask: a masked inf or NaN times 0 is NaN, and a masked weight is exactly 0
         pruned = torch.where(mask, rows.detach(), torch.zeros((), dtype=rows.dtype, device=rows.device))
         if quant == "int8":

@@ -12,15 +12,24 @@ exact. Groups run along the reduction dimension of the dgrad: out_features for L
 channels at each (n, h, w) for Conv2d. They are defined on the logical dimension, never by memory
 format (the original CUDA kernel grouped raw memory, i.e. along W for an NCHW tensor).
 
-The backward is deliberately not the true gradient, so `torch.autograd.gradcheck` does not apply.
+The backward is deliberately not the true gradient, so `torch.autograd.gradcheck` does not apply;
+the backward is itself differentiable (double backward, `gradgradcheck` of it holds).
+
+torch.func: both Functions are the "new style" (`forward` without ctx, `setup_context`, `backward`,
+`generate_vmap_rule = True`), so `torch.func.grad` / `vjp` / `jacrev` / `vmap` run them, with the
+SDGP backward (vmap over a batch gives each sample's result). No `jvp` is defined: forward-mode AD
+(`jacfwd`, `jvp`) is refused by torch, since the true tangent would disagree with the SDGP vjp.
 
 Autocast: `torch.amp.custom_fwd` binds one `device_type` at decoration time, so a Function
 decorated for "cuda" ignores CPU autocast and vice versa. The Functions here instead do what
 `custom_fwd(cast_inputs=<autocast dtype>)` does, for the device of `x` read at call time: if
-autocast is on for that device, cast the floating inputs to its dtype and run the body with
-autocast off. The backward always runs with autocast off (in the dtype the forward computed in)
-and casts each gradient back to its input's dtype, so fp32 parameters get fp32 gradients, as
-with native autocast.
+autocast is on for that device, cast the floating inputs to its dtype (never float64) and run the
+body with autocast off. `sdgp_linear` / `sdgp_conv2d` make that cast before `apply`, as tracked
+ops (as native autocast does for F.linear), so it happens once and autograd casts each gradient
+back; `forward` casts again for a direct `apply` (a no-op after the wrappers' cast), and
+`setup_context` saves the tensors forward computed with. The backward always runs with autocast off
+(in the dtype the forward computed in) and casts each gradient back to its input's dtype, so fp32
+parameters get fp32 gradients, as with native autocast.
 """
 from __future__ import annotations
 
@@ -31,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsec.errors import InvalidInputError
-from sparsec.reference import nm_mask
+from sparsec.reference import magnitude
 
 MODES = ("magnitude", "rescale")
 
@@ -94,6 +103,16 @@ def _rescale_l1(dy: torch.Tensor, pruned: torch.Tensor, dim: int) -> torch.Tenso
     return (pruned.to(acc) * ratio).to(dy.dtype)
 
 
+def _nm_keep(rows: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """`reference.nm_mask` (the same ranking: |x| descending, stable, so ties go to the lower index),
+    built out of place: nm_mask scatters in place into a fresh `torch.zeros(shape)`, which
+    `torch.func.vmap` refuses (the unbatched buffer cannot take a batched scatter), and vmap over
+    a Function with `generate_vmap_rule` runs this backward batched."""
+    groups = magnitude(rows).reshape(*rows.shape[:-1], rows.shape[-1] // m, m)
+    order = torch.sort(groups, dim=-1, descending=True, stable=True).indices[..., :n]
+    return torch.zeros_like(groups, dtype=torch.bool).scatter(-1, order, True).reshape(rows.shape)
+
+
 def prune_grad(dy: torch.Tensor, n: int, m: int, dim: int, mode: str = "magnitude") -> torch.Tensor:
     """N:M magnitude pruning of `dy` along `dim`.
 
@@ -118,8 +137,8 @@ def prune_grad(dy: torch.Tensor, n: int, m: int, dim: int, mode: str = "magnitud
     if n == m:
         return dy
     _check_groupable(dy.shape[dim], m, f"along dim {dim} of shape {tuple(dy.shape)}")
-    # nm_mask groups along the last dim; moving `dim` there makes the grouping semantic.
-    keep = nm_mask(dy.movedim(dim, -1), n, m).movedim(-1, dim)
+    # Groups run along the last dim; moving `dim` there makes the grouping semantic.
+    keep = _nm_keep(dy.movedim(dim, -1), n, m).movedim(-1, dim)
     # clone() keeps dy's strides (out-of-place masked_fill would return NCHW for an NHWC dy).
     pruned = dy.clone().masked_fill_(~keep, 0)
     if mode == "rescale":
@@ -151,12 +170,22 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | N
     return t.to(dtype)
 
 
-def _forward_prologue(ctx, x, weight, bias):
-    """Record input dtypes, then apply autocast's input cast for x's device (see module doc)."""
+def _autocast_inputs(x, weight, bias):
+    """autocast's input cast (custom_fwd's cast_inputs) for x's device: (x, weight, bias) unchanged when
+    autocast is off there. Under grad mode the casts are tracked ops, whose backward casts back."""
+    dtype = _autocast_dtype(x.device.type)
+    return _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype)
+
+
+def _save_inputs(ctx, x, weight, bias):
+    """setup_context's common part: record the input dtypes (the gradients go back to them) and save
+    x and weight as forward computed with them. After sdgp_linear / sdgp_conv2d's cast that is the
+    inputs themselves (the cast is a no-op), so a double backward reaches them; only a direct `apply`
+    under autocast casts a second time here (forward's cast was a temporary that could not be saved)."""
     ctx.device_type = x.device.type
     ctx.in_dtypes = tuple(None if t is None else t.dtype for t in (x, weight, bias))
-    dtype = _autocast_dtype(ctx.device_type)
-    return _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype)
+    x, weight, _ = _autocast_inputs(x, weight, None)
+    ctx.save_for_backward(x, weight)
 
 
 def _grads_to_input_dtypes(ctx, grads):
@@ -172,19 +201,25 @@ class SDGPLinear(torch.autograd.Function):
     apply(x, weight, bias, n, m, mode); x may have any number of leading dims.
     """
 
+    generate_vmap_rule = True  # every op in forward and backward has a vmap rule
+
     @staticmethod
-    def forward(ctx, x, weight, bias, n, m, mode):
+    def forward(x, weight, bias, n, m, mode):
         _check_nm(n, m, mode)
         if n != m:  # fail at forward time, not later inside backward
             _check_groupable(weight.shape[0], m, f"of a Linear with out_features={weight.shape[0]}")
-        x, weight, bias = _forward_prologue(ctx, x, weight, bias)
-        with _no_autocast(ctx.device_type):
+        x, weight, bias = _autocast_inputs(x, weight, bias)
+        with _no_autocast(x.device.type):
             y = F.linear(x, weight, bias)
         if y._is_view():  # (a 1-D x): autograd refuses in-place ops (ReLU(inplace=True)) on a view a Function returns
             y = y.clone()
-        ctx.save_for_backward(x, weight)
-        ctx.nm = (n, m, mode)
         return y
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, n, m, mode = inputs
+        _save_inputs(ctx, x, weight, bias)
+        ctx.nm = (n, m, mode)
 
     @staticmethod
     def backward(ctx, dy):
@@ -207,8 +242,10 @@ class SDGPLinear(torch.autograd.Function):
 def _kernel_path(dy: torch.Tensor) -> bool:
     """2:4 gradients on CUDA are pruned by sparsec's Triton prune kernel, except while torch.compile
     traces the backward: TorchDynamo cannot trace a Triton launch, and the torch form is the same
-    function (the kernel is bit-exact with it), which Inductor then generates code for."""
-    return _prune_kernel_runs_on(dy.device) and not torch.compiler.is_compiling()
+    function (the kernel is bit-exact with it), which Inductor then generates code for. Likewise
+    under torch.func (a batched or grad-tracking wrapper has no storage of its own to launch on)."""
+    return (_prune_kernel_runs_on(dy.device) and not torch.compiler.is_compiling()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(dy))
 
 
 def _prune_kernel_runs_on(device: torch.device) -> bool:
@@ -241,7 +278,7 @@ def _linear_dgrad(dy: torch.Tensor, weight: torch.Tensor, n: int, m: int, mode: 
 
 def sdgp_linear(x, weight, bias=None, n: int = 2, m: int = 4, mode: str = "magnitude"):
     """Drop-in for `F.linear` with an SDGP backward (see `SDGPLinear`)."""
-    return SDGPLinear.apply(x, weight, bias, n, m, mode)
+    return SDGPLinear.apply(*_autocast_inputs(x, weight, bias), n, m, mode)
 
 
 # --------------------------------------------------------------------------- Conv2d
@@ -285,8 +322,10 @@ class SDGPConv2d(torch.autograd.Function):
     int, a pair, "valid" or "same"; padding_mode other than zeros is not supported (pad first).
     """
 
+    generate_vmap_rule = True  # every op in forward and backward has a vmap rule
+
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, n, m, mode):
+    def forward(x, weight, bias, stride, padding, dilation, groups, n, m, mode):
         _check_nm(n, m, mode)
         if x.dim() != 4:  # (sdgp_conv2d batches an unbatched [C, H, W] input, whose dim 1 is not the channels)
             raise InvalidInputError(f"SDGP conv2d expects a batched input [N, C, H, W], got shape {tuple(x.shape)}")
@@ -294,17 +333,20 @@ class SDGPConv2d(torch.autograd.Function):
             _check_groupable(weight.shape[0], m, f"of a Conv2d with out_channels={weight.shape[0]}")
         stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
         padding, extra = _resolve_padding(padding, weight, stride, dilation)
-        x, weight, bias = _forward_prologue(ctx, x, weight, bias)
-        ctx.input_hw = tuple(x.shape[-2:])
-        if any(extra):
-            x = F.pad(x, (0, extra[1], 0, extra[0]))
-        with _no_autocast(ctx.device_type):
-            y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-        ctx.save_for_backward(x, weight)
+        x, weight, bias = _autocast_inputs(x, weight, bias)
+        with _no_autocast(x.device.type):
+            return F.conv2d(_pad_extra(x, extra), weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, stride, padding, dilation, groups, n, m, mode = inputs
+        stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+        padding, ctx.extra = _resolve_padding(padding, weight, stride, dilation)
+        # x is saved unpadded (the padded copy is a forward temporary); backward pads it again
+        _save_inputs(ctx, x, weight, bias)
         ctx.conv = (list(stride), list(padding), list(dilation), False, [0, 0], groups)
         ctx.has_bias = bias is not None
         ctx.nm = (n, m, mode)
-        return y
 
     @staticmethod
     def backward(ctx, dy):
@@ -315,6 +357,8 @@ class SDGPConv2d(torch.autograd.Function):
         backward = torch.ops.aten.convolution_backward
         grad_x = grad_w = grad_b = None
         with _no_autocast(ctx.device_type):
+            input_hw = tuple(x.shape[-2:])
+            x = _pad_extra(x, ctx.extra)
             dy_x = prune_grad(dy, n, m, 1, mode) if need_x else None
             if dy_x is dy:
                 # N == M: nothing was pruned, so make the dense backward's single call.
@@ -324,18 +368,24 @@ class SDGPConv2d(torch.autograd.Function):
                     grad_x = backward(dy_x, x, weight, None, *ctx.conv, [True, False, False])[0]
                 if need_w or need_b:  # wgrad and bias from the dense dY
                     _, grad_w, grad_b = backward(dy, x, weight, bias_sizes, *ctx.conv, [False, need_w, need_b])
-        if grad_x is not None and tuple(grad_x.shape[-2:]) != ctx.input_hw:
-            grad_x = grad_x[..., : ctx.input_hw[0], : ctx.input_hw[1]]  # drop the "same" extra pixel
+        if grad_x is not None and any(ctx.extra):
+            grad_x = grad_x[..., : input_hw[0], : input_hw[1]]  # drop the "same" extra pixel
         return (*_grads_to_input_dtypes(ctx, (grad_x, grad_w, grad_b)), None, None, None, None, None, None, None)
+
+
+def _pad_extra(x: torch.Tensor, extra: tuple[int, int]) -> torch.Tensor:
+    """x with "same" padding's odd bottom / right pixel added (see `_resolve_padding`)."""
+    return F.pad(x, (0, extra[1], 0, extra[0])) if any(extra) else x
 
 
 def sdgp_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups: int = 1,
                 n: int = 2, m: int = 4, mode: str = "magnitude"):
     """Drop-in for `F.conv2d` with an SDGP backward (see `SDGPConv2d`); x is [N, C, H, W] or, as F.conv2d
     takes it, unbatched [C, H, W] (an nn.Conv2d / Conv1d called on one sample must still run once compiled)."""
-    if x.dim() == 3:
-        return SDGPConv2d.apply(x.unsqueeze(0), weight, bias, stride, padding, dilation, groups, n, m, mode).squeeze(0)
-    if x.dim() != 4:
+    if x.dim() not in (3, 4):
         raise InvalidInputError(f"SDGP conv2d expects an input [N, C, H, W] or unbatched [C, H, W], got shape "
                                 f"{tuple(x.shape)}")
+    x, weight, bias = _autocast_inputs(x, weight, bias)
+    if x.dim() == 3:
+        return SDGPConv2d.apply(x.unsqueeze(0), weight, bias, stride, padding, dilation, groups, n, m, mode).squeeze(0)
     return SDGPConv2d.apply(x, weight, bias, stride, padding, dilation, groups, n, m, mode)
