@@ -12,7 +12,8 @@ Every `delta_t` steps before `t_end * total_steps`, each constant fan-in layer (
   2. neuron ablation (not for the last layer): a weight is salient if it is in the layer's top
      n_keep by |W| or top n_prune by |grad|; rows with fewer than max(1, int(gamma_sal * k0))
      salient weights are ablated (all weights off). The ablated set is recomputed each update, so
-     a neuron can come back (the paper's code; sparsimony instead makes ablation permanent);
+     a neuron can come back (the paper's code; sparsimony instead makes ablation permanent). The
+     update record gives the threshold and the fewest salient weights of any active neuron;
   3. new fan-in k = floor(floor(numel * (1 - S)) / n_active): the ablated rows' budget goes to the rest;
   4. prune: keep the layer-wise top n_keep = n_active_weights * (1 - drop) by |W|, at most k per row
      (capped by magnitude, not arbitrarily as the original code did);
@@ -71,6 +72,10 @@ class LayerUpdate:
     ablated: torch.Tensor       # [out] rows switched off
     k: int                      # fan-in of every active row
     pruned: int                 # weights of the old mask not kept
+    # Why ablation did or did not happen (None / 0 when not checked): salient weights per row, and the
+    # threshold they were compared with after the min_neurons lowering (a row is ablated below it).
+    salient: torch.Tensor | None = None
+    threshold: int = 0
 
 
 def update_layer(weight: torch.Tensor, mask: torch.Tensor, dense_grad: torch.Tensor, sparsity: float,
@@ -86,15 +91,18 @@ def update_layer(weight: torch.Tensor, mask: torch.Tensor, dense_grad: torch.Ten
     n_keep = n_active_weights - n_prune
 
     ablated = torch.zeros(out, dtype=torch.bool, device=weight.device)
+    counts, threshold = None, 0
     if ablation:
         salient = _top_flat(magnitude, n_keep) | _top_flat(grad, n_prune)
         counts = salient.sum(1)
         threshold = int(gamma_sal) if gamma_sal >= 1 else max(1, int(gamma_sal * k0))
         # Enough neurons must stay for k <= fan_in: lower the threshold to the count of the
-        # min_neurons-th best neuron when it would ablate more than that.
+        # min_neurons-th best neuron when it would ablate more than that. (ceil, not methods.md's
+        # floor: with floor(budget / fan_in) neurons left, budget // n_active can exceed fan_in.)
         min_neurons = max(1, -(-budget // fan_in))
         nth_best = int(torch.sort(counts, descending=True).values[min(min_neurons, out) - 1])
-        ablated = counts < min(threshold, nth_best)
+        threshold = min(threshold, nth_best)
+        ablated = counts < threshold
 
     n_active = out - int(ablated.sum())
     k = min(fan_in, max(1, budget // n_active))
@@ -106,14 +114,16 @@ def update_layer(weight: torch.Tensor, mask: torch.Tensor, dense_grad: torch.Ten
     need = (k - kept.sum(1)).clamp_min(0) * active_rows
     regrown = _top_per_row(torch.where(kept, torch.full_like(grad, -1.0), grad), need) & ~kept
     return LayerUpdate(mask=kept | regrown, kept=kept, regrown=regrown, ablated=ablated, k=k,
-                       pruned=int((mask & ~kept).sum()))
+                       pruned=int((mask & ~kept).sum()), salient=counts, threshold=threshold)
 
 
 @dataclass
 class UpdateRecord:
     step: int
     drop_fraction: float
-    layers: dict[str, dict] = field(default_factory=dict)  # name -> k, active neurons, pruned, regrown
+    # name -> k, active_neurons, pruned, regrown; where ablation was checked also ablation_threshold
+    # and fewest_salient (the fewest salient weights of a neuron that was active)
+    layers: dict[str, dict] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # name -> why its masks did not change
 
 
@@ -252,9 +262,20 @@ class SRigL:
             scores = {}
         for name, (rows, grad) in scores.items():
             layer = self.layers[name]
-            mask = weight_to_rows(layer.weight_mask, layer.op)
+            mask = weight_to_rows(layer.weight_mask, layer.op)  # (a view: the copy_ below overwrites it)
             result = update_layer(rows, mask, grad, layer.pattern.sparsity, drop, self.gamma_sal,
                                   self.ablation and name not in self.never_ablate)
+            record.layers[name] = {"k": result.k, "active_neurons": int((~result.ablated).sum()),
+                                   "pruned": result.pruned, "regrown": int(result.regrown.sum())}
+            if result.salient is not None:
+                # Why neurons were or were not ablated: the fewest salient weights of a neuron active
+                # before this update, against the threshold it must stay at or above. Every active
+                # weight outside the layer's n_prune smallest is salient, so with gamma_sal = 0.3 (and
+                # k = k0) a neuron goes only when over 70% of its weights are among those (n_prune <=
+                # 0.3 of the layer's) and none of its positions is in the top n_prune by gradient.
+                was_active = mask.any(1)
+                fewest = int(result.salient[was_active].min()) if bool(was_active.any()) else 0
+                record.layers[name].update(ablation_threshold=result.threshold, fewest_salient=fewest)
             shape = layer.weight.shape
             new_mask = rows_to_weight(result.mask, layer.op, shape)
             # In the old mask and in the new one: keeps its value and optimizer state. That includes a
@@ -269,8 +290,6 @@ class SRigL:
                     value.mul_(shard_like(survived, value))  # momentum / Adam moments only for weights that survived
             if layer.weight.grad is not None:  # an optimizer step still to come must not move dropped weights
                 layer.weight.grad.mul_(shard_like(survived, layer.weight.grad))
-            record.layers[name] = {"k": result.k, "active_neurons": int((~result.ablated).sum()),
-                                   "pruned": result.pruned, "regrown": int(result.regrown.sum())}
         self.history.append(record)
         return record
 

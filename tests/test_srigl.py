@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import sparsec
@@ -401,3 +401,176 @@ def test_a_schedule_that_never_updates_warns():
     with pytest.warns(UserWarning, match=r"never update the masks: the first update is at step delta_t=10.*= 5"):
         srigl = SRigL(cm, opt, total_steps=20, delta_t=10, t_end=0.25)
     assert not any(srigl.is_update_step(t) for t in range(1, 21))
+
+
+# ---- neuron ablation against an independent reference of methods.md B.3.2-3
+
+def _reference_ablation(w, mask, grad, sparsity, drop, gamma):
+    """methods.md B.3.2-3 in plain Python, written from the text, not from srigl.py. A weight is salient
+    if it is among the layer's n_keep largest |W| of the active weights or among its n_prune largest
+    |dense grad| over all positions; thr = max(1, int(gamma * k0)) (gamma >= 1: the count itself),
+    lowered to the count of the min_neurons-th best neuron if that is below it; rows with fewer than thr
+    salient weights are ablated; k = budget // n_active. Ties go to the lower (row, col).
+    min_neurons = ceil(budget / fan_in), where methods.md writes floor: only ceil keeps k <= fan_in
+    (budget 24, fan_in 16: floor leaves 1 neuron with k = 24). Returns (counts, thr, ablated, k)."""
+    w, mask, grad = w.tolist(), mask.tolist(), grad.tolist()
+    out, fan_in = len(w), len(w[0])
+    budget = math.floor(out * fan_in * (1 - sparsity))
+    k0 = budget // out
+    cells = [(r, c) for r in range(out) for c in range(fan_in)]
+    active = [(r, c) for r, c in cells if mask[r][c]]
+    n_prune = int(len(active) * drop)
+    n_keep = len(active) - n_prune
+    salient = set(sorted(active, key=lambda rc: (-abs(w[rc[0]][rc[1]]), rc))[:n_keep])
+    salient |= set(sorted(cells, key=lambda rc: (-abs(grad[rc[0]][rc[1]]), rc))[:n_prune])
+    counts = [sum((r, c) in salient for c in range(fan_in)) for r in range(out)]
+    thr = int(gamma) if gamma >= 1 else max(1, int(gamma * k0))
+    min_neurons = -(-budget // fan_in)
+    thr = min(thr, sorted(counts, reverse=True)[min_neurons - 1])
+    ablated = [c < thr for c in counts]
+    return counts, thr, ablated, budget // (out - sum(ablated))
+
+
+def _hand_layer(n_large, grad_rows):
+    """4 rows x 16, positions 0-5 of each row active: k0 = 6 at sparsity 0.625 (budget 24). Row r's
+    first n_large[r] active weights are large (>= 1), its other active ones tiny (<= 0.01), all
+    distinct; the dense gradient is 0 except one value >= 1 at an inactive position of row r for each
+    r in grad_rows. With drop 0.25 (n_prune 6, n_keep 18), sum(n_large) = 18 and 6 grad_rows, the
+    salient weights are exactly the large ones and the gradient positions: count[r] = n_large[r] +
+    grad_rows.count(r)."""
+    assert sum(n_large) == 18 and len(grad_rows) == 6
+    w = torch.zeros(4, 16)
+    for r, n in enumerate(n_large):
+        for c in range(6):
+            w[r, c] = (1.0 + 0.1 * r + 0.01 * c) if c < n else (0.001 * (1 + r) + 0.0001 * c)
+    grad = torch.zeros(4, 16)
+    for i, r in enumerate(grad_rows):
+        grad[r, 6 + i] = 1.0 + 0.1 * i
+    return w, w != 0, grad
+
+
+@pytest.mark.parametrize("n_large, grad_rows, gamma, ablated, k", [
+    # gamma 0.5 * k0 6 -> threshold 3; counts [12, 6, 2, 4]: row 2 is one below it
+    ([6, 6, 2, 4], [0] * 6, 0.5, [2], 8),
+    # counts [12, 5, 3, 4]: row 2 exactly at the threshold stays
+    ([6, 5, 3, 4], [0] * 6, 0.5, [], 6),
+    # int() truncates: 0.49 * 6 = 2.94 -> threshold 2, so count 2 stays
+    ([6, 6, 2, 4], [0] * 6, 0.49, [], 6),
+    # a large gradient at an inactive position of row 2 makes it salient: count 3, stays
+    ([6, 6, 2, 4], [0] * 5 + [2], 0.5, [], 6),
+    # 0.1 * 6 = 0.6 -> threshold max(1, 0) = 1: only a row with no salient weight goes ...
+    ([6, 6, 0, 6], [0] * 6, 0.1, [2], 8),
+    # ... one salient gradient position saves it
+    ([6, 6, 0, 6], [0] * 5 + [2], 0.1, [], 6),
+    # row 2 holds 2 of the largest gradients but counts 2 < 3: ablated, and nothing regrows into it
+    ([6, 6, 0, 6], [2, 2, 0, 0, 0, 0], 0.5, [2], 8),
+    # gamma >= 1 is an absolute count: threshold 5 ablates rows 2 (count 2) and 3 (count 4)
+    ([6, 6, 2, 4], [0] * 6, 5, [2, 3], 12),
+    # threshold 7 would leave 1 neuron, fewer than min_neurons = ceil(24 / 16) = 2: it is lowered to
+    # the 2nd best count, 6, so row 1 (count 6) stays and k = 12 <= fan_in 16
+    ([6, 6, 2, 4], [0] * 6, 7, [2, 3], 12),
+])
+def test_ablation_matches_the_reference_on_hand_built_layers(n_large, grad_rows, gamma, ablated, k):
+    w, mask, grad = _hand_layer(n_large, grad_rows)
+    counts, thr, ref_ablated, ref_k = _reference_ablation(w, mask, grad, 0.625, 0.25, gamma)
+    assert [r for r, a in enumerate(ref_ablated) if a] == ablated and ref_k == k, "the case is built as described"
+    u = update_layer(w, mask, grad, sparsity=0.625, drop_fraction=0.25, gamma_sal=gamma, ablation=True)
+    assert u.salient.tolist() == counts and u.threshold == thr
+    assert u.ablated.tolist() == ref_ablated and u.k == k
+    rows = u.mask.sum(1)
+    assert (rows[~u.ablated] == k).all() and (rows[u.ablated] == 0).all()
+    assert not u.regrown[u.ablated].any(), "no growth into ablated rows, whatever their gradient"
+    off = update_layer(w, mask, grad, sparsity=0.625, drop_fraction=0.25, gamma_sal=gamma, ablation=False)
+    assert not off.ablated.any() and off.k == 6 and off.salient is None
+
+
+@given(st.integers(2, 10), st.integers(4, 20), st.sampled_from([0.5, 0.625, 0.8, 0.9]), st.floats(0.0, 0.3),
+       st.sampled_from([0.1, 0.3, 0.5, 0.7, 0.95, 1, 2, 3]), st.integers(0, 10**6))
+def test_ablation_matches_the_reference_on_random_layers(out, fan_in, sparsity, drop, gamma, seed):
+    """Layers as training leaves them: some rows weak (small weights), some already ablated (empty,
+    the others at k = budget // n_active), random dense gradients."""
+    g = torch.Generator().manual_seed(seed)
+    budget = math.floor(out * fan_in * (1 - sparsity))
+    assume(budget >= out)  # k0 >= 1 (methods.md: k == 0 raises; sparsec keeps 1 per row there)
+    empty = int(torch.randint(0, out - -(-budget // fan_in) + 1, (1,), generator=g))
+    k = min(fan_in, max(1, budget // (out - empty)))
+    mask = torch.zeros(out, fan_in, dtype=torch.bool)
+    for r in range(empty, out):
+        mask[r, torch.randperm(fan_in, generator=g)[:k]] = True
+    scale = torch.where(torch.rand(out, 1, generator=g) < 0.3, 0.01, 1.0)
+    w = torch.randn(out, fan_in, generator=g) * scale * mask
+    grad = torch.randn(out, fan_in, generator=g)
+    counts, thr, ablated, ref_k = _reference_ablation(w, mask, grad, sparsity, drop, gamma)
+    u = update_layer(w, mask, grad, sparsity, drop, gamma, True)
+    assert u.salient.tolist() == counts and u.threshold == thr and u.ablated.tolist() == ablated
+    assert u.k == min(fan_in, max(1, ref_k)) and u.k <= fan_in
+    rows = u.mask.sum(1)
+    assert (rows[~u.ablated] == u.k).all() and (rows[u.ablated] == 0).all()
+
+
+def test_srigl_ablates_what_the_reference_does_and_never_the_last_layer():
+    """A whole SRigL update on a compiled MLP (gamma_sal 0.95, the paper's ViT value, so neurons are
+    ablated): the rows left empty and k are the reference's, computed from dense gradients taken
+    independently in plain torch and the weights after the optimizer step; the last layer keeps every
+    row although the reference would ablate some of it; the record says why."""
+    cm = sparsec.compile(_mlp(), pattern="fanin:0.75", example_inputs=(torch.randn(2, 16),), train=True,
+                         include=[".*"], min_weights=0)
+    opt = torch.optim.SGD(cm.parameters(), lr=0.05, momentum=0.9)
+    srigl = SRigL(cm, opt, total_steps=40, delta_t=5, gamma_sal=0.95)
+    names = ["0", "2", "4"]
+    for step, (x, y) in enumerate(_batches(5), start=1):
+        if step == 5:  # dL/d(W * M) at every position, in plain torch
+            leaves = [(cm.sparse_module(n).weight * cm.mask(n)).detach().requires_grad_() for n in names]
+            h = x
+            for i, (n, wm) in enumerate(zip(names, leaves)):
+                h = F.linear(h, wm, cm.sparse_module(n).bias)
+                h = torch.relu(h) if i < 2 else h
+            dense = dict(zip(names, torch.autograd.grad(F.cross_entropy(h, y), leaves)))
+        F.cross_entropy(cm(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        if step == 5:
+            before = {n: (cm.sparse_module(n).weight.detach().clone(), cm.mask(n)) for n in names}
+        record = srigl.step()
+    assert record is not None and record.step == 5
+    drop = 0.3 / 2 * (1 + math.cos(math.pi * 5 / 30))  # t_end = 0.75 * 40 = 30
+    for n in names:
+        counts, thr, ablated, k = _reference_ablation(*before[n], dense[n], 0.75, drop, 0.95)
+        rows = cm.mask(n).sum(1)
+        if n == "4":
+            assert any(ablated), "the reference would ablate some of the last layer"
+            assert (rows == rows[0]).all() and record.layers[n]["active_neurons"] == 10
+            assert "ablation_threshold" not in record.layers[n]
+            continue
+        assert any(ablated), f"layer {n}: the scenario needs ablated neurons"
+        assert (rows == 0).tolist() == ablated and (rows[rows > 0] == k).all(), n
+        info = record.layers[n]
+        assert info["k"] == k and info["active_neurons"] == len(ablated) - sum(ablated)
+        assert info["ablation_threshold"] == thr and info["fewest_salient"] == min(counts) < thr
+
+
+def test_digits_example_checks_models_with_ablated_neurons():
+    """examples/train_srigl_digits.py checks each trained model's masks: k in every active row, 0 in
+    an ablated one. It used digits_common.check_against_plain_torch, which wants one count in every
+    row: the example stopped with 'rows keep different counts' as soon as a neuron was ablated."""
+    from oracle import load_example
+
+    example = load_example("train_srigl_digits")
+    cm = sparsec.compile(_mlp(), pattern="fanin:0.75", example_inputs=(torch.randn(2, 16),), train=True,
+                         include=[".*"], min_weights=0)
+    opt = torch.optim.SGD(cm.parameters(), lr=0.05, momentum=0.9)
+    srigl = SRigL(cm, opt, total_steps=40, delta_t=5, gamma_sal=0.95)
+    for x, y in _batches(10):
+        F.cross_entropy(cm(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        srigl.step()
+    assert (cm.mask("2").sum(1) == 0).any(), "the scenario needs ablated neurons"
+    x = torch.randn(8, 16)
+    example.check_srigl_model(cm, x, 0.75)
+    with torch.no_grad():  # one active row one weight short
+        layer = cm.sparse_module("2")
+        row = int(layer.weight_mask.any(1).nonzero()[0])
+        layer.weight_mask[row, layer.weight_mask[row].nonzero()[0]] = False
+    with pytest.raises(AssertionError, match="2: active rows do not all keep k"):
+        example.check_srigl_model(cm, x, 0.75)
