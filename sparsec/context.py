@@ -117,10 +117,6 @@ class CompileOptions:
                                     f"nothing (drop timing, or use backend='auto')")
         if quantize not in QUANTIZE_CHOICES:
             raise InvalidInputError(f"quantize={quantize!r} is not supported; accepted: {QUANTIZE_CHOICES}")
-        if quantize is not None and pattern is not None and isinstance(parse_pattern(pattern), Dense):
-            # (it was accepted and did nothing: every layer dense, none quantized)
-            raise InvalidInputError(f"quantize={quantize!r} quantizes sparse layers, and pattern='dense' prunes none: "
-                                    f"pass a pattern (e.g. '2:4'), or drop quantize")
         if plan is not None and not isinstance(plan, Plan):
             raise InvalidTypeError(f"plan must be a sparsec.Plan (e.g. Plan.from_json(text)), got {type(plan).__name__}")
         if plan is not None:

@@ -178,9 +178,6 @@ def test_include_naming_a_missing_layer():
 
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(quantize="int4"), ValueError, "quantize='int4' is not supported"),
-    # (accepted, and every layer stayed dense and unquantized)
-    (dict(quantize="int8", pattern="dense"), ValueError, "quantize='int8' quantizes sparse layers, and pattern='dense'"),
-    (dict(quantize="auto", pattern="dense"), ValueError, "quantize='auto' quantizes sparse layers"),
     (dict(include="fc2"), None, None),  # a single string is one name
     (dict(include=[3]), TypeError, "module names or regular expressions"),
     (dict(plan="2:4"), TypeError, "plan must be a sparsec.Plan"),
