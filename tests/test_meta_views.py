@@ -15,6 +15,7 @@ import torch.nn as nn
 
 import sparsec
 from sparsec.meta import dataflow_graph
+from test_plan import ExportOnly  # (a model only torch.export can capture)
 
 # Each spelling turns an [8, 32] tensor into a view of it; the model writes fc2's output through the
 # buffer's view and fc3 reads the buffer. (The ones marked "had" were in the view set before.)
@@ -67,15 +68,6 @@ class WriteThroughView(nn.Module):
         return self.out(torch.relu(self.fc3(buf)))
 
 
-class ExportOnly(nn.Module):
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x):
-        if x.shape[0] > 1:  # a branch on a shape: symbolic_trace fails, torch.export runs it
-            x = x * 1.0
-        return self.inner(x)
 
 
 def _plan(view, tracer):
