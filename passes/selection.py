@@ -50,10 +50,11 @@ def first_match(patterns: tuple[str, ...], name: str) -> str | None:
     return None
 
 
-def check_names_match(arg: str, patterns: tuple[str, ...], names: list[str]) -> None:
-    """Every include=/exclude= entry must match some layer; otherwise say which names are close."""
+def check_names_match(arg: str, patterns: tuple[str, ...], names: list[str], also: list[str] = ()) -> None:
+    """Every include=/exclude= entry must match some layer (or a name in `also`); otherwise say which
+    names are close."""
     for text in patterns:
-        if not any(first_match((text,), name) for name in names):
+        if not any(first_match((text,), name) for name in [*names, *also]):
             known = sorted({scope for name in names for scope in _scopes(name)})
             close = difflib.get_close_matches(text, known, n=5, cutoff=0.4)
             raise InvalidInputError(
@@ -171,7 +172,13 @@ def choose_sparsity(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     by_name = layer_nodes(gm)
     all_names = list(by_name) + list(ctx.unreached)
     check_names_match("include", opts.include, all_names)
-    check_names_match("exclude", opts.exclude, all_names)
+    # An excluded module is called whole, not traced into (frontend._Tracer), so the functional layers
+    # inside it (F.linear / x @ W on its own parameters) are no candidates; the exclusion did its work all
+    # the same (they stay dense). Such a name raised "matches no candidate layer", while include= with the
+    # same name pruned them. A module called whole that holds a weight matrix counts as matched.
+    whole = [n.target for n in gm.graph.nodes if n.op == "call_module"
+             and any(p.dim() >= 2 for p in gm.get_submodule(n.target).parameters())]
+    check_names_match("exclude", opts.exclude, all_names, also=whole)
     if opts.plan is not None:
         unknown = [lp.name for lp in opts.plan if lp.name not in by_name and lp.name not in ctx.unreached]
         for name in unknown:

@@ -320,16 +320,47 @@ def _fixed_mode_note(training: bool, why: str) -> str:
 def _export(model: nn.Module, example_inputs: tuple):
     """torch.export with every input dim left to Dim.AUTO: export keeps dynamic what the model's code
     allows and fixes the rest, so one compile serves other batch sizes and sequence lengths. Static
-    shapes where this torch has no Dim.AUTO or the dynamic export fails."""
+    shapes where this torch has no Dim.AUTO or the dynamic export fails; before those, the batch dim
+    (dim 0) alone dynamic: where export cannot reason about some dim (a strided conv's length pooled and
+    flattened into a Linear: sympy gives up on the guard), the graph still serves other batch sizes
+    (it was fixed at the example's batch)."""
     auto = getattr(torch.export.Dim, "AUTO", None)
     if auto is not None:
-        dynamic = tree_map(lambda v: {d: auto for d in range(v.dim())} if isinstance(v, torch.Tensor) else None,
-                           tuple(example_inputs))
-        try:
-            return torch.export.export(model, example_inputs, dynamic_shapes=dynamic, strict=False)
-        except Exception:  # noqa: BLE001 - the static export below reports what is really wrong
-            pass
-    return torch.export.export(model, example_inputs, strict=False)
+        for dims in (lambda v: range(v.dim()), lambda v: range(min(1, v.dim()))):
+            dynamic = tree_map(lambda v: {d: auto for d in dims(v)} if isinstance(v, torch.Tensor) else None,
+                               tuple(example_inputs))
+            try:  # (each attempt's failure dump held by itself: they differ, and only the last one's is raised)
+                with _dim_marks_kept(example_inputs), _export_chatter_held():
+                    return torch.export.export(model, example_inputs, dynamic_shapes=dynamic, strict=False)
+            except Exception:  # noqa: BLE001 - the static export below reports what is really wrong
+                pass
+    with _dim_marks_kept(example_inputs):
+        return torch.export.export(model, example_inputs, strict=False)
+
+
+# Attributes torch.export sets on each input tensor to mark its dims for dynamo (dynamic_shapes=Dim.AUTO).
+_DIM_MARKS = ("_dynamo_weak_dynamic_indices", "_dynamo_dynamic_indices", "_dynamo_dynamic_range",
+              "_dynamo_static_indices", "_dynamo_unbacked_indices", "_dynamo_propagated_dynamic_indices",
+              "_has_dynamo_dim_marking")
+
+
+@contextlib.contextmanager
+def _dim_marks_kept(example_inputs: tuple):
+    """The example tensors' dynamo dim marks as they were before an export. torch.export removes the marks
+    it sets when it succeeds, not when it fails: a failed dynamic export (sympy could not solve a guard
+    such as `Eq(16*((s/2)//4) - 16, 0)`, a max-pooled length flattened into a Linear) left every dim marked
+    dynamic on the user's tensors, so the static export after it traced them dynamic again and failed the
+    same way (compile raised TraceError for a model that exports fine with static shapes), and the user's
+    tensors kept the marks for their own torch.compile."""
+    tensors = [t for t in tree_flatten(example_inputs)[0] if isinstance(t, torch.Tensor)]
+    before = [{k: t.__dict__[k] for k in _DIM_MARKS if k in t.__dict__} for t in tensors]
+    try:
+        yield
+    finally:
+        for t, marks in zip(tensors, before):
+            for k in _DIM_MARKS:
+                t.__dict__.pop(k, None)
+            t.__dict__.update(marks)
 
 
 def _example_run(module: nn.Module, example_inputs: tuple) -> tuple[list, dict] | None:

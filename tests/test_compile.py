@@ -142,6 +142,44 @@ def test_include_unknown_name_lists_close_names():
         sparsec.compile(model, example_inputs=inputs, exclude=["nothing"])
 
 
+class _FunctionalBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(32, 16))
+
+    def forward(self, x):
+        return x @ self.w.T
+
+
+class _BlockList(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_FunctionalBlock(), nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 4)])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_exclude_of_a_module_holding_only_functional_layers_keeps_them_dense():
+    """An excluded module is not traced into, so its functional layer (x @ W.T on its own Parameter) is no
+    candidate; exclude=['blocks.0'] raised 'matches no candidate layer' while include=['blocks.0'] pruned
+    it (found by tests/test_fuzz_compile.py). It keeps the module dense instead; a name matching nothing
+    still raises."""
+    torch.manual_seed(0)
+    net, x = _BlockList().eval(), torch.randn(3, 16)
+    assert sparsec.explain(net, example_inputs=(x,), min_weights=0, include=["blocks.0"])["blocks.0.w"].sparsity == "2:4"
+    for exclude in (["blocks.0"], [r"blocks\.0(\..*)?"]):
+        cm = sparsec.compile(net, example_inputs=(x,), min_weights=0, exclude=exclude)
+        assert "blocks.0.w" not in cm.plan.names and not cm.plan["blocks.1"].sparsity, cm.plan  # now first
+        assert cm.plan["blocks.2"].sparsity == "2:4"
+        with torch.no_grad():
+            assert output_error(cm(x), pruned_model(net, cm.plan)(x)) <= 1e-5
+    with pytest.raises(ValueError, match="exclude='blocks.9' matches no candidate layer"):
+        sparsec.compile(net, example_inputs=(x,), exclude=["blocks.9"])
+
+
 def test_edited_plan_is_applied_exactly():
     model, inputs = load_example("cnn").build_model()
     plan = sparsec.explain(model, example_inputs=inputs)

@@ -196,6 +196,46 @@ def test_export_traced_model_runs_the_shapes_its_code_allows_and_refuses_the_res
         single(torch.randn(2, 6, 32))
 
 
+class StridedPoolHead(nn.Module):
+    """A strided conv, a max pool and a flatten into a Linear: torch.export with dynamic dims fails
+    (sympy cannot solve the guard on the flattened size), with static ones it works; the branch on a
+    shape makes symbolic_trace fail."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc, self.out = nn.Conv1d(3, 8, 1, stride=2), nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = self.conv(x)
+        if x.shape[1] > 0:
+            x = F.max_pool1d(x, 2)
+        return self.out(torch.relu(self.fc(x.flatten(1))))
+
+
+def test_a_failed_dynamic_export_falls_back_to_a_dynamic_batch_and_leaves_inputs_unmarked():
+    """torch.export marks the example tensors' dims for dynamo (attributes on the tensors) and removes the
+    marks when it succeeds, not when it fails: the static export after the failed dynamic one read them,
+    traced the dims dynamic again and failed alike, and compile raised TraceError (found by
+    tests/test_fuzz_compile.py). The marks are put back as they were, so it compiles, and the user's
+    tensor is left as given. The batch dim alone stays dynamic (the graph was fixed at batch 2)."""
+    torch.manual_seed(0)
+    model, x = StridedPoolHead().eval(), torch.randn(2, 3, 8)
+    probe = x.clone()
+    with pytest.raises(Exception):  # the premise: this torch's dynamic export fails on the model
+        torch.export.export(model, (probe,), strict=False,
+                            dynamic_shapes=({d: torch.export.Dim.AUTO for d in range(3)},))
+    cm = sparsec.compile(model, example_inputs=(x,), min_weights=0)
+    assert cm.trace_method == "torch.export"
+    assert not [k for k in vars(x) if k.startswith("_dynamo") or k == "_has_dynamo_dim_marking"], vars(x)
+    assert sum(lp.sparsity is not None for lp in cm.plan) == 1, cm.plan  # fc (conv is first, out last)
+    reference = pruned_model(model, cm.plan)
+    for batch in (2, 5):
+        x = torch.randn(batch, 3, 8)
+        assert output_error(cm(x), reference(x)) <= 1e-5
+    with pytest.raises(ValueError, match=r"input 0 dim 2 is fixed at 8, got 10"):
+        cm(torch.randn(2, 3, 10))
+
+
 class _TwoInputs(nn.Module):
     """x + y ties the two inputs' batch dims."""
 
