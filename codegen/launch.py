@@ -15,6 +15,7 @@ from sparsec.codegen.configs import condensed_config, interpreting, matmul_confi
 from sparsec.codegen.direct_launch import DirectLaunch
 from sparsec.codegen.spec import PRMT_EXPAND_APPLIES, MatmulSpec, has_prmt_expand
 from sparsec.errors import InvalidInputError
+from sparsec.shape_cache import remember
 
 
 def can_run_on(device: torch.device) -> bool:
@@ -138,8 +139,7 @@ def sparse24_launch(m: int, n: int, k: int, spec: MatmulSpec, name: str, source:
         cfg = unsplit  # no room for this split: run unsplit (same result)
     launch = Sparse24Launch(loaded_kernel(name, source, cache, device), spec, name, n, cfg, unsplit, tiles,
                             k % cfg["BLOCK_K"] == 0)
-    _LAUNCHES[key] = launch
-    return launch
+    return remember(_LAUNCHES, key, launch)
 
 
 def _check_prmt_expand(cfg: dict, spec: MatmulSpec, name: str) -> None:
@@ -246,9 +246,7 @@ def condensed_matmul(x: torch.Tensor, values: torch.Tensor, indices: torch.Tenso
                                  source, cache, y[start:start + rows])
             return y.reshape(*x.shape[:-1], n)
     key = ("fanin", m, n, k, interpreting())
-    if key not in _CONFIGS:
-        _CONFIGS[key] = condensed_config(m, n, k)
-    cfg = _CONFIGS[key]
+    cfg = _CONFIGS.get(key) or remember(_CONFIGS, key, condensed_config(m, n, k))
     values, indices = values.contiguous(), indices.contiguous()
     grid = (triton_cdiv(m, cfg["BLOCK_M"]), triton_cdiv(n, cfg["BLOCK_N"]))
     unused = values
@@ -318,9 +316,10 @@ _CONFIGS: dict[tuple, dict] = {}
 def _config(m: int, n: int, k: int, act_dtype: str, device: torch.device, split: bool = True) -> dict:
     """The shape table's config, looked up once per shape; split=False (the conv kernel) never splits K."""
     key = (m, n, k, act_dtype, interpreting(), str(device), split)
-    if key not in _CONFIGS:
-        _CONFIGS[key] = matmul_config(m, n, k, act_dtype, sm_count(device) if split else None)
-    return _CONFIGS[key]
+    config = _CONFIGS.get(key)
+    if config is None:
+        config = remember(_CONFIGS, key, matmul_config(m, n, k, act_dtype, sm_count(device) if split else None))
+    return config
 
 
 def sm_count(device: torch.device) -> int | None:

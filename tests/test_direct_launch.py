@@ -232,3 +232,34 @@ def test_interpreted_kernels_can_be_launched_from_several_threads():
     for t in threads:
         t.join()
     assert failures == []
+
+
+@pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1", reason="needs a GPU or the interpreter")
+def test_per_shape_launch_caches_stay_bounded(monkeypatch):
+    """A server calls a layer at a new row count with every prompt length: the layer's bound calls and
+    the launch and config tables keep at most SHAPES_KEPT row counts, and a row count dropped from
+    them computes the right thing when it comes back."""
+    import torch.nn as nn
+    from oracle import output_error, pruned_model
+
+    import sparsec
+    import sparsec.shape_cache
+    from sparsec.codegen import launch
+    from sparsec.runtime.triton_linear import TritonSparseLinear
+
+    monkeypatch.setattr(sparsec.shape_cache, "SHAPES_KEPT", 3)
+    monkeypatch.setattr(launch, "_LAUNCHES", {})
+    monkeypatch.setattr(launch, "_CONFIGS", {})
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8)).to(DEVICE)
+    cm = sparsec.compile(model, example_inputs=(torch.randn(2, 16, device=DEVICE),), backend="triton",
+                         include=["2"])
+    reference = pruned_model(model, cm.plan)
+    layer = next(m for m in cm.graph_module.modules() if isinstance(m, TritonSparseLinear))
+    for rows in [1, 2, 3, 4, 5, 6, 1]:
+        x = torch.randn(rows, 16, device=DEVICE)
+        assert output_error(cm(x), reference(x)) < 1e-5, rows
+        calls = [key for key in layer._derived if isinstance(key, tuple) and key[0] == "call"]
+        assert len(calls) <= 3 and len(launch._LAUNCHES) <= 3 and len(launch._CONFIGS) <= 3
+    assert ("call", 1, 16, torch.device(DEVICE)) in layer._derived  # (row count 1 came back: worked out again)
+    assert "spec" in layer._derived  # what is derived once per layer is not dropped for shapes

@@ -101,6 +101,24 @@ def test_a_loaded_model_compiles_and_a_dead_handle_is_named(tmp_path):
         torch.ops.sparsec.kernel_layer(x, -1)
 
 
+def test_a_deleted_models_handles_leave_the_registry():
+    """The registry that finds layers by handle holds them weakly and forgets them with the model: a
+    process compiling model after model kept one dead entry per layer forever."""
+    import gc
+
+    from sparsec.runtime import traced_call
+
+    model, x = _mlp(), torch.randn(2, 64, device=DEVICE)
+    cm = sparsec.compile(model, example_inputs=(x,), backend="triton", include=[".*"], min_weights=0)
+    handles = [m._traced_handle for m in cm.modules() if isinstance(m, FusedEpilogue)]
+    assert len(handles) == 4 and all(h in traced_call._LAYERS for h in handles)
+    del cm
+    gc.collect()
+    assert not any(h in traced_call._LAYERS for h in handles)
+    with pytest.raises(RuntimeError, match=f"no live kernel layer has handle {handles[0]}"):
+        torch.ops.sparsec.kernel_layer(x, handles[0])
+
+
 def test_cusparselt_layers_trace_as_one_operator(monkeypatch):
     """A cuSPARSELt layer's semi-structured weight is a tensor subclass the tracer is not asked to see
     into: the layer traces as the same custom operator. (cuSPARSELt needs CUDA: here the library call

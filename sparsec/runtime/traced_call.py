@@ -21,7 +21,7 @@ import weakref
 
 import torch
 
-_LAYERS: dict[int, weakref.ref] = {}
+_LAYERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # (a deleted layer's entry goes with it)
 _HANDLES = itertools.count(1)
 
 
@@ -29,12 +29,11 @@ def register(layer) -> None:
     """Give `layer` a handle the operator can find it by (a new one per object: a handle stored in a
     pickle names another object)."""
     layer._traced_handle = next(_HANDLES)
-    _LAYERS[layer._traced_handle] = weakref.ref(layer)
+    _LAYERS[layer._traced_handle] = layer
 
 
 def _layer(handle: int):
-    ref = _LAYERS.get(handle)
-    layer = ref() if ref is not None else None
+    layer = _LAYERS.get(handle)
     if layer is None:
         raise RuntimeError(f"sparsec::kernel_layer: no live kernel layer has handle {handle} (was the layer "
                            f"deleted while a compiled graph still calls it?)")

@@ -15,6 +15,7 @@ from sparsec.errors import InvalidInputError
 from sparsec.runtime import traced_call
 from sparsec.runtime.layers import SparseLinear, run_kernel
 from sparsec.runtime.packed import FanInPacked
+from sparsec.shape_cache import remember
 
 _ACTIVATION_FNS = {
     None: lambda t: t,
@@ -122,7 +123,9 @@ class TritonSparseLinear(FusedEpilogue, SparseLinear):
         k = x.shape[-1]
         rows = x.numel() // k if k else 0
         key = ("call", rows, k, x.device)
-        call = self._derived.get(key) or self.derived(key, lambda: self._kernel_call(rows, k, x.device))
+        call = self._derived.get(key)
+        if call is None:  # (bounded: a server sees a new row count with every prompt length)
+            call = remember(self._derived, key, self._kernel_call(rows, k, x.device), counts=_is_call_key)
         return call(x, out)
 
     def _kernel_call(self, rows: int, k: int, device: torch.device):
@@ -158,3 +161,7 @@ class TritonSparseLinear(FusedEpilogue, SparseLinear):
         check_weight_dtype(self.packed.values, spec, self.kernel_name)  # (the launch itself checks no operand)
         return sparse24_launch(rows, self.packed.out_features, k, spec, self.kernel_name, self.kernel_source, device,
                                self.launch_config(rows))
+
+
+def _is_call_key(key) -> bool:
+    return isinstance(key, tuple) and key[0] == "call"
