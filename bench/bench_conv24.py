@@ -59,7 +59,7 @@ def sweep_configs(layer, x, expected) -> list[dict]:
     m, n, k = geometry.gemm_rows(xk), layer.packed.out_features, layer.packed.reduction
     spec, packed = layer.spec(), layer.packed
     results = []
-    for cfg in matmul_candidates(m, n, k, spec.act_dtype, None, spec.weight_dtype):
+    for cfg in matmul_candidates(m, n, k, spec.act_dtype, None, spec.weight_dtype, conv=True):
         run = lambda cfg=cfg, out=None: sparse24_conv2d(xk, packed.values, packed.meta, packed.scales, layer.bias,  # noqa: E731
                                                         None, spec, layer.kernel_name, layer.kernel_source, geometry,
                                                         config=cfg, out=out)

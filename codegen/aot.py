@@ -69,7 +69,8 @@ def compile_for(capability: int, name: str, source: str, signature: dict[str, st
     Raises when the kernel needs more shared memory than the arch has, or spills registers.
 
     aligned: build as Triton's JIT specializes a launch on real layer shapes: every pointer 16-byte
-    aligned and every integer but M (strides, N, K) a multiple of 16; that decides load widths."""
+    aligned and every integer but the ragged ones (rows; the condensed fan-in) a multiple of 16; that
+    decides load widths."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -79,8 +80,9 @@ def compile_for(capability: int, name: str, source: str, signature: dict[str, st
     jit = triton.jit(fn) if not isinstance(fn, triton.runtime.JITFunction) else fn
     attrs = {}
     if aligned:
+        ragged = _ragged_integers(signature)
         attrs = {(jit.arg_names.index(arg),): [["tt.divisibility", 16]] for arg, kind in signature.items()
-                 if kind.startswith("*") or (kind == "i32" and arg not in ("M", "R"))}
+                 if kind.startswith("*") or (kind == "i32" and arg not in ragged)}
     src = ASTSource(jit, signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
@@ -93,6 +95,19 @@ def compile_for(capability: int, name: str, source: str, signature: dict[str, st
         raise ValueError(f"{name} with {constexprs}, {num_warps} warps spills registers on sm_{capability}: "
                          f"{usage['REG']} registers and a {usage['STACK']}-byte stack frame")
     return compiled
+
+
+def _ragged_integers(signature: dict[str, str]) -> set[str]:
+    """Integer arguments that real launches do not give as multiples of 16, so an aligned build must
+    not mark them (marked, the check built a variant such layers never launch): the rows (M, R)
+    always; in the condensed kernel the fan-in and the value and index row strides that equal it (307
+    of 768 inputs kept at 60% sparsity); in the conv kernel the image sizes and the strides made of
+    them (7 x 7, 14 x 14 and 56 x 56 feature maps), and the unit strides along a row."""
+    if "FANIN" in signature:
+        return {"M", "FANIN", "stride_vn", "stride_in"}
+    if "OH" in signature:
+        return {"M", "H", "W", "OH", "OW", "stride_xc", "stride_xh", "stride_xw", "stride_yn", "stride_yh", "stride_yw"}
+    return {"M", "R"}
 
 
 def cuobjdump(cubin: bytes, *flags: str) -> str | None:
@@ -156,8 +171,9 @@ def conv_specs() -> list[MatmulSpec]:
 
 
 # Convolutions, as (M = batch x output pixels, N, K = in channels x taps): ResNet-50's 3x3 convs on
-# 14 x 14 maps (batch 32) and on 7 x 7 maps (batch 1); built as 3 x 3, stride 1, padding 1.
-CONV_SHAPES = ((32 * 14 * 14, 256, 256 * 9), (7 * 7, 512, 512 * 9))
+# 14 x 14 maps (batch 32) and on 7 x 7 maps (batch 1), and one on a 4 x 4 map (batch 1: the decode
+# tiles); built as 3 x 3, stride 1, padding 1.
+CONV_SHAPES = ((32 * 14 * 14, 256, 256 * 9), (7 * 7, 512, 512 * 9), (4 * 4, 512, 512 * 9))
 CONV_GEOMETRY = dict(KH=3, KW=3, STRIDE_H=1, STRIDE_W=1, PAD_H=1, PAD_W=1, DIL_H=1, DIL_W=1)
 
 
@@ -172,7 +188,7 @@ def standard_builds() -> list[tuple[str, MatmulSpec | None, dict]]:
     for i, spec in enumerate(standard_specs()):
         for m, n, k in STANDARD_SHAPES:
             if spec.format == "fanin":
-                configs = [condensed_config(m, 768, 307)]
+                configs = [condensed_config(m, 768, 307, spec.weight_dtype)]
             else:
                 # EVEN_K (K a multiple of the K tile, true at the standard shapes) is what real layers
                 # build with; the masked build for ragged K is checked at the decode config
@@ -190,7 +206,7 @@ def standard_builds() -> list[tuple[str, MatmulSpec | None, dict]]:
                     builds.append((f"{spec.short_name()}[{text}]", spec, cfg))
     for spec in conv_specs():
         for m, n, k in CONV_SHAPES:
-            for cfg in matmul_candidates(m, n, k, spec.act_dtype, None, spec.weight_dtype):  # (no split-K)
+            for cfg in matmul_candidates(m, n, k, spec.act_dtype, None, spec.weight_dtype, conv=True):
                 cfg = dict({key: value for key, value in cfg.items() if key != "SPLIT_K"}, **CONV_GEOMETRY)
                 text = ",".join(f"{key}={value}" for key, value in cfg.items())
                 key = f"{spec.short_name()}[{text}]"

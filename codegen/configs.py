@@ -53,7 +53,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _tiles(m: int, n: int, act_dtype: str) -> dict:
+# The conv kernel (implicit GEMM) computes each input address from image, row, column and channel,
+# with image sizes the JIT cannot take as multiples of 16 (7 x 7 or 14 x 14 feature maps): more
+# registers than the matmul at the same tile. Built so, the matmul's large-M tile (128 x 128 x 32,
+# 8 warps) spilled on sm_80 and sm_90 (a 216-byte stack frame with fp16, 208 with int8 weights), as did
+# 128 x 64 and 64 x 128 tiles over 4 warps; these two stay spill-free (codegen/aot.py checks them).
+CONV_LARGE_TILES = [dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
+                    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)]
+
+
+def _tiles(m: int, n: int, act_dtype: str, conv: bool = False) -> dict:
     if act_dtype == "float32":
         # IEEE fp32 dots run on FMA units and hold [BLOCK_M, BLOCK_N, BLOCK_K] products in registers:
         # only small tiles stay spill-free.
@@ -65,6 +74,8 @@ def _tiles(m: int, n: int, act_dtype: str) -> dict:
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
     if m <= 128:
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
+    if conv:
+        return dict(CONV_LARGE_TILES[0])
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
 
 
@@ -83,26 +94,28 @@ def split_k(m: int, n: int, k: int, cfg: dict, sms: int | None) -> int:
     return split
 
 
-def matmul_config(m: int, n: int, k: int, act_dtype: str, sms: int | None = None) -> dict:
+def matmul_config(m: int, n: int, k: int, act_dtype: str, sms: int | None = None, conv: bool = False) -> dict:
     """Tiles for y[M, N] = x[M, K] @ W^T (tl.dot needs every tile dimension >= 16); `sms` is the
-    device's multiprocessor count (None: do not split K, as for the conv kernel, whose M, batch
-    times output pixels, is large)."""
+    device's multiprocessor count (None: do not split K); conv: for the conv kernel's implicit GEMM
+    (which never splits K: its M, batch times output pixels, is large)."""
     if interpreting():
         # Few, large programs: the interpreter's cost is per program and per K step.
         return dict(BLOCK_M=_pow2_clamp(m, 16, 64), BLOCK_N=_pow2_clamp(n, 16, 128), BLOCK_K=_pow2_clamp(k, 16, 128),
                     GROUP_M=8, SPLIT_K=1, PRMT_EXPAND=0, num_warps=4, num_stages=1)
-    cfg = _tiles(m, n, act_dtype)
-    cfg["SPLIT_K"] = split_k(m, n, k, cfg, sms)
+    cfg = _tiles(m, n, act_dtype, conv)
+    cfg["SPLIT_K"] = 1 if conv else split_k(m, n, k, cfg, sms)
     cfg["PRMT_EXPAND"] = 0
     return {key: cfg[key] for key in LAUNCH_KEYS}
 
 
-def matmul_candidates(m: int, n: int, k: int, act_dtype: str, sms: int | None, weight_dtype: str | None = None) -> list[dict]:
+def matmul_candidates(m: int, n: int, k: int, act_dtype: str, sms: int | None, weight_dtype: str | None = None,
+                      conv: bool = False) -> list[dict]:
     """The default config first, then alternatives worth timing at this shape: other spill-free
     tiles (each with its own split), other splits of the default tiles, and where the kernel has a
     PRMT_EXPAND form (spec.has_prmt_expand) each of those again with it. `weight_dtype` defaults to
-    `act_dtype`."""
-    base = matmul_config(m, n, k, act_dtype, sms)
+    `act_dtype`; conv as for matmul_config (no split-K)."""
+    sms = None if conv else sms
+    base = matmul_config(m, n, k, act_dtype, sms, conv)
     if interpreting():
         tiles = []
     elif act_dtype == "float32":  # only small tiles stay spill-free (_tiles); at one row, the CUDA-core form
@@ -135,8 +148,12 @@ def matmul_candidates(m: int, n: int, k: int, act_dtype: str, sms: int | None, w
                       dict(BLOCK_M=16, BLOCK_N=256, BLOCK_K=32, GROUP_M=1, num_warps=2, num_stages=4)]
         if m == 1:  # the CUDA-core form (BLOCK_M < 16): no 16-row tensor-core tile for a single row
             tiles.append(dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3))
+        if conv:  # with the conv kernel's address arithmetic 2-warp tiles spill (16 x 128 x 64 on sm_90)
+            tiles = [t for t in tiles if t["num_warps"] > 2]
     elif m <= 128:
         tiles = [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)]
+    elif conv:
+        tiles = CONV_LARGE_TILES
     else:
         tiles = [dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)]
     variants = [base] + [dict(t, SPLIT_K=split_k(m, n, k, t, sms), PRMT_EXPAND=0) for t in tiles]
@@ -199,12 +216,14 @@ def _pow2_clamp(value: int, low: int, high: int) -> int:
     return p
 
 
-def condensed_config(m: int, n: int, k: int) -> dict:
+def condensed_config(m: int, n: int, k: int, weight_dtype: str = "float16") -> dict:
     """Tiles for the condensed (gather + reduce) kernel: a [BLOCK_M, BLOCK_N, BLOCK_J] gather per step
-    holds 4096 fp32 values at most, which keeps it in registers at 4 warps."""
+    holds 4096 fp32 values at most, which keeps it in registers at 4 warps; with int8 weights and one
+    row, 2048 (1 x 128 x 32 spilled 16 bytes on sm_90 at a fan-in that is not a multiple of 16)."""
     block_m = _pow2_clamp(m, 1, 8)
     block_j = _pow2_clamp(k, 8, 32)
-    block_n = max(8, min(128, 4096 // (block_m * block_j)))
+    gather = 2048 if weight_dtype == "int8" and block_m == 1 else 4096
+    block_n = max(8, min(128, gather // (block_m * block_j)))
     if interpreting():
         block_n = _pow2_clamp(n, 8, 128)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_J=block_j, num_warps=4)

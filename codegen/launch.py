@@ -207,7 +207,7 @@ def sparse24_conv2d(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, s
             sparse24_conv2d(x[start:start + images], values, meta, scales, bias, out_scale, spec, name, source,
                             geometry, cache, config, out[start:start + images])
         return out
-    cfg = dict(config or _config(m, n, k, spec.act_dtype, x.device, split=False))
+    cfg = dict(config or _config(m, n, k, spec.act_dtype, x.device, conv=True))
     if cfg.pop("SPLIT_K", 1) != 1:
         raise InvalidInputError(f"kernel {name} is a convolution, which does not split K; use SPLIT_K=1")
     _check_prmt_expand(cfg, spec, name)
@@ -245,8 +245,8 @@ def condensed_matmul(x: torch.Tensor, values: torch.Tensor, indices: torch.Tenso
                 condensed_matmul(x2[start:start + rows], values, indices, scales, bias, out_scale, spec, name,
                                  source, cache, y[start:start + rows])
             return y.reshape(*x.shape[:-1], n)
-    key = ("fanin", m, n, k, interpreting())
-    cfg = _CONFIGS.get(key) or remember(_CONFIGS, key, condensed_config(m, n, k))
+    key = ("fanin", m, n, k, spec.weight_dtype, interpreting())
+    cfg = _CONFIGS.get(key) or remember(_CONFIGS, key, condensed_config(m, n, k, spec.weight_dtype))
     values, indices = values.contiguous(), indices.contiguous()
     grid = (triton_cdiv(m, cfg["BLOCK_M"]), triton_cdiv(n, cfg["BLOCK_N"]))
     unused = values
@@ -313,12 +313,12 @@ def _epilogue_operands(scales, bias, out_scale, unused: torch.Tensor) -> tuple[t
 _CONFIGS: dict[tuple, dict] = {}
 
 
-def _config(m: int, n: int, k: int, act_dtype: str, device: torch.device, split: bool = True) -> dict:
-    """The shape table's config, looked up once per shape; split=False (the conv kernel) never splits K."""
-    key = (m, n, k, act_dtype, interpreting(), str(device), split)
+def _config(m: int, n: int, k: int, act_dtype: str, device: torch.device, conv: bool = False) -> dict:
+    """The shape table's config, looked up once per shape; conv: for the conv kernel (never splits K)."""
+    key = (m, n, k, act_dtype, interpreting(), str(device), conv)
     config = _CONFIGS.get(key)
     if config is None:
-        config = remember(_CONFIGS, key, matmul_config(m, n, k, act_dtype, sm_count(device) if split else None))
+        config = remember(_CONFIGS, key, matmul_config(m, n, k, act_dtype, None if conv else sm_count(device), conv))
     return config
 
 

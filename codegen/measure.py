@@ -122,7 +122,8 @@ def conv_candidates(gm, ctx, layer, decision, input_shape: tuple[int, ...], trit
     if triton_problem is None:
         spec = module.spec()
         name, source = emit_matmul(spec, [LayerUse(layer.name, m, layer.out_features, layer.reduction)])
-        configs = matmul_candidates(m, layer.out_features, layer.reduction, spec.act_dtype, None, spec.weight_dtype)
+        configs = matmul_candidates(m, layer.out_features, layer.reduction, spec.act_dtype, None, spec.weight_dtype,
+                                    conv=True)
         for i, cfg in enumerate(configs):
             out[triton_key(i)] = KernelCall(functools.partial(sparse24_conv2d, x, packed.values, packed.meta, packed.scales,
                                                               bias, None, spec, name, source, geometry, config=cfg), cfg)

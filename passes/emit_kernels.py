@@ -66,6 +66,7 @@ def _launch_config(module: FusedEpilogue, use) -> dict:
 
     rows, spec = use.m or 1, module.spec()
     if spec.format == "fanin":
-        return condensed_config(rows, use.n, module.packed.values.shape[1])
-    sms = None if spec.layout == "conv2d" else sm_count(module.packed.values.device)
-    return module.launch_config(rows) or matmul_config(rows, use.n, use.k, spec.act_dtype, sms)
+        return condensed_config(rows, use.n, module.packed.values.shape[1], spec.weight_dtype)
+    conv = spec.layout == "conv2d"
+    sms = None if conv else sm_count(module.packed.values.device)
+    return module.launch_config(rows) or matmul_config(rows, use.n, use.k, spec.act_dtype, sms, conv)

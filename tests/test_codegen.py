@@ -290,6 +290,49 @@ def test_every_kernel_builds_for_sm80_and_sm90(standard_builds, monkeypatch):
     assert not failures, failures
 
 
+def test_aligned_builds_mark_only_what_real_launches_give_as_multiples_of_16(monkeypatch):
+    """The build check builds each kernel as Triton's JIT specializes a real launch: integer arguments
+    marked divisible by 16 must be multiples of 16 in the launches of layers at the standard shapes,
+    and those left unmarked must not be (else the check built a variant no layer launches). The
+    launches are recorded, not run: 2:4 at K = 4096, condensed at 307 of 768 inputs, conv on 14 x 14
+    and 7 x 7 feature maps; 5 rows (any row count may come)."""
+    from oracle import fanin_k
+
+    from sparsec.codegen import aot, launch
+    from sparsec.codegen.launch import ConvGeometry, condensed_matmul, sparse24_conv2d
+
+    calls = []
+    monkeypatch.setattr(launch, "loaded_kernel", lambda *a: type("Recorder", (), {
+        "__getitem__": lambda self, grid: lambda *args, **kw: calls.append(args)})())
+    monkeypatch.setattr(launch, "require_runnable", lambda device: None)
+    monkeypatch.setattr(launch, "_LAUNCHES", {})
+    half = torch.float16
+    spec = MatmulSpec("float16", "float16", True, "relu", False, "float16")
+    sparse24_matmul(torch.randn(5, 4096, dtype=half), torch.randn(64, 2048, dtype=half),
+                    torch.zeros(64, 256, dtype=torch.int16), None, torch.randn(64, dtype=half), None, spec, "k", "",
+                    config={"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "SPLIT_K": 1, "num_warps": 4})
+    kinds = [aot.matmul_signature(spec)]
+    fanin = MatmulSpec("float16", "float16", True, "relu", False, "float16", format="fanin")
+    kept = fanin_k(64 * 768, 64, 0.6)
+    condensed_matmul(torch.randn(5, 768, dtype=half), torch.randn(64, kept, dtype=half),
+                     torch.zeros(64, kept, dtype=torch.int32), None, torch.randn(64, dtype=half), None, fanin, "k", "")
+    kinds.append(aot.condensed_signature(fanin))
+    conv = MatmulSpec("float16", "float16", True, "relu", False, "float16", layout="conv2d")
+    for size, channels in [(14, 256), (7, 512)]:
+        k = channels * 9
+        sparse24_conv2d(torch.randn(2, channels, size, size, dtype=half), torch.randn(32, k // 2, dtype=half),
+                        torch.zeros(32, k // 16, dtype=torch.int16), None, None, None, conv, "k", "",
+                        ConvGeometry((3, 3), (1, 1), (1, 1), (1, 1)))
+        kinds.append(aot.conv_signature(conv))
+    assert len(calls) == len(kinds) == 4
+    for args, signature in zip(calls, kinds):
+        integers = {name: value for name, value in zip([n for n, kind in signature.items() if kind != "constexpr"],
+                                                       args) if signature[name] == "i32"}
+        assert len(integers) == sum(kind == "i32" for kind in signature.values())
+        ragged = aot._ragged_integers(signature)
+        assert {name for name, value in integers.items() if value % 16} == ragged & set(integers), integers
+
+
 def test_the_build_check_sees_register_spills():
     """The spill check is live: a tile known to spill (128 x 128 x 64 over 4 warps, decompressed in
     registers) is refused, naming the stack frame; the same tile over 8 warps builds."""
