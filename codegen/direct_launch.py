@@ -23,6 +23,8 @@ import threading
 
 import torch
 
+from sparsec.shape_cache import remember
+
 # The Triton interpreter is not thread-safe: each launch patches triton.language's builtins for its run
 # and restores them after, so two threads launching at once failed ("Did you forget to add
 # @triton.jit?", an AST recursion-depth SystemError). Interpreted launches (tests, CPU) take turns.
@@ -55,8 +57,9 @@ def launch_passes_every_parameter(jit_run) -> bool | None:
 class DirectLaunch:
     """A Triton JIT function launched as `launch[grid](*args, **kwargs)`, like the function itself."""
 
-    def __init__(self, jit_fn):
+    def __init__(self, jit_fn, device_index: int | None = None):
         self.jit_fn = jit_fn
+        self.device_index = device_index  # the CUDA device this kernel's operands live on (None: the current one)
         self.params = list(getattr(jit_fn, "params", []))
         self.every_parameter = launch_passes_every_parameter(type(jit_fn).run) if self.params else None
         self._constexpr = [p.is_constexpr for p in self.params]  # (per call, the launch arguments need these)
@@ -69,6 +72,15 @@ class DirectLaunch:
         return lambda *args, **kwargs: self.launch(tuple(grid), args, kwargs)
 
     def launch(self, grid: tuple, args: tuple, kwargs: dict):
+        # Triton launches on the current CUDA device (its kernel handle and stream): a layer held on cuda:1,
+        # called while cuda:0 is current, ran device 0's stream on device 1's memory. As torch ops do, launch
+        # on the operands' device.
+        if self.device_index is not None and torch.cuda.current_device() != self.device_index:
+            with torch.cuda.device(self.device_index):
+                return self._launch(grid, args, kwargs)
+        return self._launch(grid, args, kwargs)
+
+    def _launch(self, grid: tuple, args: tuple, kwargs: dict):
         grid = grid + (1,) * (3 - len(grid))
         # A tensor counts by dtype and 16-byte alignment, as Triton specializes it; anything else by value,
         # which is finer than Triton's specialization of an integer (== 1, divisible by 16, fits int32). Keyword
@@ -85,8 +97,8 @@ class DirectLaunch:
             with self._lock:
                 return self.jit_fn[grid](*args, **kwargs)
         compiled = self.jit_fn[grid](*args, **kwargs)
-        if self._direct_launchable(compiled, args, kwargs):
-            self._runners[key] = compiled[grid]
+        if self._direct_launchable(compiled, args, kwargs):  # (the key holds the row count: kept bounded)
+            remember(self._runners, key, compiled[grid])
         return compiled
 
     def jit_only(self) -> None:

@@ -35,7 +35,8 @@ _LOADED: dict[tuple, DirectLaunch] = {}  # (name, device, interpreting) -> kerne
 def loaded_kernel(name: str, source: str, cache: KernelCache | None, device: torch.device) -> DirectLaunch:
     key = (name, device, interpreting())
     if cache is not None or key not in _LOADED:
-        _LOADED[key] = DirectLaunch(getattr((cache or KernelCache()).load(name, source), name))
+        _LOADED[key] = DirectLaunch(getattr((cache or KernelCache()).load(name, source), name),
+                                    device.index if device.type == "cuda" else None)
     return _LOADED[key]
 
 

@@ -263,3 +263,57 @@ def test_per_shape_launch_caches_stay_bounded(monkeypatch):
         assert len(calls) <= 3 and len(launch._LAUNCHES) <= 3 and len(launch._CONFIGS) <= 3
     assert ("call", 1, 16, torch.device(DEVICE)) in layer._derived  # (row count 1 came back: worked out again)
     assert "spec" in layer._derived  # what is derived once per layer is not dropped for shapes
+
+
+def test_a_kernel_launches_on_its_operands_device(monkeypatch):
+    """Triton launches on the current CUDA device: a kernel whose operands are on cuda:1 switches to
+    it for the launch (as torch ops do) and back after; one whose device is current, or unknown
+    (None), launches as is."""
+    import contextlib
+
+    current = [0]
+
+    @contextlib.contextmanager
+    def on(index):
+        before, current[0] = current[0], index
+        try:
+            yield
+        finally:
+            current[0] = before
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "device", on)
+    seen = []
+
+    class Seen(list):  # (the device each launch, through the JIT or direct, ran on)
+        def append(self, item):
+            seen.append(current[0])
+            super().append(item)
+
+    class Recording(FakeJit):
+        def __init__(self):
+            super().__init__()
+            self.jit_calls, self.direct_calls = Seen(), Seen()
+
+    for index, expected in [(1, 1), (0, 0), (None, 0)]:
+        seen.clear()
+        jit = Recording()
+        launch = DirectLaunch(jit, device_index=index)
+        for _ in range(2):
+            launch[(1,)](torch.zeros(4), 4, BLOCK=16)
+        assert len(jit.jit_calls) == len(jit.direct_calls) == 1  # (the JIT launch, then the direct one)
+        assert seen == [expected, expected] and current[0] == 0
+
+
+def test_kept_kernels_are_bounded_by_shape(monkeypatch):
+    """The direct-launch key holds integer arguments (the row count): one entry per row count, at
+    most SHAPES_KEPT of them; a dropped one goes through the JIT again when it comes back."""
+    import sparsec.shape_cache
+
+    monkeypatch.setattr(sparsec.shape_cache, "SHAPES_KEPT", 2)
+    jit = FakeJit()
+    launch = DirectLaunch(jit)
+    for rows in [1, 2, 3, 4, 1]:
+        launch[(1,)](torch.zeros(4), rows, BLOCK=16)
+        assert len(launch._runners) <= 2
+    assert len(jit.jit_calls) == 5 and launch.direct_launches == 0
