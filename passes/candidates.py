@@ -285,7 +285,27 @@ def find_candidates(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             found.add(layer.name)
             ctx.counters[f"candidate_{layer.op}"] += 1
     ctx.unreached = _unreached_layers(gm, ctx.model, found, refused)
+    ctx.notes.extend(_unexamined_weights(gm, {u.weight_path for u in ctx.unreached.values()}))
     return gm
+
+
+def _unexamined_weights(gm: fx.GraphModule, listed: set[str]) -> list[str]:
+    """A note per module the graph calls whole (excluded, a leaf) holding weight matrices that no plan
+    entry names: an F.linear(x, self.w) in there is never seen as a layer, so it is said here rather
+    than passed over silently (the plan lists the Linear / Conv modules inside such modules)."""
+    notes = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(node.target)
+        if isinstance(module, (*LAYER_MODULES, *_UNPRUNED_LAYERS, SparseLayer, TrainableLayer, nn.Embedding)):
+            continue
+        hidden = [f"{node.target}.{path} {list(w.shape)}" for path, w in module.named_parameters()
+                  if w.dim() >= 2 and f"{node.target}.{path}" not in listed]
+        if hidden and not any(note.startswith(f"module '{node.target}' ") for note in notes):
+            notes.append(f"module '{node.target}' ({type(module).__name__}) is called as a whole, not traced into: "
+                         f"its weight matrices {', '.join(hidden)} are not examined and stay as they are")
+    return notes
 
 
 def _unreached_layers(gm: fx.GraphModule, model: nn.Module, found: set[str],

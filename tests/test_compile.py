@@ -173,6 +173,9 @@ def test_exclude_of_a_module_holding_only_functional_layers_keeps_them_dense():
     for exclude in (["blocks.0"], [r"blocks\.0(\..*)?"]):
         cm = sparsec.compile(net, example_inputs=(x,), min_weights=0, exclude=exclude)
         assert "blocks.0.w" not in cm.plan.names and not cm.plan["blocks.1"].sparsity, cm.plan  # now first
+        # ... but not passed over silently: the plan's notes name the weight no entry lists
+        assert [n for n in cm.plan.notes if "blocks.0.w [32, 16] are not examined" in n and "'blocks.0'" in n], \
+            cm.plan.notes
         assert cm.plan["blocks.2"].sparsity == "2:4"
         with torch.no_grad():
             assert output_error(cm(x), pruned_model(net, cm.plan)(x)) <= 1e-5
