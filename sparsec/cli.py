@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.machinery
 import importlib.util
 import json
 import os
@@ -37,14 +38,22 @@ def load_target(spec: str) -> tuple[nn.Module, tuple | None]:
         path, func = spec, ""
     func = func or DEFAULT_FUNC
     if not os.path.isfile(path):
-        raise CliError(f"no such file: {path}")
+        raise CliError(f"{path} is a folder: give the Python file that defines {func}" if os.path.isdir(path)
+                       else f"no such file: {path}")
     module_name = f"sparsec_cli_target_{abs(hash(path))}"
     module_spec = importlib.util.spec_from_file_location(module_name, path)
+    if module_spec is None:  # importlib picks a loader by suffix and has none for a script named `train` or
+        # `model.txt` (an AttributeError traceback followed): read such a file as Python source
+        loader = importlib.machinery.SourceFileLoader(module_name, path)
+        module_spec = importlib.util.spec_from_file_location(module_name, path, loader=loader)
     module = importlib.util.module_from_spec(module_spec)
     # Registered before it runs, as `import` does: @dataclass (with `from __future__ import annotations`),
     # typing.get_type_hints and pickle look the module up in sys.modules and failed without it.
     sys.modules[module_name] = module
-    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))  # let the file import its neighbours
+    # Let the file import its neighbours, as `python FILE.py` does, for the whole command (main restores
+    # sys.path): FUNC, and forward while it is traced, often import them only when called; popping the
+    # entry after the import made those fail (and popped the file's own sys.path.insert instead of ours).
+    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
     try:
         module_spec.loader.exec_module(module)
     except Exception as e:  # noqa: BLE001 - the user's file; say where it failed instead of a sparsec traceback
@@ -55,8 +64,6 @@ def load_target(spec: str) -> tuple[nn.Module, tuple | None]:
         raise CliError(f"importing {path} exited (SystemExit {e.code!r}{_at_line(e, path)}): "
                        f"the file runs a script at import; put that under `if __name__ == \"__main__\":` so "
                        f"that importing it only defines {func}") from e
-    finally:
-        sys.path.pop(0)
     builder = getattr(module, func, None)
     if not callable(builder):
         callables = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
@@ -66,6 +73,9 @@ def load_target(spec: str) -> tuple[nn.Module, tuple | None]:
         result = builder()
     except Exception as e:  # noqa: BLE001 - as above
         raise CliError(f"{path}:{func}() failed: {_where(e, path)}") from e
+    except SystemExit as e:  # (sys.exit(0) in FUNC ended the command with status 0 and no output)
+        raise CliError(f"{path}:{func}() exited (SystemExit {e.code!r}{_at_line(e, path)}) instead of returning "
+                       f"a model or (model, example_inputs)") from e
     if isinstance(result, nn.Module):
         return result, None
     if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module):
@@ -238,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _take_back_target(parser, args)
+    saved_path = list(sys.path)  # load_target adds the target's folder for the whole command
     try:
         code = args.run(args)
         sys.stdout.flush()  # (a closed pipe shows here, inside the handler below, not at interpreter exit)
@@ -250,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         # /dev/null so the interpreter's final flush does not print a second traceback (Python docs, signal)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe
+    finally:
+        sys.path[:] = saved_path  # (main called in-process: the user's folder must not shadow later imports)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ back to `sparsec.compile(..., plan=...)`, which applies it exactly.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ PLAN_VERSION = 1
 QUANT_CHOICES = (None, "int8")
 GRAD_MODES = ("magnitude", "rescale")  # how SDGP picks the data-gradient values it keeps
 BACKEND_CHOICES = (None, "torch", "triton", "cusparselt", "dense", "condensed", "bitmask")
+_PLAN_KEYS = {"format", "version", "pattern", "grad_mode", "notes", "layers"}  # what Plan.to_json writes
 
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 
@@ -212,8 +214,21 @@ class Plan:
             raise CorruptFileError(f"plan is not valid JSON: {e}") from e
         if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
             raise CorruptFileError(f"not a sparsec plan: expected an object with \"format\": \"{PLAN_FORMAT}\"")
-        if data.get("version") != PLAN_VERSION:
-            raise CorruptFileError(f"unsupported plan version {data.get('version')!r}; this sparsec reads version {PLAN_VERSION}")
+        version = data.get("version")
+        if version != PLAN_VERSION:
+            # (a plan from a newer sparsec said only what was wrong, not what to do about it)
+            newer = type(version) is int and version > PLAN_VERSION
+            raise CorruptFileError(f"unsupported plan version {version!r}; this sparsec reads version {PLAN_VERSION}"
+                                   + (" (the plan was written by a newer sparsec: upgrade sparsec here, or make the "
+                                      "plan again with this one: sparsec.explain(...) or `sparsec inspect ... --json`)"
+                                      if newer else ""))
+        # Unknown keys are refused here as in layers: a misspelt "grad_mod" was ignored, and the plan ran
+        # compile's default gradient mode instead of the "rescale" it was edited to say
+        if unknown := sorted(set(data) - _PLAN_KEYS):
+            close = {k: difflib.get_close_matches(k, _PLAN_KEYS, n=1) for k in unknown}
+            raise CorruptFileError(f"plan has unknown keys {unknown}"
+                                   + "".join(f" ({k!r}: did you mean {c[0]!r}?)" for k, c in close.items() if c)
+                                   + f"; a plan holds {sorted(_PLAN_KEYS)}")
         fields = {f.name for f in dataclasses.fields(LayerPlan)}
         required = {f.name for f in dataclasses.fields(LayerPlan) if f.default is dataclasses.MISSING}
         # ("layers" is required: a plan without it applied as "every layer dense, not listed in the given

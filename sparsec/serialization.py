@@ -17,6 +17,7 @@ import io
 import json
 import os
 import pickle
+import stat
 import threading
 import warnings
 
@@ -35,7 +36,10 @@ def save(compiled, path: str | os.PathLike) -> None:
     from sparsec.compiled import CompiledModel
 
     if not isinstance(compiled, CompiledModel):
-        raise InvalidTypeError(f"sparsec.save takes a CompiledModel (from sparsec.compile), got {type(compiled).__name__}")
+        # torch.compile(cm) and DDP(cm) are how a compiled model is run: name the model inside to save
+        inside = next((f"its .{a}" for a in ("_orig_mod", "module") if isinstance(getattr(compiled, a, None), CompiledModel)), None)
+        raise InvalidTypeError(f"sparsec.save takes a CompiledModel (from sparsec.compile), got {type(compiled).__name__}"
+                               + (f", a wrapper around one: save {inside}" if inside else ""))
     compiled.require_unsharded("sparsec.save")
     _warn_of_unsaved_hooks(compiled)
     payload = _pickled(compiled)
@@ -50,10 +54,19 @@ def save(compiled, path: str | os.PathLike) -> None:
     folder = os.path.dirname(target)
     if not os.path.isdir(folder):  # (open() would name the temp file, which the user never asked for)
         raise FileNotFoundError(errno.ENOENT, f"cannot save to {given}: no folder {folder}", given)
-    tmp = f"{target}.tmp{os.getpid()}-{threading.get_ident()}"
+    # A short temp name: "<target>.tmp<pid>-<thread>" went past the 255-byte limit on a file name for a
+    # valid target name of 230+ bytes (ENAMETOOLONG, naming the temp file)
+    tmp = os.path.join(folder, f".sparsec-save-{os.getpid()}-{threading.get_ident()}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        try:
+            f = open(tmp, "wb")
+        except OSError as e:  # (a read-only folder: the error named the temp file, which the user never asked for)
+            raise type(e)(e.errno, f"cannot save to {given}: {e.strerror} (creating a file in {folder})", given) from e
+        with f:
             f.write(MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n" + payload)
+        if os.path.isfile(target):  # the new file takes the old one's permissions, as writing into it would
+            # (open, torch.save): the temp file got the umask's, so a private 0600 model became 0644
+            os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
         os.replace(tmp, target)  # never leave a half-written file under the real name
     finally:
         if os.path.exists(tmp):  # the replace failed (path is a folder, ...): nothing is left behind either
@@ -82,7 +95,7 @@ def load(path: str | os.PathLike, map_location=None):
     from sparsec.compiled import CompiledModel
     from sparsec.plan import Plan
 
-    name = os.fspath(path)
+    name = os.fsdecode(path)  # (os.fspath kept a bytes path, and every message named it as "b'...'")
     with open(name, "rb") as f:  # FileNotFoundError as is
         data = f.read()
     if data.startswith(_ZIP_MAGIC):

@@ -198,3 +198,54 @@ def test_json_output_is_the_plan_alone_when_the_users_file_prints(tmp_path, caps
     assert "importing chatty" in captured.err and "building the model..." in captured.err
     assert main(["inspect", str(target)]) == 0  # without --json the prints stay on stdout
     assert "building the model..." in capsys.readouterr().out
+
+
+def test_func_may_import_neighbours_when_called_and_any_file_name_or_exit_is_handled(tmp_path, capsys):
+    """FUNC importing a neighbour only when called failed (the file's folder was taken off sys.path right
+    after the import); a file not named *.py (a script `train`) was an AttributeError traceback; sys.exit(0)
+    in FUNC ended the command with status 0 and no output."""
+    (tmp_path / "cli_test_nets.py").write_text(
+        "import torch, torch.nn as nn\n"
+        "def make():\n"
+        "    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),\n"
+        "                         nn.Linear(64, 4)), torch.randn(2, 64)\n")
+    lazy = "def build_model():\n    from cli_test_nets import make  # imported when called, as scripts often do\n    return make()\n"
+    before = list(sys.path)
+    for name in ("lazy.py", "train", "model.txt"):
+        (tmp_path / name).write_text(lazy)
+        assert main(["inspect", str(tmp_path / name), "--json"]) == 0, capsys.readouterr().err
+        plan = sparsec.Plan.from_json(capsys.readouterr().out)
+        # 64x64 layers, the middle one neither first nor last: only it is pruned
+        assert [(lp.name, lp.sparsity) for lp in plan] == [("0", None), ("2", "2:4"), ("4", None)]
+        assert sys.path == before, "the target's folder does not stay on sys.path after the command"
+    (tmp_path / "quits.py").write_text("import sys\ndef build_model():\n    sys.exit(0)\n")
+    assert main(["inspect", str(tmp_path / "quits.py")]) == 2
+    assert f"build_model() exited (SystemExit 0 (at {tmp_path / 'quits.py'} line 3))" in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert f"{tmp_path} is a folder: give the Python file" in capsys.readouterr().err
+
+
+def test_a_plan_file_from_a_newer_sparsec_says_what_to_do(tmp_path, capsys):
+    """A plan of a later format version said 'unsupported plan version 2' and nothing about a remedy."""
+    assert main(["inspect", MLP, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(dict(data, version=2)))
+    assert main(["inspect", MLP, "--plan", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"the plan file {path} is not a usable sparsec plan: unsupported plan version 2" in err
+    assert "written by a newer sparsec: upgrade sparsec here" in err
+
+
+def test_a_misspelt_top_level_key_in_a_plan_file_is_refused_not_ignored(tmp_path, capsys):
+    """Layer fields were checked but the plan's own keys were not: "grad_mod": "rescale" was dropped
+    without a word and the plan ran the default gradient mode."""
+    assert main(["inspect", MLP, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    data["grad_mod"] = "rescale"
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(data))
+    assert main(["inspect", MLP, "--plan", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"the plan file {path} is not a usable sparsec plan: plan has unknown keys ['grad_mod']" in err
+    assert "did you mean 'grad_mode'?" in err

@@ -320,3 +320,73 @@ def test_save_writes_through_a_symlink_from_any_thread_and_names_a_missing_folde
     with pytest.raises(IsADirectoryError, match="names a folder"):
         sparsec.save(cm, f"{tmp_path / 'out'}/")
     assert not (tmp_path / "out").exists()
+
+
+def test_saving_over_a_file_keeps_its_permissions_and_a_bytes_path_is_named_as_text(tmp_path):
+    """save writes a temp file and renames it over the old one: the new file had the umask's mode, so
+    re-saving a private (0600) model made it readable by everyone (0644); torch.save, which writes into
+    the file, keeps the mode. Messages about a bytes path named it "b'...'"."""
+    import os
+    import stat
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
+    x = torch.randn(2, 16)
+    cm = sparsec.compile(model, example_inputs=(x,), backend="torch")
+    path = tmp_path / "private.sparsec"
+    path.write_bytes(b"an older model")
+    for mode in (0o600, 0o640):
+        os.chmod(path, mode)
+        sparsec.save(cm, path)
+        assert stat.S_IMODE(os.stat(path).st_mode) == mode
+    with torch.no_grad():  # (what was saved is the model: its pruned layer is the middle one)
+        expected = torch.relu(torch.relu(x @ model[0].weight.t() + model[0].bias) @ cm.effective_weight("2").t()
+                              + model[2].bias) @ model[4].weight.t() + model[4].bias
+        assert torch.allclose(sparsec.load(path)(x), expected, atol=1e-5)
+    (tmp_path / "junk").write_bytes(b"junk")
+    with pytest.raises(CorruptFileError) as info:
+        sparsec.load(os.fsencode(tmp_path / "junk"))
+    assert str(info.value).startswith(f"{tmp_path / 'junk'} is not a sparsec model file")
+
+
+def test_a_long_file_name_saves_and_an_unwritable_folder_names_the_path_given(tmp_path):
+    """The temp file was "<name>.tmp<pid>-<thread>", past the 255-byte limit on a file name for a valid
+    name of 230+ bytes (ENAMETOOLONG naming the temp file); a folder no file can be created in was
+    reported with the temp file's name, which the user never gave."""
+    import os
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
+    x = torch.randn(2, 16)
+    cm = sparsec.compile(model, example_inputs=(x,), backend="torch")
+    long_name = tmp_path / ("m" * 240 + ".sparsec")  # 248 bytes: a valid name
+    sparsec.save(cm, long_name)
+    with torch.no_grad():
+        expected = torch.relu(torch.relu(x @ model[0].weight.t() + model[0].bias) @ cm.effective_weight("2").t()
+                              + model[2].bias) @ model[4].weight.t() + model[4].bias
+        assert torch.allclose(sparsec.load(long_name)(x), expected, atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [long_name.name]
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("needs Linux's /proc, a folder no file can be created in (chmod does not stop root)")
+    with pytest.raises(OSError, match=r"cannot save to /proc/m\.sparsec: .*creating a file in /proc") as info:
+        sparsec.save(cm, "/proc/m.sparsec")
+    assert ".tmp" not in str(info.value)
+
+
+def test_saving_a_wrapped_compiled_model_names_the_model_inside(tmp_path):
+    """torch.compile(cm) / DataParallel(cm) is how a compiled model runs; saving the wrapper said only
+    'got OptimizedModule'. The model inside saves and loads as itself."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
+    x = torch.randn(2, 16)
+    cm = sparsec.compile(model, example_inputs=(x,), backend="torch")
+    for wrapper, inside in ((torch.compile(cm), "_orig_mod"), (nn.DataParallel(cm), "module")):
+        with pytest.raises(TypeError, match=f"got {type(wrapper).__name__}, a wrapper around one: save its .{inside}"):
+            sparsec.save(wrapper, tmp_path / "m")
+        assert not (tmp_path / "m").exists()
+        sparsec.save(getattr(wrapper, inside), tmp_path / "m")
+        with torch.no_grad():
+            assert torch.allclose(sparsec.load(tmp_path / "m")(x), torch.relu(torch.relu(
+                x @ model[0].weight.t() + model[0].bias) @ cm.effective_weight("2").t() + model[2].bias)
+                @ model[4].weight.t() + model[4].bias, atol=1e-5)
+        (tmp_path / "m").unlink()
