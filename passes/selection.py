@@ -89,24 +89,29 @@ def describe_sparse(layer: LayerInfo, pattern: Pattern) -> str:
     return f"{pattern}: every output row keeps k={k} of {layer.reduction} weights (constant fan-in)"
 
 
-def layer_positions(gm: fx.GraphModule) -> tuple[set[str], set[str]]:
-    """(first, last) layer names: no other candidate upstream / downstream in the dataflow graph."""
+def layer_positions(gm: fx.GraphModule) -> tuple[dict[str, str], dict[str, str]]:
+    """(first, last): layer name -> why, for layers a call of which has no other candidate upstream /
+    downstream in the dataflow graph. Judged per call: a layer applied to the model input and again
+    mid-network (shared weights) reads the input all the same, which the rule keeps dense for; the
+    union of its calls' neighbours pruned it."""
     graph = dataflow_graph(gm)
     by_name = layer_nodes(gm)
     owner = {node: name for name, nodes in by_name.items() for node in nodes}
-    first, last = set(), set()
+    first, last = {}, {}
     for name, nodes in by_name.items():
-        up = {owner[a] for n in nodes for a in nx.ancestors(graph, n) if a in owner} - {name}
-        down = {owner[d] for n in nodes for d in nx.descendants(graph, n) if d in owner} - {name}
-        if not up:
-            first.add(name)
-        if not down:
-            last.add(name)
+        def alone_in(reached) -> bool:
+            return not any(owner.get(node, name) != name for node in reached)
+
+        for found, side, neighbours in ((first, "before", nx.ancestors), (last, "after", nx.descendants)):
+            calls = [i for i, n in enumerate(nodes) if alone_in(neighbours(graph, n))]
+            if calls:
+                found[name] = (f"no candidate layer {side} it" if len(nodes) == 1 else
+                               f"its call {calls[0] + 1} of {len(nodes)} has no candidate layer {side} it")
     return first, last
 
 
 def default_decision(layer: LayerInfo, blocker: str | None, pattern: Pattern, ctx: CompileContext,
-                     first: set[str], last: set[str]) -> Decision:
+                     first: dict[str, str], last: dict[str, str]) -> Decision:
     opts = ctx.options
 
     def dense(reason: str) -> Decision:
@@ -126,9 +131,9 @@ def default_decision(layer: LayerInfo, blocker: str | None, pattern: Pattern, ct
     sparse_text = describe_sparse(layer, pattern)
     policy = None
     if layer.name in first:
-        policy = "first layer (no candidate layer before it)"
+        policy = f"first layer ({first[layer.name]})"
     elif layer.name in last:
-        policy = "last layer (no candidate layer after it)"
+        policy = f"last layer ({last[layer.name]})"
     elif layer.out_features * layer.reduction < opts.min_weights:
         policy = f"too small to matter ({layer.out_features * layer.reduction} weights < min_weights={opts.min_weights})"
     if included_by := first_match(opts.include, layer.name):

@@ -164,6 +164,40 @@ def test_first_and_last_layers_follow_dataflow_through_in_place_writes(tracer):
         assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
 
 
+class SharedLayers(nn.Module):
+    """`edge` reads the model input and is applied again mid-network; `tail` runs mid-network and again
+    to make the model output; `a`, `b` only ever run between other layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.edge, self.a, self.b, self.tail = (nn.Linear(32, 32) for _ in range(4))
+
+    def forward(self, x):
+        h = self.a(self.edge(x))
+        h = self.tail(torch.relu(self.edge(h)))
+        return self.tail(self.b(h))
+
+
+@pytest.mark.parametrize("tracer", ["symbolic_trace", "torch.export"])
+def test_a_layer_called_at_the_edge_once_is_a_first_or_last_layer(tracer):
+    """The first / last layer rule keeps dense a layer one of whose calls reads the model input (or makes
+    its output), even when its other calls sit between other layers: `edge` was pruned (its second call
+    has `a` upstream), though its first call reads the input as any first layer does."""
+    torch.manual_seed(0)
+    model, x = SharedLayers().eval(), torch.randn(4, 32)
+    if tracer == "torch.export":
+        model = ExportOnly(model)
+    cm = sparsec.compile(model, example_inputs=(x,), min_weights=0, backend="torch")
+    assert cm.trace_method == tracer
+    prefix = "inner." if tracer == "torch.export" else ""
+    plan = {lp.name.removeprefix(prefix): lp for lp in cm.plan.layers}
+    assert plan["edge"].sparsity is None and "first layer (its call 1 of 2 has no candidate" in plan["edge"].reason
+    assert plan["tail"].sparsity is None and "last layer (its call 2 of 2 has no candidate" in plan["tail"].reason
+    assert plan["a"].sparsity == plan["b"].sparsity == "2:4", cm.plan
+    with torch.no_grad():
+        assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+
+
 def test_in_looks_layers_up_by_name_as_indexing_does():
     # `in` fell back to iterating and compared the name with each LayerPlan: "fc1" in plan was False
     plan = _plan()
