@@ -48,9 +48,11 @@ def magnitude(t: torch.Tensor) -> torch.Tensor:
 
 
 def _top_along_last(scores: torch.Tensor, keep: int) -> torch.Tensor:
-    """Boolean mask of the `keep` largest entries along the last dim; ties go to the lower index."""
+    """Boolean mask of the `keep` largest entries along the last dim; ties go to the lower index.
+    (Out of place, from zeros_like: torch.func.vmap refuses an in-place scatter into a fresh unbatched
+    buffer, and SDGP's backward, which prunes with nm_mask, runs batched under vmap.)"""
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :keep]
-    return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, order, True)
+    return torch.zeros_like(scores, dtype=torch.bool).scatter(-1, order, True)
 
 
 def nm_mask(rows: torch.Tensor, n: int, m: int) -> torch.Tensor:

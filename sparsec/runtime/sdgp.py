@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsec.errors import InvalidInputError
-from sparsec.reference import magnitude
+from sparsec.reference import nm_mask
 
 MODES = ("magnitude", "rescale")
 
@@ -103,16 +103,6 @@ def _rescale_l1(dy: torch.Tensor, pruned: torch.Tensor, dim: int) -> torch.Tenso
     return (pruned.to(acc) * ratio).to(dy.dtype)
 
 
-def _nm_keep(rows: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """`reference.nm_mask` (the same ranking: |x| descending, stable, so ties go to the lower index),
-    built out of place: nm_mask scatters in place into a fresh `torch.zeros(shape)`, which
-    `torch.func.vmap` refuses (the unbatched buffer cannot take a batched scatter), and vmap over
-    a Function with `generate_vmap_rule` runs this backward batched."""
-    groups = magnitude(rows).reshape(*rows.shape[:-1], rows.shape[-1] // m, m)
-    order = torch.sort(groups, dim=-1, descending=True, stable=True).indices[..., :n]
-    return torch.zeros_like(groups, dtype=torch.bool).scatter(-1, order, True).reshape(rows.shape)
-
-
 def prune_grad(dy: torch.Tensor, n: int, m: int, dim: int, mode: str = "magnitude") -> torch.Tensor:
     """N:M magnitude pruning of `dy` along `dim`.
 
@@ -138,7 +128,7 @@ def prune_grad(dy: torch.Tensor, n: int, m: int, dim: int, mode: str = "magnitud
         return dy
     _check_groupable(dy.shape[dim], m, f"along dim {dim} of shape {tuple(dy.shape)}")
     # Groups run along the last dim; moving `dim` there makes the grouping semantic.
-    keep = _nm_keep(dy.movedim(dim, -1), n, m).movedim(-1, dim)
+    keep = nm_mask(dy.movedim(dim, -1), n, m).movedim(-1, dim)
     # clone() keeps dy's strides (out-of-place masked_fill would return NCHW for an NHWC dy).
     pruned = dy.clone().masked_fill_(~keep, 0)
     if mode == "rescale":
