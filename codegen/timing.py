@@ -95,9 +95,14 @@ def time_cuda(fn, repeats: int = REPEATS, graph: bool = False, l2_flush: str = "
 
 
 def time_cpu(fn, block_s: float = 0.02, blocks: int = 7, cold: bool = False) -> float:
-    """Median seconds per call over `blocks` blocks of repeated calls (one short call is too short to
-    time; a call longer than a block is timed alone). cold: the median of `blocks` single calls (at
-    least 3), each after the CPU caches were evicted (codegen/cpu_cache.py)."""
+    """Seconds per call: the least over `blocks` blocks of repeated calls (one short call is too short
+    to time; a call longer than a block is timed alone). cold: the least of `blocks` single calls (at
+    least 3), each after the CPU caches were evicted (codegen/cpu_cache.py).
+
+    The least, not the median: on a shared machine another process takes the core for whole time
+    slices, which only ever adds to a sample; with two processes on this project's 2 cores most
+    samples of a short call held one (a 64 x 64 layer's median read 15 ms), and the median was that.
+    The least disturbed sample is the call's own time, for every candidate alike."""
     start = time.perf_counter()
     fn()
     first = time.perf_counter() - start
@@ -108,7 +113,7 @@ def time_cpu(fn, block_s: float = 0.02, blocks: int = 7, cold: bool = False) -> 
             start = time.perf_counter()
             fn()
             samples.append(time.perf_counter() - start)
-        return statistics.median(samples)
+        return min(samples)
     per_block = 1
     if first < block_s:
         calls, start = 0, time.perf_counter()
@@ -122,7 +127,7 @@ def time_cpu(fn, block_s: float = 0.02, blocks: int = 7, cold: bool = False) -> 
         for _ in range(per_block):
             fn()
         times.append((time.perf_counter() - start) / per_block)
-    return statistics.median(times)
+    return min(times)
 
 
 def timed_in_rounds(fns: dict, timer, rounds: int, failed: dict) -> dict[str, float]:

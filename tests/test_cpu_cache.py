@@ -44,6 +44,24 @@ def test_cold_timing_evicts_before_every_timed_call(monkeypatch):
     assert "evict" not in events
 
 
+@pytest.mark.parametrize("cold", [False, True])
+def test_cpu_timing_is_not_the_time_another_process_held_the_core(monkeypatch, cold):
+    """Another process taking the core only adds to a sample: with two of three samples held up (by 50
+    ms, a time slice or few), the timing is still the call's own 1 ms (the median was the held-up one).
+    A fake clock that the call advances by 1 ms, and by 50 ms more in the held-up samples."""
+    from sparsec.codegen import timing
+
+    clock, calls = [0.0], [0]
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(cpu_cache, "evict", lambda: None)
+
+    def call():  # (a warm-up call, then three samples of one call each: a 1 ms call fills a 0.5 ms block)
+        calls[0] += 1
+        clock[0] += 1e-3 + (50e-3 if calls[0] in (3, 4) else 0.0)
+
+    assert measure.time_cpu(call, block_s=0.5e-3, blocks=3, cold=cold) == pytest.approx(1e-3)
+
+
 def test_evict_reads_a_buffer_twice_the_cache(monkeypatch):
     monkeypatch.setattr(cpu_cache, "last_level_cache_bytes", lambda: 1 << 20)
     cpu_cache.evict()
