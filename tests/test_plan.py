@@ -148,16 +148,21 @@ class ExportOnly(nn.Module):
         return self.inner(x)
 
 
-@pytest.mark.parametrize("tracer", ["symbolic_trace", "torch.export"])
-def test_first_and_last_layers_follow_dataflow_through_in_place_writes(tracer):
+def _compiled_by(tracer: str, model_class, x_shape: tuple[int, ...]):
+    """(model, x, compiled model, plan entries by the layer's own name): a seeded model_class() and input,
+    captured by `tracer` (wrapped in ExportOnly for torch.export)."""
     torch.manual_seed(0)
-    model, x = WritesInPlace().eval(), torch.randn(8, 64)
-    if tracer == "torch.export":
-        model = ExportOnly(model)
+    model, x = model_class().eval(), torch.randn(x_shape)
+    model = model if tracer == "symbolic_trace" else ExportOnly(model)
     cm = sparsec.compile(model, example_inputs=(x,), min_weights=0, backend="torch")
     assert cm.trace_method == tracer
     prefix = "inner." if tracer == "torch.export" else ""
-    reasons = {lp.name.removeprefix(prefix): lp for lp in cm.plan.layers}
+    return model, x, cm, {lp.name.removeprefix(prefix): lp for lp in cm.plan.layers}
+
+
+@pytest.mark.parametrize("tracer", ["symbolic_trace", "torch.export"])
+def test_first_and_last_layers_follow_dataflow_through_in_place_writes(tracer):
+    model, x, cm, reasons = _compiled_by(tracer, WritesInPlace, (8, 64))
     assert "first layer" in reasons["a"].reason and "last layer" in reasons["out"].reason
     assert reasons["b"].sparsity == "2:4" and reasons["c"].sparsity == "2:4", cm.plan
     with torch.no_grad():
@@ -183,14 +188,7 @@ def test_a_layer_called_at_the_edge_once_is_a_first_or_last_layer(tracer):
     """The first / last layer rule keeps dense a layer one of whose calls reads the model input (or makes
     its output), even when its other calls sit between other layers: `edge` was pruned (its second call
     has `a` upstream), though its first call reads the input as any first layer does."""
-    torch.manual_seed(0)
-    model, x = SharedLayers().eval(), torch.randn(4, 32)
-    if tracer == "torch.export":
-        model = ExportOnly(model)
-    cm = sparsec.compile(model, example_inputs=(x,), min_weights=0, backend="torch")
-    assert cm.trace_method == tracer
-    prefix = "inner." if tracer == "torch.export" else ""
-    plan = {lp.name.removeprefix(prefix): lp for lp in cm.plan.layers}
+    model, x, cm, plan = _compiled_by(tracer, SharedLayers, (4, 32))
     assert plan["edge"].sparsity is None and "first layer (its call 1 of 2 has no candidate" in plan["edge"].reason
     assert plan["tail"].sparsity is None and "last layer (its call 2 of 2 has no candidate" in plan["tail"].reason
     assert plan["a"].sparsity == plan["b"].sparsity == "2:4", cm.plan
