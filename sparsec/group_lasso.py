@@ -126,6 +126,11 @@ class LayerWeight:
         """`effective()` detached and whole (gathered from the ranks under FSDP: a collective)."""
         return full(self.effective().detach())
 
+    def computed(self) -> torch.Tensor:
+        """The whole weight the layer computes with. Unlike `effective()` this applies an SR-STE layer's
+        mask too (derived from the weight now): what the model's sparsity is, and what shrink removes."""
+        return self.owner.effective_weight() if isinstance(self.owner, TrainableLayer) else self.whole_effective()
+
 
 def layer_weights(cm, layers: Iterable[str] | None = None) -> list[LayerWeight]:
     """The plan's layers present in cm's graph, optionally restricted to names / full-match regexes."""
@@ -205,10 +210,14 @@ class FrozenGroups:
     def __init__(self, layers: list[LayerWeight], keep: dict[str, torch.Tensor]):
         self.masks = keep  # layer name -> bool, weight shape: True = trainable, False = frozen at 0
         self._layers = {lw.name: lw for lw in layers}
-        self._handles = [self._hook(self._layers[name].weight, k) for name, k in keep.items()]
+        self._handles = [h for name, k in keep.items() if (h := self._hook(self._layers[name].weight, k)) is not None]
 
     @staticmethod
     def _hook(param: nn.Parameter, keep: torch.Tensor):
+        if not param.requires_grad:
+            # A frozen layer (requires_grad=False, e.g. a fixed backbone) gets no gradient, so no optimizer
+            # moves it, and torch refuses a hook on it. Unfreezing it later needs freeze_zero_groups() again.
+            return None
         if is_sharded(param):
             local_keep = shard_like(keep, param)
 
@@ -245,14 +254,24 @@ class GroupLasso:
             raise InvalidTypeError(f"GroupLasso needs a sparsec.CompiledModel, got {type(cm).__name__}; pass the "
                                    f"compiled model itself (for a DDP wrapper, its .module), or compile the model "
                                    f"first: sparsec.compile(model, pattern='dense', example_inputs=..., train=True)")
+        self.lam = lam
+        self.groups = parse_groups(groups)
+        cm.check_whole_weights("GroupLasso")
+        self.layers = layer_weights(cm, layers)
+
+    @property
+    def lam(self) -> float:
+        return self._lam
+
+    @lam.setter
+    def lam(self, lam: float) -> None:
+        # A property, so a schedule that sets `gl.lam = ...` each step is checked like the constructor:
+        # a negative or NaN lam would silently reward larger groups or make the loss NaN.
         if isinstance(lam, bool) or not isinstance(lam, numbers.Real):  # numbers.Real: numpy scalars too
             raise InvalidTypeError(f"lam must be a number, got {type(lam).__name__}")
         if not math.isfinite(lam) or lam < 0:
             raise InvalidInputError(f"lam must be a finite number >= 0, got {lam}")
-        self.lam = float(lam)
-        self.groups = parse_groups(groups)
-        cm.check_whole_weights("GroupLasso")
-        self.layers = layer_weights(cm, layers)
+        self._lam = float(lam)
 
     def _norms(self, lw: LayerWeight, kind: str, weight: torch.Tensor | None = None) -> torch.Tensor:
         w = lw.effective() if weight is None else weight
@@ -270,8 +289,8 @@ class GroupLasso:
 
     @torch.no_grad()
     def zero_small_(self, threshold: float) -> int:
-        """Set every group (of the configured types) whose norm is <= threshold to exactly 0.
-        Returns how many groups were nonzero before and are zero now."""
+        """Set every group (of the configured types) whose norm is <= threshold, as the weights are at the
+        call, to exactly 0. Returns how many groups were nonzero before and are zero now."""
         if isinstance(threshold, torch.Tensor) and threshold.numel() == 1 and not threshold.is_complex():
             threshold = threshold.item()  # e.g. a quantile of the norms
         if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):  # "a" >= 0 says nothing useful
@@ -280,12 +299,18 @@ class GroupLasso:
             raise InvalidInputError(f"threshold must be >= 0, got {threshold}")
         zeroed = 0
         for lw in self.layers:
-            for kind in self.groups:
-                w = lw.whole_effective()
-                norms = self._norms(lw, kind, w)
-                small = norms <= threshold
-                zeroed += int((small & (norms > 0)).sum())
-                lw.weight.mul_(shard_like(_expand(~small, kind, w, lw.op, lw.conv_groups), lw.weight))
+            # Judge every group type on the norms before any zeroing. Zeroing rows first shrinks the column
+            # norms; judging columns on those cascaded (one small row could take columns and then rows above
+            # the threshold with it, down to the whole layer) and made the result depend on the order of `groups`.
+            w = lw.whole_effective()
+            before = {kind: self._norms(lw, kind, w) for kind in self.groups}
+            keep = torch.ones_like(w, dtype=torch.bool)
+            for kind, norms in before.items():
+                keep &= _expand(~(norms <= threshold), kind, w, lw.op, lw.conv_groups)  # (a NaN group is kept: seen)
+            lw.weight.mul_(shard_like(keep, lw.weight))
+            after = lw.whole_effective()
+            for kind, norms in before.items():
+                zeroed += int(((norms > 0) & (self._norms(lw, kind, after) == 0)).sum())
         return zeroed
 
     @torch.no_grad()
@@ -305,10 +330,10 @@ class GroupLasso:
         """Percent zero per layer, as SSL's GetGroupSparsity counts them, plus a "total" entry:
         element (weights), row (output features / filters), column (columns of the `[out, K]` GEMM
         view: input features for Linear / matmul, (channel, kh, kw) shapes for conv) and channel
-        (input features / channels)."""
+        (input features / channels). Counted on the weight each layer computes with (masked)."""
         counts: dict[str, dict[str, tuple[int, int]]] = {}
         for lw in self.layers:
-            w = lw.whole_effective()
+            w = lw.computed()
             v = w.t() if lw.op == "matmul" else w
             gemm = v.reshape(v.shape[0], -1)
             counts[lw.name] = {

@@ -60,7 +60,7 @@ def test_norms_gradcheck_and_match_plain_torch(op, shape, groups):
     assert torch.autograd.gradcheck(lambda t: row_norms(t, op, groups).sum() + col_norms(t, op, groups).sum(), (w,))
 
 
-@pytest.mark.parametrize("groups", ["rows", "cols", ["rows", "cols"], "filters", "channels"])
+@pytest.mark.parametrize("groups", ["rows", "cols", ["rows", "cols"], "filters", "channels", ["rows", "filters"]])
 def test_penalty_value_on_a_compiled_model(groups):
     torch.manual_seed(0)
     model, (x,) = load_example("cnn").build_model()
@@ -68,7 +68,8 @@ def test_penalty_value_on_a_compiled_model(groups):
     lam = 0.3
     expected = 0.0
     alias = {"filters": "rows", "channels": "cols"}
-    kinds = [alias.get(g, g) for g in ([groups] if isinstance(groups, str) else groups)]
+    # an alias names the same groups: ["rows", "filters"] counts each row once
+    kinds = list(dict.fromkeys(alias.get(g, g) for g in ([groups] if isinstance(groups, str) else groups)))
     for name, module in model.named_modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             op, g = ("linear", 1) if isinstance(module, nn.Linear) else ("conv2d", module.groups)
@@ -364,3 +365,272 @@ def test_save_warns_that_frozen_groups_are_not_in_the_file_and_freezing_again_ho
         opt.step()
         moved = float(loaded.graph_module.get_submodule("0").weight[:4].detach().abs().sum())
         assert (moved == 0) == refreeze, moved
+
+
+# ---------------------------------------------------------------------------- independent reference on random models
+#
+# methods.md (c): penalty = lam * sum over layers, group types, groups g of ||w_g||_2 (bias never in a group);
+# gradient lam * w / ||w_g|| summed over the groups holding w, exactly 0 for a zero group. The weight is the one
+# the penalty sees: `weight * mask` for a fixed-mask layer (pruned entries get no gradient), the dense weight for
+# SR-STE. Groups are written out one by one here, as index masks, to stay independent of group_view's reshapes.
+
+
+def ref_group_masks(shape, op: str, kind: str, conv_groups: int = 1) -> list[torch.Tensor]:
+    """One bool mask (weight shape) per group: rows = output features, cols = input features (conv: per conv group)."""
+    groups = []
+    if op == "matmul":  # y = x @ W, W [K, N]: output n reads W[:, n], input k is W[k, :]
+        k, n = shape
+        for i in range(n if kind == "rows" else k):
+            m = torch.zeros(shape, dtype=torch.bool)
+            if kind == "rows":
+                m[:, i] = True
+            else:
+                m[i, :] = True
+            groups.append(m)
+        return groups
+    out, cin = shape[0], shape[1]
+    if kind == "rows":
+        for o in range(out):
+            m = torch.zeros(shape, dtype=torch.bool)
+            m[o] = True
+            groups.append(m)
+        return groups
+    og = out // conv_groups
+    for j in range(conv_groups):  # input channel c of conv group j is read only by that group's filters
+        for c in range(cin):
+            m = torch.zeros(shape, dtype=torch.bool)
+            m[j * og:(j + 1) * og, c] = True
+            groups.append(m)
+    return groups
+
+
+def ref_penalty_and_grad(w: torch.Tensor, op: str, kinds, conv_groups: int, lam: float):
+    """(value, d value / d w) in float64, by the formula, group by group."""
+    w = w.double()
+    value, grad = torch.zeros((), dtype=torch.float64), torch.zeros_like(w)
+    for kind in kinds:
+        for m in ref_group_masks(w.shape, op, kind, conv_groups):
+            norm = w[m].square().sum().sqrt()
+            value += norm
+            if norm > 0:
+                grad[m] += w[m] / norm
+    return lam * value, lam * grad
+
+
+class RandomNet(nn.Module):
+    """conv2d (grouped) -> conv1d (grouped) -> linear -> matmul parameter, sizes drawn by hypothesis."""
+
+    def __init__(self, c0, c1, g1, k1, c2, g2, f, n):
+        super().__init__()
+        self.conv = nn.Conv2d(c0, c1, k1, groups=g1, padding=k1 // 2)
+        self.conv1 = nn.Conv1d(c1, c2, 3, groups=g2, padding=1)
+        self.fc = nn.Linear(c2, f)
+        self.w = nn.Parameter(torch.randn(f, n))
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).mean(-1)
+        h = torch.relu(self.conv1(h)).mean(-1)
+        return torch.relu(self.fc(h)) @ self.w
+
+
+def _layer_state(cm, name: str):
+    """(stored parameter, mask the penalty applies or None, op, conv groups), found without GroupLasso's code."""
+    module = cm.sparse_module(name)
+    op, groups = cm.plan[name].op, 1
+    if module is not None:
+        mask = module.weight_mask if module.weight_update == "fixed" else None
+        if module.conv is not None:
+            groups = module.conv.groups
+        return module.weight, mask, op, groups
+    if name == "w":
+        return cm.graph_module.get_parameter("w"), None, op, 1
+    sub = cm.graph_module.get_submodule(name)
+    return sub.weight, None, op, getattr(sub, "groups", 1)
+
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def random_setups(draw):
+    # channel counts per conv group from {1, 2, 3, 4}: some reductions are multiples of 4 (masked under 2:4),
+    # some not (those layers stay dense)
+    g1 = draw(st.sampled_from([1, 2, 4]))
+    c0, c1 = g1 * draw(st.integers(1, 4)), g1 * draw(st.integers(1, 4))
+    g2 = draw(st.sampled_from([g for g in (1, 2, 4) if c1 % g == 0]))
+    c2 = g2 * draw(st.integers(1, 4))
+    f, n = 4 * draw(st.integers(1, 2)), draw(st.integers(1, 5))
+    return dict(
+        sizes=(c0, c1, g1, draw(st.sampled_from([1, 3])), c2, g2, f, n),
+        mode=draw(st.sampled_from(["dense", "fixed", "ste"])),
+        kinds=draw(st.sampled_from([["rows"], ["cols"], ["rows", "cols"], ["cols", "filters"], ["filters", "rows"],
+                                    "channels"])),
+        lam=draw(st.floats(0.0, 5.0)),
+        dtype=draw(st.sampled_from([torch.float32, torch.float64])),
+        zero_frac=draw(st.floats(0.0, 0.6)),
+        quantile=draw(st.floats(0.0, 1.0)),
+        dirty=draw(st.booleans()),  # stored weights under a fixed mask nonzero (a dense checkpoint loaded in)
+        seed=draw(st.integers(0, 2 ** 16)),
+    )
+
+
+@given(random_setups())
+def test_random_models_match_the_reference(setup):
+    torch.manual_seed(setup["seed"])
+    model = RandomNet(*setup["sizes"]).to(setup["dtype"])
+    with torch.no_grad():  # zero whole rows / input columns so the zero-norm branch is hit
+        for p in (model.conv.weight, model.conv1.weight, model.fc.weight, model.w):
+            p[torch.rand(p.shape[0]) < setup["zero_frac"]] = 0
+            p[:, torch.rand(p.shape[1]) < setup["zero_frac"]] = 0
+    x = torch.randn(2, setup["sizes"][0], 5, 5, dtype=setup["dtype"])
+    kw = {} if setup["mode"] == "dense" else dict(
+        pattern="2:4", include=[".*"], weight_update="fixed" if setup["mode"] == "fixed" else "ste")
+    cm = sparsec.compile(model, **{"pattern": "dense", **kw}, example_inputs=(x,), train=True)
+    alias = {"filters": "rows", "channels": "cols"}
+    kinds = list(dict.fromkeys(alias.get(k, k) for k in ([setup["kinds"]] if isinstance(setup["kinds"], str)
+                                                         else setup["kinds"])))
+    layers = {name: _layer_state(cm, name) for name in ("conv", "conv1", "fc", "w")}
+    if setup["dirty"]:  # the forward reads weight * mask, so must the penalty: the noise must not count
+        with torch.no_grad():
+            for weight, mask, *_ in layers.values():
+                if mask is not None:
+                    weight[~mask] = torch.randn_like(weight)[~mask]
+    tol = dict(rtol=1e-5, atol=1e-6) if setup["dtype"] == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+
+    gl = GroupLasso(cm, setup["lam"], setup["kinds"])
+    assert sorted(lw.name for lw in gl.layers) == sorted(layers)
+    value = gl()
+    value.backward()
+    expected = torch.zeros((), dtype=torch.float64)
+    for name, (weight, mask, op, groups) in layers.items():
+        seen = weight.detach() * mask if mask is not None else weight.detach()
+        v, g = ref_penalty_and_grad(seen, op, kinds, groups, setup["lam"])
+        expected += v
+        g = g * mask if mask is not None else g  # d(weight * mask) / d weight
+        assert torch.isfinite(weight.grad).all(), name
+        torch.testing.assert_close(weight.grad.double(), g, **tol, msg=name)
+        if mask is not None:
+            assert (weight.grad[~mask] == 0).all(), name  # pruned weights get exactly no push
+    torch.testing.assert_close(value.double(), expected, **tol)
+
+    # zero_small_: every group with norm <= threshold, judged on the norms at the call, becomes exactly 0
+    norms = {}
+    for name, (w, mask, op, g) in layers.items():
+        seen = w.detach() * mask if mask is not None else w.detach()
+        norms[name] = {k: torch.stack([seen[m].double().norm() for m in ref_group_masks(seen.shape, op, k, g)])
+                       for k in kinds}
+    # a threshold halfway between two distinct norms: a norm right at it would read as above or below it
+    # depending on fp32 / fp64 rounding
+    levels = torch.cat([n for d in norms.values() for n in d.values()]).unique()  # sorted
+    i = int(setup["quantile"] * (len(levels) - 1))
+    threshold = float((levels[i] + levels[i + 1]) / 2) if i + 1 < len(levels) else float(levels[i]) * 2 + 1
+    before = {name: w.detach().clone() for name, (w, *_) in layers.items()}
+    count = gl.zero_small_(threshold)
+    expected_count = 0
+    for name, (weight, mask, op, groups) in layers.items():
+        keep = torch.ones(weight.shape, dtype=torch.bool)
+        for k in kinds:
+            for m, nrm in zip(ref_group_masks(weight.shape, op, k, groups), norms[name][k]):
+                if nrm <= threshold:
+                    keep &= ~m
+        assert torch.equal(weight.detach(), before[name] * keep), name
+        seen = weight.detach() * mask if mask is not None else weight.detach()
+        for k in kinds:
+            for m, nrm in zip(ref_group_masks(weight.shape, op, k, groups), norms[name][k]):
+                expected_count += int(nrm > 0 and not seen[m].any())
+    assert count == expected_count
+
+    # freeze_zero_groups: exactly the all-zero groups of the weight the penalty sees are frozen
+    frozen = gl.freeze_zero_groups()
+    for name, (weight, mask, op, groups) in layers.items():
+        seen = weight.detach() * mask if mask is not None else weight.detach()
+        keep = torch.ones(weight.shape, dtype=torch.bool)
+        for k in kinds:
+            for m in ref_group_masks(weight.shape, op, k, groups):
+                if not seen[m].any():
+                    keep &= ~m
+        assert torch.equal(frozen.masks[name], keep), name
+    frozen.remove()
+
+    # sparsity(): SSL's counts on the weight each layer computes with
+    s = gl.sparsity()
+    for name in layers:
+        eff = cm.effective_weight(name)
+        w, _, op, groups = layers[name]
+        n_rows = len(ref_group_masks(w.shape, op, "rows", groups))
+        zero_rows = sum(not eff[m].any() for m in ref_group_masks(w.shape, op, "rows", groups))
+        zero_chan = [not eff[m].any() for m in ref_group_masks(w.shape, op, "cols", groups)]
+        assert s[name]["element"] == pytest.approx(100 * (eff == 0).sum().item() / eff.numel()), name
+        assert s[name]["row"] == pytest.approx(100 * zero_rows / n_rows), name
+        assert s[name]["channel"] == pytest.approx(100 * sum(zero_chan) / len(zero_chan)), name
+
+
+# ---------------------------------------------------------------------------- regressions found in review
+
+
+@pytest.mark.parametrize("kinds", [["rows", "cols"], ["cols", "rows"]])
+def test_zero_small_judges_all_groups_before_zeroing_any(kinds):
+    """Row 0 (norm 0.42) is the only group at or below 0.45. Judged one type after the other, zeroing
+    row 0 first left both columns at 0.4, which then went too, and then row 1 (0.57): the whole layer,
+    and only for ["rows", "cols"]."""
+    model = nn.Sequential(nn.Linear(3, 2))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[0.3, 0.3, 0.0], [0.4, 0.4, 0.0]]))
+    cm = dense(model, torch.randn(2, 3))
+    assert GroupLasso(cm, 1.0, kinds).zero_small_(0.45) == 1  # row 0; column 2 was zero before
+    w = cm.graph_module.get_parameter("0.weight").detach()
+    torch.testing.assert_close(w, torch.tensor([[0.0, 0.0, 0.0], [0.4, 0.4, 0.0]]))
+
+
+def test_freeze_zero_groups_with_a_frozen_layer():
+    """A layer with requires_grad=False (a fixed backbone) took torch's 'cannot register a hook on a
+    tensor that doesn't require gradient' out of freeze_zero_groups; the trainable layers must still freeze."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    model[0].weight.requires_grad_(False)
+    with torch.no_grad():
+        model[0].weight[2] = 0
+        model[2].weight[1] = 0
+    cm = dense(model, torch.randn(2, 6))
+    gl = GroupLasso(cm, 1e-2, "rows")
+    frozen = gl.freeze_zero_groups()
+    assert not frozen.masks["0"][2].any() and not frozen.masks["2"][1].any()
+    opt = torch.optim.SGD([p for p in cm.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    x = torch.randn(16, 6)
+    for _ in range(5):
+        opt.zero_grad()
+        (cm(x).square().mean() + gl()).backward()
+        opt.step()
+    assert (cm.graph_module.get_parameter("2.weight")[1] == 0).all()
+    assert (cm.graph_module.get_parameter("2.weight")[0] != 0).all()  # the rest trained
+    frozen.remove()
+
+
+def test_sparsity_counts_the_weight_an_ste_layer_computes_with():
+    """SR-STE keeps the dense weight and re-derives the mask each step: sparsity() read the dense weight and
+    said 0% while the layer computes with 50% zeros and two all-zero input channels (which shrink removes)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    with torch.no_grad():
+        model[2].weight[:, 4:6] *= 1e-3  # in every row, columns 4 and 5 lose their 2:4 group to 6 and 7
+    cm = sparsec.compile(model, pattern="2:4", example_inputs=(torch.randn(2, 8),), train=True, include=["2"],
+                         weight_update="ste")
+    s = GroupLasso(cm, 1.0, "cols", layers=["2"]).sparsity()["2"]
+    assert s["element"] == 50.0
+    assert s["channel"] == pytest.approx(100 * 2 / 16) and s["column"] == pytest.approx(100 * 2 / 16)
+    assert s["row"] == 0.0
+
+
+def test_lam_assigned_later_is_checked_like_the_constructor_argument():
+    """A schedule sets gl.lam each step; a negative or NaN lam was taken silently (a reward for larger groups,
+    a NaN loss)."""
+    model, (x,) = load_example("mlp").build_model()
+    gl = GroupLasso(dense(model, x), 0.1)
+    gl.lam = 0.5  # a schedule's next value
+    assert gl.lam == 0.5 and isinstance(gl.lam, float)
+    for bad, err in ((-0.1, ValueError), (float("nan"), ValueError), (float("inf"), ValueError),
+                     (True, TypeError), ("0.1", TypeError)):
+        with pytest.raises(err, match="lam"):
+            gl.lam = bad
+    assert gl.lam == 0.5
