@@ -291,12 +291,35 @@ class CompiledModel(nn.Module):
         if packed:  # (shrink's refusal named shrink, which the caller never called)
             raise InvalidInputError(f"condense works on a model compiled with train=True (after fan-in / SRigL "
                                     f"training); layers {packed} of this one are already packed for inference")
-        inputs = example_inputs if example_inputs is not None else self.example_inputs_like()
+        inputs = example_inputs if example_inputs is not None else self._condense_inputs()
         smaller = shrink(self, ragged_fanin=True)
         options.setdefault("pattern", "dense")  # layers not trained sparse stay dense
         condensed = compile_model(smaller, example_inputs=inputs, **options)
         condensed.shrink_report = smaller.shrink_report
         return condensed
+
+    def _condense_inputs(self) -> tuple:
+        """condense's example inputs when none are given: example_inputs_like(), converted as the model
+        was after compiling. The recorded spec holds the compile-time dtype and no device, so a model
+        compiled in float32 and then trained in bfloat16 (cm.to(torch.bfloat16)) got float32 inputs its
+        layers refused ("the example inputs do not fit the model", though the caller passed none), and
+        one moved to a GPU got CPU inputs."""
+        weights = [p for p in self.parameters() if p.is_floating_point()]
+        compiled = {lp.dtype for lp in self.plan}  # the layers' weight dtype when compiled
+        dtypes, devices = {p.dtype for p in weights}, {p.device for p in weights}
+        # Only a whole-model conversion is followed: with mixed dtypes, which input feeds which is unknown.
+        old = compiled.pop() if len(compiled) == 1 else None
+        new = dtypes.pop() if len(dtypes) == 1 else None
+        device = devices.pop() if len(devices) == 1 else None
+
+        def converted(t):
+            if not isinstance(t, torch.Tensor):
+                return t
+            if new is not None and t.is_floating_point() and dtype_name(t.dtype) == old:
+                t = t.to(new)
+            return t if device is None else t.to(device)
+
+        return tuple(converted(t) for t in self.example_inputs_like())
 
     def __repr__(self) -> str:
         return (f"CompiledModel(traced with {self.trace_method}, {len(self.plan.sparse_layers)} of {len(self.plan)} "

@@ -6,6 +6,7 @@ import torch
 
 import sparsec
 from oracle import load_example, output_error, pruned_model
+from sparsec.plan import dtype_name
 from sparsec.runtime import condensed_cpu
 from sparsec.runtime.condensed_linear import CondensedLinear
 
@@ -192,3 +193,49 @@ def test_a_model_with_an_empty_layer_compiles_with_that_layer_dense(pattern):
     assert cm.plan["a"].sparsity == cm.plan["b"].sparsity == pattern
     with torch.no_grad():
         assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+
+
+# --------------------------------------------------------------------------- condense (after fan-in training)
+
+
+def _trained_fanin_mlp():
+    """A train=True fan-in MLP with what training leaves: masked weights moved off their init and two
+    neurons of the hidden layer ablated (all-zero rows, mask False)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(48, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
+                                torch.nn.Linear(64, 10))
+    x = torch.randn(8, 48)
+    cm = sparsec.compile(model, pattern="fanin:0.9", example_inputs=(x,), train=True, include=[".*"], min_weights=0)
+    with torch.no_grad():
+        for name in ("0", "2", "4"):
+            layer = cm.sparse_module(name)
+            layer.weight.add_(torch.randn_like(layer.weight) * 0.1).mul_(layer.weight_mask)
+        hidden = cm.sparse_module("2")
+        hidden.weight_mask[[3, 7]] = False
+        hidden.weight[[3, 7]] = 0
+    return model, cm.eval()
+
+
+def _masked_copy(model, cm):
+    """Plain torch: `model` with each trained layer's weight * mask and its bias."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for lp in cm.plan:
+            layer, plain = cm.sparse_module(lp.name), ref.get_submodule(lp.name)
+            plain.weight.copy_(layer.weight * layer.weight_mask)
+            plain.bias.copy_(layer.bias)
+    return ref
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 2e-2), (torch.float16, 4e-3)])
+def test_condense_without_inputs_follows_a_dtype_conversion_after_compiling(dtype, tolerance):
+    """A model compiled in float32, then converted (trained in 16 bits): condense() with no example
+    inputs made float32 ones from the compile-time spec, and the converted layers refused them
+    ("the example inputs do not fit the model", though none were passed)."""
+    model, cm = _trained_fanin_mlp()
+    cm = cm.to(dtype)
+    small = cm.condense(backend="torch")
+    assert all(lp.dtype == dtype_name(dtype) for lp in small.plan)
+    x = torch.randn(5, 48, dtype=dtype)
+    with torch.no_grad():
+        assert output_error(small(x).double(), _masked_copy(model, cm).to(dtype)(x).double()) <= tolerance
