@@ -5,10 +5,11 @@ Chain, in this order, each step optional:
 (a conv layer's chain is its activation and cast: its channels are not the last dim)
 (the int8 dequant scale is part of the layer already). Views / reshapes that keep the last dim may
 sit anywhere in the chain: they stay in the graph, and the steps after them move into the kernel.
-A step is absorbed only when the value before it has no other user, and only for a layer called
-from one place (the epilogue belongs to the module, which every call site shares). Each absorbed
-op increments `fused_<op>`. A bias / scale vector is copied into the layer (in the layer's dtype): only one
-that nothing else in the graph reads, and if trainable, only one of the layer's shape and dtype.
+A step is absorbed only when the value before it has no other user (torch.export's metadata check before
+a cast reads none: it is erased with the chain), and only for a layer called from one place (the
+epilogue belongs to the module, which every call site shares). Each absorbed op increments
+`fused_<op>`. A bias / scale vector is copied into the layer (in the layer's dtype): only one that
+nothing else in the graph reads, and if trainable, only one of the layer's shape and dtype.
 
 Rule table: each entry is (pattern check, what it contributes); one comment per rule.
 """
@@ -36,6 +37,12 @@ _MUL = {operator.mul, torch.mul, aten.mul.Tensor}
 _CAST_METHODS = {"half": torch.float16, "float": torch.float32, "bfloat16": torch.bfloat16}
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _VIEW_FUNCTIONS = {torch.reshape, aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+# h.add(v) / h.mul(v), and `buffer + h` / `buffer * h`: fx records a tensor on the left as buffer.add(h)
+_VECTOR_METHODS = {"add": _ADD, "mul": _MUL}
+# torch.export puts a metadata check before each .to(dtype) (aten.to.dtype): a user that reads no value
+# (its own users: none), so it does not keep a value from being fused; it checks the dtype the value had
+# before the cast, which the kernel no longer writes, so it is erased with the chain
+_METADATA_CHECKS = {aten._assert_tensor_metadata.default} if hasattr(aten, "_assert_tensor_metadata") else set()
 
 
 def _activation(gm: fx.GraphModule, node: fx.Node, x: fx.Node) -> str | None:
@@ -64,7 +71,8 @@ def _vector_operand(gm: fx.GraphModule, node: fx.Node, x: fx.Node, targets: set,
     """The get_attr operand of `x (+|*) vector` where the vector has n (or 1) elements and leaves x's
     dtype as it is (the kernel writes the layer's dtype: a float32 bias on a float16 layer promotes the
     sum to float32 in torch, so it stays in the graph)."""
-    if node.op != "call_function" or node.target not in targets or len(node.args) != 2 or node.kwargs:
+    is_method = node.op == "call_method" and _VECTOR_METHODS.get(node.target) is targets
+    if not (is_method or node.op == "call_function" and node.target in targets) or len(node.args) != 2 or node.kwargs:
         return None
     other = node.args[1] if node.args[0] is x else node.args[0] if node.args[1] is x else None
     if not isinstance(other, fx.Node) or other.op != "get_attr":
@@ -115,7 +123,15 @@ def _cast(node: fx.Node, x: fx.Node) -> torch.dtype | None:
         return dtype if dtype in _KERNEL_DTYPES else None
     if node.op == "call_function" and node.target == aten._to_copy.default and set(node.kwargs) == {"dtype"}:
         return node.kwargs["dtype"] if node.kwargs["dtype"] in _KERNEL_DTYPES else None  # export's .to(dtype)
+    if (node.op == "call_function" and node.target == aten.to.dtype and len(node.args) == 2
+            and not set(node.kwargs) - {"non_blocking", "copy"}):
+        return node.args[1] if node.args[1] in _KERNEL_DTYPES else None  # export's .to(dtype), as torch 2.13 records it
     return None
+
+
+def _value_users(node: fx.Node) -> list[fx.Node]:
+    """The users that read node's value: all but export's metadata checks."""
+    return [user for user in node.users if not (user.op == "call_function" and user.target in _METADATA_CHECKS)]
 
 
 def _regroups_rows(node: fx.Node, x: fx.Node, n: int) -> bool:
@@ -144,8 +160,8 @@ def _fuse_chain(gm: fx.GraphModule, ctx: CompileContext, layer_node: fx.Node, mo
     # A conv's output channels are dim 1, not the last dim that a vector operand or a view's
     # last-dim check refers to: only its activation and cast are taken.
     features_last = isinstance(module, TritonSparseLinear)
-    while stage < 4 and len(cur.users) == 1:
-        user = next(iter(cur.users))
+    while stage < 4 and len(users := _value_users(cur)) == 1:
+        user = users[0]
         if features_last and _regroups_rows(user, cur, n):  # stays in the graph; the steps after it move into the kernel
             views.append(user)
             cur = user
@@ -178,6 +194,9 @@ def _fuse_chain(gm: fx.GraphModule, ctx: CompileContext, layer_node: fx.Node, mo
         return
     # Each absorbed op hands its users to its input, last first, so they end at the layer or a view.
     dtype = get_meta(absorbed[-1][0]).dtype
+    for node in [layer_node, *views, *(node for node, _ in absorbed)]:
+        for check in set(node.users) - set(_value_users(node)):
+            gm.graph.erase_node(check)
     for node, source in reversed(absorbed):
         node.replace_all_uses_with(source)
     update_meta(layer_node, dtype=dtype, fused=tuple(ops))

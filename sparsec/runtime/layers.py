@@ -70,7 +70,11 @@ class KernelForward(torch.autograd.Function):
 
     @staticmethod
     def forward(x, layer, *params):
-        return layer.kernel_forward(x)
+        y = layer.kernel_forward(x)
+        # A kernel's [rows, N] output reshaped to x's leading dims is a view, and autograd refuses an in-place
+        # op (relu_ / inplace=True after the layer, not fused) on a view made inside a Function: return a
+        # tensor of its own (one copy, on this differentiable path only)
+        return y if y._base is None else y.clone()
 
     @staticmethod
     def setup_context(ctx, inputs, output):
