@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.nn.utils import parametrize
+from torch.utils._pytree import tree_leaves
 
 from sparsec.distributed import check_whole, full, refuse_sharded
 from sparsec.errors import InvalidInputError, InvalidTypeError
@@ -60,6 +61,18 @@ _FIXED_ARGUMENTS = ("the graph takes the arguments the model was traced with: ar
                     "and None / bool values, are fixed at the example's values (the graph follows the branches "
                     "they took); pass in example_inputs every argument you will vary, with a tensor where you "
                     "will pass one")
+
+
+def _container_input_leaves(gm: fx.GraphModule) -> int | None:
+    """How many values the example inputs held in all, where an input is a container (list, dict, tuple)
+    and the graph flattens calls by the example's structure (torch.export's pytree code): that flatten
+    takes the first items of a longer list and ignores extra keys, so a call with [x, x, x] silently
+    computed on [x, x]. None where every input is a tensor or value of its own."""
+    spec = getattr(getattr(gm.graph._codegen, "pytree_info", None), "in_spec", None)
+    if spec is None:
+        return None
+    inputs = [child for group in spec.children_specs for child in group.children_specs]
+    return spec.num_leaves if any(not child.is_leaf() for child in inputs) else None
 
 
 def _call_error(gm: fx.GraphModule, args: tuple, kwargs: dict, error: Exception) -> Exception | None:
@@ -114,6 +127,7 @@ class CompiledModel(nn.Module):
         self.trace_method = trace_method
         self._dense_weights = dense_weights  # layer name -> (attribute path in graph_module, op)
         self.example_input_spec: list | None = None  # shapes / dtypes of the example inputs (see condense)
+        self._input_leaves = _container_input_leaves(graph_module)
         # A trainable sparse layer holds its weight dense plus a bool mask, not the packed form the plan's
         # stored_bytes counts: without this a train=True model's totals claimed the packed form's savings
         # (0.64x the dense bytes for an MLP holding 1.19x). Record what it holds, as compile does for packed layers.
@@ -179,6 +193,12 @@ class CompiledModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         gm = self._modules["graph_module"]
+        leaves = self.__dict__.get("_input_leaves")  # (None for plain tensor inputs: nothing to check per call)
+        if leaves is not None and len(tree_leaves((args, kwargs))) != leaves:
+            raise InvalidInputError(f"this model was captured with torch.export for inputs holding {leaves} values "
+                                    f"in all (lists / dicts as in the example inputs); got {len(tree_leaves((args, kwargs)))}. "
+                                    f"Its graph takes containers of the example's length and keys only: compile "
+                                    f"again with example inputs of the structure you call it with")
         try:
             if _hooked(gm):
                 return gm(*args, **kwargs)

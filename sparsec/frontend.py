@@ -9,6 +9,7 @@ call, the line of the user's code it failed on, and what to do about it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import inspect
 import io
@@ -20,17 +21,18 @@ import traceback
 import warnings
 from typing import Any
 
+import sympy
 import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from sparsec.distributed import GATHER_RECIPE, any_sharded
-from sparsec.errors import ExampleInputError, InvalidTypeError, TraceError
+from sparsec.errors import ExampleInputError, InvalidInputError, InvalidTypeError, TraceError
 from sparsec.export_mode import ModeFlag, follow_mode
 from sparsec.graph_module import RecordOperators, SparsecGraphModule
 from sparsec.plan import dtype_name
-from sparsec.runtime.guard import InputGuard
+from sparsec.runtime.guard import InputGuard, ShapeGuard
 from sparsec.runtime.layers import RuntimeLayer
 from sparsec.runtime.train_offset import TrainOffset
 from sparsec.state import preserved_state
@@ -113,8 +115,22 @@ class _Tracer(fx.Tracer):
         self.proxy_buffer_attributes = generated
 
     def trace(self, root, concrete_args=None):
+        self.modes = _grad_and_autocast()
         with RecordOperators(self) if self.generated else contextlib.nullcontext():
             return super().trace(root, concrete_args)
+
+    def create_proxy(self, kind, target, args, kwargs, *rest, **more):
+        # fx records ops, not the grad / autocast mode they ran in: an op under `with torch.no_grad():`
+        # became one that trains (a frozen branch's weights got gradients) and one under autocast ran in
+        # float32. Refuse, so that torch.export (which records those regions) captures the model instead.
+        # (Reentrant torch.utils.checkpoint runs its function under no_grad, and recomputes it with grad.)
+        if (kind not in ("placeholder", "get_attr", "output") and _grad_and_autocast() != self.modes
+                and not _inside_checkpoint()):
+            where = user_code_frame(traceback.extract_stack()[:-1])
+            raise TraceError(f"the forward calls {getattr(target, '__name__', target)} under a grad or autocast "
+                             f"mode of its own (torch.no_grad(), torch.autocast(...)), which torch.fx does not "
+                             f"record" + (f" (at {where})" if where else ""))
+        return super().create_proxy(kind, target, args, kwargs, *rest, **more)
 
     def call_module(self, m: nn.Module, forward, args, kwargs):
         # Tracing runs through torch.utils.checkpoint like any Python, so the graph computes the same
@@ -141,6 +157,13 @@ class _Tracer(fx.Tracer):
         return False
 
 
+def _grad_and_autocast() -> tuple:
+    """The grad mode and the autocast state that ops run under (see _Tracer.create_proxy)."""
+    autocast = tuple((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")
+                     if torch.amp.is_autocast_available(d))
+    return torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast
+
+
 def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple = (),
             exclude: tuple[str, ...] = (), train: bool = False) -> tuple[SparsecGraphModule, str, list[str]]:
     """Trace `model` (sparsec's own copy). Returns (graph module, method, notes). `train`: the graph is
@@ -165,12 +188,19 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
     # (a compiled graph compiled again is generated code: see _Tracer.generated)
     generated = isinstance(model, fx.GraphModule)
     new_tracer = lambda: _Tracer(leaf_types, leaf_names, _regexes(exclude), generated)  # noqa: E731
+    # Python state the forward changes (`self.calls += 1`, `self.cache = y`): made while tracing and made
+    # again by the eager run, it is made on every call, and the graph does not make it (see _Attributes)
+    before_trace, traced_changes, eager_changes = _Attributes(model), set(), set()
     for values in ([{}, concrete] if concrete else [{}]):
         tracer, reads = new_tracer(), TraceTimeReads(model, user_code_frame)
         functions = InlinedFunctions(user_code_frame)
         try:
-            with reads, functions:
-                graph = tracer.trace(model, concrete_args=values or None)
+            try:
+                with reads, functions:
+                    graph = tracer.trace(model, concrete_args=values or None)
+            finally:
+                traced_changes |= before_trace.changed()
+                before_trace.restore_proxies()  # a graph value left on the model would leak into later runs
             _keep_argument_names(graph, values)
             gm = SparsecGraphModule(tracer.root, graph, type(model).__name__)
             # the model's own flag only: its submodules (the model's, in the graph) keep theirs, such as
@@ -181,23 +211,39 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
             continue
         if example_inputs is not None:
             if eager is None:
+                traced_state = _Attributes(model)
                 with eager_updates:
                     eager = _example_run(model, example_inputs)
-            graph_run = _example_run(gm, example_inputs)
-        if values or not concrete or example_inputs is None or _same_outputs(eager, graph_run):
+                eager_changes = traced_state.changed()
+                traced_state.restore()  # the model as the trace left it (a lazy initialisation kept)
+            with _Attributes(model).kept():  # the graph calls leaf modules, which may change theirs
+                graph_run = _example_run(gm, example_inputs)
+        last = values is concrete or not concrete
+        # a graph that computes something else than the model on the example inputs is not the model
+        # (a random draw or Python state fixed at trace time): torch.export, which records such ops, or
+        # an error. Where the model itself fails on the example, the passes' shape run reports it.
+        # (Python state changed on every call makes the eager run differ: the graph stays, with a note)
+        per_call = traced_changes & eager_changes
+        if example_inputs is None or _same_outputs(eager, graph_run) or (last and (eager is None or per_call)):
             traced = True
             break
+        symbolic_failure = TraceError(
+            "the traced graph does not compute what the model does on the example inputs"
+            + (" (it fails on them)" if graph_run is None else " (its outputs differ)")
+            + ": the forward depends on something torch.fx fixes while tracing (a random op on no traced "
+              "value, Python state, ...)")
     if traced:
         notes = (_lost_buffer_updates(model, eager, graph_run, reads.updates,
                                       eager_updates.updates if example_inputs is not None else None)
-                 + _root_hooks(model) + _lost_checkpoints(tracer))
+                 + _root_hooks(model) + _lost_checkpoints(tracer)
+                 + _lost_attribute_updates(per_call if example_inputs is not None else traced_changes))
         if train and functions.functions:  # inference runs the forward, which the graph computes exactly
             notes.append(describe_inlined(functions.functions))
         inherited = getattr(model, "fixed_training", None)  # a compiled graph compiled again keeps its mode
         if inherited is not None:
             gm.fixed_training = inherited
             notes.append(_fixed_mode_note(inherited, "the compiled graph it was traced from fixed it"))
-        elif _reads_training_mode(model, new_tracer, values, graph):
+        elif _reads_training_mode(model, new_tracer, values, graph, before_trace):
             gm.fixed_training = model.training
             notes.append(_fixed_mode_note(model.training, "its forward reads self.training (F.dropout(training="
                                                              "self.training), ...), which symbolic_trace fixes"))
@@ -225,6 +271,8 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
         try:
             with torch.no_grad(), preserved_state(model):
                 model(*example_inputs)
+        except InvalidInputError:  # (preserved_state's: the forward writes its parameters; sparsec's own errors)
+            raise
         except Exception as eager_error:  # noqa: BLE001
             raise ExampleInputError(_example_input_message(eager_error, example_inputs)) from eager_error
 
@@ -284,11 +332,12 @@ def _in_other_mode(model: nn.Module):
             m.training = mode
 
 
-def _reads_training_mode(model: nn.Module, new_tracer, concrete: dict, graph: fx.Graph) -> bool:
+def _reads_training_mode(model: nn.Module, new_tracer, concrete: dict, graph: fx.Graph, start: _Attributes) -> bool:
     """Whether the traced graph depends on the model's train / eval mode: traced again in the other
     mode, its code differs (leaf modules such as nn.Dropout and BatchNorm read their own flag when
     called, and need nothing; a functional F.dropout(training=self.training) is fixed in the graph)."""
-    with _in_other_mode(model):
+    with _in_other_mode(model), _Attributes(model).kept():
+        start.restore()  # the Python state the first trace started from: a counter traced again would differ
         try:
             other = new_tracer().trace(model, concrete_args=concrete or None)
         except Exception:  # noqa: BLE001 - not traceable in the other mode: it does depend on it
@@ -370,10 +419,10 @@ def _example_run(module: nn.Module, example_inputs: tuple) -> tuple[list, dict] 
     try:
         with torch.no_grad(), preserved_state(module):
             torch.manual_seed(0)
-            # a traced graph's forward directly: GraphModule.__call__ prints a whole traceback to stderr when
-            # the graph fails, which a probe run that may fail (a graph taking None as a tensor) must not
-            run = module.forward if isinstance(module, fx.GraphModule) else module
-            outputs = tree_flatten(run(*fresh_inputs(example_inputs)))[0]
+            # forward directly: GraphModule.__call__ prints a whole traceback to stderr when the graph fails,
+            # which a probe run that may fail (a graph taking None as a tensor) must not; and the model's own
+            # hooks are not part of the graph (see _root_hooks), so the model's run leaves them out too
+            outputs = tree_flatten(module.forward(*fresh_inputs(example_inputs)))[0]
             return outputs, {name: buf.detach().clone() for name, buf in module.named_buffers()}
     except Exception:  # noqa: BLE001
         return None
@@ -384,10 +433,33 @@ def _same_outputs(eager, graph_run) -> bool:
     if eager is None or graph_run is None:
         return False
     expected, got = eager[0], graph_run[0]
-    return len(expected) == len(got) and all(
-        torch.allclose(a, b, equal_nan=True) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
-        and a.shape == b.shape else (not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor) and a == b)
-        for a, b in zip(expected, got))
+    return len(expected) == len(got) and all(_same_value(a, b) for a, b in zip(expected, got))
+
+
+def _same_value(a, b) -> bool:
+    """One output leaf of each run: tensors by value (and dtype: autocast shows there); other values by ==,
+    field by field for dataclasses (pytree keeps them whole), equal where they cannot be compared."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or (a.shape, a.dtype) != (b.shape, b.dtype):
+            return False
+        if a.device != b.device or a.device.type == "meta":  # (meta tensors hold no values to compare)
+            return a.device == b.device
+        if not (a.is_floating_point() or a.is_complex()):
+            return bool(torch.equal(a, b))
+        # rounding differs between runs (kernel paths, threads: 2e-7 on a TransformerEncoderLayer), so compare
+        # at the outputs' own scale: what this looks for (a fixed random draw, a lost branch) is not that small
+        scale = float(a.detach().abs().nan_to_num(0, 0, 0).max()) if a.numel() else 0.0
+        return bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5 * max(scale, 1e-3), equal_nan=True))
+    if type(a) is not type(b):
+        return False
+    if dataclasses.is_dataclass(a):
+        return all(_same_value(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
+    if type(a).__eq__ is object.__eq__:  # compared by identity: two runs never give the same object
+        return True
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - not comparable: no sign of a difference
+        return True
 
 
 def _concrete_args(model: nn.Module, example_inputs: tuple | None) -> dict[str, Any]:
@@ -510,6 +582,79 @@ def _lost_buffer_updates(model: nn.Module, eager, graph_run, traced_updates: dic
             f"update out of forward"]
 
 
+# nn.Module's own attributes (hook dicts, flags): the rest of a module's __dict__ is the user's Python state
+_MODULE_OWN = frozenset(vars(nn.Module())) | {"_parameters", "_buffers", "_modules", "training"}
+
+
+class _Attributes:
+    """A snapshot of the plain attributes of every module of a model (not parameters, buffers or
+    submodules): Python state a forward may change, which a traced graph does not record."""
+
+    def __init__(self, model: nn.Module):
+        # (a graph module's attributes are fx's bookkeeping, `_lineno_map` set on every call: no user state)
+        self._modules = [(path, m) for path, m in model.named_modules() if not isinstance(m, fx.GraphModule)]
+        self._saved = self._now()
+        self._buffers = {path: dict(m._buffers) for path, m in self._modules}  # (`self.buf = y` in a trace)
+
+    def _now(self) -> dict:
+        # (a list / dict / set by the identity of its items too: `self.history.append(y)` changes it in place)
+        return {(path, key): (value, [(id(k), id(v)) for k, v in value.items()] if isinstance(value, dict) else
+                              [id(v) for v in value] if isinstance(value, (list, set)) else None)
+                for path, m in self._modules for key, value in vars(m).items() if key not in _MODULE_OWN}
+
+    def changed(self) -> set[str]:
+        now = self._now()
+        return {f"{path}.{key}" if path else key for (path, key) in now.keys() | self._saved.keys()
+                if not _same_attribute(self._saved.get((path, key)), now.get((path, key)))}
+
+    def restore(self, proxies_only: bool = False) -> None:
+        for path, m in self._modules:
+            for key in [k for k in vars(m) if k not in _MODULE_OWN]:
+                value = vars(m)[key]
+                if (path, key) not in self._saved and (not proxies_only or _has_proxy(value)):
+                    delattr(m, key)
+            for (p, key), (value, _) in self._saved.items():
+                if p == path and (not proxies_only or _has_proxy(vars(m).get(key))):
+                    setattr(m, key, value)  # (a list changed in place comes back as the same changed list)
+            for key, value in m._buffers.items():
+                if isinstance(value, fx.Proxy):
+                    m._buffers[key] = self._buffers[path].get(key)
+
+    def restore_proxies(self) -> None:
+        self.restore(proxies_only=True)
+
+    @contextlib.contextmanager
+    def kept(self):
+        try:
+            yield
+        finally:
+            self.restore()
+
+
+def _same_attribute(a, b) -> bool:
+    if a is None or b is None:
+        return a is b
+    (x, xs), (y, ys) = a, b
+    return (x is y and xs == ys) or (type(x) is type(y) and isinstance(x, (int, float, str, bytes)) and x == y)
+
+
+def _has_proxy(value) -> bool:
+    return any(isinstance(v, fx.Proxy) for v in tree_flatten(value)[0])
+
+
+def _lost_attribute_updates(names: set[str]) -> list[str]:
+    """A note for Python state the forward changes on every call, which the graph neither changes nor reads
+    anew (it holds the value it had while traced)."""
+    if not names:
+        return []
+    shown = sorted(names)
+    return [f"the model's forward changes {'attributes' if len(shown) > 1 else 'attribute'} {shown} in Python code "
+            f"on every call (a counter, a cache): the graph torch.fx traced does not make "
+            f"{'those changes' if len(shown) > 1 else 'that change'}, and computes with the value "
+            f"{'they' if len(shown) > 1 else 'it'} had while traced. Keep such state out of forward, or make the "
+            f"module that keeps it a leaf (leaf_modules=['its.name'])"]
+
+
 def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return a is not None and b is not None and a.shape == b.shape and bool(torch.equal(a, b))
 
@@ -545,13 +690,34 @@ def _guard_inputs(gm: fx.GraphModule, ranges: dict):
     for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
         gm.graph.erase_node(node)
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    guard = InputGuard([_input_spec(n.meta["val"], ranges) if "val" in n.meta else None for n in inputs])
+    shapes = [_input_spec(n.meta["val"], ranges) if "val" in n.meta else None for n in inputs]
+    conditions = _size_conditions([n.meta.get("val") for n in inputs], shapes)
+    guard = ShapeGuard(shapes, conditions) if conditions else InputGuard(shapes)
     setattr(gm, "_guards_fn", guard)
     if inputs:
         with gm.graph.inserting_after(inputs[-1]):
             gm.graph.call_module("_guards_fn", tuple(inputs))
     gm.recompile()
     return guard
+
+
+def _size_conditions(values: list, shapes: list) -> list[str]:
+    """torch.export's guards on the input sizes that are not ranges (`x.shape[0] % 2 == 0`, `x.shape[0] >
+    y.shape[0]`, a dim that is not 1), as Python over the dims' symbols: the graph holds only where they do,
+    and InputGuard checks ranges alone (a branch on an even batch silently ran for an odd one)."""
+    env = next((v.fake_mode.shape_env for v in values if isinstance(v, torch.Tensor)
+                and getattr(getattr(v, "fake_mode", None), "shape_env", None) is not None), None)
+    bound = {want[0] for spec in shapes if isinstance(spec, tuple) for want in spec if isinstance(want, tuple)}
+    if env is None or not bound:
+        return []
+    from torch.utils._sympy.printers import PythonPrinter
+    conditions = []
+    for guard in env.guards:
+        expr = env.simplify(guard.expr)
+        # (a symbol no input dim is: every dim it is in was fixed at the example's size, see _input_spec)
+        if expr is not sympy.true and {str(s) for s in expr.free_symbols} <= bound:
+            conditions.append(PythonPrinter().doprint(expr))
+    return list(dict.fromkeys(conditions))
 
 
 def _input_spec(value, ranges: dict):

@@ -7,6 +7,8 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
+from sparsec.errors import InvalidInputError
+
 
 @contextlib.contextmanager
 def preserved_state(module: nn.Module) -> Iterator[None]:
@@ -14,6 +16,10 @@ def preserved_state(module: nn.Module) -> Iterator[None]:
     BatchNorm running stats and draws dropout masks, and a compile must neither change what the
     model computes nor which random numbers the user's program draws next."""
     saved = {name: buf.detach().clone() for name, buf in module.named_buffers()}
+    # Parameters are not copied (that would double a large model for every run); an in-place write to one
+    # (`with torch.no_grad(): self.w.mul_(0.5)` in forward) shows in its version counter instead. It changed
+    # the weights sparsec then pruned and compiled: outputs were wrong from the first call, silently.
+    versions = {name: p._version for name, p in module.named_parameters()}
     cuda = sorted({t.device.index or 0 for t in [*module.parameters(), *module.buffers()] if t.device.type == "cuda"})
     try:
         with torch.random.fork_rng(devices=cuda):
@@ -22,3 +28,8 @@ def preserved_state(module: nn.Module) -> Iterator[None]:
         for name, buf in module.named_buffers():
             if name in saved:
                 buf.data.copy_(saved[name])
+    written = [name for name, p in module.named_parameters() if versions.get(name, p._version) != p._version]
+    if written:
+        raise InvalidInputError(f"the model's forward writes parameters {written} in place; sparsec compiles the "
+                                f"weights as they are, and a forward that changes them on every call cannot be "
+                                f"compiled faithfully. Move that update out of forward (into the training step)")

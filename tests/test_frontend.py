@@ -855,3 +855,159 @@ def test_a_failing_probe_run_of_the_traced_graph_prints_nothing(capfd):
     assert "Traceback" not in err and "FX-traced Module" not in err, err
     with torch.no_grad():
         assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+
+
+class _EvenBatchBranch(nn.Module):
+    """Branches on a size in a way that is not a range: torch.export records `x.shape[0] % 2 == 0`."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(16, 16)
+
+    def forward(self, x):
+        y = self.a(x)
+        return y + 1 if x.shape[0] % 2 == 0 else y
+
+
+def test_an_exported_graph_refuses_sizes_its_code_branched_on_otherwise(tmp_path):
+    """sparsec replaced torch.export's guard by a range check: a batch of 3 ran the branch taken for 4."""
+    model = _EvenBatchBranch()
+    cm = sparsec.compile(model, pattern="dense", example_inputs=(torch.randn(4, 16),))
+    assert cm.trace_method == "torch.export"
+    sparsec.save(cm, tmp_path / "m")
+    for compiled in (cm, sparsec.load(tmp_path / "m")):
+        x = torch.randn(6, 16)
+        assert torch.allclose(compiled(x), model(x), atol=1e-6)  # another even size: the same graph holds
+        with pytest.raises(ValueError, match=r"% 2\) == 0.*input 0 dim 0 = 3"):
+            compiled(torch.randn(3, 16))
+
+
+class _GradAndAutocastRegions(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.frozen, self.low, self.head = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        with torch.no_grad():
+            x = self.frozen(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            x = self.low(x)
+        return self.head(x.float()), x
+
+
+def test_no_grad_and_autocast_regions_in_forward_are_kept():
+    """symbolic_trace records ops, not the grad / autocast mode they ran in: the frozen layer got
+    gradients and the autocast layer ran in float32."""
+    model, x = _GradAndAutocastRegions(), torch.randn(2, 16)
+    cm = sparsec.compile(model, pattern="dense", example_inputs=(x,))
+    (out, low), (expected, expected_low) = cm(x), model(x)
+    assert low.dtype == expected_low.dtype == torch.bfloat16 and torch.equal(low, expected_low)
+    assert torch.allclose(out, expected, atol=1e-6)
+    out.sum().backward()
+    grads = {name.removeprefix("graph_module."): p.grad is not None for name, p in cm.named_parameters()}
+    assert grads == {"frozen.weight": False, "frozen.bias": False, "low.weight": True, "low.bias": True,
+                     "head.weight": True, "head.bias": True}
+
+
+def test_a_random_draw_of_fixed_shape_is_drawn_on_every_call():
+    """torch.randn(16) reads no traced value: symbolic_trace ran it once and kept the draw as a constant."""
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.a(x) + torch.randn(16)
+
+    model, x = Noisy(), torch.randn(2, 16)
+    cm = sparsec.compile(model, pattern="dense", example_inputs=(x,))
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        expected = model(x)
+        torch.manual_seed(seed)
+        assert torch.allclose(cm(x), expected, atol=1e-6)
+
+
+class _Counting(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(16, 16)
+        self.calls, self.previous = 0, None
+
+    def forward(self, x):
+        self.calls += 1
+        y = self.a(x) * self.calls
+        if self.previous is not None:
+            y = y + self.previous
+        self.previous = y.detach()  # a graph value while traced: it leaked into later runs
+        return y
+
+
+def test_python_state_the_forward_changes_on_every_call_is_named():
+    """A counter and a cache kept as module attributes: the graph neither updates nor reads them anew.
+    They were passed over (or the cache crashed compile with an AttributeError on `_tensor_constant0`),
+    and the counter, traced again in the other mode, claimed the forward read self.training."""
+    model, x = _Counting(), torch.randn(2, 16)
+    with pytest.warns(UserWarning, match=r"changes attributes \['calls', 'previous'\] in Python code on every call"):
+        cm = sparsec.compile(model, pattern="dense", example_inputs=(x,))
+    assert not any("self.training" in note for note in cm.plan.notes)
+    assert model.calls == 0 and model.previous is None  # the user's model untouched
+    assert torch.allclose(cm(x), model(x), atol=1e-6)  # right for the first call, as the note says
+
+
+class SumsAList(nn.Module):
+    """Takes a list of tensors; a branch on a size makes it torch.export's to capture."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, xs):
+        h = sum(self.a(x) for x in xs)
+        if h.shape[0] > 1:
+            h = h * 1.0
+        return self.c(self.b(h))
+
+
+def test_a_list_input_of_another_length_is_refused_not_cut(tmp_path):
+    """torch.export's graph flattens a call's inputs by the example's structure: compiled with [x, x] and
+    called with [x, x, x] it summed the first two, silently (and [x] raised an IndexError). Also after
+    save / load."""
+    from sparsec.errors import InvalidInputError
+
+    torch.manual_seed(0)
+    model, x = SumsAList().eval(), torch.randn(3, 16)
+    cm = sparsec.compile(model, example_inputs=([x, x],), min_weights=0)
+    assert cm.trace_method == "torch.export"
+    with torch.no_grad():
+        assert output_error(cm([x, 2 * x]), pruned_model(model, cm.plan)([x, 2 * x])) <= 1e-5
+    sparsec.save(cm, tmp_path / "m.sparsec")
+    for compiled in (cm, sparsec.load(tmp_path / "m.sparsec")):
+        for wrong in ([x, x, x], [x]):
+            with pytest.raises(InvalidInputError, match=f"inputs holding 2 values in all .*got {len(wrong)}"):
+                compiled(wrong)
+
+
+class HalvesItsWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.b.weight.mul_(0.5)  # a parameter written in place on every call
+        return self.c(self.b(self.a(x)))
+
+
+def test_a_forward_that_writes_its_parameters_is_refused():
+    """sparsec's tracing and example runs wrote the copy's weights (b.weight halved once per run), which it
+    then pruned and compiled: outputs were wrong from the first call, silently. Refused, naming the
+    parameter; the user's model is untouched."""
+    from sparsec.errors import InvalidInputError
+
+    torch.manual_seed(0)
+    model = HalvesItsWeight()
+    before = model.b.weight.detach().clone()
+    with pytest.raises(InvalidInputError, match=r"writes parameters \['b.weight'\] in place"):
+        sparsec.compile(model, example_inputs=(torch.randn(3, 16),), min_weights=0)
+    assert torch.equal(model.b.weight, before)

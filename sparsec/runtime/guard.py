@@ -12,9 +12,14 @@ equal); or, for an input that is not a tensor, a Constant: torch.export bakes su
 scale, a bool flag, None) into the graph, so a call passing another would silently compute with the
 example's. Files saved by earlier versions hold int dims only, and None for non-tensor inputs
 (unchecked).
+
+ShapeGuard also checks torch.export's other conditions on the input sizes (an even batch, one dim
+larger than another, a dim that is not 1: sparsec.frontend._size_conditions reads them).
 """
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,3 +90,53 @@ class InputGuard(nn.Module):
 
 def _range(low: int, high: int | None) -> str:
     return f"[{low}, {high}]" if high is not None else f"[{low}, inf)"
+
+
+class ShapeGuard(InputGuard):
+    """InputGuard that also checks torch.export's other conditions on the input sizes (see
+    sparsec.frontend._size_conditions). They are kept as source (picklable) and compiled to one function
+    on load."""
+
+    def __init__(self, shapes: list, conditions: list[str]):
+        super().__init__(shapes)
+        self.conditions = conditions
+        self._check = self._compiled()
+
+    def _dims(self) -> dict[str, tuple[int, int]]:
+        """symbol -> (input, dim) of the first dynamic dim it names."""
+        dims = {}
+        for i, spec in enumerate(self.shapes):
+            for d, want in enumerate(spec if isinstance(spec, tuple) else ()):
+                if isinstance(want, tuple):
+                    dims.setdefault(want[0], (i, d))
+        return dims
+
+    def _compiled(self):
+        """check(args) -> the conditions that fail; the sizes are read as `s77 = args[0].shape[0]`."""
+        from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
+        source = ("def check(args):\n" + "".join(f"    {s} = args[{i}].shape[{d}]\n" for s, (i, d) in self._dims().items())
+                  + f"    return [c for c, ok in zip(conditions, ({''.join(c + ', ' for c in self.conditions)})) if not ok]\n")
+        namespace = {**SYMPY_INTERP, "math": math, "conditions": self.conditions}
+        exec(source, namespace)  # noqa: S102 - source built from torch's own guard expressions
+        return namespace["check"]
+
+    def forward(self, *args) -> None:
+        super().forward(*args)  # ranks, fixed dims and ranges first: their messages name the dim
+        failed = self._check(args)
+        if failed:
+            sizes = ", ".join(f"{s} = input {i} dim {d} = {args[i].shape[d]}" for s, (i, d) in self._dims().items()
+                              if any(re.search(rf"\b{s}\b", c) for c in failed))
+            raise ValueError(
+                f"this model was captured with torch.export, whose graph holds only for input sizes where "
+                f"{' and '.join(failed)} (the model's code depends on them; here {sizes}). Call it with such "
+                f"inputs, or compile again with example inputs of these sizes (or make the model "
+                f"symbolic_trace-able: its graph keeps no shapes)")
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_check", None)  # a function made by exec: made again on load
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._check = self._compiled()
