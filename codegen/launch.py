@@ -15,6 +15,7 @@ from sparsec.codegen.configs import condensed_config, interpreting, matmul_confi
 from sparsec.codegen.direct_launch import DirectLaunch
 from sparsec.codegen.spec import PRMT_EXPAND_APPLIES, MatmulSpec, has_prmt_expand
 from sparsec.errors import InvalidInputError
+from sparsec import shape_cache
 from sparsec.shape_cache import remember
 
 
@@ -140,7 +141,7 @@ def sparse24_launch(m: int, n: int, k: int, spec: MatmulSpec, name: str, source:
         cfg = unsplit  # no room for this split: run unsplit (same result)
     launch = Sparse24Launch(loaded_kernel(name, source, cache, device), spec, name, n, cfg, unsplit, tiles,
                             k % cfg["BLOCK_K"] == 0)
-    return remember(_LAUNCHES, key, launch)
+    return remember(_LAUNCHES, key, launch, shape_cache.SHARED_SHAPES_KEPT)
 
 
 def _check_prmt_expand(cfg: dict, spec: MatmulSpec, name: str) -> None:
@@ -247,7 +248,7 @@ def condensed_matmul(x: torch.Tensor, values: torch.Tensor, indices: torch.Tenso
                                  source, cache, y[start:start + rows])
             return y.reshape(*x.shape[:-1], n)
     key = ("fanin", m, n, k, spec.weight_dtype, interpreting())
-    cfg = _CONFIGS.get(key) or remember(_CONFIGS, key, condensed_config(m, n, k, spec.weight_dtype))
+    cfg = _CONFIGS.get(key) or remember(_CONFIGS, key, condensed_config(m, n, k, spec.weight_dtype), shape_cache.SHARED_SHAPES_KEPT)
     values, indices = values.contiguous(), indices.contiguous()
     grid = (triton_cdiv(m, cfg["BLOCK_M"]), triton_cdiv(n, cfg["BLOCK_N"]))
     unused = values
@@ -319,7 +320,8 @@ def _config(m: int, n: int, k: int, act_dtype: str, device: torch.device, conv: 
     key = (m, n, k, act_dtype, interpreting(), str(device), conv)
     config = _CONFIGS.get(key)
     if config is None:
-        config = remember(_CONFIGS, key, matmul_config(m, n, k, act_dtype, None if conv else sm_count(device), conv))
+        config = remember(_CONFIGS, key, matmul_config(m, n, k, act_dtype, None if conv else sm_count(device), conv),
+                          shape_cache.SHARED_SHAPES_KEPT)
     return config
 
 

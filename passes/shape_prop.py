@@ -5,7 +5,7 @@ import torch
 import torch.fx as fx
 
 from sparsec.context import CompileContext
-from sparsec.errors import ExampleInputError
+from sparsec.errors import ExampleInputError, ParameterWriteError
 from sparsec.frontend import describe_inputs, user_frame
 from sparsec.meta import update_meta
 from sparsec.state import preserved_state
@@ -33,6 +33,8 @@ def propagate_shapes(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     try:
         with torch.no_grad(), preserved_state(gm):
             recorder.run(*ctx.example_inputs)
+    except ParameterWriteError:  # (preserved_state's: not a problem of the inputs)
+        raise
     except Exception as e:  # noqa: BLE001 - any failure here is the inputs not fitting the model
         node = recorder.current
         at = ""

@@ -63,16 +63,29 @@ _FIXED_ARGUMENTS = ("the graph takes the arguments the model was traced with: ar
                     "will pass one")
 
 
-def _container_input_leaves(gm: fx.GraphModule) -> int | None:
-    """How many values the example inputs held in all, where an input is a container (list, dict, tuple)
-    and the graph flattens calls by the example's structure (torch.export's pytree code): that flatten
-    takes the first items of a longer list and ignores extra keys, so a call with [x, x, x] silently
-    computed on [x, x]. None where every input is a tensor or value of its own."""
+def _container_input_leaves(gm: fx.GraphModule) -> tuple[int, frozenset, int] | None:
+    """(positional arguments, keyword names, values in all) of the example inputs, where an input is a
+    container (list, dict, tuple) and the graph flattens calls by the example's structure (torch.export's
+    pytree code): that flatten takes the first items of a longer list and ignores extra keys, so a call
+    with [x, x, x] silently computed on [x, x]. None where every input is a tensor or value of its own."""
     spec = getattr(getattr(gm.graph._codegen, "pytree_info", None), "in_spec", None)
-    if spec is None:
+    if spec is None or spec.num_children != 2:
         return None
-    inputs = [child for group in spec.children_specs for child in group.children_specs]
-    return spec.num_leaves if any(not child.is_leaf() for child in inputs) else None
+    args, kwargs = spec.children_specs
+    if all(child.is_leaf() for group in (args, kwargs) for child in group.children_specs):
+        return None
+    return args.num_children, frozenset(kwargs.context or ()), spec.num_leaves
+
+
+def _check_container_inputs(expected: tuple[int, frozenset, int], args: tuple, kwargs: dict) -> None:
+    """Refuse a call whose containers hold other numbers of values than the example's. (A call with other
+    arguments altogether goes on to the graph, whose own error _call_error makes clearer.)"""
+    positional, keywords, leaves = expected
+    if len(args) == positional and set(kwargs) == keywords and len(tree_leaves((args, kwargs))) != leaves:
+        raise InvalidInputError(f"this model was captured with torch.export for inputs holding {leaves} values "
+                                f"in all (lists / dicts as in the example inputs); got {len(tree_leaves((args, kwargs)))}. "
+                                f"Its graph takes containers of the example's length and keys only: compile "
+                                f"again with example inputs of the structure you call it with")
 
 
 def _call_error(gm: fx.GraphModule, args: tuple, kwargs: dict, error: Exception) -> Exception | None:
@@ -193,12 +206,9 @@ class CompiledModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         gm = self._modules["graph_module"]
-        leaves = self.__dict__.get("_input_leaves")  # (None for plain tensor inputs: nothing to check per call)
-        if leaves is not None and len(tree_leaves((args, kwargs))) != leaves:
-            raise InvalidInputError(f"this model was captured with torch.export for inputs holding {leaves} values "
-                                    f"in all (lists / dicts as in the example inputs); got {len(tree_leaves((args, kwargs)))}. "
-                                    f"Its graph takes containers of the example's length and keys only: compile "
-                                    f"again with example inputs of the structure you call it with")
+        expected = self.__dict__.get("_input_leaves")  # (None for plain tensor inputs: nothing to check per call)
+        if expected is not None:
+            _check_container_inputs(expected, args, kwargs)
         try:
             if _hooked(gm):
                 return gm(*args, **kwargs)

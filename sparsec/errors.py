@@ -24,6 +24,10 @@ class InvalidPatternTypeError(InvalidInputError, InvalidTypeError):
     TypeError since its type is what is wrong."""
 
 
+class ParameterWriteError(InvalidInputError):
+    """The model's forward writes its own parameters in place, which a compile cannot follow."""
+
+
 class ExampleInputError(SparsecError, ValueError):
     """The example inputs do not fit the model (wrong shape, dtype or type)."""
 

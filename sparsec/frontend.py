@@ -28,7 +28,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from sparsec.distributed import GATHER_RECIPE, any_sharded
-from sparsec.errors import ExampleInputError, InvalidInputError, InvalidTypeError, TraceError
+from sparsec.errors import ExampleInputError, InvalidTypeError, ParameterWriteError, TraceError
 from sparsec.export_mode import ModeFlag, follow_mode
 from sparsec.graph_module import RecordOperators, SparsecGraphModule
 from sparsec.plan import dtype_name
@@ -123,6 +123,7 @@ class _Tracer(fx.Tracer):
         # fx records ops, not the grad / autocast mode they ran in: an op under `with torch.no_grad():`
         # became one that trains (a frozen branch's weights got gradients) and one under autocast ran in
         # float32. Refuse, so that torch.export (which records those regions) captures the model instead.
+        # (Also for train=False: a compiled model computes gradients, e.g. for its inputs or other modules.)
         # (Reentrant torch.utils.checkpoint runs its function under no_grad, and recomputes it with grad.)
         if (kind not in ("placeholder", "get_attr", "output") and _grad_and_autocast() != self.modes
                 and not _inside_checkpoint()):
@@ -271,7 +272,7 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
         try:
             with torch.no_grad(), preserved_state(model):
                 model(*example_inputs)
-        except InvalidInputError:  # (preserved_state's: the forward writes its parameters; sparsec's own errors)
+        except ParameterWriteError:  # (preserved_state's: not a problem of the inputs)
             raise
         except Exception as eager_error:  # noqa: BLE001
             raise ExampleInputError(_example_input_message(eager_error, example_inputs)) from eager_error
@@ -336,28 +337,37 @@ def _reads_training_mode(model: nn.Module, new_tracer, concrete: dict, graph: fx
     """Whether the traced graph depends on the model's train / eval mode: traced again in the other
     mode, its code differs (leaf modules such as nn.Dropout and BatchNorm read their own flag when
     called, and need nothing; a functional F.dropout(training=self.training) is fixed in the graph)."""
+    # The first trace's tensor constants, read now: restoring the state it started from removes them, and
+    # the second trace sets its own under the same names (compared after the state came back, they were
+    # the first trace's on both sides, and a mode-dependent constant went unseen)
+    first = _tensor_constants(model, graph)
     with _in_other_mode(model), _Attributes(model).kept():
         start.restore()  # the Python state the first trace started from: a counter traced again would differ
         try:
             other = new_tracer().trace(model, concrete_args=concrete or None)
         except Exception:  # noqa: BLE001 - not traceable in the other mode: it does depend on it
             return True
-    _keep_argument_names(other, concrete)
-    return not _same_code(model, graph, other)
+        _keep_argument_names(other, concrete)
+        return not _same_code(first, graph, _tensor_constants(model, other), other)
 
 
-def _same_code(root: nn.Module, graph: fx.Graph, other: fx.Graph) -> bool:
-    """Whether two traces of `root` run the same code. Each trace names the tensor constants it sets
-    on the root afresh (_tensor_constant0, then _tensor_constant1): those compare by value."""
-    def numbered(src: str) -> tuple[str, list[str]]:
+def _tensor_constants(root: nn.Module, graph: fx.Graph) -> list:
+    """The values of the tensor constants a trace set on the root, in the order its code names them."""
+    names = dict.fromkeys(re.findall(r"_tensor_constant\d+", graph.python_code("self").src))
+    return [getattr(root, name) for name in names]
+
+
+def _same_code(constants: list, graph: fx.Graph, other_constants: list, other: fx.Graph) -> bool:
+    """Whether two traces run the same code. Each trace names the tensor constants it sets on the root
+    afresh (_tensor_constant0, then _tensor_constant1): those compare by value (`constants`, as
+    _tensor_constants read them)."""
+    def numbered(src: str) -> str:
         names = list(dict.fromkeys(re.findall(r"_tensor_constant\d+", src)))
-        return re.sub(r"_tensor_constant\d+", lambda m: f"_tensor_constant#{names.index(m.group())}", src), names
+        return re.sub(r"_tensor_constant\d+", lambda m: f"_tensor_constant#{names.index(m.group())}", src)
 
-    (code, constants), (other_code, other_constants) = (numbered(g.python_code("self").src) for g in (graph, other))
-    values = lambda names: [getattr(root, name) for name in names]  # noqa: E731
-    return code == other_code and all(
+    return numbered(graph.python_code("self").src) == numbered(other.python_code("self").src) and all(
         type(a) is type(b) and (not isinstance(a, torch.Tensor) or (a.shape == b.shape and torch.equal(a, b)))
-        for a, b in zip(values(constants), values(other_constants)))
+        for a, b in zip(constants, other_constants))
 
 
 def _fixed_mode_note(training: bool, why: str) -> str:
@@ -608,13 +618,17 @@ class _Attributes:
                 if not _same_attribute(self._saved.get((path, key)), now.get((path, key)))}
 
     def restore(self, proxies_only: bool = False) -> None:
+        saved = {}  # path -> {key: value}: each module's own entries (a scan of all per module was quadratic)
+        for (path, key), (value, _) in self._saved.items():
+            saved.setdefault(path, {})[key] = value
         for path, m in self._modules:
-            for key in [k for k in vars(m) if k not in _MODULE_OWN]:
-                value = vars(m)[key]
-                if (path, key) not in self._saved and (not proxies_only or _has_proxy(value)):
+            own = saved.get(path, {})
+            for key in [k for k in vars(m) if k not in _MODULE_OWN and k not in own]:
+                if not proxies_only or _has_proxy(vars(m)[key]):
                     delattr(m, key)
-            for (p, key), (value, _) in self._saved.items():
-                if p == path and (not proxies_only or _has_proxy(vars(m).get(key))):
+            for key, value in own.items():
+                missing, now = key not in vars(m), vars(m).get(key)
+                if (missing or now is not value) and (not proxies_only or _has_proxy(now)):
                     setattr(m, key, value)  # (a list changed in place comes back as the same changed list)
             for key, value in m._buffers.items():
                 if isinstance(value, fx.Proxy):
@@ -644,15 +658,20 @@ def _has_proxy(value) -> bool:
 
 def _lost_attribute_updates(names: set[str]) -> list[str]:
     """A note for Python state the forward changes on every call, which the graph neither changes nor reads
-    anew (it holds the value it had while traced)."""
-    if not names:
+    anew (it holds the value it had while traced). fx's own tensor constants (`torch.arange(64)` in forward
+    sets _tensor_constant0 on the root while tracing) are not the model's state."""
+    shown = sorted(name for name in names if not re.fullmatch(r"_tensor_constant\d+", name))
+    if not shown:
         return []
-    shown = sorted(names)
+    owners = sorted({name.rpartition(".")[0] for name in shown} - {""})
+    remedy = ("Keep such state out of forward" + (f", or make the module that keeps it a leaf "
+                                                   f"(leaf_modules={owners!r})" if owners else ""))
+    # ("where it reads them": a cache built lazily from the input is computed afresh by the graph, right)
     return [f"the model's forward changes {'attributes' if len(shown) > 1 else 'attribute'} {shown} in Python code "
             f"on every call (a counter, a cache): the graph torch.fx traced does not make "
-            f"{'those changes' if len(shown) > 1 else 'that change'}, and computes with the value "
-            f"{'they' if len(shown) > 1 else 'it'} had while traced. Keep such state out of forward, or make the "
-            f"module that keeps it a leaf (leaf_modules=['its.name'])"]
+            f"{'those changes' if len(shown) > 1 else 'that change'}, and where it reads "
+            f"{'them' if len(shown) > 1 else 'it'} it holds the value{'s they' if len(shown) > 1 else ' it'} had "
+            f"while traced. {remedy}"]
 
 
 def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:

@@ -8,7 +8,10 @@ dropped; a dropped shape is only worked out again when it comes back (tens of mi
 """
 from __future__ import annotations
 
-SHAPES_KEPT = 256  # per cache: far more row counts than a steady workload alternates between
+SHAPES_KEPT = 256  # per layer's cache: far more row counts than a steady workload alternates between
+# The process-wide launch and config tables hold every layer's shapes (each model, each layer shape):
+# a cap per layer would be cycled through and missed on every call by a large model, so theirs is wider.
+SHARED_SHAPES_KEPT = 16 * SHAPES_KEPT
 
 
 def remember(cache: dict, key, value, limit: int | None = None, counts=None):

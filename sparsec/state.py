@@ -7,7 +7,7 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from sparsec.errors import InvalidInputError
+from sparsec.errors import ParameterWriteError
 
 
 @contextlib.contextmanager
@@ -19,7 +19,7 @@ def preserved_state(module: nn.Module) -> Iterator[None]:
     # Parameters are not copied (that would double a large model for every run); an in-place write to one
     # (`with torch.no_grad(): self.w.mul_(0.5)` in forward) shows in its version counter instead. It changed
     # the weights sparsec then pruned and compiled: outputs were wrong from the first call, silently.
-    versions = {name: p._version for name, p in module.named_parameters()}
+    versions = _parameter_versions(module)
     cuda = sorted({t.device.index or 0 for t in [*module.parameters(), *module.buffers()] if t.device.type == "cuda"})
     try:
         with torch.random.fork_rng(devices=cuda):
@@ -28,8 +28,18 @@ def preserved_state(module: nn.Module) -> Iterator[None]:
         for name, buf in module.named_buffers():
             if name in saved:
                 buf.data.copy_(saved[name])
-    written = [name for name, p in module.named_parameters() if versions.get(name, p._version) != p._version]
+    written = [name for name, version in _parameter_versions(module).items() if versions.get(name, version) != version]
     if written:
-        raise InvalidInputError(f"the model's forward writes parameters {written} in place; sparsec compiles the "
+        raise ParameterWriteError(f"the model's forward writes parameters {written} in place; sparsec compiles the "
                                 f"weights as they are, and a forward that changes them on every call cannot be "
                                 f"compiled faithfully. Move that update out of forward (into the training step)")
+
+
+def _parameter_versions(module: nn.Module) -> dict[str, int]:
+    """In-place write counters of the parameters a forward is not meant to write: not inference tensors
+    (a model made under torch.inference_mode: they count no versions), not the weights nn.Embedding
+    renormalises in place itself (max_norm: the compiled graph calls that module, as the model does)."""
+    renormalised = {f"{path}.weight" if path else "weight" for path, m in module.named_modules()
+                    if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None}
+    return {name: p._version for name, p in module.named_parameters()
+            if name not in renormalised and not p.is_inference()}

@@ -237,8 +237,8 @@ def test_interpreted_kernels_can_be_launched_from_several_threads():
 @pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1", reason="needs a GPU or the interpreter")
 def test_per_shape_launch_caches_stay_bounded(monkeypatch):
     """A server calls a layer at a new row count with every prompt length: the layer's bound calls and
-    the launch and config tables keep at most SHAPES_KEPT row counts, and a row count dropped from
-    them computes the right thing when it comes back."""
+    the process-wide launch and config tables keep at most SHAPES_KEPT / SHARED_SHAPES_KEPT row counts,
+    and a row count dropped from them computes the right thing when it comes back."""
     import torch.nn as nn
     from oracle import output_error, pruned_model
 
@@ -248,6 +248,7 @@ def test_per_shape_launch_caches_stay_bounded(monkeypatch):
     from sparsec.runtime.triton_linear import TritonSparseLinear
 
     monkeypatch.setattr(sparsec.shape_cache, "SHAPES_KEPT", 3)
+    monkeypatch.setattr(sparsec.shape_cache, "SHARED_SHAPES_KEPT", 3)
     monkeypatch.setattr(launch, "_LAUNCHES", {})
     monkeypatch.setattr(launch, "_CONFIGS", {})
     torch.manual_seed(0)

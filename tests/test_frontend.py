@@ -1002,12 +1002,60 @@ class HalvesItsWeight(nn.Module):
 def test_a_forward_that_writes_its_parameters_is_refused():
     """sparsec's tracing and example runs wrote the copy's weights (b.weight halved once per run), which it
     then pruned and compiled: outputs were wrong from the first call, silently. Refused, naming the
-    parameter; the user's model is untouched."""
-    from sparsec.errors import InvalidInputError
+    parameter (not as an example-input problem); the user's model is untouched. Modules that write their
+    own weights as the graph does too (nn.Embedding with max_norm), and a model made under
+    torch.inference_mode (its tensors count no writes), compile."""
+    from sparsec.errors import ParameterWriteError
 
     torch.manual_seed(0)
     model = HalvesItsWeight()
     before = model.b.weight.detach().clone()
-    with pytest.raises(InvalidInputError, match=r"writes parameters \['b.weight'\] in place"):
+    with pytest.raises(ParameterWriteError, match=r"writes parameters \['b.weight'\] in place"):
         sparsec.compile(model, example_inputs=(torch.randn(3, 16),), min_weights=0)
     assert torch.equal(model.b.weight, before)
+    embedded = nn.Sequential(nn.Embedding(50, 16, max_norm=1.0), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4))
+    tokens = torch.randint(0, 50, (3, 5))
+    cm = sparsec.compile(embedded, example_inputs=(tokens,), min_weights=0)
+    with torch.no_grad():
+        assert output_error(cm(tokens), pruned_model(embedded, cm.plan)(tokens)) <= 1e-5
+    with torch.inference_mode():
+        made = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4))
+        sparsec.compile(made, example_inputs=(torch.randn(3, 16),), min_weights=0)
+
+
+class ScalesByMode(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        scale = torch.tensor(2.0) if self.training else torch.tensor(1.0)  # a tensor constant per mode
+        return self.b(self.a(x)) * scale
+
+
+def test_a_tensor_constant_that_depends_on_the_mode_fixes_the_mode():
+    """The train / eval check traces again in the other mode and compares the tensor constants: the
+    second trace reused the first's constant names, and both sides read the first's values, so the
+    dependence went unseen and cm.eval() silently computed train-mode outputs."""
+    torch.manual_seed(0)
+    model, x = ScalesByMode().train(), torch.randn(4, 16)
+    cm = sparsec.compile(model, pattern="dense", example_inputs=(x,))
+    assert cm.trace_method == "symbolic_trace" and cm.graph_module.fixed_training is True
+    with pytest.raises(Exception, match="cannot switch it"):
+        cm.eval()
+
+
+def test_fxs_own_tensor_constants_are_not_named_as_the_models_state():
+    """A constant built in forward (torch.arange) is set on the root as _tensor_constant0 while tracing:
+    without example inputs that was named as Python state the forward changes."""
+    class Offsets(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.b(self.a(x) + torch.arange(16))
+
+    for inputs in (None, (torch.randn(2, 16),)):
+        cm = sparsec.compile(Offsets(), pattern="dense", example_inputs=inputs)
+        assert not [note for note in cm.plan.notes if "changes attribute" in note], cm.plan.notes
