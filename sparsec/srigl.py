@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+import zlib
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -191,6 +192,12 @@ class SRigL:
         self.steps = 0
         self.history: list[UpdateRecord] = []
         self._dense_grads: dict[str, torch.Tensor] = {}
+        # Every rank must start from the same masks: each decides its own from averaged scores, and under
+        # fully_shard nothing makes them agree (FSDP broadcasts no weights: ranks that compiled different
+        # initial models had different masks, and trained different models silently)
+        check_same_over_ranks(_masks_checksum(self.layers), "the fan-in layers' masks (a CRC-32) when SRigL "
+                              "starts; compile the same initial model on every rank (a common seed)",
+                              next(iter(self.layers.values())).weight_mask.device)
         if sparse_init:
             self._sparse_init()
         self._arm(1)
@@ -325,3 +332,11 @@ class SRigL:
         self.history = [UpdateRecord(**r) for r in state.get("history", [])]
         self._arm(self.steps + 1)
 
+
+def _masks_checksum(layers: dict) -> int:
+    """A CRC-32 of the layers' masks, in name order: equal on every rank exactly when the masks are
+    (but for a collision), and the same in every process (Python's hash of bytes is salted per process)."""
+    crc = 0
+    for name in sorted(layers):
+        crc = zlib.crc32(layers[name].weight_mask.detach().cpu().numpy().tobytes(), crc)
+    return crc

@@ -290,6 +290,14 @@ def _steps_worker(rank: int, world: int, port: int, folder: str) -> None:
     except InvalidInputError as e:
         out["srigl"] = str(e)
     out["masks"] = {name: cm.mask(name) for name in LAYERS}
+    torch.manual_seed(rank)  # each rank compiles its own initial model: different masks
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    other = sparsec.compile(model, example_inputs=(torch.randn(2, 16),), train=True, include=[".*"], min_weights=0,
+                            **CASES["srigl"])
+    try:
+        sparsec.SRigL(other, torch.optim.SGD(other.parameters(), lr=0.1), total_steps=20, delta_t=2)
+    except InvalidInputError as e:
+        out["seeds"] = str(e)
     torch.save(out, os.path.join(folder, f"steps-{rank}.pt"))
     dist.barrier()
     os._exit(0)  # see _worker
@@ -312,6 +320,15 @@ def test_srigl_refuses_ranks_at_different_steps(steps_ranks):
     assert all(torch.equal(r0["masks"][k], r1["masks"][k]) for k in LAYERS)  # no update ran on either rank
     for res in steps_ranks:
         assert "SRigL step differs between ranks (rank 0: 4, rank 1: 2)" in res.get("srigl", "")
+
+
+def test_srigl_refuses_ranks_that_start_from_different_masks(steps_ranks):
+    """Under fully_shard nothing makes the ranks' initial masks agree (FSDP broadcasts no weights): ranks
+    that compiled different initial models trained different models silently. (The same model on every
+    rank, as above, starts.)"""
+    for res in steps_ranks:
+        assert "the fan-in layers' masks (a CRC-32) when SRigL starts" in res.get("seeds", ""), res.get("seeds")
+        assert "compile the same initial model on every rank" in res["seeds"]
 
 
 def test_the_distributed_example_runs_and_its_ranks_agree():
