@@ -294,16 +294,14 @@ def _unexamined_weights(gm: fx.GraphModule, listed: set[str]) -> list[str]:
     entry names: an F.linear(x, self.w) in there is never seen as a layer, so it is said here rather
     than passed over silently (the plan lists the Linear / Conv modules inside such modules)."""
     notes = []
-    for node in gm.graph.nodes:
-        if node.op != "call_module":
-            continue
-        module = gm.get_submodule(node.target)
+    for target in dict.fromkeys(n.target for n in gm.graph.nodes if n.op == "call_module"):  # (each module once)
+        module = gm.get_submodule(target)
         if isinstance(module, (*LAYER_MODULES, *_UNPRUNED_LAYERS, SparseLayer, TrainableLayer, nn.Embedding)):
             continue
-        hidden = [f"{node.target}.{path} {list(w.shape)}" for path, w in module.named_parameters()
-                  if w.dim() >= 2 and f"{node.target}.{path}" not in listed]
-        if hidden and not any(note.startswith(f"module '{node.target}' ") for note in notes):
-            notes.append(f"module '{node.target}' ({type(module).__name__}) is called as a whole, not traced into: "
+        hidden = [f"{target}.{path} {list(w.shape)}" for path, w in module.named_parameters()
+                  if w.dim() >= 2 and f"{target}.{path}" not in listed]
+        if hidden:
+            notes.append(f"module '{target}' ({type(module).__name__}) is called as a whole, not traced into: "
                          f"its weight matrices {', '.join(hidden)} are not examined and stay as they are")
     return notes
 

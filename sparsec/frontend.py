@@ -337,10 +337,10 @@ def _reads_training_mode(model: nn.Module, new_tracer, concrete: dict, graph: fx
     """Whether the traced graph depends on the model's train / eval mode: traced again in the other
     mode, its code differs (leaf modules such as nn.Dropout and BatchNorm read their own flag when
     called, and need nothing; a functional F.dropout(training=self.training) is fixed in the graph)."""
-    # The first trace's tensor constants, read now: restoring the state it started from removes them, and
-    # the second trace sets its own under the same names (compared after the state came back, they were
-    # the first trace's on both sides, and a mode-dependent constant went unseen)
-    first = _tensor_constants(model, graph)
+    # The first trace's code and tensor constants, read now: restoring the state it started from removes the
+    # constants, and the second trace sets its own under the same names (compared after the state came back,
+    # they were the first trace's on both sides, and a mode-dependent constant went unseen)
+    first = _code_and_constants(model, graph)
     with _in_other_mode(model), _Attributes(model).kept():
         start.restore()  # the Python state the first trace started from: a counter traced again would differ
         try:
@@ -348,24 +348,26 @@ def _reads_training_mode(model: nn.Module, new_tracer, concrete: dict, graph: fx
         except Exception:  # noqa: BLE001 - not traceable in the other mode: it does depend on it
             return True
         _keep_argument_names(other, concrete)
-        return not _same_code(first, graph, _tensor_constants(model, other), other)
+        return not _same_code(first, _code_and_constants(model, other))
 
 
-def _tensor_constants(root: nn.Module, graph: fx.Graph) -> list:
-    """The values of the tensor constants a trace set on the root, in the order its code names them."""
-    names = dict.fromkeys(re.findall(r"_tensor_constant\d+", graph.python_code("self").src))
-    return [getattr(root, name) for name in names]
+# The names torch.fx gives the tensor constants a trace sets on the root: _tensor_constant0, 1, ...
+_TENSOR_CONSTANT = re.compile(r"_tensor_constant\d+")
 
 
-def _same_code(constants: list, graph: fx.Graph, other_constants: list, other: fx.Graph) -> bool:
-    """Whether two traces run the same code. Each trace names the tensor constants it sets on the root
-    afresh (_tensor_constant0, then _tensor_constant1): those compare by value (`constants`, as
-    _tensor_constants read them)."""
-    def numbered(src: str) -> str:
-        names = list(dict.fromkeys(re.findall(r"_tensor_constant\d+", src)))
-        return re.sub(r"_tensor_constant\d+", lambda m: f"_tensor_constant#{names.index(m.group())}", src)
+def _code_and_constants(root: nn.Module, graph: fx.Graph) -> tuple[str, list]:
+    """A trace's code with its tensor constants numbered in the order it names them (each trace names
+    its own afresh), and their values."""
+    src = graph.python_code("self").src
+    names = list(dict.fromkeys(_TENSOR_CONSTANT.findall(src)))
+    code = _TENSOR_CONSTANT.sub(lambda m: f"_tensor_constant#{names.index(m.group())}", src)
+    return code, [getattr(root, name) for name in names]
 
-    return numbered(graph.python_code("self").src) == numbered(other.python_code("self").src) and all(
+
+def _same_code(first: tuple[str, list], other: tuple[str, list]) -> bool:
+    """Whether two traces (as _code_and_constants reads them) run the same code: constants by value."""
+    (code, constants), (other_code, other_constants) = first, other
+    return code == other_code and all(
         type(a) is type(b) and (not isinstance(a, torch.Tensor) or (a.shape == b.shape and torch.equal(a, b)))
         for a, b in zip(constants, other_constants))
 
@@ -660,7 +662,7 @@ def _lost_attribute_updates(names: set[str]) -> list[str]:
     """A note for Python state the forward changes on every call, which the graph neither changes nor reads
     anew (it holds the value it had while traced). fx's own tensor constants (`torch.arange(64)` in forward
     sets _tensor_constant0 on the root while tracing) are not the model's state."""
-    shown = sorted(name for name in names if not re.fullmatch(r"_tensor_constant\d+", name))
+    shown = sorted(name for name in names if not _TENSOR_CONSTANT.fullmatch(name))
     if not shown:
         return []
     owners = sorted({name.rpartition(".")[0] for name in shown} - {""})

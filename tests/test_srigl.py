@@ -69,6 +69,15 @@ def _mlp():
     return nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
 
 
+def _train(cm, opt, srigl, batches) -> None:
+    """The usual step: backward, optimizer step, then SRigL's."""
+    for x, y in batches:
+        F.cross_entropy(cm(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        srigl.step()
+
+
 def _batches(n, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(32, 16, generator=g), torch.randint(0, 10, (32,), generator=g)) for _ in range(n)]
@@ -135,11 +144,7 @@ def test_no_update_after_t_end():
                          include=[".*"], min_weights=0)
     opt = torch.optim.SGD(cm.parameters(), lr=0.01)
     srigl = SRigL(cm, opt, total_steps=20, delta_t=2, t_end=0.5)
-    for x, y in _batches(20):
-        F.cross_entropy(cm(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-        srigl.step()
+    _train(cm, opt, srigl, _batches(20))
     assert [r.step for r in srigl.history] == [2, 4, 6, 8]
 
 
@@ -190,11 +195,7 @@ def test_condense_after_srigl_training():
     cm = sparsec.compile(model, pattern="fanin:0.9", example_inputs=(x0,), train=True, include=[".*"], min_weights=0)
     opt = torch.optim.SGD(cm.parameters(), lr=0.05, momentum=0.9)
     srigl = SRigL(cm, opt, total_steps=60, delta_t=5, gamma_sal=0.95)  # a high bar: some neurons get ablated
-    for x, y in _batches(60):
-        F.cross_entropy(cm(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-        srigl.step()
+    _train(cm, opt, srigl, _batches(60))
     ablated = {name: int((~cm.mask(name).any(1)).sum()) for name in ["0", "2"]}
     assert sum(ablated.values()) > 0, "the scenario needs ablated neurons"
     cm.eval()
@@ -306,11 +307,7 @@ def test_a_frozen_layer_is_left_alone():
     opt = torch.optim.SGD([p for p in cm.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
     srigl = SRigL(cm, opt, total_steps=40, delta_t=5)
     mask0, weight0, first0 = cm.mask("2"), frozen.detach().clone(), cm.mask("0")
-    for x, y in _batches(10):
-        F.cross_entropy(cm(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-        srigl.step()
+    _train(cm, opt, srigl, _batches(10))
     assert [r.step for r in srigl.history] == [5, 10]
     for record in srigl.history:
         assert "frozen" in record.skipped["2"] and "2" not in record.layers and "0" in record.layers
@@ -560,11 +557,7 @@ def test_digits_example_checks_models_with_ablated_neurons():
                          include=[".*"], min_weights=0)
     opt = torch.optim.SGD(cm.parameters(), lr=0.05, momentum=0.9)
     srigl = SRigL(cm, opt, total_steps=40, delta_t=5, gamma_sal=0.95)
-    for x, y in _batches(10):
-        F.cross_entropy(cm(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-        srigl.step()
+    _train(cm, opt, srigl, _batches(10))
     assert (cm.mask("2").sum(1) == 0).any(), "the scenario needs ablated neurons"
     x = torch.randn(8, 16)
     example.check_srigl_model(cm, x, 0.75)
