@@ -71,10 +71,15 @@ def _container_input_leaves(gm: fx.GraphModule) -> tuple[int, frozenset, int] | 
     spec = getattr(getattr(gm.graph._codegen, "pytree_info", None), "in_spec", None)
     if spec is None or spec.num_children != 2:
         return None
-    args, kwargs = spec.children_specs
-    if all(child.is_leaf() for group in (args, kwargs) for child in group.children_specs):
+    args, kwargs = _children(spec)
+    if all(child.is_leaf() for group in (args, kwargs) for child in _children(group)):
         return None
     return args.num_children, frozenset(kwargs.context or ()), spec.num_leaves
+
+
+def _children(spec) -> list:
+    # (TreeSpec.children() is newer torch's; children_specs, older torch's, warns there as deprecated)
+    return spec.children() if callable(getattr(spec, "children", None)) else spec.children_specs
 
 
 def _check_container_inputs(expected: tuple[int, frozenset, int], args: tuple, kwargs: dict) -> None:

@@ -216,6 +216,10 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
                 with eager_updates:
                     eager = _example_run(model, example_inputs)
                 eager_changes = traced_state.changed()
+                if eager_changes & traced_changes:  # on every call, or once (a lazy init): a second call tells
+                    second = _Attributes(model)
+                    _example_run(model, example_inputs)
+                    eager_changes &= second.changed()
                 traced_state.restore()  # the model as the trace left it (a lazy initialisation kept)
             with _Attributes(model).kept():  # the graph calls leaf modules, which may change theirs
                 graph_run = _example_run(gm, example_inputs)

@@ -882,6 +882,19 @@ def test_an_exported_graph_refuses_sizes_its_code_branched_on_otherwise(tmp_path
             compiled(torch.randn(3, 16))
 
 
+def test_a_size_condition_that_cannot_be_evaluated_fails_with_the_guard_message():
+    """A condition dividing by a size whose range allows 0 raised ZeroDivisionError from the guard's
+    generated code; it now counts as failed, and the others are still checked one by one."""
+    from sparsec.runtime.guard import ShapeGuard
+
+    guard = ShapeGuard([(("s0", 0, None), ("s1", 0, None))], ["s0 % s1 == 0", "s0 >= s1"])
+    guard(torch.zeros(4, 2))
+    with pytest.raises(ValueError, match=r"where s0 % s1 == 0 \(.*s1 = input 0 dim 1 = 0"):
+        guard(torch.zeros(4, 0))
+    with pytest.raises(ValueError, match=r"where s0 % s1 == 0 and s0 >= s1 "):
+        guard(torch.zeros(3, 4))
+
+
 class _GradAndAutocastRegions(nn.Module):
     def __init__(self):
         super().__init__()
@@ -1059,3 +1072,29 @@ def test_fxs_own_tensor_constants_are_not_named_as_the_models_state():
     for inputs in (None, (torch.randn(2, 16),)):
         cm = sparsec.compile(Offsets(), pattern="dense", example_inputs=inputs)
         assert not [note for note in cm.plan.notes if "changes attribute" in note], cm.plan.notes
+
+
+class _LazyAttribute(nn.Module):
+    """Keeps a table of positions in a plain attribute, made on its first call (as rotary-embedding caches do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(16, 16)
+        self.table = None
+
+    def forward(self, x):
+        if self.table is None:
+            self.table = torch.arange(16, dtype=x.dtype)
+        return self.a(x) + self.table
+
+
+def test_an_attribute_set_once_is_not_named_as_changed_on_every_call():
+    """A lazy initialisation changes its attribute on the first call only: the note said the forward
+    changed it "on every call (a counter, a cache)"; a second example run now tells the two apart."""
+    model, x = _LazyAttribute(), torch.randn(2, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no note at all
+        cm = sparsec.compile(model, pattern="dense", example_inputs=(x,))
+    assert not any("on every call" in note for note in cm.plan.notes)
+    assert model.table is None  # the user's model untouched
+    assert torch.allclose(cm(x), model(x), atol=1e-6)

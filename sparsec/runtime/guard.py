@@ -112,10 +112,14 @@ class ShapeGuard(InputGuard):
         return dims
 
     def _compiled(self):
-        """check(args) -> the conditions that fail; the sizes are read as `s77 = args[0].shape[0]`."""
+        """check(args) -> the conditions that fail; the sizes are read as `s77 = args[0].shape[0]`. A
+        condition that cannot be evaluated (`s0 % s1` at s1 = 0, a dim whose range allows 0) fails too."""
         from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
         source = ("def check(args):\n" + "".join(f"    {s} = args[{i}].shape[{d}]\n" for s, (i, d) in self._dims().items())
-                  + f"    return [c for c, ok in zip(conditions, ({''.join(c + ', ' for c in self.conditions)})) if not ok]\n")
+                  + "    failed = []\n"
+                  + "".join(f"    try:\n        ok = bool({c})\n    except ArithmeticError:\n        ok = False\n"
+                            f"    if not ok:\n        failed.append(conditions[{k}])\n" for k, c in enumerate(self.conditions))
+                  + "    return failed\n")
         namespace = {**SYMPY_INTERP, "math": math, "conditions": self.conditions}
         exec(source, namespace)  # noqa: S102 - source built from torch's own guard expressions
         return namespace["check"]
