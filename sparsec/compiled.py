@@ -15,7 +15,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_leaves
 
-from sparsec.distributed import check_whole, full, refuse_sharded
+from sparsec.distributed import FSDPModule, check_same_masks, check_whole, full, refuse_sharded
 from sparsec.errors import InvalidInputError, InvalidTypeError
 from sparsec.passes.weight_reads import owner_of
 from sparsec.pipeline import PassRecord
@@ -214,6 +214,8 @@ class CompiledModel(nn.Module):
         expected = self.__dict__.get("_input_leaves")  # (None for plain tensor inputs: nothing to check per call)
         if expected is not None:
             _check_container_inputs(expected, args, kwargs)
+        if isinstance(self, FSDPModule) and not self.__dict__.get("_ranks_agree"):
+            self._check_ranks_agree()
         try:
             if _hooked(gm):
                 return gm(*args, **kwargs)
@@ -225,6 +227,15 @@ class CompiledModel(nn.Module):
             if clearer is None:
                 raise
             raise clearer from e
+
+    def _check_ranks_agree(self) -> None:
+        """At the first forward under fully_shard (every rank makes it: FSDP gathers weights in it), refuse
+        fixed masks that differ between ranks. (SR-STE derives its masks from the gathered weight, the same
+        on every rank; DDP copies rank 0's buffers, masks included, when it wraps the model.)"""
+        fixed = {m.layer_name: m.weight_mask for m in self.graph_module.modules()
+                 if isinstance(m, TrainableLayer) and m.weight_mask is not None and m.weight_update != "ste"}
+        check_same_masks(fixed, "at the first forward under fully_shard")
+        self.__dict__["_ranks_agree"] = True
 
     # ---- inspection
 

@@ -12,6 +12,8 @@ must call them, in the same order.
 """
 from __future__ import annotations
 
+import zlib
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -20,6 +22,10 @@ try:  # public since torch 2.4; older torch has no FSDP2, so nothing is ever sha
     from torch.distributed.tensor import DTensor, distribute_tensor
 except ImportError:  # pragma: no cover
     DTensor, distribute_tensor = (), None
+try:  # (public since torch 2.6)
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # pragma: no cover
+    FSDPModule = ()
 
 
 def is_sharded(t: torch.Tensor) -> bool:
@@ -92,7 +98,9 @@ def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def check_same_over_ranks(value: int, what: str, device: torch.device | str = "cpu") -> None:
+def check_same_over_ranks(value: int, what: str, device: torch.device | str = "cpu",
+                          remedy: str = "every rank must make the same calls (load the same state on every rank "
+                                        "when resuming)") -> None:
     """Raise on every rank, naming each rank's value, unless all ranks pass the same `value` (a
     collective; `device`: one the backend can reduce on, e.g. a mask's). For state that must agree
     but that no collective compares, such as a scheduler's step count: ranks at steps that differ
@@ -106,8 +114,26 @@ def check_same_over_ranks(value: int, what: str, device: torch.device | str = "c
             from sparsec.errors import InvalidInputError
 
             raise InvalidInputError(f"{what} differs between ranks ({', '.join(f'rank {r}: {v}' for r, v in enumerate(values))}), "
-                                    f"so they would diverge silently; every rank must make the same calls (load the "
-                                    f"same state on every rank when resuming)")
+                                    f"so they would diverge silently; {remedy}")
+
+
+def masks_checksum(masks: dict[str, torch.Tensor]) -> int:
+    """A CRC-32 of masks, in name order: equal on every rank exactly when the masks are (but for a
+    collision), and the same in every process (Python's hash of bytes is salted per process)."""
+    crc = 0
+    for name in sorted(masks):
+        crc = zlib.crc32(masks[name].detach().cpu().numpy().tobytes(), crc)
+    return crc
+
+
+def check_same_masks(masks: dict[str, torch.Tensor], when: str) -> None:
+    """Raise on every rank unless all hold the same masks (a collective). Under fully_shard nothing makes
+    them agree (FSDP broadcasts no weights or buffers): ranks that compiled different initial models
+    keep different masks, and would train different models silently."""
+    if masks:
+        check_same_over_ranks(masks_checksum(masks), f"the sparse layers' masks (a CRC-32) {when}",
+                              next(iter(masks.values())).device,
+                              "compile the same initial model on every rank (a common seed)")
 
 
 def broadcast_from_rank0(t: torch.Tensor) -> torch.Tensor:

@@ -36,12 +36,12 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-import zlib
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from sparsec.distributed import broadcast_from_rank0, check_same_over_ranks, full, mean_over_ranks, shard_like
+from sparsec.distributed import (broadcast_from_rank0, check_same_masks, check_same_over_ranks, full, mean_over_ranks,
+                                 shard_like)
 from sparsec.errors import InvalidInputError, InvalidTypeError
 from sparsec.patterns import FanIn
 from sparsec.reference import rows_to_weight, weight_to_rows
@@ -195,9 +195,7 @@ class SRigL:
         # Every rank must start from the same masks: each decides its own from averaged scores, and under
         # fully_shard nothing makes them agree (FSDP broadcasts no weights: ranks that compiled different
         # initial models had different masks, and trained different models silently)
-        check_same_over_ranks(_masks_checksum(self.layers), "the fan-in layers' masks (a CRC-32) when SRigL "
-                              "starts; compile the same initial model on every rank (a common seed)",
-                              next(iter(self.layers.values())).weight_mask.device)
+        check_same_masks({name: layer.weight_mask for name, layer in self.layers.items()}, "when SRigL starts")
         if sparse_init:
             self._sparse_init()
         self._arm(1)
@@ -331,12 +329,3 @@ class SRigL:
         self._dense_grads = {k: v.clone() for k, v in state.get("dense_grads", {}).items()}
         self.history = [UpdateRecord(**r) for r in state.get("history", [])]
         self._arm(self.steps + 1)
-
-
-def _masks_checksum(layers: dict) -> int:
-    """A CRC-32 of the layers' masks, in name order: equal on every rank exactly when the masks are
-    (but for a collision), and the same in every process (Python's hash of bytes is salted per process)."""
-    crc = 0
-    for name in sorted(layers):
-        crc = zlib.crc32(layers[name].weight_mask.detach().cpu().numpy().tobytes(), crc)
-    return crc

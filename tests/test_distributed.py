@@ -298,6 +298,19 @@ def _steps_worker(rank: int, world: int, port: int, folder: str) -> None:
         sparsec.SRigL(other, torch.optim.SGD(other.parameters(), lr=0.1), total_steps=20, delta_t=2)
     except InvalidInputError as e:
         out["seeds"] = str(e)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    x = _batches()[0][0]
+    for case in ("fixed", "ste"):  # fixed masks of each rank's own initial model: refused at the first forward
+        torch.manual_seed(rank)
+        model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+        sharded = sparsec.compile(model, example_inputs=(x,), train=True, include=[".*"], min_weights=0, **CASES[case])
+        fully_shard(sharded, mesh=init_device_mesh("cpu", (world,)))
+        try:
+            out[f"sharded_{case}"] = sharded(x).sum().item()
+        except InvalidInputError as e:
+            out[f"sharded_{case}"] = str(e)
     torch.save(out, os.path.join(folder, f"steps-{rank}.pt"))
     dist.barrier()
     os._exit(0)  # see _worker
@@ -327,8 +340,20 @@ def test_srigl_refuses_ranks_that_start_from_different_masks(steps_ranks):
     that compiled different initial models trained different models silently. (The same model on every
     rank, as above, starts.)"""
     for res in steps_ranks:
-        assert "the fan-in layers' masks (a CRC-32) when SRigL starts" in res.get("seeds", ""), res.get("seeds")
+        assert "the sparse layers' masks (a CRC-32) when SRigL starts differs between ranks" in res.get("seeds", ""), res.get("seeds")
         assert "compile the same initial model on every rank" in res["seeds"]
+
+
+def test_fixed_masks_that_differ_between_ranks_are_refused_under_fully_shard(steps_ranks):
+    """FSDP broadcasts no buffers: each rank masked the gathered weights with the masks of its own initial
+    model, and trained a different model silently. SR-STE derives its masks from the gathered weights (the
+    same on every rank), so it runs; the training tests above run fixed masks sharded from one model."""
+    for res in steps_ranks:
+        assert "the sparse layers' masks (a CRC-32) at the first forward under fully_shard differs between ranks" \
+            in str(res["sharded_fixed"]), res["sharded_fixed"]
+        assert "compile the same initial model on every rank" in res["sharded_fixed"]
+    assert isinstance(steps_ranks[0]["sharded_ste"], float)
+    assert steps_ranks[0]["sharded_ste"] == steps_ranks[1]["sharded_ste"]  # one gathered model on both ranks
 
 
 def test_the_distributed_example_runs_and_its_ranks_agree():
