@@ -189,7 +189,15 @@ class CompiledModel(nn.Module):
                         f"kernel: convert the model "
                         f"first, then compile it (sparsec.compile(model.to({after}), ...)), or compile with "
                         f"backend='torch', whose layers convert")
-        return super()._apply(fn, recurse)
+
+        def keeping_non_float_dtypes(t: torch.Tensor) -> torch.Tensor:
+            # Module.type(torch.float64) casts every tensor: masks (bool), 2:4 metadata (int16), int8 weights
+            # and fan-in indices would become float (cm.mask() a float tensor, metadata unreadable). As .to(dtype)
+            # and .double() do, only floating tensors change dtype; a device change applies to all.
+            out = fn(t)
+            return out if t.is_floating_point() or out.dtype == t.dtype else out.to(t.dtype)
+
+        return super()._apply(keeping_non_float_dtypes, recurse)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         # A state dict of the model before compiling (keys "fc2.weight", not "graph_module.fc2...") matches

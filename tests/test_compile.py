@@ -633,3 +633,26 @@ def test_layers_are_looked_up_by_name_only():
         cm.effective_weight("2.weight")
     assert torch.equal(cm.effective_weight("0"), model[0].weight)
     assert torch.equal(cm.mask("2"), cm.effective_weight("2") != 0)  # (random weights: no kept value is 0)
+
+
+@pytest.mark.parametrize("pattern,quantize,train", [("2:4", None, True), ("2:4", None, False), ("2:4", "int8", False),
+                                                    ("fanin:0.75", None, False)])
+def test_module_type_converts_weights_and_keeps_masks_and_metadata(pattern, quantize, train):
+    """nn.Module.type(torch.float64) casts every tensor: masks became float (cm.mask() returned float64),
+    2:4 metadata, int8 values and fan-in indices too. Like .to(dtype), it now converts floating tensors
+    only, also when the compiled model sits inside another module."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    x = torch.randn(4, 32)
+    cm = sparsec.compile(model, pattern=pattern, quantize=quantize, example_inputs=(x,), train=train, backend="torch")
+    converted = copy.deepcopy(cm).to(torch.float64)  # what .to(dtype) makes of each tensor
+    outer = nn.Sequential(cm).type(torch.float64)
+    assert {k: t.dtype for k, t in cm.state_dict().items()} == {k: t.dtype for k, t in converted.state_dict().items()}
+    assert any(t.dtype == torch.float64 for t in cm.state_dict().values())
+    assert cm.mask("2").dtype == torch.bool
+    reference = pruned_model(model, cm.plan).double()
+    with torch.no_grad():
+        if quantize is None:
+            assert output_error(outer(x.double()), reference(x.double())) <= 1e-12
+        assert torch.equal(cm.effective_weight("2"), cm.effective_weight("2").double())
+        assert outer(x.double()).dtype == torch.float64
