@@ -114,7 +114,9 @@ def _dot(spec: MatmulSpec) -> str:
 # One entry per epilogue step, in the order they apply. The dequant scale multiplies the matmul
 # result before the bias: it belongs to the weight (W = q * scale), so it must not scale the bias.
 _ACTIVATIONS = {
-    "relu": ["acc = tl.maximum(acc, 0.0)"],
+    # NaN-propagating: tl.maximum's default ignores a NaN operand, so a NaN product came out as 0 where
+    # torch's relu (the chain this replaces) keeps it, hiding the NaN from the caller
+    "relu": ["acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)"],
     "gelu": ["acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))  # exact (erf) GELU"],
     "gelu_tanh": ["inner = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)",
                   "acc = 0.5 * acc * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0))  # tanh(u) = 2 sigmoid(2u) - 1"],

@@ -51,7 +51,9 @@ def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, s
     n = values.shape[0]
     _check_24_operands(values, meta, k, f"x[..., {k}]")
     check_weight_dtype(values, spec, name)
-    rows = x.numel() // k if k else 0
+    # (from the shape, not numel() // k: with K = 0 that was 0 rows, so nothing launched and the output
+    # came back uninitialized instead of the epilogue of an empty sum)
+    rows = math.prod(x.shape[:-1])
     launch = sparse24_launch(rows, n, k, spec, name, source, x.device, config, cache)
     return launch(x, values, meta, scales, bias, out_scale, out)
 

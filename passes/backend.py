@@ -32,8 +32,9 @@ TRITON_NOTE = "runs a fused Triton kernel"
 CPU_KERNEL_RUNS = {"condensed": "constant fan-in", "bitmask": "N:M"}  # the C++ CPU kernels' patterns
 
 
-def triton_blocker(layer: LayerInfo, sparsity: str, device: torch.device) -> str | None:
-    """Why the generated kernel cannot run this layer (None: it can)."""
+def triton_blocker(layer: LayerInfo, sparsity: str, device: torch.device, runs: bool = True) -> str | None:
+    """Why the generated kernel cannot run this layer (None: it can); runs=False: the kernel is only
+    written (a kernel dump), so what only stops running it here does not count."""
     from sparsec.codegen.configs import interpreting
 
     if sparsity != "2:4" and not sparsity.startswith("fanin:"):
@@ -45,7 +46,7 @@ def triton_blocker(layer: LayerInfo, sparsity: str, device: torch.device) -> str
                 f"output channel reads other input channels, which is not one GEMM)")
     if layer.dtype not in TRITON_DTYPES:
         return f"the Triton kernel covers float16 / bfloat16 / float32 weights (this layer is {dtype_name(layer.dtype)})"
-    if device.type == "cpu" and interpreting() and layer.dtype == torch.bfloat16:
+    if runs and device.type == "cpu" and interpreting() and layer.dtype == torch.bfloat16:
         return "bfloat16 tl.dot is wrong in the Triton CPU interpreter"
     return None
 
@@ -194,7 +195,8 @@ def _choose_backends(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
                 raise InvalidInputError(
                     f"backend='triton' needs the model on a CUDA device, or TRITON_INTERPRET=1 to run kernels in the CPU "
                     f"interpreter (slow; for tests); layer {name!r} is on {device}. Use backend='torch' (or 'auto') on CPU")
-            problem = triton_blocker(layer, decision.sparsity, device)
+            # (a dump runs nothing: with TRITON_INTERPRET=1 in its environment it left bf16 layers without a kernel)
+            problem = triton_blocker(layer, decision.sparsity, device, runs=not ctx.options.emit_only)
             backend, note = ("torch", f"runs on the torch runtime: {problem}") if problem else ("triton", TRITON_NOTE)
             launch = None
         else:  # auto on CUDA: measure

@@ -156,7 +156,7 @@ def test_a_damaged_kernel_cache_entry_is_rebuilt_and_named(tmp_path, monkeypatch
     path = cache.store(name, source)
     whole = open(path, encoding="utf-8").read()
     damaged = {"empty": b"", "truncated": whole[: len(whole) // 2].encode(), "binary": b"\xff\xfe" + whole.encode(),
-               "edited": whole.replace("tl.maximum(acc, 0.0)", "tl.maximum(acc, 1.0)").encode(),
+               "edited": whole.replace("tl.maximum(acc, 0.0,", "tl.maximum(acc, 1.0,").encode(),
                "headerless": source.encode(), "unreadable": whole.encode()}[damage]
     with open(path, "wb") as f:
         f.write(damaged)

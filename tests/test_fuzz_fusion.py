@@ -560,7 +560,7 @@ def check_fusion(cm, captured, spec: dict, options: dict) -> None:
         assert module.out_dtype == (DTYPES[casts[0][5:]] if casts else None), (name, module.out_dtype)
         source = cm.kernels[module.kernel_name]
         assert ("tl.erf" in source) == (module.activation == "gelu"), name
-        assert ("tl.maximum(acc, 0.0)" in source) == (module.activation == "relu"), name
+        assert ("tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)" in source) == (module.activation == "relu"), name
         assert ("out_scale_ptr + offs_n" in source) == ("scale" in absorbed), name
     # the graph no longer calls what was fused, and still calls everything else
     before, after = op_counts(captured), op_counts(cm.graph_module)
