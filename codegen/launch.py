@@ -72,10 +72,10 @@ class Sparse24Launch:
     even_k: bool
 
     def __call__(self, x, values, meta, scales, bias, out_scale, out=None) -> torch.Tensor:
-        x2, y = _rows_and_output(x, self.n, self.spec, self.name, out)
+        x2, y, whole = _rows_and_output(x, self.n, self.spec, self.name, out)
         m, n, k = x2.shape[0], self.n, x2.shape[1]
         if m == 0:
-            return y.reshape(*x.shape[:-1], n)
+            return whole
         if m * max(x2.stride(0), y.stride(0)) + max(k, n) > MAX_OFFSET:  # (one cheap test per call: rarely true)
             rows = rows_per_launch(m, (x2.stride(0), k), (y.stride(0), n))
             if rows < m:
@@ -83,7 +83,7 @@ class Sparse24Launch:
                     part = replace(self, tiles=triton_cdiv(min(rows, m - start), self.cfg["BLOCK_M"])
                                    * triton_cdiv(n, self.cfg["BLOCK_N"]))
                     part(x2[start:start + rows], values, meta, scales, bias, out_scale, y[start:start + rows])
-                return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
+                return whole
         values, meta = values.contiguous(), meta.contiguous()
         if values.data_ptr() % (2 * values.element_size()):
             values = values.clone()  # the kernel reads each group's two values as one aligned word
@@ -102,7 +102,7 @@ class Sparse24Launch:
             partials, counts,
             m, n, k,
             EVEN_K=self.even_k, **cfg)
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
+        return whole
 
 
 _LAUNCHES: dict[tuple, Sparse24Launch] = {}
@@ -238,17 +238,17 @@ def condensed_matmul(x: torch.Tensor, values: torch.Tensor, indices: torch.Tenso
     if indices.shape != (n, k) or indices.dtype != torch.int32:
         raise InvalidInputError(f"condensed operands disagree: values {tuple(values.shape)}, indices "
                                 f"{tuple(indices.shape)} {indices.dtype} (want int32 of the same shape)")
-    x2, y = _rows_and_output(x, n, spec, name, out)
+    x2, y, whole = _rows_and_output(x, n, spec, name, out)
     m = x2.shape[0]
     if m == 0:
-        return y.reshape(*x.shape[:-1], n)
+        return whole
     if m * max(x2.stride(0), y.stride(0)) + max(x2.shape[1], n) > MAX_OFFSET:  # (int32 offsets, see MAX_OFFSET)
         rows = rows_per_launch(m, (x2.stride(0), x2.shape[1]), (y.stride(0), n))
         if rows < m:
             for start in range(0, m, rows):
                 condensed_matmul(x2[start:start + rows], values, indices, scales, bias, out_scale, spec, name,
                                  source, cache, y[start:start + rows])
-            return y.reshape(*x.shape[:-1], n)
+            return whole
     key = ("fanin", m, n, k, spec.weight_dtype, interpreting())
     cfg = _CONFIGS.get(key) or remember(_CONFIGS, key, condensed_config(m, n, k, spec.weight_dtype), shape_cache.SHARED_SHAPES_KEPT)
     values, indices = values.contiguous(), indices.contiguous()
@@ -257,27 +257,32 @@ def condensed_matmul(x: torch.Tensor, values: torch.Tensor, indices: torch.Tenso
     loaded_kernel(name, source, cache, x.device)[grid](
         x2, x2.stride(0), values, values.stride(0), indices, indices.stride(0),
         *_epilogue_operands(scales, bias, out_scale, unused), y, y.stride(0), m, n, k, **cfg)
-    return y.reshape(*x.shape[:-1], n)
+    return whole
 
 
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def _rows_and_output(x: torch.Tensor, n: int, spec: MatmulSpec, name: str,
-                     out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x as [rows, K], contiguous along K as the kernels read it, and the output [rows, N] (`out`, or a
-    new empty one); x must have the dtype the kernel was generated for."""
+                     out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x as [rows, K], contiguous along K as the kernels read it; the output [rows, N] the kernel writes
+    (`out`, or a new empty one); and that output as x's leading dims + [N], what the caller returns. A new
+    output is allocated in that shape, so the result is a tensor of its own, not a view: autograd lets
+    in-place ops (relu_) follow it without a copy (see KernelForward). x must have the dtype the kernel
+    was generated for."""
     _check_input_dtype(x, spec, name)
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
     dtype = _TORCH_DTYPES[spec.out_dtype]
+    rows = x2.shape[0]
     if out is None:
-        return x2, torch.empty(x2.shape[0], n, dtype=dtype, device=x.device)
-    if out.shape != (x2.shape[0], n) or out.dtype != dtype or out.device != x.device or out.stride(1) != 1:
-        raise InvalidInputError(f"out must be a [{x2.shape[0]}, {n}] {dtype} tensor on {x.device}, contiguous along "
+        whole = torch.empty(*x.shape[:-1], n, dtype=dtype, device=x.device)
+        return x2, (whole if x.dim() == 2 else whole.view(rows, n)), whole
+    if out.shape != (rows, n) or out.dtype != dtype or out.device != x.device or out.stride(1) != 1:
+        raise InvalidInputError(f"out must be a [{rows}, {n}] {dtype} tensor on {x.device}, contiguous along "
                                 f"its last dimension; got {tuple(out.shape)} {out.dtype} on {out.device}, "
                                 f"strides {out.stride()}")
-    return x2, out
+    return x2, out, (out if x.dim() == 2 else out.view(*x.shape[:-1], n))
 
 
 def _image_span(t: torch.Tensor) -> int:

@@ -210,6 +210,13 @@ def test_matmul_out_scale_cast_and_3d_input():
     expected = (F.relu(x.double() @ pruned.double().t()) * scale.double()).reshape(2, 3, 32)
     assert y.dtype == torch.float16 and y.shape == (2, 3, 32)
     assert output_error(y.cpu().double(), expected) <= 2e-3
+    # a tensor of its own, not a view of a [6, 32] one: KernelForward had to copy a view under autograd
+    # (an in-place op after it is refused on a view made inside a Function)
+    assert y._base is None
+    for out in (torch.empty(6, 32, dtype=torch.float16, device=DEVICE), None):
+        z = sparse24_matmul(x3[:, :0] if out is None else x3, values.to(DEVICE), meta.to(DEVICE), None, None,
+                            scale.to(DEVICE), spec, name, source, out=out)
+        assert z.shape == ((2, 0, 32) if out is None else (2, 3, 32)) and z._base is (None if out is None else out)
 
 
 def test_matmul_rejects_mismatched_operands():

@@ -71,9 +71,9 @@ class KernelForward(torch.autograd.Function):
     @staticmethod
     def forward(x, layer, *params):
         y = layer.kernel_forward(x)
-        # A kernel's [rows, N] output reshaped to x's leading dims is a view, and autograd refuses an in-place
-        # op (relu_ / inplace=True after the layer, not fused) on a view made inside a Function: return a
-        # tensor of its own (one copy, on this differentiable path only)
+        # Autograd refuses an in-place op (relu_ / inplace=True after the layer, not fused) on a view made
+        # inside a Function: a kernel output that is a view becomes a tensor of its own (one copy, on this
+        # differentiable path only; the linear kernels allocate their output in its final shape, no copy)
         return y if y._base is None else y.clone()
 
     @staticmethod
