@@ -175,6 +175,11 @@ def conv_specs() -> list[MatmulSpec]:
 # tiles); built as 3 x 3, stride 1, padding 1.
 CONV_SHAPES = ((32 * 14 * 14, 256, 256 * 9), (7 * 7, 512, 512 * 9), (4 * 4, 512, 512 * 9))
 CONV_GEOMETRY = dict(KH=3, KW=3, STRIDE_H=1, STRIDE_W=1, PAD_H=1, PAD_W=1, DIL_H=1, DIL_W=1)
+# The geometry is constexpr, so each is a build of its own: ResNet's other convs (a 3 x 3 that halves the
+# map, the 1 x 1 projections, the stride-2 shortcut), built at each shape's default config
+OTHER_CONV_GEOMETRIES = (dict(CONV_GEOMETRY, STRIDE_H=2, STRIDE_W=2),
+                         dict(CONV_GEOMETRY, KH=1, KW=1, PAD_H=0, PAD_W=0),
+                         dict(CONV_GEOMETRY, KH=1, KW=1, PAD_H=0, PAD_W=0, STRIDE_H=2, STRIDE_W=2))
 
 
 def standard_builds() -> list[tuple[str, MatmulSpec | None, dict]]:
@@ -206,8 +211,10 @@ def standard_builds() -> list[tuple[str, MatmulSpec | None, dict]]:
                     builds.append((f"{spec.short_name()}[{text}]", spec, cfg))
     for spec in conv_specs():
         for m, n, k in CONV_SHAPES:
-            for cfg in matmul_candidates(m, n, k, spec.act_dtype, None, spec.weight_dtype, conv=True):
-                cfg = dict({key: value for key, value in cfg.items() if key != "SPLIT_K"}, **CONV_GEOMETRY)
+            candidates = matmul_candidates(m, n, k, spec.act_dtype, None, spec.weight_dtype, conv=True)
+            for cfg, geometry in ([(c, CONV_GEOMETRY) for c in candidates]
+                                  + [(candidates[0], g) for g in OTHER_CONV_GEOMETRIES]):
+                cfg = dict({key: value for key, value in cfg.items() if key != "SPLIT_K"}, **geometry)
                 text = ",".join(f"{key}={value}" for key, value in cfg.items())
                 key = f"{spec.short_name()}[{text}]"
                 if key not in {b[0] for b in builds}:
