@@ -20,10 +20,12 @@ LSTM, ...), and parameters a matmul-like op reads in another form (other einsums
 
 Naming: a module candidate is named by its module path; a functional one by its weight's path,
 minus a trailing ".weight" (so `aten.linear(x, fc.weight)` from torch.export is named "fc", like
-the module it came from).
+the module it came from). A model that is itself an nn.Linear / Conv names its layer "", as
+model.named_modules() names the model.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from dataclasses import dataclass
@@ -274,17 +276,29 @@ def _matmul_candidate(gm: fx.GraphModule, data: object, weight: object, *, writt
                      weight_left=weight_left)
 
 
+def _root_layer_name(layer: LayerInfo, model: nn.Module) -> LayerInfo:
+    """`layer`, named "" when it is the model itself: an nn.Linear / Conv compiled on its own traces to
+    F.linear(x, self.weight, ...), whose weight path "weight" named it "weight" (no module of the model is
+    called that), and the root module, which named_modules() calls "", was listed as a second layer, "not
+    called by the model's forward". design.md names a layer by its module path."""
+    if layer.weight_path == "weight" and plain_layer_op(model) == layer.op and model.weight.shape == layer.weight_shape:
+        return dataclasses.replace(layer, name="")
+    return layer
+
+
 def find_candidates(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
-    found, refused = set(), {}
+    found, refused, read_by_candidates = set(), {}, set()
     for node in gm.graph.nodes:
         layer = _module_candidate(gm, node) if node.op == "call_module" else _function_candidate(gm, node)
         if isinstance(layer, Refused):
             refused.setdefault(layer.weight_path, layer.why)
         elif layer is not None:
+            layer = _root_layer_name(layer, ctx.model)
+            read_by_candidates.add(layer.weight_path)
             update_meta(node, layer=layer)
             found.add(layer.name)
             ctx.counters[f"candidate_{layer.op}"] += 1
-    ctx.unreached = _unreached_layers(gm, ctx.model, found, refused)
+    ctx.unreached = _unreached_layers(gm, ctx.model, found, refused, read_by_candidates)
     ctx.notes.extend(_unexamined_weights(gm, {u.weight_path for u in ctx.unreached.values()}))
     return gm
 
@@ -307,7 +321,8 @@ def _unexamined_weights(gm: fx.GraphModule, listed: set[str]) -> list[str]:
 
 
 def _unreached_layers(gm: fx.GraphModule, model: nn.Module, found: set[str],
-                      refused: dict[str, str]) -> dict[str, UnreachedLayer]:
+                      refused: dict[str, str], candidate_weights: set[str] = frozenset()
+                      ) -> dict[str, UnreachedLayer]:
     """Weight matrices of the model that no candidate node runs, with the reason why: Linear / Conv
     modules, modules of layer types sparsec does not prune (Conv3d, LSTM, ...), and parameters that a
     matmul-like op reads in a form that is not a candidate (an einsum that is not a layer, `bmm`). Listed so that
@@ -346,7 +361,8 @@ def _unreached_layers(gm: fx.GraphModule, model: nn.Module, found: set[str],
     covered = {u.weight_path for u in out.values()}
     for path, ops in read_by.items():
         name = _functional_name(path)
-        if path in covered or name in found or not ops & _MATMUL_LIKE:
+        # (a candidate's own weight, by path: the root layer's "weight" is named "", not after its path)
+        if path in covered or path in candidate_weights or name in found or not ops & _MATMUL_LIKE:
             continue
         w = gm.get_parameter(path)
         if path in refused:

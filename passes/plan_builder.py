@@ -67,7 +67,8 @@ def build_plan(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         if info.sparsity is not None:  # packed by an earlier compile
             reason = info.why
         else:
-            reason = f"kept dense: excluded by exclude={excluded_by!r}" if excluded_by else f"kept dense: {info.why}"
+            reason = (f"kept dense: excluded by exclude={excluded_by!r}" if excluded_by is not None
+                      else f"kept dense: {info.why}")
         entry = LayerPlan(name=name, op=info.op, weight_shape=info.weight_shape, sparsity=info.sparsity,
                           quant=info.quant, grad_sparsity=None, reason=reason, dtype=dtype_name(info.dtype))
         if info.sparsity is not None:

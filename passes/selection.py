@@ -43,6 +43,8 @@ def _scopes(name: str) -> list[str]:
 
 
 def first_match(patterns: tuple[str, ...], name: str) -> str | None:
+    """The first entry matching `name`, or None. (Test the result with `is not None`: the entry "" is the
+    root module's name, that of a model that is itself an nn.Linear / Conv.)"""
     for text in patterns:
         regex = _compile_regex(text)
         if any(regex.fullmatch(scope) for scope in _scopes(name)):
@@ -54,13 +56,16 @@ def check_names_match(arg: str, patterns: tuple[str, ...], names: list[str], als
     """Every include=/exclude= entry must match some layer (or a name in `also`); otherwise say which
     names are close."""
     for text in patterns:
-        if not any(first_match((text,), name) for name in [*names, *also]):
+        if not any(first_match((text,), name) is not None for name in [*names, *also]):
             known = sorted({scope for name in names for scope in _scopes(name)})
             close = difflib.get_close_matches(text, known, n=5, cutoff=0.4)
+
+            def shown(names: list[str]) -> str:  # (the model itself, an nn.Linear / Conv, is named "")
+                return ", ".join(name or "'' (the model itself)" for name in names)
             raise InvalidInputError(
                 f"{arg}={text!r} matches no candidate layer"
-                + (f"; close names: {', '.join(close)}" if close else "")
-                + f"; candidate layers: {', '.join(names) if names else '(none)'}")
+                + (f"; close names: {shown(close)}" if close else "")
+                + f"; candidate layers: {shown(names) if names else '(none)'}")
 
 
 def shape_misfit(layer: LayerInfo, pattern: Pattern) -> str | None:
@@ -117,7 +122,7 @@ def default_decision(layer: LayerInfo, blocker: str | None, pattern: Pattern, ct
     def dense(reason: str) -> Decision:
         return Decision(sparsity=None, quant=None, grad_sparsity=None, reason=reason)
 
-    if excluded_by := first_match(opts.exclude, layer.name):
+    if (excluded_by := first_match(opts.exclude, layer.name)) is not None:
         return dense(f"kept dense: excluded by exclude={excluded_by!r}")
     if layer.trained_pattern is not None:
         return Decision(sparsity=layer.trained_pattern, quant=None, grad_sparsity=None,
@@ -136,7 +141,7 @@ def default_decision(layer: LayerInfo, blocker: str | None, pattern: Pattern, ct
         policy = f"last layer ({last[layer.name]})"
     elif layer.out_features * layer.reduction < opts.min_weights:
         policy = f"too small to matter ({layer.out_features * layer.reduction} weights < min_weights={opts.min_weights})"
-    if included_by := first_match(opts.include, layer.name):
+    if (included_by := first_match(opts.include, layer.name)) is not None:
         suffix = f"; forced by include={included_by!r}" + (f" over the default policy: {policy}" if policy else "")
         return Decision(sparsity=str(pattern), quant=None, grad_sparsity=None, reason=sparse_text + suffix)
     if policy:

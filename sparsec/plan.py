@@ -298,7 +298,8 @@ def _field_types_problem(entry: dict) -> str | None:
         return type(v) is int
 
     shape = entry["weight_shape"]
-    checks = [("name", isinstance(entry["name"], str) and entry["name"] != "", "a non-empty string"),
+    # (a name may be "": the model itself when it is an nn.Linear / Conv, as model.named_modules() names it)
+    checks = [("name", isinstance(entry["name"], str), "a string (the layer's module path)"),
               ("op", isinstance(entry["op"], str), "a string"),
               ("weight_shape", isinstance(shape, list) and len(shape) > 0 and all(is_int(d) and d > 0 for d in shape),
                "a list of positive ints, e.g. [128, 64]"),
