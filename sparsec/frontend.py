@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from sparsec.distributed import GATHER_RECIPE, any_sharded
 from sparsec.errors import ExampleInputError, InvalidTypeError, ParameterWriteError, TraceError
 from sparsec.export_mode import ModeFlag, follow_mode
-from sparsec.graph_module import RecordOperators, SparsecGraphModule
+from sparsec.graph_module import RecordOperators, SparsecGraphModule, ThreadTracer
 from sparsec.plan import dtype_name
 from sparsec.runtime.guard import InputGuard, ShapeGuard
 from sparsec.runtime.layers import RuntimeLayer
@@ -97,7 +97,7 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:400]}"
 
 
-class _Tracer(fx.Tracer):
+class _Tracer(ThreadTracer):
     """fx tracer that also treats user-named modules (types, names, excluded names) as leaves."""
 
     # Defaults matter: a pickled GraphModule re-creates its tracer class with no arguments on load.
@@ -136,7 +136,7 @@ class _Tracer(fx.Tracer):
     def call_module(self, m: nn.Module, forward, args, kwargs):
         # Tracing runs through torch.utils.checkpoint like any Python, so the graph computes the same
         # but keeps all activations: note which modules lose their checkpointing.
-        if _inside_checkpoint():
+        if _inside_checkpoint() and self.tracing_here():
             self.checkpointed.append(self.path_of_module(m))
         return super().call_module(m, forward, args, kwargs)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import threading
 
 import torch
 import torch.fx as fx
@@ -56,7 +57,43 @@ def annotate_code(code: str, notes: dict[str, str]) -> str:
 CAPTURE_FACTS = ("fixed_training", "trace_time_reads")
 
 
-class RetraceTracer(fx.Tracer):
+# torch.fx's tracing patches nn.Module.__call__ / __getattr__ for the whole process while it runs (and
+# InlinedFunctions patches torch.autograd.Function.apply). A server compiling or loading a model in one
+# thread while others ran models saw their module calls go through the tracer ("NameError: module is not
+# installed as a submodule"), and two traces at once each took the other's patch for the original. So
+# sparsec's traces take turns (TRACE_LOCK), and a tracer runs other threads' calls as if unpatched.
+TRACE_LOCK = threading.RLock()
+
+
+class ThreadTracer(fx.Tracer):
+    """fx.Tracer that traces its own thread only: other threads' module calls and attribute reads,
+    which fx's process-wide patches route here while it traces, run as they would unpatched."""
+
+    _thread: int | None = None
+
+    def trace(self, root, concrete_args=None):
+        with TRACE_LOCK:
+            outer, self._thread = self._thread, threading.get_ident()
+            try:
+                return super().trace(root, concrete_args)
+            finally:
+                self._thread = outer
+
+    def tracing_here(self) -> bool:
+        return self._thread == threading.get_ident()
+
+    def call_module(self, m, forward, args, kwargs):
+        if not self.tracing_here():
+            return forward(*args, **kwargs)  # (fx's `forward` is the unpatched nn.Module.__call__)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if not self.tracing_here():
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+
+class RetraceTracer(ThreadTracer):
     """The tracer fx rebuilds a pickled graph module with (pickle keeps the code, and loading traces it
     again). fx's own runs every op that reads no graph input at trace time, once, and keeps its result:
     a torch.export graph's buffer updates (`aten.add_.Tensor(steps, 1)`, BatchNorm-free EMA updates)

@@ -19,8 +19,12 @@ def remember(cache: dict, key, value, limit: int | None = None, counts=None):
     of them count (default SHAPES_KEPT); `counts(key)` says which keys count (all when None: the
     cache holds shapes only)."""
     limit = SHAPES_KEPT if limit is None else limit
-    counted = [old for old in cache if counts is None or counts(old)]
+    # Threads serving one model fill its caches at once: iterate a snapshot (list() copies the keys in one
+    # step, where iterating the dict itself raised "dictionary changed size during iteration" when another
+    # thread added a shape meanwhile), and drop an entry another thread may have dropped first (`del` raised
+    # KeyError when two threads evicted the same oldest shape).
+    counted = [old for old in list(cache) if counts is None or counts(old)]
     for old in counted[:max(0, len(counted) - limit + 1)]:
-        del cache[old]
+        cache.pop(old, None)
     cache[key] = value
     return value

@@ -9,6 +9,7 @@ does not follow later changes of the parameter, pruning included, so its layer m
 from __future__ import annotations
 
 import inspect
+import threading
 import traceback
 
 import torch
@@ -17,6 +18,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode, resolve_name
 from torch.utils._pytree import tree_flatten
 
+from sparsec.graph_module import TRACE_LOCK
 from sparsec.passes.weight_reads import owner_of
 
 # Tensor methods and properties that read no values (shape, dtype, device, flags): computing with
@@ -121,28 +123,42 @@ class InlinedFunctions:
         self.functions: dict[str, str] = {}
 
     def __enter__(self):
+        # One patch at a time (see graph_module.TRACE_LOCK): two compiles at once each saved the other's
+        # patch as the original, and the last to finish left one installed for good.
+        TRACE_LOCK.acquire()
+        try:
+            self._patch()
+        except BaseException:
+            TRACE_LOCK.release()
+            raise
+        return self
+
+    def _patch(self) -> None:
         # (looked up along the MRO, not in Function's own dict: torch versions differ in where apply lives;
         # the GPU image runs an older one)
         self._own = "apply" in torch.autograd.Function.__dict__
         self._original = inspect.getattr_static(torch.autograd.Function, "apply")
         original, functions, user_frame, every_call = (self._original.__func__, self.functions, self._user_frame,
                                                         self._every_call)
+        thread = threading.get_ident()  # other threads' Functions are theirs, not the traced forward's
 
         def apply(cls, *args, **kwargs):
             own = cls.__module__.split(".")[0] in ("torch", "sparsec")  # torch's own (checkpoint: noted apart)
-            if not own and cls.__qualname__ not in functions and (every_call or any(
-                    isinstance(a, fx.Proxy) for a in tree_flatten((args, kwargs))[0])):
+            if not own and cls.__qualname__ not in functions and threading.get_ident() == thread and (
+                    every_call or any(isinstance(a, fx.Proxy) for a in tree_flatten((args, kwargs))[0])):
                 functions[cls.__qualname__] = user_frame(traceback.extract_stack()[:-1]) or ""
             return original(cls, *args, **kwargs)
 
         torch.autograd.Function.apply = classmethod(apply)
-        return self
 
     def __exit__(self, *exc):
-        if self._own:
-            torch.autograd.Function.apply = self._original
-        else:
-            del torch.autograd.Function.apply
+        try:
+            if self._own:
+                torch.autograd.Function.apply = self._original
+            else:
+                del torch.autograd.Function.apply
+        finally:
+            TRACE_LOCK.release()
         return False
 
 
