@@ -111,6 +111,20 @@ def _call_error(gm: fx.GraphModule, args: tuple, kwargs: dict, error: Exception)
     return None
 
 
+def _stored_form(keys) -> str | None:
+    """How a sparse layer holds its weight, from its state dict keys (relative to the layer)."""
+    keys = set(keys)
+    if "packed.meta" in keys:
+        return "N:M packed values (backend torch / bitmask / triton)"
+    if "packed.indices" in keys:
+        return "condensed fan-in values (backend torch / condensed / triton)"
+    if "packed.mask_bits" in keys:
+        return "the pruned weight kept dense (backend dense)"
+    if "weight" in keys:
+        return "a trainable dense weight with its mask (train=True)"
+    return None
+
+
 # The plan note shrink(eval_only=True) leaves: train() reads it to say why the model stays in eval mode.
 EVAL_ONLY_NOTE = "shrink(eval_only=True): constants folded for eval mode only; the model refuses train()"
 
@@ -131,6 +145,31 @@ class CompiledModel(nn.Module):
         # pickle cannot name the class of its own: it stores the class it was made from, and loading
         # makes a new one of its own
         return _unpickle_compiled_model, (getattr(type(self), "_named_class", type(self)),), self.__getstate__()
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name == "graph_module":
+            self._sign_forward()
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._sign_forward()
+
+    def _sign_forward(self) -> None:
+        """Give this model's own forward the graph's signature (forward(self, x) rather than (*args,
+        **kwargs)). torch.export binds dynamic_shapes by the forward's signature: with *args the usual
+        export(cm, (x,), dynamic_shapes=({0: batch},)) was refused as a structure mismatch, and keyed by
+        the model's argument names ({"x": ...}) too. Calls still go through *args / **kwargs."""
+        own = type(self)
+        gm = self._modules.get("graph_module")
+        if "_named_class" not in vars(own) or gm is None:  # (a class shared with other models: leave it)
+            return
+        try:
+            graph = inspect.signature(gm.forward)
+        except (TypeError, ValueError):
+            return
+        this = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        own.forward.__signature__ = graph.replace(parameters=[this, *graph.parameters.values()])
 
     def __init__(self, graph_module: fx.GraphModule, plan: Plan, history: list[PassRecord],
                  counters: collections.Counter, dense_weights: dict[str, tuple[str, str]], trace_method: str):
@@ -215,7 +254,29 @@ class CompiledModel(nn.Module):
                 f"sparse layers hold packed values pruned from the compiled weights, so it would load nothing "
                 f"there. Load it into the uncompiled model and compile that (model.load_state_dict(sd); "
                 f"sparsec.compile(model, ...)), or load a state dict saved from a compiled model (cm.state_dict())")
+        self._check_layer_forms(state_dict, own)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _check_layer_forms(self, state_dict, own: dict) -> None:
+        """Refuse a state dict holding a sparse layer in another stored form than this model's. backend="auto"
+        picks each layer's form by timing on the machine compiling (a kernel's packed values, or the pruned
+        weight kept dense), so two compiles of one model can differ, and torch's error (missing mask_bits,
+        unexpected meta, size mismatch) did not say why."""
+        keys = [k for k in state_dict if isinstance(k, str)]
+        for path, module in self.named_modules():
+            if not isinstance(module, RuntimeLayer):
+                continue
+            prefix = path + "."
+            ours = _stored_form(k[len(prefix):] for k in own if k.startswith(prefix))
+            theirs = _stored_form(k[len(prefix):] for k in keys if k.startswith(prefix))
+            if ours and theirs and ours != theirs:
+                raise InvalidInputError(
+                    f"layer {module.layer_name!r} is stored here as {ours} and in this state dict as {theirs}: "
+                    f"the state dict comes from a compile that ran it on another backend (backend='auto' chooses "
+                    f"per layer by timing on the machine compiling, so two compiles can differ) or in another mode "
+                    f"(train=True). Compile with the saving model's plan, whose entries record each layer's "
+                    f"backend (sparsec.compile(model, example_inputs=..., plan=saved.plan)), or save and load the "
+                    f"whole model (sparsec.save / sparsec.load)")
 
     def forward(self, *args, **kwargs):
         gm = self._modules["graph_module"]

@@ -46,8 +46,20 @@ class CpuKernelLinear(SparseLinear):
         if self.kernel_runs():
             self.prepared()
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._rebuild_after_load()
+
+    def _rebuild_after_load(self) -> None:
+        # load_state_dict drops the layout (SparseLayer._load_from_state_dict: it was built from the old
+        # values); the packed child is loaded after this module, so the layout is built again in a post
+        # hook, once all are in. Left to the next call instead, it broke torch.compile(fullgraph=True).
+        if _build_after_load not in self._load_state_dict_post_hooks.values():
+            self.register_load_state_dict_post_hook(_build_after_load)
+
     def __setstate__(self, state):
         super().__setstate__(state)
+        self._rebuild_after_load()  # (files saved before the hook existed)
         self.build_now()
 
     def _apply(self, fn, recurse=True):
@@ -68,7 +80,10 @@ class CpuKernelLinear(SparseLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Checked here, not left to the kernels: a condensed kernel reads only the columns its indices
-        # name, so extra features were silently ignored where nn.Linear raises.
+        # name, so extra features were silently ignored where nn.Linear raises. Not a tensor (None, a
+        # list): F.linear's TypeError, as nn.Linear and the torch runtime give, not an AttributeError here.
+        if not isinstance(x, torch.Tensor):
+            return self.reference(x)
         if x.shape[-1] != self.packed.reduction:
             raise RuntimeError(f"layer {self.layer_name!r} takes inputs with {self.packed.reduction} features in "
                                f"the last dimension (its in_features), got an input of shape {tuple(x.shape)}")
@@ -76,16 +91,27 @@ class CpuKernelLinear(SparseLinear):
         # program holds portable ops, not this process's kernel: anything else runs the reference (an
         # input of another dtype fails there as in the original layer), as do more rows than the kernel
         # measured faster at, a torch.func transform (the kernels have no batching rule) and CPU
-        # autocast to another dtype (F.linear then computes and returns the autocast dtype).
+        # autocast to another dtype (F.linear then computes and returns the autocast dtype). So does
+        # torch.jit.trace: a saved trace holding the kernel's operator failed to load ("Unknown builtin op").
         if (x.dtype != self.packed.dtype_probe.dtype or x.device.type != "cpu" or not self.kernel_runs()
-                or torch.compiler.is_exporting() or torch_func_active() or autocast_changes(x.dtype)):
+                or torch.compiler.is_exporting() or torch.jit.is_tracing() or torch_func_active()
+                or autocast_changes(x.dtype)):
             return self.reference(x)
         limit = self.max_rows()
         if limit is not None and x.numel() > limit * x.shape[-1]:
             return self.many_rows(x)
         if torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
+            if torch.compiler.is_compiling():
+                # torch.compile(dynamic=True) makes the feature dim symbolic too: the kernel wrapper's check
+                # of it inside the autograd.Function then failed TorchDynamo with an internal
+                # AssertionError. A view with the size checked above gives the Function a fixed one.
+                x = x.view(*x.shape[:-1], self.packed.reduction)
             return LinearKernel.apply(x, self, self.bias)
         return self.kernel_forward(x)
+
+
+def _build_after_load(module: CpuKernelLinear, incompatible_keys) -> None:
+    module.build_now()
 
 
 def autocast_changes(dtype: torch.dtype) -> bool:

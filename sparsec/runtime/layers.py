@@ -177,9 +177,11 @@ class SparseLayer(RuntimeLayer):
 
     def __setattr__(self, name, value):
         # what was derived may have read the attribute being replaced (a bias, the packed weight, a
-        # launch config): build it again on next use
+        # launch config): build it again on next use. Not for `training`, which cm.eval() / cm.train() set
+        # on every module and nothing derived reads: dropping a CPU kernel's layout there left it to be
+        # built inside the next call, where torch.compile(fullgraph=True) cannot trace it.
         super().__setattr__(name, value)
-        if name != "_derived" and "_derived" in self.__dict__:
+        if name not in ("_derived", "training") and "_derived" in self.__dict__:
             self.__dict__["_derived"] = {}
 
     def __getstate__(self):

@@ -201,7 +201,10 @@ class SDGPLinear(torch.autograd.Function):
         x, weight, bias = _autocast_inputs(x, weight, bias)
         with _no_autocast(x.device.type):
             y = F.linear(x, weight, bias)
-        if y._is_view():  # (a 1-D x): autograd refuses in-place ops (ReLU(inplace=True)) on a view a Function returns
+        # (x not 2-D, with a bias): autograd refuses in-place ops (ReLU(inplace=True)) on a view a Function
+        # returns. TorchDynamo cannot trace _is_view() (torch.compile(fullgraph=True) of an SDGP step failed
+        # on it): while tracing, every y F.linear may return as a view (x not 2-D) is copied.
+        if (x.dim() != 2) if torch.compiler.is_compiling() else y._is_view():
             y = y.clone()
         return y
 

@@ -71,6 +71,11 @@ class OpaqueKernel:
         register(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_exporting() or torch.jit.is_tracing():
+            # An exported program (or a torch.jit trace) is saved and run in other processes: it must hold
+            # portable ops. The operator names this process's layer by handle, so a reloaded program failed,
+            # or ran another model's layer that took the same handle there, silently.
+            return self.reference(x)
         if torch.compiler.is_compiling():
             return traced_call(self, x)
         return self.eager_forward(x)
