@@ -3,7 +3,6 @@ relu, a kernel dump with the interpreter switched on, K = 0, input layouts the l
 and the prune kernel on every mix of NaN / inf / -0.0 ties. Runs on the interpreter without a GPU."""
 import itertools
 import json
-import os
 
 import pytest
 import torch
