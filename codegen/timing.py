@@ -3,6 +3,7 @@ graph replays), wall-clock blocks on the CPU (optionally with the caches evicted
 taking turns over rounds so a drift falls on all of them alike."""
 from __future__ import annotations
 
+import math
 import statistics
 import time
 
@@ -102,7 +103,10 @@ def time_cpu(fn, block_s: float = 0.02, blocks: int = 7, cold: bool = False) -> 
     The least, not the median: on a shared machine another process takes the core for whole time
     slices, which only ever adds to a sample; with two processes on this project's 2 cores most
     samples of a short call held one (a 64 x 64 layer's median read 15 ms), and the median was that.
-    The least disturbed sample is the call's own time, for every candidate alike."""
+    The least disturbed sample is the call's own time, for every candidate alike. And the least single
+    call of a block, not the block's mean: under heavier load a multi-threaded GEMM waits at its
+    barrier for a descheduled thread in almost every block (a 64 x 64 layer read 6-16 ms per call,
+    block after block), while single calls between time slices still run undisturbed."""
     start = time.perf_counter()
     fn()
     first = time.perf_counter() - start
@@ -121,13 +125,12 @@ def time_cpu(fn, block_s: float = 0.02, blocks: int = 7, cold: bool = False) -> 
             fn()
             calls += 1
         per_block = max(1, int(calls * 4))
-    times = []
-    for _ in range(blocks):
+    least = math.inf
+    for _ in range(blocks * per_block):
         start = time.perf_counter()
-        for _ in range(per_block):
-            fn()
-        times.append((time.perf_counter() - start) / per_block)
-    return min(times)
+        fn()
+        least = min(least, time.perf_counter() - start)
+    return least
 
 
 def timed_in_rounds(fns: dict, timer, rounds: int, failed: dict) -> dict[str, float]:
