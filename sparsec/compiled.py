@@ -15,7 +15,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_leaves
 
-from sparsec.distributed import FSDPModule, check_same_masks, check_whole, full, refuse_sharded
+from sparsec.distributed import FSDPModule, check_same_masks, check_whole, fsdp_groups, full, refuse_sharded
 from sparsec.errors import InvalidInputError, InvalidTypeError
 from sparsec.passes.weight_reads import owner_of
 from sparsec.pipeline import PassRecord
@@ -232,9 +232,10 @@ class CompiledModel(nn.Module):
         def keeping_non_float_dtypes(t: torch.Tensor) -> torch.Tensor:
             # Module.type(torch.float64) casts every tensor: masks (bool), 2:4 metadata (int16), int8 weights
             # and fan-in indices would become float (cm.mask() a float tensor, metadata unreadable). As .to(dtype)
-            # and .double() do, only floating tensors change dtype; a device change applies to all.
+            # and .double() do, only floating tensors change dtype; a device change applies to all. (Moved
+            # as they are, not cast back: .type(torch.float16) rounds int16 metadata and indices above 2048.)
             out = fn(t)
-            return out if t.is_floating_point() or out.dtype == t.dtype else out.to(t.dtype)
+            return out if t.is_floating_point() or out.dtype == t.dtype else t.to(out.device)
 
         return super()._apply(keeping_non_float_dtypes, recurse)
 
@@ -303,7 +304,7 @@ class CompiledModel(nn.Module):
         on every rank; DDP copies rank 0's buffers, masks included, when it wraps the model.)"""
         fixed = {m.layer_name: m.weight_mask for m in self.graph_module.modules()
                  if isinstance(m, TrainableLayer) and m.weight_mask is not None and m.weight_update != "ste"}
-        check_same_masks(fixed, "at the first forward under fully_shard")
+        check_same_masks(fixed, "at the first forward under fully_shard", fsdp_groups(self))
         self.__dict__["_ranks_agree"] = True
 
     # ---- inspection

@@ -100,20 +100,26 @@ def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
 
 def check_same_over_ranks(value: int, what: str, device: torch.device | str = "cpu",
                           remedy: str = "every rank must make the same calls (load the same state on every rank "
-                                        "when resuming)") -> None:
+                                        "when resuming)", groups: list | None = None) -> None:
     """Raise on every rank, naming each rank's value, unless all ranks pass the same `value` (a
     collective; `device`: one the backend can reduce on, e.g. a mask's). For state that must agree
     but that no collective compares, such as a scheduler's step count: ranks at steps that differ
     by a multiple of the update interval take the same collectives, so nothing hangs, while each
     decides its own masks."""
     if world_size() > 1:
-        values = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world_size())]
-        dist.all_gather(values, torch.tensor([int(value)], dtype=torch.int64, device=device))
-        values = [int(v) for v in values]
-        if len(set(values)) > 1:
+        # `groups`: those of a device mesh, one per dimension (default: the whole world). Gathered one after
+        # the other, each rank ends with every rank's (rank, value) of the mesh, so all decide alike: a rank
+        # raising after one dimension would leave the others waiting in the next one's collective.
+        pairs = torch.tensor([[dist.get_rank(), int(value)]], dtype=torch.int64, device=device)
+        for group in groups or [None]:
+            parts = [torch.empty_like(pairs) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(parts, pairs, group=group)
+            pairs = torch.cat(parts)
+        pairs = sorted(tuple(p) for p in pairs.tolist())
+        if len({v for _, v in pairs}) > 1:
             from sparsec.errors import InvalidInputError
 
-            raise InvalidInputError(f"{what} differs between ranks ({', '.join(f'rank {r}: {v}' for r, v in enumerate(values))}), "
+            raise InvalidInputError(f"{what} differs between ranks ({', '.join(f'rank {r}: {v}' for r, v in pairs)}), "
                                     f"so they would diverge silently; {remedy}")
 
 
@@ -126,14 +132,33 @@ def masks_checksum(masks: dict[str, torch.Tensor]) -> int:
     return crc
 
 
-def check_same_masks(masks: dict[str, torch.Tensor], when: str) -> None:
-    """Raise on every rank unless all hold the same masks (a collective). Under fully_shard nothing makes
-    them agree (FSDP broadcasts no weights or buffers): ranks that compiled different initial models
-    keep different masks, and would train different models silently."""
+def check_same_masks(masks: dict[str, torch.Tensor], when: str, groups: list | None = None) -> None:
+    """Raise on every rank (of `groups`, see check_same_over_ranks) unless all hold the same masks (a
+    collective). Under fully_shard nothing makes them agree (FSDP broadcasts no weights or buffers): ranks
+    that compiled different initial models keep different masks, and would train different models silently."""
     if masks:
         check_same_over_ranks(masks_checksum(masks), f"the sparse layers' masks (a CRC-32) {when}",
                               next(iter(masks.values())).device,
-                              "compile the same initial model on every rank (a common seed)")
+                              "compile the same initial model on every rank (a common seed)", groups)
+
+
+def fsdp_groups(module: nn.Module) -> list | None:
+    """The process groups of the mesh fully_shard shards `module` (or its sharded submodules) over, one per
+    mesh dimension; None where none is found (torch's FSDP state differs): the whole world then. Masks must
+    agree over that mesh only: ranks outside it run other models (pipeline stages, a mesh per replica), and
+    may not run this one's forward at all, so a collective over the world there hung or refused them."""
+    for m in module.modules():
+        if not isinstance(m, FSDPModule):
+            continue
+        get_state = getattr(m, "_get_fsdp_state", None)  # (private: torch versions differ)
+        state = get_state() if get_state is not None else None
+        for group in getattr(state, "_fsdp_param_groups", None) or [getattr(state, "_fsdp_param_group", None)]:
+            info = getattr(group, "mesh_info", None)  # (the groups FSDP itself gathers and reduces over: HSDP's two)
+            found = [g for g in (getattr(info, "replicate_process_group", None),
+                                 getattr(info, "shard_process_group", None)) if g is not None]
+            if found:
+                return found
+    return None
 
 
 def broadcast_from_rank0(t: torch.Tensor) -> torch.Tensor:

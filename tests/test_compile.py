@@ -656,3 +656,19 @@ def test_module_type_converts_weights_and_keeps_masks_and_metadata(pattern, quan
             assert output_error(outer(x.double()), reference(x.double())) <= 1e-12
         assert torch.equal(cm.effective_weight("2"), cm.effective_weight("2").double())
         assert outer(x.double()).dtype == torch.float64
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "fanin:0.5"])
+def test_module_type_to_half_keeps_metadata_and_indices_exact(pattern):
+    """Module.type(torch.float16) casts every tensor too: casting 2:4 metadata (int16, up to 32767) and fan-in
+    indices above 2048 to float16 and back rounded them, so the layer computed with other weights (relative
+    error 0.49). Non-floating tensors keep their values."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4096, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    cm = sparsec.compile(model, pattern=pattern, example_inputs=(torch.randn(2, 4096),), backend="torch",
+                         include=[".*"], min_weights=0)
+    before = {k: t.clone() for k, t in cm.state_dict().items() if not t.is_floating_point()}
+    cm.type(torch.float16)
+    after = cm.state_dict()
+    assert before and all(torch.equal(after[k], t) for k, t in before.items())
+    assert torch.equal(cm.mask("0"), pruned_model(model, cm.plan)[0].weight != 0)

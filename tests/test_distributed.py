@@ -367,3 +367,41 @@ def test_the_distributed_example_runs_and_its_ranks_agree():
     assert "(identical)" in run.stdout, run.stdout
     trained, condensed = map(float, re.search(r"trained ([\d.]+)%, condensed ([\d.]+)%", run.stdout).groups())
     assert trained == condensed and trained > 50, run.stdout
+
+
+def _meshes_worker(rank: int, world: int, port: int, folder: str) -> None:
+    """Each rank compiles its own initial model (seeded by rank) and shards it over a mesh: the first
+    forward compares masks over that mesh, not over the whole world."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    x, out = _batches()[0][0], {}
+    meshes = {"own": init_device_mesh("cpu", (world, 1), mesh_dim_names=("stage", "dp"))["dp"],  # a mesh per rank
+              "hsdp": init_device_mesh("cpu", (world, 1), mesh_dim_names=("replicate", "shard"))}  # 2-D, both ranks
+    for what, mesh in meshes.items():
+        torch.manual_seed(rank)
+        model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+        cm = sparsec.compile(model, example_inputs=(x,), train=True, include=[".*"], min_weights=0, **CASES["fixed"])
+        fully_shard(cm, mesh=mesh)
+        try:
+            out[what] = cm(x).sum().item()
+        except InvalidInputError as e:
+            out[what] = str(e)
+    torch.save(out, os.path.join(folder, f"meshes-{rank}.pt"))
+    dist.barrier()
+    os._exit(0)  # see _worker
+
+
+def test_the_first_forward_compares_masks_over_the_models_own_mesh(tmp_path):
+    """Ranks that each shard their own model over a mesh of their own (pipeline stages, independent
+    replicas) hold different masks rightly: comparing them over the whole world refused them (and hung
+    where the other ranks never ran this model's forward). Over a 2-D (HSDP) mesh of both ranks, they are
+    refused on both ranks, each naming both ranks' values."""
+    mp.spawn(_meshes_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"meshes-{rank}.pt") for rank in range(2)]
+    for res in results:
+        assert isinstance(res["own"], float), res["own"]
+        assert "masks (a CRC-32) at the first forward under fully_shard differs between ranks (rank 0: " in res["hsdp"]
+        assert ", rank 1: " in res["hsdp"], res["hsdp"]
