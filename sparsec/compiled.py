@@ -111,9 +111,22 @@ def _call_error(gm: fx.GraphModule, args: tuple, kwargs: dict, error: Exception)
     return None
 
 
-def _stored_form(keys) -> str | None:
-    """How a sparse layer holds its weight, from its state dict keys (relative to the layer)."""
-    keys = set(keys)
+# The state dict keys (relative to a sparse layer) that tell how it stores its weight
+_FORM_KEYS = ("packed.meta", "packed.indices", "packed.mask_bits", "weight")
+
+
+def _form_keys(keys, layers: dict[str, nn.Module]) -> dict[str, set[str]]:
+    """layer path -> those of its keys in `keys` that tell its stored form (one pass over the keys)."""
+    found: dict[str, set[str]] = {}
+    for key in keys:
+        for suffix in _FORM_KEYS:
+            if isinstance(key, str) and key.endswith("." + suffix) and key[:-len(suffix) - 1] in layers:
+                found.setdefault(key[:-len(suffix) - 1], set()).add(suffix)
+    return found
+
+
+def _stored_form(keys: set[str]) -> str | None:
+    """How a sparse layer holds its weight, from its form keys (relative to the layer)."""
     if "packed.meta" in keys:
         return "N:M packed values (backend torch / bitmask / triton)"
     if "packed.indices" in keys:
@@ -263,13 +276,11 @@ class CompiledModel(nn.Module):
         picks each layer's form by timing on the machine compiling (a kernel's packed values, or the pruned
         weight kept dense), so two compiles of one model can differ, and torch's error (missing mask_bits,
         unexpected meta, size mismatch) did not say why."""
-        keys = [k for k in state_dict if isinstance(k, str)]
-        for path, module in self.named_modules():
-            if not isinstance(module, RuntimeLayer):
-                continue
-            prefix = path + "."
-            ours = _stored_form(k[len(prefix):] for k in own if k.startswith(prefix))
-            theirs = _stored_form(k[len(prefix):] for k in keys if k.startswith(prefix))
+        # (by layer path, in one pass over each dict's keys: a scan of all keys per layer was quadratic)
+        layers = {path: m for path, m in self.named_modules() if isinstance(m, RuntimeLayer)}
+        own_forms, their_forms = _form_keys(own, layers), _form_keys(state_dict, layers)
+        for path, module in layers.items():
+            ours, theirs = _stored_form(own_forms.get(path, set())), _stored_form(their_forms.get(path, set()))
             if ours and theirs and ours != theirs:
                 raise InvalidInputError(
                     f"layer {module.layer_name!r} is stored here as {ours} and in this state dict as {theirs}: "
