@@ -89,12 +89,15 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
-    """Average a plain tensor across ranks, so that every rank takes the same decisions."""
+def mean_over_ranks(t: torch.Tensor, groups: list | None = None) -> torch.Tensor:
+    """Average a plain tensor across ranks (those of `groups`, one per mesh dimension; default the whole
+    world), so that every rank takes the same decisions."""
     if world_size() > 1:
-        t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t /= world_size()
+        t, ranks = t.clone(), 1
+        for group in groups or [None]:  # (a sum over each dimension in turn is the sum over the mesh)
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+            ranks *= dist.get_world_size(group)
+        t /= ranks
     return t
 
 
@@ -161,10 +164,12 @@ def fsdp_groups(module: nn.Module) -> list | None:
     return None
 
 
-def broadcast_from_rank0(t: torch.Tensor) -> torch.Tensor:
-    """Rank 0's value of `t` on every rank (random draws that must agree: DDP syncs parameters only
-    when it is constructed, so a later draw that differs between ranks would never be reconciled)."""
+def broadcast_from_rank0(t: torch.Tensor, groups: list | None = None) -> torch.Tensor:
+    """The first rank's value of `t` on every rank (of `groups`, as mean_over_ranks; random draws that must
+    agree: DDP syncs parameters only when it is constructed, so a later draw that differs between ranks
+    would never be reconciled)."""
     if world_size() > 1:
         t = t.contiguous()
-        dist.broadcast(t, src=0)
+        for group in groups or [None]:
+            dist.broadcast(t, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
     return t

@@ -40,8 +40,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from sparsec.distributed import (broadcast_from_rank0, check_same_masks, check_same_over_ranks, full, mean_over_ranks,
-                                 shard_like)
+from sparsec.distributed import (broadcast_from_rank0, check_same_masks, check_same_over_ranks, fsdp_groups, full,
+                                 mean_over_ranks, shard_like)
 from sparsec.errors import InvalidInputError, InvalidTypeError
 from sparsec.patterns import FanIn
 from sparsec.reference import rows_to_weight, weight_to_rows
@@ -195,7 +195,11 @@ class SRigL:
         # Every rank must start from the same masks: each decides its own from averaged scores, and under
         # fully_shard nothing makes them agree (FSDP broadcasts no weights: ranks that compiled different
         # initial models had different masks, and trained different models silently)
-        check_same_masks({name: layer.weight_mask for name, layer in self.layers.items()}, "when SRigL starts")
+        # Collectives over the ranks that train this model: under fully_shard the mesh's (other ranks may run
+        # other models: pipeline stages, a mesh per replica), else the whole world (DDP, one process)
+        self._groups = fsdp_groups(cm)
+        check_same_masks({name: layer.weight_mask for name, layer in self.layers.items()}, "when SRigL starts",
+                         self._groups)
         if sparse_init:
             self._sparse_init()
         self._arm(1)
@@ -209,7 +213,8 @@ class SRigL:
         for layer in self.layers.values():
             mask = weight_to_rows(layer.weight_mask, layer.op)
             k = mask.sum(1).clamp_min(1).unsqueeze(1).float()
-            fresh = broadcast_from_rank0(torch.randn(mask.shape, device=mask.device)) * (2.0 / k).sqrt() * mask
+            draw = broadcast_from_rank0(torch.randn(mask.shape, device=mask.device), self._groups)
+            fresh = draw * (2.0 / k).sqrt() * mask
             fresh = rows_to_weight(fresh.to(layer.weight.dtype), layer.op, layer.weight.shape)
             layer.weight.copy_(shard_like(fresh, layer.weight))
 
@@ -246,7 +251,8 @@ class SRigL:
     def _update(self) -> UpdateRecord:
         # ranks at steps that differ by a multiple of delta_t update together (no hang) but each with its own
         # drop fraction and end: their masks would diverge without a word (one rank resumed, the other not)
-        check_same_over_ranks(self.steps, "SRigL step", next(iter(self.layers.values())).weight_mask.device)
+        check_same_over_ranks(self.steps, "SRigL step", next(iter(self.layers.values())).weight_mask.device,
+                              groups=self._groups)
         drop = self.drop_fraction(self.steps)
         record = UpdateRecord(step=self.steps, drop_fraction=drop)
         scores = {}
@@ -257,7 +263,7 @@ class SRigL:
                 continue
             rows = weight_to_rows(full(layer.weight.detach()), layer.op).float()
             grad = weight_to_rows(grad, layer.op) if grad is not None else torch.zeros_like(rows)
-            scores[name] = mean_over_ranks(rows), mean_over_ranks(grad)  # every rank decides the same
+            scores[name] = mean_over_ranks(rows, self._groups), mean_over_ranks(grad, self._groups)  # all decide alike
         bad = [name for name, (_, grad) in scores.items() if not torch.isfinite(grad).all()]
         if bad:
             why = (f"dense gradient not finite in {bad} (an optimizer step GradScaler skips, or a diverging "

@@ -389,9 +389,34 @@ def _meshes_worker(rank: int, world: int, port: int, folder: str) -> None:
             out[what] = cm(x).sum().item()
         except InvalidInputError as e:
             out[what] = str(e)
+    try:
+        out["srigl"] = _srigl_masks(rank, meshes["own"])
+    except InvalidInputError as e:
+        out["srigl"] = str(e)
     torch.save(out, os.path.join(folder, f"meshes-{rank}.pt"))
     dist.barrier()
     os._exit(0)  # see _worker
+
+
+def _srigl_masks(seed: int, mesh=None) -> dict[str, torch.Tensor]:
+    """SRigL (with sparse_init) on the model seeded `seed`, sharded over `mesh` if given: the masks after STEPS."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    cm = sparsec.compile(model, example_inputs=(torch.randn(2, 16),), train=True, include=[".*"], min_weights=0,
+                         **CASES["srigl"])
+    if mesh is not None:
+        fully_shard(cm, mesh=mesh)
+    opt = torch.optim.SGD(cm.parameters(), lr=0.1, momentum=0.9)
+    srigl = sparsec.SRigL(cm, opt, total_steps=STEPS, delta_t=2, sparse_init=True)
+    for x, y in _batches():
+        F.cross_entropy(cm(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        srigl.step()
+    assert srigl.history, "no mask update ran"
+    return {name: cm.mask(name) for name in LAYERS}
 
 
 def test_the_first_forward_compares_masks_over_the_models_own_mesh(tmp_path):
@@ -405,3 +430,9 @@ def test_the_first_forward_compares_masks_over_the_models_own_mesh(tmp_path):
         assert isinstance(res["own"], float), res["own"]
         assert "masks (a CRC-32) at the first forward under fully_shard differs between ranks (rank 0: " in res["hsdp"]
         assert ", rank 1: " in res["hsdp"], res["hsdp"]
+    # SRigL's collectives (its checks, score averages, sparse_init's draw) run over the model's mesh too: each
+    # rank's own model trains as it does alone (over the whole world it was refused, or mixed two models)
+    for rank, res in enumerate(results):
+        assert isinstance(res["srigl"], dict), res["srigl"]
+        alone = _srigl_masks(rank)
+        assert all(torch.equal(res["srigl"][name], alone[name]) for name in LAYERS)
