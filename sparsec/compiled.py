@@ -252,15 +252,22 @@ class CompiledModel(nn.Module):
 
         return super()._apply(keeping_non_float_dtypes, recurse)
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The checks run here, not in load_state_dict: a compiled model inside a larger one is loaded through
+        # its parent's load_state_dict, which calls this with the parent's state dict and this model's prefix.
+        keys = [k[len(prefix):] for k in state_dict if isinstance(k, str) and k.startswith(prefix)]
+        own = self.state_dict(keep_vars=True)
+        self._refuse_uncompiled_keys(keys, own)
+        self._check_layer_forms(keys, own)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _refuse_uncompiled_keys(self, keys: list[str], own: dict) -> None:
         # A state dict of the model before compiling (keys "fc2.weight", not "graph_module.fc2...") matches
         # none of this model's keys: torch's strict error did not say why, and strict=False loaded nothing
         # and returned, leaving the compiled weights as they were. Its sparse layers hold packed values
         # pruned from the weights compiled, so it cannot be mapped over either: refuse, naming the remedy.
-        own = self.state_dict(keep_vars=True)
         layer_weights = {f"{lp.name}.weight" for lp in self.plan}
-        foreign = [k for k in state_dict if isinstance(k, str) and k not in own
-                   and (f"graph_module.{k}" in own or k in layer_weights)]
+        foreign = [k for k in keys if k not in own and (f"graph_module.{k}" in own or k in layer_weights)]
         if foreign:
             raise InvalidInputError(
                 f"this state dict is keyed like the model before compiling ({', '.join(foreign[:4])}"
@@ -268,17 +275,15 @@ class CompiledModel(nn.Module):
                 f"sparse layers hold packed values pruned from the compiled weights, so it would load nothing "
                 f"there. Load it into the uncompiled model and compile that (model.load_state_dict(sd); "
                 f"sparsec.compile(model, ...)), or load a state dict saved from a compiled model (cm.state_dict())")
-        self._check_layer_forms(state_dict, own)
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
-    def _check_layer_forms(self, state_dict, own: dict) -> None:
+    def _check_layer_forms(self, keys: list[str], own: dict) -> None:
         """Refuse a state dict holding a sparse layer in another stored form than this model's. backend="auto"
         picks each layer's form by timing on the machine compiling (a kernel's packed values, or the pruned
         weight kept dense), so two compiles of one model can differ, and torch's error (missing mask_bits,
         unexpected meta, size mismatch) did not say why."""
         # (by layer path, in one pass over each dict's keys: a scan of all keys per layer was quadratic)
         layers = {path: m for path, m in self.named_modules() if isinstance(m, RuntimeLayer)}
-        own_forms, their_forms = _form_keys(own, layers), _form_keys(state_dict, layers)
+        own_forms, their_forms = _form_keys(own, layers), _form_keys(keys, layers)
         for path, module in layers.items():
             ours, theirs = _stored_form(own_forms.get(path, set())), _stored_form(their_forms.get(path, set()))
             if ours and theirs and ours != theirs:

@@ -124,6 +124,11 @@ def test_a_state_dict_from_a_compile_on_another_backend_names_the_cause():
         dense.load_state_dict(packed.state_dict())
     with pytest.raises(InvalidInputError, match="stored here as N:M packed values"):
         packed.load_state_dict(dense.state_dict(), strict=False)
+    # also where the compiled model sits inside a larger one, loaded through its parent (raw torch errors before)
+    with pytest.raises(InvalidInputError, match=r"layer '0' is stored here as the pruned weight kept dense"):
+        nn.Sequential(dense, nn.Linear(16, 2)).load_state_dict(nn.Sequential(packed, nn.Linear(16, 2)).state_dict())
+    with pytest.raises(InvalidInputError, match=r"keyed like the model before compiling \(0.weight"):
+        nn.Sequential(packed, nn.Linear(16, 2)).load_state_dict(nn.Sequential(model, nn.Linear(16, 2)).state_dict())
     # the remedy it names: compile with the saving model's plan
     again = sparsec.compile(_mlp(3), example_inputs=(x,), plan=packed.plan)
     again.load_state_dict(packed.state_dict())
