@@ -145,7 +145,12 @@ class SparsecGraphModule(fx.GraphModule):
                 f"cannot hold (pickle keeps its code, and loading traces it again, which those operators refuse; "
                 f"copy.deepcopy copies it)")
         _retraced_with(self)
-        return super().__reduce__()
+        rebuild, (body, imports) = super().__reduce__()
+        # fx rebuilds the module from its code, keeping only the submodules the graph reads: a module
+        # torch.export left unreferenced (a head tied to the embedding, read as the embedding's weight)
+        # was lost, and with it its state_dict key. Carry them all; restore() puts back the missing ones.
+        modules = {path: m for path, m in self.named_modules(remove_duplicate=False) if path}
+        return rebuild, (dict(body, sparsec_modules=modules), imports)
 
     def __deepcopy__(self, memo):
         copied = super().__deepcopy__(memo)  # fx's copy keeps only the attributes torch knows of
@@ -170,6 +175,11 @@ def restore(gm: fx.GraphModule) -> SparsecGraphModule:
         return gm
     restored = SparsecGraphModule(gm, gm.graph, type(gm).__name__)
     restored.sparsec_notes = gm.sparsec_notes
+    for path, module in getattr(gm, "sparsec_modules", {}).items():  # parents come before their children
+        parent, _, leaf = path.rpartition(".")
+        owner = restored.get_submodule(parent)
+        if leaf not in owner._modules:
+            owner.add_module(leaf, module)
     for kept in CAPTURE_FACTS:
         if hasattr(gm, kept):
             setattr(restored, kept, getattr(gm, kept))
