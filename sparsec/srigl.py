@@ -192,11 +192,11 @@ class SRigL:
         self.steps = 0
         self.history: list[UpdateRecord] = []
         self._dense_grads: dict[str, torch.Tensor] = {}
-        # Every rank must start from the same masks: each decides its own from averaged scores, and under
+        # Collectives over the ranks that train this model: under fully_shard the mesh's (other ranks may run
+        # other models: pipeline stages, a mesh per replica), else the whole world (DDP, one process). Every
+        # one of them must start from the same masks: each decides its own from averaged scores, and under
         # fully_shard nothing makes them agree (FSDP broadcasts no weights: ranks that compiled different
         # initial models had different masks, and trained different models silently)
-        # Collectives over the ranks that train this model: under fully_shard the mesh's (other ranks may run
-        # other models: pipeline stages, a mesh per replica), else the whole world (DDP, one process)
         self._groups = fsdp_groups(cm)
         check_same_masks({name: layer.weight_mask for name, layer in self.layers.items()}, "when SRigL starts",
                          self._groups)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from sparsec.runtime.layers import SparseLinear, torch_func_active
+from sparsec.runtime.layers import SparseLinear, recording_portable_ops, torch_func_active
 
 
 class CpuKernelLinear(SparseLinear):
@@ -87,15 +87,13 @@ class CpuKernelLinear(SparseLinear):
         if x.shape[-1] != self.packed.reduction:
             raise RuntimeError(f"layer {self.layer_name!r} takes inputs with {self.packed.reduction} features in "
                                f"the last dimension (its in_features), got an input of shape {tuple(x.shape)}")
-        # The kernels run CPU layers of kernel_dtypes on inputs of the layer's dtype, and an exported
-        # program holds portable ops, not this process's kernel: anything else runs the reference (an
-        # input of another dtype fails there as in the original layer), as do more rows than the kernel
-        # measured faster at, a torch.func transform (the kernels have no batching rule) and CPU
-        # autocast to another dtype (F.linear then computes and returns the autocast dtype). So does
-        # torch.jit.trace: a saved trace holding the kernel's operator failed to load ("Unknown builtin op").
+        # The kernels run CPU layers of kernel_dtypes on inputs of the layer's dtype, and what torch.export /
+        # torch.jit.trace record holds portable ops, not this process's kernel: anything else runs the
+        # reference (an input of another dtype fails there as in the original layer), as do more rows than
+        # the kernel measured faster at, a torch.func transform (the kernels have no batching rule) and CPU
+        # autocast to another dtype (F.linear then computes and returns the autocast dtype).
         if (x.dtype != self.packed.dtype_probe.dtype or x.device.type != "cpu" or not self.kernel_runs()
-                or torch.compiler.is_exporting() or torch.jit.is_tracing() or torch_func_active()
-                or autocast_changes(x.dtype)):
+                or recording_portable_ops() or torch_func_active() or autocast_changes(x.dtype)):
             return self.reference(x)
         limit = self.max_rows()
         if limit is not None and x.numel() > limit * x.shape[-1]:

@@ -107,6 +107,15 @@ def torch_func_active() -> bool:
     return active is not None and active()
 
 
+def recording_portable_ops() -> bool:
+    """Whether torch.export or torch.jit.trace is recording the call. What they record is saved and run in
+    other processes, so kernel layers record their plain-torch reference there: a custom operator names
+    this process's layer by handle (a reloaded exported program failed, or silently ran another model's
+    layer that took the same handle), and a saved jit trace holding a C++ kernel's operator failed to load
+    ("Unknown builtin op")."""
+    return torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
 def run_kernel(layer, x: torch.Tensor) -> torch.Tensor:
     """layer.kernel_forward(x), differentiable through layer.reference when autograd needs it; the
     reference itself under a torch.func transform."""

@@ -21,6 +21,8 @@ import weakref
 
 import torch
 
+from sparsec.runtime.layers import recording_portable_ops
+
 _LAYERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # (a deleted layer's entry goes with it)
 _HANDLES = itertools.count(1)
 
@@ -71,10 +73,7 @@ class OpaqueKernel:
         register(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_exporting() or torch.jit.is_tracing():
-            # An exported program (or a torch.jit trace) is saved and run in other processes: it must hold
-            # portable ops. The operator names this process's layer by handle, so a reloaded program failed,
-            # or ran another model's layer that took the same handle there, silently.
+        if recording_portable_ops():
             return self.reference(x)
         if torch.compiler.is_compiling():
             return traced_call(self, x)
