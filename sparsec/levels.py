@@ -1,0 +1,294 @@
+"""Non-linear weight quantization of method (d) (Pietron & Zurek; methods.md D.2): power-of-two levels
+("log2:B") and a shared-value codebook ("codebook:B"), B an integer bit width with 2 <= B <= 8.
+
+Applied after pruning to a layer's kept values, one table per layer (per tensor). Storage is
+`codes` (uint8, the input's shape) plus `table` (float32, exactly 2**B entries); a weight is
+`table[code]`. Code 0 is always exactly 0.0, and it is the code of every zero and only of zeros:
+zeros stay zero and a nonzero weight never becomes zero (nor infinite), so the quantized tensor has
+exactly the original's support. Every table entry is representable in float32 and in the input
+dtype, so dequantizing into the input dtype is exact and quantizing that again gives it back
+(idempotence, D.4 item 2).
+
+Table layouts (unused codes hold 0.0):
+  log2:B      L = 2**(B-1) - 1 levels per sign, exponents e_min .. e_max (ascending):
+              code i   (1 <= i <= L) = +2**(e_min + i - 1)
+              code L+i (1 <= i <= L) = -2**(e_min + i - 1)
+              code 2**B - 1 is never used (2L + 1 = 2**B - 1 codes suffice). When the input dtype
+              cannot hold L powers of two below 2**e_max, e_min is raised and the top codes of each
+              sign's block stay unused.
+  codebook:B  codes 1..n (n <= 2**B - 1) = the shared values in ascending order, all nonzero.
+
+Everything is computed in float64: it holds every float16 / bfloat16 / float32 value exactly (so
+the exponent decision below is exact), and the k-means prefix sums over a 4096 x 4096 layer keep
+~1e-16 relative error where float32 would keep 1e-7.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+from sparsec.errors import InvalidInputError, InvalidTypeError
+
+ACCEPTED_FORMS = ('"log2:B" (signed powers of two) or "codebook:B" (k-means shared values), B an integer '
+                  'with 2 <= B <= 8 (e.g. "log2:4", "codebook:4")')
+
+KINDS = ("log2", "codebook")
+MIN_BITS, MAX_BITS = 2, 8
+
+_LEVELS = re.compile(r"(log2|codebook):([1-9][0-9]*)")  # no leading zeros: str() must give the text back
+
+# 1-D Lloyd converges in tens of iterations on weight-like data; the cap only bounds pathological
+# inputs (each iteration costs O(k log n): a searchsorted of k midpoints into the sorted values).
+LLOYD_MAX_ITERATIONS = 300
+
+# round(log2 m) for a frexp mantissa m in [0.5, 1) is 0 when m >= sqrt(1/2), else -1. The float64
+# constant lies above the true sqrt(1/2) by less than one ulp and no float64 lies between the two,
+# so the comparison is the exact log-domain rounding for every float64 input (ties cannot occur:
+# sqrt(1/2) is irrational).
+_SQRT_HALF = math.sqrt(0.5)
+
+
+@dataclass(frozen=True)
+class Levels:
+    kind: str   # "log2" | "codebook"
+    bits: int   # 2..8
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.bits}"
+
+    @property
+    def table_size(self) -> int:
+        return 2 ** self.bits
+
+    @property
+    def per_sign(self) -> int:
+        """log2 levels per sign, L = (2**B - 2) // 2: code 0 and L codes for each sign fit in 2**B."""
+        return (self.table_size - 2) // 2
+
+
+def parse_levels(text: object) -> Levels:
+    """Parse "log2:B" / "codebook:B"; raise naming the accepted forms otherwise."""
+    if isinstance(text, Levels):
+        return text
+    if not isinstance(text, str):
+        raise InvalidInputError(f"quantization must be a string, got {type(text).__name__} {text!r}; accepted: {ACCEPTED_FORMS}")
+    match = _LEVELS.fullmatch(text)
+    if match is None:
+        raise InvalidInputError(f"invalid quantization {text!r}; accepted: {ACCEPTED_FORMS}")
+    bits = int(match.group(2))
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise InvalidInputError(f"invalid quantization {text!r}: B must be in [{MIN_BITS}, {MAX_BITS}] "
+                                f"(codes are uint8, and one bit leaves no nonzero level); accepted: {ACCEPTED_FORMS}")
+    return Levels(match.group(1), bits)
+
+
+def is_levels(text: object) -> bool:
+    """True exactly when `parse_levels(text)` succeeds (well-formed, B in range)."""
+    try:
+        parse_levels(text)
+    except InvalidInputError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def _check_values(values: torch.Tensor, levels: Levels) -> None:
+    if not isinstance(values, torch.Tensor) or not values.is_floating_point():
+        what = values.dtype if isinstance(values, torch.Tensor) else type(values).__name__
+        raise InvalidTypeError(f"{levels} quantizes floating-point tensors, got {what}")
+    finite = torch.isfinite(values)
+    if not bool(finite.all()):
+        nan = int(torch.isnan(values).sum())
+        inf = int((~finite).sum()) - nan
+        raise InvalidInputError(f"{levels} needs finite weights; the tensor holds {nan} NaN and {inf} infinite "
+                                f"entries (a diverged or corrupt layer: levels fitted to it would be meaningless)")
+
+
+def _storage_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype every table entry must be exact in: the table's float32, narrowed to the input dtype
+    when that is smaller, so that dequantizing into the input dtype rounds nothing."""
+    return dtype if torch.finfo(dtype).bits <= 32 else torch.float32
+
+
+def _exponent_range(dtype: torch.dtype) -> tuple[int, int]:
+    """Exponents e for which 2**e is finite and nonzero in the storage dtype: float16 [-24, 15],
+    bfloat16 [-133, 127], float32 / float64 [-149, 127] (subnormals included, so a tiny weight is
+    never flushed to zero)."""
+    info = torch.finfo(_storage_dtype(dtype))
+    smallest = info.smallest_normal * info.eps  # the smallest subnormal: a power of two, math.log2 is exact
+    return round(math.log2(smallest)), math.floor(math.log2(info.max))
+
+
+def _round_log2(magnitude: torch.Tensor) -> torch.Tensor:
+    """round(log2 a) for float64 a > 0, exactly: a = m * 2**x with m in [0.5, 1), log2 a = x + log2 m,
+    log2 m in [-1, 0). frexp rounds nothing; round(torch.log2(a)) would inherit log2's last-bit error
+    right where it matters, at a = 2**(k + 1/2)."""
+    mantissa, exponent = torch.frexp(magnitude)
+    return exponent.long() - (mantissa < _SQRT_HALF).long()
+
+
+def _empty_result(values: torch.Tensor, levels: Levels) -> tuple[torch.Tensor, torch.Tensor]:
+    codes = torch.zeros(values.shape, dtype=torch.uint8, device=values.device)
+    return codes, torch.zeros(levels.table_size, dtype=torch.float32, device=values.device)
+
+
+# --------------------------------------------------------------------------- log2
+
+
+def _quantize_log2(x: torch.Tensor, levels: Levels, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """sign(w) * 2**e, e = round(log2 |w|) clamped to [e_min, e_max]: e_max = round(log2 max|w|) (the
+    largest weight is represented to within a factor sqrt(2)), e_min = e_max - L + 1. Weights below
+    2**e_min round up to it, never to 0; both ends are also kept inside the storage dtype's range, so
+    huge float64 weights saturate at 2**127 and tiny ones at 2**-149 (2**15 / 2**-24 for float16)."""
+    codes, table = _empty_result(x, levels)
+    nonzero = x != 0
+    if not bool(nonzero.any()):
+        return codes, table
+    lowest, highest = _exponent_range(dtype)
+    per_sign = levels.per_sign
+    e_max = int(_round_log2(x.abs().amax()).clamp(lowest, highest))
+    e_min = max(e_max - per_sign + 1, lowest)
+    step = _round_log2(x.abs()).clamp(e_min, e_max) - e_min + 1          # 1..n within each sign's block
+    code = torch.where(x > 0, step, step + per_sign)
+    codes = torch.where(nonzero, code, torch.zeros_like(code)).to(torch.uint8)
+    # math.ldexp: exact powers of two (exp2 of an integer is exact only if libm says so)
+    powers = torch.tensor([math.ldexp(1.0, e) for e in range(e_min, e_max + 1)], dtype=torch.float32, device=x.device)
+    table[1:1 + powers.numel()] = powers
+    table[per_sign + 1:per_sign + 1 + powers.numel()] = -powers
+    return codes, table
+
+
+# --------------------------------------------------------------------------- codebook
+
+
+def _spread(low: float, high: float, k: int) -> torch.Tensor:
+    """k points evenly from low to high (one: their middle). min + (max - min) * i / (k - 1), written out:
+    torch.linspace's float formula is unspecified."""
+    if k == 1:
+        return torch.tensor([(low + high) / 2], dtype=torch.float64)
+    return low + (high - low) * torch.arange(k, dtype=torch.float64) / (k - 1)
+
+
+def _linear_init(xs: torch.Tensor, k: int) -> torch.Tensor:
+    """Deep Compression's linear initialisation, over the values' support: a pruned layer's weights lie in
+    two bands, [-max, -t] and [t, max], and one grid over [min, max] put most centroids in the empty gap
+    between them (codebook:4 on a layer pruned to 90% used 4 of its 15 values). Each sign gets a grid over
+    its own range, the k centroids split in proportion to the two ranges' widths (at least one each)."""
+    negative, positive = xs[xs < 0], xs[xs > 0]
+    if negative.numel() == 0 or positive.numel() == 0:
+        return _spread(float(xs[0]), float(xs[-1]), k)
+    widths = float(negative[-1] - negative[0]), float(positive[-1] - positive[0])
+    share = widths[0] / (widths[0] + widths[1]) if widths[0] + widths[1] > 0 else 0.5
+    k_negative = max(1, min(k - 1, math.floor(k * share + 0.5)))
+    return torch.cat([_spread(float(negative[0]), float(negative[-1]), k_negative),
+                      _spread(float(positive[0]), float(positive[-1]), k - k_negative)])
+
+
+def _lloyd(xs: torch.Tensor, k: int) -> torch.Tensor:
+    """1-D k-means (Deep Compression's weight sharing) on sorted nonzero float64 values, linear
+    initialisation over each sign's range (_linear_init). In 1-D every cluster is a run of the sorted values, so an iteration finds the
+    k - 1 boundaries by searchsorted of the centroid midpoints and the cluster sums from one prefix
+    sum: O(k log n), not O(n k). A value exactly on a midpoint joins the lower centroid (right=True).
+    An empty cluster keeps its centroid (it may win values back later); the caller drops centroids
+    no value is nearest to. Stops when no boundary moved (the centroids are then a fixed point) or
+    after the iteration cap. Returns the k centroids, ascending (non-strictly)."""
+    n = xs.numel()
+    prefix = torch.cat([xs.new_zeros(1), torch.cumsum(xs, 0)])
+    centroids = _linear_init(xs, k)
+    bounds = None
+    for _ in range(LLOYD_MAX_ITERATIONS):
+        ends = torch.searchsorted(xs, (centroids[:-1] + centroids[1:]) / 2, right=True)
+        if bounds is not None and torch.equal(ends, bounds):
+            break
+        bounds = ends
+        starts = torch.cat([ends.new_zeros(1), ends])
+        stops = torch.cat([ends, ends.new_full((1,), n)])
+        counts = stops - starts
+        means = (prefix[stops] - prefix[starts]) / counts.clamp(min=1)
+        # prefix-sum differences cancel: clamp into the cluster's own range, which keeps a one-signed
+        # cluster's centroid one-signed and the centroids sorted
+        means = torch.minimum(torch.maximum(means, xs[starts.clamp(max=n - 1)]), xs[(stops - 1).clamp(min=0)])
+        centroids = torch.where(counts > 0, means, centroids)
+    return centroids
+
+
+def _representable(centroids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round float64 centroids to the storage dtype, magnitudes clamped into its nonzero finite range
+    first (a cluster straddling zero may have a mean of ~0; float64 weights may exceed float32), so no
+    shared value is 0 or inf. Returns the distinct results ascending, as float64."""
+    info = torch.finfo(_storage_dtype(dtype))
+    sign = torch.where(centroids < 0, -1.0, 1.0).to(torch.float64)
+    magnitude = centroids.abs().clamp(info.smallest_normal * info.eps, info.max)
+    return torch.unique((sign * magnitude).to(_storage_dtype(dtype)).double(), sorted=True)
+
+
+def _nearest(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest of the ascending centroids for each value, ties to the lower one. In 1-D the
+    nearest is one of the two centroids bracketing x, so compare just those two distances."""
+    above = torch.searchsorted(centroids, x)                       # first centroid >= x
+    hi = above.clamp(max=centroids.numel() - 1)
+    lo = (above - 1).clamp(min=0)
+    return torch.where((centroids[hi] - x).abs() < (x - centroids[lo]).abs(), hi, lo)
+
+
+def _quantize_codebook(x: torch.Tensor, levels: Levels, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """At most 2**B - 1 shared nonzero values. When the nonzero weights have no more distinct values
+    than that, the table holds exactly those values (lossless, hence idempotent); otherwise k-means.
+    Computed on the CPU whatever the device, so a model gets the same table on every device."""
+    codes, table = _empty_result(x, levels)
+    flat = x.detach().reshape(-1).cpu()
+    nonzero = flat != 0
+    kept = flat[nonzero]
+    if kept.numel() == 0:
+        return codes, table
+    xs = torch.sort(kept).values
+    k = levels.table_size - 1
+    distinct = torch.unique_consecutive(xs)
+    centroids = _representable(distinct if distinct.numel() <= k else _lloyd(xs, k), dtype)
+    assigned = _nearest(kept, centroids)
+    used = torch.bincount(assigned, minlength=centroids.numel()) > 0
+    if not bool(used.all()):  # empty clusters, and any the iteration cap left with no nearest value
+        assigned = (torch.cumsum(used.long(), 0) - 1)[assigned]
+        centroids = centroids[used]
+    flat_codes = torch.zeros(flat.shape, dtype=torch.uint8)
+    flat_codes[nonzero] = (assigned + 1).to(torch.uint8)
+    table[1:1 + centroids.numel()] = centroids.float().to(table.device)
+    return flat_codes.reshape(x.shape).to(x.device), table
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def quantize_levels(values: torch.Tensor, levels: Levels | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's values (any shape, any float dtype) -> (codes uint8 [values.shape], table float32
+    [2**B]), one table for the whole tensor. Zeros get code 0; raises InvalidInputError on NaN / inf."""
+    levels = parse_levels(levels)
+    _check_values(values, levels)
+    x = values.detach().double()
+    if levels.kind == "log2":
+        return _quantize_log2(x, levels, values.dtype)
+    return _quantize_codebook(x, levels, values.dtype)
+
+
+def dequantize_levels(codes: torch.Tensor, table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """table[codes] in `dtype`. Checks the storage form, so corrupt codes raise instead of indexing past
+    the table (a device-side assert on CUDA)."""
+    if codes.dtype != torch.uint8:
+        raise InvalidInputError(f"level codes must be uint8, got {codes.dtype}")
+    size = table.numel()
+    if table.dim() != 1 or size not in [2 ** b for b in range(MIN_BITS, MAX_BITS + 1)]:
+        raise InvalidInputError(f"level table must be 1-D with 2**B entries, 2 <= B <= 8; got shape {tuple(table.shape)}")
+    if codes.numel() and int(codes.max()) >= size:
+        raise InvalidInputError(f"corrupt level codes: code {int(codes.max())} does not index a table of {size}")
+    return table[codes.long()].to(dtype)
+
+
+def fake_quant_levels(values: torch.Tensor, levels: Levels | str) -> torch.Tensor:
+    """What a non-linearly quantized layer really computes with, in the values' dtype."""
+    codes, table = quantize_levels(values, levels)
+    return dequantize_levels(codes, table, values.dtype)
