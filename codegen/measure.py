@@ -107,11 +107,13 @@ def conv_candidates(gm, ctx, layer, decision, input_shape: tuple[int, ...], trit
     from sparsec.codegen.builder import LayerUse, emit_matmul
     from sparsec.codegen.configs import matmul_candidates
     from sparsec.codegen.launch import sparse24_conv2d
-    from sparsec.runtime.packed import PackedWeight
+    from sparsec.runtime.packed import CSRPacked, PackedWeight
     from sparsec.runtime.triton_conv import TritonSparseConv1d, TritonSparseConv2d
 
     weight, bias, rows, mask = _layer_operands(gm, ctx, layer, decision)
     packed = PackedWeight.pack(rows, mask, parse_pattern(decision.sparsity), decision.quant)
+    if isinstance(packed, CSRPacked):
+        return _direct_conv_candidates(layer, decision, packed, weight, bias, input_shape, triton_problem)
     module_class = TritonSparseConv1d if layer.op == "conv1d" else TritonSparseConv2d
     module = module_class(packed, bias, tuple(weight.shape), layer.name, decision.sparsity, "", layer.conv)
     x, geometry, _ = module.kernel_input(_sample_input(input_shape, weight.device, weight.dtype))
@@ -128,6 +130,27 @@ def conv_candidates(gm, ctx, layer, decision, input_shape: tuple[int, ...], trit
             out[triton_key(i)] = KernelCall(functools.partial(sparse24_conv2d, x, packed.values, packed.meta, packed.scales,
                                                               bias, None, spec, name, source, geometry, config=cfg), cfg)
     return out, m
+
+
+def _direct_conv_candidates(layer, decision, packed, weight, bias, input_shape, triton_problem) -> tuple[dict, int]:
+    """conv_candidates for an unstructured conv2d: dense cuDNN on the pruned weight, and the direct sparse conv
+    kernel as its layer runs it (the layer's module: its per-call checks and offsets lookup are what a call
+    costs)."""
+    from sparsec.runtime.direct_conv_layer import DirectSparseConv2d
+    from sparsec.runtime.layers import SparseConv2d
+    from sparsec.runtime.packed import DensePacked
+
+    x = _sample_input(input_shape, weight.device, weight.dtype)
+    pattern = parse_pattern(decision.sparsity)
+    dense = SparseConv2d(DensePacked.pack(weight_to_rows(weight, layer.op), packed.mask(), pattern, decision.quant),
+                         bias, tuple(weight.shape), layer.name, decision.sparsity, "", layer.conv)
+    out = {"dense": functools.partial(dense, x)}
+    if triton_problem is None:
+        direct = DirectSparseConv2d(packed, bias, tuple(weight.shape), layer.name, decision.sparsity, "", layer.conv)
+        out["triton"] = functools.partial(direct, x)
+    with torch.no_grad():
+        pixels = dense(x).shape
+    return out, pixels[0] * pixels[2] * pixels[3] if len(pixels) == 4 else pixels[1] * pixels[2]
 
 
 def triton_key(i: int) -> str:
@@ -149,21 +172,22 @@ def _sample_input(shape, device: torch.device, dtype: torch.dtype) -> torch.Tens
 
 def cpu_kernel_candidates(gm, ctx, layer, decision):
     """at(rows) -> {"dense", kernel} on `rows` input rows: a dense GEMM on the pruned weight, and the
-    layer's CPU kernel, "condensed" for constant fan-in, "bitmask" for N:M; at(rows, above_rows=True)
+    layer's CPU kernel, "condensed" for constant fan-in, "bitmask" for N:M, "csr" for unstructured; at(rows, above_rows=True)
     -> {kernel, "above"}: the kernel, and what its layer runs above the rows the kernel is kept for.
     Both are the runtime module the layer would become, called as the compiled model calls it, so
     what is timed is what runs: forward's checks cost a kernel layer ~13 us a call and a dense one ~4 us
     on this project's 2-core machine, more than a 64 x 64 layer's GEMM at one row (~5 us), so timing
     kernel_forward against a bare F.linear could pick a kernel layer slower than the dense one. (The
     probes above the rows compare two paths of one module, whose forward costs both the same.)"""
-    from sparsec.runtime.bitmask_linear import BitmaskLinear
-    from sparsec.runtime.condensed_linear import CondensedLinear
+    from sparsec.passes.backend import cpu_kernel_for
+    from sparsec.runtime.cpu_modules import CPU_KERNEL_MODULES
     from sparsec.runtime.layers import SparseLinear
     from sparsec.runtime.packed import DensePacked, PackedWeight
 
     weight, bias, rows, mask = _layer_operands(gm, ctx, layer, decision)
     pattern = parse_pattern(decision.sparsity)
-    name, cls = ("condensed", CondensedLinear) if decision.sparsity.startswith("fanin:") else ("bitmask", BitmaskLinear)
+    name = cpu_kernel_for(decision.sparsity)
+    cls = CPU_KERNEL_MODULES[name]
     module = cls(PackedWeight.pack(rows, mask, pattern, decision.quant), bias, layer.op, layer.weight_shape,
                  layer.name, decision.sparsity, "")  # (no launch: the kernel at every row count)
     module.build_now()
@@ -312,7 +336,7 @@ def pick_fastest(gm, ctx, layer, decision, m: int | None, triton_problem: str | 
                                                            for k, v in sorted(wrong.items()))
     if failed:
         note += "; failed to run: " + ", ".join(f"{k} ({v})" for k, v in sorted(failed.items()))
-    if best in ("condensed", "bitmask"):
+    if device == "cpu" and best != "dense":  # a CPU kernel (condensed, bitmask, csr): how far up in rows it wins
         max_rows, limit_note = cpu_rows_limit(at, best, rows, times["dense"], cold)
         return best, f"{note}; {limit_note}", {"max_rows": max_rows}
     return best, note, launch if best == "triton" else None

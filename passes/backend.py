@@ -29,21 +29,39 @@ from sparsec.plan import dtype_name
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_NOTE = "runs a fused Triton kernel"
-CPU_KERNEL_RUNS = {"condensed": "constant fan-in", "bitmask": "N:M"}  # the C++ CPU kernels' patterns
+DIRECT_CONV_NOTE = "runs the direct sparse conv Triton kernel (CSR rows against the padded input, bias fused)"
 
 
-def triton_blocker(layer: LayerInfo, sparsity: str, device: torch.device, runs: bool = True) -> str | None:
+def triton_note(decision) -> str:
+    return DIRECT_CONV_NOTE if decision.sparsity.startswith("unstructured:") else TRITON_NOTE
+CPU_KERNEL_RUNS = {"condensed": "constant fan-in", "bitmask": "N:M", "csr": "unstructured"}  # CPU kernels' patterns
+
+
+def cpu_kernel_for(sparsity: str) -> str:
+    """The CPU kernel that runs a linear layer of this pattern: condensed (constant fan-in), csr
+    (unstructured: torch's own CSR product) or bitmask (N:M)."""
+    return "condensed" if sparsity.startswith("fanin:") else "csr" if sparsity.startswith("unstructured:") else "bitmask"
+
+
+def triton_blocker(layer: LayerInfo, sparsity: str, device: torch.device, runs: bool = True,
+                   quant: str | None = None) -> str | None:
     """Why the generated kernel cannot run this layer (None: it can); runs=False: the kernel is only
     written (a kernel dump), so what only stops running it here does not count."""
     from sparsec.codegen.configs import interpreting
 
-    if sparsity != "2:4" and not sparsity.startswith("fanin:"):
-        return f"the Triton kernels cover 2:4 and constant fan-in only (this layer is {sparsity})"
-    if layer.conv is not None and sparsity != "2:4":
-        return f"the Triton conv kernel covers 2:4 only (this layer is {sparsity})"
-    if layer.conv is not None and layer.conv.groups != 1:
+    unstructured = sparsity.startswith("unstructured:")
+    if sparsity != "2:4" and not sparsity.startswith("fanin:") and not unstructured:
+        return f"the Triton kernels cover 2:4, constant fan-in and unstructured convs only (this layer is {sparsity})"
+    if unstructured and layer.op != "conv2d":
+        return (f"the Triton kernel for unstructured sparsity is the direct sparse conv2d (this layer is a "
+                f"{layer.op}; on the CPU backend auto measures torch's CSR product for linear layers)")
+    if layer.conv is not None and sparsity != "2:4" and not unstructured:
+        return f"the Triton conv kernels cover 2:4 and unstructured only (this layer is {sparsity})"
+    if layer.conv is not None and layer.conv.groups != 1 and not unstructured:
         return (f"the Triton conv kernel covers groups=1 only (this layer has groups={layer.conv.groups}: each "
                 f"output channel reads other input channels, which is not one GEMM)")
+    if quant not in (None, "int8") and not unstructured:  # (the direct conv reads dequantized values)
+        return f"the Triton matmul kernels read float or int8 weights (this layer stores {quant} level codes)"
     if layer.dtype not in TRITON_DTYPES:
         return f"the Triton kernel covers float16 / bfloat16 / float32 weights (this layer is {dtype_name(layer.dtype)})"
     if runs and device.type == "cpu" and interpreting() and layer.dtype == torch.bfloat16:
@@ -52,22 +70,26 @@ def triton_blocker(layer: LayerInfo, sparsity: str, device: torch.device, runs: 
 
 
 def cpu_kernel_blocker(layer: LayerInfo, decision, device: torch.device, need_library: bool = True) -> str | None:
-    """Why no C++ CPU kernel runs this layer here (None: one does: condensed for constant fan-in,
-    bitmask for N:M, each for float32 / bfloat16 / float16 linear layers). need_library=False leaves
+    """Why no CPU kernel runs this layer here (None: one does: condensed for constant fan-in, bitmask for
+    N:M, each for float32 / bfloat16 / float16 linear layers; csr for unstructured, float64 too). need_library=False leaves
     out whether the kernel library built in this process (a layer without it runs plain torch)."""
     from sparsec.runtime import bitmask_cpu, condensed_cpu
-    from sparsec.runtime.cpu_linear import CpuKernelLinear
+    from sparsec.runtime.cpu_modules import CPU_KERNEL_MODULES
 
     if device.type != "cpu":
         return f"the C++ kernels run on the CPU (this layer is on {device})"
+    kernel = cpu_kernel_for(decision.sparsity)
     if layer.op not in ("linear", "matmul"):
-        return f"the C++ CPU kernels run linear layers (this one is a {layer.op})"
-    if layer.dtype not in CpuKernelLinear.kernel_dtypes:
-        runs = " / ".join(dtype_name(d) for d in CpuKernelLinear.kernel_dtypes)
-        return f"the C++ CPU kernels run {runs} layers (this one is {dtype_name(layer.dtype)})"
-    fanin = decision.sparsity.startswith("fanin:")
-    if need_library and not (condensed_cpu if fanin else bitmask_cpu).is_available():
-        return (f"the C++ {'condensed' if fanin else 'bitmask'} kernel could not be built or loaded here (no C++ "
+        return f"the CPU kernels run linear layers (this one is a {layer.op})"
+    dtypes = CPU_KERNEL_MODULES[kernel].kernel_dtypes
+    if layer.dtype not in dtypes:
+        runs = " / ".join(dtype_name(d) for d in dtypes)
+        return f"the {kernel} CPU kernel runs {runs} layers (this one is {dtype_name(layer.dtype)})"
+    if kernel == "bitmask" and decision.quant not in (None, "int8"):
+        return f"the bitmask CPU kernel reads float or int8 values (this layer stores {decision.quant} level codes)"
+    library = {"condensed": condensed_cpu, "bitmask": bitmask_cpu}.get(kernel)  # (csr: torch's own, always there)
+    if need_library and library is not None and not library.is_available():
+        return (f"the C++ {kernel} kernel could not be built or loaded here (no C++ "
                 f"compiler, or SPARSEC_NO_CPP is set; the warning logged says which)")
     return None
 
@@ -151,8 +173,7 @@ def _choose_backends(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             continue
         device = _device(gm, layer)
         given, chosen_again = decision.backend if ctx.options.plan is not None else None, None
-        if given in CPU_KERNEL_RUNS and layer.conv is None and decision.sparsity.startswith("fanin:") != (
-                given == "condensed"):
+        if given in CPU_KERNEL_RUNS and layer.conv is None and cpu_kernel_for(decision.sparsity) != given:
             # the plan's sparsity was edited after auto chose this kernel for the old pattern
             chosen_again = (f"the given plan's backend {given!r} runs {CPU_KERNEL_RUNS[given]} layers only, not "
                             f"{decision.sparsity}: chosen again")
@@ -160,7 +181,7 @@ def _choose_backends(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         if given is not None:
             backend = given  # the given plan decides; no measuring
             if backend == "triton":
-                if problem := triton_blocker(layer, decision.sparsity, device) or (
+                if problem := triton_blocker(layer, decision.sparsity, device, quant=decision.quant) or (
                         None if can_run_on(device) else f"the layer is on {device} and TRITON_INTERPRET is not 1"):
                     raise InvalidInputError(f"the given plan asks for backend 'triton' on layer {name!r}: {problem}")
             if backend == "cusparselt" and (decision.sparsity != "2:4" or device.type != "cuda"):
@@ -174,7 +195,7 @@ def _choose_backends(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
                 # (it would run the torch reference while the plan names the kernel: a float64 layer, a CUDA one)
                 raise InvalidInputError(f"the given plan asks for backend {backend!r} on layer {name!r}, but {problem}; "
                                         f"set its backend to null to let sparsec choose")
-            note = {"torch": None, "triton": TRITON_NOTE}.get(backend, f"backend {backend}, set by the given plan")
+            note = {"torch": None, "triton": triton_note(decision)}.get(backend, f"backend {backend}, set by the given plan")
             if backend in CPU_KERNEL_RUNS and (problem := cpu_kernel_blocker(layer, decision, device)):
                 # a plan made where the library built, applied where it does not: the layer runs the
                 # kernel's plain-torch fallback (the weight rebuilt per call, 0.03-0.8x dense in the
@@ -196,12 +217,13 @@ def _choose_backends(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
                     f"backend='triton' needs the model on a CUDA device, or TRITON_INTERPRET=1 to run kernels in the CPU "
                     f"interpreter (slow; for tests); layer {name!r} is on {device}. Use backend='torch' (or 'auto') on CPU")
             # (a dump runs nothing: with TRITON_INTERPRET=1 in its environment it left bf16 layers without a kernel)
-            problem = triton_blocker(layer, decision.sparsity, device, runs=not ctx.options.emit_only)
-            backend, note = ("torch", f"runs on the torch runtime: {problem}") if problem else ("triton", TRITON_NOTE)
+            problem = triton_blocker(layer, decision.sparsity, device, runs=not ctx.options.emit_only,
+                                     quant=decision.quant)
+            backend, note = ("torch", f"runs on the torch runtime: {problem}") if problem else ("triton", triton_note(decision))
             launch = None
         else:  # auto on CUDA: measure
             backend, note, launch = _measured(gm, ctx, layer, decision, nodes[0],
-                                              triton_blocker(layer, decision.sparsity, device), "cuda")
+                                              triton_blocker(layer, decision.sparsity, device, quant=decision.quant), "cuda")
         note = "; ".join(part for part in (chosen_again, note) if part)
         reason = f"{decision.reason}; {note}" if note else decision.reason
         decision = dataclasses.replace(decision, backend=backend, reason=reason, launch=launch)

@@ -12,6 +12,8 @@ import torch.fx as fx
 
 from sparsec.context import CompileContext
 from sparsec.meta import get_meta, input_rows, update_meta
+from sparsec.plan import dtype_name
+from sparsec.runtime.direct_conv_layer import DirectSparseConv2d
 from sparsec.runtime.triton_conv import TritonSparseConv2d
 from sparsec.runtime.triton_linear import FusedEpilogue
 
@@ -47,9 +49,34 @@ def emit_kernels(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             "layers": [{"name": u.name, "M": u.m, "N": u.n, "K": u.k,
                         "launch_config": _launch_config(modules[u.name], u)} for u in uses],
         }
+    _emit_direct_convs(gm, ctx, cache)
     for outcome, count in cache.counters.items():
         ctx.counters[f"kernel_cache_{outcome}"] += count
     return gm
+
+
+def _emit_direct_convs(gm: fx.GraphModule, ctx: CompileContext, cache) -> None:
+    """The direct sparse conv kernel (one source for every unstructured conv2d layer: dtypes and epilogue are
+    specialized at launch) and its manifest entry, listing the layers it runs."""
+    from sparsec.codegen.direct_conv import direct_conv_config, direct_conv_source
+
+    uses = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(module := gm.get_submodule(node.target), DirectSparseConv2d):
+            shape = get_meta(node).shape
+            pixels = None if shape is None else math.prod(shape[-2:])
+            uses.append({"name": module.layer_name, "dtype": dtype_name(module.packed.dtype_probe.dtype),
+                         "weight_shape": list(module.weight_shape), "nnz": module.packed.nnz,
+                         "output_shape": None if shape is None else list(shape),
+                         "launch_config": direct_conv_config(pixels) if pixels else None})
+            update_meta(node, kernel=direct_conv_source()[0])
+    if not uses:
+        return
+    name, source = direct_conv_source()
+    cache.store(name, source)
+    ctx.kernels[name] = source
+    ctx.kernel_manifest[name] = {"file": f"{name}.py", "pattern": "unstructured", "dtype": sorted({u["dtype"] for u in uses}),
+                                 "fused_ops": ["bias"], "layers": sorted(uses, key=lambda u: u["name"])}
 
 
 def _conv_rows(node: fx.Node, n: int) -> int | None:

@@ -8,8 +8,10 @@ Two measurements on the pruned weight:
 
 quantize="int8" quantizes every sparse layer and reports both numbers; quantize="auto" takes int8
 only where the error stays within `quant_budget` (default 2%, sparsec/context.py) and at most
-MAX_FLUSHED of the kept weights flush to zero. With a given plan, its entries decide and the
-numbers are still reported.
+MAX_FLUSHED of the kept weights flush to zero. quantize="log2:B" / "codebook:B" (method (d)'s non-linear
+levels, sparsec/levels.py) quantizes every sparse layer to one table of 2^B values (none flushes a kept
+weight to 0) and reports the error. With a given plan, its entries decide and the numbers are still
+reported.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch.fx as fx
 
 from sparsec.context import CompileContext
 from sparsec.errors import InvalidInputError
+from sparsec.levels import fake_quant_levels, is_levels, parse_levels
 from sparsec.meta import get_meta, layer_nodes, update_meta
 from sparsec.plan import dtype_name
 from sparsec.reference import fake_quant_int8, int8_scales, relative_error, weight_to_rows
@@ -75,6 +78,12 @@ def choose_quantization(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModu
         if wanted is None:
             continue
         pruned = pruned_rows(gm, ctx, meta.layer, decision.sparsity)
+        if is_levels(wanted):
+            decision = _levels_decision(name, decision, pruned, wanted, meta.layer, opts.plan is not None)
+            for node in nodes:
+                update_meta(node, decision=decision)
+            ctx.counters[f"quant_{decision.quant}" if decision.quant else "quant_refused"] += 1
+            continue
         problem = scale_problem(pruned)
         if problem is not None:
             if opts.plan is not None:  # an edited plan is applied exactly or refused, never changed
@@ -102,3 +111,24 @@ def choose_quantization(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModu
             update_meta(node, decision=decision)
         ctx.counters["quant_int8" if keep else "quant_refused"] += 1
     return gm
+
+
+@torch.no_grad()
+def _levels_decision(name: str, decision, pruned: torch.Tensor, wanted: str, layer, from_plan: bool):
+    """quantize="log2:B" / "codebook:B" (method (d)): every sparse layer takes the levels, with what they cost
+    stated. A weight beyond the float32 table's range (a float64 layer) stays unquantized, or, from a plan,
+    is refused: its levels would saturate, silently wrong. (inf / NaN weights never get here: such a layer
+    is not pruned.)"""
+    absmax = float(pruned.abs().max()) if pruned.numel() else 0.0
+    if absmax > torch.finfo(torch.float32).max:
+        problem = f"max |w| = {absmax:.3g} is beyond the range of its float32 table of levels"
+        if from_plan:
+            raise InvalidInputError(f"plan layer {name!r}: quant {wanted!r} cannot store this weight: {problem}; set "
+                                    f"the entry's quant to None")
+        return dataclasses.replace(decision, quant=None, reason=f"{decision.reason}; stays "
+                                   f"{dtype_name(layer.dtype)}: {wanted} cannot store it: {problem}")
+    quantized = fake_quant_levels(pruned, parse_levels(wanted))
+    distinct = int(quantized[pruned != 0].unique().numel())
+    note = (f"{wanted} levels, one table for the layer ({distinct} distinct nonzero values; relative weight error "
+            f"{relative_error(quantized, pruned):.2%})")
+    return dataclasses.replace(decision, quant=wanted, reason=f"{decision.reason}; {note}")

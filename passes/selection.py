@@ -26,7 +26,7 @@ import torch.fx as fx
 from sparsec.context import CompileContext
 from sparsec.errors import InvalidInputError
 from sparsec.meta import Decision, LayerInfo, dataflow_graph, get_meta, layer_nodes, update_meta
-from sparsec.patterns import NM, Dense, Pattern, parse_pattern
+from sparsec.patterns import NM, Dense, Pattern, Unstructured, parse_pattern
 
 
 def _compile_regex(text: str) -> re.Pattern:
@@ -90,6 +90,11 @@ def describe_sparse(layer: LayerInfo, pattern: Pattern) -> str:
     if isinstance(pattern, NM):
         # 3 significant digits: ":.0f" said 2:16 keeps 12% and 1:256 keeps 0% of weights
         return f"{pattern} along the reduction dimension ({_reduction_text(layer)}): keeps {100 * pattern.density:.3g}% of weights"
+    if isinstance(pattern, Unstructured):
+        numel = layer.out_features * layer.reduction
+        kept = pattern.kept(numel)
+        return (f"{pattern}: keeps the {kept} of {numel} weights of largest magnitude ({100 * kept / numel:.3g}%), "
+                f"wherever they are")
     k = pattern.k(layer.out_features * layer.reduction, layer.out_features)
     return f"{pattern}: every output row keeps k={k} of {layer.reduction} weights (constant fan-in)"
 

@@ -20,11 +20,11 @@ from sparsec.passes.weight_reads import erase_unused_reads, fold_shape_reads, ow
 from sparsec.patterns import parse_pattern
 from sparsec.reference import weight_to_rows
 from sparsec.runtime import PackedWeight, SparseConv1d, SparseConv2d, SparseLayer, SparseLinear
-from sparsec.runtime.bitmask_linear import BitmaskLinear
-from sparsec.runtime.condensed_linear import CondensedLinear
 from sparsec.runtime.cpu_linear import CpuKernelLinear
+from sparsec.runtime.cpu_modules import CPU_KERNEL_MODULES
 from sparsec.runtime.cusparselt_linear import CusparseltLinear
-from sparsec.runtime.packed import DensePacked
+from sparsec.runtime.direct_conv_layer import DirectSparseConv2d
+from sparsec.runtime.packed import CSRPacked, DensePacked
 from sparsec.runtime.triton_conv import TritonSparseConv1d, TritonSparseConv2d
 from sparsec.runtime.triton_linear import TritonSparseLinear
 
@@ -37,7 +37,7 @@ def _set_submodule(gm: fx.GraphModule, path: str, module: torch.nn.Module) -> No
 # a "dense" decision stores a DensePacked weight in the plain layer)
 LINEAR_MODULES = {None: SparseLinear, "dense": SparseLinear,
                   **{cls.kernel_backend: cls for cls in (SparseLinear, TritonSparseLinear, CusparseltLinear,
-                                                          CondensedLinear, BitmaskLinear)}}
+                                                          *CPU_KERNEL_MODULES.values())}}
 
 
 # (op, runs the Triton kernel) -> the module class running a convolution
@@ -56,8 +56,9 @@ def build_runtime_module(gm: fx.GraphModule, ctx: CompileContext, layer: LayerIn
         packed = PackedWeight.pack(rows, mask, pattern, decision.quant)
     bias = gm.get_parameter(layer.bias_path) if layer.bias_path else None
     if layer.conv is not None:
-        module = CONV_MODULES[layer.op, decision.backend == "triton"](
-            packed, bias, layer.weight_shape, layer.name, decision.sparsity, decision.reason, layer.conv)
+        conv_class = (DirectSparseConv2d if decision.backend == "triton" and isinstance(packed, CSRPacked)
+                      else CONV_MODULES[layer.op, decision.backend == "triton"])
+        module = conv_class(packed, bias, layer.weight_shape, layer.name, decision.sparsity, decision.reason, layer.conv)
     else:
         module = LINEAR_MODULES[decision.backend](packed, bias, layer.op, layer.weight_shape, layer.name,
                                                   decision.sparsity, decision.reason)

@@ -64,12 +64,14 @@ def compile(model: nn.Module, pattern: str | None = None, example_inputs: Any = 
             ste_decay: float = DEFAULT_STE_DECAY, timing: str = "eager") -> CompiledModel:
     """Trace `model`, decide per layer, rewrite chosen layers to packed sparse modules.
 
-    pattern: "N:M" (e.g. "2:4"), "fanin:S" (e.g. "fanin:0.9") or "dense" (plan only); default "2:4", or
+    pattern: "N:M" (e.g. "2:4"), "fanin:S" (e.g. "fanin:0.9"), "unstructured:S" (e.g. "unstructured:0.95")
+        or "dense" (plan only); default "2:4", or
         the given plan's pattern (a different one with plan= is refused, as is quantize=: the plan says).
     example_inputs: tuple of positional arguments for model(*example_inputs); needed for shapes,
         FLOP estimates and the torch.export fallback.
-    quantize: None, "int8" (per-output-channel symmetric int8 for sparse layers) or "auto"
-        (int8 only where the relative weight error stays within quant_budget).
+    quantize: None, "int8" (per-output-channel symmetric int8 for sparse layers), "auto"
+        (int8 only where the relative weight error stays within quant_budget), or "log2:B" / "codebook:B"
+        (2 <= B <= 8: method (d)'s non-linear levels, one table of 2^B values per layer).
     include / exclude: module names or regexes (full match, also matching a containing module's
         path) forcing layers sparse / keeping them dense.
     plan: an (edited) Plan to apply exactly instead of the default policy (not with include / exclude / quantize / grad_pattern).

@@ -1,6 +1,6 @@
 """The `sparsec` command (also `python -m sparsec`).
 
-    sparsec inspect FILE.py[:FUNC] --pattern 2:4 [--json] [--quantize int8|auto] [--include NAME ...] [--exclude NAME ...]
+    sparsec inspect FILE.py[:FUNC] --pattern 2:4 [--json] [--quantize int8|auto|log2:B|codebook:B] [--include NAME ...] [--exclude NAME ...]
     sparsec dump-kernels FILE.py[:FUNC] --pattern 2:4 -o DIR [--quantize int8]
 
 FUNC (default: build_model) is a function in FILE.py taking no arguments and returning either a
@@ -175,10 +175,12 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", nargs="?", metavar="FILE.py[:FUNC]",
                         help=f"required; FUNC (default {DEFAULT_FUNC}) returns a model or (model, example_inputs)")
     parser.add_argument("--pattern", default=None,
-                        help='"N:M" (e.g. 2:4), "fanin:S" (e.g. fanin:0.9) or "dense"; default 2:4 (with --plan: the plan\'s)')
-    parser.add_argument("--quantize", choices=["int8", "auto"], default=None,
+                        help='"N:M" (e.g. 2:4), "fanin:S" (e.g. fanin:0.9), "unstructured:S" (e.g. unstructured:0.95) or '
+                             '"dense"; default 2:4 (with --plan: the plan\'s)')
+    parser.add_argument("--quantize", default=None, metavar="{int8,auto,log2:B,codebook:B}",
                         help="int8: per-output-channel int8 weights for the sparse layers; auto: int8 only where the "
-                             "weight error stays within 2%%; default: none")
+                             "weight error stays within 2%%; log2:B / codebook:B (2 <= B <= 8): one table of 2^B "
+                             "levels per layer (powers of two / k-means); default: none")
     parser.add_argument("--include", nargs="*", default=None, metavar="NAME", help="module names / regexes forced sparse")
     parser.add_argument("--exclude", nargs="*", default=None, metavar="NAME", help="module names / regexes kept dense")
 

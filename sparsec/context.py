@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from sparsec.errors import InvalidInputError, InvalidTypeError
+from sparsec.levels import is_levels
 from sparsec.patterns import NM, Dense, Pattern, parse_pattern
 from sparsec.plan import GRAD_MODES, Plan
 from sparsec.reference import pattern_mask, weight_to_rows
@@ -29,7 +30,7 @@ DEFAULT_STE_DECAY = 2e-4  # SR-STE's lambda_W
 # outliers blow past 2%.
 DEFAULT_QUANT_BUDGET = 0.02
 
-QUANTIZE_CHOICES = (None, "int8", "auto")
+QUANTIZE_CHOICES = (None, "int8", "auto")  # and the levels of sparsec/levels.py, "log2:B" / "codebook:B"
 WEIGHT_UPDATES = ("fixed", "ste")
 BACKEND_OPTIONS = ("auto", "triton", "torch")
 TIMINGS = ("eager", "graph")  # backend "auto" on CUDA: eager calls (host time included) or CUDA graph replays
@@ -115,8 +116,10 @@ class CompileOptions:
         if timing != "eager" and backend != "auto":
             raise InvalidInputError(f"timing={timing!r} says how backend='auto' measures; backend={backend!r} measures "
                                     f"nothing (drop timing, or use backend='auto')")
-        if quantize not in QUANTIZE_CHOICES:
-            raise InvalidInputError(f"quantize={quantize!r} is not supported; accepted: {QUANTIZE_CHOICES}")
+        if quantize not in QUANTIZE_CHOICES and not is_levels(quantize):
+            raise InvalidInputError(f"quantize={quantize!r} is not supported; accepted: None, 'int8', 'auto' (int8 "
+                                    f"where it stays within quant_budget), or method (d)'s non-linear levels "
+                                    f"'log2:B' / 'codebook:B' with 2 <= B <= 8 (e.g. 'codebook:4')")
         if plan is not None and not isinstance(plan, Plan):
             raise InvalidTypeError(f"plan must be a sparsec.Plan (e.g. Plan.from_json(text)), got {type(plan).__name__}")
         if plan is not None:

@@ -3,6 +3,8 @@
 Accepted forms (design.md, "Patterns"):
   "N:M"      1 <= N <= M: N kept of every M consecutive weights along the reduction dimension
   "fanin:S"  0 < S < 1: constant fan-in, every output row keeps k = max(1, floor(numel*(1-S)) // out)
+  "unstructured:S"  0 < S < 1: the layer keeps its numel - round(S*numel) weights of largest magnitude,
+             wherever they are (method (d), Pietron & Zurek); every reduction size fits
   "dense"    analysis and plan only
 """
 from __future__ import annotations
@@ -10,13 +12,16 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 
 from sparsec.errors import InvalidInputError, InvalidPatternTypeError
 
-ACCEPTED_FORMS = '"N:M" with 1 <= N <= M (e.g. "2:4", "1:4", "4:8"), "fanin:S" with 0 < S < 1 (e.g. "fanin:0.9"), or "dense"'
+ACCEPTED_FORMS = ('"N:M" with 1 <= N <= M (e.g. "2:4", "1:4", "4:8"), "fanin:S" with 0 < S < 1 (e.g. "fanin:0.9"), '
+                  '"unstructured:S" with 0 < S < 1 (e.g. "unstructured:0.95"), or "dense"')
 
 _NM = re.compile(r"(\d+):(\d+)")
 _FANIN = re.compile(r"fanin:(\S+)")
+_UNSTRUCTURED = re.compile(r"unstructured:(\S+)")
 
 
 @dataclass(frozen=True)
@@ -53,17 +58,33 @@ class FanIn:
 
 
 @dataclass(frozen=True)
+class Unstructured:
+    sparsity: float
+
+    def __str__(self) -> str:
+        return f"unstructured:{self.sparsity!r}"  # (repr: the text parses back to this very float, as FanIn's)
+
+    def kept(self, numel: int) -> int:
+        """Weights the layer keeps: numel minus round(S * numel) pruned, halves rounding up (methods.md
+        D.4: the zero count is round(S * numel)), in exact arithmetic on S as written: the float product
+        0.7 * 45 is 31.4999..., which rounded to 31 where the user's 31.5 rounds to 32. It can be 0 on a
+        tiny layer at high S: the layer then computes its bias alone, as its mask says."""
+        pruned = math.floor(Fraction(repr(self.sparsity)) * numel + Fraction(1, 2))
+        return numel - min(numel, pruned)
+
+
+@dataclass(frozen=True)
 class Dense:
     def __str__(self) -> str:
         return "dense"
 
 
-Pattern = NM | FanIn | Dense
+Pattern = NM | FanIn | Unstructured | Dense
 
 
 def parse_pattern(text: object) -> Pattern:
     """Parse a pattern string; raise a clear error naming the accepted forms otherwise."""
-    if isinstance(text, (NM, FanIn, Dense)):
+    if isinstance(text, (NM, FanIn, Unstructured, Dense)):
         return text
     if not isinstance(text, str):
         raise InvalidPatternTypeError(f"pattern must be a string, got {type(text).__name__} {text!r}; accepted: {ACCEPTED_FORMS}")
@@ -75,12 +96,13 @@ def parse_pattern(text: object) -> Pattern:
         if 1 <= n <= m:
             return NM(n, m)
         raise InvalidInputError(f"invalid pattern {text!r}: N:M needs 1 <= N <= M; accepted: {ACCEPTED_FORMS}")
-    if match := _FANIN.fullmatch(s):
-        try:
-            sparsity = float(match.group(1))
-        except ValueError:
-            sparsity = math.nan
-        if 0.0 < sparsity < 1.0:
-            return FanIn(sparsity)
-        raise InvalidInputError(f"invalid pattern {text!r}: fanin:S needs 0 < S < 1; accepted: {ACCEPTED_FORMS}")
+    for regex, form in ((_FANIN, FanIn), (_UNSTRUCTURED, Unstructured)):
+        if match := regex.fullmatch(s):
+            try:
+                sparsity = float(match.group(1))
+            except ValueError:
+                sparsity = math.nan
+            if 0.0 < sparsity < 1.0:
+                return form(sparsity)
+            raise InvalidInputError(f"invalid pattern {text!r}: {s.split(':')[0]}:S needs 0 < S < 1; accepted: {ACCEPTED_FORMS}")
     raise InvalidInputError(f"invalid pattern {text!r}; accepted: {ACCEPTED_FORMS}")

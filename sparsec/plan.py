@@ -13,13 +13,19 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from sparsec.errors import CorruptFileError, InvalidInputError, InvalidTypeError
-from sparsec.patterns import NM, FanIn, parse_pattern
+from sparsec.levels import is_levels, parse_levels
+from sparsec.patterns import NM, FanIn, Unstructured, parse_pattern
 
 PLAN_FORMAT = "sparsec.plan"
 PLAN_VERSION = 1
-QUANT_CHOICES = (None, "int8")
+QUANT_CHOICES = (None, "int8")  # and method (d)'s levels, "log2:B" / "codebook:B" (sparsec/levels.py)
+QUANT_FORMS = 'None, "int8", "log2:B" or "codebook:B" (2 <= B <= 8)'
+
+
+def valid_quant(quant: object) -> bool:
+    return quant in QUANT_CHOICES or is_levels(quant)
 GRAD_MODES = ("magnitude", "rescale")  # how SDGP picks the data-gradient values it keeps
-BACKEND_CHOICES = (None, "torch", "triton", "cusparselt", "dense", "condensed", "bitmask")
+BACKEND_CHOICES = (None, "torch", "triton", "cusparselt", "dense", "condensed", "bitmask", "csr")
 _PLAN_KEYS = {"format", "version", "pattern", "grad_mode", "notes", "layers"}  # what Plan.to_json writes
 
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
@@ -35,13 +41,13 @@ class LayerPlan:
     name: str                          # module path, as in model.named_modules()
     op: str                            # "linear" | "matmul" | "conv1d" | "conv2d"
     weight_shape: tuple[int, ...]
-    sparsity: str | None               # pattern applied ("2:4", "fanin:0.9"), None = dense
-    quant: str | None                  # None | "int8"
+    sparsity: str | None               # pattern applied ("2:4", "fanin:0.9", "unstructured:0.95"), None = dense
+    quant: str | None                  # None | "int8" | "log2:B" | "codebook:B"
     grad_sparsity: str | None          # pattern applied to the data gradient in backward
     reason: str                        # why chosen, or why not
     dtype: str | None = None           # weight dtype ("float32", ...), for byte counts
     flops: int | None = None           # dense FLOPs of the layer at the example inputs
-    backend: str | None = None         # what runs a sparse layer: torch | triton | cusparselt | dense | condensed | bitmask
+    backend: str | None = None         # what runs a sparse layer: torch | triton | cusparselt | dense | condensed | bitmask | csr
     launch: dict | None = None         # backend triton, 2:4: the launch config timed fastest at M rows (tiles,
                                        # SPLIT_K, warps, stages, "M"); None = sparsec's shape table.
                                        # condensed / bitmask: {"max_rows": the most rows the kernel runs}.
@@ -78,6 +84,8 @@ class LayerPlan:
             return self.numel * pattern.n // pattern.m
         if isinstance(pattern, FanIn):
             return self.out_features * min(self.reduction, pattern.k(self.numel, self.out_features))
+        if isinstance(pattern, Unstructured):
+            return pattern.kept(self.numel)
         return self.numel
 
     def dense_bytes(self) -> int:
@@ -88,7 +96,7 @@ class LayerPlan:
         pruned weight kept dense plus its mask as bits."""
         if self.backend == "dense":
             return self.dense_bytes() + self.out_features * math.ceil(self.reduction / 8)
-        value_bytes = 1 if self.quant == "int8" else _ITEMSIZE.get(self.dtype or "float32", 4)
+        value_bytes = 1 if self.quant is not None else _ITEMSIZE.get(self.dtype or "float32", 4)  # int8 / uint8 codes
         pattern = parse_pattern(self.sparsity) if self.sparsity else None
         total = self.kept * value_bytes
         if isinstance(pattern, NM):
@@ -98,8 +106,12 @@ class LayerPlan:
                 total += self.kept * 2
         elif isinstance(pattern, FanIn):
             total += self.kept * 4  # int32 column indices
+        elif isinstance(pattern, Unstructured):
+            total += self.kept * 4 + (self.out_features + 1) * 8  # int32 column indices, int64 row pointers
         if self.quant == "int8":
             total += self.out_features * 4  # fp32 per-output-channel scales
+        elif self.quant is not None:
+            total += parse_levels(self.quant).table_size * 4  # the layer's fp32 level table
         return total
 
 
@@ -281,8 +293,8 @@ class Plan:
                         raise InvalidInputError(f"plan layer {lp.name!r}: bad {what}: {e}") from e
                     if value == "dense":
                         raise InvalidInputError(f"plan layer {lp.name!r}: {what} 'dense' is spelled None in a plan")
-            if lp.quant not in QUANT_CHOICES:
-                raise InvalidInputError(f"plan layer {lp.name!r}: quant {lp.quant!r} not in {QUANT_CHOICES}")
+            if not valid_quant(lp.quant):
+                raise InvalidInputError(f"plan layer {lp.name!r}: quant {lp.quant!r} is not one of {QUANT_FORMS}")
             if lp.backend not in BACKEND_CHOICES:
                 raise InvalidInputError(f"plan layer {lp.name!r}: backend {lp.backend!r} not in {BACKEND_CHOICES}")
             # (with backend None sparsec chooses again, and a launch left from the old choice is replaced)
@@ -319,7 +331,7 @@ def _launch_problem(lp: LayerPlan) -> str | None:
     from sparsec.codegen.configs import validate_launch
     from sparsec.codegen.spec import PRMT_EXPAND_APPLIES, has_prmt_expand
 
-    if lp.backend in ("condensed", "bitmask"):
+    if lp.backend in ("condensed", "bitmask", "csr"):
         rows = lp.launch.get("max_rows") if isinstance(lp.launch, dict) else None
         if not isinstance(lp.launch, dict) or set(lp.launch) != {"max_rows"} or not (
                 rows is None or (type(rows) is int and rows >= 1)):
@@ -327,7 +339,7 @@ def _launch_problem(lp: LayerPlan) -> str | None:
         return None
     if lp.backend != "triton" or lp.sparsity != "2:4":
         return (f"a launch config applies to 2:4 layers on backend 'triton' (and 'max_rows' to the CPU kernels "
-                f"'condensed' and 'bitmask') only (this one is {lp.sparsity} on {lp.backend}); set it to null")
+                f"'condensed', 'bitmask' and 'csr') only (this one is {lp.sparsity} on {lp.backend}); set it to null")
     if problem := validate_launch(lp.launch):
         return f"bad launch config {lp.launch}: {problem}"
     weight_dtype = "int8" if lp.quant == "int8" else lp.dtype

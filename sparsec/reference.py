@@ -71,6 +71,14 @@ def fanin_mask(rows: torch.Tensor, k: int) -> torch.Tensor:
     return _top_along_last(magnitude(rows), k)
 
 
+def unstructured_mask(rows: torch.Tensor, keep: int) -> torch.Tensor:
+    """Keep the `keep` largest-magnitude weights of the whole layer, wherever they are; ties go to the
+    lower flat index of the rows view `[out, K]` (row-major)."""
+    if not 0 <= keep <= rows.numel():
+        raise InvalidInputError(f"cannot keep {keep} of {rows.numel()} weights")
+    return _top_along_last(magnitude(rows).reshape(-1), keep).reshape(rows.shape)
+
+
 # --------------------------------------------------------------------------- N:M compressed format
 
 
@@ -240,6 +248,62 @@ def fanin_mask_from_indices(indices: torch.Tensor, k_total: int, counts: torch.T
     return mask.scatter_(-1, indices.long(), real)
 
 
+# --------------------------------------------------------------------------- CSR (unstructured)
+
+
+def csr_compress(rows: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Compressed sparse rows of the masked positions: (crow_indices int64 `[out + 1]`, col_indices int32
+    `[nnz]` ascending within each row, values `[nnz]` in the rows' dtype). A masked-in zero is stored
+    (the mask is state), a masked-out value never is."""
+    if tuple(mask.shape) != tuple(rows.shape) or rows.dim() != 2:
+        raise InvalidInputError(f"CSR needs rows [out, K] and a mask of the same shape, got {tuple(rows.shape)} "
+                                f"and {tuple(mask.shape)}")
+    counts = mask.sum(-1)
+    crow = torch.zeros(rows.shape[0] + 1, dtype=torch.int64, device=rows.device)
+    crow[1:] = counts.cumsum(0)
+    where = mask.nonzero()  # row-major: rows in order, columns ascending within each row
+    return crow, where[:, 1].to(torch.int32), rows[where[:, 0], where[:, 1]]
+
+
+def check_csr(crow: torch.Tensor, col: torch.Tensor, nnz: int, out: int, k_total: int) -> None:
+    """Refuse CSR arrays that would decompress to something else than they claim (a corrupt file): crow must
+    have out + 1 entries from 0 rising to nnz, and each row's columns must lie in [0, K) and ascend."""
+    problem = None
+    if crow.shape != (out + 1,) or col.shape != (nnz,):
+        problem = f"crow_indices of shape {tuple(crow.shape)} (want ({out + 1},)), col_indices {tuple(col.shape)} (want ({nnz},))"
+    elif int(crow[0]) != 0 or int(crow[-1]) != nnz or bool((crow[1:] < crow[:-1]).any()):
+        problem = f"crow_indices must rise from 0 to nnz = {nnz}"
+    elif nnz and not bool(((col >= 0) & (col < k_total)).all()):
+        problem = f"column indices must lie in [0, {k_total})"
+    elif nnz:
+        row_of = csr_row_index(crow, nnz)
+        same_row = row_of[1:] == row_of[:-1]
+        if bool((same_row & (col[1:] <= col[:-1])).any()):
+            problem = "column indices must ascend within each row"
+    if problem:
+        raise InvalidInputError(f"corrupt CSR weight: {problem}")
+
+
+def csr_row_index(crow: torch.Tensor, nnz: int) -> torch.Tensor:
+    """The row of each of the nnz stored values (int64 `[nnz]`): the last row starting at or before it.
+    (searchsorted over a size known from the arrays' shapes, not repeat_interleave of the row counts,
+    whose output size depends on their values: torch.compile traces this without a graph break.)"""
+    return torch.searchsorted(crow, torch.arange(nnz, dtype=crow.dtype, device=crow.device), right=True).long() - 1
+
+
+def csr_decompress(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, k_total: int) -> torch.Tensor:
+    """Dense rows `[out, K]` from CSR arrays (zeros everywhere else)."""
+    dense = torch.zeros(crow.shape[0] - 1, k_total, dtype=values.dtype, device=values.device)
+    dense[csr_row_index(crow, col.shape[0]), col.long()] = values
+    return dense
+
+
+def csr_mask(crow: torch.Tensor, col: torch.Tensor, k_total: int) -> torch.Tensor:
+    mask = torch.zeros(crow.shape[0] - 1, k_total, dtype=torch.bool, device=crow.device)
+    mask[csr_row_index(crow, col.shape[0]), col.long()] = True
+    return mask
+
+
 # --------------------------------------------------------------------------- int8 quantization
 
 
@@ -286,11 +350,13 @@ def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
 
 
 def pattern_mask(rows: torch.Tensor, pattern) -> torch.Tensor:
-    """The mask a pattern (`sparsec.patterns.NM` / `FanIn`) gives a weight viewed as `[out, K]`."""
-    from sparsec.patterns import NM, FanIn  # local: patterns imports nothing from here, keep it that way
+    """The mask a pattern (`sparsec.patterns.NM` / `FanIn` / `Unstructured`) gives a weight viewed as `[out, K]`."""
+    from sparsec.patterns import NM, FanIn, Unstructured  # local: patterns imports nothing from here, keep it that way
 
     if isinstance(pattern, NM):
         return nm_mask(rows, pattern.n, pattern.m)
     if isinstance(pattern, FanIn):
         return fanin_mask(rows, pattern.k(rows.numel(), rows.shape[0]))
+    if isinstance(pattern, Unstructured):
+        return unstructured_mask(rows, pattern.kept(rows.numel()))
     raise InvalidInputError(f"no mask for pattern {pattern}")

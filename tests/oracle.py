@@ -79,10 +79,24 @@ def fanin_k(numel: int, out: int, sparsity: float) -> int:
     return max(1, math.floor(numel * (1 - sparsity)) // out)
 
 
+def unstructured_pruned_count(numel: int, sparsity: float) -> int:
+    """methods.md D.4: round(S * numel) weights are pruned (halves up), in exact decimal arithmetic where the
+    float's shortest text is exact (0.95 * 20 = 19, not the float product 18.999...)."""
+    from decimal import ROUND_HALF_UP, Decimal
+    return int((Decimal(repr(sparsity)) * numel).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+def oracle_unstructured_mask(rows: torch.Tensor, sparsity: float) -> torch.Tensor:
+    keep = rows.numel() - unstructured_pruned_count(rows.numel(), sparsity)
+    return lexsort_mask(rows.reshape(1, -1), keep).reshape(rows.shape)
+
+
 def pruned_weight(w: torch.Tensor, op: str, sparsity: str, quant: str | None) -> torch.Tensor:
     """w pruned (and fake-quantized) as the plan says, computed on the CPU, returned on w's device."""
     rows = to_rows(w.detach().cpu(), op)
-    if sparsity.startswith("fanin:"):
+    if sparsity.startswith("unstructured:"):
+        mask = oracle_unstructured_mask(rows, float(sparsity.split(":")[1]))
+    elif sparsity.startswith("fanin:"):
         mask = oracle_fanin_mask(rows, fanin_k(rows.numel(), rows.shape[0], float(sparsity[6:])))
     else:
         n, m = map(int, sparsity.split(":"))

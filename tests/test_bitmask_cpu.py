@@ -301,7 +301,7 @@ def test_more_rows_than_measured_run_a_densified_weight():
         sparsec.compile(model, example_inputs=(x,), plan=plan)
 
 
-@pytest.mark.parametrize("pattern, backend", [("2:4", "bitmask"), ("fanin:0.9", "condensed")])
+@pytest.mark.parametrize("pattern, backend", [("2:4", "bitmask"), ("fanin:0.9", "condensed"), ("unstructured:0.9", "csr")])
 def test_load_state_dict_reaches_the_kernel_layout(pattern, backend):
     """load_state_dict copies into the packed buffers in place: the kernels' layouts, derived from the
     old values, are built again, so the model computes with the loaded weights, as it reports."""
@@ -439,13 +439,13 @@ def test_without_a_compiler_layers_run_plain_torch(run_without_compiler):
 
 # ---- both CPU kernel layers (bitmask for N:M, condensed for constant fan-in) against the oracle
 
-KERNEL_LAYERS = [("2:4", "bitmask"), ("fanin:0.75", "condensed")]
+KERNEL_LAYERS = [("2:4", "bitmask"), ("fanin:0.75", "condensed"), ("unstructured:0.9", "csr")]
 
 
 def _kernel_calls(backend: str):
-    from sparsec.runtime import condensed_cpu
+    from sparsec.runtime import condensed_cpu, csr_linear
 
-    return (bitmask_cpu if backend == "bitmask" else condensed_cpu).calls
+    return {"bitmask": bitmask_cpu, "condensed": condensed_cpu, "csr": csr_linear}[backend].calls
 
 
 def _on_kernel(model, x, pattern, backend, **kw):
@@ -511,7 +511,7 @@ def test_torch_compile_fullgraph_in_grad_mode(pattern, backend):
     the oracle's. (The backward called torch.autograd.grad, which TorchDynamo refuses to trace.)"""
     model, (x,) = load_example("mlp").build_model()
     cm, ref = _on_kernel(model, x, pattern, backend)
-    op = "sparsec_bitmask.linear" if backend == "bitmask" else "sparsec_condensed.linear_"
+    op = {"bitmask": "sparsec_bitmask.linear", "condensed": "sparsec_condensed.linear_", "csr": "sparsec_csr.linear"}[backend]
     torch._dynamo.reset()
     explained = torch._dynamo.explain(cm)(x)
     # (the kernel's autograd.Function is a higher-order op: its forward is a subgraph of the one graph)
@@ -633,6 +633,10 @@ def test_plan_bytes_count_what_the_kernel_layers_hold(pattern, backend):
         packed, layout = module.packed, module._derived["layout"]
         if backend == "condensed":
             held = [packed.values, packed.indices, *layout.rows, *layout.seg]
+        elif backend == "csr":  # int32 row pointers of its own; values and int32 columns shared
+            crow, col, values = layout
+            assert values.data_ptr() == packed.values.data_ptr() and col.data_ptr() == packed.col_indices.data_ptr()
+            held = [packed.values, packed.col_indices, packed.crow_indices, crow]
         else:
             assert layout.values.data_ptr() == packed.values.data_ptr()  # shared, counted once
             held = [packed.values, packed.meta, layout.masks]
@@ -648,16 +652,16 @@ def test_plan_bytes_count_what_the_kernel_layers_hold(pattern, backend):
         assert again.plan[lp.name].backend == backend and again.plan[lp.name].runtime_bytes == lp.runtime_bytes
 
 
-@pytest.mark.parametrize("pattern, backend", KERNEL_LAYERS)
+@pytest.mark.parametrize("pattern, backend", KERNEL_LAYERS[:2])  # (csr runs float64 layers too)
 def test_a_plan_naming_a_kernel_for_a_float64_layer_is_refused(pattern, backend):
-    """The kernels run float32 / bfloat16 / float16 layers: a plan asking for one on a float64 model
+    """The C++ kernels run float32 / bfloat16 / float16 layers: a plan asking for one on a float64 model
     is refused, naming the dtype (it was accepted and ran the torch reference as if it were the kernel)."""
     model, (x,) = load_example("mlp").build_model()
     plan = sparsec.explain(model, pattern=pattern, example_inputs=(x,), backend="torch")
     for lp in plan.sparse_layers:
         lp.backend = backend
-    with pytest.raises(ValueError, match=rf"the given plan asks for backend '{backend}' on layer 'fc2', but the C\+\+ "
-                                         r"CPU kernels run float32 / bfloat16 / float16 layers \(this one is float64\)"):
+    with pytest.raises(ValueError, match=rf"the given plan asks for backend '{backend}' on layer 'fc2', but the {backend} "
+                                         r"CPU kernel runs float32 / bfloat16 / float16 layers \(this one is float64\)"):
         sparsec.compile(copy.deepcopy(model).double(), example_inputs=(x.double(),), plan=plan)
 
 

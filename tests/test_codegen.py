@@ -667,10 +667,10 @@ def test_non_kernel_layers_stay_on_torch_with_reason():
     grouped = plan["stage2.1.0"]
     assert grouped.sparsity == "2:4" and grouped.backend == "torch" and "covers groups=1 only" in grouped.reason
     fanin = sparsec.explain(model, example_inputs=inputs, backend="triton", pattern="fanin:0.5")
-    assert fanin["stage1.0.0"].backend == "torch" and "conv kernel covers 2:4 only" in fanin["stage1.0.0"].reason
+    assert fanin["stage1.0.0"].backend == "torch" and "conv kernels cover 2:4 and unstructured only" in fanin["stage1.0.0"].reason
     model, inputs = on_device(*load_example("mlp").build_model())
     other = sparsec.explain(model, pattern="1:4", backend="triton", example_inputs=inputs)
-    assert other["fc2"].backend == "torch" and "cover 2:4 and constant fan-in only" in other["fc2"].reason
+    assert other["fc2"].backend == "torch" and "cover 2:4, constant fan-in and unstructured convs only" in other["fc2"].reason
 
 
 def test_second_compile_emits_nothing_new():
@@ -693,8 +693,8 @@ def test_triton_backend_without_a_device_is_a_clear_error(monkeypatch):
     auto = sparsec.compile(model, example_inputs=inputs).plan["fc2"]
     assert auto.backend in ("bitmask", "dense") and "backend auto at M=8: " in auto.reason
     double = sparsec.compile(copy.deepcopy(model).double(), example_inputs=tuple(x.double() for x in inputs)).plan["fc2"]
-    assert double.backend == "dense" and ("runs as a dense pruned weight (backend auto): the C++ CPU "
-                                          "kernels run float32 / bfloat16 / float16 layers (this one is float64)") in double.reason
+    assert double.backend == "dense" and ("runs as a dense pruned weight (backend auto): the bitmask CPU "
+                                          "kernel runs float32 / bfloat16 / float16 layers (this one is float64)") in double.reason
     assert "torch runtime" not in sparsec.compile(model, example_inputs=inputs, backend="torch").plan["fc2"].reason
 
 

@@ -38,7 +38,7 @@ def test_auto_keeps_sparse_convs_dense_on_cpu(pattern):
     assert convs
     for lp in convs:
         assert lp.backend == "dense", lp
-        assert "the C++ CPU kernels run linear layers (this one is a conv2d)" in lp.reason
+        assert "the CPU kernels run linear layers (this one is a conv2d)" in lp.reason
         assert "backend='torch' keeps the compressed form" in lp.reason
         # the same pruned weight and mask as the compressed form's, and the mask is stored as bits
         assert torch.equal(cm.effective_weight(lp.name), torch_cm.effective_weight(lp.name))

@@ -24,5 +24,5 @@ class BitmaskLinear(CpuKernelLinear):
         # runtime's decoding of the nibble metadata (4096 x 4096: 19 ms against 75 ms here)
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             return self.reference(x)
-        layout = self._derived.get("layout") or self.prepared()
+        layout = self.layout()
         return F.linear(x, bitmask_cpu.densify(layout).to(x.dtype), self.bias)

@@ -40,6 +40,12 @@ class CpuKernelLinear(SparseLinear):
     def prepared(self):
         return self.derived("layout", self.build_layout)
 
+    def layout(self):
+        """The built layout (the per-call path: no TorchDynamo-disabled call once it exists). Tested against
+        None, not for truth: a sparse tensor layout (csr) has no truth value."""
+        layout = self._derived.get("layout")
+        return layout if layout is not None else self.prepared()
+
     def build_now(self) -> None:
         """Build the layout now where the kernel can run the layer (kernel_runs): called when the layer
         is made, loaded, copied or moved, so that a torch.compile(fullgraph=True) right after finds it."""
@@ -72,7 +78,7 @@ class CpuKernelLinear(SparseLinear):
 
     def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.detach() if self.bias is not None else None
-        layout = self._derived.get("layout") or self.prepared()
+        layout = self.layout()
         return self.call_kernel(x.detach(), layout, bias)
 
     def max_rows(self) -> int | None:

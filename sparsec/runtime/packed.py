@@ -1,5 +1,7 @@
-"""Compressed weight storage: N:M (values + metadata) and condensed constant fan-in
-(values + int32 indices), each optionally int8 with per-output-channel scales.
+"""Compressed weight storage: N:M (values + metadata), condensed constant fan-in (values + int32
+indices) and CSR for unstructured sparsity, each optionally quantized: int8 with per-output-channel
+scales, or method (d)'s non-linear levels ("log2:B" / "codebook:B", sparsec/levels.py): uint8 codes into
+one float32 table per layer, code 0 being exactly 0.
 
 A packed weight is rows `[out, K]` (K = reduction dimension, see sparsec/reference.py). It keeps
 no dense copy: `rows()` rebuilds the dense weight the layer computes with, `mask()` the boolean
@@ -12,17 +14,24 @@ import torch.nn as nn
 
 from sparsec import reference as ref
 from sparsec.errors import InvalidInputError
-from sparsec.patterns import NM, FanIn, Pattern
+from sparsec.levels import dequantize_levels, fake_quant_levels, is_levels, parse_levels, quantize_levels
+from sparsec.patterns import NM, FanIn, Pattern, Unstructured
+
+QUANT_FORMS = 'None, "int8", "log2:B" or "codebook:B" (2 <= B <= 8)'
 
 
 class PackedWeight(nn.Module):
-    """Base: values (float, or int8 + fp32 scales) plus the metadata locating them."""
+    """Base: values (float, int8 + fp32 scales, or uint8 level codes + an fp32 table) plus the metadata
+    locating them."""
+
+    levels: str | None = None  # "log2:B" / "codebook:B" when the values are level codes into `table`
 
     def __init__(self, values: torch.Tensor, scales: torch.Tensor | None, out_features: int, reduction: int,
                  dtype: torch.dtype):
         super().__init__()
         self.register_buffer("values", values)
         self.register_buffer("scales", scales)
+        self.register_buffer("table", None)
         self.out_features, self.reduction = out_features, reduction
         # An empty buffer in the weight's dtype: it follows .half() / .to(dtype) like a weight would,
         # so int8 layers know which float dtype to dequantize to. Not saved in state_dict.
@@ -30,38 +39,54 @@ class PackedWeight(nn.Module):
 
     @property
     def quant(self) -> str | None:
-        return "int8" if self.scales is not None else None
+        return "int8" if self.scales is not None else self.levels
+
+    def __setstate__(self, state):
+        state.get("_buffers", {}).setdefault("table", None)  # (files saved before level tables existed)
+        super().__setstate__(state)
 
     def _apply(self, fn, recurse=True):
-        # int8 scales stay float32 through .half() / .to(dtype) (the format, and what the kernels read):
-        # cast to float16 they kept 11 bits, and every dequantized weight of the row moved with them.
-        # Only the device follows fn; nn.Module._apply assigns new buffers, so `scales` is intact here.
-        scales = self.scales
+        # int8 scales and level tables stay float32 through .half() / .to(dtype) (the format, and what the
+        # kernels read): cast to float16 they kept 11 bits, and every dequantized weight moved with them.
+        # Only the device follows fn; nn.Module._apply assigns new buffers, so the old ones are intact here.
+        kept = {name: getattr(self, name) for name in ("scales", "table")}
         module = super()._apply(fn, recurse)
-        if scales is not None and self.scales.dtype != scales.dtype:
-            self.scales = scales.to(self.scales.device)
+        for name, old in kept.items():
+            if old is not None and getattr(self, name).dtype != old.dtype:
+                setattr(self, name, old.to(getattr(self, name).device))
         return module
 
     def kept_values(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Kept values in a float dtype (dequantized for int8)."""
+        """Kept values in a float dtype (dequantized for int8 and level codes)."""
         dtype = dtype or self.dtype_probe.dtype
+        if self.table is not None:
+            return dequantize_levels(self.values, self.table, dtype)
         if self.scales is None:
             return self.values.to(dtype)
         return ref.dequantize_int8(self.values, self.scales, dtype)
 
+    def _set_levels(self, table: torch.Tensor | None, quant: str | None) -> PackedWeight:
+        if table is not None:
+            self.table, self.levels = table, quant
+        return self
+
     @staticmethod
-    def _quantize(values: torch.Tensor, quant: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _quantize(values: torch.Tensor, quant: str | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(stored values, int8 scales, level table) of a layer's values under `quant`."""
         if quant is None:
-            return values, None
+            return values, None, None
         if quant == "int8":
             if values.shape[-1] == 0:
                 # no kept value in any row (a fan-in layer whose neurons were all ablated, kept because a
                 # residual reads it: k = 0): nothing to scale. quantize_int8's amax over an empty dim
                 # raised IndexError, so condense(quantize="int8") of such a model failed.
                 return (values.to(torch.int8),
-                        torch.ones(values.shape[:-1], dtype=torch.float32, device=values.device))
-            return ref.quantize_int8(values)
-        raise ValueError(f"unknown quantization {quant!r}; supported: None, 'int8'")
+                        torch.ones(values.shape[:-1], dtype=torch.float32, device=values.device), None)
+            return (*ref.quantize_int8(values), None)
+        if is_levels(quant):  # one table for the whole layer (zeros, if any are stored, are code 0)
+            codes, table = quantize_levels(values.detach(), parse_levels(quant))
+            return codes, None, table
+        raise ValueError(f"unknown quantization {quant!r}; supported: {QUANT_FORMS}")
 
     @staticmethod
     def _check_rows(rows: torch.Tensor, mask: torch.Tensor) -> None:
@@ -87,6 +112,8 @@ class PackedWeight(nn.Module):
             return NMPacked.pack(rows, mask, pattern, quant)
         if isinstance(pattern, FanIn):
             return FanInPacked.pack(rows, mask, pattern, quant)
+        if isinstance(pattern, Unstructured):
+            return CSRPacked.pack(rows, mask, pattern, quant)
         raise ValueError(f"cannot pack pattern {pattern}")
 
 
@@ -102,8 +129,9 @@ class NMPacked(PackedWeight):
     def pack(cls, rows, mask, pattern: NM, quant) -> NMPacked:
         cls._check_rows(rows, mask)
         values, meta = ref.nm_compress_masked(rows.detach(), mask, pattern.n, pattern.m)
-        q, scales = cls._quantize(values, quant)
-        return cls(q.contiguous(), meta.contiguous(), scales, pattern.n, pattern.m, rows.shape[1], rows.dtype)
+        q, scales, table = cls._quantize(values, quant)
+        packed = cls(q.contiguous(), meta.contiguous(), scales, pattern.n, pattern.m, rows.shape[1], rows.dtype)
+        return packed._set_levels(table, quant)
 
     def rows(self, dtype=None) -> torch.Tensor:
         return ref.nm_decompress_own(self.kept_values(dtype), self.meta, self.n, self.m)
@@ -112,7 +140,7 @@ class NMPacked(PackedWeight):
         return ref.nm_mask_from_meta(self.meta, self.n, self.m, self.reduction)
 
     def extra_repr(self) -> str:
-        return f"{self.n}:{self.m}, out={self.out_features}, K={self.reduction}, values={self.values.dtype}" + (", int8 scales" if self.quant else "")
+        return f"{self.n}:{self.m}, out={self.out_features}, K={self.reduction}, values={self.values.dtype}" + (f", {self.quant}" if self.quant else "")
 
 
 class FanInPacked(PackedWeight):
@@ -136,8 +164,9 @@ class FanInPacked(PackedWeight):
             row_counts = None
         else:
             values, indices, row_counts = ref.fanin_compress_ragged(rows.detach(), mask)
-        q, scales = cls._quantize(values, quant)
-        return cls(q.contiguous(), indices.contiguous(), scales, rows.shape[1], rows.dtype, row_counts)
+        q, scales, table = cls._quantize(values, quant)
+        packed = cls(q.contiguous(), indices.contiguous(), scales, rows.shape[1], rows.dtype, row_counts)
+        return packed._set_levels(table, quant)
 
     @property
     def k(self) -> int:
@@ -150,7 +179,54 @@ class FanInPacked(PackedWeight):
         return ref.fanin_mask_from_indices(self.indices, self.reduction, self.row_counts)
 
     def extra_repr(self) -> str:
-        return f"fan-in k={self.k}, out={self.out_features}, K={self.reduction}, values={self.values.dtype}" + (", int8 scales" if self.quant else "")
+        return f"fan-in k={self.k}, out={self.out_features}, K={self.reduction}, values={self.values.dtype}" + (f", {self.quant}" if self.quant else "")
+
+
+class CSRPacked(PackedWeight):
+    """Unstructured sparsity as compressed sparse rows: values `[nnz]`, int32 col_indices `[nnz]` ascending
+    per row, int64 crow_indices `[out + 1]` (sparsec/reference.py, csr_compress). int8 keeps per-row scales
+    of the row's kept values, as the other formats do."""
+
+    def __init__(self, values, col_indices, crow_indices, scales, out_features: int, reduction: int, dtype):
+        super().__init__(values, scales, out_features, reduction, dtype)
+        self.register_buffer("col_indices", col_indices)
+        self.register_buffer("crow_indices", crow_indices)
+
+    @classmethod
+    def pack(cls, rows, mask, pattern, quant) -> CSRPacked:
+        cls._check_rows(rows, mask)
+        # quantized whole rows, pruned first: a row's scale comes from its kept values, as in the other formats
+        pruned = torch.where(mask, rows.detach(), torch.zeros((), dtype=rows.dtype, device=rows.device))
+        quantized, scales, table = cls._quantize(pruned, quant)
+        crow, col, values = ref.csr_compress(quantized, mask)
+        packed = cls(values.contiguous(), col.contiguous(), crow, scales, rows.shape[0], rows.shape[1], rows.dtype)
+        return packed._set_levels(table, quant)
+
+    @property
+    def nnz(self) -> int:
+        return self.col_indices.shape[0]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # a corrupt file would otherwise scatter values to the wrong places, or out of bounds later
+        ref.check_csr(self.crow_indices, self.col_indices, self.values.shape[0], self.out_features, self.reduction)
+
+    def kept_values(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or self.dtype_probe.dtype
+        if self.scales is None:  # (float values, or level codes: the base class's lookup)
+            return super().kept_values(dtype)
+        row_scales = self.scales[ref.csr_row_index(self.crow_indices, self.nnz)]  # one scale per stored value
+        return (self.values.float() * row_scales).to(dtype)
+
+    def rows(self, dtype=None) -> torch.Tensor:
+        return ref.csr_decompress(self.crow_indices, self.col_indices, self.kept_values(dtype), self.reduction)
+
+    def mask(self) -> torch.Tensor:
+        return ref.csr_mask(self.crow_indices, self.col_indices, self.reduction)
+
+    def extra_repr(self) -> str:
+        return (f"CSR nnz={self.nnz}, out={self.out_features}, K={self.reduction}, values={self.values.dtype}"
+                + (f", {self.quant}" if self.quant else ""))
 
 
 def pack_mask_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -191,6 +267,8 @@ class DensePacked(PackedWeight):
         pruned = torch.where(mask, rows.detach(), torch.zeros((), dtype=rows.dtype, device=rows.device))
         if quant == "int8":
             pruned = ref.fake_quant_int8(pruned)
+        elif quant is not None:  # levels: the table from the kept values (zeros are code 0 and stay 0)
+            pruned = fake_quant_levels(pruned, parse_levels(quant))
         return cls(pruned.contiguous(), mask, quant)
 
     @property
