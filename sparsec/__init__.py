@@ -7,6 +7,7 @@
 """
 from sparsec.api import compile, explain
 from sparsec.compiled import CompiledModel
+from sparsec.gradual import GradualPruning
 from sparsec.group_lasso import GroupLasso
 from sparsec.errors import (CorruptFileError, ExampleInputError, InvalidInputError, InvalidTypeError, MissingCodeError,
                             PassError, SparsecError, TraceError)
@@ -20,8 +21,8 @@ from sparsec.srigl import SRigL
 __version__ = "0.1.0"
 
 __all__ = [
-    "compile", "explain", "save", "load", "CompiledModel", "Plan", "LayerPlan", "SRigL", "GroupLasso", "shrink",
-    "ShrinkReport",
+    "compile", "explain", "save", "load", "CompiledModel", "Plan", "LayerPlan", "SRigL", "GradualPruning", "GroupLasso",
+    "shrink", "ShrinkReport",
     "nm_compress", "nm_decompress", "to_cutlass",
     "SparsecError", "InvalidInputError", "InvalidTypeError", "ExampleInputError", "TraceError", "PassError",
     "CorruptFileError", "MissingCodeError",

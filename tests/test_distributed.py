@@ -1,7 +1,7 @@
 """Training under torch.distributed (design.md, "Scale beyond one machine"): DDP and FSDP2
 (`fully_shard`, on the whole model and per layer), 2 gloo processes on CPU.
 
-For every training feature (fixed masks, SR-STE, SDGP, SRigL, group lasso with freezing), both
+For every training feature (fixed masks, SR-STE, SDGP, SRigL, gradual pruning, group lasso with freezing), both
 ranks, each training on its half of every batch, must end with identical weights and masks, equal
 to one process training the same model on the whole batches: the oracle is the same training
 loop without distribution, which is what data parallelism promises to reproduce.
@@ -31,6 +31,7 @@ CASES = {
     "ste": dict(pattern="2:4", weight_update="ste"),
     "sdgp": dict(pattern="2:4", grad_pattern="2:4", grad_mode="rescale"),
     "srigl": dict(pattern="fanin:0.75"),
+    "gradual": dict(pattern="unstructured:0.5"),
     "lasso": dict(pattern="2:4"),
     "lasso_dense": dict(pattern="dense"),
 }
@@ -75,10 +76,12 @@ def _train(case: str, wrap: str | None, rank: int, world: int) -> dict:
     cm = _compile(case)
     model = _wrap(cm, wrap, world)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    srigl = lasso = frozen = None
+    srigl = lasso = frozen = pruner = None
     if case == "srigl":
         torch.manual_seed(1000 + rank)  # ranks draw different numbers: sparse_init must use rank 0's
         srigl = sparsec.SRigL(cm, opt, total_steps=STEPS, delta_t=2, sparse_init=True)
+    if case == "gradual":  # updates at steps 2, 4 and 6
+        pruner = sparsec.GradualPruning(cm, 0.8, end_step=STEPS, every=2, optimizer=opt)
     if case.startswith("lasso"):
         lasso = sparsec.GroupLasso(cm, 1e-2, ["rows", "cols"])
     out = {}
@@ -93,6 +96,8 @@ def _train(case: str, wrap: str | None, rank: int, world: int) -> dict:
         opt.zero_grad()
         if srigl is not None:
             srigl.step()
+        if pruner is not None:
+            pruner.step()
         if lasso is not None and step + 1 == FREEZE_AT:
             out["zeroed"] = lasso.zero_small_(0.3)
             frozen = lasso.freeze_zero_groups()
@@ -211,6 +216,18 @@ def test_srigl_changed_masks_and_lasso_froze_groups(ranks, single):
         # fine-tuning with momentum after freezing: every frozen weight is still exactly 0
         for name, keep in res["frozen"].items():
             assert not res["effective"][name][~keep].any(), f"{wrap}: frozen groups of {name} moved"
+
+
+def test_gradual_pruning_reached_its_target_on_every_rank(ranks):
+    from oracle import unstructured_pruned_count
+
+    wrap, results = ranks
+    initial = _compile("gradual")
+    for res in results:
+        for name in LAYERS:
+            mask = res["gradual"]["mask"][name]
+            assert int((~mask).sum()) == unstructured_pruned_count(mask.numel(), 0.8), f"{wrap}: {name}"
+            assert not (mask & ~initial.mask(name)).any(), f"{wrap}: masks only shrink"
 
 
 def test_sharded_models_are_refused_where_whole_weights_are_needed(sharded_ranks):
