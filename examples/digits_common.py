@@ -114,12 +114,16 @@ def check_outputs(cm, x: torch.Tensor) -> float:
 def check_against_plain_torch(cm, x: torch.Tensor) -> float:
     """Checks a compiled DigitsMLP: its eval-mode outputs against plain_torch_forward (returns the
     largest gap, relative to the largest output), and each sparse layer's mask against its pattern
-    (N:M: exactly N kept in every group of M along the row; fan-in: the same count in every row)."""
+    (N:M: exactly N kept in every group of M along the row; fan-in: the same count in every row;
+    unstructured: round(S * numel) pruned, within the one a half rounds)."""
     gap = check_outputs(cm, x)
     for lp in cm.plan.sparse_layers:
         mask = cm.mask(lp.name)
         if lp.sparsity.startswith("fanin:"):
             assert len(set(mask.sum(1).tolist())) == 1, f"{lp.name}: rows keep different counts"
+        elif lp.sparsity.startswith("unstructured:"):  # round(S * numel) pruned, anywhere
+            pruned = round(float(lp.sparsity.split(":")[1]) * mask.numel())
+            assert abs(int((~mask).sum()) - pruned) <= 1, f"{lp.name}: not {lp.sparsity}"
         else:
             n, m = map(int, lp.sparsity.split(":"))
             assert bool((mask.reshape(mask.shape[0], -1, m).sum(-1) == n).all()), f"{lp.name}: not {lp.sparsity}"

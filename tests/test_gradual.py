@@ -4,6 +4,8 @@ the top-k |w| among the weights the previous one kept (numpy lexsort, not the co
 weights and their optimizer state exactly 0 through later steps, per-layer targets, the inference compile
 of the trained model, a real run on the digits, checkpoints, errors. Under DDP / FSDP: test_distributed.py."""
 import io
+import json
+import os
 
 import numpy as np
 import pytest
@@ -360,3 +362,22 @@ def test_refuses_models_and_optimizers_it_cannot_drive():
     ste = _compile(weight_update="ste")
     with pytest.raises(ValueError, match="GradualPruning owns the masks; layers .* weight_update='ste'"):
         GradualPruning(ste, 0.9, end_step=10)
+
+
+def test_method_d_digits_example_runs_and_checks_its_models(tmp_path):
+    """examples/train_method_d_digits.py (gradual pruning, then each quantization) checks every model it makes
+    against plain torch and its masks and levels against their definitions; one epoch here."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("sklearn")
+    from oracle import EXAMPLES
+
+    env = {**os.environ, "SPARSEC_RESULTS_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, os.path.join(EXAMPLES, "train_method_d_digits.py"), "--epochs", "1"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (result,) = tmp_path.glob("method-d-digits-*.json")
+    rows = json.loads(result.read_text())["rows"]
+    assert [r["config"] for r in rows][:2] == ["dense", "unstructured 0.9 float32"] and len(rows) == 13
+    assert all(r["compressed_ratio"] < 0.25 for r in rows[1:])
