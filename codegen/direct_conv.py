@@ -51,6 +51,17 @@ def direct_conv_config(pixels: int) -> dict:
     return dict(BLOCK=block, BLOCK_J=8, num_warps=block // 32, num_stages=3)
 
 
+def dtype_problem(dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why the kernel cannot run inputs of `dtype` on `device` (None: it can)."""
+    if dtype not in _PTR:
+        return (f"the direct conv kernel takes float16 or float32 inputs (bfloat16 on a GPU), got {dtype}; use "
+                f"sparsec.direct_conv.direct_sparse_conv2d for others")
+    if dtype == torch.bfloat16 and device.type != "cuda":
+        return ("bfloat16 kernels give wrong results in the Triton interpreter; run the kernel in float16 / float32 "
+                "on the CPU, or on a CUDA device")
+    return None
+
+
 def direct_conv2d(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
                   bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1, groups: int = 1, *,
                   kernel_size, activation: str | None = None, offsets: torch.Tensor | None = None,
@@ -69,12 +80,8 @@ def direct_conv2d(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values
     require_runnable(x.device)
     if activation not in ACTIVATIONS:
         raise InvalidInputError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if x.dtype not in _PTR:
-        raise InvalidInputError(f"the direct conv kernel takes float16 or float32 inputs (bfloat16 on a GPU), "
-                                f"got {x.dtype}; use sparsec.direct_conv.direct_sparse_conv2d for others")
-    if x.dtype == torch.bfloat16 and x.device.type != "cuda":
-        raise InvalidInputError("bfloat16 kernels give wrong results in the Triton interpreter; run the kernel in "
-                                "float16 / float32 on the CPU, or on a CUDA device")
+    if problem := dtype_problem(x.dtype, x.device):
+        raise InvalidInputError(problem)
     shape = conv_shape(x, crow, col, values, bias, kernel_size, stride, padding, dilation, groups)
     n, m, (oh, ow), (hp, wp) = shape.batch, shape.out_channels, shape.output, shape.padded
     nnz = values.numel()

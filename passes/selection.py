@@ -171,13 +171,17 @@ def _plan_decision(layer: LayerInfo, blocker: str | None, ctx: CompileContext, d
     if entry.quant is not None and entry.sparsity is None:
         raise InvalidInputError(f"the given plan asks for quant={entry.quant!r} on dense layer {layer.name!r}; "
                                 "sparsec quantizes sparse layers only")
-    if entry.sparsity == default.sparsity:
+    # the patterns as sparsec spells them: the passes after this one read the text (" unstructured:0.9", which
+    # parse_pattern accepts, reached backend auto as an N:M layer and crashed it)
+    sparsity = str(parse_pattern(entry.sparsity)) if entry.sparsity is not None else None
+    grad_sparsity = str(parse_pattern(entry.grad_sparsity)) if entry.grad_sparsity is not None else None
+    if sparsity == default.sparsity:
         reason = default.reason
     elif entry.sparsity is None:
         reason = f"kept dense: set by the given plan (default policy: {default.reason})"
     else:
         reason = f"{describe_sparse(layer, parse_pattern(entry.sparsity))}; set by the given plan (default policy: {default.reason})"
-    return Decision(sparsity=entry.sparsity, quant=entry.quant, grad_sparsity=entry.grad_sparsity, reason=reason,
+    return Decision(sparsity=sparsity, quant=entry.quant, grad_sparsity=grad_sparsity, reason=reason,
                     backend=entry.backend if entry.sparsity is not None else None,
                     launch=entry.launch if entry.sparsity is not None else None)
 

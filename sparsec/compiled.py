@@ -111,8 +111,9 @@ def _call_error(gm: fx.GraphModule, args: tuple, kwargs: dict, error: Exception)
     return None
 
 
-# The state dict keys (relative to a sparse layer) that tell how it stores its weight
-_FORM_KEYS = ("packed.meta", "packed.indices", "packed.mask_bits", "weight")
+# The state dict keys (relative to a sparse layer) that tell how it stores its weight, and its values
+_FORM_KEYS = ("packed.meta", "packed.indices", "packed.crow_indices", "packed.mask_bits", "weight", "packed.values",
+              "packed.scales", "packed.table")
 
 
 def _form_keys(keys, layers: dict[str, nn.Module]) -> dict[str, set[str]]:
@@ -131,11 +132,22 @@ def _stored_form(keys: set[str]) -> str | None:
         return "N:M packed values (backend torch / bitmask / triton)"
     if "packed.indices" in keys:
         return "condensed fan-in values (backend torch / condensed / triton)"
+    if "packed.crow_indices" in keys:
+        return "CSR values (backend torch / csr / triton)"
     if "packed.mask_bits" in keys:
         return "the pruned weight kept dense (backend dense)"
     if "weight" in keys:
         return "a trainable dense weight with its mask (train=True)"
     return None
+
+
+def _values_form(keys: set[str]) -> str | None:
+    """What a packed layer's values are, from its form keys (None: the keys hold no values, or the layer keeps
+    its pruned weight dense, quantized or not, in its weight's dtype)."""
+    if "packed.values" not in keys or "packed.mask_bits" in keys:
+        return None
+    return ("int8 values with scales" if "packed.scales" in keys else "level codes with a table"
+            if "packed.table" in keys else "float values")
 
 
 # The plan note shrink(eval_only=True) leaves: train() reads it to say why the model stays in eval mode.
@@ -228,6 +240,7 @@ class CompiledModel(nn.Module):
         """.to(device) / .half() / .float() ...: a Triton kernel was generated for its layer's dtype and
         would compute with the old one (or fail) after a conversion, so one that changes the dtype of a
         Triton layer is refused before anything is converted."""
+        from sparsec.runtime.direct_conv_layer import DirectSparseConv2d
         from sparsec.runtime.triton_linear import FusedEpilogue
 
         for m in self.modules():
@@ -241,6 +254,15 @@ class CompiledModel(nn.Module):
                         f"kernel: convert the model "
                         f"first, then compile it (sparsec.compile(model.to({after}), ...)), or compile with "
                         f"backend='torch', whose layers convert")
+            if isinstance(m, DirectSparseConv2d):  # (one kernel for every dtype it takes: the others are refused)
+                from sparsec.codegen.direct_conv import dtype_problem
+
+                after = fn(m.packed.dtype_probe)
+                if problem := dtype_problem(after.dtype, after.device):
+                    raise InvalidInputError(f"layer {m.layer_name!r} runs the direct sparse conv kernel, and converting "
+                                            f"the model to {dtype_name(after.dtype)} on {after.device} would leave it "
+                                            f"unable to run: {problem}. Compile the converted model instead "
+                                            f"(sparsec.compile(model.to(...), ...))")
 
         def keeping_non_float_dtypes(t: torch.Tensor) -> torch.Tensor:
             # Module.type(torch.float64) casts every tensor: masks (bool), 2:4 metadata (int16), int8 weights
@@ -286,6 +308,15 @@ class CompiledModel(nn.Module):
         own_forms, their_forms = _form_keys(own, layers), _form_keys(keys, layers)
         for path, module in layers.items():
             ours, theirs = _stored_form(own_forms.get(path, set())), _stored_form(their_forms.get(path, set()))
+            values = _values_form(own_forms.get(path, set())), _values_form(their_forms.get(path, set()))
+            if ours == theirs and None not in values and values[0] != values[1]:
+                # copied in place, level codes or int8 values became floats (or floats codes) silently with
+                # strict=False, and strict loading said only "unexpected key(s) ...packed.table"
+                raise InvalidInputError(
+                    f"layer {module.layer_name!r} holds {values[0]} here and {values[1]} in this state dict: the "
+                    f"state dict comes from a compile with another quantization (quantize=); compile with the saving "
+                    f"model's plan (sparsec.compile(model, example_inputs=..., plan=saved.plan)), or save and load "
+                    f"the whole model (sparsec.save / sparsec.load)")
             if ours and theirs and ours != theirs:
                 raise InvalidInputError(
                     f"layer {module.layer_name!r} is stored here as {ours} and in this state dict as {theirs}: "

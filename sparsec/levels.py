@@ -275,16 +275,35 @@ def quantize_levels(values: torch.Tensor, levels: Levels | str) -> tuple[torch.T
     return _quantize_codebook(x, levels, values.dtype)
 
 
-def dequantize_levels(codes: torch.Tensor, table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """table[codes] in `dtype`. Checks the storage form, so corrupt codes raise instead of indexing past
-    the table (a device-side assert on CUDA)."""
+def check_levels(codes: torch.Tensor, table: torch.Tensor, values: bool = True) -> None:
+    """Refuse a storage form that does not decode: codes not uint8, a table not of 2**B entries, and with
+    `values` (a corrupt file), a code past the table, or a table whose code 0 is not 0 or that holds inf / NaN.
+    The value checks read the tensors (a device sync)."""
     if codes.dtype != torch.uint8:
         raise InvalidInputError(f"level codes must be uint8, got {codes.dtype}")
     size = table.numel()
     if table.dim() != 1 or size not in [2 ** b for b in range(MIN_BITS, MAX_BITS + 1)]:
         raise InvalidInputError(f"level table must be 1-D with 2**B entries, 2 <= B <= 8; got shape {tuple(table.shape)}")
+    if values:
+        _check_codes_index(codes, size)
+        if float(table[0]) != 0.0 or not bool(torch.isfinite(table).all()):
+            raise InvalidInputError(f"corrupt level table: code 0 must be exactly 0 and every level finite, got "
+                                    f"{table.tolist()}")
+
+
+def _check_codes_index(codes: torch.Tensor, size: int) -> None:
     if codes.numel() and int(codes.max()) >= size:
         raise InvalidInputError(f"corrupt level codes: code {int(codes.max())} does not index a table of {size}")
+
+
+def dequantize_levels(codes: torch.Tensor, table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """table[codes] in `dtype`. Checks the storage form, so corrupt codes raise instead of indexing past
+    the table (a device-side assert on CUDA); not the codes while torch.compile / torch.export trace: a check
+    reading them is data-dependent, which failed both on every levels layer (a packed layer's codes and table
+    are checked when loaded instead, PackedWeight._load_from_state_dict)."""
+    check_levels(codes, table, values=False)
+    if not torch.compiler.is_compiling():
+        _check_codes_index(codes, table.numel())
     return table[codes.long()].to(dtype)
 
 

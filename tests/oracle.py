@@ -104,7 +104,25 @@ def pruned_weight(w: torch.Tensor, op: str, sparsity: str, quant: str | None) ->
     rows = rows * mask
     if quant == "int8":
         rows = oracle_int8(rows)
+    elif quant is not None and quant.startswith("log2:"):
+        rows = oracle_log2(rows, int(quant[5:]))
     return from_rows(rows, op, w.shape).to(w.device)
+
+
+def oracle_log2(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """"log2:B" of one layer with numpy: each nonzero becomes sign * 2**e, e = log2|w| rounded to the nearest
+    integer and clamped to the L = 2**(B-1) - 1 exponents ending at the largest weight's (rounded) exponent.
+    (Not the float16 / bfloat16 range clamp: weights here are far inside it.)"""
+    a = w.detach().double().numpy()
+    nonzero = a != 0
+    if not nonzero.any():
+        return w.clone()
+    exponents = np.round(np.log2(np.abs(a[nonzero])))
+    top = exponents.max()
+    levels = np.sign(a[nonzero]) * np.exp2(np.clip(exponents, top - (2 ** (bits - 1) - 1) + 1, top))
+    out = np.zeros_like(a)
+    out[nonzero] = levels
+    return torch.from_numpy(out).to(w.dtype)
 
 
 def pruned_model(model: nn.Module, plan, weight_of=None) -> nn.Module:

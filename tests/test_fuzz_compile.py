@@ -15,8 +15,9 @@ Each case checks:
   quantized) weights, at the example's batch and another one, within a tolerance taken from the
   low-precision reference's own error against float64 (so fp16 / bf16 are held to what their
   rounding allows, float32 / float64 tightly);
-* every plan entry has a reason; a sparse layer's mask is exactly the oracle's (N of every M, or k
-  per row), its effective weight is the oracle's pruned weight and nonzero only inside the mask;
+* every plan entry has a reason; a sparse layer's mask is exactly the oracle's (N of every M, k per
+  row, or unstructured: round(S * numel) pruned anywhere), its effective weight is the oracle's pruned
+  (int8 / log2 levels: fake-quantized) weight and nonzero only inside the mask;
   a dense layer computes with its original weight;
 * compile leaves the user's model untouched and never crashes (a layer it cannot handle stays
   dense with a reason);
@@ -44,14 +45,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sparsec
-from oracle import fanin_k, oracle_fanin_mask, oracle_nm_mask, pruned_model, pruned_weight, to_rows
+from oracle import (fanin_k, oracle_fanin_mask, oracle_nm_mask, oracle_unstructured_mask, pruned_model, pruned_weight, to_rows,
+                    unstructured_pruned_count)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 # floor of the allowed error (relative to the output's scale) per dtype; above it, 4x the error the
 # plain-torch reference itself makes in that dtype against float64
 BASE_TOL = {"float32": 1e-5, "float16": 4e-3, "bfloat16": 3e-2, "float64": 1e-10}
 ACTS = ["relu", "gelu", "silu", "tanh", "relu_"]
-PATTERNS = ["2:4", "1:4", "4:8", "1:2", "fanin:0.75", "dense"]
+PATTERNS = ["2:4", "1:4", "4:8", "1:2", "fanin:0.75", "unstructured:0.7", "dense"]
 LAYER_KINDS = {"linear", "flinear", "matmul", "matmul_t", "einsum", "addmm", "wleft", "residual", "iresidual", "cat",
                "twice", "tied", "tied_t", "conv", "fconv"}
 
@@ -364,7 +366,7 @@ def draw_options(pick, spec: dict) -> dict:
         if pick([True, False]):
             options["grad_pattern"] = pick(["2:4", "1:2"])
     elif pattern != "dense":
-        quantize = pick([None, None, "int8", "auto"])
+        quantize = pick([None, None, "int8", "auto", "log2:4"])
         if quantize:
             options["quantize"] = quantize
     if pick([True, True, False]):
@@ -420,7 +422,11 @@ def check_masks(cm, model: nn.Module, spec: dict) -> None:
             continue
         rows = to_rows(mask, lp.op)
         original = to_rows(weight.detach(), lp.op)
-        if lp.sparsity.startswith("fanin:"):
+        if lp.sparsity.startswith("unstructured:"):
+            sparsity = float(lp.sparsity.split(":")[1])
+            assert int((~rows).sum()) == unstructured_pruned_count(rows.numel(), sparsity), f"{lp.name}: pruned count"
+            expected = oracle_unstructured_mask(original, sparsity)
+        elif lp.sparsity.startswith("fanin:"):
             k = fanin_k(rows.numel(), rows.shape[0], float(lp.sparsity[6:]))
             assert (rows.sum(1) == k).all(), f"{lp.name}: not {k} per row"
             expected = oracle_fanin_mask(original, k)
@@ -433,10 +439,12 @@ def check_masks(cm, model: nn.Module, spec: dict) -> None:
         want = pruned_weight(weight, lp.op, lp.sparsity, lp.quant)
         if lp.quant is None:
             assert torch.equal(ew, want), f"{lp.name}: effective weight differs from the oracle's"
-        else:  # int8: the oracle's fake quantization, up to one rounding of the weight's dtype
+        else:  # int8 / levels: the oracle's fake quantization, up to one rounding of the weight's dtype
             tol = 1e-6 if ew.dtype in (torch.float32, torch.float64) else 1e-2
+            # (in float64: a layer that keeps nothing has scale 0, and float16's clamp_min(1e-12) is 0 too)
+            ew, want = ew.double(), want.double()
             scale = want.abs().amax().clamp_min(1e-12)
-            assert float((ew - want).abs().max() / scale) <= tol, f"{lp.name}: int8 weight differs from the oracle's"
+            assert float((ew - want).abs().max() / scale) <= tol, f"{lp.name}: {lp.quant} weight differs from the oracle's"
 
 
 def compare_outputs(cm, reference, spec, batch, seed, what):

@@ -41,7 +41,9 @@ def csr_linear(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: t
         y = torch.sparse.mm(weight, rows.t().contiguous()).t()
         if bias is not None:
             y = y + bias.to(y.dtype)
-    return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
+    # row-major, as F.linear's output and the fake below: the product's transpose is column-major, so a .view()
+    # after the layer failed where nn.Linear's output allows it, and torch.compile refused the op (fake strides)
+    return y.to(x.dtype).contiguous().reshape(*x.shape[:-1], out_features)
 
 
 @csr_linear.register_fake

@@ -46,6 +46,14 @@ class DirectSparseConv2d(traced_call.OpaqueKernel, SparseConv2d):
         if x.dim() not in (3, 4):
             raise InvalidInputError(f"layer {self.layer_name!r} (conv2d) takes a batched or unbatched input of 4 or 3 "
                                     f"dims, got shape {tuple(x.shape)}")
+        channels = self.weight_shape[1] * self.conv.groups
+        if x.shape[-3] != channels:
+            # (as F.conv2d: the CSR columns only bound C/groups * R * S from above, so an input with more channels
+            # ran, the extra ones ignored (groups=1) or the groups' channels misplaced, and one with fewer was
+            # refused as a "corrupt CSR weight")
+            raise RuntimeError(f"layer {self.layer_name!r} (conv2d, weight {tuple(self.weight_shape)}, groups="
+                               f"{self.conv.groups}) expects an input with {channels} channels, got shape "
+                               f"{tuple(x.shape)}")
         x, padding = self._padded_input(x.detach())
         packed, kernel_size = self.packed, tuple(self.weight_shape[2:])
         values = self.derived("kernel_values", lambda: packed.kept_values().contiguous())
@@ -59,6 +67,12 @@ class DirectSparseConv2d(traced_call.OpaqueKernel, SparseConv2d):
                              self.conv.dilation, self.conv.groups, kernel_size=kernel_size, offsets=offsets)
 
     def output_like(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.device("meta"):
-            y = self.reference(torch.empty(x.shape, dtype=x.dtype))
+        # F.conv2d's shape rules on meta operands of the layer's shapes: the reference on this layer's real
+        # packed weight, run inside the tracer's fake mode, failed torch.compile ("convert all Tensors to
+        # FakeTensors first")
+        def meta(shape):
+            return torch.empty(shape, dtype=x.dtype, device="meta")
+
+        bias = meta(self.bias.shape) if self.bias is not None else None
+        y = conv2d(meta(x.shape), meta(self.weight_shape), bias, self.conv, self.explicit_pad)
         return x.new_empty(y.shape)

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from sparsec import reference as ref
 from sparsec.errors import InvalidInputError
-from sparsec.levels import dequantize_levels, fake_quant_levels, is_levels, parse_levels, quantize_levels
+from sparsec.levels import check_levels, dequantize_levels, fake_quant_levels, is_levels, parse_levels, quantize_levels
 from sparsec.patterns import NM, FanIn, Pattern, Unstructured
 
 QUANT_FORMS = 'None, "int8", "log2:B" or "codebook:B" (2 <= B <= 8)'
@@ -55,6 +55,19 @@ class PackedWeight(nn.Module):
             if old is not None and getattr(self, name).dtype != old.dtype:
                 setattr(self, name, old.to(getattr(self, name).device))
         return module
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        errors = len(error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if len(error_msgs) == errors:  # (a buffer torch refused, a size mismatch, is torch's error to report)
+            self._check_loaded()
+
+    def _check_loaded(self) -> None:
+        """Refuse loaded buffers that do not decode (a corrupt file)."""
+        if self.table is not None:  # (here, once: dequantizing under torch.compile checks no values)
+            check_levels(self.values, self.table)
 
     def kept_values(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Kept values in a float dtype (dequantized for int8 and level codes)."""
@@ -206,8 +219,8 @@ class CSRPacked(PackedWeight):
     def nnz(self) -> int:
         return self.col_indices.shape[0]
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _check_loaded(self) -> None:
+        super()._check_loaded()
         # a corrupt file would otherwise scatter values to the wrong places, or out of bounds later
         ref.check_csr(self.crow_indices, self.col_indices, self.values.shape[0], self.out_features, self.reduction)
 

@@ -56,6 +56,9 @@ Sparse layers (compile(..., train=True)) keep their structure:
 * Constant fan-in ("fixed" masks): rows are free, a column only if the mask keeps nothing in it
   (else some row would lose one of its k weights). SR-STE fan-in re-derives k from the shape every
   step, so such a layer is pinned.
+* Unstructured ("fixed" masks): rows and columns are free (the mask keeps nothing in a removed one).
+  SR-STE unstructured re-derives its kept count, numel - round(S * numel), from the shape every step,
+  so such a layer is pinned too.
 * Every site keeps at least one channel (no zero-width layers).
 
 `threshold` treats groups with norm <= threshold as zero: the result equals the model with exactly

@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 from sparsec.frontend import own_hooks
 from sparsec.meta import ConvParams, get_meta, layer_nodes, plain_layer_op
 from sparsec.passes.weight_reads import attribute, owner_of, readers, reads_metadata
-from sparsec.patterns import FanIn
+from sparsec.patterns import FanIn, Unstructured
 from sparsec.reference import pattern_mask, rows_to_weight, weight_to_rows
 from sparsec.runtime.layers import explicit_padding
 from sparsec.runtime.training import TrainableLayer
@@ -111,6 +111,10 @@ def find_layers(gm: fx.GraphModule) -> dict[fx.Node, Layer]:
             layer.blocker = f"grouped conv (groups={layer.conv.groups}), not handled (depthwise convs are)"
         elif t is not None and isinstance(t.pattern, FanIn) and t.weight_update == "ste":
             layer.blocker = "SR-STE fan-in re-derives k from the weight shape every step"
+        elif t is not None and isinstance(t.pattern, Unstructured) and t.weight_update == "ste":
+            # (removing all-zero rows or columns made the next forward keep round(S * numel) of fewer weights:
+            # a layer that kept 192 kept 129 and the outputs changed)
+            layer.blocker = "SR-STE unstructured sparsity re-derives its kept count from the weight shape every step"
         elif get_meta(node).shape is None:
             layer.blocker = "its output shape is unknown (no shape metadata)"
         # channel c in, channel c out: passed through like BatchNorm (see Analysis.depthwise)
