@@ -309,3 +309,20 @@ def test_dump_kernels_writes_the_direct_conv_kernel(tmp_path):
     (name, entry), = [(k, v) for k, v in manifest["kernels"].items() if k.startswith("direct_conv2d_")]
     assert entry["pattern"] == "unstructured" and entry["layers"] and (out / f"{name}.py").exists()
     assert all(layer["nnz"] > 0 and layer["launch_config"]["BLOCK"] >= 16 for layer in entry["layers"])
+
+
+def test_direct_conv_keeps_the_offsets_of_a_few_input_sizes_only():
+    """Offsets depend on the input's size: a layer fed many sizes keeps the latest OFFSET_SIZES_KEPT, not one
+    array per size ever seen, and still computes F.conv2d at each."""
+    from sparsec.runtime.direct_conv_layer import OFFSET_SIZES_KEPT
+
+    model, x = _conv_model(), torch.randn(1, 3, 8, 8)
+    cm = sparsec.compile(model, pattern="unstructured:0.8", example_inputs=(x,), backend="triton", include=["0"])
+    layer, conv = cm.sparse_module("0"), model[0]
+    with torch.no_grad():
+        for size in range(4, 4 + OFFSET_SIZES_KEPT + 3):
+            xs = torch.randn(1, 3, size, size)
+            expected = F.conv2d(xs, cm.effective_weight("0"), conv.bias, conv.stride, conv.padding)
+            assert output_error(layer(xs), expected) <= 1e-5
+    kept = [k for k in layer._derived if k.startswith("offsets")]
+    assert len(kept) == OFFSET_SIZES_KEPT and kept[-1] == f"offsets{(4 + OFFSET_SIZES_KEPT + 4, ) * 2}"

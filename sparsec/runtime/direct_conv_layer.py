@@ -19,6 +19,9 @@ from sparsec.runtime.layers import SparseConv2d, conv2d, run_kernel
 from sparsec.runtime.packed import CSRPacked
 
 
+OFFSET_SIZES_KEPT = 8  # input sizes whose nonzero offsets a layer keeps (each: 4 bytes per nonzero)
+
+
 class DirectSparseConv2d(traced_call.OpaqueKernel, SparseConv2d):
     kernel_backend = "triton"
 
@@ -59,7 +62,12 @@ class DirectSparseConv2d(traced_call.OpaqueKernel, SparseConv2d):
         values = self.derived("kernel_values", lambda: packed.kept_values().contiguous())
         shape = conv_shape(x, packed.crow_indices, packed.col_indices, values, self.bias, kernel_size,
                            self.conv.stride, padding, self.conv.dilation, self.conv.groups)
-        offsets = self.derived(f"offsets{shape.padded}", lambda: input_offsets(
+        key = f"offsets{shape.padded}"
+        if key not in self._derived:  # a server fed many image sizes keeps the latest few, not one per size ever seen
+            stale = [k for k in self._derived if k.startswith("offsets")]
+            for k in stale[:max(0, len(stale) - OFFSET_SIZES_KEPT + 1)]:
+                del self._derived[k]
+        offsets = self.derived(key, lambda: input_offsets(
             packed.crow_indices, packed.col_indices, shape.c_per_group, kernel_size, shape.padded,
             self.conv.dilation, self.conv.groups).to(torch.int32))
         bias = self.bias.detach() if self.bias is not None else None
