@@ -9,7 +9,8 @@
 #   device run 2:  bash bench/gpu_session.sh decode-compile overhead large conv training condensed
 # (parts: tests, quick, decode (sparse24 at M = 1, 16), large (sparse24 at M = 128, 2048, 8192), sparse24
 #  (every M, both weight formats), sparse24-fp16, sparse24-int8, decode-compile, conv, training, condensed,
-#  overhead)
+#  overhead, unstructured (method (d): the direct sparse conv kernel vs cuDNN and cuSPARSE CSR vs cuBLAS,
+#  bench_unstructured.py's GPU part))
 set -uo pipefail
 cd "$(dirname "$0")/.."
 deadline=$(( $(date +%s) + ${SPARSEC_GPU_CALL_S:-570} ))
@@ -36,7 +37,7 @@ for part in "${parts[@]}"; do
     tests)         timeout $(( left < 240 ? left : 240 )) $PY -m pytest -q -rfE -n 8 --dist loadfile -p no:cacheprovider \
                      tests/test_prmt_expand.py tests/test_codegen.py tests/test_condensed_layer.py tests/test_training.py \
                      tests/test_bench.py tests/test_triton_conv.py tests/test_layer_forms.py tests/test_weight_forms.py \
-                     tests/test_serialization.py tests/test_direct_launch.py tests/test_sdgp.py tests/test_torch_compile.py -k "not builds_for_sm80_and_sm90 and not build_check_sees" \
+                     tests/test_serialization.py tests/test_direct_launch.py tests/test_sdgp.py tests/test_torch_compile.py tests/test_direct_conv.py -k "not builds_for_sm80_and_sm90 and not build_check_sees" \
                      > "$SPARSEC_RESULTS_DIR/tests.log" 2>&1
                    echo "pytest exit $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$SPARSEC_RESULTS_DIR/tests.log" | tail -25 ;;
     quick)         timeout "$left" $PY bench/bench_sparse24.py --quick --budget-s "$budget" ;;
@@ -50,8 +51,9 @@ for part in "${parts[@]}"; do
     training)      timeout "$left" $PY bench/bench_training.py ;;
     condensed)     timeout "$left" $PY bench/bench_condensed_gpu.py ;;
     overhead)      timeout "$left" $PY bench/bench_call_overhead.py ;;
+    unstructured)  timeout "$left" $PY bench/bench_unstructured.py --parts gpu --budget-s "$budget" ;;
     *) echo "unknown part '$part' (tests, quick, decode, large, sparse24, sparse24-fp16, sparse24-int8, decode-compile,"\
-            "conv, training, condensed, overhead)"
+            "conv, training, condensed, overhead, unstructured)"
        exit 2 ;;
   esac
 done

@@ -417,3 +417,83 @@ def test_digits_examples_check_compiled_models_against_plain_torch(monkeypatch):
         cm.sparse_module("hidden.1").weight_mask[0, :4] = True  # 4 of 4 kept in one group
     with pytest.raises(AssertionError, match="hidden.1: not 2:4"):
         common.check_against_plain_torch(cm, data[2])
+
+
+def test_unstructured_bench_runs_small_and_records_its_gpu_cases(tmp_path):
+    """bench_unstructured on its small shapes: the CPU rows (CSR vs dense, checked first), the crossover per
+    (shape, M), backend auto's pick and the plan check are written; without CUDA every GPU case is a row
+    marked skipped (on a GPU machine the test runs the CPU part alone: the GPU part is a device run's job)."""
+    cuda = torch.cuda.is_available()
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "bench_unstructured.py"), "--shapes", "small",
+                           "--rounds", "1", "--parts", "cpu" if cuda else "cpu,gpu", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (path,) = tmp_path.glob("unstructured-cpu*.json")
+    data = json.loads(path.read_text())
+    assert {"device", "date", "torch", "cpu", "complete", "cpu"} <= set(data)
+    cpu = data["cpu"]
+    assert cpu["read_ceiling_gbs"] > 0 and cpu["gemm_ceiling_gflops"]["float32"] > 0
+    assert {"other_processes_cpu_s", "wall_s", "disturbed"} <= set(cpu)
+    rows = cpu["rows"]
+    assert [(r["sparsity"], r["M"]) for r in rows] == [(s, m) for s in (0.5, 0.8, 0.9, 0.95, 0.99) for m in (1, 8)]
+    for r in rows:
+        assert {"N", "K", "M", "sparsity", "nnz", "us", "x_dense", "gbs", "of_read_ceiling", "gflops",
+                "of_gemm_ceiling", "bytes", "max_rel_err", "csr_gbs"} <= set(r), r
+        assert set(r["us"]) == {"dense", "csr"} and min(r["us"].values()) > 0
+        assert r["x_dense"] == pytest.approx(r["us"]["dense"] / r["us"]["csr"])
+        assert r["of_read_ceiling"]["csr"] == pytest.approx(r["gbs"]["csr"] / cpu["read_ceiling_gbs"])
+        assert r["nnz"] == 256 * 128 - round(r["sparsity"] * 256 * 128) and max(r["max_rel_err"].values()) < 1e-5
+    (c1, c8) = sorted(cpu["crossover"], key=lambda c: c["M"])
+    assert (c1["M"], c8["M"]) == (1, 8) and set(c1["x_dense"]) == {"0.5", "0.8", "0.9", "0.95", "0.99"}
+    assert all(c["crossover"] in (None, 0.5, 0.8, 0.9, 0.95, 0.99) and c["text"] for c in (c1, c8))
+    (auto,) = cpu["auto"]
+    assert auto["backend"] in ("csr", "dense") and "backend auto at M=1" in auto["reason"]
+    assert auto["meets_bar"] == (auto["auto_vs_dense"] >= 0.97)
+    assert cpu["plan_check"]["layer"] == "CsrLinear" and cpu["plan_check"]["same_layout"]
+    if not cuda:
+        gpu = data["gpu"]
+        assert gpu["skipped"] == "no CUDA device" and gpu["conv_rows"] and gpu["linear_rows"]
+        assert all(r["skipped"] == "no CUDA device" for r in gpu["conv_rows"] + gpu["linear_rows"])
+        assert {"layer", "batch", "dtype", "sparsity"} <= set(gpu["conv_rows"][0])
+        assert not data["complete"] and "GPU part skipped: no CUDA device" in proc.stdout
+
+
+def test_unstructured_bench_gpu_cases_check_before_timing(monkeypatch):
+    """bench_unstructured's GPU cases run small on this machine (the direct conv kernel in the interpreter
+    without a GPU, the timer a call counter): the direct conv and the CSR product agree with float64 first,
+    every contender is timed, and a kernel computing something else fails its case instead of being timed."""
+    sys.path.insert(0, BENCH)
+    import bench_unstructured as bench
+    from sparsec.codegen import direct_conv
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    calls = []
+    timer = lambda fn: (calls.append(fn()), 1e-3 * len(calls))[1]  # noqa: E731
+    ceil = {"read_GBps": 1.0, "copy_GBps": 2.0}
+    for dtype in (torch.float32, torch.float16):
+        row = bench.conv_case("t", 8, 16, 3, 6, 2, 0.9, dtype, ceil, device=device, timer=timer)
+        assert row["max_rel_err"] < (1e-5 if dtype == torch.float32 else 2e-3) and row["nnz"] == 1152 - 1037
+        assert set(row["cudnn_all_s"]) == ({"nchw", "channels_last"} | ({"nchw_tf32", "channels_last_tf32"}
+                                                                          if dtype == torch.float32 else set()))
+        assert row["vs_cudnn"] == pytest.approx(row["cudnn_s"] / row["direct_s"])
+        el = 4 if dtype == torch.float32 else 2  # input + row pointers + values + int32 offsets + output
+        assert row["bytes"] == 2 * 8 * 36 * el + 17 * 8 + 115 * (el + 4) + 2 * 16 * 36 * el
+    n_calls = len(calls)
+    row = bench.linear_case(64, 96, 0.9, 3, torch.float32, ceil, device=device, timer=timer)
+    assert set(row["s"]) == {"cublas", "cusparse"} and max(row["max_rel_err"].values()) < 1e-5
+    assert len(calls) == n_calls + 2
+    real = direct_conv.direct_conv2d
+    monkeypatch.setattr(direct_conv, "direct_conv2d", lambda *a, **k: real(*a, **k) * 1.01)
+    with pytest.raises(AssertionError, match="the direct conv kernel differs from float64"):
+        bench.conv_case("t", 8, 16, 3, 6, 2, 0.8, torch.float32, ceil, device=device, timer=timer)
+    assert len(calls) == n_calls + 2  # nothing timed
+
+
+def test_unstructured_bench_crossover_is_the_lowest_sparsity_it_wins_from():
+    sys.path.insert(0, BENCH)
+    from bench_unstructured import crossover
+
+    c = crossover({0.5: 0.2, 0.8: 1.2, 0.9: 0.8, 0.95: 2.0, 0.99: 4.0})
+    assert (c["crossover"], c["below"], c["wins_below"]) == (0.95, 0.9, [0.8]) and 0.9 < c["estimate"] < 0.95
+    assert crossover({0.5: 1.5, 0.9: 3.0})["text"] == "<= 0.5"
+    assert crossover({0.5: 0.5, 0.9: 0.9})["crossover"] is None and crossover({})["text"] == "nothing measured"
