@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import math
 
 import torch
 import torch.nn.functional as F
@@ -133,24 +134,28 @@ def conv_candidates(gm, ctx, layer, decision, input_shape: tuple[int, ...], trit
 
 
 def _direct_conv_candidates(layer, decision, packed, weight, bias, input_shape, triton_problem) -> tuple[dict, int]:
-    """conv_candidates for an unstructured conv2d: dense cuDNN on the pruned weight, and the direct sparse conv
-    kernel as its layer runs it (the layer's module: its per-call checks and offsets lookup are what a call
-    costs)."""
+    """conv_candidates for an unstructured conv (conv1d: dense only, the kernel is a conv2d's): dense cuDNN on the
+    pruned weight, and the direct sparse conv kernel as its layer runs it (the layer's module: its per-call
+    checks and offsets lookup are what a call costs)."""
     from sparsec.runtime.direct_conv_layer import DirectSparseConv2d
-    from sparsec.runtime.layers import SparseConv2d
+    from sparsec.runtime.layers import SparseConv1d, SparseConv2d
     from sparsec.runtime.packed import DensePacked
 
     x = _sample_input(input_shape, weight.device, weight.dtype)
     pattern = parse_pattern(decision.sparsity)
-    dense = SparseConv2d(DensePacked.pack(weight_to_rows(weight, layer.op), packed.mask(), pattern, decision.quant),
-                         bias, tuple(weight.shape), layer.name, decision.sparsity, "", layer.conv)
+    dense = (SparseConv1d if layer.op == "conv1d" else SparseConv2d)(
+        DensePacked.pack(weight_to_rows(weight, layer.op), packed.mask(), pattern, decision.quant), bias,
+        tuple(weight.shape), layer.name, decision.sparsity, "", layer.conv)
     out = {"dense": functools.partial(dense, x)}
     if triton_problem is None:
         direct = DirectSparseConv2d(packed, bias, tuple(weight.shape), layer.name, decision.sparsity, "", layer.conv)
         out["triton"] = functools.partial(direct, x)
     with torch.no_grad():
-        pixels = dense(x).shape
-    return out, pixels[0] * pixels[2] * pixels[3] if len(pixels) == 4 else pixels[1] * pixels[2]
+        y = dense(x)
+    # the implicit GEMM's rows, batch x output pixels, from y [B, C, *pixels] or [C, *pixels] (one pixel dim for a
+    # conv1d: counting by y's rank alone took a batched conv1d's channels for pixels)
+    spatial = 1 if layer.op == "conv1d" else 2
+    return out, math.prod(y.shape[-spatial:]) * (y.shape[0] if y.dim() == spatial + 2 else 1)
 
 
 def triton_key(i: int) -> str:

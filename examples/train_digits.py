@@ -10,7 +10,6 @@ shrink keeps accuracy within 0.5 points while removing at least 30% of hidden un
 
     python examples/train_digits.py [--epochs 40] [--seed 0]
 """
-import argparse
 import datetime
 import json
 import os
@@ -20,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from digits_common import (accuracy, check_against_plain_torch, load_digits_split, make_model,  # noqa: E402
+from digits_common import (accuracy, example_args, check_against_plain_torch, load_digits_split, make_model,  # noqa: E402
                            nonzero_weights, print_table, train)
 
 import sparsec  # noqa: E402
@@ -76,12 +75,7 @@ def group_lasso_and_shrink(data, epochs: int, seed: int, dense_acc: float) -> li
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    if args.epochs < 1:
-        parser.error(f"--epochs must be at least 1, got {args.epochs}")
+    args = example_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     data = load_digits_split(seed=args.seed)
     e, s = args.epochs, args.seed

@@ -12,19 +12,18 @@ are printed and saved to bench/results/method-d-digits-<date>.json.
 
     python examples/train_method_d_digits.py [--epochs 40] [--seed 0]
 """
-import argparse
 import dataclasses
 import datetime
 import json
 import os
 import sys
-from decimal import ROUND_HALF_UP, Decimal
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from digits_common import accuracy, check_outputs, load_digits_split, make_model, print_table, steps_per_run, train  # noqa: E402
+from digits_common import (accuracy, example_args, check_outputs, load_digits_split, make_model, print_table, steps_per_run,  # noqa: E402
+                           train, unstructured_pruned_count)
 
 import sparsec  # noqa: E402
 
@@ -35,17 +34,12 @@ INITIAL = 0.5       # the compiled (starting) sparsity
 RAMP = 0.6          # fraction of training over which the sparsity rises; the rest retrains
 
 
-def pruned_count(numel: int, sparsity: float) -> int:
-    """round(S * numel), halves up, on S as written (written here, not taken from sparsec)."""
-    return int((Decimal(repr(sparsity)) * numel).quantize(Decimal(1), rounding=ROUND_HALF_UP))
-
-
 @torch.no_grad()
 def check_model(cm, x, sparsity: float, quant) -> None:
     check_outputs(cm, x)  # outputs against F.linear on the effective (masked, dequantized) weights
     for lp in cm.plan.sparse_layers:
         mask, weight = cm.mask(lp.name), cm.effective_weight(lp.name)
-        assert int((~mask).sum()) == pruned_count(mask.numel(), sparsity), f"{lp.name}: pruned count"
+        assert int((~mask).sum()) == unstructured_pruned_count(mask.numel(), sparsity), f"{lp.name}: pruned count"
         assert not weight[~mask].any(), f"{lp.name}: a pruned weight is nonzero"
         kept = weight[mask & (weight != 0)].double()
         if quant == "codebook:4":
@@ -79,12 +73,7 @@ def run(data, target: float, epochs: int, seed: int) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    if args.epochs < 1:
-        parser.error(f"--epochs must be at least 1, got {args.epochs}")
+    args = example_args()
     data = load_digits_split(seed=args.seed)
     dense = make_model(args.seed)
     seconds = train(dense, data, epochs=args.epochs, seed=args.seed)

@@ -22,7 +22,6 @@ hidden neurons, printed with the same numbers, and condensing then removes them.
 
     python examples/train_srigl_digits.py [--epochs 40] [--seed 0]
 """
-import argparse
 import datetime
 import json
 import math
@@ -35,7 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from digits_common import (accuracy, load_digits_split, make_model, check_outputs, plain_torch_forward, print_table,  # noqa: E402
+from digits_common import (accuracy, example_args, load_digits_split, make_model, check_outputs, plain_torch_forward, print_table,  # noqa: E402
                            steps_per_run, train)
 
 import sparsec  # noqa: E402
@@ -125,12 +124,7 @@ def run_srigl(data, sparsity: float, gamma_sal, epochs: int, seed: int, dense) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    if args.epochs < 1:
-        parser.error(f"--epochs must be at least 1, got {args.epochs}")
+    args = example_args()
     data = load_digits_split(seed=args.seed)
     dense = make_model(args.seed)
     seconds = train(dense, data, epochs=args.epochs, seed=args.seed)

@@ -30,11 +30,12 @@ from sparsec.plan import dtype_name
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_NOTE = "runs a fused Triton kernel"
 DIRECT_CONV_NOTE = "runs the direct sparse conv Triton kernel (CSR rows against the padded input, bias fused)"
+CPU_KERNEL_RUNS = {"condensed": "constant fan-in", "bitmask": "N:M", "csr": "unstructured"}  # CPU kernels' patterns
 
 
 def triton_note(decision) -> str:
+    """The plan's note for a layer on backend "triton": unstructured layers run the direct sparse conv."""
     return DIRECT_CONV_NOTE if decision.sparsity.startswith("unstructured:") else TRITON_NOTE
-CPU_KERNEL_RUNS = {"condensed": "constant fan-in", "bitmask": "N:M", "csr": "unstructured"}  # CPU kernels' patterns
 
 
 def cpu_kernel_for(sparsity: str) -> str:

@@ -85,7 +85,7 @@ Pattern = NM | FanIn | Unstructured | Dense
 def parse_pattern(text: object) -> Pattern:
     """Parse a pattern string; raise a clear error naming the accepted forms otherwise."""
     if isinstance(text, (NM, FanIn, Unstructured, Dense)):
-        return text
+        return parse_pattern(str(text))  # checked as its text is: FanIn(1.5) or NM(3, 2) made by hand is refused
     if not isinstance(text, str):
         raise InvalidPatternTypeError(f"pattern must be a string, got {type(text).__name__} {text!r}; accepted: {ACCEPTED_FORMS}")
     s = text.strip()

@@ -20,10 +20,6 @@ PLAN_FORMAT = "sparsec.plan"
 PLAN_VERSION = 1
 QUANT_CHOICES = (None, "int8")  # and method (d)'s levels, "log2:B" / "codebook:B" (sparsec/levels.py)
 QUANT_FORMS = 'None, "int8", "log2:B" or "codebook:B" (2 <= B <= 8)'
-
-
-def valid_quant(quant: object) -> bool:
-    return quant in QUANT_CHOICES or is_levels(quant)
 GRAD_MODES = ("magnitude", "rescale")  # how SDGP picks the data-gradient values it keeps
 BACKEND_CHOICES = (None, "torch", "triton", "cusparselt", "dense", "condensed", "bitmask", "csr")
 _PLAN_KEYS = {"format", "version", "pattern", "grad_mode", "notes", "layers"}  # what Plan.to_json writes
@@ -34,6 +30,11 @@ _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 def dtype_name(dtype) -> str:
     """'float32' for torch.float32: how plans and messages spell dtypes."""
     return str(dtype).removeprefix("torch.")
+
+
+def valid_quant(quant: object) -> bool:
+    """Whether a plan entry's quant is one sparsec stores (QUANT_FORMS)."""
+    return quant in QUANT_CHOICES or is_levels(quant)
 
 
 @dataclass

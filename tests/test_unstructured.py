@@ -107,7 +107,7 @@ def test_every_backend_computes_the_oracles_pruned_model(backend, quantize):
         assert held == cm.plan["2"].stored_bytes()
 
 
-def test_csr_wins_where_the_layer_is_large_and_sparse():
+def test_auto_times_csr_against_dense_on_a_large_sparse_layer():
     """A 2048 x 2048 layer at 97% and 4 rows: the CSR product reads 3% of the weights (measured 4-8x dense on
     this project's 2-core machine); whichever wins, the reason carries both times and the output is right."""
     torch.manual_seed(0)
@@ -326,3 +326,32 @@ def test_direct_conv_keeps_the_offsets_of_a_few_input_sizes_only():
             assert output_error(layer(xs), expected) <= 1e-5
     kept = [k for k in layer._derived if k.startswith("offsets")]
     assert len(kept) == OFFSET_SIZES_KEPT and kept[-1] == f"offsets{(4 + OFFSET_SIZES_KEPT + 4, ) * 2}"
+
+
+def test_direct_conv_offsets_cache_keeps_the_most_recently_used_sizes():
+    """A server cycling through OFFSET_SIZES_KEPT sizes rebuilds no offsets once each was seen, and a new size
+    evicts the least recently used one."""
+    from sparsec.runtime.direct_conv_layer import OFFSET_SIZES_KEPT
+
+    model, x = _conv_model(), torch.randn(1, 3, 8, 8)
+    cm = sparsec.compile(model, pattern="unstructured:0.8", example_inputs=(x,), backend="triton", include=["0"])
+    layer = cm.sparse_module("0")
+    sizes = list(range(4, 4 + OFFSET_SIZES_KEPT))
+    with torch.no_grad():
+        for size in sizes:
+            layer(torch.randn(1, 3, size, size))
+        built = {k: id(v) for k, v in layer._derived.items() if k.startswith("offsets")}
+        layer(torch.randn(1, 3, 4, 4))  # the oldest, used again: now the most recent
+        layer(torch.randn(1, 3, 30, 30))  # a new size evicts the least recently used: size 5
+        kept = {k: id(v) for k, v in layer._derived.items() if k.startswith("offsets")}
+    assert "offsets(7, 7)" not in kept and kept["offsets(6, 6)"] == built["offsets(6, 6)"]
+    assert len(kept) == OFFSET_SIZES_KEPT
+
+
+def test_pattern_objects_are_checked_as_their_text():
+    from sparsec.patterns import NM, FanIn
+
+    for bad in (Unstructured(1.5), FanIn(0.0), NM(3, 2)):
+        with pytest.raises(ValueError, match="accepted"):
+            parse_pattern(bad)
+    assert parse_pattern(Unstructured(0.9)) == Unstructured(0.9)

@@ -42,7 +42,7 @@ class CpuKernelLinear(SparseLinear):
 
     def layout(self):
         """The built layout (the per-call path: no TorchDynamo-disabled call once it exists). Tested against
-        None, not for truth: a sparse tensor layout (csr) has no truth value."""
+        None, not for truth: a layout of any type reads as built (a tensor has no single truth value)."""
         layout = self._derived.get("layout")
         return layout if layout is not None else self.prepared()
 

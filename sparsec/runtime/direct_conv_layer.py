@@ -63,7 +63,9 @@ class DirectSparseConv2d(traced_call.OpaqueKernel, SparseConv2d):
         shape = conv_shape(x, packed.crow_indices, packed.col_indices, values, self.bias, kernel_size,
                            self.conv.stride, padding, self.conv.dilation, self.conv.groups)
         key = f"offsets{shape.padded}"
-        if key not in self._derived:  # a server fed many image sizes keeps the latest few, not one per size ever seen
+        if key in self._derived:  # most recently used last: a server cycling through the sizes it keeps rebuilds none
+            self._derived[key] = self._derived.pop(key)
+        else:  # a server fed many image sizes keeps the most recently used few, not one per size ever seen
             stale = [k for k in self._derived if k.startswith("offsets")]
             for k in stale[:max(0, len(stale) - OFFSET_SIZES_KEPT + 1)]:
                 del self._derived[k]
