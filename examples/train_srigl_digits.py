@@ -83,7 +83,7 @@ def ablation_report(srigl, cm, sparsity: float) -> dict:
     """Per hidden layer, from SRigL's update records: k0 (the fan-in before ablation), the threshold
     at the last update, the fewest salient weights any active neuron had at any update (a neuron is
     ablated when below the threshold), the neurons ablated at the end and the final k."""
-    if not srigl.ablation:
+    if not srigl.ablation or not srigl.history:  # (a run too short for any update: --epochs 1 is 22 steps)
         return {}
     last = srigl.history[-1].layers
     return {name: {"k0": math.floor(cm.mask(name).numel() * (1 - sparsity)) // 256,
