@@ -1,12 +1,13 @@
 """backend="auto": time each way to run a sparse layer at its compiled shape, keep the fastest.
 
-CUDA: the generated Triton kernel, torch's semi-structured GEMM (cuSPARSELt / CUTLASS), and a
+CUDA: the generated Triton kernel, torch's semi-structured GEMM (cuSPARSELt / CUTLASS), cuSPARSE's CSR
+product for an unstructured layer (the direct sparse conv kernel for an unstructured conv), and a
 dense cuBLAS GEMM on the pruned weight; medians of CUDA-event timings of eager calls (what the
 compiled model's caller waits) after warm-up, or with compile's timing="graph" of CUDA graph replays
 (GPU time only), each after an L2 flush that leaves the cache clean (weights from device memory),
 the candidates taking turns.
 CPU, float32 / bfloat16 / float16 linear layers: the C++ kernel (condensed for constant fan-in,
-bitmask for N:M) against a dense GEMM on the pruned weight; medians of wall-clock blocks, or, when the model's weights exceed
+bitmask for N:M; torch's CSR product for unstructured, float64 too) against a dense GEMM on the pruned weight; medians of wall-clock blocks, or, when the model's weights exceed
 the cache, of single calls with the weights evicted (codegen/cpu_cache.py). Where the kernel wins,
 it is probed at more rows, and its layer runs a dense weight made per call above the last win.
 """
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 from sparsec.codegen.timing import CPU_BLOCKS, CPU_ROUNDS, ROUNDS, time_cpu, time_cuda, timed_in_rounds
 from sparsec.errors import last_line
-from sparsec.patterns import parse_pattern
+from sparsec.patterns import Unstructured, parse_pattern
 from sparsec.reference import weight_to_rows
 
 DEFAULT_ROWS = 16  # when no example inputs give the real M
@@ -60,6 +61,7 @@ def candidates(gm, ctx, layer, decision, m: int, triton_problem: str | None) -> 
     from sparsec.codegen.builder import LayerUse, emit_matmul
     from sparsec.codegen.configs import matmul_candidates
     from sparsec.codegen.launch import sm_count
+    from sparsec.runtime.csr_linear import CsrLinear
     from sparsec.runtime.cusparselt_linear import CusparseltLinear, semi_structured_available
     from sparsec.runtime.layers import SparseLinear
     from sparsec.runtime.packed import DensePacked, FanInPacked, PackedWeight
@@ -74,6 +76,11 @@ def candidates(gm, ctx, layer, decision, m: int, triton_problem: str | None) -> 
 
     dense = runtime_module(SparseLinear, DensePacked.pack(rows, mask, pattern, decision.quant))
     out = {"dense": functools.partial(dense, x)}
+    if isinstance(pattern, Unstructured) and weight.device.type in CsrLinear.kernel_devices:
+        # cuSPARSE's CSR product, as its layer runs it (a dtype it lacks fails its check and is not chosen)
+        csr = runtime_module(CsrLinear, PackedWeight.pack(rows, mask, pattern, decision.quant))
+        csr.build_now()
+        out["csr"] = functools.partial(csr, x)
     library = (decision.sparsity == "2:4" and semi_structured_available()
                and weight.dtype in (torch.float16, torch.bfloat16))
     if triton_problem is not None and not library:
@@ -344,4 +351,6 @@ def pick_fastest(gm, ctx, layer, decision, m: int | None, triton_problem: str | 
     if device == "cpu" and best != "dense":  # a CPU kernel (condensed, bitmask, csr): how far up in rows it wins
         max_rows, limit_note = cpu_rows_limit(at, best, rows, times["dense"], cold)
         return best, f"{note}; {limit_note}", {"max_rows": max_rows}
+    if best == "csr":  # (on CUDA: no probe above the compiled rows yet; measured at M only, as the Triton kernels)
+        return best, f"{note}; cuSPARSE at every row count (not probed above M={rows})", None
     return best, note, launch if best == "triton" else None

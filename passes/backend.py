@@ -72,14 +72,15 @@ def triton_blocker(layer: LayerInfo, sparsity: str, device: torch.device, runs: 
 
 def cpu_kernel_blocker(layer: LayerInfo, decision, device: torch.device, need_library: bool = True) -> str | None:
     """Why no CPU kernel runs this layer here (None: one does: condensed for constant fan-in, bitmask for
-    N:M, each for float32 / bfloat16 / float16 linear layers; csr for unstructured, float64 too). need_library=False leaves
-    out whether the kernel library built in this process (a layer without it runs plain torch)."""
+    N:M, each for float32 / bfloat16 / float16 linear layers; csr for unstructured, float64 too, and on CUDA
+    as well). need_library=False leaves out whether the kernel library built in this process (a layer
+    without it runs plain torch)."""
     from sparsec.runtime import bitmask_cpu, condensed_cpu
     from sparsec.runtime.cpu_modules import CPU_KERNEL_MODULES
 
-    if device.type != "cpu":
-        return f"the C++ kernels run on the CPU (this layer is on {device})"
     kernel = cpu_kernel_for(decision.sparsity)
+    if device.type not in CPU_KERNEL_MODULES[kernel].kernel_devices:
+        return f"the {kernel} kernel runs on the CPU (this layer is on {device})"
     if layer.op not in ("linear", "matmul"):
         return f"the CPU kernels run linear layers (this one is a {layer.op})"
     dtypes = CPU_KERNEL_MODULES[kernel].kernel_dtypes

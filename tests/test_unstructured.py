@@ -355,3 +355,24 @@ def test_pattern_objects_are_checked_as_their_text():
         with pytest.raises(ValueError, match="accepted"):
             parse_pattern(bad)
     assert parse_pattern(Unstructured(0.9)) == Unstructured(0.9)
+
+
+def test_auto_on_a_gpu_times_cusparse_against_cublas_for_unstructured_linear_layers(monkeypatch):
+    """backend auto on CUDA (faked; the candidates run on the CPU) times an unstructured linear layer's CSR
+    product (cuSPARSE there) against dense, checked first, and takes it where faster; the layer then runs it."""
+    def fake_time(fn, *args, **kwargs):
+        csr = isinstance(getattr(fn, "func", None), CsrLinear)
+        return (10e-6 if csr else 30e-6) if faster else (50e-6 if csr else 30e-6)
+
+    monkeypatch.setattr("sparsec.passes.backend._device", lambda gm, layer: torch.device("cuda"))
+    monkeypatch.setattr("sparsec.codegen.measure.time_cuda", fake_time)
+    model, x = _mlp()
+    for faster in (True, False):
+        cm = sparsec.compile(model, pattern="unstructured:0.9", example_inputs=(x,))
+        lp = cm.plan["2"]
+        assert lp.backend == ("csr" if faster else "dense"), lp.reason
+        assert ("csr 10.0 us" if faster else "csr 50.0 us") in lp.reason and "dense 30.0 us" in lp.reason
+        assert isinstance(cm.sparse_module("2"), CsrLinear) == faster
+        assert ("cuSPARSE at every row count (not probed above M=6)" in lp.reason) == faster
+        with torch.no_grad():
+            assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5

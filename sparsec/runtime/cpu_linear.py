@@ -18,10 +18,12 @@ class CpuKernelLinear(SparseLinear):
     launch: dict | None = None  # {"max_rows": int | None}, from backend auto's measurement
     # the layer dtypes (= input dtypes) the kernels run, computing in float32 as torch's CPU GEMMs do
     kernel_dtypes: tuple = (torch.float32, torch.bfloat16, torch.float16)
+    kernel_devices: tuple = ("cpu",)  # device types the kernel runs on (csr: torch's CSR product, CUDA too)
 
     def kernel_runs(self) -> bool:
         """Whether the kernel can run this layer as it now is (its dtype and device)."""
-        return self.packed.dtype_probe.dtype in self.kernel_dtypes and self.packed.values.device.type == "cpu"
+        return (self.packed.dtype_probe.dtype in self.kernel_dtypes
+                and self.packed.values.device.type in self.kernel_devices)
 
     def build_layout(self):
         raise NotImplementedError
@@ -98,8 +100,8 @@ class CpuKernelLinear(SparseLinear):
         # reference (an input of another dtype fails there as in the original layer), as do more rows than
         # the kernel measured faster at, a torch.func transform (the kernels have no batching rule) and CPU
         # autocast to another dtype (F.linear then computes and returns the autocast dtype).
-        if (x.dtype != self.packed.dtype_probe.dtype or x.device.type != "cpu" or not self.kernel_runs()
-                or recording_portable_ops() or torch_func_active() or autocast_changes(x.dtype)):
+        if (x.dtype != self.packed.dtype_probe.dtype or x.device != self.packed.values.device or not self.kernel_runs()
+                or recording_portable_ops() or torch_func_active() or autocast_changes(x.dtype, x.device.type)):
             return self.reference(x)
         limit = self.max_rows()
         if limit is not None and x.numel() > limit * x.shape[-1]:
@@ -118,10 +120,12 @@ def _build_after_load(module: CpuKernelLinear, incompatible_keys) -> None:
     module.build_now()
 
 
-def autocast_changes(dtype: torch.dtype) -> bool:
-    """Whether CPU autocast is on and would run F.linear on inputs of `dtype` in another dtype."""
+def autocast_changes(dtype: torch.dtype, device: str = "cpu") -> bool:
+    """Whether autocast on `device` is on and would run F.linear on inputs of `dtype` in another dtype."""
     if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4: per-device functions
-        return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != dtype
+        return torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != dtype
+    if device == "cuda":
+        return torch.is_autocast_enabled() and torch.get_autocast_gpu_dtype() != dtype
     return torch.is_autocast_cpu_enabled() and torch.get_autocast_cpu_dtype() != dtype
 
 

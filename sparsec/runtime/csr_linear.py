@@ -1,15 +1,16 @@
 """CsrLinear: an unstructured linear layer run as a CSR sparse x dense product by torch's own sparse
-kernels (MKL on CPU), chosen by backend="auto" where it measured faster than a dense GEMM on the pruned
-weight at the compiled batch. At 90% sparsity and above it reads and multiplies only the kept weights,
-which is what method (d) (Pietron & Zurek) relies on; at 50% it is several times slower than dense,
-which is why auto measures instead of assuming (see runtime/cpu_linear.py for when it runs and what it
-falls back to).
+kernels (MKL on CPU, cuSPARSE on CUDA), chosen by backend="auto" where it measured faster than a dense
+GEMM on the pruned weight at the compiled batch. At 90% sparsity and above it reads and multiplies only
+the kept weights, which is what method (d) (Pietron & Zurek) relies on; at 50% it is several times slower
+than dense, which is why auto measures instead of assuming (see runtime/cpu_linear.py for when it runs and
+what it falls back to).
 
-The layout is the packed CSR arrays in the dtype the product runs in (int8 dequantized, int32
-indices). torch's CPU CSR product takes float32 and float64 only, so 16-bit layers multiply in float32
-and round the result to the layer's dtype, as torch's CPU GEMMs and sparsec's C++ kernels compute
-16-bit layers. The product is the operator sparsec_csr::linear, opaque to torch.compile / torch.export
-(TorchDynamo does not trace sparse tensors), which builds the sparse tensor view inside it.
+The layout is the packed CSR arrays in the dtype the product runs in (int8 dequantized, int32 indices).
+torch's CPU CSR product takes float32 and float64 only, so 16-bit CPU layers multiply in float32 and round
+the result to the layer's dtype, as torch's CPU GEMMs and sparsec's C++ kernels compute 16-bit layers; on
+CUDA the product runs in the layer's dtype. The product is the operator sparsec_csr::linear, opaque to
+torch.compile / torch.export (TorchDynamo does not trace sparse tensors), which builds the sparse tensor
+view inside it.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def csr_linear(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: t
     # W x^T: the sparse operand must come first; x^T made contiguous (one small copy) runs ~1.3x faster in
     # MKL than its transposed view at a few rows. Autocast off inside: the layer decides the dtypes (MKL's
     # CSR product has no bfloat16), and the caller's autocast has already chosen x's.
-    with torch.autocast("cpu", enabled=False):
+    with torch.autocast(x.device.type, enabled=False):
         y = torch.sparse.mm(weight, rows.t().contiguous()).t()
         if bias is not None:
             y = y + bias.to(y.dtype)
@@ -54,6 +55,7 @@ def _(x, crow, col, values, out_features, bias):
 class CsrLinear(CpuKernelLinear):
     kernel_backend = "csr"
     kernel_dtypes = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+    kernel_devices = ("cpu", "cuda")  # MKL on the CPU, cuSPARSE on CUDA: where backend auto measures it faster
 
     def __init__(self, packed, *args, **kwargs):
         if not isinstance(packed, CSRPacked):
@@ -62,7 +64,9 @@ class CsrLinear(CpuKernelLinear):
 
     def build_layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         packed = self.packed
-        dtype = torch.float64 if packed.dtype_probe.dtype == torch.float64 else torch.float32
+        dtype = packed.dtype_probe.dtype
+        if packed.values.device.type == "cpu" and dtype != torch.float64:
+            dtype = torch.float32  # (MKL's CSR product has no 16-bit kernels; cuSPARSE has)
         index = torch.int32 if packed.nnz < 2**31 else torch.int64  # half the index bytes where they fit
         return packed.crow_indices.to(index), packed.col_indices.to(index), packed.kept_values(dtype).contiguous()
 
