@@ -21,6 +21,7 @@ from sparsec.passes.weight_reads import owner_of
 from sparsec.pipeline import PassRecord
 from sparsec.plan import Plan, dtype_name
 from sparsec.runtime.layers import RuntimeLayer
+from sparsec.runtime.packed import PackedWeight
 from sparsec.runtime.training import TrainableLayer
 
 
@@ -281,6 +282,9 @@ class CompiledModel(nn.Module):
         own = self.state_dict(keep_vars=True)
         self._refuse_uncompiled_keys(keys, own)
         self._check_layer_forms(keys, own)
+        for path, module in self.named_modules():  # every packed layer's buffers, before any is copied
+            if isinstance(module, PackedWeight):
+                module.check_incoming(state_dict, f"{prefix}{path}.")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _refuse_uncompiled_keys(self, keys: list[str], own: dict) -> None:

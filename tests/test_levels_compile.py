@@ -116,3 +116,17 @@ def test_a_weight_the_levels_cannot_hold_stays_unquantized_or_is_refused_from_a_
     plan["2"].quant = "codebook:4"
     with pytest.raises(ValueError, match="plan layer '2': quant 'codebook:4' cannot store this weight"):
         sparsec.compile(model, example_inputs=(x,), plan=plan)
+
+
+def test_a_codebook_state_dict_is_refused_by_a_log2_layer_of_the_same_bits():
+    """The stored buffers have the same shapes: loaded, the codebook's values ran while plan and layer said log2."""
+    model, x = _mlp()
+    log2 = sparsec.compile(model, pattern="unstructured:0.9", example_inputs=(x,), quantize="log2:4", backend="torch")
+    codebook = sparsec.compile(model, pattern="unstructured:0.9", example_inputs=(x,), quantize="codebook:4",
+                               backend="torch")
+    before = {k: v.clone() for k, v in log2.state_dict().items()}
+    with pytest.raises(ValueError, match="not powers of two: the state dict comes from another quantization"):
+        log2.load_state_dict(codebook.state_dict())
+    after = log2.state_dict()  # refused before anything was copied: the model is as it was
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    log2.load_state_dict(copy.deepcopy(log2).state_dict())  # its own loads

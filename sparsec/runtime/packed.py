@@ -57,16 +57,32 @@ class PackedWeight(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        errors = len(error_msgs)
+        self.check_incoming(state_dict, prefix)  # before anything is copied: a refused load leaves the layer as it was
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        if len(error_msgs) == errors:  # (a buffer torch refused, a size mismatch, is torch's error to report)
-            self._check_loaded()
 
-    def _check_loaded(self) -> None:
-        """Refuse loaded buffers that do not decode (a corrupt file)."""
-        if self.table is not None:  # (here, once: dequantizing under torch.compile checks no values)
-            check_levels(self.values, self.table)
+    def check_incoming(self, state_dict, prefix: str) -> None:
+        """Refuse the buffers `state_dict` would load into this packed weight when they do not decode (a corrupt
+        file, another quantization's state dict). Buffers it does not hold, or of another shape (torch's size
+        mismatch error reports those), are checked as this layer holds them / not at all. CompiledModel runs
+        this for every packed layer before its load copies anything."""
+        buffers = {name: state_dict.get(prefix + name, own) for name, own in self._buffers.items() if own is not None}
+        if all(isinstance(t, torch.Tensor) and t.shape == self._buffers[name].shape for name, t in buffers.items()):
+            self._check_buffers(buffers)
+
+    def _check_buffers(self, buffers: dict[str, torch.Tensor]) -> None:
+        """Refuse buffers that do not decode (here, once: dequantizing under torch.compile checks no values)."""
+        table = buffers.get("table")
+        if table is None:
+            return
+        check_levels(buffers["values"], table)
+        if self.levels is not None and parse_levels(self.levels).kind == "log2":
+            # (a codebook's table has the same size: loaded here, its values ran while the plan said log2)
+            magnitudes = table[table != 0].abs().double()
+            if not bool((magnitudes.log2() == magnitudes.log2().round()).all()):
+                raise InvalidInputError(f"level table loaded into a {self.levels} layer holds values that are not "
+                                        f"powers of two: the state dict comes from another quantization "
+                                        f"(codebook?) or is corrupt")
 
     def kept_values(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Kept values in a float dtype (dequantized for int8 and level codes)."""
@@ -223,10 +239,11 @@ class CSRPacked(PackedWeight):
     def nnz(self) -> int:
         return self.col_indices.shape[0]
 
-    def _check_loaded(self) -> None:
-        super()._check_loaded()
+    def _check_buffers(self, buffers: dict[str, torch.Tensor]) -> None:
+        super()._check_buffers(buffers)
         # a corrupt file would otherwise scatter values to the wrong places, or out of bounds later
-        ref.check_csr(self.crow_indices, self.col_indices, self.values.shape[0], self.out_features, self.reduction)
+        ref.check_csr(buffers["crow_indices"], buffers["col_indices"], buffers["values"].shape[0], self.out_features,
+                      self.reduction)
 
     def kept_values(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         dtype = dtype or self.dtype_probe.dtype
