@@ -634,7 +634,8 @@ def test_plan_bytes_count_what_the_kernel_layers_hold(pattern, backend):
         if backend == "condensed":
             held = [packed.values, packed.indices, *layout.rows, *layout.seg]
         elif backend == "csr":  # int32 row pointers of its own; values and int32 columns shared
-            crow, col, values = layout
+            crow, col, values, weight = layout
+            assert weight.values().data_ptr() == values.data_ptr()  # the sparse tensor views the arrays
             assert values.data_ptr() == packed.values.data_ptr() and col.data_ptr() == packed.col_indices.data_ptr()
             held = [packed.values, packed.col_indices, packed.crow_indices, crow]
         else:

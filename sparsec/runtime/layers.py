@@ -157,7 +157,9 @@ class SparseLayer(RuntimeLayer):
         storages = {}
 
         def visit(value):
-            if type(value) is torch.Tensor:  # (not cuSPARSELt's semi-structured subclass: CUDA only, not counted)
+            if type(value) is torch.Tensor and value.layout == torch.sparse_csr:  # (csr's: a view of its arrays)
+                visit((value.crow_indices(), value.col_indices(), value.values()))
+            elif type(value) is torch.Tensor:  # (not cuSPARSELt's semi-structured subclass: CUDA only, not counted)
                 storages[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
             elif dataclasses.is_dataclass(value) and not isinstance(value, type):
                 for f in dataclasses.fields(value):
