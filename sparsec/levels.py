@@ -304,6 +304,12 @@ def dequantize_levels(codes: torch.Tensor, table: torch.Tensor, dtype: torch.dty
     check_levels(codes, table, values=False)
     if not torch.compiler.is_compiling():
         _check_codes_index(codes, table.numel())
+    return lookup_levels(codes, table, dtype)
+
+
+def lookup_levels(codes: torch.Tensor, table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """table[codes] in `dtype`, unchecked: for storage checked when it was made or loaded (a packed layer's),
+    whose per-call check read every code (a device sync on CUDA) on each forward of the torch runtime."""
     return table[codes.long()].to(dtype)
 
 

@@ -44,7 +44,7 @@ class DirectSparseConv2d(traced_call.OpaqueKernel, SparseConv2d):
 
     def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         from sparsec.codegen.direct_conv import direct_conv2d
-        from sparsec.direct_conv import conv_shape, input_offsets
+        from sparsec.direct_conv import conv_padding, input_offsets
 
         if x.dim() not in (3, 4):
             raise InvalidInputError(f"layer {self.layer_name!r} (conv2d) takes a batched or unbatched input of 4 or 3 "
@@ -60,9 +60,11 @@ class DirectSparseConv2d(traced_call.OpaqueKernel, SparseConv2d):
         x, padding = self._padded_input(x.detach())
         packed, kernel_size = self.packed, tuple(self.weight_shape[2:])
         values = self.derived("kernel_values", lambda: packed.kept_values().contiguous())
-        shape = conv_shape(x, packed.crow_indices, packed.col_indices, values, self.bias, kernel_size,
-                           self.conv.stride, padding, self.conv.dilation, self.conv.groups)
-        key = f"offsets{shape.padded}"
+        # (the offsets depend on the padded size alone; direct_conv2d checks the operands, once per call)
+        top, bottom, left, right = self.derived("pads", lambda: conv_padding(padding, kernel_size, self.conv.stride,
+                                                                             self.conv.dilation))
+        padded = (x.shape[-2] + top + bottom, x.shape[-1] + left + right)
+        key = f"offsets{padded}"
         if key in self._derived:  # most recently used last: a server cycling through the sizes it keeps rebuilds none
             self._derived[key] = self._derived.pop(key)
         else:  # a server fed many image sizes keeps the most recently used few, not one per size ever seen
@@ -70,7 +72,7 @@ class DirectSparseConv2d(traced_call.OpaqueKernel, SparseConv2d):
             for k in stale[:max(0, len(stale) - OFFSET_SIZES_KEPT + 1)]:
                 del self._derived[k]
         offsets = self.derived(key, lambda: input_offsets(
-            packed.crow_indices, packed.col_indices, shape.c_per_group, kernel_size, shape.padded,
+            packed.crow_indices, packed.col_indices, self.weight_shape[1], kernel_size, padded,
             self.conv.dilation, self.conv.groups).to(torch.int32))
         bias = self.bias.detach() if self.bias is not None else None
         return direct_conv2d(x, packed.crow_indices, packed.col_indices, values, bias, self.conv.stride, padding,

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from sparsec import reference as ref
 from sparsec.errors import InvalidInputError
-from sparsec.levels import check_levels, dequantize_levels, fake_quant_levels, is_levels, parse_levels, quantize_levels
+from sparsec.levels import check_levels, fake_quant_levels, is_levels, lookup_levels, parse_levels, quantize_levels
 from sparsec.patterns import NM, FanIn, Pattern, Unstructured
 from sparsec.plan import QUANT_FORMS
 
@@ -87,8 +87,8 @@ class PackedWeight(nn.Module):
     def kept_values(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Kept values in a float dtype (dequantized for int8 and level codes)."""
         dtype = dtype or self.dtype_probe.dtype
-        if self.table is not None:
-            return dequantize_levels(self.values, self.table, dtype)
+        if self.table is not None:  # (checked when packed or loaded: check_incoming)
+            return lookup_levels(self.values, self.table, dtype)
         if self.scales is None:
             return self.values.to(dtype)
         return ref.dequantize_int8(self.values, self.scales, dtype)
