@@ -17,6 +17,7 @@ from torch.utils._pytree import tree_leaves
 
 from sparsec.distributed import FSDPModule, check_same_masks, check_whole, fsdp_groups, full, refuse_sharded
 from sparsec.errors import InvalidInputError, InvalidTypeError
+from sparsec.graph_module import restore
 from sparsec.passes.weight_reads import owner_of
 from sparsec.pipeline import PassRecord
 from sparsec.plan import Plan, dtype_name
@@ -179,6 +180,9 @@ class CompiledModel(nn.Module):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        # fx unpickles a plain GraphModule: this one's again (annotations, activation checkpointing)
+        if self._modules.get("graph_module") is not None:
+            self._modules["graph_module"] = restore(self._modules["graph_module"])
         self._sign_forward()
 
     def _sign_forward(self) -> None:

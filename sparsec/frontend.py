@@ -30,6 +30,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from sparsec.distributed import GATHER_RECIPE, any_sharded
 from sparsec.errors import ExampleInputError, InvalidTypeError, ParameterWriteError, TraceError
 from sparsec.export_mode import ModeFlag, follow_mode
+from sparsec.checkpointing import checkpoint_call
 from sparsec.graph_module import RecordOperators, SparsecGraphModule, ThreadTracer
 from sparsec.plan import dtype_name
 from sparsec.runtime.guard import InputGuard, ShapeGuard
@@ -102,8 +103,9 @@ class _Tracer(ThreadTracer):
 
     # Defaults matter: a pickled GraphModule re-creates its tracer class with no arguments on load.
     def __init__(self, leaf_types: tuple[type, ...] = (), leaf_names: tuple[str, ...] = (), leaf_regexes: tuple[str, ...] = (),
-                 generated: bool = False):
+                 generated: bool = False, keep_checkpoints: bool = False):
         super().__init__()
+        self.keep_checkpoints = keep_checkpoints  # train=True: the graph runs its checkpoint calls again
         self.leaf_types, self.leaf_names, self.leaf_regexes = leaf_types, leaf_names, leaf_regexes
         self.checkpointed: list[str] = []  # modules the forward ran under torch.utils.checkpoint
         # generated: tracing a compiled graph's own code (compiled again). There, ops reading no graph
@@ -126,7 +128,7 @@ class _Tracer(ThreadTracer):
         # (Also for train=False: a compiled model computes gradients, e.g. for its inputs or other modules.)
         # (Reentrant torch.utils.checkpoint runs its function under no_grad, and recomputes it with grad.)
         if (kind not in ("placeholder", "get_attr", "output") and _grad_and_autocast() != self.modes
-                and not _inside_checkpoint()):
+                and checkpoint_call() is None):
             where = user_code_frame(traceback.extract_stack()[:-1])
             raise TraceError(f"the forward calls {getattr(target, '__name__', target)} under a grad or autocast "
                              f"mode of its own (torch.no_grad(), torch.autocast(...)), which torch.fx does not "
@@ -134,9 +136,9 @@ class _Tracer(ThreadTracer):
         return super().create_proxy(kind, target, args, kwargs, *rest, **more)
 
     def call_module(self, m: nn.Module, forward, args, kwargs):
-        # Tracing runs through torch.utils.checkpoint like any Python, so the graph computes the same
-        # but keeps all activations: note which modules lose their checkpointing.
-        if _inside_checkpoint() and self.tracing_here():
+        # Tracing runs through torch.utils.checkpoint like any Python (the nodes are tagged with the call,
+        # see ThreadTracer): note which modules it checkpoints.
+        if self.tracing_here() and checkpoint_call() is not None:
             self.checkpointed.append(self.path_of_module(m))
         return super().call_module(m, forward, args, kwargs)
 
@@ -188,7 +190,7 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
     eager_updates = TraceTimeReads(model, user_code_frame, parameters=False)
     # (a compiled graph compiled again is generated code: see _Tracer.generated)
     generated = isinstance(model, fx.GraphModule)
-    new_tracer = lambda: _Tracer(leaf_types, leaf_names, _regexes(exclude), generated)  # noqa: E731
+    new_tracer = lambda: _Tracer(leaf_types, leaf_names, _regexes(exclude), generated, train)  # noqa: E731
     # Python state the forward changes (`self.calls += 1`, `self.cache = y`): made while tracing and made
     # again by the eager run, it is made on every call, and the graph does not make it (see _Attributes)
     before_trace, traced_changes, eager_changes = _Attributes(model), set(), set()
@@ -240,7 +242,7 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
     if traced:
         notes = (_lost_buffer_updates(model, eager, graph_run, reads.updates,
                                       eager_updates.updates if example_inputs is not None else None)
-                 + _root_hooks(model) + _lost_checkpoints(tracer)
+                 + _root_hooks(model) + _checkpoint_note(tracer)
                  + _lost_attribute_updates(per_call if example_inputs is not None else traced_changes))
         if train and functions.functions:  # inference runs the forward, which the graph computes exactly
             notes.append(describe_inlined(functions.functions))
@@ -541,28 +543,26 @@ def own_hooks(module: nn.Module) -> list[str]:
             if getattr(module, f"_{kind}_hooks", None)]
 
 
-_CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
-
-
-def _inside_checkpoint() -> bool:
-    """Whether the module call being traced comes from inside torch.utils.checkpoint."""
-    frame = sys._getframe(2)
-    while frame is not None:
-        if frame.f_code.co_filename.endswith(_CHECKPOINT_FILE):
-            return True
-        frame = frame.f_back
-    return False
-
-
-def _lost_checkpoints(tracer: _Tracer) -> list[str]:
-    """A note for activation checkpointing the traced graph does not keep."""
+def _checkpoint_note(tracer: _Tracer) -> list[str]:
+    """A note on the forward's torch.utils.checkpoint calls: kept (train=True), or not."""
     outermost = [p for p in dict.fromkeys(tracer.checkpointed)
                  if not any(p.startswith(q + ".") for q in tracer.checkpointed if q != p)]
-    if not outermost:
+    if not outermost and not tracer.checkpoint_tags.lost:
         return []
-    return [f"the forward runs {', '.join(outermost[:4])}{' ...' if len(outermost) > 4 else ''} under "
-            f"torch.utils.checkpoint, which tracing does not keep: the compiled model computes the same but "
-            f"stores their activations for backward (more memory in training)"]
+    modules = f"{', '.join(outermost[:4])}{' ...' if len(outermost) > 4 else ''}" or "its checkpointed code"
+    if not tracer.keep_checkpoints:
+        return [f"the forward runs {modules} under torch.utils.checkpoint, which an inference compile does not "
+                f"keep: the compiled model computes the same but stores their activations for backward (more "
+                f"memory if it is trained: compile with train=True, which keeps checkpointing)"]
+    lost = tracer.checkpoint_tags.lost
+    notes = []
+    if tracer.checkpoint_tags.kept:
+        notes.append(f"the forward runs {modules} under torch.utils.checkpoint: the compiled model does too (non-"
+                     f"reentrant), recomputing them in backward")
+    if lost:
+        notes.append(f"{len(lost)} torch.utils.checkpoint call(s) of the forward are not kept, so the compiled model "
+                     f"stores their activations: {lost[0]}")
+    return notes
 
 
 def _root_hooks(model: nn.Module) -> list[str]:

@@ -12,10 +12,12 @@ import threading
 
 import torch
 import torch.fx as fx
+from torch.fx.graph_module import _forward_from_src
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from sparsec.meta import get_meta
+from sparsec.checkpointing import CheckpointTags, checkpointed_code
+from sparsec.meta import get_meta, update_meta
 
 
 def annotation(node: fx.Node) -> str | None:
@@ -70,17 +72,32 @@ class ThreadTracer(fx.Tracer):
     which fx's process-wide patches route here while it traces, run as they would unpatched."""
 
     _thread: int | None = None
+    # Tag the nodes made inside torch.utils.checkpoint calls with the call, so that the graph module
+    # runs them checkpointed again (sparsec/checkpointing.py). A graph compiled for inference does not:
+    # it is not trained, and recomputing saves nothing there.
+    keep_checkpoints = True
+    checkpoint_tags: CheckpointTags | None = None
 
     def trace(self, root, concrete_args=None):
         with TRACE_LOCK:
             outer, self._thread = self._thread, threading.get_ident()
+            self.checkpoint_tags = CheckpointTags()
             try:
                 return super().trace(root, concrete_args)
             finally:
                 self._thread = outer
+                self.checkpoint_tags.close()
 
     def tracing_here(self) -> bool:
         return self._thread == threading.get_ident()
+
+    def create_proxy(self, kind, target, args, kwargs, *rest, **more):
+        proxy = super().create_proxy(kind, target, args, kwargs, *rest, **more)
+        if self.keep_checkpoints and kind not in ("placeholder", "output") and self.tracing_here():
+            region = self.checkpoint_tags.region()
+            if region is not None:
+                update_meta(proxy.node, checkpoint=region)
+        return proxy
 
     def call_module(self, m, forward, args, kwargs):
         if not self.tracing_here():
@@ -161,6 +178,12 @@ class SparsecGraphModule(fx.GraphModule):
 
     def recompile(self):
         python_code = super().recompile()
+        checkpointed = checkpointed_code(self.graph)
+        if checkpointed is not None:  # the same graph, with its checkpoint calls made again
+            self._code, self._lineno_map = checkpointed.src, None
+            co_fields = getattr(self.graph, "_co_fields", {})
+            type(self).forward = _forward_from_src(self._code, checkpointed.globals, co_fields)
+            python_code = checkpointed
         # A graph rebuilt by unpickling (fx re-traces the saved code) has no node meta: its notes are
         # the ones it was saved with, kept in this attribute, which pickles with the module.
         self.sparsec_notes = layer_notes(self.graph) or getattr(self, "sparsec_notes", {})

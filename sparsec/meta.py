@@ -92,6 +92,14 @@ class Decision:
 
 
 @dataclass(frozen=True)
+class CheckpointRegion:
+    """One torch.utils.checkpoint call of the traced forward: the nodes it computed carry it, and a
+    train=True graph recomputes them in backward (sparsec/checkpointing.py)."""
+    index: int                                   # the call's order in the trace
+    options: tuple[tuple[str, object], ...] = ()  # keyword arguments for torch.utils.checkpoint.checkpoint
+
+
+@dataclass(frozen=True)
 class SparsecMeta:
     shape: tuple[int, ...] | None = None     # output shape at the example inputs
     dtype: torch.dtype | None = None
@@ -100,6 +108,7 @@ class SparsecMeta:
     decision: Decision | None = None
     fused: tuple[str, ...] = ()              # ops a rewrite folded into this node's kernel epilogue
     kernel: str | None = None                # generated kernel this node runs
+    checkpoint: CheckpointRegion | None = None  # the torch.utils.checkpoint call the tracer found it in
 
 
 def get_meta(node: fx.Node) -> SparsecMeta:

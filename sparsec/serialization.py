@@ -114,10 +114,7 @@ def load(path: str | os.PathLike, map_location=None):
                                f"the file was edited or damaged") from e
     if stored_plan.to_json() != model.plan.to_json():
         raise CorruptFileError(f"{name}: the stored plan and the model's plan disagree")
-    from sparsec.graph_module import restore
-
-    model.graph_module = restore(model.graph_module)
-    _regenerate_kernels(model)
+    _regenerate_kernels(model)  # (unpickling restored its graph module: CompiledModel.__setstate__)
     return model
 
 

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 import sparsec
 from sparsec.errors import InvalidInputError
@@ -34,13 +35,21 @@ CASES = {
     "gradual": dict(pattern="unstructured:0.5"),
     "lasso": dict(pattern="2:4"),
     "lasso_dense": dict(pattern="dense"),
+    "checkpointed": dict(pattern="2:4"),  # layers 2 and 4 run under torch.utils.checkpoint
 }
 WRAPS = ["ddp", "fsdp", "fsdp_layers"]
 
 
+class _CheckpointedTail(nn.Sequential):
+    def forward(self, x):
+        h = self[1](self[0](x))
+        return torch.utils.checkpoint.checkpoint(lambda h: self[4](self[3](self[2](h))), h, use_reentrant=False)
+
+
 def _compile(case: str):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    layers = (nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    model = _CheckpointedTail(*layers) if case == "checkpointed" else nn.Sequential(*layers)
     return sparsec.compile(model, example_inputs=(torch.randn(2, 16),), train=True, include=[".*"], min_weights=0,
                            **CASES[case])
 
@@ -103,6 +112,7 @@ def _train(case: str, wrap: str | None, rank: int, world: int) -> dict:
             frozen = lasso.freeze_zero_groups()
             opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # fresh: no state moves frozen groups
     out["state"] = {k: _whole(v) for k, v in cm.state_dict().items()}
+    out["recomputes"] = "torch.utils.checkpoint.checkpoint(" in cm.graph_module.code
     out["effective"] = {name: cm.effective_weight(name) for name in LAYERS}
     out["mask"] = {name: cm.mask(name) for name in LAYERS}
     if frozen is not None:
@@ -198,6 +208,7 @@ def test_ranks_agree_and_equal_one_process_on_the_whole_batch(ranks, single, cas
     assert all(torch.equal(a["state"][k], ref["state"][k]) for k in masks), f"{wrap}: masks differ from one process"
     assert all(torch.equal(a["mask"][k], ref["mask"][k]) for k in LAYERS)
     assert _max_diff(a["state"], ref["state"]) <= 1e-5
+    assert a["recomputes"] == b["recomputes"] == ref["recomputes"] == (case == "checkpointed")
     # effective_weight gathers sharded weights: the whole layer, as one process has it
     assert _max_diff(a["effective"], ref["effective"]) <= 1e-5
     for name in LAYERS:  # a masked weight is exactly 0

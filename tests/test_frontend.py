@@ -484,15 +484,17 @@ class _Checkpointed(nn.Module):
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_activation_checkpointing_the_graph_drops_is_named(reentrant):
-    """Tracing runs through torch.utils.checkpoint: the compiled model trains the same, with all
-    activations kept; a warning and the plan's notes say which modules lost their checkpointing."""
+def test_activation_checkpointing_an_inference_compile_drops_is_named(reentrant):
+    """An inference compile runs through torch.utils.checkpoint: the compiled model computes the same,
+    with all activations kept; a warning and the plan's notes say which modules lost their checkpointing.
+    (train=True keeps it: tests/test_checkpointing.py.)"""
     torch.manual_seed(0)
     model, x = _Checkpointed(reentrant), torch.randn(8, 16, requires_grad=True)
-    with pytest.warns(UserWarning, match=r"runs blocks.0, blocks.1 under torch.utils.checkpoint, which tracing does "
-                                         r"not keep"):
-        cm = sparsec.compile(model, example_inputs=(x,), pattern="dense", train=True)
+    with pytest.warns(UserWarning, match=r"runs blocks.0, blocks.1 under torch.utils.checkpoint, which an inference "
+                                         r"compile does not keep"):
+        cm = sparsec.compile(model, example_inputs=(x,), pattern="dense")
     assert any("torch.utils.checkpoint" in note for note in cm.plan.notes)
+    assert "checkpoint" not in cm.graph_module.code
     cm(x).square().sum().backward()
     x2 = x.detach().clone().requires_grad_(True)
     model(x2).square().sum().backward()

@@ -1,0 +1,166 @@
+"""Activation checkpointing kept through tracing.
+
+torch.fx traces through `torch.utils.checkpoint.checkpoint` like any Python: the graph computes the
+same, but keeps every activation for backward, which is what the user checkpointed to avoid. So the
+tracers tag each node made inside a checkpoint call with that call (`SparsecMeta.checkpoint`,
+`CheckpointTags`), and the graph stays flat: every pass, shrink and condense read it as before. Only
+the code a graph module runs differs (`checkpointed_code`): each call's span of nodes becomes a
+function run through `torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`, so backward
+recomputes it. A pickled graph module keeps that code, and loading traces it again, which finds the
+calls again.
+"""
+from __future__ import annotations
+
+import copy
+import operator
+import os
+import sys
+import types
+import warnings
+
+import torch
+import torch.fx as fx
+import torch.utils.checkpoint
+from torch.fx.graph import PythonCode
+
+from sparsec.meta import CheckpointRegion, get_meta
+
+_CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
+
+
+def checkpoint_call() -> types.FrameType | None:
+    """The frame of the outermost torch.utils.checkpoint.checkpoint call on the stack (a checkpoint
+    nested in another is part of the outer one's recomputation), or None."""
+    outermost, frame = None, sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "checkpoint" and code.co_filename.endswith(_CHECKPOINT_FILE):
+            outermost = frame
+        frame = frame.f_back
+    return outermost
+
+
+def _options(frame: types.FrameType) -> tuple[tuple[str, object], ...] | str:
+    """checkpoint()'s keyword arguments as the call gave them, or why the call cannot be made again."""
+    given = frame.f_locals
+    if given.get("context_fn", torch.utils.checkpoint.noop_context_fn) is not torch.utils.checkpoint.noop_context_fn:
+        return "it passes context_fn= (selective checkpointing), which the compiled graph cannot carry over"
+    options = [("preserve_rng_state", bool(given.get("preserve", True)))]  # (checkpoint() pops it as `preserve`)
+    for name, default in (("determinism_check", "default"), ("debug", False), ("early_stop", True)):
+        value = given.get(name, default)
+        if value != default and isinstance(value, (bool, str)):
+            options.append((name, value))
+    return tuple(options)
+
+
+class CheckpointTags:
+    """While one trace runs: the checkpoint call each new node is made in."""
+
+    def __init__(self):
+        # id(frame) -> (frame, region or why not kept); the frames are held until close() so that ids
+        # of finished calls are never reused by later ones
+        self._calls: dict[int, tuple[types.FrameType, CheckpointRegion | str]] = {}
+        self.kept = 0
+        self.lost: list[str] = []
+
+    def region(self) -> CheckpointRegion | None:
+        frame = checkpoint_call()
+        if frame is None:
+            return None
+        if id(frame) not in self._calls:
+            options = _options(frame)
+            if isinstance(options, str):
+                self.lost.append(options)
+                entry = options
+            else:
+                entry = CheckpointRegion(len(self._calls), options)
+                self.kept += 1
+            self._calls[id(frame)] = (frame, entry)
+        entry = self._calls[id(frame)][1]
+        return entry if isinstance(entry, CheckpointRegion) else None
+
+    def close(self) -> None:
+        self._calls.clear()
+
+
+def checkpoint_spans(graph: fx.Graph) -> list[tuple[CheckpointRegion, list[fx.Node]]]:
+    """Each checkpoint call's nodes, as the contiguous span from its first tagged node to its last.
+    Nodes a rewrite inserted inside a span belong to it (they replace or feed nodes of the call);
+    spans that rewrites made overlap are merged. Only the grouping matters for correctness: any
+    contiguous span computes the same, recomputed or not."""
+    nodes = list(graph.nodes)
+    bounds: dict[CheckpointRegion, list[int]] = {}
+    for i, node in enumerate(nodes):
+        region = get_meta(node).checkpoint
+        if region is not None:
+            bounds.setdefault(region, [i, i])[1] = i
+    merged: list[list] = []
+    for region, (first, last) in sorted(bounds.items(), key=lambda item: item[1][0]):
+        if merged and first <= merged[-1][2]:
+            merged[-1][2] = max(merged[-1][2], last)
+        else:
+            merged.append([region, first, last])
+    return [(region, nodes[first:last + 1]) for region, first, last in merged]
+
+
+def checkpointed_code(graph: fx.Graph) -> PythonCode | None:
+    """The forward of `graph` with each checkpoint span run through torch.utils.checkpoint (None: the
+    graph has no span). One source text: a function `_sparsec_checkpoint_<k>(self, inputs...)` per span,
+    then `forward`, which calls each through checkpoint with the module itself, so parameters are read
+    from the live module (after .to(), FSDP's sharding) both in forward and in the recomputation."""
+    spans = checkpoint_spans(graph)
+    if not spans:
+        return None
+    outer = fx.Graph()
+    outer._codegen = copy.deepcopy(graph._codegen)  # (an export graph's pytree signature)
+    env: dict[fx.Node, fx.Node] = {}
+    starts = {span[0]: k for k, (_, span) in enumerate(spans)}
+    inside = {node for _, span in spans for node in span}
+    functions = []
+    for node in graph.nodes:
+        if node in starts:
+            k = starts[node]
+            region, span = spans[k]
+            name = f"_sparsec_checkpoint_{k}"
+            functions.append((name, _outline(outer, env, span, name, region)))
+        elif node not in inside:
+            env[node] = outer.node_copy(node, env.__getitem__)
+    parent = outer.python_code(root_module="self")
+    sentinels = {k: repr(f"<{name}>") for k, (name, _) in enumerate(functions)}
+    forward, merged, defined = parent.src, dict(parent.globals), []
+    for k, (name, body) in enumerate(functions):
+        forward = forward.replace(sentinels[k], f"{name}, self")
+        code = body.python_code(root_module="self")
+        clash = [g for g, value in code.globals.items() if merged.setdefault(g, value) is not value]
+        if clash:  # two functions of one name from different modules: fx names them apart per graph only
+            warnings.warn(f"the compiled graph runs without activation checkpointing: name {clash[0]!r} means two "
+                          f"things in its generated code", stacklevel=2)
+            return None
+        defined.append(code.src.replace("def forward(self", f"def {name}(self", 1))
+    return PythonCode("".join(defined) + forward, merged, None)
+
+
+def _outline(outer: fx.Graph, env: dict[fx.Node, fx.Node], span: list[fx.Node], name: str,
+             region: CheckpointRegion) -> fx.Graph:
+    """Add to `outer` one checkpoint call computing `span`, and return the graph of the function it calls."""
+    # attribute reads (parameters, buffers) stay in forward and are passed in: reading them is free,
+    # and a value read in the span and used after it would otherwise be an output
+    for node in span:
+        if node.op == "get_attr":
+            env[node] = outer.node_copy(node, env.__getitem__)
+    computed = [n for n in span if n.op != "get_attr"]
+    members = set(computed)
+    inputs = list(dict.fromkeys(a for n in computed for a in n.all_input_nodes if a not in members))
+    outputs = [n for n in computed if any(user not in members for user in n.users)]
+    body = fx.Graph()
+    inner = {a: body.placeholder(a.name) for a in inputs}
+    for node in computed:
+        inner[node] = body.node_copy(node, inner.__getitem__)
+    body.output(tuple(inner[n] for n in outputs))
+    # the function's name goes in as a unique string, replaced by `name, self` in the source
+    call = outer.create_node("call_function", torch.utils.checkpoint.checkpoint,
+                             (f"<{name}>", *(env[a] for a in inputs)), {"use_reentrant": False, **dict(region.options)},
+                             name=f"{name}_outputs")
+    for i, node in enumerate(outputs):
+        env[node] = outer.create_node("call_function", operator.getitem, (call, i), name=node.name)
+    return body

@@ -1,0 +1,267 @@
+"""Activation checkpointing through compile(train=True): the compiled model recomputes the forward's
+torch.utils.checkpoint calls in backward, as the model does, and trains the same. Checkpointing is
+observed directly: a forward hook on a checkpointed layer runs again during backward (on an early
+layer of the span: the recomputation stops once it has what backward needs)."""
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint as ckpt
+
+import sparsec
+from oracle import pruned_model
+
+
+class Block(nn.Module):
+    def __init__(self, dim=32, p=0.0):
+        super().__init__()
+        self.fc1, self.fc2, self.drop = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim), nn.Dropout(p)
+
+    def forward(self, x):
+        return x + self.fc2(self.drop(torch.relu(self.fc1(x))))
+
+
+class Net(nn.Module):
+    """Blocks run under torch.utils.checkpoint, as transformer stacks do."""
+
+    def __init__(self, reentrant=False, p=0.0, blocks=2):
+        super().__init__()
+        self.reentrant = reentrant
+        self.inp, self.out = nn.Linear(16, 32), nn.Linear(32, 4)
+        self.blocks = nn.ModuleList([Block(p=p) for _ in range(blocks)])
+
+    def forward(self, x):
+        x = self.inp(x)
+        for block in self.blocks:
+            x = ckpt.checkpoint(block, x, use_reentrant=self.reentrant)
+        return self.out(x)
+
+
+def _compile(model, x, **options):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the plan's notes (checked where they matter)
+        return sparsec.compile(model, example_inputs=(x,), **options)
+
+
+def _forward_calls(module: nn.Module) -> list[bool]:
+    """Record, for every forward of `module`, whether autograd's engine was running it (a recomputation)."""
+    calls = []
+    module.register_forward_hook(lambda *_: calls.append(torch._C._current_graph_task_id() != -1))
+    return calls
+
+
+def _grads(model, x):
+    x = x.detach().clone().requires_grad_(True)
+    model.zero_grad()
+    model(x).square().sum().backward()
+    return x.grad, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("pattern", ["dense", "2:4"])
+def test_checkpointed_blocks_are_recomputed_in_backward_and_train_the_same(reentrant, pattern):
+    torch.manual_seed(0)
+    model, x = Net(reentrant), torch.randn(8, 16)
+    with pytest.warns(UserWarning, match=r"runs blocks.0, blocks.1 under torch.utils.checkpoint: the compiled model "
+                                         r"does too"):
+        cm = sparsec.compile(model, example_inputs=(x,), pattern=pattern, train=True,
+                             include=["blocks.*"] if pattern != "dense" else None)
+    assert cm.graph_module.code.count("torch.utils.checkpoint.checkpoint(") == 2
+    inner, outer = _forward_calls(cm.graph_module.get_submodule("blocks.1.fc1")), _forward_calls(cm.graph_module.out)
+    got_x, got = _grads(cm, x)
+    assert inner == [False, True] and outer == [False]  # run once in forward, again in backward; `out` once
+    # independent reference: the model itself (with the plan's pruned weights), checkpointed as written
+    reference = pruned_model(model, cm.plan) if pattern != "dense" else model
+    want_x, want = _grads(reference, x)
+    torch.testing.assert_close(got_x, want_x, atol=1e-5, rtol=1e-5)
+    for name, grad in want.items():
+        compiled = cm.graph_module.get_parameter(name).grad
+        if pattern != "dense" and ".fc" in name and name.endswith("weight"):
+            grad = grad * (cm.mask(name.removesuffix(".weight")))  # pruned weights get no gradient
+        torch.testing.assert_close(compiled, grad, atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_inside_a_checkpoint_draws_the_same_mask_when_recomputed():
+    """preserve_rng_state: backward's recomputation draws forward's dropout masks, so the gradient is
+    the gradient of what forward computed (the eager model, same seed, is the reference)."""
+    model, x = Net(p=0.5), torch.randn(8, 16)
+    cm = _compile(model, x, pattern="dense", train=True)
+    torch.manual_seed(3)
+    got_x, got = _grads(cm, x)
+    torch.manual_seed(3)
+    want_x, want = _grads(model, x)
+    torch.testing.assert_close(got_x, want_x)
+    for name, grad in want.items():
+        torch.testing.assert_close(cm.graph_module.get_parameter(name).grad, grad)
+
+
+def test_an_inference_compile_of_the_trained_model_drops_checkpointing():
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(8, 16)
+    cm = _compile(model, x, pattern="2:4", train=True, include=["blocks.*"])
+    with pytest.warns(UserWarning, match="which an inference compile does not keep"):
+        served = sparsec.compile(cm, example_inputs=(x,))
+    assert "checkpoint" not in served.graph_module.code
+    torch.testing.assert_close(served(x), cm(x), atol=1e-5, rtol=1e-5)
+    again = _compile(cm, x, train=True)  # compiled again for training: still recomputed
+    calls = _forward_calls(again.graph_module.get_submodule("blocks.0.fc1"))
+    again(x).sum().backward()
+    assert calls == [False, True]
+
+
+@pytest.mark.parametrize("how", ["sparsec.save", "torch.save", "deepcopy"])
+def test_saved_and_copied_models_keep_checkpointing(how, tmp_path):
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(8, 16)
+    cm = _compile(model, x, pattern="2:4", train=True, include=["blocks.*"])
+    if how == "sparsec.save":
+        sparsec.save(cm, tmp_path / "m.sparsec")
+        loaded = sparsec.load(tmp_path / "m.sparsec")
+    elif how == "torch.save":
+        buffer = io.BytesIO()
+        torch.save(cm, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+    else:
+        loaded = copy.deepcopy(cm)
+    assert "# sparsec: blocks.0.fc1" in loaded.graph_module.code  # (annotations kept too)
+    calls = _forward_calls(loaded.graph_module.get_submodule("blocks.1.fc1"))
+    got_x, _ = _grads(loaded, x)
+    assert calls == [False, True]
+    want_x, _ = _grads(cm, x)
+    torch.testing.assert_close(got_x, want_x)
+
+
+class Shapes(nn.Module):
+    """A checkpointed function whose values leave it in odd ways: a parameter read inside and used after,
+    a Python int computed inside, two outputs, and a checkpoint nested in it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 16)
+        self.scale = nn.Parameter(torch.full((32,), 0.5))
+
+    def inner(self, h):
+        return torch.tanh(self.fc2(h))
+
+    def part(self, x):
+        h = torch.relu(self.fc1(x)) * self.scale
+        g = ckpt.checkpoint(self.inner, h, use_reentrant=False)
+        return h, g, h.shape[0]
+
+    def forward(self, x):
+        h, g, rows = ckpt.checkpoint(self.part, x, use_reentrant=False)
+        return self.fc3(g + h * self.scale) / rows
+
+
+def test_values_leaving_a_checkpoint_and_nested_checkpoints():
+    torch.manual_seed(0)
+    model, x = Shapes(), torch.randn(4, 16)
+    cm = _compile(model, x, pattern="dense", train=True)
+    code = cm.graph_module.code
+    assert code.count("torch.utils.checkpoint.checkpoint(") == 1  # the nested call is part of the outer one
+    calls = _forward_calls(cm.graph_module.fc2)
+    got_x, got = _grads(cm, x)
+    assert calls == [False, True]
+    want_x, want = _grads(model, x)
+    torch.testing.assert_close(got_x, want_x)
+    for name, grad in want.items():
+        torch.testing.assert_close(cm.graph_module.get_parameter(name).grad, grad)
+
+
+def test_checkpoint_sequential_keeps_each_segment():
+    torch.manual_seed(0)
+
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(*[nn.Linear(16, 16) for _ in range(4)])
+
+        def forward(self, x):
+            return ckpt.checkpoint_sequential(self.body, 2, x, use_reentrant=False)
+
+    model, x = Seq(), torch.randn(4, 16)
+    cm = _compile(model, x, pattern="dense", train=True)
+    # checkpoint_sequential runs its last segment plainly: one checkpoint call, as in the model
+    assert cm.graph_module.code.count("torch.utils.checkpoint.checkpoint(") == 1
+    first, last = _forward_calls(cm.graph_module.get_submodule("body.0")), _forward_calls(cm.graph_module.get_submodule("body.3"))
+    got_x, _ = _grads(cm, x)
+    assert first == [False, True] and last == [False]
+    torch.testing.assert_close(got_x, _grads(model, x)[0])
+
+
+def test_selective_checkpointing_is_not_kept_and_says_why():
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    class Selective(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = Block()
+
+        def forward(self, x):
+            return ckpt.checkpoint(self.block, x, use_reentrant=False,
+                                   context_fn=lambda: create_selective_checkpoint_contexts([torch.ops.aten.mm.default]))
+
+    model, x = Selective(), torch.randn(4, 32)
+    with pytest.warns(UserWarning, match=r"1 torch.utils.checkpoint call\(s\) of the forward are not kept, so the compiled "
+                                         r"model stores their activations: it passes context_fn="):
+        cm = sparsec.compile(model, example_inputs=(x,), pattern="dense", train=True)
+    assert "checkpoint" not in cm.graph_module.code
+    torch.testing.assert_close(_grads(cm, x)[0], _grads(model, x)[0])
+
+
+def test_shrink_keeps_checkpointing_and_the_outputs():
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(8, 16)
+    cm = _compile(model, x, pattern="dense", train=True)
+    with torch.no_grad():
+        cm.graph_module.get_submodule("blocks.0.fc1").weight[:20] = 0  # 20 dead hidden neurons, and their biases
+        cm.graph_module.get_submodule("blocks.0.fc1").bias[:20] = 0
+    small = sparsec.shrink(cm)
+    assert small.graph_module.get_submodule("blocks.0.fc1").weight.shape[0] == 44
+    calls = _forward_calls(small.graph_module.get_submodule("blocks.0.fc1"))
+    got_x, _ = _grads(small, x)
+    assert calls == [False, True]
+    torch.testing.assert_close(got_x, _grads(cm, x)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_torch_compile_of_a_checkpointed_model():
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(8, 16)
+    cm = _compile(model, x, pattern="2:4", train=True, include=["blocks.*"])
+    compiled = torch.compile(cm, backend="aot_eager")
+    got_x, got = _grads(compiled, x)
+    want_x, want = _grads(cm, x)
+    torch.testing.assert_close(got_x, want_x, atol=1e-5, rtol=1e-5)
+
+
+def test_a_functional_layer_inside_a_checkpoint():
+    """F.linear on a parameter (a functional layer: its node is replaced by the training rewrite) inside
+    the checkpointed function: still recomputed, gradients as the pruned model's."""
+    torch.manual_seed(0)
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(16, 32)
+            self.w = nn.Parameter(torch.randn(32, 32) / 6)
+            self.out = nn.Linear(32, 4)
+
+        def mid(self, h):
+            return F.gelu(F.linear(h, self.w))
+
+        def forward(self, x):
+            return self.out(ckpt.checkpoint(self.mid, self.inp(x), use_reentrant=False))
+
+    model, x = Functional(), torch.randn(8, 16)
+    cm = _compile(model, x, pattern="2:4", train=True, include=["w"])
+    assert cm.plan["w"].sparsity == "2:4"
+    calls = _forward_calls(cm.graph_module.sparse_w)  # the layer the rewrite put in F.linear's place
+    got_x, _ = _grads(cm, x)
+    assert calls == [False, True]
+    want_x, _ = _grads(pruned_model(model, cm.plan), x)
+    torch.testing.assert_close(got_x, want_x, atol=1e-5, rtol=1e-5)
