@@ -17,6 +17,7 @@ whole block dense. An entry matching nothing raises, listing close names.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 
@@ -186,6 +187,17 @@ def _plan_decision(layer: LayerInfo, blocker: str | None, ctx: CompileContext, d
                     launch=entry.launch if entry.sparsity is not None else None)
 
 
+def _with_learned_count(gm: fx.GraphModule, ctx: CompileContext, layer: LayerInfo, decision: Decision) -> Decision:
+    """A trained layer keeping its learned mask says what that mask holds: its count is not the pattern's on
+    its shape once the mask was shrunk with the layer or changed by hand (the plan's counts read it too,
+    LayerPlan.mask_kept)."""
+    if decision.sparsity is None or layer.trained_module_path is None or decision.sparsity != layer.trained_pattern:
+        return decision
+    kept, numel = int(ctx.layer_mask(gm, layer, decision.sparsity).sum()), layer.out_features * layer.reduction
+    return dataclasses.replace(decision, reason=f"{decision.reason}, {kept} of {numel} weights "
+                                                f"({100 * kept / max(numel, 1):.3g}%)")
+
+
 def choose_sparsity(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     opts = ctx.options
     by_name = layer_nodes(gm)
@@ -218,6 +230,7 @@ def choose_sparsity(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         decision = default_decision(meta.layer, meta.blocker, pattern, ctx, first, last)
         if opts.plan is not None:
             decision = _plan_decision(meta.layer, meta.blocker, ctx, decision)
+        decision = _with_learned_count(gm, ctx, meta.layer, decision)
         for node in nodes:
             update_meta(node, decision=decision)
         ctx.counters["chose_sparse" if decision.sparsity else "chose_dense"] += 1

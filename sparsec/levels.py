@@ -317,3 +317,79 @@ def fake_quant_levels(values: torch.Tensor, levels: Levels | str) -> torch.Tenso
     """What a non-linearly quantized layer really computes with, in the values' dtype."""
     codes, table = quantize_levels(values, levels)
     return dequantize_levels(codes, table, values.dtype)
+
+
+# --------------------------------------------------------------------------- the form a table is laid out in
+#
+# A table says which form made it: a log2:B table holds the same consecutive powers of two for each sign
+# (codes 1.. positive, ascending; codes L+1.. their negatives; the last code 0), a codebook:B table its
+# shared values in ascending order from code 1, zeros after. Both forms write their whole layout whatever
+# the weights' signs, so every table with a nonzero level is one of the two or neither; only the all-zero
+# table (a layer with no nonzero weight, which decodes to zeros either way) is both. The form of a loaded
+# state dict is read from its table, before anything is copied: a log2 table is a valid codebook (a table
+# and codes decoding to its weights), so without this a log2 state dict loaded silently into a codebook layer.
+
+LAYOUTS = {"log2": "signed powers of two: consecutive powers for the positive codes, their negatives after",
+           "codebook": "shared values in ascending order, zeros after"}
+
+
+def table_form(table: torch.Tensor, bits: int) -> str | None:
+    """"log2" / "codebook": the form whose layout `table` (2**bits entries) has; "zero" for the all-zero table
+    (either form's); None for neither (a corrupt table)."""
+    t = table.detach().double().cpu()
+    if t.dim() != 1 or t.numel() != 2 ** bits or float(t[0]) != 0.0 or not bool(torch.isfinite(t).all()):
+        return None
+    levels = t[1:]
+    if not bool(levels.any()):
+        return "zero"
+    per_sign = Levels("log2", bits).per_sign
+    positive, negative = t[1:per_sign + 1], t[per_sign + 1:2 * per_sign + 1]
+    n = int((positive != 0).sum())
+    powers = positive[:n]
+    if (n and bool((powers > 0).all()) and not bool(positive[n:].any()) and torch.equal(negative, -positive)
+            and not bool(t[2 * per_sign + 1:].any())):
+        mantissa, _ = torch.frexp(powers)
+        if bool((mantissa == 0.5).all()) and bool((powers[1:] == 2 * powers[:-1]).all()):
+            return "log2"
+    m = int((levels != 0).sum())
+    if bool((levels[:m] != 0).all()) and bool((levels[1:m] > levels[:m - 1]).all()):
+        return "codebook"
+    return None
+
+
+def check_table_form(table: torch.Tensor, levels: Levels | str) -> None:
+    """Refuse a level table that is not laid out as `levels`' form (see table_form), naming both forms where
+    it is the other one's. Shapes and the table's code 0 / finiteness are check_levels'."""
+    levels = parse_levels(levels)
+    form = table_form(table, levels.bits)
+    if form in (levels.kind, "zero"):
+        return
+    t = table.detach().double()
+    nonzero = t[t != 0].abs()
+    powers = bool((torch.frexp(nonzero)[0] == 0.5).all())
+    if form is None:
+        problem = ("holds values that are not powers of two" if levels.kind == "log2" and not powers
+                   else f"is not laid out as {levels} levels ({LAYOUTS[levels.kind]})")
+        raise InvalidInputError(f"level table loaded into a {levels} layer {problem}: the state dict comes from "
+                                f"another quantization or is corrupt")
+    other = Levels(form, levels.bits)
+    problem = ("holds values that are not powers of two" if levels.kind == "log2" and not powers
+               else f"is a {other} table")
+    raise InvalidInputError(
+        f"level table loaded into a {levels} layer {problem}: the state dict comes from another quantization, "
+        f"{other} ({LAYOUTS[form]}), not {levels} ({LAYOUTS[levels.kind]}). Load it into a model compiled with "
+        f"quantize={str(other)!r} (sparsec.compile(model, example_inputs=..., plan=saved.plan)), or save and load "
+        f"the whole model (sparsec.save / sparsec.load)")
+
+
+def check_codes_in_table(codes: torch.Tensor, table: torch.Tensor, levels: Levels | str) -> None:
+    """Refuse codebook codes that point past the table's shared values (at its unused zero entries: a kept
+    weight would decode to 0). log2 codes may point at any level of either sign."""
+    levels = parse_levels(levels)
+    if levels.kind != "codebook" or codes.numel() == 0:
+        return
+    used = int((table != 0).sum())
+    top = int(codes.max())
+    if top > used:
+        raise InvalidInputError(f"corrupt level codes: code {top} points past the {used} shared values of the "
+                                f"{levels} table (an unused entry, 0: a kept weight would decode to zero)")

@@ -59,9 +59,22 @@ class LayerPlan:
     # stored_bytes). A measurement of the compiled model, not a decision: a given plan's value is not
     # read, and plans compare equal without it (explain's plan is the one compile applies).
     runtime_bytes: int | None = field(default=None, compare=False)
+    # Weights the layer's mask keeps, counted from the mask, where compile kept a mask it did not compute
+    # from the pattern just now: a train=True model compiled again (its learned masks: shrunk, gradually
+    # pruned), a packed layer compiled again, a train=True model after shrink. `kept` (and so the byte and
+    # FLOP counts) reads it: a fixed-mask layer shrunk from 64 x 64 to 43 x 64 keeps the 285 weights its
+    # mask holds, where "unstructured:0.9" on 43 x 64 says 275. None: the pattern's count. A measurement,
+    # like runtime_bytes: not read when a plan is applied, plans compare equal without it, and setting
+    # `sparsity` to another pattern (an edit, GradualPruning raising it) drops it (a new mask then).
+    mask_kept: int | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         self.weight_shape = tuple(int(d) for d in self.weight_shape)
+
+    def __setattr__(self, name, value) -> None:
+        if name == "sparsity" and self.__dict__.get("mask_kept") is not None and value != self.__dict__.get("sparsity"):
+            object.__setattr__(self, "mask_kept", None)  # counted under the old pattern: not this one's mask
+        object.__setattr__(self, name, value)
 
     # ---- derived numbers (never stored, so an edited plan cannot disagree with itself)
 
@@ -79,7 +92,10 @@ class LayerPlan:
 
     @property
     def kept(self) -> int:
-        """Weights the layer computes with after pruning."""
+        """Weights the layer computes with after pruning: its mask's count where the plan has it (mask_kept),
+        else the pattern's."""
+        if self.sparsity and self.mask_kept is not None:
+            return self.mask_kept
         pattern = parse_pattern(self.sparsity) if self.sparsity else None
         if isinstance(pattern, NM):
             return self.numel * pattern.n // pattern.m
@@ -94,9 +110,10 @@ class LayerPlan:
 
     def stored_bytes(self) -> int:
         """Bytes of the stored weight: values + metadata/indices + int8 scales; with backend "dense", the
-        pruned weight kept dense plus its mask as bits."""
+        pruned weight kept dense plus its mask as bits (and, with levels, the table its values come from)."""
         if self.backend == "dense":
-            return self.dense_bytes() + self.out_features * math.ceil(self.reduction / 8)
+            table = parse_levels(self.quant).table_size * 4 if is_levels(self.quant) else 0
+            return self.dense_bytes() + self.out_features * math.ceil(self.reduction / 8) + table
         value_bytes = 1 if self.quant is not None else _ITEMSIZE.get(self.dtype or "float32", 4)  # int8 / uint8 codes
         pattern = parse_pattern(self.sparsity) if self.sparsity else None
         total = self.kept * value_bytes
@@ -294,6 +311,9 @@ class Plan:
                         raise InvalidInputError(f"plan layer {lp.name!r}: bad {what}: {e}") from e
                     if value == "dense":
                         raise InvalidInputError(f"plan layer {lp.name!r}: {what} 'dense' is spelled None in a plan")
+            if lp.mask_kept is not None and not (type(lp.mask_kept) is int and 0 <= lp.mask_kept <= lp.numel):
+                raise InvalidInputError(f"plan layer {lp.name!r}: mask_kept {lp.mask_kept!r} is not a count of its "
+                                        f"{lp.numel} weights (0 to {lp.numel}, or None)")
             if not valid_quant(lp.quant):
                 raise InvalidInputError(f"plan layer {lp.name!r}: quant {lp.quant!r} is not one of {QUANT_FORMS}")
             if lp.backend not in BACKEND_CHOICES:
@@ -319,7 +339,7 @@ def _field_types_problem(entry: dict) -> str | None:
               ("reason", isinstance(entry["reason"], str), "a string")]
     for key in ("sparsity", "quant", "grad_sparsity", "dtype", "backend"):
         checks.append((key, entry.get(key) is None or isinstance(entry.get(key), str), "a string or null"))
-    for key in ("flops", "runtime_bytes"):  # (counts: a negative one turned the totals negative)
+    for key in ("flops", "runtime_bytes", "mask_kept"):  # (counts: a negative one turned the totals negative)
         checks.append((key, entry.get(key) is None or (is_int(entry.get(key)) and entry.get(key) >= 0),
                        "a non-negative int or null"))
     checks.append(("launch", entry.get("launch") is None or isinstance(entry.get("launch"), dict), "an object or null"))

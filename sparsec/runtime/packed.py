@@ -14,7 +14,8 @@ import torch.nn as nn
 
 from sparsec import reference as ref
 from sparsec.errors import InvalidInputError
-from sparsec.levels import check_levels, fake_quant_levels, is_levels, lookup_levels, parse_levels, quantize_levels
+from sparsec.levels import (check_codes_in_table, check_levels, check_table_form, is_levels, lookup_levels, parse_levels,
+                            quantize_levels)
 from sparsec.patterns import NM, FanIn, Pattern, Unstructured
 from sparsec.plan import QUANT_FORMS
 
@@ -76,13 +77,12 @@ class PackedWeight(nn.Module):
         if table is None:
             return
         check_levels(buffers["values"], table)
-        if self.levels is not None and parse_levels(self.levels).kind == "log2":
-            # (a codebook's table has the same size: loaded here, its values ran while the plan said log2)
-            magnitudes = table[table != 0].abs().double()
-            if not bool((magnitudes.log2() == magnitudes.log2().round()).all()):
-                raise InvalidInputError(f"level table loaded into a {self.levels} layer holds values that are not "
-                                        f"powers of two: the state dict comes from another quantization "
-                                        f"(codebook?) or is corrupt")
+        if self.levels is not None:
+            # The table's layout is the form that made it (levels.table_form): a codebook's table has the same
+            # size as a log2 one, and a log2 table (with its codes) is a valid codebook, so either loaded into
+            # the other's layer ran its values while the plan said the other form
+            check_table_form(table, self.levels)
+            check_codes_in_table(buffers["values"], table, self.levels)
 
     def kept_values(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Kept values in a float dtype (dequantized for int8 and level codes)."""
@@ -280,7 +280,14 @@ def unpack_mask_bits(bits: torch.Tensor, k: int) -> torch.Tensor:
 
 class DensePacked(PackedWeight):
     """The pruned (and dequantized) weight kept dense, with its mask (as bits): what a layer runs
-    when no sparse kernel is faster than a dense GEMM at the compiled shape (backend "dense")."""
+    when no sparse kernel is faster than a dense GEMM at the compiled shape (backend "dense").
+
+    With levels ("log2:B" / "codebook:B") it also keeps the table its values come from (`table`, 2**B float32
+    values, 4 * 2**B bytes): the values alone cannot tell the forms apart (a log2 layer's weights are a valid
+    codebook's), the table's layout does (levels.table_form), so a state dict of the other form is refused
+    when loaded. A state dict saved before dense layers kept the table is accepted where its values are what
+    this layer's form makes of them (quantizing them again changes nothing); the table is then rebuilt from them.
+    """
 
     def __init__(self, rows: torch.Tensor, mask: torch.Tensor, quant: str | None):
         super().__init__(rows, None, rows.shape[0], rows.shape[1], rows.dtype)
@@ -302,12 +309,77 @@ class DensePacked(PackedWeight):
         if quant == "int8":
             pruned = ref.fake_quant_int8(pruned)
         elif quant is not None:  # levels: the table from the kept values (zeros are code 0 and stay 0)
-            pruned = fake_quant_levels(pruned, parse_levels(quant))
+            codes, table = quantize_levels(pruned, parse_levels(quant))
+            packed = cls(lookup_levels(codes, table, pruned.dtype).contiguous(), mask, quant)
+            packed.table = table  # the form's record (see the class doc); the values are not codes
+            return packed
         return cls(pruned.contiguous(), mask, quant)
 
     @property
     def quant(self) -> str | None:
         return self.dense_of_quant
+
+    def kept_values(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.values.to(dtype or self.dtype_probe.dtype)  # (dense values: `table` records their form only)
+
+    def _levels(self):
+        return parse_levels(self.dense_of_quant) if is_levels(self.dense_of_quant) else None
+
+    def check_incoming(self, state_dict, prefix: str) -> None:
+        levels, table = self._levels(), state_dict.get(prefix + "table")
+        values = state_dict.get(prefix + "values")
+        if levels is None:
+            if table is not None and values is not None:  # (strict=False copied the values, dropping the table)
+                raise InvalidInputError(
+                    f"this state dict holds the dense-stored weight at {prefix}values with a level table beside it, "
+                    f"but this layer's weight is {self.dense_of_quant or 'not quantized'}: the state dict comes from "
+                    f"a compile with quantize='log2:B' / 'codebook:B'; compile with the saving model's plan "
+                    f"(sparsec.compile(model, example_inputs=..., plan=saved.plan)), or save and load the whole "
+                    f"model (sparsec.save / sparsec.load)")
+            return
+        if not isinstance(values, torch.Tensor) or values.shape != self.values.shape:
+            return  # (nothing to load here, or torch's size mismatch error says it)
+        if table is not None:
+            if not isinstance(table, torch.Tensor) or table.shape != (levels.table_size,):
+                return
+            check_levels(torch.zeros(0, dtype=torch.uint8), table)
+            check_table_form(table, levels)
+            kept = values[values != 0].double()
+            if not bool(torch.isin(kept, table.double()).all()):
+                raise InvalidInputError(f"corrupt {levels} layer: its dense-stored weight holds values that are not "
+                                        f"in its level table")
+        else:  # a state dict saved before dense layers kept their table: its values alone tell what they can
+            self._legacy_table(values, levels)
+
+    @staticmethod
+    def _legacy_table(values: torch.Tensor, levels) -> torch.Tensor:
+        """The table of a weight loaded without one, refusing a weight that is not this form's levels."""
+        if levels.kind == "codebook" and values[values != 0].unique().numel() >= levels.table_size:
+            again = None  # (more distinct values than shared ones: not a codebook; k-means would only say so slowly)
+        else:
+            codes, table = quantize_levels(values, levels)
+            again = lookup_levels(codes, table, values.dtype)
+        if again is None or not torch.equal(again, values):
+            raise InvalidInputError(
+                f"this state dict holds a dense-stored weight (no level table, as saved by an older sparsec) that is "
+                f"not {levels} levels ({'not powers of two in the range of one table' if levels.kind == 'log2' else 'more distinct values than a table holds'}): "
+                f"it comes from a compile with another quantization; compile with the saving model's plan "
+                f"(sparsec.compile(model, example_inputs=..., plan=saved.plan)), or save and load the whole model "
+                f"(sparsec.save / sparsec.load)")
+        return table
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        legacy = (self.table is not None and prefix + "table" not in state_dict
+                  and isinstance(state_dict.get(prefix + "values"), torch.Tensor))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if legacy and self._levels() is not None and state_dict[prefix + "values"].shape == self.values.shape:
+            # accepted by check_incoming: the table is rebuilt from the values now loaded (not a missing key)
+            if prefix + "table" in missing_keys:
+                missing_keys.remove(prefix + "table")
+            with torch.no_grad():
+                self.table.copy_(self._legacy_table(self.values, self._levels()))
 
     def rows(self, dtype=None) -> torch.Tensor:
         return self.values if dtype is None or dtype == self.values.dtype else self.values.to(dtype)

@@ -116,6 +116,12 @@ def _shrunk_plan(plan: Plan, layers: dict[fx.Node, Layer], before: dict[str, tup
         lp.weight_shape = new_shape
         lp.reason = (f"{lp.reason}; shrink: removed {rows - new_shape[layer.out_dim]} of {rows} output rows, "
                      f"{cols - new_shape[layer.in_dim]} of {cols} input columns")
+        trained = layer.trainable
+        if lp.sparsity is not None and trained is not None and trained.weight_mask is not None:
+            # the mask lost what the removed rows / columns held, not what the pattern keeps on the new shape
+            # (unstructured:0.9 on 43 x 64 keeps 275; the mask shrunk from 64 x 64 keeps its own count)
+            lp.mask_kept = int(trained.mask().sum())
+            lp.reason += f"; its mask keeps {lp.mask_kept} of {lp.numel} weights ({100 * lp.mask_kept / lp.numel:.3g}%)"
     return plan
 
 
