@@ -7,7 +7,8 @@ A layer gets `grad_pattern` unless:
   * the pattern keeps every value (N = M): nothing to prune either;
   * its output-feature count (conv: output channels) is not a multiple of M: dY cannot be grouped
     along it, the gradient stays dense;
-  * it cannot be trained as a sparsec layer at all (eligibility blocker).
+  * it cannot be trained as a sparsec layer at all (eligibility blocker; a given plan asking for one there
+    is refused).
 Weight sparsity and gradient sparsity are independent: a dense-weight layer can still use SDGP.
 """
 from __future__ import annotations
@@ -53,6 +54,11 @@ def choose_grad_sparsity(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphMod
             if grad is not None and not isinstance(parse_pattern(grad), NM):  # (a FanIn has no .m)
                 raise InvalidInputError(f"the given plan asks for gradient pattern {grad!r} on layer {name!r}; data "
                                         f"gradients are pruned N:M (e.g. '2:4'), or None for a dense gradient")
+            if grad is not None and meta.blocker:
+                # (as a weight pattern there is refused: the layer would become a TrainableLayer holding a copy of
+                # the weight, silently untying it from the module / op that shares it)
+                raise InvalidInputError(f"the given plan asks for gradient pattern {grad} on layer {name!r}, which "
+                                        f"cannot take it: {meta.blocker}")
             if grad is not None and layer.out_features % parse_pattern(grad).m:
                 raise InvalidInputError(f"the given plan asks for gradient pattern {grad} on layer {name!r}, whose "
                                  f"{layer.out_features} output features are not a multiple of M={parse_pattern(grad).m}")
@@ -66,8 +72,8 @@ def choose_grad_sparsity(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphMod
             continue
         data = [d for n in nodes if isinstance(d := data_input(n), fx.Node)]
         upstream = set().union(*(nx.ancestors(graph, d) | {d} for d in data)) if data else set()
-        if meta.blocker:
-            note, grad = None, None
+        if meta.blocker:  # (said here too: with pattern='dense' the layer's reason did not mention it)
+            note, grad = f"gradient dense: {meta.blocker}", None
         elif g.n == g.m:
             note, grad = f"gradient dense: grad_pattern {g} keeps every value (N = M)", None
         elif not upstream & sources:
@@ -77,8 +83,6 @@ def choose_grad_sparsity(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphMod
             note, grad = f"gradient dense: {layer.out_features} {what} are not a multiple of M={g.m}", None
         else:
             note, grad = _sdgp_note(layer, str(g), opts), str(g)
-        if note is None:
-            continue
         decision = dataclasses.replace(decision, grad_sparsity=grad, reason=f"{decision.reason}; {note}")
         for node in nodes:
             update_meta(node, decision=decision)

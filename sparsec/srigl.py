@@ -64,6 +64,12 @@ def _top_per_row(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return rank < counts.unsqueeze(1)
 
 
+def _score_dtype(t: torch.Tensor) -> torch.dtype:
+    """Scores rank in float32, or float64 for a float64 layer: demoted to float32, its weights that differ below
+    float32's resolution tied, and the tie (to the lower index) dropped larger weights than it kept."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 @dataclass
 class LayerUpdate:
     """What one update did to one layer."""
@@ -235,7 +241,7 @@ class SRigL:
             layer.dense_grad_sink = (lambda g, name=name: self._accumulate(name, g)) if capture else None
 
     def _accumulate(self, name: str, grad: torch.Tensor) -> None:
-        g = grad.detach().float() / self.grad_accumulation
+        g = grad.detach().to(_score_dtype(grad)) / self.grad_accumulation
         self._dense_grads[name] = self._dense_grads[name] + g if name in self._dense_grads else g
 
     def step(self) -> UpdateRecord | None:
@@ -261,7 +267,8 @@ class SRigL:
             if not layer.weight.requires_grad:
                 record.skipped[name] = "weight frozen (requires_grad=False): its mask and weights are left alone"
                 continue
-            rows = weight_to_rows(full(layer.weight.detach()), layer.op).float()
+            rows = weight_to_rows(full(layer.weight.detach()), layer.op)
+            rows = rows.to(_score_dtype(rows))
             grad = weight_to_rows(grad, layer.op) if grad is not None else torch.zeros_like(rows)
             scores[name] = mean_over_ranks(rows, self._groups), mean_over_ranks(grad, self._groups)  # all decide alike
         bad = [name for name, (_, grad) in scores.items() if not torch.isfinite(grad).all()]

@@ -14,14 +14,15 @@ state. Forward computes with `weight * mask`:
   holds nonzeros under the mask.
 * weight_update="ste": SR-STE (Zhou et al., ICLR 2021). The weight stays dense (pruned weights keep
   their values, so they can win their place back) and the mask is derived from it, on every forward
-  and whenever it is read (`mask()`, `effective_weight()`, an inference compile of the trained model:
-  after an optimizer step, the stored buffer is a step old); the gradient passes straight through to
-  all weights, and pruned ones also get `ste_decay * w` (the "sparse-refined" term, lambda_W = 2e-4 in
-  the paper), which pulls weights that keep flipping in and out of the mask towards 0. As in the paper's
-  code the term is added in backward, once per backward through the layer: k accumulated micro-batches
-  (or a layer called k times) add k * ste_decay * w per step (pass ste_decay / k to keep the paper's
-  rate), and a GradScaler's unscale divides it by the loss scale, which backward cannot see (under fp16
-  loss scaling the decay is all but off).
+  and whenever it is read (`mask()`, `effective_weight()`, `state_dict()`, an inference compile of the
+  trained model: the stored buffer is written by each forward and by `state_dict()`, so right after an
+  optimizer step it is a step old); the gradient passes straight through to all weights, and pruned ones
+  also get `ste_decay * w` (the "sparse-refined" term, lambda_W = 2e-4 in the paper), which pulls
+  weights that keep flipping in and out of the mask towards 0. As in the paper's code the term is added
+  in backward, once per backward through the layer: k accumulated micro-batches (or a layer called k
+  times) add k * ste_decay * w per step (pass ste_decay / k to keep the paper's rate), and a
+  GradScaler's unscale divides it by the loss scale, which backward cannot see (under fp16 loss scaling
+  the decay is all but off).
 
 With a gradient pattern (SDGP), the data gradient dX is computed from dY pruned N:M along the
 output features (channels for conv); dW and db use the unpruned dY (sparsec/runtime/sdgp.py).
@@ -42,13 +43,21 @@ from sparsec.runtime.sdgp import sdgp_conv2d, sdgp_linear
 
 
 class _SparseRefinedSTE(torch.autograd.Function):
-    """forward: w * mask; backward: g + decay * (~mask) * w (straight through, plus SR-STE's term)."""
+    """forward: w * mask; backward: g + decay * (~mask) * w (straight through, plus SR-STE's term).
+    The "new style" (setup_context, a vmap rule), as SDGP's Functions: torch.func (per-sample gradients
+    by vmap of grad) refuses a Function whose forward takes ctx."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, weight, mask, decay):
+    def forward(weight, mask, decay):
+        return weight * mask
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        weight, mask, decay = inputs
         ctx.save_for_backward(weight, mask)
         ctx.decay = decay
-        return weight * mask
 
     @staticmethod
     def backward(ctx, grad):
@@ -98,7 +107,12 @@ class TrainableLayer(RuntimeLayer):
             return self.weight
         if self.weight_update == "ste":
             mask = self.current_mask()  # SR-STE: re-prune from the dense weight every step
-            self.weight_mask.copy_(mask)  # a plain buffer, whole on every rank
+            # A plain buffer, whole on every rank. Not written under a torch.func transform (functional_call
+            # inside vmap / grad: the weight is a functorch wrapper): torch refuses the write into a tensor the
+            # transformed function captured, and the buffer is only a record (every read re-derives the mask).
+            # (TorchDynamo cannot trace that check: under torch.compile the buffer is written, as before.)
+            if torch.compiler.is_compiling() or not torch._C._functorch.is_functorch_wrapped_tensor(self.weight):
+                self.weight_mask.copy_(mask)
             # Backward gets this call's own mask, not the buffer: a layer called twice in one forward
             # (shared weights) would otherwise find the buffer overwritten by the later call.
             return _SparseRefinedSTE.apply(self.weight, mask, self.ste_decay)
@@ -132,6 +146,17 @@ class TrainableLayer(RuntimeLayer):
     def mask(self) -> torch.Tensor:
         mask = self.current_mask()
         return torch.ones_like(self.weight, dtype=torch.bool) if mask is None else mask.clone()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # SR-STE: the buffer holds the mask of the last forward, a step old after opt.step(). A state dict of it
+        # loaded into a fixed-mask compile of the model (SR-STE, then fine-tuning with fixed masks) computed with
+        # that stale mask, silently, while cm.mask() had reported the one the weight implies. Refresh it first.
+        # Under FSDP that gathers the weight (a collective, as the state dict's own get_model_state_dict is:
+        # every rank calls state_dict(), and sharded and one-process state dicts hold the same masks).
+        if self.weight_mask is not None and self.weight_update == "ste":
+            with torch.no_grad():
+                self.weight_mask.copy_(self.current_mask())
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def __getstate__(self):
         state = super().__getstate__().copy()
