@@ -5,9 +5,9 @@ same, but keeps every activation for backward, which is what the user checkpoint
 tracers tag each node made inside a checkpoint call with that call (`SparsecMeta.checkpoint`,
 `CheckpointTags`), and the graph stays flat: every pass, shrink and condense read it as before. Only
 the code a graph module runs differs (`checkpointed_code`): each call's span of nodes becomes a
-function run through `torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`, so backward
-recomputes it. A pickled graph module keeps that code, and loading traces it again, which finds the
-calls again.
+function run through `torch.utils.checkpoint.checkpoint(..., use_reentrant=False)` (`True` for a call
+the model made reentrant, see _options), so backward recomputes it. A pickled graph module keeps that
+code, and loading traces it again, which finds the calls again.
 """
 from __future__ import annotations
 
@@ -40,12 +40,32 @@ def checkpoint_call() -> types.FrameType | None:
     return outermost
 
 
+def in_reentrant_checkpoint() -> bool:
+    """Whether a reentrant torch.utils.checkpoint call is running its function (CheckpointFunction.forward
+    is on the stack): that runs it under torch.no_grad(), which is the checkpoint's, not the model's."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        # (by qualified name: checkpoint_sequential's segments are functions named `forward` too)
+        if code.co_name == "forward" and code.co_filename.endswith(_CHECKPOINT_FILE) and (
+                code.co_qualname == "CheckpointFunction.forward" if hasattr(code, "co_qualname")
+                else code.co_varnames[:1] == ("ctx",)):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _options(frame: types.FrameType) -> tuple[tuple[str, object], ...] | str:
     """checkpoint()'s keyword arguments as the call gave them, or why the call cannot be made again."""
     given = frame.f_locals
     if given.get("context_fn", torch.utils.checkpoint.noop_context_fn) is not torch.utils.checkpoint.noop_context_fn:
         return "it passes context_fn= (selective checkpointing), which the compiled graph cannot carry over"
     options = [("preserve_rng_state", bool(given.get("preserve", True)))]  # (checkpoint() pops it as `preserve`)
+    # A reentrant call is made reentrant again: where none of its inputs requires grad, its output requires
+    # none and the parameters inside get no gradient (torch warns). Made non-reentrant, they trained, unlike
+    # the model's. (`use_reentrant`: the value checkpoint() resolved a None to, read after it did.)
+    if given.get("use_reentrant") is True:
+        options.append(("use_reentrant", True))
     for name, default in (("determinism_check", "default"), ("debug", False), ("early_stop", True)):
         value = given.get(name, default)
         if value != default and isinstance(value, (bool, str)):
@@ -126,17 +146,28 @@ def checkpointed_code(graph: fx.Graph) -> PythonCode | None:
         elif node not in inside:
             env[node] = outer.node_copy(node, env.__getitem__)
     parent = outer.python_code(root_module="self")
-    sentinels = {k: repr(f"<{name}>") for k, (name, _) in enumerate(functions)}
-    forward, merged, defined = parent.src, dict(parent.globals), []
-    for k, (name, body) in enumerate(functions):
-        forward = forward.replace(sentinels[k], f"{name}, self")
+    forward, merged, bodies = parent.src, dict(parent.globals), []
+    for name, body in functions:
         code = body.python_code(root_module="self")
         clash = [g for g, value in code.globals.items() if merged.setdefault(g, value) is not value]
         if clash:  # two functions of one name from different modules: fx names them apart per graph only
             warnings.warn(f"the compiled graph runs without activation checkpointing: name {clash[0]!r} means two "
                           f"things in its generated code", stacklevel=2)
             return None
-        defined.append(code.src.replace("def forward(self", f"def {name}(self", 1))
+        bodies.append(code.src)
+    # The functions' names are globals of the generated code: one a local of forward (a node named after a
+    # submodule `_sparsec_checkpoint_0`) or a global of it (a function of that name the graph calls) shadowed
+    # it or was shadowed (forward failed, and capture fell back to torch.export, losing the checkpointing).
+    taken = set(merged) | {node.name for node in outer.nodes}
+    defined = []
+    for k, ((name, _), src) in enumerate(zip(functions, bodies)):
+        unique, i = name, 0
+        while unique in taken:
+            i += 1
+            unique = f"{name}_{i}"
+        taken.add(unique)
+        forward = forward.replace(repr(f"<{name}>"), f"{unique}, self")
+        defined.append(src.replace("def forward(self", f"def {unique}(self", 1))
     return PythonCode("".join(defined) + forward, merged, None)
 
 
@@ -144,14 +175,18 @@ def _outline(outer: fx.Graph, env: dict[fx.Node, fx.Node], span: list[fx.Node], 
              region: CheckpointRegion) -> fx.Graph:
     """Add to `outer` one checkpoint call computing `span`, and return the graph of the function it calls."""
     # attribute reads (parameters, buffers) stay in forward and are passed in: reading them is free,
-    # and a value read in the span and used after it would otherwise be an output
+    # and a value read in the span and used after it would otherwise be an output. A reentrant call's
+    # function reads them itself as well: passed in, a parameter is an input that requires grad, and
+    # the call's output required grad where the model's does not (see _options).
+    reentrant = dict(region.options).get("use_reentrant", False)
+    in_span = set(span)
     for node in span:
-        if node.op == "get_attr":
+        if node.op == "get_attr" and (not reentrant or any(user not in in_span for user in node.users)):
             env[node] = outer.node_copy(node, env.__getitem__)
-    computed = [n for n in span if n.op != "get_attr"]
+    computed = [n for n in span if n.op != "get_attr" or reentrant]
     members = set(computed)
     inputs = list(dict.fromkeys(a for n in computed for a in n.all_input_nodes if a not in members))
-    outputs = [n for n in computed if any(user not in members for user in n.users)]
+    outputs = [n for n in computed if n.op != "get_attr" and any(user not in members for user in n.users)]
     body = fx.Graph()
     inner = {a: body.placeholder(a.name) for a in inputs}
     for node in computed:

@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from sparsec.distributed import GATHER_RECIPE, any_sharded
 from sparsec.errors import ExampleInputError, InvalidTypeError, ParameterWriteError, TraceError
 from sparsec.export_mode import ModeFlag, follow_mode
-from sparsec.checkpointing import checkpoint_call
+from sparsec.checkpointing import checkpoint_call, in_reentrant_checkpoint
 from sparsec.graph_module import RecordOperators, SparsecGraphModule, ThreadTracer
 from sparsec.plan import dtype_name
 from sparsec.runtime.guard import InputGuard, ShapeGuard
@@ -108,6 +108,7 @@ class _Tracer(ThreadTracer):
         self.keep_checkpoints = keep_checkpoints  # train=True: the graph runs its checkpoint calls again
         self.leaf_types, self.leaf_names, self.leaf_regexes = leaf_types, leaf_names, leaf_regexes
         self.checkpointed: list[str] = []  # modules the forward ran under torch.utils.checkpoint
+        self.saw_checkpoint = False  # any op traced inside a torch.utils.checkpoint call
         # generated: tracing a compiled graph's own code (compiled again). There, ops reading no graph
         # input (an export graph's buffer updates `aten.add_(steps, 1)`, a fixed-shape `aten.randn`) are
         # graph ops to record, not Python to run once while tracing (they were: updates lost, noise
@@ -126,9 +127,16 @@ class _Tracer(ThreadTracer):
         # became one that trains (a frozen branch's weights got gradients) and one under autocast ran in
         # float32. Refuse, so that torch.export (which records those regions) captures the model instead.
         # (Also for train=False: a compiled model computes gradients, e.g. for its inputs or other modules.)
-        # (Reentrant torch.utils.checkpoint runs its function under no_grad, and recomputes it with grad.)
-        if (kind not in ("placeholder", "get_attr", "output") and _grad_and_autocast() != self.modes
-                and checkpoint_call() is None):
+        # (Reentrant torch.utils.checkpoint runs its function under no_grad, and recomputes it with grad:
+        # that grad mode only is expected there. Any mode change inside a checkpoint was let through
+        # before, and a non-reentrant call's own `with torch.no_grad():` was dropped from the graph,
+        # which then sent gradients through it; autocast inside a checkpoint is never the checkpoint's.)
+        expected = self.modes
+        if checkpoint_call() is not None:
+            self.saw_checkpoint = True  # (the export fallback, which inlines them, says so: capture())
+            if in_reentrant_checkpoint():
+                expected = (False, *self.modes[1:])
+        if kind not in ("placeholder", "get_attr", "output") and _grad_and_autocast() != expected:
             where = user_code_frame(traceback.extract_stack()[:-1])
             raise TraceError(f"the forward calls {getattr(target, '__name__', target)} under a grad or autocast "
                              f"mode of its own (torch.no_grad(), torch.autocast(...)), which torch.fx does not "
@@ -194,8 +202,10 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
     # Python state the forward changes (`self.calls += 1`, `self.cache = y`): made while tracing and made
     # again by the eager run, it is made on every call, and the graph does not make it (see _Attributes)
     before_trace, traced_changes, eager_changes = _Attributes(model), set(), set()
+    tracers = []  # (each attempt's: whether one traced into a torch.utils.checkpoint call)
     for values in ([{}, concrete] if concrete else [{}]):
         tracer, reads = new_tracer(), TraceTimeReads(model, user_code_frame)
+        tracers.append(tracer)
         functions = InlinedFunctions(user_code_frame)
         try:
             try:
@@ -308,6 +318,12 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
              + (f" at {where}" if where else "") + f"); the graph holds for inputs {guard.describe()}"]
     if train and functions.functions:
         notes.append(describe_inlined(functions.functions))
+    # torch.export inlines torch.utils.checkpoint calls (the graph keeps no trace of them): say so, as the
+    # symbolic_trace path does for the checkpointing it does not keep (this one lost it without a word)
+    if any(t.saw_checkpoint for t in tracers):
+        notes.append("the forward runs code under torch.utils.checkpoint, which a graph captured with torch.export "
+                     "does not keep: the compiled model computes the same but stores those activations for "
+                     "backward (more memory in training)")
     # export writes the mode into the graph (dropout, batch norm): read it instead where the model allows
     if not follow_mode(gm, _export_in_other_mode(model, example_inputs), model.training):
         gm.fixed_training = model.training
@@ -557,8 +573,8 @@ def _checkpoint_note(tracer: _Tracer) -> list[str]:
     lost = tracer.checkpoint_tags.lost
     notes = []
     if tracer.checkpoint_tags.kept:
-        notes.append(f"the forward runs {modules} under torch.utils.checkpoint: the compiled model does too (non-"
-                     f"reentrant), recomputing them in backward")
+        notes.append(f"the forward runs {modules} under torch.utils.checkpoint: the compiled model does too (reentrant "
+                     f"where the call is), recomputing them in backward")
     if lost:
         notes.append(f"{len(lost)} torch.utils.checkpoint call(s) of the forward are not kept, so the compiled model "
                      f"stores their activations: {lost[0]}")

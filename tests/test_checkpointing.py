@@ -265,3 +265,132 @@ def test_a_functional_layer_inside_a_checkpoint():
     assert calls == [False, True]
     want_x, _ = _grads(pruned_model(model, cm.plan), x)
     torch.testing.assert_close(got_x, want_x, atol=1e-5, rtol=1e-5)
+
+
+def test_readme_quotes_the_checkpointing_benchmark_as_measured():
+    import json
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    readme = " ".join(open(os.path.join(root, "README.md")).read().split())
+    with open(os.path.join(root, "bench", "results", "checkpointing-cpu2-2026-11-24.json")) as f:
+        rows = json.load(f)["rows"]
+    kept, flat = rows["sparsec"], rows["sparsec_flat"]
+    assert kept["saved_mb"] < 0.2 * flat["saved_mb"]
+    assert (f"holds {kept['saved_mb']:.1f} MB for backward, against {flat['saved_mb']:.1f} MB for the same compile of "
+            f"the model without checkpointing, at {kept['step_ms'] / flat['step_ms']:.2f}x the step time") in readme
+
+
+class _NoGradInside(nn.Module):
+    """torch.no_grad() inside a non-reentrant checkpointed function: its result is a constant to autograd."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def part(self, h):
+        with torch.no_grad():
+            g = self.b(h)
+        return h * g
+
+    def forward(self, x):
+        return ckpt.checkpoint(self.part, self.a(x), use_reentrant=False)
+
+
+def test_no_grad_inside_a_non_reentrant_checkpoint_is_kept():
+    """The tracer let every grad-mode change inside a checkpoint pass (a reentrant one runs its function
+    under no_grad), so the graph dropped the user's own torch.no_grad(): gradients flowed through it."""
+    torch.manual_seed(0)
+    model, x = _NoGradInside(), torch.randn(4, 8)
+    cm = _compile(model, x, pattern="dense", train=True)
+    got_x, got = _grads(cm, x)
+    want_x, want = _grads(model, x)
+    torch.testing.assert_close(got_x, want_x)
+    for name, grad in want.items():
+        torch.testing.assert_close(cm.graph_module.get_parameter(name).grad, grad)
+    assert cm.graph_module.get_parameter("b.weight").grad is None
+
+
+class _AutocastInside(_NoGradInside):
+    def part(self, h):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.b(h).float()
+
+
+@pytest.mark.parametrize("inside", [_NoGradInside, _AutocastInside])
+def test_a_capture_by_torch_export_says_it_drops_checkpointing(inside):
+    """A model only torch.export captures (here: no_grad / autocast inside the checkpoint), which inlines
+    its checkpoint calls: the plan says the checkpointing is lost, as it does for the other ways it is lost."""
+    torch.manual_seed(0)
+    model, x = inside(), torch.randn(4, 8)
+    cm = _compile(model, x, pattern="dense", train=True)
+    assert "checkpoint" not in cm.graph_module.code
+    assert any("torch.utils.checkpoint" in note and "torch.export" in note for note in cm.plan.notes)
+
+
+def test_names_in_the_model_do_not_clash_with_the_generated_functions():
+    """A submodule named like a generated function (`_sparsec_checkpoint_0`, its call a local of the same
+    name in forward), or `checkpoint` / `torch`: the model still runs checkpointed, computing the same."""
+
+    class Clash(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self._sparsec_checkpoint_0, self.torch = nn.Linear(8, 8), nn.Linear(8, 8)
+            self.checkpoint = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+            self._sparsec_checkpoint_1 = nn.Linear(8, 8)
+
+        def forward(self, x):
+            h = ckpt.checkpoint(self.checkpoint, self._sparsec_checkpoint_0(x), use_reentrant=False)
+            h = ckpt.checkpoint(self._sparsec_checkpoint_1, h, use_reentrant=False)
+            return self.torch(h)
+
+    torch.manual_seed(0)
+    model, x = Clash(), torch.randn(4, 8)
+    cm = _compile(model, x, pattern="dense", train=True)
+    assert cm.graph_module.code.count("torch.utils.checkpoint.checkpoint(") == 2
+    calls = _forward_calls(cm.graph_module.get_submodule("checkpoint.0"))
+    got_x, got = _grads(cm, x)
+    assert calls == [False, True]
+    want_x, want = _grads(model, x)
+    torch.testing.assert_close(got_x, want_x)
+    for name, grad in want.items():
+        torch.testing.assert_close(cm.graph_module.get_parameter(name).grad, grad)
+
+
+def test_a_reentrant_checkpoint_trains_as_the_model_does_when_no_input_requires_grad():
+    """A reentrant call whose inputs require no grad gives its parameters no gradient (torch warns):
+    the eager model leaves them as they are. The compiled model recomputed it non-reentrant, which
+    trains them: it computed other gradients than the model and trained layers the model does not."""
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block, self.out = Block(dim=8), nn.Linear(8, 4)
+            self.scale = nn.Parameter(torch.full((8,), 2.0))  # read inside the call (a get_attr node)
+
+        def forward(self, x):
+            return self.out(ckpt.checkpoint(lambda h: self.block(h) * self.scale, x, use_reentrant=True))
+
+    torch.manual_seed(0)
+    model, x = Head(), torch.randn(4, 8)
+    cm = _compile(model, x, pattern="dense", train=True)
+    calls = _forward_calls(cm.graph_module.get_submodule("block.fc1"))
+    for m in (cm, model):
+        m.zero_grad()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (torch's: none of the inputs requires grad)
+            m(x).square().sum().backward()  # x itself requires no grad: the data
+    for name, param in model.named_parameters():
+        got = cm.graph_module.get_parameter(name).grad
+        assert (got is None) == (param.grad is None), name
+        if got is not None:
+            torch.testing.assert_close(got, param.grad)
+    assert model.block.fc1.weight.grad is None and calls == [False]
+    # with an input that requires grad it is recomputed in backward, with the model's gradients
+    calls.clear()
+    got_x, _ = _grads(cm, x)
+    assert calls == [False, True]
+    want_x, want = _grads(model, x)
+    torch.testing.assert_close(got_x, want_x)
+    for name, grad in want.items():
+        torch.testing.assert_close(cm.graph_module.get_parameter(name).grad, grad)
