@@ -61,6 +61,14 @@ def _grads(model, x):
     return x.grad, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _assert_same_grads_as(model, x, got_x, cm):
+    """The eager model's input and parameter gradients equal those `cm` just computed (got_x: its input's)."""
+    want_x, want = _grads(model, x)
+    torch.testing.assert_close(got_x, want_x)
+    for name, grad in want.items():
+        torch.testing.assert_close(cm.graph_module.get_parameter(name).grad, grad)
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 @pytest.mark.parametrize("pattern", ["dense", "2:4"])
 def test_checkpointed_blocks_are_recomputed_in_backward_and_train_the_same(reentrant, pattern):
@@ -93,10 +101,7 @@ def test_dropout_inside_a_checkpoint_draws_the_same_mask_when_recomputed():
     torch.manual_seed(3)
     got_x, got = _grads(cm, x)
     torch.manual_seed(3)
-    want_x, want = _grads(model, x)
-    torch.testing.assert_close(got_x, want_x)
-    for name, grad in want.items():
-        torch.testing.assert_close(cm.graph_module.get_parameter(name).grad, grad)
+    _assert_same_grads_as(model, x, got_x, cm)
 
 
 def test_an_inference_compile_of_the_trained_model_drops_checkpointing():
@@ -167,10 +172,7 @@ def test_values_leaving_a_checkpoint_and_nested_checkpoints():
     calls = _forward_calls(cm.graph_module.fc2)
     got_x, got = _grads(cm, x)
     assert calls == [False, True]
-    want_x, want = _grads(model, x)
-    torch.testing.assert_close(got_x, want_x)
-    for name, grad in want.items():
-        torch.testing.assert_close(cm.graph_module.get_parameter(name).grad, grad)
+    _assert_same_grads_as(model, x, got_x, cm)
 
 
 def test_checkpoint_sequential_keeps_each_segment():
@@ -304,10 +306,7 @@ def test_no_grad_inside_a_non_reentrant_checkpoint_is_kept():
     model, x = _NoGradInside(), torch.randn(4, 8)
     cm = _compile(model, x, pattern="dense", train=True)
     got_x, got = _grads(cm, x)
-    want_x, want = _grads(model, x)
-    torch.testing.assert_close(got_x, want_x)
-    for name, grad in want.items():
-        torch.testing.assert_close(cm.graph_module.get_parameter(name).grad, grad)
+    _assert_same_grads_as(model, x, got_x, cm)
     assert cm.graph_module.get_parameter("b.weight").grad is None
 
 
@@ -351,10 +350,7 @@ def test_names_in_the_model_do_not_clash_with_the_generated_functions():
     calls = _forward_calls(cm.graph_module.get_submodule("checkpoint.0"))
     got_x, got = _grads(cm, x)
     assert calls == [False, True]
-    want_x, want = _grads(model, x)
-    torch.testing.assert_close(got_x, want_x)
-    for name, grad in want.items():
-        torch.testing.assert_close(cm.graph_module.get_parameter(name).grad, grad)
+    _assert_same_grads_as(model, x, got_x, cm)
 
 
 def test_a_reentrant_checkpoint_trains_as_the_model_does_when_no_input_requires_grad():
@@ -390,7 +386,4 @@ def test_a_reentrant_checkpoint_trains_as_the_model_does_when_no_input_requires_
     calls.clear()
     got_x, _ = _grads(cm, x)
     assert calls == [False, True]
-    want_x, want = _grads(model, x)
-    torch.testing.assert_close(got_x, want_x)
-    for name, grad in want.items():
-        torch.testing.assert_close(cm.graph_module.get_parameter(name).grad, grad)
+    _assert_same_grads_as(model, x, got_x, cm)
