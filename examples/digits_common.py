@@ -3,6 +3,9 @@ seeded training loop and test accuracy. Everything is deterministic for a given 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import os
 import time
 from decimal import ROUND_HALF_UP, Decimal
 
@@ -166,3 +169,15 @@ def example_args() -> argparse.Namespace:
     if args.epochs < 1:
         parser.error(f"--epochs must be at least 1, got {args.epochs}")
     return args
+
+
+def write_results(name: str, payload: dict) -> str:
+    """Write an example's results to <$SPARSEC_RESULTS_DIR or bench/results>/<name>-<date>.json; returns the path."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = os.environ.get("SPARSEC_RESULTS_DIR", os.path.join(root, "bench", "results"))
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, f"{name}-{datetime.date.today().isoformat()}.json")
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+    print(f"wrote {path}")
+    return path

@@ -11,8 +11,6 @@ parameters, and the largest output difference between the shrunk model and the m
     python examples/shrink_cnn_digits.py [--epochs 30] [--lams 0 0.03 0.06]
 """
 import argparse
-import datetime
-import json
 import os
 import sys
 
@@ -22,11 +20,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from digits_common import accuracy, load_digits_split, print_table, seeded, train  # noqa: E402
+from digits_common import write_results, accuracy, load_digits_split, print_table, seeded, train  # noqa: E402
 
 import sparsec  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 THRESHOLD = 5e-2  # group norms below this after training are set to exactly 0
 FINE_TUNE_EPOCHS = 5
 
@@ -81,13 +78,8 @@ def main(argv=None) -> list[dict]:
     print_table(rows, [("lam", "group lasso", "g"), ("accuracy", "test acc %", ".2f"), ("channels", "expansion kept", ""),
                        ("params", "params", ","), ("max_abs_difference", "shrunk vs unshrunk", ".1e"),
                        ("train_s", "train s", ".1f")])
-    out = os.environ.get("SPARSEC_RESULTS_DIR", os.path.join(ROOT, "bench", "results"))
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, f"shrink-cnn-digits-{datetime.date.today().isoformat()}.json")
-    with open(path, "w") as f:
-        json.dump({"example": "shrink_cnn_digits", "epochs": args.epochs, "seed": args.seed, "threshold": THRESHOLD,
-                   "torch": torch.__version__, "rows": rows}, f, indent=2)
-    print(f"wrote {path}")
+    write_results("shrink-cnn-digits", {"example": "shrink_cnn_digits", "epochs": args.epochs, "seed": args.seed, "threshold": THRESHOLD,
+                   "torch": torch.__version__, "rows": rows})
     return rows
 
 

@@ -10,8 +10,6 @@ shrink keeps accuracy within 0.5 points while removing at least 30% of hidden un
 
     python examples/train_digits.py [--epochs 40] [--seed 0]
 """
-import datetime
-import json
 import os
 import sys
 
@@ -19,12 +17,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from digits_common import (accuracy, example_args, check_against_plain_torch, load_digits_split, make_model,  # noqa: E402
+from digits_common import (write_results, accuracy, example_args, check_against_plain_torch, load_digits_split, make_model,  # noqa: E402
                            nonzero_weights, print_table, train)
 
 import sparsec  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LASSO_LAMBDA = 5e-3      # penalty on the sum of row norms: zeroes the neurons the task does not need
 LASSO_THRESHOLD = 1e-2   # row norms below this after training are set to exactly 0
 
@@ -100,12 +97,7 @@ def main() -> None:
     print(f"\n2:4 + SDGP vs dense: {sdgp['vs_dense']:+.2f} points (target within -1.5)")
     print(f"shrink: {shrunk['vs_dense']:+.2f} points vs dense, {100 * removed:.0f}% of hidden units removed "
           f"(target within -0.5 points, >= 30% removed)")
-    out = os.environ.get("SPARSEC_RESULTS_DIR", os.path.join(ROOT, "bench", "results"))
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, f"digits-{datetime.date.today().isoformat()}.json")
-    with open(path, "w") as f:
-        json.dump({"example": "train_digits", "epochs": e, "seed": s, "torch": torch.__version__, "rows": rows}, f, indent=2)
-    print(f"wrote {path}")
+    write_results("digits", {"example": "train_digits", "epochs": e, "seed": s, "torch": torch.__version__, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -13,8 +13,6 @@ are printed and saved to bench/results/method-d-digits-<date>.json.
     python examples/train_method_d_digits.py [--epochs 40] [--seed 0]
 """
 import dataclasses
-import datetime
-import json
 import os
 import sys
 
@@ -22,12 +20,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from digits_common import (accuracy, example_args, check_outputs, load_digits_split, make_model, print_table, steps_per_run,  # noqa: E402
+from digits_common import (write_results, accuracy, example_args, check_outputs, load_digits_split, make_model, print_table, steps_per_run,  # noqa: E402
                            train, unstructured_pruned_count)
 
 import sparsec  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGETS = (0.9, 0.95, 0.98)
 QUANTS = (None, "int8", "codebook:4", "log2:4")
 INITIAL = 0.5       # the compiled (starting) sparsity
@@ -94,13 +91,8 @@ def main() -> None:
           "the CSR product's call cost outweighs its arithmetic; bench/bench_unstructured.py times layers large "
           "enough to matter); compressed: what the compressed form stores (CSR values + int32 columns + int64 row "
           "pointers; 1-byte int8 values or level codes plus scales / a table), as backend='torch' keeps it")
-    out = os.environ.get("SPARSEC_RESULTS_DIR", os.path.join(ROOT, "bench", "results"))
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, f"method-d-digits-{datetime.date.today().isoformat()}.json")
-    with open(path, "w") as f:
-        json.dump({"example": "train_method_d_digits", "epochs": args.epochs, "seed": args.seed, "initial": INITIAL,
-                   "ramp": RAMP, "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}, f, indent=2)
-    print(f"wrote {path}")
+    write_results("method-d-digits", {"example": "train_method_d_digits", "epochs": args.epochs, "seed": args.seed, "initial": INITIAL,
+                   "ramp": RAMP, "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -22,8 +22,6 @@ hidden neurons, printed with the same numbers, and condensing then removes them.
 
     python examples/train_srigl_digits.py [--epochs 40] [--seed 0]
 """
-import datetime
-import json
 import math
 import os
 import statistics
@@ -34,12 +32,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from digits_common import (accuracy, example_args, load_digits_split, make_model, check_outputs, plain_torch_forward, print_table,  # noqa: E402
+from digits_common import (write_results, accuracy, example_args, load_digits_split, make_model, check_outputs, plain_torch_forward, print_table,  # noqa: E402
                            steps_per_run, train)
 
 import sparsec  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DELTA_T = 50        # steps between mask updates (~2 epochs here; the paper's CIFAR setting is 100)
 # Ablate neurons with fewer than gamma_sal * k0 salient weights: the paper's ResNet value, which here
 # ablates (almost) nothing, and its ViT value, which does. None: no ablation.
@@ -156,14 +153,9 @@ def main() -> None:
     print("latency: these layers are 64-256 wide, where a call's fixed cost (a few us per layer) outweighs the "
           "arithmetic; backend auto keeps such layers dense where that measured faster. For a layer big enough to "
           "matter (3072->768) see bench/bench_condensed.py.")
-    out = os.environ.get("SPARSEC_RESULTS_DIR", os.path.join(ROOT, "bench", "results"))
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, f"srigl-digits-{datetime.date.today().isoformat()}.json")
-    with open(path, "w") as f:
-        json.dump({"example": "train_srigl_digits", "epochs": args.epochs, "seed": args.seed, "delta_t": DELTA_T,
+    write_results("srigl-digits", {"example": "train_srigl_digits", "epochs": args.epochs, "seed": args.seed, "delta_t": DELTA_T,
                    "gamma_sal": [g for g in GAMMAS if g is not None], "torch": torch.__version__,
-                   "threads": torch.get_num_threads(), "rows": rows}, f, indent=2)
-    print(f"wrote {path}")
+                   "threads": torch.get_num_threads(), "rows": rows})
 
 
 if __name__ == "__main__":
