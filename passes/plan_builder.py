@@ -53,16 +53,6 @@ def _graph_position(gm: fx.GraphModule):
     return key
 
 
-def _learned_kept(gm: fx.GraphModule, ctx: CompileContext, layer, sparsity: str | None) -> int | None:
-    """The count of a trained layer's learned mask where compile keeps it (its pattern is the one it was trained
-    with): the pattern's count on its shape is an estimate that a shrunk or edited mask does not follow (a
-    fixed-mask unstructured layer shrunk from 64 x 64 to 43 x 64 keeps its 285 weights, not 275). None
-    where the mask is the pattern's own (computed by magnitude now)."""
-    if sparsity is None or layer.trained_module_path is None or sparsity != layer.trained_pattern:
-        return None
-    return int(ctx.layer_mask(gm, layer, sparsity).sum())
-
-
 def _packed_kept(gm: fx.GraphModule, weight_path: str) -> int | None:
     """The count of the mask a layer packed by an earlier compile holds (weight_path: its packed weight)."""
     try:
@@ -80,7 +70,7 @@ def build_plan(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         layers.append(LayerPlan(name=name, op=layer.op, weight_shape=layer.weight_shape, sparsity=d.sparsity,
                                 quant=d.quant, grad_sparsity=d.grad_sparsity, reason=d.reason,
                                 dtype=dtype_name(layer.dtype), flops=_flops(nodes, layer.reduction), backend=d.backend,
-                                launch=d.launch, mask_kept=_learned_kept(gm, ctx, layer, d.sparsity)))
+                                launch=d.launch, mask_kept=d.mask_kept))
     for name, info in ctx.unreached.items():
         excluded_by = first_match(ctx.options.exclude, name)
         if info.sparsity is not None:  # packed by an earlier compile

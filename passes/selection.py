@@ -189,13 +189,13 @@ def _plan_decision(layer: LayerInfo, blocker: str | None, ctx: CompileContext, d
 
 def _with_learned_count(gm: fx.GraphModule, ctx: CompileContext, layer: LayerInfo, decision: Decision) -> Decision:
     """A trained layer keeping its learned mask says what that mask holds: its count is not the pattern's on
-    its shape once the mask was shrunk with the layer or changed by hand (the plan's counts read it too,
-    LayerPlan.mask_kept)."""
+    its shape once the mask was shrunk with the layer or changed by hand (the plan's counts read it too:
+    Decision.mask_kept becomes LayerPlan.mask_kept)."""
     if decision.sparsity is None or layer.trained_module_path is None or decision.sparsity != layer.trained_pattern:
         return decision
     kept, numel = int(ctx.layer_mask(gm, layer, decision.sparsity).sum()), layer.out_features * layer.reduction
-    return dataclasses.replace(decision, reason=f"{decision.reason}, {kept} of {numel} weights "
-                                                f"({100 * kept / max(numel, 1):.3g}%)")
+    return dataclasses.replace(decision, mask_kept=kept, reason=f"{decision.reason}, {kept} of {numel} weights "
+                                                               f"({100 * kept / max(numel, 1):.3g}%)")
 
 
 def choose_sparsity(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:

@@ -89,6 +89,7 @@ class Decision:
     reason: str
     backend: str | None = None  # sparse layers: "torch" | "triton" | "cusparselt" | "dense" | "condensed" | "bitmask"
     launch: dict | None = None  # backend "triton", 2:4: the measured launch config and the rows "M" it is for
+    mask_kept: int | None = None  # a kept learned mask's count of weights (None: the pattern's count holds)
 
 
 @dataclass(frozen=True)
