@@ -6,14 +6,18 @@ tracers tag each node made inside a checkpoint call with that call (`SparsecMeta
 `CheckpointTags`), and the graph stays flat: every pass, shrink and condense read it as before. Only
 the code a graph module runs differs (`checkpointed_code`): each call's span of nodes becomes a
 function run through `torch.utils.checkpoint.checkpoint(..., use_reentrant=False)` (`True` for a call
-the model made reentrant, see _options), so backward recomputes it. A pickled graph module keeps that
-code, and loading traces it again, which finds the calls again.
+the model made reentrant, see _options), so backward recomputes it. A call's `context_fn` (selective
+checkpointing: which ops' outputs are saved rather than recomputed) is passed on, read from the graph
+module's CONTEXTS attribute. A pickled graph module keeps that code and that attribute (portable_contexts),
+and loading traces it again, which finds the calls again.
 """
 from __future__ import annotations
 
 import copy
+import io
 import operator
 import os
+import pickle
 import sys
 import types
 import warnings
@@ -26,6 +30,7 @@ from torch.fx.graph import PythonCode
 from sparsec.meta import CheckpointRegion, get_meta
 
 _CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
+CONTEXTS = "_sparsec_checkpoint_contexts"  # graph module attribute: the context_fn of each checkpoint call
 
 
 def checkpoint_call() -> types.FrameType | None:
@@ -55,11 +60,9 @@ def in_reentrant_checkpoint() -> bool:
     return False
 
 
-def _options(frame: types.FrameType) -> tuple[tuple[str, object], ...] | str:
-    """checkpoint()'s keyword arguments as the call gave them, or why the call cannot be made again."""
+def _options(frame: types.FrameType) -> tuple[tuple[str, object], ...]:
+    """checkpoint()'s keyword arguments as the call gave them."""
     given = frame.f_locals
-    if given.get("context_fn", torch.utils.checkpoint.noop_context_fn) is not torch.utils.checkpoint.noop_context_fn:
-        return "it passes context_fn= (selective checkpointing), which the compiled graph cannot carry over"
     options = [("preserve_rng_state", bool(given.get("preserve", True)))]  # (checkpoint() pops it as `preserve`)
     # A reentrant call is made reentrant again: where none of its inputs requires grad, its output requires
     # none and the parameters inside get no gradient (torch warns). Made non-reentrant, they trained, unlike
@@ -70,6 +73,10 @@ def _options(frame: types.FrameType) -> tuple[tuple[str, object], ...] | str:
         value = given.get(name, default)
         if value != default and isinstance(value, (bool, str)):
             options.append((name, value))
+    # selective checkpointing: the object this call passed, called anew on every run as checkpoint() does
+    context_fn = given.get("context_fn", torch.utils.checkpoint.noop_context_fn)
+    if context_fn is not torch.utils.checkpoint.noop_context_fn:
+        options.append(("context_fn", context_fn))
     return tuple(options)
 
 
@@ -77,27 +84,19 @@ class CheckpointTags:
     """While one trace runs: the checkpoint call each new node is made in."""
 
     def __init__(self):
-        # id(frame) -> (frame, region or why not kept); the frames are held until close() so that ids
-        # of finished calls are never reused by later ones
-        self._calls: dict[int, tuple[types.FrameType, CheckpointRegion | str]] = {}
-        self.kept = 0
-        self.lost: list[str] = []
+        # id(frame) -> (frame, region); the frames are held until close() so that ids of finished calls
+        # are never reused by later ones
+        self._calls: dict[int, tuple[types.FrameType, CheckpointRegion]] = {}
+        self.kept = 0  # calls found (read after close())
 
     def region(self) -> CheckpointRegion | None:
         frame = checkpoint_call()
         if frame is None:
             return None
         if id(frame) not in self._calls:
-            options = _options(frame)
-            if isinstance(options, str):
-                self.lost.append(options)
-                entry = options
-            else:
-                entry = CheckpointRegion(len(self._calls), options)
-                self.kept += 1
-            self._calls[id(frame)] = (frame, entry)
-        entry = self._calls[id(frame)][1]
-        return entry if isinstance(entry, CheckpointRegion) else None
+            self._calls[id(frame)] = (frame, CheckpointRegion(self.kept, _options(frame)))
+            self.kept += 1
+        return self._calls[id(frame)][1]
 
     def close(self) -> None:
         self._calls.clear()
@@ -123,11 +122,12 @@ def checkpoint_spans(graph: fx.Graph) -> list[tuple[CheckpointRegion, list[fx.No
     return [(region, nodes[first:last + 1]) for region, first, last in merged]
 
 
-def checkpointed_code(graph: fx.Graph) -> PythonCode | None:
-    """The forward of `graph` with each checkpoint span run through torch.utils.checkpoint (None: the
-    graph has no span). One source text: a function `_sparsec_checkpoint_<k>(self, inputs...)` per span,
-    then `forward`, which calls each through checkpoint with the module itself, so parameters are read
-    from the live module (after .to(), FSDP's sharding) both in forward and in the recomputation."""
+def checkpointed_code(graph: fx.Graph) -> tuple[PythonCode, tuple] | None:
+    """The forward of `graph` with each checkpoint span run through torch.utils.checkpoint, and the
+    context_fn objects it reads from the module's CONTEXTS attribute (None: the graph has no span). One
+    source text: a function `_sparsec_checkpoint_<k>(self, inputs...)` per span, then `forward`, which
+    calls each through checkpoint with the module itself, so parameters are read from the live module
+    (after .to(), FSDP's sharding) both in forward and in the recomputation."""
     spans = checkpoint_spans(graph)
     if not spans:
         return None
@@ -168,7 +168,15 @@ def checkpointed_code(graph: fx.Graph) -> PythonCode | None:
         taken.add(unique)
         forward = forward.replace(repr(f"<{name}>"), f"{unique}, self")
         defined.append(src.replace("def forward(self", f"def {unique}(self", 1))
-    return PythonCode("".join(defined) + forward, merged, None)
+    # context_fn objects are read from an attribute, not made globals of the code: pickle keeps those as
+    # import statements, which a lambda or functools.partial has none of (see portable_contexts)
+    contexts = []
+    for (name, _), (region, _) in zip(functions, spans):
+        context_fn = dict(region.options).get("context_fn")
+        if context_fn is not None:
+            forward = forward.replace(repr(f"<{name} context>"), f"self.{CONTEXTS}[{len(contexts)}]")
+            contexts.append(context_fn)
+    return PythonCode("".join(defined) + forward, merged, None), tuple(contexts)
 
 
 def _outline(outer: fx.Graph, env: dict[fx.Node, fx.Node], span: list[fx.Node], name: str,
@@ -192,10 +200,61 @@ def _outline(outer: fx.Graph, env: dict[fx.Node, fx.Node], span: list[fx.Node], 
     for node in computed:
         inner[node] = body.node_copy(node, inner.__getitem__)
     body.output(tuple(inner[n] for n in outputs))
-    # the function's name goes in as a unique string, replaced by `name, self` in the source
+    # the function's name goes in as a unique string, replaced by `name, self` in the source (and the
+    # context_fn by a read of the module's CONTEXTS)
+    options = {"use_reentrant": False, **dict(region.options)}
+    if "context_fn" in options:
+        options["context_fn"] = f"<{name} context>"
     call = outer.create_node("call_function", torch.utils.checkpoint.checkpoint,
-                             (f"<{name}>", *(env[a] for a in inputs)), {"use_reentrant": False, **dict(region.options)},
-                             name=f"{name}_outputs")
+                             (f"<{name}>", *(env[a] for a in inputs)), options, name=f"{name}_outputs")
     for i, node in enumerate(outputs):
         env[node] = outer.create_node("call_function", operator.getitem, (call, i), name=node.name)
     return body
+
+
+def _operator(qualified: str, overload: str | None):
+    """A torch operator by name (`aten::mm`, `default`): how a pickled context_fn refers to the ops it names."""
+    namespace, name = qualified.split("::")
+    packet = getattr(getattr(torch.ops, namespace), name)
+    return packet if overload is None else getattr(packet, overload)
+
+
+class _OperatorsByName(pickle.Pickler):
+    """Pickles torch operators by name: they do not pickle (selective checkpointing's usual context_fn,
+    `functools.partial(create_selective_checkpoint_contexts, [torch.ops.aten.mm.default])`, holds them)."""
+
+    def reducer_override(self, obj):
+        if isinstance(obj, torch._ops.OpOverload):
+            return _operator, (obj._schema.name, obj._overloadname)
+        if isinstance(obj, torch._ops.OpOverloadPacket):
+            return _operator, (obj._qualified_op_name, None)
+        return NotImplemented
+
+
+class _PickledContext:
+    """A context_fn pickled by _OperatorsByName: unpickling it gives back the context_fn itself."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def __reduce__(self):
+        return pickle.loads, (self.data,)
+
+
+def portable_contexts(contexts: tuple) -> tuple:
+    """The graph module's context_fn objects as pickle keeps them. One that cannot be pickled (a lambda,
+    a local function) is saved as none: the loaded model recomputes that checkpoint call whole, which
+    computes the same values, in more time; a warning says so."""
+    portable = []
+    for context_fn in contexts:
+        buffer = io.BytesIO()
+        try:
+            _OperatorsByName(buffer).dump(context_fn)
+            portable.append(_PickledContext(buffer.getvalue()))
+        except (pickle.PicklingError, TypeError, AttributeError, RuntimeError) as e:
+            warnings.warn(f"the context_fn of a torch.utils.checkpoint call ({context_fn!r}) cannot be pickled "
+                          f"({type(e).__name__}: {e}): the saved model recomputes that call whole in backward (the "
+                          f"same values; selective checkpointing saved some ops' outputs instead). Pass a function "
+                          f"defined at module level, or functools.partial of one, to keep it", stacklevel=3)
+            portable.append(torch.utils.checkpoint.noop_context_fn)
+    return tuple(portable)

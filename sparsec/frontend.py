@@ -563,22 +563,15 @@ def _checkpoint_note(tracer: _Tracer) -> list[str]:
     """A note on the forward's torch.utils.checkpoint calls: kept (train=True), or not."""
     outermost = [p for p in dict.fromkeys(tracer.checkpointed)
                  if not any(p.startswith(q + ".") for q in tracer.checkpointed if q != p)]
-    if not outermost and not tracer.checkpoint_tags.lost:
+    if not outermost and not tracer.checkpoint_tags.kept:
         return []
     modules = f"{', '.join(outermost[:4])}{' ...' if len(outermost) > 4 else ''}" or "its checkpointed code"
     if not tracer.keep_checkpoints:
         return [f"the forward runs {modules} under torch.utils.checkpoint, which an inference compile does not "
                 f"keep: the compiled model computes the same but stores their activations for backward (more "
                 f"memory if it is trained: compile with train=True, which keeps checkpointing)"]
-    lost = tracer.checkpoint_tags.lost
-    notes = []
-    if tracer.checkpoint_tags.kept:
-        notes.append(f"the forward runs {modules} under torch.utils.checkpoint: the compiled model does too (reentrant "
-                     f"where the call is), recomputing them in backward")
-    if lost:
-        notes.append(f"{len(lost)} torch.utils.checkpoint call(s) of the forward are not kept, so the compiled model "
-                     f"stores their activations: {lost[0]}")
-    return notes
+    return [f"the forward runs {modules} under torch.utils.checkpoint: the compiled model does too (reentrant "
+            f"where the call is, with its context_fn where it passes one), recomputing them in backward"]
 
 
 def _root_hooks(model: nn.Module) -> list[str]:

@@ -16,7 +16,7 @@ from torch.fx.graph_module import _forward_from_src
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from sparsec.checkpointing import CheckpointTags, checkpointed_code
+from sparsec.checkpointing import CONTEXTS, CheckpointTags, checkpointed_code, portable_contexts
 from sparsec.meta import get_meta, update_meta
 
 
@@ -167,6 +167,8 @@ class SparsecGraphModule(fx.GraphModule):
         # torch.export left unreferenced (a head tied to the embedding, read as the embedding's weight)
         # was lost, and with it its state_dict key. Carry them all; restore() puts back the missing ones.
         modules = {path: m for path, m in self.named_modules(remove_duplicate=False) if path}
+        if CONTEXTS in body:
+            body[CONTEXTS] = portable_contexts(body[CONTEXTS])
         return rebuild, (dict(body, sparsec_modules=modules), imports)
 
     def __deepcopy__(self, memo):
@@ -180,10 +182,13 @@ class SparsecGraphModule(fx.GraphModule):
         python_code = super().recompile()
         checkpointed = checkpointed_code(self.graph)
         if checkpointed is not None:  # the same graph, with its checkpoint calls made again
-            self._code, self._lineno_map = checkpointed.src, None
+            python_code, contexts = checkpointed
+            self._code, self._lineno_map = python_code.src, None
             co_fields = getattr(self.graph, "_co_fields", {})
-            type(self).forward = _forward_from_src(self._code, checkpointed.globals, co_fields)
-            python_code = checkpointed
+            type(self).forward = _forward_from_src(self._code, python_code.globals, co_fields)
+            setattr(self, CONTEXTS, contexts)
+        elif CONTEXTS in self.__dict__:  # (a rewrite removed the calls)
+            delattr(self, CONTEXTS)
         # A graph rebuilt by unpickling (fx re-traces the saved code) has no node meta: its notes are
         # the ones it was saved with, kept in this attribute, which pickles with the module.
         self.sparsec_notes = layer_notes(self.graph) or getattr(self, "sparsec_notes", {})

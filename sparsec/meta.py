@@ -92,10 +92,11 @@ class Decision:
     mask_kept: int | None = None  # a kept learned mask's count of weights (None: the pattern's count holds)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class CheckpointRegion:
     """One torch.utils.checkpoint call of the traced forward: the nodes it computed carry it, and a
-    train=True graph recomputes them in backward (sparsec/checkpointing.py)."""
+    train=True graph recomputes them in backward (sparsec/checkpointing.py). Compared by identity: one
+    object per call, and its options may hold a context_fn that cannot be hashed."""
     index: int                                   # the call's order in the trace
     options: tuple[tuple[str, object], ...] = ()  # keyword arguments for torch.utils.checkpoint.checkpoint
 

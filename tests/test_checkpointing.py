@@ -2,7 +2,9 @@
 torch.utils.checkpoint calls in backward, as the model does, and trains the same. Checkpointing is
 observed directly: a forward hook on a checkpointed layer runs again during backward (on an early
 layer of the span: the recomputation stops once it has what backward needs)."""
+import collections
 import copy
+import functools
 import io
 import warnings
 
@@ -11,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint as ckpt
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 import sparsec
 from oracle import pruned_model
@@ -196,24 +200,132 @@ def test_checkpoint_sequential_keeps_each_segment():
     torch.testing.assert_close(got_x, _grads(model, x)[0])
 
 
-def test_selective_checkpointing_is_not_kept_and_says_why():
-    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+# selective checkpointing: the linear layers' products are saved in forward, the rest recomputed
+SAVE_PRODUCTS = functools.partial(create_selective_checkpoint_contexts, [torch.ops.aten.mm.default,
+                                                                          torch.ops.aten.addmm.default])
 
-    class Selective(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.block = Block()
 
-        def forward(self, x):
-            return ckpt.checkpoint(self.block, x, use_reentrant=False,
-                                   context_fn=lambda: create_selective_checkpoint_contexts([torch.ops.aten.mm.default]))
+class Selective(nn.Module):
+    def __init__(self, context_fn=SAVE_PRODUCTS):
+        super().__init__()
+        self.context_fn = context_fn
+        self.inp, self.block, self.out = nn.Linear(16, 32), Block(), nn.Linear(32, 4)
 
-    model, x = Selective(), torch.randn(4, 32)
-    with pytest.warns(UserWarning, match=r"1 torch.utils.checkpoint call\(s\) of the forward are not kept, so the compiled "
-                                         r"model stores their activations: it passes context_fn="):
+    def forward(self, x):
+        h = ckpt.checkpoint(self.block, self.inp(x), use_reentrant=False, context_fn=self.context_fn)
+        return self.out(h)
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the aten ops run while it is active: a product selective checkpointing saved is not run again."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _backward_ops(model, x) -> collections.Counter:
+    """The aten ops `model`'s backward runs (recomputation included)."""
+    loss = model(x.detach().clone().requires_grad_(True)).square().sum()
+    with CountOps() as ops:
+        loss.backward()
+    return ops.counts
+
+
+def test_selective_checkpointing_is_kept():
+    torch.manual_seed(0)
+    model, x = Selective(), torch.randn(4, 16)
+    with pytest.warns(UserWarning, match=r"with its context_fn where it passes one"):
         cm = sparsec.compile(model, example_inputs=(x,), pattern="dense", train=True)
-    assert "checkpoint" not in cm.graph_module.code
-    torch.testing.assert_close(_grads(cm, x)[0], _grads(model, x)[0])
+    assert "context_fn = self._sparsec_checkpoint_contexts[0]" in cm.graph_module.code
+    # the eager model is the reference: its backward runs the same ops, which is fewer products than
+    # the same model checkpointing every op (so the count sees whether the policy was applied)
+    fully = Selective(context_fn=ckpt.noop_context_fn)
+    fully.load_state_dict(model.state_dict())
+    want = _backward_ops(model, x)
+    assert want[torch.ops.aten.addmm.default] < _backward_ops(fully, x)[torch.ops.aten.addmm.default]
+    assert _backward_ops(cm, x) == want
+    _assert_same_grads_as(model, x, _grads(cm, x)[0], cm)
+
+
+def test_a_selectively_checkpointed_sparse_layer_runs_the_policy():
+    calls = []
+
+    def policy(ctx, op, *args, **kwargs):  # (torch >= 2.9 consults it in forward only)
+        calls.append(op)
+        saved = op in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+        return CheckpointPolicy.MUST_SAVE if saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+    torch.manual_seed(0)
+    model, x = Selective(functools.partial(create_selective_checkpoint_contexts, policy)), torch.randn(4, 16)
+    cm = _compile(model, x, pattern="2:4", train=True, include=["block.*"])
+    reference = pruned_model(model, cm.plan)  # checkpointed with the same policy, as written
+    products = torch.ops.aten.addmm.default
+    assert _backward_ops(cm, x)[products] == _backward_ops(reference, x)[products]
+    assert calls.count(products) == 2 * 2  # the two layers, in each model's forward
+    got_x, _ = _grads(cm, x)
+    want_x, want = _grads(reference, x)
+    torch.testing.assert_close(got_x, want_x, atol=1e-5, rtol=1e-5)
+    for name, grad in want.items():
+        if name.startswith("block.") and name.endswith("weight"):
+            grad = grad * cm.mask(name.removesuffix(".weight"))  # pruned weights get no gradient
+        torch.testing.assert_close(cm.graph_module.get_parameter(name).grad, grad, atol=1e-5, rtol=1e-5)
+
+
+class SaveProducts:
+    """A context_fn that is a callable object with value equality, so not hashable."""
+
+    def __eq__(self, other):
+        return isinstance(other, SaveProducts)
+
+    __hash__ = None
+
+    def __call__(self):
+        return SAVE_PRODUCTS()
+
+
+def _reloaded(cm, how: str, tmp_path):
+    if how == "deepcopy":
+        return copy.deepcopy(cm)
+    if how == "sparsec.save":
+        sparsec.save(cm, tmp_path / "m.sparsec")
+        return sparsec.load(tmp_path / "m.sparsec")
+    buffer = io.BytesIO()
+    torch.save(cm, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize("how", ["sparsec.save", "torch.save", "deepcopy"])
+@pytest.mark.parametrize("context_fn", [SAVE_PRODUCTS, SaveProducts()], ids=["partial", "unhashable"])
+def test_saved_and_copied_models_keep_selective_checkpointing(how, context_fn, tmp_path):
+    """Its usual context_fn, a partial holding torch operators (which do not pickle), is saved too."""
+    torch.manual_seed(0)
+    model, x = Selective(context_fn), torch.randn(4, 16)
+    cm = _compile(model, x, pattern="dense", train=True)
+    loaded = _reloaded(cm, how, tmp_path)
+    code = loaded.graph_module.code
+    assert "context_fn = self._sparsec_checkpoint_contexts[0]" in code
+    assert code.count("torch.utils.checkpoint.checkpoint(") == 1
+    assert _backward_ops(loaded, x) == _backward_ops(model, x)
+    _assert_same_grads_as(model, x, _grads(loaded, x)[0], loaded)
+
+
+def test_a_context_fn_pickle_cannot_keep_is_saved_as_full_checkpointing_with_a_warning(tmp_path):
+    torch.manual_seed(0)
+    model, x = Selective(context_fn=lambda: SAVE_PRODUCTS()), torch.randn(4, 16)
+    cm = _compile(model, x, pattern="dense", train=True)
+    with pytest.warns(UserWarning, match=r"cannot be pickled .*recomputes that call whole"):
+        loaded = _reloaded(cm, "sparsec.save", tmp_path)
+    assert "context_fn" not in loaded.graph_module.code
+    assert loaded.graph_module.code.count("torch.utils.checkpoint.checkpoint(") == 1
+    calls = _forward_calls(loaded.graph_module.get_submodule("block.fc1"))
+    _assert_same_grads_as(model, x, _grads(loaded, x)[0], loaded)
+    assert calls == [False, True]
 
 
 def test_shrink_keeps_checkpointing_and_the_outputs():
