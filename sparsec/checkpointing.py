@@ -13,12 +13,14 @@ and loading traces it again, which finds the calls again.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import operator
 import os
 import pickle
 import sys
+import threading
 import types
 import warnings
 
@@ -58,6 +60,47 @@ def in_reentrant_checkpoint() -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+_GRAD_MODE_FILES = (os.path.join("torch", "autograd", "grad_mode.py"), os.path.join("torch", "utils", "_contextlib.py"))
+
+
+def disabling_grad_by_hand() -> bool:
+    """Called from torch._C._set_grad_enabled(False): whether code the checkpoint runs turns grad off
+    (torch.no_grad(), set_grad_enabled(False), as a context or a decorator), rather than the checkpoint
+    itself or a context manager's exit restoring the mode it found."""
+    frame = sys._getframe(2)  # (past the function patched in, which calls this)
+    while frame is not None and frame.f_code.co_filename.endswith(_GRAD_MODE_FILES):
+        if frame.f_code.co_name == "__exit__":
+            return False
+        frame = frame.f_back
+    return frame is not None and not frame.f_code.co_filename.endswith(_CHECKPOINT_FILE)
+
+
+@contextlib.contextmanager
+def reentrant_calls_run_plainly():
+    """While torch.export captures a model (in this thread): a reentrant checkpoint call runs its function
+    as plain code. export records an autograd.Function's forward only, and a reentrant call's runs under
+    no_grad: the graph computed the checkpointed code without gradients (its parameters never trained).
+    Plainly, it records what the call computes: with gradients where an input requires grad, under no_grad
+    where none does (as the reentrant call, whose output then requires none). Export keeps no checkpointing
+    either way (capture() notes it)."""
+    function_class = torch.utils.checkpoint.CheckpointFunction
+    apply, exporting = function_class.apply, threading.get_ident()
+
+    def plainly(function, preserve_rng_state, *args):
+        if threading.get_ident() != exporting:
+            return apply(function, preserve_rng_state, *args)
+        if any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            return function(*args)
+        with torch.no_grad():
+            return function(*args)
+
+    function_class.apply = staticmethod(plainly)
+    try:
+        yield
+    finally:
+        del function_class.apply  # (Function.apply again)
 
 
 def _options(frame: types.FrameType) -> tuple[tuple[str, object], ...]:

@@ -30,7 +30,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 from sparsec.distributed import GATHER_RECIPE, any_sharded
 from sparsec.errors import ExampleInputError, InvalidTypeError, ParameterWriteError, TraceError
 from sparsec.export_mode import ModeFlag, follow_mode
-from sparsec.checkpointing import checkpoint_call, in_reentrant_checkpoint
+from sparsec.checkpointing import (checkpoint_call, disabling_grad_by_hand, in_reentrant_checkpoint,
+                                   reentrant_calls_run_plainly)
 from sparsec.graph_module import RecordOperators, SparsecGraphModule, ThreadTracer
 from sparsec.plan import dtype_name
 from sparsec.runtime.guard import InputGuard, ShapeGuard
@@ -119,8 +120,36 @@ class _Tracer(ThreadTracer):
 
     def trace(self, root, concrete_args=None):
         self.modes = _grad_and_autocast()
-        with RecordOperators(self) if self.generated else contextlib.nullcontext():
+        with RecordOperators(self) if self.generated else contextlib.nullcontext(), self._no_grad_in_reentrant_checkpoints():
             return super().trace(root, concrete_args)
+
+    @contextlib.contextmanager
+    def _no_grad_in_reentrant_checkpoints(self):
+        """Refuse torch.no_grad() of the model's own inside a reentrant checkpoint, where it is set. The
+        checkpoint runs its function under no_grad already, so ops see no mode change (create_proxy), and
+        the graph dropped it: the recomputation in backward sent gradients through, unlike the model's."""
+        set_grad_enabled, setting = torch._C._set_grad_enabled, []
+
+        def watched(mode: bool):
+            # (`setting`: torch function modes (TraceTimeReads) get the call and make it again, from their code)
+            if not self.tracing_here() or setting:
+                return set_grad_enabled(mode)
+            if not mode and in_reentrant_checkpoint() and disabling_grad_by_hand():
+                self.saw_checkpoint = True  # (the export fallback says it drops the checkpointing)
+                raise TraceError("the forward calls torch.no_grad() (or set_grad_enabled(False)) inside a reentrant "
+                                 "torch.utils.checkpoint call, which runs it under no_grad already, so torch.fx "
+                                 "cannot tell the two apart")
+            setting.append(mode)
+            try:
+                return set_grad_enabled(mode)
+            finally:
+                setting.pop()
+
+        torch._C._set_grad_enabled = watched
+        try:
+            yield
+        finally:
+            torch._C._set_grad_enabled = set_grad_enabled
 
     def create_proxy(self, kind, target, args, kwargs, *rest, **more):
         # fx records ops, not the grad / autocast mode they ran in: an op under `with torch.no_grad():`
@@ -295,7 +324,7 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
 
     functions = InlinedFunctions(user_code_frame, every_call=True)
     try:
-        with preserved_state(model), _export_chatter_held(), functions:
+        with preserved_state(model), _export_chatter_held(), functions, reentrant_calls_run_plainly():
             exported = _export(model, example_inputs)
         module = exported.module()
     except Exception as export_error:  # noqa: BLE001
@@ -337,7 +366,7 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
 def _export_in_other_mode(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
     """The model exported in the other train / eval mode (an empty graph where that fails)."""
     try:
-        with _in_other_mode(model), preserved_state(model), _export_chatter_held():
+        with _in_other_mode(model), preserved_state(model), _export_chatter_held(), reentrant_calls_run_plainly():
             return _export(model, example_inputs).module()
     except Exception:  # noqa: BLE001 - not exportable in the other mode: the graph stays fixed to this one
         return fx.GraphModule(nn.Module(), fx.Graph())

@@ -439,6 +439,71 @@ def test_a_capture_by_torch_export_says_it_drops_checkpointing(inside):
     assert any("torch.utils.checkpoint" in note and "torch.export" in note for note in cm.plan.notes)
 
 
+class _ReentrantNoGradInside(_NoGradInside):
+    def forward(self, x):
+        return ckpt.checkpoint(self.part, self.a(x), use_reentrant=True)
+
+
+class _ReentrantDecoratedNoGrad(_ReentrantNoGradInside):
+    @torch.no_grad()
+    def frozen(self, h):
+        return self.b(h)
+
+    def part(self, h):
+        return h * self.frozen(h)
+
+
+class _ReentrantAutocastInside(_AutocastInside):
+    def forward(self, x):
+        return ckpt.checkpoint(self.part, self.a(x), use_reentrant=True)
+
+
+@pytest.mark.parametrize("model_class", [_ReentrantNoGradInside, _ReentrantDecoratedNoGrad, _ReentrantAutocastInside])
+def test_a_reentrant_checkpoint_torch_fx_cannot_record_trains_as_the_model_does(model_class):
+    """A reentrant call runs its function under no_grad, so the model's own no_grad inside it left the
+    grad mode its ops saw as it was: the graph dropped it, and gradients flowed through the frozen branch.
+    And torch.export, which captures such models, recorded the call's forward under no_grad: its
+    parameters got no gradient at all. Now: captured by torch.export, with the gradients of the model."""
+    torch.manual_seed(0)
+    model, x = model_class(), torch.randn(4, 8)
+    cm = _compile(model, x, pattern="dense", train=True)
+    assert cm.plan.notes[0].startswith("traced with torch.export")
+    assert any("does not keep" in note and "torch.utils.checkpoint" in note for note in cm.plan.notes)
+    got_x, _ = _grads(cm, x)
+    _assert_same_grads_as(model, x, got_x, cm)
+    assert cm.graph_module.get_parameter("a.weight").grad is not None
+    if model_class is not _ReentrantAutocastInside:
+        assert cm.graph_module.get_parameter("b.weight").grad is None
+
+
+def test_a_reentrant_checkpoint_on_inputs_needing_no_grad_trains_nothing_inside_under_torch_export_too():
+    """Where no input of a reentrant call requires grad, its output requires none and the parameters inside
+    get no gradient (torch warns): the export capture does the same."""
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.side, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def part(self, x):
+            with torch.autocast("cpu", dtype=torch.bfloat16):  # (torch.fx cannot record it: export captures)
+                return self.b(x).float()
+
+        def forward(self, x):
+            return self.side(x) + ckpt.checkpoint(self.part, x, use_reentrant=True)
+
+    torch.manual_seed(0)
+    model, x = Model(), torch.randn(4, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch's: none of the inputs require grad)
+        cm = _compile(model, x, pattern="dense", train=True)
+        assert cm.plan.notes[0].startswith("traced with torch.export")
+        cm(x).sum().backward()
+        model(x).sum().backward()
+    assert model.b.weight.grad is None and cm.graph_module.get_parameter("b.weight").grad is None
+    torch.testing.assert_close(cm.graph_module.get_parameter("side.weight").grad, model.side.weight.grad)
+
+
 def test_names_in_the_model_do_not_clash_with_the_generated_functions():
     """A submodule named like a generated function (`_sparsec_checkpoint_0`, its call a local of the same
     name in forward), or `checkpoint` / `torch`: the model still runs checkpointed, computing the same."""
