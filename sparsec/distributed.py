@@ -17,6 +17,7 @@ import zlib
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from sparsec.errors import InvalidInputError, InvalidTypeError
 
 try:  # public since torch 2.4; older torch has no FSDP2, so nothing is ever sharded there
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -173,3 +174,51 @@ def broadcast_from_rank0(t: torch.Tensor, groups: list | None = None) -> torch.T
         for group in groups or [None]:
             dist.broadcast(t, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
     return t
+
+
+def unwrap_ddp(model, process_group, what: str) -> tuple[object, object]:
+    """(the model inside, the process group its ranks train over) for a scheduler given `model`: a
+    DistributedDataParallel wrapper gives its .module and its process group; `process_group=` names the
+    group directly (it must agree with a DDP wrapper's). None for the group: the default (see
+    scheduler_groups). DDP over a subgroup (replica groups, pipeline stages) trains one model per group:
+    scores averaged over the whole world mixed the groups' models, or hung where they differ."""
+    if process_group is not None and not isinstance(process_group, getattr(dist, "ProcessGroup", ())):
+        if isinstance(process_group, int) and process_group == -100:  # (GroupMember.NON_GROUP_MEMBER)
+            raise InvalidInputError(f"{what}: process_group is what torch.distributed.new_group returns on a rank it "
+                                    f"does not hold; pass each rank the group it trains in")
+        raise InvalidTypeError(f"{what}: process_group must be a torch.distributed.ProcessGroup (the one "
+                               f"DistributedDataParallel runs over) or None, got {type(process_group).__name__}")
+    if not isinstance(model, nn.parallel.DistributedDataParallel):
+        return model, process_group
+    group = model.process_group
+    if process_group is not None and _ranks(process_group) != _ranks(group):
+        raise InvalidInputError(f"{what}: process_group holds ranks {_ranks(process_group)}, but the "
+                                f"DistributedDataParallel wrapper given runs over ranks {_ranks(group)}; give one of "
+                                f"the two (the wrapper alone uses its group)")
+    return model.module, process_group if process_group is not None else group
+
+
+def described(given, inner) -> str:
+    """What the user passed, for an error: 'Sequential', or 'a DistributedDataParallel wrapping a Sequential'."""
+    return type(given).__name__ if given is inner else f"a {type(given).__name__} wrapping a {type(inner).__name__}"
+
+
+def _ranks(group) -> list[int]:
+    return sorted(dist.get_process_group_ranks(group))
+
+
+def scheduler_groups(module: nn.Module, process_group, what: str) -> list | None:
+    """The groups a scheduler's collectives run over (see mean_over_ranks): under fully_shard its mesh's
+    (fsdp_groups), else `process_group` (from unwrap_ddp), else None, the whole world. A process_group
+    given with fully_shard must hold exactly the mesh's ranks, and then changes nothing: one holding
+    others contradicts the mesh the weights are gathered over, so it is refused rather than guessed at."""
+    groups = fsdp_groups(module)
+    if groups is None:
+        return [process_group] if process_group is not None else None
+    if process_group is not None:
+        mesh = next((sorted(p.device_mesh.mesh.flatten().tolist()) for p in module.parameters() if is_sharded(p)), None)
+        if mesh != _ranks(process_group):
+            raise InvalidInputError(f"{what}: process_group holds ranks {_ranks(process_group)}, but the model is "
+                                    f"sharded by fully_shard over a mesh of ranks {mesh}, which the scheduler uses: "
+                                    f"leave process_group out")
+    return groups

@@ -30,8 +30,8 @@ left there keep moving those entries of the raw weight Parameter for a while. Th
 A layer whose weight is frozen (requires_grad False) is left alone at every update (as SRigL does: the
 user asked it not to change); the record says so. Under torch.distributed (DDP, or FSDP2 fully_shard)
 every rank decides from the same magnitudes (weights gathered when sharded, then averaged over the
-ranks), so all take the same masks; the ranks must start from the same masks and call step() equally
-often, which is checked.
+ranks training this model: see process_group), so all take the same masks; the ranks must start from
+the same masks and call step() equally often, which is checked.
 """
 from __future__ import annotations
 
@@ -41,7 +41,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from sparsec.distributed import check_same_masks, check_same_over_ranks, fsdp_groups, full, mean_over_ranks, shard_like
+from sparsec.distributed import (check_same_masks, check_same_over_ranks, described, full, mean_over_ranks,
+                                 scheduler_groups, shard_like, unwrap_ddp)
 from sparsec.errors import InvalidInputError, InvalidTypeError
 from sparsec.patterns import Unstructured
 from sparsec.reference import magnitude, rows_to_weight, weight_to_rows
@@ -88,16 +89,21 @@ class GradualPruning:
     start_step, end_step, every: updates at start_step, start_step + every, ... up to end_step, and at
         end_step (counted in step() calls); 0 <= start_step < end_step, every >= 1.
     optimizer: the optimizer training the layers, whose state for pruned weights is zeroed (optional).
+    process_group: the ranks training this model, over which magnitudes are averaged and step counts checked
+        (default: a fully_shard model's mesh, else the whole world). Give DDP's group where DDP runs over a
+        subgroup, or pass the DistributedDataParallel wrapper as `cm`, which gives both.
     """
 
     def __init__(self, cm, final_sparsity, *, end_step: int, start_step: int = 0, every: int = 100,
-                 optimizer: torch.optim.Optimizer | None = None):
+                 optimizer: torch.optim.Optimizer | None = None, process_group=None):
         from sparsec.compiled import CompiledModel
 
+        given = cm
+        cm, process_group = unwrap_ddp(cm, process_group, "GradualPruning")
         if not isinstance(cm, CompiledModel):
-            raise InvalidTypeError(f"GradualPruning needs a sparsec.CompiledModel, got {type(cm).__name__}; pass the "
-                                   f"compiled model itself (for a DDP wrapper, its .module), or compile the model first: "
-                                   f"sparsec.compile(model, pattern='unstructured:0.5', example_inputs=..., train=True)")
+            raise InvalidTypeError(f"GradualPruning needs a sparsec.CompiledModel, got {described(given, cm)}; pass the "
+                                   f"compiled model, or the DistributedDataParallel wrapping it, or compile the model "
+                                   f"first: sparsec.compile(model, pattern='unstructured:0.5', example_inputs=..., train=True)")
         for name, value in (("start_step", start_step), ("end_step", end_step), ("every", every)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise InvalidTypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
@@ -139,9 +145,10 @@ class GradualPruning:
         self._plan = cm.plan
         self.steps = 0
         self.history: list[PruningRecord] = []
-        # The ranks that train this model (as SRigL: the fully_shard mesh's, else the world) must start alike:
-        # each decides its own masks from the averaged weights, and nothing else would make them agree.
-        self._groups = fsdp_groups(cm)
+        # The ranks that train this model (as SRigL: the fully_shard mesh's, else DDP's group, else the world)
+        # must start alike: each decides its own masks from the averaged weights, and nothing else would make
+        # them agree. (The group is not state: a resumed run passes its own.)
+        self._groups = scheduler_groups(cm, process_group, "GradualPruning")
         check_same_masks({name: layer.weight_mask for name, layer in self.layers.items()},
                          "when GradualPruning starts", self._groups)
 

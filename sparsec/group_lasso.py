@@ -33,7 +33,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.utils import parametrize
 
 from sparsec.context import name_list
-from sparsec.distributed import check_whole, full, is_sharded, shard_like
+from sparsec.distributed import check_whole, described, full, is_sharded, shard_like, unwrap_ddp
 from sparsec.errors import InvalidInputError, InvalidTypeError
 from sparsec.meta import get_meta, layer_nodes
 from sparsec.passes.weight_reads import owner_of
@@ -250,9 +250,11 @@ class GroupLasso:
     def __init__(self, cm, lam: float, groups: str | Iterable[str] = "rows", layers: Iterable[str] | None = None):
         from sparsec.compiled import CompiledModel
 
+        given = cm
+        cm, _ = unwrap_ddp(cm, None, "GroupLasso")  # (it runs no collectives: DDP's gradients agree already)
         if not isinstance(cm, CompiledModel):  # a plain model's weights are not the ones sparsec trains
-            raise InvalidTypeError(f"GroupLasso needs a sparsec.CompiledModel, got {type(cm).__name__}; pass the "
-                                   f"compiled model itself (for a DDP wrapper, its .module), or compile the model "
+            raise InvalidTypeError(f"GroupLasso needs a sparsec.CompiledModel, got {described(given, cm)}; pass the "
+                                   f"compiled model, or the DistributedDataParallel wrapping it, or compile the model "
                                    f"first: sparsec.compile(model, pattern='dense', example_inputs=..., train=True)")
         self.lam = lam
         self.groups = parse_groups(groups)

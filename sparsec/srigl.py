@@ -8,7 +8,9 @@
 
 Every `delta_t` steps before `t_end * total_steps`, each constant fan-in layer (`update_layer`):
   1. scores: |W| to keep, |dense gradient| to grow (averaged over `grad_accumulation` steps and,
-     under torch.distributed, over ranks, so every rank decides the same masks);
+     under torch.distributed, over the ranks training this model, so every one decides the same masks:
+     a fully_shard model's mesh; DDP's group when given the DDP wrapper or `process_group=`, as DDP over
+     a subgroup needs; else the whole world);
   2. neuron ablation (not for the last layer): a weight is salient if it is in the layer's top
      n_keep by |W| or top n_prune by |grad|; rows with fewer than max(1, int(gamma_sal * k0))
      salient weights are ablated (all weights off). The ablated set is recomputed each update, so
@@ -40,8 +42,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from sparsec.distributed import (broadcast_from_rank0, check_same_masks, check_same_over_ranks, fsdp_groups, full,
-                                 mean_over_ranks, shard_like)
+from sparsec.distributed import (broadcast_from_rank0, check_same_masks, check_same_over_ranks, described, full,
+                                 mean_over_ranks, scheduler_groups, shard_like, unwrap_ddp)
 from sparsec.errors import InvalidInputError, InvalidTypeError
 from sparsec.patterns import FanIn
 from sparsec.reference import rows_to_weight, weight_to_rows
@@ -137,13 +139,15 @@ class UpdateRecord:
 class SRigL:
     def __init__(self, cm, optimizer: torch.optim.Optimizer, total_steps: int, delta_t: int = 100, alpha: float = 0.3,
                  t_end: float = 0.75, gamma_sal: float = 0.3, ablation: bool = True, grad_accumulation: int = 1,
-                 sparse_init: bool = False):
+                 sparse_init: bool = False, *, process_group=None):
         from sparsec.compiled import CompiledModel
         from sparsec.passes.selection import layer_positions
 
+        given = cm
+        cm, process_group = unwrap_ddp(cm, process_group, "SRigL")
         if not isinstance(cm, CompiledModel):  # a plain model has no fan-in layers sparsec owns the masks of
-            raise InvalidTypeError(f"SRigL needs a sparsec.CompiledModel, got {type(cm).__name__}; pass the compiled "
-                                   f"model itself (for a DDP wrapper, its .module), or compile the model first: "
+            raise InvalidTypeError(f"SRigL needs a sparsec.CompiledModel, got {described(given, cm)}; pass the compiled "
+                                   f"model, or the DistributedDataParallel wrapping it, or compile the model first: "
                                    f"sparsec.compile(model, pattern='fanin:0.9', example_inputs=..., train=True)")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise InvalidTypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -198,12 +202,13 @@ class SRigL:
         self.steps = 0
         self.history: list[UpdateRecord] = []
         self._dense_grads: dict[str, torch.Tensor] = {}
-        # Collectives over the ranks that train this model: under fully_shard the mesh's (other ranks may run
-        # other models: pipeline stages, a mesh per replica), else the whole world (DDP, one process). Every
-        # one of them must start from the same masks: each decides its own from averaged scores, and under
-        # fully_shard nothing makes them agree (FSDP broadcasts no weights: ranks that compiled different
-        # initial models had different masks, and trained different models silently)
-        self._groups = fsdp_groups(cm)
+        # Collectives over the ranks that train this model: under fully_shard the mesh's, else DDP's group
+        # (other ranks may run other models: pipeline stages, a mesh or a DDP group per replica), else the whole
+        # world. Every one of them must start from the same masks: each decides its own from averaged scores, and
+        # under fully_shard nothing makes them agree (FSDP broadcasts no weights: ranks that compiled different
+        # initial models had different masks, and trained different models silently). (Not state: the group
+        # is the caller's, and a resumed run passes its own.)
+        self._groups = scheduler_groups(cm, process_group, "SRigL")
         check_same_masks({name: layer.weight_mask for name, layer in self.layers.items()}, "when SRigL starts",
                          self._groups)
         if sparse_init:
