@@ -78,29 +78,48 @@ def disabling_grad_by_hand() -> bool:
 
 
 @contextlib.contextmanager
-def reentrant_calls_run_plainly():
+def reentrant_calls_through(wrap):
+    """CheckpointFunction.apply (how checkpoint() makes a reentrant call) replaced by `wrap(apply)` while
+    this runs, in its thread's turn (graph_module.TRACE_LOCK, as every patch of sparsec's traces: a capture
+    outside it, torch.export of the model in its other mode, patched over another thread's capture and
+    removed that one's patch when it finished first, which then failed to remove its own)."""
+    from sparsec.graph_module import TRACE_LOCK  # (graph_module imports this module)
+    function_class = torch.utils.checkpoint.CheckpointFunction
+    with TRACE_LOCK:
+        own = function_class.__dict__.get("apply")  # (none: Function.apply)
+        function_class.apply = staticmethod(wrap(function_class.apply))
+        try:
+            yield
+        finally:
+            if own is None:
+                del function_class.apply
+            else:
+                function_class.apply = own
+
+
+def reentrant_calls_run_plainly(untrained: list[str] | None = None):
     """While torch.export captures a model (in this thread): a reentrant checkpoint call runs its function
     as plain code. export records an autograd.Function's forward only, and a reentrant call's runs under
     no_grad: the graph computed the checkpointed code without gradients (its parameters never trained).
     Plainly, it records what the call computes: with gradients where an input requires grad, under no_grad
     where none does (as the reentrant call, whose output then requires none). Export keeps no checkpointing
-    either way (capture() notes it)."""
-    function_class = torch.utils.checkpoint.CheckpointFunction
-    apply, exporting = function_class.apply, threading.get_ident()
+    either way (capture() notes it). `untrained`: the functions run under no_grad so (the graph fixes that,
+    where the model decides on each call: capture() notes it)."""
+    exporting = threading.get_ident()
 
-    def plainly(function, preserve_rng_state, *args):
-        if threading.get_ident() != exporting:
-            return apply(function, preserve_rng_state, *args)
-        if any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-            return function(*args)
-        with torch.no_grad():
-            return function(*args)
+    def wrap(apply):
+        def plainly(function, preserve_rng_state, *args):
+            if threading.get_ident() != exporting:
+                return apply(function, preserve_rng_state, *args)
+            if any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+                return function(*args)
+            if untrained is not None and torch.is_grad_enabled():
+                untrained.append(getattr(function, "__qualname__", type(function).__qualname__))
+            with torch.no_grad():
+                return function(*args)
+        return plainly
 
-    function_class.apply = staticmethod(plainly)
-    try:
-        yield
-    finally:
-        del function_class.apply  # (Function.apply again)
+    return reentrant_calls_through(wrap)
 
 
 def _options(frame: types.FrameType) -> tuple[tuple[str, object], ...]:
@@ -271,7 +290,26 @@ class _OperatorsByName(pickle.Pickler):
             return _operator, (obj._schema.name, obj._overloadname)
         if isinstance(obj, torch._ops.OpOverloadPacket):
             return _operator, (obj._qualified_op_name, None)
+        # higher-order operators too (torch.ops.higher_order.flex_attention, which save lists of attention
+        # models name): they did not pickle, and the saved model lost its selective checkpointing
+        if isinstance(obj, torch._ops.HigherOrderOperator):
+            return _operator, (f"{obj.namespace}::{obj.name()}", None)
         return NotImplemented
+
+
+def _unpickled_context(data: bytes):
+    """A context_fn as _PickledContext saved it, or none where this process cannot make it again: one that
+    refers to a function of the script that saved the model (`__main__`) or of a module not importable
+    here, or to an operator not registered here. The model itself loads without the saving script's code;
+    its selective checkpointing failed the whole load."""
+    try:
+        return pickle.loads(data)
+    except Exception as e:  # noqa: BLE001 - whatever unpickling the user's object raises
+        warnings.warn(f"the context_fn of a torch.utils.checkpoint call cannot be loaded in this process "
+                      f"({type(e).__name__}: {e}): the loaded model recomputes that call whole in backward (the same "
+                      f"values; selective checkpointing saved some ops' outputs instead). Define the policy in a "
+                      f"module this process imports to keep it", stacklevel=2)
+        return torch.utils.checkpoint.noop_context_fn
 
 
 class _PickledContext:
@@ -281,7 +319,7 @@ class _PickledContext:
         self.data = data
 
     def __reduce__(self):
-        return pickle.loads, (self.data,)
+        return _unpickled_context, (self.data,)
 
 
 def portable_contexts(contexts: tuple) -> tuple:

@@ -31,8 +31,8 @@ from sparsec.distributed import GATHER_RECIPE, any_sharded
 from sparsec.errors import ExampleInputError, InvalidTypeError, ParameterWriteError, TraceError
 from sparsec.export_mode import ModeFlag, follow_mode
 from sparsec.checkpointing import (checkpoint_call, disabling_grad_by_hand, in_reentrant_checkpoint,
-                                   reentrant_calls_run_plainly)
-from sparsec.graph_module import RecordOperators, SparsecGraphModule, ThreadTracer
+                                   reentrant_calls_run_plainly, reentrant_calls_through)
+from sparsec.graph_module import TRACE_LOCK, RecordOperators, SparsecGraphModule, ThreadTracer
 from sparsec.plan import dtype_name
 from sparsec.runtime.guard import InputGuard, ShapeGuard
 from sparsec.runtime.layers import RuntimeLayer
@@ -127,8 +127,10 @@ class _Tracer(ThreadTracer):
     def _no_grad_in_reentrant_checkpoints(self):
         """Refuse torch.no_grad() of the model's own inside a reentrant checkpoint, where it is set. The
         checkpoint runs its function under no_grad already, so ops see no mode change (create_proxy), and
-        the graph dropped it: the recomputation in backward sent gradients through, unlike the model's."""
-        set_grad_enabled, setting = torch._C._set_grad_enabled, []
+        the graph dropped it: the recomputation in backward sent gradients through, unlike the model's.
+        Likewise a reentrant checkpoint called under the model's own no_grad: its ops saw the no_grad they
+        expect inside a reentrant call, and the graph dropped the model's (the frozen branch trained)."""
+        setting = []
 
         def watched(mode: bool):
             # (`setting`: torch function modes (TraceTimeReads) get the call and make it again, from their code)
@@ -145,11 +147,27 @@ class _Tracer(ThreadTracer):
             finally:
                 setting.pop()
 
-        torch._C._set_grad_enabled = watched
-        try:
-            yield
-        finally:
-            torch._C._set_grad_enabled = set_grad_enabled
+        def checked(apply):
+            def call(function, preserve_rng_state, *args):
+                # grad is on where a reentrant call is made, but inside another one (which turned it off)
+                if self.tracing_here() and torch.is_grad_enabled() != (self.modes[0] and not in_reentrant_checkpoint()):
+                    self.saw_checkpoint = True
+                    raise TraceError("the forward makes a reentrant torch.utils.checkpoint call under a grad mode of "
+                                     "its own (torch.no_grad()), and the call runs its function under no_grad itself, "
+                                     "so torch.fx cannot tell the two apart")
+                return apply(function, preserve_rng_state, *args)
+            return call
+
+        # (one trace at a time, from before it reads the original: a trace waiting for its turn that had patched
+        # already saw the running trace's patch as the original, and put it back for good when it finished,
+        # after the running trace had restored the real one, so that this trace ran without the patch)
+        with TRACE_LOCK, reentrant_calls_through(checked):
+            set_grad_enabled = torch._C._set_grad_enabled
+            torch._C._set_grad_enabled = watched
+            try:
+                yield
+            finally:
+                torch._C._set_grad_enabled = set_grad_enabled
 
     def create_proxy(self, kind, target, args, kwargs, *rest, **more):
         # fx records ops, not the grad / autocast mode they ran in: an op under `with torch.no_grad():`
@@ -322,9 +340,9 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
         except Exception as eager_error:  # noqa: BLE001
             raise ExampleInputError(_example_input_message(eager_error, example_inputs)) from eager_error
 
-    functions = InlinedFunctions(user_code_frame, every_call=True)
+    functions, untrained = InlinedFunctions(user_code_frame, every_call=True), []
     try:
-        with preserved_state(model), _export_chatter_held(), functions, reentrant_calls_run_plainly():
+        with preserved_state(model), _export_chatter_held(), functions, reentrant_calls_run_plainly(untrained):
             exported = _export(model, example_inputs)
         module = exported.module()
     except Exception as export_error:  # noqa: BLE001
@@ -353,6 +371,15 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
         notes.append("the forward runs code under torch.utils.checkpoint, which a graph captured with torch.export "
                      "does not keep: the compiled model computes the same but stores those activations for "
                      "backward (more memory in training)")
+    # a reentrant call trains the code inside where one of its inputs requires grad, decided on each call;
+    # the graph fixed the example's decision (a pipeline stage's input, x.requires_grad_(): nothing trained)
+    if train and untrained:
+        names = ", ".join(dict.fromkeys(untrained))
+        notes.append(f"no input of the reentrant torch.utils.checkpoint call(s) running {names} requires grad on the "
+                     f"example inputs, so the model trains nothing inside them there, and torch.export fixes that for "
+                     f"every call: called with inputs that make them require grad (a pipeline stage's), the compiled "
+                     f"model still trains nothing inside, where the model would. Pass example inputs with "
+                     f"requires_grad=True if it is called so")
     # export writes the mode into the graph (dropout, batch norm): read it instead where the model allows
     if not follow_mode(gm, _export_in_other_mode(model, example_inputs), model.training):
         gm.fixed_training = model.training

@@ -6,6 +6,9 @@ import collections
 import copy
 import functools
 import io
+import sys
+import threading
+import types
 import warnings
 
 import pytest
@@ -328,6 +331,42 @@ def test_a_context_fn_pickle_cannot_keep_is_saved_as_full_checkpointing_with_a_w
     assert calls == [False, True]
 
 
+def test_a_saved_context_fn_this_process_cannot_import_loads_as_full_checkpointing_with_a_warning(tmp_path, monkeypatch):
+    """A policy defined in the training script (pickled by reference to __main__) is not there when a server
+    loads the model, which needs none of the model's own classes: the load failed altogether."""
+    script = types.ModuleType("_sparsec_training_script")
+
+    def policy(ctx, op, *args, **kwargs):
+        saved = op in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+        return CheckpointPolicy.MUST_SAVE if saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+    policy.__module__, policy.__qualname__, script.policy = script.__name__, "policy", policy
+    monkeypatch.setitem(sys.modules, script.__name__, script)
+    torch.manual_seed(0)
+    model, x = Selective(functools.partial(create_selective_checkpoint_contexts, policy)), torch.randn(4, 16)
+    cm = _compile(model, x, pattern="dense", train=True)
+    sparsec.save(cm, tmp_path / "m.sparsec")
+    monkeypatch.delitem(sys.modules, script.__name__)  # (the serving process)
+    with pytest.warns(UserWarning, match=r"context_fn .* cannot be loaded .*recomputes that call whole"):
+        loaded = sparsec.load(tmp_path / "m.sparsec")
+    assert "context_fn" not in loaded.graph_module.code
+    assert loaded.graph_module.code.count("torch.utils.checkpoint.checkpoint(") == 1
+    _assert_same_grads_as(model, x, _grads(loaded, x)[0], loaded)
+
+
+def test_a_context_fn_naming_a_higher_order_operator_is_saved():
+    """Save lists name torch.ops.higher_order operators too (flex_attention): they did not pickle."""
+    torch.manual_seed(0)
+    save = [torch.ops.aten.addmm.default, torch.ops.higher_order.flex_attention]
+    model, x = Selective(functools.partial(create_selective_checkpoint_contexts, save)), torch.randn(4, 16)
+    cm = _compile(model, x, pattern="dense", train=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no "cannot be pickled")
+        loaded = _reloaded(cm, "torch.save", None)
+    assert loaded.graph_module._sparsec_checkpoint_contexts[0].args == (save,)
+    assert _backward_ops(loaded, x) == _backward_ops(model, x)
+
+
 def test_shrink_keeps_checkpointing_and_the_outputs():
     torch.manual_seed(0)
     model, x = Net(), torch.randn(8, 16)
@@ -476,6 +515,32 @@ def test_a_reentrant_checkpoint_torch_fx_cannot_record_trains_as_the_model_does(
         assert cm.graph_module.get_parameter("b.weight").grad is None
 
 
+class _ReentrantUnderNoGrad(nn.Module):
+    """A reentrant checkpoint called under the model's own torch.no_grad() (a frozen branch), whose ops all
+    run inside the call."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.a(x)
+        with torch.no_grad():
+            g = ckpt.checkpoint(self.b, h, use_reentrant=True)
+        return self.c(h * g)
+
+
+def test_a_reentrant_checkpoint_under_the_models_own_no_grad_trains_as_the_model_does():
+    """Inside a reentrant call grad is off, as the call sets it, so its ops matched the mode the tracer expects
+    there and the model's no_grad around the call went unseen: the compiled model trained the frozen branch."""
+    torch.manual_seed(0)
+    model, x = _ReentrantUnderNoGrad(), torch.randn(4, 8)
+    cm = _compile(model, x, pattern="dense", train=True)
+    got_x, _ = _grads(cm, x)
+    _assert_same_grads_as(model, x, got_x, cm)
+    assert model.b.weight.grad is None and cm.graph_module.get_parameter("b.weight").grad is None
+
+
 def test_a_reentrant_checkpoint_on_inputs_needing_no_grad_trains_nothing_inside_under_torch_export_too():
     """Where no input of a reentrant call requires grad, its output requires none and the parameters inside
     get no gradient (torch warns): the export capture does the same."""
@@ -502,6 +567,73 @@ def test_a_reentrant_checkpoint_on_inputs_needing_no_grad_trains_nothing_inside_
         model(x).sum().backward()
     assert model.b.weight.grad is None and cm.graph_module.get_parameter("b.weight").grad is None
     torch.testing.assert_close(cm.graph_module.get_parameter("side.weight").grad, model.side.weight.grad)
+
+
+class _AutocastBlock(Block):
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # (torch.fx cannot record it: export captures)
+            h = torch.relu(self.fc1(x))
+        return x + self.fc2(h.float())
+
+
+class _Stage(nn.Module):
+    """A pipeline stage: its input is the previous stage's activation, which requires grad."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_AutocastBlock(dim=8) for _ in range(2)])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = ckpt.checkpoint(block, x, use_reentrant=True)
+        return x
+
+
+def test_torch_export_fixing_that_a_reentrant_call_trains_nothing_is_noted():
+    """Whether a reentrant call trains the code inside is decided on each call (does an input require grad?);
+    torch.export fixes the example's answer. Example inputs that require no grad gave a graph that trains
+    nothing in the stage, even for inputs that do, without a word: the plan says so, and example inputs
+    that require grad give the model's gradients."""
+    torch.manual_seed(0)
+    model, x = _Stage(), torch.randn(4, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch's: none of the inputs requires grad)
+        cm = _compile(model, x, pattern="dense", train=True)
+    assert any("requires grad on the example inputs" in note and "_AutocastBlock" in note for note in cm.plan.notes)
+    cm = _compile(model, x.clone().requires_grad_(True), pattern="dense", train=True)
+    assert not any("requires grad on the example inputs" in note for note in cm.plan.notes)
+    got_x, _ = _grads(cm, x)
+    _assert_same_grads_as(model, x, got_x, cm)
+
+
+def test_the_grad_mode_and_reentrant_call_patches_wait_for_the_running_trace():
+    """Each trace patches torch._C._set_grad_enabled and CheckpointFunction.apply. One that patched before
+    waiting for its turn (the model traced again in its other mode; the torch.export capture in that mode)
+    took the running trace's patch for the original: one removed the other's, and a patch stayed for good."""
+    from sparsec.checkpointing import reentrant_calls_run_plainly
+    from sparsec.frontend import _Tracer
+    from sparsec.graph_module import TRACE_LOCK
+
+    def patches():
+        return torch._C._set_grad_enabled, ckpt.CheckpointFunction.__dict__.get("apply")
+
+    release = threading.Event()
+
+    def export_capture():
+        with reentrant_calls_run_plainly():
+            release.wait(5)
+
+    original = patches()
+    for work in (lambda: _Tracer(keep_checkpoints=True).trace(Net(reentrant=True)), export_capture):
+        release.clear()
+        with TRACE_LOCK:  # another thread's trace, running
+            thread = threading.Thread(target=work)
+            thread.start()
+            thread.join(0.3)
+            assert patches() == original  # (not patched while it waits)
+        release.set()
+        thread.join(5)
+        assert not thread.is_alive() and patches() == original
 
 
 def test_names_in_the_model_do_not_clash_with_the_generated_functions():
