@@ -9,7 +9,8 @@ function run through `torch.utils.checkpoint.checkpoint(..., use_reentrant=False
 the model made reentrant, see _options), so backward recomputes it. A call's `context_fn` (selective
 checkpointing: which ops' outputs are saved rather than recomputed) is passed on, read from the graph
 module's CONTEXTS attribute. A pickled graph module keeps that code and that attribute (portable_contexts),
-and loading traces it again, which finds the calls again.
+and loading traces it again, which finds the calls again. A graph torch.export captures is tagged from
+annotations its ops get while export traces (ExportTags, tag_exported).
 """
 from __future__ import annotations
 
@@ -26,10 +27,12 @@ import warnings
 
 import torch
 import torch.fx as fx
+import torch.fx.traceback as fx_traceback
 import torch.utils.checkpoint
 from torch.fx.graph import PythonCode
+from torch.overrides import TorchFunctionMode
 
-from sparsec.meta import CheckpointRegion, get_meta
+from sparsec.meta import CheckpointRegion, get_meta, update_meta
 
 _CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
 CONTEXTS = "_sparsec_checkpoint_contexts"  # graph module attribute: the context_fn of each checkpoint call
@@ -339,3 +342,82 @@ def portable_contexts(contexts: tuple) -> tuple:
                           f"defined at module level, or functools.partial of one, to keep it", stacklevel=3)
             portable.append(torch.utils.checkpoint.noop_context_fn)
     return tuple(portable)
+
+
+class ExportTags(TorchFunctionMode):
+    """While torch.export captures a model for training (in this thread): each op made inside a
+    torch.utils.checkpoint call is annotated with the call. export copies fx's current node meta, its
+    "custom" entry included (fx.traceback.annotate's), into the nodes it makes under preserve_node_meta;
+    tag_exported() turns the annotations into SparsecMeta.checkpoint, and the graph module runs the spans
+    checkpointed again, as it does a torch.fx graph's. export itself inlines the calls: the capture of a
+    model only it can trace (no_grad or autocast inside the checkpointed code) kept none before."""
+
+    KEY = "sparsec_checkpoint"
+
+    def __init__(self):
+        super().__init__()
+        self.tags, self.regions, self._thread = CheckpointTags(), {}, threading.get_ident()
+
+    @staticmethod
+    def supported() -> bool:
+        return hasattr(fx_traceback, "annotate") and isinstance(getattr(fx_traceback, "current_meta", None), dict)
+
+    def __enter__(self):
+        self._preserved = fx_traceback.preserve_node_meta()  # (restores fx's current meta on exit)
+        self._preserved.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._preserved.__exit__(*exc)
+            self.tags.close()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if threading.get_ident() == self._thread:
+            region = self.tags.region()
+            custom = dict(fx_traceback.current_meta.get("custom") or {})  # (a new dict: nodes may share the old)
+            if region is not None:
+                self.regions[region.index] = region
+                custom[self.KEY] = region.index
+            else:
+                custom.pop(self.KEY, None)
+            fx_traceback.current_meta["custom"] = custom
+        return func(*args, **(kwargs or {}))
+
+
+def tag_exported(gm: fx.GraphModule, regions: dict[int, CheckpointRegion]) -> int:
+    """Tag the nodes of an exported graph module with the checkpoint calls ExportTags annotated them with
+    (a higher-order op, such as export's no_grad / autocast regions, with the call of the ops in its
+    subgraph); the number of calls found."""
+    def index(node: fx.Node) -> int | None:
+        return (node.meta.get("custom") or {}).get(ExportTags.KEY)
+
+    spans: dict[int, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        k = index(node)
+        if k is None and isinstance(node.target, torch._ops.HigherOrderOperator):
+            # (the subgraph's ops; its placeholders carry the meta of the values passed in)
+            inner = {index(n) for a in node.all_input_nodes if a.op == "get_attr"
+                     for sub in [getattr(gm, a.target, None)] if isinstance(sub, fx.GraphModule)
+                     for n in sub.graph.nodes if n.op not in ("placeholder", "output")} - {None}
+            k = inner.pop() if len(inner) == 1 else None
+        if k is not None and k in regions and node.op not in ("placeholder", "output"):
+            spans.setdefault(k, []).append(node)
+    # A call made under no_grad (the model's own, around it) is recorded as one no_grad region: torch runs
+    # such a call plainly (none of its outputs requires grad), and a reentrant one checkpointed again failed
+    # in backward ("none of output has requires_grad=True")
+    kept = {k: nodes for k, nodes in spans.items() if not all(_under_no_grad(n) for n in nodes)}
+    for k, nodes in kept.items():
+        for node in nodes:
+            update_meta(node, checkpoint=regions[k])
+    return len(kept)
+
+
+def _under_no_grad(node: fx.Node) -> bool:
+    """Whether `node` is export's no_grad region (wrap_with_set_grad_enabled(False, ...)) or one of its outputs."""
+    if node.target is operator.getitem:
+        node = node.args[0]
+    return (isinstance(node, fx.Node) and isinstance(node.target, torch._ops.HigherOrderOperator)
+            and node.target.name() == "wrap_with_set_grad_enabled" and node.args[:1] == (False,))

@@ -30,8 +30,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 from sparsec.distributed import GATHER_RECIPE, any_sharded
 from sparsec.errors import ExampleInputError, InvalidTypeError, ParameterWriteError, TraceError
 from sparsec.export_mode import ModeFlag, follow_mode
-from sparsec.checkpointing import (checkpoint_call, disabling_grad_by_hand, in_reentrant_checkpoint,
-                                   reentrant_calls_run_plainly, reentrant_calls_through)
+from sparsec.checkpointing import (ExportTags, checkpoint_call, disabling_grad_by_hand, in_reentrant_checkpoint,
+                                   reentrant_calls_run_plainly, reentrant_calls_through, tag_exported)
 from sparsec.graph_module import TRACE_LOCK, RecordOperators, SparsecGraphModule, ThreadTracer
 from sparsec.plan import dtype_name
 from sparsec.runtime.guard import InputGuard, ShapeGuard
@@ -341,8 +341,10 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
             raise ExampleInputError(_example_input_message(eager_error, example_inputs)) from eager_error
 
     functions, untrained = InlinedFunctions(user_code_frame, every_call=True), []
+    # a training compile keeps the checkpoint calls export inlines (annotated, then tagged below)
+    tags = ExportTags() if train and ExportTags.supported() else contextlib.nullcontext()
     try:
-        with preserved_state(model), _export_chatter_held(), functions, reentrant_calls_run_plainly(untrained):
+        with preserved_state(model), _export_chatter_held(), functions, reentrant_calls_run_plainly(untrained), tags:
             exported = _export(model, example_inputs)
         module = exported.module()
     except Exception as export_error:  # noqa: BLE001
@@ -359,18 +361,22 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
     # torch.export's tracer class needs constructor arguments, which a pickled GraphModule cannot
     # supply when it is loaded again; the graph no longer needs it.
     module.graph._tracer_cls = None
+    kept = tag_exported(module, tags.regions) if isinstance(tags, ExportTags) else 0
     gm = SparsecGraphModule(module, module.graph, type(model).__name__)
     guard = _guard_inputs(gm, exported.range_constraints)
     notes = [f"traced with torch.export (symbolic_trace failed: {_first_line(symbolic_failure)}"
              + (f" at {where}" if where else "") + f"); the graph holds for inputs {guard.describe()}"]
     if train and functions.functions:
         notes.append(describe_inlined(functions.functions))
-    # torch.export inlines torch.utils.checkpoint calls (the graph keeps no trace of them): say so, as the
-    # symbolic_trace path does for the checkpointing it does not keep (this one lost it without a word)
-    if any(t.saw_checkpoint for t in tracers):
+    # torch.export inlines torch.utils.checkpoint calls: kept from ExportTags' annotations, or lost, which
+    # is said, as the symbolic_trace path does for the checkpointing it does not keep
+    if kept:
+        notes.append(f"the forward runs {kept} torch.utils.checkpoint call(s), captured by torch.export: the compiled "
+                     f"model checkpoints them too, recomputing them in backward")
+    elif any(t.saw_checkpoint for t in tracers):
         notes.append("the forward runs code under torch.utils.checkpoint, which a graph captured with torch.export "
-                     "does not keep: the compiled model computes the same but stores those activations for "
-                     "backward (more memory in training)")
+                     "does not keep" + ("" if train else " in an inference compile") + ": the compiled model computes "
+                     "the same but stores those activations for backward (more memory in training)")
     # a reentrant call trains the code inside where one of its inputs requires grad, decided on each call;
     # the graph fixed the example's decision (a pipeline stage's input, x.requires_grad_(): nothing trained)
     if train and untrained:

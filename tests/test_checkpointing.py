@@ -468,14 +468,19 @@ class _AutocastInside(_NoGradInside):
 
 
 @pytest.mark.parametrize("inside", [_NoGradInside, _AutocastInside])
-def test_a_capture_by_torch_export_says_it_drops_checkpointing(inside):
-    """A model only torch.export captures (here: no_grad / autocast inside the checkpoint), which inlines
-    its checkpoint calls: the plan says the checkpointing is lost, as it does for the other ways it is lost."""
+def test_a_capture_by_torch_export_keeps_checkpointing_for_training_only(inside):
+    """A model only torch.export captures (here: no_grad / autocast inside the checkpoint): a training
+    compile keeps its checkpoint calls (tests/test_checkpointing_export.py), an inference compile drops
+    them, saying so, as it does for torch.fx graphs."""
     torch.manual_seed(0)
     model, x = inside(), torch.randn(4, 8)
     cm = _compile(model, x, pattern="dense", train=True)
-    assert "checkpoint" not in cm.graph_module.code
-    assert any("torch.utils.checkpoint" in note and "torch.export" in note for note in cm.plan.notes)
+    assert cm.graph_module.code.count("torch.utils.checkpoint.checkpoint(") == 1
+    assert any("captured by torch.export: the compiled model checkpoints them too" in note for note in cm.plan.notes)
+    served = _compile(model, x, pattern="dense")
+    assert "checkpoint" not in served.graph_module.code
+    assert any("torch.utils.checkpoint" in note and "does not keep in an inference compile" in note
+               for note in served.plan.notes)
 
 
 class _ReentrantNoGradInside(_NoGradInside):
@@ -502,12 +507,13 @@ def test_a_reentrant_checkpoint_torch_fx_cannot_record_trains_as_the_model_does(
     """A reentrant call runs its function under no_grad, so the model's own no_grad inside it left the
     grad mode its ops saw as it was: the graph dropped it, and gradients flowed through the frozen branch.
     And torch.export, which captures such models, recorded the call's forward under no_grad: its
-    parameters got no gradient at all. Now: captured by torch.export, with the gradients of the model."""
+    parameters got no gradient at all. Now: captured by torch.export, checkpointed, with the gradients of
+    the model."""
     torch.manual_seed(0)
     model, x = model_class(), torch.randn(4, 8)
     cm = _compile(model, x, pattern="dense", train=True)
     assert cm.plan.notes[0].startswith("traced with torch.export")
-    assert any("does not keep" in note and "torch.utils.checkpoint" in note for note in cm.plan.notes)
+    assert "use_reentrant = True" in cm.graph_module.code  # (kept: tests/test_checkpointing_export.py)
     got_x, _ = _grads(cm, x)
     _assert_same_grads_as(model, x, got_x, cm)
     assert cm.graph_module.get_parameter("a.weight").grad is not None
