@@ -32,7 +32,7 @@ import torch.utils.checkpoint
 from torch.fx.graph import PythonCode
 from torch.overrides import TorchFunctionMode
 
-from sparsec.meta import CheckpointRegion, get_meta, update_meta
+from sparsec.meta import META_KEY, CheckpointRegion, get_meta, update_meta
 
 _CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
 CONTEXTS = "_sparsec_checkpoint_contexts"  # graph module attribute: the context_fn of each checkpoint call
@@ -357,6 +357,7 @@ class ExportTags(TorchFunctionMode):
     def __init__(self):
         super().__init__()
         self.tags, self.regions, self._thread = CheckpointTags(), {}, threading.get_ident()
+        self._interpreted: dict[int, tuple[CheckpointRegion, CheckpointRegion]] = {}  # id(graph's) -> (it, ours)
 
     @staticmethod
     def supported() -> bool:
@@ -376,7 +377,7 @@ class ExportTags(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if threading.get_ident() == self._thread:
-            region = self.tags.region()
+            region = self.tags.region() or self._region_of_interpreted_node()
             custom = dict(fx_traceback.current_meta.get("custom") or {})  # (a new dict: nodes may share the old)
             if region is not None:
                 self.regions[region.index] = region
@@ -386,6 +387,20 @@ class ExportTags(TorchFunctionMode):
             fx_traceback.current_meta["custom"] = custom
         return func(*args, **(kwargs or {}))
 
+    def _region_of_interpreted_node(self) -> CheckpointRegion | None:
+        """The checkpoint call of the graph node torch.export is running, where it runs a graph module (a
+        compiled model compiled again): export runs those through fx.Interpreter, not their forward, so no
+        checkpoint call is on the stack (the recompiled graph stored every activation); the interpreter's
+        current meta is the node's, which carries the call (SparsecMeta.checkpoint). A new region per call,
+        numbered after the ones found on the stack."""
+        region = getattr(fx_traceback.current_meta.get(META_KEY), "checkpoint", None)
+        if region is None:
+            return None
+        if id(region) not in self._interpreted:
+            self._interpreted[id(region)] = (region, CheckpointRegion(self.tags.kept, region.options))
+            self.tags.kept += 1
+        return self._interpreted[id(region)][1]
+
 
 def tag_exported(gm: fx.GraphModule, regions: dict[int, CheckpointRegion]) -> int:
     """Tag the nodes of an exported graph module with the checkpoint calls ExportTags annotated them with
@@ -394,16 +409,47 @@ def tag_exported(gm: fx.GraphModule, regions: dict[int, CheckpointRegion]) -> in
     def index(node: fx.Node) -> int | None:
         return (node.meta.get("custom") or {}).get(ExportTags.KEY)
 
+    def inner(module: fx.GraphModule, node: fx.Node) -> set[int]:
+        """The calls of the ops in a higher-order op's subgraphs, nested ones included (their placeholders
+        carry the meta of the values passed in)."""
+        found = set()
+        for a in node.all_input_nodes:
+            sub = getattr(module, a.target, None) if a.op == "get_attr" else None
+            if isinstance(sub, fx.GraphModule):
+                for n in sub.graph.nodes:
+                    if n.op not in ("placeholder", "output"):
+                        found |= {index(n)} | (inner(sub, n) if isinstance(n.target, torch._ops.HigherOrderOperator)
+                                               else set())
+        return found - {None}
+
+    # A region export made around several calls (`with torch.autocast(...):` over a loop of checkpointed
+    # blocks) cannot be split: its calls run as one, or, where their options differ, unchecked. A region
+    # left untagged made a span of the getitems after it alone, which checkpointed nothing (and, reentrant,
+    # got a tuple input, so its output required no grad: the model trained nothing and backward failed).
+    group = {k: k for k in regions}
+    def root(k: int) -> int:
+        while group[k] != k:
+            k = group[k]
+        return k
+
+    for node in gm.graph.nodes:
+        if index(node) is None and isinstance(node.target, torch._ops.HigherOrderOperator):
+            calls = sorted(k for k in inner(gm, node) if k in regions)
+            for k in calls[1:]:
+                group[root(k)] = root(calls[0])
+    members: dict[int, list[int]] = {}
+    for k in regions:
+        members.setdefault(root(k), []).append(k)
+    one = {k: r for r, ks in members.items() if all(regions[m].options == regions[r].options for m in ks) for k in ks}
+
     spans: dict[int, list[fx.Node]] = {}
     for node in gm.graph.nodes:
         k = index(node)
         if k is None and isinstance(node.target, torch._ops.HigherOrderOperator):
-            # (the subgraph's ops; its placeholders carry the meta of the values passed in)
-            inner = {index(n) for a in node.all_input_nodes if a.op == "get_attr"
-                     for sub in [getattr(gm, a.target, None)] if isinstance(sub, fx.GraphModule)
-                     for n in sub.graph.nodes if n.op not in ("placeholder", "output")} - {None}
-            k = inner.pop() if len(inner) == 1 else None
-        if k is not None and k in regions and node.op not in ("placeholder", "output"):
+            calls = inner(gm, node) & set(regions)
+            k = min(calls) if calls else None
+        k = one.get(k)
+        if k is not None and node.op not in ("placeholder", "output"):
             spans.setdefault(k, []).append(node)
     # A call made under no_grad (the model's own, around it) is recorded as one no_grad region: torch runs
     # such a call plainly (none of its outputs requires grad), and a reentrant one checkpointed again failed

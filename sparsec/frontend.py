@@ -215,6 +215,24 @@ class _Tracer(ThreadTracer):
         return False
 
 
+@contextlib.contextmanager
+def _modes_kept():
+    """The grad and autocast modes as they were, after a trace too. A trace that fails inside a region a
+    graph sets (torch.export's wrap_with_set_grad_enabled(False, ...) in a compiled graph compiled again,
+    whose exit is not in a finally) left grad off for the whole process, and the export fallback traced
+    every op under no_grad: the compiled model dropped the region, and training after it computed nothing."""
+    grad = torch.is_grad_enabled()
+    devices = [d for d in ("cpu", "cuda") if torch.amp.is_autocast_available(d)]
+    autocast = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in devices]
+    try:
+        yield
+    finally:
+        torch.set_grad_enabled(grad)
+        for device, enabled, dtype in autocast:
+            torch.set_autocast_enabled(device, enabled)
+            torch.set_autocast_dtype(device, dtype)
+
+
 def _grad_and_autocast() -> tuple:
     """The grad mode and the autocast state that ops run under (see _Tracer.create_proxy)."""
     autocast = tuple((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")
@@ -256,7 +274,7 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
         functions = InlinedFunctions(user_code_frame)
         try:
             try:
-                with reads, functions:
+                with reads, functions, _modes_kept():
                     graph = tracer.trace(model, concrete_args=values or None)
             finally:
                 traced_changes |= before_trace.changed()

@@ -6,7 +6,6 @@ compiled graph runs those spans through checkpoint again, as for torch.fx graphs
 Recomputation is observed as the ops backward runs: the checkpointed code's products (aten.addmm) run again
 in backward, as many times as in the eager model's backward (the reference), and not at all without
 checkpointing."""
-import collections
 import copy
 import warnings
 
@@ -14,10 +13,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint as ckpt
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import sparsec
 from oracle import pruned_model
+from test_checkpointing import CountOps
 
 
 class Inside(nn.Module):
@@ -40,16 +39,6 @@ class Inside(nn.Module):
     def forward(self, x):
         h = torch.tanh(self.a(x))
         return ckpt.checkpoint(self.part, h, use_reentrant=self.reentrant) + 1
-
-
-class CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.counts = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _compile(model, x, **options):
@@ -123,3 +112,69 @@ def test_a_sparse_layer_inside_trains_as_the_pruned_model_and_a_copy_keeps_it():
     torch.testing.assert_close(got_x, want_x)
     mask = cm.mask("c")
     torch.testing.assert_close(cm.graph_module.sparse_c.weight.grad, want["c.weight"] * mask)  # (the rewritten layer)
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_a_compiled_model_compiled_again_for_training_keeps_its_checkpointing(reentrant):
+    """torch.export runs a graph module through fx.Interpreter, not its (checkpointed) forward: compiled
+    again, the compiled model's graph stored every activation. The calls are read from the nodes' meta.
+    (autocast: an export graph's no_grad region leaves grad off where symbolic_trace fails inside it.)"""
+    torch.manual_seed(0)
+    model, x = Inside("autocast", reentrant), torch.randn(4, 8, requires_grad=True)
+    again = _compile(_compile(model, x, pattern="dense", train=True), x, pattern="dense", train=True)
+    assert any("1 torch.utils.checkpoint call(s), captured by torch.export" in note for note in again.plan.notes)
+    assert again.graph_module.code.count("torch.utils.checkpoint.checkpoint(") == 1
+    assert ("use_reentrant = True" in again.graph_module.code) == reentrant
+    assert _products_in_backward(again, x) == _products_in_backward(model, x) > 0
+    _assert_trains_as(model, again, x)
+
+
+class AutocastOverCalls(nn.Module):
+    """One autocast region around several checkpoint calls: export records it as one higher-order op."""
+
+    def __init__(self, reentrant):
+        super().__init__()
+        self.reentrant = reentrant
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(2))
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            for block in self.blocks:
+                x = ckpt.checkpoint(block, x, use_reentrant=self.reentrant)
+        return x.float()
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_calls_inside_one_autocast_region_run_as_one_checkpoint(reentrant):
+    """The region cannot be split: its calls run as one. Left untagged, the getitems after it made a span
+    alone: nothing was recomputed, and a reentrant one got a tuple, so nothing trained (backward failed)."""
+    torch.manual_seed(0)
+    model, x = AutocastOverCalls(reentrant), torch.randn(4, 8, requires_grad=True)
+    cm = _compile(model, x, pattern="dense", train=True)
+    assert cm.graph_module.code.count("torch.utils.checkpoint.checkpoint(") == 1
+    assert _products_in_backward(cm, x) == _products_in_backward(model, x) > 0
+    _assert_trains_as(model, cm, x)
+
+
+def test_compiling_again_a_graph_with_a_no_grad_region_leaves_grad_on_and_keeps_the_region():
+    """torch.export records a no_grad block as a region whose exit is no finally: the trace of the compiled
+    graph, failing inside it, left grad off for the whole process, and the export fallback then traced
+    every op under no_grad (the region dropped: gradients reached the frozen branch)."""
+
+    class FrozenScale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l, self.m = nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x):
+            with torch.no_grad():
+                s = self.l(x).mean()
+            return self.m(x) * s
+
+    torch.manual_seed(0)
+    model, x = FrozenScale(), torch.randn(8, 16)
+    cm = _compile(model, x, pattern="dense", train=True)
+    again = _compile(cm, x, pattern="dense", train=True)
+    assert torch.is_grad_enabled()
+    _assert_trains_as(model, again, x)
+    assert again.graph_module.get_parameter("l.weight").grad is None
