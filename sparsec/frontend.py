@@ -25,6 +25,7 @@ import sympy
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from sparsec.distributed import GATHER_RECIPE, any_sharded
@@ -215,6 +216,20 @@ class _Tracer(ThreadTracer):
         return False
 
 
+class _InferenceModeInside(TorchFunctionMode):
+    """While torch.export captures: where the forward first runs an op under a torch.inference_mode() of its
+    own, which export does not record (the compiled model trained the code inside)."""
+
+    def __init__(self):
+        super().__init__()
+        self.outer, self.where = torch.is_inference_mode_enabled(), None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if self.where is None and not self.outer and torch.is_inference_mode_enabled():
+            self.where = user_code_frame(traceback.extract_stack()[:-1]) or f"at {getattr(func, '__name__', func)}"
+        return func(*args, **(kwargs or {}))
+
+
 @contextlib.contextmanager
 def _modes_kept():
     """The grad and autocast modes as they were, after a trace too. A trace that fails inside a region a
@@ -361,9 +376,15 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
     functions, untrained = InlinedFunctions(user_code_frame, every_call=True), []
     # a training compile keeps the checkpoint calls export inlines (annotated, then tagged below)
     tags = ExportTags() if train and ExportTags.supported() else contextlib.nullcontext()
+    inference = _InferenceModeInside()
     try:
-        with preserved_state(model), _export_chatter_held(), functions, reentrant_calls_run_plainly(untrained), tags:
+        with preserved_state(model), _export_chatter_held(), functions, reentrant_calls_run_plainly(untrained), tags, \
+                inference:
             exported = _export(model, example_inputs)
+        if inference.where is not None:
+            raise TraceError(f"the forward runs ops under torch.inference_mode() ({inference.where}), which torch.export "
+                             f"does not record either (the graph computed them with gradients): use torch.no_grad() "
+                             f"there, which it records")
         module = exported.module()
     except Exception as export_error:  # noqa: BLE001
         where_export = user_frame(export_error)

@@ -1038,6 +1038,30 @@ def test_a_forward_that_writes_its_parameters_is_refused():
         sparsec.compile(made, example_inputs=(torch.randn(3, 16),), min_weights=0)
 
 
+class InferenceModeInside(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l, self.m = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        with torch.inference_mode():
+            g = self.l(x)
+        return self.m(x) * g.clone()
+
+
+def test_torch_inference_mode_inside_forward_is_refused_naming_no_grad():
+    """torch.fx refuses it (a grad mode of its own), and torch.export does not record it: the compiled model
+    computed that code with gradients and trained l, which the model never does. Refused, naming the line
+    and torch.no_grad(), which export records; compiling under an outer inference_mode still works."""
+    model, x = InferenceModeInside(), torch.randn(4, 8)
+    with pytest.raises(TraceError, match=r"runs ops under torch.inference_mode\(\) \(.*test_frontend.py:\d+ in forward: "
+                                         r"g = self.l\(x\)\).*use torch.no_grad\(\) there"):
+        sparsec.compile(model, example_inputs=(x,), pattern="dense", train=True)
+    with torch.inference_mode():
+        cm = sparsec.compile(model, example_inputs=(x,), pattern="dense")
+        torch.testing.assert_close(cm(x), model(x))
+
+
 class ScalesByMode(nn.Module):
     def __init__(self):
         super().__init__()
