@@ -376,7 +376,8 @@ class ExportTags(TorchFunctionMode):
             self.tags.close()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if threading.get_ident() == self._thread:
+        # (not while dynamo traces torch.cond's branches, which it would refuse: export failed)
+        if not torch.compiler.is_dynamo_compiling() and threading.get_ident() == self._thread:
             region = self.tags.region() or self._region_of_interpreted_node()
             custom = dict(fx_traceback.current_meta.get("custom") or {})  # (a new dict: nodes may share the old)
             if region is not None:

@@ -225,7 +225,8 @@ class _InferenceModeInside(TorchFunctionMode):
         self.outer, self.where = torch.is_inference_mode_enabled(), None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if self.where is None and not self.outer and torch.is_inference_mode_enabled():
+        # (not while dynamo traces torch.cond's branches: it refuses the query, and the export failed)
+        if not torch.compiler.is_dynamo_compiling() and self.where is None and not self.outer and torch.is_inference_mode_enabled():
             self.where = user_code_frame(traceback.extract_stack()[:-1]) or f"at {getattr(func, '__name__', func)}"
         return func(*args, **(kwargs or {}))
 

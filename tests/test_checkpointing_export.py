@@ -178,3 +178,26 @@ def test_compiling_again_a_graph_with_a_no_grad_region_leaves_grad_on_and_keeps_
     assert torch.is_grad_enabled()
     _assert_trains_as(model, again, x)
     assert again.graph_module.get_parameter("l.weight").grad is None
+
+
+class CondInside(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 8)
+
+    def part(self, h):
+        return torch.cond(h.sum() > 0, lambda t: self.b(t), lambda t: -self.b(t), (h,))
+
+    def forward(self, x):
+        return self.c(torch.relu(ckpt.checkpoint(self.part, torch.relu(self.a(x)), use_reentrant=False)))
+
+
+def test_torch_cond_still_exports_under_the_annotating_modes():
+    """Dynamo traces torch.cond's branches through the torch function modes active while export runs, and
+    refused what they asked (the thread, inference mode): training compiles of such models failed. The
+    modes step aside while dynamo traces; the cond itself is made in the checkpoint call, which is kept."""
+    torch.manual_seed(0)
+    model, x = CondInside(), torch.randn(4, 8)
+    cm = _compile(model, x, pattern="dense", train=True)
+    assert cm.graph_module.code.count("torch.utils.checkpoint.checkpoint(") == 1
+    _assert_trains_as(model, cm, x)
