@@ -25,6 +25,7 @@ import threading
 import types
 import warnings
 
+import networkx as nx
 import torch
 import torch.fx as fx
 import torch.fx.traceback as fx_traceback
@@ -105,9 +106,9 @@ def reentrant_calls_run_plainly(untrained: list[str] | None = None):
     as plain code. export records an autograd.Function's forward only, and a reentrant call's runs under
     no_grad: the graph computed the checkpointed code without gradients (its parameters never trained).
     Plainly, it records what the call computes: with gradients where an input requires grad, under no_grad
-    where none does (as the reentrant call, whose output then requires none). Export keeps no checkpointing
-    either way (capture() notes it). `untrained`: the functions run under no_grad so (the graph fixes that,
-    where the model decides on each call: capture() notes it)."""
+    where none does (as the reentrant call, whose output then requires none); a training compile then runs
+    it checkpointed again (ExportTags). `untrained`: the functions run under no_grad so (the graph fixes
+    that, where the model decides on each call: capture() notes it)."""
     exporting = threading.get_ident()
 
     def wrap(apply):
@@ -427,31 +428,23 @@ def tag_exported(gm: fx.GraphModule, regions: dict[int, CheckpointRegion]) -> in
     # blocks) cannot be split: its calls run as one, or, where their options differ, unchecked. A region
     # left untagged made a span of the getitems after it alone, which checkpointed nothing (and, reentrant,
     # got a tuple input, so its output required no grad: the model trained nothing and backward failed).
-    group = {k: k for k in regions}
-    def root(k: int) -> int:
-        while group[k] != k:
-            k = group[k]
-        return k
-
+    calls_of = {}
     for node in gm.graph.nodes:
-        if index(node) is None and isinstance(node.target, torch._ops.HigherOrderOperator):
-            calls = sorted(k for k in inner(gm, node) if k in regions)
-            for k in calls[1:]:
-                group[root(k)] = root(calls[0])
-    members: dict[int, list[int]] = {}
-    for k in regions:
-        members.setdefault(root(k), []).append(k)
-    one = {k: r for r, ks in members.items() if all(regions[m].options == regions[r].options for m in ks) for k in ks}
-
+        if node.op in ("placeholder", "output"):
+            continue
+        if index(node) is not None:
+            calls_of[node] = {index(node)} & set(regions)
+        elif isinstance(node.target, torch._ops.HigherOrderOperator):
+            calls_of[node] = inner(gm, node) & set(regions)
+    together = nx.utils.UnionFind(regions)
+    for calls in calls_of.values():
+        together.union(*calls)
+    one = {k: together[k] for group in together.to_sets()  # (options compared, not hashed: a context_fn may not be)
+           if all(regions[m].options == regions[min(group)].options for m in group) for k in group}
     spans: dict[int, list[fx.Node]] = {}
-    for node in gm.graph.nodes:
-        k = index(node)
-        if k is None and isinstance(node.target, torch._ops.HigherOrderOperator):
-            calls = inner(gm, node) & set(regions)
-            k = min(calls) if calls else None
-        k = one.get(k)
-        if k is not None and node.op not in ("placeholder", "output"):
-            spans.setdefault(k, []).append(node)
+    for node, calls in calls_of.items():
+        if calls and min(calls) in one:
+            spans.setdefault(one[min(calls)], []).append(node)
     # A call made under no_grad (the model's own, around it) is recorded as one no_grad region: torch runs
     # such a call plainly (none of its outputs requires grad), and a reentrant one checkpointed again failed
     # in backward ("none of output has requires_grad=True")

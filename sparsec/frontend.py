@@ -237,22 +237,23 @@ def _modes_kept():
     graph sets (torch.export's wrap_with_set_grad_enabled(False, ...) in a compiled graph compiled again,
     whose exit is not in a finally) left grad off for the whole process, and the export fallback traced
     every op under no_grad: the compiled model dropped the region, and training after it computed nothing."""
-    grad = torch.is_grad_enabled()
-    devices = [d for d in ("cpu", "cuda") if torch.amp.is_autocast_available(d)]
-    autocast = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in devices]
+    grad, _, autocast = _grad_and_autocast()
     try:
         yield
     finally:
         torch.set_grad_enabled(grad)
-        for device, enabled, dtype in autocast:
+        for device, (enabled, dtype) in zip(_autocast_devices(), autocast):
             torch.set_autocast_enabled(device, enabled)
             torch.set_autocast_dtype(device, dtype)
 
 
+def _autocast_devices() -> list[str]:
+    return [d for d in ("cpu", "cuda") if torch.amp.is_autocast_available(d)]
+
+
 def _grad_and_autocast() -> tuple:
     """The grad mode and the autocast state that ops run under (see _Tracer.create_proxy)."""
-    autocast = tuple((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")
-                     if torch.amp.is_autocast_available(d))
+    autocast = tuple((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _autocast_devices())
     return torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast
 
 
