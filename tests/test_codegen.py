@@ -25,6 +25,7 @@ from sparsec.codegen.launch import sparse24_matmul
 from sparsec.codegen.prune_launch import prune24, prune24_dense
 from sparsec.codegen.spec import MatmulSpec
 from sparsec.errors import InvalidInputError
+from sparsec.runtime.traced_call import OpaqueKernel
 from sparsec.runtime.triton_linear import TritonSparseLinear
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -658,6 +659,37 @@ def test_half_precision_model_on_the_triton_backend():
     cm = sparsec.compile(model, example_inputs=(x,), backend="triton")
     with torch.no_grad():
         assert output_error(cm(x).double(), pruned_model(model, cm.plan)(x).double()) <= 5e-3
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "fanin:0.5", "unstructured:0.7"])
+def test_triton_layers_follow_autocast_as_the_layers_they_replace(pattern):
+    """Under autocast to another dtype a Triton layer computes in that dtype, as nn.Linear / nn.Conv2d do:
+    the kernels, generated for float32, refused the bfloat16 inputs the autocast layers before them made
+    ("generated for float32 inputs, got torch.bfloat16"), and returned float32 from float32 inputs. A
+    model compiled in the autocast dtype still runs its kernels under it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, 8))
+    model, (x,) = on_device(model, (torch.randn(2, 4, 6, 6),))
+    cm = sparsec.compile(model, pattern=pattern, example_inputs=(x,), backend="triton", include=[".*"])
+    assert not any(lp.sparsity is None for lp in cm.plan)
+    oracle = pruned_model(model, cm.plan)
+    device = x.device.type
+    low = torch.bfloat16 if device == "cpu" else torch.float16
+    with torch.no_grad(), torch.autocast(device, dtype=low):
+        first, y, expected = cm.sparse_module("0")(x), cm(x), oracle(x)
+    assert first.dtype == y.dtype == expected.dtype == low  # (the first layer sees the float32 input itself)
+    assert output_error(y.double(), expected.double()) <= 2e-2
+    half_model = copy.deepcopy(model).half()
+    half = sparsec.compile(half_model, pattern=pattern, example_inputs=(x.half(),), backend="triton", include=[".*"])
+    calls, kernel_layers = [], [m for m in half.modules() if isinstance(m, OpaqueKernel)]
+    for layer in kernel_layers:
+        layer.kernel_forward = lambda x, run=layer.kernel_forward, **kw: calls.append(1) or run(x, **kw)
+    with torch.no_grad(), torch.autocast(device, dtype=torch.float16):
+        y = half(x.half())
+    assert kernel_layers and y.dtype == torch.float16 and len(calls) == len(kernel_layers)
+    with torch.no_grad():
+        assert output_error(y.double(), pruned_model(half_model, half.plan)(x.half()).double()) <= 1e-2
 
 
 def test_non_kernel_layers_stay_on_torch_with_reason():

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from sparsec.runtime.layers import SparseLinear, recording_portable_ops, torch_func_active
+from sparsec.runtime.layers import SparseLinear, autocast_changes, recording_portable_ops, torch_func_active
 
 
 class CpuKernelLinear(SparseLinear):
@@ -118,15 +118,6 @@ class CpuKernelLinear(SparseLinear):
 
 def _build_after_load(module: CpuKernelLinear, incompatible_keys) -> None:
     module.build_now()
-
-
-def autocast_changes(dtype: torch.dtype, device: str = "cpu") -> bool:
-    """Whether autocast on `device` is on and would run F.linear on inputs of `dtype` in another dtype."""
-    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4: per-device functions
-        return torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != dtype
-    if device == "cuda":
-        return torch.is_autocast_enabled() and torch.get_autocast_gpu_dtype() != dtype
-    return torch.is_autocast_cpu_enabled() and torch.get_autocast_cpu_dtype() != dtype
 
 
 class LinearKernel(torch.autograd.Function):

@@ -107,6 +107,15 @@ def torch_func_active() -> bool:
     return active is not None and active()
 
 
+def autocast_changes(dtype: torch.dtype, device: str = "cpu") -> bool:
+    """Whether autocast on `device` is on and would run F.linear on inputs of `dtype` in another dtype."""
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4: per-device functions
+        return torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != dtype
+    if device == "cuda":
+        return torch.is_autocast_enabled() and torch.get_autocast_gpu_dtype() != dtype
+    return torch.is_autocast_cpu_enabled() and torch.get_autocast_cpu_dtype() != dtype
+
+
 def recording_portable_ops() -> bool:
     """Whether torch.export or torch.jit.trace is recording the call. What they record is saved and run in
     other processes, so kernel layers record their plain-torch reference there: a custom operator names

@@ -21,7 +21,7 @@ import weakref
 
 import torch
 
-from sparsec.runtime.layers import recording_portable_ops
+from sparsec.runtime.layers import autocast_changes, recording_portable_ops
 
 _LAYERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # (a deleted layer's entry goes with it)
 _HANDLES = itertools.count(1)
@@ -72,8 +72,16 @@ class OpaqueKernel:
         super().__setstate__(state)
         register(self)
 
+    def autocast_elsewhere(self, x: torch.Tensor) -> bool:
+        """Whether autocast is on for x's device and would compute this layer's op in another dtype than its
+        kernel's, or cast x: the reference runs then, following autocast as nn.Linear / nn.Conv2d do. (The
+        kernel, generated for the compiled dtype, refused the autocast dtype's inputs the layers before it
+        produced, and returned the compiled dtype where the model returns the autocast one.)"""
+        device = x.device.type
+        return autocast_changes(x.dtype, device) or autocast_changes(self.packed.dtype_probe.dtype, device)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if recording_portable_ops():
+        if recording_portable_ops() or self.autocast_elsewhere(x):
             return self.reference(x)
         if torch.compiler.is_compiling():
             return traced_call(self, x)
