@@ -12,6 +12,7 @@ from sparsec.compiled import CompiledModel
 from sparsec.context import DEFAULT_MIN_WEIGHTS, DEFAULT_QUANT_BUDGET, DEFAULT_STE_DECAY, CompileContext, CompileOptions
 from sparsec.errors import InvalidInputError, InvalidTypeError
 from sparsec.frontend import capture, check_not_a_wrapper, normalize_example_inputs
+from sparsec.graph_module import follow_registration_order, registration_order
 from sparsec.meta import get_meta
 from sparsec.passes.weight_reads import attribute
 from sparsec.pipeline import run_pipeline
@@ -38,6 +39,8 @@ def _run(model: nn.Module, example_inputs: Any, options: CompileOptions):
         raise InvalidTypeError(f"sparsec works on a copy of the model, and copy.deepcopy(model) failed: "
                                f"{type(e).__name__}: {e}") from e
     gm, method, notes = capture(private, inputs, options.leaf_modules, options.exclude, train=options.train)
+    gm.registration_order = registration_order(private)
+    follow_registration_order(gm, gm.registration_order)
     ctx = CompileContext(options=options, model=private, example_inputs=inputs, trace_method=method, notes=notes)
     gm, history = run_pipeline(gm, ctx)
     return gm, ctx, history

@@ -12,6 +12,7 @@ import threading
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 from torch.fx.graph_module import _forward_from_src
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
@@ -54,9 +55,32 @@ def annotate_code(code: str, notes: dict[str, str]) -> str:
 
 
 # What frontend.capture found of the traced forward, kept with the graph wherever it goes (a copy,
-# save / load, a second compile): the train / eval mode the graph fixed, and the parameters it holds
-# constants computed from.
-CAPTURE_FACTS = ("fixed_training", "trace_time_reads")
+# save / load, a second compile): the train / eval mode the graph fixed, the parameters it holds
+# constants computed from, and the order the model registers its modules and tensors in.
+CAPTURE_FACTS = ("fixed_training", "trace_time_reads", "registration_order")
+
+
+def registration_order(model: nn.Module) -> list[str]:
+    """Every submodule, parameter and buffer path of `model`, in the order `model` registers them."""
+    return [name for named in (model.named_modules, model.named_parameters, model.named_buffers)
+            for name, _ in named(remove_duplicate=False)]
+
+
+def follow_registration_order(gm: nn.Module, order: list[str]) -> None:
+    """Order each module's submodules, parameters and buffers in `gm` as `order` (registration_order of
+    the traced model) has them, any others after those in their own order. fx builds a graph module
+    (when tracing, copying or unpickling one) with what the graph reads in the order it reads it: the
+    compiled model's parameters() came in forward order, so an optimizer state_dict of the dense model,
+    which optimizers map by position, loaded one layer's momentum into another of the same shape."""
+    rank = {name: i for i, name in enumerate(order)}
+    for path, module in list(gm.named_modules(remove_duplicate=False)):
+        prefix = f"{path}." if path else ""
+        for entries in (module._modules, module._parameters, module._buffers):
+            keys = sorted(entries, key=lambda key: rank.get(prefix + key, len(rank)))  # (stable)
+            if keys != list(entries):
+                items = dict(entries)
+                entries.clear()
+                entries.update((key, items[key]) for key in keys)
 
 
 # torch.fx's tracing patches nn.Module.__call__ / __getattr__ for the whole process while it runs (and
@@ -176,6 +200,7 @@ class SparsecGraphModule(fx.GraphModule):
         for name in CAPTURE_FACTS:
             if name in self.__dict__:
                 setattr(copied, name, copy.deepcopy(self.__dict__[name], memo))
+        follow_registration_order(copied, getattr(copied, "registration_order", []))
         return copied
 
     def recompile(self):
@@ -211,5 +236,6 @@ def restore(gm: fx.GraphModule) -> SparsecGraphModule:
     for kept in CAPTURE_FACTS:
         if hasattr(gm, kept):
             setattr(restored, kept, getattr(gm, kept))
+    follow_registration_order(restored, getattr(restored, "registration_order", []))
     restored.recompile()
     return restored

@@ -408,3 +408,43 @@ def test_an_optimizer_with_dense_updates_cannot_change_what_fixed_masks_compute(
             assert torch.equal(cm.effective_weight(name), w)
     with torch.no_grad():
         assert torch.allclose(cm(x), h, atol=1e-6)
+
+
+class _RegisteredOutOfCallOrder(nn.Module):
+    """Registers b before a and calls a first; a root-level parameter read in between."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(32, 64)
+        self.b = nn.Linear(64, 64)
+        self.scale = nn.Parameter(torch.ones(64))
+        self.a = nn.Linear(64, 64)
+        self.out = nn.Linear(64, 8)
+
+    def forward(self, x):
+        h = F.relu(self.a(F.relu(self.inp(x)))) * self.scale
+        return self.out(F.relu(self.b(h)))
+
+
+def test_parameters_come_in_the_models_order_after_compile_copy_and_load(tmp_path):
+    """fx builds a graph module with what the graph reads in the order it reads it: the compiled model's
+    parameters came in forward order (a before b), so a dense phase's optimizer state_dict, which
+    optimizers map by position, loaded b's momentum into a's weight (equal shapes: no error). Copies and
+    saved files keep the model's order too."""
+    torch.manual_seed(0)
+    model, x = _RegisteredOutOfCallOrder(), torch.randn(4, 32)
+    target = torch.zeros(4, dtype=torch.long)
+    dense_opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    F.cross_entropy(model(x), target).backward()
+    dense_opt.step()
+    cm = sparsec.compile(model, pattern="2:4", example_inputs=(x,), train=True, include=["a", "b"])
+    path = tmp_path / "cm.sparsec"
+    sparsec.save(cm, path)
+    names = [name for name, _ in model.named_parameters()]
+    for compiled in (cm, copy.deepcopy(cm), sparsec.load(path)):
+        assert [name.removeprefix("graph_module.") for name, _ in compiled.named_parameters()] == names
+    opt = torch.optim.SGD(cm.parameters(), lr=0.1, momentum=0.9)
+    opt.load_state_dict(dense_opt.state_dict())
+    for name in ("inp", "a", "b", "out"):
+        ours = opt.state[cm.graph_module.get_submodule(name).weight]["momentum_buffer"]
+        assert torch.equal(ours, dense_opt.state[model.get_submodule(name).weight]["momentum_buffer"])
