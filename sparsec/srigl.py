@@ -21,10 +21,11 @@ Every `delta_t` steps before `t_end * total_steps`, each constant fan-in layer (
      (capped by magnitude, not arbitrarily as the original code did);
   5. regrow every active row back to exactly k by the largest |dense gradient| among its positions
      not kept (a weight dropped in this update may come back);
-  6. weights new to the mask start at exactly 0 with zeroed optimizer state; every weight in both
+  6. weights new to the mask start at exactly 0 with fresh optimizer state (0; Adagrad's sum its
+     initial_accumulator_value, Rprop's step size lr); every weight in both
      the old and the new mask keeps its value and optimizer state, including one dropped in step 4
      and regrown in step 5 (the paper's code: new_connections = ~old_mask & grow, momentum * new
-     mask); dropped and ablated weights and their optimizer state become 0, so masked weights stay 0.
+     mask); dropped and ablated weights become 0 with fresh optimizer state, so masked weights stay 0.
 drop = alpha / 2 * (1 + cos(pi * t / T_end)). Ties in any ranking go to the lower index.
 
 An update leaves alone a layer whose weight is frozen (requires_grad False: it has no dense gradient
@@ -32,6 +33,12 @@ to regrow by, and the user asked it not to change), and skips every layer when a
 not finite (GradScaler skips that optimizer step; regrowing by inf / nan scores would pick the lowest
 indices). The gradient of a weight an update drops is zeroed, so an optimizer step run after
 `srigl.step()` cannot move it.
+
+The dense gradient of a step is the sum over every backward pass run in it (micro-batches, as p.grad
+sums them; a closure that runs backward several times per step, LBFGS's or SAM's, adds each
+evaluation's gradient too), as the loss made it: under GradScaler it carries the loss scale, which
+ranks alike within a step, but with grad_accumulation > 1 a scale that changes inside the window
+weighs its steps unequally.
 """
 from __future__ import annotations
 
@@ -136,6 +143,18 @@ class UpdateRecord:
     skipped: dict[str, str] = field(default_factory=dict)  # name -> why its masks did not change
 
 
+def _fresh_state(optimizer: torch.optim.Optimizer, weight: torch.Tensor) -> dict[str, float]:
+    """The per-weight optimizer state entries that a weight new to the optimizer does not start at 0:
+    Adagrad's sum starts at initial_accumulator_value and Rprop's step size at lr (zeroed, a regrown weight
+    took full lr-sized Adagrad steps, and an Rprop one was frozen at step_size_min)."""
+    group = next((g for g in optimizer.param_groups if any(p is weight for p in g["params"])), {})
+    if isinstance(optimizer, torch.optim.Adagrad):
+        return {"sum": float(group.get("initial_accumulator_value", 0))}
+    if isinstance(optimizer, torch.optim.Rprop):
+        return {"step_size": float(group["lr"])}
+    return {}
+
+
 class SRigL:
     def __init__(self, cm, optimizer: torch.optim.Optimizer, total_steps: int, delta_t: int = 100, alpha: float = 0.3,
                  t_end: float = 0.75, gamma_sal: float = 0.3, ablation: bool = True, grad_accumulation: int = 1,
@@ -211,8 +230,13 @@ class SRigL:
         self._groups = scheduler_groups(cm, process_group, "SRigL")
         check_same_masks({name: layer.weight_mask for name, layer in self.layers.items()}, "when SRigL starts",
                          self._groups)
+        # Each layer's weight version right after sparse_init redrew it (until the first step): loading a
+        # resumed run's state while the weights are still those draws means the checkpoint's trained weights,
+        # loaded before this scheduler was built, were overwritten (see load_state_dict).
+        self._drawn: dict[str, int] = {}
         if sparse_init:
             self._sparse_init()
+            self._drawn = {name: layer.weight._version for name, layer in self.layers.items()}
         self._arm(1)
 
     @torch.no_grad()
@@ -252,6 +276,7 @@ class SRigL:
     def step(self) -> UpdateRecord | None:
         """Call after optimizer.step(); returns the update record when this step updated masks."""
         self.steps += 1
+        self._drawn = {}
         record = self._update() if self.is_update_step(self.steps) else None
         self._arm(self.steps + 1)
         return record
@@ -308,9 +333,14 @@ class SRigL:
             survived = rows_to_weight(result.mask & mask, layer.op, shape)
             layer.weight_mask.copy_(new_mask)
             layer.weight.mul_(shard_like(survived, layer.weight))  # new connections start at 0, dropped and ablated become 0
-            for value in self.optimizer.state.get(layer.weight, {}).values():
+            fresh = _fresh_state(self.optimizer, layer.weight)
+            for key, value in self.optimizer.state.get(layer.weight, {}).items():
                 if isinstance(value, torch.Tensor) and value.shape == shape:
-                    value.mul_(shard_like(survived, value))  # momentum / Adam moments only for weights that survived
+                    # momentum / Adam moments only for weights that survived; the others start afresh
+                    keep = shard_like(survived, value)
+                    value.mul_(keep)
+                    if fresh.get(key, 0) != 0:
+                        value.add_(fresh[key] * ~keep)
             if layer.weight.grad is not None:  # an optimizer step still to come must not move dropped weights
                 layer.weight.grad.mul_(shard_like(survived, layer.weight.grad))
         self.history.append(record)
@@ -343,7 +373,15 @@ class SRigL:
         if differ:
             raise InvalidInputError("this SRigL state belongs to another schedule or model (" + "; ".join(differ)
                                     + "); construct SRigL with the saved settings to resume")
+        redrawn = [name for name, version in self._drawn.items() if self.layers[name].weight._version == version]
+        if int(state["steps"]) > 0 and redrawn:
+            raise InvalidInputError(
+                f"this SRigL was built with sparse_init=True, which redrew the kept weights of {redrawn} when it was "
+                f"built, and they have not been loaded since: resuming at step {int(state['steps'])} would train "
+                f"those draws instead of the checkpoint's weights. Load the model's state_dict again, and build "
+                f"the resuming SRigL with sparse_init=False (the checkpoint's weights were initialized already)")
         self.steps = int(state["steps"])
+        self._drawn = {}
         self._dense_grads = {k: v.clone() for k, v in state.get("dense_grads", {}).items()}
         self.history = [UpdateRecord(**r) for r in state.get("history", [])]
         self._arm(self.steps + 1)

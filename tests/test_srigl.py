@@ -392,6 +392,60 @@ def test_a_weight_dropped_and_regrown_in_one_update_keeps_its_value_and_momentum
     assert dropped_and_regrown > 0, "the scenario needs weights dropped and regrown in the same update"
 
 
+@pytest.mark.parametrize("make_opt, key, fresh", [
+    (lambda params: torch.optim.Adagrad(params, lr=0.05, initial_accumulator_value=0.1), "sum", 0.1),
+    (lambda params: torch.optim.Rprop(params, lr=0.02), "step_size", 0.02),
+    (lambda params: torch.optim.Adam(params, lr=0.01), "exp_avg_sq", 0.0)])
+def test_regrown_weights_start_with_the_optimizers_fresh_state(make_opt, key, fresh):
+    """A weight new to the mask gets the state a new parameter gets, not 0 everywhere: Adagrad's sum starts
+    at initial_accumulator_value (zeroed, a regrown weight took full lr-sized steps, ~250x a survivor's) and
+    Rprop's step size at lr (zeroed, it was clamped to step_size_min: the weight stayed frozen)."""
+    cm = sparsec.compile(_mlp(), pattern="fanin:0.75", example_inputs=(torch.randn(2, 16),), train=True,
+                         include=[".*"], min_weights=0)
+    opt = make_opt(cm.parameters())
+    srigl = SRigL(cm, opt, total_steps=40, delta_t=5, ablation=False)
+    for x, y in _batches(5):
+        F.cross_entropy(cm(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        if srigl.steps + 1 < 5:
+            srigl.step()
+    masks = {name: cm.mask(name) for name in srigl.layers}
+    before = {name: opt.state[layer.weight][key].clone() for name, layer in srigl.layers.items()}
+    assert srigl.step() is not None, "step 5 updates"
+    regrown = 0
+    for name, layer in srigl.layers.items():
+        old, new, state = masks[name], cm.mask(name), opt.state[layer.weight][key]
+        assert torch.equal(state[old & new], before[name][old & new]), name
+        assert (state[~(old & new)] == fresh).all(), name
+        regrown += int((new & ~old).sum())
+    assert regrown > 0
+
+
+def test_sparse_init_then_loading_a_started_run_is_refused():
+    """Resuming in the natural order (model and optimizer state first, then SRigL and its state) with
+    sparse_init=True trained the scheduler's fresh draws in place of the checkpoint's weights, silently
+    (loss 0.04 -> 0.39 in the review's run). Loading the model after building SRigL, or sparse_init=False,
+    resumes; a step-0 state may follow the draws."""
+    _, srigl, checkpoint = _srigl_run(7, _batches(7))
+    import io
+    state = torch.load(io.BytesIO(checkpoint), weights_only=True)
+    cm, opt = _srigl_parts()
+    cm.load_state_dict(state["model"])
+    drawn = SRigL(cm, opt, total_steps=40, delta_t=5, grad_accumulation=3, sparse_init=True)
+    with pytest.raises(ValueError, match=r"sparse_init=True, which redrew the kept weights of \['0', '2'.*"
+                                         r"build the resuming SRigL with sparse_init=False"):
+        drawn.load_state_dict(state["srigl"])
+    cm.load_state_dict(state["model"])  # loaded after the draws: resumes
+    drawn.load_state_dict(state["srigl"])
+    assert drawn.steps == 7
+    for name, layer in drawn.layers.items():
+        assert torch.equal(layer.weight.detach(), srigl.layers[name].weight.detach()), name
+    fresh_cm, fresh_opt = _srigl_parts()
+    SRigL(fresh_cm, fresh_opt, total_steps=40, delta_t=5, grad_accumulation=3,
+          sparse_init=True).load_state_dict(dict(state["srigl"], steps=0, history=[], dense_grads={}))
+
+
 def test_a_schedule_that_never_updates_warns():
     """t_end * total_steps at or below delta_t: no step is an update step, which passed without a word."""
     cm, opt = _srigl_parts()
