@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -188,6 +189,18 @@ class GradualPruning:
                     f"holds {had}: the model's masks come from elsewhere than this schedule (a checkpoint's model state "
                     f"loaded without the pruner's: call pruner.load_state_dict with the state saved alongside it)")
             todo[name] = pattern, keep, had
+        if todo:
+            # Magnitudes of a diverged run rank nothing (NaN compares false: the lowest indices would go): skip
+            # the update, as SRigL does; the next one prunes to its own step's sparsity. (Averaged over the
+            # ranks, so every rank skips together.)
+            finite = torch.stack([torch.isfinite(full(self.layers[name].weight.detach())).all() for name in todo])
+            finite = mean_over_ranks(finite.float(), self._groups).tolist()
+            bad = [name for name, fraction in zip(todo, finite) if fraction < 1]
+            if bad:
+                why = f"weights not finite in {bad} (a diverging run): no mask changed at this update"
+                record.skipped.update({name: why for name in todo})
+                warnings.warn(f"sparsec GradualPruning step {self.steps}: {why}", stacklevel=3)
+                todo = {}
         for name, (pattern, keep, had) in todo.items():
             layer = self.layers[name]
             rows = weight_to_rows(full(layer.weight.detach()), layer.op)  # gathered when FSDP shards it (a collective)

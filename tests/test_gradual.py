@@ -314,6 +314,26 @@ def test_a_frozen_layer_is_left_alone():
     assert int((~cm.mask("0")).sum()) == unstructured_pruned_count(1024, 0.9)
 
 
+def test_an_update_on_weights_that_are_not_finite_changes_no_mask():
+    """A diverged run's magnitudes rank nothing: the update is skipped with a warning (as SRigL's), not run
+    on NaN, which compares false and pruned by position; the next update prunes to its own step's sparsity."""
+    cm = _compile()
+    opt = torch.optim.SGD(cm.parameters(), lr=0.05)
+    pruner = GradualPruning(cm, 0.9, end_step=4, every=2, optimizer=opt)
+    masks = {name: cm.mask(name) for name in pruner.layers}
+    with torch.no_grad():
+        cm.sparse_module("2").weight[0, cm.mask("2")[0].nonzero()[0]] = float("nan")
+    pruner.step()
+    with pytest.warns(UserWarning, match=r"GradualPruning step 2: weights not finite in \['2'\]"):
+        record = pruner.step()
+    assert not record.layers and "not finite" in record.skipped["0"]
+    assert all(torch.equal(cm.mask(name), mask) for name, mask in masks.items())
+    with torch.no_grad():
+        cm.sparse_module("2").weight.nan_to_num_(0.0)
+    pruner.step()
+    assert pruner.step().layers["2"]["kept"] == 4096 - unstructured_pruned_count(4096, 0.9)
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(final_sparsity=0.9, end_step=10, start_step=10), ValueError, r"0 <= start_step < end_step .* start_step=10, end_step=10"),
     (dict(final_sparsity=0.9, end_step=10, start_step=-1), ValueError, "start_step=-1"),
