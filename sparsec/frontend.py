@@ -396,6 +396,7 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
             + (f"\n    at {where_export}" if where_export else "")
             + ("\n    (the graph torch.export traced before it failed: this error's __cause__.partial_fx_graph)"
                if hasattr(export_error, "partial_fx_graph") else "")
+            + _unknown_type_remedy(export_error)
             + "\nWhat to do: mark the offending submodule as a leaf (leaf_modules=[ModuleClass] or ['module.name']) "
               "or exclude it (exclude=['module.name']) so it is not traced into; make the control flow there "
               "independent of tensor values; or check the example inputs.") from export_error
@@ -501,6 +502,18 @@ def _fixed_mode_note(training: bool, why: str) -> str:
     mode, other = ("training", "eval") if training else ("eval", "training")
     return (f"the graph holds for {mode} mode only: {why}; cm.{'eval' if training else 'train'}() is refused "
             f"rather than computing {mode}-mode results (compile the model in {other} mode for {other})")
+
+
+def _unknown_type_remedy(export_error: BaseException) -> str:
+    """What to do when torch.export met a class it cannot flatten in the model's inputs or outputs (a plain
+    dataclass returned by forward: symbolic_trace returns it as is, export must take it apart)."""
+    found = re.search(r"Found <class '([^']+)'> in (\w+), which is not a known type", str(export_error))
+    if found is None:
+        return ""
+    name, where = found.group(1).rpartition(".")[2], found.group(2)
+    return (f"\nWhat to do first: torch.export flattens the model's {where} and does not know {found.group(1)}: "
+            f"register it before compiling, torch.utils._pytree.register_dataclass({name}) for a dataclass (else "
+            f"torch.utils._pytree.register_pytree_node), or have forward return a tuple or dict.")
 
 
 def _export(model: nn.Module, example_inputs: tuple):

@@ -1,4 +1,6 @@
 """Tracing: symbolic_trace, the torch.export fallback, leaf modules, and errors naming user code."""
+import copy
+import dataclasses
 import types
 import warnings
 
@@ -1124,3 +1126,46 @@ def test_an_attribute_set_once_is_not_named_as_changed_on_every_call():
     assert not any("on every call" in note for note in cm.plan.notes)
     assert model.table is None  # the user's model untouched
     assert torch.allclose(cm(x), model(x), atol=1e-6)
+
+
+@dataclasses.dataclass
+class _Logits:
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+
+class _DataclassThroughExport(nn.Module):
+    """Returns a plain dataclass, and needs torch.export (no_grad inside forward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(32, 64), nn.Linear(64, 64), nn.Linear(64, 10)
+
+    def forward(self, x):
+        with torch.no_grad():
+            scale = x.abs().amax()
+        h = F.relu(self.b(F.relu(self.a(x / scale))))
+        return _Logits(self.c(h), h)
+
+
+def test_a_dataclass_output_export_cannot_flatten_names_the_registration_that_fixes_it():
+    """The error quoted torch's "not a known type" and then advised leaf_modules / exclude, which cannot help:
+    it names the class and torch's register_dataclass, which makes the compile work."""
+    torch.manual_seed(0)
+    model, x = _DataclassThroughExport().eval(), torch.randn(4, 32)
+    with pytest.raises(TraceError, match=r"does not know .*_Logits: register it before compiling, "
+                                         r"torch.utils._pytree.register_dataclass\(_Logits\)"):
+        sparsec.compile(model, pattern="2:4", example_inputs=(x,), min_weights=0)
+    torch.utils._pytree.register_dataclass(_Logits)
+    try:
+        cm = sparsec.compile(model, pattern="2:4", example_inputs=(x,), min_weights=0, include=[".*"])
+        y = cm(x)
+        assert cm.trace_method == "torch.export" and isinstance(y, _Logits)
+        ref = copy.deepcopy(model)
+        for lp in cm.plan.sparse_layers:
+            ref.get_submodule(lp.name).weight.data = cm.effective_weight(lp.name)
+        assert output_error(y.logits, ref(x).logits) <= 1e-6
+    finally:
+        deregister = getattr(torch.utils._pytree, "_deregister_pytree_node", None)
+        if deregister is not None:
+            deregister(_Logits)
