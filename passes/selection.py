@@ -23,6 +23,7 @@ import re
 
 import networkx as nx
 import torch.fx as fx
+import torch.nn as nn
 
 from sparsec.context import CompileContext
 from sparsec.errors import InvalidInputError
@@ -108,6 +109,11 @@ def layer_positions(gm: fx.GraphModule) -> tuple[dict[str, str], dict[str, str]]
     graph = dataflow_graph(gm)
     by_name = layer_nodes(gm)
     owner = {node: name for name, nodes in by_name.items() for node in nodes}
+    # A call of a module the trace did not enter (excluded, or a leaf) that holds layers is layers too: with
+    # exclude=['blocks.0.attn'] the MLP after that attention was "first" under symbolic_trace, where the
+    # attention is one opaque call, but not under torch.export, which inlines its Linears.
+    owner.update({node: f"<{node.target}>" for node in gm.graph.nodes
+                  if node.op == "call_module" and node not in owner and _holds_layers(gm.get_submodule(node.target))})
     first, last = {}, {}
     for name, nodes in by_name.items():
         def alone_in(reached) -> bool:
@@ -119,6 +125,10 @@ def layer_positions(gm: fx.GraphModule) -> tuple[dict[str, str], dict[str, str]]
                 found[name] = (f"no candidate layer {side} it" if len(nodes) == 1 else
                                f"its call {calls[0] + 1} of {len(nodes)} has no candidate layer {side} it")
     return first, last
+
+
+def _holds_layers(module: nn.Module) -> bool:
+    return any(isinstance(m, (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd)) for m in module.modules())
 
 
 def default_decision(layer: LayerInfo, blocker: str | None, pattern: Pattern, ctx: CompileContext,

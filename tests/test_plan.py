@@ -196,6 +196,35 @@ def test_a_layer_called_at_the_edge_once_is_a_first_or_last_layer(tracer):
         assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
 
 
+class AttentionThenMLP(nn.Module):
+    """`attn` (two Linears) reads the model input; the MLP after it reads only what attn made."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.Sequential(nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 32))
+        self.mlp1, self.mlp2, self.out = nn.Linear(32, 64), nn.Linear(64, 32), nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.mlp2(torch.relu(self.mlp1(self.attn(x))))))
+
+
+@pytest.mark.parametrize("tracer", ["symbolic_trace", "torch.export"])
+def test_an_excluded_module_holding_layers_counts_as_layers_for_the_first_last_rule(tracer):
+    """symbolic_trace leaves an excluded module one opaque call, so the MLP after an excluded attention was
+    kept dense as "first layer (no candidate layer before it)", while torch.export, which inlines the
+    excluded Linears, pruned it: the same model and options planned two ways."""
+    torch.manual_seed(0)
+    model, x = AttentionThenMLP().eval(), torch.randn(4, 32)
+    model = model if tracer == "symbolic_trace" else ExportOnly(model)
+    cm = sparsec.compile(model, example_inputs=(x,), min_weights=0, backend="torch", exclude=[r"(inner\.)?attn"])
+    assert cm.trace_method == tracer
+    plan = {lp.name.removeprefix("inner."): lp for lp in cm.plan.layers}
+    assert plan["mlp1"].sparsity == plan["mlp2"].sparsity == "2:4", cm.plan
+    assert plan["out"].sparsity is None and "last layer" in plan["out"].reason
+    with torch.no_grad():
+        assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+
+
 def test_in_looks_layers_up_by_name_as_indexing_does():
     # `in` fell back to iterating and compared the name with each LayerPlan: "fc1" in plan was False
     plan = _plan()
