@@ -73,7 +73,11 @@ def choose_grad_sparsity(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphMod
         data = [d for n in nodes if isinstance(d := data_input(n), fx.Node)]
         upstream = set().union(*(nx.ancestors(graph, d) | {d} for d in data)) if data else set()
         if meta.blocker:  # (said here too: with pattern='dense' the layer's reason did not mention it)
-            note, grad = f"gradient dense: {meta.blocker}", None
+            # (SDGP prunes dY, not the weight, but it runs in the layer sparsec puts in the module's place, which
+            # would hold a copy of the weight: the blocker is why the layer is left as it is; the weight's reason
+            # says it already unless pattern='dense')
+            why = "" if meta.blocker in decision.reason else f", since {meta.blocker}"
+            note, grad = f"gradient dense: SDGP runs in the layer sparsec puts in place, and this one stays as it is{why}", None
         elif g.n == g.m:
             note, grad = f"gradient dense: grad_pattern {g} keeps every value (N = M)", None
         elif not upstream & sources:

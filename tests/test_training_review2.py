@@ -47,7 +47,12 @@ def test_grad_pattern_says_why_a_blocked_layer_keeps_a_dense_gradient():
     model, t = TiedLM(), torch.randint(0, 32, (4, 6))
     cm = sparsec.compile(model, pattern="dense", example_inputs=(t,), train=True, grad_pattern="2:4")
     assert cm.plan["head"].grad_sparsity is None
-    assert "gradient dense: weight is tied to emb.weight" in cm.plan["head"].reason
+    assert ("gradient dense: SDGP runs in the layer sparsec puts in place, and this one stays as it is, since "
+            "weight is tied to emb.weight") in cm.plan["head"].reason
+    # where the weight's reason gives the tie already, the gradient's refers to it (it repeated the weight's
+    # sentence, "pruning it here would change that layer too", which SDGP does not do)
+    pruned = sparsec.compile(model, pattern="2:4", example_inputs=(t,), train=True, grad_pattern="2:4").plan["head"]
+    assert pruned.reason.count("tied to emb.weight") == 1 and pruned.reason.endswith("and this one stays as it is")
     # ... and training keeps the tie: one Parameter, moved by both uses' gradients
     assert cm.graph_module.head.weight is cm.graph_module.emb.weight
 
