@@ -356,14 +356,12 @@ def test_an_optimizer_step_after_the_update_keeps_dropped_weights_zero():
     assert len(srigl.history) == 2 and srigl.history[0].layers["2"]["pruned"] > 0
 
 
-def test_a_weight_dropped_and_regrown_in_one_update_keeps_its_value_and_momentum():
-    """methods.md B.3.6 / the paper's code: only new connections (~old_mask & grow) start at 0, and
-    momentum is masked with the new mask, so a weight dropped by magnitude and regrown by gradient in
-    the same update keeps its value and its momentum. (sparsec zeroed both, restarting it at 0.)
-    Checked against the weights and momentum saved just before the update, not against SRigL's record."""
+def _trained_up_to_the_first_update(make_opt):
+    """(cm, optimizer, SRigL) after 5 optimizer steps, the 5th of which is the first update's (delta_t=5),
+    srigl.step() not yet called for it."""
     cm = sparsec.compile(_mlp(), pattern="fanin:0.75", example_inputs=(torch.randn(2, 16),), train=True,
                          include=[".*"], min_weights=0)
-    opt = torch.optim.SGD(cm.parameters(), lr=0.05, momentum=0.9)
+    opt = make_opt(cm.parameters())
     srigl = SRigL(cm, opt, total_steps=40, delta_t=5, ablation=False)
     for x, y in _batches(5):
         F.cross_entropy(cm(x), y).backward()
@@ -371,6 +369,15 @@ def test_a_weight_dropped_and_regrown_in_one_update_keeps_its_value_and_momentum
         opt.zero_grad()
         if srigl.steps + 1 < 5:
             srigl.step()
+    return cm, opt, srigl
+
+
+def test_a_weight_dropped_and_regrown_in_one_update_keeps_its_value_and_momentum():
+    """methods.md B.3.6 / the paper's code: only new connections (~old_mask & grow) start at 0, and
+    momentum is masked with the new mask, so a weight dropped by magnitude and regrown by gradient in
+    the same update keeps its value and its momentum. (sparsec zeroed both, restarting it at 0.)
+    Checked against the weights and momentum saved just before the update, not against SRigL's record."""
+    cm, opt, srigl = _trained_up_to_the_first_update(lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9))
     weights = {name: layer.weight.detach().clone() for name, layer in srigl.layers.items()}
     momenta = {name: opt.state[layer.weight]["momentum_buffer"].clone() for name, layer in srigl.layers.items()}
     masks = {name: cm.mask(name) for name in srigl.layers}
@@ -400,16 +407,7 @@ def test_regrown_weights_start_with_the_optimizers_fresh_state(make_opt, key, fr
     """A weight new to the mask gets the state a new parameter gets, not 0 everywhere: Adagrad's sum starts
     at initial_accumulator_value (zeroed, a regrown weight took full lr-sized steps, ~250x a survivor's) and
     Rprop's step size at lr (zeroed, it was clamped to step_size_min: the weight stayed frozen)."""
-    cm = sparsec.compile(_mlp(), pattern="fanin:0.75", example_inputs=(torch.randn(2, 16),), train=True,
-                         include=[".*"], min_weights=0)
-    opt = make_opt(cm.parameters())
-    srigl = SRigL(cm, opt, total_steps=40, delta_t=5, ablation=False)
-    for x, y in _batches(5):
-        F.cross_entropy(cm(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-        if srigl.steps + 1 < 5:
-            srigl.step()
+    cm, opt, srigl = _trained_up_to_the_first_update(make_opt)
     masks = {name: cm.mask(name) for name in srigl.layers}
     before = {name: opt.state[layer.weight][key].clone() for name, layer in srigl.layers.items()}
     assert srigl.step() is not None, "step 5 updates"
