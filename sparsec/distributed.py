@@ -78,6 +78,11 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if is_sharded(t) else t
 
 
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of `t` when it is sharded (no communication), else `t`."""
+    return t.to_local() if is_sharded(t) else t
+
+
 def shard_like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """A whole tensor `t` laid out as `ref` is: when `ref` is sharded, each rank keeps its own slice
     of `t` (no communication, so `t` must be the same on every rank); otherwise `t` itself."""

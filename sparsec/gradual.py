@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from sparsec.distributed import (check_same_masks, check_same_over_ranks, described, full, mean_over_ranks,
+from sparsec.distributed import (check_same_masks, check_same_over_ranks, described, full, local_part, mean_over_ranks,
                                  scheduler_groups, shard_like, unwrap_ddp)
 from sparsec.errors import InvalidInputError, InvalidTypeError
 from sparsec.patterns import Unstructured
@@ -192,8 +192,8 @@ class GradualPruning:
         if todo:
             # Magnitudes of a diverged run rank nothing (NaN compares false: the lowest indices would go): skip
             # the update, as SRigL does; the next one prunes to its own step's sparsity. (Averaged over the
-            # ranks, so every rank skips together.)
-            finite = torch.stack([torch.isfinite(full(self.layers[name].weight.detach())).all() for name in todo])
+            # ranks, so every rank skips together; each checks its own slice of a sharded weight, gathering nothing.)
+            finite = torch.stack([torch.isfinite(local_part(self.layers[name].weight.detach())).all() for name in todo])
             finite = mean_over_ranks(finite.float(), self._groups).tolist()
             bad = [name for name, fraction in zip(todo, finite) if fraction < 1]
             if bad:

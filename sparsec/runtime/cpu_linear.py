@@ -101,7 +101,7 @@ class CpuKernelLinear(SparseLinear):
         # the kernel measured faster at, a torch.func transform (the kernels have no batching rule) and CPU
         # autocast to another dtype (F.linear then computes and returns the autocast dtype).
         if (x.dtype != self.packed.dtype_probe.dtype or x.device != self.packed.values.device or not self.kernel_runs()
-                or recording_portable_ops() or torch_func_active() or autocast_changes(x.dtype, x.device.type)):
+                or recording_portable_ops() or torch_func_active() or autocast_changes(x.device.type, x.dtype)):
             return self.reference(x)
         limit = self.max_rows()
         if limit is not None and x.numel() > limit * x.shape[-1]:

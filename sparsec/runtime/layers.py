@@ -107,13 +107,16 @@ def torch_func_active() -> bool:
     return active is not None and active()
 
 
-def autocast_changes(dtype: torch.dtype, device: str = "cpu") -> bool:
-    """Whether autocast on `device` is on and would run F.linear on inputs of `dtype` in another dtype."""
+def autocast_changes(device: str, *dtypes: torch.dtype) -> bool:
+    """Whether autocast on `device` is on and would run F.linear in another dtype than one of `dtypes` (an
+    input's, a weight's)."""
     if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4: per-device functions
-        return torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != dtype
-    if device == "cuda":
-        return torch.is_autocast_enabled() and torch.get_autocast_gpu_dtype() != dtype
-    return torch.is_autocast_cpu_enabled() and torch.get_autocast_cpu_dtype() != dtype
+        on, dtype = torch.is_autocast_enabled(device), (lambda: torch.get_autocast_dtype(device))
+    elif device == "cuda":
+        on, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype
+    else:
+        on, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype
+    return on and any(d != dtype() for d in dtypes)
 
 
 def recording_portable_ops() -> bool:

@@ -77,8 +77,7 @@ class OpaqueKernel:
         kernel's, or cast x: the reference runs then, following autocast as nn.Linear / nn.Conv2d do. (The
         kernel, generated for the compiled dtype, refused the autocast dtype's inputs the layers before it
         produced, and returned the compiled dtype where the model returns the autocast one.)"""
-        device = x.device.type
-        return autocast_changes(x.dtype, device) or autocast_changes(self.packed.dtype_probe.dtype, device)
+        return autocast_changes(x.device.type, x.dtype, self.packed.dtype_probe.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if recording_portable_ops() or self.autocast_elsewhere(x):
