@@ -17,6 +17,7 @@ from torch.utils._pytree import tree_leaves
 
 from sparsec.distributed import FSDPModule, check_same_masks, check_whole, fsdp_groups, full, refuse_sharded
 from sparsec.errors import InvalidInputError, InvalidTypeError
+from sparsec.patterns import Unstructured
 from sparsec.graph_module import restore
 from sparsec.passes.weight_reads import owner_of
 from sparsec.pipeline import PassRecord
@@ -153,6 +154,31 @@ def _values_form(keys: set[str]) -> str | None:
 
 
 # The plan note shrink(eval_only=True) leaves: train() reads it to say why the model stays in eval mode.
+_LOADED = "; the loaded state's mask keeps "  # the note a load appends to a layer's plan reason
+
+
+def _patterns_from_loaded_masks(cm: "CompiledModel", incompatible_keys) -> None:
+    """After a load, an unstructured train=True layer, and its plan entry, say the sparsity its mask holds: a
+    state dict saved after GradualPruning raised a layer (unstructured:0.5 -> 0.9), loaded into a fresh compile
+    at 0.5, left both at 0.5 (the plan's counts said 50% kept for 10%, and so did an inference compile's
+    pattern). The mask is state, the pattern its description."""
+    for module in cm.graph_module.modules():
+        if not (isinstance(module, TrainableLayer) and isinstance(module.pattern, Unstructured)
+                and module.weight_mask is not None and not module.weight_mask.is_meta):
+            continue
+        kept, numel = int(module.weight_mask.sum()), module.weight_mask.numel()
+        if kept == module.pattern.kept(numel):
+            continue
+        pattern = Unstructured.keeping(kept, numel)
+        if pattern is not None:
+            module.pattern = pattern
+        if module.layer_name in cm.plan.names:
+            lp = cm.plan[module.layer_name]
+            lp.sparsity = str(module.pattern)
+            lp.mask_kept = kept  # (the count itself where no pattern names it: all or none kept)
+            lp.reason = lp.reason.split(_LOADED)[0] + f"{_LOADED}{kept} of {numel} weights ({100 * kept / numel:.3g}%)"
+
+
 EVAL_ONLY_NOTE = "shrink(eval_only=True): constants folded for eval mode only; the model refuses train()"
 
 
@@ -184,6 +210,7 @@ class CompiledModel(nn.Module):
         if self._modules.get("graph_module") is not None:
             self._modules["graph_module"] = restore(self._modules["graph_module"])
         self._sign_forward()
+        self._follow_loaded_masks()  # (files saved before the hook existed)
 
     def _sign_forward(self) -> None:
         """Give this model's own forward the graph's signature (forward(self, x) rather than (*args,
@@ -224,6 +251,11 @@ class CompiledModel(nn.Module):
                 if lp.sparsity is not None:  # (always: a plan copied from a model before shrink held the old size)
                     held = [t for t in (module.weight, module.weight_mask) if t is not None]
                     lp.runtime_bytes = sum(t.numel() * t.element_size() for t in held)
+        self._follow_loaded_masks()
+
+    def _follow_loaded_masks(self) -> None:
+        if _patterns_from_loaded_masks not in self._load_state_dict_post_hooks.values():
+            self.register_load_state_dict_post_hook(_patterns_from_loaded_masks)
 
     def train(self, mode: bool = True):
         # a graph that fixed the train / eval mode it was traced in (frontend.capture), or one shrunk for

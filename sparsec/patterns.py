@@ -72,6 +72,16 @@ class Unstructured:
         pruned = math.floor(Fraction(repr(self.sparsity)) * numel + Fraction(1, 2))
         return numel - min(numel, pruned)
 
+    @classmethod
+    def keeping(cls, kept: int, numel: int) -> "Unstructured | None":
+        """The pattern, in its shortest decimal, that keeps `kept` of `numel` weights (None: kept is 0 or
+        numel, which no 0 < S < 1 names on this size)."""
+        for digits in range(1, 18):
+            sparsity = round(1.0 - kept / numel, digits)
+            if 0.0 < sparsity < 1.0 and cls(sparsity).kept(numel) == kept:
+                return cls(sparsity)
+        return None
+
 
 @dataclass(frozen=True)
 class Dense:

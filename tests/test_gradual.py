@@ -239,6 +239,36 @@ def test_digits_reach_90_percent_with_accuracy_close_to_dense():
     assert sparse >= dense - 0.03, (sparse, dense)
 
 
+def test_a_fresh_compile_loading_a_pruned_state_says_the_sparsity_its_masks_hold():
+    """The masks are state: loaded into a compile at 0.5, the layers, their plan entries, the plan's
+    totals and an inference compile say what the loaded masks keep (they said 0.5 while holding 10%)."""
+    trained = _compile()
+    opt = torch.optim.SGD(trained.parameters(), lr=0.05)
+    pruner = GradualPruning(trained, 0.9, end_step=4, every=2, optimizer=opt)
+    for x, y in _batches(4):
+        F.cross_entropy(trained(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        pruner.step()
+    cm = _compile()
+    cm.load_state_dict(trained.state_dict())
+    kept = {n: int(trained.mask(n).sum()) for n in pruner.layers}
+    for n in pruner.layers:
+        lp, numel = cm.plan[n], cm.plan[n].numel
+        assert kept[n] == numel - unstructured_pruned_count(numel, 0.9)  # the oracle's count at 0.9
+        assert lp.sparsity == "unstructured:0.9" and cm.sparse_module(n).pattern.sparsity == 0.9, n
+        assert f"the loaded state's mask keeps {kept[n]} of {numel} weights" in lp.reason
+    assert cm.plan.totals()["weights_kept"] == sum(kept.values())
+    x = torch.randn(5, 16)
+    inference = sparsec.compile(cm, example_inputs=(x,))
+    for n in pruner.layers:
+        assert inference.plan[n].sparsity == "unstructured:0.9" and torch.equal(inference.mask(n), trained.mask(n))
+    # loaded again (same state), the note is not repeated; a pruner built now starts from the loaded sparsity
+    cm.load_state_dict(trained.state_dict())
+    assert cm.plan["2"].reason.count("the loaded state's mask keeps") == 1
+    assert GradualPruning(cm, 0.95, end_step=4).initial == {n: 0.9 for n in pruner.layers}
+
+
 def _run(steps, batches, resume_from=None):
     """Train _mlp() with GradualPruning; resume_from: a checkpoint (bytes) of model, optimizer and pruner state."""
     cm = _compile()
