@@ -6,7 +6,8 @@ import torch.fx as fx
 
 from sparsec.context import CompileContext
 from sparsec.errors import ExampleInputError, ParameterWriteError
-from sparsec.frontend import describe_inputs, user_frame
+from sparsec.example_inputs import describe_inputs
+from sparsec.frontend import user_frame
 from sparsec.meta import update_meta
 from sparsec.state import preserved_state
 

@@ -11,7 +11,8 @@ import torch.nn as nn
 from sparsec.compiled import CompiledModel
 from sparsec.context import DEFAULT_MIN_WEIGHTS, DEFAULT_QUANT_BUDGET, DEFAULT_STE_DECAY, CompileContext, CompileOptions
 from sparsec.errors import InvalidInputError, InvalidTypeError
-from sparsec.frontend import capture, check_not_a_wrapper, normalize_example_inputs
+from sparsec.example_inputs import normalize_example_inputs
+from sparsec.frontend import capture, check_not_a_wrapper
 from sparsec.graph_module import follow_registration_order, registration_order
 from sparsec.meta import get_meta
 from sparsec.passes.weight_reads import attribute
@@ -20,7 +21,7 @@ from sparsec.plan import Plan
 from sparsec.runtime.layers import SparseLayer
 
 
-def _run(model: nn.Module, example_inputs: Any, options: CompileOptions):
+def _run(model: nn.Module, example_inputs: Any, options: CompileOptions, example_kwargs: Any = None):
     if not isinstance(model, nn.Module):
         raise InvalidTypeError(f"sparsec compiles torch.nn.Module instances, got {type(model).__name__}")
     check_not_a_wrapper(model)
@@ -32,7 +33,7 @@ def _run(model: nn.Module, example_inputs: Any, options: CompileOptions):
                                 f"(model.to_empty(device='cpu'), then load its state_dict)")
     if isinstance(model, CompiledModel):  # e.g. a train=True model compiled again for inference
         model = model.graph_module
-    inputs = normalize_example_inputs(example_inputs)
+    inputs = normalize_example_inputs(model, example_inputs, example_kwargs)
     try:
         private = _private_copy(model)  # the user's model is never modified
     except Exception as e:  # noqa: BLE001
@@ -64,7 +65,7 @@ def compile(model: nn.Module, pattern: str | None = None, example_inputs: Any = 
             min_weights: int = DEFAULT_MIN_WEIGHTS, quant_budget: float = DEFAULT_QUANT_BUDGET,
             leaf_modules: Sequence[Any] | None = None, backend: str = "auto", train: bool = False,
             grad_pattern: str | None = None, grad_mode: str | None = None, weight_update: str = "fixed",
-            ste_decay: float = DEFAULT_STE_DECAY, timing: str = "eager") -> CompiledModel:
+            ste_decay: float = DEFAULT_STE_DECAY, timing: str = "eager", example_kwargs: dict | None = None) -> CompiledModel:
     """Trace `model`, decide per layer, rewrite chosen layers to packed sparse modules.
 
     pattern: "N:M" (e.g. "2:4"), "fanin:S" (e.g. "fanin:0.9"), "unstructured:S" (e.g. "unstructured:0.95")
@@ -72,6 +73,8 @@ def compile(model: nn.Module, pattern: str | None = None, example_inputs: Any = 
         the given plan's pattern (a different one with plan= is refused, as is quantize=: the plan says).
     example_inputs: tuple of positional arguments for model(*example_inputs); needed for shapes,
         FLOP estimates and the torch.export fallback.
+    example_kwargs: the example's arguments given by name, model(*example_inputs, **example_kwargs) (a
+        keyword-only one, or a mask= past defaulted ones); the compiled model takes them by name too.
     quantize: None, "int8" (per-output-channel symmetric int8 for sparse layers), "auto"
         (int8 only where the relative weight error stays within quant_budget), or "log2:B" / "codebook:B"
         (2 <= B <= 8: method (d)'s non-linear levels, one table of 2^B values per layer).
@@ -99,11 +102,12 @@ def compile(model: nn.Module, pattern: str | None = None, example_inputs: Any = 
     options = CompileOptions.from_user(pattern, quantize, include, exclude, plan, min_weights, quant_budget, leaf_modules,
                                        backend, train=train, grad_pattern=grad_pattern, grad_mode=grad_mode,
                                        weight_update=weight_update, ste_decay=ste_decay, timing=timing)
-    return compile_with_options(model, example_inputs, options)
+    return compile_with_options(model, example_inputs, options, example_kwargs)
 
 
-def compile_with_options(model: nn.Module, example_inputs: Any, options: CompileOptions) -> CompiledModel:
-    gm, ctx, history = _run(model, example_inputs, options)
+def compile_with_options(model: nn.Module, example_inputs: Any, options: CompileOptions,
+                         example_kwargs: dict | None = None) -> CompiledModel:
+    gm, ctx, history = _run(model, example_inputs, options, example_kwargs)
     dense = {}
     for lp in ctx.plan:
         if lp.sparsity is None:
@@ -151,14 +155,15 @@ def _dense_weight_path(gm, ctx, name: str) -> str | None:
         return None
 
 
-def explain(model: nn.Module, pattern: str | None = None, example_inputs: Any = None, **options) -> Plan:
+def explain(model: nn.Module, pattern: str | None = None, example_inputs: Any = None, *,
+            example_kwargs: dict | None = None, **options) -> Plan:
     """The plan `compile` would apply, without rewriting anything; the model is untouched.
     Takes the same options as `compile`."""
     unknown = set(options) - _COMPILE_OPTIONS
     if unknown:
         raise InvalidTypeError(f"explain() got unknown options {sorted(unknown)}; it takes compile's: {sorted(_COMPILE_OPTIONS)}")
-    _, ctx, _ = _run(model, example_inputs, CompileOptions.from_user(pattern, rewrite=False, **options))
+    _, ctx, _ = _run(model, example_inputs, CompileOptions.from_user(pattern, rewrite=False, **options), example_kwargs)
     return ctx.plan
 
 
-_COMPILE_OPTIONS = set(inspect.signature(compile).parameters) - {"model", "pattern", "example_inputs"}
+_COMPILE_OPTIONS = set(inspect.signature(compile).parameters) - {"model", "pattern", "example_inputs", "example_kwargs"}

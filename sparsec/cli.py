@@ -3,9 +3,9 @@
     sparsec inspect FILE.py[:FUNC] --pattern 2:4 [--json] [--quantize int8|auto|log2:B|codebook:B] [--include NAME ...] [--exclude NAME ...]
     sparsec dump-kernels FILE.py[:FUNC] --pattern 2:4 -o DIR [--quantize int8]
 
-FUNC (default: build_model) is a function in FILE.py taking no arguments and returning either a
-model or (model, example_inputs). `inspect` prints the plan and the transformed graph; with --json
-it prints only the plan as JSON (pipe it to a file, edit it, pass it back with --plan).
+FUNC (default: build_model) is a function in FILE.py taking no arguments and returning a model,
+(model, example_inputs) or (model, example_inputs, example_kwargs). `inspect` prints the plan and the
+transformed graph; with --json it prints only the plan as JSON (pipe it to a file, edit it, pass it back with --plan).
 `dump-kernels` generates the Triton kernels the model's 2:4 and constant fan-in layers get (no GPU
 needed: kernels are written, not run) and writes each as an importable DIR/<kernel>.py plus DIR/manifest.json.
 """
@@ -24,14 +24,15 @@ import torch
 import torch.nn as nn
 
 DEFAULT_FUNC = "build_model"
+_RETURNS = "a model, (model, example_inputs) or (model, example_inputs, example_kwargs)"
 
 
 class CliError(Exception):
     pass
 
 
-def load_target(spec: str) -> tuple[nn.Module, tuple | None]:
-    """Import FILE.py and call FUNC; return (model, example_inputs or None)."""
+def load_target(spec: str) -> tuple[nn.Module, tuple | None, dict | None]:
+    """Import FILE.py and call FUNC; return (model, example_inputs or None, example_kwargs or None)."""
     # FUNC follows the last colon, so a folder name holding one ("runs/12:30/model.py") still works
     path, sep, func = spec.rpartition(":")
     if not sep or os.path.isfile(spec):
@@ -75,13 +76,13 @@ def load_target(spec: str) -> tuple[nn.Module, tuple | None]:
         raise CliError(f"{path}:{func}() failed: {_where(e, path)}") from e
     except SystemExit as e:  # (sys.exit(0) in FUNC ended the command with status 0 and no output)
         raise CliError(f"{path}:{func}() exited (SystemExit {e.code!r}{_at_line(e, path)}) instead of returning "
-                       f"a model or (model, example_inputs)") from e
+                       f"{_RETURNS}") from e
     if isinstance(result, nn.Module):
-        return result, None
-    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module):
-        model, inputs = result
-        return model, (inputs,) if isinstance(inputs, torch.Tensor) else inputs
-    raise CliError(f"{path}:{func}() must return a model or (model, example_inputs), got {type(result).__name__}")
+        return result, None, None
+    if isinstance(result, tuple) and len(result) in (2, 3) and isinstance(result[0], nn.Module):
+        model, inputs, kwargs = (*result, None)[:3]
+        return model, (inputs,) if isinstance(inputs, torch.Tensor) else inputs, kwargs
+    raise CliError(f"{path}:{func}() must return {_RETURNS}, got {type(result).__name__}")
 
 
 def _where(error: BaseException, path: str) -> str:
@@ -125,10 +126,10 @@ def _inspect(args: argparse.Namespace) -> int:
     # With --json, stdout is the plan alone (piped into a file or jq): whatever the user's file prints
     # while it is imported and builds the model (a progress line) goes to stderr instead of into the JSON
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-        model, inputs = load_target(args.target)
+        model, inputs, kwargs = load_target(args.target)
         plan = _read_plan(args.plan)
         cm = sparsec.compile(model, pattern=args.pattern, example_inputs=inputs, quantize=args.quantize,
-                             include=args.include, exclude=args.exclude, plan=plan)
+                             include=args.include, exclude=args.exclude, plan=plan, example_kwargs=kwargs)
     if args.json:
         print(cm.plan.to_json())
         return 0
@@ -143,10 +144,10 @@ def _dump_kernels(args: argparse.Namespace) -> int:
     from sparsec.api import compile_with_options
     from sparsec.context import CompileOptions
 
-    model, inputs = load_target(args.target)
+    model, inputs, kwargs = load_target(args.target)
     options = CompileOptions.from_user(args.pattern, args.quantize, args.include, args.exclude, backend="triton",
                                        emit_only=True)
-    cm = compile_with_options(model, inputs, options)
+    cm = compile_with_options(model, inputs, options, kwargs)
     manifest = {"pattern": cm.plan.pattern, "kernels": cm.kernel_manifest,
                 "layers_without_kernel": {lp.name: lp.reason for lp in cm.plan if lp.sparsity and lp.backend != "triton"}}
     files = {f"{name}.py": source for name, source in sorted(cm.kernels.items())}
@@ -173,7 +174,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     # nargs="?" only so that a target after --include / --exclude can be taken back (_take_back_target):
     # it is required, as the usage line says
     parser.add_argument("target", nargs="?", metavar="FILE.py[:FUNC]",
-                        help=f"required; FUNC (default {DEFAULT_FUNC}) returns a model or (model, example_inputs)")
+                        help=f"required; FUNC (default {DEFAULT_FUNC}) returns {_RETURNS}")
     parser.add_argument("--pattern", default=None,
                         help='"N:M" (e.g. 2:4), "fanin:S" (e.g. fanin:0.9), "unstructured:S" (e.g. unstructured:0.95) or '
                              '"dense"; default 2:4 (with --plan: the plan\'s)')

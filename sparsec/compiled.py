@@ -62,8 +62,8 @@ def _unpickle_compiled_model(cls: type) -> "CompiledModel":
 
 _FIXED_ARGUMENTS = ("the graph takes the arguments the model was traced with: arguments left at their defaults, "
                     "and None / bool values, are fixed at the example's values (the graph follows the branches "
-                    "they took); pass in example_inputs every argument you will vary, with a tensor where you "
-                    "will pass one")
+                    "they took); pass in example_inputs (or by name in example_kwargs) every argument you will "
+                    "vary, with a tensor where you will pass one")
 
 
 def _container_input_leaves(gm: fx.GraphModule) -> tuple[int, frozenset, int] | None:

@@ -30,11 +30,11 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from sparsec.distributed import GATHER_RECIPE, any_sharded
 from sparsec.errors import ExampleInputError, InvalidTypeError, ParameterWriteError, TraceError
+from sparsec.example_inputs import describe_inputs, fresh_inputs, model_arguments
 from sparsec.export_mode import ModeFlag, follow_mode
 from sparsec.checkpointing import (ExportTags, checkpoint_call, disabling_grad_by_hand, in_reentrant_checkpoint,
                                    reentrant_calls_run_plainly, reentrant_calls_through, tag_exported)
 from sparsec.graph_module import TRACE_LOCK, RecordOperators, SparsecGraphModule, ThreadTracer
-from sparsec.plan import dtype_name
 from sparsec.runtime.guard import InputGuard, ShapeGuard
 from sparsec.runtime.layers import RuntimeLayer
 from sparsec.runtime.train_offset import TrainOffset
@@ -46,39 +46,6 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 # sparsec's own code: the package and its passes / codegen subpackages (separate folders in the source tree)
 _SPARSEC_DIRS = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (
     __file__, importlib.util.find_spec("sparsec.passes").origin, importlib.util.find_spec("sparsec.codegen").origin))
-
-
-def normalize_example_inputs(example_inputs: object) -> tuple | None:
-    """Accept a tuple of positional arguments (or a single tensor); reject anything ambiguous."""
-    if example_inputs is None:
-        return None
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    if isinstance(example_inputs, tuple):
-        return fresh_inputs(example_inputs)
-    raise InvalidTypeError(
-        f"example_inputs must be a tuple of the model's positional arguments, e.g. (x,), "
-        f"got {type(example_inputs).__name__}; wrap a single tensor as (x,)")
-
-
-def fresh_inputs(example_inputs: tuple) -> tuple:
-    """Copies of the tensors in the example inputs: sparsec runs the model on them several times, and a
-    forward that changes its input in place (x.mul_(2)) must change neither the user's tensors nor
-    what the next run sees."""
-    return tree_map(lambda t: t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t,
-                    example_inputs)
-
-
-def describe_inputs(example_inputs: tuple | None) -> str:
-    if example_inputs is None:
-        return "no example inputs"
-
-    def one(a: Any) -> str:
-        if isinstance(a, torch.Tensor):
-            return f"Tensor{list(a.shape)} {dtype_name(a.dtype)}"
-        return type(a).__name__
-
-    return "(" + ", ".join(one(a) for a in example_inputs) + ")"
 
 
 def user_frame(exc: BaseException) -> str | None:
@@ -262,8 +229,6 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
     """Trace `model` (sparsec's own copy). Returns (graph module, method, notes). `train`: the graph is
     compiled for training (a note names autograd Functions whose custom backward the trace drops)."""
     _check_root_is_traceable_as_called(model)
-    if example_inputs is not None:
-        _check_arity(model, example_inputs)
     leaf_types = tuple(t for t in leaf_modules if isinstance(t, type))
     leaf_names = tuple(t for t in leaf_modules if isinstance(t, str))
     bad = [t for t in leaf_modules if not isinstance(t, (type, str))]
@@ -369,7 +334,8 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
     if eager is None:
         try:
             with torch.no_grad(), preserved_state(model):
-                model(*example_inputs)
+                args, kwargs = model_arguments(model, example_inputs)
+                model(*args, **kwargs)
         except ParameterWriteError:  # (preserved_state's: not a problem of the inputs)
             raise
         except Exception as eager_error:  # noqa: BLE001
@@ -523,18 +489,22 @@ def _export(model: nn.Module, example_inputs: tuple):
     (dim 0) alone dynamic: where export cannot reason about some dim (a strided conv's length pooled and
     flattened into a Linear: sympy gives up on the guard), the graph still serves other batch sizes
     (it was fixed at the example's batch)."""
+    args, kwargs = model_arguments(model, tuple(example_inputs))
+    positional = list(inspect.signature(model.forward).parameters)[:len(args)] if kwargs else []
     auto = getattr(torch.export.Dim, "AUTO", None)
     if auto is not None:
         for dims in (lambda v: range(v.dim()), lambda v: range(min(1, v.dim()))):
+            # (keyed as export binds the inputs: the positional ones in order, keyword-only ones by name)
             dynamic = tree_map(lambda v: {d: auto for d in dims(v)} if isinstance(v, torch.Tensor) else None,
-                               tuple(example_inputs))
+                               (args, kwargs))
+            dynamic = {**dict(zip(positional, dynamic[0])), **dynamic[1]} if kwargs else dynamic[0]
             try:  # (each attempt's failure dump held by itself: they differ, and only the last one's is raised)
                 with _dim_marks_kept(example_inputs), _export_chatter_held():
-                    return torch.export.export(model, example_inputs, dynamic_shapes=dynamic, strict=False)
+                    return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
             except Exception:  # noqa: BLE001 - the static export below reports what is really wrong
                 pass
     with _dim_marks_kept(example_inputs):
-        return torch.export.export(model, example_inputs, strict=False)
+        return torch.export.export(model, args, kwargs, strict=False)
 
 
 # Attributes torch.export sets on each input tensor to mark its dims for dynamo (dynamic_shapes=Dim.AUTO).
@@ -572,7 +542,8 @@ def _example_run(module: nn.Module, example_inputs: tuple) -> tuple[list, dict] 
             # forward directly: GraphModule.__call__ prints a whole traceback to stderr when the graph fails,
             # which a probe run that may fail (a graph taking None as a tensor) must not; and the model's own
             # hooks are not part of the graph (see _root_hooks), so the model's run leaves them out too
-            outputs = tree_flatten(module.forward(*fresh_inputs(example_inputs)))[0]
+            args, kwargs = model_arguments(module, fresh_inputs(example_inputs))
+            outputs = tree_flatten(module.forward(*args, **kwargs))[0]
             return outputs, {name: buf.detach().clone() for name, buf in module.named_buffers()}
     except Exception:  # noqa: BLE001
         return None
@@ -617,7 +588,8 @@ def _concrete_args(model: nn.Module, example_inputs: tuple | None) -> dict[str, 
     bools, passed in the example inputs or left at their defaults (see capture)."""
     try:
         signature = inspect.signature(model.forward)
-        bound = signature.bind_partial(*(example_inputs or ()))
+        args, kwargs = model_arguments(model, example_inputs or ())
+        bound = signature.bind_partial(*args, **kwargs)
     except (TypeError, ValueError):
         return {}
     concrete = {}
@@ -901,21 +873,6 @@ def _bound(value) -> int | None:
         return None
 
 
-def _check_arity(model: nn.Module, example_inputs: tuple) -> None:
-    """A traced graph silently ignores surplus arguments; the model itself would not."""
-    try:
-        signature = inspect.signature(model.forward)
-    except (TypeError, ValueError):
-        return  # builtins without a Python signature: let the run itself complain
-    try:
-        signature.bind(*example_inputs)
-    except TypeError as e:
-        raise ExampleInputError(
-            f"the example inputs do not fit the model: {type(model).__name__}.forward{signature} cannot take "
-            f"{describe_inputs(example_inputs)}: {e}\nexample_inputs must be a tuple of the positional arguments "
-            "the model's forward accepts") from e
-
-
 def _regexes(names: tuple[str, ...]) -> tuple[str, ...]:
     out = []
     for name in names:
@@ -929,8 +886,8 @@ def _regexes(names: tuple[str, ...]) -> tuple[str, ...]:
 
 def _example_input_message(error: BaseException, example_inputs: tuple) -> str:
     where = user_frame(error)
-    return (f"the example inputs do not fit the model: calling model(*example_inputs) with "
+    return (f"the example inputs do not fit the model: calling model(*example_inputs, **example_kwargs) with "
             f"{describe_inputs(example_inputs)} raised {_first_line(error)}"
             + (f"\n  at {where}" if where else "")
             + "\nexample_inputs must be a tuple of the positional arguments the model's forward accepts, "
-              "with the shapes and dtypes it expects")
+              "example_kwargs a dict of those it takes by name, with the shapes and dtypes it expects")

@@ -42,6 +42,26 @@ def test_function_returning_only_a_model(tmp_path, capsys):
     assert "forced by include='2'" in capsys.readouterr().out
 
 
+def test_function_returning_example_kwargs(tmp_path, capsys):
+    """(model, example_inputs, example_kwargs): a forward with a keyword-only argument inspects and dumps."""
+    target = tmp_path / "m.py"
+    target.write_text(
+        "import torch, torch.nn as nn\n"
+        "class Scaled(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 64)\n"
+        "    def forward(self, x, *, scale):\n"
+        "        return self.b(torch.relu(self.a(x)) * scale)\n"
+        "def make():\n"
+        "    return Scaled(), (torch.randn(2, 64),), {'scale': torch.rand(64)}\n")
+    assert main(["inspect", f"{target}:make", "--include", "a", "b", "--json"]) == 0
+    assert [lp.sparsity for lp in sparsec.Plan.from_json(capsys.readouterr().out)] == ["2:4", "2:4"]
+    assert main(["dump-kernels", f"{target}:make", "--include", "a", "b", "-o", str(tmp_path / "out")]) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert sorted(use["name"] for k in manifest["kernels"].values() for use in k["layers"]) == ["a", "b"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["inspect", "/no/such/file.py"], "no such file"),
     (["inspect", f"{MLP}:nope"], "has no function 'nope'; write FILE.py:FUNC with one of: MLP, build_model"),

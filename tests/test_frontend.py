@@ -604,7 +604,7 @@ def test_a_call_the_graph_cannot_take_names_what_was_fixed():
 
     x = torch.randn(2, 16)
     cm = sparsec.compile(WithMask(), example_inputs=(x,), min_weights=0)
-    with pytest.raises(ValueError, match="specialized to have value None.*pass in example_inputs every argument"):
+    with pytest.raises(ValueError, match="specialized to have value None.*pass in example_inputs \(or by name in example_kwargs\) every argument"):
         cm(x, torch.ones(2, 64))
     with pytest.raises(TypeError, match=r"this compiled model takes forward\(.*does not fit it"):
         cm(x, torch.ones(2, 64), 3)
