@@ -6,6 +6,7 @@ comments are added after fx generated and compiled the code, so they never chang
 """
 from __future__ import annotations
 
+import builtins
 import copy
 import pickle
 import threading
@@ -13,6 +14,7 @@ import threading
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.fx import _symbolic_trace
 from torch.fx.graph_module import _forward_from_src
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
@@ -91,6 +93,20 @@ def follow_registration_order(gm: nn.Module, order: list[str]) -> None:
 TRACE_LOCK = threading.RLock()
 
 
+def drop_unresolvable_fx_wraps() -> None:
+    """Remove the entries of fx's table of functions to patch while tracing that name nothing. A pickled graph
+    module whose code calls a wrapped function of torch's own (torch.fx._symbolic_trace._assert_is_none, for
+    an argument traced as its None value) registers that dotted name on load, in the loaded code's globals,
+    which hold no such key: every symbolic_trace in the process after it failed with a KeyError on it (torch
+    issue 130701), sparsec's next compile of any model included. They patch nothing: dropping them is safe."""
+    table = getattr(_symbolic_trace, "_wrapped_fns_to_patch", None)
+    if isinstance(table, dict):
+        for key, frame in list(table.items()):
+            name = key[1] if isinstance(key, tuple) else None
+            if isinstance(name, str) and isinstance(frame, dict) and name not in frame and not hasattr(builtins, name):
+                table.pop(key, None)
+
+
 class ThreadTracer(fx.Tracer):
     """fx.Tracer that traces its own thread only: other threads' module calls and attribute reads,
     which fx's process-wide patches route here while it traces, run as they would unpatched."""
@@ -104,6 +120,7 @@ class ThreadTracer(fx.Tracer):
 
     def trace(self, root, concrete_args=None):
         with TRACE_LOCK:
+            drop_unresolvable_fx_wraps()  # (left by a graph module unpickled elsewhere than sparsec.load too)
             outer, self._thread = self._thread, threading.get_ident()
             self.checkpoint_tags = CheckpointTags()
             try:
@@ -226,6 +243,8 @@ def restore(gm: fx.GraphModule) -> SparsecGraphModule:
     SparsecGraphModule again, sharing its parameters and submodules, with its saved annotations."""
     if isinstance(gm, SparsecGraphModule) or not hasattr(gm, "sparsec_notes"):
         return gm
+    with TRACE_LOCK:  # (the user's own symbolic_trace after a load would fail on them)
+        drop_unresolvable_fx_wraps()
     restored = SparsecGraphModule(gm, gm.graph, type(gm).__name__)
     restored.sparsec_notes = gm.sparsec_notes
     for path, module in getattr(gm, "sparsec_modules", {}).items():  # parents come before their children

@@ -1,6 +1,8 @@
 import hashlib
 import io
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -390,3 +392,44 @@ def test_saving_a_wrapped_compiled_model_names_the_model_inside(tmp_path):
                 x @ model[0].weight.t() + model[0].bias) @ cm.effective_weight("2").t() + model[2].bias)
                 @ model[4].weight.t() + model[4].bias, atol=1e-5)
         (tmp_path / "m").unlink()
+
+
+_LOAD_THEN_TRACE = """
+import pickle, sys, torch, torch.nn as nn, torch.fx as fx
+import sparsec
+
+class Shifted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 64)
+
+    def forward(self, x, shift=None):  # traced as its None value: the code calls torch's _assert_is_none
+        h = self.b(torch.relu(self.a(x)))
+        return h if shift is None else h + shift
+
+x = torch.randn(4, 64)
+cm = sparsec.compile(Shifted(), "2:4", (x,), include=[".*"])
+assert "_assert_is_none" in cm.graph_module.code
+if sys.argv[2] == "sparsec":
+    sparsec.save(cm, sys.argv[1])
+    loaded = sparsec.load(sys.argv[1])
+else:
+    loaded = pickle.loads(pickle.dumps(cm))
+assert torch.equal(loaded(x), cm(x))
+again = sparsec.compile(Shifted(), "2:4", (x,), include=[".*"])   # any later trace in the process
+assert again.trace_method == "symbolic_trace"
+fx.symbolic_trace(nn.Sequential(nn.Linear(4, 4)))                  # the user's own too
+print("traced after load")
+"""
+
+
+@pytest.mark.parametrize("how", ["sparsec", "pickle"])
+def test_loading_a_graph_with_a_none_argument_leaves_later_traces_working(tmp_path, how):
+    """torch issue 130701: the loaded code registered torch.fx._symbolic_trace._assert_is_none for patching
+    under a name its globals lack, and every later symbolic_trace in the process failed with KeyError
+    (sparsec's own compiles too, both capture ways). Run in a process of its own: the failure is process-wide."""
+    script = tmp_path / "load_then_trace.py"
+    script.write_text(_LOAD_THEN_TRACE)
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / "m.sparsec"), how], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and "traced after load" in result.stdout, result.stderr[-2000:]
