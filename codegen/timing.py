@@ -96,8 +96,8 @@ def time_cuda(fn, repeats: int = REPEATS, graph: bool = False, l2_flush: str = "
 
 
 def time_cpu(fn, block_s: float = 0.02, blocks: int = 7, cold: bool = False) -> float:
-    """Seconds per call: the least over `blocks` blocks of repeated calls (one short call is too short
-    to time; a call longer than a block is timed alone). cold: the least of `blocks` single calls (at
+    """Seconds per call: the least single call over `blocks` blocks of repeated calls (a call longer
+    than a block is a block alone). cold: the least of `blocks` single calls (at
     least 3), each after the CPU caches were evicted (codegen/cpu_cache.py).
 
     The least, not the median: on a shared machine another process takes the core for whole time
@@ -118,14 +118,16 @@ def time_cpu(fn, block_s: float = 0.02, blocks: int = 7, cold: bool = False) -> 
             fn()
             samples.append(time.perf_counter() - start)
         return min(samples)
-    per_block = 1
-    if first < block_s:
-        calls, start = 0, time.perf_counter()
-        while time.perf_counter() - start < block_s / 4:
-            fn()
-            calls += 1
-        per_block = max(1, int(calls * 4))
-    least = math.inf
+    # Calls per block from the least of a quarter block of calls (at least 3), not from the first call: one
+    # call held up by another process (33 ms for a 5 us call) made every block a single call, and with all
+    # of a few held up too, the plan read 16-24 ms for that call and auto's choice was noise (2x dense).
+    least, calls, start = math.inf, 0, time.perf_counter()  # (the first call warmed up: it is no sample)
+    while calls < 3 or (time.perf_counter() - start < block_s / 4 and least < block_s):
+        before = time.perf_counter()
+        fn()
+        least = min(least, time.perf_counter() - before)
+        calls += 1
+    per_block = max(1, int(block_s / max(least, 1e-9)))
     for _ in range(blocks * per_block):
         start = time.perf_counter()
         fn()

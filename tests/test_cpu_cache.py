@@ -78,6 +78,22 @@ def test_cpu_timing_holds_when_every_block_was_held_up(monkeypatch):
     assert measure.time_cpu(call, block_s=10e-3, blocks=4) == pytest.approx(1e-3)
 
 
+def test_cpu_timing_holds_when_the_first_calls_were_held_up(monkeypatch):
+    """The first call and the next three held up by another process (30 ms each, for a 5 us call): the
+    blocks were sized from the first call, one call each, and all three samples read 30 ms (the plan
+    quoted 16-24 ms for a 5 us layer, and auto chose a layer 2x slower than dense)."""
+    from sparsec.codegen import timing
+
+    clock, calls = [0.0], [0]
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+
+    def call():
+        calls[0] += 1
+        clock[0] += 5e-6 + (30e-3 if calls[0] <= 4 else 0.0)
+
+    assert measure.time_cpu(call, block_s=20e-3, blocks=3) == pytest.approx(5e-6)
+
+
 def test_evict_reads_a_buffer_twice_the_cache(monkeypatch):
     monkeypatch.setattr(cpu_cache, "last_level_cache_bytes", lambda: 1 << 20)
     cpu_cache.evict()
