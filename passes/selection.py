@@ -115,16 +115,39 @@ def layer_positions(gm: fx.GraphModule) -> tuple[dict[str, str], dict[str, str]]
     owner.update({node: f"<{node.target}>" for node in gm.graph.nodes
                   if node.op == "call_module" and node not in owner and _holds_layers(gm.get_submodule(node.target))})
     first, last = {}, {}
-    for name, nodes in by_name.items():
-        def alone_in(reached) -> bool:
-            return not any(owner.get(node, name) != name for node in reached)
-
-        for found, side, neighbours in ((first, "before", nx.ancestors), (last, "after", nx.descendants)):
-            calls = [i for i, n in enumerate(nodes) if alone_in(neighbours(graph, n))]
+    for found, side, upstream in ((first, "before", True), (last, "after", False)):
+        reached = _owners_reached(graph, owner, upstream)
+        for name, nodes in by_name.items():
+            calls = [i for i, n in enumerate(nodes) if reached[n] <= {name}]
             if calls:
                 found[name] = (f"no candidate layer {side} it" if len(nodes) == 1 else
                                f"its call {calls[0] + 1} of {len(nodes)} has no candidate layer {side} it")
     return first, last
+
+
+def _owners_reached(graph: nx.DiGraph, owner: dict, upstream: bool) -> dict[fx.Node, frozenset]:
+    """node -> the layers owning nodes upstream (or downstream) of it, two at most: a call is alone when
+    they are its own layer or none, which two of them settle. One pass over the graph's strongly connected
+    components (an in-place write makes cycles) in topological order: an ancestors / descendants search per
+    layer was quadratic (1,600 layers: 4.6 s of a 13 s compile)."""
+    dag = nx.condensation(graph)
+    order = list(nx.topological_sort(dag))
+    neighbours = dag.predecessors if upstream else dag.successors
+    inside, beyond = {}, {}  # per component: its members' owners; the owners reached outside it (and inside a cycle)
+    for component in (order if upstream else reversed(order)):
+        members = dag.nodes[component]["members"]
+        inside[component] = _two({owner[m] for m in members if m in owner})
+        found = set(inside[component]) if len(members) > 1 else set()  # (a cycle's members reach each other)
+        for other in neighbours(component):
+            found |= inside[other] | beyond[other]
+            if len(found) > 1:
+                break
+        beyond[component] = _two(found)
+    return {node: beyond[component] for node, component in dag.graph["mapping"].items()}
+
+
+def _two(names: set) -> frozenset:
+    return frozenset(sorted(names)[:2])
 
 
 def _holds_layers(module: nn.Module) -> bool:

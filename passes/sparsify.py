@@ -16,7 +16,8 @@ import torch.fx as fx
 
 from sparsec.context import CompileContext
 from sparsec.meta import META_KEY, LayerInfo, SparsecMeta, data_input, get_meta, layer_nodes, runtime_bias, update_meta
-from sparsec.passes.weight_reads import erase_unused_reads, fold_shape_reads, owner_of, redirect_metadata_reads
+from sparsec.passes.weight_reads import (erase_unused_reads, fold_shape_reads, owner_of, reads_by_target,
+                                         redirect_metadata_reads)
 from sparsec.patterns import parse_pattern
 from sparsec.reference import weight_to_rows
 from sparsec.runtime import PackedWeight, SparseConv1d, SparseConv2d, SparseLayer, SparseLinear
@@ -69,11 +70,14 @@ def build_runtime_module(gm: fx.GraphModule, ctx: CompileContext, layer: LayerIn
     return module
 
 
-def replace_layer(gm: fx.GraphModule, name: str, nodes: list[fx.Node], module: torch.nn.Module) -> None:
-    """Make every call site of layer `name` call `module`, and drop the attributes only they read.
+def replace_layer(gm: fx.GraphModule, name: str, nodes: list[fx.Node], module: torch.nn.Module,
+                  attr_reads: dict[str, list[fx.Node]]) -> list[fx.Node]:
+    """Make every call site of layer `name` call `module`. Returns the weight reads this left behind, for
+    one `erase_unused_reads` after every layer is replaced (which drops the attributes only they read).
 
     A module layer keeps its path (the module is swapped); functional sites become call_module of
-    `sparse_<name>` with the data input as the only argument.
+    `sparse_<name>` with the data input as the only argument. attr_reads: `reads_by_target(gm)`, gathered
+    before the first layer is replaced.
     """
     module_sites = [n for n in nodes if n.op == "call_module"]
     path = module_sites[0].target if module_sites else _free_path(gm, "sparse_" + name.replace(".", "_"))
@@ -102,8 +106,9 @@ def replace_layer(gm: fx.GraphModule, name: str, nodes: list[fx.Node], module: t
     # The model may read the weight's shape (the packed layer keeps it) or its dtype / device (the layer's
     # probe tensor has them, and follows .to() as the weight would).
     layer = get_meta(nodes[0]).layer
-    erase_unused_reads(gm, weight_reads + fold_shape_reads(gm, layer.weight_path, layer.weight_shape, layer.dtype)
-                       + redirect_metadata_reads(gm, layer.weight_path, f"{path}.{module.weight_probe}"))
+    reads = attr_reads.get(layer.weight_path, [])
+    return (weight_reads + fold_shape_reads(gm, reads, layer.weight_shape, layer.dtype)
+            + redirect_metadata_reads(gm, reads, f"{path}.{module.weight_probe}"))
 
 
 def _free_path(gm: fx.GraphModule, path: str) -> str:
@@ -130,14 +135,16 @@ def _swap_last_dims(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
 
 
 def sparsify_layers(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
+    attr_reads, left = reads_by_target(gm), []
     for name, nodes in layer_nodes(gm).items():
         meta = get_meta(nodes[0])
         decision, layer = meta.decision, meta.layer
         if decision is None or decision.sparsity is None:
             continue
-        replace_layer(gm, name, nodes, build_runtime_module(gm, ctx, layer, decision))
+        left += replace_layer(gm, name, nodes, build_runtime_module(gm, ctx, layer, decision), attr_reads)
         ctx.masks.pop(name, None)  # the packed module holds the mask now
         ctx.counters[f"sparsified_{layer.op}"] += 1
         if decision.quant:
             ctx.counters[f"quantized_{decision.quant}"] += 1
+    erase_unused_reads(gm, left)
     return gm

@@ -7,6 +7,7 @@ import torch.fx as fx
 from sparsec.context import CompileContext
 from sparsec.meta import get_meta, layer_nodes
 from sparsec.passes.sparsify import replace_layer
+from sparsec.passes.weight_reads import erase_unused_reads, reads_by_target
 from sparsec.patterns import parse_pattern
 from sparsec.reference import rows_to_weight
 from sparsec.runtime.training import TrainableLayer
@@ -14,6 +15,7 @@ from sparsec.runtime.training import TrainableLayer
 
 def make_trainable(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     opts = ctx.options
+    attr_reads, left = reads_by_target(gm), []
     for name, nodes in layer_nodes(gm).items():
         meta = get_meta(nodes[0])
         decision, layer = meta.decision, meta.layer
@@ -30,7 +32,8 @@ def make_trainable(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
                                 grad_mode=opts.grad_mode, weight_update=opts.weight_update, ste_decay=opts.ste_decay,
                                 conv=layer.conv)
         module.train(gm.training)
-        replace_layer(gm, name, nodes, module)
+        left += replace_layer(gm, name, nodes, module, attr_reads)
         ctx.masks.pop(name, None)
         ctx.counters[f"trainable_{layer.op}"] += 1
+    erase_unused_reads(gm, left)
     return gm

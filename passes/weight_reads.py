@@ -8,6 +8,7 @@ transpose together with the read once nothing else uses them.
 from __future__ import annotations
 
 import builtins
+import collections
 import operator
 
 import torch
@@ -113,11 +114,20 @@ def reads_metadata(node: fx.Node) -> bool:
     return _reads_only(node, _METADATA_METHODS, _METADATA_ATTRIBUTES)
 
 
-def redirect_metadata_reads(gm: fx.GraphModule, target: str, probe: str) -> list[fx.Node]:
-    """Make every dtype / device read of parameter `target` (directly or of its transpose) read the
-    tensor at attribute path `probe` instead, which has the same dtype and device. Returns the reads it
-    may have left without users, for `erase_unused_reads`."""
-    reads = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == target]
+def reads_by_target(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
+    """The graph's get_attr nodes by the attribute they read, gathered once for a rewrite of every layer:
+    each layer's looked up by a scan of the whole graph made a compile quadratic in its layers."""
+    out = collections.defaultdict(list)
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            out[node.target].append(node)
+    return out
+
+
+def redirect_metadata_reads(gm: fx.GraphModule, reads: list[fx.Node], probe: str) -> list[fx.Node]:
+    """Make every dtype / device read of a parameter (through its get_attr `reads`, directly or through a
+    transpose) read the tensor at attribute path `probe` instead, which has the same dtype and device.
+    Returns the reads it may have left without users, for `erase_unused_reads`."""
     out = list(reads)
     for read in reads:
         views = [read] + [u for u in read.users if transposed_input(u) is read]
@@ -141,14 +151,14 @@ def attribute(gm: fx.GraphModule, target: str):
     return getattr(owner, attr)
 
 
-def fold_shape_reads(gm: fx.GraphModule, target: str, shape: tuple[int, ...], dtype: torch.dtype) -> list[fx.Node]:
-    """Replace every read of the shape of parameter `target` (directly or of its transpose) by its value.
+def fold_shape_reads(gm: fx.GraphModule, reads: list[fx.Node], shape: tuple[int, ...], dtype: torch.dtype) -> list[fx.Node]:
+    """Replace every read of the shape of a parameter (through its get_attr `reads`, directly or through a
+    transpose) by its value.
 
     Used where a rewrite removes the dense weight or changes its shape: the model computed with the
     shape it had when it was traced, and still does. Returns the reads (get_attr, transposes) this may
     have left without users, for `erase_unused_reads`.
     """
-    reads = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == target]
     weight = torch.empty(shape, dtype=dtype, device="meta")  # only shapes are computed
     out = list(reads)
     for read in reads:

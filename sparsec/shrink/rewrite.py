@@ -8,7 +8,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from sparsec.meta import get_meta, update_meta
-from sparsec.passes.weight_reads import attribute, erase_unused_reads, fold_shape_reads, owner_of
+from sparsec.passes.weight_reads import attribute, erase_unused_reads, fold_shape_reads, owner_of, reads_by_target
 from sparsec.reference import weight_to_rows
 from sparsec.runtime.train_offset import TrainOffset
 from sparsec.runtime.training import TrainableLayer
@@ -20,9 +20,11 @@ from sparsec.shrink.layers import Layer
 def freeze_shape_reads(gm: fx.GraphModule) -> None:
     """Code reading a tensor's shape (`W.shape[0] ** -0.5`) computed with the shape it had when traced,
     and must go on doing so once channels are removed: each such read becomes its value."""
-    for target in {n.target for n in gm.graph.nodes if n.op == "get_attr"}:
+    left = []
+    for target, reads in reads_by_target(gm).items():
         if isinstance(value := attribute(gm, target), torch.Tensor):
-            erase_unused_reads(gm, fold_shape_reads(gm, target, tuple(value.shape), value.dtype))
+            left += fold_shape_reads(gm, reads, tuple(value.shape), value.dtype)
+    erase_unused_reads(gm, left)
     gm.recompile()
 
 
