@@ -42,9 +42,9 @@ def save(compiled, path: str | os.PathLike) -> None:
                                + (f", a wrapper around one: save {inside}" if inside else ""))
     compiled.require_unsharded("sparsec.save")
     _warn_of_unsaved_hooks(compiled)
-    payload = _pickled(compiled)
+    payload = _pickled(compiled)  # (a view of the pickle's buffer, hashed and written without a copy)
     header = {"format": MODEL_FORMAT, "version": MODEL_VERSION, "plan": compiled.plan.to_json(),
-              "payload_bytes": len(payload), "payload_sha256": hashlib.sha256(payload).hexdigest()}
+              "payload_bytes": payload.nbytes, "payload_sha256": hashlib.sha256(payload).hexdigest()}
     # Write through a symlink (as open() would) instead of replacing the link by a file and leaving its
     # target stale; the temp name is unique per thread too (two threads saving one path shared it).
     given = os.fsdecode(path)  # (a bytes path made the temp name "b'...'.tmp...")
@@ -63,7 +63,8 @@ def save(compiled, path: str | os.PathLike) -> None:
         except OSError as e:  # (a read-only folder: the error named the temp file, which the user never asked for)
             raise type(e)(e.errno, f"cannot save to {given}: {e.strerror} (creating a file in {folder})", given) from e
         with f:
-            f.write(MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n" + payload)
+            f.write(MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n")
+            f.write(payload)
         if os.path.isfile(target):  # the new file takes the old one's permissions, as writing into it would
             # (open, torch.save): the temp file got the umask's, so a private 0600 model became 0644
             os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
@@ -73,7 +74,7 @@ def save(compiled, path: str | os.PathLike) -> None:
             os.unlink(tmp)
 
 
-def _pickled(compiled) -> bytes:
+def _pickled(compiled) -> memoryview:
     parametrized = [name for name, module in compiled.graph_module.named_modules() if parametrize.is_parametrized(module)]
     if parametrized:  # torch refuses these with a message that names no module
         problem = (f"layer {parametrized[0]!r} has a parametrized weight (torch.nn.utils.parametrize), which torch "
@@ -83,7 +84,7 @@ def _pickled(compiled) -> bytes:
         buffer = io.BytesIO()
         try:
             torch.save(compiled, buffer)
-            return buffer.getvalue()
+            return buffer.getbuffer()
         except (pickle.PicklingError, TypeError, AttributeError, RuntimeError) as e:
             problem = f"torch.save could not pickle it: {type(e).__name__}: {e}"
     raise InvalidTypeError(f"sparsec.save cannot store this compiled model: {problem}. To keep it, save "
@@ -96,14 +97,18 @@ def load(path: str | os.PathLike, map_location=None):
     from sparsec.plan import Plan
 
     name = os.fsdecode(path)  # (os.fspath kept a bytes path, and every message named it as "b'...'")
+    # Read from the file as torch.load needs it, not into memory first: the whole file read, then its payload
+    # sliced off and wrapped took 3x the file's size at the peak (torch.load alone takes about 1x)
     with open(name, "rb") as f:  # FileNotFoundError as is
-        data = f.read()
-    if data.startswith(_ZIP_MAGIC):
-        plan_json, model = _load_version_1(name, data, map_location)
-    elif data.startswith(MAGIC):
-        plan_json, model = _load_checked(name, data, map_location)
-    else:
-        raise CorruptFileError(_not_a_model_file(name, data))
+        start = f.read(len(MAGIC) + 1)  # (+1: a CRLF-converted header is one byte longer)
+        f.seek(0)
+        if start.startswith(_ZIP_MAGIC):
+            plan_json, model = _load_version_1(name, f, map_location)
+        elif start.startswith(MAGIC):
+            f.seek(len(MAGIC))
+            plan_json, model = _load_checked(name, f, map_location)
+        else:
+            raise CorruptFileError(_not_a_model_file(name, start))
     if not isinstance(model, CompiledModel):
         raise CorruptFileError(f"{name} does not hold a CompiledModel")
     _upgrade_launch_configs(model)
@@ -143,10 +148,40 @@ def _not_a_model_file(name: str, data: bytes) -> str:
     return f"{name} is not a sparsec model file (it does not start with the sparsec header)"
 
 
-def _load_checked(name: str, data: bytes, map_location):
-    header_line, newline, payload = data[len(MAGIC):].partition(b"\n")
+class _Payload(io.RawIOBase):
+    """The payload of an open model file (what follows its header) as a file of its own: torch.load seeks
+    within what it reads, from the payload's start."""
+
+    def __init__(self, f, offset: int, size: int):
+        super().__init__()
+        self._f, self._offset, self._size, self._pos = f, offset, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        self._f.seek(self._offset + self._pos)
+        got = self._f.readinto(view[:max(0, min(len(view), self._size - self._pos))])
+        self._pos += got
+        return got
+
+
+def _load_checked(name: str, f, map_location):
+    header_line = f.readline()
     try:
-        header = json.loads(header_line) if newline else None
+        header = json.loads(header_line) if header_line.endswith(b"\n") else None
     except ValueError:
         header = None
     if not isinstance(header, dict) or header.get("format") != MODEL_FORMAT:
@@ -157,14 +192,19 @@ def _load_checked(name: str, data: bytes, map_location):
     expected = header.get("payload_bytes")
     if not isinstance(expected, int) or isinstance(expected, bool):
         raise CorruptFileError(f"{name}: the sparsec header is damaged (payload_bytes is {expected!r})")
-    if len(payload) < expected:
-        raise CorruptFileError(f"{name} is truncated: {len(payload)} of {expected} payload bytes")
-    if len(payload) > expected:  # (not "truncated": bytes were appended, or the header was edited)
-        raise CorruptFileError(f"{name} is damaged: {len(payload)} payload bytes where its header says {expected} "
+    offset = f.tell()
+    size = os.fstat(f.fileno()).st_size - offset
+    if size < expected:
+        raise CorruptFileError(f"{name} is truncated: {size} of {expected} payload bytes")
+    if size > expected:  # (not "truncated": bytes were appended, or the header was edited)
+        raise CorruptFileError(f"{name} is damaged: {size} payload bytes where its header says {expected} "
                                f"(bytes appended after the model, or the header edited)")
-    if hashlib.sha256(payload).hexdigest() != header.get("payload_sha256"):
+    digest = hashlib.sha256()
+    while chunk := f.read(1 << 24):
+        digest.update(chunk)
+    if digest.hexdigest() != header.get("payload_sha256"):
         raise CorruptFileError(f"{name} is damaged: its payload does not match the checksum written when it was saved")
-    return header.get("plan"), _torch_load(name, io.BytesIO(payload), map_location, intact=True)
+    return header.get("plan"), _torch_load(name, _Payload(f, offset, size), map_location, intact=True)
 
 
 def _newer(version) -> str:
@@ -174,8 +214,8 @@ def _newer(version) -> str:
     return ""
 
 
-def _load_version_1(name: str, data: bytes, map_location):
-    blob = _torch_load(name, io.BytesIO(data), map_location)
+def _load_version_1(name: str, f, map_location):
+    blob = _torch_load(name, f, map_location)
     if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
         raise CorruptFileError(f"{name} is not a sparsec model file (no '{MODEL_FORMAT}' header)")
     if blob.get("version") != 1:
