@@ -44,6 +44,14 @@ def _batches(n, shape=(16,), seed=0):
     return [(torch.randn(16, *shape, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(n)]
 
 
+def _train(cm, opt, pruner, batches):
+    for x, y in batches:
+        F.cross_entropy(cm(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        pruner.step()
+
+
 def _rows(t):
     return t.detach().reshape(t.shape[0], -1)  # Linear / Conv2d: the [out, K] view masks rank in
 
@@ -180,11 +188,7 @@ def test_an_inference_compile_keeps_the_learned_masks_and_outputs():
     cm = _compile()
     opt = torch.optim.AdamW(cm.parameters(), lr=1e-2)
     pruner = GradualPruning(cm, 0.95, end_step=10, every=2, optimizer=opt)
-    for x, y in _batches(14):
-        F.cross_entropy(cm(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-        pruner.step()
+    _train(cm, opt, pruner, _batches(14))
     for n in pruner.layers:
         assert str(cm.sparse_module(n).pattern) == "unstructured:0.95"
     x = torch.randn(5, 16)
@@ -245,11 +249,7 @@ def test_a_fresh_compile_loading_a_pruned_state_says_the_sparsity_its_masks_hold
     trained = _compile()
     opt = torch.optim.SGD(trained.parameters(), lr=0.05)
     pruner = GradualPruning(trained, 0.9, end_step=4, every=2, optimizer=opt)
-    for x, y in _batches(4):
-        F.cross_entropy(trained(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-        pruner.step()
+    _train(trained, opt, pruner, _batches(4))
     cm = _compile()
     cm.load_state_dict(trained.state_dict())
     kept = {n: int(trained.mask(n).sum()) for n in pruner.layers}
