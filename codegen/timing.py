@@ -107,9 +107,7 @@ def time_cpu(fn, block_s: float = 0.02, blocks: int = 7, cold: bool = False) -> 
     call of a block, not the block's mean: under heavier load a multi-threaded GEMM waits at its
     barrier for a descheduled thread in almost every block (a 64 x 64 layer read 6-16 ms per call,
     block after block), while single calls between time slices still run undisturbed."""
-    start = time.perf_counter()
-    fn()
-    first = time.perf_counter() - start
+    fn()  # (a warm-up: lazy set-up, first-touch page faults)
     if cold:
         samples = []
         for _ in range(max(blocks, 3)):
@@ -121,7 +119,7 @@ def time_cpu(fn, block_s: float = 0.02, blocks: int = 7, cold: bool = False) -> 
     # Calls per block from the least of a quarter block of calls (at least 3), not from the first call: one
     # call held up by another process (33 ms for a 5 us call) made every block a single call, and with all
     # of a few held up too, the plan read 16-24 ms for that call and auto's choice was noise (2x dense).
-    least, calls, start = math.inf, 0, time.perf_counter()  # (the first call warmed up: it is no sample)
+    least, calls, start = math.inf, 0, time.perf_counter()
     while calls < 3 or (time.perf_counter() - start < block_s / 4 and least < block_s):
         before = time.perf_counter()
         fn()
