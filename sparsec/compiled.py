@@ -17,9 +17,9 @@ from torch.utils._pytree import tree_leaves
 
 from sparsec.distributed import FSDPModule, check_same_masks, check_whole, fsdp_groups, full, refuse_sharded
 from sparsec.errors import InvalidInputError, InvalidTypeError
-from sparsec.patterns import Unstructured
 from sparsec.graph_module import restore
 from sparsec.passes.weight_reads import owner_of
+from sparsec.patterns import Unstructured
 from sparsec.pipeline import PassRecord
 from sparsec.plan import Plan, dtype_name
 from sparsec.runtime.layers import RuntimeLayer
@@ -153,7 +153,6 @@ def _values_form(keys: set[str]) -> str | None:
             if "packed.table" in keys else "float values")
 
 
-# The plan note shrink(eval_only=True) leaves: train() reads it to say why the model stays in eval mode.
 _LOADED = "; the loaded state's mask keeps "  # the note a load appends to a layer's plan reason
 
 
@@ -179,6 +178,7 @@ def _patterns_from_loaded_masks(cm: "CompiledModel", incompatible_keys) -> None:
             lp.reason = lp.reason.split(_LOADED)[0] + f"{_LOADED}{kept} of {numel} weights ({100 * kept / numel:.3g}%)"
 
 
+# The plan note shrink(eval_only=True) leaves: train() reads it to say why the model stays in eval mode.
 EVAL_ONLY_NOTE = "shrink(eval_only=True): constants folded for eval mode only; the model refuses train()"
 
 
