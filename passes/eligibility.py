@@ -13,6 +13,7 @@ from sparsec.context import CompileContext
 from sparsec.meta import data_input, get_meta, layer_nodes, op_name, update_meta
 from sparsec.passes.weight_reads import attribute, readers, reads_metadata, reads_shape
 from sparsec.plan import dtype_name
+from sparsec.reference import count_nonfinite
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -76,7 +77,7 @@ def blocker_for(gm: fx.GraphModule, nodes: list[fx.Node], uses: dict[str, list[f
         return f"weight dtype {dtype_name(weight.dtype)} is not supported (supported: {names})"
     if not weight.numel():  # nn.Linear(16, 0): no groups to prune, and no bytes to save
         return f"weight has no elements (shape {'x'.join(map(str, weight.shape))}): there is nothing to prune"
-    bad = int((~torch.isfinite(weight.detach())).sum())
+    bad = count_nonfinite(weight)
     if bad:
         return (f"weight holds {bad} NaN/Inf value{'s' if bad > 1 else ''}: magnitudes are undefined, so sparsec "
                 f"refuses to prune this layer (fix the weights and compile again)")

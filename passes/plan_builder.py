@@ -13,6 +13,7 @@ from sparsec.context import CompileContext
 from sparsec.meta import get_meta, layer_nodes
 from sparsec.passes.selection import first_match
 from sparsec.plan import LayerPlan, Plan, dtype_name
+from sparsec.reference import kept_per_row
 
 
 def _flops(nodes: list[fx.Node], reduction: int) -> int | None:
@@ -59,7 +60,7 @@ def _packed_kept(gm: fx.GraphModule, weight_path: str) -> int | None:
         packed = gm.get_submodule(weight_path)
     except AttributeError:
         return None
-    return int(packed.mask().sum()) if hasattr(packed, "mask") else None
+    return int(kept_per_row(packed.mask()).sum()) if hasattr(packed, "mask") else None
 
 
 def build_plan(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:

@@ -16,36 +16,53 @@ reported.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 import torch.fx as fx
 
+from sparsec import reference
 from sparsec.context import CompileContext
 from sparsec.errors import InvalidInputError
-from sparsec.levels import fake_quant_levels, is_levels, parse_levels
+from sparsec.levels import is_levels, lookup_levels, parse_levels, quantize_levels
 from sparsec.meta import get_meta, layer_nodes, update_meta
 from sparsec.plan import dtype_name
-from sparsec.reference import fake_quant_int8, int8_scales, relative_error, weight_to_rows
+from sparsec.reference import by_row_chunks, fake_quant_int8, int8_scales, weight_to_rows
 
 MAX_FLUSHED = 0.05
 
 
 def pruned_rows(gm: fx.GraphModule, ctx: CompileContext, layer, sparsity: str) -> torch.Tensor:
     """The layer's weight as [out, K] rows, with the plan's mask applied."""
-    rows = weight_to_rows(gm.get_parameter(layer.weight_path).detach(), layer.op)
-    return rows * ctx.layer_mask(gm, layer, sparsity)
+    return weight_to_rows(gm.get_parameter(layer.weight_path).detach(), layer.op) * ctx.layer_mask(gm, layer, sparsity)
 
 
 @torch.no_grad()
-def scale_problem(pruned: torch.Tensor) -> str | None:
-    """Why int8 cannot store these rows at all, or None.
+def int8_row_stats(rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """What int8 does to each row of the pruned weight `rows * mask`, float64 `[out, 5]`: max |w|,
+    sum of (deq(q(w)) - w)^2, sum of w^2, kept nonzero weights it flushes to 0, kept nonzero weights.
+    Row by row sums, so computed a slice of rows at a time: the whole layer's float64 copies were 15x a
+    bfloat16 layer at once."""
+    return by_row_chunks(_int8_stats, rows, mask)
+
+
+def _int8_stats(rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    pruned = rows * mask
+    quantized = fake_quant_int8(pruned)
+    nonzero = pruned != 0
+    exact, approx = pruned.double(), quantized.double()
+    return torch.stack([pruned.abs().amax(dim=-1).double(), (approx - exact).square().sum(-1), exact.square().sum(-1),
+                        (nonzero & (quantized == 0)).sum(-1).double(), nonzero.sum(-1).double()], dim=-1)
+
+
+def scale_problem(absmax: torch.Tensor) -> str | None:
+    """Why int8 cannot store rows of these max |w| at all, or None.
 
     The format keeps float32 scales max|row| / 127 (sparsec/reference.py). A row whose scale is not a
     positive finite float32 has no int8 form: a float64 row beyond float32's range got scale inf and
     dequantized to NaN (the compiled model returned NaN under quantize="int8"), and a row so small that
     its scale underflows to 0 (float32 max|w| below ~1e-43, float64 below float32's range) lost every
     weight. Such a layer is refused int8 instead."""
-    absmax = pruned.abs().amax(dim=-1)
     scales = int8_scales(absmax.float())  # as reference.quantize_int8 computes them
     bad = (absmax > 0) & ~(torch.isfinite(scales) & (scales > 0))
     if not bool(bad.any()):
@@ -57,13 +74,12 @@ def scale_problem(pruned: torch.Tensor) -> str | None:
             f"float32 scale max|w| / 127 {what} (int8 keeps float32 per-output-channel scales)")
 
 
-@torch.no_grad()
-def measure_int8(pruned: torch.Tensor) -> tuple[float, float]:
-    """(relative weight error, fraction of kept nonzero weights flushed to 0) of int8 on the pruned weight rows."""
-    quantized = fake_quant_int8(pruned)
-    nonzero = pruned != 0
-    flushed = float((quantized[nonzero] == 0).sum()) / max(int(nonzero.sum()), 1)
-    return relative_error(quantized, pruned), flushed
+def measure_int8(stats: torch.Tensor) -> tuple[float, float]:
+    """(relative weight error ||deq(q(W)) - W||_F / ||W||_F, fraction of kept nonzero weights flushed to 0)
+    from `int8_row_stats`."""
+    _, squared_error, squared_norm, flushed, nonzero = stats.sum(0).tolist()
+    error = math.sqrt(squared_error) / math.sqrt(squared_norm) if squared_norm > 0 else math.sqrt(squared_error)
+    return error, flushed / max(nonzero, 1)
 
 
 def choose_quantization(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
@@ -77,14 +93,16 @@ def choose_quantization(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModu
         wanted = decision.quant if opts.plan is not None else opts.quantize
         if wanted is None:
             continue
-        pruned = pruned_rows(gm, ctx, meta.layer, decision.sparsity)
         if is_levels(wanted):
+            pruned = pruned_rows(gm, ctx, meta.layer, decision.sparsity)
             decision = _levels_decision(name, decision, pruned, wanted, meta.layer, opts.plan is not None)
             for node in nodes:
                 update_meta(node, decision=decision)
             ctx.counters[f"quant_{decision.quant}" if decision.quant else "quant_refused"] += 1
             continue
-        problem = scale_problem(pruned)
+        rows = weight_to_rows(gm.get_parameter(meta.layer.weight_path).detach(), meta.layer.op)
+        stats = int8_row_stats(rows, ctx.layer_mask(gm, meta.layer, decision.sparsity))
+        problem = scale_problem(stats[:, 0])
         if problem is not None:
             if opts.plan is not None:  # an edited plan is applied exactly or refused, never changed
                 raise InvalidInputError(f"plan layer {name!r}: quant 'int8' cannot store this weight: {problem}; "
@@ -95,7 +113,7 @@ def choose_quantization(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModu
                 update_meta(node, decision=decision)
             ctx.counters["quant_refused"] += 1
             continue
-        error, flushed = measure_int8(pruned)
+        error, flushed = measure_int8(stats)
         measured = f"relative weight error {error:.2%}, {flushed:.1%} of kept weights flushed to 0"
         keep = wanted != "auto" or (error <= budget and flushed <= MAX_FLUSHED)
         # (3 significant digits: ":.0%" stated quant_budget=0.005 as "budget 0%")
@@ -127,8 +145,23 @@ def _levels_decision(name: str, decision, pruned: torch.Tensor, wanted: str, lay
                                     f"the entry's quant to None")
         return dataclasses.replace(decision, quant=None, reason=f"{decision.reason}; stays "
                                    f"{dtype_name(layer.dtype)}: {wanted} cannot store it: {problem}")
-    quantized = fake_quant_levels(pruned, parse_levels(wanted))
-    distinct = int(quantized[pruned != 0].unique().numel())
+    codes, table = quantize_levels(pruned, parse_levels(wanted))
+    error, distinct = _levels_cost(pruned, codes, table)
     note = (f"{wanted} levels, one table for the layer ({distinct} distinct nonzero values; relative weight error "
-            f"{relative_error(quantized, pruned):.2%})")
+            f"{error:.2%})")
     return dataclasses.replace(decision, quant=wanted, reason=f"{decision.reason}; {note}")
+
+
+def _levels_cost(pruned: torch.Tensor, codes: torch.Tensor, table: torch.Tensor) -> tuple[float, int]:
+    """(relative weight error, distinct nonzero values) of the levels `codes` / `table` give the pruned
+    weight, summed a slice at a time (the dequantized layer's float64 copies were many times its size)."""
+    squared_error = squared_norm = 0.0
+    used = torch.zeros(table.numel(), dtype=torch.bool, device=table.device)
+    size = reference.ROW_CHUNK_WEIGHTS
+    for part, part_codes in zip(pruned.reshape(-1).split(size), codes.reshape(-1).split(size)):
+        exact = part.double()
+        squared_error += float((lookup_levels(part_codes, table, pruned.dtype).double() - exact).square().sum())
+        squared_norm += float(exact.square().sum())
+        used |= torch.bincount(part_codes[part != 0].long(), minlength=table.numel()) > 0
+    error = math.sqrt(squared_error) / math.sqrt(squared_norm) if squared_norm > 0 else math.sqrt(squared_error)
+    return error, int(table[used].to(pruned.dtype).unique().numel())

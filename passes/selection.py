@@ -29,6 +29,7 @@ from sparsec.context import CompileContext
 from sparsec.errors import InvalidInputError
 from sparsec.meta import Decision, LayerInfo, dataflow_graph, get_meta, layer_nodes, update_meta
 from sparsec.patterns import NM, Dense, Pattern, Unstructured, parse_pattern
+from sparsec.reference import kept_per_row
 
 
 def _compile_regex(text: str) -> re.Pattern:
@@ -226,7 +227,7 @@ def _with_learned_count(gm: fx.GraphModule, ctx: CompileContext, layer: LayerInf
     Decision.mask_kept becomes LayerPlan.mask_kept)."""
     if decision.sparsity is None or layer.trained_module_path is None or decision.sparsity != layer.trained_pattern:
         return decision
-    kept, numel = int(ctx.layer_mask(gm, layer, decision.sparsity).sum()), layer.out_features * layer.reduction
+    kept, numel = int(kept_per_row(ctx.layer_mask(gm, layer, decision.sparsity)).sum()), layer.out_features * layer.reduction
     return dataclasses.replace(decision, mask_kept=kept, reason=f"{decision.reason}, {kept} of {numel} weights "
                                                                f"({100 * kept / max(numel, 1):.3g}%)")
 

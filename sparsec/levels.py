@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sparsec import reference
 from sparsec.errors import InvalidInputError, InvalidTypeError
 
 ACCEPTED_FORMS = ('"log2:B" (signed powers of two) or "codebook:B" (k-means shared values), B an integer '
@@ -140,24 +141,31 @@ def _empty_result(values: torch.Tensor, levels: Levels) -> tuple[torch.Tensor, t
 # --------------------------------------------------------------------------- log2
 
 
-def _quantize_log2(x: torch.Tensor, levels: Levels, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_log2(values: torch.Tensor, levels: Levels) -> tuple[torch.Tensor, torch.Tensor]:
     """sign(w) * 2**e, e = round(log2 |w|) clamped to [e_min, e_max]: e_max = round(log2 max|w|) (the
     largest weight is represented to within a factor sqrt(2)), e_min = e_max - L + 1. Weights below
     2**e_min round up to it, never to 0; both ends are also kept inside the storage dtype's range, so
-    huge float64 weights saturate at 2**127 and tiny ones at 2**-149 (2**15 / 2**-24 for float16)."""
-    codes, table = _empty_result(x, levels)
-    nonzero = x != 0
-    if not bool(nonzero.any()):
+    huge float64 weights saturate at 2**127 and tiny ones at 2**-149 (2**15 / 2**-24 for float16).
+    Each weight's code depends on it and e_max alone, so the codes are computed a slice at a time (the
+    whole layer's float64 temporaries were 28x a bfloat16 layer at once)."""
+    codes, table = _empty_result(values, levels)
+    flat = values.detach().reshape(-1)
+    size = reference.ROW_CHUNK_WEIGHTS
+    absmax = max((float(part.abs().amax()) for part in flat.split(size) if part.numel()), default=0.0)
+    if absmax == 0:
         return codes, table
-    lowest, highest = _exponent_range(dtype)
+    lowest, highest = _exponent_range(values.dtype)
     per_sign = levels.per_sign
-    e_max = int(_round_log2(x.abs().amax()).clamp(lowest, highest))
+    e_max = int(_round_log2(torch.tensor(absmax, dtype=torch.float64)).clamp(lowest, highest))
     e_min = max(e_max - per_sign + 1, lowest)
-    step = _round_log2(x.abs()).clamp(e_min, e_max) - e_min + 1          # 1..n within each sign's block
-    code = torch.where(x > 0, step, step + per_sign)
-    codes = torch.where(nonzero, code, torch.zeros_like(code)).to(torch.uint8)
+    flat_codes = codes.view(-1)
+    for start in range(0, flat.numel(), size):
+        x = flat[start:start + size].double()
+        step = _round_log2(x.abs()).clamp(e_min, e_max) - e_min + 1          # 1..n within each sign's block
+        code = torch.where(x > 0, step, step + per_sign)
+        flat_codes[start:start + x.numel()] = torch.where(x != 0, code, torch.zeros_like(code)).to(torch.uint8)
     # math.ldexp: exact powers of two (exp2 of an integer is exact only if libm says so)
-    powers = torch.tensor([math.ldexp(1.0, e) for e in range(e_min, e_max + 1)], dtype=torch.float32, device=x.device)
+    powers = torch.tensor([math.ldexp(1.0, e) for e in range(e_min, e_max + 1)], dtype=torch.float32, device=values.device)
     table[1:1 + powers.numel()] = powers
     table[per_sign + 1:per_sign + 1 + powers.numel()] = -powers
     return codes, table
@@ -236,29 +244,39 @@ def _nearest(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return torch.where((centroids[hi] - x).abs() < (x - centroids[lo]).abs(), hi, lo)
 
 
-def _quantize_codebook(x: torch.Tensor, levels: Levels, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_codebook(values: torch.Tensor, levels: Levels) -> tuple[torch.Tensor, torch.Tensor]:
     """At most 2**B - 1 shared nonzero values. When the nonzero weights have no more distinct values
     than that, the table holds exactly those values (lossless, hence idempotent); otherwise k-means.
-    Computed on the CPU whatever the device, so a model gets the same table on every device."""
-    codes, table = _empty_result(x, levels)
-    flat = x.detach().reshape(-1).cpu()
-    nonzero = flat != 0
-    kept = flat[nonzero]
-    if kept.numel() == 0:
+    Computed on the CPU whatever the device, so a model gets the same table on every device. The
+    fit needs every kept value sorted (float64, with prefix sums); the codes are assigned a slice at a
+    time."""
+    codes, table = _empty_result(values, levels)
+    flat = values.detach().reshape(-1).cpu()
+    # sorted in the values' own dtype (the same order, without a float64 copy of the layer to sort)
+    xs = torch.sort(flat[flat != 0]).values.double()
+    if xs.numel() == 0:
         return codes, table
-    xs = torch.sort(kept).values
     k = levels.table_size - 1
     distinct = torch.unique_consecutive(xs)
-    centroids = _representable(distinct if distinct.numel() <= k else _lloyd(xs, k), dtype)
-    assigned = _nearest(kept, centroids)
-    used = torch.bincount(assigned, minlength=centroids.numel()) > 0
-    if not bool(used.all()):  # empty clusters, and any the iteration cap left with no nearest value
-        assigned = (torch.cumsum(used.long(), 0) - 1)[assigned]
+    centroids = _representable(distinct if distinct.numel() <= k else _lloyd(xs, k), values.dtype)
+    del xs, distinct
+    size = reference.ROW_CHUNK_WEIGHTS
+    flat_codes = torch.zeros(flat.shape, dtype=torch.uint8)  # 1 + the nearest centroid's index; 0 for a zero
+    used = torch.zeros(centroids.numel(), dtype=torch.bool)
+    for start in range(0, flat.numel(), size):
+        part = flat[start:start + size]
+        nonzero = part != 0
+        assigned = _nearest(part[nonzero].double(), centroids)
+        used |= torch.bincount(assigned, minlength=centroids.numel()) > 0
+        flat_codes[start:start + part.numel()][nonzero] = (assigned + 1).to(torch.uint8)
+    if not bool(used.all()):  # empty clusters, and any the iteration cap left with no nearest value: renumber
+        renumbered = torch.cat([used.new_zeros(1, dtype=torch.long), torch.cumsum(used.long(), 0)]).to(torch.uint8)
+        for start in range(0, flat.numel(), size):
+            part = flat_codes[start:start + size]
+            part.copy_(renumbered[part.long()])
         centroids = centroids[used]
-    flat_codes = torch.zeros(flat.shape, dtype=torch.uint8)
-    flat_codes[nonzero] = (assigned + 1).to(torch.uint8)
     table[1:1 + centroids.numel()] = centroids.float().to(table.device)
-    return flat_codes.reshape(x.shape).to(x.device), table
+    return flat_codes.reshape(values.shape).to(values.device), table
 
 
 # --------------------------------------------------------------------------- public API
@@ -269,10 +287,9 @@ def quantize_levels(values: torch.Tensor, levels: Levels | str) -> tuple[torch.T
     [2**B]), one table for the whole tensor. Zeros get code 0; raises InvalidInputError on NaN / inf."""
     levels = parse_levels(levels)
     _check_values(values, levels)
-    x = values.detach().double()
     if levels.kind == "log2":
-        return _quantize_log2(x, levels, values.dtype)
-    return _quantize_codebook(x, levels, values.dtype)
+        return _quantize_log2(values, levels)
+    return _quantize_codebook(values, levels)
 
 
 def check_levels(codes: torch.Tensor, table: torch.Tensor, values: bool = True) -> None:

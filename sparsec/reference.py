@@ -15,7 +15,47 @@ import math
 
 import torch
 
+from sparsec import flat_top
 from sparsec.errors import InvalidInputError
+
+# Row-wise masks and compression run over slices of at most this many weights at a time: a sort
+# makes int64 indices and copies (~20 bytes per weight in all), which for one 32768 x 4096 bf16 layer
+# came to 8x the layer's size at once; a slice's temporaries stay a few tens of MB.
+ROW_CHUNK_WEIGHTS = 1 << 22
+
+
+def by_row_chunks(fn, *tensors: torch.Tensor):
+    """`fn(*tensors)` for a row-wise `fn` (row r of each output depends on row r of each input alone),
+    computed on slices of the leading dim and written into outputs allocated once: the same result,
+    with temporaries the size of one slice. `fn` returns a tensor or a tuple of them."""
+    first = tensors[0]
+    if first.dim() < 2 or first.numel() <= ROW_CHUNK_WEIGHTS:
+        return fn(*tensors)
+    step = max(1, ROW_CHUNK_WEIGHTS // first[0].numel())
+    outputs = None
+    for start in range(0, first.shape[0], step):
+        part = fn(*(t[start:start + step] for t in tensors))
+        single = isinstance(part, torch.Tensor)
+        part = (part,) if single else part
+        if outputs is None:
+            outputs = tuple(p.new_empty((first.shape[0], *p.shape[1:])) for p in part)
+        for out, p in zip(outputs, part):
+            out[start:start + p.shape[0]] = p
+    return outputs[0] if single else outputs
+
+
+def kept_per_row(mask: torch.Tensor) -> torch.Tensor:
+    """int64 count of True entries along the last dim, a slice at a time (a bool sum converts its whole
+    input to int64 first: 8 bytes per weight)."""
+    return by_row_chunks(lambda part: part.sum(-1), mask)
+
+
+def count_nonfinite(t: torch.Tensor) -> int:
+    """How many entries of `t` are NaN or +-inf, counted a slice at a time (isfinite's temporaries of a
+    whole large weight were several times its size)."""
+    flat = t.detach().reshape(-1)  # a view of a contiguous weight, a copy of any other
+    return sum(int((~torch.isfinite(part)).sum()) for part in flat.split(ROW_CHUNK_WEIGHTS))
+
 
 # --------------------------------------------------------------------------- layouts
 
@@ -76,6 +116,8 @@ def unstructured_mask(rows: torch.Tensor, keep: int) -> torch.Tensor:
     lower flat index of the rows view `[out, K]` (row-major)."""
     if not 0 <= keep <= rows.numel():
         raise InvalidInputError(f"cannot keep {keep} of {rows.numel()} weights")
+    if rows.numel() > ROW_CHUNK_WEIGHTS and flat_top.selectable(rows):  # the same mask, in bounded memory
+        return flat_top.largest_mask(rows, keep, ROW_CHUNK_WEIGHTS)
     return _top_along_last(magnitude(rows).reshape(-1), keep).reshape(rows.shape)
 
 
@@ -122,15 +164,23 @@ def nm_compress_masked(rows: torch.Tensor, mask: torch.Tensor, n: int, m: int) -
         raise InvalidInputError(f"last dimension {k} is not a multiple of M={m}")
     if m > 32768:  # positions 0..M-1 as int16: a larger M wrapped to negative positions that failed at decompress
         raise InvalidInputError(f"M={m} is too large: in-group positions are stored as int16, so M must be at most 32768")
-    mask_groups = mask.reshape(*mask.shape[:-1], -1, m)
-    counts = mask_groups.sum(-1)
-    if not bool((counts == n).all()):
+    values, meta, rows_ok = by_row_chunks(lambda r, mk: _nm_compress_rows(r, mk, n, m), rows, mask)
+    if not bool(rows_ok.all()):
+        counts = mask[~rows_ok].reshape(-1, m).sum(-1)
         raise InvalidInputError(f"mask must keep exactly {n} of every {m}; found groups keeping {sorted(set(counts.unique().tolist()))}")
+    return values, meta
+
+
+def _nm_compress_rows(rows: torch.Tensor, mask: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`nm_compress_masked` of some rows, and whether each row's mask keeps exactly n of every m."""
+    k = rows.shape[-1]
+    mask_groups = mask.reshape(*mask.shape[:-1], k // m, m)
+    rows_ok = (mask_groups.sum(-1) == n).all(-1)
     positions = _kept_positions(mask_groups, n)
-    values = rows.reshape(*rows.shape[:-1], -1, m).gather(-1, positions).reshape(*rows.shape[:-1], k * n // m)
+    values = rows.reshape(*rows.shape[:-1], k // m, m).gather(-1, positions).reshape(*rows.shape[:-1], k * n // m)
     if (n, m) == (2, 4):
-        return values, pack_nibbles(positions)
-    return values, positions.to(torch.int16).reshape(*rows.shape[:-1], k * n // m)
+        return values, pack_nibbles(positions), rows_ok
+    return values, positions.to(torch.int16).reshape(*rows.shape[:-1], k * n // m), rows_ok
 
 
 def nm_positions(meta: torch.Tensor, n: int, m: int, groups: int) -> torch.Tensor:
@@ -211,12 +261,15 @@ def nm_compress(weight: torch.Tensor, n: int = 2, m: int = 4) -> tuple[torch.Ten
 
 def fanin_compress(rows: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Condensed constant fan-in: `values[out, k]` and ascending int32 `indices[out, k]`."""
-    counts = mask.sum(-1)
+    counts = kept_per_row(mask)
     k = int(counts[0]) if counts.numel() else 0
     if not bool((counts == k).all()):
         raise InvalidInputError(f"mask is not constant fan-in: rows keep {sorted(set(counts.unique().tolist()))} weights")
-    indices = _kept_positions(mask, k)
-    return rows.gather(-1, indices), indices.to(torch.int32)
+    return by_row_chunks(lambda r, mk: _gathered(r, _kept_positions(mk, k)), rows, mask)
+
+
+def _gathered(rows: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return rows.gather(-1, positions), positions.to(torch.int32)
 
 
 def fanin_compress_ragged(rows: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -224,12 +277,12 @@ def fanin_compress_ragged(rows: torch.Tensor, mask: torch.Tensor) -> tuple[torch
     fan-in layer): k = the largest count; row r holds its counts[r] kept columns ascending, then
     padding with its lowest unkept columns and value 0, so indices stay unique per row and the
     product is unchanged. Returns (values, int32 indices, int32 counts)."""
-    counts = mask.sum(-1)
+    counts = kept_per_row(mask)
     k = max(1, int(counts.max())) if counts.numel() else 1
-    order = _kept_positions(mask, k)  # kept columns first (ascending), then unkept ones (ascending)
+    # kept columns first (ascending), then unkept ones (ascending)
+    values, order = by_row_chunks(lambda r, mk: _gathered(r, _kept_positions(mk, k)), rows, mask)
     real = torch.arange(k, device=rows.device).unsqueeze(0) < counts.unsqueeze(1)
-    values = rows.gather(-1, order) * real
-    return values, order.to(torch.int32), counts.to(torch.int32)
+    return values * real, order, counts.to(torch.int32)
 
 
 def fanin_decompress(values: torch.Tensor, indices: torch.Tensor, k_total: int) -> torch.Tensor:
@@ -258,7 +311,7 @@ def csr_compress(rows: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, 
     if tuple(mask.shape) != tuple(rows.shape) or rows.dim() != 2:
         raise InvalidInputError(f"CSR needs rows [out, K] and a mask of the same shape, got {tuple(rows.shape)} "
                                 f"and {tuple(mask.shape)}")
-    counts = mask.sum(-1)
+    counts = kept_per_row(mask)
     crow = torch.zeros(rows.shape[0] + 1, dtype=torch.int64, device=rows.device)
     crow[1:] = counts.cumsum(0)
     where = mask.nonzero()  # row-major: rows in order, columns ascending within each row
@@ -321,6 +374,10 @@ def quantize_int8(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     all-zero row, and one whose max / 127 underflows (float32 max|row| below ~1.8e-43), which got scale 0,
     its zeros 0 / 0 = NaN cast to int8 and the rest +-127 (passes/quantization.py refuses int8 for it).
     """
+    return by_row_chunks(_quantize_int8_rows, rows)
+
+
+def _quantize_int8_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     absmax = rows.detach().abs().amax(dim=-1).float()
     scales = int8_scales(absmax)
     scales = torch.where(scales > 0, scales, torch.ones_like(scales))
@@ -354,9 +411,10 @@ def pattern_mask(rows: torch.Tensor, pattern) -> torch.Tensor:
     from sparsec.patterns import NM, FanIn, Unstructured  # local: patterns imports nothing from here, keep it that way
 
     if isinstance(pattern, NM):
-        return nm_mask(rows, pattern.n, pattern.m)
+        return by_row_chunks(lambda r: nm_mask(r, pattern.n, pattern.m), rows)
     if isinstance(pattern, FanIn):
-        return fanin_mask(rows, pattern.k(rows.numel(), rows.shape[0]))
+        k = pattern.k(rows.numel(), rows.shape[0])
+        return by_row_chunks(lambda r: fanin_mask(r, k), rows)
     if isinstance(pattern, Unstructured):
         return unstructured_mask(rows, pattern.kept(rows.numel()))
     raise InvalidInputError(f"no mask for pattern {pattern}")

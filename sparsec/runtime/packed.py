@@ -186,7 +186,7 @@ class FanInPacked(PackedWeight):
     @classmethod
     def pack(cls, rows, mask, pattern: FanIn, quant) -> FanInPacked:
         cls._check_rows(rows, mask)
-        counts = mask.sum(-1)
+        counts = ref.kept_per_row(mask)
         if bool((counts == counts[0]).all()):
             values, indices = ref.fanin_compress(rows.detach(), mask)
             row_counts = None
