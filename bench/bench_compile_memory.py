@@ -7,7 +7,7 @@ before the compile): the peak above what the process held before compile. The ba
 copy.deepcopy of the model, measured the same way: compile works on a private copy, so that much it
 takes at least. Prints peak / model size and writes bench/results/compile-memory-<host>-<date>.json.
 
-    python bench/bench_compile_memory.py [--out DIR] [--out-features 32768]
+    python bench/bench_compile_memory.py [--out DIR] [--out-features 32768] [--cases N]
 """
 from __future__ import annotations
 
@@ -84,6 +84,7 @@ def child(dtype_name: str, config: dict, out_features: int) -> dict:
 def main() -> None:
     parser = arg_parser(__doc__)
     parser.add_argument("--out-features", type=positive_int, default=32768, help="rows of the large layer")
+    parser.add_argument("--cases", type=positive_int, default=len(CASES), help="run the first N cases only")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # one case, run by the parent in a fresh process
     args = parse_args(parser)
     if args.child:
@@ -91,7 +92,7 @@ def main() -> None:
         print(json.dumps(child(dtype_name, config, args.out_features)))
         return
     rows = []
-    for dtype_name, config in [(d, {"baseline": True}) for d in ("bfloat16", "float32")] + CASES:
+    for dtype_name, config in [(d, {"baseline": True}) for d in ("bfloat16", "float32")] + CASES[:args.cases]:
         done = subprocess.run([sys.executable, __file__, "--out-features", str(args.out_features), "--out", args.out,
                                "--child", json.dumps([dtype_name, config])], capture_output=True, text=True)
         if done.returncode:

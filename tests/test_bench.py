@@ -497,3 +497,17 @@ def test_unstructured_bench_crossover_is_the_lowest_sparsity_it_wins_from():
     assert (c["crossover"], c["below"], c["wins_below"]) == (0.95, 0.9, [0.8]) and 0.9 < c["estimate"] < 0.95
     assert crossover({0.5: 1.5, 0.9: 3.0})["text"] == "<= 0.5"
     assert crossover({0.5: 0.5, 0.9: 0.9})["crossover"] is None and crossover({})["text"] == "nothing measured"
+
+
+def test_compile_memory_bench_measures_each_case_in_its_own_process(tmp_path):
+    """Small: a 64-row large layer, the baselines and the first two cases (each a fresh process)."""
+    result = subprocess.run([sys.executable, os.path.join(BENCH, "bench_compile_memory.py"), "--out-features", "64",
+                             "--cases", "2", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    (path,) = tmp_path.glob("compile-memory-*.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["dtype"], r["config"]) for r in rows] == [("bfloat16", {"baseline": True}), ("float32", {"baseline": True}),
+                                                         ("bfloat16", {"pattern": "2:4"}),
+                                                         ("bfloat16", {"pattern": "2:4", "quantize": "int8"})]
+    assert all(r["peak_mib"] >= 0 and r["seconds"] > 0 and r["model_mib"] > 0 for r in rows)
+    assert [(r["sparsity"], r["quant"]) for r in rows[2:]] == [("2:4", None), ("2:4", "int8")]  # the layer was pruned
