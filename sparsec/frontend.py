@@ -151,11 +151,13 @@ class _Tracer(ThreadTracer):
             self.saw_checkpoint = True  # (the export fallback, which inlines them, says so: capture())
             if in_reentrant_checkpoint():
                 expected = (False, *self.modes[1:])
-        if kind not in ("placeholder", "get_attr", "output") and _grad_and_autocast() != expected:
+        modes = _grad_and_autocast()
+        if kind not in ("placeholder", "get_attr", "output") and modes != expected:
             where = user_code_frame(traceback.extract_stack()[:-1])
-            raise TraceError(f"the forward calls {getattr(target, '__name__', target)} under a grad or autocast "
-                             f"mode of its own (torch.no_grad(), torch.autocast(...)), which torch.fx does not "
-                             f"record" + (f" (at {where})" if where else ""))
+            mode = ("torch.inference_mode() of its own" if modes[1] and not expected[1] else
+                    "a grad or autocast mode of its own (torch.no_grad(), torch.autocast(...))")
+            raise TraceError(f"the forward calls {getattr(target, '__name__', target)} under {mode}, which torch.fx "
+                             f"does not record" + (f" (at {where})" if where else ""))
         return super().create_proxy(kind, target, args, kwargs, *rest, **more)
 
     def call_module(self, m: nn.Module, forward, args, kwargs):
@@ -196,6 +198,12 @@ class _InferenceModeInside(TorchFunctionMode):
         if not torch.compiler.is_dynamo_compiling() and self.where is None and not self.outer and torch.is_inference_mode_enabled():
             self.where = user_code_frame(traceback.extract_stack()[:-1]) or f"at {getattr(func, '__name__', func)}"
         return func(*args, **(kwargs or {}))
+
+
+def _inference_mode_inside(where: str) -> str:
+    return (f"the forward runs ops under torch.inference_mode() ({where}), which neither torch.fx nor torch.export "
+            f"records (the graph computed them with gradients): use torch.no_grad() there, which torch.export "
+            f"records, or call the whole model under torch.inference_mode()")
 
 
 @contextlib.contextmanager
@@ -349,12 +357,11 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
         with preserved_state(model), _export_chatter_held(), functions, reentrant_calls_run_plainly(untrained), tags, \
                 inference:
             exported = _export(model, example_inputs)
-        if inference.where is not None:
-            raise TraceError(f"the forward runs ops under torch.inference_mode() ({inference.where}), which torch.export "
-                             f"does not record either (the graph computed them with gradients): use torch.no_grad() "
-                             f"there, which it records")
         module = exported.module()
     except Exception as export_error:  # noqa: BLE001
+        if inference.where is not None:  # (e.g. "Inference tensors cannot be saved for backward" from a later op)
+            raise TraceError(f"{_inference_mode_inside(inference.where)} (torch.export failed after it: "
+                             f"{_first_line(export_error)})") from export_error
         where_export = user_frame(export_error)
         raise TraceError(
             f"sparsec could not capture {type(model).__name__}.\n  1. {fx_summary}\n"
@@ -366,6 +373,8 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
             + "\nWhat to do: mark the offending submodule as a leaf (leaf_modules=[ModuleClass] or ['module.name']) "
               "or exclude it (exclude=['module.name']) so it is not traced into; make the control flow there "
               "independent of tensor values; or check the example inputs.") from export_error
+    if inference.where is not None:
+        raise TraceError(_inference_mode_inside(inference.where))
     # torch.export's tracer class needs constructor arguments, which a pickled GraphModule cannot
     # supply when it is loaded again; the graph no longer needs it.
     module.graph._tracer_cls = None

@@ -1064,6 +1064,40 @@ def test_torch_inference_mode_inside_forward_is_refused_naming_no_grad():
         torch.testing.assert_close(cm(x), model(x))
 
 
+class InferenceTensorFedOn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        with torch.inference_mode():
+            h = self.a(x)
+        return self.b(h)  # an inference tensor into an op that saves it for backward: export itself fails
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_inference_mode_whose_result_feeds_later_ops_is_named_not_export_s_error(train):
+    """When torch.export fails after the region ("Inference tensors cannot be saved for backward"), the
+    error still names torch.inference_mode() and its line (it named torch.fx's no_grad / autocast first and
+    then export's error, not the cause), and each capture's message names inference_mode, not no_grad."""
+    model, x = InferenceTensorFedOn(), torch.randn(4, 8)
+    with pytest.raises(TraceError, match=r"^the forward runs ops under torch.inference_mode\(\) \(.*test_frontend.py:\d+ in "
+                                         r"forward: h = self.a\(x\)\).*use torch.no_grad\(\) there.*Inference tensors"):
+        sparsec.compile(model, example_inputs=(x,), pattern="dense", train=train)
+    with torch.inference_mode():  # the remedy the message gives
+        cm = sparsec.compile(model, example_inputs=(x,), pattern="dense")
+        torch.testing.assert_close(cm(x), model(x))
+
+
+def test_symbolic_trace_names_inference_mode_as_the_mode_it_does_not_record():
+    """(Seen in the plan's trace note, or with export's own error when both fail.)"""
+    from sparsec.frontend import _Tracer
+
+    with pytest.raises(TraceError, match=r"calls l under torch.inference_mode\(\) of its own") as info:
+        _Tracer().trace(InferenceModeInside())
+    assert "no_grad" not in str(info.value)
+
+
 class ScalesByMode(nn.Module):
     def __init__(self):
         super().__init__()
