@@ -29,6 +29,9 @@ def by_row_chunks(fn, *tensors: torch.Tensor):
     computed on slices of the leading dim and written into outputs allocated once: the same result,
     with temporaries the size of one slice. `fn` returns a tensor or a tuple of them."""
     first = tensors[0]
+    if any(t.shape[:1] != first.shape[:1] for t in tensors):  # (a slice would pair rows with nothing)
+        raise InvalidInputError(f"row-wise inputs of shapes {', '.join(str(tuple(t.shape)) for t in tensors)} do not "
+                                f"have the same number of rows")
     if first.dim() < 2 or first.numel() <= ROW_CHUNK_WEIGHTS:
         return fn(*tensors)
     step = max(1, ROW_CHUNK_WEIGHTS // first[0].numel())
@@ -164,6 +167,7 @@ def nm_compress_masked(rows: torch.Tensor, mask: torch.Tensor, n: int, m: int) -
         raise InvalidInputError(f"last dimension {k} is not a multiple of M={m}")
     if m > 32768:  # positions 0..M-1 as int16: a larger M wrapped to negative positions that failed at decompress
         raise InvalidInputError(f"M={m} is too large: in-group positions are stored as int16, so M must be at most 32768")
+    check_mask_shape(rows, mask)
     values, meta, rows_ok = by_row_chunks(lambda r, mk: _nm_compress_rows(r, mk, n, m), rows, mask)
     if not bool(rows_ok.all()):
         counts = mask[~rows_ok].reshape(-1, m).sum(-1)
@@ -261,11 +265,17 @@ def nm_compress(weight: torch.Tensor, n: int = 2, m: int = 4) -> tuple[torch.Ten
 
 def fanin_compress(rows: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Condensed constant fan-in: `values[out, k]` and ascending int32 `indices[out, k]`."""
+    check_mask_shape(rows, mask)
     counts = kept_per_row(mask)
     k = int(counts[0]) if counts.numel() else 0
     if not bool((counts == k).all()):
         raise InvalidInputError(f"mask is not constant fan-in: rows keep {sorted(set(counts.unique().tolist()))} weights")
     return by_row_chunks(lambda r, mk: _gathered(r, _kept_positions(mk, k)), rows, mask)
+
+
+def check_mask_shape(rows: torch.Tensor, mask: torch.Tensor) -> None:
+    if tuple(mask.shape) != tuple(rows.shape):
+        raise InvalidInputError(f"mask shape {tuple(mask.shape)} does not match rows shape {tuple(rows.shape)}")
 
 
 def _gathered(rows: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,6 +287,7 @@ def fanin_compress_ragged(rows: torch.Tensor, mask: torch.Tensor) -> tuple[torch
     fan-in layer): k = the largest count; row r holds its counts[r] kept columns ascending, then
     padding with its lowest unkept columns and value 0, so indices stay unique per row and the
     product is unchanged. Returns (values, int32 indices, int32 counts)."""
+    check_mask_shape(rows, mask)
     counts = kept_per_row(mask)
     k = max(1, int(counts.max())) if counts.numel() else 1
     # kept columns first (ascending), then unkept ones (ascending)

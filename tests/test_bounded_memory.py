@@ -108,6 +108,27 @@ def test_a_wrong_nm_mask_is_refused_naming_every_count_it_holds(monkeypatch):
         ref.nm_compress_masked(w, mask, 2, 4)
 
 
+@pytest.mark.parametrize("bad", ["fewer rows", "more rows", "one row to broadcast", "narrower", "1-D"])
+@pytest.mark.parametrize("compress", ["2:4", "fanin", "ragged"])
+def test_a_mask_of_another_shape_is_refused_sliced_or_not(monkeypatch, compress, bad):
+    """(Sliced, a mask with fewer rows left the last rows of the output uninitialized memory.)"""
+    w = _weights(rows=7, cols=8)
+    mask = ref.nm_mask(w, 2, 4)
+    mask = {"fewer rows": mask[:6], "more rows": torch.cat([mask, mask]), "one row to broadcast": mask[:1],
+            "narrower": mask[:, :4], "1-D": mask[0]}[bad]
+    run = {"2:4": lambda: ref.nm_compress_masked(w, mask, 2, 4), "fanin": lambda: ref.fanin_compress(w, mask),
+           "ragged": lambda: ref.fanin_compress_ragged(w, mask)}[compress]
+    for size in (1 << 22, 3):
+        monkeypatch.setattr(ref, "ROW_CHUNK_WEIGHTS", size)
+        with pytest.raises(InvalidInputError, match=r"mask shape \(.*\) does not match rows shape \(7, 8\)"):
+            run()
+
+
+def test_row_wise_inputs_must_have_the_same_rows():
+    with pytest.raises(InvalidInputError, match=r"shapes \(4, 2\), \(3, 2\) do not have the same number of rows"):
+        ref.by_row_chunks(torch.add, torch.zeros(4, 2), torch.zeros(3, 2))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_quantization_and_nonfinite_counts_are_the_same_sliced(monkeypatch, dtype):
     w = _weights(dtype) * ref.nm_mask(_weights(dtype), 2, 4)

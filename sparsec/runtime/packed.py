@@ -125,8 +125,7 @@ class PackedWeight(nn.Module):
         if rows.dim() != 2 or rows.shape[0] == 0:
             raise InvalidInputError(f"cannot pack a weight of rows shape {tuple(rows.shape)}: it needs rows [out, K] with "
                                     f"out >= 1 (a layer with no output rows has nothing to prune; keep it dense)")
-        if tuple(mask.shape) != tuple(rows.shape):
-            raise InvalidInputError(f"mask shape {tuple(mask.shape)} does not match rows shape {tuple(rows.shape)}")
+        ref.check_mask_shape(rows, mask)
 
     def rows(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         raise NotImplementedError
