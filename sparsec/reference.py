@@ -119,7 +119,9 @@ def unstructured_mask(rows: torch.Tensor, keep: int) -> torch.Tensor:
     lower flat index of the rows view `[out, K]` (row-major)."""
     if not 0 <= keep <= rows.numel():
         raise InvalidInputError(f"cannot keep {keep} of {rows.numel()} weights")
-    if rows.numel() > ROW_CHUNK_WEIGHTS and flat_top.selectable(rows):  # the same mask, in bounded memory
+    # the same mask, in bounded memory (not under torch.func transforms: vmap batches its histograms)
+    if rows.numel() > ROW_CHUNK_WEIGHTS and flat_top.selectable(rows) and \
+            not torch._C._functorch.is_functorch_wrapped_tensor(rows):
         return flat_top.largest_mask(rows, keep, ROW_CHUNK_WEIGHTS)
     return _top_along_last(magnitude(rows).reshape(-1), keep).reshape(rows.shape)
 
@@ -141,7 +143,8 @@ def pack_nibbles(positions: torch.Tensor) -> torch.Tensor:
     nibbles = (positions[..., 0] | (positions[..., 1] << 2)).to(torch.int32)
     groups = nibbles.shape[-1]
     pad = (-groups) % 4
-    nibbles = torch.nn.functional.pad(nibbles, (0, pad)).reshape(*nibbles.shape[:-1], -1, 4)
+    # (the word count spelled out, not -1: a tensor with no rows has no words to infer it from)
+    nibbles = torch.nn.functional.pad(nibbles, (0, pad)).reshape(*nibbles.shape[:-1], (groups + pad) // 4, 4)
     shifts = torch.tensor([0, 4, 8, 12], dtype=torch.int32, device=positions.device)
     words = (nibbles << shifts).sum(-1)  # in [0, 65535]
     words = torch.where(words >= 32768, words - 65536, words)  # reinterpret as signed int16
@@ -169,8 +172,8 @@ def nm_compress_masked(rows: torch.Tensor, mask: torch.Tensor, n: int, m: int) -
         raise InvalidInputError(f"M={m} is too large: in-group positions are stored as int16, so M must be at most 32768")
     check_mask_shape(rows, mask)
     values, meta, rows_ok = by_row_chunks(lambda r, mk: _nm_compress_rows(r, mk, n, m), rows, mask)
-    if not bool(rows_ok.all()):
-        counts = mask[~rows_ok].reshape(-1, m).sum(-1)
+    if not bool(rows_ok.all()):  # (every count the mask holds, as before slicing: an error, so at once)
+        counts = mask.reshape(-1, m).sum(-1)
         raise InvalidInputError(f"mask must keep exactly {n} of every {m}; found groups keeping {sorted(set(counts.unique().tolist()))}")
     return values, meta
 

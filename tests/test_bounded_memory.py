@@ -124,6 +124,31 @@ def test_a_mask_of_another_shape_is_refused_sliced_or_not(monkeypatch, compress,
             run()
 
 
+def test_a_wrong_nm_mask_names_every_count_even_from_rows_that_are_right(monkeypatch):
+    w = _weights(rows=3, cols=4)
+    mask = ref.nm_mask(w, 2, 4)
+    mask[1] = False  # a row whose only group keeps 0; the others keep 2
+    with pytest.raises(InvalidInputError, match=r"found groups keeping \[0, 2\]"):
+        ref.nm_compress_masked(w, mask, 2, 4)
+
+
+@pytest.mark.parametrize("nm", [(2, 4), (1, 4), (4, 8)])
+def test_rows_with_no_rows_compress_to_nothing_in_every_nm_form(nm):
+    n, m = nm
+    values, meta = ref.nm_compress_masked(torch.zeros(0, 16), torch.zeros(0, 16, dtype=torch.bool), n, m)
+    assert values.shape == (0, 16 * n // m) and meta.shape[0] == 0
+
+
+def test_unstructured_masks_under_vmap_fall_back_to_the_sort(monkeypatch):
+    """torch.func.vmap over stacked weights (model ensembling with a train=True SR-STE layer): the radix
+    selection's histograms are batched there, and failed; under any torch.func transform the sort runs."""
+    stacked = _weights(rows=3 * 24).reshape(3, 24, 40)
+    monkeypatch.setattr(ref, "ROW_CHUNK_WEIGHTS", 7)
+    got = torch.func.vmap(lambda rows: ref.unstructured_mask(rows, 100))(stacked)
+    for i in range(3):
+        assert torch.equal(got[i], _flat_top_oracle(stacked[i], 100))
+
+
 def test_row_wise_inputs_must_have_the_same_rows():
     with pytest.raises(InvalidInputError, match=r"shapes \(4, 2\), \(3, 2\) do not have the same number of rows"):
         ref.by_row_chunks(torch.add, torch.zeros(4, 2), torch.zeros(3, 2))
