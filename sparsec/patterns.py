@@ -69,7 +69,10 @@ class Unstructured:
         D.4: the zero count is round(S * numel)), in exact arithmetic on S as written: the float product
         0.7 * 45 is 31.4999..., which rounded to 31 where the user's 31.5 rounds to 32. It can be 0 on a
         tiny layer at high S: the layer then computes its bias alone, as its mask says."""
-        pruned = math.floor(Fraction(repr(self.sparsity)) * numel + Fraction(1, 2))
+        # floor(S*numel + 1/2) in integers: numel may be a SymInt under torch.compile (a layer compiled on
+        # its own sees its weight's shape made dynamic after a recompile), which Fraction cannot multiply
+        exact = Fraction(repr(self.sparsity))
+        pruned = (2 * exact.numerator * numel + exact.denominator) // (2 * exact.denominator)
         return numel - min(numel, pruned)
 
     @classmethod

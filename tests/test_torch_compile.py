@@ -168,3 +168,28 @@ def test_each_compiled_model_compiles_on_its_own():
     # layer's torch form: the same products, summed in another order.
     torch.testing.assert_close(exported.module()(x), cm(x), rtol=1e-5, atol=1e-6)
     assert isinstance(copy.deepcopy(cm), sparsec.CompiledModel) and type(cm).__name__ == "CompiledModel"
+
+
+@pytest.mark.parametrize("pattern", ["unstructured:0.7", "fanin:0.75", "2:4"])
+def test_training_layers_compiled_one_by_one_match_eager(pattern):
+    """Compiling each layer on its own (as per-block compile does) runs one forward's code for weights of
+    several shapes, so torch.compile makes the weight's shape dynamic: SR-STE's mask count must be
+    computable from a symbolic size, and training must match an uncompiled copy step for step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 48))
+    cm = sparsec.compile(model, pattern=pattern, example_inputs=(torch.randn(4, 32),), train=True,
+                         weight_update="ste", grad_pattern="2:4", min_weights=0, include=[".*"])
+    eager = copy.deepcopy(cm)
+    layers = [m for m in cm.graph_module.modules() if hasattr(m, "layer_name")]
+    assert len(layers) == 3
+    for layer in layers:
+        layer.compile(backend="aot_eager")
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (cm, eager)]
+    for step in range(3):
+        x = torch.randn(4 + step, 32)
+        for m, optimizer in zip((cm, eager), optimizers):
+            optimizer.zero_grad()
+            m(x).square().sum().backward()
+            optimizer.step()
+    for (name, got), want in zip(cm.named_parameters(), eager.parameters()):
+        assert torch.equal(got, want), name
