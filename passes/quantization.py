@@ -32,9 +32,14 @@ from sparsec.reference import by_row_chunks, fake_quant_int8, int8_scales, weigh
 MAX_FLUSHED = 0.05
 
 
-def pruned_rows(gm: fx.GraphModule, ctx: CompileContext, layer, sparsity: str) -> torch.Tensor:
-    """The layer's weight as [out, K] rows, with the plan's mask applied."""
-    return weight_to_rows(gm.get_parameter(layer.weight_path).detach(), layer.op) * ctx.layer_mask(gm, layer, sparsity)
+def kept_values(gm: fx.GraphModule, ctx: CompileContext, layer, sparsity: str) -> torch.Tensor:
+    """The weights the plan's mask keeps, flat in row-major order (the order of every compressed form's
+    values), gathered a slice of rows at a time: levels cost nothing at pruned positions (code 0 is exactly
+    0), so their table and error come from these alone, without a dense pruned copy of the layer."""
+    rows = weight_to_rows(gm.get_parameter(layer.weight_path).detach(), layer.op)
+    mask = ctx.layer_mask(gm, layer, sparsity)
+    step = max(1, reference.ROW_CHUNK_WEIGHTS // max(1, rows.shape[-1]))
+    return torch.cat([part.masked_select(part_mask) for part, part_mask in zip(rows.split(step), mask.split(step))])
 
 
 @torch.no_grad()
@@ -94,8 +99,8 @@ def choose_quantization(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModu
         if wanted is None:
             continue
         if is_levels(wanted):
-            pruned = pruned_rows(gm, ctx, meta.layer, decision.sparsity)
-            decision = _levels_decision(name, decision, pruned, wanted, meta.layer, opts.plan is not None)
+            kept = kept_values(gm, ctx, meta.layer, decision.sparsity)
+            decision = _levels_decision(name, decision, kept, wanted, meta.layer, opts.plan is not None)
             for node in nodes:
                 update_meta(node, decision=decision)
             ctx.counters[f"quant_{decision.quant}" if decision.quant else "quant_refused"] += 1
@@ -132,12 +137,12 @@ def choose_quantization(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModu
 
 
 @torch.no_grad()
-def _levels_decision(name: str, decision, pruned: torch.Tensor, wanted: str, layer, from_plan: bool):
+def _levels_decision(name: str, decision, kept: torch.Tensor, wanted: str, layer, from_plan: bool):
     """quantize="log2:B" / "codebook:B" (method (d)): every sparse layer takes the levels, with what they cost
-    stated. A weight beyond the float32 table's range (a float64 layer) stays unquantized, or, from a plan,
-    is refused: its levels would saturate, silently wrong. (inf / NaN weights never get here: such a layer
-    is not pruned.)"""
-    absmax = float(pruned.abs().max()) if pruned.numel() else 0.0
+    stated, measured on its `kept` weights. A weight beyond the float32 table's range (a float64 layer) stays
+    unquantized, or, from a plan, is refused: its levels would saturate, silently wrong. (inf / NaN weights
+    never get here: such a layer is not pruned.)"""
+    absmax = float(kept.abs().max()) if kept.numel() else 0.0
     if absmax > torch.finfo(torch.float32).max:
         problem = f"max |w| = {absmax:.3g} is beyond the range of its float32 table of levels"
         if from_plan:
@@ -145,23 +150,23 @@ def _levels_decision(name: str, decision, pruned: torch.Tensor, wanted: str, lay
                                     f"the entry's quant to None")
         return dataclasses.replace(decision, quant=None, reason=f"{decision.reason}; stays "
                                    f"{dtype_name(layer.dtype)}: {wanted} cannot store it: {problem}")
-    codes, table = quantize_levels(pruned, parse_levels(wanted))
-    error, distinct = _levels_cost(pruned, codes, table)
+    codes, table = quantize_levels(kept, parse_levels(wanted))
+    error, distinct = _levels_cost(kept, codes, table)
     note = (f"{wanted} levels, one table for the layer ({distinct} distinct nonzero values; relative weight error "
             f"{error:.2%})")
     return dataclasses.replace(decision, quant=wanted, reason=f"{decision.reason}; {note}")
 
 
-def _levels_cost(pruned: torch.Tensor, codes: torch.Tensor, table: torch.Tensor) -> tuple[float, int]:
-    """(relative weight error, distinct nonzero values) of the levels `codes` / `table` give the pruned
-    weight, summed a slice at a time (the dequantized layer's float64 copies were many times its size)."""
+def _levels_cost(values: torch.Tensor, codes: torch.Tensor, table: torch.Tensor) -> tuple[float, int]:
+    """(relative weight error, distinct nonzero values) of the levels `codes` / `table` give `values`,
+    summed a slice at a time (the dequantized layer's float64 copies were many times its size)."""
     squared_error = squared_norm = 0.0
     used = torch.zeros(table.numel(), dtype=torch.bool, device=table.device)
     size = reference.ROW_CHUNK_WEIGHTS
-    for part, part_codes in zip(pruned.reshape(-1).split(size), codes.reshape(-1).split(size)):
+    for part, part_codes in zip(values.reshape(-1).split(size), codes.reshape(-1).split(size)):
         exact = part.double()
-        squared_error += float((lookup_levels(part_codes, table, pruned.dtype).double() - exact).square().sum())
+        squared_error += float((lookup_levels(part_codes, table, values.dtype).double() - exact).square().sum())
         squared_norm += float(exact.square().sum())
         used |= torch.bincount(part_codes[part != 0].long(), minlength=table.numel()) > 0
     error = math.sqrt(squared_error) / math.sqrt(squared_norm) if squared_norm > 0 else math.sqrt(squared_error)
-    return error, int(table[used].to(pruned.dtype).unique().numel())
+    return error, int(table[used].to(values.dtype).unique().numel())

@@ -102,10 +102,10 @@ def _check_values(values: torch.Tensor, levels: Levels) -> None:
     if not isinstance(values, torch.Tensor) or not values.is_floating_point():
         what = values.dtype if isinstance(values, torch.Tensor) else type(values).__name__
         raise InvalidTypeError(f"{levels} quantizes floating-point tensors, got {what}")
-    finite = torch.isfinite(values)
-    if not bool(finite.all()):
+    nonfinite = reference.count_nonfinite(values)  # (by slices: isfinite of a bfloat16 layer took 1.5x its size)
+    if nonfinite:
         nan = int(torch.isnan(values).sum())
-        inf = int((~finite).sum()) - nan
+        inf = nonfinite - nan
         raise InvalidInputError(f"{levels} needs finite weights; the tensor holds {nan} NaN and {inf} infinite "
                                 f"entries (a diverged or corrupt layer: levels fitted to it would be meaningless)")
 
@@ -182,14 +182,15 @@ def _spread(low: float, high: float, k: int) -> torch.Tensor:
     return low + (high - low) * torch.arange(k, dtype=torch.float64) / (k - 1)
 
 
-def _linear_init(xs: torch.Tensor, k: int) -> torch.Tensor:
+def _linear_init(values: torch.Tensor, k: int) -> torch.Tensor:
     """Deep Compression's linear initialisation, over the values' support: a pruned layer's weights lie in
     two bands, [-max, -t] and [t, max], and one grid over [min, max] put most centroids in the empty gap
     between them (codebook:4 on a layer pruned to 90% used 4 of its 15 values). Each sign gets a grid over
-    its own range, the k centroids split in proportion to the two ranges' widths (at least one each)."""
-    negative, positive = xs[xs < 0], xs[xs > 0]
+    its own range, the k centroids split in proportion to the two ranges' widths (at least one each).
+    `values`: the distinct nonzero values, ascending."""
+    negative, positive = values[values < 0], values[values > 0]
     if negative.numel() == 0 or positive.numel() == 0:
-        return _spread(float(xs[0]), float(xs[-1]), k)
+        return _spread(float(values[0]), float(values[-1]), k)
     widths = float(negative[-1] - negative[0]), float(positive[-1] - positive[0])
     share = widths[0] / (widths[0] + widths[1]) if widths[0] + widths[1] > 0 else 0.5
     k_negative = max(1, min(k - 1, math.floor(k * share + 0.5)))
@@ -197,32 +198,51 @@ def _linear_init(xs: torch.Tensor, k: int) -> torch.Tensor:
                       _spread(float(positive[0]), float(positive[-1]), k - k_negative)])
 
 
-def _lloyd(xs: torch.Tensor, k: int) -> torch.Tensor:
-    """1-D k-means (Deep Compression's weight sharing) on sorted nonzero float64 values, linear
-    initialisation over each sign's range (_linear_init). In 1-D every cluster is a run of the sorted values, so an iteration finds the
-    k - 1 boundaries by searchsorted of the centroid midpoints and the cluster sums from one prefix
-    sum: O(k log n), not O(n k). A value exactly on a midpoint joins the lower centroid (right=True).
-    An empty cluster keeps its centroid (it may win values back later); the caller drops centroids
-    no value is nearest to. Stops when no boundary moved (the centroids are then a fixed point) or
-    after the iteration cap. Returns the k centroids, ascending (non-strictly)."""
-    n = xs.numel()
-    prefix = torch.cat([xs.new_zeros(1), torch.cumsum(xs, 0)])
-    centroids = _linear_init(xs, k)
+def _lloyd(values: torch.Tensor, counts: torch.Tensor, k: int) -> torch.Tensor:
+    """1-D k-means (Deep Compression's weight sharing) on the layer's distinct nonzero values (float64,
+    ascending) each weighted by how many weights hold it, linear initialisation over each sign's range
+    (_linear_init). In 1-D every cluster is a run of the sorted values, so an iteration finds the k - 1
+    boundaries by searchsorted of the centroid midpoints and the cluster sizes and sums from prefix sums:
+    O(k log n), not O(n k). A value exactly on a midpoint joins the lower centroid (right=True). An empty
+    cluster keeps its centroid (it may win values back later); the caller drops centroids no value is
+    nearest to. Stops when no boundary moved (the centroids are then a fixed point) or after the
+    iteration cap. Returns the k centroids, ascending (non-strictly)."""
+    n = values.numel()
+    zero = counts.new_zeros(1)
+    sizes = torch.cat([zero, torch.cumsum(counts, 0)])
+    sums = torch.cat([zero.double(), torch.cumsum(counts * values, 0)])
+    centroids = _linear_init(values, k)
     bounds = None
     for _ in range(LLOYD_MAX_ITERATIONS):
-        ends = torch.searchsorted(xs, (centroids[:-1] + centroids[1:]) / 2, right=True)
+        ends = torch.searchsorted(values, (centroids[:-1] + centroids[1:]) / 2, right=True)
         if bounds is not None and torch.equal(ends, bounds):
             break
         bounds = ends
         starts = torch.cat([ends.new_zeros(1), ends])
         stops = torch.cat([ends, ends.new_full((1,), n)])
-        counts = stops - starts
-        means = (prefix[stops] - prefix[starts]) / counts.clamp(min=1)
+        members = sizes[stops] - sizes[starts]
+        means = (sums[stops] - sums[starts]) / members.clamp(min=1)
         # prefix-sum differences cancel: clamp into the cluster's own range, which keeps a one-signed
         # cluster's centroid one-signed and the centroids sorted
-        means = torch.minimum(torch.maximum(means, xs[starts.clamp(max=n - 1)]), xs[(stops - 1).clamp(min=0)])
-        centroids = torch.where(counts > 0, means, centroids)
+        means = torch.minimum(torch.maximum(means, values[starts.clamp(max=n - 1)]), values[(stops - 1).clamp(min=0)])
+        centroids = torch.where(members > 0, means, centroids)
     return centroids
+
+
+def _value_counts(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct nonzero values of a flat CPU tensor (float64, ascending) and how many entries hold
+    each (int64). A 16-bit dtype has at most 65536 values, so they are counted by bit pattern a slice at a
+    time, with memory of the slice; a wider one sorts its nonzero values."""
+    if flat.element_size() == 2:
+        counts = torch.zeros(1 << 16, dtype=torch.int64)
+        for part in flat.split(reference.ROW_CHUNK_WEIGHTS):
+            counts += torch.bincount(part.view(torch.int16).to(torch.int32) & 0xFFFF, minlength=1 << 16)
+        patterns = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(flat.dtype).double()
+        held = (counts > 0) & (patterns != 0)           # (both zeros, +0 and -0, are code 0, not values)
+        values, order = torch.sort(patterns[held])      # (no two bit patterns of a finite value are equal)
+        return values, counts[held][order]
+    values, counts = torch.unique_consecutive(torch.sort(flat[flat != 0]).values, return_counts=True)
+    return values.double(), counts
 
 
 def _representable(centroids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -248,18 +268,16 @@ def _quantize_codebook(values: torch.Tensor, levels: Levels) -> tuple[torch.Tens
     """At most 2**B - 1 shared nonzero values. When the nonzero weights have no more distinct values
     than that, the table holds exactly those values (lossless, hence idempotent); otherwise k-means.
     Computed on the CPU whatever the device, so a model gets the same table on every device. The
-    fit needs every kept value sorted (float64, with prefix sums); the codes are assigned a slice at a
-    time."""
+    fit works on the distinct values and their counts (_value_counts: for 16-bit dtypes without sorting
+    the layer); the codes are assigned a slice at a time."""
     codes, table = _empty_result(values, levels)
     flat = values.detach().reshape(-1).cpu()
-    # sorted in the values' own dtype (the same order, without a float64 copy of the layer to sort)
-    xs = torch.sort(flat[flat != 0]).values.double()
-    if xs.numel() == 0:
+    distinct, counts = _value_counts(flat)
+    if distinct.numel() == 0:
         return codes, table
     k = levels.table_size - 1
-    distinct = torch.unique_consecutive(xs)
-    centroids = _representable(distinct if distinct.numel() <= k else _lloyd(xs, k), values.dtype)
-    del xs, distinct
+    centroids = _representable(distinct if distinct.numel() <= k else _lloyd(distinct, counts, k), values.dtype)
+    del distinct, counts
     size = reference.ROW_CHUNK_WEIGHTS
     flat_codes = torch.zeros(flat.shape, dtype=torch.uint8)  # 1 + the nearest centroid's index; 0 for a zero
     used = torch.zeros(centroids.numel(), dtype=torch.bool)

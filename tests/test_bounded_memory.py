@@ -180,19 +180,23 @@ class _Net(nn.Module):
 
 @pytest.mark.parametrize("config", [dict(pattern="2:4"), dict(pattern="2:4", quantize="int8"), dict(pattern="2:4", quantize="auto"),
                                     dict(pattern="fanin:0.8", quantize="log2:4"), dict(pattern="unstructured:0.9"),
-                                    dict(pattern="4:8", quantize="codebook:3")])
+                                    dict(pattern="4:8", quantize="codebook:3"),
+                                    dict(pattern="4:8", quantize="codebook:3", dtype=torch.bfloat16)])
 def test_compile_sorts_no_more_than_a_slice_at_a_time_and_computes_the_same(monkeypatch, config):
     torch.manual_seed(0)
-    model = _Net()
-    x = torch.randn(5, 32)
+    config = dict(config)
+    dtype = config.pop("dtype", torch.float32)
+    model = _Net().to(dtype)
+    x = torch.randn(5, 32, dtype=dtype)
     opts = dict(example_inputs=(x,), backend="torch", include=["a", "b", "c"], **config)
     whole = sparsec.compile(model, **opts)
 
-    sorted_sizes = []
+    sorted_sizes, sorted_wide = [], []
     real_sort = torch.sort
 
     def spy(input, *args, **kwargs):
-        sorted_sizes.append(input.numel())
+        # (a 16-bit codebook fit sorts the float64 distinct values, at most 65536 whatever the layer's size)
+        (sorted_wide if input.dtype == torch.float64 and dtype != torch.float32 else sorted_sizes).append(input.numel())
         return real_sort(input, *args, **kwargs)
 
     monkeypatch.setattr(ref, "ROW_CHUNK_WEIGHTS", 64)
@@ -206,8 +210,9 @@ def test_compile_sorts_no_more_than_a_slice_at_a_time_and_computes_the_same(monk
     # (an unstructured mask is chosen by histograms (flat_top), with no sort at all)
     assert sorted_sizes or config["pattern"].startswith("unstructured"), "the spy saw no sort: it watches nothing"
     sorted_sizes.append(0)
-    # the codebook fit sorts every kept value of a layer (k-means needs them in order): that one only
-    largest_kept = max(lp.kept for lp in whole.plan if lp.sparsity) if "codebook" in str(config) else 0
+    assert max(sorted_wide, default=0) <= 1 << 16
+    # a float32 codebook fit sorts every kept value of a layer (k-means needs them in order): that one only
+    largest_kept = max(lp.kept for lp in whole.plan if lp.sparsity) if "codebook" in str(config) and dtype == torch.float32 else 0
     longest_row = max(m.weight[0].numel() for m in (model.a, model.b, model.c))  # a slice holds one row at least
     assert max(sorted_sizes) <= max(64, longest_row, largest_kept), sorted_sizes
     assert max(sorted_sizes) < model.b.weight.numel()

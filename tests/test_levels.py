@@ -3,6 +3,7 @@ log-domain rounding by np.log2, nearest centroids by brute-force distances to ev
 k-means by a brute-force Lloyd (argmin over an [n, k] distance matrix), not by the sorted-prefix-sum
 and searchsorted code under test."""
 import math
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -11,9 +12,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import requires_cuda
+from sparsec import reference
 from sparsec.errors import InvalidInputError, InvalidTypeError
-from sparsec.levels import (Levels, dequantize_levels, fake_quant_levels, is_levels, parse_levels,
-                            quantize_levels)
+from sparsec.levels import (Levels, _value_counts, dequantize_levels, fake_quant_levels, is_levels,
+                            parse_levels, quantize_levels)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 LEVELS = [f"{kind}:{bits}" for kind in ("log2", "codebook") for bits in range(2, 9)]
@@ -292,6 +294,52 @@ def test_codebook_matches_brute_force_lloyd(seed, bits, size, integers):
     # (a cluster straddling 0 with mean 0 is stored as the smallest subnormal, never as 0: atol covers that)
     assert np.allclose(got, expected, rtol=1e-6, atol=2e-45), (got, expected)
     assert not table.numpy()[1 + expected.size:].any()
+
+
+def _stored(centroids: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """What a table keeps of float64 centroids in a 16-bit dtype: magnitudes held inside its nonzero
+    finite range (a cluster straddling 0 keeps the smallest subnormal, never 0), rounded, distinct."""
+    info = torch.finfo(dtype)
+    c = torch.from_numpy(centroids)
+    kept = torch.sign(c) * c.abs().clamp(info.smallest_normal * info.eps, info.max)
+    kept = torch.where(c == 0, info.smallest_normal * info.eps, kept)
+    return np.unique(kept.to(dtype).double().numpy())
+
+
+@given(st.integers(0, 10**6), st.integers(2, 6), st.integers(70, 300), st.booleans(),
+       st.sampled_from([torch.float16, torch.bfloat16]))
+def test_16_bit_codebook_matches_brute_force_lloyd_exactly(seed, bits, size, integers, dtype):
+    """A 16-bit layer is fitted from its distinct values and their counts, never sorted whole; its sums
+    are exact in float64, so the table is the brute-force one rounded to the dtype, bit for bit."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(-9, 10, (size,), generator=g) if integers else torch.randn(size, generator=g)
+    w = w.to(dtype)
+    x = w[w != 0].double().numpy()
+    if np.unique(x).size <= 2 ** bits - 1:
+        return  # the lossless path, tested above
+    with mock.patch.object(reference, "ROW_CHUNK_WEIGHTS", 16):  # counted a slice at a time
+        codes, table = quantize_levels(w, f"codebook:{bits}")
+    expected = _stored(_brute_lloyd(x, 2 ** bits - 1), dtype)
+    got = table.double().numpy()[1:]
+    assert np.array_equal(got[:expected.size], expected), (got, expected)
+    assert not got[expected.size:].any()
+    q = dequantize_levels(codes, table, dtype)
+    assert torch.equal(q == 0, w == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_value_counts_cover_every_bit_pattern(dtype):
+    """Every finite value of the dtype, each held a different number of times, both zeros among them:
+    the distinct nonzero values ascending and their counts, as numpy counts them."""
+    patterns = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(dtype)
+    finite = patterns[torch.isfinite(patterns)]
+    repeats = torch.arange(finite.numel()) % 3 + 1
+    w = finite.repeat_interleave(repeats)[torch.randperm(int(repeats.sum()), generator=torch.Generator().manual_seed(0))]
+    with mock.patch.object(reference, "ROW_CHUNK_WEIGHTS", 1000):
+        values, counts = _value_counts(w)
+    x = w.double().numpy()
+    want_values, want_counts = np.unique(x[x != 0], return_counts=True)
+    assert np.array_equal(values.numpy(), want_values) and np.array_equal(counts.numpy(), want_counts)
 
 
 def test_codebook_ties_go_to_the_lower_centroid():
