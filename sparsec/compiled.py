@@ -23,7 +23,6 @@ from sparsec.patterns import Unstructured
 from sparsec.pipeline import PassRecord
 from sparsec.plan import Plan, dtype_name
 from sparsec.runtime.layers import RuntimeLayer
-from sparsec.runtime.packed import PackedWeight
 from sparsec.runtime.training import TrainableLayer
 
 
@@ -318,8 +317,8 @@ class CompiledModel(nn.Module):
         own = self.state_dict(keep_vars=True)
         self._refuse_uncompiled_keys(keys, own)
         self._check_layer_forms(keys, own)
-        for path, module in self.named_modules():  # every packed layer's buffers, before any is copied
-            if isinstance(module, PackedWeight):
+        for path, module in self.named_modules():  # every layer's incoming state, before any is copied
+            if isinstance(module, RuntimeLayer):
                 module.check_incoming(state_dict, f"{prefix}{path}.")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 

@@ -238,6 +238,9 @@ class Plan:
     def from_json(cls, text: str | bytes) -> Plan:
         from sparsec.codegen.configs import upgrade_launch
 
+        if not isinstance(text, (str, bytes, bytearray)):  # (json.loads raised a bare TypeError)
+            raise InvalidTypeError(f"Plan.from_json takes the JSON text (str or bytes, as Plan.to_json() writes it), "
+                                   f"got {type(text).__name__}; for a file: Plan.from_json(Path(f).read_text())")
         try:
             data = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -208,8 +208,8 @@ def checked_nm_positions(meta: torch.Tensor, n: int, m: int, groups: int) -> tor
     positions = nm_positions(meta, n, m, groups)
     if positions.numel() and not (((positions >= 0) & (positions < m)).all()
                                   and (positions[..., 1:] > positions[..., :-1]).all()):
-        raise InvalidInputError(f"corrupt {n}:{m} metadata: kept positions must be increasing within each group of "
-                                f"{m} (for 2:4, nibble i0 | i1 << 2 with i0 < i1)")
+        raise InvalidInputError(f"corrupt {n}:{m} metadata: kept positions must lie in [0, {m}) and increase within each "
+                                f"group of {m}" + (" (nibble i0 | i1 << 2 with i0 < i1)" if (n, m) == (2, 4) else ""))
     return positions
 
 
@@ -313,6 +313,31 @@ def fanin_mask_from_indices(indices: torch.Tensor, k_total: int, counts: torch.T
     if counts is not None:
         real = torch.arange(indices.shape[1], device=indices.device).unsqueeze(0) < counts.unsqueeze(1)
     return mask.scatter_(-1, indices.long(), real)
+
+
+def check_fanin(values: torch.Tensor, indices: torch.Tensor, k_total: int, counts: torch.Tensor | None) -> None:
+    """Refuse condensed fan-in arrays that would decompress to something else than they claim (a corrupt
+    file, another layer's state dict): indices in [0, K), distinct within each row (a repeated column
+    scattered one value over another), a row's real entries ascending, counts in [0, k], and padding
+    entries (past a row's count) holding stored value 0."""
+    out, k = indices.shape
+    problem = None
+    if indices.numel() and not bool(((indices >= 0) & (indices < k_total)).all()):
+        problem = f"column indices must lie in [0, {k_total})"
+    elif counts is not None and not bool(((counts >= 0) & (counts <= k)).all()):
+        problem = f"row counts must lie in [0, {k}]"
+    else:
+        real = torch.ones_like(indices, dtype=torch.bool)
+        if counts is not None:
+            real = torch.arange(k, device=indices.device).unsqueeze(0) < counts.unsqueeze(1).long()
+        if k > 1 and bool((real[:, 1:] & (indices[:, 1:] <= indices[:, :-1])).any()):
+            problem = "column indices must ascend within each row's kept entries"
+        elif k > 1 and bool((indices.sort(dim=1).values.diff(dim=1) == 0).any()):
+            problem = "column indices must be distinct within each row"
+        elif bool((values[~real] != 0).any()):
+            problem = "padding entries (past a row's count) must hold 0"
+    if problem:
+        raise InvalidInputError(f"corrupt fan-in weight: {problem}")
 
 
 # --------------------------------------------------------------------------- CSR (unstructured)

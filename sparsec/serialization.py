@@ -51,6 +51,8 @@ def save(compiled, path: str | os.PathLike) -> None:
     if given.endswith(os.sep) or (os.altsep and given.endswith(os.altsep)):  # realpath would drop the slash
         raise IsADirectoryError(errno.EISDIR, f"cannot save to {given}: it names a folder; give a file name", given)
     target = os.path.realpath(given)
+    if os.path.isdir(target):  # (os.replace's error named the temp file, which the user never asked for)
+        raise IsADirectoryError(errno.EISDIR, f"cannot save to {given}: it is a folder; give a file name", given)
     folder = os.path.dirname(target)
     if not os.path.isdir(folder):  # (open() would name the temp file, which the user never asked for)
         raise FileNotFoundError(errno.ENOENT, f"cannot save to {given}: no folder {folder}", given)
@@ -186,6 +188,9 @@ def _load_checked(name: str, f, map_location):
         header = None
     if not isinstance(header, dict) or header.get("format") != MODEL_FORMAT:
         raise CorruptFileError(f"{name}: the sparsec header is damaged or truncated")
+    if header.get("version") == 1:  # (version 1 files are a torch.save dict, not this header: "reads 1" misled)
+        raise CorruptFileError(f"{name}: its header says format version 1, but version 1 files have no such header "
+                               f"(they are a torch.save of a dict): the header is damaged")
     if header.get("version") != MODEL_VERSION:
         raise CorruptFileError(f"{name} has sparsec model format version {header.get('version')!r}; "
                                f"this sparsec reads versions 1 and {MODEL_VERSION}{_newer(header.get('version'))}")

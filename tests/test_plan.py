@@ -8,7 +8,7 @@ import sparsec
 from oracle import output_error, pruned_model
 
 from sparsec import LayerPlan, Plan
-from sparsec.errors import CorruptFileError, InvalidInputError
+from sparsec.errors import CorruptFileError, InvalidInputError, InvalidTypeError
 
 
 def _plan() -> Plan:
@@ -64,6 +64,12 @@ def test_lookup_errors_list_names():
 def test_corrupt_json(text, match):
     with pytest.raises(CorruptFileError, match=match):
         Plan.from_json(text)
+
+
+@pytest.mark.parametrize("given", [5, None, {"format": "sparsec.plan"}])
+def test_from_json_names_what_it_takes(given):
+    with pytest.raises(InvalidTypeError, match=f"takes the JSON text .*got {type(given).__name__}"):
+        Plan.from_json(given)
 
 
 def test_invalid_entries_are_rejected():

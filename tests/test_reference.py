@@ -89,7 +89,7 @@ def test_nm_decompress_refuses_metadata_that_would_drop_values():
     values = torch.randn(4, 8)  # K = 16: one int16 word of four nibbles per row
     with pytest.raises(InvalidInputError, match=r"must have 1 entries per row, got shape \(4, 3\)"):
         nm_decompress(values, torch.zeros(4, 3, dtype=torch.int16))
-    with pytest.raises(InvalidInputError, match="corrupt 2:4 metadata: kept positions must be increasing"):
+    with pytest.raises(InvalidInputError, match=r"corrupt 2:4 metadata: kept positions must lie in \[0, 4\) and increase"):
         nm_decompress(values, torch.zeros(4, 1, dtype=torch.int16))  # nibble 0: i0 == i1 == 0
     with pytest.raises(InvalidInputError, match="corrupt 4:8 metadata"):
         nm_decompress(torch.randn(2, 4), torch.tensor([[0, 3, 3, 5], [0, 1, 2, 3]], dtype=torch.int16), 4, 8)

@@ -204,8 +204,9 @@ def test_saving_onto_a_folder_leaves_nothing_behind(tmp_path):
     cm = sparsec.compile(nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.Linear(64, 4)),
                          example_inputs=(torch.randn(2, 16),), min_weights=0)
     (tmp_path / "taken").mkdir()
-    with pytest.raises(IsADirectoryError):
+    with pytest.raises(IsADirectoryError, match="taken: it is a folder; give a file name") as caught:
         sparsec.save(cm, tmp_path / "taken")
+    assert ".tmp" not in str(caught.value)  # (the temp file is no name the user gave)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 
 
@@ -433,3 +434,19 @@ def test_loading_a_graph_with_a_none_argument_leaves_later_traces_working(tmp_pa
     result = subprocess.run([sys.executable, str(script), str(tmp_path / "m.sparsec"), how], capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0 and "traced after load" in result.stdout, result.stderr[-2000:]
+
+
+def test_a_framed_file_whose_header_says_version_1_is_called_damaged(tmp_path):
+    """Version 1 files are a torch.save dict without this header: "reads versions 1 and 2" contradicted itself."""
+    cm = sparsec.compile(nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.Linear(64, 4)),
+                         example_inputs=(torch.randn(2, 16),), min_weights=0)
+    path = tmp_path / "m.sparsec"
+    sparsec.save(cm, path)
+    data = path.read_bytes()
+    magic_end = data.index(b"\n") + 1
+    header_end = data.index(b"\n", magic_end) + 1
+    header = json.loads(data[magic_end:header_end])
+    header["version"] = 1
+    path.write_bytes(data[:magic_end] + json.dumps(header).encode() + b"\n" + data[header_end:])
+    with pytest.raises(CorruptFileError, match="header says format version 1, but version 1 files have no such header"):
+        sparsec.load(path)

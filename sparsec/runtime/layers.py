@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sparsec.errors import InvalidInputError
 from sparsec.meta import ConvParams
 from sparsec.reference import rows_to_weight
 from sparsec.runtime.packed import DensePacked, PackedWeight
@@ -33,6 +34,11 @@ class RuntimeLayer(nn.Module):
     def mask(self) -> torch.Tensor:
         """The layer's sparsity mask (bool, original weight shape)."""
         raise NotImplementedError
+
+    def check_incoming(self, state_dict, prefix: str) -> None:
+        """Refuse what `state_dict` would load into this layer when it is not a form of this layer (a corrupt
+        file, another compile's state dict), before anything is copied; names the layer. CompiledModel runs it
+        for every layer before its load copies anything."""
 
 
 def explicit_padding(conv: ConvParams, weight_shape: tuple[int, ...]) -> tuple[int, int, int, int]:
@@ -211,6 +217,21 @@ class SparseLayer(RuntimeLayer):
         state = super().__getstate__().copy()
         state["_derived"] = {}
         return state
+
+    def check_incoming(self, state_dict, prefix: str) -> None:
+        for name, own in self.packed.named_buffers():
+            theirs = state_dict.get(f"{prefix}packed.{name}")
+            if own is not None and isinstance(theirs, torch.Tensor) and theirs.shape != own.shape:
+                # (torch's "size mismatch for ...packed.values" did not say that the pattern differs)
+                raise InvalidInputError(
+                    f"layer {self.layer_name!r} ({self.pattern}) holds packed.{name} of shape {tuple(own.shape)} here and "
+                    f"{tuple(theirs.shape)} in this state dict: it comes from a compile with another pattern (or of "
+                    f"another model); compile with the saving model's plan (sparsec.compile(model, example_inputs=..., "
+                    f"plan=saved.plan)), or save and load the whole model (sparsec.save / sparsec.load)")
+        try:
+            self.packed.check_incoming(state_dict, f"{prefix}packed.")
+        except InvalidInputError as e:
+            raise InvalidInputError(f"layer {self.layer_name!r} ({self.pattern}): {e}") from None
 
     def _load_from_state_dict(self, *args, **kwargs):
         # load_state_dict copies into the packed buffers in place (this runs just before it does for

@@ -160,6 +160,16 @@ class NMPacked(PackedWeight):
         packed = cls(q.contiguous(), meta.contiguous(), scales, pattern.n, pattern.m, rows.shape[1], rows.dtype)
         return packed._set_levels(table, quant)
 
+    def _check_buffers(self, buffers: dict[str, torch.Tensor]) -> None:
+        super()._check_buffers(buffers)
+        # metadata from outside (a corrupt file, another N:M pattern's state dict of the same shapes): positions
+        # out of [0, M) or not increasing in a group kept other counts than N, or failed at the next forward
+        try:
+            ref.checked_nm_positions(buffers["meta"], self.n, self.m, self.reduction // self.m)
+        except InvalidInputError as e:
+            raise InvalidInputError(f"this state dict's {self.n}:{self.m} metadata does not decode ({e}): a corrupt "
+                                    f"file, or the state dict of a compile with another N:M pattern") from None
+
     def rows(self, dtype=None) -> torch.Tensor:
         return ref.nm_decompress_own(self.kept_values(dtype), self.meta, self.n, self.m)
 
@@ -194,6 +204,10 @@ class FanInPacked(PackedWeight):
         q, scales, table = cls._quantize(values, quant)
         packed = cls(q.contiguous(), indices.contiguous(), scales, rows.shape[1], rows.dtype, row_counts)
         return packed._set_levels(table, quant)
+
+    def _check_buffers(self, buffers: dict[str, torch.Tensor]) -> None:
+        super()._check_buffers(buffers)
+        ref.check_fanin(buffers["values"], buffers["indices"], self.reduction, buffers.get("row_counts"))
 
     @property
     def k(self) -> int:
@@ -327,6 +341,12 @@ class DensePacked(PackedWeight):
     def check_incoming(self, state_dict, prefix: str) -> None:
         levels, table = self._levels(), state_dict.get(prefix + "table")
         values = state_dict.get(prefix + "values")
+        bits = state_dict.get(prefix + "mask_bits", self.mask_bits)
+        if isinstance(values, torch.Tensor) and values.shape == self.values.shape and isinstance(bits, torch.Tensor) \
+                and bits.shape == self.mask_bits.shape and bool((values * ~unpack_mask_bits(bits, self.reduction)).any()):
+            # a masked weight is exactly 0 (cm.mask() and effective_weight() say so): nonzero ones would compute
+            raise InvalidInputError(f"this state dict's dense-stored weight at {prefix}values is nonzero where its mask "
+                                    f"says pruned: not a pruned weight (a corrupt file, or another model's values)")
         if levels is None:
             if table is not None and values is not None:  # (strict=False copied the values, dropping the table)
                 raise InvalidInputError(

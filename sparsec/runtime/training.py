@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from sparsec.context import DEFAULT_STE_DECAY
 from sparsec.distributed import full
+from sparsec.errors import InvalidInputError
 from sparsec.meta import ConvParams
 from sparsec.patterns import NM, Pattern
 from sparsec.reference import pattern_mask, rows_to_weight, weight_to_rows
@@ -157,6 +158,29 @@ class TrainableLayer(RuntimeLayer):
             with torch.no_grad():
                 self.weight_mask.copy_(self.current_mask())
         super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def check_incoming(self, state_dict, prefix: str) -> None:
+        # An N:M layer's mask keeps exactly N of every M, in training too: a fan-in or unstructured mask loaded
+        # here (state dicts of one model's compiles have the same keys and shapes) trained it as neither,
+        # silently, until the inference compile refused it without naming the layer
+        mask = state_dict.get(prefix + "weight_mask")
+        if not isinstance(self.pattern, NM) or not isinstance(mask, torch.Tensor) or self.weight_mask is None \
+                or mask.shape != self.weight_mask.shape or mask.dtype != torch.bool:
+            return
+        rows = weight_to_rows(mask, self.op)
+        if rows.shape[-1] % self.pattern.m == 0:
+            counts = rows.reshape(rows.shape[0], -1, self.pattern.m).sum(-1, dtype=torch.int32)
+            found = sorted(counts.unique().tolist())
+            if found != [self.pattern.n]:
+                raise InvalidInputError(
+                    f"layer {self.layer_name!r} trains {self.pattern} weights, but this state dict's mask at "
+                    f"{prefix}weight_mask keeps {found} of every {self.pattern.m}: it comes from a compile with another "
+                    f"pattern; compile with the saving model's plan (sparsec.compile(model, example_inputs=..., "
+                    f"plan=saved.plan, train=True)), or save and load the whole model (sparsec.save / sparsec.load)")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self.check_incoming(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def __getstate__(self):
         state = super().__getstate__().copy()

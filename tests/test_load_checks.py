@@ -1,0 +1,129 @@
+"""load_state_dict refuses what is not a form of the layer it would load into, before copying anything:
+N:M metadata of another pattern or corrupt, fan-in indices that do not decode, a dense-stored weight
+nonzero where its mask prunes, a training mask of another pattern, buffers of another shape. Each case
+was loaded silently before (the layer then computed neither model) or failed only at the next forward."""
+import pytest
+import torch
+import torch.nn as nn
+
+import sparsec
+from sparsec.errors import InvalidInputError
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(64, 128), nn.Linear(128, 128), nn.Linear(128, 10)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+X = torch.randn(8, 64, generator=torch.Generator().manual_seed(1))
+
+
+def _compile(pattern: str, backend: str = "torch", **options):
+    torch.manual_seed(0)
+    model = MLP().eval()
+    plan = sparsec.explain(model, pattern=pattern, example_inputs=(X,), include=["fc2"])
+    for lp in plan:
+        if lp.sparsity:
+            lp.backend, lp.launch = backend, None
+    return sparsec.compile(model, example_inputs=(X,), plan=plan, **options)
+
+
+def _refused(cm, state: dict, match: str) -> None:
+    """The load raises naming the layer, and leaves every tensor of the model as it was."""
+    before = {k: v.clone() for k, v in cm.state_dict().items()}
+    with pytest.raises(InvalidInputError, match=match) as caught:
+        cm.load_state_dict(state)
+    assert "'fc2'" in str(caught.value)
+    after = cm.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("saved, loading", [("1:4", "2:8"), ("1:2", "4:8"), ("2:8", "1:4")])
+@pytest.mark.parametrize("backend", ["torch", "bitmask"])
+def test_another_n_m_patterns_state_dict_of_the_same_shapes_is_refused(saved, loading, backend):
+    source, target = _compile(saved, backend), _compile(loading, backend)
+    assert source.state_dict()["graph_module.fc2.packed.values"].shape == \
+        target.state_dict()["graph_module.fc2.packed.values"].shape  # (torch's own shape check passes)
+    _refused(target, source.state_dict(), "metadata does not decode")
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "4:8", "1:4"])
+def test_corrupt_n_m_metadata_is_refused(pattern):
+    cm = _compile(pattern)
+    state = cm.state_dict()
+    meta = state["graph_module.fc2.packed.meta"]
+    n, m = map(int, pattern.split(":"))
+    # 2:4: nibble 0 is i0 = i1 = 0; otherwise a position M is out of every group
+    state["graph_module.fc2.packed.meta"] = torch.zeros_like(meta) if (n, m) == (2, 4) else torch.full_like(meta, m)
+    _refused(cm, state, rf"corrupt {n}:{m} metadata: kept positions must lie in \[0, {m}\)")
+
+
+def test_another_n_m_pattern_of_other_shapes_names_the_layer():
+    _refused(_compile("1:4"), _compile("2:4").state_dict(), r"packed.values of shape \(128, 32\) here and \(128, 64\)")
+
+
+@pytest.mark.parametrize("backend", ["torch", "condensed"])
+@pytest.mark.parametrize("damage, match", [
+    (lambda t: t.clone().fill_(3), "ascend"), (lambda t: t.flip(-1).contiguous(), "ascend"),
+    (lambda t: t.clone().fill_(128), r"lie in \[0, 128\)"), (lambda t: t.clone().fill_(-1), r"lie in \[0, 128\)")])
+def test_fan_in_indices_that_do_not_decode_are_refused(backend, damage, match):
+    cm = _compile("fanin:0.9", backend)
+    state = cm.state_dict()
+    state["graph_module.fc2.packed.indices"] = damage(state["graph_module.fc2.packed.indices"])
+    _refused(cm, state, f"corrupt fan-in weight: .*{match}")
+
+
+def test_fan_in_indices_repeated_out_of_order_are_refused():
+    cm = _compile("fanin:0.9")
+    state = cm.state_dict()
+    indices = state["graph_module.fc2.packed.indices"].clone()
+    indices[:, -1] = indices[:, 0]  # the first column again, last: not ascending
+    state["graph_module.fc2.packed.indices"] = indices
+    _refused(cm, state, "corrupt fan-in weight")
+
+
+def test_ragged_fan_in_padding_must_hold_zero():
+    cm = _compile("fanin:0.9")
+    packed = cm.graph_module.fc2.packed
+    mask = cm.mask("fc2").clone()
+    mask[0] = False  # an ablated neuron: stored ragged, its row all padding
+    ragged = type(packed).pack(cm.graph_module.fc2.weight.detach() * mask, mask, sparsec.patterns.FanIn(0.9), None)
+    assert ragged.row_counts is not None and int(ragged.row_counts[0]) == 0
+    cm.graph_module.fc2.packed = ragged
+    state = cm.state_dict()
+    cm.load_state_dict(state)  # its own state loads
+    values = state["graph_module.fc2.packed.values"].clone()
+    values[0, 0] = 1.0
+    _refused(cm, dict(state, **{"graph_module.fc2.packed.values": values}), "padding entries")
+
+
+def test_dense_stored_weight_nonzero_where_pruned_is_refused():
+    cm = _compile("2:4", "dense")
+    state = cm.state_dict()
+    assert "graph_module.fc2.packed.mask_bits" in state
+    unpruned = state["graph_module.fc2.packed.values"].clone()
+    unpruned[~cm.mask("fc2")] = 0.5
+    _refused(cm, dict(state, **{"graph_module.fc2.packed.values": unpruned}), "nonzero where its mask says pruned")
+
+
+@pytest.mark.parametrize("saved", ["fanin:0.9", "unstructured:0.9"])
+@pytest.mark.parametrize("weight_update", ["fixed", "ste"])
+def test_training_mask_of_another_pattern_is_refused(saved, weight_update):
+    source = _compile(saved, train=True)
+    target = _compile("2:4", train=True, weight_update=weight_update)
+    _refused(target, source.state_dict(), r"trains 2:4 weights, but this state dict's mask .* keeps \[")
+
+
+def test_own_state_dicts_still_load_exactly():
+    for pattern, backend, options in [("2:4", "torch", {}), ("4:8", "bitmask", {}), ("fanin:0.9", "condensed", {}),
+                                      ("2:4", "dense", {}), ("2:4", "torch", dict(train=True))]:
+        source, target = _compile(pattern, backend, **options), _compile(pattern, backend, **options)
+        with torch.no_grad():
+            for p in source.parameters():
+                p.mul_(1.5)  # (a trained model: its state differs from the fresh compile it loads into)
+        target.load_state_dict(source.state_dict())
+        assert torch.equal(target(X), source(X)), (pattern, backend)
