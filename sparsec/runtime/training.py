@@ -66,6 +66,21 @@ class _SparseRefinedSTE(torch.autograd.Function):
         return grad + ctx.decay * weight * (~mask), None, None
 
 
+_TAP_REASON = ("SRigL captures each layer's dense gradient with a Python hook that writes to its own state on the "
+               "steps before a mask update; torch.compile cannot put that in one graph: compile without "
+               "fullgraph=True (the hook then runs between two graphs, and training is exact)")
+
+
+def _tap_dense_grad(effective: torch.Tensor, sink) -> None:
+    effective.register_hook(sink)
+
+
+try:  # run eagerly under torch.compile: traced, the hook's write was refused as an "unsafe side effect" of a HOP
+    _tap_dense_grad = torch._dynamo.disable(_tap_dense_grad, reason=_TAP_REASON)
+except TypeError:  # (torch before 2.7 names no reason)
+    _tap_dense_grad = torch._dynamo.disable(_tap_dense_grad)
+
+
 class TrainableLayer(RuntimeLayer):
     weight_probe = "weight"
 
@@ -119,7 +134,7 @@ class TrainableLayer(RuntimeLayer):
             return _SparseRefinedSTE.apply(self.weight, mask, self.ste_decay)
         effective = self.weight * self.weight_mask
         if self.dense_grad_sink is not None and effective.requires_grad:
-            effective.register_hook(self.dense_grad_sink)
+            _tap_dense_grad(effective, self.dense_grad_sink)
         return effective
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
