@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import torch
+
 from sparsec.errors import CorruptFileError, InvalidInputError, InvalidTypeError
 from sparsec.levels import is_levels, parse_levels
 from sparsec.patterns import NM, FanIn, Unstructured, parse_pattern
@@ -317,6 +319,10 @@ class Plan:
             if lp.mask_kept is not None and not (type(lp.mask_kept) is int and 0 <= lp.mask_kept <= lp.numel):
                 raise InvalidInputError(f"plan layer {lp.name!r}: mask_kept {lp.mask_kept!r} is not a count of its "
                                         f"{lp.numel} weights (0 to {lp.numel}, or None)")
+            dtype = getattr(torch, str(lp.dtype), None)
+            if lp.dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+                raise InvalidInputError(f"plan layer {lp.name!r}: dtype {lp.dtype!r} is not a floating-point torch dtype "
+                                        f"(a layer's weight dtype, spelled 'float32', 'bfloat16', 'float16', ...)")
             if not valid_quant(lp.quant):
                 raise InvalidInputError(f"plan layer {lp.name!r}: quant {lp.quant!r} is not one of {QUANT_FORMS}")
             if lp.backend not in BACKEND_CHOICES:

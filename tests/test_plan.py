@@ -74,6 +74,11 @@ def test_from_json_names_what_it_takes(given):
 
 def test_invalid_entries_are_rejected():
     data = json.loads(_plan().to_json())
+    for bad in ("int7", "float99", "int8"):
+        data["layers"][1]["dtype"] = bad
+        with pytest.raises(InvalidInputError, match=f"'fc2': dtype '{bad}' is not a floating-point torch dtype"):
+            Plan.from_json(json.dumps(data))
+    data = json.loads(_plan().to_json())
     data["layers"][1]["sparsity"] = "3:2"
     with pytest.raises(InvalidInputError, match="fc2"):
         Plan.from_json(json.dumps(data))
