@@ -24,11 +24,21 @@ def _flops(nodes: list[fx.Node], reduction: int) -> int | None:
     return sum(2 * math.prod(s) * reduction for s in shapes)
 
 
-def _callers_of(gm: fx.GraphModule, path: str) -> list[fx.Node]:
-    """The nodes calling the module at `path` or the module holding it (a fused epilogue around a packed
-    layer): their outputs have the layer's output shape, as elementwise epilogues keep it."""
-    return [n for n in gm.graph.nodes
-            if n.op == "call_module" and (path == n.target or path.startswith(n.target + "."))]
+def _module_calls(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
+    """Module path -> the nodes calling it, from one pass over the graph."""
+    calls = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls.setdefault(node.target, []).append(node)
+    return calls
+
+
+def _callers_of(calls: dict[str, list[fx.Node]], path: str) -> list[fx.Node]:
+    """The nodes calling the module at `path` or a module holding it (a fused epilogue around a packed
+    layer): their outputs have the layer's output shape, as elementwise epilogues keep it. Looked up per
+    prefix of the path: a scan of the graph per layer was quadratic in the layer count."""
+    parts = path.split(".")
+    return [n for i in range(1, len(parts) + 1) for n in calls.get(".".join(parts[:i]), [])]
 
 
 def _graph_position(gm: fx.GraphModule):
@@ -72,6 +82,7 @@ def build_plan(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
                                 quant=d.quant, grad_sparsity=d.grad_sparsity, reason=d.reason,
                                 dtype=dtype_name(layer.dtype), flops=_flops(nodes, layer.reduction), backend=d.backend,
                                 launch=d.launch, mask_kept=d.mask_kept))
+    calls = None  # (built on first use)
     for name, info in ctx.unreached.items():
         excluded_by = first_match(ctx.options.exclude, name)
         if info.sparsity is not None:  # packed by an earlier compile
@@ -82,7 +93,9 @@ def build_plan(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         entry = LayerPlan(name=name, op=info.op, weight_shape=info.weight_shape, sparsity=info.sparsity,
                           quant=info.quant, grad_sparsity=None, reason=reason, dtype=dtype_name(info.dtype))
         if info.sparsity is not None:
-            entry.flops = _flops(_callers_of(gm, info.weight_path.rsplit(".", 1)[0]), entry.reduction)
+            if calls is None:
+                calls = _module_calls(gm)
+            entry.flops = _flops(_callers_of(calls, info.weight_path.rsplit(".", 1)[0]), entry.reduction)
             entry.backend = info.backend
             entry.mask_kept = _packed_kept(gm, info.weight_path)
         layers.append(entry)

@@ -190,7 +190,7 @@ def default_decision(layer: LayerInfo, blocker: str | None, pattern: Pattern, ct
 
 
 def _plan_decision(layer: LayerInfo, blocker: str | None, ctx: CompileContext, default: Decision) -> Decision:
-    entry = next((lp for lp in ctx.options.plan if lp.name == layer.name), None)
+    entry = ctx.options.plan.get(layer.name)
     if entry is None:
         return Decision(None, None, None, "kept dense: not listed in the given plan")
     if (entry.op, tuple(entry.weight_shape)) != (layer.op, tuple(layer.weight_shape)):

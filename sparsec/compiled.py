@@ -416,6 +416,15 @@ class CompiledModel(nn.Module):
                 return module
         return None
 
+    def sparse_modules(self) -> dict[str, RuntimeLayer]:
+        """Layer name -> the module sparsec put in its place, every one in one walk of the modules (for a loop
+        over the plan: sparse_module per layer walked them all per layer, quadratic in the layer count)."""
+        found = {}
+        for module in self.graph_module.modules():
+            if isinstance(module, RuntimeLayer):
+                found.setdefault(module.layer_name, module)  # (the first, as sparse_module finds it)
+        return found
+
     def _dense_weight(self, name: str, what: str) -> tuple[torch.Tensor, str]:
         """A dense layer's weight, checked whole for `what` (see `check_whole`)."""
         if name not in self._dense_weights:  # (self.plan[name] raises KeyError listing the layers for an unknown name)
@@ -430,8 +439,9 @@ class CompiledModel(nn.Module):
 
     def check_whole_weights(self, what: str) -> None:
         """Raise, naming the remedy, when a weight was flattened by FSDP1 (see `check_whole`)."""
+        modules = self.sparse_modules()
         for lp in self.plan:
-            module = self.sparse_module(lp.name)
+            module = modules.get(lp.name)
             if isinstance(module, TrainableLayer):
                 check_whole(module.weight, lp.weight_shape, lp.name, what)
             elif module is None and lp.name in self._dense_weights:

@@ -137,8 +137,9 @@ def layer_weights(cm, layers: Iterable[str] | None = None) -> list[LayerWeight]:
     gm = cm.graph_module
     nodes = layer_nodes(gm)
     out = []
+    modules = cm.sparse_modules()
     for lp in cm.plan:
-        module = cm.sparse_module(lp.name)
+        module = modules.get(lp.name)
         if module is not None and not isinstance(module, TrainableLayer):
             raise InvalidInputError(
                 f"layer {lp.name!r} holds a packed inference weight ({type(module).__name__}), which cannot be "

@@ -155,16 +155,35 @@ class Plan:
         # plan["fc2"] looks layers up by name, so `"fc2" in plan` must too: without this, `in` fell back
         # to iterating and compared the name with each LayerPlan, always False
         if isinstance(key, str):
-            return key in self.names
+            return self.get(key) is not None
         return key in self.layers
 
     def __getitem__(self, key: int | str) -> LayerPlan:
         if isinstance(key, str):
-            for layer in self.layers:
-                if layer.name == key:
-                    return layer
-            raise KeyError(f"no layer named {key!r} in the plan; layers: {self.names}")
+            layer = self.get(key)
+            if layer is None:
+                raise KeyError(f"no layer named {key!r} in the plan; layers: {self.names}")
+            return layer
         return self.layers[key]
+
+    def get(self, name: str, default: LayerPlan | None = None) -> LayerPlan | None:
+        """The entry named `name` (the first, should a hand-edited plan list it twice), else `default`.
+        From an index by name, checked on every hit against the list as it is now (entries may be edited,
+        renamed or replaced in place), rebuilt when it misses: a scan per lookup made a loop over the
+        layers quadratic (cm.mask / effective_weight of each of 1,600 layers: 4 s)."""
+        for fresh in (False, True):
+            index = self.__dict__.get("_by_name")
+            if fresh or index is None or index[0] is not self.layers:
+                index = (self.layers, {})
+                for position, layer in enumerate(self.layers):
+                    index[1].setdefault(layer.name, position)
+                self.__dict__["_by_name"] = index
+            position = index[1].get(name)
+            if position is not None and position < len(self.layers) and self.layers[position].name == name:
+                return self.layers[position]
+            if fresh:
+                return default
+        return default
 
     @property
     def names(self) -> list[str]:
