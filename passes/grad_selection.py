@@ -40,23 +40,18 @@ def _trainable_sources(gm: fx.GraphModule) -> set[fx.Node]:
     return out
 
 
-def _reaches_a_source(graph: nx.DiGraph, sources: set[fx.Node]) -> dict[fx.Node, bool]:
-    """node -> whether it or a node upstream of it is a trainable source. One pass over the strongly
-    connected components (an in-place write makes cycles) in topological order: an ancestors search per
-    layer was quadratic (1,600 layers: 3.6 s of a 9 s compile)."""
-    dag = nx.condensation(graph)
-    reached = {}
-    for component in nx.topological_sort(dag):
-        reached[component] = any(m in sources for m in dag.nodes[component]["members"]) or \
-            any(reached[other] for other in dag.predecessors(component))
-    return {node: reached[component] for node, component in dag.graph["mapping"].items()}
+def _downstream_of(graph: nx.DiGraph, sources: set[fx.Node]) -> set[fx.Node]:
+    """The sources in the graph and every node downstream of one: one search from all of them at once (an
+    ancestors search per layer was quadratic: 1,600 layers, 2.1 s of a compile)."""
+    starts = [s for s in sources if s in graph]
+    return set(starts) | {edge[1] for edge in nx.edge_bfs(graph, starts)} if starts else set()
 
 
 def choose_grad_sparsity(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     opts = ctx.options
     if not opts.train:
         return gm
-    trainable_upstream = None  # (node -> bool, built on first use: only grad_pattern= asks)
+    trainable_downstream = None  # (built on first use: only grad_pattern= asks)
     for name, nodes in layer_nodes(gm).items():
         meta = get_meta(nodes[0])
         decision, layer = meta.decision, meta.layer
@@ -81,8 +76,8 @@ def choose_grad_sparsity(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphMod
         g = opts.grad_pattern
         if g is None:
             continue
-        if trainable_upstream is None:  # (a detached input has no gradient upstream: the gradients' dataflow)
-            trainable_upstream = _reaches_a_source(dataflow_graph(gm, gradients=True), _trainable_sources(gm))
+        if trainable_downstream is None:  # (a detached input has no gradient upstream: the gradients' dataflow)
+            trainable_downstream = _downstream_of(dataflow_graph(gm, gradients=True), _trainable_sources(gm))
         data = [d for n in nodes if isinstance(d := data_input(n), fx.Node)]
         if meta.blocker:  # (said here too: with pattern='dense' the layer's reason did not mention it)
             # (SDGP prunes dY, not the weight, but it runs in the layer sparsec puts in the module's place, which
@@ -92,7 +87,7 @@ def choose_grad_sparsity(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphMod
             note, grad = f"gradient dense: SDGP runs in the layer sparsec puts in place, and this one stays as it is{why}", None
         elif g.n == g.m:
             note, grad = f"gradient dense: grad_pattern {g} keeps every value (N = M)", None
-        elif not any(trainable_upstream.get(d, False) for d in data):
+        elif not any(d in trainable_downstream for d in data):
             note, grad = "gradient dense: no trainable parameter upstream, so its data gradient is never used", None
         elif layer.out_features % g.m:
             what = "output channels" if layer.conv is not None else "output features"

@@ -37,9 +37,8 @@ def kept_values(gm: fx.GraphModule, ctx: CompileContext, layer, sparsity: str) -
     values), gathered a slice of rows at a time: levels cost nothing at pruned positions (code 0 is exactly
     0), so their table and error come from these alone, without a dense pruned copy of the layer."""
     rows = weight_to_rows(gm.get_parameter(layer.weight_path).detach(), layer.op)
-    mask = ctx.layer_mask(gm, layer, sparsity)
-    step = max(1, reference.ROW_CHUNK_WEIGHTS // max(1, rows.shape[-1]))
-    return torch.cat([part.masked_select(part_mask) for part, part_mask in zip(rows.split(step), mask.split(step))])
+    slices = reference.row_slices(rows, ctx.layer_mask(gm, layer, sparsity))
+    return torch.cat([part.masked_select(part_mask) for _, (part, part_mask) in slices])
 
 
 @torch.no_grad()

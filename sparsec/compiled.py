@@ -411,10 +411,7 @@ class CompiledModel(nn.Module):
 
     def sparse_module(self, name: str) -> RuntimeLayer | None:
         """The module sparsec put in place of layer `name` (packed, Triton or trainable), if any."""
-        for module in self.graph_module.modules():
-            if isinstance(module, RuntimeLayer) and module.layer_name == name:
-                return module
-        return None
+        return self.sparse_modules().get(name)
 
     def sparse_modules(self) -> dict[str, RuntimeLayer]:
         """Layer name -> the module sparsec put in its place, every one in one walk of the modules (for a loop

@@ -171,18 +171,15 @@ class Plan:
         From an index by name, checked on every hit against the list as it is now (entries may be edited,
         renamed or replaced in place), rebuilt when it misses: a scan per lookup made a loop over the
         layers quadratic (cm.mask / effective_weight of each of 1,600 layers: 4 s)."""
-        for fresh in (False, True):
+        for rebuild in (False, True):
             index = self.__dict__.get("_by_name")
-            if fresh or index is None or index[0] is not self.layers:
-                index = (self.layers, {})
+            if rebuild or index is None or index[0] is not self.layers:
+                index = self.__dict__["_by_name"] = (self.layers, {})
                 for position, layer in enumerate(self.layers):
                     index[1].setdefault(layer.name, position)
-                self.__dict__["_by_name"] = index
             position = index[1].get(name)
             if position is not None and position < len(self.layers) and self.layers[position].name == name:
                 return self.layers[position]
-            if fresh:
-                return default
         return default
 
     @property

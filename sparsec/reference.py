@@ -34,10 +34,9 @@ def by_row_chunks(fn, *tensors: torch.Tensor):
                                 f"have the same number of rows")
     if first.dim() < 2 or first.numel() <= ROW_CHUNK_WEIGHTS:
         return fn(*tensors)
-    step = max(1, ROW_CHUNK_WEIGHTS // first[0].numel())
     outputs = None
-    for start in range(0, first.shape[0], step):
-        part = fn(*(t[start:start + step] for t in tensors))
+    for start, parts in row_slices(*tensors):
+        part = fn(*parts)
         single = isinstance(part, torch.Tensor)
         part = (part,) if single else part
         if outputs is None:
@@ -45,6 +44,21 @@ def by_row_chunks(fn, *tensors: torch.Tensor):
         for out, p in zip(outputs, part):
             out[start:start + p.shape[0]] = p
     return outputs[0] if single else outputs
+
+
+def row_slices(*tensors: torch.Tensor):
+    """(first row, the tensors' slices of rows from it), slices of at most ROW_CHUNK_WEIGHTS weights of the
+    first tensor (one row at least), covering every row."""
+    rows = tensors[0].shape[0]
+    step = max(1, ROW_CHUNK_WEIGHTS // max(1, tensors[0][0].numel())) if rows else 1
+    for start in range(0, max(rows, 1), step):  # (no rows: one empty slice, so what is built from them is empty)
+        yield start, tuple(t[start:start + step] for t in tensors)
+
+
+def nm_group_counts(mask: torch.Tensor, m: int) -> list[int]:
+    """The distinct counts of kept entries in a mask's groups of m consecutive ones along its last dim,
+    ascending ([n] for a valid n:m mask): what an error about a mask that is not n:m names."""
+    return sorted(mask.reshape(-1, m).sum(-1, dtype=torch.int32).unique().tolist())
 
 
 def kept_per_row(mask: torch.Tensor) -> torch.Tensor:
@@ -173,8 +187,7 @@ def nm_compress_masked(rows: torch.Tensor, mask: torch.Tensor, n: int, m: int) -
     check_mask_shape(rows, mask)
     values, meta, rows_ok = by_row_chunks(lambda r, mk: _nm_compress_rows(r, mk, n, m), rows, mask)
     if not bool(rows_ok.all()):  # (every count the mask holds, as before slicing: an error, so at once)
-        counts = mask.reshape(-1, m).sum(-1)
-        raise InvalidInputError(f"mask must keep exactly {n} of every {m}; found groups keeping {sorted(set(counts.unique().tolist()))}")
+        raise InvalidInputError(f"mask must keep exactly {n} of every {m}; found groups keeping {nm_group_counts(mask, m)}")
     return values, meta
 
 

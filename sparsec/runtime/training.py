@@ -38,7 +38,7 @@ from sparsec.distributed import full
 from sparsec.errors import InvalidInputError
 from sparsec.meta import ConvParams
 from sparsec.patterns import NM, Pattern
-from sparsec.reference import pattern_mask, rows_to_weight, weight_to_rows
+from sparsec.reference import nm_group_counts, pattern_mask, rows_to_weight, weight_to_rows
 from sparsec.runtime.layers import RuntimeLayer, conv2d, explicit_padding
 from sparsec.runtime.sdgp import sdgp_conv2d, sdgp_linear
 
@@ -184,8 +184,7 @@ class TrainableLayer(RuntimeLayer):
             return
         rows = weight_to_rows(mask, self.op)
         if rows.shape[-1] % self.pattern.m == 0:
-            counts = rows.reshape(rows.shape[0], -1, self.pattern.m).sum(-1, dtype=torch.int32)
-            found = sorted(counts.unique().tolist())
+            found = nm_group_counts(rows, self.pattern.m)
             if found != [self.pattern.n]:
                 raise InvalidInputError(
                     f"layer {self.layer_name!r} trains {self.pattern} weights, but this state dict's mask at "
