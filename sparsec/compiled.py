@@ -406,21 +406,22 @@ class CompiledModel(nn.Module):
 
     def packed_layers(self) -> list[str]:
         """The layers holding packed inference weights (every runtime layer but the trainable ones)."""
-        return [m.layer_name for m in self.graph_module.modules()
-                if isinstance(m, RuntimeLayer) and not isinstance(m, TrainableLayer)]
+        return [m.layer_name for m in self._runtime_layers() if not isinstance(m, TrainableLayer)]
 
     def sparse_module(self, name: str) -> RuntimeLayer | None:
         """The module sparsec put in place of layer `name` (packed, Triton or trainable), if any."""
-        return self.sparse_modules().get(name)
+        return next((m for m in self._runtime_layers() if m.layer_name == name), None)  # (stops at it)
 
     def sparse_modules(self) -> dict[str, RuntimeLayer]:
         """Layer name -> the module sparsec put in its place, every one in one walk of the modules (for a loop
         over the plan: sparse_module per layer walked them all per layer, quadratic in the layer count)."""
         found = {}
-        for module in self.graph_module.modules():
-            if isinstance(module, RuntimeLayer):
-                found.setdefault(module.layer_name, module)  # (the first, as sparse_module finds it)
+        for module in self._runtime_layers():
+            found.setdefault(module.layer_name, module)  # (the first, as sparse_module finds it)
         return found
+
+    def _runtime_layers(self):
+        return (m for m in self.graph_module.modules() if isinstance(m, RuntimeLayer))
 
     def _dense_weight(self, name: str, what: str) -> tuple[torch.Tensor, str]:
         """A dense layer's weight, checked whole for `what` (see `check_whole`)."""
