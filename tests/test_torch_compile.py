@@ -39,6 +39,23 @@ def test_triton_layers_trace_into_one_graph_and_match_eager(quantize):
         assert torch.equal(compiled(x), eager)
 
 
+def test_torch_compile_is_not_taken_for_torch_export(monkeypatch):
+    """TorchDynamo before pytorch#176499 (torch 2.11, the H100 image's) replaced torch.compiler.is_exporting()
+    by True while tracing anything, so every kernel layer under torch.compile recorded its reference, the
+    portable form meant for torch.export (the decode bench's MLP block ran 4x slower than the original).
+    Patched to answer as it did there, the layers still trace as their operator and torch.export still
+    records references."""
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    model, x = _mlp(), torch.randn(2, 64, device=DEVICE)
+    cm = sparsec.compile(model, example_inputs=(x,), backend="triton", include=[".*"], min_weights=0)
+    with torch.no_grad():
+        explained = torch._dynamo.explain(cm)(x)
+        assert explained.graphs[0].code.count("sparsec.kernel_layer") == 4
+        exported = torch.export.export(cm, (x,))
+    assert "kernel_layer" not in str(exported.graph)
+    assert output_error(exported.module()(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+
+
 def test_inductor_runs_the_kernels_it_cannot_see_into():
     model, x = _mlp(), torch.randn(4, 64, device=DEVICE)
     cm = sparsec.compile(model, example_inputs=(x,), backend="triton", include=[".*"], min_weights=0)

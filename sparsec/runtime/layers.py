@@ -131,7 +131,15 @@ def recording_portable_ops() -> bool:
     this process's layer by handle (a reloaded exported program failed, or silently ran another model's
     layer that took the same handle), and a saved jit trace holding a C++ kernel's operator failed to load
     ("Unknown builtin op")."""
-    return torch.compiler.is_exporting() or torch.jit.is_tracing()
+    return _exporting() or torch.jit.is_tracing()
+
+
+def _exporting() -> bool:
+    """torch.compiler.is_exporting(), read from the flag torch.export sets: TorchDynamo before pytorch#176499
+    (torch 2.11 on the H100 image) replaced that call by a constant True while it traced anything, so every
+    kernel layer under torch.compile ran its reference (4x slower than the original model at decode)."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else flag
 
 
 def run_kernel(layer, x: torch.Tensor) -> torch.Tensor:
