@@ -389,8 +389,9 @@ def test_saving_a_wrapped_compiled_model_names_the_model_inside(tmp_path):
         assert not (tmp_path / "m").exists()
         sparsec.save(getattr(wrapper, inside), tmp_path / "m")
         with torch.no_grad():
-            assert torch.allclose(sparsec.load(tmp_path / "m")(x), torch.relu(torch.relu(
-                x @ model[0].weight.t() + model[0].bias) @ cm.effective_weight("2").t() + model[2].bias)
+            # (map_location: on a GPU machine DataParallel moved cm to cuda:0)
+            assert torch.allclose(sparsec.load(tmp_path / "m", map_location="cpu")(x), torch.relu(torch.relu(
+                x @ model[0].weight.t() + model[0].bias) @ cm.effective_weight("2").cpu().t() + model[2].bias)
                 @ model[4].weight.t() + model[4].bias, atol=1e-5)
         (tmp_path / "m").unlink()
 
