@@ -121,31 +121,18 @@ def matmul_candidates(m: int, n: int, k: int, act_dtype: str, sms: int | None, w
     elif act_dtype == "float32":  # only small tiles stay spill-free (_tiles); at one row, the CUDA-core form
         tiles = [dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=3)] if m == 1 else []
     elif m <= 16:
-        # (Timed on an H100, 2026-11-23, over 18 decode rows: the default tile won 16, 16x64x64 twice;
-        # 16x64x128 over 8 warps and the CUDA-core form at BLOCK_N 64 were never within 3% of the best.)
+        # Kept from the H100 runs: on 2026-11-23 (18 decode rows) 16x64x128 over 8 warps and the CUDA-core form
+        # at BLOCK_N 64 were never within 3% of the best; on 2026-11-24 (clean L2, 12 rows) neither were
+        # 16x64x64 over 6 stages, 16x64x256 over 8 warps, the 2-warp 16x128x64 and the int8-only 16x128x64 /
+        # 16x256x32 tiles (1.08-1.61x the best at their best). Deeper pipelines and wider K steps won nothing:
+        # every config landed within ~5% of the others, the stream held by work per weight rather than by
+        # bytes in flight (bench/gpu_notes.md). What stays won or came within 3% somewhere.
         tiles = [dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=3),
-                 # More weight bytes in flight per SM: the default tile, which kept the most of the tiles
-                 # timed, won, and int8 values took the fp16 time with half the bytes per stage, so the
-                 # stream looks latency-bound. Twice the bytes per stage (BLOCK_K 256), or 5 stages in
-                 # flight instead of 2-3 (about 90 KB per SM at the occupancy the registers allow);
-                 # bench/gpu_notes.md.
                  dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, num_warps=4, num_stages=4),
-                 dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=1, num_warps=8, num_stages=3),
                  dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=6),
-                 dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=6),
-                 # Less shared-memory traffic per weight: tl.dot splits a tile's N over its warps, and
-                 # every warp reads the whole 16-row x tile from shared memory: 32 * warps / BLOCK_N
-                 # bytes per weight, 4 of the default tile's 10.6 with int8 values (sm_90 SASS). At
-                 # 128 bytes per SM and clock that is ~21 us at 14336 x 4096, beside ~12 us to read
-                 # the int8 weight from HBM. These 2-warp tiles move 6-8 bytes per weight
-                 # (bench/kernel_stats.py; split_k gives them twice the programs). A hypothesis to
-                 # time, not a finding: under the old L2 flush the CUDA-core form, at 2.5 (int8) and
-                 # 4.3 (fp16) bytes per weight, was no faster than the default tile.
-                 dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, num_warps=2, num_stages=4),
-                 dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, GROUP_M=1, num_warps=2, num_stages=4)]
-        if weight_dtype == "int8":  # a byte per value: a wider tile keeps the fp16 tile's bytes per stage
-            tiles += [dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=6),
-                      dict(BLOCK_M=16, BLOCK_N=256, BLOCK_K=32, GROUP_M=1, num_warps=2, num_stages=4)]
+                 # 2 warps: 6-8 bytes of shared-memory traffic per weight instead of 10.6-11.6 (every warp
+                 # of a tl.dot reads the whole x tile); fastest at int8 16 x 14336 x 4096 by 5%
+                 dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, num_warps=2, num_stages=4)]
         if m == 1:  # the CUDA-core form (BLOCK_M < 16): no 16-row tensor-core tile for a single row
             tiles.append(dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3))
         if conv:  # with the conv kernel's address arithmetic 2-warp tiles spill (16 x 128 x 64 on sm_90)
