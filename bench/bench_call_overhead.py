@@ -17,7 +17,9 @@ call-overhead-<device>-<date>.json.
 """
 from __future__ import annotations
 
+import cProfile
 import os
+import pstats
 import statistics
 import sys
 import time
@@ -77,6 +79,21 @@ class _JitStub:
         return lambda *args, **kwargs: _CompiledStub()
 
 
+def where_the_time_goes(fn, calls: int, top: int = 15) -> list[dict]:
+    """The functions fn() spends its host time in: cProfile's own time per call, largest first. (On the H100
+    host the layer took 2x nn.Linear's host time per call while on a CPU, with the launch stubbed, they
+    were level: what differs is on the CUDA path.)"""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # (file, line, function) -> (calls, primitive calls, own, cumulative, callers)
+    rows = sorted(stats.items(), key=lambda item: -item[1][2])[:top]
+    return [{"function": f"{os.path.basename(file)}:{line} {func}", "calls_per_call": n / calls,
+             "own_us": own / calls * 1e6} for (file, line, func), (n, _, own, _, _) in rows]
+
+
 def main() -> int:
     parser = arg_parser(__doc__)
     parser.add_argument("--features", type=positive_int, default=None,
@@ -117,6 +134,7 @@ def main() -> int:
         results = {"sparsec layer": per_call_us(lambda: layer(x), args.calls),
                    "compiled model": per_call_us(lambda: cm(x), args.calls),
                    "nn.Linear": per_call_us(lambda: model(x), args.calls)}
+        profile = where_the_time_goes(lambda: layer(x), args.calls)
         if cuda:  # the same layer with every launch through Triton's JIT (what DirectLaunch skips)
             for kernel in launch._LOADED.values():
                 kernel.jit_only()
@@ -125,9 +143,12 @@ def main() -> int:
     print(f"{name}: host time per call at 1 x {d} fp16 (median of 7 blocks)")
     for label, us in results.items():
         print(f"  {label:15s} {us:7.1f} us")
+    print("sparsec layer under cProfile (which adds its own cost per Python call): us per call, own time")
+    for row in profile:
+        print(f"  {row['own_us']:6.2f}  {row['function']}")
     write_results("call-overhead", name, {"benchmark": "host time per call, batch 1", "features": d,
                                           "launch": "real" if cuda else "stubbed behind DirectLaunch (its Python timed, no kernel)",
-                                          "us_per_call": results})
+                                          "us_per_call": results, "profile_own_us_per_call": profile})
     return 0
 
 
