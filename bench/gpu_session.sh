@@ -10,7 +10,7 @@
 # (parts: tests, quick, decode (sparse24 at M = 1, 16), large (sparse24 at M = 128, 2048, 8192), sparse24
 #  (every M, both weight formats), sparse24-fp16, sparse24-int8, decode-compile, conv, training, condensed,
 #  overhead, unstructured (method (d): the direct sparse conv kernel vs cuDNN and cuSPARSE CSR vs cuBLAS,
-#  bench_unstructured.py's GPU part))
+#  bench_unstructured.py's GPU part), ncu (Nsight Compute on the decode kernel, where the image has it))
 set -uo pipefail
 cd "$(dirname "$0")/.."
 deadline=$(( $(date +%s) + ${SPARSEC_GPU_CALL_S:-570} ))
@@ -53,8 +53,20 @@ for part in "${parts[@]}"; do
     condensed)     timeout "$left" $PY bench/bench_condensed_gpu.py ;;
     overhead)      timeout "$left" $PY bench/bench_call_overhead.py ;;
     unstructured)  timeout "$left" $PY bench/bench_unstructured.py --parts gpu --budget-s "$budget" ;;
+    # Nsight Compute on the decode kernel (bench/profile_decode.py): stall reasons, occupancy, memory
+    # throughput of each config at 1 x 14336 x 4096; the whole report lands in ncu-decode.txt.
+    ncu)           NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+                   if [ -z "$NCU" ]; then echo "no ncu on this image (PATH, /usr/local/cuda/bin, /opt/nvidia/nsight-compute)"
+                   else
+                     timeout "$left" "$NCU" --target-processes all -k regex:sparse24 --section SpeedOfLight --section Occupancy \
+                       --section LaunchStats --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
+                       $PY bench/profile_decode.py > "$SPARSEC_RESULTS_DIR/ncu-decode.txt" 2>&1
+                     echo "ncu exit $?"
+                     grep -E "==ERROR==|==WARNING==|launch order|^  [0-9]+: |sparse24|Duration|Registers Per|Achieved Occupancy|Warp Cycles Per Issued|Stall|Issued Warp|No Eligible|DRAM Throughput|Memory Throughput" \
+                       "$SPARSEC_RESULTS_DIR/ncu-decode.txt" | head -200
+                   fi ;;
     *) echo "unknown part '$part' (tests, quick, decode, large, sparse24, sparse24-fp16, sparse24-int8, decode-compile,"\
-            "conv, training, condensed, overhead, unstructured)"
+            "conv, training, condensed, overhead, unstructured, ncu)"
        exit 2 ;;
   esac
 done

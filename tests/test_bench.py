@@ -39,6 +39,18 @@ def test_call_overhead_benchmark_runs_anywhere(tmp_path):
         assert us["sparsec layer"] < 2000
 
 
+def test_decode_profile_script_checks_and_launches_every_config():
+    """bench/profile_decode.py, what gpu_session.sh's ncu part profiles, runs end to end at a small shape (in
+    the interpreter here): each config checked against torch, then launched, in the order it prints."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, os.path.join(BENCH, "profile_decode.py"), "--n", "64", "--k", "256"],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    order = [line for line in result.stdout.splitlines() if line.startswith("  ") and "launches" in line]
+    per_kind = 2 * (2 if torch.cuda.is_available() else 1)  # two tiles, and on a GPU each with PRMT_EXPAND too
+    assert sum("fp16 values" in line for line in order) == sum("int8 values" in line for line in order) == per_kind
+
+
 def test_sparse24_sweep_times_every_candidate_and_checks_nothing_silently(monkeypatch):
     """The launch-config sweep of bench_sparse24 runs end to end (kernels in the interpreter, timer
     replaced by a call counter), so the first GPU session does not find its bugs."""
