@@ -333,7 +333,7 @@ def pick_fastest(gm, ctx, layer, decision, m: int | None, triton_problem: str | 
         # against the other backends.
         gpu = timed_in_rounds({name: checked[name] for name in kernels}, lambda fn: time_cuda(fn, graph=True),
                               ROUNDS, failed)
-        configs_ran, fastest = len(gpu), min(gpu, key=gpu.get, default=None)
+        fastest = min(gpu, key=gpu.get, default=None)
         checked = {name: fn for name, fn in checked.items() if name not in kernels or name == fastest}
     times = timed_in_rounds(checked, timer, CPU_ROUNDS if device == "cpu" else ROUNDS, failed)
     launch = None
@@ -342,12 +342,11 @@ def pick_fastest(gm, ctx, layer, decision, m: int | None, triton_problem: str | 
         fastest = min(configs, key=configs.get)
         times["triton"] = configs[fastest]
         launch = dict(options[fastest].config, M=rows)
-        if not by_gpu_time:
-            configs_ran = len(configs)  # (those that ran)
     if "dense" not in times:  # dense itself did not run: nothing to compare a kernel with
         return "torch", ("backend auto could not time the dense candidate ("
                          + (failed.get("dense") or "its output was not its own") + "); runs on the torch runtime"), None
     best = min(times, key=times.get)
+    configs_ran = sum(name not in failed for name in kernels)
     shown = ", ".join(f"{k} {1e6 * v:.1f} us" + (f" ({describe_launch(launch)}, fastest of {configs_ran} configs"
                                                   + (" by GPU time)" if by_gpu_time else ")") if k == "triton" and launch else "")
                       for k, v in sorted(times.items(), key=lambda kv: kv[1]))
