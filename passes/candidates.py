@@ -39,12 +39,12 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 from sparsec.context import CompileContext, UnreachedLayer
-from sparsec.frontend import own_hooks
 from sparsec.meta import LAYER_MODULES, ConvParams, LayerInfo, op_name, plain_layer_op, update_meta
 from sparsec.passes.einsum_forms import linear_operands
 from sparsec.passes.weight_reads import parameter_read, transposed_input
 from sparsec.runtime.layers import SparseLayer
 from sparsec.runtime.training import TrainableLayer
+from sparsec.symbolic_capture import own_hooks
 
 aten = torch.ops.aten
 
@@ -110,7 +110,7 @@ def _customized(module: nn.Module) -> str | None:
 
 def _overridden_conv_forward(module: nn.Module) -> str | None:
     """Why a Conv1d / Conv2d subclass that keeps the class's forward but overrides _conv_forward (which
-    that forward calls to compute) stays dense: its calls are leaves of the trace (sparsec/frontend.py), and
+    that forward calls to compute) stays dense: its calls are leaves of the trace (sparsec/fx_tracer.py), and
     the sparse replacement, running plain conv math, silently dropped what the override computes."""
     for cls in (nn.Conv1d, nn.Conv2d):
         if isinstance(module, cls) and type(module)._conv_forward is not cls._conv_forward:

@@ -237,7 +237,7 @@ def choose_sparsity(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     by_name = layer_nodes(gm)
     all_names = list(by_name) + list(ctx.unreached)
     check_names_match("include", opts.include, all_names)
-    # An excluded module is called whole, not traced into (frontend._Tracer), so the functional layers
+    # An excluded module is called whole, not traced into (fx_tracer.Tracer), so the functional layers
     # inside it (F.linear / x @ W on its own parameters) are no candidates; the exclusion did its work all
     # the same (they stay dense). Such a name raised "matches no candidate layer", while include= with the
     # same name pruned them. A module called whole that holds a weight matrix counts as matched.

@@ -7,9 +7,9 @@ import torch.fx as fx
 from sparsec.context import CompileContext
 from sparsec.errors import ExampleInputError, ParameterWriteError
 from sparsec.example_inputs import describe_inputs
-from sparsec.frontend import user_frame
 from sparsec.meta import update_meta
 from sparsec.state import preserved_state
+from sparsec.user_code import user_frame
 
 
 class _Recorder(fx.Interpreter):

@@ -9,6 +9,8 @@ and the mode arguments read it. Otherwise the graph stays fixed to its mode (fro
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -81,3 +83,22 @@ def follow_mode(gm: fx.GraphModule, other: fx.GraphModule, training: bool) -> bo
     gm.graph.lint()
     gm.recompile()
     return True
+
+
+@contextlib.contextmanager
+def in_other_mode(model: nn.Module):
+    """The model switched to the other train / eval mode, every module's own flag restored after."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.train(not model.training)
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def fixed_mode_note(training: bool, why: str) -> str:
+    mode, other = ("training", "eval") if training else ("eval", "training")
+    return (f"the graph holds for {mode} mode only: {why}; cm.{'eval' if training else 'train'}() is refused "
+            f"rather than computing {mode}-mode results (compile the model in {other} mode for {other})")
+

@@ -617,7 +617,7 @@ def test_the_grad_mode_and_reentrant_call_patches_wait_for_the_running_trace():
     waiting for its turn (the model traced again in its other mode; the torch.export capture in that mode)
     took the running trace's patch for the original: one removed the other's, and a patch stayed for good."""
     from sparsec.checkpointing import reentrant_calls_run_plainly
-    from sparsec.frontend import _Tracer
+    from sparsec.fx_tracer import Tracer
     from sparsec.graph_module import TRACE_LOCK
 
     def patches():
@@ -630,7 +630,7 @@ def test_the_grad_mode_and_reentrant_call_patches_wait_for_the_running_trace():
             release.wait(5)
 
     original = patches()
-    for work in (lambda: _Tracer(keep_checkpoints=True).trace(Net(reentrant=True)), export_capture):
+    for work in (lambda: Tracer(keep_checkpoints=True).trace(Net(reentrant=True)), export_capture):
         release.clear()
         with TRACE_LOCK:  # another thread's trace, running
             thread = threading.Thread(target=work)

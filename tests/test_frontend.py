@@ -94,16 +94,16 @@ def test_export_output_is_given_back_less_a_failure_dump(capfd):
     partial graph torch.export prints is left out (it stays on the exception)."""
     import sys
 
-    from sparsec.frontend import _export_chatter_held
+    from sparsec.export_capture import export_chatter_held
 
-    with _export_chatter_held():
+    with export_chatter_held():
         sys.stderr.write("a model's own note\n")
     assert capfd.readouterr().err == "a model's own note\n"
 
     failure = RuntimeError("data-dependent")
     failure.partial_fx_graph = "def forward(self, x):\n    return x"
     with pytest.raises(RuntimeError, match="data-dependent"):
-        with _export_chatter_held():
+        with export_chatter_held():
             sys.stderr.write("before\n")
             print(failure.partial_fx_graph, file=sys.stderr)
             sys.stderr.write("after\n")
@@ -1091,10 +1091,10 @@ def test_inference_mode_whose_result_feeds_later_ops_is_named_not_export_s_error
 
 def test_symbolic_trace_names_inference_mode_as_the_mode_it_does_not_record():
     """(Seen in the plan's trace note, or with export's own error when both fail.)"""
-    from sparsec.frontend import _Tracer
+    from sparsec.fx_tracer import Tracer
 
     with pytest.raises(TraceError, match=r"calls l under torch.inference_mode\(\) of its own") as info:
-        _Tracer().trace(InferenceModeInside())
+        Tracer().trace(InferenceModeInside())
     assert "no_grad" not in str(info.value)
 
 

@@ -14,7 +14,7 @@ example's. Files saved by earlier versions hold int dims only, and None for non-
 (unchecked).
 
 ShapeGuard also checks torch.export's other conditions on the input sizes (an even batch, one dim
-larger than another, a dim that is not 1: sparsec.frontend._size_conditions reads them).
+larger than another, a dim that is not 1: sparsec.export_capture._size_conditions reads them).
 """
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ def _range(low: int, high: int | None) -> str:
 
 class ShapeGuard(InputGuard):
     """InputGuard that also checks torch.export's other conditions on the input sizes (see
-    sparsec.frontend._size_conditions). They are kept as source (picklable) and compiled to one function
+    sparsec.export_capture._size_conditions). They are kept as source (picklable) and compiled to one function
     on load."""
 
     def __init__(self, shapes: list, conditions: list[str]):

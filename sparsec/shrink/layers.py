@@ -9,13 +9,13 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from sparsec.frontend import own_hooks
 from sparsec.meta import ConvParams, get_meta, layer_nodes, plain_layer_op
 from sparsec.passes.weight_reads import attribute, owner_of, readers, reads_metadata
 from sparsec.patterns import FanIn, Unstructured
 from sparsec.reference import pattern_mask, rows_to_weight, weight_to_rows
 from sparsec.runtime.layers import explicit_padding
 from sparsec.runtime.training import TrainableLayer
+from sparsec.symbolic_capture import own_hooks
 
 
 @dataclass
