@@ -64,99 +64,10 @@ class CompileOptions:
                   grad_pattern: object = None, grad_mode: object = None, weight_update: object = "fixed",
                   ste_decay: object = DEFAULT_STE_DECAY, timing: object = "eager") -> CompileOptions:
         """Validate user arguments up front, so errors name the argument, not a pass."""
-        if not isinstance(train, bool):
-            raise InvalidTypeError(f"train must be True or False, got {train!r}")
-        try:
-            grad = parse_pattern(grad_pattern) if grad_pattern is not None else None
-        except ValueError as e:  # (the pattern errors): name the argument, not `pattern`
-            raise type(e)(f"grad_pattern: {e}") from None
-        if grad is not None and not isinstance(grad, NM):
-            raise InvalidInputError(f"grad_pattern={grad_pattern!r}: data gradients are pruned N:M (e.g. '2:4'), or pass None")
-        if grad is not None and not train:
-            raise InvalidInputError("grad_pattern prunes gradients in backward, which needs train=True")
-        if grad_mode is not None and grad_mode not in GRAD_MODES:
-            raise InvalidInputError(f"grad_mode={grad_mode!r} is not supported; accepted: {GRAD_MODES}")
-        if isinstance(plan, Plan):  # (before reading its entries below: a bad entry is named, not an AttributeError)
-            plan.validate()
-        plan_prunes_grads = isinstance(plan, Plan) and any(lp.grad_sparsity is not None for lp in plan)
-        if plan_prunes_grads and None not in (grad_mode, plan.grad_mode) and grad_mode != plan.grad_mode:
-            raise InvalidInputError(f"grad_mode={grad_mode!r} differs from the given plan's {plan.grad_mode!r}: the plan "
-                                    f"says how its grad_sparsity entries prune (set plan.grad_mode); pass one or the other")
-        # None: the mode of a plan that prunes gradients (the one its reasons name), else magnitude
-        grad_mode = grad_mode or (plan_prunes_grads and plan.grad_mode) or "magnitude"
-        if grad_mode != "magnitude" and grad is None and not plan_prunes_grads:
-            raise InvalidInputError(f"grad_mode={grad_mode!r} says how grad_pattern prunes data gradients, and no "
-                                    f"gradient is pruned: pass grad_pattern (e.g. '2:4') with train=True, or drop grad_mode")
-        if weight_update not in WEIGHT_UPDATES:
-            raise InvalidInputError(f"weight_update={weight_update!r} is not supported; accepted: {WEIGHT_UPDATES}")
-        if weight_update != "fixed" and not train:
-            raise InvalidInputError(f"weight_update={weight_update!r} says how training updates masks, which needs "
-                                    f"train=True")
-        if weight_update == "ste" and pattern is not None and isinstance(parse_pattern(pattern), Dense):
-            raise InvalidInputError("weight_update='ste' re-derives each layer's mask from its weight, and "
-                                    "pattern='dense' prunes nothing: pass a pattern (e.g. '2:4')")
-        # numbers.Real / Integral, not (int, float): numpy scalars (a sweep's np.float32) were refused with a
-        # message calling them not a number; a bool is refused (True would read as 1)
-        if isinstance(ste_decay, bool) or not isinstance(ste_decay, numbers.Real) or not (
-                math.isfinite(ste_decay) and ste_decay >= 0):
-            raise InvalidInputError(f"ste_decay must be a finite non-negative number, got {ste_decay!r}")
-        if ste_decay != DEFAULT_STE_DECAY and weight_update != "ste":
-            raise InvalidInputError(f"ste_decay={ste_decay!r} is SR-STE's decay on pruned weights, used with "
-                                    f"weight_update='ste' only (this compile has weight_update={weight_update!r})")
-        if train and quantize is not None:
-            raise InvalidInputError("quantize is for inference: train with train=True, then compile the trained model "
-                                    "again with quantize=")
-        if train and backend == "triton":
-            raise InvalidInputError("train=True runs the torch training runtime (Triton prunes gradients on CUDA by "
-                                    "itself); use backend='auto' or 'torch'")
-        if backend not in BACKEND_OPTIONS:
-            raise InvalidInputError(f"backend={backend!r} is not supported; accepted: {BACKEND_OPTIONS}")
-        if timing not in TIMINGS:
-            raise InvalidInputError(f"timing={timing!r} is not supported; accepted: {TIMINGS}")
-        if timing != "eager" and backend != "auto":
-            raise InvalidInputError(f"timing={timing!r} says how backend='auto' measures; backend={backend!r} measures "
-                                    f"nothing (drop timing, or use backend='auto')")
-        if quantize not in QUANTIZE_CHOICES and not is_levels(quantize):
-            raise InvalidInputError(f"quantize={quantize!r} is not supported; accepted: None, 'int8', 'auto' (int8 "
-                                    f"where it stays within quant_budget), or method (d)'s non-linear levels "
-                                    f"'log2:B' / 'codebook:B' with 2 <= B <= 8 (e.g. 'codebook:4')")
-        if plan is not None and not isinstance(plan, Plan):
-            raise InvalidTypeError(f"plan must be a sparsec.Plan (e.g. Plan.from_json(text)), got {type(plan).__name__}")
+        grad, grad_mode = _training_options(train, pattern, plan, grad_pattern, grad_mode, weight_update, ste_decay)
+        _check_runtime_options(train, quantize, backend, timing)
         if plan is not None:
-            plan.validate()
-            if include or exclude:
-                raise InvalidInputError("pass either plan= or include=/exclude=, not both: a plan already says "
-                                        "what every layer gets (edit its entries instead)")
-            if quantize is not None:
-                raise InvalidInputError(f"pass either plan= or quantize={quantize!r}, not both: the plan's quant column "
-                                        f"already says which layers are quantized (set entries' quant to 'int8')")
-            if grad is not None:
-                raise InvalidInputError(f"pass either plan= or grad_pattern={grad_pattern!r}, not both: the plan's "
-                                        f"grad_sparsity column already says which layers prune data gradients (set "
-                                        f"entries' grad_sparsity, or make the plan with explain(..., train=True, "
-                                        f"grad_pattern={grad_pattern!r}))")
-            if pattern is not None and parse_pattern(pattern) != parse_pattern(plan.pattern):
-                raise InvalidInputError(f"pattern={pattern!r} differs from the given plan's {plan.pattern!r}: the plan "
-                                        f"already says what every layer gets (edit entries' sparsity); pass one or the other")
-            set_apart = [lp.name for lp in plan if lp.backend is not None and lp.backend != backend]
-            if backend != "auto" and set_apart:
-                raise InvalidInputError(f"backend={backend!r} differs from the backend the given plan sets for "
-                                        f"{', '.join(set_apart[:4])}{' ...' if len(set_apart) > 4 else ''}: the plan "
-                                        f"already says each layer's backend (chosen when it was made); set those "
-                                        f"entries' backend to {backend!r}, or to None to let backend= decide, or make "
-                                        f"the plan with explain(..., backend={backend!r})")
-            # (as quantize= with train=True above: trainable layers are never quantized, and the plan's quant
-            # column was kept while the layer trained unquantized, so cm.plan said int8 where nothing was)
-            quantized = [lp.name for lp in plan if lp.quant is not None]
-            if quantized and train:
-                raise InvalidInputError(f"the plan quantizes {quantized} (quant), which is for inference: train with "
-                                        f"train=True on a plan whose quant entries are None, then compile the trained "
-                                        f"model again with quantize= or a plan that sets them")
-            pruned_grads = [lp.name for lp in plan if lp.grad_sparsity is not None]
-            if pruned_grads and not train:
-                raise InvalidInputError(f"the plan prunes data gradients (grad_sparsity) of {pruned_grads}, which "
-                                        f"happens in backward and needs train=True; pass train=True, or set their "
-                                        f"grad_sparsity to None to compile for inference")
+            _check_plan_agrees(plan, pattern, include, exclude, quantize, grad_pattern, backend, train)
         if isinstance(min_weights, bool) or not isinstance(min_weights, numbers.Integral) or min_weights < 0:
             raise InvalidInputError(f"min_weights must be a non-negative int, got {min_weights!r}")
         if isinstance(quant_budget, bool) or not isinstance(quant_budget, numbers.Real) or not quant_budget > 0:
@@ -169,6 +80,113 @@ class CompileOptions:
                    leaf_modules=tuple(leaf_modules or ()), backend=backend, rewrite=rewrite, emit_only=emit_only,
                    train=train, grad_pattern=grad, grad_mode=grad_mode, weight_update=weight_update,
                    ste_decay=float(ste_decay), timing=timing)
+
+
+def _training_options(train: object, pattern: object, plan: object, grad_pattern: object, grad_mode: object,
+                      weight_update: object, ste_decay: object) -> tuple[NM | None, str]:
+    """The gradient pattern and mode of a compile, its training options checked against each other."""
+    if not isinstance(train, bool):
+        raise InvalidTypeError(f"train must be True or False, got {train!r}")
+    try:
+        grad = parse_pattern(grad_pattern) if grad_pattern is not None else None
+    except ValueError as e:  # (the pattern errors): name the argument, not `pattern`
+        raise type(e)(f"grad_pattern: {e}") from None
+    if grad is not None and not isinstance(grad, NM):
+        raise InvalidInputError(f"grad_pattern={grad_pattern!r}: data gradients are pruned N:M (e.g. '2:4'), or pass None")
+    if grad is not None and not train:
+        raise InvalidInputError("grad_pattern prunes gradients in backward, which needs train=True")
+    if grad_mode is not None and grad_mode not in GRAD_MODES:
+        raise InvalidInputError(f"grad_mode={grad_mode!r} is not supported; accepted: {GRAD_MODES}")
+    if isinstance(plan, Plan):  # (before reading its entries below: a bad entry is named, not an AttributeError)
+        plan.validate()
+    plan_prunes_grads = isinstance(plan, Plan) and any(lp.grad_sparsity is not None for lp in plan)
+    if plan_prunes_grads and None not in (grad_mode, plan.grad_mode) and grad_mode != plan.grad_mode:
+        raise InvalidInputError(f"grad_mode={grad_mode!r} differs from the given plan's {plan.grad_mode!r}: the plan "
+                                f"says how its grad_sparsity entries prune (set plan.grad_mode); pass one or the other")
+    # None: the mode of a plan that prunes gradients (the one its reasons name), else magnitude
+    grad_mode = grad_mode or (plan_prunes_grads and plan.grad_mode) or "magnitude"
+    if grad_mode != "magnitude" and grad is None and not plan_prunes_grads:
+        raise InvalidInputError(f"grad_mode={grad_mode!r} says how grad_pattern prunes data gradients, and no "
+                                f"gradient is pruned: pass grad_pattern (e.g. '2:4') with train=True, or drop grad_mode")
+    if weight_update not in WEIGHT_UPDATES:
+        raise InvalidInputError(f"weight_update={weight_update!r} is not supported; accepted: {WEIGHT_UPDATES}")
+    if weight_update != "fixed" and not train:
+        raise InvalidInputError(f"weight_update={weight_update!r} says how training updates masks, which needs "
+                                f"train=True")
+    if weight_update == "ste" and pattern is not None and isinstance(parse_pattern(pattern), Dense):
+        raise InvalidInputError("weight_update='ste' re-derives each layer's mask from its weight, and "
+                                "pattern='dense' prunes nothing: pass a pattern (e.g. '2:4')")
+    # numbers.Real / Integral, not (int, float): numpy scalars (a sweep's np.float32) were refused with a
+    # message calling them not a number; a bool is refused (True would read as 1)
+    if isinstance(ste_decay, bool) or not isinstance(ste_decay, numbers.Real) or not (
+            math.isfinite(ste_decay) and ste_decay >= 0):
+        raise InvalidInputError(f"ste_decay must be a finite non-negative number, got {ste_decay!r}")
+    if ste_decay != DEFAULT_STE_DECAY and weight_update != "ste":
+        raise InvalidInputError(f"ste_decay={ste_decay!r} is SR-STE's decay on pruned weights, used with "
+                                f"weight_update='ste' only (this compile has weight_update={weight_update!r})")
+    return grad, grad_mode
+
+
+def _check_runtime_options(train: bool, quantize: object, backend: object, timing: object) -> None:
+    """quantize=, backend= and timing= are known values that agree with each other and with train=."""
+    if train and quantize is not None:
+        raise InvalidInputError("quantize is for inference: train with train=True, then compile the trained model "
+                                "again with quantize=")
+    if train and backend == "triton":
+        raise InvalidInputError("train=True runs the torch training runtime (Triton prunes gradients on CUDA by "
+                                "itself); use backend='auto' or 'torch'")
+    if backend not in BACKEND_OPTIONS:
+        raise InvalidInputError(f"backend={backend!r} is not supported; accepted: {BACKEND_OPTIONS}")
+    if timing not in TIMINGS:
+        raise InvalidInputError(f"timing={timing!r} is not supported; accepted: {TIMINGS}")
+    if timing != "eager" and backend != "auto":
+        raise InvalidInputError(f"timing={timing!r} says how backend='auto' measures; backend={backend!r} measures "
+                                f"nothing (drop timing, or use backend='auto')")
+    if quantize not in QUANTIZE_CHOICES and not is_levels(quantize):
+        raise InvalidInputError(f"quantize={quantize!r} is not supported; accepted: None, 'int8', 'auto' (int8 "
+                                f"where it stays within quant_budget), or method (d)'s non-linear levels "
+                                f"'log2:B' / 'codebook:B' with 2 <= B <= 8 (e.g. 'codebook:4')")
+
+
+def _check_plan_agrees(plan: object, pattern: object, include: object, exclude: object, quantize: object,
+                       grad_pattern: object, backend: object, train: bool) -> None:
+    """A given plan already says what every layer gets: the arguments that would say it too must agree."""
+    if not isinstance(plan, Plan):
+        raise InvalidTypeError(f"plan must be a sparsec.Plan (e.g. Plan.from_json(text)), got {type(plan).__name__}")
+    plan.validate()
+    if include or exclude:
+        raise InvalidInputError("pass either plan= or include=/exclude=, not both: a plan already says "
+                                "what every layer gets (edit its entries instead)")
+    if quantize is not None:
+        raise InvalidInputError(f"pass either plan= or quantize={quantize!r}, not both: the plan's quant column "
+                                f"already says which layers are quantized (set entries' quant to 'int8')")
+    if grad_pattern is not None:
+        raise InvalidInputError(f"pass either plan= or grad_pattern={grad_pattern!r}, not both: the plan's "
+                                f"grad_sparsity column already says which layers prune data gradients (set "
+                                f"entries' grad_sparsity, or make the plan with explain(..., train=True, "
+                                f"grad_pattern={grad_pattern!r}))")
+    if pattern is not None and parse_pattern(pattern) != parse_pattern(plan.pattern):
+        raise InvalidInputError(f"pattern={pattern!r} differs from the given plan's {plan.pattern!r}: the plan "
+                                f"already says what every layer gets (edit entries' sparsity); pass one or the other")
+    set_apart = [lp.name for lp in plan if lp.backend is not None and lp.backend != backend]
+    if backend != "auto" and set_apart:
+        raise InvalidInputError(f"backend={backend!r} differs from the backend the given plan sets for "
+                                f"{', '.join(set_apart[:4])}{' ...' if len(set_apart) > 4 else ''}: the plan "
+                                f"already says each layer's backend (chosen when it was made); set those "
+                                f"entries' backend to {backend!r}, or to None to let backend= decide, or make "
+                                f"the plan with explain(..., backend={backend!r})")
+    # (as quantize= with train=True above: trainable layers are never quantized, and the plan's quant
+    # column was kept while the layer trained unquantized, so cm.plan said int8 where nothing was)
+    quantized = [lp.name for lp in plan if lp.quant is not None]
+    if quantized and train:
+        raise InvalidInputError(f"the plan quantizes {quantized} (quant), which is for inference: train with "
+                                f"train=True on a plan whose quant entries are None, then compile the trained "
+                                f"model again with quantize= or a plan that sets them")
+    pruned_grads = [lp.name for lp in plan if lp.grad_sparsity is not None]
+    if pruned_grads and not train:
+        raise InvalidInputError(f"the plan prunes data gradients (grad_sparsity) of {pruned_grads}, which "
+                                f"happens in backward and needs train=True; pass train=True, or set their "
+                                f"grad_sparsity to None to compile for inference")
 
 
 def name_list(value: object, what: str, accepted: str) -> list[str]:
