@@ -27,7 +27,7 @@ def matmul_signature(spec: MatmulSpec) -> dict[str, str]:
             "partial_ptr": "*fp32", "count_ptr": "*i32",
             "M": "i32", "N": "i32", "K": "i32",
             "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr",
-            "SPLIT_K": "constexpr", "EVEN_K": "constexpr", "PRMT_EXPAND": "constexpr"}
+            "SPLIT_K": "constexpr", "EVEN_K": "constexpr", "PRMT_EXPAND": "constexpr", "PREFETCH": "constexpr"}
 
 
 def conv_signature(spec: MatmulSpec) -> dict[str, str]:
@@ -187,7 +187,7 @@ def standard_builds() -> list[tuple[str, MatmulSpec | None, dict]]:
     PRMT_EXPAND twin, and at M = 1 the CUDA-core form's configs) at every standard shape, and every
     config backend="auto" may time for the specs with the heaviest
     epilogues (fp16 with bias + relu, int8 weights with bias + gelu + scale), deduplicated."""
-    from sparsec.codegen.configs import condensed_config, matmul_candidates
+    from sparsec.codegen.configs import condensed_config, matmul_candidates, prefetches
 
     builds, seen = [], set()
     for i, spec in enumerate(standard_specs()):
@@ -200,9 +200,9 @@ def standard_builds() -> list[tuple[str, MatmulSpec | None, dict]]:
                 tuned = matmul_candidates(m, n, k, spec.act_dtype, STANDARD_SMS, spec.weight_dtype)
                 default = [cfg for cfg in tuned if dict(cfg, PRMT_EXPAND=0) == tuned[0]]  # and its PRMT_EXPAND twin
                 default += [cfg for cfg in tuned if cfg["BLOCK_M"] < 16]  # and the CUDA-core form's (M = 1)
-                configs = [dict(cfg, EVEN_K=True) for cfg in (tuned if i < 2 else default)]
+                configs = [dict(cfg, EVEN_K=True, PREFETCH=prefetches(cfg)) for cfg in (tuned if i < 2 else default)]
                 if m == 1:
-                    configs += [dict(cfg, EVEN_K=False) for cfg in default]
+                    configs += [dict(cfg, EVEN_K=False, PREFETCH=prefetches(cfg)) for cfg in default]
             for cfg in configs:
                 ident = (spec, tuple(sorted(cfg.items())))
                 if ident not in seen:

@@ -15,7 +15,12 @@ operand layout. The static model (bench/kernel_stats.py) puts it slightly behind
 3.9 and 10-15% ahead with Triton 3.6 for 16-bit inputs, and 3x ahead for fp32 (whose IEEE tl.dot runs
 on the same CUDA cores, 16 rows of them); it is a candidate at M = 1, for the GPU to decide. On an
 H100 (2026-11-23, bench/results/sparse24-*) it was never the fastest for 16-bit inputs: the 16-row
-tensor-core tile with split-K won at M = 1 too.
+tensor-core tile with split-K won at M = 1 too; on 2026-11-24 (clean L2 flush) it won every M = 1 row.
+Its loads feed no tl.dot, and Triton software-pipelines only loads that do, so each of its K blocks
+waited for its own loads. With num_stages > 1 the kernel now issues the next K block's loads before it
+expands and multiplies this one (PREFETCH, `prefetches`): the form streamed the same ~1e12 kept weights
+/s with fp16 and int8 values, which is what a fixed number of weights in flight per SM gives (Little's
+law, bench/gpu_notes.md). Both forms are candidates (num_stages 3 and 1) until a GPU decides.
 
 Split-K: at small M a layer has few output tiles (N = 4096 at BLOCK_N = 32 is 128 tiles for 132
 SMs on an H100, and only some of them stream weights at a time), so K is split until the
@@ -79,6 +84,13 @@ def _tiles(m: int, n: int, act_dtype: str, conv: bool = False) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
 
 
+def prefetches(cfg: dict) -> bool:
+    """Whether a 2:4 matmul launch loads each next K block by hand while it computes one (the kernel's
+    PREFETCH): the CUDA-core form (BLOCK_M < 16) with num_stages > 1. Triton software-pipelines only
+    loads that feed a tl.dot, so num_stages did nothing for that form."""
+    return cfg["BLOCK_M"] < 16 and cfg["num_stages"] > 1
+
+
 def split_k(m: int, n: int, k: int, cfg: dict, sms: int | None) -> int:
     """How many ways to split K so that about WAVES programs of 4 warps run per SM, or as many warps in
     smaller programs (1 without an SM count)."""
@@ -119,7 +131,7 @@ def matmul_candidates(m: int, n: int, k: int, act_dtype: str, sms: int | None, w
     if interpreting():
         tiles = []
     elif act_dtype == "float32":  # only small tiles stay spill-free (_tiles); at one row, the CUDA-core form
-        tiles = [dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=3)] if m == 1 else []
+        tiles = [dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=s) for s in (3, 1)] if m == 1 else []
     elif m <= 16:
         # Kept from the H100 runs: on 2026-11-23 (18 decode rows) 16x64x128 over 8 warps and the CUDA-core form
         # at BLOCK_N 64 were never within 3% of the best; on 2026-11-24 (clean L2, 12 rows) neither were
@@ -133,8 +145,9 @@ def matmul_candidates(m: int, n: int, k: int, act_dtype: str, sms: int | None, w
                  # 2 warps: 6-8 bytes of shared-memory traffic per weight instead of 10.6-11.6 (every warp
                  # of a tl.dot reads the whole x tile); fastest at int8 16 x 14336 x 4096 by 5%
                  dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, num_warps=2, num_stages=4)]
-        if m == 1:  # the CUDA-core form (BLOCK_M < 16): no 16-row tensor-core tile for a single row
-            tiles.append(dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3))
+        if m == 1:  # the CUDA-core form (BLOCK_M < 16): no 16-row tensor-core tile for a single row; loading
+            # the next K block ahead (num_stages > 1, see prefetches) or not
+            tiles += [dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=s) for s in (3, 1)]
         if conv:  # with the conv kernel's address arithmetic 2-warp tiles spill (16 x 128 x 64 on sm_90)
             tiles = [t for t in tiles if t["num_warps"] > 2]
     elif m <= 128:

@@ -21,6 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from sparsec.codegen.configs import prefetches
 from sparsec.codegen.timing import CPU_BLOCKS, CPU_ROUNDS, ROUNDS, time_cpu, time_cuda, timed_in_rounds
 from sparsec.errors import last_line
 from sparsec.patterns import Unstructured, parse_pattern
@@ -172,7 +173,7 @@ def triton_key(i: int) -> str:
 def describe_launch(cfg: dict) -> str:
     return (f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} tiles, split-K {cfg['SPLIT_K']}, "
             f"{cfg['num_warps']} warps, {cfg['num_stages']} stages" + (", prmt expand" if cfg.get("PRMT_EXPAND") else "")
-            + (", CUDA cores" if cfg["BLOCK_M"] < 16 else ""))
+            + (", CUDA cores" if cfg["BLOCK_M"] < 16 else "") + (", next K block loaded ahead" if prefetches(cfg) else ""))
 
 
 def _sample_input(shape, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

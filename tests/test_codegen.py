@@ -93,11 +93,15 @@ def test_split_k_matches_torch_and_resets_its_counters(dtype, tol, m, n, k, spli
 @pytest.mark.parametrize("m, n, k, block_m, block_k, split", [(1, 64, 256, 1, 64, 1),   # decode: one row
                                                               (3, 40, 80, 1, 32, 1),    # a program per row, ragged K
                                                               (5, 48, 96, 4, 32, 2),    # two row blocks, split K
-                                                              (2, 24, 36, 2, 16, 3)])   # K not a multiple of 16
+                                                              (2, 24, 36, 2, 16, 3),    # K not a multiple of 16
+                                                              (1, 40, 160, 1, 16, 8)])  # 10 K blocks in 8 splits
 @pytest.mark.parametrize("bias, activation, int8", [(False, None, False), (True, "silu", True)])
-def test_cuda_core_form_matches_torch(dtype, tol, m, n, k, block_m, block_k, split, bias, activation, int8):
-    """BLOCK_M under 16: multiply-adds into per-k partial sums instead of tl.dot (configs.py)."""
-    cfg = dict(BLOCK_M=block_m, BLOCK_N=16, BLOCK_K=block_k, GROUP_M=1, SPLIT_K=split, num_warps=4, num_stages=1)
+@pytest.mark.parametrize("stages", [1, 2])
+def test_cuda_core_form_matches_torch(dtype, tol, m, n, k, block_m, block_k, split, bias, activation, int8, stages):
+    """BLOCK_M under 16: multiply-adds into per-k partial sums instead of tl.dot (configs.py); with
+    num_stages > 1 each next K block is loaded ahead (PREFETCH), past the last block of a split and of
+    an empty split too."""
+    cfg = dict(BLOCK_M=block_m, BLOCK_N=16, BLOCK_K=block_k, GROUP_M=1, SPLIT_K=split, num_warps=4, num_stages=stages)
     y, expected = _kernel_case(m, n, k, dtype, int8, bias, activation, seed=m + n + k + block_m, config=cfg)
     assert y.shape == (m, n) and output_error(y.cpu().double(), expected) <= tol
 
@@ -168,7 +172,9 @@ def test_launch_candidates_split_k_only_where_tiles_are_few(monkeypatch):
     assert {c["BLOCK_M"] for c in matmul_candidates(2, 4096, 4096, "float32", 132)} == {16}
     from sparsec.codegen.measure import describe_launch
 
-    assert describe_launch(dict(decode, BLOCK_M=1, PRMT_EXPAND=1)).endswith("prmt expand, CUDA cores")
+    assert describe_launch(dict(decode, BLOCK_M=1, PRMT_EXPAND=1, num_stages=1)).endswith("prmt expand, CUDA cores")
+    assert describe_launch(dict(decode, BLOCK_M=1, num_stages=3)).endswith("CUDA cores, next K block loaded ahead")
+    assert "ahead" not in describe_launch(dict(decode, num_stages=3))  # (Triton pipelines the tensor-core form itself)
     assert "CUDA cores" not in describe_launch(decode)
     assert "exactly the keys" in validate_launch(dict(decode))
 
@@ -353,7 +359,7 @@ def test_the_build_check_sees_register_spills():
         from sparsec.codegen.spec import MatmulSpec
         spec = MatmulSpec("float16", "float16", True, "gelu", False, "float16")
         name, source = emit_matmul(spec, [])
-        tiles = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SPLIT_K=1, EVEN_K=True)
+        tiles = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SPLIT_K=1, EVEN_K=True, PREFETCH=False)
         fine = compile_for(90, name, source, matmul_signature(spec), tiles, num_warps=8, num_stages=3)
         print("usage", resource_usage(fine.asm["cubin"]))
         try:
