@@ -26,6 +26,7 @@ from sparsec.context import CompileContext
 from sparsec.meta import get_meta, update_meta
 from sparsec.passes.weight_reads import attribute, erase_unused_reads
 from sparsec.runtime.triton_linear import FusedEpilogue, TritonSparseLinear
+from sparsec.symbolic_capture import own_hooks
 
 aten = torch.ops.aten
 
@@ -58,6 +59,8 @@ def _activation(gm: fx.GraphModule, node: fx.Node, x: fx.Node) -> str | None:
         return "relu"           # x.relu()
     if node.op == "call_module" and node.args[:1] == (x,):
         module = gm.get_submodule(node.target)
+        if own_hooks(module):  # its hooks run only where the module is called: fused, they were dropped
+            return None
         if type(module) is nn.ReLU:
             return "relu"       # nn.ReLU()
         if type(module) is nn.SiLU:

@@ -233,3 +233,38 @@ def test_prune24_on_every_group_of_nans_infs_and_signed_zeros(dtype):
     mask = torch.zeros(xg.shape, dtype=torch.bool).scatter(-1, keep_at, True).reshape(x.shape)
     pruned = prune24_dense(dev(x))
     assert torch.equal(_bits(pruned.cpu()), _bits(torch.where(mask, x, torch.zeros((), dtype=dtype))))
+
+
+# ------------------------------------------------------------------------------- hooks on a fused activation
+
+
+@pytest.mark.parametrize("activation", [nn.ReLU, nn.SiLU, nn.GELU])
+def test_an_activation_module_with_hooks_is_not_fused(monkeypatch, activation):
+    """Fusing an activation module removes its call, and with it the hooks registered on it: a forward hook
+    that doubles the output was dropped (the kernel's output differed from the model's by the hook). Such a
+    module stays in the graph, after the kernel, and its hooks run on every call."""
+    import sparsec
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act = nn.Linear(32, 16), activation()
+
+        def forward(self, x):
+            return self.act(self.fc(x))
+
+    torch.manual_seed(0)
+    model = Block().eval()
+    calls = []
+    model.act.register_forward_pre_hook(lambda m, args: calls.append(1))
+    model.act.register_forward_hook(lambda m, args, out: out * 2)
+    x = torch.randn(3, 32)
+    cm = sparsec.compile(model, pattern="2:4", example_inputs=(x,), backend="triton", include=["fc"], min_weights=0)
+    calls.clear()
+    y = cm(x)
+    pruned = cm.effective_weight("fc")
+    expected = 2 * activation()(F.linear(x.double(), pruned.double(), model.fc.bias.double()))
+    assert calls == [1] and list(cm.kernels)
+    assert torch.allclose(y.double(), expected, atol=1e-5)
