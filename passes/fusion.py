@@ -22,6 +22,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sparsec.codegen.configs import interpreting
 from sparsec.context import CompileContext
 from sparsec.meta import get_meta, update_meta
 from sparsec.passes.weight_reads import attribute, erase_unused_reads
@@ -132,6 +133,15 @@ def _cast(node: fx.Node, x: fx.Node) -> torch.dtype | None:
     return None
 
 
+def _interpreter_truncates(dtype: torch.dtype, module: FusedEpilogue, ctx: CompileContext) -> bool:
+    """Whether a fused cast to `dtype` would run in the Triton CPU interpreter and round there unlike torch:
+    its float32 -> bfloat16 conversion truncates (torch rounds to nearest even; 254 of 512 outputs of a
+    float32 layer differed). Such a cast stays in the graph, after the kernel; a dumped kernel (emit_only)
+    is for a GPU, which rounds as torch does."""
+    return (dtype == torch.bfloat16 and not ctx.options.emit_only and interpreting()
+            and module.packed.dtype_probe.device.type == "cpu")
+
+
 def _value_users(node: fx.Node) -> list[fx.Node]:
     """The users that read node's value: all but export's metadata checks."""
     return [user for user in node.users if not (user.op == "call_function" and user.target in _METADATA_CHECKS)]
@@ -185,7 +195,7 @@ def _fuse_chain(gm: fx.GraphModule, ctx: CompileContext, layer_node: fx.Node, mo
             module.out_scale = _epilogue_vector(vector, n, module)
             ops.append("scale")
             stage = 3
-        elif (dtype := _cast(user, cur)) is not None:
+        elif (dtype := _cast(user, cur)) is not None and not _interpreter_truncates(dtype, module, ctx):
             module.out_dtype = dtype
             ops.append(f"cast:{str(dtype).removeprefix('torch.')}")
             stage = 4

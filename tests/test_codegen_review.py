@@ -268,3 +268,43 @@ def test_an_activation_module_with_hooks_is_not_fused(monkeypatch, activation):
     expected = 2 * activation()(F.linear(x.double(), pruned.double(), model.fc.bias.double()))
     assert calls == [1] and list(cm.kernels)
     assert torch.allclose(y.double(), expected, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- bfloat16 casts in the interpreter
+
+
+def test_a_bfloat16_cast_is_not_fused_where_the_interpreter_would_truncate_it(monkeypatch):
+    """The Triton CPU interpreter's float32 -> bfloat16 conversion truncates: a float32 layer's fused
+    `.to(torch.bfloat16)` differed from torch's round-to-nearest cast in about half its outputs. Run in the
+    interpreter, the cast stays after the kernel (its output is torch's cast of the kernel's float32 output);
+    a kernel dump, which is for a GPU, still fuses it."""
+    import sparsec
+    from sparsec.api import compile_with_options
+    from sparsec.context import CompileOptions
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+    class CastOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(32, 64)
+
+        def forward(self, x):
+            return self.fc(x).to(torch.bfloat16)
+
+    torch.manual_seed(0)
+    model, x = CastOut(), torch.randn(8, 32)
+    cm = sparsec.compile(model, pattern="2:4", example_inputs=(x,), backend="triton", include=["fc"], min_weights=0)
+    (entry,) = cm.kernel_manifest.values()
+    assert not any(op.startswith("cast") for op in entry["fused_ops"])
+    expected = F.linear(x.double(), cm.effective_weight("fc").double(), model.fc.bias.double()).float().to(torch.bfloat16)
+    y = cm(x)
+    assert y.dtype == torch.bfloat16
+    # the kernel's float32 sums differ from float64's in the last bits; rounding each to bfloat16 may land a
+    # value one bfloat16 step apart, never further (truncation was off by up to one step in every other value)
+    assert (y.float() - expected.float()).abs().le(expected.float().abs() * 2 ** -8 + 1e-30).all()
+    assert (y != expected).sum() <= 2
+
+    options = CompileOptions.from_user("2:4", include=["fc"], backend="triton", emit_only=True, min_weights=0)
+    dumped = compile_with_options(model, (x,), options, {})
+    assert any(entry["fused_ops"] == ["bias", "cast:bfloat16"] for entry in dumped.kernel_manifest.values())
