@@ -23,6 +23,7 @@ from types import ModuleType
 
 import torch
 
+from sparsec.codegen.configs import interpreting
 from sparsec.errors import InvalidInputError
 
 HEADER_PREFIX = "# sparsec-cache sha256="
@@ -35,7 +36,7 @@ def default_root() -> str:
 
 def device_arch() -> str:
     """What the kernels will be built for: 'sm_90' on an H100, 'interpreter' under TRITON_INTERPRET=1, else 'cpu'."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpreting():
         return "interpreter"
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()

@@ -55,7 +55,14 @@ WAVES = 2  # 4-warp programs per SM that split-K aims for (three 4-warp decode p
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    """Whether Triton runs kernels in its CPU interpreter: TRITON_INTERPRET read as Triton reads it (1, true,
+    on or yes, any case), so that sparsec's tables and checks follow what the kernels really run on (set to
+    'true', Triton interpreted while sparsec asked for TRITON_INTERPRET=1)."""
+    try:
+        from triton import knobs
+    except ImportError:  # (no Triton, or one from before its knobs)
+        return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
+    return bool(knobs.runtime.interpret)
 
 
 # The conv kernel (implicit GEMM) computes each input address from image, row, column and channel,

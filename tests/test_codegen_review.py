@@ -308,3 +308,27 @@ def test_a_bfloat16_cast_is_not_fused_where_the_interpreter_would_truncate_it(mo
     options = CompileOptions.from_user("2:4", include=["fc"], backend="triton", emit_only=True, min_weights=0)
     dumped = compile_with_options(model, (x,), options, {})
     assert any(entry["fused_ops"] == ["bias", "cast:bfloat16"] for entry in dumped.kernel_manifest.values())
+
+
+# ------------------------------------------------------------------------------- TRITON_INTERPRET spellings
+
+
+@pytest.mark.parametrize("value", ["true", "On"])
+def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value):
+    """Triton takes TRITON_INTERPRET=true (on, yes) for its interpreter; sparsec took only "1", so a CPU
+    compile with backend="triton" was refused ("needs TRITON_INTERPRET=1") while Triton interpreted, and on
+    a GPU machine its tables and cache key would have said GPU while the kernels ran in the interpreter."""
+    import sparsec
+    from sparsec.codegen.cache import device_arch
+    from sparsec.codegen.configs import interpreting
+
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert interpreting() and device_arch() == "interpreter"
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(32, 16)), torch.randn(3, 32)
+    cm = sparsec.compile(model, pattern="2:4", example_inputs=(x,), backend="triton", include=["0"], min_weights=0)
+    assert list(cm.kernels)
+    expected = F.linear(x.double(), cm.effective_weight("0").double(), model[0].bias.double())
+    assert torch.allclose(cm(x).double(), expected, atol=1e-5)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not interpreting()
