@@ -85,7 +85,7 @@ class KernelCache:
         try:
             with open(path, encoding="utf-8") as f:
                 text = f.read()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # (the second: a file where a folder of the path should be)
             return "missing"
         except UnicodeDecodeError:
             return "is not UTF-8 text"
@@ -134,7 +134,9 @@ class KernelCache:
         return path
 
     def _unusable(self, error: OSError) -> InvalidInputError:
-        where = f" ({error.filename})" if error.filename else ""
+        # (os.replace's error names the temporary file first, the entry in the way second)
+        in_the_way = error.filename2 or error.filename
+        where = f" ({in_the_way})" if in_the_way else ""
         return InvalidInputError(
             f"the kernel cache in {self.root} cannot be written: {error.strerror or error}{where}. Set "
             f"SPARSEC_CACHE_DIR to a folder this process can write (default ~/.cache/sparsec), or remove what "

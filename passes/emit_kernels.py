@@ -30,11 +30,14 @@ def emit_kernels(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             use = LayerUse(module.layer_name, rows, n, k)
             groups.setdefault(module.spec(), []).append((node, module, use))
     modules = {m.layer_name: m for g in groups.values() for _, m, _ in g}
-    cache = KernelCache()
+    # A kernel dump (emit_only) writes the sources where it is told and runs none: it needs no cache, and an
+    # unusable one (SPARSEC_CACHE_DIR a file) failed it.
+    cache = None if ctx.options.emit_only else KernelCache()
     for spec, members in sorted(groups.items(), key=lambda item: repr(item[0])):
         uses = ordered_uses(use for _, _, use in members)
         name, source = emit_matmul(spec, uses)
-        cache.store(name, source)
+        if cache is not None:
+            cache.store(name, source)
         for node, module, _ in members:
             module.kernel_name, module.kernel_source = name, source
             update_meta(node, kernel=name)
@@ -50,14 +53,14 @@ def emit_kernels(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
                         "launch_config": _launch_config(modules[u.name], u)} for u in uses],
         }
     _emit_direct_convs(gm, ctx, cache)
-    for outcome, count in cache.counters.items():
+    for outcome, count in (cache.counters.items() if cache is not None else ()):
         ctx.counters[f"kernel_cache_{outcome}"] += count
     return gm
 
 
 def _emit_direct_convs(gm: fx.GraphModule, ctx: CompileContext, cache) -> None:
     """The direct sparse conv kernel (one source for every unstructured conv2d layer: dtypes and epilogue are
-    specialized at launch) and its manifest entry, listing the layers it runs."""
+    specialized at launch) and its manifest entry, listing the layers it runs; `cache` None: a kernel dump."""
     from sparsec.codegen.direct_conv import direct_conv_config, direct_conv_source
 
     uses = []
@@ -73,7 +76,8 @@ def _emit_direct_convs(gm: fx.GraphModule, ctx: CompileContext, cache) -> None:
     if not uses:
         return
     name, source = direct_conv_source()
-    cache.store(name, source)
+    if cache is not None:
+        cache.store(name, source)
     ctx.kernels[name] = source
     ctx.kernel_manifest[name] = {"file": f"{name}.py", "pattern": "unstructured", "dtype": sorted({u["dtype"] for u in uses}),
                                  "fused_ops": ["bias"], "layers": sorted(uses, key=lambda u: u["name"])}

@@ -204,6 +204,21 @@ def test_dump_kernels_leaves_a_folder_with_someone_elses_manifest_alone(tmp_path
     assert sorted(p.name for p in out.iterdir()) == sorted([f"{k}.py" for k in manifest["kernels"]] + ["manifest.json"])
 
 
+def test_dump_kernels_needs_no_kernel_cache(tmp_path, capsys, monkeypatch):
+    """A dump writes its kernels to -o and runs none: with SPARSEC_CACHE_DIR a file (no cache to be had) it
+    failed ("the kernel cache ... cannot be written") and wrote nothing; it now writes the same files, and
+    the cache stays as it was."""
+    cache = tmp_path / "not-a-folder"
+    cache.write_text("x")
+    monkeypatch.setenv("SPARSEC_CACHE_DIR", str(cache))
+    out = tmp_path / "dump"
+    assert main(["dump-kernels", MLP, "-o", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kernels"] and sorted(p.name for p in out.iterdir()) == sorted(
+        [f"{k}.py" for k in manifest["kernels"]] + ["manifest.json"])
+    assert cache.read_text() == "x"
+
+
 def test_json_output_is_the_plan_alone_when_the_users_file_prints(tmp_path, capsys):
     """--json "prints only the plan": a print in the user's file (at import or in FUNC) went into stdout
     ahead of the JSON, which then did not parse."""

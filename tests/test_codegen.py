@@ -408,14 +408,20 @@ def test_cache_hit_corrupt_and_rebuild(tmp_path):
 
 @pytest.mark.parametrize("obstacle", ["root is a file", "entry is a folder"])
 def test_a_cache_that_cannot_be_written_says_so_and_leaves_nothing(tmp_path, obstacle):
+    """The error names what is in the way (the root, or the entry's path: it named the temporary file it
+    could not rename there), and a root that is a file is not counted a corrupt entry (there is none)."""
     name, source = emit_matmul(SPECS[0], [])
     root = tmp_path / "cache"
+    entry = KernelCache(str(root)).path(name, source)
     if obstacle == "root is a file":
         root.write_text("not a folder")
     else:
-        os.makedirs(KernelCache(str(root)).path(name, source))
-    with pytest.raises(InvalidInputError, match=r"the kernel cache in .*cache cannot be written: .*Set SPARSEC_CACHE_DIR"):
-        KernelCache(str(root)).store(name, source)
+        os.makedirs(entry)
+    cache = KernelCache(str(root))
+    with pytest.raises(InvalidInputError, match=r"the kernel cache in .*cache cannot be written: .*Set SPARSEC_CACHE_DIR") as e:
+        cache.store(name, source)
+    assert (str(root) if obstacle == "root is a file" else f"({entry})") in str(e.value)
+    assert ".tmp-" not in str(e.value) and cache.counters["corrupt"] == (obstacle == "entry is a folder")
     leftovers = [p for p in tmp_path.rglob(".tmp-*")]
     assert not leftovers
 
