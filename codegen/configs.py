@@ -19,8 +19,9 @@ tensor-core tile with split-K won at M = 1 too; on 2026-11-24 (clean L2 flush) i
 Its loads feed no tl.dot, and Triton software-pipelines only loads that do, so each of its K blocks
 waited for its own loads. With num_stages > 1 the kernel now issues the next K block's loads before it
 expands and multiplies this one (PREFETCH, `prefetches`): the form streamed the same ~1e12 kept weights
-/s with fp16 and int8 values, which is what a fixed number of weights in flight per SM gives (Little's
-law, bench/gpu_notes.md). Both forms are candidates (num_stages 3 and 1) until a GPU decides.
+/s with fp16 and int8 values, which a fixed number of weights in flight per SM would give (as would its
+equal instructions per weight: bench/gpu_notes.md). Both forms are candidates (num_stages 3 and 1) until
+a GPU decides.
 
 Split-K: at small M a layer has few output tiles (N = 4096 at BLOCK_N = 32 is 128 tiles for 132
 SMs on an H100, and only some of them stream weights at a time), so K is split until the
@@ -138,7 +139,8 @@ def matmul_candidates(m: int, n: int, k: int, act_dtype: str, sms: int | None, w
     if interpreting():
         tiles = []
     elif act_dtype == "float32":  # only small tiles stay spill-free (_tiles); at one row, the CUDA-core form
-        tiles = [dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=s) for s in (3, 1)] if m == 1 else []
+        tiles = ([dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=s) for s in (3, 1)]
+                 if m == 1 else [])
     elif m <= 16:
         # Kept from the H100 runs: on 2026-11-23 (18 decode rows) 16x64x128 over 8 warps and the CUDA-core form
         # at BLOCK_N 64 were never within 3% of the best; on 2026-11-24 (clean L2, 12 rows) neither were
