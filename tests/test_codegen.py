@@ -537,13 +537,15 @@ class CastChains(nn.Module):
 
 
 def test_cast_fusion_in_a_compiled_model():
+    """(Without a GPU the bfloat16 cast stays in the graph: the interpreter's conversion truncates.)"""
     model, x, cm, modules = _compiled_on_triton(CastChains)
-    assert {k: modules[k].out_dtype for k in "abcd"} == {"a": torch.float16, "b": torch.bfloat16, "c": torch.float16,
-                                                         "d": None}
-    assert modules["a"].activation == "relu" and cm.counters["fused_cast"] == 3
+    bf16 = DEVICE == "cuda"
+    assert {k: modules[k].out_dtype for k in "abcd"} == {"a": torch.float16, "b": torch.bfloat16 if bf16 else None,
+                                                         "c": torch.float16, "d": None}
+    assert modules["a"].activation == "relu" and cm.counters["fused_cast"] == 2 + bf16
     methods = [n.target for n in cm.graph_module.graph.nodes if n.op == "call_method"]
-    assert "half" not in methods and methods.count("float") == 4 and methods.count("to") == 1
-    assert all(f"cast:{t}" in str(cm.kernel_manifest) for t in ("float16", "bfloat16"))
+    assert "half" not in methods and methods.count("float") == 4 and methods.count("to") == 2 - bf16
+    assert all(f"cast:{t}" in str(cm.kernel_manifest) for t in ("float16", "bfloat16")[:1 + bf16])
     with torch.no_grad():
         # the casts round the same outputs (summed in another order) to fp16 / bf16: a few bf16 ulps at most
         assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 5e-3
@@ -1292,13 +1294,15 @@ def test_two_processes_with_different_hash_seeds_emit_byte_identical_sources_int
                 return self.c(self.b(torch.relu(self.a(x)))).sum(0) + self.c(self.b(torch.relu(self.a(z)))).sum(0)
 
         torch.manual_seed(0)
-        options = CompileOptions.from_user("2:4", backend="triton", emit_only=True)
+        options = CompileOptions.from_user("2:4", backend="triton")
         cm = compile_with_options(TwoCalls(), (torch.randn(3, 32), torch.randn(5, 32)), options)
         print(json.dumps([cm.kernels, cm.kernel_manifest]))  # (the manifest, which dump-kernels writes, too)
     """)
     env = dict(os.environ, SPARSEC_CACHE_DIR=str(tmp_path), TRITON_INTERPRET="0")
+    # (the children run the kernels: on a GPU, or here in the interpreter; a kernel dump writes no cache)
+    child_env = dict(env, TRITON_INTERPRET="0" if torch.cuda.is_available() else "1")
     procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=dict(env, PYTHONHASHSEED=seed)) for seed in ("1", "2")]
+                              env=dict(child_env, PYTHONHASHSEED=seed)) for seed in ("1", "2")]
     results = []
     for p in procs:
         out, err = p.communicate(timeout=300)
@@ -1308,7 +1312,7 @@ def test_two_processes_with_different_hash_seeds_emit_byte_identical_sources_int
     ((name, source),) = results[0][0].items()
     assert [(u["name"], u["M"]) for u in results[0][1][name]["layers"]] == [("b", 3), ("b", 5)]
     assert "#   b: M=3, N=64, K=64\n#   b: M=5, N=64, K=64" in source
-    files = os.listdir(tmp_path / "kernels")  # (named by a key with the children's arch, "cpu", not this one's)
+    files = os.listdir(tmp_path / "kernels")
     assert len(files) == 1 and files[0].startswith(f"{name}-"), files
     path = str(tmp_path / "kernels" / files[0])
     assert KernelCache(str(tmp_path))._valid(path, source)

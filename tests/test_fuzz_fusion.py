@@ -56,6 +56,9 @@ from sparsec.runtime.triton_linear import FusedEpilogue
 aten = torch.ops.aten
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 KERNEL_DTYPES = ("float16", "bfloat16", "float32")
+# the dtypes a fused cast may write here: without a GPU the kernels run in Triton's CPU interpreter, whose
+# float32 -> bfloat16 conversion truncates, so a bfloat16 cast stays in the graph there
+FUSED_CASTS = KERNEL_DTYPES if torch.cuda.is_available() else ("float16", "float32")
 # error floor (relative to the output's scale) per the lowest precision the model rounds to
 BASE_TOL = {"float64": 2e-5, "float32": 2e-5, "float16": 6e-3, "bfloat16": 4e-2}
 ACTS = ["relu", "gelu", "gelu_tanh", "silu"]
@@ -358,7 +361,7 @@ def predict(block: dict, state: dict, quant: str | None, export: bool = False) -
         elif what == "scale" and stage <= 2 and not conv and vector_fusable(step[2]):
             absorbed.append("scale")
             stage = 3
-        elif what == "cast" and CASTS[step[1]] in KERNEL_DTYPES:
+        elif what == "cast" and CASTS[step[1]] in FUSED_CASTS:
             absorbed.append(f"cast:{CASTS[step[1]]}")
             break
         else:
@@ -644,7 +647,7 @@ CASES = {
               ("cast", "half")], rank=3), {}, ["bias", "gelu_tanh", "scale", "cast:float16"]),
     "int8 with a bias, silu and a bfloat16 cast": (
         _mlp([("act", "silu", "F_inplace"), ("cast", "to_kw")], bias=True, dtype="float16"), {"quantize": "int8"},
-        ["silu", "cast:bfloat16"]),
+        ["silu"] + (["cast:bfloat16"] if "bfloat16" in FUSED_CASTS else [])),
     "a residual reads the pre-activation": (
         _mlp([("bias", "torch", "buffer"), ("tap", "plain"), ("act", "relu", "method_inplace")]), {}, ["bias"]),
     "an activation applied twice": (
