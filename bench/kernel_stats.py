@@ -124,7 +124,7 @@ def main() -> int:
 
     from sparsec.codegen.aot import compile_for, matmul_signature, resource_usage
     from sparsec.codegen.builder import emit_matmul
-    from sparsec.codegen.configs import prefetches
+    from sparsec.codegen.configs import derived_constexprs
     from sparsec.codegen.spec import MatmulSpec
 
     rows = []
@@ -136,8 +136,7 @@ def main() -> int:
         label = spec.short_name() + ("+prmt" if prmt else "")
         for m, n, k, cfg in [(m, n, k, cfg) for m, n, k in SHAPES for cfg in configs_at(m, n, k, act, weight, prmt)]:
             constexprs = {key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "PRMT_EXPAND")}
-            constexprs["EVEN_K"] = k % cfg["BLOCK_K"] == 0
-            constexprs["PREFETCH"] = prefetches(cfg)
+            constexprs.update(derived_constexprs(cfg, k))
             for cap in (90, 80):
                 compiled = compile_for(cap, name, source, matmul_signature(spec), constexprs, cfg["num_warps"],
                                        cfg["num_stages"])

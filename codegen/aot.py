@@ -200,9 +200,8 @@ def standard_builds() -> list[tuple[str, MatmulSpec | None, dict]]:
                 tuned = matmul_candidates(m, n, k, spec.act_dtype, STANDARD_SMS, spec.weight_dtype)
                 default = [cfg for cfg in tuned if dict(cfg, PRMT_EXPAND=0) == tuned[0]]  # and its PRMT_EXPAND twin
                 default += [cfg for cfg in tuned if cfg["BLOCK_M"] < 16]  # and the CUDA-core form's (M = 1)
-                configs = [dict(cfg, EVEN_K=True, PREFETCH=prefetches(cfg)) for cfg in (tuned if i < 2 else default)]
-                if m == 1:
-                    configs += [dict(cfg, EVEN_K=False, PREFETCH=prefetches(cfg)) for cfg in default]
+                built = [(cfg, True) for cfg in (tuned if i < 2 else default)] + [(cfg, False) for cfg in default if m == 1]
+                configs = [dict(cfg, EVEN_K=even, PREFETCH=prefetches(cfg)) for cfg, even in built]
             for cfg in configs:
                 ident = (spec, tuple(sorted(cfg.items())))
                 if ident not in seen:

@@ -99,6 +99,12 @@ def prefetches(cfg: dict) -> bool:
     return cfg["BLOCK_M"] < 16 and cfg["num_stages"] > 1
 
 
+def derived_constexprs(cfg: dict, k: int) -> dict:
+    """The 2:4 matmul kernel's constexprs that follow from a launch config and K: EVEN_K (K a multiple of
+    BLOCK_K, so no per-element K bounds) and PREFETCH (`prefetches`)."""
+    return {"EVEN_K": k % cfg["BLOCK_K"] == 0, "PREFETCH": prefetches(cfg)}
+
+
 def split_k(m: int, n: int, k: int, cfg: dict, sms: int | None) -> int:
     """How many ways to split K so that about WAVES programs of 4 warps run per SM, or as many warps in
     smaller programs (1 without an SM count)."""

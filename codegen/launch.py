@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from sparsec.codegen.cache import KernelCache
-from sparsec.codegen.configs import condensed_config, interpreting, matmul_config, prefetches
+from sparsec.codegen.configs import condensed_config, derived_constexprs, interpreting, matmul_config
 from sparsec.codegen.direct_launch import DirectLaunch
 from sparsec.codegen.spec import PRMT_EXPAND_APPLIES, MatmulSpec, has_prmt_expand
 from sparsec.errors import InvalidInputError
@@ -69,8 +69,7 @@ class Sparse24Launch:
     cfg: dict
     unsplit_cfg: dict
     tiles: int
-    even_k: bool
-    prefetch: bool  # (configs.prefetches)
+    derived: dict  # constexprs that follow from the config and K (configs.derived_constexprs)
 
     def __call__(self, x, values, meta, scales, bias, out_scale, out=None) -> torch.Tensor:
         x2, y, whole = _rows_and_output(x, self.n, self.spec, self.name, out)
@@ -102,7 +101,7 @@ class Sparse24Launch:
             y, y.stride(0),
             partials, counts,
             m, n, k,
-            EVEN_K=self.even_k, PREFETCH=self.prefetch, **cfg)
+            **self.derived, **cfg)
         return whole
 
 
@@ -143,7 +142,7 @@ def sparse24_launch(m: int, n: int, k: int, spec: MatmulSpec, name: str, source:
     if cfg["SPLIT_K"] > 1 and (tiles > SPLIT_COUNTERS or cfg["SPLIT_K"] * m * n >= 2 ** 31):
         cfg = unsplit  # no room for this split: run unsplit (same result)
     launch = Sparse24Launch(loaded_kernel(name, source, cache, device), spec, name, n, cfg, unsplit, tiles,
-                            k % cfg["BLOCK_K"] == 0, prefetches(cfg))
+                            derived_constexprs(cfg, k))
     return remember(_LAUNCHES, key, launch, shape_cache.SHARED_SHAPES_KEPT)
 
 

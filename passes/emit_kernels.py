@@ -30,14 +30,9 @@ def emit_kernels(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             use = LayerUse(module.layer_name, rows, n, k)
             groups.setdefault(module.spec(), []).append((node, module, use))
     modules = {m.layer_name: m for g in groups.values() for _, m, _ in g}
-    # A kernel dump (emit_only) writes the sources where it is told and runs none: it needs no cache, and an
-    # unusable one (SPARSEC_CACHE_DIR a file) failed it.
-    cache = None if ctx.options.emit_only else KernelCache()
     for spec, members in sorted(groups.items(), key=lambda item: repr(item[0])):
         uses = ordered_uses(use for _, _, use in members)
         name, source = emit_matmul(spec, uses)
-        if cache is not None:
-            cache.store(name, source)
         for node, module, _ in members:
             module.kernel_name, module.kernel_source = name, source
             update_meta(node, kernel=name)
@@ -52,15 +47,21 @@ def emit_kernels(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             "layers": [{"name": u.name, "M": u.m, "N": u.n, "K": u.k,
                         "launch_config": _launch_config(modules[u.name], u)} for u in uses],
         }
-    _emit_direct_convs(gm, ctx, cache)
-    for outcome, count in (cache.counters.items() if cache is not None else ()):
-        ctx.counters[f"kernel_cache_{outcome}"] += count
+    _emit_direct_convs(gm, ctx)
+    # A kernel dump (emit_only) writes the sources where it is told and runs none: it needs no cache, and an
+    # unusable one (SPARSEC_CACHE_DIR a file) failed it.
+    if not ctx.options.emit_only:
+        cache = KernelCache()
+        for name, source in ctx.kernels.items():
+            cache.store(name, source)
+        for outcome, count in cache.counters.items():
+            ctx.counters[f"kernel_cache_{outcome}"] += count
     return gm
 
 
-def _emit_direct_convs(gm: fx.GraphModule, ctx: CompileContext, cache) -> None:
+def _emit_direct_convs(gm: fx.GraphModule, ctx: CompileContext) -> None:
     """The direct sparse conv kernel (one source for every unstructured conv2d layer: dtypes and epilogue are
-    specialized at launch) and its manifest entry, listing the layers it runs; `cache` None: a kernel dump."""
+    specialized at launch) and its manifest entry, listing the layers it runs."""
     from sparsec.codegen.direct_conv import direct_conv_config, direct_conv_source
 
     uses = []
@@ -76,8 +77,6 @@ def _emit_direct_convs(gm: fx.GraphModule, ctx: CompileContext, cache) -> None:
     if not uses:
         return
     name, source = direct_conv_source()
-    if cache is not None:
-        cache.store(name, source)
     ctx.kernels[name] = source
     ctx.kernel_manifest[name] = {"file": f"{name}.py", "pattern": "unstructured", "dtype": sorted({u["dtype"] for u in uses}),
                                  "fused_ops": ["bias"], "layers": sorted(uses, key=lambda u: u["name"])}
