@@ -27,7 +27,8 @@ def matmul_signature(spec: MatmulSpec) -> dict[str, str]:
             "partial_ptr": "*fp32", "count_ptr": "*i32",
             "M": "i32", "N": "i32", "K": "i32",
             "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr",
-            "SPLIT_K": "constexpr", "EVEN_K": "constexpr", "PRMT_EXPAND": "constexpr", "PREFETCH": "constexpr"}
+            "SPLIT_K": "constexpr", "EVEN_K": "constexpr", "PRMT_EXPAND": "constexpr", "PREFETCH": "constexpr",
+            "GATHER": "constexpr"}
 
 
 def conv_signature(spec: MatmulSpec) -> dict[str, str]:
@@ -213,7 +214,7 @@ def standard_builds() -> list[tuple[str, MatmulSpec | None, dict]]:
             candidates = matmul_candidates(m, n, k, spec.act_dtype, None, spec.weight_dtype, conv=True)
             for cfg, geometry in ([(c, CONV_GEOMETRY) for c in candidates]
                                   + [(candidates[0], g) for g in OTHER_CONV_GEOMETRIES]):
-                cfg = dict({key: value for key, value in cfg.items() if key != "SPLIT_K"}, **geometry)
+                cfg = dict({key: value for key, value in cfg.items() if key not in ("SPLIT_K", "GATHER")}, **geometry)
                 text = ",".join(f"{key}={value}" for key, value in cfg.items())
                 key = f"{spec.short_name()}[{text}]"
                 if key not in {b[0] for b in builds}:

@@ -11,7 +11,7 @@ import string
 from dataclasses import dataclass
 
 from sparsec.codegen.prmt import prmt_expand_lines
-from sparsec.codegen.spec import MatmulSpec, PruneSpec, has_prmt_expand
+from sparsec.codegen.spec import MatmulSpec, PruneSpec, gathers, has_prmt_expand
 
 TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
 
@@ -91,6 +91,26 @@ def _expand(spec: MatmulSpec) -> str:
         words = ["w01", f"(w01 >> {bits})", "w23", f"(w23 >> {bits})"]
     for i, word in enumerate(words):
         buf.line(f"p{i} = {word}.to(tl.int{bits}).to({value}, bitcast=True)")
+    return buf.getvalue()
+
+
+def _gather(spec: MatmulSpec) -> str:
+    """Lines of the GATHER form's K step turning each group's word `pairs` into its two kept values in fp32,
+    `first` and `second`."""
+    buf = IndentedBuffer(indent=2)
+    if not gathers(spec.weight_dtype, spec.act_dtype):
+        buf.line(f'tl.static_assert(False, "no GATHER form for {spec.weight_dtype} weights and {spec.act_dtype} inputs")')
+        buf.line("first = tl.zeros((BLOCK_N, BLOCK_K // 4), dtype=tl.float32)")
+        buf.line("second = first")
+    elif spec.weight_dtype == "int8":
+        # (a conversion is an eighth-rate instruction, but one per kept value, not per position, and bit tricks
+        # around it took more instructions: 5.4 per weight position against 4.2, bench/kernel_stats.py)
+        buf.line("first = pairs.to(tl.int8).to(tl.float32)")
+        buf.line("second = (pairs >> 8).to(tl.int8).to(tl.float32)")
+    else:
+        value = _TL_DTYPE[spec.weight_dtype]
+        buf.line(f"first = pairs.to(tl.int16).to({value}, bitcast=True).to(tl.float32)")
+        buf.line(f"second = (pairs >> 16).to(tl.int16).to({value}, bitcast=True).to(tl.float32)")
     return buf.getvalue()
 
 
@@ -184,7 +204,8 @@ def emit_matmul(spec: MatmulSpec, layers: list[LayerUse]) -> tuple[str, str]:
     if spec.format == "2:4":
         template = "sparse24_conv2d.py.tmpl" if spec.layout == "conv2d" else "sparse24_matmul.py.tmpl"
         body = _template(template).substitute(name=name, dot=_dot(spec), epilogue=_epilogue(spec), expand=_expand(spec),
-                                              pair_int=f"tl.int{2 * _BITS[spec.weight_dtype]}")
+                                              pair_int=f"tl.int{2 * _BITS[spec.weight_dtype]}", gather=_gather(spec),
+                                              act=_TL_DTYPE[spec.act_dtype])
         title = f"sparsec 2:4 sparse {'conv2d' if spec.layout == 'conv2d' else 'matmul'} with fused epilogue, pattern 2:4"
     else:
         body = _template("condensed_matmul.py.tmpl").substitute(name=name, epilogue=_epilogue(spec))

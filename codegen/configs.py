@@ -23,6 +23,17 @@ expands and multiplies this one (PREFETCH, `prefetches`): the form streamed the 
 equal instructions per weight: bench/gpu_notes.md). Both forms are candidates (num_stages 3 and 1) until
 a GPU decides.
 
+GATHER (one row of fp16 / bf16 inputs, weights of their dtype or int8; spec.gathers): 1 runs the CUDA-core
+form without expanding: per group of four positions, the two kept values times the x values at their
+positions (a 64-bit shift of the group's four x values each), everything in one [BLOCK_N, BLOCK_K / 4]
+layout. On sm_90 (Triton 3.6 and 3.9, bench/kernel_stats.py) that is 4.5-5.1 instructions per weight
+position (5.1-5.7 with PREFETCH) against 6.2-7.6 expanding (7.8-8.3), 40 registers against 72-96, and no
+shared-memory round trip in the K loop, for tiles that give each thread one metadata word, the four groups of its vector of values
+(BLOCK_N * BLOCK_K = 512 * num_warps; at 1 x 32 x 128 over 4 warps a thread loads two words, and the
+kernel changed layout through shared memory every K step). It skips pruned positions, whose
+zeros make a dense product NaN where x is inf or NaN: a program whose x slice is not all finite runs a
+loop that adds those products too. A candidate at M = 1, not yet timed on a GPU.
+
 Split-K: at small M a layer has few output tiles (N = 4096 at BLOCK_N = 32 is 128 tiles for 132
 SMs on an H100, and only some of them stream weights at a time), so K is split until the
 programs fill the device with about WAVES 4-warp programs per SM (as many warps in more, smaller
@@ -47,9 +58,10 @@ from __future__ import annotations
 
 import os
 
-from sparsec.codegen.spec import has_prmt_expand
+from sparsec.codegen.spec import gathers, has_prmt_expand
 
-LAUNCH_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "PRMT_EXPAND", "num_warps", "num_stages")
+LAUNCH_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "PRMT_EXPAND", "GATHER", "num_warps",
+               "num_stages")
 MAX_SPLIT_K = 16
 MIN_SPLIT_BLOCKS = 4
 WAVES = 2  # 4-warp programs per SM that split-K aims for (three 4-warp decode programs fit an SM's registers)
@@ -127,10 +139,10 @@ def matmul_config(m: int, n: int, k: int, act_dtype: str, sms: int | None = None
     if interpreting():
         # Few, large programs: the interpreter's cost is per program and per K step.
         return dict(BLOCK_M=_pow2_clamp(m, 16, 64), BLOCK_N=_pow2_clamp(n, 16, 128), BLOCK_K=_pow2_clamp(k, 16, 128),
-                    GROUP_M=8, SPLIT_K=1, PRMT_EXPAND=0, num_warps=4, num_stages=1)
+                    GROUP_M=8, SPLIT_K=1, PRMT_EXPAND=0, GATHER=0, num_warps=4, num_stages=1)
     cfg = _tiles(m, n, act_dtype, conv)
     cfg["SPLIT_K"] = 1 if conv else split_k(m, n, k, cfg, sms)
-    cfg["PRMT_EXPAND"] = 0
+    cfg["PRMT_EXPAND"] = cfg["GATHER"] = 0
     return {key: cfg[key] for key in LAUNCH_KEYS}
 
 
@@ -161,8 +173,12 @@ def matmul_candidates(m: int, n: int, k: int, act_dtype: str, sms: int | None, w
                  # of a tl.dot reads the whole x tile); fastest at int8 16 x 14336 x 4096 by 5%
                  dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, num_warps=2, num_stages=4)]
         if m == 1:  # the CUDA-core form (BLOCK_M < 16): no 16-row tensor-core tile for a single row; loading
-            # the next K block ahead (num_stages > 1, see prefetches) or not
+            # the next K block ahead (num_stages > 1, see prefetches) or not; and where it applies its GATHER form
             tiles += [dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=s) for s in (3, 1)]
+            if gathers(weight_dtype or act_dtype, act_dtype) and not conv:  # (tiles of one metadata word a thread)
+                tiles += [dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=8, num_stages=s, GATHER=1)
+                          for s in (3, 1)]
+                tiles.append(dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3, GATHER=1))
         if conv:  # with the conv kernel's address arithmetic 2-warp tiles spill (16 x 128 x 64 on sm_90)
             tiles = [t for t in tiles if t["num_warps"] > 2]
     elif m <= 128:
@@ -171,13 +187,13 @@ def matmul_candidates(m: int, n: int, k: int, act_dtype: str, sms: int | None, w
         tiles = CONV_LARGE_TILES
     else:
         tiles = [dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)]
-    variants = [base] + [dict(t, SPLIT_K=split_k(m, n, k, t, sms), PRMT_EXPAND=0) for t in tiles]
+    variants = [base] + [dict(t, SPLIT_K=split_k(m, n, k, t, sms), PRMT_EXPAND=0, GATHER=t.get("GATHER", 0)) for t in tiles]
     if base["SPLIT_K"] > 1:
         variants += [dict(base, SPLIT_K=base["SPLIT_K"] // 2), dict(base, SPLIT_K=1)]
     elif sms and m <= 64 and -(-k // base["BLOCK_K"]) // 2 >= MIN_SPLIT_BLOCKS:
         variants.append(dict(base, SPLIT_K=2))
     if has_prmt_expand(weight_dtype or act_dtype, act_dtype) and not interpreting():
-        variants += [dict(cfg, PRMT_EXPAND=1) for cfg in variants]
+        variants += [dict(cfg, PRMT_EXPAND=1) for cfg in variants if not cfg["GATHER"]]  # (GATHER expands nothing)
     unique = []
     for cfg in variants:
         cfg = {key: cfg[key] for key in LAUNCH_KEYS}
@@ -190,12 +206,16 @@ def matmul_candidates(m: int, n: int, k: int, act_dtype: str, sms: int | None, w
 RENAMED_LAUNCH_KEYS = {"INT8_PRMT": "PRMT_EXPAND"}  # int8 conversion by prmt became the general prmt expansion
 
 
+# launch keys added since, with the value that runs what a launch recorded without them ran
+ADDED_LAUNCH_KEYS = {"GATHER": 0}
+
+
 def upgrade_launch(launch):
-    """A recorded launch config with renamed keys spelled as this version spells them (anything
-    else is returned as is, for validate_launch to judge)."""
-    if not isinstance(launch, dict) or not RENAMED_LAUNCH_KEYS.keys() & launch.keys():
+    """A recorded launch config as this version spells it: renamed keys renamed, keys added since with the
+    value that runs the kernel recorded (anything else is returned as is, for validate_launch to judge)."""
+    if not isinstance(launch, dict) or "BLOCK_M" not in launch:  # (not a 2:4 launch: the CPU kernels' max_rows)
         return launch
-    return {RENAMED_LAUNCH_KEYS.get(key, key): value for key, value in launch.items()}
+    return {**ADDED_LAUNCH_KEYS, **{RENAMED_LAUNCH_KEYS.get(key, key): value for key, value in launch.items()}}
 
 
 def validate_launch(launch: dict) -> str | None:
@@ -204,9 +224,9 @@ def validate_launch(launch: dict) -> str | None:
         return f"a launch config needs exactly the keys {['M', *LAUNCH_KEYS]}"
     cfg = launch
     for key, value in cfg.items():
-        if key == "PRMT_EXPAND":
+        if key in ("PRMT_EXPAND", "GATHER"):
             if type(value) is not int or value not in (0, 1):
-                return f"launch PRMT_EXPAND must be 0 or 1, got {value!r}"
+                return f"launch {key} must be 0 or 1, got {value!r}"
         elif not isinstance(value, int) or isinstance(value, bool) or value < 1:
             return f"launch {key} must be a positive integer, got {value!r}"
     for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps"):
@@ -214,6 +234,8 @@ def validate_launch(launch: dict) -> str | None:
             return f"launch {key} must be a power of two, got {cfg[key]}"
     if min(cfg["BLOCK_N"], cfg["BLOCK_K"]) < 16:
         return "BLOCK_N and BLOCK_K must be >= 16 (tl.dot's minimum; BLOCK_M under 16 selects the CUDA-core form)"
+    if cfg["GATHER"] and (cfg["BLOCK_M"] != 1 or cfg["PRMT_EXPAND"]):
+        return "launch GATHER=1 takes BLOCK_M 1 (one row per program) and PRMT_EXPAND 0 (it expands nothing)"
     if cfg["SPLIT_K"] > MAX_SPLIT_K:
         return f"launch SPLIT_K must be at most {MAX_SPLIT_K}, got {cfg['SPLIT_K']}"
     return None

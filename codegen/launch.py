@@ -13,7 +13,7 @@ import torch
 from sparsec.codegen.cache import KernelCache
 from sparsec.codegen.configs import condensed_config, derived_constexprs, interpreting, matmul_config
 from sparsec.codegen.direct_launch import DirectLaunch
-from sparsec.codegen.spec import PRMT_EXPAND_APPLIES, MatmulSpec, has_prmt_expand
+from sparsec.codegen.spec import GATHER_APPLIES, PRMT_EXPAND_APPLIES, MatmulSpec, gathers, has_prmt_expand
 from sparsec.errors import InvalidInputError
 from sparsec import shape_cache
 from sparsec.shape_cache import remember
@@ -87,6 +87,8 @@ class Sparse24Launch:
         values, meta = values.contiguous(), meta.contiguous()
         if values.data_ptr() % (2 * values.element_size()):
             values = values.clone()  # the kernel reads each group's two values as one aligned word
+        if self.cfg["GATHER"] and (x2.data_ptr() % 8 or x2.stride(0) % 4):
+            x2 = x2.clone(memory_format=torch.contiguous_format)  # the GATHER form reads each group's four x values as one aligned word
         cfg, partials, counts = self.cfg, values, values  # (pointer arguments the unsplit kernel never reads)
         if cfg["SPLIT_K"] > 1:
             counts = split_counters(x.device, self.tiles)
@@ -136,7 +138,8 @@ def sparse24_launch(m: int, n: int, k: int, spec: MatmulSpec, name: str, source:
     require_runnable(device)
     cfg = dict(config or _config(max(m, 1), n, k, spec.act_dtype, device))
     cfg.setdefault("SPLIT_K", 1)
-    _check_prmt_expand(cfg, spec, name)
+    cfg.setdefault("GATHER", 0)
+    _check_forms(cfg, spec, name)
     tiles = triton_cdiv(m, cfg["BLOCK_M"]) * triton_cdiv(n, cfg["BLOCK_N"])
     unsplit = dict(cfg, SPLIT_K=1)
     if cfg["SPLIT_K"] > 1 and (tiles > SPLIT_COUNTERS or cfg["SPLIT_K"] * m * n >= 2 ** 31):
@@ -146,8 +149,14 @@ def sparse24_launch(m: int, n: int, k: int, spec: MatmulSpec, name: str, source:
     return remember(_LAUNCHES, key, launch, shape_cache.SHARED_SHAPES_KEPT)
 
 
-def _check_prmt_expand(cfg: dict, spec: MatmulSpec, name: str) -> None:
+def _check_forms(cfg: dict, spec: MatmulSpec, name: str) -> None:
+    """A config's PRMT_EXPAND and GATHER fit this kernel and where it runs."""
     cfg.setdefault("PRMT_EXPAND", 0)
+    if cfg.get("GATHER") and not (gathers(spec.weight_dtype, spec.act_dtype) and cfg["BLOCK_M"] == 1
+                              and not cfg["PRMT_EXPAND"]):
+        raise InvalidInputError(f"launch GATHER=1 applies to {GATHER_APPLIES}, with PRMT_EXPAND=0; kernel {name} has "
+                                f"{spec.weight_dtype} weights and {spec.act_dtype} inputs, and the config BLOCK_M "
+                                f"{cfg['BLOCK_M']}, PRMT_EXPAND {cfg['PRMT_EXPAND']}. Use GATHER=0")
     if cfg["PRMT_EXPAND"] and not has_prmt_expand(spec.weight_dtype, spec.act_dtype):
         raise InvalidInputError(f"launch PRMT_EXPAND=1 applies to {PRMT_EXPAND_APPLIES}; kernel {name} has "
                                 f"{spec.weight_dtype} weights and {spec.act_dtype} inputs. Use PRMT_EXPAND=0")
@@ -214,7 +223,9 @@ def sparse24_conv2d(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, s
     cfg = dict(config or _config(m, n, k, spec.act_dtype, x.device, conv=True))
     if cfg.pop("SPLIT_K", 1) != 1:
         raise InvalidInputError(f"kernel {name} is a convolution, which does not split K; use SPLIT_K=1")
-    _check_prmt_expand(cfg, spec, name)
+    if cfg.pop("GATHER", 0):
+        raise InvalidInputError(f"kernel {name} is a convolution, which has no GATHER form (one row); use GATHER=0")
+    _check_forms(cfg, spec, name)
     values, meta = values.contiguous(), meta.contiguous()
     if values.data_ptr() % (2 * values.element_size()):
         values = values.clone()  # the kernel reads each group's two values as one aligned word

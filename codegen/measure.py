@@ -173,7 +173,8 @@ def triton_key(i: int) -> str:
 def describe_launch(cfg: dict) -> str:
     return (f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} tiles, split-K {cfg['SPLIT_K']}, "
             f"{cfg['num_warps']} warps, {cfg['num_stages']} stages" + (", prmt expand" if cfg.get("PRMT_EXPAND") else "")
-            + (", CUDA cores" if cfg["BLOCK_M"] < 16 else "") + (", next K block loaded ahead" if prefetches(cfg) else ""))
+            + (", CUDA cores" if cfg["BLOCK_M"] < 16 else "") + (", kept values times the x they meet" if cfg.get("GATHER") else "")
+            + (", next K block loaded ahead" if prefetches(cfg) else ""))
 
 
 def _sample_input(shape, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

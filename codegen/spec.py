@@ -12,6 +12,7 @@ FORMATS = ("2:4", "fanin")
 LAYOUTS = ("matmul", "conv2d")  # conv2d: an implicit GEMM gathering x's receptive fields (2:4 only)
 
 
+GATHER_APPLIES = "one row (BLOCK_M 1) of float16 / bfloat16 inputs, with weights of their dtype or int8"
 PRMT_EXPAND_APPLIES = "float16 / bfloat16 weights, and to int8 weights with float16 / bfloat16 inputs"
 
 
@@ -19,6 +20,12 @@ def has_prmt_expand(weight_dtype: str, act_dtype: str) -> bool:
     """Whether the 2:4 kernel for these dtypes has a PRMT_EXPAND form (configs.py): 16-bit weights
     (bit patterns, any 16-bit type), and int8 weights for fp16 or bf16 inputs."""
     return weight_dtype in ("float16", "bfloat16") or (weight_dtype == "int8" and act_dtype in ("float16", "bfloat16"))
+
+
+def gathers(weight_dtype: str, act_dtype: str) -> bool:
+    """Whether the 2:4 matmul kernel has a GATHER form (configs.py) for these dtypes: one row of 16-bit x, whose
+    group of four positions fits the 64-bit word the form shifts."""
+    return act_dtype in ("float16", "bfloat16") and weight_dtype in (act_dtype, "int8")
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,8 @@ def auto_as_on_a_gpu(monkeypatch):
     monkeypatch.setattr("sparsec.codegen.measure.time_cuda", fake_time)
     monkeypatch.setattr("sparsec.codegen.configs.matmul_candidates",
                         lambda m, n, k, *a, **kw: [dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=bk, GROUP_M=1, SPLIT_K=1,
-                                                        PRMT_EXPAND=0, num_warps=4, num_stages=1) for bk in (32, 16)])
+                                                        PRMT_EXPAND=0, GATHER=0, num_warps=4, num_stages=1)
+                                                   for bk in (32, 16)])
     return timed
 
 

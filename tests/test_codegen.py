@@ -106,10 +106,118 @@ def test_cuda_core_form_matches_torch(dtype, tol, m, n, k, block_m, block_k, spl
     assert y.shape == (m, n) and output_error(y.cpu().double(), expected) <= tol
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
+@pytest.mark.parametrize("m, n, k, block_n, block_k, split", [(1, 64, 256, 32, 64, 1),   # decode: one row
+                                                              (3, 40, 80, 16, 32, 1),    # a program per row, ragged K
+                                                              (2, 24, 36, 16, 16, 3),    # K not a multiple of 16
+                                                              (1, 40, 160, 32, 16, 8)])  # 10 K blocks in 8 splits
+@pytest.mark.parametrize("bias, activation, int8", [(False, None, False), (True, "silu", True)])
+@pytest.mark.parametrize("stages", [1, 2])
+def test_gather_form_matches_torch(dtype, tol, m, n, k, block_n, block_k, split, bias, activation, int8, stages):
+    """GATHER: each kept value times the x at its position, one row per program (configs.py); with num_stages > 1
+    each next K block is loaded ahead, past the last block of a split and of an empty split too. (bfloat16: the
+    interpreter truncates the output to it, hence the wider tolerance.)"""
+    cfg = dict(BLOCK_M=1, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=1, SPLIT_K=split, GATHER=1, num_warps=4,
+               num_stages=stages)
+    y, expected = _kernel_case(m, n, k, dtype, int8, bias, activation, seed=m + n + k + block_n, config=cfg)
+    assert y.shape == (m, n) and output_error(y.cpu().double(), expected) <= tol
+
+
+@pytest.mark.parametrize("int8, split", [(False, 1), (True, 2)])
+def test_gather_form_keeps_the_nans_of_a_dense_product(int8, split):
+    """The GATHER form multiplies kept values only; a dense product also has 0 * x at the pruned positions, NaN
+    where x is inf or NaN. Rows whose x has inf / NaN at pruned positions of some output rows and at kept
+    positions of others come out as F.linear's (NaN where it has NaN, inf where it has inf), the finite rows too."""
+    m, n, k = 3, 32, 64
+    x, values, meta, scales, pruned = _operands(m, n, k, torch.float16, int8, seed=11)
+    x, values = x.half(), values if int8 else values.half()
+    x[0, 5] = float("inf")   # position 5: kept in some output rows, pruned in others
+    x[1, 9] = float("nan")
+    x[1, 40] = float("-inf")  # (row 2 stays finite)
+    kept = pruned[:, 5] != 0
+    assert kept.any() and not kept.all()
+    spec = MatmulSpec("float16", "int8" if int8 else "float16", False, None, False, "float16")
+    name, source = emit_matmul(spec, [])
+    cfg = dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, SPLIT_K=split, GATHER=1, num_warps=4, num_stages=2)
+    dev = lambda t: t.to(DEVICE) if t is not None else None  # noqa: E731
+    y = sparse24_matmul(dev(x), dev(values), dev(meta), dev(scales), None, None, spec, name, source, config=cfg).cpu()
+    expected = (x.double() @ pruned.double().t()).half()
+    assert torch.equal(y.isnan(), expected.isnan()) and torch.equal(y.isinf(), expected.isinf())
+    assert torch.equal(y[0].isnan(), ~kept)  # NaN exactly where the inf meets a pruned zero
+    finite = expected.isfinite()
+    assert output_error(y[finite].double(), expected[finite].double()) <= 2e-3
+
+
+def test_gather_form_reads_an_unaligned_input_row(monkeypatch):
+    """The GATHER form loads a group's four x values as one 8-byte word (on a GPU a misaligned one faults; the
+    interpreter reads it anyway): an x that starts off such a boundary (a view one element in), or whose rows
+    are not a multiple of 4 elements apart, reaches the kernel as an aligned copy."""
+    from sparsec.codegen.direct_launch import DirectLaunch
+
+    launched = []
+    launch = DirectLaunch.launch
+    monkeypatch.setattr(DirectLaunch, "launch", lambda self, grid, args, kwargs: (
+        launched.append((args[0].data_ptr() % 8, args[1] % 4)), launch(self, grid, args, kwargs))[1])
+    n, k = 32, 64
+    _, values, meta, _, pruned = _operands(1, n, k, torch.float16, False, seed=5)
+    wide = torch.randn(2, k + 3).half()
+    inputs = [wide[0, 1:k + 1].unsqueeze(0), wide[:, 3:]]  # 2 bytes off; rows k + 3 elements apart
+    spec = MatmulSpec("float16", "float16", False, None, False, "float16")
+    name, source = emit_matmul(spec, [])
+    cfg = dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, SPLIT_K=1, GATHER=1, num_warps=4, num_stages=1)
+    for xi in inputs:
+        xi = xi.to(DEVICE)
+        assert xi.data_ptr() % 8 or xi.stride(0) % 4
+        y = sparse24_matmul(xi, values.half().to(DEVICE), meta.to(DEVICE), None, None, None, spec, name, source,
+                            config=cfg)
+        assert output_error(y.cpu().double(), xi.cpu().double() @ pruned.double().t()) <= 2e-3
+    assert launched == [(0, 0), (0, 0)]
+
+
+def test_gather_form_is_a_candidate_at_one_row_of_16_bit_inputs_only(monkeypatch):
+    from sparsec.codegen.configs import matmul_candidates, matmul_config
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the GPU tables
+    for act, weight in (("float16", "float16"), ("bfloat16", "bfloat16"), ("float16", "int8"), ("bfloat16", "int8")):
+        assert matmul_config(1, 4096, 4096, act, 132)["GATHER"] == 0  # never by default: unmeasured
+        gathering = [c for c in matmul_candidates(1, 4096, 4096, act, 132, weight) if c["GATHER"]]
+        assert gathering and all(c["BLOCK_M"] == 1 and not c["PRMT_EXPAND"] for c in gathering)
+        # one metadata word per thread (the kernel's docstring): no layout change inside the K loop
+        assert all(c["BLOCK_N"] * c["BLOCK_K"] == 512 * c["num_warps"] for c in gathering)
+        assert not any(c["GATHER"] for c in matmul_candidates(16, 4096, 4096, act, 132, weight))
+        assert not any(c["GATHER"] for c in matmul_candidates(1, 4096, 4096, act, None, weight, conv=True))
+    assert not any(c["GATHER"] for c in matmul_candidates(1, 4096, 4096, "float32", 132, "int8"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not any(c["GATHER"] for c in matmul_candidates(1, 64, 64, "float16", None, "float16"))
+
+
+def test_gather_form_is_refused_where_it_cannot_apply():
+    from sparsec.codegen.configs import matmul_config, validate_launch
+
+    cfg = dict(matmul_config(1, 64, 64, "float16"), BLOCK_M=1, GATHER=1)
+    assert validate_launch(dict(cfg, M=1)) is None
+    assert "GATHER must be 0 or 1" in validate_launch(dict(cfg, M=1, GATHER=2))
+    assert "GATHER=1 takes BLOCK_M 1" in validate_launch(dict(cfg, M=1, BLOCK_M=16))
+    assert "GATHER=1 takes BLOCK_M 1" in validate_launch(dict(cfg, M=1, PRMT_EXPAND=1))
+    x, values, meta, _, _ = _operands(2, 32, 64, torch.float32, False, seed=1)
+    spec = MatmulSpec("float32", "float32", False, None, False, "float32")
+    name, source = emit_matmul(spec, [])
+    with pytest.raises(InvalidInputError, match="GATHER=1 applies to one row .* float16 / bfloat16 inputs.* float32 "
+                                                "weights and float32 inputs"):
+        sparse24_matmul(x.to(DEVICE), values.to(DEVICE), meta.to(DEVICE), None, None, None, spec, name, source, config=cfg)
+    model = nn.Sequential(nn.Linear(64, 32)).to(DEVICE)
+    cm = sparsec.compile(model, example_inputs=(x.to(DEVICE),), backend="triton", include=[".*"], min_weights=0)
+    plan = sparsec.Plan.from_json(cm.plan.to_json())
+    plan["0"].launch = dict(cfg, M=2)
+    with pytest.raises(ValueError, match="this layer has float32 weights and float32 inputs. Set GATHER to 0"):
+        sparsec.compile(model, example_inputs=(x.to(DEVICE),), plan=plan)
+
+
 @pytest.mark.parametrize("m, int8", [(1, True), (16, False)])
 def test_every_decode_candidate_tile_matches_torch(monkeypatch, m, int8):
     """Each launch config backend="auto" may time at decode sizes (the GPU table: K steps up to 256,
-    2 or 4 warps, split K), run on a small layer; PRMT_EXPAND twins need a GPU (inline PTX)."""
+    2 to 8 warps, split K, at one row the GATHER form), run on a small layer; PRMT_EXPAND twins need a GPU
+    (inline PTX)."""
     from sparsec.codegen.configs import matmul_candidates
 
     n, k = 256, 1024  # (at M = 16, split K only where K >= 32 M per split: configs.split_k)
@@ -117,8 +225,9 @@ def test_every_decode_candidate_tile_matches_torch(monkeypatch, m, int8):
     configs = [cfg for cfg in matmul_candidates(m, n, k, "float16", 132, "int8" if int8 else "float16")
                if not cfg["PRMT_EXPAND"]]
     monkeypatch.undo()
-    assert {cfg["num_warps"] for cfg in configs} == {2, 4} and max(cfg["SPLIT_K"] for cfg in configs) > 1
-    assert max(cfg["BLOCK_K"] for cfg in configs) == 256
+    assert {cfg["num_warps"] for cfg in configs} == ({2, 4, 8} if m == 1 else {2, 4})  # (8: GATHER tiles)
+    assert max(cfg["SPLIT_K"] for cfg in configs) > 1 and max(cfg["BLOCK_K"] for cfg in configs) == 256
+    assert any(cfg["GATHER"] for cfg in configs) == (m == 1)
     for cfg in configs:
         y, expected = _kernel_case(m, n, k, torch.float16, int8, True, "gelu", seed=m + k, config=cfg)
         assert output_error(y.cpu().double(), expected) <= 2e-3, cfg
@@ -964,6 +1073,9 @@ def test_a_plan_launch_config_is_used_and_checked():
     plan = sparsec.Plan.from_json(cm.plan.to_json())
     launch = dict(M=3, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, SPLIT_K=3, PRMT_EXPAND=0, num_warps=4, num_stages=1)
     plan["0"].launch = launch
+    with pytest.raises(ValueError, match=r"a launch config needs exactly the keys \[.*'GATHER'"):
+        sparsec.compile(model, example_inputs=(x,), plan=plan)
+    launch["GATHER"] = 0
     tuned = sparsec.compile(model, example_inputs=(x,), plan=plan)
     assert tuned.plan["0"].launch == launch
     layer = next(m for m in tuned.modules() if isinstance(m, TritonSparseLinear))

@@ -152,7 +152,8 @@ def test_load_regenerates_kernels_saved_by_another_version(tmp_path):
 
 def test_launch_configs_recorded_with_a_renamed_key_load_in_this_versions_keys(tmp_path):
     """Plans and layers that recorded a launch config under an earlier key name (INT8_PRMT, now
-    PRMT_EXPAND) load with the current name and are used, from a model file and from plan JSON."""
+    PRMT_EXPAND), and without a key added since (GATHER, 0: the form they ran), load with the current
+    keys and are used, from a model file and from plan JSON."""
     import json
 
     from sparsec.runtime.triton_linear import TritonSparseLinear
@@ -163,6 +164,7 @@ def test_launch_configs_recorded_with_a_renamed_key_load_in_this_versions_keys(t
     cm = sparsec.compile(model, example_inputs=(x,), backend="triton", include=[".*"], min_weights=0)
     launch = dict(M=3, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, SPLIT_K=2, PRMT_EXPAND=0, num_warps=4, num_stages=1)
     old = {("INT8_PRMT" if key == "PRMT_EXPAND" else key): value for key, value in launch.items()}
+    launch["GATHER"] = 0
     layer = next(m for m in cm.modules() if isinstance(m, TritonSparseLinear))
     layer.launch, cm.plan["0"].launch = dict(old), dict(old)  # as an earlier version recorded them
     sparsec.save(cm, tmp_path / "old")
