@@ -153,9 +153,11 @@ def run_case(m: int, n: int, k: int, int8: bool, ceil: dict) -> dict:
         row["ok"] = row["ok"] and all(c["ok"] for c in row["configs"])
         checked = [c for c in row["configs"] if c["ok"]] or [{"config": row["default_config"], "s": row["default_s"]}]
         best = min(checked, key=lambda c: c["s"])
-        # the two expansions (Triton shifts, inline-PTX byte permutes), each at its fastest config
-        row["best_s_by_prmt_expand"] = {prmt: min((c["s"] for c in checked if c["config"].get("PRMT_EXPAND") == prmt),
-                                                  default=None) for prmt in (0, 1)}
+        # the two expansions (Triton shifts, inline-PTX byte permutes) and, at one row, the GATHER form that
+        # expands nothing, each at its fastest config
+        row["best_s_by_prmt_expand"] = {prmt: min((c["s"] for c in checked if c["config"].get("PRMT_EXPAND") == prmt
+                                                   and not c["config"].get("GATHER")), default=None) for prmt in (0, 1)}
+        row["best_s_gather"] = min((c["s"] for c in checked if c["config"].get("GATHER")), default=None)
         row["sparsec_s"], row["best_config"] = best["s"], best["config"]
         # the flush that leaves the L2 dirty (see the docstring): how much of the time was write-back
         row["dirty_l2"] = {"dense_s": median_time(lambda: F.linear(x, dense_w), l2_flush="dirty"),
@@ -224,8 +226,9 @@ def print_row(r: dict) -> None:
     cs = f"{1e6 * r['cusparselt_s']:8.1f}" if r["cusparselt_s"] else f"{'-':>8}"
     vc = f"{r['vs_cusparselt']:6.2f}" if r["vs_cusparselt"] else f"{'-':>6}"
     by = {prmt: f"{1e6 * s:6.1f}" if s else f"{'-':>6}" for prmt, s in r["best_s_by_prmt_expand"].items()}
+    gather = f"{1e6 * r['best_s_gather']:6.1f}" if r["best_s_gather"] else f"{'-':>6}"
     print(f"{r['M']:5d} {r['N']:6d} {r['K']:6d} {r['weights']:>4} | {1e6 * r['sparsec_s']:10.1f} {1e6 * r['default_s']:8.1f} "
-          f"{by[0]} {by[1]} {1e6 * r['dense_s']:9.1f} "
+          f"{by[0]} {by[1]} {gather} {1e6 * r['dense_s']:9.1f} "
           f"{r['vs_dense']:7.2f} {r['dirty_l2']['vs_dense']:7.2f} {cs} {vc} | {r['sparsec_GBps']:6.0f} "
           f"{100 * r['bandwidth_of_read_ceiling']:3.0f}% {100 * r['dense_bandwidth_of_read_ceiling']:4.0f}% "
           f"{r['sparsec_TFLOPs_dense_equiv']:6.1f} {100 * r['flops_of_ceiling']:3.0f}% | "
@@ -265,7 +268,7 @@ def main() -> int:
     ms = args.ms or ms
     weights = {"fp16": [False], "int8": [True], "both": [False, True]}[args.weights]
     prefix = results_prefix(args.quick, args.weights, args.ms)
-    header = (f"{'M':>5} {'N':>6} {'K':>6} {'w':>4} | {'sparsec us':>10} {'default':>8} {'shift':>6} {'prmt':>6} {'dense us':>9} "
+    header = (f"{'M':>5} {'N':>6} {'K':>6} {'w':>4} | {'sparsec us':>10} {'default':>8} {'shift':>6} {'prmt':>6} {'gather':>6} {'dense us':>9} "
               f"{'x dense':>7} {'dirty':>7} {'cslt us':>8} {'x cslt':>6} | {'GB/s':>6} {'%rd':>4} {'dns%':>5} {'TF/s':>6} {'%fl':>4} | {'auto':>10} "
               f"{'x dense gpu':>11} {'eager':>5} | {'auto graph':>10} {'x dense':>7} | ok")
     print(header)

@@ -102,6 +102,16 @@ def shared_bytes(loop: list[str]) -> int:
     return total
 
 
+def finite_path(source: str) -> str:
+    """The 2:4 kernel's source with its GATHER form's test for a finite x answered yes: the loop that then runs is
+    the one to count, and the other (0 times x at pruned positions too, for an inf / NaN x) is longer, so
+    loop_instructions would take it. (Registers and spills are read from the whole kernel.)"""
+    test = "if _all_finite(x_row, k_start, k_end, BLOCK_K):"
+    if test not in source:
+        raise RuntimeError("kernel_stats: the 2:4 template's finite-x test changed; update finite_path")
+    return source.replace(test, "if True:")
+
+
 def configs_at(m: int, n: int, k: int, act: str, weight: str, prmt: int) -> list[dict]:
     """The shape table's config, and at M = 1 every other tile backend="auto" times (the K loop does
     not depend on the split, so each tile once)."""
@@ -135,13 +145,15 @@ def main() -> int:
         name, source = emit_matmul(spec, [])
         label = spec.short_name() + ("+prmt" if prmt else "")
         for m, n, k, cfg in [(m, n, k, cfg) for m, n, k in SHAPES for cfg in configs_at(m, n, k, act, weight, prmt)]:
-            constexprs = {key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "PRMT_EXPAND")}
+            constexprs = {key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "PRMT_EXPAND",
+                                                    "GATHER")}
             constexprs.update(derived_constexprs(cfg, k))
             for cap in (90, 80):
-                compiled = compile_for(cap, name, source, matmul_signature(spec), constexprs, cfg["num_warps"],
-                                       cfg["num_stages"])
+                launch = (matmul_signature(spec), constexprs, cfg["num_warps"], cfg["num_stages"])
+                compiled = compile_for(cap, name, source, *launch)
+                counted = compile_for(cap, name, finite_path(source), *launch) if cfg["GATHER"] else compiled
                 usage = resource_usage(compiled.asm["cubin"]) or {}
-                loop = loop_instructions(compiled.asm["cubin"]) or []
+                loop = loop_instructions(counted.asm["cubin"]) or []
                 opcodes = opcode_counts(loop)
                 per_weight = unit_instructions(opcodes, 32 * cfg["num_warps"], cfg["BLOCK_N"] * cfg["BLOCK_K"])
                 shared_per_weight = shared_bytes(loop) * 32 * cfg["num_warps"] / (cfg["BLOCK_N"] * cfg["BLOCK_K"])

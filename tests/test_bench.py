@@ -47,7 +47,8 @@ def test_decode_profile_script_checks_and_launches_every_config():
                             capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     order = [line for line in result.stdout.splitlines() if line.startswith("  ") and "launches" in line]
-    per_kind = 3 * (2 if torch.cuda.is_available() else 1)  # three configs, and on a GPU each with PRMT_EXPAND too
+    per_kind = 3 * (2 if torch.cuda.is_available() else 1) + 2  # three configs, on a GPU each with PRMT_EXPAND too,
+    # and two GATHER configs (which expand nothing)
     assert sum("fp16 values" in line for line in order) == sum("int8 values" in line for line in order) == per_kind
 
 
