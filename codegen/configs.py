@@ -27,12 +27,12 @@ GATHER (one row of fp16 / bf16 inputs, weights of their dtype or int8; spec.gath
 form without expanding: per group of four positions, the two kept values times the x values at their
 positions (a 64-bit shift of the group's four x values each), everything in one [BLOCK_N, BLOCK_K / 4]
 layout. On sm_90 (Triton 3.6 and 3.9, bench/kernel_stats.py) that is 4.5-5.1 instructions per weight
-position (5.1-5.7 with PREFETCH) against 6.2-7.6 expanding (7.8-8.3), 40 registers against 72-96, and no
-shared-memory round trip in the K loop, for tiles that give each thread one metadata word, the four groups of its vector of values
-(BLOCK_N * BLOCK_K = 512 * num_warps; at 1 x 32 x 128 over 4 warps a thread loads two words, and the
-kernel changed layout through shared memory every K step). It skips pruned positions, whose
-zeros make a dense product NaN where x is inf or NaN: a program whose x slice is not all finite runs a
-loop that adds those products too. A candidate at M = 1, not yet timed on a GPU.
+position (5.1-5.7 with PREFETCH) against 5.9-7.6 expanding (6.3-8.3), 40 registers against 72-96, and no
+shared-memory round trip in the K loop, for tiles that give each thread one metadata word, the four
+groups of its vector of values (BLOCK_N * BLOCK_K = 512 * num_warps; at 1 x 32 x 128 over 4 warps a
+thread loads two words, and the kernel changed layout through shared memory every K step). It skips
+pruned positions, whose zeros make a dense product NaN where x is inf or NaN: a program whose x slice is
+not all finite runs a loop that adds those products too. A candidate at M = 1, not yet timed on a GPU.
 
 Split-K: at small M a layer has few output tiles (N = 4096 at BLOCK_N = 32 is 128 tiles for 132
 SMs on an H100, and only some of them stream weights at a time), so K is split until the
@@ -187,7 +187,8 @@ def matmul_candidates(m: int, n: int, k: int, act_dtype: str, sms: int | None, w
         tiles = CONV_LARGE_TILES
     else:
         tiles = [dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)]
-    variants = [base] + [dict(t, SPLIT_K=split_k(m, n, k, t, sms), PRMT_EXPAND=0, GATHER=t.get("GATHER", 0)) for t in tiles]
+    variants = [base] + [dict(t, SPLIT_K=split_k(m, n, k, t, sms), PRMT_EXPAND=0, GATHER=t.get("GATHER", 0))
+                         for t in tiles]
     if base["SPLIT_K"] > 1:
         variants += [dict(base, SPLIT_K=base["SPLIT_K"] // 2), dict(base, SPLIT_K=1)]
     elif sms and m <= 64 and -(-k // base["BLOCK_K"]) // 2 >= MIN_SPLIT_BLOCKS:

@@ -88,7 +88,8 @@ class Sparse24Launch:
         if values.data_ptr() % (2 * values.element_size()):
             values = values.clone()  # the kernel reads each group's two values as one aligned word
         if self.cfg["GATHER"] and (x2.data_ptr() % 8 or x2.stride(0) % 4):
-            x2 = x2.clone(memory_format=torch.contiguous_format)  # the GATHER form reads each group's four x values as one aligned word
+            # the GATHER form reads each group's four x values as one aligned 8-byte word
+            x2 = x2.clone(memory_format=torch.contiguous_format)
         cfg, partials, counts = self.cfg, values, values  # (pointer arguments the unsplit kernel never reads)
         if cfg["SPLIT_K"] > 1:
             counts = split_counters(x.device, self.tiles)
@@ -152,8 +153,11 @@ def sparse24_launch(m: int, n: int, k: int, spec: MatmulSpec, name: str, source:
 def _check_forms(cfg: dict, spec: MatmulSpec, name: str) -> None:
     """A config's PRMT_EXPAND and GATHER fit this kernel and where it runs."""
     cfg.setdefault("PRMT_EXPAND", 0)
+    for key in ("PRMT_EXPAND", "GATHER"):  # (the kernel takes any truthy constexpr as 1: "0" ran the form)
+        if key in cfg and (type(cfg[key]) is not int or cfg[key] not in (0, 1)):
+            raise InvalidInputError(f"launch {key} must be 0 or 1, got {cfg[key]!r}")
     if cfg.get("GATHER") and not (gathers(spec.weight_dtype, spec.act_dtype) and cfg["BLOCK_M"] == 1
-                              and not cfg["PRMT_EXPAND"]):
+                                  and not cfg["PRMT_EXPAND"]):
         raise InvalidInputError(f"launch GATHER=1 applies to {GATHER_APPLIES}, with PRMT_EXPAND=0; kernel {name} has "
                                 f"{spec.weight_dtype} weights and {spec.act_dtype} inputs, and the config BLOCK_M "
                                 f"{cfg['BLOCK_M']}, PRMT_EXPAND {cfg['PRMT_EXPAND']}. Use GATHER=0")

@@ -388,6 +388,9 @@ def _launch_problem(lp: LayerPlan) -> str | None:
                 f"'condensed', 'bitmask' and 'csr') only (this one is {lp.sparsity} on {lp.backend}); set it to null")
     if problem := validate_launch(lp.launch):
         return f"bad launch config {lp.launch}: {problem}"
+    if lp.op in ("conv1d", "conv2d") and (lp.launch["SPLIT_K"] != 1 or lp.launch["GATHER"]):
+        return (f"layer op {lp.op!r} runs the conv kernel, which neither splits K nor has a GATHER form (one row); "
+                f"set SPLIT_K to 1 and GATHER to 0, got {lp.launch['SPLIT_K']} and {lp.launch['GATHER']}")
     weight_dtype = "int8" if lp.quant == "int8" else lp.dtype
     if lp.launch["PRMT_EXPAND"] and not has_prmt_expand(weight_dtype, lp.dtype):
         return (f"launch PRMT_EXPAND=1 applies to {PRMT_EXPAND_APPLIES}; this layer has {weight_dtype} weights and "

@@ -205,6 +205,10 @@ def test_gather_form_is_refused_where_it_cannot_apply():
     with pytest.raises(InvalidInputError, match="GATHER=1 applies to one row .* float16 / bfloat16 inputs.* float32 "
                                                 "weights and float32 inputs"):
         sparse24_matmul(x.to(DEVICE), values.to(DEVICE), meta.to(DEVICE), None, None, None, spec, name, source, config=cfg)
+    for key, bad in (("GATHER", "0"), ("GATHER", 2), ("GATHER", True), ("PRMT_EXPAND", "0")):  # ("0" ran the form)
+        with pytest.raises(InvalidInputError, match=f"launch {key} must be 0 or 1, got {bad!r}"):
+            sparse24_matmul(x.to(DEVICE), values.to(DEVICE), meta.to(DEVICE), None, None, None, spec, name, source,
+                            config={**cfg, "GATHER": 0, key: bad})
     model = nn.Sequential(nn.Linear(64, 32)).to(DEVICE)
     cm = sparsec.compile(model, example_inputs=(x.to(DEVICE),), backend="triton", include=[".*"], min_weights=0)
     plan = sparsec.Plan.from_json(cm.plan.to_json())

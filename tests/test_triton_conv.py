@@ -86,6 +86,22 @@ def test_conv_kernel_refuses_operands_that_do_not_fit():
     with pytest.raises(InvalidInputError, match="does not split K"):
         sparse24_conv2d(x, values.to(DEVICE), meta.to(DEVICE), None, None, None, spec, name, source, geometry,
                         config=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, SPLIT_K=2, num_warps=4, num_stages=1))
+    with pytest.raises(InvalidInputError, match="has no GATHER form"):
+        sparse24_conv2d(x, values.to(DEVICE), meta.to(DEVICE), None, None, None, spec, name, source, geometry,
+                        config=dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, GATHER=1, num_warps=4, num_stages=1))
+
+
+@pytest.mark.parametrize("launch", [dict(SPLIT_K=2), dict(BLOCK_M=1, GATHER=1)])
+def test_a_conv_layers_plan_launch_that_the_conv_kernel_cannot_run_is_refused_when_compiling(launch):
+    """(It was accepted, and failed at the model's first call.)"""
+    model = nn.Sequential(nn.Conv2d(16, 16, 3)).half().to(DEVICE)
+    x = torch.randn(1, 16, 6, 6, device=DEVICE).half()
+    cm = sparsec.compile(model, example_inputs=(x,), backend="triton", include=[".*"], min_weights=0)
+    plan = sparsec.Plan.from_json(cm.plan.to_json())
+    plan["0"].launch = {**dict(M=16, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, SPLIT_K=1, PRMT_EXPAND=0, GATHER=0,
+                               num_warps=4, num_stages=1), **launch}
+    with pytest.raises(ValueError, match="runs the conv kernel, which neither splits K nor has a GATHER form"):
+        sparsec.compile(model, example_inputs=(x,), plan=plan)
 
 
 def test_conv_kernel_source_is_deterministic():
