@@ -106,7 +106,7 @@ def finite_path(source: str) -> str:
     """The 2:4 kernel's source with its GATHER form's test for a finite x answered yes: the loop that then runs is
     the one to count, and the other (0 times x at pruned positions too, for an inf / NaN x) is longer, so
     loop_instructions would take it. (Registers and spills are read from the whole kernel.)"""
-    test = "if _all_finite(x_row, k_start, k_end, BLOCK_K):"
+    test = "if _all_finite(x_row, k_start, k_end, 1024):"
     if test not in source:
         raise RuntimeError("kernel_stats: the 2:4 template's finite-x test changed; update finite_path")
     return source.replace(test, "if True:")
