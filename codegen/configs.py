@@ -26,8 +26,8 @@ a GPU decides.
 GATHER (one row of fp16 / bf16 inputs, weights of their dtype or int8; spec.gathers): 1 runs the CUDA-core
 form without expanding: per group of four positions, the two kept values times the x values at their
 positions (a 64-bit shift of the group's four x values each), everything in one [BLOCK_N, BLOCK_K / 4]
-layout. On sm_90 (Triton 3.6 and 3.9, bench/kernel_stats.py) that is 4.5-5.1 instructions per weight
-position (5.1-5.7 with PREFETCH) against 5.9-7.6 expanding (6.3-8.3), 40 registers against 72-96, and no
+layout. On sm_90 (Triton 3.6 and 3.9, bench/kernel_stats.py) that is 4.1-4.6 instructions per weight
+position (5.0-5.6 with PREFETCH) against 5.9-7.6 expanding (6.3-8.3), 40 registers against 72-96, and no
 shared-memory round trip in the K loop, for tiles that give each thread one metadata word, the four
 groups of its vector of values (BLOCK_N * BLOCK_K = 512 * num_warps; at 1 x 32 x 128 over 4 warps a
 thread loads two words, and the kernel changed layout through shared memory every K step). It skips
@@ -112,9 +112,10 @@ def prefetches(cfg: dict) -> bool:
 
 
 def derived_constexprs(cfg: dict, k: int) -> dict:
-    """The 2:4 matmul kernel's constexprs that follow from a launch config and K: EVEN_K (K a multiple of
-    BLOCK_K, so no per-element K bounds) and PREFETCH (`prefetches`)."""
-    return {"EVEN_K": k % cfg["BLOCK_K"] == 0, "PREFETCH": prefetches(cfg)}
+    """The 2:4 matmul kernel's constexprs that follow from a launch config and K: EVEN_K (K a positive multiple
+    of BLOCK_K, so no per-element K bounds; K = 0 has nothing to load, and the GATHER form loads unmasked) and
+    PREFETCH (`prefetches`)."""
+    return {"EVEN_K": k > 0 and k % cfg["BLOCK_K"] == 0, "PREFETCH": prefetches(cfg)}
 
 
 def split_k(m: int, n: int, k: int, cfg: dict, sms: int | None) -> int:

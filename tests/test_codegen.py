@@ -148,6 +148,22 @@ def test_gather_form_keeps_the_nans_of_a_dense_product(int8, split):
     assert output_error(y[finite].double(), expected[finite].double()) <= 2e-3
 
 
+@pytest.mark.parametrize("stages", [1, 2])
+def test_gather_form_with_k_0_runs_the_epilogue_of_an_empty_sum(stages):
+    """(Its unmasked loads need K > 0: derived_constexprs gives K = 0 the masked path, which loads nothing.)"""
+    from sparsec.codegen.configs import derived_constexprs
+
+    spec = MatmulSpec("float16", "float16", True, "relu", False, "float16")
+    name, source = emit_matmul(spec, [])
+    cfg = dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, SPLIT_K=2, GATHER=1, num_warps=4, num_stages=stages)
+    assert not derived_constexprs(cfg, 0)["EVEN_K"]
+    b = torch.tensor([1.0, -2.0, 3.0]).half()
+    y = sparse24_matmul(torch.randn(2, 0, device=DEVICE).half(), torch.zeros(3, 0, device=DEVICE).half(),
+                        torch.zeros(3, 0, dtype=torch.int16, device=DEVICE), None, b.to(DEVICE), None, spec, name,
+                        source, config=cfg)
+    assert torch.equal(y.cpu(), F.relu(b).expand(2, 3))
+
+
 def test_gather_form_reads_an_unaligned_input_row(monkeypatch):
     """The GATHER form loads a group's four x values as one 8-byte word (on a GPU a misaligned one faults; the
     interpreter reads it anyway): an x that starts off such a boundary (a view one element in), or whose rows
