@@ -336,9 +336,18 @@ class Plan:
                 raise InvalidInputError(f"plan layer {lp.name!r}: mask_kept {lp.mask_kept!r} is not a count of its "
                                         f"{lp.numel} weights (0 to {lp.numel}, or None)")
             dtype = getattr(torch, str(lp.dtype), None)
-            if lp.dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-                raise InvalidInputError(f"plan layer {lp.name!r}: dtype {lp.dtype!r} is not a floating-point torch dtype "
-                                        f"(a layer's weight dtype, spelled 'float32', 'bfloat16', 'float16', ...)")
+            if lp.dtype is not None and not isinstance(dtype, torch.dtype):
+                raise InvalidInputError(f"plan layer {lp.name!r}: dtype {lp.dtype!r} is not a torch dtype (a layer's "
+                                        f"weight dtype, spelled 'float32', 'bfloat16', 'float16', ...)")
+            # (compile leaves an integer or empty weight dense and says so: its plan must read back, a file load)
+            kept_dense = lp.sparsity is None and lp.quant is None and lp.grad_sparsity is None
+            if lp.dtype is not None and not dtype.is_floating_point and not kept_dense:
+                raise InvalidInputError(f"plan layer {lp.name!r}: its weight dtype {lp.dtype!r} is not floating-point, so "
+                                        f"it is left dense (sparsity, quant and grad_sparsity None): patterns and "
+                                        f"quantization need a floating-point weight")
+            if 0 in lp.weight_shape and not kept_dense:
+                raise InvalidInputError(f"plan layer {lp.name!r}: its weight of shape {list(lp.weight_shape)} has no "
+                                        f"elements, so it is left dense (sparsity, quant and grad_sparsity None)")
             if not valid_quant(lp.quant):
                 raise InvalidInputError(f"plan layer {lp.name!r}: quant {lp.quant!r} is not one of {QUANT_FORMS}")
             if lp.backend not in BACKEND_CHOICES:
@@ -359,8 +368,8 @@ def _field_types_problem(entry: dict) -> str | None:
     # (a name may be "": the model itself when it is an nn.Linear / Conv, as model.named_modules() names it)
     checks = [("name", isinstance(entry["name"], str), "a string (the layer's module path)"),
               ("op", isinstance(entry["op"], str), "a string"),
-              ("weight_shape", isinstance(shape, list) and len(shape) > 0 and all(is_int(d) and d > 0 for d in shape),
-               "a list of positive ints, e.g. [128, 64]"),
+              ("weight_shape", isinstance(shape, list) and len(shape) > 0 and all(is_int(d) and d >= 0 for d in shape),
+               "a list of non-negative ints, e.g. [128, 64]"),
               ("reason", isinstance(entry["reason"], str), "a string")]
     for key in ("sparsity", "quant", "grad_sparsity", "dtype", "backend"):
         checks.append((key, entry.get(key) is None or isinstance(entry.get(key), str), "a string or null"))

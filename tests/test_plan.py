@@ -74,9 +74,10 @@ def test_from_json_names_what_it_takes(given):
 
 def test_invalid_entries_are_rejected():
     data = json.loads(_plan().to_json())
-    for bad in ("int7", "float99", "int8"):
-        data["layers"][1]["dtype"] = bad
-        with pytest.raises(InvalidInputError, match=f"'fc2': dtype '{bad}' is not a floating-point torch dtype"):
+    for bad, why in (("int_7", "dtype 'int_7' is not a torch dtype"), ("float99", "dtype 'float99' is not a torch dtype"),
+                     ("int8", "its weight dtype 'int8' is not floating-point, so it is left dense")):
+        data["layers"][1]["dtype"] = bad  # (fc2 is sparse)
+        with pytest.raises(InvalidInputError, match=f"'fc2': {why}"):
             Plan.from_json(json.dumps(data))
     data = json.loads(_plan().to_json())
     data["layers"][1]["sparsity"] = "3:2"
@@ -108,8 +109,8 @@ def test_misspelt_or_misplaced_entries_name_the_layer(field, value, match):
 
 
 @pytest.mark.parametrize("field, value, match", [
-    ("weight_shape", "128x128", r"layer #1 \('fc2'\): weight_shape must be a list of positive ints"),
-    ("weight_shape", None, "weight_shape must be a list of positive ints"),
+    ("weight_shape", "128x128", r"layer #1 \('fc2'\): weight_shape must be a list of non-negative ints"),
+    ("weight_shape", None, "weight_shape must be a list of non-negative ints"),
     ("weight_shape", [128.9, 128], r"weight_shape must be .*got \[128.9, 128\]"),  # was cut to (128, 128)
     ("name", None, r"layer #1 \(None\): name must be a string"),
     ("name", 5, "name must be a string"),

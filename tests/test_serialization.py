@@ -453,3 +453,37 @@ def test_a_framed_file_whose_header_says_version_1_is_called_damaged(tmp_path):
     path.write_bytes(data[:magic_end] + json.dumps(header).encode() + b"\n" + data[header_end:])
     with pytest.raises(CorruptFileError, match="header says format version 1, but version 1 files have no such header"):
         sparsec.load(path)
+
+
+class _IntAndEmptyLayers(nn.Module):
+    """An integer weight and an empty layer, both kept dense by compile with a reason."""
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randint(-3, 4, (64, 64)), requires_grad=False)
+        self.lin = nn.Linear(64, 64)
+        self.empty = nn.Linear(64, 0)
+
+    def forward(self, idx):
+        h = self.lin((idx @ self.w).float())
+        return torch.cat([h, self.empty(h)], dim=-1)
+
+
+def test_a_plan_with_integer_or_empty_layers_kept_dense_reads_back_and_its_model_loads(tmp_path):
+    """compile wrote dtype 'int64' and weight_shape [0, 64] for the layers it kept dense, which Plan.validate
+    refused: the plan did not survive to_json / from_json, and sparsec.load called the saved file damaged."""
+    torch.manual_seed(0)
+    model, x = _IntAndEmptyLayers().eval(), torch.randint(0, 3, (2, 64))
+    cm = sparsec.compile(model, example_inputs=(x,), min_weights=0)
+    assert cm.plan["w"].dtype == "int64" and cm.plan["w"].sparsity is None
+    assert cm.plan["empty"].weight_shape == (0, 64) and cm.plan["empty"].sparsity is None
+    assert sparsec.Plan.from_json(cm.plan.to_json()) == cm.plan
+    again = sparsec.compile(model, example_inputs=(x,), plan=cm.plan).plan
+    assert [(lp.name, lp.sparsity) for lp in again] == [(lp.name, lp.sparsity) for lp in cm.plan]
+    sparsec.save(cm, tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(sparsec.load(tmp_path / "m")(x), cm(x))
+    for name in ("w", "empty"):  # a pattern for either is still refused, naming why
+        plan = sparsec.Plan.from_json(cm.plan.to_json())
+        plan[name].sparsity = "2:4"
+        with pytest.raises(ValueError, match=f"plan layer '{name}': its weight .* so it is left dense"):
+            sparsec.compile(model, example_inputs=(x,), plan=plan)
