@@ -53,6 +53,9 @@ def save(compiled, path: str | os.PathLike) -> None:
     target = os.path.realpath(given)
     if os.path.isdir(target):  # (os.replace's error named the temp file, which the user never asked for)
         raise IsADirectoryError(errno.EISDIR, f"cannot save to {given}: it is a folder; give a file name", given)
+    if os.path.exists(target) and not os.path.isfile(target):  # (the rename below replaced /dev/null, a FIFO, ...)
+        raise InvalidInputError(f"cannot save to {given}: it is not a regular file (a device, FIFO or socket), which "
+                                f"saving would replace; give a file name")
     folder = os.path.dirname(target)
     if not os.path.isdir(folder):  # (open() would name the temp file, which the user never asked for)
         raise FileNotFoundError(errno.ENOENT, f"cannot save to {given}: no folder {folder}", given)
@@ -99,6 +102,7 @@ def load(path: str | os.PathLike, map_location=None):
     from sparsec.plan import Plan
 
     name = os.fsdecode(path)  # (os.fspath kept a bytes path, and every message named it as "b'...'")
+    _check_map_location(map_location)  # (torch.load's error on a bad one was reported as a damaged file)
     # Read from the file as torch.load needs it, not into memory first: the whole file read, then its payload
     # sliced off and wrapped took 3x the file's size at the peak (torch.load alone takes about 1x)
     with open(name, "rb") as f:  # FileNotFoundError as is
@@ -210,6 +214,22 @@ def _load_checked(name: str, f, map_location):
     if digest.hexdigest() != header.get("payload_sha256"):
         raise CorruptFileError(f"{name} is damaged: its payload does not match the checksum written when it was saved")
     return header.get("plan"), _torch_load(name, _Payload(f, offset, size), map_location, intact=True)
+
+
+def _check_map_location(map_location) -> None:
+    """map_location as torch.load takes it: None, a device (or its name), a dict of storage locations, a function."""
+    accepted = ("accepted: None, a device or its name ('cpu', 'cuda:0'), a dict of storage locations "
+                "({'cuda:0': 'cpu'}) or a function (storage, location) -> storage")
+    if map_location is None or callable(map_location) or isinstance(map_location, (torch.device, dict)):
+        return
+    if not isinstance(map_location, str):
+        raise InvalidTypeError(f"sparsec.load: map_location {map_location!r} is a {type(map_location).__name__}; "
+                               f"{accepted}")
+    try:
+        torch.device(map_location)
+    except RuntimeError as e:
+        raise InvalidInputError(f"sparsec.load: map_location {map_location!r} is not a device name ({e}); "
+                                f"{accepted}") from e
 
 
 def _newer(version) -> str:

@@ -1,6 +1,8 @@
 import hashlib
 import io
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -487,3 +489,27 @@ def test_a_plan_with_integer_or_empty_layers_kept_dense_reads_back_and_its_model
         plan[name].sparsity = "2:4"
         with pytest.raises(ValueError, match=f"plan layer '{name}': its weight .* so it is left dense"):
             sparsec.compile(model, example_inputs=(x,), plan=plan)
+
+
+def test_save_refuses_a_path_that_is_not_a_regular_file(tmp_path):
+    """Saving renames a finished temp file onto the path: onto a FIFO (or /dev/null, as root) that replaced the
+    special file by a regular one."""
+    cm = sparsec.compile(nn.Sequential(nn.Linear(16, 16)), example_inputs=(torch.randn(2, 16),), min_weights=0)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="it is not a regular file .* which saving would replace"):
+        sparsec.save(cm, fifo)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
+
+
+@pytest.mark.parametrize("bad, error, why", [("gpu", ValueError, "map_location 'gpu' is not a device name"),
+                                             (5, TypeError, "map_location 5 is a int")])
+def test_load_names_a_bad_map_location_instead_of_calling_the_file_damaged(tmp_path, bad, error, why):
+    x = torch.randn(2, 16)
+    cm = sparsec.compile(nn.Sequential(nn.Linear(16, 16)), example_inputs=(x,), min_weights=0)
+    sparsec.save(cm, tmp_path / "m")
+    with pytest.raises(error, match=why + r".*accepted: None, a device or its name"):
+        sparsec.load(tmp_path / "m", map_location=bad)
+    for good in ("cpu", torch.device("cpu"), {"cpu": "cpu"}, lambda storage, location: storage):
+        with torch.no_grad():
+            assert torch.equal(sparsec.load(tmp_path / "m", map_location=good)(x), cm(x))
