@@ -72,6 +72,11 @@ class CompileOptions:
             raise InvalidInputError(f"min_weights must be a non-negative int, got {min_weights!r}")
         if isinstance(quant_budget, bool) or not isinstance(quant_budget, numbers.Real) or not quant_budget > 0:
             raise InvalidInputError(f"quant_budget must be a positive number, got {quant_budget!r}")
+        if leaf_modules is not None and not isinstance(leaf_modules, (list, tuple)):  # (a str was split into letters)
+            spelled = leaf_modules.__name__ if isinstance(leaf_modules, type) else repr(leaf_modules)
+            hint = f": wrap it in a list, [{spelled}]" if isinstance(leaf_modules, (str, type)) else ""
+            raise InvalidTypeError(f"leaf_modules takes a list of module classes or module names, got "
+                                   f"{leaf_modules!r}{hint}")
         if pattern is None:
             pattern = plan.pattern if plan is not None else DEFAULT_PATTERN
         return cls(pattern=parse_pattern(pattern),

@@ -17,7 +17,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from sparsec.distributed import GATHER_RECIPE, any_sharded
-from sparsec.errors import ExampleInputError, InvalidTypeError, ParameterWriteError, TraceError
+from sparsec.errors import ExampleInputError, InvalidInputError, InvalidTypeError, ParameterWriteError, TraceError
 from sparsec.example_inputs import describe_inputs, model_arguments
 from sparsec.export_capture import capture_with_export, symbolic_failure_summary
 from sparsec.fx_tracer import Tracer
@@ -34,9 +34,13 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
     _check_root_is_traceable_as_called(model)
     leaf_types = tuple(t for t in leaf_modules if isinstance(t, type))
     leaf_names = tuple(t for t in leaf_modules if isinstance(t, str))
-    bad = [t for t in leaf_modules if not isinstance(t, (type, str))]
+    bad = [t for t in leaf_modules if not (isinstance(t, str) or isinstance(t, type) and issubclass(t, nn.Module))]
     if bad:
-        raise InvalidTypeError(f"leaf_modules= takes module classes or module names, got {bad!r}")
+        raise InvalidTypeError(f"leaf_modules= takes module classes (nn.Module subclasses) or module names, got {bad!r}")
+    names = {name for name, _ in model.named_modules()}
+    if unknown := [name for name in leaf_names if name not in names]:  # (a misspelt name had no effect, silently)
+        raise InvalidInputError(f"leaf_modules names {unknown} match no module of the model; its modules are named "
+                                f"as model.named_modules() names them, e.g. {sorted(names - {''})[:8]}")
     # An excluded module is not traced into either: that is the remedy for untraceable submodules.
     # (a compiled graph compiled again is generated code: see Tracer.generated)
     generated = isinstance(model, fx.GraphModule)

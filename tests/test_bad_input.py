@@ -450,3 +450,28 @@ def test_weights_held_as_buffers_stay_dense_with_the_reason():
     assert cm.plan["2"].sparsity is None and "its weight is a buffer, not nn.Parameter" in cm.plan["2"].reason
     assert cm.plan["4"].sparsity == "2:4"
     assert output_error(cm(x), pruned_model(model, cm.plan)(x)) <= 1e-5
+
+
+class _WithBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blk = nn.Sequential(nn.Linear(16, 16))
+        self.out = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.out(self.blk(x))
+
+
+@pytest.mark.parametrize("given, error, message", [
+    ("blk", TypeError, r"leaf_modules takes a list of module classes or module names, got 'blk': wrap it in a list, \['blk'\]"),
+    (nn.Sequential, TypeError, r"got <class .*Sequential'>: wrap it in a list, \[Sequential\]"),
+    (["bkl"], ValueError, r"leaf_modules names \['bkl'\] match no module of the model; .* e.g. \['blk', 'blk.0', 'out'\]"),
+    ([int], TypeError, r"takes module classes \(nn.Module subclasses\) or module names, got \[<class 'int'>\]")])
+def test_leaf_modules_that_would_do_nothing_are_refused(given, error, message):
+    """A string was split into its letters and a misspelt name matched nothing, both silently (the trace error
+    that followed told the user to set leaf_modules, as they had); a class not in a list failed deep inside."""
+    x = torch.randn(2, 16)
+    with pytest.raises(error, match=message):
+        sparsec.compile(_WithBlock(), example_inputs=(x,), leaf_modules=given, min_weights=0)
+    cm = sparsec.compile(_WithBlock(), example_inputs=(x,), leaf_modules=["blk"], min_weights=0)
+    assert any(n.op == "call_module" and n.target == "blk" for n in cm.graph_module.graph.nodes)  # (a leaf)
