@@ -183,6 +183,10 @@ def test_include_naming_a_missing_layer():
     (dict(plan="2:4"), TypeError, "plan must be a sparsec.Plan"),
     (dict(min_weights=-1), ValueError, "min_weights"),
     (dict(quant_budget=0), ValueError, "quant_budget"),
+    # options that would change nothing (they were ignored, silently)
+    (dict(quant_budget=0.5), ValueError, r"quant_budget=0.5 applies to quantize='auto' only.*got quantize=None"),
+    (dict(quant_budget=0.5, quantize="int8"), ValueError, "applies to quantize='auto' only"),
+    (dict(quant_budget=0.5, quantize="auto"), None, None),
     (dict(leaf_modules=[3]), TypeError, "leaf_modules"),
 ])
 def test_bad_options(kwargs, error, match):
@@ -475,3 +479,26 @@ def test_leaf_modules_that_would_do_nothing_are_refused(given, error, message):
         sparsec.compile(_WithBlock(), example_inputs=(x,), leaf_modules=given, min_weights=0)
     cm = sparsec.compile(_WithBlock(), example_inputs=(x,), leaf_modules=["blk"], min_weights=0)
     assert any(n.op == "call_module" and n.target == "blk" for n in cm.graph_module.graph.nodes)  # (a leaf)
+
+
+def test_a_plan_with_min_weights_or_quant_budget_is_refused():
+    """The plan decides which layers are sparse and quantized: both were accepted and ignored."""
+    model, (x,) = load_example("mlp").build_model()
+    plan = sparsec.explain(model, example_inputs=(x,))
+    for extra in (dict(min_weights=10 ** 9), dict(quant_budget=0.9)):
+        with pytest.raises(ValueError, match=r"pass either plan= or min_weights= / quant_budget=, not both"):
+            sparsec.compile(model, example_inputs=(x,), plan=plan, **extra)
+
+
+def test_shrink_takes_numpy_thresholds_and_refuses_non_bool_flags():
+    import numpy as np
+
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.randn(2, 16)
+    cm = sparsec.compile(model, example_inputs=(x,), pattern="dense")
+    small = sparsec.shrink(cm, threshold=np.float32(0.0))  # (refused as "not a finite number >= 0")
+    with torch.no_grad():
+        assert torch.allclose(small(x), cm(x))
+    for flag in ("ragged_fanin", "eval_only"):
+        with pytest.raises(TypeError, match=f"{flag} must be True or False, got 'no'"):  # ("no" turned it on)
+            sparsec.shrink(cm, **{flag: "no"})

@@ -70,6 +70,7 @@ from __future__ import annotations
 import collections
 import copy
 import math
+import numbers
 import time
 
 import torch.fx as fx
@@ -146,11 +147,14 @@ def shrink(cm: CompiledModel, threshold: float = 0.0, *, ragged_fanin: bool = Fa
     """
     if not isinstance(cm, CompiledModel):
         raise InvalidTypeError(f"shrink takes a CompiledModel (from sparsec.compile), got {type(cm).__name__}")
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0 \
+    # (numbers.Real, as compile's options: a numpy scalar was refused as "not a finite number >= 0")
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not threshold >= 0 \
             or not math.isfinite(threshold):
         raise InvalidInputError(f"threshold must be a finite number >= 0, got {threshold!r}")
-    if not isinstance(eval_only, bool):
-        raise InvalidTypeError(f"eval_only must be True or False, got {eval_only!r}")
+    threshold = float(threshold)
+    for name, flag in (("ragged_fanin", ragged_fanin), ("eval_only", eval_only)):  # ("no" turned ragged_fanin on)
+        if not isinstance(flag, bool):
+            raise InvalidTypeError(f"{name} must be True or False, got {flag!r}")
     cm.require_unsharded("shrink (and condense)")
     packed = cm.packed_layers()
     if packed:
