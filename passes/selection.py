@@ -65,8 +65,13 @@ def check_names_match(arg: str, patterns: tuple[str, ...], names: list[str], als
 
             def shown(names: list[str]) -> str:  # (the model itself, an nn.Linear / Conv, is named "")
                 return ", ".join(name or "'' (the model itself)" for name in names)
+            try:
+                re.compile(text)
+                literal = ""
+            except re.error as e:  # (matched as a literal name then; the regex error went unmentioned)
+                literal = f" (as a literal name: it is not a valid regular expression, {e})"
             raise InvalidInputError(
-                f"{arg}={text!r} matches no candidate layer"
+                f"{arg}={text!r} matches no candidate layer{literal}"
                 + (f"; close names: {shown(close)}" if close else "")
                 + f"; candidate layers: {shown(names) if names else '(none)'}")
 

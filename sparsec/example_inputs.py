@@ -37,7 +37,14 @@ def normalize_example_inputs(model: nn.Module, example_inputs: object, example_k
         raise InvalidTypeError(
             f"example_inputs must be a tuple of the model's positional arguments, e.g. (x,), "
             f"got {type(args).__name__}; wrap a single tensor as (x,)")
-    return fresh_inputs(_in_graph_order(model, args, kwargs))
+    inputs = _in_graph_order(model, args, kwargs)
+    nested = []
+    tree_map(lambda t: nested.append(t) if isinstance(t, torch.Tensor) and t.is_nested else None, inputs)
+    if nested:  # (torch's "Internal error: NestedTensorImpl doesn't support sizes" came out of the trace check)
+        raise ExampleInputError("an example input is a nested tensor (torch.nested), which sparsec cannot trace "
+                                "or compare shapes of; pass a padded dense tensor (nested.to_padded_tensor(0.0)) "
+                                "and its mask or lengths as inputs")
+    return fresh_inputs(inputs)
 
 
 def _in_graph_order(model: nn.Module, args: tuple, kwargs: dict) -> tuple:

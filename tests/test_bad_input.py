@@ -502,3 +502,17 @@ def test_shrink_takes_numpy_thresholds_and_refuses_non_bool_flags():
     for flag in ("ragged_fanin", "eval_only"):
         with pytest.raises(TypeError, match=f"{flag} must be True or False, got 'no'"):  # ("no" turned it on)
             sparsec.shrink(cm, **{flag: "no"})
+
+
+def test_a_nested_tensor_example_input_is_refused_naming_what_to_pass():
+    """(compile failed with torch's "Internal error: NestedTensorImpl doesn't support sizes. Please file an issue")"""
+    nested = torch.nested.nested_tensor([torch.randn(2, 16), torch.randn(3, 16)])
+    with pytest.raises(ExampleInputError, match=r"is a nested tensor .* pass a padded dense tensor"):
+        sparsec.compile(nn.Sequential(nn.Linear(16, 16)), example_inputs=(nested,))
+
+
+def test_an_include_that_is_not_a_regex_and_matches_nothing_says_both():
+    model, (x,) = load_example("mlp").build_model()
+    with pytest.raises(ValueError, match=r"include='fc\(' matches no candidate layer \(as a literal name: it is not "
+                                         r"a valid regular expression, missing \), unterminated subpattern"):
+        sparsec.compile(model, example_inputs=(x,), include=["fc("])
