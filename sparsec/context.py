@@ -72,7 +72,7 @@ class CompileOptions:
             raise InvalidInputError(f"min_weights must be a non-negative int, got {min_weights!r}")
         if isinstance(quant_budget, bool) or not isinstance(quant_budget, numbers.Real) or not quant_budget > 0:
             raise InvalidInputError(f"quant_budget must be a positive number, got {quant_budget!r}")
-        _check_options_apply(quantize, plan, min_weights, quant_budget)
+        _check_options_apply(quantize, plan, quant_budget)
         if leaf_modules is not None and not isinstance(leaf_modules, (list, tuple)):  # (a str was split into letters)
             spelled = leaf_modules.__name__ if isinstance(leaf_modules, type) else repr(leaf_modules)
             hint = f": wrap it in a list, [{spelled}]" if isinstance(leaf_modules, (str, type)) else ""
@@ -154,14 +154,14 @@ def _check_runtime_options(train: bool, quantize: object, backend: object, timin
                                 f"'log2:B' / 'codebook:B' with 2 <= B <= 8 (e.g. 'codebook:4')")
 
 
-def _check_options_apply(quantize: object, plan: object, min_weights: object, quant_budget: object) -> None:
+def _check_options_apply(quantize: object, plan: object, quant_budget: object) -> None:
     """Options that would change nothing are refused, as a given plan with quantize= is: they were ignored.
-    (quantize= with pattern='dense' is not one of them: a train=True model compiled again keeps its learned
-    masks under 'dense', as condense does, and quantize applies to those layers.)"""
-    if plan is not None and (min_weights != DEFAULT_MIN_WEIGHTS or quant_budget != DEFAULT_QUANT_BUDGET):
-        raise InvalidInputError(f"pass either plan= or min_weights= / quant_budget=, not both: the plan already says "
-                                f"which layers are sparse and quantized (got min_weights={min_weights!r}, "
-                                f"quant_budget={quant_budget!r})")
+    (Not min_weights with a plan: explain(**opts), edit, compile(plan=plan, **opts) is the plan workflow, and
+    min_weights did its work in explain. Nor quantize= with pattern='dense': a train=True model compiled again
+    keeps its learned masks under 'dense', as condense does, and quantize applies to those layers.)"""
+    if plan is not None and quant_budget != DEFAULT_QUANT_BUDGET:
+        raise InvalidInputError(f"pass either plan= or quant_budget={quant_budget!r}, not both: the plan's quant column "
+                                f"already says which layers are quantized")
     if quant_budget != DEFAULT_QUANT_BUDGET and quantize != "auto":
         raise InvalidInputError(f"quant_budget={quant_budget!r} applies to quantize='auto' only (int8 where the "
                                 f"weight error stays within it); got quantize={quantize!r}")
