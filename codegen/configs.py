@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import os
 
-from sparsec.codegen.spec import gathers, has_prmt_expand
+from sparsec.codegen.spec import GATHER_APPLIES, PRMT_EXPAND_APPLIES, gathers, has_prmt_expand
 
 LAUNCH_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "PRMT_EXPAND", "GATHER", "num_warps",
                "num_stages")
@@ -220,24 +220,41 @@ def upgrade_launch(launch):
     return {**ADDED_LAUNCH_KEYS, **{RENAMED_LAUNCH_KEYS.get(key, key): value for key, value in launch.items()}}
 
 
+FORM_KEYS = ("PRMT_EXPAND", "GATHER")  # launch keys choosing a form of the 2:4 kernel, 0 or 1
+
+
+def form_problem(cfg: dict, weight_dtype: str | None = None, act_dtype: str | None = None,
+                 who: str = "the kernel") -> str | None:
+    """Why a 2:4 launch config's forms (FORM_KEYS) cannot run (None: they can): values other than 0 / 1 (the
+    kernel takes any truthy constexpr as 1: "0" ran the form), GATHER with more than one row a program or with
+    PRMT_EXPAND, and, given the kernel's dtypes, a form it does not have; `who` names the kernel or layer."""
+    for key in FORM_KEYS:
+        if key in cfg and (type(cfg[key]) is not int or cfg[key] not in (0, 1)):
+            return f"launch {key} must be 0 or 1, got {cfg[key]!r}"
+    if cfg.get("GATHER") and (cfg["BLOCK_M"] != 1 or cfg.get("PRMT_EXPAND")):
+        return "launch GATHER=1 takes BLOCK_M 1 (one row per program) and PRMT_EXPAND 0 (it expands nothing)"
+    for key, applies, has in (("PRMT_EXPAND", PRMT_EXPAND_APPLIES, has_prmt_expand), ("GATHER", GATHER_APPLIES, gathers)):
+        if cfg.get(key) and weight_dtype is not None and not has(weight_dtype, act_dtype):
+            return (f"launch {key}=1 applies to {applies}; {who} has {weight_dtype} weights and {act_dtype} inputs. "
+                    f"Set {key} to 0")
+    return None
+
+
 def validate_launch(launch: dict) -> str | None:
     """Why a plan's launch entry (a config plus the rows "M" it applies at) cannot be used; None when it can."""
     if not isinstance(launch, dict) or set(launch) != {"M", *LAUNCH_KEYS}:
         return f"a launch config needs exactly the keys {['M', *LAUNCH_KEYS]}"
     cfg = launch
+    if problem := form_problem(cfg):
+        return problem
     for key, value in cfg.items():
-        if key in ("PRMT_EXPAND", "GATHER"):
-            if type(value) is not int or value not in (0, 1):
-                return f"launch {key} must be 0 or 1, got {value!r}"
-        elif not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if key not in FORM_KEYS and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             return f"launch {key} must be a positive integer, got {value!r}"
     for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps"):
         if cfg[key] & (cfg[key] - 1):
             return f"launch {key} must be a power of two, got {cfg[key]}"
     if min(cfg["BLOCK_N"], cfg["BLOCK_K"]) < 16:
         return "BLOCK_N and BLOCK_K must be >= 16 (tl.dot's minimum; BLOCK_M under 16 selects the CUDA-core form)"
-    if cfg["GATHER"] and (cfg["BLOCK_M"] != 1 or cfg["PRMT_EXPAND"]):
-        return "launch GATHER=1 takes BLOCK_M 1 (one row per program) and PRMT_EXPAND 0 (it expands nothing)"
     if cfg["SPLIT_K"] > MAX_SPLIT_K:
         return f"launch SPLIT_K must be at most {MAX_SPLIT_K}, got {cfg['SPLIT_K']}"
     return None

@@ -11,9 +11,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from sparsec.codegen.cache import KernelCache
-from sparsec.codegen.configs import condensed_config, derived_constexprs, interpreting, matmul_config
+from sparsec.codegen.configs import condensed_config, derived_constexprs, form_problem, interpreting, matmul_config
 from sparsec.codegen.direct_launch import DirectLaunch
-from sparsec.codegen.spec import GATHER_APPLIES, PRMT_EXPAND_APPLIES, MatmulSpec, gathers, has_prmt_expand
+from sparsec.codegen.spec import MatmulSpec
 from sparsec.errors import InvalidInputError
 from sparsec import shape_cache
 from sparsec.shape_cache import remember
@@ -153,17 +153,8 @@ def sparse24_launch(m: int, n: int, k: int, spec: MatmulSpec, name: str, source:
 def _check_forms(cfg: dict, spec: MatmulSpec, name: str) -> None:
     """A config's PRMT_EXPAND and GATHER fit this kernel and where it runs."""
     cfg.setdefault("PRMT_EXPAND", 0)
-    for key in ("PRMT_EXPAND", "GATHER"):  # (the kernel takes any truthy constexpr as 1: "0" ran the form)
-        if key in cfg and (type(cfg[key]) is not int or cfg[key] not in (0, 1)):
-            raise InvalidInputError(f"launch {key} must be 0 or 1, got {cfg[key]!r}")
-    if cfg.get("GATHER") and not (gathers(spec.weight_dtype, spec.act_dtype) and cfg["BLOCK_M"] == 1
-                                  and not cfg["PRMT_EXPAND"]):
-        raise InvalidInputError(f"launch GATHER=1 applies to {GATHER_APPLIES}, with PRMT_EXPAND=0; kernel {name} has "
-                                f"{spec.weight_dtype} weights and {spec.act_dtype} inputs, and the config BLOCK_M "
-                                f"{cfg['BLOCK_M']}, PRMT_EXPAND {cfg['PRMT_EXPAND']}. Use GATHER=0")
-    if cfg["PRMT_EXPAND"] and not has_prmt_expand(spec.weight_dtype, spec.act_dtype):
-        raise InvalidInputError(f"launch PRMT_EXPAND=1 applies to {PRMT_EXPAND_APPLIES}; kernel {name} has "
-                                f"{spec.weight_dtype} weights and {spec.act_dtype} inputs. Use PRMT_EXPAND=0")
+    if problem := form_problem(cfg, spec.weight_dtype, spec.act_dtype, f"kernel {name}"):
+        raise InvalidInputError(problem)
     if cfg["PRMT_EXPAND"] and interpreting():
         raise InvalidInputError("launch PRMT_EXPAND=1 runs inline PTX, which the Triton interpreter cannot run; "
                                 "use PRMT_EXPAND=0 under TRITON_INTERPRET=1")

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 from sparsec.errors import ExampleInputError, InvalidTypeError
 from sparsec.plan import dtype_name
@@ -38,9 +38,7 @@ def normalize_example_inputs(model: nn.Module, example_inputs: object, example_k
             f"example_inputs must be a tuple of the model's positional arguments, e.g. (x,), "
             f"got {type(args).__name__}; wrap a single tensor as (x,)")
     inputs = _in_graph_order(model, args, kwargs)
-    nested = []
-    tree_map(lambda t: nested.append(t) if isinstance(t, torch.Tensor) and t.is_nested else None, inputs)
-    if nested:  # (torch's "Internal error: NestedTensorImpl doesn't support sizes" came out of the trace check)
+    if any(isinstance(t, torch.Tensor) and t.is_nested for t in tree_leaves(inputs)):  # (torch's "Internal error: NestedTensorImpl doesn't support sizes" came out of the trace check)
         raise ExampleInputError("an example input is a nested tensor (torch.nested), which sparsec cannot trace "
                                 "or compare shapes of; pass a padded dense tensor (nested.to_padded_tensor(0.0)) "
                                 "and its mask or lengths as inputs")

@@ -37,7 +37,7 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
     bad = [t for t in leaf_modules if not (isinstance(t, str) or isinstance(t, type) and issubclass(t, nn.Module))]
     if bad:
         raise InvalidTypeError(f"leaf_modules= takes module classes (nn.Module subclasses) or module names, got {bad!r}")
-    names = {name for name, _ in model.named_modules()}
+    names = {name for name, _ in model.named_modules()} if leaf_names else set()
     if unknown := [name for name in leaf_names if name not in names]:  # (a misspelt name had no effect, silently)
         raise InvalidInputError(f"leaf_modules names {unknown} match no module of the model; its modules are named "
                                 f"as model.named_modules() names them, e.g. {sorted(names - {''})[:8]}")

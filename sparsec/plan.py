@@ -383,8 +383,7 @@ def _field_types_problem(entry: dict) -> str | None:
 
 def _launch_problem(lp: LayerPlan) -> str | None:
     """Why a layer's recorded launch entry cannot be applied (None: it can)."""
-    from sparsec.codegen.configs import validate_launch
-    from sparsec.codegen.spec import GATHER_APPLIES, PRMT_EXPAND_APPLIES, gathers, has_prmt_expand
+    from sparsec.codegen.configs import form_problem, validate_launch
 
     if lp.backend in ("condensed", "bitmask", "csr"):
         rows = lp.launch.get("max_rows") if isinstance(lp.launch, dict) else None
@@ -401,13 +400,7 @@ def _launch_problem(lp: LayerPlan) -> str | None:
         return (f"layer op {lp.op!r} runs the conv kernel, which neither splits K nor has a GATHER form (one row); "
                 f"set SPLIT_K to 1 and GATHER to 0, got {lp.launch['SPLIT_K']} and {lp.launch['GATHER']}")
     weight_dtype = "int8" if lp.quant == "int8" else lp.dtype
-    if lp.launch["PRMT_EXPAND"] and not has_prmt_expand(weight_dtype, lp.dtype):
-        return (f"launch PRMT_EXPAND=1 applies to {PRMT_EXPAND_APPLIES}; this layer has {weight_dtype} weights and "
-                f"{lp.dtype} inputs. Set PRMT_EXPAND to 0")
-    if lp.launch["GATHER"] and not gathers(weight_dtype, lp.dtype):
-        return (f"launch GATHER=1 applies to {GATHER_APPLIES}; this layer has {weight_dtype} weights and {lp.dtype} "
-                f"inputs. Set GATHER to 0")
-    return None
+    return form_problem(lp.launch, weight_dtype, lp.dtype, "this layer")
 
 
 def _fmt_bytes(n: float) -> str:
