@@ -7,6 +7,9 @@ A layer gets `grad_pattern` unless:
   * the pattern keeps every value (N = M): nothing to prune either;
   * its output-feature count (conv: output channels) is not a multiple of M: dY cannot be grouped
     along it, the gradient stays dense;
+  * it is the last layer (no candidate layer after it) and include= does not name it: its dY is the loss
+    gradient itself, the one every earlier layer's gradient is computed from, which SDGP's original leaves
+    dense (it converts convs only, never the classifier; methods.md A.4);
   * it cannot be trained as a sparsec layer at all (eligibility blocker; a given plan asking for one there
     is refused).
 Weight sparsity and gradient sparsity are independent: a dense-weight layer can still use SDGP.
@@ -21,6 +24,7 @@ import torch.fx as fx
 from sparsec.context import CompileContext
 from sparsec.errors import InvalidInputError
 from sparsec.meta import data_input, dataflow_graph, get_meta, layer_nodes, update_meta
+from sparsec.passes.selection import first_match, layer_positions
 from sparsec.patterns import NM, parse_pattern
 
 
@@ -51,7 +55,7 @@ def choose_grad_sparsity(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphMod
     opts = ctx.options
     if not opts.train:
         return gm
-    trainable_downstream = None  # (built on first use: only grad_pattern= asks)
+    trainable_downstream = last = None  # (built on first use: only grad_pattern= asks)
     for name, nodes in layer_nodes(gm).items():
         meta = get_meta(nodes[0])
         decision, layer = meta.decision, meta.layer
@@ -78,6 +82,8 @@ def choose_grad_sparsity(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphMod
             continue
         if trainable_downstream is None:  # (a detached input has no gradient upstream: the gradients' dataflow)
             trainable_downstream = _downstream_of(dataflow_graph(gm, gradients=True), _trainable_sources(gm))
+            last = layer_positions(gm)[1]
+        included_by = first_match(opts.include, name)
         data = [d for n in nodes if isinstance(d := data_input(n), fx.Node)]
         if meta.blocker:  # (said here too: with pattern='dense' the layer's reason did not mention it)
             # (SDGP prunes dY, not the weight, but it runs in the layer sparsec puts in the module's place, which
@@ -92,8 +98,14 @@ def choose_grad_sparsity(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphMod
         elif layer.out_features % g.m:
             what = "output channels" if layer.conv is not None else "output features"
             note, grad = f"gradient dense: {layer.out_features} {what} are not a multiple of M={g.m}", None
+        elif name in last and included_by is None:
+            note, grad = (f"gradient dense: last layer ({last[name]}), whose dY is the loss gradient every earlier "
+                          f"layer's comes from (SDGP's original keeps the classifier's dense); include=['{name}'] "
+                          "overrides"), None
         else:
             note, grad = _sdgp_note(layer, str(g), opts), str(g)
+            if name in last:
+                note += f"; forced by include={included_by!r} over the default policy: last layer ({last[name]})"
         decision = dataclasses.replace(decision, grad_sparsity=grad, reason=f"{decision.reason}; {note}")
         for node in nodes:
             update_meta(node, decision=decision)

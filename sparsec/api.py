@@ -97,7 +97,8 @@ def compile(model: nn.Module, pattern: str | None = None, example_inputs: Any = 
     train: rewrite for training: dense weights with first-class masks (weight_update "fixed": masks never
         change; "ste": SR-STE re-pruning every step with decay ste_decay on pruned weights) and, with
         grad_pattern (e.g. "2:4"), SDGP: data gradients pruned N:M in backward (grad_mode "magnitude", the
-        default, or "rescale"; with plan=, the plan's grad_mode). pattern="dense" with grad_pattern trains dense weights with SDGP only.
+        default, or "rescale"; with plan=, the plan's grad_mode); the last layer's dY, the loss gradient, stays dense
+        unless include= names it. pattern="dense" with grad_pattern trains dense weights with SDGP only.
     """
     options = CompileOptions.from_user(pattern, quantize, include, exclude, plan, min_weights, quant_budget, leaf_modules,
                                        backend, train=train, grad_pattern=grad_pattern, grad_mode=grad_mode,

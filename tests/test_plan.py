@@ -296,9 +296,9 @@ def test_a_plan_runs_the_grad_mode_it_was_made_with():
     x, dy = torch.randn(6, 16), torch.randn(6, 8)
     opts = dict(example_inputs=(x,), train=True, min_weights=0)
     plan = Plan.from_json(sparsec.explain(model, grad_pattern="2:4", grad_mode="rescale", **opts).to_json())
-    assert plan.grad_mode == "rescale" and plan["4"].grad_sparsity == "2:4"
+    assert plan.grad_mode == "rescale" and plan["2"].grad_sparsity == "2:4"
     from_plan = sparsec.compile(model, plan=plan, **opts)
-    assert "SDGP" in from_plan.plan["4"].reason and "(rescale)" in from_plan.plan["4"].reason
+    assert "SDGP" in from_plan.plan["2"].reason and "(rescale)" in from_plan.plan["2"].reason
     direct = {mode: sparsec.compile(model, grad_pattern="2:4", grad_mode=mode, **opts) for mode in ("rescale", "magnitude")}
     got = _sdgp_input_grad(from_plan, x, dy)
     torch.testing.assert_close(got, _sdgp_input_grad(direct["rescale"], x, dy), rtol=0, atol=0)

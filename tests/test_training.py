@@ -113,6 +113,35 @@ def test_plan_gradient_column_and_reasons():
     assert trained.plan["stage1.0.0"].grad_sparsity == "2:4"
 
 
+def test_last_layer_keeps_its_loss_gradient_dense_unless_included():
+    """SDGP's original never prunes the classifier's data gradient (methods.md A.4): the last layer's dY is
+    the loss gradient, the one every earlier layer's comes from. grad_pattern pruned it; now the last layer
+    keeps it dense unless include= names it. dX checked against a backward by hand."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
+    x, dy = torch.randn(6, 16), torch.randn(6, 8)
+    opts = dict(pattern="dense", example_inputs=(x,), train=True, grad_pattern="2:4")
+    default, included = sparsec.compile(model, **opts), sparsec.compile(model, include=["4"], **opts)
+    assert [lp.grad_sparsity for lp in default.plan] == [None, "2:4", None]
+    assert "last layer" in default.plan["4"].reason and "include=['4'] overrides" in default.plan["4"].reason
+    assert [lp.grad_sparsity for lp in included.plan] == [None, "2:4", "2:4"]
+    assert "forced by include='4'" in included.plan["4"].reason
+
+    def by_hand(prune_last: bool) -> torch.Tensor:
+        w0, w2, w4 = (model[i].weight.detach() for i in (0, 2, 4))
+        z0 = F.linear(x, w0, model[0].bias)
+        z2 = F.linear(z0.relu(), w2, model[2].bias)
+        prune = lambda g: g * lexsort_mask(g.reshape(g.shape[0], -1, 4), 2).reshape(g.shape)
+        d4 = prune(dy) if prune_last else dy
+        d2 = prune((d4 @ w4) * (z2 > 0))
+        return ((d2 @ w2) * (z0 > 0)) @ w0
+
+    for cm, prune_last in ((default, False), (included, True)):
+        xg = x.clone().requires_grad_(True)
+        cm(xg).backward(dy)
+        torch.testing.assert_close(xg.grad, by_hand(prune_last), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("make_optimizer", [
     lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2),
     lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),

@@ -76,8 +76,10 @@ def test_sr_ste_per_sample_gradients_under_torch_func(grad_pattern):
     model, x, t = MLP(), torch.randn(5, 16), torch.randint(0, 8, (5,))
     decay = 0.1
     extra = {"grad_pattern": grad_pattern} if grad_pattern else {}
-    cm = sparsec.compile(model, pattern="2:4", example_inputs=(x,), train=True, include=["fc2"], weight_update="ste",
-                         ste_decay=decay, **extra)
+    opts = dict(example_inputs=(x,), train=True, weight_update="ste", ste_decay=decay)
+    plan = sparsec.explain(model, pattern="2:4", include=["fc2"], **opts, **extra)
+    plan["fc3"].grad_sparsity = grad_pattern  # (the last layer's loss gradient stays dense by default)
+    cm = sparsec.compile(model, plan=plan, **opts)
     params = {k: v.detach() for k, v in cm.named_parameters()}
 
     def loss(p, xi, ti):
