@@ -7,6 +7,7 @@ A layer gets `grad_pattern` unless:
   * the pattern keeps every value (N = M): nothing to prune either;
   * its output-feature count (conv: output channels) is not a multiple of M: dY cannot be grouped
     along it, the gradient stays dense;
+  * exclude= names it;
   * it is the last layer (no candidate layer after it) and include= does not name it: its dY is the loss
     gradient itself, the one every earlier layer's gradient is computed from, which SDGP's original leaves
     dense (it converts convs only, never the classifier; methods.md A.4);
@@ -55,62 +56,78 @@ def choose_grad_sparsity(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphMod
     opts = ctx.options
     if not opts.train:
         return gm
-    trainable_downstream = last = None  # (built on first use: only grad_pattern= asks)
+    # the default: grad_pattern=, or the one a given plan was made with (its entries are then compared with it)
+    default = opts.plan.grad_pattern if opts.plan is not None else opts.grad_pattern
+    default = parse_pattern(default) if default is not None else None
+    graph_facts = None  # (built on first use: only a default pattern asks)
     for name, nodes in layer_nodes(gm).items():
         meta = get_meta(nodes[0])
         decision, layer = meta.decision, meta.layer
+        if default is not None and graph_facts is None:
+            graph_facts = (_downstream_of(dataflow_graph(gm, gradients=True), _trainable_sources(gm)),
+                           layer_positions(gm)[1])
+        grad, note = _default_grad(name, nodes, meta, default, opts, *graph_facts) if default else (None, None)
         if opts.plan is not None:
-            grad = decision.grad_sparsity
-            if grad is not None and not isinstance(parse_pattern(grad), NM):  # (a FanIn has no .m)
-                raise InvalidInputError(f"the given plan asks for gradient pattern {grad!r} on layer {name!r}; data "
-                                        f"gradients are pruned N:M (e.g. '2:4'), or None for a dense gradient")
-            if grad is not None and meta.blocker:
-                # (as a weight pattern there is refused: the layer would become a TrainableLayer holding a copy of
-                # the weight, silently untying it from the module / op that shares it)
-                raise InvalidInputError(f"the given plan asks for gradient pattern {grad} on layer {name!r}, which "
-                                        f"cannot take it: {meta.blocker}")
-            if grad is not None and layer.out_features % parse_pattern(grad).m:
-                raise InvalidInputError(f"the given plan asks for gradient pattern {grad} on layer {name!r}, whose "
-                                 f"{layer.out_features} output features are not a multiple of M={parse_pattern(grad).m}")
-            if grad is not None:  # (the reason says so, as it does when grad_pattern= chose it)
-                decision = dataclasses.replace(decision, reason=f"{decision.reason}; {_sdgp_note(layer, grad, opts)}")
-                for node in nodes:
-                    update_meta(node, decision=decision)
+            given = decision.grad_sparsity
+            _check_given(name, layer, meta, given)
+            if given != grad:
+                grad, note = given, (f"{_sdgp_note(layer, given, opts)}; set by the given plan" if given else
+                                     "gradient dense: set by the given plan") + (f" (default: {note})" if note else "")
+        if note is None:
             continue
-        g = opts.grad_pattern
-        if g is None:
-            continue
-        if trainable_downstream is None:  # (a detached input has no gradient upstream: the gradients' dataflow)
-            trainable_downstream = _downstream_of(dataflow_graph(gm, gradients=True), _trainable_sources(gm))
-            last = layer_positions(gm)[1]
-        included_by = first_match(opts.include, name)
-        data = [d for n in nodes if isinstance(d := data_input(n), fx.Node)]
-        if meta.blocker:  # (said here too: with pattern='dense' the layer's reason did not mention it)
-            # (SDGP prunes dY, not the weight, but it runs in the layer sparsec puts in the module's place, which
-            # would hold a copy of the weight: the blocker is why the layer is left as it is; the weight's reason
-            # says it already unless pattern='dense')
-            why = "" if meta.blocker in decision.reason else f", since {meta.blocker}"
-            note, grad = f"gradient dense: SDGP runs in the layer sparsec puts in place, and this one stays as it is{why}", None
-        elif g.n == g.m:
-            note, grad = f"gradient dense: grad_pattern {g} keeps every value (N = M)", None
-        elif not any(d in trainable_downstream for d in data):
-            note, grad = "gradient dense: no trainable parameter upstream, so its data gradient is never used", None
-        elif layer.out_features % g.m:
-            what = "output channels" if layer.conv is not None else "output features"
-            note, grad = f"gradient dense: {layer.out_features} {what} are not a multiple of M={g.m}", None
-        elif name in last and included_by is None:
-            note, grad = (f"gradient dense: last layer ({last[name]}), whose dY is the loss gradient every earlier "
-                          f"layer's comes from (SDGP's original keeps the classifier's dense); include=['{name}'] "
-                          "overrides"), None
-        else:
-            note, grad = _sdgp_note(layer, str(g), opts), str(g)
-            if name in last:
-                note += f"; forced by include={included_by!r} over the default policy: last layer ({last[name]})"
+        ctx.counters["grad_pruned" if grad else "grad_dense"] += 1
         decision = dataclasses.replace(decision, grad_sparsity=grad, reason=f"{decision.reason}; {note}")
         for node in nodes:
             update_meta(node, decision=decision)
-        ctx.counters["grad_pruned" if grad else "grad_dense"] += 1
     return gm
+
+
+def _check_given(name: str, layer, meta, grad: str | None) -> None:
+    """Refuse a given plan's gradient pattern the layer cannot take, naming why."""
+    if grad is None:
+        return
+    if not isinstance(parse_pattern(grad), NM):  # (a FanIn has no .m)
+        raise InvalidInputError(f"the given plan asks for gradient pattern {grad!r} on layer {name!r}; data "
+                                f"gradients are pruned N:M (e.g. '2:4'), or None for a dense gradient")
+    if meta.blocker:
+        # (as a weight pattern there is refused: the layer would become a TrainableLayer holding a copy of
+        # the weight, silently untying it from the module / op that shares it)
+        raise InvalidInputError(f"the given plan asks for gradient pattern {grad} on layer {name!r}, which "
+                                f"cannot take it: {meta.blocker}")
+    if layer.out_features % parse_pattern(grad).m:
+        raise InvalidInputError(f"the given plan asks for gradient pattern {grad} on layer {name!r}, whose "
+                                f"{layer.out_features} output features are not a multiple of M={parse_pattern(grad).m}")
+
+
+def _default_grad(name: str, nodes: list[fx.Node], meta, g: NM, opts, trainable_downstream: set[fx.Node],
+                  last: dict[str, str]) -> tuple[str | None, str]:
+    """(the layer's gradient pattern under grad_pattern g, or None; the note saying why)."""
+    layer, decision = meta.layer, meta.decision
+    data = [d for n in nodes if isinstance(d := data_input(n), fx.Node)]
+    included_by = first_match(opts.include, name)
+    if (excluded_by := first_match(opts.exclude, name)) is not None:
+        return None, f"gradient dense: excluded by exclude={excluded_by!r}"
+    if meta.blocker:  # (said here too: with pattern='dense' the layer's reason did not mention it)
+        # (SDGP prunes dY, not the weight, but it runs in the layer sparsec puts in the module's place, which
+        # would hold a copy of the weight: the blocker is why the layer is left as it is; the weight's reason
+        # says it already unless pattern='dense')
+        why = "" if meta.blocker in decision.reason else f", since {meta.blocker}"
+        return None, f"gradient dense: SDGP runs in the layer sparsec puts in place, and this one stays as it is{why}"
+    if g.n == g.m:
+        return None, f"gradient dense: grad_pattern {g} keeps every value (N = M)"
+    if not any(d in trainable_downstream for d in data):
+        return None, "gradient dense: no trainable parameter upstream, so its data gradient is never used"
+    if layer.out_features % g.m:
+        what = "output channels" if layer.conv is not None else "output features"
+        return None, f"gradient dense: {layer.out_features} {what} are not a multiple of M={g.m}"
+    if name in last and included_by is None:
+        return None, (f"gradient dense: last layer ({last[name]}), whose dY is the loss gradient every earlier "
+                      f"layer's comes from (SDGP's original keeps the classifier's dense); include=['{name}'] overrides")
+    note = _sdgp_note(layer, str(g), opts)
+    forced = f"forced by include={included_by!r}"
+    if name in last and forced not in decision.reason:  # (the weights' reason says it already when they were forced)
+        note += f"; {forced} over the default policy: last layer ({last[name]})"
+    return str(g), note
 
 
 def _sdgp_note(layer, grad: str, opts) -> str:

@@ -125,9 +125,13 @@ def layer_positions(gm: fx.GraphModule) -> tuple[dict[str, str], dict[str, str]]
         reached = _owners_reached(graph, owner, upstream)
         for name, nodes in by_name.items():
             calls = [i for i, n in enumerate(nodes) if reached[n] <= {name}]
-            if calls:
-                found[name] = (f"no candidate layer {side} it" if len(nodes) == 1 else
-                               f"its call {calls[0] + 1} of {len(nodes)} has no candidate layer {side} it")
+            if len(nodes) == 1 and calls:
+                found[name] = f"no candidate layer {side} it"
+            elif len(calls) == 1:
+                found[name] = f"its call {calls[0] + 1} of {len(nodes)} has no candidate layer {side} it"
+            elif calls:  # (its own other calls only: "call 1 has none after it" read wrong where call 2 follows)
+                numbers = ", ".join(str(i + 1) for i in calls[:-1]) + f" and {calls[-1] + 1}"
+                found[name] = f"its calls {numbers} of {len(nodes)} have no other candidate layer {side} them"
     return first, last
 
 
@@ -221,9 +225,18 @@ def _plan_decision(layer: LayerInfo, blocker: str | None, ctx: CompileContext, d
         reason = f"kept dense: set by the given plan (default policy: {default.reason})"
     else:
         reason = f"{describe_sparse(layer, parse_pattern(entry.sparsity))}; set by the given plan (default policy: {default.reason})"
+    backend, launch = entry.backend, entry.launch
+    if (backend is not None or launch is not None) and (entry.sparsity is None or ctx.options.train):
+        # (said, not dropped silently: an entry turned dense, or an inference plan trained, keeps the backend
+        # the plan was made with, which runs no layer here)
+        what = f"backend {backend!r}" if backend is not None else f"launch {launch!r}"
+        runs = ("a dense layer runs as the model's own" if entry.sparsity is None else
+                "training runs sparsec's TrainableLayer, weight * mask (an inference compile of the trained model "
+                "chooses one again)")
+        reason += f"; the given plan's {what} not used: {runs}"
+        backend = launch = None
     return Decision(sparsity=sparsity, quant=entry.quant, grad_sparsity=grad_sparsity, reason=reason,
-                    backend=entry.backend if entry.sparsity is not None else None,
-                    launch=entry.launch if entry.sparsity is not None else None)
+                    backend=backend, launch=launch)
 
 
 def _with_learned_count(gm: fx.GraphModule, ctx: CompileContext, layer: LayerInfo, decision: Decision) -> Decision:
@@ -262,6 +275,9 @@ def choose_sparsity(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
                 asked = f"{lp.sparsity or 'dense'}{' ' + lp.quant if lp.quant else ''}"
                 raise InvalidInputError(f"the given plan asks for {asked} on layer {lp.name!r}, which cannot take it: "
                                         f"{unreached.why}")
+            if unreached is not None and lp.grad_sparsity is not None:  # (it was dropped without a word)
+                raise InvalidInputError(f"the given plan asks for gradient pattern {lp.grad_sparsity} on layer "
+                                        f"{lp.name!r}, which cannot take it: {unreached.why}")
     first, last = layer_positions(gm)
     pattern = parse_pattern(opts.plan.pattern) if opts.plan is not None else opts.pattern
     for name, nodes in by_name.items():

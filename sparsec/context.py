@@ -106,14 +106,15 @@ def _training_options(train: object, pattern: object, plan: object, grad_pattern
     if isinstance(plan, Plan):  # (before reading its entries below: a bad entry is named, not an AttributeError)
         plan.validate()
     plan_prunes_grads = isinstance(plan, Plan) and any(lp.grad_sparsity is not None for lp in plan)
-    if plan_prunes_grads and None not in (grad_mode, plan.grad_mode) and grad_mode != plan.grad_mode:
-        raise InvalidInputError(f"grad_mode={grad_mode!r} differs from the given plan's {plan.grad_mode!r}: the plan "
+    plan_mode = plan.grad_mode if isinstance(plan, Plan) and train else None
+    if None not in (grad_mode, plan_mode) and grad_mode != plan_mode:
+        raise InvalidInputError(f"grad_mode={grad_mode!r} differs from the given plan's {plan_mode!r}: the plan "
                                 f"says how its grad_sparsity entries prune (set plan.grad_mode); pass one or the other")
-    # None: the mode of a plan that prunes gradients (the one its reasons name), else magnitude
-    grad_mode = grad_mode or (plan_prunes_grads and plan.grad_mode) or "magnitude"
-    if grad_mode != "magnitude" and grad is None and not plan_prunes_grads:
+    if grad_mode not in (None, "magnitude") and grad is None and not plan_prunes_grads:
         raise InvalidInputError(f"grad_mode={grad_mode!r} says how grad_pattern prunes data gradients, and no "
                                 f"gradient is pruned: pass grad_pattern (e.g. '2:4') with train=True, or drop grad_mode")
+    # None: the mode the plan was made with (the one its reasons name), else magnitude
+    grad_mode = grad_mode or plan_mode or "magnitude"
     if weight_update not in WEIGHT_UPDATES:
         raise InvalidInputError(f"weight_update={weight_update!r} is not supported; accepted: {WEIGHT_UPDATES}")
     if weight_update != "fixed" and not train:

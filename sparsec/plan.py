@@ -24,7 +24,7 @@ QUANT_CHOICES = (None, "int8")  # and method (d)'s levels, "log2:B" / "codebook:
 QUANT_FORMS = 'None, "int8", "log2:B" or "codebook:B" (2 <= B <= 8)'
 GRAD_MODES = ("magnitude", "rescale")  # how SDGP picks the data-gradient values it keeps
 BACKEND_CHOICES = (None, "torch", "triton", "cusparselt", "dense", "condensed", "bitmask", "csr")
-_PLAN_KEYS = {"format", "version", "pattern", "grad_mode", "notes", "layers"}  # what Plan.to_json writes
+_PLAN_KEYS = {"format", "version", "pattern", "grad_pattern", "grad_mode", "notes", "layers"}  # what Plan.to_json writes
 
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 
@@ -144,6 +144,9 @@ class Plan:
     # grad_mode= decides): compile(plan=...) runs the mode explain made the plan with (before, a plan made
     # with grad_mode="rescale" ran magnitude)
     grad_mode: str | None = None
+    # the grad_pattern the plan was made with (None: none given): the default its grad_sparsity entries were
+    # chosen by, so that compile(plan=...) says where an entry departs from it, as for the weights' pattern
+    grad_pattern: str | None = None
 
     def __iter__(self) -> Iterator[LayerPlan]:
         return iter(self.layers)
@@ -249,7 +252,7 @@ class Plan:
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps({"format": PLAN_FORMAT, "version": PLAN_VERSION, "pattern": self.pattern,
-                           "grad_mode": self.grad_mode, "notes": list(self.notes), "layers": [dataclasses.asdict(lp) for lp in self.layers]},
+                           "grad_pattern": self.grad_pattern, "grad_mode": self.grad_mode, "notes": list(self.notes), "layers": [dataclasses.asdict(lp) for lp in self.layers]},
                           indent=indent)
 
     @classmethod
@@ -266,7 +269,7 @@ class Plan:
         if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
             raise CorruptFileError(f"not a sparsec plan: expected an object with \"format\": \"{PLAN_FORMAT}\"")
         version = data.get("version")
-        if version != PLAN_VERSION:
+        if type(version) is not int or version != PLAN_VERSION:  # (True == 1: a bool version read as 1)
             # (a plan from a newer sparsec said only what was wrong, not what to do about it)
             newer = type(version) is int and version > PLAN_VERSION
             raise CorruptFileError(f"unsupported plan version {version!r}; this sparsec reads version {PLAN_VERSION}"
@@ -288,9 +291,10 @@ class Plan:
             raise CorruptFileError(f"plan \"layers\" must be a list of layer objects, got {data.get('layers')!r}")
         layers = []
         for i, entry in enumerate(data["layers"]):
-            if not isinstance(entry, dict) or not required <= entry.keys():
-                missing = sorted(required - set(entry)) if isinstance(entry, dict) else sorted(required)
-                raise CorruptFileError(f"plan layer #{i} is missing fields {missing}")
+            if not isinstance(entry, dict):
+                raise CorruptFileError(f"plan layer #{i} must be an object of a layer's fields, got {entry!r}")
+            if not required <= entry.keys():
+                raise CorruptFileError(f"plan layer #{i} is missing fields {sorted(required - set(entry))}")
             unknown = set(entry) - fields
             if unknown:
                 raise CorruptFileError(f"plan layer #{i} ({entry.get('name')!r}) has unknown fields {sorted(unknown)}")
@@ -303,7 +307,8 @@ class Plan:
         if not isinstance(pattern, str) or not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
             raise CorruptFileError(f"plan \"pattern\" must be a string and \"notes\" a list of strings, got "
                                    f"{pattern!r} and {notes!r}")
-        plan = cls(layers=layers, pattern=pattern, notes=notes, grad_mode=data.get("grad_mode"))
+        plan = cls(layers=layers, pattern=pattern, notes=notes, grad_mode=data.get("grad_mode"),
+                   grad_pattern=data.get("grad_pattern"))
         plan.validate()
         return plan
 
@@ -316,6 +321,14 @@ class Plan:
             raise InvalidInputError(f"plan pattern: {e}") from e
         if self.grad_mode is not None and self.grad_mode not in GRAD_MODES:
             raise InvalidInputError(f"plan grad_mode {self.grad_mode!r} not in {GRAD_MODES} (or None)")
+        if self.grad_pattern is not None:
+            try:
+                grad = parse_pattern(self.grad_pattern)
+            except (ValueError, TypeError) as e:
+                raise InvalidInputError(f"plan grad_pattern: {e}") from e
+            if not isinstance(grad, NM):
+                raise InvalidInputError(f"plan grad_pattern {self.grad_pattern!r}: data gradients are pruned N:M "
+                                        f"(e.g. '2:4'), or None")
         seen = set()
         for lp in self.layers:
             if not isinstance(lp, LayerPlan):  # (a dict here failed later with an AttributeError)

@@ -313,3 +313,119 @@ def test_a_plan_runs_the_grad_mode_it_was_made_with():
     for mode in ("rescale", "magnitude"):
         torch.testing.assert_close(_sdgp_input_grad(sparsec.compile(model, plan=unsaid, grad_mode=mode, **opts), x, dy),
                                    _sdgp_input_grad(direct[mode], x, dy), rtol=0, atol=0)
+
+
+def _three_linears() -> nn.Module:
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
+
+
+def test_a_plan_keeps_the_grad_mode_it_was_made_with_when_no_layer_prunes_yet():
+    """With the last layer's gradient dense by default, a model of a first and a last layer prunes no gradient:
+    the plan said no grad_mode, and an edit pruning the last layer's ran magnitude where the plan was made with
+    rescale. Checked against rescale by hand: dX = (prune(dY) * |dY| row sums / |prune(dY)| row sums) @ W."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    x, dy = torch.randn(4, 16), torch.randn(4, 8)
+    opts = dict(example_inputs=(x,), train=True)
+    plan = sparsec.explain(model, pattern="dense", grad_pattern="2:4", grad_mode="rescale", **opts)
+    assert (plan.grad_mode, plan.grad_pattern) == ("rescale", "2:4") and not any(lp.grad_sparsity for lp in plan)
+    edited = Plan.from_json(plan.to_json())
+    edited["2"].grad_sparsity = "2:4"
+    cm = sparsec.compile(model, plan=edited, **opts)
+    assert cm.plan.grad_mode == "rescale" and "set by the given plan (default: gradient dense: last layer" in cm.plan["2"].reason
+    xg = x.clone().requires_grad_(True)
+    cm(xg).backward(dy)
+    kept = torch.sort(dy.abs().reshape(4, 2, 4), dim=-1, descending=True, stable=True).indices[..., :2]
+    pruned = torch.zeros(4, 2, 4).scatter(-1, kept, dy.reshape(4, 2, 4).gather(-1, kept)).reshape(4, 8)
+    pruned = pruned * dy.abs().sum(-1, keepdim=True) / pruned.abs().sum(-1, keepdim=True)
+    h = model[0](x)
+    expected = ((pruned @ model[2].weight) * (h > 0)) @ model[0].weight
+    torch.testing.assert_close(xg.grad, expected.detach(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(InvalidInputError, match=r"grad_mode='magnitude' differs from the given plan's 'rescale'"):
+        sparsec.compile(model, plan=edited, grad_mode="magnitude", **opts)
+
+
+def test_compiling_explains_plan_gives_that_plan_and_says_where_an_edit_departs():
+    """compile(plan=explain(...)) dropped the gradient notes ("no trainable parameter upstream", "last
+    layer"), so its plan was not explain's; an edit of a layer's gradient said nothing of the default."""
+    torch.manual_seed(0)
+    model, x = _three_linears(), torch.randn(4, 16)
+    opts = dict(example_inputs=(x,), train=True, min_weights=0)
+    plan = sparsec.explain(model, grad_pattern="2:4", **opts)
+    assert [lp.grad_sparsity for lp in plan] == [None, "2:4", None]
+    assert sparsec.compile(model, plan=Plan.from_json(plan.to_json()), **opts).plan == plan
+    edited = Plan.from_json(plan.to_json())
+    edited["2"].grad_sparsity, edited["4"].grad_sparsity = None, "2:4"
+    got = sparsec.compile(model, plan=edited, **opts).plan
+    assert [lp.grad_sparsity for lp in got] == [None, None, "2:4"]
+    assert "gradient dense: set by the given plan (default: SDGP: dX from dY pruned 2:4" in got["2"].reason
+    assert "SDGP: dX from dY pruned 2:4" in got["4"].reason
+    assert "set by the given plan (default: gradient dense: last layer" in got["4"].reason
+
+
+def test_exclude_keeps_a_layers_gradient_dense_too():
+    """include= forces the last layer's gradient in; exclude= left SDGP on an excluded layer."""
+    model, x = _three_linears(), torch.randn(4, 16)
+    plan = sparsec.explain(model, pattern="dense", example_inputs=(x,), train=True, grad_pattern="2:4", exclude=["2"])
+    assert plan["2"].grad_sparsity is None and "gradient dense: excluded by exclude='2'" in plan["2"].reason
+
+
+def test_backend_entries_that_run_nothing_are_said_not_dropped():
+    """A backend on an entry edited dense, or on an inference plan compiled for training, came back None (dense)
+    or stayed in the compiled plan while TrainableLayer ran (training): the reason now says which."""
+    torch.manual_seed(0)
+    model, x = _three_linears(), torch.randn(4, 16)
+    opts = dict(example_inputs=(x,), min_weights=0)
+    plan = sparsec.explain(model, **opts)
+    assert plan["2"].backend is not None
+    trained = sparsec.compile(model, plan=Plan.from_json(plan.to_json()), train=True, **opts).plan["2"]
+    assert trained.backend is None and trained.launch is None
+    assert f"the given plan's backend {plan['2'].backend!r} not used: training runs" in trained.reason
+    edited = Plan.from_json(plan.to_json())
+    edited["2"].sparsity = None
+    dense = sparsec.compile(model, plan=edited, **opts).plan["2"]
+    assert dense.sparsity is None and dense.backend is None
+    assert f"the given plan's backend {plan['2'].backend!r} not used: a dense layer" in dense.reason
+
+
+class _WithUnused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.unused = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 8), nn.Linear(32, 32)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_a_gradient_pattern_on_a_layer_never_called_is_refused():
+    x = torch.randn(4, 16)
+    plan = sparsec.explain(_WithUnused(), example_inputs=(x,), train=True, grad_pattern="2:4")
+    plan["unused"].grad_sparsity = "2:4"
+    with pytest.raises(InvalidInputError, match=r"gradient pattern 2:4 on layer 'unused', which cannot take it"):
+        sparsec.compile(_WithUnused(), plan=plan, example_inputs=(x,), train=True)
+
+
+class _CalledTwiceAtTheEnd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.fc = nn.Linear(32, 32), nn.Linear(32, 32)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.fc(torch.relu(self.first(x)))))
+
+
+def test_a_layer_whose_calls_all_end_the_model_names_them_all():
+    """fc(fc(first(x))): the reason said "its call 1 of 2 has no candidate layer after it", where call 2 is."""
+    plan = sparsec.explain(_CalledTwiceAtTheEnd(), example_inputs=(torch.randn(2, 32),), min_weights=0)
+    assert "last layer (its calls 1 and 2 of 2 have no other candidate layer after them)" in plan["fc"].reason
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"version": True}, r"unsupported plan version True"),
+    ({"layers": [5]}, r"plan layer #0 must be an object of a layer's fields, got 5"),
+    ({"grad_pattern": "fanin:0.5"}, r"plan grad_pattern 'fanin:0.5': data gradients are pruned N:M"),
+])
+def test_plan_json_type_errors_are_named(bad, message):
+    data = dict(json.loads(_plan().to_json()), **bad)
+    with pytest.raises((CorruptFileError, InvalidInputError), match=message):
+        Plan.from_json(json.dumps(data))
