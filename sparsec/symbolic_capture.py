@@ -297,13 +297,13 @@ def _lost_buffer_updates(model: nn.Module, eager, graph_run, traced_updates: dic
              if name not in lost and (eager_updates is None or ops & eager_updates.get(name, set()))]
     if not lost:
         return []
-    # (the owner of each buffer, named: a leaf is a submodule, so the model's own buffers can only move out)
-    owners = sorted({name.rpartition(".")[0] for name in lost} - {""})
-    remedy = (f"make the module{'s' if len(owners) > 1 else ''} that {'do' if len(owners) > 1 else 'does'} it a "
-              f"leaf (leaf_modules={owners}) or move the update out of forward" if owners else "")
-    if len(owners) < len({name.rpartition(".")[0] for name in lost}):  # (some are the model's own)
-        remedy += ("; " if remedy else "") + "the model itself updates " + ", ".join(
-            repr(n) for n in lost if "." not in n) + ", which no leaf_modules= keeps: move that update out of forward"
+    # (each buffer's owner, named: a leaf is a submodule, so the model's own buffers can only move out of forward)
+    owners, own = sorted({n.rpartition(".")[0] for n in lost if "." in n}), [n for n in lost if "." not in n]
+    remedies = ([f"make the module{'s' if len(owners) > 1 else ''} that {'do' if len(owners) > 1 else 'does'} it a "
+                 f"leaf (leaf_modules={owners}) or move the update out of forward"] if owners else []) + (
+        [f"the model itself updates {', '.join(map(repr, own))}, which no leaf_modules= keeps: move that update out "
+         f"of forward"] if own else [])
+    remedy = "; ".join(remedies)
     return [f"the model's forward updates buffer{'s' if len(lost) > 1 else ''} {lost} in Python code that "
             f"torch.fx does not record: the compiled model does not make "
             f"{'those updates' if len(lost) > 1 else 'that update'}. To keep the update, {remedy}"]
