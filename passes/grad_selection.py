@@ -70,9 +70,11 @@ def choose_grad_sparsity(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphMod
         if opts.plan is not None:
             given = decision.grad_sparsity
             _check_given(name, layer, meta, given)
-            if given != grad:
+            if default is None:  # (a plan that does not say its default: a JSON from before the field, or by hand)
+                grad, note = given, _sdgp_note(layer, given, opts) if given else None
+            elif given != grad:
                 grad, note = given, (f"{_sdgp_note(layer, given, opts)}; set by the given plan" if given else
-                                     "gradient dense: set by the given plan") + (f" (default: {note})" if note else "")
+                                     "gradient dense: set by the given plan") + f" (default: {note})"
         if note is None:
             continue
         ctx.counters["grad_pruned" if grad else "grad_dense"] += 1

@@ -230,9 +230,9 @@ def _plan_decision(layer: LayerInfo, blocker: str | None, ctx: CompileContext, d
         # (said, not dropped silently: an entry turned dense, or an inference plan trained, keeps the backend
         # the plan was made with, which runs no layer here)
         what = f"backend {backend!r}" if backend is not None else f"launch {launch!r}"
-        runs = ("a dense layer runs as the model's own" if entry.sparsity is None else
-                "training runs sparsec's TrainableLayer, weight * mask (an inference compile of the trained model "
-                "chooses one again)")
+        trains = ctx.options.train and (entry.sparsity is not None or entry.grad_sparsity is not None)
+        runs = ("training runs sparsec's TrainableLayer, weight * mask (an inference compile of the trained model "
+                "chooses one again)" if trains else "a dense layer runs as the model's own")
         reason += f"; the given plan's {what} not used: {runs}"
         backend = launch = None
     return Decision(sparsity=sparsity, quant=entry.quant, grad_sparsity=grad_sparsity, reason=reason,

@@ -110,7 +110,7 @@ def _training_options(train: object, pattern: object, plan: object, grad_pattern
     if None not in (grad_mode, plan_mode) and grad_mode != plan_mode:
         raise InvalidInputError(f"grad_mode={grad_mode!r} differs from the given plan's {plan_mode!r}: the plan "
                                 f"says how its grad_sparsity entries prune (set plan.grad_mode); pass one or the other")
-    if grad_mode not in (None, "magnitude") and grad is None and not plan_prunes_grads:
+    if grad_mode not in (None, "magnitude", plan_mode) and grad is None and not plan_prunes_grads:
         raise InvalidInputError(f"grad_mode={grad_mode!r} says how grad_pattern prunes data gradients, and no "
                                 f"gradient is pruned: pass grad_pattern (e.g. '2:4') with train=True, or drop grad_mode")
     # None: the mode the plan was made with (the one its reasons name), else magnitude

@@ -19,7 +19,9 @@ from sparsec.levels import is_levels, parse_levels
 from sparsec.patterns import NM, FanIn, Unstructured, parse_pattern
 
 PLAN_FORMAT = "sparsec.plan"
-PLAN_VERSION = 1
+# 2: adds "grad_pattern". A plan is written as version 1 where it has none (a sparsec reading version 1 only
+# reads it), as 2 where it has one (such a sparsec then says the plan is from a newer one, not that it is damaged).
+PLAN_VERSION = 2
 QUANT_CHOICES = (None, "int8")  # and method (d)'s levels, "log2:B" / "codebook:B" (sparsec/levels.py)
 QUANT_FORMS = 'None, "int8", "log2:B" or "codebook:B" (2 <= B <= 8)'
 GRAD_MODES = ("magnitude", "rescale")  # how SDGP picks the data-gradient values it keeps
@@ -251,9 +253,10 @@ class Plan:
     # ---- JSON
 
     def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps({"format": PLAN_FORMAT, "version": PLAN_VERSION, "pattern": self.pattern,
-                           "grad_pattern": self.grad_pattern, "grad_mode": self.grad_mode, "notes": list(self.notes), "layers": [dataclasses.asdict(lp) for lp in self.layers]},
-                          indent=indent)
+        newer = {"grad_pattern": self.grad_pattern} if self.grad_pattern is not None else {}
+        return json.dumps({"format": PLAN_FORMAT, "version": 2 if newer else 1, "pattern": self.pattern, **newer,
+                           "grad_mode": self.grad_mode, "notes": list(self.notes),
+                           "layers": [dataclasses.asdict(lp) for lp in self.layers]}, indent=indent)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Plan:
@@ -269,10 +272,10 @@ class Plan:
         if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
             raise CorruptFileError(f"not a sparsec plan: expected an object with \"format\": \"{PLAN_FORMAT}\"")
         version = data.get("version")
-        if type(version) is not int or version != PLAN_VERSION:  # (True == 1: a bool version read as 1)
+        if isinstance(version, bool) or version not in range(1, PLAN_VERSION + 1):  # (True == 1: a bool read as 1)
             # (a plan from a newer sparsec said only what was wrong, not what to do about it)
-            newer = type(version) is int and version > PLAN_VERSION
-            raise CorruptFileError(f"unsupported plan version {version!r}; this sparsec reads version {PLAN_VERSION}"
+            newer = isinstance(version, (int, float)) and version > PLAN_VERSION
+            raise CorruptFileError(f"unsupported plan version {version!r}; this sparsec reads versions 1 to {PLAN_VERSION}"
                                    + (" (the plan was written by a newer sparsec: upgrade sparsec here, or make the "
                                       "plan again with this one: sparsec.explain(...) or `sparsec inspect ... --json`)"
                                       if newer else ""))

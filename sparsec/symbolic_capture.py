@@ -297,13 +297,11 @@ def _lost_buffer_updates(model: nn.Module, eager, graph_run, traced_updates: dic
              if name not in lost and (eager_updates is None or ops & eager_updates.get(name, set()))]
     if not lost:
         return []
-    # (each buffer's owner, named: a leaf is a submodule, so the model's own buffers can only move out of forward)
-    owners, own = sorted({n.rpartition(".")[0] for n in lost if "." in n}), [n for n in lost if "." not in n]
-    remedies = ([f"make the module{'s' if len(owners) > 1 else ''} that {'do' if len(owners) > 1 else 'does'} it a "
-                 f"leaf (leaf_modules={owners}) or move the update out of forward"] if owners else []) + (
-        [f"the model itself updates {', '.join(map(repr, own))}, which no leaf_modules= keeps: move that update out "
-         f"of forward"] if own else [])
-    remedy = "; ".join(remedies)
+    # (the module whose forward makes the update is not known here, only the buffer's owner, which a parent may
+    # update: the remedy names no module; a leaf is a submodule, so an update in the model's own forward can only
+    # move out of it)
+    remedy = ("make the module whose forward makes the update a leaf (leaf_modules=['its.path']) or move the update "
+              "out of forward; an update in the model's own forward can only move out of it")
     return [f"the model's forward updates buffer{'s' if len(lost) > 1 else ''} {lost} in Python code that "
             f"torch.fx does not record: the compiled model does not make "
             f"{'those updates' if len(lost) > 1 else 'that update'}. To keep the update, {remedy}"]

@@ -429,3 +429,45 @@ def test_plan_json_type_errors_are_named(bad, message):
     data = dict(json.loads(_plan().to_json()), **bad)
     with pytest.raises((CorruptFileError, InvalidInputError), match=message):
         Plan.from_json(json.dumps(data))
+
+
+def test_a_plan_is_written_in_the_oldest_version_that_holds_it():
+    """"grad_pattern" was written as null into every plan, which a sparsec reading version 1 refused as an unknown
+    key (a saved model's plan: "damaged"): a plan without it stays version 1; one with it is version 2, which such
+    a sparsec calls a plan from a newer one. A version of 1.0 still reads, as it did."""
+    model, x = _three_linears(), torch.randn(4, 16)
+    inference = json.loads(sparsec.explain(model, example_inputs=(x,)).to_json())
+    assert inference["version"] == 1 and "grad_pattern" not in inference
+    training = json.loads(sparsec.explain(model, example_inputs=(x,), train=True, grad_pattern="2:4").to_json())
+    assert training["version"] == 2 and training["grad_pattern"] == "2:4"
+    assert Plan.from_json(json.dumps(dict(inference, version=1.0))).grad_pattern is None
+    with pytest.raises(CorruptFileError, match=r"version 3; this sparsec reads versions 1 to 2 \(the plan was written by a newer"):
+        Plan.from_json(json.dumps(dict(training, version=3)))
+
+
+def test_a_plan_without_a_recorded_default_keeps_its_gradient_reasons_plain():
+    """A plan JSON from before "grad_pattern" (grad_mode said, no default): each pruned layer's reason read "set
+    by the given plan" though explain chose it by default."""
+    model, x = _three_linears(), torch.randn(4, 16)
+    opts = dict(example_inputs=(x,), train=True, min_weights=0)
+    old = json.loads(sparsec.explain(model, grad_pattern="2:4", **opts).to_json())
+    del old["grad_pattern"]
+    got = sparsec.compile(model, plan=Plan.from_json(json.dumps(dict(old, version=1))), **opts).plan
+    assert got["2"].grad_sparsity == "2:4" and "SDGP" in got["2"].reason and "set by the given plan" not in got["2"].reason
+
+
+def test_the_plans_own_grad_mode_passed_again_is_accepted():
+    """grad_mode equal to the plan's was refused ("no gradient is pruned: pass grad_pattern"), which plan= refuses."""
+    model, x = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)), torch.randn(4, 16)
+    opts = dict(example_inputs=(x,), train=True)
+    plan = sparsec.explain(model, pattern="dense", grad_pattern="2:4", grad_mode="rescale", **opts)
+    assert sparsec.compile(model, plan=plan, grad_mode="rescale", **opts).plan == plan
+
+
+def test_a_dense_entry_that_prunes_gradients_says_it_trains_as_a_trainable_layer():
+    model, x = _three_linears(), torch.randn(4, 16)
+    plan = sparsec.explain(model, example_inputs=(x,), min_weights=0)
+    assert plan["2"].backend is not None
+    plan["2"].sparsity, plan["2"].grad_sparsity = None, "2:4"
+    got = sparsec.compile(model, plan=plan, example_inputs=(x,), train=True).plan["2"]
+    assert got.grad_sparsity == "2:4" and "not used: training runs sparsec's TrainableLayer" in got.reason
