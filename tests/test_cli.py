@@ -262,13 +262,15 @@ def test_func_may_import_neighbours_when_called_and_any_file_name_or_exit_is_han
 
 def test_a_plan_file_from_a_newer_sparsec_says_what_to_do(tmp_path, capsys):
     """A plan of a later format version said 'unsupported plan version 2' and nothing about a remedy."""
+    from sparsec.plan import PLAN_VERSION
+
     assert main(["inspect", MLP, "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     path = tmp_path / "plan.json"
-    path.write_text(json.dumps(dict(data, version=2)))
+    path.write_text(json.dumps(dict(data, version=PLAN_VERSION + 1)))
     assert main(["inspect", MLP, "--plan", str(path)]) == 2
     err = capsys.readouterr().err
-    assert f"the plan file {path} is not a usable sparsec plan: unsupported plan version 2" in err
+    assert f"the plan file {path} is not a usable sparsec plan: unsupported plan version {PLAN_VERSION + 1}" in err
     assert "written by a newer sparsec: upgrade sparsec here" in err
 
 
