@@ -25,7 +25,7 @@ import torch.fx as fx
 from sparsec.context import CompileContext
 from sparsec.errors import InvalidInputError
 from sparsec.meta import data_input, dataflow_graph, get_meta, layer_nodes, update_meta
-from sparsec.passes.selection import first_match, layer_positions
+from sparsec.passes.selection import first_match
 from sparsec.patterns import NM, parse_pattern
 
 
@@ -59,14 +59,14 @@ def choose_grad_sparsity(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphMod
     # the default: grad_pattern=, or the one a given plan was made with (its entries are then compared with it)
     default = opts.plan.grad_pattern if opts.plan is not None else opts.grad_pattern
     default = parse_pattern(default) if default is not None else None
-    graph_facts = None  # (built on first use: only a default pattern asks)
+    # (only a default asks: a detached input has no gradient upstream, so the gradients' dataflow)
+    trainable_downstream = (_downstream_of(dataflow_graph(gm, gradients=True), _trainable_sources(gm))
+                            if default is not None else None)
     for name, nodes in layer_nodes(gm).items():
         meta = get_meta(nodes[0])
         decision, layer = meta.decision, meta.layer
-        if default is not None and graph_facts is None:
-            graph_facts = (_downstream_of(dataflow_graph(gm, gradients=True), _trainable_sources(gm)),
-                           layer_positions(gm)[1])
-        grad, note = _default_grad(name, nodes, meta, default, opts, *graph_facts) if default else (None, None)
+        grad, note = (_default_grad(name, nodes, meta, default, opts, trainable_downstream, ctx.last_layers)
+                      if default is not None else (None, None))
         if opts.plan is not None:
             given = decision.grad_sparsity
             _check_given(name, layer, meta, given)

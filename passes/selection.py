@@ -279,6 +279,7 @@ def choose_sparsity(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
                 raise InvalidInputError(f"the given plan asks for gradient pattern {lp.grad_sparsity} on layer "
                                         f"{lp.name!r}, which cannot take it: {unreached.why}")
     first, last = layer_positions(gm)
+    ctx.last_layers = last  # (the gradients' choice reads them too: the positions are a whole-graph search)
     pattern = parse_pattern(opts.plan.pattern) if opts.plan is not None else opts.pattern
     for name, nodes in by_name.items():
         meta = get_meta(nodes[0])

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from sparsec.errors import InvalidInputError, InvalidTypeError
 from sparsec.levels import is_levels
-from sparsec.patterns import NM, Dense, Pattern, parse_pattern
+from sparsec.patterns import NM, Dense, Pattern, parse_grad_pattern, parse_pattern
 from sparsec.plan import GRAD_MODES, Plan
 from sparsec.reference import pattern_mask, weight_to_rows
 
@@ -93,12 +93,7 @@ def _training_options(train: object, pattern: object, plan: object, grad_pattern
     """The gradient pattern and mode of a compile, its training options checked against each other."""
     if not isinstance(train, bool):
         raise InvalidTypeError(f"train must be True or False, got {train!r}")
-    try:
-        grad = parse_pattern(grad_pattern) if grad_pattern is not None else None
-    except ValueError as e:  # (the pattern errors): name the argument, not `pattern`
-        raise type(e)(f"grad_pattern: {e}") from None
-    if grad is not None and not isinstance(grad, NM):
-        raise InvalidInputError(f"grad_pattern={grad_pattern!r}: data gradients are pruned N:M (e.g. '2:4'), or pass None")
+    grad = parse_grad_pattern(grad_pattern, "grad_pattern") if grad_pattern is not None else None
     if grad is not None and not train:
         raise InvalidInputError("grad_pattern prunes gradients in backward, which needs train=True")
     if grad_mode is not None and grad_mode not in GRAD_MODES:
@@ -242,6 +237,7 @@ class CompileContext:
     kernel_manifest: dict[str, dict] = field(default_factory=dict) # kernel name -> layers, shapes, config
     measurements: dict[tuple, tuple] = field(default_factory=dict) # backend auto: shape key -> (backend, note, layer)
     unreached: dict[str, UnreachedLayer] = field(default_factory=dict)  # weights no candidate runs
+    last_layers: dict[str, str] = field(default_factory=dict)  # layer -> why it is a last one (choose_sparsity)
 
     def mask_for(self, name: str, rows: torch.Tensor, pattern: Pattern) -> torch.Tensor:
         """The layer's mask, computed once and shared by the analysis that measures it and the

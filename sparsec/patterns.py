@@ -95,6 +95,18 @@ class Dense:
 Pattern = NM | FanIn | Unstructured | Dense
 
 
+def parse_grad_pattern(text: object, label: str) -> NM:
+    """A data-gradient pattern (SDGP groups dY N:M along output features): errors start with `label`."""
+    try:
+        pattern = parse_pattern(text)
+    except ValueError as e:  # (the pattern errors): name the argument, not `pattern`
+        raise type(e)(f"{label}: {e}") from None
+    if not isinstance(pattern, NM):
+        raise InvalidInputError(f"{label} {text!r}: data gradients are pruned N:M (e.g. '2:4'), or None for a "
+                                f"dense gradient")
+    return pattern
+
+
 def parse_pattern(text: object) -> Pattern:
     """Parse a pattern string; raise a clear error naming the accepted forms otherwise."""
     if isinstance(text, (NM, FanIn, Unstructured, Dense)):

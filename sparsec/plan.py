@@ -16,7 +16,7 @@ import torch
 
 from sparsec.errors import CorruptFileError, InvalidInputError, InvalidTypeError
 from sparsec.levels import is_levels, parse_levels
-from sparsec.patterns import NM, FanIn, Unstructured, parse_pattern
+from sparsec.patterns import NM, FanIn, Unstructured, parse_grad_pattern, parse_pattern
 
 PLAN_FORMAT = "sparsec.plan"
 # 2: adds "grad_pattern". A plan is written as version 1 where it has none (a sparsec reading version 1 only
@@ -325,13 +325,7 @@ class Plan:
         if self.grad_mode is not None and self.grad_mode not in GRAD_MODES:
             raise InvalidInputError(f"plan grad_mode {self.grad_mode!r} not in {GRAD_MODES} (or None)")
         if self.grad_pattern is not None:
-            try:
-                grad = parse_pattern(self.grad_pattern)
-            except (ValueError, TypeError) as e:
-                raise InvalidInputError(f"plan grad_pattern: {e}") from e
-            if not isinstance(grad, NM):
-                raise InvalidInputError(f"plan grad_pattern {self.grad_pattern!r}: data gradients are pruned N:M "
-                                        f"(e.g. '2:4'), or None")
+            parse_grad_pattern(self.grad_pattern, "plan grad_pattern")
         seen = set()
         for lp in self.layers:
             if not isinstance(lp, LayerPlan):  # (a dict here failed later with an AttributeError)
