@@ -54,7 +54,7 @@ def run(data, lam: float, epochs: int, seed: int) -> dict:
     if lasso is not None:
         lasso.zero_small_(THRESHOLD)  # SSL: groups this small are noise; make them exactly 0
         frozen = lasso.freeze_zero_groups()
-        seconds += train(cm, data, epochs=FINE_TUNE_EPOCHS, seed=seed + 1, lr=0.01, after_step=frozen.reapply_)
+        seconds += train(cm, data, epochs=FINE_TUNE_EPOCHS, seed=seed + 1, lr=0.01)
         frozen.remove()
     cm.eval()
     small = sparsec.shrink(cm)

@@ -52,7 +52,7 @@ def group_lasso_and_shrink(data, epochs: int, seed: int, dense_acc: float) -> li
     seconds = train(cm, data, epochs=epochs, seed=seed, extra_loss=lasso)
     lasso.zero_small_(threshold=LASSO_THRESHOLD)  # SSL: groups this small are noise; make them exactly 0
     frozen = lasso.freeze_zero_groups()          # fine-tune without the penalty, zero groups held at 0
-    seconds += train(cm, data, epochs=max(1, epochs // 4), seed=seed + 1, lr=0.01, after_step=frozen.reapply_)
+    seconds += train(cm, data, epochs=max(1, epochs // 4), seed=seed + 1, lr=0.01)
     frozen.remove()
     before = {"config": "group lasso (before shrink)", "accuracy": accuracy(cm, data), "weights": nonzero_weights(cm),
               "train_s": seconds}

@@ -24,12 +24,14 @@ from __future__ import annotations
 import math
 import numbers
 import re
+import weakref
 from dataclasses import dataclass
 from typing import Iterable
 
 import torch
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.nn.utils import parametrize
 
 from sparsec.context import name_list
@@ -195,13 +197,37 @@ def parse_groups(groups: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
+@dataclass
+class _ZeroFrozenGradient:
+    """The gradient hook of one weight with frozen entries: their gradient is 0."""
+    keep: torch.Tensor
+    owner: "FrozenGroups"  # held so that the FrozenGroups lives as long as the parameter (FrozenGroups.__init__)
+
+    def __call__(self, grad: torch.Tensor) -> torch.Tensor:  # a tensor hook: returns the gradient to use
+        return grad * self.keep
+
+    def after_accumulation(self, param: nn.Parameter) -> None:  # a post-accumulate-grad hook (FSDP)
+        if param.grad is not None:
+            param.grad.mul_(self.keep)
+
+
+def _reapply_after_step(frozen_ref):
+    def after_step(optimizer, args, kwargs) -> None:
+        frozen = frozen_ref()
+        if frozen is not None and frozen._handles:
+            frozen._reapply({id(p) for group in optimizer.param_groups for p in group["params"]})
+    return after_step
+
+
 class FrozenGroups:
     """Zero groups held at exactly 0 while fine-tuning (SSL's DISCONNECTED_GRPWISE).
 
     Gradient hooks zero the gradient of every entry in a frozen group, so a fresh optimizer
     (SGD with momentum / weight decay, Adam, AdamW) never moves them: their gradient, momentum
-    and decay terms are all 0. An optimizer that carried state from before freezing can still
-    move them through that state: call `reapply_()` after its `step()`.
+    and decay terms are all 0. An optimizer that carried state from before freezing (momentum,
+    Adam's moments) still moves them through that state, so after every optimizer step that
+    updated a frozen weight its frozen entries are set back to 0 (a global step post-hook, which
+    acts only on this object's weights). `remove()` ends both.
 
     Under DDP the hook runs on each rank's gradient before DDP averages it. Under FSDP
     (`fully_shard`, freeze after sharding) FSDP reduces the gradient outside autograd, so the hook
@@ -212,27 +238,32 @@ class FrozenGroups:
         self.masks = keep  # layer name -> bool, weight shape: True = trainable, False = frozen at 0
         self._layers = {lw.name: lw for lw in layers}
         self._handles = [h for name, k in keep.items() if (h := self._hook(self._layers[name].weight, k)) is not None]
+        # The optimizer hook is global, so it must not keep the model alive: it holds this object weakly,
+        # and each parameter holds it strongly (below), so an unbound `gl.freeze_zero_groups()` still holds
+        # the groups at 0 for exactly as long as the parameters live.
+        self._handles.append(register_optimizer_step_post_hook(_reapply_after_step(weakref.ref(self))))
 
-    @staticmethod
-    def _hook(param: nn.Parameter, keep: torch.Tensor):
+    def _hook(self, param: nn.Parameter, keep: torch.Tensor):
         if not param.requires_grad:
             # A frozen layer (requires_grad=False, e.g. a fixed backbone) gets no gradient, so no optimizer
             # moves it, and torch refuses a hook on it. Unfreezing it later needs freeze_zero_groups() again.
             return None
         if is_sharded(param):
-            local_keep = shard_like(keep, param)
-
-            def zero_frozen(p: nn.Parameter) -> None:
-                if p.grad is not None:
-                    p.grad.mul_(local_keep)
-            return param.register_post_accumulate_grad_hook(zero_frozen)
-        return param.register_hook(lambda g: g * keep)
+            return param.register_post_accumulate_grad_hook(
+                _ZeroFrozenGradient(shard_like(keep, param), self).after_accumulation)
+        return param.register_hook(_ZeroFrozenGradient(keep, self))
 
     @torch.no_grad()
     def reapply_(self) -> None:
+        """Set every frozen entry back to 0 (what the optimizer step hook does after each step)."""
+        self._reapply(None)
+
+    @torch.no_grad()
+    def _reapply(self, only: set[int] | None) -> None:
         for name, keep in self.masks.items():
             weight = self._layers[name].weight
-            weight.mul_(shard_like(keep, weight))
+            if only is None or id(weight) in only:
+                weight.mul_(shard_like(keep, weight))
 
     def remove(self) -> None:
         for h in self._handles:
