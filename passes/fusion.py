@@ -9,7 +9,9 @@ A step is absorbed only when the value before it has no other user (torch.export
 a cast reads none: it is erased with the chain), and only for a layer called from one place (the
 epilogue belongs to the module, which every call site shares). Each absorbed op increments
 `fused_<op>`. A bias / scale vector is copied into the layer (in the layer's dtype): only one that
-nothing else in the graph reads, and if trainable, only one of the layer's shape and dtype.
+nothing else in the graph reads, if trainable only one of the layer's shape and dtype, and if 0-dim only one
+of the layer's dtype. A fused bias is added after the product in the layer's torch reference, as the graph did
+(under autocast F.linear casts its bias; the graph's `+ vector` promotes).
 
 Rule table: each entry is (pattern check, what it contributes); one comment per rule.
 """
@@ -83,6 +85,10 @@ def _vector_operand(gm: fx.GraphModule, node: fx.Node, x: fx.Node, targets: set,
         return None
     value = attribute(gm, other.target)
     if not isinstance(value, torch.Tensor) or value.numel() not in (1, n) or value.dim() > 1:
+        return None
+    if value.dim() == 0 and value.dtype != get_meta(x).dtype:
+        # torch computes `y * s` with a 0-dim s of a wider dtype unrounded on the CPU and rounded to y's dtype
+        # on CUDA (2**17 is inf in float16): no one copy in the layer's dtype agrees with both
         return None
     before, after = get_meta(x).dtype, get_meta(node).dtype
     if before is None or (after or torch.result_type(torch.empty(0, dtype=before), value)) != before:
@@ -184,6 +190,7 @@ def _fuse_chain(gm: fx.GraphModule, ctx: CompileContext, layer_node: fx.Node, mo
         if stage <= 0 and module.bias is None and (b := _vector_operand(gm, user, cur, _ADD, n)) is not None:
             vector = attribute(gm, b.target)
             module.bias = _epilogue_vector(vector, n, module)
+            module.fused_bias = True
             ops.append("bias")
             stage = 1
         elif stage <= 1 and (act := _activation(gm, user, cur)):

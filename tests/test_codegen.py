@@ -836,6 +836,52 @@ def test_triton_layers_follow_autocast_as_the_layers_they_replace(pattern):
         assert output_error(y.double(), pruned_model(half_model, half.plan)(x.half()).double()) <= 1e-2
 
 
+class _BiasAddedInTheGraph(nn.Module):
+    def __init__(self, scale: torch.Tensor | None = None):
+        super().__init__()
+        self.fc = nn.Linear(32, 32, bias=False)
+        self.b = nn.Parameter(torch.randn(32))
+        self.register_buffer("s", scale)
+
+    def forward(self, x):
+        y = F.relu(self.fc(x) + self.b)
+        return y if self.s is None else y * self.s
+
+
+def test_a_fused_bias_add_keeps_its_dtype_under_autocast():
+    """`relu(fc(x) + b)`, b a float32 vector the fusion pass folds into the layer: under bf16 autocast the
+    original computes fc in bf16 and the add in float32 (`bf16 + float32` promotes), but the layer's
+    reference passed b to F.linear as its bias, which autocast cast to bf16: the model returned bf16."""
+    torch.manual_seed(0)
+    model, (x,) = on_device(_BiasAddedInTheGraph(), (torch.randn(3, 32),))
+    cm = sparsec.compile(model, pattern="2:4", example_inputs=(x,), backend="triton", include=[".*"])
+    assert cm.graph_module.fc.spec().epilogue_ops() == ["bias", "relu"]
+    oracle = pruned_model(model, cm.plan)
+    low = torch.bfloat16 if x.device.type == "cpu" else torch.float16
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x), oracle(x))
+        with torch.autocast(x.device.type, dtype=low):
+            y, expected = cm(x), oracle(x)
+    assert y.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(y, expected)
+
+
+def test_a_zero_dim_scale_of_a_wider_dtype_stays_in_the_graph():
+    """`y * s`, s a 0-dim float32 buffer on a float16 layer: torch multiplies by s unrounded on the CPU (the
+    outputs are finite for s = 2**17) and rounds it to float16 on CUDA (inf), so a float16 copy in the
+    kernel's epilogue matched neither everywhere: it stays in the graph, computing what the model does."""
+    torch.manual_seed(0)
+    model = _BiasAddedInTheGraph(torch.tensor(2.0 ** 17)).half()
+    model.s = torch.tensor(2.0 ** 17)  # (.half() converted the buffer too)
+    model, (x,) = on_device(model, (torch.randn(3, 32).half(),))
+    cm = sparsec.compile(model, pattern="2:4", example_inputs=(x,), backend="triton", include=[".*"])
+    assert cm.graph_module.fc.spec().epilogue_ops() == ["bias", "relu"]
+    with torch.no_grad():
+        y, expected = cm(x), pruned_model(model, cm.plan)(x)
+    assert torch.equal(y.isfinite(), expected.isfinite())
+    torch.testing.assert_close(y, expected, rtol=1e-2, atol=1e-2)  # (fp16 outputs in the thousands)
+
+
 def test_non_kernel_layers_stay_on_torch_with_reason():
     model, inputs = on_device(*load_example("cnn").build_model())
     plan = sparsec.explain(model, example_inputs=inputs, backend="triton", include=["head"], pattern="2:4")

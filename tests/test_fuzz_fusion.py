@@ -80,14 +80,16 @@ WIDTHS = [8, 12, 16, 24]
 # ---------------------------------------------------------------- models
 
 
-def vector_fusable(kind: str) -> bool:
-    """Whether a vector of this kind may become the layer's own copy (the pass's rule, stated per kind)."""
-    # param / buffer: n elements in the layer's dtype; scalar: a 0-dim float32 buffer (no promotion: 0-dim);
+def vector_fusable(kind: str, dtype: str = "float32") -> bool:
+    """Whether a vector of this kind may become the layer's own copy (the pass's rule, stated per kind), on a
+    layer of `dtype`."""
+    # param / buffer: n elements in the layer's dtype; scalar: a 0-dim float32 buffer (no promotion: 0-dim), but
+    # only on a float32 layer (torch multiplies by it unrounded on CPU and rounded on CUDA: no copy agrees);
     # one: a [1] buffer in the layer's dtype (broadcast to n); half: a float16 [n] buffer (a float32 layer
     # promotes it, a float16 one is its dtype). Not: one_param (a trainable scalar would become n values),
     # wide (promotes the result to a wider dtype), shared (read again after the chain), row ([1, n]: not a vector)
     # norm_unused: a LayerNorm's bias / weight, the LayerNorm never called; norm_used: called after the chain
-    return kind in ("param", "buffer", "scalar", "one", "half", "norm_unused")
+    return kind in ("param", "buffer", "one", "half", "norm_unused") or (kind == "scalar" and dtype == "float32")
 
 
 def make_vector(kind: str, n: int, dtype: torch.dtype, g: torch.Generator, scale: bool):
@@ -352,13 +354,13 @@ def predict(block: dict, state: dict, quant: str | None, export: bool = False) -
             if step[1] == "keep" and not conv:
                 continue
             break
-        if what == "bias" and stage == 0 and not has_bias and vector_fusable(step[2]) and step[1] != "alpha":
+        if what == "bias" and stage == 0 and not has_bias and vector_fusable(step[2], dtype) and step[1] != "alpha":
             absorbed.append("bias")
             has_bias, stage = True, 1
         elif what == "act" and stage <= 1:
             absorbed.append(step[1])
             stage = 2
-        elif what == "scale" and stage <= 2 and not conv and vector_fusable(step[2]):
+        elif what == "scale" and stage <= 2 and not conv and vector_fusable(step[2], dtype):
             absorbed.append("scale")
             stage = 3
         elif what == "cast" and CASTS[step[1]] in FUSED_CASTS:

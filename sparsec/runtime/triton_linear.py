@@ -35,6 +35,10 @@ class FusedEpilogue(traced_call.OpaqueKernel):
 
     def init_epilogue(self) -> None:
         self.activation: str | None = None
+        # True when the bias was a `y + vector` of the graph the fusion pass folded in (not the layer's own):
+        # the reference then adds it after the product, as the graph did, so that under autocast it keeps
+        # the vector's dtype (F.linear's bias is cast to the autocast dtype; `bf16 + float32` is float32)
+        self.fused_bias = False
         self.register_buffer("out_scale", None)
         self.out_dtype: torch.dtype | None = None
         self.kernel_name: str | None = None
@@ -114,6 +118,8 @@ class TritonSparseLinear(FusedEpilogue, SparseLinear):
         return x.new_empty(*x.shape[:-1], self.packed.out_features, dtype=self.out_torch_dtype())
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "fused_bias", False):  # (absent in layers saved before it existed: their own bias)
+            return self.reference_epilogue(F.linear(x, self.packed.rows()) + self.bias)
         return self.reference_epilogue(F.linear(x, self.packed.rows(), self.bias))
 
     def kernel_forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
