@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -124,7 +125,23 @@ def compile_with_options(model: nn.Module, example_inputs: Any, options: Compile
     cm = CompiledModel(gm, ctx.plan, history, ctx.counters, dense, ctx.trace_method)
     cm.kernels, cm.kernel_manifest = dict(ctx.kernels), dict(ctx.kernel_manifest)
     cm.example_input_spec = _input_spec(ctx.example_inputs)
+    _warn_if_nothing_sparse(ctx.plan, options)
     return cm
+
+
+def _warn_if_nothing_sparse(plan: Plan, options: CompileOptions) -> None:
+    """A pattern that no layer could take gives a model as dense as the original: say so where a caller
+    who does not print the plan sees it (a given plan's dense entries are the caller's own choice)."""
+    if options.plan is not None or str(options.pattern) == "dense" or not plan.layers:
+        return
+    if any(lp.sparsity is not None for lp in plan.layers):
+        return
+    why = [f"{lp.name}: {lp.reason.removeprefix('kept dense: ').split(' (')[0].split(';')[0]}" for lp in plan.layers]
+    more = f"; and {len(why) - 3} more" if len(why) > 3 else ""
+    warnings.warn(f"sparsec.compile: no layer was made sparse with pattern {str(options.pattern)!r}, so the compiled "
+                  f"model is as dense as the original ({'; '.join(why[:3])}{more}). print(cm.plan) gives "
+                  f"every layer's reason; include= forces layers the size or position policy kept dense",
+                  stacklevel=4)  # (the caller of sparsec.compile)
 
 
 def _input_spec(inputs: tuple | None) -> list | None:

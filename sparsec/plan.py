@@ -242,7 +242,14 @@ class Plan:
         text = (f"totals: {t['sparse_layers']} of {t['layers']} layers sparse; "
                 f"weights kept {t['weights_kept']:,} of {t['weights']:,} ({100 * t['weights_kept'] / max(t['weights'], 1):.1f}%); "
                 f"weight bytes {_fmt_bytes(t['bytes_before'])} -> {_fmt_bytes(t['bytes_after'])} "
-                f"({t['bytes_after'] / max(t['bytes_before'], 1):.2f}x)")
+                f"({100 * t['bytes_after'] / max(t['bytes_before'], 1):.0f}% of dense)")
+        held_dense = [lp.name for lp in self.sparse_layers if lp.backend == "dense"]
+        if held_dense and t["bytes_after"] >= t["bytes_before"]:
+            # a user who compiled for memory reads "2:4" and gets a larger model: say why, and what stores less
+            text += (f" because {len(held_dense)} sparse layer{'s' if len(held_dense) > 1 else ''} "
+                     f"({', '.join(held_dense[:3])}{', ...' if len(held_dense) > 3 else ''}) hold their pruned weight "
+                     f"dense, where backend auto measured dense faster (backend='torch', or a sparse backend in "
+                     f"their plan entries, stores them compressed)")
         if t["flops_dense"]:
             text += (f"; est. FLOPs saved {_fmt_count(t['flops_saved'])} of {_fmt_count(t['flops_dense'])} "
                      f"({100 * t['flops_saved'] / t['flops_dense']:.1f}%) at the example inputs")

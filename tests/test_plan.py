@@ -1,4 +1,5 @@
 import json
+import warnings
 
 import pytest
 import torch
@@ -471,3 +472,48 @@ def test_a_dense_entry_that_prunes_gradients_says_it_trains_as_a_trainable_layer
     plan["2"].sparsity, plan["2"].grad_sparsity = None, "2:4"
     got = sparsec.compile(model, plan=plan, example_inputs=(x,), train=True).plan["2"]
     assert got.grad_sparsity == "2:4" and "not used: training runs sparsec's TrainableLayer" in got.reason
+
+
+def _mlp() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 128),
+                         nn.ReLU(), nn.Linear(128, 10)), torch.randn(4, 64)
+
+
+def test_totals_say_why_a_sparse_compile_holds_more_bytes_than_dense():
+    """Backend auto may keep a sparse layer's pruned weight dense (faster here), plus its mask bits: the model
+    then holds more than the dense one. The totals said "1.5 MB -> 1.5 MB (1.03x)", which a user reading
+    "2:4" took for a saving."""
+    model, x = _mlp()
+    plan = sparsec.explain(model, pattern="2:4", example_inputs=(x,), backend="torch")
+    for lp in plan.sparse_layers:
+        lp.backend = "dense"
+    held = sparsec.compile(model, example_inputs=(x,), plan=plan).plan
+    t = held.totals()
+    assert t["bytes_after"] > t["bytes_before"]
+    assert f"({100 * t['bytes_after'] / t['bytes_before']:.0f}% of dense) because 2 sparse layers (2, 4) hold their " \
+           "pruned weight dense" in held.summary()
+    packed = sparsec.compile(model, pattern="2:4", example_inputs=(x,), backend="torch").plan
+    t = packed.totals()
+    assert t["bytes_after"] < t["bytes_before"] and "because" not in packed.summary()
+
+
+def test_compile_warns_when_no_layer_could_take_the_pattern():
+    """pattern "2:3" on power-of-two widths returned a model with no sparse layer, and only the printed
+    plan said so: a caller who did not print it believed the model sparse."""
+    model, x = _mlp()
+    with pytest.warns(UserWarning, match=r"no layer was made sparse with pattern '2:3'.*0: reduction size K = "
+                                         r"in_features = 64 is not a multiple of M=3.*and 1 more") as caught:
+        cm = sparsec.compile(model, pattern="2:3", example_inputs=(x,), backend="torch")
+    assert caught[0].filename == __file__  # points at the caller's line
+    assert not cm.plan.sparse_layers
+    with pytest.warns(UserWarning, match="0: first layer; 2: too small to matter"):
+        sparsec.compile(model, pattern="2:4", example_inputs=(x,), backend="torch", min_weights=10 ** 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sparsec.compile(model, pattern="dense", example_inputs=(x,), backend="torch")
+        sparsec.compile(model, pattern="2:4", example_inputs=(x,), backend="torch")
+        plan = sparsec.explain(model, pattern="2:4", example_inputs=(x,), backend="torch")
+        for lp in plan:
+            lp.sparsity = None
+        sparsec.compile(model, example_inputs=(x,), plan=plan)  # the caller's own choice
