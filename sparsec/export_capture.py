@@ -60,9 +60,11 @@ def capture_with_export(model: nn.Module, example_inputs: tuple, train: bool, fx
             + ("\n    (the graph torch.export traced before it failed: this error's __cause__.partial_fx_graph)"
                if hasattr(export_error, "partial_fx_graph") else "")
             + _unknown_type_remedy(export_error)
-            + "\nWhat to do: mark the offending submodule as a leaf (leaf_modules=[ModuleClass] or ['module.name']) "
-              "or exclude it (exclude=['module.name']) so it is not traced into; make the control flow there "
-              "independent of tensor values; or check the example inputs.") from export_error
+            + "\nWhat to do: where the failing line is in a submodule, mark it as a leaf (leaf_modules=[ModuleClass] "
+              "or ['module.name']) or exclude it (exclude=['module.name']) so it is not traced into (the model's own "
+              "forward cannot be); make the control flow there independent of tensor values, or write a branch on a "
+              "tensor's value as torch.cond(pred, true_fn, false_fn, operands), which torch.export captures (layers "
+              "inside its branches stay dense); or check the example inputs.") from export_error
     if inference.where is not None:
         raise TraceError(_inference_mode_inside(inference.where))
     # torch.export's tracer class needs constructor arguments, which a pickled GraphModule cannot

@@ -87,6 +87,9 @@ def test_both_tracers_failing_names_the_calls_and_the_user_line(capfd):
     assert "torch.fx.symbolic_trace failed" in text and "torch.export.export(strict=False) failed" in text
     assert "test_frontend.py" in text and "if x.sum() > 0:" in text
     assert "leaf_modules" in text and "exclude" in text
+    # the branch is in the model's own forward, which no leaf_modules / exclude can take out: the remedy that
+    # applies there, and that torch.export captures, is torch.cond
+    assert "the model's own forward cannot be" in text and "torch.cond(pred, true_fn, false_fn, operands)" in text
 
 
 def test_export_output_is_given_back_less_a_failure_dump(capfd):
