@@ -226,7 +226,11 @@ class Plan:
         def line(cells: list[str]) -> str:
             return "  ".join(str(c).ljust(w) for c, w in zip(cells[:-1], widths)) + "  " + str(cells[-1])
 
-        out = [f"sparsec plan (pattern {self.pattern})", line(header), line(["-" * w for w in widths] + ["-" * 6])]
+        learned = sorted({lp.sparsity for lp in self.layers if lp.sparsity and lp.mask_kept is not None})
+        # (condense and a recompile for inference keep masks learned in training whatever `pattern` says, which
+        # then only decides the other layers: "pattern dense" alone read as if nothing were sparse)
+        kept = f"; masks learned in training kept: {', '.join(learned)}" if learned else ""
+        out = [f"sparsec plan (pattern {self.pattern}{kept})", line(header), line(["-" * w for w in widths] + ["-" * 6])]
         out += [line(r) for r in rows]
         out.append(self.summary())
         out += [f"note: {n}" for n in self.notes]

@@ -239,3 +239,15 @@ def test_condense_without_inputs_follows_a_dtype_conversion_after_compiling(dtyp
     x = torch.randn(5, 48, dtype=dtype)
     with torch.no_grad():
         assert output_error(small(x).double(), _masked_copy(model, cm).to(dtype)(x).double()) <= tolerance
+
+
+def test_a_condensed_plan_says_it_keeps_the_learned_masks():
+    """condense compiles with pattern "dense" (layers not trained sparse stay dense), so its plan read
+    "sparsec plan (pattern dense)" above fan-in layers: a user took the model for a dense one."""
+    _, cm = _trained_fanin_mlp()
+    small = cm.condense(backend="torch")
+    sparse = {lp.sparsity for lp in small.plan if lp.sparsity}
+    assert small.plan.pattern == "dense" and sparse
+    assert str(small.plan).splitlines()[0] == f"sparsec plan (pattern dense; masks learned in training kept: " \
+                                              f"{', '.join(sorted(sparse))})"
+    assert str(cm.plan).splitlines()[0] == f"sparsec plan (pattern {cm.plan.pattern})"  # (masks not yet learned)
