@@ -178,10 +178,13 @@ def default_decision(layer: LayerInfo, blocker: str | None, pattern: Pattern, ct
                         reason=f"{layer.trained_pattern} learned in training: the trained mask is kept as it is")
     if isinstance(pattern, Dense):
         return dense("pattern 'dense': weights not pruned")
+    # include= overrides the position and size policy only: a layer it names that cannot be pruned says so
+    included_by = first_match(opts.include, layer.name)
+    refused = f"; include={included_by!r} cannot override this" if included_by is not None else ""
     if blocker:
-        return dense(f"kept dense: {blocker}")
+        return dense(f"kept dense: {blocker}{refused}")
     if misfit := shape_misfit(layer, pattern):
-        return dense(f"kept dense: {misfit}")
+        return dense(f"kept dense: {misfit}{refused}")
     sparse_text = describe_sparse(layer, pattern)
     policy = None
     if layer.name in first:
@@ -190,7 +193,7 @@ def default_decision(layer: LayerInfo, blocker: str | None, pattern: Pattern, ct
         policy = f"last layer ({last[layer.name]})"
     elif layer.out_features * layer.reduction < opts.min_weights:
         policy = f"too small to matter ({layer.out_features * layer.reduction} weights < min_weights={opts.min_weights})"
-    if (included_by := first_match(opts.include, layer.name)) is not None:
+    if included_by is not None:
         suffix = f"; forced by include={included_by!r}" + (f" over the default policy: {policy}" if policy else "")
         return Decision(sparsity=str(pattern), quant=None, grad_sparsity=None, reason=sparse_text + suffix)
     if policy:

@@ -250,10 +250,12 @@ class Plan:
         held_dense = [lp.name for lp in self.sparse_layers if lp.backend == "dense"]
         if held_dense and t["bytes_after"] >= t["bytes_before"]:
             # a user who compiled for memory reads "2:4" and gets a larger model: say why, and what stores less
-            text += (f" because {len(held_dense)} sparse layer{'s' if len(held_dense) > 1 else ''} "
-                     f"({', '.join(held_dense[:3])}{', ...' if len(held_dense) > 3 else ''}) hold their pruned weight "
-                     f"dense, where backend auto measured dense faster (backend='torch', or a sparse backend in "
-                     f"their plan entries, stores them compressed)")
+            many = len(held_dense) > 1
+            text += (f" because {len(held_dense)} sparse layer{'s' if many else ''} "
+                     f"({', '.join(held_dense[:3])}{', ...' if len(held_dense) > 3 else ''}) "
+                     f"{'hold their' if many else 'holds its'} pruned weight dense, where backend auto measured dense "
+                     f"faster (backend='torch', or a sparse backend in {'their plan entries' if many else 'its plan entry'}, "
+                     f"stores {'them' if many else 'it'} compressed)")
         if t["flops_dense"]:
             text += (f"; est. FLOPs saved {_fmt_count(t['flops_saved'])} of {_fmt_count(t['flops_dense'])} "
                      f"({100 * t['flops_saved'] / t['flops_dense']:.1f}%) at the example inputs")

@@ -299,6 +299,8 @@ def test_a_head_tied_to_the_embedding_stays_dense():
     lp = cm.plan["emb"]
     assert (lp.op, lp.weight_shape, lp.sparsity) == ("linear", (96, 64), None)
     assert "also read by module 'emb' (Embedding)" in lp.reason  # pruning the head would change the embedding lookup too
+    assert lp.reason.endswith("; include='emb' cannot override this")  # (include= named it: it said nothing of it)
+    assert "include" not in sparsec.explain(model, example_inputs=(tokens,), min_weights=0)["emb"].reason
     assert torch.equal(cm.effective_weight("emb"), model.emb.weight)
     assert output_error(cm(tokens), pruned_model(model, cm.plan)(tokens)) <= 1e-5
 
