@@ -134,8 +134,8 @@ def _warn_if_nothing_sparse(plan: Plan, options: CompileOptions) -> None:
     who does not print the plan sees it (a given plan's dense entries are the caller's own choice)."""
     if options.plan is not None or str(options.pattern) == "dense" or not plan.layers:
         return
-    if any(lp.sparsity is not None for lp in plan.layers):
-        return
+    if any(lp.sparsity is not None or lp.grad_sparsity is not None for lp in plan.layers):
+        return  # (a layer whose data gradient SDGP prunes is not computed as the original either)
     why = [f"{lp.name}: {lp.reason.removeprefix('kept dense: ').split(' (')[0].split(';')[0]}" for lp in plan.layers]
     more = f"; and {len(why) - 3} more" if len(why) > 3 else ""
     warnings.warn(f"sparsec.compile: no layer was made sparse with pattern {str(options.pattern)!r}, so the compiled "

@@ -517,3 +517,11 @@ def test_compile_warns_when_no_layer_could_take_the_pattern():
         for lp in plan:
             lp.sparsity = None
         sparsec.compile(model, example_inputs=(x,), plan=plan)  # the caller's own choice
+
+
+def test_no_warning_where_only_the_data_gradients_are_pruned():
+    model, x = _mlp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cm = sparsec.compile(model, pattern="2:3", example_inputs=(x,), train=True, grad_pattern="2:4")
+    assert not cm.plan.sparse_layers and any(lp.grad_sparsity for lp in cm.plan)
