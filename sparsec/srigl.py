@@ -45,6 +45,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+import weakref
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -237,6 +238,11 @@ class SRigL:
         if sparse_init:
             self._sparse_init()
             self._drawn = {name: layer.weight._version for name, layer in self.layers.items()}
+        # The newest scheduler owns each layer's mask and dense-gradient sink; an older one on the same layers
+        # refuses to step (its updates would regrow by gradients it no longer receives, and its arming would
+        # take the sink back). Refusing the new one instead would fail a notebook cell run again.
+        for layer in self.layers.values():
+            layer.mask_scheduler = weakref.ref(self)
         self._arm(1)
 
     @torch.no_grad()
@@ -275,6 +281,14 @@ class SRigL:
 
     def step(self) -> UpdateRecord | None:
         """Call after optimizer.step(); returns the update record when this step updated masks."""
+        lost = [name for name, layer in self.layers.items()
+                if (owner := getattr(layer, "mask_scheduler", None)) is None or owner() is not self]
+        if lost:
+            raise InvalidInputError(
+                f"this SRigL no longer schedules layers {lost}: a newer SRigL was built on the same model and took "
+                f"over their masks and dense gradients (one scheduler per layer: with two, the older one regrew by "
+                f"gradients it never received). Step the newer one; to resume this one's run, build a new SRigL "
+                f"and load_state_dict(this.state_dict())")
         self.steps += 1
         self._drawn = {}
         record = self._update() if self.is_update_step(self.steps) else None

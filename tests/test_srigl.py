@@ -283,6 +283,26 @@ def _srigl_parts():
     return cm, torch.optim.SGD(cm.parameters(), lr=0.05)
 
 
+def test_a_newer_srigl_on_the_same_model_takes_it_over_and_the_older_refuses_to_step():
+    """Each layer has one dense-gradient sink: a second SRigL took the first's, and the first, stepped on,
+    regrew by all-zero scores (each row's lowest free columns) without a word."""
+    import gc
+
+    cm, opt = _srigl_parts()
+    older = SRigL(cm, opt, total_steps=40, delta_t=2, ablation=False)
+    newer = SRigL(cm, opt, total_steps=40, delta_t=2, ablation=False)
+    with pytest.raises(ValueError, match=r"this SRigL no longer schedules layers \['0', '2'.*a newer SRigL was built on "
+                                         r"the same model.*Step the newer one"):
+        _train(cm, opt, older, _batches(1))
+    masks = {name: cm.mask(name).clone() for name in newer.layers}
+    _train(cm, opt, newer, _batches(2))  # the newer one captures the dense gradients and updates at step 2
+    assert newer.history and newer.history[0].step == 2 and not newer.history[0].skipped
+    assert any(not torch.equal(cm.mask(name), masks[name]) for name in newer.layers)
+    del older, newer  # a notebook cell run again: the old scheduler is gone, the new one is built as usual
+    gc.collect()
+    _train(cm, opt, SRigL(cm, opt, total_steps=40, delta_t=2, ablation=False), _batches(1))
+
+
 def test_refuses_an_optimizer_or_model_it_cannot_drive():
     cm, opt = _srigl_parts()
     with pytest.raises(TypeError, match="torch.optim.Optimizer, got list"):

@@ -105,6 +105,8 @@ class TrainableLayer(RuntimeLayer):
         # Set by a scheduler that needs dL/d(weight * mask) at every position, masked ones included
         # (SRigL regrows by dense-gradient magnitude); autograd alone only yields the masked gradient.
         self.dense_grad_sink = None
+        # A weak reference to the scheduler that owns the mask and the sink (SRigL): one per layer at a time
+        self.mask_scheduler = None
 
     # ---- the weight the layer computes with
 
@@ -198,7 +200,7 @@ class TrainableLayer(RuntimeLayer):
 
     def __getstate__(self):
         state = super().__getstate__().copy()
-        state["dense_grad_sink"] = None  # a scheduler's callback is not part of the model
+        state["dense_grad_sink"] = state["mask_scheduler"] = None  # a scheduler's callback is not part of the model
         return state
 
     def extra_repr(self) -> str:
