@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import traceback
+import warnings
 
 import torch
 import torch.nn as nn
@@ -128,8 +129,9 @@ def _inspect(args: argparse.Namespace) -> int:
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         model, inputs, kwargs = load_target(args.target)
         plan = _read_plan(args.plan)
-        cm = sparsec.compile(model, pattern=args.pattern, example_inputs=inputs, quantize=args.quantize,
-                             include=args.include, exclude=args.exclude, plan=plan, example_kwargs=kwargs)
+        with _plan_says_nothing_is_sparse():
+            cm = sparsec.compile(model, pattern=args.pattern, example_inputs=inputs, quantize=args.quantize,
+                                 include=args.include, exclude=args.exclude, plan=plan, example_kwargs=kwargs)
     if args.json:
         print(cm.plan.to_json())
         return 0
@@ -147,7 +149,8 @@ def _dump_kernels(args: argparse.Namespace) -> int:
     model, inputs, kwargs = load_target(args.target)
     options = CompileOptions.from_user(args.pattern, args.quantize, args.include, args.exclude, backend="triton",
                                        emit_only=True)
-    cm = compile_with_options(model, inputs, options, kwargs)
+    with _plan_says_nothing_is_sparse():
+        cm = compile_with_options(model, inputs, options, kwargs)
     manifest = {"pattern": cm.plan.pattern, "kernels": cm.kernel_manifest,
                 "layers_without_kernel": {lp.name: lp.reason for lp in cm.plan if lp.sparsity and lp.backend != "triton"}}
     files = {f"{name}.py": source for name, source in sorted(cm.kernels.items())}
@@ -167,7 +170,19 @@ def _dump_kernels(args: argparse.Namespace) -> int:
           + (f" (removed {len(stale)} kernel{'s' if len(stale) != 1 else ''} of the earlier dump there)" if stale else ""))
     for name, entry in sorted(cm.kernel_manifest.items()):
         print(f"  {name}.py: {', '.join(layer['name'] for layer in entry['layers'])} [{', '.join(entry['fused_ops']) or 'no epilogue'}]")
+    if not cm.plan.sparse_layers:
+        print(f"  no layer was made sparse with pattern {cm.plan.pattern!r}: `sparsec inspect` with the same options "
+              f"gives each layer's reason")
     return 0
+
+
+@contextlib.contextmanager
+def _plan_says_nothing_is_sparse():
+    """compile's warning that no layer took the pattern tells a Python caller to print the plan; the commands
+    print it (inspect) or say it themselves (dump-kernels)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "sparsec.compile: no layer was made sparse")
+        yield
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:

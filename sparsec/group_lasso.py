@@ -242,6 +242,7 @@ class FrozenGroups:
         # and each parameter holds it strongly (below), so an unbound `gl.freeze_zero_groups()` still holds
         # the groups at 0 for exactly as long as the parameters live.
         self._handles.append(register_optimizer_step_post_hook(_reapply_after_step(weakref.ref(self))))
+        weakref.finalize(self, self._handles[-1].remove)  # (once the model is gone, so is its global hook)
 
     def _hook(self, param: nn.Parameter, keep: torch.Tensor):
         if not param.requires_grad:

@@ -226,10 +226,10 @@ class Plan:
         def line(cells: list[str]) -> str:
             return "  ".join(str(c).ljust(w) for c, w in zip(cells[:-1], widths)) + "  " + str(cells[-1])
 
-        learned = sorted({lp.sparsity for lp in self.layers if lp.sparsity and lp.mask_kept is not None})
-        # (condense and a recompile for inference keep masks learned in training whatever `pattern` says, which
-        # then only decides the other layers: "pattern dense" alone read as if nothing were sparse)
-        kept = f"; masks learned in training kept: {', '.join(learned)}" if learned else ""
+        existing = sorted({lp.sparsity for lp in self.layers if lp.sparsity and lp.mask_kept is not None})
+        # (condense and a recompile keep masks learned in training or packed by an earlier compile whatever
+        # `pattern` says, which then only decides the other layers: "pattern dense" alone read as a dense model)
+        kept = f"; layers keep their existing masks: {', '.join(existing)}" if existing else ""
         out = [f"sparsec plan (pattern {self.pattern}{kept})", line(header), line(["-" * w for w in widths] + ["-" * 6])]
         out += [line(r) for r in rows]
         out.append(self.summary())
@@ -246,16 +246,16 @@ class Plan:
         text = (f"totals: {t['sparse_layers']} of {t['layers']} layers sparse; "
                 f"weights kept {t['weights_kept']:,} of {t['weights']:,} ({100 * t['weights_kept'] / max(t['weights'], 1):.1f}%); "
                 f"weight bytes {_fmt_bytes(t['bytes_before'])} -> {_fmt_bytes(t['bytes_after'])} "
-                f"({100 * t['bytes_after'] / max(t['bytes_before'], 1):.0f}% of dense)")
+                f"({100 * t['bytes_after'] / max(t['bytes_before'], 1):.1f}% of dense)")
         held_dense = [lp.name for lp in self.sparse_layers if lp.backend == "dense"]
         if held_dense and t["bytes_after"] >= t["bytes_before"]:
             # a user who compiled for memory reads "2:4" and gets a larger model: say why, and what stores less
             many = len(held_dense) > 1
             text += (f" because {len(held_dense)} sparse layer{'s' if many else ''} "
                      f"({', '.join(held_dense[:3])}{', ...' if len(held_dense) > 3 else ''}) "
-                     f"{'hold their' if many else 'holds its'} pruned weight dense, where backend auto measured dense "
-                     f"faster (backend='torch', or a sparse backend in {'their plan entries' if many else 'its plan entry'}, "
-                     f"stores {'them' if many else 'it'} compressed)")
+                     f"{'hold their' if many else 'holds its'} pruned weight dense (plan backend 'dense', which backend "
+                     f"auto picks where dense measured faster; backend='torch', or a sparse backend in "
+                     f"{'their plan entries' if many else 'its plan entry'}, stores {'them' if many else 'it'} compressed)")
         if t["flops_dense"]:
             text += (f"; est. FLOPs saved {_fmt_count(t['flops_saved'])} of {_fmt_count(t['flops_dense'])} "
                      f"({100 * t['flops_saved'] / t['flops_dense']:.1f}%) at the example inputs")

@@ -267,9 +267,21 @@ class SRigL:
     def is_update_step(self, step: int) -> bool:
         return step % self.delta_t == 0 and step < self.t_end
 
+    def _require_ownership(self) -> None:
+        lost = [name for name, layer in self.layers.items()
+                if (owner := getattr(layer, "mask_scheduler", None)) is None or owner() is not self]
+        if lost:
+            raise InvalidInputError(
+                f"this SRigL no longer schedules layers {lost}: a newer SRigL was built on the same model and took "
+                f"over their masks and dense gradients (one scheduler per layer: with two, the older one regrew by "
+                f"gradients it never received). Step the newer one; to resume this one's run, build a new SRigL "
+                f"and load_state_dict(this.state_dict())")
+
     def _arm(self, step: int) -> None:
         """Capture dense gradients in the backward of `step` when it is among the last
-        `grad_accumulation` steps before an update."""
+        `grad_accumulation` steps before an update (only while this scheduler owns the layers: the sinks
+        are the newer scheduler's once it is built)."""
+        self._require_ownership()
         next_update = -(-step // self.delta_t) * self.delta_t
         capture = next_update < self.t_end and next_update - step < self.grad_accumulation
         for name, layer in self.layers.items():
@@ -281,14 +293,7 @@ class SRigL:
 
     def step(self) -> UpdateRecord | None:
         """Call after optimizer.step(); returns the update record when this step updated masks."""
-        lost = [name for name, layer in self.layers.items()
-                if (owner := getattr(layer, "mask_scheduler", None)) is None or owner() is not self]
-        if lost:
-            raise InvalidInputError(
-                f"this SRigL no longer schedules layers {lost}: a newer SRigL was built on the same model and took "
-                f"over their masks and dense gradients (one scheduler per layer: with two, the older one regrew by "
-                f"gradients it never received). Step the newer one; to resume this one's run, build a new SRigL "
-                f"and load_state_dict(this.state_dict())")
+        self._require_ownership()
         self.steps += 1
         self._drawn = {}
         record = self._update() if self.is_update_step(self.steps) else None

@@ -286,3 +286,21 @@ def test_a_misspelt_top_level_key_in_a_plan_file_is_refused_not_ignored(tmp_path
     err = capsys.readouterr().err
     assert f"the plan file {path} is not a usable sparsec plan: plan has unknown keys ['grad_mod']" in err
     assert "did you mean 'grad_mode'?" in err
+
+
+def test_a_model_nothing_sparse_in_is_said_once_in_the_commands_own_words(tmp_path, capsys):
+    """compile's nothing-sparse warning tells a Python caller to print(cm.plan): inspect printed the plan below it
+    (and that line attributed to cli.py), and dump-kernels only said it wrote 0 kernels."""
+    import warnings
+
+    target = tmp_path / "m.py"
+    target.write_text("import torch.nn as nn\ndef make():\n    return nn.Sequential(nn.Linear(60, 60), nn.ReLU(), "
+                      "nn.Linear(60, 60))\n")  # (K = 60: no 2:8 groups)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["inspect", f"{target}:make", "--pattern", "2:8", "--include", ".*"]) == 0
+        assert "no layer was made sparse (see reasons)" in capsys.readouterr().out
+        assert main(["dump-kernels", f"{target}:make", "--pattern", "2:8", "--include", ".*",
+                     "-o", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "wrote 0 kernels" in out and "no layer was made sparse with pattern '2:8': `sparsec inspect`" in out

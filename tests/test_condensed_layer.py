@@ -248,6 +248,6 @@ def test_a_condensed_plan_says_it_keeps_the_learned_masks():
     small = cm.condense(backend="torch")
     sparse = {lp.sparsity for lp in small.plan if lp.sparsity}
     assert small.plan.pattern == "dense" and sparse
-    assert str(small.plan).splitlines()[0] == f"sparsec plan (pattern dense; masks learned in training kept: " \
+    assert str(small.plan).splitlines()[0] == f"sparsec plan (pattern dense; layers keep their existing masks: " \
                                               f"{', '.join(sorted(sparse))})"
     assert str(cm.plan).splitlines()[0] == f"sparsec plan (pattern {cm.plan.pattern})"  # (masks not yet learned)

@@ -272,14 +272,20 @@ def test_optimizer_state_from_before_freezing_does_not_move_frozen_groups(make_o
 
 
 def test_frozen_groups_do_not_keep_a_deleted_model_alive():
+    from torch.optim.optimizer import _global_optimizer_post_hooks
+
+    gc.collect()  # (the frozen groups of earlier tests' models go now, not during this test)
+    hooks = len(_global_optimizer_post_hooks)
     cm = dense(nn.Sequential(nn.Linear(6, 4)), torch.randn(2, 6))
     with torch.no_grad():
         cm.graph_module.get_parameter("0.weight")[1] = 0
     GroupLasso(cm, 0.0, "rows").freeze_zero_groups()
+    assert len(_global_optimizer_post_hooks) == hooks + 1
     alive = weakref.ref(cm)
     del cm
     gc.collect()
     assert alive() is None
+    assert len(_global_optimizer_post_hooks) == hooks  # nor leave a dead hook for every optimizer step
     torch.optim.SGD([nn.Parameter(torch.ones(2))], lr=0.1).step()  # the global hook of a dead model does nothing
 
 

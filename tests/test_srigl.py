@@ -294,6 +294,8 @@ def test_a_newer_srigl_on_the_same_model_takes_it_over_and_the_older_refuses_to_
     with pytest.raises(ValueError, match=r"this SRigL no longer schedules layers \['0', '2'.*a newer SRigL was built on "
                                          r"the same model.*Step the newer one"):
         _train(cm, opt, older, _batches(1))
+    with pytest.raises(ValueError, match="no longer schedules"):  # (loading a state arms the sinks: not the older's)
+        older.load_state_dict(older.state_dict())
     masks = {name: cm.mask(name).clone() for name in newer.layers}
     _train(cm, opt, newer, _batches(2))  # the newer one captures the dense gradients and updates at step 2
     assert newer.history and newer.history[0].step == 2 and not newer.history[0].skipped

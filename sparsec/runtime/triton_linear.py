@@ -118,7 +118,7 @@ class TritonSparseLinear(FusedEpilogue, SparseLinear):
         return x.new_empty(*x.shape[:-1], self.packed.out_features, dtype=self.out_torch_dtype())
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
-        if getattr(self, "fused_bias", False):  # (absent in layers saved before it existed: their own bias)
+        if getattr(self, "fused_bias", False) and self.bias is not None:  # (absent in layers saved before it)
             return self.reference_epilogue(F.linear(x, self.packed.rows()) + self.bias)
         return self.reference_epilogue(F.linear(x, self.packed.rows(), self.bias))
 
