@@ -31,8 +31,8 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
-from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.nn.utils import parametrize
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from sparsec.context import name_list
 from sparsec.distributed import check_whole, described, full, is_sharded, shard_like, unwrap_ddp
