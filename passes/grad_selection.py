@@ -56,9 +56,7 @@ def choose_grad_sparsity(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphMod
     opts = ctx.options
     if not opts.train:
         return gm
-    # the default: grad_pattern=, or the one a given plan was made with (its entries are then compared with it)
-    default = opts.plan.grad_pattern if opts.plan is not None else opts.grad_pattern
-    default = parse_pattern(default) if default is not None else None
+    default = parse_pattern(opts.grad_default) if opts.grad_default is not None else None
     # (only a default asks: a detached input has no gradient upstream, so the gradients' dataflow)
     trainable_downstream = (_downstream_of(dataflow_graph(gm, gradients=True), _trainable_sources(gm))
                             if default is not None else None)
@@ -88,7 +86,8 @@ def _check_given(name: str, layer, meta, grad: str | None) -> None:
     """Refuse a given plan's gradient pattern the layer cannot take, naming why."""
     if grad is None:
         return
-    if not isinstance(parse_pattern(grad), NM):  # (a FanIn has no .m)
+    pattern = parse_pattern(grad)
+    if not isinstance(pattern, NM):  # (a FanIn has no .m)
         raise InvalidInputError(f"the given plan asks for gradient pattern {grad!r} on layer {name!r}; data "
                                 f"gradients are pruned N:M (e.g. '2:4'), or None for a dense gradient")
     if meta.blocker:
@@ -96,9 +95,9 @@ def _check_given(name: str, layer, meta, grad: str | None) -> None:
         # the weight, silently untying it from the module / op that shares it)
         raise InvalidInputError(f"the given plan asks for gradient pattern {grad} on layer {name!r}, which "
                                 f"cannot take it: {meta.blocker}")
-    if layer.out_features % parse_pattern(grad).m:
+    if layer.out_features % pattern.m:
         raise InvalidInputError(f"the given plan asks for gradient pattern {grad} on layer {name!r}, whose "
-                                f"{layer.out_features} output features are not a multiple of M={parse_pattern(grad).m}")
+                                f"{layer.out_features} output features are not a multiple of M={pattern.m}")
 
 
 def _default_grad(name: str, nodes: list[fx.Node], meta, g: NM, opts, trainable_downstream: set[fx.Node],

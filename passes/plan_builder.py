@@ -102,12 +102,7 @@ def build_plan(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     layers.sort(key=_graph_position(gm))
     pattern = ctx.options.plan.pattern if ctx.options.plan is not None else str(ctx.options.pattern)
     opts = ctx.options
-    if not opts.train:
-        grad_pattern = None
-    elif opts.plan is not None:
-        grad_pattern = opts.plan.grad_pattern
-    else:
-        grad_pattern = str(opts.grad_pattern) if opts.grad_pattern is not None else None
+    grad_pattern = opts.grad_default
     # (the mode is said where gradients are pruned or may be, by an edit of a plan made with grad_pattern: a
     # plan whose every layer kept its gradient dense ran an edit of it in compile's default mode, not its own)
     said = opts.train and (grad_pattern is not None or any(lp.grad_sparsity for lp in layers))

@@ -87,6 +87,16 @@ class CompileOptions:
                    train=train, grad_pattern=grad, grad_mode=grad_mode, weight_update=weight_update,
                    ste_decay=float(ste_decay), timing=timing)
 
+    @property
+    def grad_default(self) -> str | None:
+        """A training compile's default gradient pattern: grad_pattern=, or the one a given plan was made with
+        (what the plan records, and what its grad_sparsity entries are compared with)."""
+        if not self.train:
+            return None
+        if self.plan is not None:
+            return self.plan.grad_pattern
+        return str(self.grad_pattern) if self.grad_pattern is not None else None
+
 
 def _training_options(train: object, pattern: object, plan: object, grad_pattern: object, grad_mode: object,
                       weight_update: object, ste_decay: object) -> tuple[NM | None, str]:

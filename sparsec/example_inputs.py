@@ -38,7 +38,8 @@ def normalize_example_inputs(model: nn.Module, example_inputs: object, example_k
             f"example_inputs must be a tuple of the model's positional arguments, e.g. (x,), "
             f"got {type(args).__name__}; wrap a single tensor as (x,)")
     inputs = _in_graph_order(model, args, kwargs)
-    if any(isinstance(t, torch.Tensor) and t.is_nested for t in tree_leaves(inputs)):  # (torch's "Internal error: NestedTensorImpl doesn't support sizes" came out of the trace check)
+    # (torch's "Internal error: NestedTensorImpl doesn't support sizes" came out of the trace check)
+    if any(isinstance(t, torch.Tensor) and t.is_nested for t in tree_leaves(inputs)):
         raise ExampleInputError("an example input is a nested tensor (torch.nested), which sparsec cannot trace "
                                 "or compare shapes of; pass a padded dense tensor (nested.to_padded_tensor(0.0)) "
                                 "and its mask or lengths as inputs")

@@ -214,7 +214,7 @@ class _ZeroFrozenGradient:
 def _reapply_after_step(frozen_ref):
     def after_step(optimizer, args, kwargs) -> None:
         frozen = frozen_ref()
-        if frozen is not None and frozen._handles:
+        if frozen is not None:
             frozen._reapply({id(p) for group in optimizer.param_groups for p in group["params"]})
     return after_step
 

@@ -279,9 +279,8 @@ class SRigL:
 
     def _arm(self, step: int) -> None:
         """Capture dense gradients in the backward of `step` when it is among the last
-        `grad_accumulation` steps before an update (only while this scheduler owns the layers: the sinks
-        are the newer scheduler's once it is built)."""
-        self._require_ownership()
+        `grad_accumulation` steps before an update (callers check ownership first: once a newer scheduler
+        is built, the sinks are its)."""
         next_update = -(-step // self.delta_t) * self.delta_t
         capture = next_update < self.t_end and next_update - step < self.grad_accumulation
         for name, layer in self.layers.items():
@@ -386,6 +385,7 @@ class SRigL:
     def load_state_dict(self, state: dict) -> None:
         if not isinstance(state, dict) or "steps" not in state:
             raise InvalidInputError("not an SRigL state: missing 'steps' (expected what SRigL.state_dict() returns)")
+        self._require_ownership()  # (it arms the sinks below)
         saved = state.get("schedule", {})  # (absent in states saved before it was recorded)
         differ = [f"{k}: saved {saved[k]!r}, this scheduler {v!r}" for k, v in self._schedule().items()
                   if k in saved and saved[k] != v]
