@@ -53,7 +53,7 @@ def _module_call(module, x, out=None):
     return module(x) if out is None else module.kernel_forward(x, out=out)
 
 
-def candidates(gm, ctx, layer, decision, m: int, triton_problem: str | None) -> dict:
+def candidates(gm, ctx, layer, decision, m: int, triton_blocker_reason: str | None) -> dict:
     """name -> callable computing the layer at M = m rows, each through the runtime module that choice
     becomes in the compiled model (passes/sparsify.py), on the same input: eager timings then include
     each module's own per-call Python, which at one row is most of what a call costs. A 2:4 Triton
@@ -84,10 +84,10 @@ def candidates(gm, ctx, layer, decision, m: int, triton_problem: str | None) -> 
         out["csr"] = functools.partial(csr, x)
     library = (decision.sparsity == "2:4" and semi_structured_available()
                and weight.dtype in (torch.float16, torch.bfloat16))
-    if triton_problem is not None and not library:
+    if triton_blocker_reason is not None and not library:
         return out
     packed = PackedWeight.pack(rows, mask, pattern, decision.quant)
-    if triton_problem is None:
+    if triton_blocker_reason is None:
         spec = runtime_module(TritonSparseLinear, packed).spec()
         name, source = emit_matmul(spec, [LayerUse(layer.name, m, layer.out_features, layer.reduction)])
         configs = ([None] if isinstance(packed, FanInPacked)
@@ -108,7 +108,7 @@ def candidates(gm, ctx, layer, decision, m: int, triton_problem: str | None) -> 
     return out
 
 
-def conv_candidates(gm, ctx, layer, decision, input_shape: tuple[int, ...], triton_problem: str | None) -> tuple[dict, int]:
+def conv_candidates(gm, ctx, layer, decision, input_shape: tuple[int, ...], triton_blocker_reason: str | None) -> tuple[dict, int]:
     """(name -> zero-argument callable computing the conv layer on an input of `input_shape`, the rows
     M = batch x output pixels of its implicit GEMM): dense cuDNN on the pruned weight, and the 2:4
     Triton conv kernel once per launch config worth timing (as `candidates`). Both read the input as
@@ -122,7 +122,7 @@ def conv_candidates(gm, ctx, layer, decision, input_shape: tuple[int, ...], trit
     weight, bias, rows, mask = _layer_operands(gm, ctx, layer, decision)
     packed = PackedWeight.pack(rows, mask, parse_pattern(decision.sparsity), decision.quant)
     if isinstance(packed, CSRPacked):
-        return _direct_conv_candidates(layer, decision, packed, weight, bias, input_shape, triton_problem)
+        return _direct_conv_candidates(layer, decision, packed, weight, bias, input_shape, triton_blocker_reason)
     module_class = TritonSparseConv1d if layer.op == "conv1d" else TritonSparseConv2d
     module = module_class(packed, bias, tuple(weight.shape), layer.name, decision.sparsity, "", layer.conv)
     x, geometry, _ = module.kernel_input(_sample_input(input_shape, weight.device, weight.dtype))
@@ -130,7 +130,7 @@ def conv_candidates(gm, ctx, layer, decision, input_shape: tuple[int, ...], trit
     dense = dense.unsqueeze(-2) if layer.op == "conv1d" else dense  # x is [B, C, H, W] as the kernel reads it
     out = {"dense": lambda: F.conv2d(x, dense, bias, geometry.stride, geometry.padding, geometry.dilation)}
     m = geometry.gemm_rows(x)
-    if triton_problem is None:
+    if triton_blocker_reason is None:
         spec = module.spec()
         name, source = emit_matmul(spec, [LayerUse(layer.name, m, layer.out_features, layer.reduction)])
         configs = matmul_candidates(m, layer.out_features, layer.reduction, spec.act_dtype, None, spec.weight_dtype,
@@ -141,7 +141,7 @@ def conv_candidates(gm, ctx, layer, decision, input_shape: tuple[int, ...], trit
     return out, m
 
 
-def _direct_conv_candidates(layer, decision, packed, weight, bias, input_shape, triton_problem) -> tuple[dict, int]:
+def _direct_conv_candidates(layer, decision, packed, weight, bias, input_shape, triton_blocker_reason) -> tuple[dict, int]:
     """conv_candidates for an unstructured conv (conv1d: dense only, the kernel is a conv2d's): dense cuDNN on the
     pruned weight, and the direct sparse conv kernel as its layer runs it (the layer's module: its per-call
     checks and offsets lookup are what a call costs)."""
@@ -155,7 +155,7 @@ def _direct_conv_candidates(layer, decision, packed, weight, bias, input_shape, 
         DensePacked.pack(weight_to_rows(weight, layer.op), packed.mask(), pattern, decision.quant), bias,
         tuple(weight.shape), layer.name, decision.sparsity, "", layer.conv)
     out = {"dense": functools.partial(dense, x)}
-    if triton_problem is None:
+    if triton_blocker_reason is None:
         direct = DirectSparseConv2d(packed, bias, tuple(weight.shape), layer.name, decision.sparsity, "", layer.conv)
         out["triton"] = functools.partial(direct, x)
     with torch.no_grad():
@@ -303,7 +303,7 @@ def run_poisoned(fn, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
     return fn()
 
 
-def pick_fastest(gm, ctx, layer, decision, m: int | None, triton_problem: str | None, device: str = "cuda",
+def pick_fastest(gm, ctx, layer, decision, m: int | None, triton_blocker_reason: str | None, device: str = "cuda",
                  input_shape: tuple[int, ...] | None = None, graph: bool = False, cpu_cold: tuple[bool, str] | None = None):
     """(backend, note, launch): the fastest way to run the layer at M rows (a conv layer: on an input of
     `input_shape`) among the candidates that agree with dense, a note with the times (and the
@@ -318,10 +318,10 @@ def pick_fastest(gm, ctx, layer, decision, m: int | None, triton_problem: str | 
         at = cpu_kernel_candidates(gm, ctx, layer, decision)
         options, timer = at(rows), functools.partial(time_cpu, blocks=CPU_BLOCKS, cold=cold)
     elif input_shape is not None:  # a conv layer
-        (options, rows), timer = conv_candidates(gm, ctx, layer, decision, input_shape, triton_problem), cuda_timer
+        (options, rows), timer = conv_candidates(gm, ctx, layer, decision, input_shape, triton_blocker_reason), cuda_timer
         m = rows
     else:
-        options, timer = candidates(gm, ctx, layer, decision, rows, triton_problem), cuda_timer
+        options, timer = candidates(gm, ctx, layer, decision, rows, triton_blocker_reason), cuda_timer
     wrong, failed = check_candidates(options, tf32=device != "cpu" and _tf32_allowed(input_shape is not None))
     checked = {name: fn for name, fn in options.items() if name not in wrong and name not in failed}
     # A 2:4 kernel comes once per launch config; its layer keeps the fastest

@@ -1,6 +1,6 @@
 """Analysis: choose what runs each sparse layer, and record why.
 
-backend="torch"   plain-torch runtime everywhere (CPU default).
+backend="torch"   plain-torch runtime everywhere.
 backend="triton"  the generated fused kernels for every layer they cover (2:4 or constant fan-in
                   linear / matmul, 2:4 conv1d / conv2d with groups=1; float16 / bfloat16 / float32
                   weights); other sparse layers stay on torch, with the reason. Needs CUDA, or
@@ -30,7 +30,7 @@ from sparsec.plan import dtype_name
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_NOTE = "runs a fused Triton kernel"
 DIRECT_CONV_NOTE = "runs the direct sparse conv Triton kernel (CSR rows against the padded input, bias fused)"
-CPU_KERNEL_RUNS = {"condensed": "constant fan-in", "bitmask": "N:M", "csr": "unstructured"}  # CPU kernels' patterns
+CPU_KERNEL_PATTERNS = {"condensed": "constant fan-in", "bitmask": "N:M", "csr": "unstructured"}  # CPU kernels' patterns
 
 
 def triton_note(decision) -> str:
@@ -108,8 +108,8 @@ def kept_dense_note(blocker: str) -> str:
 CPU_MEASUREMENTS: dict = {}
 
 
-def _measured(gm, ctx: CompileContext, layer: LayerInfo, decision, node: fx.Node, triton_problem, device: str,
-              cpu_cold: tuple[bool, str] | None = None):
+def _measured_backend(gm, ctx: CompileContext, layer: LayerInfo, decision, node: fx.Node, triton_blocker_reason,
+                      device: str, cpu_cold: tuple[bool, str] | None = None):
     """backend="auto": the fastest way to run this layer, measured once per distinct shape in a
     compile (timings depend on shapes, dtypes and pattern, not on the weight values), so a 12-layer
     model with 4 layer shapes measures 4 times; on CPU once per shape in a process."""
@@ -122,14 +122,14 @@ def _measured(gm, ctx: CompileContext, layer: LayerInfo, decision, node: fx.Node
                          "inputs; runs on the torch runtime (pass example_inputs to compile)"), None
     graph = ctx.options.timing == "graph"
     key = (device, layer.op, layer.weight_shape, layer.conv, layer.dtype, decision.sparsity, decision.quant,
-           layer.bias_path is not None, input_shape or m, triton_problem, graph)
+           layer.bias_path is not None, input_shape or m, triton_blocker_reason, graph)
     if key not in ctx.measurements:
         cpu_key = (key, torch.get_num_threads(), cpu_cold)
         if device == "cpu" and cpu_key in CPU_MEASUREMENTS:
             result = CPU_MEASUREMENTS[cpu_key]
         else:
-            result = pick_fastest(gm, ctx, layer, decision, m, triton_problem, device=device, input_shape=input_shape,
-                                  graph=graph, cpu_cold=cpu_cold)
+            result = pick_fastest(gm, ctx, layer, decision, m, triton_blocker_reason, device=device,
+                                  input_shape=input_shape, graph=graph, cpu_cold=cpu_cold)
             if device == "cpu":
                 CPU_MEASUREMENTS[cpu_key] = result
         ctx.measurements[key] = (*result, layer.name)
@@ -159,10 +159,39 @@ def choose_backend(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         release_buffers()  # (auto's flush / eviction buffers: no use once every layer is measured)
 
 
-def _choose_backends(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
+def _given_backend(name: str, layer: LayerInfo, decision, device: torch.device):
+    """(backend, note, launch) of a layer whose backend a given plan sets: checked, never measured."""
     from sparsec.codegen.launch import can_run_on
 
+    backend = decision.backend  # the given plan decides; no measuring
+    if backend == "triton":
+        if problem := triton_blocker(layer, decision.sparsity, device, quant=decision.quant) or (
+                None if can_run_on(device) else f"the layer is on {device} and TRITON_INTERPRET is not 1"):
+            raise InvalidInputError(f"the given plan asks for backend 'triton' on layer {name!r}: {problem}")
+    if backend == "cusparselt" and (decision.sparsity != "2:4" or device.type != "cuda"):
+        raise InvalidInputError(f"the given plan asks for backend 'cusparselt' on layer {name!r}: it needs a "
+                                f"2:4 layer on CUDA (this one is {decision.sparsity} on {device})")
+    if backend in CPU_KERNEL_PATTERNS and layer.conv is not None:
+        raise InvalidInputError(f"the given plan asks for backend {backend!r} on layer {name!r}: it runs "
+                                f"{CPU_KERNEL_PATTERNS[backend]} linear layers only (this one is a "
+                                f"{decision.sparsity} {layer.op}); set its backend to null to let sparsec choose")
+    if backend in CPU_KERNEL_PATTERNS and (problem := cpu_kernel_blocker(layer, decision, device, need_library=False)):
+        # (it would run the torch reference while the plan names the kernel: a float64 layer, a CUDA one)
+        raise InvalidInputError(f"the given plan asks for backend {backend!r} on layer {name!r}, but {problem}; "
+                                f"set its backend to null to let sparsec choose")
+    note = {"torch": None, "triton": triton_note(decision)}.get(backend, f"backend {backend}, set by the given plan")
+    if backend in CPU_KERNEL_PATTERNS and (problem := cpu_kernel_blocker(layer, decision, device)):
+        # a plan made where the library built, applied where it does not: the layer runs the
+        # kernel's plain-torch fallback (the weight rebuilt per call, 0.03-0.8x dense in the
+        # README's table) while the plan named the kernel and nothing said otherwise
+        note += (f", but {problem}: this layer runs the kernel's plain-torch fallback, slower than dense "
+                 f"(set its backend to 'dense', or null to let sparsec choose)")
+    return backend, note, decision.launch
+
+
+def _choose_backends(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     from sparsec.codegen.cpu_cache import weights_from_memory
+    from sparsec.codegen.launch import can_run_on
 
     wanted = ctx.options.backend
     if ctx.options.train:
@@ -175,42 +204,19 @@ def _choose_backends(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             continue
         device = _device(gm, layer)
         given, chosen_again = decision.backend if ctx.options.plan is not None else None, None
-        if given in CPU_KERNEL_RUNS and layer.conv is None and cpu_kernel_for(decision.sparsity) != given:
+        if given in CPU_KERNEL_PATTERNS and layer.conv is None and cpu_kernel_for(decision.sparsity) != given:
             # the plan's sparsity was edited after auto chose this kernel for the old pattern
-            chosen_again = (f"the given plan's backend {given!r} runs {CPU_KERNEL_RUNS[given]} layers only, not "
+            chosen_again = (f"the given plan's backend {given!r} runs {CPU_KERNEL_PATTERNS[given]} layers only, not "
                             f"{decision.sparsity}: chosen again")
             given = None
         if given is not None:
-            backend = given  # the given plan decides; no measuring
-            if backend == "triton":
-                if problem := triton_blocker(layer, decision.sparsity, device, quant=decision.quant) or (
-                        None if can_run_on(device) else f"the layer is on {device} and TRITON_INTERPRET is not 1"):
-                    raise InvalidInputError(f"the given plan asks for backend 'triton' on layer {name!r}: {problem}")
-            if backend == "cusparselt" and (decision.sparsity != "2:4" or device.type != "cuda"):
-                raise InvalidInputError(f"the given plan asks for backend 'cusparselt' on layer {name!r}: it needs a "
-                                        f"2:4 layer on CUDA (this one is {decision.sparsity} on {device})")
-            if backend in CPU_KERNEL_RUNS and layer.conv is not None:
-                raise InvalidInputError(f"the given plan asks for backend {backend!r} on layer {name!r}: it runs "
-                                        f"{CPU_KERNEL_RUNS[backend]} linear layers only (this one is a "
-                                        f"{decision.sparsity} {layer.op}); set its backend to null to let sparsec choose")
-            if backend in CPU_KERNEL_RUNS and (problem := cpu_kernel_blocker(layer, decision, device, need_library=False)):
-                # (it would run the torch reference while the plan names the kernel: a float64 layer, a CUDA one)
-                raise InvalidInputError(f"the given plan asks for backend {backend!r} on layer {name!r}, but {problem}; "
-                                        f"set its backend to null to let sparsec choose")
-            note = {"torch": None, "triton": triton_note(decision)}.get(backend, f"backend {backend}, set by the given plan")
-            if backend in CPU_KERNEL_RUNS and (problem := cpu_kernel_blocker(layer, decision, device)):
-                # a plan made where the library built, applied where it does not: the layer runs the
-                # kernel's plain-torch fallback (the weight rebuilt per call, 0.03-0.8x dense in the
-                # README's table) while the plan named the kernel and nothing said otherwise
-                note += (f", but {problem}: this layer runs the kernel's plain-torch fallback, slower than dense "
-                         f"(set its backend to 'dense', or null to let sparsec choose)")
-            launch = decision.launch
+            backend, note, launch = _given_backend(name, layer, decision, device)
         elif wanted == "torch":
             backend, note, launch = "torch", None, None
         elif wanted == "auto" and device.type != "cuda":
             if (blocker := cpu_kernel_blocker(layer, decision, device)) is None:
                 cpu_cold = cpu_cold or weights_from_memory(gm)
-                backend, note, launch = _measured(gm, ctx, layer, decision, nodes[0], None, "cpu", cpu_cold)
+                backend, note, launch = _measured_backend(gm, ctx, layer, decision, nodes[0], None, "cpu", cpu_cold)
             else:
                 backend, note, launch = "dense", kept_dense_note(blocker), None
         elif wanted == "triton":
@@ -224,8 +230,8 @@ def _choose_backends(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             backend, note = ("torch", f"runs on the torch runtime: {problem}") if problem else ("triton", triton_note(decision))
             launch = None
         else:  # auto on CUDA: measure
-            backend, note, launch = _measured(gm, ctx, layer, decision, nodes[0],
-                                              triton_blocker(layer, decision.sparsity, device, quant=decision.quant), "cuda")
+            blocker = triton_blocker(layer, decision.sparsity, device, quant=decision.quant)
+            backend, note, launch = _measured_backend(gm, ctx, layer, decision, nodes[0], blocker, "cuda")
         note = "; ".join(part for part in (chosen_again, note) if part)
         reason = f"{decision.reason}; {note}" if note else decision.reason
         decision = dataclasses.replace(decision, backend=backend, reason=reason, launch=launch)

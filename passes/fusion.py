@@ -12,11 +12,10 @@ epilogue belongs to the module, which every call site shares). Each absorbed op 
 nothing else in the graph reads, if trainable only one of the layer's shape and dtype, and if 0-dim only one
 of the layer's dtype. A fused bias is added after the product in the layer's torch reference, as the graph did
 (under autocast F.linear casts its bias; the graph's `+ vector` promotes).
-
-Rule table: each entry is (pattern check, what it contributes); one comment per rule.
 """
 from __future__ import annotations
 
+import enum
 import operator
 
 import torch
@@ -172,40 +171,49 @@ def _epilogue_vector(vector: torch.Tensor, n: int, module: FusedEpilogue) -> nn.
     return nn.Parameter(copy, requires_grad=vector.requires_grad)
 
 
+class _Next(enum.IntEnum):
+    """The chain's steps in their order; each may be skipped, none taken after a later one."""
+    BIAS = 0
+    ACTIVATION = 1
+    SCALE = 2
+    CAST = 3
+    DONE = 4
+
+
 def _fuse_chain(gm: fx.GraphModule, ctx: CompileContext, layer_node: fx.Node, module: FusedEpilogue) -> None:
     cur, absorbed, views, ops = layer_node, [], [], []
-    stage = 0  # 0: bias next, 1: activation, 2: scale, 3: cast, 4: done
+    stage = _Next.BIAS
     n = module.packed.out_features
     # A conv's output channels are dim 1, not the last dim that a vector operand or a view's
     # last-dim check refers to: only its activation and cast are taken.
     features_last = isinstance(module, TritonSparseLinear)
-    while stage < 4 and len(users := _value_users(cur)) == 1:
+    while stage < _Next.DONE and len(users := _value_users(cur)) == 1:
         user = users[0]
         if features_last and _regroups_rows(user, cur, n):  # stays in the graph; the steps after it move into the kernel
             views.append(user)
             cur = user
             continue
-        if not features_last and stage <= 1:
-            stage = 1
-        if stage <= 0 and module.bias is None and (b := _vector_operand(gm, user, cur, _ADD, n)) is not None:
+        if not features_last and stage <= _Next.ACTIVATION:
+            stage = _Next.ACTIVATION
+        if stage <= _Next.BIAS and module.bias is None and (b := _vector_operand(gm, user, cur, _ADD, n)) is not None:
             vector = attribute(gm, b.target)
             module.bias = _epilogue_vector(vector, n, module)
             module.fused_bias = True
             ops.append("bias")
-            stage = 1
-        elif stage <= 1 and (act := _activation(gm, user, cur)):
+            stage = _Next.ACTIVATION
+        elif stage <= _Next.ACTIVATION and (act := _activation(gm, user, cur)):
             module.activation = act
             ops.append(act)
-            stage = 2
-        elif stage <= 2 and features_last and (s := _vector_operand(gm, user, cur, _MUL, n)) is not None:
+            stage = _Next.SCALE
+        elif stage <= _Next.SCALE and features_last and (s := _vector_operand(gm, user, cur, _MUL, n)) is not None:
             vector = attribute(gm, s.target)  # a trainable scale (LayerScale's gamma) stays a parameter, as the bias
             module.out_scale = _epilogue_vector(vector, n, module)
             ops.append("scale")
-            stage = 3
+            stage = _Next.CAST
         elif (dtype := _cast(user, cur)) is not None and not _interpreter_truncates(dtype, module, ctx):
             module.out_dtype = dtype
             ops.append(f"cast:{str(dtype).removeprefix('torch.')}")
-            stage = 4
+            stage = _Next.DONE
         else:
             break
         absorbed.append((user, cur))

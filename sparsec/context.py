@@ -19,9 +19,9 @@ from sparsec.patterns import NM, Dense, Pattern, parse_grad_pattern, parse_patte
 from sparsec.plan import GRAD_MODES, Plan
 from sparsec.reference import pattern_mask, weight_to_rows
 
+DEFAULT_PATTERN = "2:4"  # what compile / explain prune with when given neither pattern= nor plan=
 # Layers with fewer weights than this stay dense by default: below it the savings are noise and
 # the per-call overhead of a compressed layer dominates. Override per layer with include=.
-DEFAULT_PATTERN = "2:4"  # what compile / explain prune with when given neither pattern= nor plan=
 DEFAULT_MIN_WEIGHTS = 1024
 DEFAULT_STE_DECAY = 2e-4  # SR-STE's lambda_W
 

@@ -36,7 +36,6 @@ from sparsec.errors import InvalidInputError, InvalidTypeError
 ACCEPTED_FORMS = ('"log2:B" (signed powers of two) or "codebook:B" (k-means shared values), B an integer '
                   'with 2 <= B <= 8 (e.g. "log2:4", "codebook:4")')
 
-KINDS = ("log2", "codebook")
 MIN_BITS, MAX_BITS = 2, 8
 
 _LEVELS = re.compile(r"(log2|codebook):([1-9][0-9]*)")  # no leading zeros: str() must give the text back

@@ -6,6 +6,7 @@ a record another pass already looked at.
 """
 from __future__ import annotations
 
+import math
 import operator
 
 import dataclasses
@@ -151,10 +152,7 @@ def input_rows(node: fx.Node, reduction: int) -> int | None:
     shape = get_meta(data).shape if isinstance(data, fx.Node) else None
     if shape is None:
         return None
-    numel = 1
-    for d in shape:
-        numel *= d
-    return numel // reduction
+    return math.prod(shape) // reduction
 
 
 def dataflow_graph(gm: fx.GraphModule, *, gradients: bool = False):
