@@ -271,6 +271,23 @@ def test_optimizer_state_from_before_freezing_does_not_move_frozen_groups(make_o
         assert (w[2] != 0).any()
 
 
+def test_reapply_sets_frozen_entries_written_outside_an_optimizer_back_to_zero():
+    """The step hook acts only after an optimizer step; a write by hand (a weight averaging, an EMA copy)
+    is undone by reapply_(), which leaves every trainable entry as it was."""
+    torch.manual_seed(0)
+    cm = dense(nn.Sequential(nn.Linear(6, 4)), torch.randn(2, 6))
+    w = cm.graph_module.get_parameter("0.weight")
+    with torch.no_grad():
+        w[[1, 3]] = 0
+    frozen = GroupLasso(cm, 0.0, "rows").freeze_zero_groups()
+    with torch.no_grad():
+        w.add_(0.5)
+    before = w.detach().clone()
+    frozen.reapply_()
+    assert (w[[1, 3]] == 0).all()
+    assert torch.equal(w[[0, 2]], before[[0, 2]])
+
+
 def test_frozen_groups_do_not_keep_a_deleted_model_alive():
     from torch.optim.optimizer import _global_optimizer_post_hooks
 
