@@ -25,6 +25,7 @@ def _condensed_plan(model, inputs):
 def test_auto_measures_and_records_the_choice():
     model, inputs = load_example("mlp").build_model()
     cm = sparsec.compile(model, pattern="fanin:0.9", example_inputs=inputs)
+    assert cm.plan.sparse_layers
     for lp in cm.plan.sparse_layers:
         assert lp.backend in ("condensed", "dense")
         assert "backend auto at M=8: " in lp.reason and "us" in lp.reason

@@ -150,7 +150,8 @@ def test_last_layer_keeps_its_loss_gradient_dense_unless_included():
 def test_fixed_masks_survive_optimizer_steps(make_optimizer, pattern):
     model, (x,) = load_example("mlp").build_model()
     cm = sparsec.compile(model, pattern=pattern, example_inputs=(x,), train=True, grad_pattern="2:4")
-    masks = {lp.name: cm.mask(lp.name) for lp in cm.plan.sparse_layers}
+    masks = {lp.name: cm.mask(lp.name).clone() for lp in cm.plan.sparse_layers}
+    assert masks
     opt = make_optimizer(cm.parameters())
     target = torch.randint(0, 10, (8,))
     for _ in range(6):
