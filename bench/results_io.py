@@ -14,6 +14,8 @@ import traceback
 
 import torch
 
+from sparsec.atomic_file import replaced_on_success
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -190,9 +192,10 @@ def write_results(prefix: str, device: str, payload: dict, announce: bool = True
     out = results_dir()
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, f"{prefix}-{device.replace(' ', '_')}-{date}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump({"device": device, "date": date, **run_info(), **payload}, f, indent=2)
-    os.replace(path + ".tmp", path)
+    results = {"device": device, "date": date, **run_info(), **payload}
+    with replaced_on_success(path, suffix=".json") as tmp, open(tmp, "w") as f:
+        os.fchmod(f.fileno(), 0o644)  # (mkstemp's 0600 kept a results file from its other readers)
+        json.dump(results, f, indent=2)
     if announce:
         print(f"wrote {path}")
     return path

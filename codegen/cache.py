@@ -17,12 +17,12 @@ import importlib.util
 import logging
 import os
 import sys
-import tempfile
 import threading
 from types import ModuleType
 
 import torch
 
+from sparsec.atomic_file import replaced_on_success
 from sparsec.codegen.configs import interpreting
 from sparsec.errors import InvalidInputError
 
@@ -114,22 +114,14 @@ class KernelCache:
             log.warning("sparsec kernel cache: %s %s; writing it again", path, problem)
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".py")
-        except OSError as e:
-            raise self._unusable(e) from e
-        try:
-            # mkstemp makes the file 0600: renamed into place, an entry in a cache shared by several users
-            # ($SPARSEC_CACHE_DIR on a team machine) was unreadable to the others, who then rewrote it as
-            # "corrupt" (or failed, in a sticky folder). Entries hold generated source, nothing private.
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
+            with replaced_on_success(path, suffix=".py") as tmp, open(tmp, "w", encoding="utf-8") as f:
+                # mkstemp makes the file 0600: renamed into place, an entry in a cache shared by several users
+                # ($SPARSEC_CACHE_DIR on a team machine) was unreadable to the others, who then rewrote it as
+                # "corrupt" (or failed, in a sticky folder). Entries hold generated source, nothing private.
                 os.fchmod(f.fileno(), 0o644)
                 f.write(HEADER_PREFIX + _sha256(source) + "\n" + source)
-            os.replace(tmp, path)
         except OSError as e:
             raise self._unusable(e) from e
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         self.counters["written"] += 1
         return path
 

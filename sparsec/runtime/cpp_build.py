@@ -15,10 +15,11 @@ import os
 import shlex
 import shutil
 import subprocess
-import tempfile
 import threading
 
 import torch
+
+from sparsec.atomic_file import replaced_on_success
 
 log = logging.getLogger(__name__)
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
@@ -72,19 +73,13 @@ def build_and_load(filename: str) -> None:
     os.makedirs(folder, exist_ok=True)
     # Build under a private name, then rename: concurrent first uses (pytest -n, several workers)
     # never load a half-written file.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
-    os.close(fd)
-    try:
+    with replaced_on_success(lib, suffix=".so") as tmp:
         proc = subprocess.run([*compile_command, "-o", tmp, *link], capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"compiling {compile_command[-1]} failed:\n{proc.stderr[-4000:]}")
         # mkstemp made it 0600 and the linker keeps that: in a TORCH_EXTENSIONS_DIR shared by several
         # users the others could not load it (dlopen reads it) and silently ran plain torch instead
         os.chmod(tmp, 0o755)
-        os.replace(tmp, lib)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     torch.ops.load_library(lib)
 
 
