@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import collections
 import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +14,7 @@ import torch.nn as nn
 
 from sparsec.errors import InvalidInputError, InvalidTypeError
 from sparsec.levels import is_levels
+from sparsec.numbers_check import is_integer, is_real
 from sparsec.patterns import NM, Dense, Pattern, parse_grad_pattern, parse_pattern
 from sparsec.plan import GRAD_MODES, Plan
 from sparsec.reference import pattern_mask, weight_to_rows
@@ -68,9 +68,9 @@ class CompileOptions:
         _check_runtime_options(train, quantize, backend, timing)
         if plan is not None:
             _check_plan_agrees(plan, pattern, include, exclude, quantize, grad_pattern, backend, train)
-        if isinstance(min_weights, bool) or not isinstance(min_weights, numbers.Integral) or min_weights < 0:
+        if not is_integer(min_weights) or min_weights < 0:
             raise InvalidInputError(f"min_weights must be a non-negative int, got {min_weights!r}")
-        if isinstance(quant_budget, bool) or not isinstance(quant_budget, numbers.Real) or not quant_budget > 0:
+        if not is_real(quant_budget) or not quant_budget > 0:
             raise InvalidInputError(f"quant_budget must be a positive number, got {quant_budget!r}")
         _check_options_apply(quantize, plan, quant_budget)
         if leaf_modules is not None and not isinstance(leaf_modules, (list, tuple)):  # (a str was split into letters)
@@ -128,10 +128,7 @@ def _training_options(train: object, pattern: object, plan: object, grad_pattern
     if weight_update == "ste" and pattern is not None and isinstance(parse_pattern(pattern), Dense):
         raise InvalidInputError("weight_update='ste' re-derives each layer's mask from its weight, and "
                                 "pattern='dense' prunes nothing: pass a pattern (e.g. '2:4')")
-    # numbers.Real / Integral, not (int, float): numpy scalars (a sweep's np.float32) were refused with a
-    # message calling them not a number; a bool is refused (True would read as 1)
-    if isinstance(ste_decay, bool) or not isinstance(ste_decay, numbers.Real) or not (
-            math.isfinite(ste_decay) and ste_decay >= 0):
+    if not is_real(ste_decay) or not (math.isfinite(ste_decay) and ste_decay >= 0):
         raise InvalidInputError(f"ste_decay must be a finite non-negative number, got {ste_decay!r}")
     if ste_decay != DEFAULT_STE_DECAY and weight_update != "ste":
         raise InvalidInputError(f"ste_decay={ste_decay!r} is SR-STE's decay on pruned weights, used with "

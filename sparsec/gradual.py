@@ -36,7 +36,6 @@ the same masks and call step() equally often, which is checked.
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from dataclasses import asdict, dataclass, field
 
@@ -45,6 +44,7 @@ import torch
 from sparsec.distributed import (check_same_masks, check_same_over_ranks, described, full, local_part, mean_over_ranks,
                                  scheduler_groups, shard_like, unwrap_ddp)
 from sparsec.errors import InvalidInputError, InvalidTypeError
+from sparsec.numbers_check import is_integer, is_real
 from sparsec.patterns import Unstructured
 from sparsec.reference import magnitude, rows_to_weight, weight_to_rows
 from sparsec.runtime.training import TrainableLayer
@@ -106,7 +106,7 @@ class GradualPruning:
                                    f"compiled model, or the DistributedDataParallel wrapping it, or compile the model "
                                    f"first: sparsec.compile(model, pattern='unstructured:0.5', example_inputs=..., train=True)")
         for name, value in (("start_step", start_step), ("end_step", end_step), ("every", every)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            if not is_integer(value):
                 raise InvalidTypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
         start_step, end_step, every = int(start_step), int(end_step), int(every)
         if not (0 <= start_step < end_step and every >= 1):
@@ -284,7 +284,7 @@ def _targets(final_sparsity, layers: dict[str, TrainableLayer], plan) -> dict[st
         if isinstance(value, torch.optim.Optimizer):  # (SRigL takes its optimizer second)
             raise InvalidTypeError(f"final_sparsity must be a float in (0, 1) or a dict, got the optimizer "
                                    f"{type(value).__name__}: pass it as optimizer=")
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        if not is_real(value):
             raise InvalidTypeError(f"final_sparsity{where} must be a float in (0, 1), got {type(value).__name__} {value!r}")
         if not 0 < value < 1:  # (nan fails this too)
             raise InvalidInputError(f"final_sparsity{where} must lie in (0, 1) (the fraction of weights pruned), got {value!r}")

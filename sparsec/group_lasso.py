@@ -22,7 +22,6 @@ group can only be removed once every entry, masked or not, is zero).
 from __future__ import annotations
 
 import math
-import numbers
 import re
 import weakref
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from sparsec.context import name_list
 from sparsec.distributed import check_whole, described, full, is_sharded, shard_like, unwrap_ddp
 from sparsec.errors import InvalidInputError, InvalidTypeError
 from sparsec.meta import get_meta, layer_nodes
+from sparsec.numbers_check import is_real
 from sparsec.passes.weight_reads import owner_of
 from sparsec.runtime.training import TrainableLayer
 
@@ -302,7 +302,7 @@ class GroupLasso:
     def lam(self, lam: float) -> None:
         # A property, so a schedule that sets `gl.lam = ...` each step is checked like the constructor:
         # a negative or NaN lam would silently reward larger groups or make the loss NaN.
-        if isinstance(lam, bool) or not isinstance(lam, numbers.Real):  # numbers.Real: numpy scalars too
+        if not is_real(lam):  # (numpy scalars too)
             raise InvalidTypeError(f"lam must be a number, got {type(lam).__name__}")
         if not math.isfinite(lam) or lam < 0:
             raise InvalidInputError(f"lam must be a finite number >= 0, got {lam}")
@@ -328,7 +328,7 @@ class GroupLasso:
         call, to exactly 0. Returns how many groups were nonzero before and are zero now."""
         if isinstance(threshold, torch.Tensor) and threshold.numel() == 1 and not threshold.is_complex():
             threshold = threshold.item()  # e.g. a quantile of the norms
-        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):  # "a" >= 0 says nothing useful
+        if not is_real(threshold):  # "a" >= 0 says nothing useful
             raise InvalidTypeError(f"threshold must be a number, got {type(threshold).__name__}")
         if not threshold >= 0:
             raise InvalidInputError(f"threshold must be >= 0, got {threshold}")

@@ -43,7 +43,6 @@ weighs its steps unequally.
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 import weakref
 from dataclasses import asdict, dataclass, field
@@ -53,6 +52,7 @@ import torch
 from sparsec.distributed import (broadcast_from_rank0, check_same_masks, check_same_over_ranks, described, full,
                                  mean_over_ranks, scheduler_groups, shard_like, unwrap_ddp)
 from sparsec.errors import InvalidInputError, InvalidTypeError
+from sparsec.numbers_check import is_integer, is_real
 from sparsec.patterns import FanIn
 from sparsec.reference import rows_to_weight, weight_to_rows
 from sparsec.runtime.training import TrainableLayer
@@ -172,7 +172,7 @@ class SRigL:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise InvalidTypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         for name, value in (("total_steps", total_steps), ("delta_t", delta_t), ("grad_accumulation", grad_accumulation)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            if not is_integer(value) or value < 1:
                 raise InvalidInputError(f"{name} must be a positive int, got {value!r}")
         total_steps, delta_t, grad_accumulation = int(total_steps), int(delta_t), int(grad_accumulation)
         if grad_accumulation > delta_t:
@@ -181,7 +181,7 @@ class SRigL:
         # argument, and gamma_sal nan / inf passed (nan <= 0 is False) and crashed the first update
         # mid-training in int() (ValueError / OverflowError).
         for name, value in (("t_end", t_end), ("alpha", alpha), ("gamma_sal", gamma_sal)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            if not is_real(value):
                 raise InvalidTypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
         if not (math.isfinite(gamma_sal) and 0 < t_end <= 1 and 0 <= alpha <= 1 and gamma_sal > 0):
             raise InvalidInputError(f"need 0 < t_end <= 1, 0 <= alpha <= 1, gamma_sal > 0 and finite; got t_end={t_end}, "

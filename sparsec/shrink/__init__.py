@@ -70,13 +70,13 @@ from __future__ import annotations
 import collections
 import copy
 import math
-import numbers
 import time
 
 import torch.fx as fx
 
 from sparsec.compiled import EVAL_ONLY_NOTE, CompiledModel
 from sparsec.errors import InvalidInputError, InvalidTypeError
+from sparsec.numbers_check import is_real
 from sparsec.pipeline import PassRecord
 from sparsec.plan import Plan
 from sparsec.shrink.analysis import Analysis
@@ -147,9 +147,7 @@ def shrink(cm: CompiledModel, threshold: float = 0.0, *, ragged_fanin: bool = Fa
     """
     if not isinstance(cm, CompiledModel):
         raise InvalidTypeError(f"shrink takes a CompiledModel (from sparsec.compile), got {type(cm).__name__}")
-    # (numbers.Real, as compile's options: a numpy scalar was refused as "not a finite number >= 0")
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not threshold >= 0 \
-            or not math.isfinite(threshold):
+    if not is_real(threshold) or not threshold >= 0 or not math.isfinite(threshold):
         raise InvalidInputError(f"threshold must be a finite number >= 0, got {threshold!r}")
     threshold = float(threshold)
     for name, flag in (("ragged_fanin", ragged_fanin), ("eval_only", eval_only)):  # ("no" turned ragged_fanin on)
