@@ -191,6 +191,15 @@ def _retraced_with(module: fx.GraphModule) -> None:
             sub.graph._tracer_cls = RetraceTracer
 
 
+def _rebuild_in_turn(rebuild, body: dict, imports: str):
+    """fx's rebuild of a pickled graph module, taking its turn with the traces (TRACE_LOCK). It sets the
+    code on a class the whole process shares (_CodeOnlyModule.forward), then traces it: two models loaded
+    in two threads at once (sparsec.load or torch.load) could each trace the other's code, and one came
+    back computing the other model's forward on its own weights, without an error."""
+    with TRACE_LOCK:
+        return rebuild(body, imports)
+
+
 class SparsecGraphModule(fx.GraphModule):
     def __reduce__(self):
         # fx pickles the code and traces it again on load, which torch's control-flow operators
@@ -210,7 +219,7 @@ class SparsecGraphModule(fx.GraphModule):
         modules = {path: m for path, m in self.named_modules(remove_duplicate=False) if path}
         if CONTEXTS in body:
             body[CONTEXTS] = portable_contexts(body[CONTEXTS])
-        return rebuild, (dict(body, sparsec_modules=modules), imports)
+        return _rebuild_in_turn, (rebuild, dict(body, sparsec_modules=modules), imports)
 
     def __deepcopy__(self, memo):
         copied = super().__deepcopy__(memo)  # fx's copy keeps only the attributes torch knows of
