@@ -17,7 +17,6 @@ import importlib.util
 import logging
 import os
 import sys
-import threading
 from types import ModuleType
 
 import torch
@@ -25,6 +24,7 @@ import torch
 from sparsec.atomic_file import replaced_on_success
 from sparsec.codegen.configs import interpreting
 from sparsec.errors import InvalidInputError
+from sparsec.fork_safe import fork_safe_lock
 
 HEADER_PREFIX = "# sparsec-cache sha256="
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ class KernelCache:
     """Files under `<root>/kernels/`, named `<kernel name>-<key prefix>.py`."""
 
     _modules: dict[str, ModuleType] = {}      # process-wide: key -> imported module
-    _lock = threading.Lock()
+    _lock = fork_safe_lock()
 
     def __init__(self, root: str | None = None):
         self.root = root or default_root()

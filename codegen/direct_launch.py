@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import functools
 import inspect
-import threading
 
 import torch
 
+from sparsec.fork_safe import fork_safe_lock
 from sparsec.shape_cache import remember
 
 # The Triton interpreter is not thread-safe: each launch patches triton.language's builtins for its run
 # and restores them after, so two threads launching at once failed ("Did you forget to add
 # @triton.jit?", an AST recursion-depth SystemError). Interpreted launches (tests, CPU) take turns.
-_INTERPRETER_LOCK = threading.Lock()
+_INTERPRETER_LOCK = fork_safe_lock()
 
 
 def _interpreted(jit_fn) -> bool:

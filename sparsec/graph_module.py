@@ -20,6 +20,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from sparsec.checkpointing import CONTEXTS, CheckpointTags, checkpointed_code, portable_contexts
+from sparsec.fork_safe import fork_safe_rlock
 from sparsec.meta import get_meta, update_meta
 
 
@@ -90,7 +91,7 @@ def follow_registration_order(gm: nn.Module, order: list[str]) -> None:
 # thread while others ran models saw their module calls go through the tracer ("NameError: module is not
 # installed as a submodule"), and two traces at once each took the other's patch for the original. So
 # sparsec's traces take turns (TRACE_LOCK), and a tracer runs other threads' calls as if unpatched.
-TRACE_LOCK = threading.RLock()
+TRACE_LOCK = fork_safe_rlock()
 
 
 def drop_unresolvable_fx_wraps() -> None:

@@ -1,13 +1,18 @@
 """Shared process state under threads, forks and torch's global modes (found by the thread-safety review)."""
+import multiprocessing
+import os
 import threading
 import time
+import warnings
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import sparsec
-from sparsec.graph_module import RetraceTracer
+from sparsec.fork_safe import fork_safe
+from sparsec.graph_module import TRACE_LOCK, RetraceTracer
 
 
 class ReluNet(nn.Module):
@@ -57,3 +62,73 @@ def test_two_models_loaded_at_once_each_compute_their_own_forward(tmp_path, monk
     with torch.no_grad():
         for name, cm in loaded.items():
             assert torch.allclose(cm(x), expected[name], atol=1e-6), name
+
+
+def _compile_in_child(queue):
+    # (GNU OpenMP's thread pool does not survive a fork: a child's first multi-threaded GEMM after the
+    # parent ran some waits for the parent's threads for ever, sparsec or not. DataLoader workers, forked
+    # the same way, run one thread for this reason.)
+    torch.set_num_threads(1)
+    try:
+        model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+        cm = sparsec.compile(model, "2:4", (torch.randn(4, 64),), backend="torch")
+        queue.put(sum(1 for lp in cm.plan if lp.sparsity))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        queue.put(repr(e))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_process_forked_while_another_thread_traces_can_compile():
+    """os.fork copies only the forking thread: TRACE_LOCK, held by a thread tracing in the parent (a server
+    compiling in the background while it forks workers), came into the child held by no thread there, and
+    every compile in the child waited for ever."""
+    holding, done = threading.Event(), threading.Event()
+
+    def trace_in_background():
+        with TRACE_LOCK:
+            holding.set()
+            done.wait(60)
+    background = threading.Thread(target=trace_in_background)
+    background.start()
+    try:
+        assert holding.wait(60)
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_compile_in_child, args=(queue,))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # (fork with threads running: what this tests)
+            child.start()
+        child.join(60)
+        hung = child.is_alive()
+        if hung:
+            child.kill()
+            child.join()
+        assert not hung, "the child's compile waited for a lock no thread of it holds"
+        assert queue.get(timeout=10) == 1  # (the middle layer: the first and last stay dense)
+    finally:
+        done.set()
+        background.join()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_fork_safe_locks_are_free_in_the_child_unless_the_forking_thread_holds_them():
+    lock, rlock, own = fork_safe(threading.Lock()), fork_safe(threading.RLock()), fork_safe(threading.RLock())
+    holding, done = threading.Event(), threading.Event()
+
+    def hold():
+        with lock, rlock:
+            holding.set()
+            done.wait(60)
+    other = threading.Thread(target=hold)
+    other.start()
+    assert holding.wait(60)
+    with own, warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+        if pid == 0:  # the child: the other thread's locks are free, its own RLock still its own
+            ok = lock.acquire(timeout=5) and rlock.acquire(timeout=5) and own._is_owned()
+            os._exit(0 if ok else 1)
+    done.set()
+    other.join()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

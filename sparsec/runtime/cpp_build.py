@@ -15,11 +15,11 @@ import os
 import shlex
 import shutil
 import subprocess
-import threading
 
 import torch
 
 from sparsec.atomic_file import replaced_on_success
+from sparsec.fork_safe import fork_safe_lock
 
 log = logging.getLogger(__name__)
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
@@ -94,7 +94,7 @@ class CppKernels:
         # Threads making their first call together wait for the one build: a thread that came in while
         # another built was told None ("unavailable"), and a condensed layer whose layout it prepared
         # kept the torch fallback for good.
-        self.lock = threading.Lock()
+        self.lock = fork_safe_lock()
 
     def op(self):
         """torch.ops.<namespace>, or None when SPARSEC_NO_CPP is set or anything fails (no compiler, a
