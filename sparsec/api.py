@@ -1,6 +1,7 @@
 """`sparsec.compile` and `sparsec.explain`: the front door."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import warnings
@@ -8,6 +9,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_map
 
 from sparsec.compiled import CompiledModel
 from sparsec.context import DEFAULT_MIN_WEIGHTS, DEFAULT_QUANT_BUDGET, DEFAULT_STE_DECAY, CompileContext, CompileOptions
@@ -22,7 +24,8 @@ from sparsec.plan import Plan
 from sparsec.runtime.layers import SparseLayer
 
 
-def _run(model: nn.Module, example_inputs: Any, options: CompileOptions, example_kwargs: Any = None):
+def _run(model: nn.Module, example_inputs: Any, options: CompileOptions, example_kwargs: Any = None,
+         capture_mode=contextlib.nullcontext):
     if not isinstance(model, nn.Module):
         raise InvalidTypeError(f"sparsec compiles torch.nn.Module instances, got {type(model).__name__}")
     check_not_a_wrapper(model)
@@ -35,17 +38,41 @@ def _run(model: nn.Module, example_inputs: Any, options: CompileOptions, example
     if isinstance(model, CompiledModel):  # e.g. a train=True model compiled again for inference
         model = model.graph_module
     inputs = normalize_example_inputs(model, example_inputs, example_kwargs)
+    # (made under inference mode, they would refuse the in-place ops of a forward run outside it)
+    inputs = tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) and v.is_inference() else v, inputs)
     try:
         private = _private_copy(model)  # the user's model is never modified
     except Exception as e:  # noqa: BLE001
         raise InvalidTypeError(f"sparsec works on a copy of the model, and copy.deepcopy(model) failed: "
                                f"{type(e).__name__}: {e}") from e
-    gm, method, notes = capture(private, inputs, options.leaf_modules, options.exclude, train=options.train)
+    with capture_mode():
+        gm, method, notes = capture(private, inputs, options.leaf_modules, options.exclude, train=options.train)
+    _clone_inference_tensors(gm)
     gm.registration_order = registration_order(private)
     follow_registration_order(gm, gm.registration_order)
     ctx = CompileContext(options=options, model=private, example_inputs=inputs, trace_method=method, notes=notes)
     gm, history = run_pipeline(gm, ctx)
     return gm, ctx, history
+
+
+def _clone_inference_tensors(gm: nn.Module) -> None:
+    """Replace the inference tensors a capture under torch.inference_mode() made (tensor constants,
+    buffers export registers) by ordinary copies, shared ones shared again."""
+    copies: dict[int, torch.Tensor] = {}
+
+    def ordinary(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in copies:
+            copy_ = t.clone()
+            copies[id(t)] = nn.Parameter(copy_, t.requires_grad) if isinstance(t, nn.Parameter) else copy_
+        return copies[id(t)]
+    for module in gm.modules():
+        for table in (module._parameters, module._buffers):
+            for name, t in table.items():
+                if t is not None and t.is_inference():
+                    table[name] = ordinary(t)
+        for name, t in list(vars(module).items()):
+            if isinstance(t, torch.Tensor) and t.is_inference():
+                setattr(module, name, ordinary(t))
 
 
 def _private_copy(model: nn.Module) -> nn.Module:
@@ -107,9 +134,38 @@ def compile(model: nn.Module, pattern: str | None = None, example_inputs: Any = 
     return compile_with_options(model, example_inputs, options, example_kwargs)
 
 
+@contextlib.contextmanager
+def _caller_state_kept(model: Any):
+    """What a compile (or explain) must leave to its caller as it was, and what it must not inherit:
+
+    * the random streams: tracing runs the forward, whose `torch.randn(64)` (fixed shape: torch.fx draws it
+      while tracing) took numbers from the caller's stream, which then drew others than without the compile;
+    * inference mode: under torch.inference_mode() every tensor made is an inference tensor for good, so a
+      model compiled in a server's start-up code failed when called in grad mode ("Inference tensors cannot
+      be saved for backward") and could not be trained. It compiles as under torch.no_grad() instead,
+      but for the capture (yielded: the context to capture in), which runs the forward in the caller's
+      inference mode, as the caller runs it (a forward's own inference_mode() region is no change there).
+      The copy of the model is made before, outside it, and the capture's tensor constants are cloned out."""
+    params = [*model.parameters(), *model.buffers()] if isinstance(model, nn.Module) else []
+    cuda = sorted({t.device.index or 0 for t in params if t.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda), contextlib.ExitStack() as modes:
+        if not torch.is_inference_mode_enabled():
+            yield contextlib.nullcontext
+            return
+        modes.enter_context(torch.inference_mode(False))
+        modes.enter_context(torch.no_grad())
+        yield torch.inference_mode
+
+
 def compile_with_options(model: nn.Module, example_inputs: Any, options: CompileOptions,
                          example_kwargs: dict | None = None) -> CompiledModel:
-    gm, ctx, history = _run(model, example_inputs, options, example_kwargs)
+    with _caller_state_kept(model) as capture_mode:
+        return _compiled(model, example_inputs, options, example_kwargs, capture_mode)
+
+
+def _compiled(model: nn.Module, example_inputs: Any, options: CompileOptions, example_kwargs: dict | None,
+              capture_mode) -> CompiledModel:
+    gm, ctx, history = _run(model, example_inputs, options, example_kwargs, capture_mode)
     dense = {}
     for lp in ctx.plan:
         if lp.sparsity is None:
@@ -141,7 +197,7 @@ def _warn_if_nothing_sparse(plan: Plan, options: CompileOptions) -> None:
     warnings.warn(f"sparsec.compile: no layer was made sparse with pattern {str(options.pattern)!r}, so the compiled "
                   f"model is as dense as the original ({'; '.join(why[:3])}{more}). print(cm.plan) gives "
                   f"every layer's reason; include= forces layers the size or position policy kept dense",
-                  stacklevel=4)  # (the caller of sparsec.compile)
+                  stacklevel=5)  # (the caller of sparsec.compile)
 
 
 def _input_spec(inputs: tuple | None) -> list | None:
@@ -180,7 +236,9 @@ def explain(model: nn.Module, pattern: str | None = None, example_inputs: Any = 
     unknown = set(options) - _COMPILE_OPTIONS
     if unknown:
         raise InvalidTypeError(f"explain() got unknown options {sorted(unknown)}; it takes compile's: {sorted(_COMPILE_OPTIONS)}")
-    _, ctx, _ = _run(model, example_inputs, CompileOptions.from_user(pattern, rewrite=False, **options), example_kwargs)
+    with _caller_state_kept(model) as capture_mode:
+        _, ctx, _ = _run(model, example_inputs, CompileOptions.from_user(pattern, rewrite=False, **options),
+                         example_kwargs, capture_mode)
     return ctx.plan
 
 

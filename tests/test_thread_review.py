@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sparsec
+from oracle import output_error, pruned_model
 from sparsec.fork_safe import fork_safe
 from sparsec.graph_module import TRACE_LOCK, RetraceTracer
 
@@ -132,3 +133,89 @@ def test_fork_safe_locks_are_free_in_the_child_unless_the_forking_thread_holds_t
     other.join()
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
+@pytest.mark.parametrize("options", [{}, {"train": True, "grad_pattern": "2:4"}, {"train": True, "weight_update": "ste"}])
+def test_a_model_compiled_under_inference_mode_runs_and_trains_in_grad_mode(options):
+    """Under torch.inference_mode() every tensor made is an inference tensor for good: a model compiled in a
+    server's start-up code failed when called in grad mode ('Inference tensors cannot be saved for backward')
+    and could not be trained. It compiles as under no_grad, and the mode is the caller's again after."""
+    model, x = _mlp(), torch.randn(8, 128)
+    with torch.inference_mode():
+        cm = sparsec.compile(model, "2:4", (x,), backend="torch", **options)
+        assert torch.is_inference_mode_enabled() and not torch.is_grad_enabled()
+    assert not any(t.is_inference() for t in [*cm.parameters(), *cm.buffers()])
+    reference = pruned_model(model, cm.plan)
+    y = cm(x)
+    assert output_error(y, reference(x)) <= 1e-5
+    y.sum().backward()
+    if options:
+        assert all(p.grad is not None for p in cm.parameters())
+    with torch.inference_mode():
+        assert output_error(cm(x), reference(x)) <= 1e-5
+
+
+class Noisy(nn.Module):
+    def __init__(self, fail: bool):
+        super().__init__()
+        self.fail = fail
+        self.a, self.b, self.c = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64)
+
+    def forward(self, x):
+        noise = torch.randn(64)  # (a fixed shape: torch.fx draws it while tracing)
+        if self.fail:
+            raise ValueError("the model's own error")
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)) + noise)))
+
+
+@pytest.mark.parametrize("fail", [False, True])
+@pytest.mark.parametrize("entry", ["compile", "explain"])
+def test_compile_draws_nothing_from_the_callers_random_stream(entry, fail):
+    """Tracing runs the forward: its torch.randn took numbers from the caller's stream (the export and eager
+    runs restored it, the fx traces did not), so the program drew other numbers after a compile than without."""
+    model, x = Noisy(fail), torch.randn(4, 64)
+    torch.manual_seed(42)
+    expected = torch.rand(3)
+    torch.manual_seed(42)
+    try:
+        getattr(sparsec, entry)(model, "2:4", (x,), min_weights=0, include=["b"])
+    except sparsec.SparsecError:
+        assert fail
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_the_nothing_sparse_warning_points_at_the_callers_line():
+    with pytest.warns(UserWarning, match="no layer was made sparse") as record:
+        sparsec.compile(nn.Sequential(nn.Linear(4, 4)), "2:4", (torch.randn(2, 4),))
+    assert [w.filename for w in record if "no layer" in str(w.message)] == [__file__]
+
+
+class ScaledOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64)
+
+    def forward(self, x):
+        scale = torch.linspace(0.5, 1.5, 64)  # (reads no input: a tensor constant of the trace)
+        return self.c(torch.relu(self.b(torch.relu(self.a(x))))) * scale
+
+
+def test_a_capture_under_inference_mode_leaves_no_inference_constant():
+    """The capture runs in the caller's inference mode; the constants it makes are ordinary tensors after it
+    (an inference constant multiplied in grad mode cannot be saved for backward)."""
+    torch.manual_seed(0)
+    model, x = ScaledOut(), torch.randn(4, 64)
+    with torch.inference_mode():
+        cm = sparsec.compile(model, "2:4", (x,), backend="torch", train=True, min_weights=0, include=["b"])
+    tensors = [t for m in cm.modules() for t in [*m._parameters.values(), *m._buffers.values(), *vars(m).values()]
+               if isinstance(t, torch.Tensor)]
+    assert tensors and not any(t.is_inference() for t in tensors)
+    y = cm(x)
+    assert output_error(y, pruned_model(model, cm.plan)(x)) <= 1e-5
+    y.sum().backward()
+    assert cm.sparse_module("b").weight.grad is not None
