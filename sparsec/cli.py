@@ -55,7 +55,7 @@ def load_target(spec: str) -> tuple[nn.Module, tuple | None, dict | None]:
     # Let the file import its neighbours, as `python FILE.py` does, for the whole command (main restores
     # sys.path): FUNC, and forward while it is traced, often import them only when called; popping the
     # entry after the import made those fail (and popped the file's own sys.path.insert instead of ours).
-    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+    sys.path.insert(0, os.path.dirname(os.path.realpath(path)))  # (python FILE.py: a link's target's folder)
     try:
         module_spec.loader.exec_module(module)
     except Exception as e:  # noqa: BLE001 - the user's file; say where it failed instead of a sparsec traceback
@@ -185,14 +185,14 @@ def _plan_says_nothing_is_sparse():
         yield
 
 
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
+def _add_model_options(parser: argparse.ArgumentParser, takes_plan: bool) -> None:
     # nargs="?" only so that a target after --include / --exclude can be taken back (_take_back_target):
     # it is required, as the usage line says
     parser.add_argument("target", nargs="?", metavar="FILE.py[:FUNC]",
                         help=f"required; FUNC (default {DEFAULT_FUNC}) returns {_RETURNS}")
     parser.add_argument("--pattern", default=None,
                         help='"N:M" (e.g. 2:4), "fanin:S" (e.g. fanin:0.9), "unstructured:S" (e.g. unstructured:0.95) or '
-                             '"dense"; default 2:4 (with --plan: the plan\'s)')
+                             '"dense"; default 2:4' + (" (with --plan: the plan's)" if takes_plan else ""))
     parser.add_argument("--quantize", default=None, metavar="{int8,auto,log2:B,codebook:B}",
                         help="int8: per-output-channel int8 weights for the sparse layers; auto: int8 only where the "
                              "weight error stays within 2%%; log2:B / codebook:B (2 <= B <= 8): one table of 2^B "
@@ -205,12 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsec", description="graph-level compiler for sparse PyTorch models")
     sub = parser.add_subparsers(dest="command", required=True)
     inspect = sub.add_parser("inspect", usage="sparsec inspect FILE.py[:FUNC] [options]", help="print the plan and the transformed graph of a model")
-    _add_model_options(inspect)
+    _add_model_options(inspect, takes_plan=True)
     inspect.add_argument("--plan", default=None, metavar="PLAN.json", help="apply this (edited) plan exactly")
     inspect.add_argument("--json", action="store_true", help="print only the plan, as JSON")
     inspect.set_defaults(run=_inspect)
     dump = sub.add_parser("dump-kernels", usage="sparsec dump-kernels FILE.py[:FUNC] -o DIR [options]", help="write the generated Triton kernels and a manifest to a folder")
-    _add_model_options(dump)
+    _add_model_options(dump, takes_plan=False)
     dump.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for <kernel>.py files and manifest.json")
     dump.set_defaults(run=_dump_kernels)
     return parser

@@ -11,7 +11,7 @@ import traceback
 
 import torch
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep  # (not torchvision's, torchaudio's, ...)
 # sparsec's own code: the package and its passes / codegen subpackages (separate folders in the source tree)
 _SPARSEC_DIRS = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (
     __file__, importlib.util.find_spec("sparsec.passes").origin, importlib.util.find_spec("sparsec.codegen").origin))

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 import sparsec
-from sparsec.cli import main
+from sparsec.cli import build_parser, main
 from oracle import EXAMPLES
 
 MLP = os.path.join(EXAMPLES, "mlp.py")
@@ -304,3 +304,28 @@ def test_a_model_nothing_sparse_in_is_said_once_in_the_commands_own_words(tmp_pa
                      "-o", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "wrote 0 kernels" in out and "no layer was made sparse with pattern '2:8': `sparsec inspect`" in out
+
+
+def test_a_linked_model_file_imports_the_files_beside_its_target(tmp_path, capsys):
+    """`python FILE.py` puts the folder of a symlink's target on sys.path; the CLI put the link's folder
+    there, so a linked model file that imports its neighbours failed with ModuleNotFoundError (found by the
+    CLI review)."""
+    real, links = tmp_path / "real", tmp_path / "links"
+    real.mkdir()
+    links.mkdir()
+    (real / "linked_file_nets.py").write_text(
+        "import torch, torch.nn as nn\n"
+        "def make():\n"
+        "    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),\n"
+        "                         nn.Linear(64, 4)), torch.randn(2, 64)\n")
+    (real / "m.py").write_text("from linked_file_nets import make\ndef build_model():\n    return make()\n")
+    os.symlink(real / "m.py", links / "m.py")
+    assert main(["inspect", str(links / "m.py"), "--json"]) == 0, capsys.readouterr().err
+    assert [lp.sparsity for lp in sparsec.Plan.from_json(capsys.readouterr().out)] == [None, "2:4", None]
+
+
+def test_dump_kernels_help_offers_no_plan_option():
+    parser = build_parser()
+    dump = parser._subparsers._group_actions[0].choices["dump-kernels"].format_help()
+    inspect = parser._subparsers._group_actions[0].choices["inspect"].format_help()
+    assert "--plan" not in dump and "with --plan" in " ".join(inspect.split())

@@ -1,6 +1,7 @@
 """Tracing: symbolic_trace, the torch.export fallback, leaf modules, and errors naming user code."""
 import copy
 import dataclasses
+import os
 import types
 import warnings
 
@@ -1225,3 +1226,15 @@ def test_a_dataclass_output_export_cannot_flatten_names_the_registration_that_fi
         deregister = getattr(torch.utils._pytree, "_deregister_pytree_node", None)
         if deregister is not None:
             deregister(_Logits)
+
+
+def test_a_package_beside_torch_is_the_users_code_not_torchs():
+    """torch's folder was matched as a prefix without its separator: torchvision, torchaudio, a user's
+    'torchzoo' beside it in site-packages were taken for torch, and errors raised there named no line."""
+    import traceback
+
+    from sparsec.user_code import user_code_frame
+    beside = os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "torchzoo", "__init__.py")
+    inside = os.path.join(os.path.dirname(torch.__file__), "nn", "modules", "module.py")
+    frames = traceback.StackSummary.from_list([(beside, 7, "forward", "y = self.l(x)"), (inside, 1, "_call_impl", "")])
+    assert user_code_frame(frames) == f"{beside}:7 in forward: y = self.l(x)"
