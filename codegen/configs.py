@@ -56,6 +56,8 @@ kernel at 36-58% of the copy bandwidth), and from 7% faster to 5% slower at M = 
 """
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 
 from sparsec.codegen.spec import GATHER_APPLIES, PRMT_EXPAND_APPLIES, gathers, has_prmt_expand
@@ -65,6 +67,20 @@ LAUNCH_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "PRMT_EXPA
 MAX_SPLIT_K = 16
 MIN_SPLIT_BLOCKS = 4
 WAVES = 2  # 4-warp programs per SM that split-K aims for (three 4-warp decode programs fit an SM's registers)
+
+
+@functools.cache
+def triton_installed() -> bool:
+    """Whether the triton package imports here (an optional dependency: `pip install 'sparsec[triton]'`).
+    Looked up once: SDGP asks in every backward."""
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return False
+    return True
+
+
+TRITON_MISSING = "the triton package is not installed (pip install 'sparsec[triton]', or triton>=3.0)"
 
 
 def interpreting() -> bool:

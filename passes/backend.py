@@ -48,8 +48,10 @@ def triton_blocker(layer: LayerInfo, sparsity: str, device: torch.device, runs: 
                    quant: str | None = None) -> str | None:
     """Why the generated kernel cannot run this layer (None: it can); runs=False: the kernel is only
     written (a kernel dump), so what only stops running it here does not count."""
-    from sparsec.codegen.configs import interpreting
+    from sparsec.codegen.configs import TRITON_MISSING, interpreting, triton_installed
 
+    if not triton_installed():
+        return TRITON_MISSING
     unstructured = sparsity.startswith("unstructured:")
     if sparsity != "2:4" and not sparsity.startswith("fanin:") and not unstructured:
         return f"the Triton kernels cover 2:4, constant fan-in and unstructured convs only (this layer is {sparsity})"

@@ -45,7 +45,7 @@ def emit_kernels(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             "out_dtype": spec.out_dtype,
             "fused_ops": spec.epilogue_ops(),
             "layers": [{"name": u.name, "M": u.m, "N": u.n, "K": u.k,
-                        "launch_config": _launch_config(modules[u.name], u)} for u in uses],
+                        **_launch_config(modules[u.name], u)} for u in uses],
         }
     _emit_direct_convs(gm, ctx)
     # A kernel dump (emit_only) writes the sources where it is told and runs none: it needs no cache, and an
@@ -89,14 +89,28 @@ def _conv_rows(node: fx.Node, n: int) -> int | None:
 
 
 def _launch_config(module: FusedEpilogue, use) -> dict:
-    """What the layer launches with at its compiled rows: the measured config, else the shape table's
-    for the layer's device (a conv does not split K)."""
-    from sparsec.codegen.configs import condensed_config, matmul_config
+    """What the layer launches with at its compiled rows, and what chose it (`launch_config_for`): the
+    measured config, else the shape table's for the layer's device (a conv does not split K). A dump
+    made without a GPU cannot know the SM count that split-K is sized by: it says so."""
+    from sparsec.codegen.configs import condensed_config, interpreting, matmul_config
     from sparsec.codegen.launch import sm_count
 
     rows, spec = use.m or 1, module.spec()
     if spec.format == "fanin":
-        return condensed_config(rows, use.n, module.packed.values.shape[1], spec.weight_dtype)
+        config = condensed_config(rows, use.n, module.packed.values.shape[1], spec.weight_dtype)
+        return {"launch_config": config, "launch_config_for": "the shape table (any device)"}
+    if (measured := module.launch_config(rows)) is not None:
+        return {"launch_config": measured, "launch_config_for": f"measured by backend auto at M={rows}"}
     conv = spec.layout == "conv2d"
     sms = None if conv else sm_count(module.packed.values.device)
-    return module.launch_config(rows) or matmul_config(rows, use.n, use.k, spec.act_dtype, sms, conv)
+    config = matmul_config(rows, use.n, use.k, spec.act_dtype, sms, conv)
+    if interpreting():
+        basis = "the Triton CPU interpreter (few large programs; a GPU launch chooses its own)"
+    elif conv:
+        basis = "the shape table (any device; the conv kernel never splits K)"
+    elif sms is None:
+        basis = ("the shape table without a GPU (K not split; on a GPU the launch splits K by its SM count "
+                 "at small M, and backend auto measures)")
+    else:
+        basis = f"the shape table for this GPU's {sms} SMs"
+    return {"launch_config": config, "launch_config_for": basis}

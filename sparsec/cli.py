@@ -146,9 +146,10 @@ def _dump_kernels(args: argparse.Namespace) -> int:
     from sparsec.api import compile_with_options
     from sparsec.context import CompileOptions
 
-    model, inputs, kwargs = load_target(args.target)
+    # (the options first: a bad one, or no Triton to generate kernels with, is said before the model is built)
     options = CompileOptions.from_user(args.pattern, args.quantize, args.include, args.exclude, backend="triton",
                                        emit_only=True)
+    model, inputs, kwargs = load_target(args.target)
     with _plan_says_nothing_is_sparse():
         cm = compile_with_options(model, inputs, options, kwargs)
     manifest = {"pattern": cm.plan.pattern, "kernels": cm.kernel_manifest,
@@ -173,6 +174,8 @@ def _dump_kernels(args: argparse.Namespace) -> int:
     if not cm.plan.sparse_layers:
         print(f"  no layer was made sparse with pattern {cm.plan.pattern!r}: `sparsec inspect` with the same options "
               f"gives each layer's reason")
+    for name, reason in manifest["layers_without_kernel"].items():  # (they run on the torch runtime)
+        print(f"  {name}: no kernel, {reason.rpartition('runs on the torch runtime: ')[2]}")
     return 0
 
 

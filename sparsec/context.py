@@ -146,6 +146,12 @@ def _check_runtime_options(train: bool, quantize: object, backend: object, timin
                                 "itself); use backend='auto' or 'torch'")
     if backend not in BACKEND_OPTIONS:
         raise InvalidInputError(f"backend={backend!r} is not supported; accepted: {BACKEND_OPTIONS}")
+    if backend == "triton":
+        from sparsec.codegen.configs import TRITON_MISSING, triton_installed
+
+        if not triton_installed():  # (each layer fell back to torch, a kernel dump wrote no kernel)
+            raise InvalidInputError(f"backend='triton' generates Triton kernels, but {TRITON_MISSING}; "
+                                    f"backend='auto' or 'torch' need no Triton")
     if timing not in TIMINGS:
         raise InvalidInputError(f"timing={timing!r} is not supported; accepted: {TIMINGS}")
     if timing != "eager" and backend != "auto":

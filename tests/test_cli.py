@@ -5,6 +5,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+import torch.nn as nn
 
 import sparsec
 from sparsec.cli import build_parser, main
@@ -329,3 +331,34 @@ def test_dump_kernels_help_offers_no_plan_option():
     dump = parser._subparsers._group_actions[0].choices["dump-kernels"].format_help()
     inspect = parser._subparsers._group_actions[0].choices["inspect"].format_help()
     assert "--plan" not in dump and "with --plan" in " ".join(inspect.split())
+
+
+def test_without_triton_dump_kernels_says_what_to_install_before_building_the_model(tmp_path, capsys, monkeypatch):
+    """Triton is an optional dependency: without it, a dump failed inside the emit pass with
+    'ModuleNotFoundError: No module named triton', after building and tracing the model (found by the CLI
+    review); compile(backend='triton') ran every layer on torch."""
+    import sparsec.codegen.configs as configs
+
+    monkeypatch.setattr(configs, "triton_installed", lambda: False)
+    built = tmp_path / "built"
+    (tmp_path / "m.py").write_text(
+        "import pathlib, torch, torch.nn as nn\n"
+        "def build_model():\n"
+        f"    pathlib.Path({str(built)!r}).write_text('built')\n"
+        "    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)), "
+        "torch.randn(2, 64)\n")
+    assert main(["dump-kernels", str(tmp_path / "m.py"), "-o", str(tmp_path / "out")]) == 2
+    assert "the triton package is not installed (pip install 'sparsec[triton]'" in capsys.readouterr().err
+    assert not built.exists() and not (tmp_path / "out").exists()
+    model, x = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)), torch.randn(2, 64)
+    with pytest.raises(sparsec.InvalidInputError, match=r"backend='triton' generates Triton kernels, but the triton "
+                                                         r"package is not installed.*backend='auto' or 'torch'"):
+        sparsec.compile(model, "2:4", (x,), backend="triton")
+    assert sparsec.compile(model, "2:4", (x,), backend="torch").plan["2"].sparsity == "2:4"
+
+
+def test_dump_kernels_names_each_sparse_layer_left_without_a_kernel(tmp_path, capsys):
+    assert main(["dump-kernels", os.path.join(EXAMPLES, "mlp.py"), "--pattern", "1:4", "-o", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "wrote 0 kernels" in out
+    assert "fc2: no kernel, the Triton kernels cover 2:4, constant fan-in and unstructured convs only (this layer is 1:4)" in out

@@ -1177,6 +1177,8 @@ def test_dump_kernels_writes_importable_files_and_manifest(tmp_path, monkeypatch
     for entry in manifest["kernels"].values():
         for layer in entry["layers"]:
             assert {"M", "N", "K", "launch_config"} <= set(layer)
+            # (a GPU's launch sizes split-K by its SM count, which a dump without one cannot know: it says so)
+            assert "without a GPU" in layer["launch_config_for"] and layer["launch_config"]["SPLIT_K"] == 1
     for path in out.glob("*.py"):
         result = subprocess.run([sys.executable, "-c", f"import runpy; runpy.run_path({str(path)!r})"],
                                 capture_output=True, text=True, timeout=120)

@@ -34,7 +34,6 @@ parameters get fp32 gradients, as with native autocast.
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -242,15 +241,9 @@ def _kernel_path(dy: torch.Tensor) -> bool:
 
 
 def _prune_kernel_runs_on(device: torch.device) -> bool:
-    return device.type == "cuda" and _triton_installed()
+    from sparsec.codegen.configs import triton_installed
 
-
-@functools.cache
-def _triton_installed() -> bool:
-    """(Looked up once: the question is asked in every backward.)"""
-    import importlib.util
-
-    return importlib.util.find_spec("triton") is not None
+    return device.type == "cuda" and triton_installed()
 
 
 def _linear_dgrad(dy: torch.Tensor, weight: torch.Tensor, n: int, m: int, mode: str) -> torch.Tensor:
