@@ -20,6 +20,7 @@ kernel's GB/s and GFLOP/s are printed against read and fp32 GEMM ceilings measur
 writes bench/results/condensed-cpu<cores>-<date>.json (with --threads: condensed-cpu<cores>-t<N>-<date>.json)
 """
 import datetime
+import functools
 import os
 import platform
 import statistics
@@ -34,7 +35,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from sparsec.runtime import condensed_cpu as cc  # noqa: E402
-from results_io import Disturbance, arg_parser, cpu_ceilings, cpu_model, parse_args, positive_int, write_results  # noqa: E402
+from results_io import (Disturbance, arg_parser, cpu_ceilings, cpu_model, in_rounds, parse_args, positive_int,  # noqa: E402
+                        write_results)
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
@@ -78,21 +80,8 @@ def run_all(method: str, layers: list, x: torch.Tensor) -> None:
 
 def time_methods(layers: list, x: torch.Tensor, rounds: int, block_s: float = 0.05) -> dict:
     """Median seconds per layer for each method; rounds interleave the methods."""
-    per_call = {}
-    for m in METHODS:  # warm-up, and the number of calls that fill a block
-        run_all(m, layers, x)
-        start = time.perf_counter()
-        run_all(m, layers, x)
-        per_call[m] = max(1, round(block_s / max(time.perf_counter() - start, 1e-7)))
-    samples = {m: [] for m in METHODS}
-    for _ in range(rounds):
-        for m in METHODS:
-            n = per_call[m]
-            start = time.perf_counter()
-            for _ in range(n):
-                run_all(m, layers, x)
-            samples[m].append((time.perf_counter() - start) / n / len(layers))
-    return {m: statistics.median(s) for m, s in samples.items()}
+    per_model = in_rounds({m: functools.partial(run_all, m, layers, x) for m in METHODS}, rounds, block_s=block_s)
+    return {m: seconds / len(layers) for m, seconds in per_model.items()}
 
 
 TOLERANCE = 1e-4  # float32 sums in another order: ~1e-6 of the largest output

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import os
-import statistics
 import sys
 import time
 
@@ -36,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import sparsec  # noqa: E402
-from results_io import (Disturbance, arg_parser, block_seconds, cpu_ceilings, load_oracle, parse_args,  # noqa: E402
+from results_io import (Disturbance, arg_parser, cpu_ceilings, in_rounds, load_oracle, parse_args,  # noqa: E402
                         positive_int, write_results)
 from sparsec import reference as ref  # noqa: E402
 from sparsec.runtime import bitmask_cpu  # noqa: E402
@@ -47,14 +46,6 @@ oracle = load_oracle()  # tests/oracle.py: the plain-torch reference, written ap
 
 SHAPES = {"full": [(3072, 768), (768, 3072), (4096, 4096), (14336, 4096)], "small": [(256, 128)]}
 BATCHES = {"full": [1, 16, 256], "small": [1, 5]}
-
-
-def in_rounds(fns: dict, rounds: int) -> dict[str, float]:
-    samples = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            samples[name].append(block_seconds(fn))
-    return {name: statistics.median(times) for name, times in samples.items()}
 
 
 def checked(fns: dict, expected: torch.Tensor, tolerance: float = 1e-4) -> None:

@@ -49,7 +49,6 @@ import argparse
 import functools
 import math
 import os
-import statistics
 import sys
 import time
 import warnings
@@ -62,7 +61,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-from results_io import (CaseRunner, Disturbance, arg_parser, block_seconds, cpu_ceilings, load_oracle,  # noqa: E402
+from results_io import (CaseRunner, Disturbance, arg_parser, cpu_ceilings, in_rounds, load_oracle,  # noqa: E402
                         parse_args, positive_int, write_results)
 from sparsec import reference as ref  # noqa: E402
 from sparsec.patterns import Unstructured  # noqa: E402
@@ -204,18 +203,6 @@ def print_crossovers(title: str, table: list[dict], keys: tuple[str, ...], spars
 
 
 # ----------------------------------------------------------------------------------------------- CPU part
-
-def in_rounds(fns: dict, rounds: int, best: dict | None = None) -> dict[str, float]:
-    """Median seconds per call; the methods take turns in every round (each a ~30 ms block of calls).
-    `best`, when given, receives each method's least block (the least disturbed on a shared machine)."""
-    samples = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            samples[name].append(block_seconds(fn))
-    if best is not None:
-        best.update({name: min(times) for name, times in samples.items()})
-    return {name: statistics.median(times) for name, times in samples.items()}
-
 
 SETUP_S = [0.0]  # seconds the CPU part spent making weights, sorting and packing them (not timing)
 

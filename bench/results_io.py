@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import time
 import traceback
 
@@ -164,6 +165,19 @@ def block_seconds(fn, block_s: float = 0.03) -> float:
         elapsed = time.perf_counter() - start
         if elapsed >= block_s:
             return elapsed / calls
+
+
+def in_rounds(fns: dict, rounds: int, best: dict | None = None, block_s: float = 0.03) -> dict[str, float]:
+    """name -> median seconds per call of fn over `rounds` rounds, the methods taking turns in every round
+    (one block_seconds block each), so a drift while measuring (another process, clocks) falls on all of them
+    alike. `best`, when given, receives each method's least block (the least disturbed on a shared machine)."""
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            samples[name].append(block_seconds(fn, block_s))
+    if best is not None:
+        best.update({name: min(times) for name, times in samples.items()})
+    return {name: statistics.median(times) for name, times in samples.items()}
 
 
 def cpu_ceilings() -> dict:
