@@ -131,7 +131,8 @@ def _inspect(args: argparse.Namespace) -> int:
         plan = _read_plan(args.plan)
         with _plan_says_nothing_is_sparse():
             cm = sparsec.compile(model, pattern=args.pattern, example_inputs=inputs, quantize=args.quantize,
-                                 include=args.include, exclude=args.exclude, plan=plan, example_kwargs=kwargs)
+                                 include=args.include, exclude=args.exclude, plan=plan, example_kwargs=kwargs,
+                                 **_tracing_options(args))
     if args.json:
         print(cm.plan.to_json())
         return 0
@@ -142,13 +143,21 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tracing_options(args: argparse.Namespace) -> dict:
+    """--leaf-modules / --min-weights as compile's options, where given (compile refuses min_weights with a plan)."""
+    options = {"leaf_modules": args.leaf_modules}
+    if args.min_weights is not None:
+        options["min_weights"] = args.min_weights
+    return options
+
+
 def _dump_kernels(args: argparse.Namespace) -> int:
     from sparsec.api import compile_with_options
     from sparsec.context import CompileOptions
 
     # (the options first: a bad one, or no Triton to generate kernels with, is said before the model is built)
     options = CompileOptions.from_user(args.pattern, args.quantize, args.include, args.exclude, backend="triton",
-                                       emit_only=True)
+                                       emit_only=True, **_tracing_options(args))
     model, inputs, kwargs = load_target(args.target)
     with _plan_says_nothing_is_sparse():
         cm = compile_with_options(model, inputs, options, kwargs)
@@ -202,6 +211,13 @@ def _add_model_options(parser: argparse.ArgumentParser, takes_plan: bool) -> Non
                              "levels per layer (powers of two / k-means); default: none")
     parser.add_argument("--include", nargs="*", default=None, metavar="NAME", help="module names / regexes forced sparse")
     parser.add_argument("--exclude", nargs="*", default=None, metavar="NAME", help="module names / regexes kept dense")
+    # (what compile's errors and warnings advise as leaf_modules= / min_weights=: a model that needs one
+    # could not be inspected from the command line at all)
+    parser.add_argument("--leaf-modules", nargs="*", default=None, metavar="NAME",
+                        help="module paths called whole instead of traced into (compile's leaf_modules=)")
+    parser.add_argument("--min-weights", type=int, default=None, metavar="N",
+                        help="layers with fewer weights stay dense unless included (compile's min_weights=, default "
+                             "1024)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,7 +270,7 @@ def _take_back_target(parser: argparse.ArgumentParser, args: argparse.Namespace)
     file is the target. With none, the target is missing, as argparse would say."""
     if getattr(args, "target", "") is not None:
         return
-    for option in ("exclude", "include"):
+    for option in ("leaf_modules", "exclude", "include"):
         names = getattr(args, option) or []
         files = [i for i, word in enumerate(names) if _is_target(word)]
         if files:

@@ -362,3 +362,30 @@ def test_dump_kernels_names_each_sparse_layer_left_without_a_kernel(tmp_path, ca
     out = capsys.readouterr().out
     assert "wrote 0 kernels" in out
     assert "fc2: no kernel, the Triton kernels cover 2:4, constant fan-in and unstructured convs only (this layer is 1:4)" in out
+
+
+def test_leaf_modules_and_min_weights_reach_compile(tmp_path, capsys):
+    """compile's errors and warnings advise leaf_modules= (and the plan min_weights=): the commands had
+    neither, so a model needing one could not be inspected or dumped from the command line."""
+    (tmp_path / "blocks.py").write_text(
+        "import torch, torch.nn as nn\n"
+        "class Block(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fc = nn.Linear(16, 16)\n"
+        "    def forward(self, x):\n"
+        "        return torch.relu(self.fc(x))\n"
+        "def build_model():\n"
+        "    return nn.Sequential(nn.Linear(16, 16), Block(), Block(), nn.Linear(16, 4)), torch.randn(2, 16)\n")
+    target = str(tmp_path / "blocks.py")
+    assert main(["inspect", target, "--json"]) == 0
+    plan = sparsec.Plan.from_json(capsys.readouterr().out)
+    assert [lp.sparsity for lp in plan] == [None] * 4 and "256 weights < min_weights=1024" in plan["1.fc"].reason
+    assert main(["inspect", "--min-weights", "0", "--leaf-modules", "2", "--json", target]) == 0
+    plan = sparsec.Plan.from_json(capsys.readouterr().out)
+    assert plan["1.fc"].sparsity == "2:4"  # 256 weights, now enough
+    assert plan["2.fc"].sparsity is None and "called as a whole" in plan["2.fc"].reason
+    assert main(["dump-kernels", target, "--min-weights", "0", "-o", str(tmp_path / "out")]) == 0
+    assert "1.fc" in (tmp_path / "out" / "manifest.json").read_text()
+    assert main(["inspect", target, "--min-weights", "-1"]) == 2
+    assert "min_weights must be a non-negative int, got -1" in capsys.readouterr().err
