@@ -23,8 +23,9 @@ import networkx as nx
 import torch.fx as fx
 
 from sparsec.context import CompileContext
+from sparsec.dataflow import dataflow_graph
 from sparsec.errors import InvalidInputError
-from sparsec.meta import data_input, dataflow_graph, get_meta, layer_nodes, update_meta
+from sparsec.meta import data_input, get_meta, layer_nodes, update_meta
 from sparsec.passes.selection import first_match
 from sparsec.patterns import NM, parse_pattern
 

@@ -26,8 +26,9 @@ import torch.fx as fx
 import torch.nn as nn
 
 from sparsec.context import CompileContext
+from sparsec.dataflow import dataflow_graph
 from sparsec.errors import InvalidInputError
-from sparsec.meta import Decision, LayerInfo, dataflow_graph, get_meta, layer_nodes, update_meta
+from sparsec.meta import Decision, LayerInfo, get_meta, layer_nodes, update_meta
 from sparsec.patterns import NM, Dense, Pattern, Unstructured, parse_pattern
 from sparsec.reference import kept_per_row
 

@@ -1,4 +1,4 @@
-"""Data flow through views (sparsec.meta.dataflow_graph): a layer's output written in place into a view of
+"""Data flow through views (sparsec.dataflow.dataflow_graph): a layer's output written in place into a view of
 a buffer reaches the buffer's later readers, whatever op made the view; a detach passes the data on but
 no gradient.
 
@@ -14,7 +14,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 import sparsec
-from sparsec.meta import dataflow_graph
+from sparsec.dataflow import dataflow_graph
 from test_plan import ExportOnly  # (a model only torch.export can capture)
 
 # Each spelling turns an [8, 32] tensor into a view of it; the model writes fc2's output through the
