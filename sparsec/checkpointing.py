@@ -84,10 +84,10 @@ def disabling_grad_by_hand() -> bool:
 @contextlib.contextmanager
 def reentrant_calls_through(wrap):
     """CheckpointFunction.apply (how checkpoint() makes a reentrant call) replaced by `wrap(apply)` while
-    this runs, in its thread's turn (graph_module.TRACE_LOCK, as every patch of sparsec's traces: a capture
+    this runs, in its thread's turn (tracing.TRACE_LOCK, as every patch of sparsec's traces: a capture
     outside it, torch.export of the model in its other mode, patched over another thread's capture and
     removed that one's patch when it finished first, which then failed to remove its own)."""
-    from sparsec.graph_module import TRACE_LOCK  # (graph_module imports this module)
+    from sparsec.tracing import TRACE_LOCK  # (tracing imports this module)
     function_class = torch.utils.checkpoint.CheckpointFunction
     with TRACE_LOCK:
         own = function_class.__dict__.get("apply")  # (none: Function.apply)

@@ -17,10 +17,10 @@ import torch.nn as nn
 from sparsec.checkpointing import checkpoint_call, disabling_grad_by_hand, in_reentrant_checkpoint, reentrant_calls_through
 from sparsec.errors import TraceError
 from sparsec.export_mode import ModeFlag
-from sparsec.graph_module import TRACE_LOCK, RecordOperators, ThreadTracer
 from sparsec.runtime.guard import InputGuard
 from sparsec.runtime.layers import RuntimeLayer
 from sparsec.runtime.train_offset import TrainOffset
+from sparsec.tracing import TRACE_LOCK, RecordOperators, ThreadTracer
 from sparsec.user_code import user_code_frame
 
 class Tracer(ThreadTracer):

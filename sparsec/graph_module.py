@@ -6,22 +6,18 @@ comments are added after fx generated and compiled the code, so they never chang
 """
 from __future__ import annotations
 
-import builtins
 import copy
 import pickle
-import threading
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.fx import _symbolic_trace
 from torch.fx.graph_module import _forward_from_src
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves
 
-from sparsec.checkpointing import CONTEXTS, CheckpointTags, checkpointed_code, portable_contexts
-from sparsec.fork_safe import fork_safe_rlock
-from sparsec.meta import get_meta, update_meta
+from sparsec.checkpointing import CONTEXTS, checkpointed_code, portable_contexts
+from sparsec.meta import get_meta
+# (RetraceTracer under this name too: files saved before it moved to sparsec.tracing name it here)
+from sparsec.tracing import TRACE_LOCK, RetraceTracer, drop_unresolvable_fx_wraps
 
 
 def annotation(node: fx.Node) -> str | None:
@@ -84,102 +80,6 @@ def follow_registration_order(gm: nn.Module, order: list[str]) -> None:
                 items = dict(entries)
                 entries.clear()
                 entries.update((key, items[key]) for key in keys)
-
-
-# torch.fx's tracing patches nn.Module.__call__ / __getattr__ for the whole process while it runs (and
-# InlinedFunctions patches torch.autograd.Function.apply). A server compiling or loading a model in one
-# thread while others ran models saw their module calls go through the tracer ("NameError: module is not
-# installed as a submodule"), and two traces at once each took the other's patch for the original. So
-# sparsec's traces take turns (TRACE_LOCK), and a tracer runs other threads' calls as if unpatched.
-TRACE_LOCK = fork_safe_rlock()
-
-
-def drop_unresolvable_fx_wraps() -> None:
-    """Remove the entries of fx's table of functions to patch while tracing that name nothing. A pickled graph
-    module whose code calls a wrapped function of torch's own (torch.fx._symbolic_trace._assert_is_none, for
-    an argument traced as its None value) registers that dotted name on load, in the loaded code's globals,
-    which hold no such key: every symbolic_trace in the process after it failed with a KeyError on it (torch
-    issue 130701), sparsec's next compile of any model included. They patch nothing: dropping them is safe."""
-    table = getattr(_symbolic_trace, "_wrapped_fns_to_patch", None)
-    if isinstance(table, dict):
-        for key, frame in list(table.items()):
-            name = key[1] if isinstance(key, tuple) else None
-            if isinstance(name, str) and isinstance(frame, dict) and name not in frame and not hasattr(builtins, name):
-                table.pop(key, None)
-
-
-class ThreadTracer(fx.Tracer):
-    """fx.Tracer that traces its own thread only: other threads' module calls and attribute reads,
-    which fx's process-wide patches route here while it traces, run as they would unpatched."""
-
-    _thread: int | None = None
-    # Tag the nodes made inside torch.utils.checkpoint calls with the call, so that the graph module
-    # runs them checkpointed again (sparsec/checkpointing.py). A graph compiled for inference does not:
-    # it is not trained, and recomputing saves nothing there.
-    keep_checkpoints = True
-    checkpoint_tags: CheckpointTags | None = None
-
-    def trace(self, root, concrete_args=None):
-        with TRACE_LOCK:
-            drop_unresolvable_fx_wraps()  # (left by a graph module unpickled elsewhere than sparsec.load too)
-            outer, self._thread = self._thread, threading.get_ident()
-            self.checkpoint_tags = CheckpointTags()
-            try:
-                return super().trace(root, concrete_args)
-            finally:
-                self._thread = outer
-                self.checkpoint_tags.close()
-
-    def tracing_here(self) -> bool:
-        return self._thread == threading.get_ident()
-
-    def create_proxy(self, kind, target, args, kwargs, *rest, **more):
-        proxy = super().create_proxy(kind, target, args, kwargs, *rest, **more)
-        if self.keep_checkpoints and kind not in ("placeholder", "output") and self.tracing_here():
-            region = self.checkpoint_tags.region()
-            if region is not None:
-                update_meta(proxy.node, checkpoint=region)
-        return proxy
-
-    def call_module(self, m, forward, args, kwargs):
-        if not self.tracing_here():
-            return forward(*args, **kwargs)  # (fx's `forward` is the unpatched nn.Module.__call__)
-        return super().call_module(m, forward, args, kwargs)
-
-    def getattr(self, attr, attr_val, parameter_proxy_cache):
-        if not self.tracing_here():
-            return attr_val
-        return super().getattr(attr, attr_val, parameter_proxy_cache)
-
-
-class RetraceTracer(ThreadTracer):
-    """The tracer fx rebuilds a pickled graph module with (pickle keeps the code, and loading traces it
-    again). fx's own runs every op that reads no graph input at trace time, once, and keeps its result:
-    a torch.export graph's buffer updates (`aten.add_.Tensor(steps, 1)`, BatchNorm-free EMA updates)
-    were applied to the buffer on load and dropped from the graph, and a random op of fixed shape
-    (`aten.randn.default([64])`) became one constant draw. This one records such ops as the graph had
-    them: buffers are traced as graph values, and every operator call is recorded."""
-
-    proxy_buffer_attributes = True
-
-    def trace(self, root, concrete_args=None):
-        with RecordOperators(self):
-            return super().trace(root, concrete_args)
-
-
-class RecordOperators(TorchFunctionMode):
-    """While retracing: an aten / custom operator called on no graph value is recorded, not run."""
-
-    def __init__(self, tracer: fx.Tracer):
-        super().__init__()
-        self.tracer = tracer
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if isinstance(func, torch._ops.OpOverload) and not any(
-                isinstance(a, fx.Proxy) for a in tree_leaves((args, kwargs))):
-            return self.tracer.create_proxy("call_function", func, args, kwargs)
-        return func(*args, **kwargs)
 
 
 def _retraced_with(module: fx.GraphModule) -> None:

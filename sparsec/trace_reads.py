@@ -18,7 +18,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode, resolve_name
 from torch.utils._pytree import tree_flatten
 
-from sparsec.graph_module import TRACE_LOCK
+from sparsec.tracing import TRACE_LOCK
 from sparsec.passes.weight_reads import owner_of
 
 # Tensor methods and properties that read no values (shape, dtype, device, flags): computing with
@@ -123,7 +123,7 @@ class InlinedFunctions:
         self.functions: dict[str, str] = {}
 
     def __enter__(self):
-        # One patch at a time (see graph_module.TRACE_LOCK): two compiles at once each saved the other's
+        # One patch at a time (see tracing.TRACE_LOCK): two compiles at once each saved the other's
         # patch as the original, and the last to finish left one installed for good.
         TRACE_LOCK.acquire()
         try:

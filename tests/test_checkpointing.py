@@ -618,7 +618,7 @@ def test_the_grad_mode_and_reentrant_call_patches_wait_for_the_running_trace():
     took the running trace's patch for the original: one removed the other's, and a patch stayed for good."""
     from sparsec.checkpointing import reentrant_calls_run_plainly
     from sparsec.fx_tracer import Tracer
-    from sparsec.graph_module import TRACE_LOCK
+    from sparsec.tracing import TRACE_LOCK
 
     def patches():
         return torch._C._set_grad_enabled, ckpt.CheckpointFunction.__dict__.get("apply")

@@ -513,3 +513,12 @@ def test_load_names_a_bad_map_location_instead_of_calling_the_file_damaged(tmp_p
     for good in ("cpu", torch.device("cpu"), {"cpu": "cpu"}, lambda storage, location: storage):
         with torch.no_grad():
             assert torch.equal(sparsec.load(tmp_path / "m", map_location=good)(x), cm(x))
+
+
+def test_the_names_files_saved_earlier_hold_still_resolve():
+    """A pickled graph module names the tracer that rebuilds it: files saved before the tracers moved to
+    sparsec.tracing name sparsec.graph_module.RetraceTracer (checked by loading such a file, 2026-11-25)."""
+    import sparsec.graph_module
+    import sparsec.tracing
+
+    assert sparsec.graph_module.RetraceTracer is sparsec.tracing.RetraceTracer

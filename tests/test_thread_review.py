@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import sparsec
 from oracle import output_error, pruned_model
 from sparsec.fork_safe import fork_safe
-from sparsec.graph_module import TRACE_LOCK, RetraceTracer
+from sparsec.tracing import TRACE_LOCK, RetraceTracer
 
 
 class ReluNet(nn.Module):
