@@ -7,7 +7,7 @@ Two measurements on the pruned weight:
     hides that because the outlier dominates the norm, and the layer silently becomes much sparser.
 
 quantize="int8" quantizes every sparse layer and reports both numbers; quantize="auto" takes int8
-only where the error stays within `quant_budget` (default 2%, sparsec/context.py) and at most
+only where the error stays within `quant_budget` (default 2%, sparsec/options.py) and at most
 MAX_FLUSHED of the kept weights flush to zero. quantize="log2:B" / "codebook:B" (method (d)'s non-linear
 levels, sparsec/levels.py) quantizes every sparse layer to one table of 2^B values (none flushes a kept
 weight to 0) and reports the error. With a given plan, its entries decide and the numbers are still

@@ -12,12 +12,13 @@ import torch.nn as nn
 from torch.utils._pytree import tree_map
 
 from sparsec.compiled import CompiledModel
-from sparsec.context import DEFAULT_MIN_WEIGHTS, DEFAULT_QUANT_BUDGET, DEFAULT_STE_DECAY, CompileContext, CompileOptions
+from sparsec.context import CompileContext
 from sparsec.errors import InvalidInputError, InvalidTypeError
 from sparsec.example_inputs import normalize_example_inputs
 from sparsec.frontend import capture, check_not_a_wrapper
 from sparsec.graph_module import follow_registration_order, registration_order
 from sparsec.meta import get_meta
+from sparsec.options import DEFAULT_MIN_WEIGHTS, DEFAULT_QUANT_BUDGET, DEFAULT_STE_DECAY, CompileOptions
 from sparsec.passes.weight_reads import attribute
 from sparsec.pipeline import run_pipeline
 from sparsec.plan import Plan

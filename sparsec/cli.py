@@ -153,7 +153,7 @@ def _tracing_options(args: argparse.Namespace) -> dict:
 
 def _dump_kernels(args: argparse.Namespace) -> int:
     from sparsec.api import compile_with_options
-    from sparsec.context import CompileOptions
+    from sparsec.options import CompileOptions
 
     # (the options first: a bad one, or no Triton to generate kernels with, is said before the model is built)
     options = CompileOptions.from_user(args.pattern, args.quantize, args.include, args.exclude, backend="triton",

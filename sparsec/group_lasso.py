@@ -33,11 +33,11 @@ from torch.autograd.function import once_differentiable
 from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from sparsec.context import name_list
 from sparsec.distributed import check_whole, described, full, is_sharded, shard_like, unwrap_ddp
 from sparsec.errors import InvalidInputError, InvalidTypeError
 from sparsec.meta import get_meta, layer_nodes
 from sparsec.numbers_check import is_real
+from sparsec.options import name_list
 from sparsec.passes.weight_reads import owner_of
 from sparsec.runtime.training import TrainableLayer
 

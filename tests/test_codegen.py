@@ -1463,7 +1463,7 @@ def test_two_processes_with_different_hash_seeds_emit_byte_identical_sources_int
     script = textwrap.dedent("""
         import json, torch, torch.nn as nn
         from sparsec.api import compile_with_options
-        from sparsec.context import CompileOptions
+        from sparsec.options import CompileOptions
 
         class TwoCalls(nn.Module):
             def __init__(self):

@@ -280,7 +280,7 @@ def test_a_bfloat16_cast_is_not_fused_where_the_interpreter_would_truncate_it(mo
     a kernel dump, which is for a GPU, still fuses it."""
     import sparsec
     from sparsec.api import compile_with_options
-    from sparsec.context import CompileOptions
+    from sparsec.options import CompileOptions
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 

@@ -33,10 +33,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparsec.context import DEFAULT_STE_DECAY
 from sparsec.distributed import full
 from sparsec.errors import InvalidInputError
 from sparsec.meta import ConvParams
+from sparsec.options import DEFAULT_STE_DECAY
 from sparsec.patterns import NM, Pattern
 from sparsec.reference import nm_group_counts, pattern_mask, rows_to_weight, weight_to_rows
 from sparsec.runtime.layers import RuntimeLayer, conv2d, explicit_padding
