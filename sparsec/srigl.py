@@ -156,6 +156,34 @@ def _fresh_state(optimizer: torch.optim.Optimizer, weight: torch.Tensor) -> dict
     return {}
 
 
+def _checked_hyperparameters(total_steps, delta_t, grad_accumulation, t_end, alpha, gamma_sal, ablation,
+                             sparse_init) -> tuple[int, int, int]:
+    """SRigL's arguments checked up front, each error naming the argument; the step counts as ints."""
+    for name, value in (("total_steps", total_steps), ("delta_t", delta_t), ("grad_accumulation", grad_accumulation)):
+        if not is_integer(value) or value < 1:
+            raise InvalidInputError(f"{name} must be a positive int, got {value!r}")
+    if grad_accumulation > delta_t:
+        raise InvalidInputError(f"grad_accumulation={grad_accumulation} cannot exceed delta_t={delta_t}")
+    # Checked here, not at the first update: a string raised a bare comparison TypeError naming no
+    # argument, and gamma_sal nan / inf passed (nan <= 0 is False) and crashed the first update
+    # mid-training in int() (ValueError / OverflowError).
+    for name, value in (("t_end", t_end), ("alpha", alpha), ("gamma_sal", gamma_sal)):
+        if not is_real(value):
+            raise InvalidTypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not (math.isfinite(gamma_sal) and 0 < t_end <= 1 and 0 <= alpha <= 1 and gamma_sal > 0):
+        raise InvalidInputError(f"need 0 < t_end <= 1, 0 <= alpha <= 1, gamma_sal > 0 and finite; got t_end={t_end}, "
+                                f"alpha={alpha}, gamma_sal={gamma_sal}")
+    if gamma_sal >= 1 and gamma_sal != int(gamma_sal):
+        # >= 1 is an absolute count of salient weights (methods.md B.3.2); int() silently turned 1.5
+        # into 1, while the paper's code compares counts < 1.5 (ablating count 1 too).
+        raise InvalidInputError(f"gamma_sal={gamma_sal}: a value >= 1 is an absolute count of salient weights "
+                                f"per neuron and must be a whole number; below 1 it is a fraction of the fan-in")
+    for name, value in (("ablation", ablation), ("sparse_init", sparse_init)):
+        if not isinstance(value, bool):  # ablation='no' was truthy: ablation ran
+            raise InvalidTypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return int(total_steps), int(delta_t), int(grad_accumulation)
+
+
 class SRigL:
     def __init__(self, cm, optimizer: torch.optim.Optimizer, total_steps: int, delta_t: int = 100, alpha: float = 0.3,
                  t_end: float = 0.75, gamma_sal: float = 0.3, ablation: bool = True, grad_accumulation: int = 1,
@@ -171,29 +199,8 @@ class SRigL:
                                    f"sparsec.compile(model, pattern='fanin:0.9', example_inputs=..., train=True)")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise InvalidTypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        for name, value in (("total_steps", total_steps), ("delta_t", delta_t), ("grad_accumulation", grad_accumulation)):
-            if not is_integer(value) or value < 1:
-                raise InvalidInputError(f"{name} must be a positive int, got {value!r}")
-        total_steps, delta_t, grad_accumulation = int(total_steps), int(delta_t), int(grad_accumulation)
-        if grad_accumulation > delta_t:
-            raise InvalidInputError(f"grad_accumulation={grad_accumulation} cannot exceed delta_t={delta_t}")
-        # Checked here, not at the first update: a string raised a bare comparison TypeError naming no
-        # argument, and gamma_sal nan / inf passed (nan <= 0 is False) and crashed the first update
-        # mid-training in int() (ValueError / OverflowError).
-        for name, value in (("t_end", t_end), ("alpha", alpha), ("gamma_sal", gamma_sal)):
-            if not is_real(value):
-                raise InvalidTypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-        if not (math.isfinite(gamma_sal) and 0 < t_end <= 1 and 0 <= alpha <= 1 and gamma_sal > 0):
-            raise InvalidInputError(f"need 0 < t_end <= 1, 0 <= alpha <= 1, gamma_sal > 0 and finite; got t_end={t_end}, "
-                                    f"alpha={alpha}, gamma_sal={gamma_sal}")
-        if gamma_sal >= 1 and gamma_sal != int(gamma_sal):
-            # >= 1 is an absolute count of salient weights (methods.md B.3.2); int() silently turned 1.5
-            # into 1, while the paper's code compares counts < 1.5 (ablating count 1 too).
-            raise InvalidInputError(f"gamma_sal={gamma_sal}: a value >= 1 is an absolute count of salient weights "
-                                    f"per neuron and must be a whole number; below 1 it is a fraction of the fan-in")
-        for name, value in (("ablation", ablation), ("sparse_init", sparse_init)):
-            if not isinstance(value, bool):  # ablation='no' was truthy: ablation ran
-                raise InvalidTypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+        total_steps, delta_t, grad_accumulation = _checked_hyperparameters(
+            total_steps, delta_t, grad_accumulation, t_end, alpha, gamma_sal, ablation, sparse_init)
         cm.check_whole_weights("SRigL")
         self.layers = {m.layer_name: m for m in cm.graph_module.modules()
                        if isinstance(m, TrainableLayer) and isinstance(m.pattern, FanIn)}
