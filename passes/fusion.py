@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from sparsec.codegen.configs import interpreting
 from sparsec.context import CompileContext
 from sparsec.meta import get_meta, update_meta
-from sparsec.passes.weight_reads import attribute, erase_unused_reads
+from sparsec.passes.weight_reads import attribute
+from sparsec.passes.weight_rewrites import erase_unused_reads
 from sparsec.runtime.triton_linear import FusedEpilogue, TritonSparseLinear
 from sparsec.symbolic_capture import own_hooks
 

@@ -16,8 +16,8 @@ import torch.fx as fx
 
 from sparsec.context import CompileContext
 from sparsec.meta import META_KEY, LayerInfo, SparsecMeta, data_input, get_meta, layer_nodes, runtime_bias, update_meta
-from sparsec.passes.weight_reads import (erase_unused_reads, fold_shape_reads, owner_of, reads_by_target,
-                                         redirect_metadata_reads)
+from sparsec.passes.weight_reads import owner_of, reads_by_target
+from sparsec.passes.weight_rewrites import erase_unused_reads, fold_shape_reads, redirect_metadata_reads
 from sparsec.patterns import parse_pattern
 from sparsec.reference import weight_to_rows
 from sparsec.runtime import PackedWeight, SparseConv1d, SparseConv2d, SparseLayer, SparseLinear

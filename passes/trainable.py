@@ -7,7 +7,8 @@ import torch.fx as fx
 from sparsec.context import CompileContext
 from sparsec.meta import get_meta, layer_nodes
 from sparsec.passes.sparsify import replace_layer
-from sparsec.passes.weight_reads import erase_unused_reads, reads_by_target
+from sparsec.passes.weight_reads import reads_by_target
+from sparsec.passes.weight_rewrites import erase_unused_reads
 from sparsec.patterns import parse_pattern
 from sparsec.reference import rows_to_weight
 from sparsec.runtime.training import TrainableLayer

@@ -8,7 +8,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from sparsec.meta import get_meta, update_meta
-from sparsec.passes.weight_reads import attribute, erase_unused_reads, fold_shape_reads, owner_of, reads_by_target
+from sparsec.passes.weight_reads import attribute, owner_of, reads_by_target
+from sparsec.passes.weight_rewrites import erase_unused_reads, fold_shape_reads
 from sparsec.reference import weight_to_rows
 from sparsec.runtime.train_offset import TrainOffset
 from sparsec.runtime.training import TrainableLayer
