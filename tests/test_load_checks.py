@@ -127,3 +127,14 @@ def test_own_state_dicts_still_load_exactly():
                 p.mul_(1.5)  # (a trained model: its state differs from the fresh compile it loads into)
         target.load_state_dict(source.state_dict())
         assert torch.equal(target(X), source(X)), (pattern, backend)
+
+
+@pytest.mark.parametrize("pattern, packed", [("2:4", "N:M packed values"), ("fanin:0.5", "condensed fan-in values"),
+                                             ("unstructured:0.5", "CSR values")])
+def test_a_state_dict_of_the_other_stored_form_is_refused_naming_both(pattern, packed):
+    """A layer auto kept dense on one machine (its pruned weight and a bitmask) and packed on another: each
+    form's keys say which it is (the keys the check reads are checked here against the real buffers)."""
+    dense, compressed = _compile(pattern, "dense"), _compile(pattern, "torch")
+    kept_dense = "the pruned weight kept dense"
+    _refused(compressed, dense.state_dict(), f"stored here as {packed} .* in this state dict as {kept_dense}")
+    _refused(dense, compressed.state_dict(), f"stored here as {kept_dense} .* in this state dict as {packed}")
