@@ -3,7 +3,8 @@
 os.fork copies only the forking thread. A lock another thread held at that moment is copied held, by a
 thread the child does not have, so nothing ever releases it: a server that forked workers while a
 background thread compiled a model had every compile in those workers wait for ever. Such locks are
-reset in the child, unless the forking thread holds it itself (it will release it)."""
+reset in the child, unless the forking thread holds it itself (it will release it): an RLock says so; a
+Lock does not, and sparsec holds none across user code (which is where a fork could come from)."""
 from __future__ import annotations
 
 import os
