@@ -303,6 +303,24 @@ def run_poisoned(fn, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
     return fn()
 
 
+def _times_note(where: str, times: dict, best: str, launch_note: str | None, cache_note: str, wrong: dict,
+                failed: dict) -> str:
+    """What the plan's reason says of a measurement: every candidate's time, fastest first (the kernel
+    with its launch config), the choice and its speed-up over dense, and the candidates that gave wrong
+    results or did not run, by name."""
+    shown = ", ".join(f"{k} {1e6 * v:.1f} us" + (f" ({launch_note})" if k == "triton" and launch_note else "")
+                      for k, v in sorted(times.items(), key=lambda kv: kv[1]))
+    note = f"backend auto at {where}: {shown} -> {best} ({times['dense'] / times[best]:.2f}x dense)"
+    if cache_note:
+        note += f", {cache_note}"
+    if wrong:
+        note += "; rejected for wrong results: " + ", ".join(f"{k} (error {v:.2g} of dense's largest output)"
+                                                           for k, v in sorted(wrong.items()))
+    if failed:
+        note += "; failed to run: " + ", ".join(f"{k} ({v})" for k, v in sorted(failed.items()))
+    return note
+
+
 def pick_fastest(gm, ctx, layer, decision, m: int | None, triton_blocker_reason: str | None, device: str = "cuda",
                  input_shape: tuple[int, ...] | None = None, graph: bool = False, cpu_cold: tuple[bool, str] | None = None):
     """(backend, note, launch): the fastest way to run the layer at M rows (a conv layer: on an input of
@@ -349,20 +367,12 @@ def pick_fastest(gm, ctx, layer, decision, m: int | None, triton_blocker_reason:
                          + (failed.get("dense") or "its output was not its own") + "); runs on the torch runtime"), None
     best = min(times, key=times.get)
     configs_ran = sum(name not in failed for name in kernels)
-    shown = ", ".join(f"{k} {1e6 * v:.1f} us" + (f" ({describe_launch(launch)}, fastest of {configs_ran} configs"
-                                                  + (" by GPU time)" if by_gpu_time else ")") if k == "triton" and launch else "")
-                      for k, v in sorted(times.items(), key=lambda kv: kv[1]))
     where = f"M={rows}" + ("" if m else " (no example inputs)")
     if device != "cpu":
         where += ", CUDA graph replays (GPU time) after an L2 flush" if graph else ", eager calls after an L2 flush"
-    note = f"backend auto at {where}: {shown} -> {best} ({times['dense'] / times[best]:.2f}x dense)"
-    if cache_note:
-        note += f", {cache_note}"
-    if wrong:
-        note += "; rejected for wrong results: " + ", ".join(f"{k} (error {v:.2g} of dense's largest output)"
-                                                           for k, v in sorted(wrong.items()))
-    if failed:
-        note += "; failed to run: " + ", ".join(f"{k} ({v})" for k, v in sorted(failed.items()))
+    launch_note = (f"{describe_launch(launch)}, fastest of {configs_ran} configs" + (" by GPU time" if by_gpu_time else "")
+                   if launch else None)
+    note = _times_note(where, times, best, launch_note, cache_note, wrong, failed)
     if device == "cpu" and best != "dense":  # a CPU kernel (condensed, bitmask, csr): how far up in rows it wins
         max_rows, limit_note = cpu_rows_limit(at, best, rows, times["dense"], cold)
         return best, f"{note}; {limit_note}", {"max_rows": max_rows}
