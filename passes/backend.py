@@ -26,6 +26,7 @@ from sparsec.context import CompileContext
 from sparsec.errors import InvalidInputError
 from sparsec.meta import LayerInfo, data_input, get_meta, input_rows, layer_nodes, update_meta
 from sparsec.plan import dtype_name
+from sparsec.shape_cache import SHARED_SHAPES_KEPT, remember
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_NOTE = "runs a fused Triton kernel"
@@ -104,9 +105,10 @@ def kept_dense_note(blocker: str) -> str:
             f"compressed form, at that cost)")
 
 
-# CPU timings are the machine's, not the model's: measured once per layer shape (and thread count) in a
-# process, so explain() then compile(), or a test suite compiling the same model again, measure once
-# and plan alike. (CUDA timings are taken again per compile: they depend on what else holds the GPU.)
+# CPU timings are the machine's, not the model's: measured once per layer shape (and thread count, and
+# weights hot or cold) in a process, so explain() then compile(), or a test suite compiling the same model
+# again, measure once and plan alike. (CUDA timings are taken again per compile: they depend on what else
+# holds the GPU.) key -> ((backend, note, launch), the cache note the note quotes)
 CPU_MEASUREMENTS: dict = {}
 
 
@@ -126,14 +128,19 @@ def _measured_backend(gm, ctx: CompileContext, layer: LayerInfo, decision, node:
     key = (device, layer.op, layer.weight_shape, layer.conv, layer.dtype, decision.sparsity, decision.quant,
            layer.bias_path is not None, input_shape or m, triton_blocker_reason, graph)
     if key not in ctx.measurements:
-        cpu_key = (key, torch.get_num_threads(), cpu_cold)
+        # Keyed on hot / cold, not on the note saying why (it names the model's size: the same layer shape
+        # in a model of another size was timed again), and the note the first model's timing quoted is
+        # this model's in the result.
+        cold, cache_note = cpu_cold or (False, "")
+        cpu_key = (key, torch.get_num_threads(), cold)
         if device == "cpu" and cpu_key in CPU_MEASUREMENTS:
-            result = CPU_MEASUREMENTS[cpu_key]
+            (backend, note, launch), measured_note = CPU_MEASUREMENTS[cpu_key]
+            result = (backend, note.replace(measured_note, cache_note) if measured_note else note, launch)
         else:
             result = pick_fastest(gm, ctx, layer, decision, m, triton_blocker_reason, device=device,
                                   input_shape=input_shape, graph=graph, cpu_cold=cpu_cold)
-            if device == "cpu":
-                CPU_MEASUREMENTS[cpu_key] = result
+            if device == "cpu":  # (bounded: a sweep over shapes and batch sizes adds one per measurement)
+                remember(CPU_MEASUREMENTS, cpu_key, (result, cache_note), SHARED_SHAPES_KEPT)
         ctx.measurements[key] = (*result, layer.name)
         return _own_launch(result)
     backend, note, launch, measured_on = ctx.measurements[key]

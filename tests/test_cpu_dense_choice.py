@@ -215,3 +215,38 @@ def test_a_plans_max_rows_splits_calls_at_exactly_its_rows(monkeypatch, dtype, t
             y, expected = cm(h), reference(h)
         assert paths == [path], (shape, paths)
         assert y.dtype == dtype and y.shape == expected.shape and output_error(y, expected) <= tol, shape
+
+
+def _mlp(width: int, extra: int):
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 128), torch.nn.ReLU()]
+    layers += [torch.nn.Linear(128, extra), torch.nn.ReLU(), torch.nn.Linear(extra, width)]
+    return torch.nn.Sequential(*layers), torch.randn(2, 64)
+
+
+def test_a_layer_shape_is_measured_once_in_models_of_any_size_and_the_measurements_are_bounded(monkeypatch):
+    """The process-wide measurements were keyed on the note saying the weights were timed hot, which names
+    the model's size: the same layer shape in a larger model was timed again, and a sweep over shapes grew
+    them without bound (found by the leak review). The reused result quotes this model's size."""
+    from sparsec.codegen import measure
+    from sparsec.passes import backend as backend_pass
+
+    monkeypatch.setattr(backend_pass, "CPU_MEASUREMENTS", {})
+    monkeypatch.setattr(backend_pass, "cpu_kernel_blocker", lambda *a, **k: None)
+    measured = []
+
+    def stand_in(gm, ctx, layer, decision, m, blocker, device="cuda", input_shape=None, graph=False, cpu_cold=None):
+        measured.append(layer.weight_shape)
+        return "dense", f"backend auto at M={m}: stand-in, {cpu_cold[1]}", None
+    monkeypatch.setattr(measure, "pick_fastest", stand_in)
+    small = sparsec.compile(*_mlp(8, 128)[:1], example_inputs=_mlp(8, 128)[1:], include=[".*"])
+    assert measured.count((128, 128)) == 1
+    large = sparsec.compile(*_mlp(8, 512)[:1], example_inputs=_mlp(8, 512)[1:], include=[".*"])
+    assert measured.count((128, 128)) == 1, "the 128 x 128 layer was timed again in a larger model"
+    for cm in (small, large):
+        assert cm.plan["2"].reason.count("the model's") == 1
+    assert small.plan["2"].reason != large.plan["2"].reason  # (each quotes its own model's size)
+    monkeypatch.setattr(backend_pass, "SHARED_SHAPES_KEPT", 3)
+    for width in (8, 16, 24, 32):
+        sparsec.compile(*_mlp(width, 128)[:1], example_inputs=_mlp(width, 128)[1:], include=[".*"])
+    assert len(backend_pass.CPU_MEASUREMENTS) <= 3
