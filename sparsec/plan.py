@@ -267,7 +267,7 @@ class Plan:
 
     def to_json(self, indent: int | None = 2) -> str:
         newer = {"grad_pattern": self.grad_pattern} if self.grad_pattern is not None else {}
-        return json.dumps({"format": PLAN_FORMAT, "version": 2 if newer else 1, "pattern": self.pattern, **newer,
+        return json.dumps({"format": PLAN_FORMAT, "version": PLAN_VERSION if newer else 1, "pattern": self.pattern, **newer,
                            "grad_mode": self.grad_mode, "notes": list(self.notes),
                            "layers": [dataclasses.asdict(lp) for lp in self.layers]}, indent=indent)
 

@@ -38,6 +38,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from sparsec.codegen import configs
 from sparsec.errors import InvalidInputError
 from sparsec.reference import nm_mask
 
@@ -241,9 +242,7 @@ def _kernel_path(dy: torch.Tensor) -> bool:
 
 
 def _prune_kernel_runs_on(device: torch.device) -> bool:
-    from sparsec.codegen.configs import triton_installed
-
-    return device.type == "cuda" and triton_installed()
+    return device.type == "cuda" and configs.triton_installed()
 
 
 def _linear_dgrad(dy: torch.Tensor, weight: torch.Tensor, n: int, m: int, mode: str) -> torch.Tensor:
