@@ -25,16 +25,15 @@ from sparsec.codegen.configs import prefetches
 from sparsec.codegen.timing import CPU_BLOCKS, CPU_ROUNDS, ROUNDS, time_cpu, time_cuda, timed_in_rounds
 from sparsec.errors import last_line
 from sparsec.patterns import Unstructured, parse_pattern
-from sparsec.reference import weight_to_rows
 
 DEFAULT_ROWS = 16  # when no example inputs give the real M
 
 
-def _layer_operands(gm, ctx, layer, decision):
-    """(weight, bias, weight rows [out, K], mask over the rows) of a layer as the plan prunes it."""
+def _layer_operands(gm, layer):
+    """(weight, bias) of a layer, detached."""
     weight = gm.get_parameter(layer.weight_path).detach()
     bias = gm.get_parameter(layer.bias_path).detach() if layer.bias_path else None
-    return weight, bias, weight_to_rows(weight, layer.op), ctx.layer_mask(gm, layer, decision.sparsity)
+    return weight, bias
 
 
 @dataclasses.dataclass(eq=False)
@@ -65,28 +64,28 @@ def candidates(gm, ctx, layer, decision, m: int, triton_blocker_reason: str | No
     from sparsec.runtime.csr_linear import CsrLinear
     from sparsec.runtime.cusparselt_linear import CusparseltLinear, semi_structured_available
     from sparsec.runtime.layers import SparseLinear
-    from sparsec.runtime.packed import DensePacked, FanInPacked, PackedWeight
+    from sparsec.runtime.packed import FanInPacked
     from sparsec.runtime.triton_linear import TritonSparseLinear
 
-    weight, bias, rows, mask = _layer_operands(gm, ctx, layer, decision)
+    weight, bias = _layer_operands(gm, layer)
     pattern = parse_pattern(decision.sparsity)
     x = _sample_input((m, layer.reduction), weight.device, weight.dtype)
 
     def runtime_module(cls, packed):
         return cls(packed, bias, layer.op, layer.weight_shape, layer.name, decision.sparsity, "")
 
-    dense = runtime_module(SparseLinear, DensePacked.pack(rows, mask, pattern, decision.quant))
+    dense = runtime_module(SparseLinear, ctx.packed_weight(gm, layer, decision, dense=True))
     out = {"dense": functools.partial(dense, x)}
     if isinstance(pattern, Unstructured) and weight.device.type in CsrLinear.kernel_devices:
         # cuSPARSE's CSR product, as its layer runs it (a dtype it lacks fails its check and is not chosen)
-        csr = runtime_module(CsrLinear, PackedWeight.pack(rows, mask, pattern, decision.quant))
+        csr = runtime_module(CsrLinear, ctx.packed_weight(gm, layer, decision))
         csr.build_now()
         out["csr"] = functools.partial(csr, x)
     library = (decision.sparsity == "2:4" and semi_structured_available()
                and weight.dtype in (torch.float16, torch.bfloat16))
     if triton_blocker_reason is not None and not library:
         return out
-    packed = PackedWeight.pack(rows, mask, pattern, decision.quant)
+    packed = ctx.packed_weight(gm, layer, decision)
     if triton_blocker_reason is None:
         spec = runtime_module(TritonSparseLinear, packed).spec()
         name, source = emit_matmul(spec, [LayerUse(layer.name, m, layer.out_features, layer.reduction)])
@@ -116,13 +115,14 @@ def conv_candidates(gm, ctx, layer, decision, input_shape: tuple[int, ...], trit
     from sparsec.codegen.builder import LayerUse, emit_matmul
     from sparsec.codegen.configs import matmul_candidates
     from sparsec.codegen.launch import sparse24_conv2d
-    from sparsec.runtime.packed import CSRPacked, PackedWeight
+    from sparsec.runtime.packed import CSRPacked
     from sparsec.runtime.triton_conv import TritonSparseConv1d, TritonSparseConv2d
 
-    weight, bias, rows, mask = _layer_operands(gm, ctx, layer, decision)
-    packed = PackedWeight.pack(rows, mask, parse_pattern(decision.sparsity), decision.quant)
+    weight, bias = _layer_operands(gm, layer)
+    packed = ctx.packed_weight(gm, layer, decision)
     if isinstance(packed, CSRPacked):
-        return _direct_conv_candidates(layer, decision, packed, weight, bias, input_shape, triton_blocker_reason)
+        return _direct_conv_candidates(layer, decision, packed, ctx.packed_weight(gm, layer, decision, dense=True),
+                                       weight, bias, input_shape, triton_blocker_reason)
     module_class = TritonSparseConv1d if layer.op == "conv1d" else TritonSparseConv2d
     module = module_class(packed, bias, tuple(weight.shape), layer.name, decision.sparsity, "", layer.conv)
     x, geometry, _ = module.kernel_input(_sample_input(input_shape, weight.device, weight.dtype))
@@ -141,19 +141,17 @@ def conv_candidates(gm, ctx, layer, decision, input_shape: tuple[int, ...], trit
     return out, m
 
 
-def _direct_conv_candidates(layer, decision, packed, weight, bias, input_shape, triton_blocker_reason) -> tuple[dict, int]:
+def _direct_conv_candidates(layer, decision, packed, dense_packed, weight, bias, input_shape,
+                            triton_blocker_reason) -> tuple[dict, int]:
     """conv_candidates for an unstructured conv (conv1d: dense only, the kernel is a conv2d's): dense cuDNN on the
     pruned weight, and the direct sparse conv kernel as its layer runs it (the layer's module: its per-call
     checks and offsets lookup are what a call costs)."""
     from sparsec.runtime.direct_conv_layer import DirectSparseConv2d
     from sparsec.runtime.layers import SparseConv1d, SparseConv2d
-    from sparsec.runtime.packed import DensePacked
 
     x = _sample_input(input_shape, weight.device, weight.dtype)
-    pattern = parse_pattern(decision.sparsity)
     dense = (SparseConv1d if layer.op == "conv1d" else SparseConv2d)(
-        DensePacked.pack(weight_to_rows(weight, layer.op), packed.mask(), pattern, decision.quant), bias,
-        tuple(weight.shape), layer.name, decision.sparsity, "", layer.conv)
+        dense_packed, bias, tuple(weight.shape), layer.name, decision.sparsity, "", layer.conv)
     out = {"dense": functools.partial(dense, x)}
     if triton_blocker_reason is None:
         direct = DirectSparseConv2d(packed, bias, tuple(weight.shape), layer.name, decision.sparsity, "", layer.conv)
@@ -196,17 +194,15 @@ def cpu_kernel_candidates(gm, ctx, layer, decision):
     from sparsec.passes.backend import cpu_kernel_for
     from sparsec.runtime.cpu_modules import CPU_KERNEL_MODULES
     from sparsec.runtime.layers import SparseLinear
-    from sparsec.runtime.packed import DensePacked, PackedWeight
 
-    weight, bias, rows, mask = _layer_operands(gm, ctx, layer, decision)
-    pattern = parse_pattern(decision.sparsity)
+    weight, bias = _layer_operands(gm, layer)
     name = cpu_kernel_for(decision.sparsity)
     cls = CPU_KERNEL_MODULES[name]
-    module = cls(PackedWeight.pack(rows, mask, pattern, decision.quant), bias, layer.op, layer.weight_shape,
+    module = cls(ctx.packed_weight(gm, layer, decision), bias, layer.op, layer.weight_shape,
                  layer.name, decision.sparsity, "")  # (no launch: the kernel at every row count)
     module.build_now()
     # what backend "dense" makes of the layer (passes/sparsify.py)
-    dense = SparseLinear(DensePacked.pack(rows, mask, pattern, decision.quant), bias, layer.op, layer.weight_shape,
+    dense = SparseLinear(ctx.packed_weight(gm, layer, decision, dense=True), bias, layer.op, layer.weight_shape,
                          layer.name, decision.sparsity, "")
 
     def at(m: int, above_rows: bool = False) -> dict:

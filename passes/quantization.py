@@ -99,7 +99,9 @@ def choose_quantization(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModu
             continue
         if is_levels(wanted):
             kept = kept_values(gm, ctx, meta.layer, decision.sparsity)
-            decision = _levels_decision(name, decision, kept, wanted, meta.layer, opts.plan is not None)
+            decision, table = _levels_decision(name, decision, kept, wanted, meta.layer, opts.plan is not None)
+            if table is not None:
+                ctx.level_tables[name, wanted] = table
             for node in nodes:
                 update_meta(node, decision=decision)
             ctx.counters[f"quant_{decision.quant}" if decision.quant else "quant_refused"] += 1
@@ -140,7 +142,7 @@ def _levels_decision(name: str, decision, kept: torch.Tensor, wanted: str, layer
     """quantize="log2:B" / "codebook:B" (method (d)): every sparse layer takes the levels, with what they cost
     stated, measured on its `kept` weights. A weight beyond the float32 table's range (a float64 layer) stays
     unquantized, or, from a plan, is refused: its levels would saturate, silently wrong. (inf / NaN weights
-    never get here: such a layer is not pruned.)"""
+    never get here: such a layer is not pruned.) Returns the decision and the fitted table (None: none)."""
     absmax = float(kept.abs().max()) if kept.numel() else 0.0
     if absmax > torch.finfo(torch.float32).max:
         problem = f"max |w| = {absmax:.3g} is beyond the range of its float32 table of levels"
@@ -148,12 +150,12 @@ def _levels_decision(name: str, decision, kept: torch.Tensor, wanted: str, layer
             raise InvalidInputError(f"plan layer {name!r}: quant {wanted!r} cannot store this weight: {problem}; set "
                                     f"the entry's quant to None")
         return dataclasses.replace(decision, quant=None, reason=f"{decision.reason}; stays "
-                                   f"{dtype_name(layer.dtype)}: {wanted} cannot store it: {problem}")
+                                   f"{dtype_name(layer.dtype)}: {wanted} cannot store it: {problem}"), None
     codes, table = quantize_levels(kept, parse_levels(wanted))
     error, distinct = _levels_cost(kept, codes, table)
     note = (f"{wanted} levels, one table for the layer ({distinct} distinct nonzero values; relative weight error "
             f"{error:.2%})")
-    return dataclasses.replace(decision, quant=wanted, reason=f"{decision.reason}; {note}")
+    return dataclasses.replace(decision, quant=wanted, reason=f"{decision.reason}; {note}"), table
 
 
 def _levels_cost(values: torch.Tensor, codes: torch.Tensor, table: torch.Tensor) -> tuple[float, int]:

@@ -18,14 +18,12 @@ from sparsec.context import CompileContext
 from sparsec.meta import META_KEY, LayerInfo, SparsecMeta, data_input, get_meta, layer_nodes, runtime_bias, update_meta
 from sparsec.passes.weight_reads import owner_of, reads_by_target
 from sparsec.passes.weight_rewrites import erase_unused_reads, fold_shape_reads, redirect_metadata_reads
-from sparsec.patterns import parse_pattern
-from sparsec.reference import weight_to_rows
-from sparsec.runtime import PackedWeight, SparseConv1d, SparseConv2d, SparseLayer, SparseLinear
+from sparsec.runtime import SparseConv1d, SparseConv2d, SparseLayer, SparseLinear
 from sparsec.runtime.cpu_linear import CpuKernelLinear
 from sparsec.runtime.cpu_modules import CPU_KERNEL_MODULES
 from sparsec.runtime.cusparselt_linear import CusparseltLinear
 from sparsec.runtime.direct_conv_layer import DirectSparseConv2d
-from sparsec.runtime.packed import CSRPacked, DensePacked
+from sparsec.runtime.packed import CSRPacked
 from sparsec.runtime.triton_conv import TritonSparseConv1d, TritonSparseConv2d
 from sparsec.runtime.triton_linear import TritonSparseLinear
 
@@ -47,14 +45,8 @@ CONV_MODULES = {("conv1d", False): SparseConv1d, ("conv2d", False): SparseConv2d
 
 
 def build_runtime_module(gm: fx.GraphModule, ctx: CompileContext, layer: LayerInfo, decision) -> SparseLayer:
-    pattern = parse_pattern(decision.sparsity)
-    weight = gm.get_parameter(layer.weight_path).detach()
-    rows = weight_to_rows(weight, layer.op)
-    mask = ctx.layer_mask(gm, layer, decision.sparsity)
-    if decision.backend == "dense":  # measured faster than any sparse kernel at the compiled shape
-        packed = DensePacked.pack(rows, mask, pattern, decision.quant)
-    else:
-        packed = PackedWeight.pack(rows, mask, pattern, decision.quant)
+    # backend "dense": measured faster than any sparse kernel at the compiled shape
+    packed = ctx.packed_weight(gm, layer, decision, dense=decision.backend == "dense")
     bias = gm.get_parameter(layer.bias_path) if layer.bias_path else None
     if layer.conv is not None:
         conv_class = (DirectSparseConv2d if decision.backend == "triton" and isinstance(packed, CSRPacked)

@@ -14,6 +14,7 @@ from sparsec.options import CompileOptions
 from sparsec.patterns import Pattern, parse_pattern
 from sparsec.plan import Plan
 from sparsec.reference import pattern_mask, weight_to_rows
+from sparsec.runtime.packed import DensePacked, PackedWeight
 
 
 @dataclass
@@ -26,6 +27,9 @@ class CompileContext:
     notes: list[str] = field(default_factory=list)
     counters: collections.Counter = field(default_factory=collections.Counter)
     masks: dict[str, torch.Tensor] = field(default_factory=dict)   # layer name -> [out, K] mask, computed once
+    # (layer name, "log2:B" / "codebook:B") -> the level table the analysis fitted to its kept weights (to
+    # state its cost), which packing reuses: fitting a codebook is most of its time
+    level_tables: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
     kernels: dict[str, str] = field(default_factory=dict)          # generated kernel name -> source
     kernel_manifest: dict[str, dict] = field(default_factory=dict) # kernel name -> layers, shapes, config
     measurements: dict[tuple, tuple] = field(default_factory=dict) # backend auto: shape key -> (backend, note, layer)
@@ -48,6 +52,15 @@ class CompileContext:
             return weight_to_rows(gm.get_submodule(layer.trained_module_path).mask(), layer.op)
         rows = weight_to_rows(gm.get_parameter(layer.weight_path).detach(), layer.op)
         return self.mask_for(layer.name, rows, parse_pattern(sparsity))
+
+    def packed_weight(self, gm, layer, decision, dense: bool = False) -> PackedWeight:
+        """`layer`'s weight pruned as `decision` says, in its pattern's format, or with `dense` as backend
+        "dense" keeps it (DensePacked). Levels reuse the table the analysis fitted (level_tables)."""
+        rows = weight_to_rows(gm.get_parameter(layer.weight_path).detach(), layer.op)
+        mask = self.layer_mask(gm, layer, decision.sparsity)
+        fitted = self.level_tables.get((layer.name, decision.quant))
+        form = DensePacked if dense else PackedWeight
+        return form.pack(rows, mask, parse_pattern(decision.sparsity), decision.quant, fitted)
 
 
 @dataclass(frozen=True)

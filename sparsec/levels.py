@@ -140,23 +140,32 @@ def _empty_result(values: torch.Tensor, levels: Levels) -> tuple[torch.Tensor, t
 # --------------------------------------------------------------------------- log2
 
 
-def _quantize_log2(values: torch.Tensor, levels: Levels) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_log2(values: torch.Tensor, levels: Levels, fitted: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """sign(w) * 2**e, e = round(log2 |w|) clamped to [e_min, e_max]: e_max = round(log2 max|w|) (the
     largest weight is represented to within a factor sqrt(2)), e_min = e_max - L + 1. Weights below
     2**e_min round up to it, never to 0; both ends are also kept inside the storage dtype's range, so
     huge float64 weights saturate at 2**127 and tiny ones at 2**-149 (2**15 / 2**-24 for float16).
     Each weight's code depends on it and e_max alone, so the codes are computed a slice at a time (the
-    whole layer's float64 temporaries were 28x a bfloat16 layer at once)."""
+    whole layer's float64 temporaries were 28x a bfloat16 layer at once). A `fitted` table gives e_min and
+    e_max instead of the values' max |w|."""
     codes, table = _empty_result(values, levels)
     flat = values.detach().reshape(-1)
     size = reference.ROW_CHUNK_WEIGHTS
-    absmax = max((float(part.abs().amax()) for part in flat.split(size) if part.numel()), default=0.0)
-    if absmax == 0:
-        return codes, table
-    lowest, highest = _exponent_range(values.dtype)
     per_sign = levels.per_sign
-    e_max = int(_round_log2(torch.tensor(absmax, dtype=torch.float64)).clamp(lowest, highest))
-    e_min = max(e_max - per_sign + 1, lowest)
+    if fitted is not None:
+        powers = fitted[1:per_sign + 1]
+        powers = powers[powers != 0]
+        if powers.numel() == 0:
+            return codes, table
+        e_min = int(torch.frexp(powers[:1].double())[1]) - 1  # (a power of two 2**e is 0.5 * 2**(e + 1))
+        e_max = e_min + powers.numel() - 1
+    else:
+        absmax = max((float(part.abs().amax()) for part in flat.split(size) if part.numel()), default=0.0)
+        if absmax == 0:
+            return codes, table
+        lowest, highest = _exponent_range(values.dtype)
+        e_max = int(_round_log2(torch.tensor(absmax, dtype=torch.float64)).clamp(lowest, highest))
+        e_min = max(e_max - per_sign + 1, lowest)
     flat_codes = codes.view(-1)
     for start in range(0, flat.numel(), size):
         x = flat[start:start + size].double()
@@ -263,20 +272,27 @@ def _nearest(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return torch.where((centroids[hi] - x).abs() < (x - centroids[lo]).abs(), hi, lo)
 
 
-def _quantize_codebook(values: torch.Tensor, levels: Levels) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_codebook(values: torch.Tensor, levels: Levels, fitted: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """At most 2**B - 1 shared nonzero values. When the nonzero weights have no more distinct values
     than that, the table holds exactly those values (lossless, hence idempotent); otherwise k-means.
     Computed on the CPU whatever the device, so a model gets the same table on every device. The
     fit works on the distinct values and their counts (_value_counts: for 16-bit dtypes without sorting
-    the layer); the codes are assigned a slice at a time."""
+    the layer); the codes are assigned a slice at a time. A `fitted` table's shared values are the
+    centroids: no fit (three quarters of the time on a float32 layer: the counting sort and k-means)."""
     codes, table = _empty_result(values, levels)
     flat = values.detach().reshape(-1).cpu()
-    distinct, counts = _value_counts(flat)
-    if distinct.numel() == 0:
-        return codes, table
-    k = levels.table_size - 1
-    centroids = _representable(distinct if distinct.numel() <= k else _lloyd(distinct, counts, k), values.dtype)
-    del distinct, counts
+    if fitted is not None:
+        centroids = fitted[1:].double().cpu()
+        centroids = centroids[centroids != 0]
+        if centroids.numel() == 0:
+            return codes, table
+    else:
+        distinct, counts = _value_counts(flat)
+        if distinct.numel() == 0:
+            return codes, table
+        k = levels.table_size - 1
+        centroids = _representable(distinct if distinct.numel() <= k else _lloyd(distinct, counts, k), values.dtype)
+        del distinct, counts
     size = reference.ROW_CHUNK_WEIGHTS
     flat_codes = torch.zeros(flat.shape, dtype=torch.uint8)  # 1 + the nearest centroid's index; 0 for a zero
     used = torch.zeros(centroids.numel(), dtype=torch.bool)
@@ -299,14 +315,23 @@ def _quantize_codebook(values: torch.Tensor, levels: Levels) -> tuple[torch.Tens
 # --------------------------------------------------------------------------- public API
 
 
-def quantize_levels(values: torch.Tensor, levels: Levels | str) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_levels(values: torch.Tensor, levels: Levels | str,
+                    fitted: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One layer's values (any shape, any float dtype) -> (codes uint8 [values.shape], table float32
-    [2**B]), one table for the whole tensor. Zeros get code 0; raises InvalidInputError on NaN / inf."""
+    [2**B]), one table for the whole tensor. Zeros get code 0; raises InvalidInputError on NaN / inf.
+
+    `fitted`: the table this function returned for the same nonzero values (in any order, with any zeros
+    beside them): only the codes are computed, the same ones (the compile's analysis fits a layer's table
+    to state its cost; packing the layer then reuses it). A table fitted to other values gives codes for
+    that table, not these values' own levels."""
     levels = parse_levels(levels)
     _check_values(values, levels)
+    if fitted is not None:
+        check_levels(torch.zeros(0, dtype=torch.uint8), fitted)
+        check_table_form(fitted, levels)
     if levels.kind == "log2":
-        return _quantize_log2(values, levels)
-    return _quantize_codebook(values, levels)
+        return _quantize_log2(values, levels, fitted)
+    return _quantize_codebook(values, levels, fitted)
 
 
 def check_levels(codes: torch.Tensor, table: torch.Tensor, values: bool = True) -> None:

@@ -401,3 +401,25 @@ def test_cuda_gives_the_cpu_result(text, dtype):
     codes_cuda, table_cuda = quantize_levels(w.cuda(), text)
     assert codes_cuda.is_cuda and table_cuda.is_cuda
     assert torch.equal(codes_cuda.cpu(), codes) and torch.equal(table_cuda.cpu(), table)
+
+
+@given(weights, st.sampled_from(LEVELS), st.integers(0, 10**6))
+def test_a_fitted_table_gives_the_same_codes(weight, text, seed):
+    """The compile fits a layer's table once, on its kept values in row-major order, and packs the layer's
+    stored values (with or without the pruned zeros, in another order) against that table: the codes must be
+    the ones a fit of the stored values gives."""
+    w = _pruned(*weight)
+    kept = w[w != 0]
+    _, fitted = quantize_levels(kept, text)
+    order = torch.randperm(w.numel(), generator=torch.Generator().manual_seed(seed))
+    stored = w.reshape(-1)[order]
+    codes, table = quantize_levels(stored, text, fitted)
+    expected_codes, expected_table = quantize_levels(stored, text)
+    assert torch.equal(table, expected_table) and torch.equal(codes, expected_codes)
+
+
+def test_a_fitted_table_of_another_form_is_refused():
+    w = _pruned(0, (8, 16), 0.5, torch.float32)
+    _, log2_table = quantize_levels(w, "log2:4")
+    with pytest.raises(InvalidInputError, match="log2:4"):
+        quantize_levels(w, "codebook:4", log2_table)

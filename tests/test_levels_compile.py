@@ -130,3 +130,20 @@ def test_a_codebook_state_dict_is_refused_by_a_log2_layer_of_the_same_bits():
     after = log2.state_dict()  # refused before anything was copied: the model is as it was
     assert all(torch.equal(before[k], after[k]) for k in before)
     log2.load_state_dict(copy.deepcopy(log2).state_dict())  # its own loads
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_a_layers_codebook_is_fitted_once(backend, monkeypatch):
+    """The analysis fits each layer's table to state what it costs; packing the layer, and timing its
+    candidates under auto, reuse it (fitting is most of a codebook's time: seconds on a 4096 x 2048 layer)."""
+    from sparsec import levels
+    fits = []
+    counts = levels._value_counts
+    monkeypatch.setattr(levels, "_value_counts", lambda flat: fits.append(flat.numel()) or counts(flat))
+    model, x = _mlp()
+    cm = sparsec.compile(model, pattern="2:4", example_inputs=(x,), quantize="codebook:4", backend=backend,
+                         include=["0", "2", "4"])
+    sparse = cm.plan.sparse_layers
+    assert len(sparse) == 3 and len(fits) == 3
+    for lp in sparse:
+        assert torch.equal(cm.effective_weight(lp.name), _expected_weight(model, lp.name, "2:4", "codebook:4"))

@@ -99,8 +99,10 @@ class PackedWeight(nn.Module):
         return self
 
     @staticmethod
-    def _quantize(values: torch.Tensor, quant: str | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """(stored values, int8 scales, level table) of a layer's values under `quant`."""
+    def _quantize(values: torch.Tensor, quant: str | None,
+                  fitted: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(stored values, int8 scales, level table) of a layer's values under `quant`; `fitted`: the level table
+        already fitted to these values (quantize_levels)."""
         if quant is None:
             return values, None, None
         if quant == "int8":
@@ -112,7 +114,7 @@ class PackedWeight(nn.Module):
                         torch.ones(values.shape[:-1], dtype=torch.float32, device=values.device), None)
             return (*ref.quantize_int8(values), None)
         if is_levels(quant):  # one table for the whole layer (zeros, if any are stored, are code 0)
-            codes, table = quantize_levels(values.detach(), parse_levels(quant))
+            codes, table = quantize_levels(values.detach(), parse_levels(quant), fitted)
             return codes, None, table
         raise ValueError(f"unknown quantization {quant!r}; supported: {QUANT_FORMS}")
 
@@ -134,13 +136,16 @@ class PackedWeight(nn.Module):
         raise NotImplementedError
 
     @staticmethod
-    def pack(rows: torch.Tensor, mask: torch.Tensor, pattern: Pattern, quant: str | None) -> PackedWeight:
+    def pack(rows: torch.Tensor, mask: torch.Tensor, pattern: Pattern, quant: str | None,
+             fitted: torch.Tensor | None = None) -> PackedWeight:
+        """`rows` pruned by `mask` in the pattern's format. `fitted`: levels `quant`'s table, already fitted
+        to the kept values (by the compile's analysis), so it is not fitted again."""
         if isinstance(pattern, NM):
-            return NMPacked.pack(rows, mask, pattern, quant)
+            return NMPacked.pack(rows, mask, pattern, quant, fitted)
         if isinstance(pattern, FanIn):
-            return FanInPacked.pack(rows, mask, pattern, quant)
+            return FanInPacked.pack(rows, mask, pattern, quant, fitted)
         if isinstance(pattern, Unstructured):
-            return CSRPacked.pack(rows, mask, pattern, quant)
+            return CSRPacked.pack(rows, mask, pattern, quant, fitted)
         raise ValueError(f"cannot pack pattern {pattern}")
 
 
@@ -153,10 +158,10 @@ class NMPacked(PackedWeight):
         self.n, self.m = n, m
 
     @classmethod
-    def pack(cls, rows, mask, pattern: NM, quant) -> NMPacked:
+    def pack(cls, rows, mask, pattern: NM, quant, fitted=None) -> NMPacked:
         cls._check_rows(rows, mask)
         values, meta = ref.nm_compress_masked(rows.detach(), mask, pattern.n, pattern.m)
-        q, scales, table = cls._quantize(values, quant)
+        q, scales, table = cls._quantize(values, quant, fitted)
         packed = cls(q.contiguous(), meta.contiguous(), scales, pattern.n, pattern.m, rows.shape[1], rows.dtype)
         return packed._set_levels(table, quant)
 
@@ -193,7 +198,7 @@ class FanInPacked(PackedWeight):
         self.register_buffer("row_counts", row_counts)
 
     @classmethod
-    def pack(cls, rows, mask, pattern: FanIn, quant) -> FanInPacked:
+    def pack(cls, rows, mask, pattern: FanIn, quant, fitted=None) -> FanInPacked:
         cls._check_rows(rows, mask)
         counts = ref.kept_per_row(mask)
         if bool((counts == counts[0]).all()):
@@ -201,7 +206,7 @@ class FanInPacked(PackedWeight):
             row_counts = None
         else:
             values, indices, row_counts = ref.fanin_compress_ragged(rows.detach(), mask)
-        q, scales, table = cls._quantize(values, quant)
+        q, scales, table = cls._quantize(values, quant, fitted)
         packed = cls(q.contiguous(), indices.contiguous(), scales, rows.shape[1], rows.dtype, row_counts)
         return packed._set_levels(table, quant)
 
@@ -234,7 +239,7 @@ class CSRPacked(PackedWeight):
         self.register_buffer("crow_indices", crow_indices)
 
     @classmethod
-    def pack(cls, rows, mask, pattern, quant) -> CSRPacked:
+    def pack(cls, rows, mask, pattern, quant, fitted=None) -> CSRPacked:
         cls._check_rows(rows, mask)
         if quant == "int8":
             # quantized whole rows, pruned first: a row's scale comes from its kept values, as in the other formats
@@ -244,7 +249,7 @@ class CSRPacked(PackedWeight):
         else:  # float or levels: one table from the kept values alone (the dense rows in float64 took 0.5 GB
             # for a 4096 x 14336 layer; pruned zeros would only have been code 0)
             crow, col, kept = ref.csr_compress(rows.detach(), mask)
-            values, scales, table = cls._quantize(kept, quant)
+            values, scales, table = cls._quantize(kept, quant, fitted)
         packed = cls(values.contiguous(), col.contiguous(), crow, scales, rows.shape[0], rows.shape[1], rows.dtype)
         return packed._set_levels(table, quant)
 
@@ -315,14 +320,14 @@ class DensePacked(PackedWeight):
         super().__setstate__(state)
 
     @classmethod
-    def pack(cls, rows, mask, pattern, quant) -> DensePacked:
+    def pack(cls, rows, mask, pattern, quant, fitted=None) -> DensePacked:
         cls._check_rows(rows, mask)
         # where, not rows * mask: a masked inf or NaN times 0 is NaN, and a masked weight is exactly 0
         pruned = torch.where(mask, rows.detach(), torch.zeros((), dtype=rows.dtype, device=rows.device))
         if quant == "int8":
             pruned = ref.fake_quant_int8(pruned)
         elif quant is not None:  # levels: the table from the kept values (zeros are code 0 and stay 0)
-            codes, table = quantize_levels(pruned, parse_levels(quant))
+            codes, table = quantize_levels(pruned, parse_levels(quant), fitted)
             packed = cls(lookup_levels(codes, table, pruned.dtype).contiguous(), mask, quant)
             packed.table = table  # the form's record (see the class doc); the values are not codes
             return packed
