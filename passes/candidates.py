@@ -44,6 +44,7 @@ from sparsec.passes.einsum_forms import linear_operands
 from sparsec.passes.weight_reads import parameter_read, transposed_input
 from sparsec.runtime.layers import SparseLayer
 from sparsec.runtime.training import TrainableLayer
+from sparsec.state import read_quietly
 from sparsec.symbolic_capture import own_hooks
 
 aten = torch.ops.aten
@@ -281,7 +282,7 @@ def _root_layer_name(layer: LayerInfo, model: nn.Module) -> LayerInfo:
     F.linear(x, self.weight, ...), whose weight path "weight" named it "weight" (no module of the model is
     called that), and the root module, which named_modules() calls "", was listed as a second layer, "not
     called by the model's forward". design.md names a layer by its module path."""
-    if layer.weight_path == "weight" and plain_layer_op(model) == layer.op and model.weight.shape == layer.weight_shape:
+    if layer.weight_path == "weight" and plain_layer_op(model) == layer.op and read_quietly(model, "weight").shape == layer.weight_shape:
         return dataclasses.replace(layer, name="")
     return layer
 
@@ -337,7 +338,7 @@ def _unreached_layers(gm: fx.GraphModule, model: nn.Module, found: set[str],
     for name, module in model.named_modules():
         op = next((op for cls, op in LAYER_MODULES.items() if isinstance(module, cls)), None)  # subclasses too
         if op is not None and name not in found:
-            w = module.weight
+            w = read_quietly(module, "weight")
             why = _inside_leaf(name, leaves) or _why_not_run(name, module, leaves, read_by, refused, tied_to)
             out[name] = UnreachedLayer(op=op, weight_shape=tuple(w.shape), dtype=w.dtype, weight_path=f"{name}.weight",
                                        why=why)

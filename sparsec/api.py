@@ -19,10 +19,10 @@ from sparsec.frontend import capture, check_not_a_wrapper
 from sparsec.graph_module import follow_registration_order, registration_order
 from sparsec.meta import get_meta
 from sparsec.options import DEFAULT_MIN_WEIGHTS, DEFAULT_QUANT_BUDGET, DEFAULT_STE_DECAY, CompileOptions
-from sparsec.passes.weight_reads import attribute
+from sparsec.passes.weight_reads import owner_of
 from sparsec.pipeline import run_pipeline
 from sparsec.plan import Plan
-from sparsec.runtime.layers import SparseLayer
+from sparsec.state import read_quietly
 
 
 def _run(model: nn.Module, example_inputs: Any, options: CompileOptions, example_kwargs: Any = None,
@@ -173,12 +173,6 @@ def _compiled(model: nn.Module, example_inputs: Any, options: CompileOptions, ex
             path = _dense_weight_path(gm, ctx, lp.name)
             if path is not None:
                 dense[lp.name] = (path, lp.op)
-    # what each packed layer holds, its kernel's layout included (built by now): the plan's byte counts
-    # report memory the compiled model really takes, not the stored form alone
-    held = {m.layer_name: m.weight_bytes() for m in gm.modules() if isinstance(m, SparseLayer)}
-    for lp in ctx.plan:
-        if lp.sparsity is not None and lp.name in held:
-            lp.runtime_bytes = held[lp.name]
     cm = CompiledModel(gm, ctx.plan, history, ctx.counters, dense, ctx.trace_method)
     cm.kernels, cm.kernel_manifest = dict(ctx.kernels), dict(ctx.kernel_manifest)
     cm.example_input_spec = _input_spec(ctx.example_inputs)
@@ -224,7 +218,7 @@ def _dense_weight_path(gm, ctx, name: str) -> str | None:
             return layer.weight_path
     try:  # a layer inside a module that is called as a whole keeps its own path
         path = ctx.unreached[name].weight_path
-        attribute(gm, path)  # (a parametrized weight is a computed tensor, not a Parameter)
+        read_quietly(*owner_of(gm, path))  # (a parametrized weight is a computed tensor, not a Parameter)
         return path
     except (KeyError, AttributeError):
         return None

@@ -22,8 +22,9 @@ from sparsec.passes.weight_reads import owner_of
 from sparsec.patterns import Unstructured
 from sparsec.pipeline import PassRecord
 from sparsec.plan import Plan, dtype_name
-from sparsec.runtime.layers import RuntimeLayer
+from sparsec.runtime.layers import RuntimeLayer, held_weight_bytes
 from sparsec.runtime.training import TrainableLayer
+from sparsec.state import read_quietly
 
 
 # nn.Module's global hook registries (mutated in place by torch.nn.modules.module.register_*_hook)
@@ -241,15 +242,7 @@ class CompiledModel(nn.Module):
         self._dense_weights = dense_weights  # layer name -> (attribute path in graph_module, op)
         self.example_input_spec: list | None = None  # shapes / dtypes of the example inputs (see condense)
         self._input_leaves = _container_input_leaves(graph_module)
-        # A trainable sparse layer holds its weight dense plus a bool mask, not the packed form the plan's
-        # stored_bytes counts: without this a train=True model's totals claimed the packed form's savings
-        # (0.64x the dense bytes for an MLP holding 1.19x). Record what it holds, as compile does for packed layers.
-        for module in graph_module.modules():
-            if isinstance(module, TrainableLayer) and module.layer_name in plan.names:
-                lp = plan[module.layer_name]
-                if lp.sparsity is not None:  # (always: a plan copied from a model before shrink held the old size)
-                    held = [t for t in (module.weight, module.weight_mask) if t is not None]
-                    lp.runtime_bytes = sum(t.numel() * t.element_size() for t in held)
+        plan.record_held_bytes(held_weight_bytes(graph_module))  # (a plan copied before shrink held the old sizes)
         self._follow_loaded_masks()
 
     def _follow_loaded_masks(self) -> None:
@@ -430,7 +423,7 @@ class CompiledModel(nn.Module):
                            f"or computed inside the graph); its plan entry: {self.plan[name].reason}")
         path, op = self._dense_weights[name]
         owner, attr = owner_of(self.graph_module, path)
-        weight = getattr(owner, attr)  # (not get_parameter: FSDP1 leaves a plain tensor)
+        weight = read_quietly(owner, attr)  # (not get_parameter: FSDP1 leaves a plain tensor)
         if not parametrize.is_parametrized(owner, attr):  # (a parametrization computes a plain tensor)
             check_whole(weight, self.plan[name].weight_shape, name, what)
         return weight, op

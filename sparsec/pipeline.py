@@ -30,6 +30,7 @@ from sparsec.passes.selection import choose_sparsity
 from sparsec.passes.shape_prop import propagate_shapes
 from sparsec.passes.sparsify import sparsify_layers
 from sparsec.passes.trainable import make_trainable
+from sparsec.runtime.layers import held_weight_bytes
 
 Pass = Callable[[fx.GraphModule, CompileContext], fx.GraphModule]
 
@@ -113,6 +114,8 @@ def run_pipeline(gm: fx.GraphModule, ctx: CompileContext) -> tuple[fx.GraphModul
             print(f"[sparsec] {kind:8s} {name:22s} {1000 * seconds:8.1f} ms", file=sys.stderr)
         if debug >= 3:
             print(history[-1], file=sys.stderr)
+    if ctx.plan is not None:  # (printed below as compile returns it)
+        ctx.plan.record_held_bytes(held_weight_bytes(gm))
     if debug >= 1 and ctx.plan is not None:
         print(ctx.plan, file=sys.stderr)
     if debug >= 4:

@@ -191,6 +191,12 @@ class Plan:
     def names(self) -> list[str]:
         return [layer.name for layer in self.layers]
 
+    def record_held_bytes(self, held: dict[str, int]) -> None:
+        """Each sparse layer's runtime_bytes from `held` (layer name -> bytes its runtime layer holds)."""
+        for lp in self.layers:
+            if lp.sparsity is not None and lp.name in held:
+                lp.runtime_bytes = held[lp.name]
+
     @property
     def sparse_layers(self) -> list[LayerPlan]:
         return [layer for layer in self.layers if layer.sparsity]

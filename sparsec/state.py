@@ -6,6 +6,7 @@ from typing import Iterator
 
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from sparsec.errors import ParameterWriteError
 
@@ -15,7 +16,7 @@ def preserved_state(module: nn.Module) -> Iterator[None]:
     """Restore every buffer and the random streams afterwards: a forward in train mode updates
     BatchNorm running stats and draws dropout masks, and a compile must neither change what the
     model computes nor which random numbers the user's program draws next."""
-    saved = {name: buf.detach().clone() for name, buf in module.named_buffers()}
+    saved = buffer_values(module)
     # Parameters are not copied (that would double a large model for every run); an in-place write to one
     # (`with torch.no_grad(): self.w.mul_(0.5)` in forward) shows in its version counter instead. It changed
     # the weights sparsec then pruned and compiled: outputs were wrong from the first call, silently.
@@ -25,14 +26,24 @@ def preserved_state(module: nn.Module) -> Iterator[None]:
         with torch.random.fork_rng(devices=cuda):
             yield
     finally:
-        for name, buf in module.named_buffers():
-            if name in saved:
-                buf.data.copy_(saved[name])
+        restore_buffers(module, saved)
     written = [name for name, version in _parameter_versions(module).items() if versions.get(name, version) != version]
     if written:
         raise ParameterWriteError(f"the model's forward writes parameters {written} in place; sparsec compiles the "
                                 f"weights as they are, and a forward that changes them on every call cannot be "
                                 f"compiled faithfully. Move that update out of forward (into the training step)")
+
+
+def buffer_values(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every buffer's value now, for restore_buffers."""
+    return {name: buf.detach().clone() for name, buf in module.named_buffers()}
+
+
+def restore_buffers(module: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Put back the values `buffer_values` copied (in place: a graph sharing a buffer sees them too)."""
+    for name, buf in module.named_buffers():
+        if name in saved:
+            buf.data.copy_(saved[name])
 
 
 def _parameter_versions(module: nn.Module) -> dict[str, int]:
@@ -43,3 +54,14 @@ def _parameter_versions(module: nn.Module) -> dict[str, int]:
                     if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None}
     return {name: p._version for name, p in module.named_parameters()
             if name not in renormalised and not p.is_inference()}
+
+
+def read_quietly(owner: nn.Module, attr: str):
+    """getattr(owner, attr) for inspection, with no effect on the model: a parametrized tensor is computed
+    by reading it, and a parametrization may update its own buffers as it does (spectral_norm takes a
+    power-iteration step in training mode), so compiling, or asking a compiled model for a layer's weight,
+    moved the model's spectral norm on. Computed without grad: a value to look at."""
+    if not parametrize.is_parametrized(owner, attr):
+        return getattr(owner, attr)
+    with torch.no_grad(), preserved_state(owner):
+        return getattr(owner, attr)

@@ -60,6 +60,24 @@ def test_debug_output(monkeypatch, capsys, level, shows, hides):
     assert bool(err) == (level != "not-a-number")
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_the_debug_plan_is_the_plan_compile_returns(monkeypatch, capsys, train):
+    """The printed plan's byte totals count what the runtime layers hold (a CPU kernel's layout, a trainable
+    layer's dense weight and mask), as cm.plan's do: it was printed before they were counted."""
+    monkeypatch.setenv("SPARSEC_DEBUG", "1")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 8))
+    x = torch.randn(1, 256)
+    plan = sparsec.explain(model, example_inputs=(x,), include=["2"], train=train)
+    if not train:
+        plan["2"].backend = "bitmask"  # (holds its kernel's layout beside the packed form)
+    capsys.readouterr()
+    cm = sparsec.compile(model, example_inputs=(x,), plan=plan, train=train)
+    err = capsys.readouterr().err
+    assert cm.plan["2"].runtime_bytes is not None and cm.plan["2"].runtime_bytes != cm.plan["2"].stored_bytes()
+    assert str(cm.plan) in err
+
+
 # ---- graphs captured by torch.export, pickled (sparsec.save / load, pickle): fx keeps a graph module's
 # code and traces it again on load, which ran every op reading no graph input once, at load time
 

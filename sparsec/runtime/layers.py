@@ -40,6 +40,17 @@ class RuntimeLayer(nn.Module):
         file, another compile's state dict), before anything is copied; names the layer. CompiledModel runs it
         for every layer before its load copies anything."""
 
+    def weight_bytes(self) -> int:
+        """Bytes this layer holds for its weight now (the plan's runtime_bytes)."""
+        raise NotImplementedError
+
+
+def held_weight_bytes(module: nn.Module) -> dict[str, int]:
+    """Layer name -> what its runtime layer in `module` holds for its weight now (weight_bytes): the plan's
+    totals count the memory the compiled model really takes, a kernel's layout or a trainable layer's dense
+    weight and mask included, not the stored form alone."""
+    return {m.layer_name: m.weight_bytes() for m in module.modules() if isinstance(m, RuntimeLayer)}
+
 
 def explicit_padding(conv: ConvParams, weight_shape: tuple[int, ...]) -> tuple[int, int, int, int]:
     """F.pad amounts (left, right, top, bottom) for a non-"zeros" padding_mode, as nn.Conv2d computes them

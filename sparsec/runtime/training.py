@@ -110,6 +110,11 @@ class TrainableLayer(RuntimeLayer):
 
     # ---- the weight the layer computes with
 
+    def weight_bytes(self) -> int:
+        """The dense weight and its mask: what a trainable layer holds (not the packed form, 0.64x the dense
+        bytes for an MLP holding 1.19x)."""
+        return sum(t.numel() * t.element_size() for t in (self.weight, self.weight_mask) if t is not None)
+
     @torch.no_grad()
     def current_mask(self, whole_weight: torch.Tensor | None = None) -> torch.Tensor | None:
         """The mask the next forward computes with: SR-STE's derived from the weight now, a fixed one as
