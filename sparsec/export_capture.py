@@ -30,6 +30,7 @@ from sparsec.export_mode import fixed_mode_note, follow_mode, in_other_mode
 from sparsec.graph_module import SparsecGraphModule
 from sparsec.runtime.guard import InputGuard, ShapeGuard
 from sparsec.state import preserved_state
+from sparsec.symbolic_capture import PythonAttributes, example_run, lost_attribute_updates
 from sparsec.trace_reads import InlinedFunctions, describe_inlined
 from sparsec.user_code import first_line, user_code_frame, user_frame
 
@@ -43,6 +44,7 @@ def capture_with_export(model: nn.Module, example_inputs: tuple, train: bool, fx
     # a training compile keeps the checkpoint calls export inlines (annotated, then tagged below)
     tags = ExportTags() if train and ExportTags.supported() else contextlib.nullcontext()
     inference = _InferenceModeInside()
+    per_call = _changed_on_every_call(model, example_inputs)
     try:
         with preserved_state(model), export_chatter_held(), functions, reentrant_calls_run_plainly(untrained), tags, \
                 inference:
@@ -78,6 +80,7 @@ def capture_with_export(model: nn.Module, example_inputs: tuple, train: bool, fx
              + (f" at {where}" if where else "") + f"); the graph holds for inputs {guard.describe()}"]
     if train and functions.functions:
         notes.append(describe_inlined(functions.functions))
+    notes += lost_attribute_updates(per_call, "torch.export")
     # torch.export inlines torch.utils.checkpoint calls: kept from ExportTags' annotations, or lost, which
     # is said, as the symbolic_trace path does for the checkpointing it does not keep
     if kept:
@@ -104,6 +107,22 @@ def capture_with_export(model: nn.Module, example_inputs: tuple, train: bool, fx
                                                      "ways than dropout and batch norm"))
     gm.train(model.training)
     return gm, notes
+
+
+def _changed_on_every_call(model: nn.Module, example_inputs: tuple) -> set[str]:
+    """The Python attributes (a counter, a cache) that a run of the forward changes and a second run changes
+    again: state changed on every call, which the exported graph holds at its value while exported (a lazy
+    initialisation, changed on the first call only, is not). torch.export's own run leaves them as they were,
+    so two runs of the model tell; the model's attributes are left as they were."""
+    with PythonAttributes(model).kept():
+        first = PythonAttributes(model)
+        example_run(model, example_inputs)
+        changed = first.changed()
+        if changed:
+            second = PythonAttributes(model)
+            example_run(model, example_inputs)
+            changed &= second.changed()
+    return changed
 
 
 def symbolic_failure_summary(fx_failure: BaseException) -> str:

@@ -23,7 +23,7 @@ from sparsec.export_capture import capture_with_export, symbolic_failure_summary
 from sparsec.fx_tracer import Tracer
 from sparsec.graph_module import SparsecGraphModule
 from sparsec.state import buffer_values, preserved_state, restore_buffers
-from sparsec.symbolic_capture import trace_symbolically
+from sparsec.symbolic_capture import PythonAttributes, trace_symbolically
 from sparsec.user_code import first_line, user_frame
 
 
@@ -44,7 +44,7 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
     # An excluded module is not traced into either: that is the remedy for untraceable submodules.
     # (a compiled graph compiled again is generated code: see Tracer.generated)
     generated = isinstance(model, fx.GraphModule)
-    before_trace = buffer_values(model)
+    before_trace = buffer_values(model), PythonAttributes(model)
     symbolic = trace_symbolically(
         model, example_inputs, lambda: Tracer(leaf_types, leaf_names, _regexes(exclude), generated, train), train)
     if symbolic.gm is not None:
@@ -61,10 +61,12 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
     # traced graph was checked against it already).
     if not symbolic.ran_model:
         _check_example_inputs(model, example_inputs)
-    # fx ran the forward's Python on the model's real buffers: a graph fx traced keeps what that did (a table
-    # filled on the first call, which its graph reads), but torch.export records the forward's updates itself,
-    # and captured a step counter (`self.steps += 1`) one step ahead of the model's
-    restore_buffers(model, before_trace)
+    # fx ran the forward's Python on the model's real buffers and attributes, and the check above ran the model:
+    # a graph fx traced keeps what that did (a table filled on the first call, which its graph reads), but
+    # torch.export records the forward's updates itself, and captured a step counter (`self.steps += 1`, or a
+    # Python `self.calls += 1` it holds as a constant) two steps ahead of the model's
+    restore_buffers(model, before_trace[0])
+    before_trace[1].restore()
     gm, notes = capture_with_export(model, example_inputs, train, symbolic.failure, symbolic.saw_checkpoint)
     return gm, "torch.export", notes
 

@@ -53,8 +53,8 @@ def trace_symbolically(model: nn.Module, example_inputs: tuple | None, new_trace
     # in-place buffer updates of the eager example run (see _lost_buffer_updates)
     eager_updates = TraceTimeReads(model, user_code_frame, parameters=False)
     # Python state the forward changes (`self.calls += 1`, `self.cache = y`): made while tracing and made
-    # again by the eager run, it is made on every call, and the graph does not make it (see _Attributes)
-    before_trace, traced_changes, eager_changes = _Attributes(model), set(), set()
+    # again by the eager run, it is made on every call, and the graph does not make it (see PythonAttributes)
+    before_trace, traced_changes, eager_changes = PythonAttributes(model), set(), set()
     tracers = []  # (each attempt's: whether one traced into a torch.utils.checkpoint call)
     for values in ([{}, concrete] if concrete else [{}]):
         tracer, reads = new_tracer(), TraceTimeReads(model, user_code_frame)
@@ -77,17 +77,17 @@ def trace_symbolically(model: nn.Module, example_inputs: tuple | None, new_trace
             continue
         if example_inputs is not None:
             if eager is None:
-                traced_state = _Attributes(model)
+                traced_state = PythonAttributes(model)
                 with eager_updates:
-                    eager = _example_run(model, example_inputs)
+                    eager = example_run(model, example_inputs)
                 eager_changes = traced_state.changed()
                 if eager_changes & traced_changes:  # on every call, or once (a lazy init): a second call tells
-                    second = _Attributes(model)
-                    _example_run(model, example_inputs)
+                    second = PythonAttributes(model)
+                    example_run(model, example_inputs)
                     eager_changes &= second.changed()
                 traced_state.restore()  # the model as the trace left it (a lazy initialisation kept)
-            with _Attributes(model).kept():  # the graph calls leaf modules, which may change theirs
-                graph_run = _example_run(gm, example_inputs)
+            with PythonAttributes(model).kept():  # the graph calls leaf modules, which may change theirs
+                graph_run = example_run(gm, example_inputs)
         last = values is concrete or not concrete
         # a graph that computes something else than the model on the example inputs is not the model
         # (a random draw or Python state fixed at trace time): torch.export, which records such ops, or
@@ -109,7 +109,7 @@ def trace_symbolically(model: nn.Module, example_inputs: tuple | None, new_trace
     notes = (_lost_buffer_updates(model, eager, graph_run, reads.updates,
                                   eager_updates.updates if example_inputs is not None else None)
              + _root_hooks(model) + _checkpoint_note(tracer)
-             + _lost_attribute_updates(per_call if example_inputs is not None else traced_changes))
+             + lost_attribute_updates(per_call if example_inputs is not None else traced_changes))
     if train and functions.functions:  # inference runs the forward, which the graph computes exactly
         notes.append(describe_inlined(functions.functions))
     inherited = getattr(model, "fixed_training", None)  # a compiled graph compiled again keeps its mode
@@ -129,7 +129,7 @@ def trace_symbolically(model: nn.Module, example_inputs: tuple | None, new_trace
     return SymbolicTrace(gm=gm, notes=notes, ran_model=eager is not None)
 
 
-def _reads_training_mode(model: nn.Module, new_tracer, concrete: dict, graph: fx.Graph, start: _Attributes) -> bool:
+def _reads_training_mode(model: nn.Module, new_tracer, concrete: dict, graph: fx.Graph, start: PythonAttributes) -> bool:
     """Whether the traced graph depends on the model's train / eval mode: traced again in the other
     mode, its code differs (leaf modules such as nn.Dropout and BatchNorm read their own flag when
     called, and need nothing; a functional F.dropout(training=self.training) is fixed in the graph)."""
@@ -137,7 +137,7 @@ def _reads_training_mode(model: nn.Module, new_tracer, concrete: dict, graph: fx
     # constants, and the second trace sets its own under the same names (compared after the state came back,
     # they were the first trace's on both sides, and a mode-dependent constant went unseen)
     first = _code_and_constants(model, graph)
-    with in_other_mode(model), _Attributes(model).kept():
+    with in_other_mode(model), PythonAttributes(model).kept():
         start.restore()  # the Python state the first trace started from: a counter traced again would differ
         try:
             other = new_tracer().trace(model, concrete_args=concrete or None)
@@ -168,7 +168,7 @@ def _same_code(first: tuple[str, list], other: tuple[str, list]) -> bool:
         for a, b in zip(constants, other_constants))
 
 
-def _example_run(module: nn.Module, example_inputs: tuple) -> tuple[list, dict] | None:
+def example_run(module: nn.Module, example_inputs: tuple) -> tuple[list, dict] | None:
     """The module's outputs (flattened) and its buffers after one run on the example inputs, with the
     same random draws every time; its state and the random streams are restored. None if it fails
     (bad inputs are reported with their context by the compile's own run)."""
@@ -186,7 +186,7 @@ def _example_run(module: nn.Module, example_inputs: tuple) -> tuple[list, dict] 
 
 
 def _same_outputs(eager, graph_run) -> bool:
-    """Whether the graph computed what the model did on the example inputs (both `_example_run`s)."""
+    """Whether the graph computed what the model did on the example inputs (both `example_run`s)."""
     if eager is None or graph_run is None:
         return False
     expected, got = eager[0], graph_run[0]
@@ -283,7 +283,7 @@ def _lost_buffer_updates(model: nn.Module, eager, graph_run, traced_updates: dic
     """A note when the model's forward updates buffers in Python code (`self.steps += 1`) that
     symbolic_trace does not record (updates inside leaf modules, like BatchNorm's running stats, are
     kept): the compiled model would never update them. Compares the buffers after the model's and the
-    graph's example runs (`_example_run`) with the model's own; and names a buffer an in-place op
+    graph's example runs (`example_run`) with the model's own; and names a buffer an in-place op
     changed while tracing, outside the graph (trace_reads), where the eager example run makes the same
     update again (so it is made on every call, not once, as a lazy initialisation is): the values can
     agree after one run, `self.ema.mul_(0.9).add_(...)` from a zero ema loses the decay only from the
@@ -311,7 +311,7 @@ def _lost_buffer_updates(model: nn.Module, eager, graph_run, traced_updates: dic
 _MODULE_OWN = frozenset(vars(nn.Module())) | {"_parameters", "_buffers", "_modules", "training"}
 
 
-class _Attributes:
+class PythonAttributes:
     """A snapshot of the plain attributes of every module of a model (not parameters, buffers or
     submodules): Python state a forward may change, which a traced graph does not record."""
 
@@ -371,7 +371,7 @@ def _has_proxy(value) -> bool:
     return any(isinstance(v, fx.Proxy) for v in tree_flatten(value)[0])
 
 
-def _lost_attribute_updates(names: set[str]) -> list[str]:
+def lost_attribute_updates(names: set[str], tracer: str = "torch.fx") -> list[str]:
     """A note for Python state the forward changes on every call, which the graph neither changes nor reads
     anew (it holds the value it had while traced). fx's own tensor constants (`torch.arange(64)` in forward
     sets _tensor_constant0 on the root while tracing) are not the model's state."""
@@ -383,7 +383,7 @@ def _lost_attribute_updates(names: set[str]) -> list[str]:
                                                    f"(leaf_modules={owners!r})" if owners else ""))
     # ("where it reads them": a cache built lazily from the input is computed afresh by the graph, right)
     return [f"the model's forward changes {'attributes' if len(shown) > 1 else 'attribute'} {shown} in Python code "
-            f"on every call (a counter, a cache): the graph torch.fx traced does not make "
+            f"on every call (a counter, a cache): the graph {tracer} traced does not make "
             f"{'those changes' if len(shown) > 1 else 'that change'}, and where it reads "
             f"{'them' if len(shown) > 1 else 'it'} it holds the value{'s they' if len(shown) > 1 else ' it'} had "
             f"while traced. {remedy}"]

@@ -89,3 +89,43 @@ def test_spectral_norm_is_not_stepped_by_compile_or_inspection(export):
     for _ in range(2):  # training mode: both take their power-iteration step on each call
         assert output_error(cm(x), reference(x)) < 1e-5
     assert torch.equal(cm.state_dict()[key], reference.b.parametrizations.weight[0]._u)
+
+
+class _PythonCounter(nn.Module):
+    """`self.calls += 1` in Python, read by the output; the no_grad region is torch.export's to capture.
+    `lazy`: the attribute is set on the first call only (a lazy initialisation), not on every call."""
+
+    def __init__(self, lazy: bool):
+        super().__init__()
+        self.lazy = lazy
+        self.a, self.b, self.c, self.d = (nn.Linear(64, 64) for _ in range(4))
+        self.calls = 0
+
+    def forward(self, x):
+        if not self.lazy or self.calls == 0:
+            self.calls += 1
+        h = self.a(x)
+        with torch.no_grad():
+            h = h + h.mean()
+        return self.d(self.c(self.b(h))) + self.calls
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_python_state_the_forward_changes_is_named_on_the_export_path_and_starts_as_the_models(lazy):
+    """The export graph holds a Python attribute at the value it had while exported: that was the value the
+    failed fx trace and the example checks had counted it up to (3 on the first call, where the model has 1),
+    and no note said that the graph does not count (the fx path's does)."""
+    torch.manual_seed(0)
+    model, x = _PythonCounter(lazy), torch.randn(8, 64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cm = sparsec.compile(model, example_inputs=(x,))
+    assert cm.trace_method == "torch.export" and cm.plan.sparse_layers
+    named = [n for n in [*cm.plan.notes, *(str(w.message) for w in caught)] if "['calls']" in n]
+    assert bool(named) == (not lazy)
+    if named:
+        assert "graph torch.export traced does not make that change" in named[0]
+    reference = _reference(model, cm)
+    assert output_error(cm(x), reference(x)) < 1e-5  # the first call: both add 1
+    if lazy:
+        assert output_error(cm(x), reference(x)) < 1e-5
