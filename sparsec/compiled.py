@@ -254,6 +254,12 @@ class CompiledModel(nn.Module):
         # eval mode only, computes that mode's results whatever the flags say: switching is refused
         # instead of silently ignored
         fixed = getattr(self._modules.get("graph_module"), "fixed_training", None)
+        if other_mode := getattr(self._modules.get("graph_module"), "layers_in_other_mode", None):
+            raise InvalidInputError(
+                f"this compiled model's graph holds layers {other_mode} in the other mode than the model's "
+                f"({'training' if fixed else 'eval'}), as torch.export captured them: cm.{'train' if mode else 'eval'}() "
+                f"would switch them too, as model.{'train' if mode else 'eval'}() does, and the graph cannot. Compile "
+                f"the model with its layers in the modes you run it")
         if fixed is not None and bool(mode) != fixed:
             if not fixed and EVAL_ONLY_NOTE in self.plan.notes:
                 raise InvalidInputError("this model was shrunk with eval_only=True: its folded constants hold for "

@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from sparsec.checkpointing import ExportTags, reentrant_calls_run_plainly, tag_exported
 from sparsec.errors import TraceError
 from sparsec.example_inputs import model_arguments
-from sparsec.export_mode import fixed_mode_note, follow_mode, in_other_mode
+from sparsec.export_mode import fixed_mode_note, follow_mode, in_other_mode, layers_in_other_mode, other_mode_note
 from sparsec.graph_module import SparsecGraphModule
 from sparsec.runtime.guard import InputGuard, ShapeGuard
 from sparsec.state import preserved_state
@@ -100,11 +100,13 @@ def capture_with_export(model: nn.Module, example_inputs: tuple, train: bool, fx
                      f"model still trains nothing inside, where the model would. Pass example inputs with "
                      f"requires_grad=True if it is called so")
     # export writes the mode into the graph (dropout, batch norm): read it instead where the model allows
-    if not follow_mode(gm, _export_in_other_mode(model, example_inputs), model.training):
+    other_mode = layers_in_other_mode(gm, model.training)
+    if other_mode:  # (cm.train() and cm.eval() alike would switch them: both are refused, CompiledModel.train)
+        gm.fixed_training, gm.layers_in_other_mode = model.training, other_mode
+        notes.append(other_mode_note(model.training, other_mode))
+    elif (why_fixed := follow_mode(gm, _export_in_other_mode(model, example_inputs), model.training)) is not None:
         gm.fixed_training = model.training
-        notes.append(fixed_mode_note(model.training, "torch.export traces every layer as it runs in the mode of the "
-                                                     "model it is given, and its forward depends on the mode in other "
-                                                     "ways than dropout and batch norm"))
+        notes.append(fixed_mode_note(model.training, why_fixed))
     gm.train(model.training)
     return gm, notes
 

@@ -53,22 +53,39 @@ def _shape(graph: fx.Graph) -> tuple[list, list[fx.Node]]:
     return rows, moded
 
 
-def follow_mode(gm: fx.GraphModule, other: fx.GraphModule, training: bool) -> bool:
+DIFFERENT_GRAPHS = ("torch.export traces every layer as it runs in the mode of the model it is given, and its "
+                    "forward depends on the mode in other ways than dropout and batch norm")
+
+
+def _owner(node: fx.Node) -> str:
+    """The module path of the layer that ran `node` (torch.export's nn_module_stack), "" for the model's own."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return next(reversed(stack.values()))[0] if stack else ""
+
+
+def layers_in_other_mode(gm: fx.GraphModule, training: bool) -> list[str]:
+    """The layers of `gm` (exported in mode `training`) that ran in the other mode (a dropout kept on in an eval
+    model, a batch norm frozen in a training one). torch.export wrote their mode into the graph as it wrote the
+    model's: model.eval() / model.train() would switch them too, and the graph cannot."""
+    _, moded = _shape(gm.graph)
+    return sorted({_owner(n) or "(the model's own)" for n in moded if n.args[_MODE_ARGUMENT[n.target]] != training})
+
+
+def follow_mode(gm: fx.GraphModule, other: fx.GraphModule, training: bool) -> str | None:
     """Rewrite `gm` (exported in mode `training`) to read its mode, if `other` (the same model exported
-    in the other mode) differs from it only in mode arguments and batch counters. Returns whether it did."""
+    in the other mode) differs from it only in mode arguments and batch counters. Returns None when it did,
+    else why the graph keeps its mode."""
     rows, moded = _shape(gm.graph)
     other_rows, other_moded = _shape(other.graph)
     if rows != other_rows:
-        return False
+        return DIFFERENT_GRAPHS
     train_graph = gm.graph if training else other.graph
     flips = [(n, _MODE_ARGUMENT[n.target]) for n, o in zip(moded, other_moded)
              if n.args[_MODE_ARGUMENT[n.target]] != o.args[_MODE_ARGUMENT[o.target]]]
-    if any(n.args[i] != training for n, i in flips):  # the constant must be the mode itself
-        return False
     counted = [n.args[0].target for n in train_graph.nodes if _counts_batches(n)]
     reads = {n.target: n for n in gm.graph.nodes if n.op == "get_attr"}
     if any(target not in reads for target in counted):
-        return False
+        return DIFFERENT_GRAPHS
     gm.add_submodule(FLAG, ModeFlag())
     first = next(n for n in gm.graph.nodes if n.op != "placeholder")
     with gm.graph.inserting_before(first):
@@ -82,7 +99,7 @@ def follow_mode(gm: fx.GraphModule, other: fx.GraphModule, training: bool) -> bo
             gm.graph.call_function(aten.add_.Tensor, (reads[target], mode))
     gm.graph.lint()
     gm.recompile()
-    return True
+    return None
 
 
 @contextlib.contextmanager
@@ -102,3 +119,11 @@ def fixed_mode_note(training: bool, why: str) -> str:
     return (f"the graph holds for {mode} mode only: {why}; cm.{'eval' if training else 'train'}() is refused "
             f"rather than computing {mode}-mode results (compile the model in {other} mode for {other})")
 
+
+
+def other_mode_note(training: bool, layers: list[str]) -> str:
+    mode, other = ("training", "eval") if training else ("eval", "training")
+    return (f"the graph holds the modes the layers had: the {mode}-mode model's {layers} "
+            f"{'run' if len(layers) > 1 else 'runs'} in {other} mode, which torch.export writes into the graph; "
+            f"cm.train() and cm.eval() are refused, as both would switch {'those layers' if len(layers) > 1 else 'it'} "
+            f"and the graph cannot (compile the model in the modes you run it)")

@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_flatten
 
 from sparsec.errors import TraceError
 from sparsec.example_inputs import fresh_inputs, model_arguments
-from sparsec.export_mode import fixed_mode_note, in_other_mode
+from sparsec.export_mode import fixed_mode_note, in_other_mode, other_mode_note
 from sparsec.fx_tracer import Tracer, modes_kept
 from sparsec.graph_module import SparsecGraphModule
 from sparsec.state import preserved_state
@@ -115,7 +115,11 @@ def trace_symbolically(model: nn.Module, example_inputs: tuple | None, new_trace
     inherited = getattr(model, "fixed_training", None)  # a compiled graph compiled again keeps its mode
     if inherited is not None:
         gm.fixed_training = inherited
-        notes.append(fixed_mode_note(inherited, "the compiled graph it was traced from fixed it"))
+        if other_mode := getattr(model, "layers_in_other_mode", None):
+            gm.layers_in_other_mode = other_mode
+            notes.append(other_mode_note(inherited, other_mode))
+        else:
+            notes.append(fixed_mode_note(inherited, "the compiled graph it was traced from fixed it"))
     elif _reads_training_mode(model, new_tracer, values, graph, before_trace):
         gm.fixed_training = model.training
         notes.append(fixed_mode_note(model.training, "its forward reads self.training (F.dropout(training="

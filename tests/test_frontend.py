@@ -760,6 +760,40 @@ def test_an_exported_graph_that_reads_the_mode_otherwise_stays_fixed():
         cm.train()
 
 
+@pytest.mark.parametrize("case", ["MC dropout", "frozen batch norm"])
+def test_an_exported_graph_with_a_layer_in_the_other_mode_refuses_train_and_eval(case, tmp_path):
+    """A dropout kept on in an eval model (MC dropout), a batch norm frozen in a training one: torch.export
+    writes each layer's mode into the graph, the same in both exports, so reading cm's flag switched the
+    others and left these: cm.eval() / cm.train() then computed what the model in that mode does not
+    (0.27 / 0.29 off). The graph keeps its modes; both switches are refused, naming the layers, also after
+    save / load and a compile of the compiled model."""
+    torch.manual_seed(0)
+    model, x = ExportOnlyBlock(), torch.randn(8, 16)
+    if case == "MC dropout":
+        model.eval()
+        model.drop.train()
+    else:
+        model.train()
+        model.bn.eval()
+    cm = sparsec.compile(model, example_inputs=(x,), min_weights=0, include=["a", "b", "c"])
+    assert cm.trace_method == "torch.export"
+    layer = "drop" if case == "MC dropout" else "bn"
+    assert any(f"['{layer}'] runs in" in note and "cm.train() and cm.eval() are refused" in note
+               for note in cm.plan.notes), cm.plan.notes
+    reference = pruned_model(model, cm.plan)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        got = cm(x)
+        torch.manual_seed(1)
+        assert output_error(got, reference(x)) <= 1e-5
+    sparsec.save(cm, tmp_path / "m.sparsec")
+    again = sparsec.compile(cm, example_inputs=(x,), min_weights=0)
+    for compiled in (cm, sparsec.load(tmp_path / "m.sparsec"), again):
+        for switch in (compiled.train, compiled.eval):
+            with pytest.raises(ValueError, match=rf"holds layers \['{layer}'\] in the other mode"):
+                switch()
+
+
 def test_a_trained_exported_model_compiles_again_for_inference():
     """The compiled graph is traced again (sparsec's input check and layers are leaves): its trained layers
     stay in the plan with their learned masks, and cm.eval() is allowed before it."""
