@@ -114,10 +114,12 @@ class LayerPlan:
 
     def stored_bytes(self) -> int:
         """Bytes of the stored weight: values + metadata/indices + int8 scales; with backend "dense", the
-        pruned weight kept dense plus its mask as bits (and, with levels, the table its values come from)."""
+        pruned weight kept dense plus its mask as bits (and, with levels, the table its values come from; with
+        int8, the scales)."""
         if self.backend == "dense":
-            table = parse_levels(self.quant).table_size * 4 if is_levels(self.quant) else 0
-            return self.dense_bytes() + self.out_features * math.ceil(self.reduction / 8) + table
+            record = (parse_levels(self.quant).table_size * 4 if is_levels(self.quant)
+                      else self.out_features * 4 if self.quant == "int8" else 0)
+            return self.dense_bytes() + self.out_features * math.ceil(self.reduction / 8) + record
         value_bytes = 1 if self.quant is not None else _ITEMSIZE.get(self.dtype or "float32", 4)  # int8 / uint8 codes
         pattern = parse_pattern(self.sparsity) if self.sparsity else None
         total = self.kept * value_bytes

@@ -22,10 +22,10 @@ class MLP(nn.Module):
 X = torch.randn(8, 64, generator=torch.Generator().manual_seed(1))
 
 
-def _compile(pattern: str, backend: str = "torch", **options):
+def _compile(pattern: str, backend: str = "torch", quantize: str | None = None, **options):
     torch.manual_seed(0)
     model = MLP().eval()
-    plan = sparsec.explain(model, pattern=pattern, example_inputs=(X,), include=["fc2"])
+    plan = sparsec.explain(model, pattern=pattern, example_inputs=(X,), include=["fc2"], quantize=quantize)
     for lp in plan:
         if lp.sparsity:
             lp.backend, lp.launch = backend, None
@@ -118,9 +118,38 @@ def test_training_mask_of_another_pattern_is_refused(saved, weight_update):
     _refused(target, source.state_dict(), r"trains 2:4 weights, but this state dict's mask .* keeps \[")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_dense_stored_layer_refuses_another_quantizations_state_dict(dtype):
+    """Backend "dense" keeps an int8 layer's weight dequantized: in the keys an unquantized layer has, each
+    state dict loaded silently into the other, and the plan said int8 of float weights (or the reverse). The
+    int8 layer now keeps its scales, which tell the two apart."""
+    plain = _compile("2:4", "dense").to(dtype)
+    int8 = _compile("2:4", "dense", quantize="int8").to(dtype)
+    assert int8.plan["fc2"].quant == "int8" and "graph_module.fc2.packed.scales" in int8.state_dict()
+    assert int8.state_dict()["graph_module.fc2.packed.scales"].dtype == torch.float32
+    _refused(int8, plain.state_dict(), "dense-stored weight is not int8 values .* holds no int8 scales")
+    _refused(plain, int8.state_dict(), "with int8 scales beside it, but this layer's weight is not quantized")
+    again = _compile("2:4", "dense", quantize="int8").to(dtype)
+    again.load_state_dict(int8.state_dict())
+    assert torch.equal(again.effective_weight("fc2"), int8.effective_weight("fc2"))
+
+
+def test_a_dense_stored_int8_state_dict_saved_without_scales_still_loads():
+    """Saved before the scales were kept: accepted where its values are int8 values, the scales rebuilt."""
+    source, target = _compile("2:4", "dense", quantize="int8"), _compile("2:4", "dense", quantize="int8")
+    state = source.state_dict()
+    scales = state.pop("graph_module.fc2.packed.scales")
+    with torch.no_grad():
+        target.graph_module.fc2.packed.scales.fill_(1.0)
+    assert not target.load_state_dict(state).missing_keys
+    assert torch.equal(target.graph_module.fc2.packed.scales, scales)
+    assert torch.equal(target(X), source(X))
+
+
 def test_own_state_dicts_still_load_exactly():
     for pattern, backend, options in [("2:4", "torch", {}), ("4:8", "bitmask", {}), ("fanin:0.9", "condensed", {}),
-                                      ("2:4", "dense", {}), ("2:4", "torch", dict(train=True))]:
+                                      ("2:4", "dense", {}), ("2:4", "dense", dict(quantize="int8")),
+                                      ("2:4", "torch", dict(train=True))]:
         source, target = _compile(pattern, backend, **options), _compile(pattern, backend, **options)
         with torch.no_grad():
             for p in source.parameters():

@@ -305,6 +305,9 @@ class DensePacked(PackedWeight):
     codebook's), the table's layout does (levels.table_form), so a state dict of the other form is refused
     when loaded. A state dict saved before dense layers kept the table is accepted where its values are what
     this layer's form makes of them (quantizing them again changes nothing); the table is then rebuilt from them.
+    With int8 it keeps the per-row scales its values come from (`scales`, 4 bytes a row) for the same reason:
+    float values, and int8 ones, look alike; a state dict saved before, without them, is accepted where its
+    values are int8 values (fake-quantizing them again changes nothing), and the scales are rebuilt.
     """
 
     def __init__(self, rows: torch.Tensor, mask: torch.Tensor, quant: str | None):
@@ -325,8 +328,11 @@ class DensePacked(PackedWeight):
         # where, not rows * mask: a masked inf or NaN times 0 is NaN, and a masked weight is exactly 0
         pruned = torch.where(mask, rows.detach(), torch.zeros((), dtype=rows.dtype, device=rows.device))
         if quant == "int8":
-            pruned = ref.fake_quant_int8(pruned)
-        elif quant is not None:  # levels: the table from the kept values (zeros are code 0 and stay 0)
+            q, scales = ref.quantize_int8(pruned)
+            packed = cls(ref.dequantize_int8(q, scales, pruned.dtype).contiguous(), mask, quant)
+            packed.scales = scales  # the form's record (see the class doc); the values are dequantized
+            return packed
+        if quant is not None:  # levels: the table from the kept values (zeros are code 0 and stay 0)
             codes, table = quantize_levels(pruned, parse_levels(quant), fitted)
             packed = cls(lookup_levels(codes, table, pruned.dtype).contiguous(), mask, quant)
             packed.table = table  # the form's record (see the class doc); the values are not codes
@@ -352,6 +358,7 @@ class DensePacked(PackedWeight):
             # a masked weight is exactly 0 (cm.mask() and effective_weight() say so): nonzero ones would compute
             raise InvalidInputError(f"this state dict's dense-stored weight at {prefix}values is nonzero where its mask "
                                     f"says pruned: not a pruned weight (a corrupt file, or another model's values)")
+        self._check_int8_form(state_dict.get(prefix + "scales"), values)
         if levels is None:
             if table is not None and values is not None:  # (strict=False copied the values, dropping the table)
                 raise InvalidInputError(
@@ -375,6 +382,21 @@ class DensePacked(PackedWeight):
         else:  # a state dict saved before dense layers kept their table: its values alone tell what they can
             self._legacy_table(values, levels)
 
+    def _check_int8_form(self, scales, values) -> None:
+        """Refuse int8 values for a float or levels layer and float values for an int8 one (see the class doc)."""
+        remedy = ("compile with the saving model's plan (sparsec.compile(model, example_inputs=..., plan=saved.plan)), "
+                  "or save and load the whole model (sparsec.save / sparsec.load)")
+        if self.dense_of_quant != "int8":
+            if isinstance(scales, torch.Tensor):
+                raise InvalidInputError(f"this state dict holds the dense-stored weight with int8 scales beside it, but "
+                                        f"this layer's weight is {self.dense_of_quant or 'not quantized'}: the state dict "
+                                        f"comes from a compile with quantize='int8'; {remedy}")
+        elif scales is None and isinstance(values, torch.Tensor) and values.shape == self.values.shape \
+                and not torch.equal(ref.fake_quant_int8(values), values):
+            raise InvalidInputError(f"this state dict's dense-stored weight is not int8 values (each row a multiple of "
+                                    f"its max |w| / 127) and holds no int8 scales, but this layer's weight is int8: the "
+                                    f"state dict comes from a compile with another quantization; {remedy}")
+
     @staticmethod
     def _legacy_table(values: torch.Tensor, levels) -> torch.Tensor:
         """The table of a weight loaded without one, refusing a weight that is not this form's levels."""
@@ -396,8 +418,16 @@ class DensePacked(PackedWeight):
                               error_msgs):
         legacy = (self.table is not None and prefix + "table" not in state_dict
                   and isinstance(state_dict.get(prefix + "values"), torch.Tensor))
+        legacy_int8 = (self.scales is not None and prefix + "scales" not in state_dict
+                       and isinstance(state_dict.get(prefix + "values"), torch.Tensor)
+                       and state_dict[prefix + "values"].shape == self.values.shape)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        if legacy_int8:  # accepted by check_incoming: the scales of the int8 values now loaded
+            if prefix + "scales" in missing_keys:
+                missing_keys.remove(prefix + "scales")
+            with torch.no_grad():
+                self.scales.copy_(ref.quantize_int8(self.values)[1])
         if legacy and self._levels() is not None and state_dict[prefix + "values"].shape == self.values.shape:
             # accepted by check_incoming: the table is rebuilt from the values now loaded (not a missing key)
             if prefix + "table" in missing_keys:
