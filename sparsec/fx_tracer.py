@@ -20,7 +20,7 @@ from sparsec.export_mode import ModeFlag
 from sparsec.runtime.guard import InputGuard
 from sparsec.runtime.layers import RuntimeLayer
 from sparsec.runtime.train_offset import TrainOffset
-from sparsec.tracing import TRACE_LOCK, RecordOperators, ThreadTracer
+from sparsec.tracing import TRACE_LOCK, RecordOperators, ThreadTracer, higher_order_calls_recorded
 from sparsec.user_code import user_code_frame
 
 class Tracer(ThreadTracer):
@@ -44,7 +44,11 @@ class Tracer(ThreadTracer):
 
     def trace(self, root, concrete_args=None):
         self.modes = grad_and_autocast()
-        with RecordOperators(self) if self.generated else contextlib.nullcontext(), self._no_grad_in_reentrant_checkpoints():
+        with contextlib.ExitStack() as stack:
+            if self.generated:
+                stack.enter_context(RecordOperators(self))
+                stack.enter_context(higher_order_calls_recorded(self, root))
+            stack.enter_context(self._no_grad_in_reentrant_checkpoints())
             return super().trace(root, concrete_args)
 
     @contextlib.contextmanager

@@ -7,10 +7,12 @@ a pickled graph module with the ops it had."""
 from __future__ import annotations
 
 import builtins
+import contextlib
 import threading
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 from torch.fx import _symbolic_trace
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
@@ -114,3 +116,40 @@ class RecordOperators(TorchFunctionMode):
                 isinstance(a, fx.Proxy) for a in tree_leaves((args, kwargs))):
             return self.tracer.create_proxy("call_function", func, args, kwargs)
         return func(*args, **kwargs)
+
+
+class _RecordedHigherOrder:
+    """A higher-order operator that a tracer records when its trace calls it on a graph value, and runs otherwise
+    (another thread's eager call made while the trace runs)."""
+
+    def __init__(self, operator, tracer: ThreadTracer):
+        self.operator, self.tracer = operator, tracer
+
+    def __call__(self, *args, **kwargs):
+        if self.tracer.tracing_here() and any(isinstance(a, fx.Proxy) for a in tree_leaves((args, kwargs))):
+            return self.tracer.create_proxy("call_function", self.operator, args, kwargs)
+        return self.operator(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def higher_order_calls_recorded(tracer: ThreadTracer, root: nn.Module):
+    """While tracing generated code (a compiled graph compiled again): the higher-order operators its graph
+    calls (torch.export's `wrap_with_set_grad_enabled(False, submod, x)` for a no_grad region, autocast's)
+    are recorded as the graph has them, not run. Run, they ran their region under its own grad mode, which
+    the trace refuses: the compile fell back to torch.export, which inlined the packed and trainable layers,
+    and a model trained sparse compiled again for inference came out dense. Generated code looks them up in
+    torch.ops.higher_order on each call, so they are swapped there for the trace (under TRACE_LOCK)."""
+    graph = getattr(root, "graph", None)
+    operators = {node.target for node in (graph.nodes if isinstance(graph, fx.Graph) else ())
+                 if node.op == "call_function" and isinstance(node.target, torch._ops.HigherOrderOperator)}
+    namespace = torch.ops.higher_order
+    swapped = {}
+    try:
+        for operator in operators:
+            if getattr(namespace, operator.__name__, None) is operator:
+                swapped[operator.__name__] = operator
+                setattr(namespace, operator.__name__, _RecordedHigherOrder(operator, tracer))
+        yield
+    finally:
+        for name, operator in swapped.items():
+            setattr(namespace, name, operator)

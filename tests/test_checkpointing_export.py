@@ -121,8 +121,13 @@ def test_a_compiled_model_compiled_again_for_training_keeps_its_checkpointing(re
     (autocast: an export graph's no_grad region leaves grad off where symbolic_trace fails inside it.)"""
     torch.manual_seed(0)
     model, x = Inside("autocast", reentrant), torch.randn(4, 8, requires_grad=True)
-    again = _compile(_compile(model, x, pattern="dense", train=True), x, pattern="dense", train=True)
-    assert any("1 torch.utils.checkpoint call(s), captured by torch.export" in note for note in again.plan.notes)
+    first = _compile(model, x, pattern="dense", train=True)
+    assert any("1 torch.utils.checkpoint call(s), captured by torch.export" in note for note in first.plan.notes)
+    # (compiled again, its code is traced: the export graph's autocast region is recorded as it is)
+    again = _compile(first, x, pattern="dense", train=True)
+    assert again.trace_method == "symbolic_trace"
+    assert any("checkpointed code under torch.utils.checkpoint: the compiled model does too" in note
+               for note in again.plan.notes), again.plan.notes
     assert again.graph_module.code.count("torch.utils.checkpoint.checkpoint(") == 1
     assert ("use_reentrant = True" in again.graph_module.code) == reentrant
     assert _products_in_backward(again, x) == _products_in_backward(model, x) > 0

@@ -815,6 +815,52 @@ def test_a_trained_exported_model_compiles_again_for_inference():
         assert output_error(inference(x), cm(x)) <= 1e-5
 
 
+class RegionBlock(nn.Module):
+    """A torch.no_grad() / torch.autocast region in forward, which torch.export captures as a higher-order op
+    (wrap_with_set_grad_enabled / wrap_with_autocast) calling a submodule."""
+
+    def __init__(self, region: str):
+        super().__init__()
+        self.region = region
+        self.a, self.b, self.c, self.d = nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.region == "no_grad":
+            with torch.no_grad():
+                h = h + h.mean()
+        else:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                h = (h * 2).float()
+        return self.d(self.c(torch.relu(self.b(h))))
+
+
+@pytest.mark.parametrize("region", ["no_grad", "autocast"])
+@pytest.mark.parametrize("train", [False, True])
+def test_an_exported_graph_with_a_grad_or_autocast_region_compiles_again_keeping_its_sparse_layers(region, train):
+    """Compiled again, the graph's own code is traced: the region's higher-order op ran its body under its own
+    grad mode, which the trace refuses, so the compile fell back to torch.export, which inlined the packed and
+    trainable layers: a model trained sparse came out of its inference compile dense, its learned masks gone."""
+    torch.manual_seed(0)
+    model, x = RegionBlock(region), torch.randn(8, 16)
+    cm = sparsec.compile(model, example_inputs=(x,), min_weights=0, include=["b", "c"], train=train)
+    assert cm.trace_method == "torch.export"
+    if train:
+        opt = torch.optim.SGD(cm.parameters(), lr=0.1)
+        for _ in range(2):
+            opt.zero_grad()
+            cm(x).square().mean().backward()
+            opt.step()
+        cm.eval()
+    again = sparsec.compile(cm, example_inputs=(x,), min_weights=0)
+    assert again.trace_method == "symbolic_trace"
+    for name in ("b", "c"):
+        assert again.plan[name].sparsity == "2:4"
+        assert torch.equal(again.mask(name), cm.mask(name))
+    with torch.no_grad():
+        assert output_error(again(x), cm(x)) <= 1e-5
+
+
 @pytest.mark.parametrize("train", [False, True])
 def test_a_batchnorm_frozen_in_eval_inside_a_training_model_stays_frozen(train):
     """Fine-tuning with frozen BatchNorm (model.train(); bn.eval()): the compiled model keeps each
