@@ -371,6 +371,13 @@ class CompiledModel(nn.Module):
             _check_container_inputs(expected, args, kwargs)
         if isinstance(self, FSDPModule) and not self.__dict__.get("_ranks_agree"):
             self._check_ranks_agree()
+        fixed = getattr(gm, "fixed_arguments", None)
+        if fixed is not None:
+            cached = self.__dict__.get("_graph_parameters")  # (the graph's forward's, while it is that forward)
+            if cached is None or cached[0] is not type(gm).forward:
+                cached = self.__dict__["_graph_parameters"] = (type(gm).forward,
+                                                               tuple(inspect.signature(gm.forward).parameters))
+            args, kwargs = fixed.graph_call(cached[1], args, kwargs)
         try:
             if _hooked(gm):
                 return gm(*args, **kwargs)

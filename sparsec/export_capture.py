@@ -26,6 +26,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from sparsec.checkpointing import ExportTags, reentrant_calls_run_plainly, tag_exported
 from sparsec.errors import TraceError
 from sparsec.example_inputs import model_arguments
+from sparsec.fixed_arguments import fixed_arguments
 from sparsec.export_mode import fixed_mode_note, follow_mode, in_other_mode, layers_in_other_mode, other_mode_note
 from sparsec.graph_module import SparsecGraphModule
 from sparsec.runtime.guard import InputGuard, ShapeGuard
@@ -74,6 +75,7 @@ def capture_with_export(model: nn.Module, example_inputs: tuple, train: bool, fx
     module.graph._tracer_cls = None
     kept = tag_exported(module, tags.regions) if isinstance(tags, ExportTags) else 0
     gm = SparsecGraphModule(module, module.graph, type(model).__name__)
+    gm.fixed_arguments = fixed_arguments(model.forward, *model_arguments(model, tuple(example_inputs)))
     guard = _guard_inputs(gm, exported.range_constraints)
     where = user_frame(fx_failure)
     notes = [f"traced with torch.export (symbolic_trace failed: {first_line(fx_failure)}"

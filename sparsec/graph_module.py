@@ -54,9 +54,10 @@ def annotate_code(code: str, notes: dict[str, str]) -> str:
 
 
 # What frontend.capture found of the traced forward, kept with the graph wherever it goes (a copy,
-# save / load, a second compile): the train / eval mode the graph fixed, the parameters it holds
-# constants computed from, and the order the model registers its modules and tensors in.
-CAPTURE_FACTS = ("fixed_training", "layers_in_other_mode", "trace_time_reads", "registration_order")
+# save / load, a second compile): the train / eval mode the graph fixed (and the layers it holds in the
+# other mode), the arguments a torch.export graph fixed, the parameters it holds constants computed from,
+# and the order the model registers its modules and tensors in.
+CAPTURE_FACTS = ("fixed_training", "layers_in_other_mode", "fixed_arguments", "trace_time_reads", "registration_order")
 
 
 def registration_order(model: nn.Module) -> list[str]:

@@ -112,6 +112,8 @@ def trace_symbolically(model: nn.Module, example_inputs: tuple | None, new_trace
              + lost_attribute_updates(per_call if example_inputs is not None else traced_changes))
     if train and functions.functions:  # inference runs the forward, which the graph computes exactly
         notes.append(describe_inlined(functions.functions))
+    if getattr(model, "fixed_arguments", None) is not None:  # a compiled export graph's (see fixed_arguments.py)
+        gm.fixed_arguments = model.fixed_arguments
     inherited = getattr(model, "fixed_training", None)  # a compiled graph compiled again keeps its mode
     if inherited is not None:
         gm.fixed_training = inherited

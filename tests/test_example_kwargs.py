@@ -106,3 +106,48 @@ class StarKwargs(StarArgs):
 def test_arguments_the_forward_cannot_take_are_refused_naming_the_remedy(model, args, kwargs, error, match):
     with pytest.raises(error, match=match):
         sparsec.compile(model, "2:4", args, example_kwargs=kwargs)
+
+
+class OptionalArguments(nn.Module):
+    """forward(x, mask=None, flag=False), as models with an attention mask and a return-type switch have;
+    `export`: a branch on a size makes sparsec capture with torch.export."""
+
+    def __init__(self, export: bool):
+        super().__init__()
+        self.export = export
+        self.a, self.b, self.c = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 32)
+
+    def forward(self, x, mask=None, flag=False):
+        h = self.a(x)
+        if self.export and x.size(0) > 2:
+            h = h * 2
+        if mask is not None:
+            h = h * mask
+        if flag:
+            h = -h
+        return self.c(torch.relu(self.b(torch.relu(h))))
+
+
+@pytest.mark.parametrize("export", [False, True], ids=["symbolic_trace", "torch.export"])
+@pytest.mark.parametrize("given", [{}, {"mask": None, "flag": False}], ids=["defaults", "example_kwargs"])
+def test_arguments_fixed_at_the_examples_values_may_be_passed_again_or_left_out(export, given, tmp_path):
+    """torch.export's graph took the example's arguments alone: cm(x, mask=None) was refused where the example
+    left mask at its default, cm(x) where it passed it, though the model computes the same (the fx path took
+    both). Another value is refused, naming the argument, on both paths."""
+    torch.manual_seed(0)
+    model, x = OptionalArguments(export), torch.randn(8, 64)
+    cm = sparsec.compile(model, example_inputs=(x,), example_kwargs=given or None)
+    assert cm.trace_method == ("torch.export" if export else "symbolic_trace")
+    assert cm.plan.sparse_layers
+    reference = pruned_model(model, cm.plan)
+    expected = reference(x)
+    sparsec.save(cm, tmp_path / "m.sparsec")
+    loaded = sparsec.load(tmp_path / "m.sparsec")
+    for compiled in (cm, loaded):
+        for args, kwargs in [((x,), {}), ((x,), {"mask": None}), ((x,), {"flag": False}), ((x, None, False), {}),
+                             ((x,), {"flag": False, "mask": None})]:
+            assert output_error(compiled(*args, **kwargs), expected) <= 1e-5, (args[1:], kwargs)
+        with pytest.raises(ValueError, match="flag"):
+            compiled(x, flag=True)
+        with pytest.raises(ValueError, match="mask"):
+            compiled(x, mask=torch.ones(64))
