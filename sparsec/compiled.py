@@ -299,6 +299,8 @@ class CompiledModel(nn.Module):
                                             f"unable to run: {problem}. Compile the converted model instead "
                                             f"(sparsec.compile(model.to(...), ...))")
 
+        self._refuse_dtypes_the_graph_fixed(fn)
+
         def keeping_non_float_dtypes(t: torch.Tensor) -> torch.Tensor:
             # Module.type(torch.float64) casts every tensor: masks (bool), 2:4 metadata (int16), int8 weights
             # and fan-in indices would become float (cm.mask() a float tensor, metadata unreadable). As .to(dtype)
@@ -308,6 +310,28 @@ class CompiledModel(nn.Module):
             return out if t.is_floating_point() or out.dtype == t.dtype else t.to(out.device)
 
         return super()._apply(keeping_non_float_dtypes, recurse)
+
+    def _refuse_dtypes_the_graph_fixed(self, fn) -> None:
+        """torch.export writes the example's dtypes into its graph (`x.to(x.dtype)` as a float32 constant, checks
+        of each autocast region's input dtype): converted to another float dtype, such a graph failed with "Tensor
+        dtype mismatch! Expected: Float, Got: double" or computed in the old dtype. Refused before converting."""
+        gm = self._modules.get("graph_module")
+        floats = [p.dtype for p in self.parameters() if p.is_floating_point()]
+        if gm is None or not floats or fn(torch.empty(0, dtype=floats[0])).dtype == floats[0]:
+            return
+        before, after = floats[0], fn(torch.empty(0, dtype=floats[0])).dtype
+        fixing = [node for module in gm.modules() if isinstance(module, fx.GraphModule) for node in module.graph.nodes
+                  if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)  # (export's ops)
+                  and before in tree_leaves((node.args, node.kwargs))]
+        if fixing:
+            node = fixing[0]
+            where = (node.meta.get("stack_trace") or "").strip().splitlines()
+            raise InvalidInputError(
+                f"this compiled model's graph holds the dtype {dtype_name(before)} as a constant ({node.target} in "
+                f"{node.name}{': ' + where[-1].strip() if where else ''}; {len(fixing)} such op(s)), as torch.export "
+                f"writes the example's dtypes into it: converted to {dtype_name(after)} it would fail or compute in "
+                f"{dtype_name(before)}. Convert the model first, then compile it "
+                f"(sparsec.compile(model.to({after}), example inputs in {dtype_name(after)}))")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The checks run here, not in load_state_dict: a compiled model inside a larger one is loaded through

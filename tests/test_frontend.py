@@ -861,6 +861,23 @@ def test_an_exported_graph_with_a_grad_or_autocast_region_compiles_again_keeping
         assert output_error(again(x), cm(x)) <= 1e-5
 
 
+def test_converting_an_exported_graph_that_holds_its_dtype_is_refused():
+    """torch.export writes the example's dtypes into its graph (`g.to(h.dtype)` as float32, autocast checks):
+    cm.double() was accepted, and the call then failed with "Tensor dtype mismatch! Expected: BFloat16, Got:
+    double". Refused before converting, naming the op; an exported graph without such constants converts."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 16)
+    cm = sparsec.compile(RegionBlock("autocast"), example_inputs=(x,), min_weights=0, include=["b", "c"])
+    assert cm.trace_method == "torch.export"
+    with pytest.raises(ValueError, match=r"holds the dtype float32 as a constant \(aten\."):
+        cm.double()
+    assert all(p.dtype == torch.float32 for p in cm.parameters())
+    model = ExportOnlyBlock().eval()
+    cm = sparsec.compile(model, example_inputs=(x,), min_weights=0, include=["a", "b", "c"]).double()
+    with torch.no_grad():
+        assert output_error(cm(x.double()), pruned_model(model, cm.plan).double()(x.double())) <= 1e-12
+
+
 @pytest.mark.parametrize("train", [False, True])
 def test_a_batchnorm_frozen_in_eval_inside_a_training_model_stays_frozen(train):
     """Fine-tuning with frozen BatchNorm (model.train(); bn.eval()): the compiled model keeps each
