@@ -33,7 +33,7 @@ from sparsec.runtime.guard import InputGuard, ShapeGuard
 from sparsec.state import preserved_state
 from sparsec.symbolic_capture import PythonAttributes, example_run, lost_attribute_updates
 from sparsec.trace_reads import InlinedFunctions, describe_inlined
-from sparsec.user_code import first_line, user_code_frame, user_frame
+from sparsec.user_code import first_line, user_code_frame, user_frame, user_frame_summary
 
 
 def capture_with_export(model: nn.Module, example_inputs: tuple, train: bool, fx_failure: BaseException,
@@ -63,11 +63,10 @@ def capture_with_export(model: nn.Module, example_inputs: tuple, train: bool, fx
             + ("\n    (the graph torch.export traced before it failed: this error's __cause__.partial_fx_graph)"
                if hasattr(export_error, "partial_fx_graph") else "")
             + _unknown_type_remedy(export_error)
-            + "\nWhat to do: where the failing line is in a submodule, mark it as a leaf (leaf_modules=[ModuleClass] "
-              "or ['module.name']) or exclude it (exclude=['module.name']) so it is not traced into (the model's own "
-              "forward cannot be); make the control flow there independent of tensor values, or write a branch on a "
-              "tensor's value as torch.cond(pred, true_fn, false_fn, operands), which torch.export captures (layers "
-              "inside its branches stay dense); or check the example inputs.") from export_error
+            + "\nWhat to do (either capture succeeding is enough): " + _fx_remedy(model, fx_failure)
+            + "; for torch.export, make the control flow at its line independent of tensor values, or write a branch "
+              "on a tensor's value as torch.cond(pred, true_fn, false_fn, operands), which torch.export captures "
+              "(layers inside its branches stay dense); or check the example inputs.") from export_error
     if inference.where is not None:
         raise TraceError(_inference_mode_inside(inference.where))
     # torch.export's tracer class needs constructor arguments, which a pickled GraphModule cannot
@@ -111,6 +110,26 @@ def capture_with_export(model: nn.Module, example_inputs: tuple, train: bool, fx
         notes.append(fixed_mode_note(model.training, why_fixed))
     gm.train(model.training)
     return gm, notes
+
+
+def _fx_remedy(model: nn.Module, fx_failure: BaseException) -> str:
+    """What lets symbolic_trace through where it failed. leaf_modules / exclude make it call a submodule whole
+    (torch.export has no such option): they help where the failing line is in a submodule's code, not in the
+    model's own forward, which the error advised them for all the same."""
+    frame = user_frame_summary(fx_failure)
+    code = getattr(type(model).forward, "__code__", None)
+    if frame is not None and code is not None and frame.filename == code.co_filename and frame.name == code.co_name:
+        try:
+            lines, first = inspect.getsourcelines(type(model).forward)
+        except (OSError, TypeError):
+            lines, first = [], 0
+        if first <= (frame.lineno or 0) < first + len(lines):
+            return ("for symbolic_trace, the failing line is in the model's own forward, which leaf_modules / "
+                    "exclude cannot skip (they have a submodule called whole): make that line traceable, or move "
+                    "it into a submodule and name that in leaf_modules=[...]")
+    return ("for symbolic_trace, mark the submodule whose code failed as a leaf (leaf_modules=[ModuleClass] or "
+            "['module.name']) or exclude it (exclude=['module.name']): it is then called whole, not traced into "
+            "(these options apply to symbolic_trace only)")
 
 
 def _changed_on_every_call(model: nn.Module, example_inputs: tuple) -> set[str]:

@@ -22,12 +22,22 @@ def user_frame(exc: BaseException) -> str | None:
     return user_code_frame(traceback.extract_tb(exc.__traceback__))
 
 
+def user_frame_summary(exc: BaseException) -> traceback.FrameSummary | None:
+    """The innermost frame of the traceback that is the user's code."""
+    return _innermost_user_frame(traceback.extract_tb(exc.__traceback__))
+
+
 def user_code_frame(frames: traceback.StackSummary) -> str | None:
     """The innermost of `frames` that is the user's code (not torch's, not sparsec's), as 'file:line in func: code'."""
+    frame = _innermost_user_frame(frames)
+    return None if frame is None else f"{frame.filename}:{frame.lineno} in {frame.name}: {(frame.line or '').strip()}"
+
+
+def _innermost_user_frame(frames: traceback.StackSummary) -> traceback.FrameSummary | None:
     for frame in reversed(frames):
         path = os.path.abspath(frame.filename)
         if not (path.startswith(_TORCH_DIR) or path.startswith(_SPARSEC_DIRS) or "<" in frame.filename):
-            return f"{frame.filename}:{frame.lineno} in {frame.name}: {(frame.line or '').strip()}"
+            return frame
     return None
 
 

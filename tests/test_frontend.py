@@ -90,7 +90,16 @@ def test_both_tracers_failing_names_the_calls_and_the_user_line(capfd):
     assert "leaf_modules" in text and "exclude" in text
     # the branch is in the model's own forward, which no leaf_modules / exclude can take out: the remedy that
     # applies there, and that torch.export captures, is torch.cond
-    assert "the model's own forward cannot be" in text and "torch.cond(pred, true_fn, false_fn, operands)" in text
+    assert "the failing line is in the model's own forward, which leaf_modules / exclude cannot skip" in text
+    assert "torch.cond(pred, true_fn, false_fn, operands)" in text
+    assert "mark the submodule whose code failed as a leaf" not in text  # (offered where it cannot help)
+
+
+def test_both_tracers_failing_in_a_submodule_offer_leaf_modules():
+    model = nn.Sequential(nn.Linear(64, 64), DataDependent())
+    with pytest.raises(TraceError) as err:
+        sparsec.compile(model, example_inputs=(torch.randn(2, 64),))
+    assert "mark the submodule whose code failed as a leaf (leaf_modules=" in str(err.value)
 
 
 def test_export_output_is_given_back_less_a_failure_dump(capfd):
