@@ -144,30 +144,45 @@ def _levels_decision(name: str, decision, kept: torch.Tensor, wanted: str, layer
     unquantized, or, from a plan, is refused: its levels would saturate, silently wrong. (inf / NaN weights
     never get here: such a layer is not pruned.) Returns the decision and the fitted table (None: none)."""
     absmax = float(kept.abs().max()) if kept.numel() else 0.0
-    if absmax > torch.finfo(torch.float32).max:
-        problem = f"max |w| = {absmax:.3g} is beyond the range of its float32 table of levels"
+    tiny, huge = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
+    if absmax > huge or 0 < absmax < tiny:
+        # (below float32's normal range the levels are float32 subnormals, then one value: a float64 layer at
+        # 1e-300 had every weight stored as +-2**-149, codebook's of both signs as one, 1e255 times too large)
+        problem = (f"max |w| = {absmax:.3g} is {'beyond' if absmax > huge else 'below'} the range of its float32 "
+                   f"table of levels")
         if from_plan:
             raise InvalidInputError(f"plan layer {name!r}: quant {wanted!r} cannot store this weight: {problem}; set "
                                     f"the entry's quant to None")
         return dataclasses.replace(decision, quant=None, reason=f"{decision.reason}; stays "
                                    f"{dtype_name(layer.dtype)}: {wanted} cannot store it: {problem}"), None
     codes, table = quantize_levels(kept, parse_levels(wanted))
-    error, distinct = _levels_cost(kept, codes, table)
+    error, per_weight, distinct = _levels_cost(kept, codes, table)
     note = (f"{wanted} levels, one table for the layer ({distinct} distinct nonzero values; relative weight error "
-            f"{error:.2%})")
+            f"{error:.2%}, {per_weight:.2%} of its magnitude per weight on average)")
     return dataclasses.replace(decision, quant=wanted, reason=f"{decision.reason}; {note}"), table
 
 
-def _levels_cost(values: torch.Tensor, codes: torch.Tensor, table: torch.Tensor) -> tuple[float, int]:
-    """(relative weight error, distinct nonzero values) of the levels `codes` / `table` give `values`,
-    summed a slice at a time (the dequantized layer's float64 copies were many times its size)."""
-    squared_error = squared_norm = 0.0
+def _levels_cost(values: torch.Tensor, codes: torch.Tensor, table: torch.Tensor) -> tuple[float, float, int]:
+    """(relative weight error ||q - w|| / ||w||, mean of |q - w| / |w| over the nonzero weights, distinct nonzero
+    values) of the levels `codes` / `table` give `values`, summed a slice at a time (the dequantized layer's
+    float64 copies were many times its size). The mean per weight shows what the norm hides: a codebook
+    whose few values went to a layer's outliers stored the outliers exactly and the rest collapsed (0.29% by
+    the norm, 28% per weight). Computed on w / max|w|: squares of a float64 layer's 1e-300 underflowed to 0."""
+    squared_error = squared_norm = per_weight = 0.0
+    nonzero = 0
     used = torch.zeros(table.numel(), dtype=torch.bool, device=table.device)
     size = reference.ROW_CHUNK_WEIGHTS
+    scale = float(values.abs().max()) if values.numel() else 0.0
+    scale = scale if scale > 0 else 1.0
     for part, part_codes in zip(values.reshape(-1).split(size), codes.reshape(-1).split(size)):
-        exact = part.double()
-        squared_error += float((lookup_levels(part_codes, table, values.dtype).double() - exact).square().sum())
+        exact = part.double() / scale
+        approx = lookup_levels(part_codes, table, values.dtype).double() / scale
+        squared_error += float((approx - exact).square().sum())
         squared_norm += float(exact.square().sum())
+        kept = exact != 0
+        per_weight += float(((approx - exact)[kept] / exact[kept]).abs().sum())
+        nonzero += int(kept.sum())
         used |= torch.bincount(part_codes[part != 0].long(), minlength=table.numel()) > 0
     error = math.sqrt(squared_error) / math.sqrt(squared_norm) if squared_norm > 0 else math.sqrt(squared_error)
-    return error, int(table[used].to(values.dtype).unique().numel())
+    per_weight = per_weight / nonzero if nonzero else 0.0
+    return error, per_weight, int(table[used].to(values.dtype).unique().numel())

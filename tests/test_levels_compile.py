@@ -104,17 +104,27 @@ def test_bad_levels_are_refused_with_the_accepted_forms():
         sparsec.compile(model, pattern="2:4", example_inputs=(x,), quantize="log2:4", train=True)
 
 
-def test_a_weight_the_levels_cannot_hold_stays_unquantized_or_is_refused_from_a_plan():
-    """A float64 weight beyond float32's range: its float32 table would saturate it, silently wrong."""
+@pytest.mark.parametrize("quant", ["codebook:4", "log2:4"])
+@pytest.mark.parametrize("scale, words", [(None, "max |w| = 1e+300 is beyond"), (1e-300, "is below the range")])
+def test_a_weight_the_levels_cannot_hold_stays_unquantized_or_is_refused_from_a_plan(quant, scale, words):
+    """A float64 weight beyond float32's range, or a whole layer below its normal range: its float32 table would
+    saturate it, silently wrong (a layer at 1e-300 was stored as +-2**-149, the codebook's of both signs as
+    one value, and the plan said "relative weight error 0.00%")."""
     model, x = _mlp()
     model, x = model.double(), x.double()
     with torch.no_grad():
-        model[2].weight[0, 0] = 1e300
-    cm = sparsec.compile(model, pattern="unstructured:0.9", example_inputs=(x,), quantize="codebook:4", backend="torch")
-    assert cm.plan["2"].quant is None and "codebook:4 cannot store it: max |w| = 1e+300" in cm.plan["2"].reason
+        if scale is None:
+            model[2].weight[0, 0] = 1e300
+        else:
+            model[2].weight.mul_(scale)
+    cm = sparsec.compile(model, pattern="unstructured:0.9", example_inputs=(x,), quantize=quant, backend="torch")
+    assert cm.plan["2"].quant is None and f"{quant} cannot store it: max |w| = " in cm.plan["2"].reason
+    assert words in cm.plan["2"].reason
+    assert torch.equal(cm.effective_weight("2"), pruned_weight(model[2].weight.detach(), "linear", "unstructured:0.9",
+                                                               None))
     plan = sparsec.explain(model, pattern="unstructured:0.9", example_inputs=(x,), backend="torch")
-    plan["2"].quant = "codebook:4"
-    with pytest.raises(ValueError, match="plan layer '2': quant 'codebook:4' cannot store this weight"):
+    plan["2"].quant = quant
+    with pytest.raises(ValueError, match=f"plan layer '2': quant '{quant}' cannot store this weight"):
         sparsec.compile(model, example_inputs=(x,), plan=plan)
 
 
@@ -147,3 +157,20 @@ def test_a_layers_codebook_is_fitted_once(backend, monkeypatch):
     assert len(sparse) == 3 and len(fits) == 3
     for lp in sparse:
         assert torch.equal(cm.effective_weight(lp.name), _expected_weight(model, lp.name, "2:4", "codebook:4"))
+
+
+def test_the_per_weight_error_shows_a_codebook_collapsed_by_outliers():
+    """One outlier input column (50 against weights below 0.09): the codebook's values go to the outliers and the
+    rest share two, 28% off each, while the norm's error, dominated by the exactly kept outliers, read 0.29%. The
+    plan's mean error per weight is computed here from the weights and the effective weight."""
+    import re
+    model, x = _mlp()
+    with torch.no_grad():
+        model[2].weight.mul_(0.05)
+        model[2].weight[:, 0] = 50.0
+    cm = sparsec.compile(model, pattern="2:4", example_inputs=(x,), quantize="codebook:4", backend="torch")
+    stated = float(re.search(r"([\d.]+)% of its magnitude per weight on average", cm.plan["2"].reason).group(1)) / 100
+    pruned = pruned_weight(model[2].weight.detach(), "linear", "2:4", None).double()
+    kept = pruned != 0
+    actual = float(((cm.effective_weight("2").double() - pruned)[kept] / pruned[kept]).abs().mean())
+    assert actual > 0.1 and stated == pytest.approx(actual, rel=1e-3, abs=1e-4)
