@@ -151,7 +151,7 @@ def _check_runtime_options(train: bool, quantize: object, backend: object, timin
     if timing != "eager" and backend != "auto":
         raise InvalidInputError(f"timing={timing!r} says how backend='auto' measures; backend={backend!r} measures "
                                 f"nothing (drop timing, or use backend='auto')")
-    if quantize not in QUANTIZE_CHOICES and not is_levels(quantize):
+    if quantize not in QUANTIZE_CHOICES and not (isinstance(quantize, str) and is_levels(quantize)):
         raise InvalidInputError(f"quantize={quantize!r} is not supported; accepted: None, 'int8', 'auto' (int8 "
                                 f"where it stays within quant_budget), or method (d)'s non-linear levels "
                                 f"'log2:B' / 'codebook:B' with 2 <= B <= 8 (e.g. 'codebook:4')")

@@ -37,8 +37,9 @@ def dtype_name(dtype) -> str:
 
 
 def valid_quant(quant: object) -> bool:
-    """Whether a plan entry's quant is one sparsec stores (QUANT_FORMS)."""
-    return quant in QUANT_CHOICES or is_levels(quant)
+    """Whether a plan entry's quant is one sparsec stores (QUANT_FORMS), as the plan writes it (a str: a Levels
+    object passed here, then failed inside a pass with "expected str instance, Levels found")."""
+    return quant is None or isinstance(quant, str) and (quant in QUANT_CHOICES or is_levels(quant))
 
 
 @dataclass

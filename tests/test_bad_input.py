@@ -491,6 +491,20 @@ def test_a_plan_with_quant_budget_is_refused():
     assert sparsec.compile(model, example_inputs=(x,), plan=plan, min_weights=0).plan.names == plan.names
 
 
+def test_a_levels_object_for_quant_is_refused_naming_the_written_forms():
+    """A Levels object (sparsec.levels.parse_levels' result) where the plan and quantize= take its text: it passed
+    the checks and failed inside a pass ("sequence item 1: expected str instance, Levels found")."""
+    from sparsec.levels import parse_levels
+
+    model, (x,) = load_example("mlp").build_model()
+    with pytest.raises(ValueError, match=r"quantize=Levels\(kind='log2', bits=4\) is not supported; accepted: None"):
+        sparsec.compile(model, example_inputs=(x,), quantize=parse_levels("log2:4"))
+    plan = sparsec.explain(model, example_inputs=(x,))
+    plan.sparse_layers[0].quant = parse_levels("log2:4")
+    with pytest.raises(ValueError, match=r"quant Levels\(kind='log2', bits=4\) is not one of None, \"int8\""):
+        sparsec.compile(model, example_inputs=(x,), plan=plan)
+
+
 def test_shrink_takes_numpy_thresholds_and_refuses_non_bool_flags():
     import numpy as np
 
