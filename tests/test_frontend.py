@@ -803,17 +803,21 @@ def test_an_exported_graph_with_a_layer_in_the_other_mode_refuses_train_and_eval
                 switch()
 
 
+def _train_two_steps(cm, x) -> None:
+    opt = torch.optim.SGD(cm.parameters(), lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        cm(x).square().mean().backward()
+        opt.step()
+
+
 def test_a_trained_exported_model_compiles_again_for_inference():
     """The compiled graph is traced again (sparsec's input check and layers are leaves): its trained layers
     stay in the plan with their learned masks, and cm.eval() is allowed before it."""
     torch.manual_seed(0)
     model, x = ExportOnlyBlock().train(), torch.randn(8, 16)
     cm = sparsec.compile(model, example_inputs=(x,), min_weights=0, include=["a", "b", "c"], train=True)
-    opt = torch.optim.SGD(cm.parameters(), lr=0.1)
-    for _ in range(2):
-        opt.zero_grad()
-        cm(x).square().mean().backward()
-        opt.step()
+    _train_two_steps(cm, x)
     cm.eval()
     inference = sparsec.compile(cm, example_inputs=(x,), min_weights=0)
     assert not inference.training
@@ -855,11 +859,7 @@ def test_an_exported_graph_with_a_grad_or_autocast_region_compiles_again_keeping
     cm = sparsec.compile(model, example_inputs=(x,), min_weights=0, include=["b", "c"], train=train)
     assert cm.trace_method == "torch.export"
     if train:
-        opt = torch.optim.SGD(cm.parameters(), lr=0.1)
-        for _ in range(2):
-            opt.zero_grad()
-            cm(x).square().mean().backward()
-            opt.step()
+        _train_two_steps(cm, x)
         cm.eval()
     again = sparsec.compile(cm, example_inputs=(x,), min_weights=0)
     assert again.trace_method == "symbolic_trace"
