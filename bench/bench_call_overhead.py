@@ -32,6 +32,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
+# Without CUDA the kernel is compiled for the interpreter (its launch is stubbed below). Set before anything
+# imports triton, which reads it then: results_io imports sparsec, and set in main() it came too late
+# ("Cannot call @triton.jit'd outside of the scope of a kernel").
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
 from results_io import arg_parser, parse_args, positive_int, write_results  # noqa: E402
 
 
@@ -102,8 +108,6 @@ def main() -> int:
     parser.add_argument("--calls", type=positive_int, default=2000, help="calls per timed block")
     args = parse_args(parser)
     cuda = torch.cuda.is_available()
-    if not cuda:
-        os.environ["TRITON_INTERPRET"] = "1"  # compiles the kernel for the interpreter; its launch is stubbed below
     import sparsec
     from sparsec.codegen import launch
     from sparsec.runtime.triton_linear import TritonSparseLinear
