@@ -117,9 +117,27 @@ def _version(package: str) -> str | None:
 
 
 def run_info() -> dict:
-    """What every results file records besides its device and date: versions and the host CPU."""
+    """What every results file records besides its device and date: versions, the sparsec commit (the package
+    version names no code state) and the host CPU, under "host_cpu" (a script's own "cpu" part, its CPU results,
+    had overwritten it)."""
     return {"torch": torch.__version__, "triton": _version("triton"), "python": platform.python_version(),
-            "cpu": cpu_model(), "cpu_count": os.cpu_count()}
+            "sparsec_commit": sparsec_commit(), "host_cpu": cpu_model(), "cpu_count": os.cpu_count(),
+            "threads": torch.get_num_threads()}
+
+
+def sparsec_commit() -> str | None:
+    """The checkout's commit, "+changes" when its files differ from it; None outside a git checkout."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
 def load_oracle():

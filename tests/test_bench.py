@@ -179,8 +179,8 @@ def test_results_are_written_whole_and_rewritten_in_place(tmp_path, monkeypatch,
     written = json.loads(open(second).read())
     assert written["rows"] == [1, 2]
     # what every results file records about the run: device, date, versions, host CPU
-    assert {"device", "date", "torch", "triton", "python", "cpu", "cpu_count"} <= set(written)
-    assert written["device"] == "Some GPU" and written["torch"] == torch.__version__ and written["cpu"]
+    assert {"device", "date", "torch", "triton", "python", "host_cpu", "cpu_count", "sparsec_commit", "threads"} <= set(written)
+    assert written["device"] == "Some GPU" and written["torch"] == torch.__version__ and written["host_cpu"]
     assert capsys.readouterr().out == f"wrote {second}\n"  # only the announced write prints
 
 
@@ -283,7 +283,7 @@ def test_cpu24_bench_checks_and_times_every_method(tmp_path):
         ceiling = data["gemm_ceiling_gflops"]["bfloat16" if r["weights"] == "bf16" else "float32"]
         assert r["of_gemm_ceiling"]["dense"] == pytest.approx(r["gflops"]["dense"] / ceiling)
         assert r["x_dense"]["bitmask"] == pytest.approx(r["us"]["dense"] / r["us"]["bitmask"])
-    assert {"other_processes_cpu_s", "wall_s", "disturbed"} <= set(data) and data["python"] and data["cpu"]
+    assert {"other_processes_cpu_s", "wall_s", "disturbed"} <= set(data) and data["python"] and data["host_cpu"]
 
 
 def test_count_options_refuse_zero_and_non_integers():
@@ -444,7 +444,8 @@ def test_unstructured_bench_runs_small_and_records_its_gpu_cases(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     (path,) = tmp_path.glob("unstructured-cpu*.json")
     data = json.loads(path.read_text())
-    assert {"device", "date", "torch", "cpu", "complete", "cpu"} <= set(data)
+    assert {"device", "date", "torch", "host_cpu", "sparsec_commit", "threads", "complete", "cpu"} <= set(data)
+    assert data["host_cpu"] != data["cpu"]  # (its CPU part had overwritten the host model)
     cpu = data["cpu"]
     assert cpu["read_ceiling_gbs"] > 0 and cpu["gemm_ceiling_gflops"]["float32"] > 0
     assert {"other_processes_cpu_s", "wall_s", "disturbed"} <= set(cpu)
