@@ -101,7 +101,7 @@ def capture_with_export(model: nn.Module, example_inputs: tuple, train: bool, fx
                      f"model still trains nothing inside, where the model would. Pass example inputs with "
                      f"requires_grad=True if it is called so")
     # export writes the mode into the graph (dropout, batch norm): read it instead where the model allows
-    other_mode = layers_in_other_mode(gm, model.training)
+    other_mode = layers_in_other_mode(gm, model)
     if other_mode:  # (cm.train() and cm.eval() alike would switch them: both are refused, CompiledModel.train)
         gm.fixed_training, gm.layers_in_other_mode = model.training, other_mode
         notes.append(other_mode_note(model.training, other_mode))

@@ -63,12 +63,23 @@ def _owner(node: fx.Node) -> str:
     return next(reversed(stack.values()))[0] if stack else ""
 
 
-def layers_in_other_mode(gm: fx.GraphModule, training: bool) -> list[str]:
-    """The layers of `gm` (exported in mode `training`) that ran in the other mode (a dropout kept on in an eval
-    model, a batch norm frozen in a training one). torch.export wrote their mode into the graph as it wrote the
-    model's: model.eval() / model.train() would switch them too, and the graph cannot."""
+def layers_in_other_mode(gm: fx.GraphModule, model: nn.Module) -> list[str]:
+    """The layers of `model` in the other train / eval mode than the model (a dropout kept on in an eval model, a
+    batch norm frozen in a training one) whose ops in `gm` (exported from it) take a mode: torch.export wrote their
+    mode into the graph as it wrote the model's, alike in both exports, and model.eval() / model.train() would
+    switch them too, which the graph cannot. Told by the module's own flag, not the op's constant: a batch norm
+    without running statistics, or F.dropout(training=True), takes the same constant in both modes and is right."""
     _, moded = _shape(gm.graph)
-    return sorted({_owner(n) or "(the model's own)" for n in moded if n.args[_MODE_ARGUMENT[n.target]] != training})
+    found = set()
+    for node in moded:
+        owner = _owner(node)
+        try:
+            module = model.get_submodule(owner) if owner else None
+        except AttributeError:
+            continue
+        if module is not None and module.training != model.training:
+            found.add(owner)
+    return sorted(found)
 
 
 def follow_mode(gm: fx.GraphModule, other: fx.GraphModule, training: bool) -> str | None:

@@ -803,6 +803,38 @@ def test_an_exported_graph_with_a_layer_in_the_other_mode_refuses_train_and_eval
                 switch()
 
 
+class ModeFreeNorm(nn.Module):
+    """A batch norm without running statistics (batch statistics in both modes) and F.dropout(training=True):
+    their ops take a constant that is not the model's mode, and compute the same in both modes."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 4)
+        self.norm = nn.BatchNorm1d(64, track_running_stats=False)
+
+    def forward(self, x):
+        if x.shape[0] > 1:
+            x = x * 1.0
+        h = F.dropout(self.norm(self.a(x)), 0.0, training=True)
+        return self.c(self.b(h))
+
+
+@pytest.mark.parametrize("start", ["train", "eval"])
+def test_an_exported_op_whose_constant_is_not_the_mode_does_not_fix_the_graph(start):
+    """Only a layer whose own flag differs from the model's fixes the graph's modes: the first version of that
+    check read the op's constant, and refused cm.eval() on this eval model (a no-op)."""
+    torch.manual_seed(0)
+    model, x = ModeFreeNorm().train(start == "train"), torch.randn(8, 16)
+    cm = sparsec.compile(model, example_inputs=(x,), min_weights=0, include=["a", "b", "c"])
+    assert cm.trace_method == "torch.export"
+    assert not any("other mode" in note for note in cm.plan.notes), cm.plan.notes
+    reference = pruned_model(model, cm.plan)
+    for switch in ("eval", "train"):
+        getattr(cm, switch)(), getattr(reference, switch)()
+        with torch.no_grad():
+            assert output_error(cm(x), reference(x)) <= 1e-5
+
+
 def _train_two_steps(cm, x) -> None:
     opt = torch.optim.SGD(cm.parameters(), lr=0.1)
     for _ in range(2):
