@@ -17,18 +17,19 @@ from sparsec.errors import InvalidInputError
 
 @dataclass(frozen=True)
 class FixedArguments:
-    order: tuple[str, ...]   # the model's forward parameters that have names, in order
+    order: tuple[str, ...]   # the model's forward parameters that may be passed by position, in order
     values: dict             # name -> the example's None / bool value, or the default it left in place
+    keyword_only: tuple[str, ...] = ()  # the parameters passed by name only
 
     def graph_call(self, takes: tuple[str, ...], args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """(args, kwargs) for the graph (taking parameters `takes`) of a call of the model: a fixed argument
         passed with the example's value is passed on where the graph takes it and dropped where it does not;
         one not passed gets the example's value; one passed with another value is refused. A call that does
         not fit the model's parameters goes to the graph as it is (its own error says how)."""
-        if len(args) > len(self.order):
+        if len(args) > len(self.order):  # (more than the model takes by position: its own TypeError)
             return args, kwargs
         call = dict(zip(self.order, args))
-        if any(name in call for name in kwargs):
+        if any(name in call or name not in self.order + self.keyword_only for name in kwargs):
             return args, kwargs
         call.update(kwargs)
         for name, value in self.values.items():
@@ -45,7 +46,16 @@ class FixedArguments:
 
 
 def _same_value(given, fixed) -> bool:
-    return given is fixed if fixed is None else type(given) is bool and given == fixed
+    if fixed is None or isinstance(fixed, bool):
+        return given is fixed if fixed is None else type(given) is bool and given == fixed
+    numbers = (int, float)
+    same_kind = type(given) is type(fixed) or (isinstance(given, numbers) and isinstance(fixed, numbers)
+                                               and not isinstance(given, bool))
+    return same_kind and given == fixed
+
+
+# defaults a call may pass again, compared by value (a tensor's default could not be)
+_PLAIN = (type(None), bool, int, float, str)
 
 
 def _describe(value) -> str:
@@ -63,8 +73,11 @@ def fixed_arguments(forward, args: tuple, kwargs: dict) -> FixedArguments | None
     params = signature.parameters.values()
     if any(p.kind is p.VAR_POSITIONAL for p in params):
         return None
+    given = set(bound.arguments)
     bound.apply_defaults()
-    order = tuple(p.name for p in params if p.kind is not p.VAR_KEYWORD)
-    values = {name: value for name, value in bound.arguments.items()
-              if name in order and (value is None or isinstance(value, bool))}
-    return FixedArguments(order, values) if values else None
+    order = tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+    keyword_only = tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY)
+    # the example's None / bool values, and the defaults it left in place (export takes neither as an input)
+    values = {name: value for name, value in bound.arguments.items() if name in order + keyword_only
+              and (value is None or isinstance(value, bool) or (name not in given and isinstance(value, _PLAIN)))}
+    return FixedArguments(order, values, keyword_only) if values else None

@@ -151,3 +151,33 @@ def test_arguments_fixed_at_the_examples_values_may_be_passed_again_or_left_out(
             compiled(x, flag=True)
         with pytest.raises(ValueError, match="mask"):
             compiled(x, mask=torch.ones(64))
+
+
+class DefaultedScale(nn.Module):
+    """forward(x, scale=2.0, *, mask=None): a float default, and a keyword-only one; export-captured."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 32)
+
+    def forward(self, x, scale=2.0, *, mask=None):
+        h = self.a(x)
+        if x.size(0) > 2:
+            h = h * scale
+        if mask is not None:
+            h = h * mask
+        return self.c(torch.relu(self.b(torch.relu(h))))
+
+
+def test_an_exported_graph_takes_any_plain_default_again_and_keyword_only_ones_by_name_only():
+    torch.manual_seed(0)
+    model, x = DefaultedScale(), torch.randn(8, 64)
+    cm = sparsec.compile(model, example_inputs=(x,))
+    assert cm.trace_method == "torch.export"
+    expected = pruned_model(model, cm.plan)(x)
+    for args, kwargs in [((x,), {"scale": 2.0}), ((x, 2.0), {}), ((x, 2), {}), ((x,), {"mask": None})]:
+        assert output_error(cm(*args, **kwargs), expected) <= 1e-5
+    with pytest.raises(ValueError, match="argument 'scale' is 3.0 in this call"):
+        cm(x, 3.0)
+    with pytest.raises(TypeError):  # (mask is keyword-only: the model refuses it by position too)
+        cm(x, 2.0, None)
