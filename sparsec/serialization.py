@@ -100,6 +100,7 @@ def _pickled(compiled) -> memoryview:
 def load(path: str | os.PathLike, map_location=None):
     from sparsec.compiled import CompiledModel
     from sparsec.plan import Plan
+    from sparsec.runtime.layers import held_weight_bytes
 
     name = os.fsdecode(path)  # (os.fspath kept a bytes path, and every message named it as "b'...'")
     _check_map_location(map_location)  # (torch.load's error on a bad one was reported as a damaged file)
@@ -126,6 +127,9 @@ def load(path: str | os.PathLike, map_location=None):
     if stored_plan.to_json() != model.plan.to_json():
         raise CorruptFileError(f"{name}: the stored plan and the model's plan disagree")
     _regenerate_kernels(model)  # (unpickling restored its graph module: CompiledModel.__setstate__)
+    # what the layers hold as loaded (checked against the header first): a layer of an older file may hold more
+    # than it was saved with (an int8 dense layer's scales, rebuilt)
+    model.plan.record_held_bytes(held_weight_bytes(model.graph_module))
     return model
 
 

@@ -167,3 +167,18 @@ def test_a_state_dict_of_the_other_stored_form_is_refused_naming_both(pattern, p
     kept_dense = "the pruned weight kept dense"
     _refused(compressed, dense.state_dict(), f"stored here as {packed} .* in this state dict as {kept_dense}")
     _refused(dense, compressed.state_dict(), f"stored here as {kept_dense} .* in this state dict as {packed}")
+
+
+def test_a_dense_int8_model_saved_without_scales_loads_with_them(tmp_path):
+    """A file saved before dense int8 layers kept their scales: loaded, its layer rebuilds them, so it takes a
+    current state dict (torch raised "Unexpected key(s) ... packed.scales") and holds what its plan counts."""
+    old = _compile("2:4", "dense", quantize="int8")
+    packed = old.graph_module.fc2.packed
+    scales = packed.scales.clone()
+    packed.scales = None  # (as such a file holds the layer)
+    sparsec.save(old, tmp_path / "old.sparsec")
+    loaded = sparsec.load(tmp_path / "old.sparsec")
+    assert torch.equal(loaded.graph_module.fc2.packed.scales, scales)
+    assert loaded.plan["fc2"].runtime_bytes == loaded.plan["fc2"].stored_bytes()
+    loaded.load_state_dict(_compile("2:4", "dense", quantize="int8").state_dict())
+    assert torch.equal(loaded(X), old(X))

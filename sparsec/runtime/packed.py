@@ -321,6 +321,10 @@ class DensePacked(PackedWeight):
         if "stored_mask" in buffers:
             buffers["mask_bits"] = pack_mask_bits(buffers.pop("stored_mask"))
         super().__setstate__(state)
+        # files saved before an int8 layer kept its scales: rebuilt from its values (int8 values give them back),
+        # so it takes a state dict holding them, and its bytes are what its plan counts
+        if self.__dict__.get("dense_of_quant") == "int8" and self.scales is None:
+            self.scales = ref.quantize_int8(self.values)[1]
 
     @classmethod
     def pack(cls, rows, mask, pattern, quant, fitted=None) -> DensePacked:
