@@ -533,6 +533,9 @@ def test_original_is_unchanged_and_result_is_a_new_compiled_model():
     same_outputs(small, cm, x)
     # the grouped conv's channels are pinned, with the reason
     assert any("grouped conv" in why for why in small.shrink_report["stage2.0.0"].kept)
+    # the model's inputs are unchanged: condense() and example_inputs_like() take the compile's
+    assert small.example_input_spec == cm.example_input_spec is not None
+    assert [t.shape for t in small.example_inputs_like()] == [x.shape]
 
 
 def test_a_shrunk_model_compiles_for_inference():

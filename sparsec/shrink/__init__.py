@@ -177,6 +177,9 @@ def shrink(cm: CompiledModel, threshold: float = 0.0, *, ragged_fanin: bool = Fa
     counters["shrink_channels_removed"] += report.channels_before - report.channels_after
     out = CompiledModel(gm, plan, history, counters, dict(cm._dense_weights), cm.trace_method)
     out.kernels, out.kernel_manifest = dict(cm.kernels), dict(cm.kernel_manifest)
+    # the model's inputs are unchanged (shrink removes channels inside it): condense() without example inputs
+    # said "this model was compiled without example inputs"
+    out.example_input_spec = cm.example_input_spec
     out.training = cm.training  # only the top-level flag: submodules keep their own (BN eval vs train)
     if eval_only:
         out.eval()
