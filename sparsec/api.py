@@ -177,6 +177,7 @@ def _compiled(model: nn.Module, example_inputs: Any, options: CompileOptions, ex
     cm.kernels, cm.kernel_manifest = dict(ctx.kernels), dict(ctx.kernel_manifest)
     cm.example_input_spec = _input_spec(ctx.example_inputs)
     _warn_if_nothing_sparse(ctx.plan, options)
+    _warn_if_quantize_unused(ctx.plan, options)
     return cm
 
 
@@ -193,6 +194,23 @@ def _warn_if_nothing_sparse(plan: Plan, options: CompileOptions) -> None:
                   f"model is as dense as the original ({'; '.join(why[:3])}{more}). print(cm.plan) gives "
                   f"every layer's reason; include= forces layers the size or position policy kept dense",
                   stacklevel=5)  # (the caller of sparsec.compile)
+
+
+def _warn_if_quantize_unused(plan: Plan, options: CompileOptions) -> None:
+    """quantize="int8" / levels that no layer took: the layers packed by an earlier compile (a compiled model
+    compiled again) run as they are, and dense layers are not quantized. That was silent. ("auto" states per
+    layer why it stayed float.)"""
+    if options.quantize in (None, "auto") or options.plan is not None or not plan.layers:
+        return
+    if any(lp.quant is not None for lp in plan.layers):
+        return
+    packed = [lp.name for lp in plan.layers if lp.sparsity is not None and "packed by an earlier compile" in lp.reason]
+    if len(packed) < len(plan.sparse_layers):
+        return  # (a layer made sparse now that stayed float says why in its reason: a weight int8 cannot store)
+    why = (f"layers {packed} were packed by an earlier compile and run as they are (compile the original model to "
+           f"quantize them)" if packed else "quantization applies to the layers made sparse, and none was")
+    warnings.warn(f"sparsec.compile: quantize={options.quantize!r} was applied to no layer: {why}. print(cm.plan) "
+                  f"gives every layer's reason", stacklevel=5)  # (the caller of sparsec.compile)
 
 
 def _input_spec(inputs: tuple | None) -> list | None:

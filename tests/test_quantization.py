@@ -3,6 +3,7 @@ per output channel (a row of the [out, K] view; `x @ W`: a column of W), symmetr
 max|row| / 127, round to nearest, clamp to [-127, 127], zeros stay zero."""
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -187,3 +188,21 @@ def test_auto_reason_states_the_budget_it_was_held_to(budget, stated):
     assert f"budget {stated} / 5%" in lp.reason, lp.reason
     error = float(re.search(r"relative weight error ([\d.]+)%", lp.reason).group(1)) / 100
     assert (lp.quant == "int8") == (error <= budget)  # the stated budget is the one applied
+
+
+@pytest.mark.parametrize("quant", ["int8", "codebook:4"])
+def test_quantize_that_no_layer_takes_is_warned_about(quant):
+    """A compiled model compiled again runs its packed layers as they are, and pattern 'dense' makes no layer
+    sparse: quantize= changed nothing there, silently."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+    x = torch.randn(4, 64)
+    cm = sparsec.compile(model, example_inputs=(x,), backend="torch")
+    with pytest.warns(UserWarning, match=rf"quantize='{quant}' was applied to no layer: layers \['2'\] were packed"):
+        again = sparsec.compile(cm, example_inputs=(x,), quantize=quant)
+    assert all(lp.quant is None for lp in again.plan)
+    with pytest.warns(UserWarning, match="applied to no layer: quantization applies to the layers made sparse"):
+        sparsec.compile(model, pattern="dense", example_inputs=(x,), quantize=quant)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sparsec.compile(model, example_inputs=(x,), quantize=quant).plan["2"].quant == quant
