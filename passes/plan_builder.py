@@ -106,6 +106,8 @@ def build_plan(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     # (the mode is said where gradients are pruned or may be, by an edit of a plan made with grad_pattern: a
     # plan whose every layer kept its gradient dense ran an edit of it in compile's default mode, not its own)
     said = opts.train and (grad_pattern is not None or any(lp.grad_sparsity for lp in layers))
+    ste = opts.train and opts.weight_update == "ste"
     ctx.plan = Plan(layers=layers, pattern=pattern, notes=list(ctx.notes), grad_mode=opts.grad_mode if said else None,
-                    grad_pattern=grad_pattern)
+                    grad_pattern=grad_pattern, weight_update="ste" if ste else None,
+                    ste_decay=opts.ste_decay if ste else None)
     return gm

@@ -18,7 +18,7 @@ from sparsec.example_inputs import normalize_example_inputs
 from sparsec.frontend import capture, check_not_a_wrapper
 from sparsec.graph_module import follow_registration_order, registration_order
 from sparsec.meta import get_meta
-from sparsec.options import DEFAULT_MIN_WEIGHTS, DEFAULT_QUANT_BUDGET, DEFAULT_STE_DECAY, CompileOptions
+from sparsec.options import DEFAULT_MIN_WEIGHTS, DEFAULT_QUANT_BUDGET, CompileOptions
 from sparsec.passes.weight_reads import owner_of
 from sparsec.pipeline import run_pipeline
 from sparsec.plan import Plan
@@ -93,8 +93,8 @@ def compile(model: nn.Module, pattern: str | None = None, example_inputs: Any = 
             include: Sequence[str] | None = None, exclude: Sequence[str] | None = None, plan: Plan | None = None,
             min_weights: int = DEFAULT_MIN_WEIGHTS, quant_budget: float = DEFAULT_QUANT_BUDGET,
             leaf_modules: Sequence[Any] | None = None, backend: str = "auto", train: bool = False,
-            grad_pattern: str | None = None, grad_mode: str | None = None, weight_update: str = "fixed",
-            ste_decay: float = DEFAULT_STE_DECAY, timing: str = "eager", example_kwargs: dict | None = None) -> CompiledModel:
+            grad_pattern: str | None = None, grad_mode: str | None = None, weight_update: str | None = None,
+            ste_decay: float | None = None, timing: str = "eager", example_kwargs: dict | None = None) -> CompiledModel:
     """Trace `model`, decide per layer, rewrite chosen layers to packed sparse modules.
 
     pattern: "N:M" (e.g. "2:4"), "fanin:S" (e.g. "fanin:0.9"), "unstructured:S" (e.g. "unstructured:0.95")
@@ -123,8 +123,9 @@ def compile(model: nn.Module, pattern: str | None = None, example_inputs: Any = 
         torch.compile(mode="reduce-overhead"), where the host's time per call is out of the picture (on
         an H100 a one-row 2:4 Triton layer waits ~45 us of host time against ~30 us for nn.Linear, more
         than its kernel saves; cuSPARSELt's per-call setup is ~0.6 ms).
-    train: rewrite for training: dense weights with first-class masks (weight_update "fixed": masks never
-        change; "ste": SR-STE re-pruning every step with decay ste_decay on pruned weights) and, with
+    train: rewrite for training: dense weights with first-class masks (weight_update "fixed", the default:
+        masks never change; "ste": SR-STE re-pruning every step with decay ste_decay on pruned weights, default
+        DEFAULT_STE_DECAY; with plan=, the plan's, which a plan made with SR-STE records) and, with
         grad_pattern (e.g. "2:4"), SDGP: data gradients pruned N:M in backward (grad_mode "magnitude", the
         default, or "rescale"; with plan=, the plan's grad_mode); the last layer's dY, the loss gradient, stays dense
         unless include= names it. pattern="dense" with grad_pattern trains dense weights with SDGP only.

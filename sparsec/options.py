@@ -55,10 +55,11 @@ class CompileOptions:
                   plan: object = None, min_weights: object = DEFAULT_MIN_WEIGHTS,
                   quant_budget: object = DEFAULT_QUANT_BUDGET, leaf_modules: object = None,
                   backend: object = "auto", rewrite: bool = True, emit_only: bool = False, train: object = False,
-                  grad_pattern: object = None, grad_mode: object = None, weight_update: object = "fixed",
-                  ste_decay: object = DEFAULT_STE_DECAY, timing: object = "eager") -> CompileOptions:
+                  grad_pattern: object = None, grad_mode: object = None, weight_update: object = None,
+                  ste_decay: object = None, timing: object = "eager") -> CompileOptions:
         """Validate user arguments up front, so errors name the argument, not a pass."""
-        grad, grad_mode = _training_options(train, pattern, plan, grad_pattern, grad_mode, weight_update, ste_decay)
+        grad, grad_mode, weight_update, ste_decay = _training_options(train, pattern, plan, grad_pattern, grad_mode,
+                                                                      weight_update, ste_decay)
         _check_runtime_options(train, quantize, backend, timing)
         if plan is not None:
             _check_plan_agrees(plan, pattern, include, exclude, quantize, grad_pattern, backend, train)
@@ -93,8 +94,9 @@ class CompileOptions:
 
 
 def _training_options(train: object, pattern: object, plan: object, grad_pattern: object, grad_mode: object,
-                      weight_update: object, ste_decay: object) -> tuple[NM | None, str]:
-    """The gradient pattern and mode of a compile, its training options checked against each other."""
+                      weight_update: object, ste_decay: object) -> tuple[NM | None, str, str, float]:
+    """The gradient pattern and mode, weight update rule and SR-STE decay of a compile, its training options
+    checked against each other; weight_update / ste_decay None: the given plan's, else fixed masks."""
     if not isinstance(train, bool):
         raise InvalidTypeError(f"train must be True or False, got {train!r}")
     grad = parse_grad_pattern(grad_pattern, "grad_pattern") if grad_pattern is not None else None
@@ -114,6 +116,7 @@ def _training_options(train: object, pattern: object, plan: object, grad_pattern
                                 f"gradient is pruned: pass grad_pattern (e.g. '2:4') with train=True, or drop grad_mode")
     # None: the mode the plan was made with (the one its reasons name), else magnitude
     grad_mode = grad_mode or plan_mode or "magnitude"
+    weight_update, ste_decay = _plans_weight_update(plan if train else None, weight_update, ste_decay)
     if weight_update not in WEIGHT_UPDATES:
         raise InvalidInputError(f"weight_update={weight_update!r} is not supported; accepted: {WEIGHT_UPDATES}")
     if weight_update != "fixed" and not train:
@@ -127,7 +130,20 @@ def _training_options(train: object, pattern: object, plan: object, grad_pattern
     if ste_decay != DEFAULT_STE_DECAY and weight_update != "ste":
         raise InvalidInputError(f"ste_decay={ste_decay!r} is SR-STE's decay on pruned weights, used with "
                                 f"weight_update='ste' only (this compile has weight_update={weight_update!r})")
-    return grad, grad_mode
+    return grad, grad_mode, weight_update, float(ste_decay)
+
+
+def _plans_weight_update(plan: object, weight_update: object, ste_decay: object) -> tuple[object, object]:
+    """weight_update / ste_decay where not given: a training plan's (made with SR-STE), else fixed masks. A given
+    one that contradicts the plan is refused, as grad_mode is: resuming from cm.state_dict() and cm.plan ran
+    fixed masks where the run had trained with SR-STE, silently."""
+    said = (plan.weight_update, plan.ste_decay) if isinstance(plan, Plan) and plan.weight_update else (None, None)
+    for name, given, planned in (("weight_update", weight_update, said[0]), ("ste_decay", ste_decay, said[1])):
+        if None not in (given, planned) and given != planned:
+            raise InvalidInputError(f"{name}={given!r} differs from the given plan's {planned!r} (the plan was made for "
+                                    f"that training): pass one or the other")
+    return (weight_update if weight_update is not None else said[0] or "fixed",
+            ste_decay if ste_decay is not None else said[1] if said[1] is not None else DEFAULT_STE_DECAY)
 
 
 def _check_runtime_options(train: bool, quantize: object, backend: object, timing: object) -> None:

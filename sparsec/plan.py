@@ -16,17 +16,20 @@ import torch
 
 from sparsec.errors import CorruptFileError, InvalidInputError, InvalidTypeError
 from sparsec.levels import is_levels, parse_levels
+from sparsec.numbers_check import is_real
 from sparsec.patterns import NM, FanIn, Unstructured, parse_grad_pattern, parse_pattern
 
 PLAN_FORMAT = "sparsec.plan"
-# 2: adds "grad_pattern". A plan is written as version 1 where it has none (a sparsec reading version 1 only
-# reads it), as 2 where it has one (such a sparsec then says the plan is from a newer one, not that it is damaged).
-PLAN_VERSION = 2
+# 2 adds "grad_pattern", 3 "weight_update" / "ste_decay". A plan is written as the lowest version holding what
+# it has (a sparsec reading older versions only reads it; given a newer one, it says the plan is from a newer
+# sparsec, not that it is damaged).
+PLAN_VERSION = 3
 QUANT_CHOICES = (None, "int8")  # and method (d)'s levels, "log2:B" / "codebook:B" (sparsec/levels.py)
 QUANT_FORMS = 'None, "int8", "log2:B" or "codebook:B" (2 <= B <= 8)'
 GRAD_MODES = ("magnitude", "rescale")  # how SDGP picks the data-gradient values it keeps
 BACKEND_CHOICES = (None, "torch", "triton", "cusparselt", "dense", "condensed", "bitmask", "csr")
-_PLAN_KEYS = {"format", "version", "pattern", "grad_pattern", "grad_mode", "notes", "layers"}  # what Plan.to_json writes
+_PLAN_KEYS = {"format", "version", "pattern", "grad_pattern", "grad_mode", "weight_update", "ste_decay", "notes",
+              "layers"}  # what Plan.to_json writes
 
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 
@@ -152,6 +155,11 @@ class Plan:
     # the grad_pattern the plan was made with (None: none given): the default its grad_sparsity entries were
     # chosen by, so that compile(plan=...) says where an entry departs from it, as for the weights' pattern
     grad_pattern: str | None = None
+    # how training updates the masks, where the plan was made with SR-STE ("ste", with its decay; None: fixed
+    # masks): a training compile from the plan (resuming from cm.state_dict() and cm.plan) runs the same rule,
+    # where it ran fixed masks, silently
+    weight_update: str | None = None
+    ste_decay: float | None = None
 
     def __iter__(self) -> Iterator[LayerPlan]:
         return iter(self.layers)
@@ -276,7 +284,10 @@ class Plan:
 
     def to_json(self, indent: int | None = 2) -> str:
         newer = {"grad_pattern": self.grad_pattern} if self.grad_pattern is not None else {}
-        return json.dumps({"format": PLAN_FORMAT, "version": PLAN_VERSION if newer else 1, "pattern": self.pattern, **newer,
+        updates = ({"weight_update": self.weight_update, "ste_decay": self.ste_decay}
+                   if self.weight_update is not None else {})
+        version = 3 if updates else 2 if newer else 1
+        return json.dumps({"format": PLAN_FORMAT, "version": version, "pattern": self.pattern, **newer, **updates,
                            "grad_mode": self.grad_mode, "notes": list(self.notes),
                            "layers": [dataclasses.asdict(lp) for lp in self.layers]}, indent=indent)
 
@@ -333,7 +344,8 @@ class Plan:
             raise CorruptFileError(f"plan \"pattern\" must be a string and \"notes\" a list of strings, got "
                                    f"{pattern!r} and {notes!r}")
         plan = cls(layers=layers, pattern=pattern, notes=notes, grad_mode=data.get("grad_mode"),
-                   grad_pattern=data.get("grad_pattern"))
+                   grad_pattern=data.get("grad_pattern"), weight_update=data.get("weight_update"),
+                   ste_decay=data.get("ste_decay"))
         plan.validate()
         return plan
 
@@ -348,6 +360,12 @@ class Plan:
             raise InvalidInputError(f"plan grad_mode {self.grad_mode!r} not in {GRAD_MODES} (or None)")
         if self.grad_pattern is not None:
             parse_grad_pattern(self.grad_pattern, "plan grad_pattern")
+        if self.weight_update not in (None, "ste"):
+            raise InvalidInputError(f"plan weight_update {self.weight_update!r} is not 'ste' (or None: fixed masks)")
+        if (self.ste_decay is None) != (self.weight_update is None) or self.ste_decay is not None and not (
+                is_real(self.ste_decay) and math.isfinite(self.ste_decay) and self.ste_decay >= 0):
+            raise InvalidInputError(f"plan ste_decay {self.ste_decay!r}: a finite number >= 0 where weight_update is "
+                                    f"'ste', else None")
         seen = set()
         for lp in self.layers:
             if not isinstance(lp, LayerPlan):  # (a dict here failed later with an AttributeError)

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 import sparsec
+from sparsec.runtime.training import TrainableLayer
 from oracle import output_error, pruned_model
 
 from sparsec import LayerPlan, Plan
@@ -442,8 +443,32 @@ def test_a_plan_is_written_in_the_oldest_version_that_holds_it():
     training = json.loads(sparsec.explain(model, example_inputs=(x,), train=True, grad_pattern="2:4").to_json())
     assert training["version"] == 2 and training["grad_pattern"] == "2:4"
     assert Plan.from_json(json.dumps(dict(inference, version=1.0))).grad_pattern is None
-    with pytest.raises(CorruptFileError, match=r"version 3; this sparsec reads versions 1 to 2 \(the plan was written by a newer"):
-        Plan.from_json(json.dumps(dict(training, version=3)))
+    ste = json.loads(sparsec.explain(model, example_inputs=(x,), train=True, weight_update="ste").to_json())
+    assert ste["version"] == 3 and ste["weight_update"] == "ste" and "grad_pattern" not in ste
+    assert "weight_update" not in training
+    with pytest.raises(CorruptFileError, match=r"version 4; this sparsec reads versions 1 to 3 \(the plan was written by a newer"):
+        Plan.from_json(json.dumps(dict(training, version=4)))
+
+
+def test_a_plan_made_with_sr_ste_resumes_training_with_it():
+    """Resuming from cm.state_dict() and cm.plan (the route for a model that cannot be saved) ran fixed masks
+    where the run had trained with SR-STE: nothing in the plan said so. The plan records the rule and its decay,
+    a training compile from it runs them, and a contradicting weight_update= / ste_decay= is refused."""
+    model, x = _three_linears(), torch.randn(4, 16)
+    cm = sparsec.compile(model, example_inputs=(x,), train=True, weight_update="ste", ste_decay=3e-4,
+                         include=["0", "2", "4"], min_weights=0)
+    plan = Plan.from_json(cm.plan.to_json())
+    assert (plan.weight_update, plan.ste_decay) == ("ste", 3e-4)
+    resumed = sparsec.compile(model, example_inputs=(x,), train=True, plan=plan)
+    layers = [m for m in resumed.modules() if isinstance(m, TrainableLayer) and m.pattern is not None]
+    assert len(layers) == 3 and all((m.weight_update, m.ste_decay) == ("ste", 3e-4) for m in layers)
+    assert (resumed.plan.weight_update, resumed.plan.ste_decay) == ("ste", 3e-4)
+    with pytest.raises(ValueError, match=r"weight_update='fixed' differs from the given plan's 'ste'"):
+        sparsec.compile(model, example_inputs=(x,), train=True, plan=plan, weight_update="fixed")
+    with pytest.raises(ValueError, match=r"ste_decay=0.001 differs from the given plan's 0.0003"):
+        sparsec.compile(model, example_inputs=(x,), train=True, plan=plan, ste_decay=1e-3)
+    fixed = sparsec.compile(model, example_inputs=(x,), plan=plan)  # (an inference compile: no update rule)
+    assert fixed.plan.weight_update is None
 
 
 def test_a_plan_without_a_recorded_default_keeps_its_gradient_reasons_plain():
