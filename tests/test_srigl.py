@@ -673,3 +673,36 @@ def test_under_torch_compile_matches_eager_and_fullgraph_says_why_not():
         else "_tap_dense_grad"
     with pytest.raises(Exception, match=reason):
         torch.compile(cm, backend="aot_eager", fullgraph=True)(torch.randn(4, 16))
+
+
+def test_srigl_continued_on_a_shrunk_model_keeps_the_budget_its_mask_holds():
+    """shrink takes ablated rows out; the survivors hold the budget ablation gave them, more than the pattern's
+    count on the smaller shape. The budget was recomputed from that count: one update cut fc3 from 1593 kept
+    weights to 708, where its drop fraction allowed about 457. The budget is now what the mask keeps."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 128),
+                          nn.ReLU(), nn.Linear(128, 10))
+    x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
+    cm = sparsec.compile(model, pattern="fanin:0.9", example_inputs=(x,), train=True)
+
+    def train(compiled, steps):
+        opt = torch.optim.SGD(compiled.parameters(), lr=0.1, momentum=0.9)
+        schedule = sparsec.SRigL(compiled, opt, 20, delta_t=2, gamma_sal=0.95)
+        for _ in range(steps):
+            opt.zero_grad()
+            F.cross_entropy(compiled(x), y).backward()
+            opt.step()
+            schedule.step()
+
+    train(cm, 8)
+    small = sparsec.shrink(cm)
+    shrunk = [lp.name for lp in small.plan.sparse_layers if lp.weight_shape != cm.plan[lp.name].weight_shape]
+    assert shrunk
+    before = {name: int(small.mask(name).sum()) for name in shrunk}
+    pattern_count = {name: small.mask(name).numel() // 10 for name in shrunk}  # (about: fanin:0.9)
+    assert any(before[name] > 1.5 * pattern_count[name] for name in shrunk)
+    train(small, 2)  # one SRigL update
+    for name in shrunk:
+        assert int(small.mask(name).sum()) >= 0.95 * before[name], name
