@@ -698,6 +698,9 @@ def test_srigl_continued_on_a_shrunk_model_keeps_the_budget_its_mask_holds():
 
     train(cm, 8)
     small = sparsec.shrink(cm)
+    # the plan counts each layer's kept weights from its mask, the layers shrink left as they were too (the
+    # pattern's count on an ablated layer was not what its rows keep)
+    assert all(lp.kept == int(small.mask(lp.name).sum()) for lp in small.plan.sparse_layers)
     shrunk = [lp.name for lp in small.plan.sparse_layers if lp.weight_shape != cm.plan[lp.name].weight_shape]
     assert shrunk
     before = {name: int(small.mask(name).sum()) for name in shrunk}

@@ -103,26 +103,32 @@ def _modes(gm: fx.GraphModule, eval_only: bool, training: bool) -> tuple[list[bo
 
 
 def _shrunk_plan(plan: Plan, layers: dict[fx.Node, Layer], before: dict[str, tuple], gm: fx.GraphModule) -> Plan:
-    """A copy of `plan` with each resized layer's new weight shape, FLOPs and a "shrink: ..." reason."""
+    """A copy of `plan` with each resized layer's new weight shape, FLOPs and a "shrink: ..." reason, and each
+    trained layer's kept weights counted from its mask where the pattern's count is not it."""
     plan = copy.deepcopy(plan)
     after = {layer.name: (layer, tuple(layer.weight(gm).shape)) for layer in layers.values()}
     for lp in plan:
-        if lp.name not in after or after[lp.name][1] == before[lp.name]:
+        if lp.name not in after:
             continue
         layer, new_shape = after[lp.name]
         old_shape = before[lp.name]
-        rows, cols = old_shape[layer.out_dim], old_shape[layer.in_dim]
-        if lp.flops is not None:  # FLOPs scale with the weight's size at fixed batch / spatial shape
-            lp.flops = round(lp.flops * math.prod(new_shape) / math.prod(old_shape))
-        lp.weight_shape = new_shape
-        lp.reason = (f"{lp.reason}; shrink: removed {rows - new_shape[layer.out_dim]} of {rows} output rows, "
-                     f"{cols - new_shape[layer.in_dim]} of {cols} input columns")
+        resized = new_shape != old_shape
+        if resized:
+            rows, cols = old_shape[layer.out_dim], old_shape[layer.in_dim]
+            if lp.flops is not None:  # FLOPs scale with the weight's size at fixed batch / spatial shape
+                lp.flops = round(lp.flops * math.prod(new_shape) / math.prod(old_shape))
+            lp.weight_shape = new_shape
+            lp.reason = (f"{lp.reason}; shrink: removed {rows - new_shape[layer.out_dim]} of {rows} output rows, "
+                         f"{cols - new_shape[layer.in_dim]} of {cols} input columns")
         trained = layer.trainable
         if lp.sparsity is not None and trained is not None and trained.weight_mask is not None:
             # the mask lost what the removed rows / columns held, not what the pattern keeps on the new shape
-            # (unstructured:0.9 on 43 x 64 keeps 275; the mask shrunk from 64 x 64 keeps its own count)
-            lp.mask_kept = int(trained.mask().sum())
-            lp.reason += f"; its mask keeps {lp.mask_kept} of {lp.numel} weights ({100 * lp.mask_kept / lp.numel:.3g}%)"
+            # (unstructured:0.9 on 43 x 64 keeps 275; the mask shrunk from 64 x 64 keeps its own count); a layer
+            # shrink left as it was keeps what training left (SRigL's ablation moved budget between its rows)
+            kept = int(trained.mask().sum())
+            if resized or kept != lp.kept:
+                lp.mask_kept = kept
+                lp.reason += f"; its mask keeps {kept} of {lp.numel} weights ({100 * kept / lp.numel:.3g}%)"
     return plan
 
 
