@@ -93,6 +93,8 @@ def follow_mode(gm: fx.GraphModule, other: fx.GraphModule, training: bool) -> st
     train_graph = gm.graph if training else other.graph
     flips = [(n, _MODE_ARGUMENT[n.target]) for n, o in zip(moded, other_moded)
              if n.args[_MODE_ARGUMENT[n.target]] != o.args[_MODE_ARGUMENT[o.target]]]
+    if any(n.args[i] != training for n, i in flips):  # the constant must be the mode itself
+        return DIFFERENT_GRAPHS
     counted = [n.args[0].target for n in train_graph.nodes if _counts_batches(n)]
     reads = {n.target: n for n in gm.graph.nodes if n.op == "get_attr"}
     if any(target not in reads for target in counted):
@@ -129,7 +131,6 @@ def fixed_mode_note(training: bool, why: str) -> str:
     mode, other = ("training", "eval") if training else ("eval", "training")
     return (f"the graph holds for {mode} mode only: {why}; cm.{'eval' if training else 'train'}() is refused "
             f"rather than computing {mode}-mode results (compile the model in {other} mode for {other})")
-
 
 
 def other_mode_note(training: bool, layers: list[str]) -> str:

@@ -1,7 +1,7 @@
 """The arguments a torch.export graph fixed at the example's values, and calls that pass them again.
 
 torch.export takes the example's None / bool arguments as constants (the graph follows the branches they
-took) and an argument left at its default not at all, so its graph module's forward takes the example's
+took) and an argument left at its default (None, a bool, a number, a string) not at all, so its graph module's forward takes the example's
 arguments alone: `cm(x, mask=None)` was refused ("unexpected keyword argument 'mask'") when the example left
 mask at its default None, and `cm(x)` ("missing a required argument: 'mask'") when the example passed it,
 though the model takes both calls and computes the same. symbolic_trace's graph takes them with their
