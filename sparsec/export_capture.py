@@ -26,8 +26,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 from sparsec.checkpointing import ExportTags, reentrant_calls_run_plainly, tag_exported
 from sparsec.errors import TraceError
 from sparsec.example_inputs import model_arguments
-from sparsec.fixed_arguments import fixed_arguments
 from sparsec.export_mode import fixed_mode_note, follow_mode, in_other_mode, layers_in_other_mode, other_mode_note
+from sparsec.fixed_arguments import fixed_arguments
 from sparsec.graph_module import SparsecGraphModule
 from sparsec.runtime.guard import InputGuard, ShapeGuard
 from sparsec.state import preserved_state

@@ -44,7 +44,7 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
     # An excluded module is not traced into either: that is the remedy for untraceable submodules.
     # (a compiled graph compiled again is generated code: see Tracer.generated)
     generated = isinstance(model, fx.GraphModule)
-    before_trace = buffer_values(model), PythonAttributes(model)
+    buffers_before, attributes_before = buffer_values(model), PythonAttributes(model)
     symbolic = trace_symbolically(
         model, example_inputs, lambda: Tracer(leaf_types, leaf_names, _regexes(exclude), generated, train), train)
     if symbolic.gm is not None:
@@ -65,8 +65,8 @@ def capture(model: nn.Module, example_inputs: tuple | None, leaf_modules: tuple 
     # a graph fx traced keeps what that did (a table filled on the first call, which its graph reads), but
     # torch.export records the forward's updates itself, and captured a step counter (`self.steps += 1`, or a
     # Python `self.calls += 1` it holds as a constant) two steps ahead of the model's
-    restore_buffers(model, before_trace[0])
-    before_trace[1].restore()
+    restore_buffers(model, buffers_before)
+    attributes_before.restore()
     gm, notes = capture_with_export(model, example_inputs, train, symbolic.failure, symbolic.saw_checkpoint)
     return gm, "torch.export", notes
 
