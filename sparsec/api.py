@@ -178,7 +178,7 @@ def _compiled(model: nn.Module, example_inputs: Any, options: CompileOptions, ex
     cm.kernels, cm.kernel_manifest = dict(ctx.kernels), dict(ctx.kernel_manifest)
     cm.example_input_spec = _input_spec(ctx.example_inputs)
     _warn_if_nothing_sparse(ctx.plan, options)
-    _warn_if_quantize_unused(ctx.plan, options)
+    _warn_if_quantize_unused(ctx.plan, options, [name for name, u in ctx.unreached.items() if u.sparsity is not None])
     return cm
 
 
@@ -197,7 +197,7 @@ def _warn_if_nothing_sparse(plan: Plan, options: CompileOptions) -> None:
                   stacklevel=5)  # (the caller of sparsec.compile)
 
 
-def _warn_if_quantize_unused(plan: Plan, options: CompileOptions) -> None:
+def _warn_if_quantize_unused(plan: Plan, options: CompileOptions, packed: list[str]) -> None:
     """quantize="int8" / levels that no layer took: the layers packed by an earlier compile (a compiled model
     compiled again) run as they are, and dense layers are not quantized. That was silent. ("auto" states per
     layer why it stayed float.)"""
@@ -205,7 +205,7 @@ def _warn_if_quantize_unused(plan: Plan, options: CompileOptions) -> None:
         return
     if any(lp.quant is not None for lp in plan.layers):
         return
-    packed = [lp.name for lp in plan.layers if lp.sparsity is not None and "packed by an earlier compile" in lp.reason]
+    # (packed: the layers an earlier compile packed, which this one runs as they are)
     if len(packed) < len(plan.sparse_layers):
         return  # (a layer made sparse now that stayed float says why in its reason: a weight int8 cannot store)
     why = (f"layers {packed} were packed by an earlier compile and run as they are (compile the original model to "

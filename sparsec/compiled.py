@@ -316,10 +316,12 @@ class CompiledModel(nn.Module):
         of each autocast region's input dtype): converted to another float dtype, such a graph failed with "Tensor
         dtype mismatch! Expected: Float, Got: double" or computed in the old dtype. Refused before converting."""
         gm = self._modules.get("graph_module")
-        floats = [p.dtype for p in self.parameters() if p.is_floating_point()]
-        if gm is None or not floats or fn(torch.empty(0, dtype=floats[0])).dtype == floats[0]:
+        before = next((p.dtype for p in self.parameters() if p.is_floating_point()), None)
+        if gm is None or before is None:
             return
-        before, after = floats[0], fn(torch.empty(0, dtype=floats[0])).dtype
+        after = fn(torch.empty(0, dtype=before)).dtype
+        if after == before:
+            return
         fixing = [node for module in gm.modules() if isinstance(module, fx.GraphModule) for node in module.graph.nodes
                   if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)  # (export's ops)
                   and before in tree_leaves((node.args, node.kwargs))]

@@ -114,9 +114,9 @@ def run_pipeline(gm: fx.GraphModule, ctx: CompileContext) -> tuple[fx.GraphModul
             print(f"[sparsec] {kind:8s} {name:22s} {1000 * seconds:8.1f} ms", file=sys.stderr)
         if debug >= 3:
             print(history[-1], file=sys.stderr)
-    if ctx.plan is not None:  # (printed below as compile returns it)
-        ctx.plan.record_held_bytes(held_weight_bytes(gm))
     if debug >= 1 and ctx.plan is not None:
+        # (as compile returns it: CompiledModel records what the runtime layers hold, which it prints here first)
+        ctx.plan.record_held_bytes(held_weight_bytes(gm))
         print(ctx.plan, file=sys.stderr)
     if debug >= 4:
         for name, source in sorted(ctx.kernels.items()):
